@@ -1,0 +1,15 @@
+"""tinyinfer: run quantized GGUF language models on small CPUs, in pure Python (numpy + numba)."""
+
+__version__ = "0.1.0"
+
+__all__ = ["Llama", "GGUFFile", "GGUFError", "__version__"]
+
+
+def __getattr__(name):  # keep `import tinyinfer` (and `--help`) light: load on first use
+    if name == "Llama":
+        from .api import Llama
+        return Llama
+    if name in ("GGUFFile", "GGUFError"):
+        from . import gguf
+        return getattr(gguf, name)
+    raise AttributeError(f"module 'tinyinfer' has no attribute {name!r}")

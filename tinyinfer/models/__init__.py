@@ -1,0 +1,29 @@
+"""Architectures by ``general.architecture``: one file each."""
+
+from __future__ import annotations
+
+import importlib
+
+from .base import ModelError
+
+# architecture name -> "module:Class" (imported on demand)
+ARCHITECTURES = {
+    "llama": "llama:LlamaModel",
+    "gemma3": "gemma3:Gemma3Model",
+}
+
+
+def supported() -> list:
+    return sorted(ARCHITECTURES)
+
+
+def load_model(g):
+    """Build the model object for an opened GGUF file."""
+    arch = g.architecture
+    if not arch:
+        raise ModelError(f"{g.path}: no general.architecture in the file")
+    spec = ARCHITECTURES.get(arch)
+    if spec is None:
+        raise ModelError(f"{g.path}: architecture {arch!r} is not supported; supported: {', '.join(supported())}")
+    mod, cls = spec.split(":")
+    return getattr(importlib.import_module(f".{mod}", __name__), cls)(g)

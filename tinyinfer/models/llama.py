@@ -1,0 +1,64 @@
+"""LLaMA (1/2/3), TinyLlama, SmolLM2, Mistral-style files that say ``llama``.
+
+    x = embed(tokens)
+    for each layer:
+        x = x + attn(rmsnorm(x) · w_attn_norm)      # RoPE (NORM mode), GQA
+        x = x + mlp(rmsnorm(x) · w_ffn_norm)        # SwiGLU
+    logits = output(rmsnorm(x) · w_output_norm)     # output tied to embed if absent
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .base import (Attention, AttnParams, Embedding, GatedMLP, KVCache, Linear, default_scale, get,
+                   meta, norm_weight, rmsnorm, rope_scale_from)
+
+
+class LlamaModel:
+    arch = "llama"
+
+    def __init__(self, g):
+        a = self.arch
+        self.n_embd = n_embd = int(meta(g, a, "embedding_length"))
+        self.n_layer = int(meta(g, a, "block_count"))
+        self.n_ctx_train = int(meta(g, a, "context_length", 2048))
+        n_head = int(meta(g, a, "attention.head_count"))
+        n_kv = int(meta(g, a, "attention.head_count_kv", n_head))
+        head_dim = int(meta(g, a, "attention.key_length", n_embd // n_head))
+        head_dim_v = int(meta(g, a, "attention.value_length", head_dim))
+        self.eps = float(meta(g, a, "attention.layer_norm_rms_epsilon", 1e-5))
+        self.attn_params = AttnParams(
+            n_head=n_head, n_kv_head=n_kv, head_dim_k=head_dim, head_dim_v=head_dim_v,
+            n_rot=int(meta(g, a, "rope.dimension_count", head_dim)),
+            rope_base=float(meta(g, a, "rope.freq_base", 10000.0)),
+            rope_scale=rope_scale_from(g, a), rope_neox=False,
+            scale=default_scale(head_dim), eps=self.eps)
+
+        self.tok_embd = Embedding(get(g, "token_embd.weight"))
+        self.n_vocab = self.tok_embd.n_vocab
+        self.layers = []
+        for il in range(self.n_layer):
+            b = f"blk.{il}."
+            attn = Attention(self.attn_params, *(Linear(get(g, b + f"attn_{x}.weight")) for x in "qkv"),
+                             Linear(get(g, b + "attn_output.weight")))
+            mlp = GatedMLP(Linear(get(g, b + "ffn_gate.weight")), Linear(get(g, b + "ffn_up.weight")),
+                           Linear(get(g, b + "ffn_down.weight")), act="silu")
+            self.layers.append((norm_weight(g, b + "attn_norm.weight", n_embd), attn,
+                                norm_weight(g, b + "ffn_norm.weight", n_embd), mlp))
+        self.output_norm = norm_weight(g, "output_norm.weight", n_embd)
+        out = g.tensors.get("output.weight") or get(g, "token_embd.weight")
+        self.output = Linear(out)
+
+    def new_cache(self, n_ctx: int, n_batch: int = 512) -> KVCache:
+        p = self.attn_params
+        return KVCache(self.n_layer, n_ctx, p.n_kv_head, p.head_dim_k, p.head_dim_v)
+
+    def forward(self, ids: np.ndarray, pos0: int, cache: KVCache, n_out: int = 1) -> np.ndarray:
+        """Run tokens ``ids`` at positions pos0.. and return the logits of the last ``n_out`` (n_out, n_vocab)."""
+        x = self.tok_embd(ids)
+        for il, (attn_norm, attn, ffn_norm, mlp) in enumerate(self.layers):
+            x += attn(rmsnorm(x, attn_norm, self.eps), cache.k[il], cache.v[il], pos0)
+            x += mlp(rmsnorm(x, ffn_norm, self.eps))
+        x = x[-n_out:]
+        return self.output(rmsnorm(x, self.output_norm, self.eps))
