@@ -163,6 +163,24 @@ class Engine:
         self.scores = np.concatenate(rows, axis=0)[-n_logits:] if len(rows) > 1 else rows[0]
         return self.scores[-1]
 
+    def embed(self, ids: Sequence[int], normalize: bool = True) -> np.ndarray:
+        """Mean-pooled final hidden state of ``ids`` (evaluated in a fresh context), L2-normalized."""
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        if ids.size == 0:
+            raise ContextError("nothing to embed: empty input")
+        if ids.size > self.n_ctx:
+            raise ContextError(f"the input has {ids.size} tokens, more than the context of {self.n_ctx}")
+        self.reset()
+        rows = []
+        for s in range(0, ids.size, self.n_batch):
+            chunk = ids[s:s + self.n_batch]
+            rows.append(self.model.forward(chunk, s, self.cache, n_out=chunk.size, embeddings=True))
+        self.reset()   # the cache now holds an embedding pass, not a prompt to reuse
+        v = np.concatenate(rows).mean(axis=0)
+        if normalize:
+            v = v / max(float(np.linalg.norm(v)), 1e-12)
+        return v.astype(np.float32)
+
     def ingest_prompt(self, prompt_ids: Sequence[int]) -> np.ndarray:
         """Make the cache hold exactly ``prompt_ids`` (reusing a shared prefix); last logits."""
         prompt_ids = list(prompt_ids)

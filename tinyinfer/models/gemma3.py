@@ -75,7 +75,8 @@ class Gemma3Model:
         n_kv, hd_k, hd_v = self.hd
         return KVCache(self.n_layer, n_ctx, n_kv, hd_k, hd_v, windows=self.windows, n_batch=n_batch)
 
-    def forward(self, ids: np.ndarray, pos0: int, cache: KVCache, n_out: int = 1) -> np.ndarray:
+    def forward(self, ids: np.ndarray, pos0: int, cache: KVCache, n_out: int = 1,
+                embeddings: bool = False) -> np.ndarray:
         eps = self.eps
         x = self.tok_embd(ids) * self.embd_scale
         for il, ((attn_norm, post_attn_norm, ffn_norm, post_ffw_norm), attn, mlp) in enumerate(self.layers):
@@ -84,4 +85,6 @@ class Gemma3Model:
             h = mlp(rmsnorm(x, ffn_norm, eps))
             x += rmsnorm(h, post_ffw_norm, eps)
         x = x[-n_out:]
+        if embeddings:
+            return rmsnorm(x, self.output_norm, eps)
         return self.output(rmsnorm(x, self.output_norm, eps))

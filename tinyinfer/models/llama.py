@@ -54,11 +54,15 @@ class LlamaModel:
         p = self.attn_params
         return KVCache(self.n_layer, n_ctx, p.n_kv_head, p.head_dim_k, p.head_dim_v)
 
-    def forward(self, ids: np.ndarray, pos0: int, cache: KVCache, n_out: int = 1) -> np.ndarray:
-        """Run tokens ``ids`` at positions pos0.. and return the logits of the last ``n_out`` (n_out, n_vocab)."""
+    def forward(self, ids: np.ndarray, pos0: int, cache: KVCache, n_out: int = 1,
+                embeddings: bool = False) -> np.ndarray:
+        """Run tokens ``ids`` at positions pos0.. and return the logits of the last ``n_out`` (n_out, n_vocab)
+        (with ``embeddings``, their final normalized hidden states (n_out, n_embd) instead)."""
         x = self.tok_embd(ids)
         for il, (attn_norm, attn, ffn_norm, mlp) in enumerate(self.layers):
             x += attn(rmsnorm(x, attn_norm, self.eps), cache.k[il], cache.v[il], pos0)
             x += mlp(rmsnorm(x, ffn_norm, self.eps))
         x = x[-n_out:]
+        if embeddings:
+            return rmsnorm(x, self.output_norm, self.eps)
         return self.output(rmsnorm(x, self.output_norm, self.eps))
