@@ -281,7 +281,9 @@ class GGUFFile:
             infos.append((name, shape, ttype, toff))
 
         data_start = -(-cur.pos // align) * align
-        if data_start > self.size:
+        # A file without tensors (llama.cpp's vocab-only files) may end right after the
+        # tensor infos, without the padding to the data section: that is fine.
+        if data_start > self.size and infos:
             raise GGUFError(f"truncated file: tensor data would start at offset {data_start}, file is {self.size} bytes")
         self.data_offset = data_start
         data_size = self.size - data_start
