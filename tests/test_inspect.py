@@ -20,6 +20,7 @@ from test_gguf import QT, VT, GGUFBuilder  # noqa: E402
 
 from tinyinfer.gguf import GGUFFile  # noqa: E402
 from tinyinfer.tools import inspect as ins  # noqa: E402
+from tinyinfer.tools.inspect import KV_BYTES  # noqa: E402
 
 
 def run_json(capsys, *argv):
@@ -53,7 +54,7 @@ def test_smollm2_text(capsys, smollm2_path):
               "gpt2", "BPE", "pre-tokenizer smollm", "49152 tokens", "48900 merges", "Q4_1       210",
               "Q8_0         1", "F32         61", "134,515,008 parameters", "bits per weight",
               "memory at context 4096 (the file's context length 8192 capped at 4096",
-              "KV cache                     90.00 MiB", "weights (mmapped)", "available on this machine", "verdict"]:
+              "KV cache                    180.00 MiB", "weights (mmapped)", "available on this machine", "verdict"]:
         assert s in out, s
     assert ("verdict                   fits" in out) or ("does not fit" in out)
 
@@ -78,7 +79,7 @@ def test_smollm2_json(capsys, smollm2_path):
     assert abs(t["bits_per_weight"] - 8 * t["bytes"] / t["params"]) < 1e-3
     m = j["memory"]
     assert m["n_ctx"] == 4096 and "capped" in m["n_ctx_source"]
-    assert m["kv_bytes"] == 30 * 4096 * 3 * (64 + 64) * 2
+    assert m["kv_bytes"] == 30 * 4096 * 3 * (64 + 64) * KV_BYTES
     assert m["kv"]["sliding_layers"] == 0
     assert m["weights_bytes"] == t["bytes"]
     w = m["work"]
@@ -97,19 +98,19 @@ def test_gemma3_sliding_window(capsys, gemma3_path):
     assert (d["n_layer"], d["n_head"], d["n_head_kv"], d["n_embd_head_k"], d["n_swa"]) == (18, 4, 1, 256, 512)
     m = j["memory"]
     assert m["n_ctx"] == 4096 and "32768 capped at 4096" in m["n_ctx_source"]
-    # layers 5, 11, 17 ((il + 1) % 6 == 0) are global; the other 15 keep 512 cells
+    # layers 5, 11, 17 ((il + 1) % 6 == 0) are global; the other 15 keep a ring of window + batch cells
     assert (m["kv"]["global_layers"], m["kv"]["sliding_layers"], m["kv"]["window"]) == (3, 15, 512)
-    assert m["kv_bytes"] == (3 * 4096 + 15 * 512) * 1 * (256 + 256) * 2
+    assert m["kv_bytes"] == (3 * 4096 + 15 * (512 + 512)) * 1 * (256 + 256) * KV_BYTES
     assert j["tokenizer"]["model"] == "llama" and j["tokenizer"]["vocab_size"] == 262144
     assert j["general"]["file_type"] == "MOSTLY_Q4_K_M"
     assert set(j["tensors"]["by_type"]) == {"F32", "Q5_0", "Q4_K", "Q8_0", "Q6_K"}
     # a context shorter than the window: every layer holds n_ctx cells
     m = run_json(capsys, gemma3_path, "-c", 256)["memory"]
     assert m["n_ctx"] == 256 and m["n_ctx_source"] == "-c"
-    assert m["kv_bytes"] == 18 * 256 * 512 * 2
+    assert m["kv_bytes"] == 18 * 256 * 512 * KV_BYTES
     # the full trained context
     m = run_json(capsys, gemma3_path, "-c", 32768)["memory"]
-    assert m["kv_bytes"] == (3 * 32768 + 15 * 512) * 512 * 2
+    assert m["kv_bytes"] == (3 * 32768 + 15 * (512 + 512)) * 512 * KV_BYTES
 
 
 def test_gemma3_text(capsys, gemma3_path):
@@ -123,14 +124,14 @@ def test_gemma3_text(capsys, gemma3_path):
 def test_ctx_beyond_training_and_batch(capsys, smollm2_path):
     m = run_json(capsys, smollm2_path, "-c", 16384, "-b", 32)["memory"]
     assert "beyond the trained context length 8192" in m["n_ctx_source"]
-    assert m["kv_bytes"] == 30 * 16384 * 3 * 128 * 2
+    assert m["kv_bytes"] == 30 * 16384 * 3 * 128 * KV_BYTES
     assert m["n_batch"] == 32 and m["work"]["attention_scores"] == 32 * 9 * 16384 * 4
 
 
 def test_ctx_zero_is_the_trained_context(capsys, gemma3_path):
     m = run_json(capsys, gemma3_path, "-c", 0)["memory"]
     assert m["n_ctx"] == 32768 and m["n_ctx_source"].startswith("-c 0")
-    assert m["kv_bytes"] == (3 * 32768 + 15 * 512) * 512 * 2
+    assert m["kv_bytes"] == (3 * 32768 + 15 * (512 + 512)) * 512 * KV_BYTES
 
 
 def test_verdict_does_not_fit(capsys, monkeypatch, smollm2_path):
@@ -249,7 +250,7 @@ def test_per_layer_kv_heads(capsys, tmp_path):
                       "attention.head_count": (VT.ARRAY, (VT.INT32, [4, 4, 8, 8]))})
     m = run_json(capsys, p, "-c", 100)["memory"]
     # head dim = 64 / max(heads) = 8; K + V = 16 per KV head
-    assert m["kv_bytes"] == 100 * (1 + 2 + 3 + 4) * 16 * 2
+    assert m["kv_bytes"] == 100 * (1 + 2 + 3 + 4) * 16 * KV_BYTES
     assert ins.main([str(p)]) == 0
     capsys.readouterr()
 
@@ -259,12 +260,12 @@ def test_sliding_window_pattern_key_and_unknown_arch(capsys, tmp_path):
     _llama_like(p, arch="gemma3", **{"attention.sliding_window": (VT.UINT32, 16),
                                      "attention.sliding_window_pattern": (VT.ARRAY, (VT.BOOL, [1, 0, 1, 0]))})
     m = run_json(capsys, p, "-c", 100)["memory"]
-    assert m["kv"]["sliding_layers"] == 2 and m["kv_bytes"] == (2 * 16 + 2 * 100) * 2 * 32 * 2
+    assert m["kv"]["sliding_layers"] == 2 and m["kv_bytes"] == (2 * 100 + 2 * 100) * 2 * 32 * KV_BYTES  # window 16 + batch 512 > 100
     p2 = tmp_path / "swa2.gguf"
     _llama_like(p2, arch="newarch", **{"attention.sliding_window": (VT.UINT32, 16)})
     m = run_json(capsys, p2, "-c", 100)["memory"]
     assert m["kv"]["sliding_layers"] == 0 and "unknown" in m["kv"]["note"]
-    assert m["kv_bytes"] == 4 * 100 * 2 * 32 * 2  # an upper bound: every layer at full context
+    assert m["kv_bytes"] == 4 * 100 * 2 * 32 * KV_BYTES  # an upper bound: every layer at full context
 
 
 def test_missing_hparams_say_so(capsys, tmp_path):

@@ -8,8 +8,9 @@ the model needs at context ``-c`` (default: the file's context length, at most 4
 ``-c 0``: the file's context length, as llama.cpp reads it):
 
 - weights: the file's tensor bytes (mmapped: the OS pages them in on use);
-- KV cache: f16 K and V for every layer, ``n_ctx × n_head_kv × (key_length +
-  value_length) × 2`` bytes per layer; sliding-window layers (Gemma 2/3, Cohere 2, or
+- KV cache: K and V for every layer, ``n_ctx × n_head_kv × (key_length +
+  value_length) × 4`` bytes per layer; sliding-window layers keep a ring of window + batch rows (tinyinfer keeps f16-rounded values in f32 arrays:
+  numba has no f16 arithmetic on the CPU; llama.cpp's f16 cache is half that); sliding-window layers (Gemma 2/3, Cohere 2, or
   the file's ``<arch>.attention.sliding_window_pattern``) only keep the window;
 - working buffers (an estimate): the logits of one token (``n_vocab × 4``), a batch of
   ``-b`` (512) tokens' activations (a few ``n_embd`` / ``n_ff`` / q / k / v rows of
@@ -33,7 +34,7 @@ from tinyinfer.gguf import GGUFError, GGUFFile
 
 DEFAULT_CTX_CAP = 4096
 DEFAULT_BATCH = 512
-KV_BYTES = 2  # f16 cache
+KV_BYTES = 4  # f16-rounded values held in f32 (see models/base.py KVCache)
 MAX_LAYERS = 1 << 16  # a block_count beyond this is treated as invalid
 
 # architectures whose sliding-window layers follow a fixed pattern: every N-th layer
@@ -307,7 +308,7 @@ def memory(arch, n_layer, n_embd, heads, heads_kv, k_len, v_len, n_ff, n_vocab, 
         v_swa = _int(hp("attention.value_length_swa")) or v_len
         kv = 0
         for il in range(n_layer):
-            cells = min(n_ctx, window) if swa[il] else n_ctx
+            cells = min(n_ctx, window + n_batch) if swa[il] else n_ctx  # a ring, as models/base.py KVCache
             kl, vl = (k_swa, v_swa) if swa[il] else (k_len, v_len)
             kv += cells * heads_kv[il] * (kl + vl) * KV_BYTES
         n_head = max(heads)
@@ -319,7 +320,7 @@ def memory(arch, n_layer, n_embd, heads, heads_kv, k_len, v_len, n_ff, n_vocab, 
         work = logits + acts + scores
         mem.update(
             kv_bytes=kv,
-            kv={"type": "f16", "layers": n_layer, "sliding_layers": sum(swa), "global_layers": n_layer - sum(swa),
+            kv={"type": "f32 (f16-rounded)", "layers": n_layer, "sliding_layers": sum(swa), "global_layers": n_layer - sum(swa),
                 "window": window if any(swa) else None, "note": swa_note},
             work_bytes=work,
             work={"logits": logits, "activations": acts, "attention_scores": scores,
@@ -408,7 +409,7 @@ def render(info: dict) -> str:
     L.append(f"  {'weights (mmapped)':<26}{fmt_bytes(mem['weights_bytes']):>12}")
     if mem["kv_bytes"] is not None:
         kv = mem["kv"]
-        det = f"{kv['layers']} layers, f16"
+        det = f"{kv['layers']} layers, {kv['type']}"
         if kv["sliding_layers"]:
             det += f"; {kv['sliding_layers']} sliding (window {kv['window']}) + {kv['global_layers']} global"
         if kv["note"] and not kv["sliding_layers"]:
