@@ -53,9 +53,10 @@ def test_stop_string_and_echo(llm, reference):
 
 
 def test_seed_reproducible(llm):
-    a = llm("Once upon a time", max_tokens=12, temperature=1.0, seed=7)["choices"][0]["text"]
-    b = llm("Once upon a time", max_tokens=12, temperature=1.0, seed=7)["choices"][0]["text"]
-    c = llm("Once upon a time", max_tokens=12, temperature=1.0, seed=8)["choices"][0]["text"]
+    def run(seed):
+        llm.reset()   # a reused prefix re-evaluates the last prompt token alone: other rounding
+        return llm("Once upon a time", max_tokens=12, temperature=1.0, seed=seed)["choices"][0]["text"]
+    a, b, c = run(7), run(7), run(8)
     assert a == b
     assert a != c
 

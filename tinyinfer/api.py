@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 import time
 import uuid
+from dataclasses import dataclass, field
 from typing import Iterator, List, Optional, Sequence, Union
 
 import numpy as np
@@ -123,51 +124,26 @@ class Llama:
                                      special)
         if stream:
             return it
-        result = _merge_completion(list(it))
-        result["usage"] = dict(self._last_usage)
-        return result
+        chunks = list(it)
+        return merge_completion(chunks, dict(self._last_usage))
 
     def _completion_chunks(self, prompt, suffix, max_tokens, temperature, top_p, min_p, typical_p, logprobs, echo,
                            stop, frequency_penalty, presence_penalty, repeat_penalty, top_k, seed, mirostat_mode,
                            mirostat_tau, mirostat_eta, model, logit_bias, repeat_last_n, special) -> Iterator[dict]:
-        cid = f"cmpl-{uuid.uuid4()}"
-        created = int(time.time())
-        model_name = model or self.model_path
         prompt_ids = self._prompt_ids(prompt, special)
         if seed is None:
             seed = self.seed
         params = _sampler_params(temperature, top_k, top_p, min_p, typical_p, repeat_penalty, repeat_last_n,
                                  presence_penalty, frequency_penalty, mirostat_mode, mirostat_tau, mirostat_eta,
                                  None if seed is None or seed < 0 else seed, logit_bias)
-        stops = [stop] if isinstance(stop, str) else list(stop or [])
-        if max_tokens is None or max_tokens <= 0:
-            max_tokens = -1
-        tok = self._engine.tokenizer
-        n_gen = 0
-        offset = 0
+        echo_text = None
         if echo:
-            text = prompt if isinstance(prompt, str) else tok.decode(prompt_ids)
-            offset = len(text)
-            yield _chunk(cid, created, model_name, text, None, None)
-        finish = None
-        for step in self._engine.generate(prompt_ids, params, max_tokens=max_tokens, stop=stops,
-                                          logprobs=logprobs):
-            if step.token >= 0:
-                n_gen += 1
-            lp = None
-            if logprobs is not None and step.token >= 0:
-                lp = {"tokens": [tok.token_to_bytes(step.token).decode("utf-8", errors="replace")],
-                      "text_offset": [offset], "token_logprobs": [step.logprob],
-                      "top_logprobs": [{tok.token_to_bytes(i).decode("utf-8", errors="replace"): v
-                                        for i, v in (step.top_logprobs or {}).items()}]}
-            offset += len(step.text)
-            finish = step.finish_reason
-            if step.text or lp is not None or finish:
-                yield _chunk(cid, created, model_name, step.text, lp, finish)
-        if suffix:
-            yield _chunk(cid, created, model_name, suffix, None, None)
-        self._last_usage = {"prompt_tokens": len(prompt_ids), "completion_tokens": n_gen,
-                            "total_tokens": len(prompt_ids) + n_gen}
+            echo_text = prompt if isinstance(prompt, str) else self._engine.tokenizer.decode(prompt_ids)
+        stats = GenStats()
+        yield from completion_chunks(self._engine, prompt_ids, params, max_tokens=max_tokens, stop=stop,
+                                     logprobs=logprobs, model=model or self.model_path, echo_text=echo_text,
+                                     suffix=suffix, stats=stats)
+        self._last_usage = stats.usage()
         if self.verbose:
             print(self._engine.timings.report(), file=sys.stderr)
 
@@ -180,11 +156,7 @@ class Llama:
                                mirostat_mode: int = 0, mirostat_tau: float = 5.0, mirostat_eta: float = 0.1,
                                model: Optional[str] = None, logit_bias: Optional[dict] = None,
                                logprobs: Optional[bool] = None, top_logprobs: Optional[int] = None, **_ignored):
-        prompt = self.chat_formatter.render(messages, add_generation_prompt=True)
-        tok = self._engine.tokenizer
-        ids = tok.encode(prompt, add_bos=False, special=True)
-        if tok.add_bos and tok.bos_id is not None and (not ids or ids[0] != tok.bos_id):
-            ids = [tok.bos_id] + ids
+        ids = chat_prompt_ids(self.chat_formatter, self._engine.tokenizer, messages)
         chunks = self.create_completion(
             ids, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
             typical_p=typical_p, stream=True, stop=stop, seed=seed, presence_penalty=presence_penalty,
@@ -194,14 +166,89 @@ class Llama:
         it = _chat_chunks(chunks)
         if stream:
             return it
-        parts = list(it)
-        text = "".join(p["choices"][0]["delta"].get("content", "") for p in parts)
-        first = parts[0]
-        return {"id": "chat" + first["id"][4:] if first["id"].startswith("cmpl") else first["id"],
-                "object": "chat.completion", "created": first["created"], "model": first["model"],
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                             "logprobs": None, "finish_reason": parts[-1]["choices"][0]["finish_reason"]}],
-                "usage": dict(self._last_usage)}
+        return merge_chat(list(it), dict(self._last_usage))
+
+# -- shared with the HTTP server (tinyinfer/server): OpenAI-shaped chunks from Engine.generate ----------
+
+@dataclass
+class GenStats:
+    """What one generation did: usage, and wall-clock times split the way llama-server splits them."""
+    prompt_tokens: int = 0        # tokens in the prompt
+    prompt_evaluated: int = 0     # of those, evaluated now (the rest were reused from the KV cache)
+    completion_tokens: int = 0    # tokens sampled (an end-of-generation token included)
+    prompt_s: float = 0.0         # from the call to the first sampled token (prompt processing)
+    gen_s: float = 0.0            # from the first sampled token to the last (generation)
+    finish_reason: Optional[str] = None
+    token_ids: List[int] = field(default_factory=list)   # the tokens sampled
+
+    def usage(self) -> dict:
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+                "total_tokens": self.prompt_tokens + self.completion_tokens}
+
+
+def chat_prompt_ids(formatter: ChatFormatter, tok, messages: List[dict]) -> List[int]:
+    """Render ``messages`` with the chat template and tokenize (special tokens parsed, BOS once)."""
+    prompt = formatter.render(messages, add_generation_prompt=True)
+    ids = tok.encode(prompt, add_bos=False, special=True)
+    if tok.add_bos and tok.bos_id is not None and (not ids or ids[0] != tok.bos_id):
+        ids = [tok.bos_id] + ids
+    return ids
+
+
+def completion_chunks(engine: Engine, prompt_ids: List[int], params: SamplerParams, *,
+                      max_tokens: Optional[int] = 16, stop=None, logprobs: Optional[int] = None,
+                      model: str = "", echo_text: Optional[str] = None, suffix: Optional[str] = None,
+                      stats: Optional[GenStats] = None, cid: Optional[str] = None,
+                      created: Optional[int] = None, **generate_kwargs) -> Iterator[dict]:
+    """OpenAI ``text_completion`` chunks for one run of :meth:`Engine.generate`.
+
+    One chunk per step that produced text or logprobs, the last one with ``finish_reason``.
+    ``stats`` (if given) is filled as the run goes; closing the iterator stops generation.
+    ``max_tokens`` None or <= 0: until the context is full.
+    """
+    cid = cid or f"cmpl-{uuid.uuid4()}"
+    created = int(time.time()) if created is None else created
+    stats = stats if stats is not None else GenStats()
+    stats.prompt_tokens = len(prompt_ids)
+    stops = [stop] if isinstance(stop, str) else list(stop or [])
+    if max_tokens is None or max_tokens <= 0:
+        max_tokens = -1
+    tok = engine.tokenizer
+    offset = 0
+    if echo_text:
+        offset = len(echo_text)
+        yield _chunk(cid, created, model, echo_text, None, None)
+    t0 = time.perf_counter()
+    t_first = None
+    # generation time counts from the end of prompt processing: the first token's sampling
+    # belongs to it, so gen_s > 0 even for a single token (tokens/s never divides by zero)
+    for step in engine.generate(prompt_ids, params, max_tokens=max_tokens, stop=stops, logprobs=logprobs,
+                                **generate_kwargs):
+        now = time.perf_counter()
+        if t_first is None:
+            t_first = now
+            t = engine.timings        # reset by generate(): so far it holds the prompt only
+            stats.prompt_evaluated = t.n_prompt + t.n_eval
+            stats.prompt_s = min(now - t0, (t.prompt_ms + t.eval_ms) / 1000.0)
+        stats.gen_s = now - t0 - stats.prompt_s
+        if step.token >= 0:
+            stats.completion_tokens += 1
+            stats.token_ids.append(step.token)
+        lp = None
+        if logprobs is not None and step.token >= 0:
+            lp = {"tokens": [tok.token_to_bytes(step.token).decode("utf-8", errors="replace")],
+                  "text_offset": [offset], "token_logprobs": [step.logprob],
+                  "top_logprobs": [{tok.token_to_bytes(i).decode("utf-8", errors="replace"): v
+                                    for i, v in (step.top_logprobs or {}).items()}]}
+        offset += len(step.text)
+        if step.finish_reason:
+            stats.finish_reason = step.finish_reason
+            if suffix:
+                yield _chunk(cid, created, model, step.text, lp, None)
+                yield _chunk(cid, created, model, suffix, None, step.finish_reason)
+                continue
+        if step.text or lp is not None or step.finish_reason:
+            yield _chunk(cid, created, model, step.text, lp, step.finish_reason)
 
 
 def _chunk(cid, created, model, text, logprobs, finish):
@@ -209,33 +256,68 @@ def _chunk(cid, created, model, text, logprobs, finish):
             "choices": [{"text": text, "index": 0, "logprobs": logprobs, "finish_reason": finish}]}
 
 
-def _merge_completion(chunks: list) -> dict:
+def merge_completion(chunks: list, usage: Optional[dict] = None) -> dict:
+    """One ``text_completion`` object from its chunks."""
     first = chunks[0]
     text = "".join(c["choices"][0]["text"] for c in chunks)
     lps = [c["choices"][0]["logprobs"] for c in chunks if c["choices"][0]["logprobs"]]
     logprobs = None
     if lps:
-        logprobs = {k: sum((lp[k] for lp in lps), []) for k in ("tokens", "text_offset", "token_logprobs",
-                                                               "top_logprobs")}
+        logprobs = {k: [x for lp in lps for x in lp[k]]
+                    for k in ("tokens", "text_offset", "token_logprobs", "top_logprobs")}
+    finish = next((c["choices"][0]["finish_reason"] for c in reversed(chunks) if c["choices"][0]["finish_reason"]),
+                  None)
     return {"id": first["id"], "object": "text_completion", "created": first["created"], "model": first["model"],
-            "choices": [{"text": text, "index": 0, "logprobs": logprobs,
-                         "finish_reason": chunks[-1]["choices"][0]["finish_reason"]}],
-            "usage": None}
+            "choices": [{"text": text, "index": 0, "logprobs": logprobs, "finish_reason": finish}],
+            "usage": usage}
 
 
-def _chat_chunks(chunks: Iterator[dict]) -> Iterator[dict]:
+_merge_completion = merge_completion
+
+
+def _chat_logprobs(lp: Optional[dict]) -> Optional[dict]:
+    """Completion-style logprobs of one step -> the chat ``{"content": [...]}`` shape."""
+    if not lp:
+        return None
+    content = []
+    for text, logprob, top in zip(lp["tokens"], lp["token_logprobs"], lp["top_logprobs"]):
+        content.append({"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8")),
+                        "top_logprobs": [{"token": t, "logprob": v, "bytes": list(t.encode("utf-8"))}
+                                         for t, v in (top or {}).items()]})
+    return {"content": content}
+
+
+def chat_chunks(chunks: Iterator[dict]) -> Iterator[dict]:
+    """``text_completion`` chunks -> ``chat.completion.chunk`` objects (role first, finish last)."""
     first = True
     for c in chunks:
-        cid = "chat" + c["id"][4:]
+        cid = "chat" + c["id"][4:] if c["id"].startswith("cmpl") else c["id"]
         base = {"id": cid, "object": "chat.completion.chunk", "created": c["created"], "model": c["model"]}
         if first:
             yield {**base, "choices": [{"index": 0, "delta": {"role": "assistant"}, "logprobs": None,
                                         "finish_reason": None}]}
             first = False
         ch = c["choices"][0]
-        if ch["text"]:
-            yield {**base, "choices": [{"index": 0, "delta": {"content": ch["text"]}, "logprobs": None,
+        lp = _chat_logprobs(ch["logprobs"])
+        if ch["text"] or lp:
+            yield {**base, "choices": [{"index": 0, "delta": {"content": ch["text"]}, "logprobs": lp,
                                         "finish_reason": None}]}
         if ch["finish_reason"]:
             yield {**base, "choices": [{"index": 0, "delta": {}, "logprobs": None,
                                         "finish_reason": ch["finish_reason"]}]}
+
+
+_chat_chunks = chat_chunks
+
+
+def merge_chat(parts: list, usage: Optional[dict] = None) -> dict:
+    """One ``chat.completion`` object from its chunks."""
+    text = "".join(p["choices"][0]["delta"].get("content", "") for p in parts)
+    lps = [x for p in parts if p["choices"][0]["logprobs"] for x in p["choices"][0]["logprobs"]["content"]]
+    first = parts[0]
+    finish = next((p["choices"][0]["finish_reason"] for p in reversed(parts) if p["choices"][0]["finish_reason"]),
+                  None)
+    return {"id": first["id"], "object": "chat.completion", "created": first["created"], "model": first["model"],
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                         "logprobs": {"content": lps} if lps else None, "finish_reason": finish}],
+            "usage": usage}

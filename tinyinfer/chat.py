@@ -67,9 +67,18 @@ def _raise(msg):
     raise ChatTemplateError(f"chat template raised: {msg}")
 
 
+class _Sandbox(ImmutableSandboxedEnvironment):
+    """jinja2's sandbox, but an unsafe attribute fails at once: the stock sandbox returns an
+    Undefined that prints as "" (``{{ raise_exception.__globals__ }}`` would render silently)."""
+
+    def unsafe_undefined(self, obj, attribute):
+        raise jinja2.exceptions.SecurityError(
+            f"access to attribute {attribute!r} of {type(obj).__name__!r} object is unsafe")
+
+
 def _env() -> ImmutableSandboxedEnvironment:
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, undefined=jinja2.Undefined,
-                                        extensions=["jinja2.ext.loopcontrols"])
+    env = _Sandbox(trim_blocks=True, lstrip_blocks=True, undefined=jinja2.Undefined,
+                   extensions=["jinja2.ext.loopcontrols"])
     env.globals["raise_exception"] = _raise
     env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
     env.filters["tojson"] = _tojson

@@ -203,12 +203,14 @@ class Engine:
     # -- generation ------------------------------------------------------------------
     def generate(self, prompt_ids: Sequence[int], params: Optional[SamplerParams] = None,
                  max_tokens: int = -1, stop: Sequence[str] = (), logprobs: Optional[int] = None,
-                 ignore_eos: bool = False) -> Iterator[Step]:
+                 ignore_eos: bool = False, logits_processor=None) -> Iterator[Step]:
         """Yield one Step per new token; the last one carries finish_reason.
 
         max_tokens < 0 means until the context is full. Stop strings end generation and are
         not part of the text; text that could be the start of a stop string is held back
-        until it is known not to be one.
+        until it is known not to be one. ``logits_processor(tokens, logits) -> logits`` (as in
+        llama-cpp-python; ``tokens`` = the ids in the context) may reshape the logits before
+        each sampling step, e.g. to constrain the output to JSON.
         """
         params = params or SamplerParams()
         self.timings.reset()
@@ -225,6 +227,8 @@ class Engine:
                 yield Step(-1, "", finish_reason="length")
                 return
             ts = time.perf_counter()
+            if logits_processor is not None:
+                logits = logits_processor(self.tokens, logits)
             tok = sampler.sample(logits)
             sampler.accept(tok)
             lp, top = (_logprobs(logits, tok, logprobs) if logprobs is not None else (0.0, None))

@@ -1,0 +1,118 @@
+"""``python -m tinyinfer serve``: an HTTP server speaking OpenAI's and ollama's APIs.
+
+    python -m tinyinfer serve -m MODEL.gguf [--host 127.0.0.1] [--port 8080] [-c N] [-t N]
+                              [--parallel N] [--max-queue N] [--api-key KEY] [--alias NAME]
+
+Built on FastAPI + uvicorn (OpenAPI docs at /docs). Modules:
+
+* ``app``        the application: common routes, errors, API key, request metrics
+* ``openai_api`` /v1/models, /v1/completions, /v1/chat/completions, /v1/embeddings
+* ``ollama_api`` /api/generate, /api/chat, /api/tags, /api/show, /api/ps, /api/version, /api/embed
+* ``config``     ServerConfig
+* ``core``       server state, errors, running a request's job and streaming its output
+* ``slots``      engines, one worker thread per slot, the bounded queue
+* ``metrics``    Prometheus text format (llama-server's metric names)
+* ``schemas``    validated request bodies
+* ``jsonformat`` ``format: "json"`` / ``response_format: json_object`` by constrained decoding
+
+Every generation goes through :meth:`tinyinfer.engine.Engine.generate`, the loop the CLI and
+the ``Llama`` class use, and the OpenAI chunks are built by the same functions as ``Llama``'s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from .config import ServerConfig
+
+__all__ = ["main", "create_app", "ServerConfig", "build_parser"]
+
+
+def create_app(*args, **kwargs):
+    from .app import create_app as _create
+    return _create(*args, **kwargs)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from ..cli import _positive, add_model_args
+    ap = argparse.ArgumentParser(
+        prog="python -m tinyinfer serve",
+        description="Serve a GGUF model over HTTP: OpenAI API (/v1/...), ollama API (/api/...), "
+                    "/health, /metrics (Prometheus), docs at /docs.")
+    add_model_args(ap)
+    ap.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 = all)")
+    ap.add_argument("--port", type=_positive("--port"), default=8080, help="port (default 8080)")
+    ap.add_argument("-np", "--parallel", type=int, default=1,
+                    help="slots: requests generated at the same time, one engine (KV cache) each (default 1)")
+    ap.add_argument("--max-queue", type=_positive("--max-queue"), default=16,
+                    help="requests that may wait for a slot; beyond that: 503 + Retry-After (default 16)")
+    ap.add_argument("--api-key", default=os.environ.get("TINYINFER_API_KEY"),
+                    help="require 'Authorization: Bearer KEY' (or set TINYINFER_API_KEY)")
+    ap.add_argument("-a", "--alias", default=None, help="model name shown to clients (default: the file name)")
+    ap.add_argument("--chat-template", default=None,
+                    help="built-in template instead of the file's: chatml, llama-2, llama-3, zephyr, gemma")
+    ap.add_argument("--shutdown-timeout", type=float, default=30.0,
+                    help="on SIGTERM, seconds in-flight requests get to finish (default 30)")
+    ap.add_argument("--cors", action="store_true", help="allow cross-origin requests from browsers (any origin)")
+    ap.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    ap.add_argument("--no-access-log", action="store_true", help="don't log every request")
+    return ap
+
+
+def main(argv=None) -> int:
+    a = build_parser().parse_args(argv)
+    if a.parallel < 1:
+        raise ValueError(f"--parallel must be >= 1, got {a.parallel}")
+    if a.chat_template:
+        from ..chat import BUILTIN
+        if a.chat_template not in BUILTIN and a.chat_template not in ("auto", "gguf"):
+            raise ValueError(f"unknown --chat-template {a.chat_template!r}; known: {', '.join(BUILTIN)}")
+    try:
+        import uvicorn  # noqa: F401
+        import fastapi  # noqa: F401
+    except ImportError:
+        raise RuntimeError("the server needs fastapi and uvicorn: pip install 'tinyinfer[server]'") from None
+    from ..cli import resolve_model
+    path = str(resolve_model(a.model))
+    if not os.path.isfile(path):
+        raise ValueError(f"model file not found: {path}")
+    logging.basicConfig(level=getattr(logging, a.log_level.upper()), format="%(asctime)s %(levelname)s %(name)s: "
+                        "%(message)s", stream=sys.stderr)
+    config = ServerConfig(model_path=path, alias=a.alias, n_ctx=a.ctx_size, n_batch=a.batch_size,
+                          n_threads=a.threads, parallel=a.parallel, max_queue=a.max_queue, api_key=a.api_key or None,
+                          chat_template=a.chat_template, host=a.host, port=a.port,
+                          shutdown_timeout=a.shutdown_timeout, cors=a.cors)
+    return serve(config, log_level=a.log_level, access_log=not a.no_access_log)
+
+
+def serve(config: ServerConfig, log_level: str = "info", access_log: bool = True, engine_factory=None) -> int:
+    """Run the server until SIGTERM / SIGINT; 1 if the model could not be loaded."""
+    import uvicorn
+    from .app import create_app as _create
+
+    app = _create(config, engine_factory)
+    state = app.state.tinyinfer
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame):
+            # SIGTERM: stop taking jobs (waiting ones are told 503), let running ones finish
+            # within --shutdown-timeout, then uvicorn closes the connections
+            state.pool.drain()
+            super().handle_exit(sig, frame)
+
+    server = Server(uvicorn.Config(app, host=config.host, port=config.port, log_level=log_level,
+                                   access_log=access_log, timeout_graceful_shutdown=config.shutdown_timeout,
+                                   lifespan="on"))
+
+    def fatal():
+        server.should_exit = True
+
+    state.on_fatal = fatal
+    server.run()
+    if state.load_error:
+        print(f"error: could not load the model: {state.load_error}", file=sys.stderr)
+        return 1
+    return 0

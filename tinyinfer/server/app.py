@@ -1,0 +1,229 @@
+"""The FastAPI application: common routes, errors, authentication, request metrics."""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import threading
+import time
+from contextlib import asynccontextmanager
+from typing import Any, Callable, Optional
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+
+from .. import __version__
+from .core import ApiError, ServerConfig, ServerState, error_body, error_response, to_api_error
+
+log = logging.getLogger("tinyinfer.server")
+
+MAX_BODY = 16 << 20      # bytes; a prompt can't be longer than the context anyway
+
+PUBLIC_PATHS = frozenset(("/", "/health", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"))
+
+DESCRIPTION = """\
+One model, two dialects, one generation loop (the same as the CLI and the `Llama` class).
+
+* **OpenAI**: `/v1/models`, `/v1/completions`, `/v1/chat/completions`, `/v1/embeddings`
+  (fields and defaults as llama-cpp-python's server; `stream: true` = server-sent events ending
+  with `data: [DONE]`).
+* **ollama**: `/api/generate`, `/api/chat` (NDJSON streams unless `stream: false`), `/api/tags`,
+  `/api/show`, `/api/ps`, `/api/version`, `/api/embed`, `/api/embeddings`.
+* **operations**: `/health`, `/metrics` (Prometheus; llama-server's names).
+"""
+
+
+def _default_engine_factory(config: ServerConfig) -> Callable[[], Any]:
+    def make():
+        from ..engine import Engine
+        return Engine(config.model_path, n_ctx=config.n_ctx, n_batch=config.n_batch, n_threads=config.n_threads)
+    return make
+
+
+class _Gate:
+    """ASGI middleware: API key, JSON bodies sent without a JSON content type, request metrics."""
+
+    def __init__(self, app, state: ServerState, known_paths: Callable[[], frozenset]):
+        self.app = app
+        self.state = state
+        self.known_paths = known_paths
+        key = state.config.api_key
+        self.key = key.encode() if key else None
+
+    def _authorized(self, scope) -> bool:
+        for k, v in scope.get("headers", ()):
+            if k == b"authorization":
+                scheme, _, token = v.partition(b" ")
+                return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.key)
+        return False
+
+    def _endpoint(self, path: str) -> str:
+        if path in self.known_paths():
+            return path
+        if path.startswith("/v1/models/"):
+            return "/v1/models/{model_id}"
+        return "other"
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        t0 = time.perf_counter()
+        path = scope["path"]
+        status = [500]
+
+        async def send_(msg):
+            if msg["type"] == "http.response.start":
+                status[0] = msg["status"]
+            await send(msg)
+
+        try:
+            if self.key is not None and path not in PUBLIC_PATHS and scope["method"] != "OPTIONS" \
+                    and not self._authorized(scope):
+                body = json.dumps(error_body(path, 401, "invalid or missing API key (Authorization: Bearer KEY)",
+                                             "authentication_error", None, "invalid_api_key")).encode()
+                await send_({"type": "http.response.start", "status": 401,
+                             "headers": [(b"content-type", b"application/json"),
+                                         (b"content-length", str(len(body)).encode()),
+                                         (b"www-authenticate", b"Bearer")]})
+                await send_({"type": "http.response.body", "body": body})
+                return
+            if scope["method"] == "POST":
+                size = next((v for k, v in scope.get("headers", ()) if k == b"content-length"), b"0")
+                if size.isdigit() and int(size) > MAX_BODY:
+                    body = json.dumps(error_body(path, 413, f"request body over {MAX_BODY >> 20} MiB",
+                                                 "invalid_request_error")).encode()
+                    await send_({"type": "http.response.start", "status": 413,
+                                 "headers": [(b"content-type", b"application/json"),
+                                             (b"content-length", str(len(body)).encode())]})
+                    await send_({"type": "http.response.body", "body": body})
+                    return
+                # curl -d '{...}' (ollama's own examples) sends application/x-www-form-urlencoded
+                headers = [(k, v) for k, v in scope.get("headers", ()) if k != b"content-type"]
+                ctype = next((v for k, v in scope.get("headers", ()) if k == b"content-type"), b"")
+                if not ctype.startswith(b"application/json") and b"multipart" not in ctype:
+                    scope = dict(scope, headers=headers + [(b"content-type", b"application/json")])
+            await self.app(scope, receive, send_)
+        finally:
+            self.state.metrics.record_request(self._endpoint(path), status[0], time.perf_counter() - t0)
+
+
+def _validation_message(exc: RequestValidationError):
+    """'field: problem' for each problem, and the first field's name (OpenAI's ``param``)."""
+    parts, param = [], None
+    for err in exc.errors():
+        loc = [str(x) for x in err.get("loc", ()) if x != "body"]
+        if err.get("type") == "json_invalid":
+            parts.append(f"malformed JSON body: {err.get('ctx', {}).get('error', err.get('msg'))}")
+            continue
+        # drop pydantic's union-branch names (e.g. 'str', 'list[int]') from the location
+        loc = [x for x in loc if not (x.startswith(("list[", "dict[")) or x in ("str", "int", "float",
+                                                                                   "bool", "function-after"))]
+        field = ".".join(loc) or "body"
+        param = param or field
+        msg = err.get("msg", "invalid")
+        if "input" in err and err.get("type") != "missing" and not isinstance(err["input"], (dict, list)):
+            msg += f" (got {err['input']!r})"
+        parts.append(f"{field}: {msg}")
+    seen, uniq = set(), []
+    for p in parts:
+        if p not in seen:
+            seen.add(p)
+            uniq.append(p)
+    return "; ".join(uniq) or "invalid request", param
+
+
+def create_app(config: ServerConfig, engine_factory: Optional[Callable[[], Any]] = None,
+               load_in_background: bool = True) -> FastAPI:
+    """The application for ``config``; ``engine_factory()`` makes one engine per slot."""
+    state = ServerState(config, engine_factory or _default_engine_factory(config))
+
+    @asynccontextmanager
+    async def lifespan(app):
+        if load_in_background:
+            threading.Thread(target=state.load, name="tinyinfer-load", daemon=True).start()
+        else:
+            state.load()
+        yield
+        state.pool.stop(timeout=2.0)
+
+    app = FastAPI(title="tinyinfer", version=__version__, description=DESCRIPTION, lifespan=lifespan)
+    app.state.tinyinfer = state
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError):
+        return error_response(request.url.path, exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError):
+        msg, param = _validation_message(exc)
+        return JSONResponse(error_body(request.url.path, 400, msg, "invalid_request_error", param), status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException):
+        msg = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
+        if exc.status_code == 404:
+            msg = f"not found: {request.method} {request.url.path}"
+        typ = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return JSONResponse(error_body(request.url.path, exc.status_code, msg, typ), status_code=exc.status_code,
+                            headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception):
+        return error_response(request.url.path, to_api_error(exc))
+
+    @app.get("/", include_in_schema=False)
+    async def root():
+        return PlainTextResponse("tinyinfer is running (OpenAI API at /v1, ollama API at /api, docs at /docs)")
+
+    @app.head("/", include_in_schema=False)
+    async def root_head():
+        return Response(status_code=200)
+
+    @app.get("/health", tags=["operations"], summary="loading / ok (503 until the model is loaded)")
+    async def health():
+        if state.status == "ok" and state.pool.draining:
+            return JSONResponse({"status": "shutting down"}, status_code=503)
+        if state.status == "ok":
+            return {"status": "ok", "slots_idle": state.pool.n_slots - state.pool.n_processing,
+                    "slots_processing": state.pool.n_processing, "requests_deferred": state.pool.n_waiting}
+        if state.status == "loading":
+            return JSONResponse({"status": "loading"}, status_code=503)
+        return JSONResponse({"status": "error", "error": state.load_error}, status_code=500)
+
+    @app.get("/metrics", tags=["operations"], summary="Prometheus metrics (text format)")
+    async def metrics():
+        return PlainTextResponse(state.render_metrics(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    from .ollama_api import router as ollama_router
+    from .openai_api import router as openai_router
+    app.include_router(openai_router)
+    app.include_router(ollama_router)
+
+    if config.cors:
+        from starlette.middleware.cors import CORSMiddleware
+        app.add_middleware(CORSMiddleware, allow_origins=["*"], allow_methods=["*"], allow_headers=["*"])
+
+    known = []
+
+    def known_paths() -> frozenset:
+        if not known:
+            paths = set()
+
+            def walk(routes):
+                for r in routes:
+                    if isinstance(getattr(r, "path", None), str):
+                        paths.add(r.path)
+                    sub = getattr(r, "original_router", None)      # FastAPI's included routers
+                    if sub is not None:
+                        walk(sub.routes)
+            walk(app.routes)
+            walk(openai_router.routes)
+            walk(ollama_router.routes)
+            known.append(frozenset(p for p in paths if "{" not in p))
+        return known[0]
+
+    app.add_middleware(_Gate, state=state, known_paths=known_paths)
+    return app

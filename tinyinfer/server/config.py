@@ -1,0 +1,23 @@
+"""Server settings (no third-party imports: ``--help`` works without fastapi installed)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+
+@dataclass
+class ServerConfig:
+    model_path: str
+    alias: Optional[str] = None
+    n_ctx: int = 4096
+    n_batch: int = 512
+    n_threads: Optional[int] = None
+    parallel: int = 1
+    max_queue: int = 16
+    api_key: Optional[str] = None
+    chat_template: Optional[str] = None
+    host: str = "127.0.0.1"
+    port: int = 8080
+    shutdown_timeout: float = 30.0
+    cors: bool = False

@@ -1,0 +1,337 @@
+"""What both dialects share: server state, errors, running a job for a request, streaming."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import time
+from typing import Any, AsyncIterator, Callable, Dict, Iterator, List, Optional, Tuple
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+
+from .config import ServerConfig
+from .metrics import Metrics
+from .slots import END, Job, QueueFull, ShuttingDown, SlotPool
+
+log = logging.getLogger("tinyinfer.server")
+
+
+class ApiError(Exception):
+    """An error answered to the client, in the OpenAI or ollama shape by path."""
+
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
+                 param: Optional[str] = None, code: Optional[str] = None, headers: Optional[dict] = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+        self.headers = headers or {}
+
+
+def is_ollama_path(path: str) -> bool:
+    return path.startswith("/api/")
+
+
+def error_body(path: str, status: int, message: str, type_: str = "invalid_request_error",
+               param: Optional[str] = None, code: Optional[str] = None) -> dict:
+    if is_ollama_path(path):
+        return {"error": message}
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+def error_response(path: str, e: ApiError) -> JSONResponse:
+    return JSONResponse(error_body(path, e.status, e.message, e.type, e.param, e.code), status_code=e.status,
+                        headers=e.headers)
+
+
+def to_api_error(e: BaseException) -> ApiError:
+    """Exceptions raised while running a job -> what the client is told."""
+    from ..chat import ChatTemplateError
+    if isinstance(e, ApiError):
+        return e
+    name = type(e).__name__
+    if name == "ContextError":
+        return ApiError(400, str(e), code="context_length_exceeded")
+    if isinstance(e, ChatTemplateError):
+        return ApiError(400, str(e), code="chat_template_error")
+    if isinstance(e, QueueFull):
+        return ApiError(503, str(e), "server_busy", headers={"Retry-After": str(e.retry_after)})
+    if isinstance(e, ShuttingDown):
+        return ApiError(503, str(e), "unavailable_error", headers={"Retry-After": "5"})
+    if isinstance(e, (ValueError, TypeError)):    # bad parameter values found by the sampler, tokenizer ...
+        return ApiError(400, str(e))
+    log.exception("internal error", exc_info=e)
+    return ApiError(500, f"internal error: {name}: {e}", "server_error")
+
+
+class ServerState:
+    def __init__(self, config: ServerConfig, engine_factory: Callable[[], Any]):
+        self.config = config
+        self.engine_factory = engine_factory
+        self.metrics = Metrics()
+        self.pool = SlotPool(config.parallel, config.max_queue, on_done=self._job_done)
+        self.status = "loading"            # loading | ok | error
+        self.load_error: Optional[str] = None
+        self.formatter = None
+        self.metadata: Dict[str, Any] = {}
+        self.tokenizer = None
+        self.n_ctx = config.n_ctx
+        self.n_batch = config.n_batch
+        self.t_loaded: Optional[float] = None
+        self.load_s = 0.0
+        self.on_fatal: Optional[Callable[[], None]] = None
+        p = config.model_path
+        self.model_name = config.alias or os.path.basename(str(p))
+        try:
+            st = os.stat(p)
+            self.file_size, self.file_mtime = st.st_size, st.st_mtime
+        except OSError:
+            self.file_size, self.file_mtime = 0, time.time()
+
+    # -- loading -------------------------------------------------------------------------
+    def load(self) -> None:
+        """Load one engine per slot (run in a background thread; /health says loading meanwhile)."""
+        from ..chat import ChatFormatter
+        t0 = time.perf_counter()
+        try:
+            engines = [self.engine_factory() for _ in range(self.config.parallel)]
+            eng = engines[0]
+            tok = eng.tokenizer
+            self.metadata = eng.gguf.metadata
+            self.tokenizer = tok
+            self.n_ctx = eng.n_ctx
+            bos = tok.token_text(tok.bos_id) if tok.bos_id is not None else ""
+            eos = tok.token_text(tok.eos_id) if tok.eos_id is not None else ""
+            self.formatter = ChatFormatter.from_metadata(self.metadata, bos, eos,
+                                                         chat_format=self.config.chat_template)
+            serialize = False
+            if self.config.parallel > 1:
+                try:
+                    import numba
+                    serialize = numba.threading_layer() == "workqueue"   # not re-entrant from threads
+                except Exception:
+                    serialize = True
+                if serialize:
+                    log.warning("numba's workqueue threading layer is not thread-safe: the %d slots take "
+                                "turns per token (install tbb or use an OpenMP build for true parallelism)",
+                                self.config.parallel)
+            self.pool.start(engines, serialize_steps=serialize)
+            self.load_s = time.perf_counter() - t0
+            self.t_loaded = time.time()
+            self.status = "ok"
+            log.info("model %s loaded in %.1f s (%d slot%s, n_ctx %d, chat template %s)", self.config.model_path,
+                     self.load_s, self.config.parallel, "s" if self.config.parallel > 1 else "", self.n_ctx,
+                     self.formatter.name)
+        except Exception as e:   # a bad file must stop the server, loudly
+            self.status = "error"
+            self.load_error = f"{type(e).__name__}: {e}"
+            log.error("could not load %s: %s", self.config.model_path, self.load_error)
+            if self.on_fatal:
+                self.on_fatal()
+
+    # -- bookkeeping ---------------------------------------------------------------------
+    def _job_done(self, job: Job, outcome: str) -> None:
+        self.metrics.record_job(outcome)
+        st = job.stats
+        if st is None:
+            return
+        if hasattr(st, "completion_tokens"):
+            self.metrics.record_generation(st, self.n_batch)
+        elif isinstance(st, dict) and "embed_tokens" in st:
+            self.metrics.record_embedding(st["embed_tokens"], st["embed_s"])
+
+    def kv_usage(self) -> Tuple[int, float]:
+        n = sum(len(getattr(e, "tokens", [])) for e in self.pool.engines)
+        cap = max(1, self.n_ctx * max(1, len(self.pool.engines)))
+        return n, n / cap
+
+    def render_metrics(self) -> str:
+        n, ratio = self.kv_usage()
+        return self.metrics.render(self.pool.n_processing, self.pool.n_waiting, n, ratio, self.pool.n_slots)
+
+    # -- model description ---------------------------------------------------------------
+    def model_details(self) -> dict:
+        md = self.metadata
+        arch = md.get("general.architecture", "")
+        return {"parent_model": "", "format": "gguf", "family": arch, "families": [arch] if arch else None,
+                "parameter_size": md.get("general.size_label") or _param_size(self), "quantization_level":
+                    _file_type_name(md.get("general.file_type"))}
+
+    def digest(self) -> str:
+        import hashlib
+        h = hashlib.sha256(f"{os.path.abspath(self.config.model_path)}:{self.file_size}:{self.file_mtime}".encode())
+        return h.hexdigest()
+
+
+def _param_size(state: ServerState) -> str:
+    try:
+        eng = state.pool.engines[0]
+        n = sum(t.n_elements for t in eng.gguf.tensors.values())
+    except Exception:
+        return ""
+    for unit, div in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= div:
+            return f"{n / div:.1f}{unit}".replace(".0", "")
+    return str(n)
+
+
+_FILE_TYPES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 8: "Q5_0", 9: "Q5_1", 10: "Q2_K",
+               11: "Q3_K_S", 12: "Q3_K_M", 13: "Q3_K_L", 14: "Q4_K_S", 15: "Q4_K_M", 16: "Q5_K_S", 17: "Q5_K_M",
+               18: "Q6_K", 32: "BF16"}
+
+
+def _file_type_name(ft) -> str:
+    if ft is None:
+        return "unknown"
+    return _FILE_TYPES.get(int(ft), f"type {ft}")
+
+
+# -- running a job for a request ------------------------------------------------------------
+
+async def _wait_disconnect(request: Request) -> None:
+    """Returns when the client has gone (the body is already read, so receive() waits for that)."""
+    while True:
+        msg = await request.receive()
+        if msg["type"] == "http.disconnect":
+            return
+
+
+async def _race(request: Request, aw) -> Tuple[Any, bool]:
+    """Await ``aw`` unless the client disconnects first: (result, disconnected)."""
+    task = asyncio.ensure_future(aw)
+    watcher = asyncio.ensure_future(_wait_disconnect(request))
+    try:
+        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        task.cancel()
+        watcher.cancel()
+        raise
+    if task in done:
+        watcher.cancel()
+        return task.result(), False
+    task.cancel()
+    return None, True
+
+
+def submit(request: Request, state: ServerState, fn: Callable[[Any, Job], Iterator[Any]]) -> Job:
+    if state.status != "ok":
+        if state.status == "loading":
+            raise ApiError(503, "the model is still loading", "unavailable_error", headers={"Retry-After": "2"})
+        raise ApiError(503, f"the model failed to load: {state.load_error}", "unavailable_error")
+    try:
+        return state.pool.submit(fn, asyncio.get_running_loop())
+    except QueueFull as e:
+        state.metrics.record_rejected()
+        raise to_api_error(e) from None
+    except ShuttingDown as e:
+        raise to_api_error(e) from None
+
+
+async def first_item(request: Request, job: Job) -> Tuple[Any, bool]:
+    """Wait (in the queue, then through prompt processing) for the job's first item.
+
+    An exception from the job is raised as an ApiError (so a prompt that does not fit is a
+    400 before any byte of a stream is sent); a client that leaves cancels the job.
+    """
+    item, gone = await _race(request, job.next())
+    if gone:
+        job.cancel()
+        return None, True
+    if isinstance(item, BaseException):
+        job.cancel()
+        raise to_api_error(item)
+    return item, False
+
+
+async def run_to_end(request: Request, job: Job) -> Tuple[Optional[List[Any]], bool]:
+    """All the job's items (non-streaming requests); (None, True) if the client left first."""
+    async def drain():
+        items = []
+        while True:
+            item = await job.next()
+            if item is END:
+                return items
+            if isinstance(item, BaseException):
+                raise to_api_error(item)
+            items.append(item)
+
+    try:
+        items, gone = await _race(request, drain())
+    finally:
+        job.cancel()     # no-op when finished; frees the slot when the client left or we were cancelled
+    return items, gone
+
+
+def gone_response() -> Response:
+    return Response(status_code=499)     # nobody reads it; nginx's "client closed request"
+
+
+async def stream_items(job: Job, first: Any) -> AsyncIterator[Any]:
+    """The job's items, first included; exceptions come out as ApiError items. Cancels on exit."""
+    try:
+        if first is not END:
+            yield first
+            while True:
+                item = await job.next()
+                if item is END:
+                    break
+                if isinstance(item, BaseException):
+                    yield to_api_error(item)
+                    break
+                yield item
+    finally:
+        job.cancel()
+
+
+def sse_response(body: AsyncIterator[bytes]) -> StreamingResponse:
+    return StreamingResponse(body, media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+def ndjson_response(body: AsyncIterator[bytes]) -> StreamingResponse:
+    return StreamingResponse(body, media_type="application/x-ndjson",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+def dumps(obj) -> str:
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+
+
+def check_prompt(ids: List[int], n_ctx: int, n_vocab: int) -> None:
+    from ..engine import ContextError
+    if not ids:
+        raise ContextError("the prompt is empty (no tokens to evaluate)")
+    if len(ids) >= n_ctx:
+        raise ContextError(f"the prompt has {len(ids)} tokens, which does not leave room to generate in "
+                           f"the context of {n_ctx} tokens (shorten it, or start the server with a larger -c)")
+    bad = [t for t in ids if not 0 <= int(t) < n_vocab]
+    if bad:
+        raise ApiError(400, f"token id {bad[0]} is out of range [0, {n_vocab})", param="prompt")
+
+
+def sampler_params(temperature, top_k, top_p, min_p, typical_p, repeat_penalty, repeat_last_n, presence_penalty,
+                   frequency_penalty, mirostat, mirostat_tau, mirostat_eta, seed, logit_bias, n_vocab=None):
+    from ..sampler import SamplerParams
+    bias = {}
+    for k, v in (logit_bias or {}).items():
+        t = int(k)
+        if n_vocab is not None and not 0 <= t < n_vocab:
+            raise ApiError(400, f"logit_bias: token id {t} is out of range [0, {n_vocab})", param="logit_bias")
+        bias[t] = float(v)
+    try:
+        return SamplerParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, typical_p=typical_p,
+                             repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n,
+                             presence_penalty=presence_penalty or 0.0, frequency_penalty=frequency_penalty or 0.0,
+                             mirostat=mirostat, mirostat_tau=mirostat_tau, mirostat_eta=mirostat_eta,
+                             seed=None if seed is None or seed < 0 else seed, logit_bias=bias)
+    except (ValueError, TypeError) as e:
+        raise ApiError(400, str(e)) from None
+
+
+def encode_prompt(tok, text: str) -> List[int]:
+    """Plain-text prompt -> ids: special tokens parsed (as llama-cpp-python does), BOS as the file says."""
+    ids = tok.encode(text, add_bos=tok.add_bos, special=True)
+    if not ids and tok.bos_id is not None:
+        ids = [tok.bos_id]
+    return ids

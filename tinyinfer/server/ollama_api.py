@@ -1,0 +1,313 @@
+"""The ollama dialect: /api/generate, /api/chat (NDJSON streams), /api/tags, /api/show, /api/ps,
+/api/version, /api/embed, /api/embeddings.
+
+Final objects carry ``done``, ``done_reason``, ``total_duration``, ``load_duration``,
+``prompt_eval_count``, ``prompt_eval_duration``, ``eval_count`` and ``eval_duration`` in
+nanoseconds, as ollama reports them: ``load_duration`` is the time from arrival until a slot
+took the request (ollama's "schedule the runner"), ``prompt_eval_*`` count the prompt tokens
+actually evaluated (not those reused from the KV cache), ``eval_duration`` runs from the end of
+prompt processing to the last token.
+"""
+
+from __future__ import annotations
+
+import datetime
+import time
+from typing import List, Optional
+
+from fastapi import APIRouter, Request
+from starlette.responses import JSONResponse
+
+from ..api import GenStats, chat_prompt_ids, completion_chunks
+from .core import (ApiError, ServerState, check_prompt, dumps, encode_prompt, first_item, gone_response,
+                   ndjson_response, run_to_end, sampler_params, stream_items, submit)
+from .schemas import (OllamaChatRequest, OllamaEmbeddingsRequest, OllamaEmbedRequest, OllamaGenerateRequest,
+                      OllamaOptions, OllamaShowRequest)
+
+router = APIRouter(tags=["ollama"])
+
+#: the level of ollama's REST API this server speaks (clients compare versions for features)
+OLLAMA_API_VERSION = "0.9.0"
+
+
+def _state(request: Request) -> ServerState:
+    return request.app.state.tinyinfer
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _iso(ts: float) -> str:
+    return datetime.datetime.fromtimestamp(ts, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _ns(seconds: float) -> int:
+    return max(0, int(round(seconds * 1e9)))
+
+
+def _options(opts: Optional[OllamaOptions], n_vocab: int):
+    """ollama's options with ollama's defaults -> (SamplerParams, max_tokens or None, stops)."""
+    o = opts or OllamaOptions()
+    d = lambda v, default: default if v is None else v  # noqa: E731
+    params = sampler_params(d(o.temperature, 0.8), d(o.top_k, 40), d(o.top_p, 0.9), d(o.min_p, 0.0),
+                            d(o.typical_p, 1.0), d(o.repeat_penalty, 1.1), d(o.repeat_last_n, 64),
+                            d(o.presence_penalty, 0.0), d(o.frequency_penalty, 0.0), d(o.mirostat, 0),
+                            d(o.mirostat_tau, 5.0), d(o.mirostat_eta, 0.1), o.seed, None, n_vocab)
+    n = o.num_predict
+    max_tokens = None if n is None or n < 0 else n
+    stops = [o.stop] if isinstance(o.stop, str) else list(o.stop or [])
+    return params, max_tokens, stops
+
+
+def _json_kw(fmt, tok) -> dict:
+    if not fmt:
+        return {}
+    from .jsonformat import JSONLogitsProcessor
+    return {"logits_processor": JSONLogitsProcessor(tok)}
+
+
+def _final(job, t_arrival: float) -> dict:
+    st: GenStats = job.stats or GenStats()
+    now = time.perf_counter()
+    start = job.t_start if job.t_start is not None else now
+    return {"done": True, "done_reason": st.finish_reason or "stop",
+            "total_duration": _ns(now - t_arrival), "load_duration": _ns(start - t_arrival),
+            "prompt_eval_count": st.prompt_evaluated, "prompt_eval_duration": _ns(st.prompt_s),
+            "eval_count": st.completion_tokens, "eval_duration": _ns(st.gen_s)}
+
+
+def _generate_work(state: ServerState, max_tokens, params_of, stops, fmt, build_ids):
+    """A job: texts of the steps of one generation (its GenStats on the job)."""
+    def work(engine, job):
+        tok = engine.tokenizer
+        ids = build_ids(tok)
+        check_prompt(ids, engine.n_ctx, tok.n_vocab)
+        params = params_of(tok.n_vocab)
+        job.prompt_ids = ids
+        job.stats = GenStats(prompt_tokens=len(ids))
+        if max_tokens == 0:
+            job.stats.finish_reason = "length"
+            return
+        for c in completion_chunks(engine, ids, params, max_tokens=max_tokens, stop=stops, stats=job.stats,
+                                   **_json_kw(fmt, tok)):
+            yield c["choices"][0]["text"]
+    return work
+
+
+def _check_common(req) -> None:
+    if req.options is not None and req.options.num_ctx:
+        pass   # one context size per server (-c); a request cannot change it
+    if isinstance(req.format, dict) and req.format.get("type") not in (None, "object"):
+        raise ApiError(400, "format: only JSON schemas of type object are supported", param="format")
+
+
+async def _run(request: Request, state: ServerState, work, stream: bool, t_arrival: float, shape, finish):
+    """Run ``work``; ``shape(text)`` makes one streamed object, ``finish(job, text)`` the last one."""
+    job = submit(request, state, work)
+    if not stream:
+        items, gone = await run_to_end(request, job)
+        if gone:
+            return gone_response()
+        return JSONResponse(finish(job, "".join(items)))
+    first, gone = await first_item(request, job)
+    if gone:
+        return gone_response()
+
+    async def body():
+        async for item in stream_items(job, first):
+            if isinstance(item, ApiError):
+                yield dumps({"error": item.message}) + "\n"
+                return
+            if item:
+                yield dumps(shape(item)) + "\n"
+        yield dumps(finish(job, "")) + "\n"
+
+    return ndjson_response(body())
+
+
+@router.post("/api/generate", summary="Generate (ollama)")
+async def generate(req: OllamaGenerateRequest, request: Request):
+    t_arrival = time.perf_counter()
+    state = _state(request)
+    model = req.model or state.model_name
+    _check_common(req)
+    if req.images:
+        raise ApiError(400, "images are not supported: this is a text-only model", param="images")
+    if req.suffix:
+        raise ApiError(400, "suffix (fill-in-the-middle) is not supported by this server", param="suffix")
+    if req.template:
+        raise ApiError(400, "template overrides (Go templates) are not supported: use raw=true with a formatted "
+                            "prompt, or the model's own chat template", param="template")
+    if not req.prompt and not req.context:
+        if state.status != "ok":
+            submit(request, state, None)        # raises the right 503
+        return {"model": model, "created_at": _now(), "response": "", "done": True, "done_reason": "load"}
+    params, max_tokens, stops = _options(req.options, None)
+
+    def build_ids(tok):
+        prompt = req.prompt or ""
+        if req.raw:
+            ids = encode_prompt(tok, prompt) if prompt else []
+        else:
+            msgs = ([{"role": "system", "content": req.system}] if req.system else []) + \
+                   [{"role": "user", "content": prompt}]
+            ids = chat_prompt_ids(state.formatter, tok, msgs)
+        if req.context:
+            if ids and tok.bos_id is not None and ids[0] == tok.bos_id:
+                ids = ids[1:]
+            ids = [int(t) for t in req.context] + ids
+        return ids
+
+    work = _generate_work(state, max_tokens, lambda nv: _options(req.options, nv)[0], stops, req.format,
+                          build_ids)
+
+    def shape(text):
+        return {"model": model, "created_at": _now(), "response": text, "done": False}
+
+    def finish(job, text):
+        out = {"model": model, "created_at": _now(), "response": text, **_final(job, t_arrival)}
+        if job.stats is not None:
+            out["context"] = list(getattr(job, "prompt_ids", [])) + list(job.stats.token_ids)
+        return out
+
+    return await _run(request, state, work, req.stream, t_arrival, shape, finish)
+
+
+@router.post("/api/chat", summary="Chat (ollama)")
+async def chat(req: OllamaChatRequest, request: Request):
+    t_arrival = time.perf_counter()
+    state = _state(request)
+    model = req.model or state.model_name
+    _check_common(req)
+    if not req.messages:
+        if state.status != "ok":
+            submit(request, state, None)
+        return {"model": model, "created_at": _now(), "message": {"role": "assistant", "content": ""},
+                "done": True, "done_reason": "load"}
+    if any(m.images for m in req.messages):
+        raise ApiError(400, "images are not supported: this is a text-only model", param="messages")
+    messages = [m.model_dump(exclude_none=True) for m in req.messages]
+    _, max_tokens, stops = _options(req.options, None)
+    extra = {"tools": req.tools} if req.tools else {}
+
+    def build_ids(tok):
+        class F:
+            @staticmethod
+            def render(msgs, add_generation_prompt=True):
+                return state.formatter.render(msgs, add_generation_prompt=add_generation_prompt, **extra)
+        return chat_prompt_ids(F, tok, messages)
+
+    work = _generate_work(state, max_tokens, lambda nv: _options(req.options, nv)[0], stops, req.format,
+                          build_ids)
+
+    def shape(text):
+        return {"model": model, "created_at": _now(), "message": {"role": "assistant", "content": text},
+                "done": False}
+
+    def finish(job, text):
+        return {"model": model, "created_at": _now(), "message": {"role": "assistant", "content": text},
+                **_final(job, t_arrival)}
+
+    return await _run(request, state, work, req.stream, t_arrival, shape, finish)
+
+
+async def _embed(request: Request, state: ServerState, inputs: List[str]):
+    def work(engine, job):
+        tok = engine.tokenizer
+        t0 = time.perf_counter()
+        job.stats = {"embed_tokens": 0, "embed_s": 0.0}
+        for x in inputs:
+            ids = tok.encode(x, add_bos=tok.add_bos, special=False)
+            check_prompt(ids, engine.n_ctx + 1, tok.n_vocab)
+            vec = engine.embed(ids)
+            job.stats["embed_tokens"] += len(ids)
+            job.stats["embed_s"] = time.perf_counter() - t0
+            yield vec
+
+    job = submit(request, state, work)
+    items, gone = await run_to_end(request, job)
+    return job, items, gone
+
+
+@router.post("/api/embed", summary="Embeddings (ollama)")
+async def embed(req: OllamaEmbedRequest, request: Request):
+    t_arrival = time.perf_counter()
+    state = _state(request)
+    inputs = [req.input] if isinstance(req.input, str) else list(req.input)
+    if not inputs:
+        raise ApiError(400, "input is empty", param="input")
+    job, items, gone = await _embed(request, state, inputs)
+    if gone:
+        return gone_response()
+    return {"model": req.model or state.model_name, "embeddings": [v.tolist() for v in items],
+            "total_duration": _ns(time.perf_counter() - t_arrival),
+            "load_duration": _ns((job.t_start or t_arrival) - t_arrival),
+            "prompt_eval_count": job.stats["embed_tokens"]}
+
+
+@router.post("/api/embeddings", summary="Embedding of one prompt (ollama, legacy)")
+async def embeddings(req: OllamaEmbeddingsRequest, request: Request):
+    state = _state(request)
+    job, items, gone = await _embed(request, state, [req.prompt])
+    if gone:
+        return gone_response()
+    return {"embedding": items[0].tolist()}
+
+
+def _tag(state: ServerState) -> dict:
+    return {"name": state.model_name, "model": state.model_name, "modified_at": _iso(state.file_mtime),
+            "size": state.file_size, "digest": state.digest(), "details": state.model_details()}
+
+
+@router.get("/api/tags", summary="Local models (ollama)")
+async def tags(request: Request):
+    state = _state(request)
+    return {"models": [_tag(state)] if state.status == "ok" else []}
+
+
+@router.get("/api/ps", summary="Loaded models (ollama)")
+async def ps(request: Request):
+    state = _state(request)
+    if state.status != "ok":
+        return {"models": []}
+    t = {**_tag(state), "expires_at": "2999-12-31T23:59:59Z", "size_vram": 0, "context_length": state.n_ctx}
+    t.pop("modified_at")
+    return {"models": [t]}
+
+
+@router.get("/api/version", summary="API version (ollama)")
+async def version():
+    from .. import __version__ as tv
+    return {"version": OLLAMA_API_VERSION, "tinyinfer": tv}
+
+
+@router.post("/api/show", summary="Model details (ollama)")
+async def show(req: OllamaShowRequest, request: Request):
+    state = _state(request)
+    if state.status != "ok":
+        submit(request, state, None)
+    md = state.metadata
+    info = {}
+    for k, v in md.items():
+        if isinstance(v, (str, int, float, bool)):
+            if k == "tokenizer.chat_template":
+                continue
+            info[k] = v
+        elif req.verbose and isinstance(v, (list, tuple)) and len(v) <= 64:
+            info[k] = list(v)
+        else:
+            info[k] = None
+    fmt = state.formatter
+    params = "\n".join(f"stop {s!r}" for s in _stop_tokens(state))
+    return {"license": str(md.get("general.license", "")), "modelfile": f"# tinyinfer\nFROM {state.config.model_path}\n",
+            "parameters": params, "template": fmt.source if fmt is not None else "",
+            "details": state.model_details(), "model_info": info, "capabilities": ["completion", "embedding"],
+            "modified_at": _iso(state.file_mtime)}
+
+
+def _stop_tokens(state: ServerState) -> List[str]:
+    tok = state.tokenizer
+    if tok is None or not hasattr(tok, "eog_ids"):
+        return []
+    return [tok.token_text(t) for t in sorted(tok.eog_ids)]

@@ -1,0 +1,179 @@
+"""The OpenAI dialect: /v1/models, /v1/completions, /v1/chat/completions, /v1/embeddings."""
+
+from __future__ import annotations
+
+import base64
+import time
+import uuid
+from typing import Any, List
+
+import numpy as np
+from fastapi import APIRouter, Request
+from starlette.responses import JSONResponse
+
+from ..api import GenStats, chat_chunks, chat_prompt_ids, completion_chunks, merge_chat, merge_completion
+from .core import (ApiError, ServerState, check_prompt, dumps, encode_prompt, first_item, gone_response,
+                   run_to_end, sampler_params, sse_response, stream_items, submit)
+from .schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
+
+router = APIRouter(tags=["OpenAI"])
+
+
+def _state(request: Request) -> ServerState:
+    return request.app.state.tinyinfer
+
+
+def _model_entry(state: ServerState) -> dict:
+    return {"id": state.model_name, "object": "model", "created": int(state.file_mtime), "owned_by": "tinyinfer",
+            "meta": {"n_ctx": state.n_ctx, "size": state.file_size,
+                     "n_vocab": state.tokenizer.n_vocab if state.tokenizer is not None else None,
+                     "chat_template": state.formatter.name if state.formatter is not None else None,
+                     "path": state.config.model_path}}
+
+
+@router.get("/v1/models", summary="The served model")
+async def list_models(request: Request):
+    return {"object": "list", "data": [_model_entry(_state(request))]}
+
+
+@router.get("/v1/models/{model_id:path}", summary="One model")
+async def get_model(model_id: str, request: Request):
+    state = _state(request)
+    if model_id not in (state.model_name, state.config.model_path):
+        raise ApiError(404, f"model {model_id!r} not found; this server serves {state.model_name!r}",
+                       code="model_not_found")
+    return _model_entry(state)
+
+
+def _params(req, n_vocab):
+    return sampler_params(req.temperature, req.top_k, req.top_p, req.min_p, req.typical_p, req.repeat_penalty,
+                          req.repeat_last_n, req.presence_penalty, req.frequency_penalty, req.mirostat_mode,
+                          req.mirostat_tau, req.mirostat_eta, req.seed, req.logit_bias, n_vocab)
+
+
+async def _respond(request: Request, state: ServerState, fn, stream: bool, include_usage: bool, merge):
+    job = submit(request, state, fn)
+    if not stream:
+        items, gone = await run_to_end(request, job)
+        if gone:
+            return gone_response()
+        return JSONResponse(merge(items, job.stats.usage()))
+    first, gone = await first_item(request, job)
+    if gone:
+        return gone_response()
+
+    async def body():
+        last = None
+        async for item in stream_items(job, first):
+            if isinstance(item, ApiError):
+                yield f"data: {dumps({'error': {'message': item.message, 'type': item.type, 'code': item.code}})}\n\n"
+                return
+            last = item
+            yield f"data: {dumps(item)}\n\n"
+        if include_usage and last is not None:
+            yield f"data: {dumps({**{k: last[k] for k in ('id', 'object', 'created', 'model')}, 'choices': [], 'usage': job.stats.usage()})}\n\n"
+        yield "data: [DONE]\n\n"
+
+    return sse_response(body())
+
+
+def _json_processor(tok):
+    from .jsonformat import JSONLogitsProcessor
+    return JSONLogitsProcessor(tok)
+
+
+@router.post("/v1/completions", summary="Text completion (llama-cpp-python's fields and defaults)")
+async def completions(req: CompletionRequest, request: Request):
+    state = _state(request)
+    name = state.model_name
+    cid, created = f"cmpl-{uuid.uuid4()}", int(time.time())
+
+    def work(engine, job):
+        tok = engine.tokenizer
+        if isinstance(req.prompt, list):
+            ids = [int(t) for t in req.prompt]
+            text = tok.decode(ids) if req.echo else None
+        else:
+            ids = encode_prompt(tok, req.prompt)
+            text = req.prompt
+        check_prompt(ids, engine.n_ctx, tok.n_vocab)
+        params = _params(req, tok.n_vocab)
+        job.stats = GenStats()
+        yield from completion_chunks(engine, ids, params, max_tokens=req.max_tokens, stop=req.stop,
+                                     logprobs=req.logprobs, model=name, echo_text=text if req.echo else None,
+                                     suffix=req.suffix, stats=job.stats, cid=cid, created=created)
+
+    include = bool(req.stream_options and req.stream_options.include_usage)
+    return await _respond(request, state, work, req.stream, include, merge_completion)
+
+
+@router.post("/v1/chat/completions", summary="Chat completion with the model's chat template")
+async def chat_completions(req: ChatCompletionRequest, request: Request):
+    state = _state(request)
+    name = state.model_name
+    cid, created = f"cmpl-{uuid.uuid4()}", int(time.time())
+    messages = [m.model_dump(exclude_none=True) for m in req.messages]
+    max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+    fmt = req.response_format.type if req.response_format else "text"
+    want_lp = (req.top_logprobs or 0) if req.logprobs else None
+
+    def work(engine, job):
+        tok = engine.tokenizer
+        extra = {"tools": req.tools} if req.tools else {}
+        ids = chat_prompt_ids(_Formatter(state.formatter, extra), tok, messages)
+        check_prompt(ids, engine.n_ctx, tok.n_vocab)
+        params = _params(req, tok.n_vocab)
+        job.stats = GenStats()
+        kw = {"logits_processor": _json_processor(tok)} if fmt in ("json_object", "json_schema") else {}
+        yield from chat_chunks(completion_chunks(engine, ids, params, max_tokens=max_tokens, stop=req.stop,
+                                                 logprobs=want_lp, model=name, stats=job.stats, cid=cid,
+                                                 created=created, **kw))
+
+    include = bool(req.stream_options and req.stream_options.include_usage)
+    return await _respond(request, state, work, req.stream, include, merge_chat)
+
+
+class _Formatter:
+    """The server's ChatFormatter with extra template variables (tools) for one request."""
+
+    def __init__(self, fmt, extra):
+        self.fmt, self.extra = fmt, extra
+
+    def render(self, messages, add_generation_prompt=True):
+        return self.fmt.render(messages, add_generation_prompt=add_generation_prompt, **self.extra)
+
+
+@router.post("/v1/embeddings", summary="Embeddings (mean-pooled last hidden state, L2-normalized)")
+async def embeddings(req: EmbeddingRequest, request: Request):
+    state = _state(request)
+    inputs: List[Any] = [req.input] if isinstance(req.input, str) else list(req.input)
+    if inputs and isinstance(inputs[0], int):
+        inputs = [inputs]
+    if not inputs:
+        raise ApiError(400, "input is empty", param="input")
+
+    def work(engine, job):
+        tok = engine.tokenizer
+        t0 = time.perf_counter()
+        job.stats = {"embed_tokens": 0, "embed_s": 0.0}
+        for i, x in enumerate(inputs):
+            ids = [int(t) for t in x] if isinstance(x, list) else tok.encode(x, add_bos=tok.add_bos, special=False)
+            check_prompt(ids, engine.n_ctx + 1, tok.n_vocab)
+            vec = engine.embed(ids)
+            job.stats["embed_tokens"] += len(ids)
+            job.stats["embed_s"] = time.perf_counter() - t0
+            yield i, vec, len(ids)
+
+    job = submit(request, state, work)
+    items, gone = await run_to_end(request, job)
+    if gone:
+        return gone_response()
+    data, n = [], 0
+    for i, vec, k in items:
+        n += k
+        v = np.asarray(vec, dtype=np.float32)
+        emb = base64.b64encode(v.astype("<f4").tobytes()).decode() if req.encoding_format == "base64" \
+            else v.tolist()
+        data.append({"object": "embedding", "embedding": emb, "index": i})
+    return {"object": "list", "data": data, "model": state.model_name,
+            "usage": {"prompt_tokens": n, "total_tokens": n}}
