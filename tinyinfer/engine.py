@@ -113,6 +113,16 @@ class Engine:
         self._warmup()
         self.timings.compile_ms = (time.perf_counter() - t1) * 1000
 
+    def fork(self) -> "Engine":
+        """Another engine on the same file, tokenizer and weights, with a KV cache of its own."""
+        other = object.__new__(Engine)
+        other.__dict__.update(self.__dict__)
+        other.timings = Timings(load_ms=self.timings.load_ms)
+        other.tokens, other.scores = [], None
+        if self.model is not None:
+            other.cache = self.model.new_cache(self.n_ctx, self.n_batch)
+        return other
+
     # -- evaluation ----------------------------------------------------------------
     def _warmup(self) -> None:
         """Compile (or load from numba's cache) every kernel the forward pass uses."""

@@ -37,9 +37,16 @@ One model, two dialects, one generation loop (the same as the CLI and the `Llama
 
 
 def _default_engine_factory(config: ServerConfig) -> Callable[[], Any]:
+    first = []
+
     def make():
+        # the first slot loads the model; the others share its weights, each with its own KV cache
+        if first:
+            return first[0].fork()
         from ..engine import Engine
-        return Engine(config.model_path, n_ctx=config.n_ctx, n_batch=config.n_batch, n_threads=config.n_threads)
+        first.append(Engine(config.model_path, n_ctx=config.n_ctx, n_batch=config.n_batch,
+                            n_threads=config.n_threads))
+        return first[0]
     return make
 
 
