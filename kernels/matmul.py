@@ -1,0 +1,703 @@
+"""Quantized matrix multiply: y = x @ W.T with llama.cpp's activation quantization.
+
+API::
+
+    pw = prepare(w_raw, ggml_type, k)   # w_raw: uint8 (rows, row_bytes), a view of the GGUF data
+    y = matmul(pw, x, out=None)         # x: float32 (n, k) -> float32 (n, rows)
+
+Semantics follow ggml's ``vec_dot_type``: the activations are quantized once
+per call to the type the weight's dot product wants, and the inner loop is
+an integer dot product:
+
+=========  ==================  ==============================================
+weights    activations         per 32-block
+=========  ==================  ==============================================
+Q4_0 Q5_0  Q8_0 (d fp16, i8)   d_w * d_x * sum(q_w * q_x)
+Q8_0
+Q4_1 Q5_1  Q8_1 (d, s fp16)    d_w * d_x * sum(q_w * q_x) + m_w * s_x
+Q4_K Q6_K  Q8_K (d f32, i8,    d_w*d_x * sum_j sc_j * sum(q_w * q_x) over 256
+           sums per 32)        (- dmin_w*d_x * sum_j m_j * sum_32(q_x), Q4_K)
+F16        f16 (rounded)       f32 sum of f16 x f16 products
+BF16       bf16 (rounded)      f32 sum of bf16 x bf16 products
+F32        f32                 f32 sum
+=========  ==================  ==============================================
+
+Activation quantization is ggml's x86 (AVX2/AVX-512) and ARM NEON one, which
+the reference llama.cpp builds run: ``d = amax/127`` stored as fp16,
+``q = round(x * (127/amax))`` with ties to even, and for Q8_1
+``s = fp16(d * sum(q))``; Q8_K is ggml's reference quantize_row_q8_K (which
+x86 builds use): ``iscale = -127/max``, ``d = 1/iscale`` kept in float32.
+
+Kernels (LLVM-IR intrinsics from ``simd.py``):
+
+* **row-interleaved** (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0; on x86-64): ``prepare``
+  repacks the weight once into groups of 16 rows whose blocks are stored
+  together. Same size as the original, so RSS grows by that tensor's bytes
+  while the mmapped original also stays resident (a loader may drop those
+  pages: only rows % 16 leftovers are read from it); ~1 GB/s per core to
+  build. A kernel call yields 16 outputs as the lanes of one vector, with no
+  horizontal sums (int16 pair products, ``vpdpwssd``), and reads the matrix as
+  one sequential stream. 1 thread, Zen 4: 23-31 GB/s for n = 1 (the read
+  roofline is 25-29), 80-95 G int8 MAC/s for n = 512.
+* **native** (every type, zero-copy): tiles of NR weight rows x NC activation
+  rows over the original block layout; per block an int32 vector converted
+  to float and fused-multiply-added with the block's scale. One row at a
+  time for n = 1, 4 x 4 tiles for n > 1. The only kernels on aarch64, where
+  they use ``sdot`` (cortex-a76); K-quants (Q4_K, Q6_K with Q8_K
+  activations) are native everywhere for now.
+
+One jitted driver per (type, kernel kind, serial|parallel) quantizes x and
+walks the tiles in a single call, rows split across threads with ``prange``
+when the matrix is big enough (``PARALLEL_MIN_BYTES``). A call costs ~2.5 us
+on a tiny matrix (1.3 us of it the Python wrapper, ~0.5 us numba's dispatch). Measurements and their commands: benchmarks/bench_kernels.py.
+Adding a type = a ``WeightFormat`` / ``KFormat`` (and optionally an
+``Interleaved``) in simd.py + one entry in ``_TYPES``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numba as nb
+import numpy as np
+from numba import prange  # noqa: F401  (used by the generated drivers)
+
+from . import simd
+from .simd import (GROUP, INTERLEAVED, f32_to_f16_to_f32, interleaved_kernel, ktile_kernel, quantize_row_kernel,
+                   tile_kernel)
+
+# ggml type ids (ggml.h enum ggml_type)
+F32, F16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, BF16 = 0, 1, 2, 3, 6, 7, 8, 30
+Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, Q8_K = 10, 11, 12, 13, 14, 15
+
+QK = 32  # elements per block of the legacy formats
+
+# below this much work (weight bytes x max(1, n/4)) a call runs on one thread:
+# the parallel region's launch costs more than it saves on small matrices
+PARALLEL_MIN_BYTES = int(os.environ.get("TINYINFER_PARALLEL_MIN_BYTES", 1 << 20))
+# repack Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 weights at prepare() for the row-interleaved
+# kernels. On by default on x86-64 only: their int16 pair products map to
+# vpmaddwd/vpdpwssd there, but on NEON they compile to smull + uzp shuffles
+# with register spills (5-10x the instructions of the native sdot kernels;
+# see benchmarks/bench_kernels.py --arm-asm).
+REPACK = os.environ.get("TINYINFER_REPACK", "1" if platform.machine().lower() in ("x86_64", "amd64") else "0") == "1"
+IGEMM_NC = int(os.environ.get("TINYINFER_IGEMM_NC", 4))          # activation rows per packed tile
+IGEMM_CHAINS = int(os.environ.get("TINYINFER_IGEMM_CHAINS", 4))  # independent int32 sums per tile
+
+_NOPY = dict(cache=True, nogil=True, fastmath=False)
+
+
+@nb.njit(**_NOPY)
+def _keep_alive(*arrays):
+    """A use of arrays whose raw pointers the kernels read. Numba frees a local array right
+    after its last use by name; the drivers below pass raw addresses to the kernels, so
+    without this call the activation buffers would be freed before the kernels read them
+    (and reused by another thread's allocation: garbage results under concurrency)."""
+    return len(arrays)
+
+
+# ------------------------------------------------------ activation quantizers
+# The generated (cached) functions below depend on intrinsics from simd.py,
+# whose changes numba's cache cannot see: each gets a name with a hash of
+# simd.py, see _jit().
+_SIMD_HASH = hashlib.sha1(Path(simd.__file__).read_bytes()).hexdigest()[:8]
+
+
+def _bind(intr) -> str:
+    """Make an intrinsic reachable from generated code under a unique global name."""
+    name = f"_k_{intr.kernel_name}_{_SIMD_HASH}"
+    globals()[name] = intr
+    return name
+
+
+def _jit(src: str, name: str, parallel: bool = False, **fields):
+    """Compile a template into a cached, module-level njit function named ``name``_<hash>.
+
+    Generated rather than written as closures: numba's on-disk cache keys a
+    function by module, name and bytecode and cannot tell closures over
+    different intrinsics apart (it pickles the closure cells, which differ
+    from run to run, so it would miss every time). The names spell out every
+    compile-time choice, so a changed tiling or simd.py never picks up a
+    stale cache entry.
+    """
+    # the source names the intrinsics it calls, whose names carry every
+    # compile-time choice: hash it into the function name (numba's cache key
+    # sees the bytecode, which does not contain global names)
+    body = src.format(name="{name}", **fields)
+    tag = hashlib.sha1((body + _SIMD_HASH).encode()).hexdigest()[:10]
+    name = f"{name}_{'par' if parallel else 'ser'}_{tag}"
+    if name not in globals():
+        code = compile(body.replace("{name}", name, 1), __file__, "exec")
+        exec(code, globals())
+        globals()[name].__module__ = __name__
+        globals()[name] = nb.njit(parallel=parallel, **_NOPY)(globals()[name])
+    return globals()[name]
+
+
+_QUANT_SRC = """
+def {name}(x, xq, xd, xs, xsum, with_s, sum_mul):
+    n, k = x.shape
+    nb_ = k // 32
+    xp = np.int64(x.ctypes.data)
+    qp = np.int64(xq.ctypes.data)
+    dp = np.int64(xd.ctypes.data)
+    sp = np.int64(xs.ctypes.data)
+    cp = np.int64(xsum.ctypes.data)
+    for i in range(n):
+        a = (xp + i * x.strides[0], nb_, qp + i * xq.strides[0], dp + i * xd.strides[0],
+             sp + i * xs.strides[0], cp + i * xsum.strides[0], sum_mul)
+        if xq.itemsize == 2:
+            if with_s:
+                {q16s}(*a)
+            else:
+                {q16}(*a)
+        else:
+            if with_s:
+                {q8s}(*a)
+            else:
+                {q8}(*a)
+"""
+quantize_q8 = _jit(_QUANT_SRC, "quantize_q8",
+                   q16s=_bind(quantize_row_kernel(True, True)), q16=_bind(quantize_row_kernel(True, False)),
+                   q8s=_bind(quantize_row_kernel(False, True)), q8=_bind(quantize_row_kernel(False, False)))
+quantize_q8.__doc__ = """ggml quantize_row_q8_0 / q8_1 (their x86 AVX and ARM NEON flavour) over each row of x (n, k).
+
+    x must have C-contiguous rows. xq (n, k) int8 or int16 quants, xd (n, k/32)
+    float32 fp16-rounded scales: d = amax/127, q = round_half_even(x * (127/amax));
+    xsum (n, k/32) int32 = sum_mul * sum(q) per block (the Q4_0 kernels' -8
+    offset correction); if with_s, xs (n, k/32) = fp16(d * sum(q)) (block_q8_1.s).
+    """
+
+
+_ROUND_SRC = """
+def {name}(x, out):
+    n, k = x.shape
+    for i in range(n):
+        for j in range(k):
+            out[i, j] = {f16}(x[i, j])
+"""
+round_f16 = _jit(_ROUND_SRC, "round_f16", f16=_bind(f32_to_f16_to_f32))
+round_f16.__doc__ = "out = float32(float16(x)) (ties to even), as ggml converts activations for F16 weights."
+
+
+@nb.njit(**_NOPY)
+def round_bf16(x, out):
+    """out = float32(bfloat16(x)): ggml_compute_fp32_to_bf16 (ties to even, NaN kept quiet)."""
+    n, k = x.shape
+    xi = x.reshape(n * k).view(np.uint32)
+    oi = out.reshape(n * k).view(np.uint32)
+    for t in range(n * k):
+        u = xi[t]
+        if (u & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000):
+            oi[t] = (u | np.uint32(0x00400000)) & np.uint32(0xFFFF0000)  # quiet NaN
+        else:
+            oi[t] = (u + (np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1)))) & np.uint32(0xFFFF0000)
+
+
+@nb.njit(**_NOPY)
+def quantize_q8_K(x, xq, xd, xb):
+    """ggml quantize_row_q8_K (the reference one, which x86 builds use) over each row of x (n, k).
+
+    Per 256: max = the x of largest |x| (first one), iscale = -127/max,
+    q = min(127, round_half_even(iscale * x)) int8 into xq (n, k),
+    d = 1/iscale (float32, not rounded to fp16) into xd (n, k/256), and the
+    sums of q per 32 into xb (n, k/32) int32 (block_q8_K.bsums, in pairs).
+    """
+    n, k = x.shape
+    for i in range(n):
+        for b in range(k // 256):
+            o = b * 256
+            amax = np.float32(0.0)
+            mx = np.float32(0.0)
+            for j in range(256):
+                a = abs(x[i, o + j])
+                if a > amax:
+                    amax = a
+                    mx = x[i, o + j]
+            if amax == 0:
+                xd[i, b] = 0
+                for j in range(256):
+                    xq[i, o + j] = 0
+                for g in range(8):
+                    xb[i, b * 8 + g] = 0
+                continue
+            iscale = np.float32(-127.0) / mx
+            for g in range(8):
+                sm = 0
+                for j in range(o + 32 * g, o + 32 * g + 32):
+                    v = min(127, np.int32(np.rint(iscale * x[i, j])))
+                    xq[i, j] = v
+                    sm += v
+                xb[i, b * 8 + g] = sm
+            xd[i, b] = np.float32(1.0) / iscale
+
+
+def quantize_activations(x: np.ndarray, act: str, act16: bool = False, sum_mul: int = 1):
+    """x (n, k) float32 -> (xq, xd, xs, xsum) as the kernels see them (for tests and tools).
+
+    The drivers do the same inside their single jitted call.
+    """
+    x = np.ascontiguousarray(x, np.float32)
+    n, k = x.shape
+    if act == "q8_K":
+        xq = np.empty((n, k), np.int8)
+        xd = np.empty((n, k // 256), np.float32)
+        xb = np.empty((n, k // 32), np.int32)
+        quantize_q8_K(x, xq, xd, xb)
+        return xq, xd, None, xb
+    if act in ("q8_0", "q8_1"):
+        xq = np.empty((n, k), np.int16 if act16 else np.int8)
+        xd = np.empty((n, k // QK), np.float32)
+        xsum = np.empty((n, k // QK), np.int32)
+        xs = np.empty((n, k // QK), np.float32) if act == "q8_1" else xd
+        quantize_q8(x, xq, xd, xs, xsum, act == "q8_1", sum_mul)
+        return xq, xd, xs, xsum
+    if act == "f16":
+        xr = np.empty_like(x)
+        round_f16(x, xr)
+    elif act == "bf16":
+        xr = np.empty_like(x)
+        round_bf16(x, xr)
+    else:
+        xr = x
+    return xr, xr, xr, None
+
+
+def _num_threads() -> int:
+    """numba.get_num_threads() without its per-call launch check (2 us -> 0.2 us)."""
+    global _num_threads
+    nb.get_num_threads()                 # launches the threading layer once
+    try:
+        from numba.np.ufunc.parallel import _get_num_threads as fast
+        fast()
+    except Exception:                    # pragma: no cover - private API moved
+        fast = nb.get_num_threads
+    _num_threads = fast
+    return fast()
+
+
+# ------------------------------------------------------------------ type table
+@dataclass(frozen=True)
+class Tiling:
+    """Shape of the work one native intrinsic call does (see simd.tile_kernel)."""
+
+    NR: int = 4          # weight rows per tile
+    NC: int = 4          # activation rows per tile
+    unroll: int = 1      # blocks per loop iteration, each into its own accumulators
+    act16: bool = False  # activations stored as int16 (pre-widened) instead of int8
+    wide: bool = False   # unpack nibbles to int16 lanes instead of int8
+
+    @property
+    def tag(self) -> str:
+        return f"{self.NR}x{self.NC}u{self.unroll}a{int(self.act16)}w{int(self.wide)}"
+
+
+@dataclass
+class _TypeInfo:
+    name: str
+    block: int            # elements per block (1 for the float types)
+    block_bytes: int
+    act: str              # q8_0 | q8_1 | q8_K | f16 | bf16 | f32
+    # native tiles for n == 1: one weight row at a time, two blocks per loop
+    # iteration into separate accumulators. Several rows at once (NR > 1) is
+    # faster on data in cache but slower from DRAM: on Zen 4 one sequential
+    # stream reads at ~26 GB/s, two interleaved streams at ~14 (benchmarks/bench_kernels.py)
+    gemv: Tiling = Tiling(1, 1, 2)
+    gemm: Tiling = Tiling(4, 4)      # native tiles for n > 1
+    repack: tuple | None = None      # (nscales, nchunks, qh bytes) of the row-interleaved layout
+    drivers: dict = field(default_factory=dict)
+
+
+_TYPES = {
+    Q4_0: _TypeInfo("Q4_0", 32, 18, "q8_0", repack=(1, 8, 0)),
+    Q4_1: _TypeInfo("Q4_1", 32, 20, "q8_1", repack=(2, 8, 0)),
+    Q5_0: _TypeInfo("Q5_0", 32, 22, "q8_0", repack=(1, 8, 4)),
+    Q5_1: _TypeInfo("Q5_1", 32, 24, "q8_1", repack=(2, 8, 4)),
+    Q8_0: _TypeInfo("Q8_0", 32, 34, "q8_0", repack=(1, 16, 0)),
+    Q4_K: _TypeInfo("Q4_K", 256, 144, "q8_K"),
+    Q6_K: _TypeInfo("Q6_K", 256, 210, "q8_K"),
+    F32: _TypeInfo("F32", 1, 4, "f32"),
+    F16: _TypeInfo("F16", 1, 2, "f16"),
+    BF16: _TypeInfo("BF16", 1, 2, "bf16"),
+}
+
+
+def _env_tiling(name, kind, default):
+    """TINYINFER_TILE_<TYPE>_<GEMV|GEMM>=NR,NC,unroll,act16,wide overrides (for benchmarks)."""
+    v = os.environ.get(f"TINYINFER_TILE_{name}_{kind}".upper())
+    if not v:
+        return default
+    f = [int(t) for t in v.split(",")]
+    return Tiling(f[0], f[1], f[2], bool(f[3]), bool(f[4]))
+
+
+for _i in _TYPES.values():
+    _i.gemv = _env_tiling(_i.name, "gemv", _i.gemv)
+    _i.gemm = _env_tiling(_i.name, "gemm", _i.gemm)
+    if _i.gemv.act16 != _i.gemm.act16:
+        raise ValueError(f"tilings of {_i.name}: gemv and gemm must agree on act16")
+
+SUPPORTED_TYPES = tuple(_TYPES)
+
+
+# -------------------------------------------------------------------- drivers
+# activation prep, inlined into each driver: x (n, k) -> xq, xd, xs, xc
+_PREP_Q8 = """
+    xq = np.empty((n, k), np.{qdtype})
+    xd = np.empty((n, k // 32), np.float32)
+    xc = np.empty((n, k // 32), np.int32)
+    xs = np.empty((n, k // 32), np.float32) if {with_s} else xd
+    {quant}(x, xq, xd, xs, xc, {with_s}, {sum_mul})"""
+_PREP_FLOAT = """
+    xq = np.empty((n, k), np.float32)
+    {round_fn}(x, xq)
+    xd = xq
+    xs = xq
+    xc = np.empty((1, 1), np.int32)"""
+_PREP_F32 = """
+    xq = x
+    xd = x
+    xs = x
+    xc = np.empty((1, 1), np.int32)"""
+
+_NATIVE_SRC = """
+def {name}(w, x, out):
+    n, k = x.shape
+{prep}
+    rows = w.shape[0]
+    nb_ = k // 32
+    ntail = k - nb_ * 32
+    ws = np.int64(w.strides[0])
+    wp = np.int64(w.ctypes.data)
+    xqs = np.int64(xq.strides[0])
+    xqp = np.int64(xq.ctypes.data)
+    xst = np.int64(xd.strides[0])
+    xdp = np.int64(xd.ctypes.data)
+    xsp = np.int64(xs.ctypes.data)
+    osd = np.int64(out.strides[0])
+    op = np.int64(out.ctypes.data)
+    if n == 1:
+        ntr = rows // {VR}
+        for t in prange(ntr):
+            r0 = t * {VR}
+            {t_vec}(wp + r0 * ws, ws, xqp, xqs, xdp, xsp, xst, nb_, ntail, op + r0 * 4, osd)
+        for r0 in range(ntr * {VR}, rows):
+            {t_one}(wp + r0 * ws, ws, xqp, xqs, xdp, xsp, xst, nb_, ntail, op + r0 * 4, osd)
+        _keep_alive(xq, xd, xs, xc)
+        return
+    ntr = rows // {NR}
+    nc_main = n - n % {NC}
+    for t in prange(ntr + (rows - ntr * {NR})):
+        if t < ntr:
+            r0 = t * {NR}
+            for c0 in range(0, nc_main, {NC}):
+                {t_main}(wp + r0 * ws, ws, xqp + c0 * xqs, xqs, xdp + c0 * xst, xsp + c0 * xst, xst,
+                         nb_, ntail, op + c0 * osd + r0 * 4, osd)
+            for c0 in range(nc_main, n):
+                {t_col}(wp + r0 * ws, ws, xqp + c0 * xqs, xqs, xdp + c0 * xst, xsp + c0 * xst, xst,
+                        nb_, ntail, op + c0 * osd + r0 * 4, osd)
+        else:
+            r0 = ntr * {NR} + (t - ntr)
+            for c0 in range(0, nc_main, {NC}):
+                {t_row}(wp + r0 * ws, ws, xqp + c0 * xqs, xqs, xdp + c0 * xst, xsp + c0 * xst, xst,
+                        nb_, ntail, op + c0 * osd + r0 * 4, osd)
+            for c0 in range(nc_main, n):
+                {t_one}(wp + r0 * ws, ws, xqp + c0 * xqs, xqs, xdp + c0 * xst, xsp + c0 * xst, xst,
+                        nb_, ntail, op + c0 * osd + r0 * 4, osd)
+    _keep_alive(xq, xd, xs, xc)
+"""
+
+_KNATIVE_SRC = """
+def {name}(w, x, out):
+    n, k = x.shape
+    xq = np.empty((n, k), np.int8)
+    xd = np.empty((n, k // 256), np.float32)
+    xb = np.empty((n, k // 32), np.int32)
+    quantize_q8_K(x, xq, xd, xb)
+    rows = w.shape[0]
+    nb_ = k // 256
+    ws = np.int64(w.strides[0])
+    wp = np.int64(w.ctypes.data)
+    xqs = np.int64(xq.strides[0])
+    xqp = np.int64(xq.ctypes.data)
+    xds = np.int64(xd.strides[0])
+    xdp = np.int64(xd.ctypes.data)
+    xbs = np.int64(xb.strides[0])
+    xbp = np.int64(xb.ctypes.data)
+    osd = np.int64(out.strides[0])
+    op = np.int64(out.ctypes.data)
+    if n == 1:
+        ntr = rows // {VR}
+        for t in prange(ntr):
+            r0 = t * {VR}
+            {t_vec}(wp + r0 * ws, ws, xqp, xqs, xdp, xds, xbp, xbs, nb_, op + r0 * 4, osd)
+        for r0 in range(ntr * {VR}, rows):
+            {t_one}(wp + r0 * ws, ws, xqp, xqs, xdp, xds, xbp, xbs, nb_, op + r0 * 4, osd)
+        _keep_alive(xq, xd, xb)
+        return
+    ntr = rows // {NR}
+    nc_main = n - n % {NC}
+    for t in prange(ntr + (rows - ntr * {NR})):
+        if t < ntr:
+            r0 = t * {NR}
+            for c0 in range(0, nc_main, {NC}):
+                {t_main}(wp + r0 * ws, ws, xqp + c0 * xqs, xqs, xdp + c0 * xds, xds, xbp + c0 * xbs, xbs,
+                         nb_, op + c0 * osd + r0 * 4, osd)
+            for c0 in range(nc_main, n):
+                {t_col}(wp + r0 * ws, ws, xqp + c0 * xqs, xqs, xdp + c0 * xds, xds, xbp + c0 * xbs, xbs,
+                        nb_, op + c0 * osd + r0 * 4, osd)
+        else:
+            r0 = ntr * {NR} + (t - ntr)
+            for c0 in range(0, nc_main, {NC}):
+                {t_row}(wp + r0 * ws, ws, xqp + c0 * xqs, xqs, xdp + c0 * xds, xds, xbp + c0 * xbs, xbs,
+                        nb_, op + c0 * osd + r0 * 4, osd)
+            for c0 in range(nc_main, n):
+                {t_one}(wp + r0 * ws, ws, xqp + c0 * xqs, xqs, xdp + c0 * xds, xds, xbp + c0 * xbs, xbs,
+                        nb_, op + c0 * osd + r0 * 4, osd)
+    _keep_alive(xq, xd, xb)
+"""
+
+_PACKED_SRC = """
+def {name}(wr, wt, x, out):
+    n, k = x.shape
+{prep}
+    ng = wr.shape[0]
+    nb_ = k // 32
+    wp = np.int64(wr.ctypes.data)
+    gs = np.int64(wr.strides[0])
+    xqp = np.int64(xq.ctypes.data)
+    xqs = np.int64(xq.strides[0])
+    xdp = np.int64(xd.ctypes.data)
+    xsp = np.int64(xs.ctypes.data)
+    xcp = np.int64(xc.ctypes.data)
+    xst = np.int64(xd.strides[0])
+    op = np.int64(out.ctypes.data)
+    osd = np.int64(out.strides[0])
+    nc_main = n - n % {NC}
+    for g in prange(ng):
+        gp = wp + g * gs
+        o = op + g * {GB}
+        for c0 in range(0, nc_main, {NC}):
+            {t_main}(gp, nb_, xqp + c0 * xqs, xqs, xdp + c0 * xst, xsp + c0 * xst, xcp + c0 * xst, xst,
+                     o + c0 * osd, osd)
+        for c0 in range(nc_main, n):
+            {t_one}(gp, nb_, xqp + c0 * xqs, xqs, xdp + c0 * xst, xsp + c0 * xst, xcp + c0 * xst, xst,
+                    o + c0 * osd, osd)
+    # rows after the last full group: native kernels on the original layout
+    tp = np.int64(wt.ctypes.data)
+    ts = np.int64(wt.strides[0])
+    ot = op + ng * {GB}
+    for r in range(wt.shape[0]):
+        for c0 in range(0, nc_main, {NC}):
+            {tail_main}(tp + r * ts, ts, xqp + c0 * xqs, xqs, xdp + c0 * xst, xsp + c0 * xst, xst,
+                        nb_, 0, ot + c0 * osd + r * 4, osd)
+        for c0 in range(nc_main, n):
+            {tail_one}(tp + r * ts, ts, xqp + c0 * xqs, xqs, xdp + c0 * xst, xsp + c0 * xst, xst,
+                       nb_, 0, ot + c0 * osd + r * 4, osd)
+    _keep_alive(xq, xd, xs, xc)
+"""
+
+
+def _prep(info: _TypeInfo, act16: bool, sum_mul: int) -> str:
+    if info.act in ("q8_0", "q8_1"):
+        return _PREP_Q8.format(qdtype="int16" if act16 else "int8", with_s=info.act == "q8_1", sum_mul=sum_mul,
+                               quant=quantize_q8.py_func.__name__)
+    if info.act == "f32":
+        return _PREP_F32
+    return _PREP_FLOAT.format(round_fn=round_f16.py_func.__name__ if info.act == "f16" else "round_bf16")
+
+
+def _make_native(info: _TypeInfo, parallel: bool):
+    v, m = info.gemv, info.gemm
+    f = info.name
+    if info.act == "q8_K":
+        def kt(NR, NC):
+            return _bind(ktile_kernel(f, NR, NC))
+
+        return _jit(_KNATIVE_SRC, f"_knative_{f}_{v.NR}_{m.NR}x{m.NC}", parallel, VR=v.NR, NR=m.NR, NC=m.NC,
+                    t_vec=kt(v.NR, 1), t_one=kt(1, 1), t_main=kt(m.NR, m.NC), t_col=kt(m.NR, 1),
+                    t_row=kt(1, m.NC))
+
+    def tile(NR, NC, t):
+        return _bind(tile_kernel(f, NR, NC, unroll=t.unroll, act16=t.act16, wide=t.wide))
+
+    return _jit(_NATIVE_SRC, f"_native_{f}_{v.tag}_{m.tag}", parallel, prep=_prep(info, m.act16, 1),
+                VR=v.NR, NR=m.NR, NC=m.NC,
+                t_vec=tile(v.NR, 1, v), t_one=tile(1, 1, v),
+                t_main=tile(m.NR, m.NC, m), t_col=tile(m.NR, 1, m), t_row=tile(1, m.NC, m))
+
+
+def _make_packed(info: _TypeInfo, parallel: bool):
+    f = info.name
+    fmt = INTERLEAVED[f]
+    NC, ch = IGEMM_NC, IGEMM_CHAINS
+    return _jit(_PACKED_SRC, f"_packed_{f}_g{GROUP}_x{NC}_c{ch}", parallel,
+                prep=_prep(info, True, -fmt.offset), NC=NC, GB=GROUP * 4,
+                t_main=_bind(interleaved_kernel(f, NC, ch)), t_one=_bind(interleaved_kernel(f, 1, ch)),
+                tail_main=_bind(tile_kernel(f, 1, NC, act16=True)),
+                tail_one=_bind(tile_kernel(f, 1, 1, act16=True)))
+
+
+def _driver(info: _TypeInfo, packed: bool, parallel: bool):
+    key = (packed, parallel)
+    d = info.drivers.get(key)
+    if d is None:
+        d = info.drivers[key] = (_make_packed if packed else _make_native)(info, parallel)
+    return d
+
+
+@nb.njit(parallel=True, **_NOPY)
+def _repack_x16(w16, block_u16, nscales, nchunks, qh_bytes, out16):
+    """Native blocks -> row-interleaved groups of 16 rows (see simd.Interleaved), in uint16 units.
+
+    w16: the weight rows viewed as uint16 (rows, nb*block_u16) (every field of
+    the legacy blocks is 2-byte aligned); out16 (rows//16, nb, 16*nscales +
+    8*qh_bytes + 16*nchunks). Per block: the 16 rows' fp16 scales (d, then m);
+    for Q5 formats 16 u32 masks (mask j bit 2r+t = row r's 5th bit of element
+    2j+t); then pair chunks: chunk j holds row r's quant bytes 2j, 2j+1 at
+    uint16 16j + r. Each row is read once, front to back.
+    """
+    ng, nb_, bb = out16.shape
+    mo = 16 * nscales                    # masks offset (uint16 units)
+    qo = mo + 8 * qh_bytes               # chunks offset
+    for g in prange(ng):
+        for r in range(16):
+            row = g * 16 + r
+            for b in range(nb_):
+                src = b * block_u16
+                for sc in range(nscales):
+                    out16[g, b, 16 * sc + r] = w16[row, src + sc]
+                q0 = src + nscales
+                if qh_bytes:
+                    # this row's 32 fifth bits -> bit 2r+t of mask j (e = 2j + t)
+                    qh = np.uint32(w16[row, q0]) | (np.uint32(w16[row, q0 + 1]) << np.uint32(16))
+                    for j in range(16):
+                        bits = np.uint16((qh >> np.uint32(2 * j)) & np.uint32(3))
+                        if bits:
+                            hw = mo + 2 * j + (r >> 3)            # the uint16 holding bits 2r, 2r+1
+                            out16[g, b, hw] |= bits << np.uint16(2 * (r & 7))
+                    q0 += 2
+                for j in range(nchunks):
+                    out16[g, b, qo + 16 * j + r] = w16[row, q0 + j]
+
+
+# ---------------------------------------------------------------- public API
+@dataclass
+class PreparedWeight:
+    """A weight matrix ready for :func:`matmul`.
+
+    ``w`` is the caller's (zero-copy) view. For types with a row-interleaved
+    kernel, ``packed`` holds the first ``rows - rows % 16`` rows repacked (a
+    copy of the same size) and the remaining rows are read from ``w``.
+    """
+
+    w: np.ndarray        # uint8 (rows, row_bytes)
+    ggml_type: int
+    k: int
+    rows: int
+    info: _TypeInfo
+    packed: np.ndarray | None = None   # uint8 (rows // 16, nb, group_block_bytes)
+    tail: np.ndarray | None = None     # w[rows - rows % 16:] when packed
+
+    @property
+    def type_name(self) -> str:
+        return self.info.name
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of weight data one call streams."""
+        return self.rows * self.w.shape[1]
+
+    def __repr__(self):
+        how = "repacked x16" if self.packed is not None else "native"
+        return f"PreparedWeight({self.info.name}, rows={self.rows}, k={self.k}, {how})"
+
+
+def type_name(ggml_type: int) -> str:
+    info = _TYPES.get(ggml_type)
+    return info.name if info else f"ggml type {ggml_type}"
+
+
+def prepare(w_raw: np.ndarray, ggml_type: int, k: int, repack: bool | None = None) -> PreparedWeight:
+    """Check a weight matrix and wrap it for :func:`matmul`.
+
+    ``w_raw``: uint8 array (rows, row_bytes), each row one output feature of
+    ``k`` inputs in ggml's block layout (a 1-D buffer is split into rows).
+    ``repack`` (default: module setting REPACK) builds the row-interleaved
+    copy for Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 matrices of at least 16 rows; otherwise the
+    data is used in place.
+    """
+    info = _TYPES.get(int(ggml_type))
+    if info is None:
+        raise ValueError(f"matmul: unsupported weight type {type_name(ggml_type)} "
+                         f"(supported: {', '.join(t.name for t in _TYPES.values())})")
+    k = int(k)
+    if k <= 0 or k % info.block:
+        raise ValueError(f"matmul: k={k} is not a positive multiple of the {info.name} block size {info.block}")
+    row_bytes = k // info.block * info.block_bytes
+    w = np.asarray(w_raw)
+    if w.dtype != np.uint8:
+        raise ValueError(f"matmul: weight data must be uint8 bytes, got {w.dtype}")
+    if w.ndim == 1:
+        if w.size % row_bytes:
+            raise ValueError(f"matmul: {w.size} bytes is not a whole number of {info.name} rows "
+                             f"of k={k} ({row_bytes} bytes)")
+        w = w.reshape(-1, row_bytes)
+    if w.ndim != 2 or w.shape[1] != row_bytes:
+        raise ValueError(f"matmul: {info.name} weight of k={k} needs rows of {row_bytes} bytes, got shape {w.shape}")
+    if w.shape[0] == 0:
+        raise ValueError("matmul: weight has no rows")
+    if w.strides[1] != 1 or w.strides[0] < row_bytes:
+        w = np.ascontiguousarray(w)
+    pw = PreparedWeight(w, int(ggml_type), k, w.shape[0], info)
+    if (REPACK if repack is None else repack) and info.repack and w.shape[0] >= GROUP:
+        nsc, nch, nqh = info.repack
+        ng = w.shape[0] // GROUP
+        bb = 32 * nsc + 16 * nqh + 32 * nch
+        packed = (np.zeros if nqh else np.empty)((ng, k // QK, bb), np.uint8)
+        w16 = w[: ng * GROUP]
+        if w16.strides[0] % 2 or w16.ctypes.data % 2:
+            w16 = np.ascontiguousarray(w16)
+        _repack_x16(w16.view(np.uint16), info.block_bytes // 2, nsc, nch, nqh, packed.view(np.uint16))
+        pw.packed = packed
+        pw.tail = w[ng * GROUP:]
+    return pw
+
+
+def matmul(pw: PreparedWeight, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """y = x @ W.T for x float32 (n, k) (a 1-D x is one row); returns float32 (n, rows).
+
+    ``out``, if given, must be a writeable C-contiguous float32 (n, rows) array
+    that does not overlap x. The jitted code releases the GIL.
+    """
+    if type(pw) is not PreparedWeight:
+        raise TypeError("matmul: pass the object returned by prepare()")
+    if type(x) is not np.ndarray or x.ndim != 2 or x.dtype != np.float32 or not x.flags.c_contiguous:
+        x = np.asarray(x)
+        if x.ndim == 1:
+            x = x.reshape(1, -1)
+        if x.ndim != 2 or x.dtype != np.float32:
+            raise ValueError(f"matmul: x must be a float32 array of shape (n, {pw.k}), got {x.dtype} {x.shape}")
+        x = np.ascontiguousarray(x)
+    n, k = x.shape
+    if k != pw.k:
+        raise ValueError(f"matmul: x must have shape (n, {pw.k}) for this {pw.info.name} weight, got {x.shape}")
+    if out is None:
+        out = np.empty((n, pw.rows), np.float32)
+    elif (type(out) is not np.ndarray or out.shape != (n, pw.rows) or out.dtype != np.float32
+          or not out.flags.c_contiguous or not out.flags.writeable):
+        raise ValueError(f"matmul: out must be a writeable C-contiguous float32 array of shape {(n, pw.rows)}")
+    elif np.may_share_memory(out, x):
+        raise ValueError("matmul: out must not overlap x")
+    if n == 0:
+        return out
+    parallel = pw.nbytes * max(1, n >> 2) >= PARALLEL_MIN_BYTES and _num_threads() > 1
+    if pw.packed is not None:
+        _driver(pw.info, True, parallel)(pw.packed, pw.tail, x, out)
+    else:
+        _driver(pw.info, False, parallel)(pw.w, x, out)
+    return out

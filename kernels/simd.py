@@ -1,0 +1,994 @@
+"""Explicit SIMD for numba: LLVM generic vector IR emitted through ``@intrinsic``.
+
+numba's own loops over int8 data stay scalar or use 64-bit lanes (see
+DESIGN.md), so the inner loops of the quantized matmul are written here as
+LLVM IR with llvmlite: a whole tile of the output (NR weight rows x NC
+activation rows, all blocks of k) is one intrinsic call. Only generic IR is
+used (vector types, ``sext``/``mul``/``shufflevector``/``fptrunc``/``freeze``,
+``llvm.vector.reduce.*``, ``llvm.vector.partial.reduce.add``,
+``llvm.roundeven``), no target intrinsic names, so the same Python compiles
+for x86 (AVX2 / AVX-512) and aarch64 (NEON, ``sdot`` with +dotprod).
+
+Kernel families (entry points used by matmul.py):
+
+* :func:`interleaved_kernel` -- weights repacked in groups of 16 rows
+  (:class:`Interleaved`): lane r of every vector belongs to row r, so 16
+  outputs come out of one vector with no horizontal sums. Quants are
+  unpacked to int16 *pairs* (elements 2j, 2j+1 of each row side by side)
+  and multiplied with the activation pair broadcast from memory; the
+  even + odd lane sum is matched by LLVM as x86 ``vpmaddwd``, and
+  ``add(acc, that)`` as ``vpdpwssd`` (AVX-512 VNNI) with an embedded
+  ``{1to16}`` broadcast operand. Zen 4, Q4_0: 74 instructions per block of
+  16 rows x 32 (288 bytes). On NEON the same IR is smull + uzp shuffles with
+  spills (~10x more), so matmul.py only repacks on x86-64.
+* :func:`tile_kernel` -- the native (zero-copy) block layouts, every type.
+  Per (row, activation row, block): a <W x i32> partial dot product, converted
+  to float and fused-multiply-added with the block's scale into a float
+  accumulator; one horizontal sum per output at the end. x86: the pairs
+  pattern (``vpmovsxbw`` + ``vpmaddwd``); aarch64: ``partial.reduce.add``
+  into 4 lanes, which is ``sdot`` on cortex-a76 (the lane grouping of
+  partial.reduce is unspecified, harmless here because all lanes of a block
+  get the same scale).
+* :func:`ktile_kernel` -- Q4_K / Q6_K super-blocks against Q8_K activations.
+* :func:`quantize_row_kernel` -- ggml's quantize_row_q8_0/q8_1, vectorized.
+
+Lessons from the assembly (``benchmarks/bench_kernels.py --asm`` and
+``--arm-asm``, which cross-compiles for cortex-a76/a72):
+
+* LLVM's reassociate pass merges independent integer accumulation chains
+  into one serial chain of ``vpdpwssd`` (5-cycle latency each): ``freeze``
+  on each partial sum keeps them apart (Q4_0 n=1 in L2: 20 -> 28 GB/s).
+* known-non-negative values (nibbles) get their ``sext`` turned into
+  ``zext``, which breaks both the ``vpmaddwd`` and the ``sdot`` patterns:
+  ``freeze`` the scaled values (Q4_K x86), or dot ``q - 8`` and correct with
+  the activation sums (Q4_K aarch64).
+* max |x| of the activation blocks through the integer bit patterns
+  (``reduce.umax``) instead of ``reduce.fmax``, which LLVM scalarizes.
+* the Q5 fifth bits: ``bitcast i32 -> <32 x i1>`` is ``kmovd`` + a masked op
+  on AVX-512 but a long expansion on NEON, where a byte spread + ``cmtst``
+  is used instead.
+
+Everything here is compile-time Python that builds IR; nothing runs per call.
+Pointers are passed as integers (``arr.ctypes.data`` in the jitted caller):
+the caller validates every shape before calling, the IR does no bounds checks.
+Every intrinsic carries a ``kernel_name`` that spells out all its compile-time
+choices (matmul.py uses it to keep numba's on-disk cache honest).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import platform
+from functools import lru_cache
+
+import llvmlite.binding as llvm
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+I1 = ir.IntType(1)
+I8 = ir.IntType(8)
+I16 = ir.IntType(16)
+I32 = ir.IntType(32)
+I64 = ir.IntType(64)
+F16 = ir.HalfType()
+F32 = ir.FloatType()
+P8 = I8.as_pointer()
+
+
+def vec(t, n):
+    return ir.VectorType(t, n)
+
+
+def c64(v):
+    return ir.Constant(I64, v)
+
+
+def c32(v):
+    return ir.Constant(I32, v)
+
+
+def _host_vector_bits() -> int:
+    """Width of the host's vector registers: picks tile accumulator widths only."""
+    try:
+        feats = llvm.get_host_cpu_features()
+        if feats.get("avx512f", False) and feats.get("avx512bw", False):
+            return 512
+        if feats.get("avx2", False):
+            return 256
+    except Exception:  # pragma: no cover - exotic hosts
+        pass
+    return 128
+
+
+VECTOR_BITS = _host_vector_bits()
+# software prefetch distance (bytes ahead in each weight row; 0 = off): an
+# experiment for multi-row native tiles, whose several concurrent streams the
+# hardware prefetchers follow poorly; it did not help on Zen 4 (single-row
+# tiles do), so it is off
+PREFETCH = int(os.environ.get("TINYINFER_PREFETCH", 0))
+PREFETCH_PACKED = int(os.environ.get("TINYINFER_PREFETCH_PACKED", 0))
+# aarch64: block dot products as llvm.vector.partial.reduce.add (sdot with
+# +dotprod, e.g. cortex-a76); elsewhere as pairwise sums (x86 vpmaddwd).
+# Overridable for cross-compiling experiments (benchmarks/bench_kernels.py --arm-asm).
+PARTIAL_REDUCE = os.environ.get("TINYINFER_PARTIAL_REDUCE",
+                                str(int(platform.machine().lower() in ("aarch64", "arm64")))) == "1"
+# float lanes per accumulator: one register on this machine
+ACC_LANES = {512: 16, 256: 8}.get(VECTOR_BITS, 4)
+
+
+# ---------------------------------------------------------------- IR helpers
+def _intrinsic_call(b, name, ret, args):
+    """Call an LLVM generic intrinsic (llvm.vector.reduce.*, llvm.roundeven.*, ...)."""
+    fn = cgutils.get_or_insert_function(b.module, ir.FunctionType(ret, [a.type for a in args]), name)
+    return b.call(fn, args)
+
+
+class Emitter:
+    """Small wrapper over an llvmlite IRBuilder with the vector idioms we need."""
+
+    def __init__(self, builder: ir.IRBuilder):
+        self.b = builder
+
+    # --- memory
+    def ptr(self, base, off):
+        """i8* base + byte offset (i64)."""
+        return self.b.gep(base, [off])
+
+    def load(self, base, off, ty, align=1):
+        p = self.b.bitcast(self.ptr(base, off), ty.as_pointer())
+        return self.b.load(p, align=align)
+
+    def store(self, val, base, off, align=1):
+        p = self.b.bitcast(self.ptr(base, off), val.type.as_pointer())
+        self.b.store(val, p, align=align)
+
+    def prefetch(self, base, off):
+        """llvm.prefetch (read, keep in all cache levels): prefetcht0 / prfm pldl1keep. Never faults."""
+        p = self.ptr(base, off)
+        fn = cgutils.get_or_insert_function(
+            self.b.module, ir.FunctionType(ir.VoidType(), [P8, I32, I32, I32]), "llvm.prefetch.p0")
+        self.b.call(fn, [p, c32(0), c32(3), c32(1)])
+
+    def load_f16(self, base, off):
+        return self.b.fpext(self.load(base, off, F16), F32)
+
+    # --- vectors
+    def splat(self, v, n):
+        vt = vec(v.type, n)
+        u = self.b.insert_element(ir.Constant(vt, ir.Undefined), v, c32(0))
+        return self.b.shuffle_vector(u, ir.Constant(vt, ir.Undefined), ir.Constant(vec(I32, n), [0] * n))
+
+    def const_vec(self, t, n, value):
+        return ir.Constant(vec(t, n), [value] * n)
+
+    def shuffle(self, a, b, idx):
+        if b is None:
+            b = ir.Constant(a.type, ir.Undefined)
+        return self.b.shuffle_vector(a, b, ir.Constant(vec(I32, len(idx)), list(idx)))
+
+    def concat(self, a, b):
+        n = a.type.count
+        return self.shuffle(a, b, range(2 * n))
+
+    def half(self, v, hi):
+        n = v.type.count // 2
+        return self.shuffle(v, None, range(n * hi, n * hi + n))
+
+    def fold_add(self, v, lanes, fp=False):
+        """Add the halves of v until it has ``lanes`` lanes (lane i keeps sum of i mod lanes)."""
+        add = (lambda a, b: self.b.fadd(a, b, flags=("reassoc", "contract"))) if fp else self.b.add
+        while v.type.count > lanes:
+            v = add(self.half(v, 0), self.half(v, 1))
+        return v
+
+    def reduce_fadd(self, v):
+        n = v.type.count
+        fn = cgutils.get_or_insert_function(
+            self.b.module, ir.FunctionType(F32, [F32, v.type]), f"llvm.vector.reduce.fadd.v{n}f32"
+        )
+        return self.b.call(fn, [ir.Constant(F32, 0.0), v], fastmath=("reassoc",))
+
+    def dot_pairs(self, a, b):
+        """<2n x iX> a, b (signed) -> <n x i32>: lane i = a[2i]*b[2i] + a[2i+1]*b[2i+1].
+
+        LLVM matches this as vpmaddwd on x86 when the inputs are <= 16-bit values.
+        """
+        n2 = a.type.count
+        t32 = vec(I32, n2)
+        a32 = a if a.type.element == I32 else self.b.sext(a, t32)
+        b32 = b if b.type.element == I32 else self.b.sext(b, t32)
+        p = self.b.mul(a32, b32, flags=("nsw",))
+        ev = self.shuffle(p, None, range(0, n2, 2))
+        od = self.shuffle(p, None, range(1, n2, 2))
+        return self.b.add(ev, od, flags=("nsw",))
+
+    def freeze(self, v):
+        """LLVM ``freeze``: an identity that optimizers do not look through.
+
+        Used to keep independent accumulation chains apart: LLVM's reassociate
+        pass would otherwise merge them into one serial chain of multiply-adds.
+        """
+        ins = _Freeze(self.b.block, v.type, "freeze", [v])
+        self.b._insert(ins)
+        return ins
+
+    def dot_block(self, a, b, lanes):
+        """Signed dot product of two <32 x i8|i16> vectors as a <lanes x i32> whose lanes sum to it.
+
+        Which products land in which lane is unspecified: use only where the
+        lanes are summed later with the same weight (one block, one scale).
+        """
+        if PARTIAL_REDUCE and lanes == 4:
+            n = a.type.count
+            t32 = vec(I32, n)
+            p = self.b.mul(self.b.sext(a, t32), self.b.sext(b, t32), flags=("nsw",))
+            return _intrinsic_call(self.b, f"llvm.vector.partial.reduce.add.v4i32.v{n}i32", vec(I32, 4),
+                                   [ir.Constant(vec(I32, 4), None), p])
+        return self.fold_add(self.dot_pairs(a, b), lanes)
+
+    def fmul(self, a, b):
+        return self.b.fmul(a, b, flags=("contract",))
+
+    def fadd(self, a, b):
+        return self.b.fadd(a, b, flags=("contract",))
+
+    def fma(self, a, b, c):
+        """a*b + c with contraction allowed (LLVM emits an fma where the target has one)."""
+        return self.fadd(self.fmul(a, b), c)
+
+
+class _Freeze(ir.instructions.Instruction):
+    def descr(self, buf):
+        v = self.operands[0]
+        buf.append(f"freeze {v.type} {v.get_reference()}\n")
+
+
+def counted_loop(b: ir.IRBuilder, n, inits, body, step=1):
+    """for i in range(0, n, step): vals = body(i, vals) -- as IR with phi nodes.
+
+    ``n`` must be a multiple of ``step`` (the caller splits off remainders).
+    Returns the final values.
+    """
+    pre = b.block
+    loop = b.append_basic_block("loop")
+    done = b.append_basic_block("done")
+    zero = c64(0)
+    b.cbranch(b.icmp_signed(">", n, zero), loop, done)
+    b.position_at_end(loop)
+    i = b.phi(I64)
+    phis = [b.phi(v.type) for v in inits]
+    i.add_incoming(zero, pre)
+    for p, v in zip(phis, inits):
+        p.add_incoming(v, pre)
+    new = body(i, phis)
+    inext = b.add(i, c64(step))
+    end = b.block
+    i.add_incoming(inext, end)
+    for p, v in zip(phis, new):
+        p.add_incoming(v, end)
+    b.cbranch(b.icmp_signed("<", inext, n), loop, done)
+    b.position_at_end(done)
+    out = []
+    for v, nv in zip(inits, new):
+        r = b.phi(v.type)
+        r.add_incoming(v, pre)
+        r.add_incoming(nv, end)
+        out.append(r)
+    return out
+
+
+# ------------------------------------------------------- weight block formats
+class WeightFormat:
+    """How one 32-element block of a weight row is decoded in IR.
+
+    ``decode`` returns (q, scales): q is <32 x i8> (or <32 x float> for float
+    formats) in element order; scales is a dict with 'd' (and 'm' for the
+    affine formats) as float scalars.
+    """
+
+    name = ""
+    block_bytes = 0
+    act = "q8_0"      # activation (vec_dot) format: q8_0, q8_1 or float
+    integer = True
+
+    def decode(self, e: Emitter, wp, off, wide=False):
+        raise NotImplementedError
+
+
+def _nibbles(e: Emitter, wp, off, wide=False):
+    """16 bytes -> <32 x i8> (<32 x i16> if wide): low nibbles are elements 0..15, high nibbles 16..31."""
+    qs = e.load(wp, off, vec(I8, 16))
+    t = I8
+    if wide:
+        t = I16
+        qs = e.b.zext(qs, vec(I16, 16))
+    lo = e.b.and_(qs, e.const_vec(t, 16, 0x0F))
+    hi = e.b.lshr(qs, e.const_vec(t, 16, 4))
+    return e.concat(lo, hi)
+
+
+def _high_bits(e: Emitter, wp, off, wide=False):
+    """4 bytes (little-endian u32) -> <32 x i8> (i16) with bit j of the word as 0x10 in lane j."""
+    t = I16 if wide else I8
+    if PARTIAL_REDUCE:
+        # NEON: no mask registers; spread the 4 bytes over 32 lanes and test
+        # one bit per lane (dup/tbl + cmtst) instead of expanding an i1 vector
+        qh = e.load(wp, off, vec(I8, 4))
+        spread = e.shuffle(qh, None, [j // 8 for j in range(32)])
+        bit = ir.Constant(vec(I8, 32), [1 << (j % 8) for j in range(32)])
+        bits = e.b.icmp_unsigned("!=", e.b.and_(spread, bit), ir.Constant(vec(I8, 32), None))
+    else:
+        bits = e.b.bitcast(e.load(wp, off, I32), vec(I1, 32))
+    return e.b.shl(e.b.zext(bits, vec(t, 32)), e.const_vec(t, 32, 4))
+
+
+class Q4_0(WeightFormat):
+    name, block_bytes = "Q4_0", 18
+
+    def decode(self, e, wp, off, wide=False):
+        d = e.load_f16(wp, off)
+        q = _nibbles(e, wp, e.b.add(off, c64(2)), wide)
+        q = e.b.sub(q, e.const_vec(q.type.element, 32, 8))
+        return q, {"d": d}
+
+
+class Q4_1(WeightFormat):
+    name, block_bytes, act = "Q4_1", 20, "q8_1"
+
+    def decode(self, e, wp, off, wide=False):
+        d = e.load_f16(wp, off)
+        m = e.load_f16(wp, e.b.add(off, c64(2)))
+        q = _nibbles(e, wp, e.b.add(off, c64(4)), wide)
+        return q, {"d": d, "m": m}
+
+
+class Q5_0(WeightFormat):
+    name, block_bytes = "Q5_0", 22
+
+    def decode(self, e, wp, off, wide=False):
+        d = e.load_f16(wp, off)
+        h = _high_bits(e, wp, e.b.add(off, c64(2)), wide)
+        q = e.b.or_(_nibbles(e, wp, e.b.add(off, c64(6)), wide), h)
+        return e.b.sub(q, e.const_vec(q.type.element, 32, 16)), {"d": d}
+
+
+class Q5_1(WeightFormat):
+    name, block_bytes, act = "Q5_1", 24, "q8_1"
+
+    def decode(self, e, wp, off, wide=False):
+        d = e.load_f16(wp, off)
+        m = e.load_f16(wp, e.b.add(off, c64(2)))
+        h = _high_bits(e, wp, e.b.add(off, c64(4)), wide)
+        q = e.b.or_(_nibbles(e, wp, e.b.add(off, c64(8)), wide), h)
+        return q, {"d": d, "m": m}
+
+
+class Q8_0(WeightFormat):
+    name, block_bytes = "Q8_0", 34
+
+    def decode(self, e, wp, off, wide=False):
+        d = e.load_f16(wp, off)
+        q = e.load(wp, e.b.add(off, c64(2)), vec(I8, 32))
+        return q, {"d": d}
+
+
+class F32W(WeightFormat):
+    name, block_bytes, act, integer = "F32", 128, "float", False
+
+    def decode(self, e, wp, off, wide=False):
+        return e.load(wp, off, vec(F32, 32)), {}
+
+    def decode_scalar(self, e, wp, off):
+        return e.load(wp, off, F32)
+
+
+class F16W(WeightFormat):
+    name, block_bytes, act, integer = "F16", 64, "float", False
+
+    def decode(self, e, wp, off, wide=False):
+        return e.b.fpext(e.load(wp, off, vec(F16, 32)), vec(F32, 32)), {}
+
+    def decode_scalar(self, e, wp, off):
+        return e.load_f16(wp, off)
+
+
+class BF16W(WeightFormat):
+    name, block_bytes, act, integer = "BF16", 64, "float", False
+
+    def decode(self, e, wp, off, wide=False):
+        raw = e.load(wp, off, vec(I16, 32))
+        w = e.b.shl(e.b.zext(raw, vec(I32, 32)), e.const_vec(I32, 32, 16))
+        return e.b.bitcast(w, vec(F32, 32)), {}
+
+    def decode_scalar(self, e, wp, off):
+        w = e.b.shl(e.b.zext(e.load(wp, off, I16), I32), c32(16))
+        return e.b.bitcast(w, F32)
+
+
+FORMATS = {f.name: f for f in (Q4_0(), Q4_1(), Q5_0(), Q5_1(), Q8_0(), F32W(), F16W(), BF16W())}
+
+
+# ------------------------------------------------------------- tile kernels
+@lru_cache(maxsize=None)
+def tile_kernel(fmt_name: str, NR: int, NC: int, lanes: int = 0, unroll: int = 1,
+                act16: bool = False, wide: bool = False):
+    """An intrinsic computing an NR x NC tile of out = x @ W.T over ``nb`` blocks of 32.
+
+    Signature (all int64; pointers are addresses of C-contiguous arrays)::
+
+        tile(w, w_stride, xq, xq_stride, xd, xs, x_stride, nb, ntail, out, out_stride)
+
+    * ``w``: address of weight row r0; row r is at ``w + r*w_stride`` bytes.
+    * integer formats: ``xq`` int8 activations (row c at ``xq + c*xq_stride``),
+      ``xd`` float32 block scales (fp16-rounded) and ``xs`` float32 block
+      sums d*sum(q) (Q8_1 formats only), both with ``x_stride`` bytes per
+      activation row.
+      float formats: ``xq`` float32 activations, ``xd``/``xs`` unused, and
+      ``ntail`` more elements after the ``nb`` blocks (k % 32) summed by a
+      scalar loop.
+    * ``out``: address of out[c0, r0] (float32), row c at ``out + c*out_stride``.
+
+    Writes out[c, r] = sum over blocks for r < NR, c < NC (overwrites).
+    """
+    fmt = FORMATS[fmt_name]
+    W = lanes or ACC_LANES
+    W = min(W, 16 if fmt.integer else 32)
+    U = max(1, unroll)
+    xelem, xsize = (I16, 2) if act16 else (I8, 1)
+
+    @intrinsic
+    def tile(typingctx, w, w_stride, xq, xq_stride, xd, xs, x_stride, nb, ntail, out, out_stride):
+        sig = types.void(*([types.int64] * 11))
+
+        def codegen(context, builder, signature, args):
+            e = Emitter(builder)
+            b = builder
+            (w_, ws_, xq_, xqs_, xd_, xs_, xst_, nb_, ntail_, out_, os_) = args
+            wp = b.inttoptr(w_, P8)
+            xqp = b.inttoptr(xq_, P8)
+            xdp = b.inttoptr(xd_, P8)
+            xsp = b.inttoptr(xs_, P8)
+            op = b.inttoptr(out_, P8)
+            wrow = [b.mul(ws_, c64(r)) for r in range(NR)]
+            xrow = [b.mul(xqs_, c64(c)) for c in range(NC)]
+            srow = [b.mul(xst_, c64(c)) for c in range(NC)]
+            affine = fmt.act == "q8_1"
+            zero_v = ir.Constant(vec(F32, W), None)
+            zero_s = ir.Constant(F32, 0.0)
+            inits = [zero_v] * (NR * NC)
+            if affine:
+                inits += [zero_s] * (NR * NC)
+
+            nacc = len(inits)
+
+            def block(i, accs):
+                """Accumulate block i into accs (one accumulator set)."""
+                woff = b.mul(i, c64(fmt.block_bytes))
+                if PREFETCH:
+                    for r in range(NR):
+                        e.prefetch(wp, b.add(b.add(wrow[r], woff), c64(PREFETCH)))
+                blocks = [fmt.decode(e, wp, b.add(wrow[r], woff), wide) for r in range(NR)]
+                new = list(accs)
+                if fmt.integer:
+                    xoff = b.mul(i, c64(32 * xsize))
+                    soff = b.mul(i, c64(4))
+                    for c in range(NC):
+                        xv = e.load(xqp, b.add(xrow[c], xoff), vec(xelem, 32))
+                        dx = e.load(xdp, b.add(srow[c], soff), F32)
+                        sx = e.load(xsp, b.add(srow[c], soff), F32) if affine else None
+                        for r in range(NR):
+                            q, sc = blocks[r]
+                            s = e.dot_block(q, xv, W)         # <W x i32>
+                            sf = b.sitofp(s, vec(F32, W))
+                            dd = e.fmul(sc["d"], dx)
+                            k = r * NC + c
+                            new[k] = e.fma(sf, e.splat(dd, W), accs[k])
+                            if affine:
+                                k2 = NR * NC + k
+                                new[k2] = e.fma(sc["m"], sx, accs[k2])
+                else:
+                    xoff = b.mul(i, c64(128))
+                    for c in range(NC):
+                        xv = e.load(xqp, b.add(xrow[c], xoff), vec(F32, 32))
+                        for r in range(NR):
+                            q, _ = blocks[r]
+                            p = e.fmul(q, xv)
+                            p = e.fold_add(p, W, fp=True)
+                            k = r * NC + c
+                            new[k] = e.fadd(accs[k], p)
+                return new
+
+            def body(i, accs):
+                new = []
+                for u in range(U):
+                    new += block(b.add(i, c64(u)), accs[u * nacc:(u + 1) * nacc])
+                return new
+
+            nmain = b.mul(b.sdiv(nb_, c64(U)), c64(U)) if U > 1 else nb_
+            accs = counted_loop(b, nmain, inits * U, body, step=U)
+            if U > 1:
+                sets = [accs[u * nacc:(u + 1) * nacc] for u in range(U)]
+                accs = [functools.reduce(e.fadd, vs) for vs in zip(*sets)]
+                accs = counted_loop(b, b.sub(nb_, nmain), accs,
+                                    lambda j, a: block(b.add(nmain, j), a))
+            tails = []
+            if not fmt.integer:
+                # k % 32 leftover elements, one at a time
+                esz = fmt.block_bytes // 32
+                wbase = b.mul(nb_, c64(fmt.block_bytes))
+                xbase = b.mul(nb_, c64(128))
+
+                def tail_body(j, ts):
+                    new = list(ts)
+                    xt = [e.load(xqp, b.add(xrow[c], b.add(xbase, b.mul(j, c64(4)))), F32) for c in range(NC)]
+                    for r in range(NR):
+                        wv = fmt.decode_scalar(e, wp, b.add(wrow[r], b.add(wbase, b.mul(j, c64(esz)))))
+                        for c in range(NC):
+                            new[r * NC + c] = e.fma(wv, xt[c], ts[r * NC + c])
+                    return new
+
+                tails = counted_loop(b, ntail_, [zero_s] * (NR * NC), tail_body)
+            for r in range(NR):
+                for c in range(NC):
+                    k = r * NC + c
+                    v = e.reduce_fadd(accs[k])
+                    if affine:
+                        v = b.fadd(v, accs[NR * NC + k])
+                    if tails:
+                        v = b.fadd(v, tails[k])
+                    off = b.add(b.mul(os_, c64(c)), c64(4 * r))
+                    e.store(v, op, off, align=4)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    tile.kernel_name = (f"tile_{fmt_name}_{NR}x{NC}_l{W}_u{U}_a{int(act16)}_w{int(wide)}"
+                        f"_pr{int(PARTIAL_REDUCE)}_pf{PREFETCH}")
+    return tile
+
+
+# ------------------------------------------------------ scalar conversions
+@intrinsic
+def f32_to_f16_to_f32(typingctx, x):
+    """Round a float32 to the nearest float16 (ties to even) and back: ggml's FP32_TO_FP16."""
+    sig = types.float32(types.float32)
+
+    def codegen(context, builder, signature, args):
+        h = builder.fptrunc(args[0], F16)
+        return builder.fpext(h, F32)
+
+    return sig, codegen
+
+
+f32_to_f16_to_f32.kernel_name = "f32_to_f16_to_f32"
+
+
+# ------------------------------------------- row-interleaved (repacked) kernels
+GROUP = 16  # weight rows interleaved in one repacked group: one <16 x float> lane per row
+
+
+class Interleaved:
+    """A repacked layout: GROUP rows' block b stored together so lanes = rows.
+
+    Per block of a group: the GROUP fp16 scales d (then GROUP fp16 mins m for
+    the affine formats), then the quants in *pair chunks*: chunk j holds, for
+    each row r, the two values of elements (2j, 2j+1) next to each other, so a
+    <32 x i16> vector of chunk j multiplied by the activation pair (x[2j],
+    x[2j+1]) broadcast to all lanes and summed pairwise (x86 ``vpmaddwd`` /
+    ``vpdpwssd`` with an embedded broadcast) adds row r's partial dot into
+    lane r. No horizontal sums anywhere: a tile's result is GROUP consecutive
+    outputs, stored with one vector store.
+    """
+
+    name = ""
+    src = None            # native WeightFormat
+    block_bytes = 0       # bytes per block of one group (GROUP rows)
+    affine = False
+    offset = 0            # constant subtracted from every quant (via the activation sums)
+
+    def pairs(self, e: Emitter, bp):
+        """Yield (j, <32 x i16>) for j in 0..15 (any order): rows' (q[2j], q[2j+1]) pairs.
+
+        A generator, so that the caller consumes each vector right after it is
+        unpacked (few live registers: matters on AVX2 and NEON).
+        """
+        raise NotImplementedError
+
+
+class Q4_0x16(Interleaved):
+    """Q4_0: 32 B scales + 8 chunks of 32 B; chunk j byte 2r+t = row r's qs[2j+t].
+
+    The low nibbles of chunk j are elements (2j, 2j+1), the high nibbles
+    (16+2j, 17+2j). Quants are used as 0..15; the -8 is applied once per block
+    through -8*sum(q_x) (integer, exact).
+    """
+
+    name, src, block_bytes, offset = "Q4_0", FORMATS["Q4_0"], 32 + 256, 8
+
+    qs_offset = 32
+
+    def pairs(self, e, bp):
+        for j in range(8):
+            raw = e.load(bp, c64(self.qs_offset + 32 * j), vec(I8, 32))
+            z = e.b.zext(raw, vec(I16, 32))
+            yield j, e.b.and_(z, e.const_vec(I16, 32, 0x0F))
+            yield j + 8, e.b.lshr(z, e.const_vec(I16, 32, 4))
+
+
+class Q4_1x16(Q4_0x16):
+    name, src, block_bytes, offset, affine = "Q4_1", FORMATS["Q4_1"], 64 + 256, 0, True
+    qs_offset = 64
+
+
+class Q8_0x16(Interleaved):
+    """Q8_0: 32 B scales + 16 chunks of 32 B (chunk j byte 2r+t = row r's q[2j+t])."""
+
+    name, src, block_bytes = "Q8_0", FORMATS["Q8_0"], 32 + 512
+
+    def pairs(self, e, bp):
+        for j in range(16):
+            yield j, e.b.sext(e.load(bp, c64(32 + 32 * j), vec(I8, 32)), vec(I16, 32))
+
+
+class Q5_0x16(Q4_0x16):
+    """Q5_0: 32 B scales, 16 x u32 high-bit masks, 8 chunks of 32 B as Q4_0.
+
+    Mask j bit (2r+t) is the 5th bit of row r's element of pair j (t = 0, 1),
+    so it lines up with the i16 lanes of pair vector j: a masked OR of 0x10
+    (AVX-512: ``kmovd`` + masked ``vpaddw``/``vpor``). Offset 16 as in Q4_0.
+    """
+
+    name, src, block_bytes, offset = "Q5_0", FORMATS["Q5_0"], 32 + 64 + 256, 16
+    qh_offset, qs_offset = 32, 96
+
+    def pairs(self, e, bp):
+        for j, pv in Q4_0x16.pairs(self, e, bp):
+            m = e.b.bitcast(e.load(bp, c64(self.qh_offset + 4 * j), I32), vec(I1, 32))
+            yield j, e.b.select(m, e.b.or_(pv, e.const_vec(I16, 32, 0x10)), pv)
+
+
+class Q5_1x16(Q5_0x16):
+    name, src, block_bytes, offset, affine = "Q5_1", FORMATS["Q5_1"], 64 + 64 + 256, 0, True
+    qh_offset, qs_offset = 64, 128
+
+
+INTERLEAVED = {f.name: f for f in (Q4_0x16(), Q4_1x16(), Q8_0x16(), Q5_0x16(), Q5_1x16())}
+
+
+@lru_cache(maxsize=None)
+def interleaved_kernel(fmt_name: str, NC: int, chains: int = 4):
+    """Intrinsic for GROUP weight rows (one repacked group) x NC activation rows.
+
+    Signature (int64 addresses / sizes)::
+
+        tile(wg, nb, xq, xq_stride, xd, xs, xc, x_stride, out, out_stride)
+
+    * ``wg``: the group's repacked bytes (nb blocks of ``block_bytes``).
+    * ``xq``: int16 activations (row c at ``xq + c*xq_stride``); ``xd`` /
+      ``xs`` float32 per-block scales / Q8_1 sums, ``xc`` int32 per-block
+      corrections (-offset*sum(q)), all three with ``x_stride`` bytes per row.
+    * ``out``: address of out[c0, r0]; writes GROUP floats per activation row.
+    """
+    fmt = INTERLEAVED[fmt_name]
+    G = GROUP
+
+    @intrinsic
+    def tile(typingctx, wg, nb, xq, xq_stride, xd, xs, xc, x_stride, out, out_stride):
+        sig = types.void(*([types.int64] * 10))
+
+        def codegen(context, builder, signature, args):
+            e = Emitter(builder)
+            b = builder
+            (wg_, nb_, xq_, xqs_, xd_, xs_, xc_, xst_, out_, os_) = args
+            wp = b.inttoptr(wg_, P8)
+            xqp = b.inttoptr(xq_, P8)
+            xdp = b.inttoptr(xd_, P8)
+            xsp = b.inttoptr(xs_, P8)
+            xcp = b.inttoptr(xc_, P8)
+            op = b.inttoptr(out_, P8)
+            xrow = [b.mul(xqs_, c64(c)) for c in range(NC)]
+            srow = [b.mul(xst_, c64(c)) for c in range(NC)]
+            zero_i = ir.Constant(vec(I32, G), None)
+
+            def body(i, accs):
+                bp = e.ptr(wp, b.mul(i, c64(fmt.block_bytes)))
+                if PREFETCH_PACKED:
+                    e.prefetch(bp, c64(PREFETCH_PACKED))
+                dw = b.fpext(e.load(bp, c64(0), vec(F16, G)), vec(F32, G))
+                dm = b.fpext(e.load(bp, c64(2 * G), vec(F16, G)), vec(F32, G)) if fmt.affine else None
+                xoff = b.mul(i, c64(64))        # 32 int16 per block
+                soff = b.mul(i, c64(4))
+                xbase = [e.ptr(xqp, b.add(xrow[c], xoff)) for c in range(NC)]
+                ch = max(1, chains // NC)       # independent int32 chains per activation row
+                part = [[zero_i] * ch for c in range(NC)]
+                if fmt.offset:
+                    for c in range(NC):
+                        part[c][0] = e.splat(e.load(xcp, b.add(srow[c], soff), I32), G)
+                for t, (j, pv) in enumerate(fmt.pairs(e, bp)):
+                    for c in range(NC):
+                        xv = b.bitcast(e.splat(e.load(xbase[c], c64(4 * j), I32), G), vec(I16, 2 * G))
+                        part[c][t % ch] = b.add(part[c][t % ch], e.dot_pairs(pv, xv))
+                new = []
+                for c in range(NC):
+                    s = functools.reduce(b.add, [e.freeze(p) for p in part[c]])
+                    dx = e.load(xdp, b.add(srow[c], soff), F32)
+                    acc = e.fma(b.sitofp(s, vec(F32, G)), e.fmul(dw, e.splat(dx, G)), accs[c])
+                    if fmt.affine:
+                        sx = e.load(xsp, b.add(srow[c], soff), F32)
+                        acc = e.fma(dm, e.splat(sx, G), acc)
+                    new.append(acc)
+                return new
+
+            accs = counted_loop(b, nb_, [ir.Constant(vec(F32, G), None)] * NC, body)
+            for c in range(NC):
+                e.store(accs[c], op, b.mul(os_, c64(c)), align=4)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    tile.kernel_name = f"itile_{fmt_name}_g{G}_x{NC}_c{chains}_pf{PREFETCH_PACKED}"
+    return tile
+
+
+# --------------------------------------------------- activation quantization
+@lru_cache(maxsize=None)
+def quantize_row_kernel(act16: bool, with_s: bool):
+    """Intrinsic: ggml quantize_row_q8_0 / q8_1 (x86 AVX / ARM NEON flavour) of one row, vectorized.
+
+    Signature (int64 addresses)::
+
+        qrow(x, nb, q, d, s, c, sum_mul)
+
+    per block of 32 floats at ``x``: d = amax/127, q = roundeven(x * (127/amax))
+    written as int8 (int16 if act16) at ``q``; float32 fp16-rounded d at ``d``;
+    int32 sum_mul*sum(q) at ``c``; if with_s, float32 fp16(d*sum(q)) at ``s``.
+    """
+    qt = I16 if act16 else I8
+
+    @intrinsic
+    def qrow(typingctx, x, nb, q, d, s, c, sum_mul):
+        sig = types.void(*([types.int64] * 7))
+
+        def codegen(context, builder, signature, args):
+            e = Emitter(builder)
+            b = builder
+            x_, nb_, q_, d_, s_, c_, mul_ = args
+            xp, qp, dp, sp, cp = (b.inttoptr(a, P8) for a in (x_, q_, d_, s_, c_))
+            mul32 = b.trunc(mul_, I32)
+            v32 = vec(F32, 32)
+
+            def body(i, _):
+                v = e.load(xp, b.mul(i, c64(128)), v32)
+                # max |x| through the bit patterns: for non-negative floats the
+                # unsigned integer order is the float order (and a NaN wins)
+                a = b.and_(b.bitcast(v, vec(I32, 32)), e.const_vec(I32, 32, 0x7FFFFFFF))
+                amax = b.bitcast(_intrinsic_call(b, "llvm.vector.reduce.umax.v32i32", I32, [a]), F32)
+                c127 = ir.Constant(F32, 127.0)
+                dd = b.fdiv(amax, c127)
+                nz = b.fcmp_ordered("!=", amax, ir.Constant(F32, 0.0))
+                iv = b.select(nz, b.fdiv(c127, amax), ir.Constant(F32, 0.0))
+                r = _intrinsic_call(b, "llvm.roundeven.v32f32", v32, [b.fmul(v, e.splat(iv, 32))])
+                qi = b.fptosi(r, vec(I32, 32))
+                e.store(b.trunc(qi, vec(qt, 32)), qp, b.mul(i, c64(32 * (2 if act16 else 1))))
+                sm = _intrinsic_call(b, "llvm.vector.reduce.add.v32i32", I32, [qi])
+                soff = b.mul(i, c64(4))
+                e.store(b.fpext(b.fptrunc(dd, F16), F32), dp, soff)
+                e.store(b.mul(sm, mul32), cp, soff)
+                if with_s:
+                    sv = b.fmul(dd, b.sitofp(sm, F32))
+                    e.store(b.fpext(b.fptrunc(sv, F16), F32), sp, soff)
+                return []
+
+            counted_loop(b, nb_, [], body)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    qrow.kernel_name = f"qrow_a{int(act16)}_s{int(with_s)}"
+    return qrow
+
+
+# ------------------------------------------------------------------- K-quants
+class KFormat:
+    """A 256-element super-block format dotted with Q8_K activations.
+
+    ``decode`` returns (subs, scales, d, dmin, mins): subs = 8 <32 x i8>
+    vectors, sub-block j = elements 32j..32j+31 as small signed integers;
+    scales[j] = the integer scale of each 16-element half of sub-block j,
+    (lo, hi) as i32 scalars (equal for Q4_K, whose scales cover 32); d, dmin
+    float scalars; mins an <8 x i32> of the sub-block mins (Q4_K) or None.
+    The dot with a Q8_K block (d_x, q, sums of q per 32) is then, in
+    integers, d_w*d_x*sum_j scale_j*dot(subs_j, q_j) - dmin_w*d_x*sum_j
+    mins_j*sum(q_j), as ggml's vec_dot_q4_K_q8_K / vec_dot_q6_K_q8_K compute it.
+    """
+
+    name = ""
+    block_bytes = 0
+
+    def decode(self, e: Emitter, wp, off):
+        raise NotImplementedError
+
+
+def _byte(e, wp, off, i):
+    return e.b.zext(e.load(wp, e.b.add(off, c64(i)), I8), I32)
+
+
+class Q4_K(KFormat):
+    """block_q4_K: d, dmin (fp16), scales[12] (8 x 6-bit scale + 8 x 6-bit min), qs[128].
+
+    Sub-block 2c / 2c+1 are the low / high nibbles of qs[32c .. 32c+31].
+    """
+
+    name, block_bytes = "Q4_K", 144
+
+    def decode(self, e, wp, off):
+        b = e.b
+        d = e.load_f16(wp, off)
+        dmin = e.load_f16(wp, b.add(off, c64(2)))
+        # the 12 scale bytes as vectors over j = 0..7 (bytes 16..19 are qs: loaded, unused)
+        q = e.load(wp, b.add(off, c64(4)), vec(I8, 16))
+        x = 12                                            # any in-range lane; masked below
+        A = e.shuffle(q, None, [0, 1, 2, 3, 8, 9, 10, 11])
+        B = e.shuffle(q, None, [4, 5, 6, 7, 8, 9, 10, 11])
+        C = e.shuffle(q, None, [x, x, x, x, 0, 1, 2, 3])
+        D = e.shuffle(q, None, [x, x, x, x, 4, 5, 6, 7])
+
+        def cv(vals):
+            return ir.Constant(vec(I8, 8), vals)
+
+        hi2 = cv([0] * 4 + [0x30] * 4)                     # ((q >> 6) << 4) for j >= 4
+        scb = b.or_(b.and_(A, cv([63] * 4 + [15] * 4)), b.and_(b.shl(b.lshr(C, cv([6] * 8)), cv([4] * 8)), hi2))
+        mnb = b.or_(b.and_(b.lshr(B, cv([0] * 4 + [4] * 4)), cv([63] * 4 + [15] * 4)),
+                    b.and_(b.shl(b.lshr(D, cv([6] * 8)), cv([4] * 8)), hi2))
+        mins = b.zext(mnb, vec(I32, 8))
+        scv = b.zext(scb, vec(I32, 8))
+        sc = [b.extract_element(scv, c32(j)) for j in range(8)]
+        subs = []
+        for c in range(4):
+            raw = e.load(wp, b.add(off, c64(16 + 32 * c)), vec(I8, 32))
+            subs.append(b.and_(raw, e.const_vec(I8, 32, 0x0F)))
+            subs.append(b.lshr(raw, e.const_vec(I8, 32, 4)))
+        return subs, [(t, t) for t in sc], d, dmin, mins
+
+
+class Q6_K(KFormat):
+    """block_q6_K: ql[128], qh[64], scales[16] (int8, one per 16 elements), d (fp16).
+
+    Half h (elements 128h..), group g (32 elements): low 4 bits from
+    ql[64h + 32(g&1) + l] (low nibble for g < 2, high for g >= 2), high 2 bits
+    from qh[32h + l] >> 2g; value - 32; scale sc[8h + 2g + l//16].
+    """
+
+    name, block_bytes = "Q6_K", 210
+
+    def decode(self, e, wp, off):
+        b = e.b
+        d = e.load_f16(wp, b.add(off, c64(208)))
+        subs, scales = [], []
+        for h in range(2):
+            qh = e.load(wp, b.add(off, c64(128 + 32 * h)), vec(I8, 32))
+            ql = [e.load(wp, b.add(off, c64(64 * h + 32 * t)), vec(I8, 32)) for t in (0, 1)]
+            for g in range(4):
+                lo = ql[g & 1]
+                lo = b.and_(lo, e.const_vec(I8, 32, 0x0F)) if g < 2 else b.lshr(lo, e.const_vec(I8, 32, 4))
+                hb = b.and_(b.lshr(qh, e.const_vec(I8, 32, 2 * g)), e.const_vec(I8, 32, 3))
+                subs.append(b.sub(b.or_(lo, b.shl(hb, e.const_vec(I8, 32, 4))), e.const_vec(I8, 32, 32)))
+                s = 8 * h + 2 * g
+                scales.append(tuple(b.sext(e.load(wp, b.add(off, c64(192 + s + t)), I8), I32) for t in (0, 1)))
+        return subs, scales, d, None, None
+
+
+KFORMATS = {f.name: f for f in (Q4_K(), Q6_K())}
+
+
+@lru_cache(maxsize=None)
+def ktile_kernel(fmt_name: str, NR: int, NC: int, lanes: int = 0):
+    """Intrinsic for an NR x NC tile of a K-quant weight against Q8_K activations.
+
+    Signature (int64 addresses / sizes)::
+
+        tile(w, w_stride, xq, xq_stride, xd, xd_stride, xb, xb_stride, nb, out, out_stride)
+
+    ``xq`` int8 activations; ``xd`` float32 Q8_K scale per 256; ``xb`` int32
+    sum of q per 32 elements; ``nb`` super-blocks. Writes out[c, r].
+    """
+    fmt = KFORMATS[fmt_name]
+    W = min(lanes or ACC_LANES, 16)
+
+    @intrinsic
+    def tile(typingctx, w, w_stride, xq, xq_stride, xd, xd_stride, xb, xb_stride, nb, out, out_stride):
+        sig = types.void(*([types.int64] * 11))
+
+        def codegen(context, builder, signature, args):
+            e = Emitter(builder)
+            b = builder
+            (w_, ws_, xq_, xqs_, xd_, xds_, xb_, xbs_, nb_, out_, os_) = args
+            wp, xqp, xdp, xbp, op = (b.inttoptr(a, P8) for a in (w_, xq_, xd_, xb_, out_))
+            wrow = [b.mul(ws_, c64(r)) for r in range(NR)]
+            zero_v = ir.Constant(vec(F32, W), None)
+            zero_s = ir.Constant(F32, 0.0)
+            has_min = fmt_name == "Q4_K"
+            inits = [zero_v] * (NR * NC) + ([zero_s] * (NR * NC) if has_min else [])
+
+            def body(i, accs):
+                woff = b.mul(i, c64(fmt.block_bytes))
+                if PREFETCH:
+                    for r in range(NR):
+                        e.prefetch(wp, b.add(b.add(wrow[r], woff), c64(PREFETCH)))
+                blocks = [fmt.decode(e, wp, b.add(wrow[r], woff)) for r in range(NR)]
+                new = list(accs)
+                for c in range(NC):
+                    xbase = b.add(b.mul(xqs_, c64(c)), b.mul(i, c64(256)))
+                    xv8 = [e.load(xqp, b.add(xbase, c64(32 * j)), vec(I8, 32)) for j in range(8)]
+                    xv = [b.sext(v, vec(I16, 32)) for v in xv8]
+                    dx = e.load(xdp, b.add(b.mul(xds_, c64(c)), b.mul(i, c64(4))), F32)
+                    if has_min:
+                        bs = e.load(xbp, b.add(b.mul(xbs_, c64(c)), b.mul(i, c64(32))), vec(I32, 8))
+                    for r in range(NR):
+                        subs, scales, d, dmin, mins = blocks[r]
+                        if PARTIAL_REDUCE and has_min:
+                            # aarch64, Q4_K: sdot of (q - 8) (LLVM turns the sign extension of
+                            # known non-negative nibbles into a zero extension, which sdot
+                            # cannot take), times the sub-block scale; + 8*sum_j sc_j*sum(x_j)
+                            isum = None
+                            for j in range(8):
+                                h = e.dot_block(b.sub(subs[j], e.const_vec(I8, 32, 8)), xv8[j], 4)
+                                h = b.mul(e.freeze(h), e.splat(scales[j][0], 4))
+                                isum = h if isum is None else b.add(isum, h)
+                            scv = ir.Constant(vec(I32, 8), None)
+                            for j in range(8):
+                                scv = b.insert_element(scv, scales[j][0], c32(j))
+                            corr = _intrinsic_call(b, "llvm.vector.reduce.add.v8i32", I32, [b.mul(scv, bs)])
+                            lane0 = b.extract_element(isum, c32(0))
+                            isum = b.insert_element(isum, b.add(lane0, b.shl(corr, c32(3))), c32(0))
+                        elif PARTIAL_REDUCE:
+                            # aarch64: sdot per 16-element half, then the integer scale
+                            isum = None
+                            for j in range(8):
+                                for t in (0, 1):
+                                    h = e.dot_block(e.shuffle(subs[j], None, range(16 * t, 16 * t + 16)),
+                                                    e.shuffle(xv8[j], None, range(16 * t, 16 * t + 16)), 4)
+                                    h = b.mul(e.freeze(h), e.splat(scales[j][t], 4))
+                                    isum = h if isum is None else b.add(isum, h)
+                        if PARTIAL_REDUCE:
+                            s = e.fold_add(isum, W) if W < 4 else isum
+                            if W > 4:
+                                s = e.shuffle(s, ir.Constant(s.type, None), list(range(4)) + [4] * (W - 4))
+                        else:
+                            # x86: scale the int16 weights first, then pairwise products (vpdpwssd)
+                            parts = []
+                            for j in range(8):
+                                lo, hi = (b.trunc(t, I16) for t in scales[j])
+                                sv = b.insert_element(ir.Constant(vec(I16, 32), None), lo, c32(0))
+                                sv = b.insert_element(sv, hi, c32(16))
+                                sv = e.shuffle(sv, None, [0] * 16 + [16] * 16)
+                                pv = e.freeze(b.mul(b.sext(subs[j], vec(I16, 32)), sv))
+                                parts.append(e.dot_pairs(pv, xv[j]))
+                            s = functools.reduce(b.add, [e.freeze(b.add(parts[j], parts[j + 4])) for j in range(4)])
+                            s = e.fold_add(s, W)
+                        sf = b.sitofp(s, vec(F32, W))
+                        k = r * NC + c
+                        new[k] = e.fma(sf, e.splat(e.fmul(d, dx), W), accs[k])
+                        if has_min:
+                            md = _intrinsic_call(b, "llvm.vector.reduce.add.v8i32", I32, [b.mul(mins, bs)])
+                            k2 = NR * NC + k
+                            new[k2] = e.fma(e.fmul(dmin, dx), b.sitofp(md, F32), accs[k2])
+                return new
+
+            accs = counted_loop(b, nb_, inits, body)
+            for r in range(NR):
+                for c in range(NC):
+                    k = r * NC + c
+                    v = e.reduce_fadd(accs[k])
+                    if has_min:
+                        v = b.fsub(v, accs[NR * NC + k])
+                    e.store(v, op, b.add(b.mul(os_, c64(c)), c64(4 * r)), align=4)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    tile.kernel_name = f"ktile_{fmt_name}_{NR}x{NC}_l{W}_pr{int(PARTIAL_REDUCE)}_pf{PREFETCH}"
+    return tile

@@ -1,0 +1,335 @@
+"""Quantized matmul kernels (tinyinfer.kernels.matmul) against numpy references.
+
+For every supported weight type:
+* against a float64 numpy reference that quantizes the activations the way
+  ggml does (Q8_0 / Q8_1 / f16 / bf16) and sums the same integer products:
+  must agree to ~1e-5 relative (only float summation order differs);
+* against x @ dequantize(W).T in float: within the activation quantization noise;
+* n = 1 (token generation), 7 and 64 (prompt processing), row counts that are
+  not multiples of the tile sizes, with and without the repacked layout.
+The gguf package's quantize/dequantize are the oracle for the block formats.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+gguf = pytest.importorskip("gguf")
+from gguf import GGMLQuantizationType as T  # noqa: E402
+
+from tinyinfer.kernels import matmul as mm  # noqa: E402
+
+QUANT = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"]
+KQUANT = ["Q4_K", "Q6_K"]
+FLOAT = ["F16", "BF16", "F32"]
+ALL = QUANT + KQUANT + FLOAT
+
+
+# ------------------------------------------------------------ numpy references
+def f16r(v):
+    return np.asarray(v, np.float32).astype(np.float16).astype(np.float32)
+
+
+def bf16r(x):
+    """float32 -> bfloat16 -> float32, round to nearest even (ggml_compute_fp32_to_bf16)."""
+    u = np.ascontiguousarray(x, np.float32).view(np.uint32).astype(np.uint64)
+    r = ((u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000).astype(np.uint32)
+    return r.view(np.float32)
+
+
+def ref_quantize_q8(x):
+    """ggml's x86/NEON quantize_row_q8_0/q8_1: per block of 32, in float32.
+
+    Returns q (n, nb, 32) int, d (n, nb) fp16-rounded, s (n, nb) = fp16(d * sum(q)).
+    """
+    n, k = x.shape
+    xb = x.reshape(n, k // 32, 32).astype(np.float32)
+    amax = np.abs(xb).max(-1)
+    d = amax / np.float32(127)
+    with np.errstate(divide="ignore"):
+        iv = np.where(amax != 0, np.float32(127) / amax, np.float32(0)).astype(np.float32)
+    q = np.rint(xb * iv[..., None]).astype(np.int64)
+    s = f16r(d * q.sum(-1).astype(np.float32))
+    return q, f16r(d), s
+
+
+def ref_quantize_q8_K(x):
+    """ggml quantize_row_q8_K_ref: per 256, iscale = -127/(the x of largest |x|), q = min(127, rint(iscale*x))."""
+    n, k = x.shape
+    xb = x.reshape(n, k // 256, 256).astype(np.float32)
+    mx = np.take_along_axis(xb, np.abs(xb).argmax(-1)[..., None], -1)[..., 0]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        iscale = (np.float32(-127) / mx).astype(np.float32)
+        q = np.minimum(127, np.rint(iscale[..., None] * xb)).astype(np.int64)
+        d = (np.float32(1) / iscale).astype(np.float32)
+    q[mx == 0] = 0
+    d[mx == 0] = 0
+    return q, d
+
+
+def random_kquant(name, rows, k, rng):
+    """Random K-quant bytes with sane fp16 super-block scales (gguf cannot quantize K-quants)."""
+    bs = {"Q4_K": 144, "Q6_K": 210}[name]
+    raw = rng.integers(0, 256, (rows, k // 256 * bs), dtype=np.uint8)
+    blk = raw.reshape(rows, k // 256, bs)
+    if name == "Q4_K":
+        sc = rng.uniform(0.001, 0.01, (rows, k // 256, 2)).astype(np.float16)
+        blk[..., 0:4] = sc.view(np.uint8).reshape(rows, k // 256, 4)
+    else:
+        sc = rng.uniform(0.001, 0.01, (rows, k // 256, 1)).astype(np.float16)
+        blk[..., 208:210] = sc.view(np.uint8).reshape(rows, k // 256, 2)
+    return raw
+
+
+def decode_blocks(raw, name, k):
+    """Raw bytes (rows, row_bytes) -> (q (rows, nb, 32) int, d, m) from the documented ggml layouts."""
+    rows = raw.shape[0]
+    bs = {"Q4_0": 18, "Q4_1": 20, "Q5_0": 22, "Q5_1": 24, "Q8_0": 34}[name]
+    blk = raw.reshape(rows, k // 32, bs)
+    d = blk[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float64)
+    m = np.zeros_like(d)
+    o = 2
+    if name in ("Q4_1", "Q5_1"):
+        m = blk[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float64)
+        o = 4
+    if name == "Q8_0":
+        return blk[..., 2:].view(np.int8).astype(np.int64), d, m
+    qh = None
+    if name.startswith("Q5"):
+        qh = blk[..., o:o + 4].copy().view(np.uint32)[..., 0].astype(np.int64)
+        o += 4
+    qs = blk[..., o:o + 16].astype(np.int64)
+    q = np.concatenate([qs & 0x0F, qs >> 4], axis=-1)
+    if qh is not None:
+        bits = (qh[..., None] >> np.arange(32)) & 1
+        q = q | (bits << 4)
+    if name == "Q4_0":
+        q = q - 8
+    elif name == "Q5_0":
+        q = q - 16
+    return q, d, m
+
+
+def reference(raw, name, k, x):
+    """float64 result of llama.cpp's dot products for weight bytes ``raw`` and activations x."""
+    if name in KQUANT:
+        # d_w*sc*q - dmin*m is what gguf dequantizes to; d_x*q_x is exact in float64
+        wd = gguf.quants.dequantize(raw, T[name]).reshape(raw.shape[0], k).astype(np.float64)
+        q, d = ref_quantize_q8_K(x)
+        return (q * d[..., None].astype(np.float64)).reshape(x.shape) @ wd.T
+    if name in FLOAT:
+        wd = gguf.quants.dequantize(raw, T[name]).reshape(raw.shape[0], k).astype(np.float64)
+        xr = {"F16": f16r, "BF16": bf16r, "F32": lambda v: v}[name](x).astype(np.float64)
+        return xr @ wd.T
+    qw, dw, mw = decode_blocks(raw, name, k)
+    qx, dx, sx = ref_quantize_q8(x)
+    sumi = np.einsum("rbj,nbj->nrb", qw, qx).astype(np.float64)
+    y = (sumi * dw[None] * dx[:, None, :].astype(np.float64)).sum(-1)
+    if name in ("Q4_1", "Q5_1"):
+        y += (mw[None] * sx[:, None, :].astype(np.float64)).sum(-1)
+    return y
+
+
+def make_weight(name, rows, k, rng):
+    w = rng.standard_normal((rows, k)).astype(np.float32)
+    if name == "F32":
+        raw = w.view(np.uint8)
+    elif name == "F16":
+        raw = w.astype(np.float16).view(np.uint8)
+    elif name in KQUANT:
+        raw = random_kquant(name, rows, k, rng)
+    else:
+        raw = gguf.quants.quantize(w, T[name])
+    raw = np.ascontiguousarray(raw).view(np.uint8).reshape(rows, -1)
+    return raw, gguf.quants.dequantize(raw, T[name]).reshape(rows, k).astype(np.float64)
+
+
+def rel(a, b):
+    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
+
+
+# ---------------------------------------------------------------------- tests
+@pytest.mark.parametrize("name", QUANT)
+def test_block_decoder_matches_gguf(name):
+    """The test's own layout decoder agrees with the gguf package (so the reference is sound)."""
+    rng = np.random.default_rng(1)
+    raw, wd = make_weight(name, 5, 128, rng)
+    q, d, m = decode_blocks(raw, name, 128)
+    np.testing.assert_allclose((q * d[..., None] + m[..., None]).reshape(5, 128), wd, rtol=1e-6, atol=1e-6)
+
+
+def test_activation_quantization_matches_ggml():
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((5, 256)).astype(np.float32) * 3
+    x[0, :32] = 0                                   # all-zero block: d = 0, q = 0
+    x[1, :32] = np.arange(32) - 15.5                # ties: x * 127/amax lands on .5 steps
+    x[1, 31] = 127 / 8
+    x[2, 32:64] = np.float32(1e-30)                 # tiny values
+    q, d, s = ref_quantize_q8(x)
+    xq, xd, xs, xsum = mm.quantize_activations(x, "q8_1")
+    assert xq.dtype == np.int8
+    np.testing.assert_array_equal(xq.reshape(q.shape), q)
+    np.testing.assert_array_equal(xd, d)
+    np.testing.assert_array_equal(xs, s)
+    np.testing.assert_array_equal(xsum, q.sum(-1))
+    xq16, xd0, _, xc = mm.quantize_activations(x, "q8_0", act16=True, sum_mul=-8)
+    assert xq16.dtype == np.int16
+    np.testing.assert_array_equal(xq16.reshape(q.shape), q)
+    np.testing.assert_array_equal(xd0, d)
+    np.testing.assert_array_equal(xc, -8 * q.sum(-1))
+    qk, dk = ref_quantize_q8_K(x)
+    xq, xd, _, xb = mm.quantize_activations(x, "q8_K")
+    np.testing.assert_array_equal(xq.reshape(qk.shape), qk)
+    np.testing.assert_array_equal(xd, dk)
+    np.testing.assert_array_equal(xb, qk.reshape(5, -1, 32).sum(-1))
+    xr, *_ = mm.quantize_activations(x, "f16")
+    np.testing.assert_array_equal(xr, f16r(x))
+    xr, *_ = mm.quantize_activations(x, "bf16")
+    np.testing.assert_array_equal(xr, bf16r(x))
+
+
+SHAPES = [(37, 256, 1), (53, 512, 7), (35, 96, 64), (16, 64, 3), (7, 160, 5)]
+KSHAPES = [(37, 512, 1), (50, 256, 7), (21, 768, 64), (3, 256, 5)]
+
+
+@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("repack", [True, False])
+def test_matmul_matches_reference(name, repack):
+    if repack and mm._TYPES[int(T[name])].repack is None:
+        pytest.skip("no repacked layout for this type (covered by repack=False)")
+    rng = np.random.default_rng(sum(map(ord, name)))
+    for rows, k, n in (KSHAPES if name in KQUANT else SHAPES):
+        if name in FLOAT:
+            k += 3                                  # float types: k need not be a multiple of 32
+        raw, wd = make_weight(name, rows, k, rng)
+        x = rng.standard_normal((n, k)).astype(np.float32)
+        pw = mm.prepare(raw, int(T[name]), k, repack=repack)
+        y = mm.matmul(pw, x)
+        assert y.shape == (n, rows) and y.dtype == np.float32
+        ref = reference(raw, name, k, x)
+        assert rel(y, ref) < 2e-6, (name, rows, k, n, rel(y, ref))
+        # and against the plain float product: activation quantization noise only
+        tol = {"F32": 1e-6, "F16": 2e-3, "BF16": 1e-2}.get(name, 3e-2)
+        if name in KQUANT:
+            tol = 5e-2                              # random bytes: heavier-tailed weights
+        assert rel(y, x.astype(np.float64) @ wd.T) < tol, (name, rows, k, n)
+        # out= is filled in place, a 1-D x is one row; one row alone goes through the
+        # n == 1 kernels, whose float sums may be ordered differently: ~1 ulp
+        out = np.full((n, rows), np.nan, np.float32)
+        assert mm.matmul(pw, x, out) is out
+        np.testing.assert_array_equal(out, y)
+        np.testing.assert_allclose(mm.matmul(pw, x[0])[0], y[0], rtol=2e-6, atol=2e-6 * np.abs(y[0]).max())
+
+
+def test_repacked_equals_native():
+    """The row-interleaved kernels and the native ones see the same numbers (up to summation order)."""
+    rng = np.random.default_rng(5)
+    for name in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"):
+        raw, _ = make_weight(name, 50, 320, rng)
+        x = rng.standard_normal((9, 320)).astype(np.float32)
+        a = mm.matmul(mm.prepare(raw, int(T[name]), 320, repack=True), x)
+        b = mm.matmul(mm.prepare(raw, int(T[name]), 320, repack=False), x)
+        assert mm.prepare(raw, int(T[name]), 320, repack=True).packed.shape[0] == 3
+        assert rel(a, b) < 1e-6
+
+
+def test_parallel_path(monkeypatch):
+    """Rows split across threads (prange) give the serial result."""
+    import numba
+    monkeypatch.setattr(mm, "PARALLEL_MIN_BYTES", 0)
+    rng = np.random.default_rng(6)
+    raw, _ = make_weight("Q4_0", 70, 256, rng)
+    x = rng.standard_normal((5, 256)).astype(np.float32)
+    pw = mm.prepare(raw, int(T.Q4_0), 256)
+    old = numba.get_num_threads()
+    try:
+        numba.set_num_threads(1)
+        a = mm.matmul(pw, x)
+        a1 = mm.matmul(pw, x[:1])
+        numba.set_num_threads(min(2, numba.config.NUMBA_NUM_THREADS))
+        b = mm.matmul(pw, x)
+        b1 = mm.matmul(pw, x[:1])
+    finally:
+        numba.set_num_threads(old)
+    np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(a1, b1)
+
+
+def test_zero_rows_of_x_and_zero_activations():
+    rng = np.random.default_rng(7)
+    raw, _ = make_weight("Q8_0", 20, 64, rng)
+    pw = mm.prepare(raw, int(T.Q8_0), 64)
+    assert mm.matmul(pw, np.zeros((0, 64), np.float32)).shape == (0, 20)
+    np.testing.assert_array_equal(mm.matmul(pw, np.zeros((2, 64), np.float32)), 0)
+
+
+def test_one_dimensional_buffer_and_non_contiguous_x():
+    rng = np.random.default_rng(8)
+    raw, _ = make_weight("Q4_0", 24, 64, rng)
+    pw = mm.prepare(raw.reshape(-1), int(T.Q4_0), 64)
+    assert pw.rows == 24
+    x = rng.standard_normal((64, 6)).astype(np.float32).T     # (6, 64), not C-contiguous
+    np.testing.assert_array_equal(mm.matmul(pw, x), mm.matmul(pw, np.ascontiguousarray(x)))
+
+
+def test_errors_are_clear():
+    rng = np.random.default_rng(9)
+    raw, _ = make_weight("Q4_0", 8, 64, rng)
+    q4 = int(T.Q4_0)
+    with pytest.raises(ValueError, match="unsupported weight type"):
+        mm.prepare(raw, int(T.IQ2_XXS), 64)
+    with pytest.raises(ValueError, match="multiple of"):
+        mm.prepare(raw, q4, 48)
+    with pytest.raises(ValueError, match="rows of 72 bytes"):
+        mm.prepare(raw, q4, 64 * 2)
+    with pytest.raises(ValueError, match="uint8"):
+        mm.prepare(raw.view(np.int8), q4, 64)
+    with pytest.raises(ValueError, match="whole number"):
+        mm.prepare(raw.reshape(-1)[:-1], q4, 64)
+    with pytest.raises(ValueError, match="no rows"):
+        mm.prepare(raw[:0], q4, 64)
+    pw = mm.prepare(raw, q4, 64)
+    with pytest.raises(ValueError, match=r"shape \(n, 64\)"):
+        mm.matmul(pw, np.zeros((2, 65), np.float32))
+    with pytest.raises(ValueError, match=r"shape \(n, 64\)"):
+        mm.matmul(pw, np.zeros((2, 2, 64), np.float32))
+    with pytest.raises(ValueError, match="float32"):
+        mm.matmul(pw, np.zeros((2, 64), np.float64))
+    with pytest.raises(ValueError, match="out must be"):
+        mm.matmul(pw, np.zeros((2, 64), np.float32), np.zeros((2, 9), np.float32))
+    with pytest.raises(ValueError, match="out must be"):
+        mm.matmul(pw, np.zeros((2, 64), np.float32), np.zeros((8, 2), np.float32).T)
+    with pytest.raises(ValueError, match="overlap"):
+        sq = mm.prepare(make_weight("F32", 64, 64, rng)[0], int(T.F32), 64)
+        xx = np.ones((2, 64), np.float32)
+        mm.matmul(sq, xx, xx)
+    with pytest.raises(TypeError):
+        mm.matmul(raw, np.zeros((2, 64), np.float32))
+
+
+def test_concurrent_calls_from_threads_are_safe():
+    """The server runs slots in threads: temporaries inside the jitted drivers must stay alive
+    while the kernels read them through raw pointers (a freed buffer reused by another thread's
+    allocation once gave garbage here)."""
+    import threading
+    from tinyinfer.kernels.quants import quantize
+    rng = np.random.default_rng(5)
+    for typ, rows, k in ((8, 1536, 576), (12, 1024, 512)):          # Q8_0 (repacked on x86), Q4_K
+        w = quantize(rng.standard_normal((rows, k)).astype(np.float32), typ)
+        pw = mm.prepare(w, typ, k)
+        xs = [rng.standard_normal((n, k)).astype(np.float32) for n in (1, 40)]
+        refs = [mm.matmul(pw, x).copy() for x in xs]
+        bad = []
+
+        def run():
+            for _ in range(60):
+                for x, ref in zip(xs, refs):
+                    if not np.array_equal(mm.matmul(pw, x), ref):
+                        bad.append(1)
+        ts = [threading.Thread(target=run) for _ in range(3)]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join()
+        assert not bad, f"type {typ}: {len(bad)} wrong results under concurrency"
