@@ -14,6 +14,9 @@ import numba as nb
 import numpy as np
 
 _opts = dict(cache=True, fastmath=False, nogil=True)
+# reductions (dot products over a head, sums of squares) only vectorize when LLVM may
+# reassociate float adds; the order changes the last bits, not the result's meaning
+_fast = dict(cache=True, fastmath={"reassoc", "contract", "nsz"}, nogil=True)
 
 
 @nb.njit(**_opts)
@@ -87,57 +90,63 @@ def rope(x, cos, sin, neox):
                     x[i, h, 2 * j + 1] = a * s + b * c
 
 
-@nb.njit(parallel=True, **_opts)
+@nb.njit(parallel=True, **_fast)
 def attention(q, k_cache, v_cache, pos0, scale, window, softcap, out):
     """Causal GQA attention for n new tokens at positions pos0..pos0+n-1.
 
-    q: (n, n_head, hd_k) f32; k_cache: (n_ctx, n_kv, hd_k) f32; v_cache: (n_ctx, n_kv, hd_v) f32;
+    q: (n, n_head, hd_k) f32; k_cache: (n_rows, n_kv, hd_k) f32; v_cache: (n_rows, n_kv, hd_v) f32;
     the new tokens' k/v are already stored, position p in row p % n_rows (a ring for
     sliding-window layers, the identity for full ones). window > 0 limits each query to the
     last `window` positions (sliding-window attention); out: (n, n_head, hd_v) f32.
+    One task per (token, kv head) covers the query heads of its group.
     """
     n, nh, hdk = q.shape
     nkv = k_cache.shape[1]
     hdv = v_cache.shape[2]
     group = nh // nkv
     n_rows = k_cache.shape[0]
-    for task in nb.prange(n * nh):
-        i = task // nh
-        h = task % nh
-        kvh = h // group
+    for task in nb.prange(n * nkv):
+        i = task // nkv
+        kvh = task % nkv
         p = pos0 + i
         start = 0
         if window > 0 and p - window + 1 > 0:
             start = p - window + 1
         L = p + 1 - start
-        scores = np.empty(L, np.float32)
-        qv = q[i, h]
-        mx = -np.inf
-        for t in range(L):
-            kt = k_cache[(start + t) % n_rows, kvh]
-            s = np.float32(0.0)
-            for j in range(hdk):
-                s += qv[j] * kt[j]
-            s *= scale
-            if softcap > 0.0:
-                s = softcap * math.tanh(s / softcap)
-            scores[t] = s
-            if s > mx:
-                mx = s
-        tot = np.float32(0.0)
-        for t in range(L):
-            e = math.exp(scores[t] - mx)
-            scores[t] = e
-            tot += e
-        inv = np.float32(1.0) / tot
-        o = out[i, h]
-        for j in range(hdv):
-            o[j] = 0.0
-        for t in range(L):
-            w = scores[t] * inv
-            vt = v_cache[(start + t) % n_rows, kvh]
+        sc = np.empty((group, L), np.float32)
+        for g in range(group):
+            h = kvh * group + g
+            row = start % n_rows
+            for t in range(L):
+                s = np.float32(0.0)
+                for j in range(hdk):
+                    s += q[i, h, j] * k_cache[row, kvh, j]
+                s *= scale
+                if softcap > 0.0:
+                    s = softcap * math.tanh(s / softcap)
+                sc[g, t] = s
+                row += 1
+                if row == n_rows:
+                    row = 0
+            mx = sc[g, 0]
+            for t in range(1, L):
+                mx = max(mx, sc[g, t])
+            tot = np.float32(0.0)
+            for t in range(L):
+                e = np.float32(math.exp(sc[g, t] - mx))
+                sc[g, t] = e
+                tot += e
+            inv = np.float32(1.0) / tot
             for j in range(hdv):
-                o[j] += w * vt[j]
+                out[i, h, j] = 0.0
+            row = start % n_rows
+            for t in range(L):
+                w = sc[g, t] * inv
+                for j in range(hdv):
+                    out[i, h, j] += w * v_cache[row, kvh, j]
+                row += 1
+                if row == n_rows:
+                    row = 0
     return out
 
 
