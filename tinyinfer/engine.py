@@ -138,7 +138,8 @@ class Engine:
         self.tokens = []
         self.scores = None
 
-    def eval(self, ids: Sequence[int], logits_all: Optional[bool] = None, n_logits: Optional[int] = None) -> np.ndarray:
+    def eval(self, ids: Sequence[int], logits_all: Optional[bool] = None, n_logits: Optional[int] = None,
+             prompt: Optional[bool] = None) -> np.ndarray:
         """Append ``ids`` to the context; return the logits of the last one (n_vocab,).
 
         ``self.scores`` keeps the logits of every token when ``logits_all``, of the last
@@ -164,7 +165,9 @@ class Engine:
             self.tokens.extend(int(t) for t in chunk)
             rows.append(out)
         dt = (time.perf_counter() - t0) * 1000
-        if ids.size == 1:
+        if prompt is None:
+            prompt = ids.size > 1
+        if not prompt:
             self.timings.eval_ms += dt
             self.timings.n_eval += 1
         else:
@@ -208,7 +211,7 @@ class Engine:
         if self.logits_all:
             keep = 0
         self.tokens = self.tokens[:keep]
-        return self.eval(prompt_ids[keep:])
+        return self.eval(prompt_ids[keep:], prompt=True)
 
     # -- generation ------------------------------------------------------------------
     def generate(self, prompt_ids: Sequence[int], params: Optional[SamplerParams] = None,
