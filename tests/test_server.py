@@ -708,7 +708,8 @@ def _completion(client, url, prompt, k, stream):
         assert r.status_code == 200, r.text
         j = r.json()
         return j["choices"][0]["text"], j["choices"][0]["finish_reason"], j["usage"]["completion_tokens"]
-    text, finish, done = [], None, False
+    body["stream_options"] = {"include_usage": True}
+    text, finish, done, n = [], None, False, None
     with client.stream("POST", url + "/v1/completions", json=body) as r:
         assert r.status_code == 200
         for line in r.iter_lines():
@@ -718,11 +719,17 @@ def _completion(client, url, prompt, k, stream):
             if line == "data: [DONE]":
                 done = True
                 continue
-            c = json.loads(line[6:])["choices"][0]
+            j = json.loads(line[6:])
+            if j.get("usage"):
+                n = j["usage"]["completion_tokens"]
+            if not j["choices"]:
+                continue
+            c = j["choices"][0]
             text.append(c["text"])
             finish = c["finish_reason"] or finish
     assert done, "stream ended without [DONE]"
-    return "".join(text), finish, None
+    assert n is not None, "no usage chunk with stream_options.include_usage"
+    return "".join(text), finish, n
 
 
 def _ollama_generate(client, url, prompt, k):
@@ -800,8 +807,8 @@ def test_load_concurrent_clients(server):
     assert delta("tinyinfer_request_duration_seconds_count", ("endpoint", "/api/generate")) == n_by_kind["ollama"]
     assert delta("tinyinfer_jobs_total", ("outcome", "ok")) == len(results)
     assert delta("tinyinfer_requests_rejected_total") == 0
-    # token counters equal what was answered (plain: usage; ollama: eval_count; stream: == k unless stopped)
-    answered = sum(n if n is not None else k for (_, _, kind, p, k, text, finish, n) in results)
+    # token counters equal what was answered (plain and stream: usage; ollama: eval_count)
+    answered = sum(n for (_, _, kind, p, k, text, finish, n) in results)
     assert delta("llamacpp:tokens_predicted_total") == answered
     assert delta("tinyinfer_prompt_tokens_requested_total") == sum(prompt_tokens[r[3]] for r in results)
     assert after[("llamacpp:requests_processing", ())] == 0 and after[("llamacpp:requests_deferred", ())] == 0
