@@ -12,8 +12,7 @@ from conftest import need_reference
 from tinyinfer.engine import Engine
 from tinyinfer.gguf import GGUFFile
 from tinyinfer.models import ModelError, load_model
-from tinyinfer.sampler import SamplerParams
-from test_inference import kl
+from test_inference import check_first_step, check_greedy
 
 
 @pytest.fixture(scope="module")
@@ -34,28 +33,11 @@ def test_prompt_tokens(gemma, reference):
 
 
 def test_first_step_logits(gemma, reference):
-    refs, ref_logits = reference
-    kls = []
-    for i, r in enumerate(refs):
-        gemma.reset()
-        ours = gemma.ingest_prompt(r["prompt_ids"])
-        kls.append(kl(ref_logits[i], ours))
-        top2 = np.sort(ref_logits[i])[-2:]
-        if top2[1] - top2[0] >= 0.5:
-            assert int(np.argmax(ours)) == int(np.argmax(ref_logits[i]))
-    print(f"gemma3 Q4_K_M: mean KL {np.mean(kls):.2e}, max {np.max(kls):.2e}")
-    assert np.mean(kls) <= 0.01, kls
+    check_first_step("gemma3 Q4_K_M", gemma, *reference, bound=0.01)
 
 
 def test_greedy(gemma, reference):
-    for r in reference[0]:
-        gemma.reset()
-        ours = [s.token for s in gemma.generate(r["prompt_ids"], SamplerParams(temperature=0.0),
-                                               max_tokens=len(r["greedy_ids"]))]
-        for step, (want, top5) in enumerate(zip(r["greedy_ids"], r["top5"])):
-            if top5[0][1] - top5[1][1] < 0.5:
-                break
-            assert ours[step] == want, f"prompt {r['prompt']!r} step {step}"
+    check_greedy("gemma3 Q4_K_M", gemma, reference[0])
 
 
 def test_sliding_window_ring_matches_full_cache(gemma3_path):
