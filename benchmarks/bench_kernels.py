@@ -34,9 +34,13 @@ minutes; medians, ranges over several runs):
       Q5_0  (repacked x16)           17-24       29-35
       Q5_1  (repacked x16)           16-25       26-30
       Q8_0  (repacked x16)           24-31       29-34
-      Q6_K  (native)                 14-15       17-21
-      Q4_K  (native)                  9          14
+      Q6_K  (native, kgemv)          19-20       (see below)
+      Q4_K  (native, kgemv)          16-16.5     (see below)
       F16 / BF16 / F32 (native)      15-27       16-44  (k=5632 rows: 10-19)
+    K-quants, same run (2026-11-22, roofline 23-25 GB/s, Q4_0 18-20 in that run): before the
+    x86 kgemv kernels (generic ktile 1x1) Q4_K 6.6-7.1, Q6_K 9.0-9.2 GB/s at 1 thread.
+    2-thread runs at that time were dominated by the other tenants' load (roofline 17,
+    medians 6-12 GB/s for every type including Q4_0): not meaningful, re-measure when quiet.
     shapes 5632x2048, 2048x5632, 49152x576 (rows x k); llama.cpp on this
     machine kind: 22 GB/s Q4_0 and 28 GB/s Q8_0 at 1 thread.
 
@@ -45,7 +49,7 @@ minutes; medians, ranges over several runs):
       Q4_1                           83-90       147-160
       Q5_0 / Q5_1                    68-82
       Q8_0                           80-94       162-168
-      Q6_K / Q4_K (native)           29-31       48-54
+      Q6_K / Q4_K (native)           29-37       48-54
       F16 / BF16 / F32 (f32 FMA)     35-46       75-85
     shapes 576x576, 192x576, 1536x576, 576x1536 (2048x2048, 1024x2048 for K-quants).
 

@@ -30,6 +30,9 @@ Kernel families (entry points used by matmul.py):
   partial.reduce is unspecified, harmless here because all lanes of a block
   get the same scale).
 * :func:`ktile_kernel` -- Q4_K / Q6_K super-blocks against Q8_K activations.
+* :func:`kgemv_kernel` -- the same for one row (n == 1) on x86: u8 x s8 pair
+  products written so that LLVM matches ``vpmaddubsw`` (a ``freeze`` or an
+  opaque mask keeps InstCombine from narrowing them to int16 multiplies).
 * :func:`quantize_row_kernel` -- ggml's quantize_row_q8_0/q8_1, vectorized.
 
 Lessons from the assembly (``benchmarks/bench_kernels.py --asm`` and
@@ -991,4 +994,168 @@ def ktile_kernel(fmt_name: str, NR: int, NC: int, lanes: int = 0):
         return sig, codegen
 
     tile.kernel_name = f"ktile_{fmt_name}_{NR}x{NC}_l{W}_pr{int(PARTIAL_REDUCE)}_pf{PREFETCH}"
+    return tile
+
+
+# ------------------------------------------- K-quant GEMV (x86: u8 x s8 pairs)
+def _maddubs(e: Emitter, a, x):
+    """<2n x i8> a (unsigned) . <2n x i8> x (signed) -> <n x i16>: lane i = a[2i]x[2i] + a[2i+1]x[2i+1].
+
+    Written as ggml's vpmaddubsw semantics (products of zext/sext even and odd
+    elements, summed, saturated to int16); LLVM matches the pattern as x86
+    ``vpmaddubsw``. Callers keep sums within int16 (no saturation happens).
+    """
+    b = e.b
+    a = e.freeze(a)
+    n2 = a.type.count
+    n = n2 // 2
+    t32 = vec(I32, n)
+    ev, od = list(range(0, n2, 2)), list(range(1, n2, 2))
+    p = b.add(b.mul(b.zext(e.shuffle(a, None, ev), t32), b.sext(e.shuffle(x, None, ev), t32), flags=("nsw",)),
+              b.mul(b.zext(e.shuffle(a, None, od), t32), b.sext(e.shuffle(x, None, od), t32), flags=("nsw",)),
+              flags=("nsw",))
+    p = _intrinsic_call(b, f"llvm.smax.v{n}i32", t32, [p, ir.Constant(t32, [-32768] * n)])
+    p = _intrinsic_call(b, f"llvm.smin.v{n}i32", t32, [p, ir.Constant(t32, [32767] * n)])
+    return b.trunc(p, vec(I16, n))
+
+
+def _opaque_splat(e: Emitter, name, value, ty):
+    """A splat constant loaded from a writable (linkonce_odr) global: the optimizer cannot see its
+    value, so ``and(q, mask)`` keeps no known bits and InstCombine does not narrow the u8 x s8
+    pair products below (which would lose the ``vpmaddubsw`` pattern). The load is hoisted out
+    of the loop (nothing in the kernels stores to memory it could alias)."""
+    m = e.b.module
+    gname = f"_tinyinfer_{name}"
+    try:
+        g = m.get_global(gname)
+    except KeyError:
+        g = ir.GlobalVariable(m, ty, gname)
+        g.linkage = "linkonce_odr"
+        g.initializer = ir.Constant(ty, [value] * ty.count)
+        g.align = 64
+    return e.b.load(g, align=64)
+
+
+# Q4_K single-row kernel: order of the eight 32-element sub-blocks of each
+# 256 in the activations it reads (its 64-byte vectors hold sub-blocks 0, 2 | 1, 3 | 4, 6 | 5, 7)
+Q4K_GEMV_PERM = (0, 2, 1, 3, 4, 6, 5, 7)
+
+
+@lru_cache(maxsize=None)
+def kgemv_kernel(fmt_name: str):
+    """Intrinsic for one K-quant weight row x one Q8_K activation row (n == 1), x86 flavour.
+
+    Same signature as :func:`ktile_kernel`. Per super-block, 64 elements per
+    vector: the unsigned 4-/6-bit quants times the int8 activations as pair sums
+    in int16 (``vpmaddubsw``), times an int16 vector of the sub-block scales as
+    pair sums in int32 (``vpmaddwd``); one <16 x i32> per super-block converted
+    and fused-multiply-added with d_w*d_x. Q4_K: the mins through the
+    activation sums as an <8 x i32> vector (no horizontal sums in the loop).
+    Q6_K: the -32 offset through int16 sums of the activations per 16 (``xb``
+    holds those for Q6_K: see matmul.bsums16), as ggml's AVX2 code. Exactly the
+    integers of ggml's vec_dot_q4_K_q8_K / q6_K_q8_K; only float order differs.
+    """
+    fmt = KFORMATS[fmt_name]
+    q4 = fmt_name == "Q4_K"
+
+    @intrinsic
+    def tile(typingctx, w, w_stride, xq, xq_stride, xd, xd_stride, xb, xb_stride, nb, out, out_stride):
+        sig = types.void(*([types.int64] * 11))
+
+        def codegen(context, builder, signature, args):
+            e = Emitter(builder)
+            b = builder
+            (w_, ws_, xq_, xqs_, xd_, xds_, xb_, xbs_, nb_, out_, os_) = args
+            wp, xqp, xdp, xbp, op = (b.inttoptr(a, P8) for a in (w_, xq_, xd_, xb_, out_))
+            v64 = vec(I8, 64)
+
+            def c8(v):
+                return e.const_vec(I8, 64, v)
+
+            def c16(v):
+                return ir.Constant(vec(I16, 32), v if isinstance(v, list) else [v] * 32)
+
+            def body(i, accs):
+                off = b.mul(i, c64(fmt.block_bytes))
+                xoff = b.mul(i, c64(256))
+                dx = e.load(xdp, b.mul(i, c64(4)), F32)
+                parts = []
+                if q4:
+                    dd = e.fmul(b.fpext(e.load(wp, off, vec(F16, 2)), vec(F32, 2)), e.splat(dx, 2))
+                    # 6-bit scales / mins -> <8 x i8> (as Q4_K.decode)
+                    q = e.load(wp, b.add(off, c64(4)), vec(I8, 16))
+                    xx = 12
+                    A = e.shuffle(q, None, [0, 1, 2, 3, 8, 9, 10, 11])
+                    B = e.shuffle(q, None, [4, 5, 6, 7, 8, 9, 10, 11])
+                    C = e.shuffle(q, None, [xx, xx, xx, xx, 0, 1, 2, 3])
+                    D = e.shuffle(q, None, [xx, xx, xx, xx, 4, 5, 6, 7])
+
+                    def cv(vals):
+                        return ir.Constant(vec(I8, 8), vals)
+
+                    hi2 = cv([0] * 4 + [0x30] * 4)
+                    scb = b.or_(b.and_(A, cv([63] * 4 + [15] * 4)),
+                                b.and_(b.shl(b.lshr(C, cv([6] * 8)), cv([4] * 8)), hi2))
+                    mnb = b.or_(b.and_(b.lshr(B, cv([0] * 4 + [4] * 4)), cv([63] * 4 + [15] * 4)),
+                                b.and_(b.shl(b.lshr(D, cv([6] * 8)), cv([4] * 8)), hi2))
+                    sc16 = b.zext(scb, vec(I16, 8))
+                    # activations in the order of ``Q4K_GEMV_PERM`` (the driver permutes them):
+                    # 64 bytes of qs (chunks 2L, 2L+1) & 0x0F are sub-blocks 4L, 4L+2, >> 4 are 4L+1, 4L+3
+                    m0f = _opaque_splat(e, "m0f_v64i8", 0x0F, v64)
+                    for L in range(2):
+                        raw = e.load(wp, b.add(off, c64(16 + 64 * L)), v64)
+                        for t, qv in enumerate((b.and_(raw, m0f), b.and_(b.lshr(raw, c8(4)), m0f))):
+                            s0, s1 = 4 * L + t, 4 * L + t + 2
+                            p = _maddubs(e, qv, e.load(xqp, b.add(xoff, c64(128 * L + 64 * t)), v64))
+                            scv = e.shuffle(sc16, None, [s0] * 16 + [s1] * 16)
+                            parts.append(e.dot_pairs(p, scv))
+                else:
+                    d_ = e.load_f16(wp, b.add(off, c64(208)))
+                    sc16 = b.sext(e.load(wp, b.add(off, c64(192)), vec(I8, 16)), vec(I16, 16))
+                    for h in range(2):
+                        ql = e.load(wp, b.add(off, c64(64 * h)), v64)
+                        qh = e.load(wp, b.add(off, c64(128 + 32 * h)), vec(I8, 32))
+                        qh2 = b.bitcast(e.concat(qh, qh), vec(I16, 32))
+                        # elements 128h + 0..63 (groups 0, 1) and 128h + 64..127 (groups 2, 3)
+                        hA = b.and_(b.shl(qh2, c16([4] * 16 + [2] * 16)), c16(0x3030))
+                        hB = b.and_(b.lshr(qh2, c16([0] * 16 + [2] * 16)), c16(0x3030))
+                        qA = b.or_(b.and_(ql, c8(0x0F)), b.bitcast(hA, v64))
+                        qB = b.or_(b.lshr(ql, c8(4)), b.bitcast(hB, v64))
+                        for t, qv in enumerate((qA, qB)):
+                            xv = e.load(xqp, b.add(xoff, c64(128 * h + 64 * t)), v64)
+                            p = _maddubs(e, qv, xv)
+                            g = 8 * h + 4 * t
+                            scv = e.shuffle(sc16, None, [g + j // 8 for j in range(32)])
+                            parts.append(e.dot_pairs(p, scv))
+                s = b.add(e.freeze(b.add(parts[0], parts[1])), e.freeze(b.add(parts[2], parts[3])))
+                if not q4:
+                    # the -32 of every quant: 32 * sum_g sc_g * (sum of the 16 activations of group g)
+                    b16 = e.load(xbp, b.mul(i, c64(32)), vec(I16, 16))
+                    corr = b.shl(e.dot_pairs(sc16, b16), ir.Constant(vec(I32, 8), [5] * 8))
+                    s = b.sub(s, e.shuffle(corr, ir.Constant(vec(I32, 8), None), list(range(16))))
+                if q4:
+                    ddx = e.shuffle(dd, None, [0] * 16)
+                    mdx = e.shuffle(dd, None, [1] * 8)
+                else:
+                    ddx = e.splat(e.fmul(d_, dx), 16)
+                new = [e.fma(b.sitofp(s, vec(F32, 16)), ddx, accs[0])]
+                if q4:
+                    bs = e.load(xbp, b.mul(i, c64(32)), vec(I32, 8))
+                    mm = b.mul(b.zext(mnb, vec(I32, 8)), bs, flags=("nsw",))
+                    new.append(e.fma(b.sitofp(mm, vec(F32, 8)), mdx, accs[1]))
+                return new
+
+            inits = [ir.Constant(vec(F32, 16), None)]
+            if q4:
+                inits.append(ir.Constant(vec(F32, 8), None))
+            accs = counted_loop(b, nb_, inits, body)
+            v = e.reduce_fadd(accs[0])
+            if q4:
+                v = b.fsub(v, e.reduce_fadd(accs[1]))
+            e.store(v, op, c64(0), align=4)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    tile.kernel_name = f"kgemv_{fmt_name}_v2"
     return tile

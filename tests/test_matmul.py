@@ -256,6 +256,39 @@ def test_parallel_path(monkeypatch):
     np.testing.assert_array_equal(a1, b1)
 
 
+@pytest.mark.parametrize("name", KQUANT)
+def test_kquant_single_row_kernel(name, monkeypatch):
+    """n == 1 K-quant path (x86: simd.kgemv_kernel, u8 x s8 pair products; Q4_K reads permuted
+    activations, Q6_K int16 sums per 16) = the generic tile kernels = the reference, also for
+    extreme quants and scales (all-ones bytes: 6-bit scales / mins of 63, Q6_K q = 63, scale -1)
+    and activations at +-127, where an int16 overflow would show."""
+    rng = np.random.default_rng(11)
+    rows, k = 19, 1280
+    for raw in (random_kquant(name, rows, k, rng), np.full((rows, k // 256 * (144 if name == "Q4_K" else 210)), 255,
+                                                            np.uint8)):
+        blk = raw.reshape(rows, k // 256, -1)
+        if name == "Q4_K":
+            blk[..., 0:4] = np.array([0.01, 0.002], np.float16).view(np.uint8)
+        else:
+            blk[..., 208:210] = np.array([0.01], np.float16).view(np.uint8)
+        for x in (rng.standard_normal((1, k)).astype(np.float32),
+                  np.where(rng.random((1, k)) < 0.5, -1.0, 1.0).astype(np.float32)):
+            ref = reference(raw, name, k, x)
+            y = mm.matmul(mm.prepare(raw, int(T[name]), k), x)
+            assert rel(y, ref) < 2e-6, (name, rel(y, ref))
+            y4 = mm.matmul(mm.prepare(raw, int(T[name]), k), np.repeat(x, 4, 0))  # n > 1: ktile kernels
+            np.testing.assert_allclose(y4[0], y[0], rtol=2e-6, atol=2e-6 * np.abs(y).max())
+    # the helpers
+    xq = rng.integers(-128, 128, (2, 512)).astype(np.int8)
+    b16 = np.empty((2, 32), np.int16)
+    mm.bsums16(xq, b16)
+    np.testing.assert_array_equal(b16, xq.reshape(2, 32, 16).astype(np.int64).sum(-1))
+    xp = xq.copy()
+    mm.permute_q4k(xp)
+    perm = np.array(mm.simd.Q4K_GEMV_PERM)
+    np.testing.assert_array_equal(xp.reshape(2, 2, 8, 32), xq.reshape(2, 2, 8, 32)[:, :, perm])
+
+
 def test_zero_rows_of_x_and_zero_activations():
     rng = np.random.default_rng(7)
     raw, _ = make_weight("Q8_0", 20, 64, rng)
