@@ -27,13 +27,15 @@ def reference():
 
 def test_completion_greedy_matches_llama_cpp(llm, reference):
     r = reference[0]
-    out = llm(r["prompt"], max_tokens=8, temperature=0)
+    # llama.cpp's step 5 is a near tie (top-2 gap 0.33): compare the 5 steps before it
+    assert r["top5"][5][0][1] - r["top5"][5][1][1] < 0.5
+    out = llm(r["prompt"], max_tokens=5, temperature=0)
     ch = out["choices"][0]
     assert out["object"] == "text_completion" and out["id"].startswith("cmpl-")
-    assert r["greedy_text"].startswith(ch["text"]) and len(ch["text"]) > 3
+    assert ch["text"] == " Paris.\n\nThe" and r["greedy_text"].startswith(ch["text"])
     assert ch["finish_reason"] == "length"
-    assert out["usage"] == {"prompt_tokens": len(r["prompt_ids"]), "completion_tokens": 8,
-                            "total_tokens": len(r["prompt_ids"]) + 8}
+    assert out["usage"] == {"prompt_tokens": len(r["prompt_ids"]), "completion_tokens": 5,
+                            "total_tokens": len(r["prompt_ids"]) + 5}
 
 
 def test_stream_equals_plain(llm, reference):

@@ -32,19 +32,52 @@ def meta(g: GGUFFile, arch: str, key: str, default=None, required=True):
 
 
 class Linear:
-    """A weight matrix W (rows = out features, k = in features) computing x @ W.T."""
+    """A weight matrix W (rows = out features, k = in features) computing x @ W.T.
 
-    def __init__(self, t: TensorInfo):
+    Given several tensors of the same ggml type and input size (q/k/v, gate/up), their rows are
+    concatenated once at load time (a copy of those tensors) so one call quantizes the
+    activations once and yields all outputs side by side: (n, sum of rows).
+    """
+
+    def __init__(self, *ts: TensorInfo):
+        t = ts[0]
         quants.type_info(t.ggml_type)  # clear error for unsupported types
-        self.name = t.name
+        self.name = "+".join(x.name for x in ts)
         self.k = t.shape[0]
-        self.rows = t.n_elements // self.k
         self.ggml_type = t.ggml_type
-        self.nbytes = t.nbytes
-        self.w = mm.prepare(t.data, t.ggml_type, self.k)
+        self.splits = [x.n_elements // self.k for x in ts]
+        self.rows = sum(self.splits)
+        self.nbytes = sum(x.nbytes for x in ts)
+        data = t.data if len(ts) == 1 else np.concatenate([x.data for x in ts], axis=0)
+        self.w = mm.prepare(data, t.ggml_type, self.k)
 
     def __call__(self, x: np.ndarray, out=None) -> np.ndarray:
         return mm.matmul(self.w, x, out)
+
+
+class FusedLinear:
+    """x @ [W1; W2; ...].T as few matmul calls as the tensors' types allow (one when they all match)."""
+
+    def __init__(self, *ts: TensorInfo):
+        ks = {t.shape[0] for t in ts}
+        if len(ks) != 1:
+            raise ModelError(f"{', '.join(t.name for t in ts)}: input sizes differ {sorted(ks)}")
+        self.parts = []
+        run = [ts[0]]
+        for t in ts[1:]:
+            if t.ggml_type == run[-1].ggml_type:
+                run.append(t)
+            else:
+                self.parts.append(Linear(*run))
+                run = [t]
+        self.parts.append(Linear(*run))
+        self.rows = sum(p.rows for p in self.parts)
+        self.single = self.parts[0] if len(self.parts) == 1 else None
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        if self.single is not None:
+            return self.single(x)
+        return np.concatenate([p(x) for p in self.parts], axis=1)
 
 
 class Embedding:
@@ -124,50 +157,70 @@ class AttnParams:
 
 
 class Attention:
-    """Self-attention with RoPE, GQA and an optional per-head q/k RMSNorm."""
+    """Self-attention with RoPE, GQA and an optional per-head q/k RMSNorm.
 
-    def __init__(self, p: AttnParams, wq, wk, wv, wo, q_norm=None, k_norm=None):
+    wqkv: the q, k and v projections as one :class:`FusedLinear`. ``rope`` = the (cos, sin) tables
+    of this forward pass's positions (see :func:`rope_tables`), computed once per pass, not per layer.
+    """
+
+    def __init__(self, p: AttnParams, wqkv, wo, q_norm=None, k_norm=None):
         self.p = p
-        self.wq, self.wk, self.wv, self.wo = wq, wk, wv, wo
-        self.q_norm, self.k_norm = q_norm, k_norm
+        self.wqkv, self.wo = wqkv, wo
+        self.q_norm = q_norm if q_norm is not None else np.zeros(0, np.float32)
+        self.k_norm = k_norm if k_norm is not None else np.zeros(0, np.float32)
+        self.scale = np.float32(p.scale)
+        self.softcap = np.float32(p.softcap)
+        self.eps = np.float32(p.eps)
 
-    def __call__(self, h, k_cache, v_cache, pos0):
+    @property
+    def rope_key(self):
+        return (self.p.n_rot, self.p.rope_base, self.p.rope_scale)
+
+    def __call__(self, h, k_cache, v_cache, pos0, rope):
         p = self.p
         n = h.shape[0]
-        q = self.wq(h).reshape(n, p.n_head, p.head_dim_k)
-        k = self.wk(h).reshape(n, p.n_kv_head, p.head_dim_k)
-        v = self.wv(h).reshape(n, p.n_kv_head, p.head_dim_v)
-        if self.q_norm is not None:
-            ops.rmsnorm_heads(q, self.q_norm, p.eps)
-            ops.rmsnorm_heads(k, self.k_norm, p.eps)
-        positions = np.arange(pos0, pos0 + n, dtype=np.int64)
-        cos, sin = ops.rope_cache(positions, p.n_rot, p.rope_base, p.rope_scale)
-        ops.rope(q, cos, sin, p.rope_neox)
-        ops.rope(k, cos, sin, p.rope_neox)
-        rows = np.arange(pos0, pos0 + n) % k_cache.shape[0]
-        k_cache[rows] = k.astype(np.float16)
-        v_cache[rows] = v.astype(np.float16)
+        qkv = self.wqkv(h)
+        q = np.empty((n, p.n_head, p.head_dim_k), np.float32)
+        ops.qkv_store(qkv, p.n_head, p.n_kv_head, p.head_dim_k, p.head_dim_v, self.q_norm, self.k_norm,
+                      self.eps, rope[0], rope[1], p.rope_neox, k_cache, v_cache, pos0, q)
         out = np.empty((n, p.n_head, p.head_dim_v), np.float32)
-        ops.attention(q, k_cache, v_cache, pos0, np.float32(p.scale), p.window, np.float32(p.softcap), out)
+        ops.attention(q, k_cache, v_cache, pos0, self.scale, p.window, self.softcap, out)
         return self.wo(out.reshape(n, p.n_head * p.head_dim_v))
 
 
-class GatedMLP:
-    """down(act(gate(x)) * up(x)) with act = SiLU (llama) or GELU-tanh (gemma)."""
+def rope_tables(attns, pos0: int, n: int) -> dict:
+    """(cos, sin) per distinct rope setting of the layers ``attns``, for positions pos0..pos0+n-1."""
+    positions = np.arange(pos0, pos0 + n, dtype=np.int64)
+    tables = {}
+    for a in attns:
+        key = a.rope_key
+        if key not in tables:
+            tables[key] = ops.rope_cache(positions, key[0], key[1], key[2])
+    return tables
 
-    def __init__(self, gate, up, down, act: str = "silu"):
-        self.gate, self.up, self.down = gate, up, down
-        self.act = ops.silu_mul if act == "silu" else ops.gelu_mul
+
+class GatedMLP:
+    """down(act(gate(x)) * up(x)) with act = SiLU (llama) or GELU-tanh (gemma); gate/up fused into one matmul."""
+
+    def __init__(self, gate_up, down, act: str = "silu"):
+        self.gate_up, self.down = gate_up, down
+        self.n_ff = gate_up.rows // 2
+        self.act = ops.silu_mul_split if act == "silu" else ops.gelu_mul_split
 
     def __call__(self, h):
-        g = self.gate(h)
-        u = self.up(h)
-        self.act(g, u)
+        gu = self.gate_up(h)
+        g = np.empty((h.shape[0], self.n_ff), np.float32)
+        self.act(gu, g)
         return self.down(g)
 
 
 def rmsnorm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
     return ops.rmsnorm(x, w, np.float32(eps), np.empty_like(x))
+
+
+def add_rmsnorm(x: np.ndarray, h: np.ndarray, w: np.ndarray, eps, out: np.ndarray) -> np.ndarray:
+    """x += h; return rmsnorm(x) * w (written to out): a residual add and the next block's norm in one pass."""
+    return ops.add_rmsnorm(x, h, w, eps, out)
 
 
 def rope_scale_from(g: GGUFFile, arch: str) -> float:

@@ -20,8 +20,9 @@ from dataclasses import replace
 
 import numpy as np
 
-from .base import (Attention, AttnParams, Embedding, GatedMLP, KVCache, Linear, get, meta, norm_weight,
-                   rmsnorm, rope_scale_from)
+from .base import (Attention, AttnParams, Embedding, FusedLinear, GatedMLP, KVCache, Linear, get, meta,
+                   norm_weight, rmsnorm, rope_scale_from, rope_tables)
+from ..kernels import ops
 
 SWA_PATTERN = 6           # layers il with (il + 1) % 6 == 0 use global attention
 LOCAL_ROPE_BASE = 10000.0
@@ -57,11 +58,11 @@ class Gemma3Model:
             is_global = window <= 0 or (il + 1) % SWA_PATTERN == 0
             p = glob if is_global else local
             self.windows.append(p.window)
-            attn = Attention(p, *(Linear(get(g, b + f"attn_{x}.weight")) for x in "qkv"),
+            attn = Attention(p, FusedLinear(*(get(g, b + f"attn_{x}.weight") for x in "qkv")),
                              Linear(get(g, b + "attn_output.weight")),
                              q_norm=norm_weight(g, b + "attn_q_norm.weight", hd_k),
                              k_norm=norm_weight(g, b + "attn_k_norm.weight", hd_k))
-            mlp = GatedMLP(Linear(get(g, b + "ffn_gate.weight")), Linear(get(g, b + "ffn_up.weight")),
+            mlp = GatedMLP(FusedLinear(get(g, b + "ffn_gate.weight"), get(g, b + "ffn_up.weight")),
                            Linear(get(g, b + "ffn_down.weight")), act="gelu")
             norms = [norm_weight(g, b + f"{x}.weight", n_embd)
                      for x in ("attn_norm", "post_attention_norm", "ffn_norm", "post_ffw_norm")]
@@ -70,6 +71,7 @@ class Gemma3Model:
         out = g.tensors.get("output.weight") or get(g, "token_embd.weight")
         self.output = Linear(out)
         self.hd = (n_kv, hd_k, hd_v)
+        self.eps32 = np.float32(eps)
 
     def new_cache(self, n_ctx: int, n_batch: int = 512) -> KVCache:
         n_kv, hd_k, hd_v = self.hd
@@ -77,14 +79,17 @@ class Gemma3Model:
 
     def forward(self, ids: np.ndarray, pos0: int, cache: KVCache, n_out: int = 1,
                 embeddings: bool = False) -> np.ndarray:
-        eps = self.eps
+        eps = self.eps32
         x = self.tok_embd(ids) * self.embd_scale
-        for il, ((attn_norm, post_attn_norm, ffn_norm, post_ffw_norm), attn, mlp) in enumerate(self.layers):
-            h = attn(rmsnorm(x, attn_norm, eps), cache.k[il], cache.v[il], pos0)
-            x += rmsnorm(h, post_attn_norm, eps)
-            h = mlp(rmsnorm(x, ffn_norm, eps))
-            x += rmsnorm(h, post_ffw_norm, eps)
-        x = x[-n_out:]
+        ropes = rope_tables([attn for _, attn, _ in self.layers], pos0, x.shape[0])
+        xn = rmsnorm(x, self.layers[0][0][0], eps)
+        for il, ((_, post_attn_norm, ffn_norm, post_ffw_norm), attn, mlp) in enumerate(self.layers):
+            h = attn(xn, cache.k[il], cache.v[il], pos0, ropes[attn.rope_key])
+            ops.add_normed_rmsnorm(x, h, post_attn_norm, ffn_norm, eps, xn)      # x += norm(h); xn = norm(x)
+            h = mlp(xn)
+            nxt = self.layers[il + 1][0][0] if il + 1 < self.n_layer else self.output_norm
+            ops.add_normed_rmsnorm(x, h, post_ffw_norm, nxt, eps, xn)
+        xn = xn[-n_out:]
         if embeddings:
-            return rmsnorm(x, self.output_norm, eps)
-        return self.output(rmsnorm(x, self.output_norm, eps))
+            return np.ascontiguousarray(xn)
+        return self.output(xn)

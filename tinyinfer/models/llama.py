@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import (Attention, AttnParams, Embedding, GatedMLP, KVCache, Linear, default_scale, get,
-                   meta, norm_weight, rmsnorm, rope_scale_from)
+from .base import (Attention, AttnParams, Embedding, FusedLinear, GatedMLP, KVCache, Linear, add_rmsnorm,
+                   default_scale, get, meta, norm_weight, rmsnorm, rope_scale_from, rope_tables)
 
 
 class LlamaModel:
@@ -40,15 +40,16 @@ class LlamaModel:
         self.layers = []
         for il in range(self.n_layer):
             b = f"blk.{il}."
-            attn = Attention(self.attn_params, *(Linear(get(g, b + f"attn_{x}.weight")) for x in "qkv"),
+            attn = Attention(self.attn_params, FusedLinear(*(get(g, b + f"attn_{x}.weight") for x in "qkv")),
                              Linear(get(g, b + "attn_output.weight")))
-            mlp = GatedMLP(Linear(get(g, b + "ffn_gate.weight")), Linear(get(g, b + "ffn_up.weight")),
+            mlp = GatedMLP(FusedLinear(get(g, b + "ffn_gate.weight"), get(g, b + "ffn_up.weight")),
                            Linear(get(g, b + "ffn_down.weight")), act="silu")
             self.layers.append((norm_weight(g, b + "attn_norm.weight", n_embd), attn,
                                 norm_weight(g, b + "ffn_norm.weight", n_embd), mlp))
         self.output_norm = norm_weight(g, "output_norm.weight", n_embd)
         out = g.tensors.get("output.weight") or get(g, "token_embd.weight")
         self.output = Linear(out)
+        self.eps32 = np.float32(self.eps)
 
     def new_cache(self, n_ctx: int, n_batch: int = 512) -> KVCache:
         p = self.attn_params
@@ -59,10 +60,14 @@ class LlamaModel:
         """Run tokens ``ids`` at positions pos0.. and return the logits of the last ``n_out`` (n_out, n_vocab)
         (with ``embeddings``, their final normalized hidden states (n_out, n_embd) instead)."""
         x = self.tok_embd(ids)
-        for il, (attn_norm, attn, ffn_norm, mlp) in enumerate(self.layers):
-            x += attn(rmsnorm(x, attn_norm, self.eps), cache.k[il], cache.v[il], pos0)
-            x += mlp(rmsnorm(x, ffn_norm, self.eps))
-        x = x[-n_out:]
+        eps = self.eps32
+        rope = rope_tables([self.layers[0][1]], pos0, x.shape[0])[self.layers[0][1].rope_key]
+        xn = rmsnorm(x, self.layers[0][0], eps)
+        for il, (_, attn, ffn_norm, mlp) in enumerate(self.layers):
+            add_rmsnorm(x, attn(xn, cache.k[il], cache.v[il], pos0, rope), ffn_norm, eps, xn)
+            nxt = self.layers[il + 1][0] if il + 1 < self.n_layer else self.output_norm
+            add_rmsnorm(x, mlp(xn), nxt, eps, xn)     # x += mlp; xn = the next norm of x
+        xn = xn[-n_out:]
         if embeddings:
-            return rmsnorm(x, self.output_norm, self.eps)
-        return self.output(rmsnorm(x, self.output_norm, self.eps))
+            return np.ascontiguousarray(xn)
+        return self.output(xn)
