@@ -129,9 +129,8 @@ def test_ensure_requantized_caches_the_same_bytes(requantized, smollm2_path):
     assert p == cache_dir() / "SmolLM2-135M-Instruct.Q4_0.gguf"
     assert file_sha(p) == file_sha(requantized["Q4_0"][0])     # same bytes as the tool's output
     mtime = p.stat().st_mtime_ns
-    t0 = time.perf_counter()
     assert ensure_requantized("q4_0") == p                    # reused, not rewritten
-    assert time.perf_counter() - t0 < 2 and p.stat().st_mtime_ns == mtime
+    assert p.stat().st_mtime_ns == mtime
     assert ensure_requantized("Q4_1") == smollm2_path          # already that type
     with pytest.raises(QuantizeError, match="unknown type"):
         ensure_requantized("Q4_9")

