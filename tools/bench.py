@@ -54,25 +54,24 @@ def model_label(eng) -> tuple:
 
 
 def weight_bytes_per_token(model) -> int:
-    """Bytes of weights a single-token step reads: every matmul weight, one embedding row."""
+    """Bytes of weights a single-token step reads: every matmul weight (one embedding row aside)."""
     from ..models.base import Linear
     seen = set()
     total = 0
 
-    def visit(o, depth=0):
+    def visit(o):
         nonlocal total
-        if depth > 4 or id(o) in seen:
+        if id(o) in seen:
             return
         seen.add(id(o))
         if isinstance(o, Linear):
             total += o.nbytes
-            return
-        if isinstance(o, (list, tuple)):
+        elif isinstance(o, (list, tuple)):
             for x in o:
-                visit(x, depth + 1)
-        elif hasattr(o, "__dict__"):
+                visit(x)
+        elif type(o).__module__.startswith("tinyinfer.models"):
             for x in vars(o).values():
-                visit(x, depth + 1)
+                visit(x)
     visit(model)
     return total
 
