@@ -376,25 +376,3 @@ def gelu_mul_split(gu, out):
             o[j] = np.float32(0.5) * x * (np.float32(1.0) + th) * u[j]
     return out
 
-
-@nb.njit(**_opts)
-def silu_mul(g, u):
-    """g = silu(g) * u in place (SwiGLU)."""
-    gf = g.reshape(-1)
-    uf = u.reshape(-1)
-    for i in range(gf.shape[0]):
-        x = gf[i]
-        gf[i] = x / (np.float32(1.0) + math.exp(-x)) * uf[i]
-    return g
-
-
-@nb.njit(**_opts)
-def gelu_mul(g, u):
-    """g = gelu_tanh(g) * u in place (GeGLU, as ggml's gelu)."""
-    gf = g.reshape(-1)
-    uf = u.reshape(-1)
-    c = math.sqrt(2.0 / math.pi)
-    for i in range(gf.shape[0]):
-        x = gf[i]
-        gf[i] = 0.5 * x * (1.0 + math.tanh(c * x * (1.0 + 0.044715 * x * x))) * uf[i]
-    return g
