@@ -996,6 +996,27 @@ def _kx_block_scales(x, xo, nmax, rmin, nstep, L, Laux, weights, scales, mins):
 
 
 @njit(**_JIT)
+def _k4_super_block(x, xo, dst, o, nmax, rmin, nstep, L, Laux, weights, scales, mins):
+    """Q4_K / Q5_K super-block head: choose the 8 scales and mins, write d, dmin and the
+    packed 6-bit scales at dst[o:o+16], and the quants 0..nmax into L."""
+    max_scale, max_min = _kx_block_scales(x, xo, nmax, rmin, nstep, L, Laux, weights, scales, mins)
+    _pack_scales_k4(dst, o + 4, scales, mins, max_scale, max_min)
+    _wr16(dst, o, _f2h(max_scale / np.float32(63.0)))
+    _wr16(dst, o + 2, _f2h(max_min / np.float32(63.0)))
+    dd = _h2f(_rd16(dst, o))
+    dmin = _h2f(_rd16(dst, o + 2))
+    for j in range(QK_K // 32):
+        sc, m = _scale_min_k4(j, dst, o + 4)
+        d = dd * np.float32(sc)
+        if d == 0:
+            continue
+        dm = dmin * np.float32(m)
+        for ii in range(32):
+            l = _nearest_int((x[xo + 32 * j + ii] + dm) / d)
+            L[32 * j + ii] = max(0, min(nmax, l))
+
+
+@njit(**_JIT)
 def _q_rows_q4_k(S, D):
     for r in range(S.shape[0]):
         x = S[r]
@@ -1008,21 +1029,7 @@ def _q_rows_q4_k(S, D):
         for i in range(x.shape[0] // QK_K):
             xo = i * QK_K
             o = i * 144
-            max_scale, max_min = _kx_block_scales(x, xo, 15, np.float32(-1.0), 20, L, Laux, weights, scales, mins)
-            _pack_scales_k4(dst, o + 4, scales, mins, max_scale, max_min)
-            _wr16(dst, o, _f2h(max_scale / np.float32(63.0)))
-            _wr16(dst, o + 2, _f2h(max_min / np.float32(63.0)))
-            dd = _h2f(_rd16(dst, o))
-            dmin = _h2f(_rd16(dst, o + 2))
-            for j in range(QK_K // 32):
-                sc, m = _scale_min_k4(j, dst, o + 4)
-                d = dd * np.float32(sc)
-                if d == 0:
-                    continue
-                dm = dmin * np.float32(m)
-                for ii in range(32):
-                    l = _nearest_int((x[xo + 32 * j + ii] + dm) / d)
-                    L[32 * j + ii] = max(0, min(15, l))
+            _k4_super_block(x, xo, dst, o, 15, np.float32(-1.0), 20, L, Laux, weights, scales, mins)
             q = o + 16
             for j in range(0, QK_K, 64):
                 for l in range(32):
@@ -1043,21 +1050,7 @@ def _q_rows_q5_k(S, D):
         for i in range(x.shape[0] // QK_K):
             xo = i * QK_K
             o = i * 176
-            max_scale, max_min = _kx_block_scales(x, xo, 31, np.float32(-0.5), 15, L, Laux, weights, scales, mins)
-            _pack_scales_k4(dst, o + 4, scales, mins, max_scale, max_min)
-            _wr16(dst, o, _f2h(max_scale / np.float32(63.0)))
-            _wr16(dst, o + 2, _f2h(max_min / np.float32(63.0)))
-            dd = _h2f(_rd16(dst, o))
-            dmin = _h2f(_rd16(dst, o + 2))
-            for j in range(QK_K // 32):
-                sc, m = _scale_min_k4(j, dst, o + 4)
-                d = dd * np.float32(sc)
-                if d == 0:
-                    continue
-                dm = dmin * np.float32(m)
-                for ii in range(32):
-                    l = _nearest_int((x[xo + 32 * j + ii] + dm) / d)
-                    L[32 * j + ii] = max(0, min(31, l))
+            _k4_super_block(x, xo, dst, o, 31, np.float32(-0.5), 15, L, Laux, weights, scales, mins)
             qh = o + 16
             ql = o + 48
             for j in range(32):
