@@ -10,20 +10,9 @@ from typing import Iterator, List, Optional, Sequence, Union
 
 import numpy as np
 
-from .chat import ChatFormatter
+from .chat import ChatFormatter, chat_prompt_ids
 from .engine import Engine, Step
 from .sampler import SamplerParams
-
-
-def _sampler_params(temperature, top_k, top_p, min_p, typical_p, repeat_penalty, repeat_last_n,
-                    presence_penalty, frequency_penalty, mirostat_mode, mirostat_tau, mirostat_eta,
-                    seed, logit_bias) -> SamplerParams:
-    return SamplerParams(
-        temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, typical_p=typical_p,
-        repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n, presence_penalty=presence_penalty,
-        frequency_penalty=frequency_penalty, mirostat=mirostat_mode, mirostat_tau=mirostat_tau,
-        mirostat_eta=mirostat_eta, seed=seed,
-        logit_bias={int(k): float(v) for k, v in (logit_bias or {}).items()})
 
 
 class Llama:
@@ -37,11 +26,7 @@ class Llama:
                               vocab_only=vocab_only, logits_all=logits_all, verbose=verbose)
         tok = self._engine.tokenizer
         self.metadata = {k: v for k, v in self._engine.gguf.metadata.items() if isinstance(v, (str, int, float))}
-        self.chat_formatter = ChatFormatter.from_metadata(
-            self._engine.gguf.metadata,
-            bos_token=tok.token_text(tok.bos_id) if tok.bos_id is not None else "",
-            eos_token=tok.token_text(tok.eos_id) if tok.eos_id is not None else "",
-            chat_format=chat_format)
+        self.chat_formatter = ChatFormatter.for_tokenizer(self._engine.gguf.metadata, tok, chat_format)
         self.chat_format = self.chat_formatter.name
         if verbose:
             t = self._engine.timings
@@ -133,9 +118,11 @@ class Llama:
         prompt_ids = self._prompt_ids(prompt, special)
         if seed is None:
             seed = self.seed
-        params = _sampler_params(temperature, top_k, top_p, min_p, typical_p, repeat_penalty, repeat_last_n,
-                                 presence_penalty, frequency_penalty, mirostat_mode, mirostat_tau, mirostat_eta,
-                                 None if seed is None or seed < 0 else seed, logit_bias)
+        params = SamplerParams(
+            temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, typical_p=typical_p,
+            repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n, presence_penalty=presence_penalty,
+            frequency_penalty=frequency_penalty, mirostat=mirostat_mode, mirostat_tau=mirostat_tau,
+            mirostat_eta=mirostat_eta, seed=None if seed is None or seed < 0 else seed, logit_bias=logit_bias)
         echo_text = None
         if echo:
             echo_text = prompt if isinstance(prompt, str) else self._engine.tokenizer.decode(prompt_ids)
@@ -184,15 +171,6 @@ class GenStats:
     def usage(self) -> dict:
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
                 "total_tokens": self.prompt_tokens + self.completion_tokens}
-
-
-def chat_prompt_ids(formatter: ChatFormatter, tok, messages: List[dict]) -> List[int]:
-    """Render ``messages`` with the chat template and tokenize (special tokens parsed, BOS once)."""
-    prompt = formatter.render(messages, add_generation_prompt=True)
-    ids = tok.encode(prompt, add_bos=False, special=True)
-    if tok.add_bos and tok.bos_id is not None and (not ids or ids[0] != tok.bos_id):
-        ids = [tok.bos_id] + ids
-    return ids
 
 
 def completion_chunks(engine: Engine, prompt_ids: List[int], params: SamplerParams, *,

@@ -129,6 +129,13 @@ class ChatFormatter:
         name = guess_builtin(metadata)
         return cls(BUILTIN[name], bos_token, eos_token, name=name)
 
+    @classmethod
+    def for_tokenizer(cls, metadata: dict, tok, chat_format: Optional[str] = None) -> "ChatFormatter":
+        """The file's template (or a built-in one) with the tokenizer's BOS / EOS texts."""
+        def text(i):
+            return tok.token_text(i) if i is not None else ""
+        return cls.from_metadata(metadata, text(tok.bos_id), text(tok.eos_id), chat_format=chat_format)
+
     def render(self, messages, add_generation_prompt: bool = True, **extra) -> str:
         if not isinstance(messages, (list, tuple)):
             raise ChatTemplateError("messages must be a list of {role, content} objects")
@@ -152,3 +159,12 @@ class ChatFormatter:
             raise ChatTemplateError(f"chat template refused by the sandbox: {e}") from None
         except Exception as e:  # a template is data from the file: any failure is its error
             raise ChatTemplateError(f"chat template failed: {type(e).__name__}: {e}") from None
+
+
+def chat_prompt_ids(formatter, tok, messages) -> list:
+    """Render ``messages`` with the chat template and tokenize (special tokens parsed, BOS once)."""
+    prompt = formatter.render(messages, add_generation_prompt=True)
+    ids = tok.encode(prompt, add_bos=False, special=True)
+    if tok.add_bos and tok.bos_id is not None and (not ids or ids[0] != tok.bos_id):
+        ids = [tok.bos_id] + ids
+    return ids

@@ -143,12 +143,10 @@ def run_generate(a) -> int:
 
 
 def _chat_loop(eng, a, first_prompt) -> int:
-    from .chat import ChatFormatter
+    from .chat import ChatFormatter, chat_prompt_ids
 
     tok = eng.tokenizer
-    fmt = ChatFormatter.from_metadata(eng.gguf.metadata, tok.token_text(tok.bos_id) if tok.bos_id is not None else "",
-                                      tok.token_text(tok.eos_id) if tok.eos_id is not None else "",
-                                      chat_format=a.chat_template)
+    fmt = ChatFormatter.for_tokenizer(eng.gguf.metadata, tok, a.chat_template)
     messages = [{"role": "system", "content": a.system_prompt}] if a.system_prompt else []
     print(f"tinyinfer: chat mode ({fmt.name} template); Ctrl-D or /exit to quit", file=sys.stderr)
     pending = first_prompt
@@ -162,9 +160,7 @@ def _chat_loop(eng, a, first_prompt) -> int:
             break
         messages.append({"role": "user", "content": pending})
         pending = None
-        ids = tok.encode(fmt.render(messages), add_bos=False, special=True)
-        if tok.add_bos and tok.bos_id is not None and (not ids or ids[0] != tok.bos_id):
-            ids = [tok.bos_id] + ids
+        ids = chat_prompt_ids(fmt, tok, messages)
         reply = []
         for step in eng.generate(ids, _sampler_params(a), max_tokens=a.n_predict, stop=a.reverse_prompt):
             reply.append(step.text)
@@ -172,8 +168,6 @@ def _chat_loop(eng, a, first_prompt) -> int:
             sys.stdout.flush()
         sys.stdout.write("\n")
         messages.append({"role": "assistant", "content": "".join(reply)})
-        if not sys.stdin.isatty() and a.prompt is not None and not a.no_perf:
-            pass
     if not a.no_perf:
         print(eng.timings.report(), file=sys.stderr)
     return 0

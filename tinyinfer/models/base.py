@@ -130,13 +130,11 @@ def get(g: GGUFFile, name: str) -> TensorInfo:
     return t
 
 
-def norm_weight(g: GGUFFile, name: str, dim: int, add_one: bool = False) -> np.ndarray:
+def norm_weight(g: GGUFFile, name: str, dim: int) -> np.ndarray:
     t = get(g, name)
     w = quants.dequantize(t.data, t.ggml_type, t.shape[0]).reshape(-1)
     if w.shape[0] != dim:
         raise ModelError(f"{name}: expected {dim} values, found {w.shape[0]}")
-    if add_one:
-        w = w + 1.0
     return np.ascontiguousarray(w, dtype=np.float32)
 
 

@@ -101,10 +101,7 @@ class ServerState:
             self.metadata = eng.gguf.metadata
             self.tokenizer = tok
             self.n_ctx = eng.n_ctx
-            bos = tok.token_text(tok.bos_id) if tok.bos_id is not None else ""
-            eos = tok.token_text(tok.eos_id) if tok.eos_id is not None else ""
-            self.formatter = ChatFormatter.from_metadata(self.metadata, bos, eos,
-                                                         chat_format=self.config.chat_template)
+            self.formatter = ChatFormatter.for_tokenizer(self.metadata, tok, self.config.chat_template)
             serialize = False
             if self.config.parallel > 1:
                 try:

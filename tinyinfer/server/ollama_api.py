@@ -18,7 +18,8 @@ from typing import List, Optional
 from fastapi import APIRouter, Request
 from starlette.responses import JSONResponse
 
-from ..api import GenStats, chat_prompt_ids, completion_chunks
+from ..api import GenStats, completion_chunks
+from ..chat import chat_prompt_ids
 from .core import (ApiError, ServerState, check_prompt, dumps, encode_prompt, first_item, gone_response,
                    ndjson_response, run_to_end, sampler_params, stream_items, submit)
 from .schemas import (OllamaChatRequest, OllamaEmbeddingsRequest, OllamaEmbedRequest, OllamaGenerateRequest,

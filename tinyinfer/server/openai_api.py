@@ -11,7 +11,8 @@ import numpy as np
 from fastapi import APIRouter, Request
 from starlette.responses import JSONResponse
 
-from ..api import GenStats, chat_chunks, chat_prompt_ids, completion_chunks, merge_chat, merge_completion
+from ..api import GenStats, chat_chunks, completion_chunks, merge_chat, merge_completion
+from ..chat import chat_prompt_ids
 from .core import (ApiError, ServerState, check_prompt, dumps, encode_prompt, first_item, gone_response,
                    run_to_end, sampler_params, sse_response, stream_items, submit)
 from .schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
