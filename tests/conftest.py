@@ -15,6 +15,8 @@ DATA = REFERENCE.parent / "data"
 def need_reference(*parts) -> Path:
     p = REFERENCE.joinpath(*parts)
     if not p.exists():
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(f"llama.cpp reference data not found at {p}: under CI missing evidence is a failure")
         pytest.skip(f"llama.cpp reference data not found at {p} (../shared/reference beside the project)")
     return p
 

@@ -342,10 +342,9 @@ def test_real_open_does_not_read_weights(gemma3_path):
 
 def test_reference_vocab_only_files():
     """llama.cpp's vocab-only files end right after the tensor infos (no padding to the data section)."""
-    from conftest import REFERENCE
-    files = sorted((REFERENCE / "vocab").glob("*.gguf"))
-    if not files:
-        pytest.skip("no reference vocab files")
+    from conftest import need_reference
+    files = sorted(need_reference("vocab").glob("*.gguf"))
+    assert files, "no vocab files in the reference folder"
     for p in files:
         f = GGUFFile(p)
         assert not f.tensors and f.data_offset >= f.size - f.alignment

@@ -203,10 +203,8 @@ def test_usage_errors(capsys, smollm2_path):
 # -- files that parse but are unusual --------------------------------------------------------
 
 def test_vocab_only_reference_file(capsys):
-    from conftest import REFERENCE
-    p = REFERENCE / "vocab" / "ggml-vocab-llama-spm.gguf"
-    if not p.exists():
-        pytest.skip("no reference vocab file")
+    from conftest import need_reference
+    p = need_reference("vocab", "ggml-vocab-llama-spm.gguf")
     j = run_json(capsys, p)
     assert j["tensors"]["count"] == 0 and j["tensors"]["bits_per_weight"] is None
     assert j["tokenizer"]["model"] == "llama" and j["tokenizer"]["vocab_size"] > 0

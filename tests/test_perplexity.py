@@ -24,9 +24,7 @@ TYPES = [t for t in os.environ.get("TINYINFER_PPL_TYPES", "Q4_1,Q4_0,Q8_0,F16").
 
 
 def wikitext() -> str:
-    p = DATA / "wikitext2-test.txt"
-    if not p.exists():
-        pytest.skip(f"{p} not found")
+    p = need_reference("..", "data", "wikitext2-test.txt")
     return p.read_text(encoding="utf-8")
 
 
