@@ -31,3 +31,9 @@ def smollm2_path() -> Path:
 def gemma3_path() -> Path:
     from tinyinfer.fetch import fetch
     return fetch("gemma3")
+
+
+@pytest.fixture(scope="session")
+def qwen25_path() -> Path:
+    from tinyinfer.fetch import fetch
+    return fetch("qwen2.5")

