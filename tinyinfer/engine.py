@@ -235,6 +235,7 @@ class Engine:
         matcher = grammar.matcher(self.tokenizer, self.n_vocab) if grammar is not None else None
         closer = _JsonBudget(self.tokenizer) if grammar is not None and grammar.is_json and max_tokens > 0 \
             else None
+        self.gen = {"params": params, "max_tokens": max_tokens, "stop": list(stop or [])}   # what /slots shows
         self.timings.reset()
         logits = self.ingest_prompt(prompt_ids)
         sampler = Sampler(params, self.n_vocab, grammar=matcher)
