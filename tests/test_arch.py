@@ -9,7 +9,6 @@ and checked against ../shared/reference/arch/sha256.txt.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import subprocess
 import sys
@@ -21,24 +20,16 @@ import pytest
 from conftest import REFERENCE, need_reference
 from test_inference import check_first_step, check_greedy
 from tinyinfer.engine import Engine
+from tinyinfer.fetch import _sha256, cache_dir
 from tinyinfer.gguf import GGUFFile
 from tinyinfer.models import ModelError, load_model
 
 SYNTHETIC = ["qwen3", "llama3", "phi3", "smollm3"]
 
 
-def _sha256(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 @pytest.fixture(scope="session")
 def synthetic_dir():
     """The four synthetic files, generated once into the model cache (sha256 checked every session)."""
-    from tinyinfer.fetch import cache_dir
     tool = REFERENCE.parent / "tools" / "make_arch_models.py"
     want = dict(reversed(line.split()) for line in need_reference("arch", "sha256.txt").read_text().splitlines()
                 if line.strip())
