@@ -13,7 +13,18 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    # NaN and ±Infinity (which Python's JSON parser accepts) are no sampling values: 400
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+
+
+#: chat roles the templates know (OpenAI's ``developer`` and legacy ``function`` included)
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool", "function")
+
+
+def _known_role(v: str) -> str:
+    if v not in CHAT_ROLES:
+        raise ValueError(f"unknown role {v!r}; expected one of {', '.join(CHAT_ROLES)}")
+    return v
 
 
 # -- OpenAI ----------------------------------------------------------------------------------
@@ -64,8 +75,17 @@ class StreamOptions(_Body):
     include_usage: bool = False
 
 
+class ResponseFormat(_Body):
+    type: Literal["text", "json_object", "json_schema"] = "text"
+    json_schema: Optional[Dict[str, Any]] = Field(None, description='{"name": ..., "schema": {...}, "strict": true}')
+    schema_: Optional[Dict[str, Any]] = Field(None, alias="schema", description="llama-cpp-python's json_object schema")
+
+
 class CompletionRequest(_Sampling):
     prompt: Union[str, List[str], List[int]] = Field("", description="text, or token ids")
+    grammar: Optional[str] = Field(None, description="GBNF grammar the output must match (llama-server)")
+    json_schema: Optional[Dict[str, Any]] = Field(None, description="JSON schema of the output (llama-server)")
+    response_format: Optional[ResponseFormat] = None
     suffix: Optional[str] = None
     max_tokens: Optional[int] = Field(16, ge=0, description="0 or null: until an end token or the context is full")
     echo: bool = False
@@ -89,15 +109,11 @@ class ContentPart(_Body):
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
     role: str
     content: Optional[Union[str, List[ContentPart]]] = ""
 
-
-class ResponseFormat(_Body):
-    type: Literal["text", "json_object", "json_schema"] = "text"
-    json_schema: Optional[Dict[str, Any]] = None
-    schema_: Optional[Dict[str, Any]] = Field(None, alias="schema")
+    _role = field_validator("role")(_known_role)
 
 
 class ChatCompletionRequest(_Sampling):
@@ -149,12 +165,6 @@ class _OllamaGen(_Body):
     keep_alive: Optional[Union[int, float, str]] = None
     think: Optional[Union[bool, str]] = None
 
-    @field_validator("format")
-    @classmethod
-    def _format(cls, v):
-        if isinstance(v, str) and v not in ("", "json"):
-            raise ValueError('format must be "json" or a JSON schema object')
-        return v
 
 
 class OllamaGenerateRequest(_OllamaGen):
@@ -168,10 +178,12 @@ class OllamaGenerateRequest(_OllamaGen):
 
 
 class OllamaMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
     role: str
     content: Optional[str] = ""
     images: Optional[List[str]] = None
+
+    _role = field_validator("role")(_known_role)
 
 
 class OllamaChatRequest(_OllamaGen):
