@@ -75,6 +75,12 @@ FTYPES = {
     "F32": (FT.ALL_F32, GT.F32),
 }
 ALIASES = {"Q3_K": "Q3_K_M", "Q4_K": "Q4_K_M", "Q5_K": "Q5_K_M"}
+_FTYPE_NAMES = {int(ft): name for name, (ft, _) in FTYPES.items()}
+
+
+def file_type_name(ftype: int) -> str:
+    """llama-quantize's name of a general.file_type value ("Q4_K_M"), or "type N"."""
+    return _FTYPE_NAMES.get(int(ftype), f"type {ftype}")
 COPY = "COPY"
 
 
