@@ -78,7 +78,7 @@ from numba import prange  # noqa: F401  (used by the generated drivers)
 from . import simd
 from gguf import GGMLQuantizationType as GT
 
-from . import quants
+from . import arm, quants
 from .simd import (GROUP, f32_to_f16_to_f32, interleaved_kernel, kgemv_kernel, ktile_kernel, quantize_row_kernel,
                    tile_kernel)
 
@@ -585,11 +585,16 @@ def _make_packed(info: _TypeInfo, parallel: bool):
                 tail_one=_bind(tile_kernel(f, 1, 1, act16=True)))
 
 
-def _driver(info: _TypeInfo, packed: bool, parallel: bool):
+def _driver(info: _TypeInfo, packed, parallel: bool):
+    """packed: False (native), True (x16 row-interleaved) or "arm" (kernels/arm.py's 4-row layouts)."""
     key = (packed, parallel)
     d = info.drivers.get(key)
     if d is None:
-        d = info.drivers[key] = (_make_packed if packed else _make_native)(info, parallel)
+        if packed == "arm":
+            d = arm.make_driver(info.name, parallel)
+        else:
+            d = (_make_packed if packed else _make_native)(info, parallel)
+        info.drivers[key] = d
     return d
 
 
@@ -645,6 +650,7 @@ class PreparedWeight:
     info: _TypeInfo
     packed: np.ndarray | None = None   # uint8 (rows // 16, nb, group_block_bytes)
     tail: np.ndarray | None = None     # w[rows - rows % 16:] when packed
+    arm: np.ndarray | None = None      # uint8 (rows // 4, nb, group_block_bytes): kernels/arm.py's layout
 
     @property
     def type_name(self) -> str:
@@ -656,7 +662,7 @@ class PreparedWeight:
         return self.rows * self.w.shape[1]
 
     def __repr__(self):
-        how = "repacked x16" if self.packed is not None else "native"
+        how = "repacked x16" if self.packed is not None else "repacked arm x4" if self.arm is not None else "native"
         return f"PreparedWeight({self.info.name}, rows={self.rows}, k={self.k}, {how})"
 
 
@@ -697,6 +703,11 @@ def prepare(w_raw: np.ndarray, ggml_type: int, k: int, repack: bool | None = Non
     if w.strides[1] != 1 or w.strides[0] < row_bytes:
         w = np.ascontiguousarray(w)
     pw = PreparedWeight(w, int(ggml_type), k, w.shape[0], info)
+    lay = arm.layout(info.name)
+    if arm.ENABLED and repack is not False and lay is not None and w.shape[0] % arm.ROWS == 0:
+        # aarch64: 4-row groups for sdot by lane (A76) / smull + smlal (A72), GEMV and GEMM
+        pw.arm = lay.repack(w)
+        return pw
     if (REPACK if repack is None else repack) and info.repack and w.shape[0] >= GROUP:
         nsc, nch, nqh = info.repack
         ng = w.shape[0] // GROUP
@@ -739,7 +750,9 @@ def matmul(pw: PreparedWeight, x: np.ndarray, out: np.ndarray | None = None) -> 
     if n == 0:
         return out
     parallel = pw.nbytes * max(1, n >> 2) >= PARALLEL_MIN_BYTES and _num_threads() > 1
-    if pw.packed is not None:
+    if pw.arm is not None:
+        _driver(pw.info, "arm", parallel)(pw.arm, x, out)
+    elif pw.packed is not None:
         _driver(pw.info, True, parallel)(pw.packed, pw.tail, x, out)
     else:
         _driver(pw.info, False, parallel)(pw.w, x, out)
