@@ -106,11 +106,22 @@ def hot_loop(asm: str) -> list[str]:
     return best
 
 
+def find_mca() -> str:
+    """The newest llvm-mca here: LLVM 14's neoverse-n1 is scheduled with the Cortex-A57 model (3-wide,
+    one load pipe); the N1's own model (8-wide dispatch, two load pipes) came later (LLVM 19 has it)."""
+    found = sorted(Path("/usr/lib").glob("llvm-*/bin/llvm-mca"), key=lambda p: int(p.parts[3].split("-")[1]))
+    exe = str(found[-1]) if found else shutil.which("llvm-mca")
+    if exe is None:
+        raise SystemExit("llvm-mca not found (Debian: apt-get install llvm-19)")
+    return exe
+
+
+MCA = None
+
+
 def mca(loop: list[str], mcpu: str, iterations: int = 100) -> tuple[float, int]:
     """(cycles per iteration, instructions per iteration) of a loop body under llvm-mca."""
-    exe = shutil.which("llvm-mca") or next((p for p in sorted(Path("/usr/bin").glob("llvm-mca-*"))), None)
-    if exe is None:
-        raise SystemExit("llvm-mca not found (Debian: apt-get install llvm)")
+    exe = MCA or find_mca()
     with tempfile.NamedTemporaryFile("w", suffix=".s", delete=False) as f:
         f.write("\n".join(loop) + "\n")
     try:
@@ -155,7 +166,13 @@ def main(argv=None):
     ap.add_argument("--cpus", nargs="*", default=list(CPUS), choices=list(CPUS))
     ap.add_argument("--before", action="store_true", help="the native tiles only (no kernels/arm.py)")
     ap.add_argument("--asm", action="store_true", help="print each measured loop")
+    ap.add_argument("--mca", default=None, help="llvm-mca binary (default: the newest installed)")
     a = ap.parse_args(argv)
+    global MCA
+    MCA = a.mca or find_mca()
+    ver = subprocess.run([MCA, "--version"], capture_output=True, text=True).stdout
+    print(f"# {MCA}: LLVM {re.search(r'version ([0-9.]+)', ver).group(1)}; "
+          f"A76 = -mcpu=neoverse-n1, A72 = -mcpu=cortex-a72; 100 iterations")
     print(f"{'CPU':4s} {'type':6s} {'kind':5s} {'kernel':24s} {'cyc/blk':>8s} {'ins/blk':>8s}   "
           f"llama.cpp cyc (ins)   ratio   loop ops")
     for cpu in a.cpus:

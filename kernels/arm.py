@@ -33,6 +33,7 @@ Measure with ``benchmarks/arm_mca.py`` (llvm-mca cycles per block, next to llama
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import platform
@@ -79,6 +80,7 @@ DOTPROD = AARCH64 and _detect_dotprod()
 # flavour is generic IR, which is how tests run it on x86)
 ENABLED = os.environ.get("TINYINFER_ARM_REPACK", "1" if AARCH64 else "0") == "1"
 NC = int(os.environ.get("TINYINFER_ARM_NC", 4))     # activation rows per GEMM tile
+SDOT_CHAINS = int(os.environ.get("TINYINFER_ARM_CHAINS", 1))   # independent sdot chains per block sum
 
 
 # ------------------------------------------------------------------ layouts (numpy)
@@ -317,10 +319,10 @@ def dot4(e: Emitter, pieces, dotprod: bool, terms: int = 8):
     """
     b = e.b
     if dotprod:
-        acc = [ir.Constant(V4I, None)] * 2
+        acc = [ir.Constant(V4I, None)] * SDOT_CHAINS
         for t, (w, x, i) in enumerate(pieces):
-            acc[t % 2] = _sdot(e, acc[t % 2], w, _lane_bcast(e, x, i))
-        return b.add(acc[0], acc[1])
+            acc[t % SDOT_CHAINS] = _sdot(e, acc[t % SDOT_CHAINS], w, _lane_bcast(e, x, i))
+        return functools.reduce(b.add, acc)
     v8 = vec(I16, 8)
     s = [None, None]
     a = [None, None]
@@ -345,6 +347,26 @@ def dot4(e: Emitter, pieces, dotprod: bool, terms: int = 8):
     if n:
         flush()
     return _addp(e, s[0], s[1])
+
+
+def _widen4(e: Emitter, v, signed: bool):
+    """<n x i8> -> n/4 <4 x i32> vectors of its lanes 4j..4j+3, widened through i16 (ushll / ushll2,
+    no shuffles): the per-row scales of a sub-block as one vector."""
+    b = e.b
+    ext = b.sext if signed else b.zext
+    out = []
+    for o in range(0, v.type.count, 8):
+        h = ext(e.shuffle(v, None, range(o, o + 8)), vec(I16, 8))
+        out += [ext(e.shuffle(h, None, range(t, t + 4)), V4I) for t in (0, 4)]
+    return out
+
+
+def _to_float(e: Emitter, s, fbits: int = 0):
+    """<4 x i32> -> <4 x float> s / 2^fbits (exact): a fixed-point ``scvtf #fbits`` on aarch64."""
+    if fbits and simd.TARGET_ARCH == "aarch64":
+        return _intrinsic_call(e.b, "llvm.aarch64.neon.vcvtfxs2fp.v4f32.v4i32", vec(F32, 4), [s, c32(fbits)])
+    f = e.b.sitofp(s, vec(F32, 4))
+    return e.b.fmul(f, _cv(F32, 4, 1.0 / (1 << fbits))) if fbits else f
 
 
 def _f16x4(e: Emitter, bp, off):
@@ -407,9 +429,7 @@ def group_kernel(type_name: str, nc: int, dotprod: bool):
                         x0, x1 = xvec(c, 0), xvec(c, 16)
                         s = dot4(e, [(lo[j], x0, j) for j in range(4)] + [(hi[j], x1, j) for j in range(4)],
                                  dotprod, terms=8)
-                        sf = b.sitofp(s, vec(F32, 4))
-                        if dotprod:
-                            sf = b.fdiv(sf, _cv(F32, 4, 16.0))        # exact: scvtf #4
+                        sf = _to_float(e, s, 4 if dotprod else 0)
                         new.append(e.fma(sf, e.fmul(dw, e.splat(dx[c], 4)), accs[c]))
                 elif type_name == "Q8_0":
                     dw = _f16x4(e, bp, 0)
@@ -421,10 +441,8 @@ def group_kernel(type_name: str, nc: int, dotprod: bool):
                 elif type_name == "Q4_K":
                     dw = _f16x4(e, bp, 0)
                     dm = _f16x4(e, bp, 8)
-                    sc = b.zext(e.load(bp, c64(16), vec(I8, 32)), vec(I32, 32))
-                    mn = b.zext(e.load(bp, c64(48), vec(I8, 32)), vec(I32, 32))
-                    scj = [e.shuffle(sc, None, range(4 * j, 4 * j + 4)) for j in range(8)]
-                    mnj = [e.shuffle(mn, None, range(4 * j, 4 * j + 4)) for j in range(8)]
+                    scj = _widen4(e, e.load(bp, c64(16), vec(I8, 32)), False)
+                    mnj = _widen4(e, e.load(bp, c64(48), vec(I8, 32)), False)
                     qs = [[e.load(bp, c64(80 + 128 * cc + 16 * t), V16) for t in range(8)] for cc in range(4)]
                     subs = []
                     for cc in range(4):
@@ -447,8 +465,7 @@ def group_kernel(type_name: str, nc: int, dotprod: bool):
                                           flags=("contract",)))
                 elif type_name == "Q6_K":
                     dw = _f16x4(e, bp, 0)
-                    sc = b.sext(e.load(bp, c64(8), vec(I8, 64)), vec(I32, 64))
-                    scg = [e.shuffle(sc, None, range(4 * g, 4 * g + 4)) for g in range(16)]
+                    scg = _widen4(e, e.load(bp, c64(8), vec(I8, 64)), True)
                     ql = [[e.load(bp, c64(72 + 128 * cc + 16 * t), V16) for t in range(8)] for cc in range(4)]
                     qh = [[e.load(bp, c64(584 + 128 * h + 16 * t), V16) for t in range(8)] for h in range(2)]
                     subs = []
