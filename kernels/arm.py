@@ -178,29 +178,50 @@ def _per_sub(v: np.ndarray) -> np.ndarray:
     return v.transpose(0, 2, 3, 1).reshape(v.shape[0], v.shape[2], -1)
 
 
-class Q4_Kx4(Layout4):
-    """Per super-block: d[4], dmin[4] (fp16), scales[8][4], mins[8][4] (u8, sub-block major),
-    qs: 4 x 8 chunks of 16 B: chunk (c, i) = rows 0..3's qs[32c + 4i .. +3] (low nibbles: sub-block
-    2c, high: 2c + 1, as in block_q4_K)."""
+def _pack_6bit(v: np.ndarray) -> np.ndarray:
+    """(..., 64) values < 64 -> (..., 48) bytes: 32 B of low nibbles (value t and t + 32 in a byte),
+    then 16 B of high 2-bit pairs (values t, t + 16, t + 32, t + 48 at bits 0, 2, 4, 6)."""
+    lo = (v[..., :32] & 0xF) | ((v[..., 32:] & 0xF) << 4)
+    h = v >> 4
+    hi = h[..., 0:16] | (h[..., 16:32] << 2) | (h[..., 32:48] << 4) | (h[..., 48:64] << 6)
+    return np.concatenate([lo, hi], axis=-1).astype(np.uint8)
 
-    name, act, qk, block_bytes, group_bytes = "Q4_K", "q8_K", 256, 144, 8 + 8 + 32 + 32 + 512
+
+def _unpack_6bit(p: np.ndarray) -> np.ndarray:
+    lo, hi = p[..., :32], p[..., 32:48]
+    v = np.concatenate([lo & 0xF, lo >> 4], axis=-1)
+    h = np.concatenate([(hi >> (2 * t)) & 3 for t in range(4)], axis=-1)
+    return v | (h << 4)
+
+
+class Q4_Kx4(Layout4):
+    """Per super-block: d[4], dmin[4] (fp16); the 4 rows' 8 scales and 8 mins (6 bits each, value
+    t = scale (t < 32) or min (t >= 32) of sub-block (t % 32) // 4, row t % 4) in 48 B
+    (:func:`_pack_6bit`: two logic ops per 32 values to unpack); qs: 4 x 8 chunks of 16 B: chunk
+    (c, i) = rows 0..3's qs[32c + 4i .. +3] (low nibbles: sub-block 2c, high: 2c + 1, as in
+    block_q4_K). 576 B = 4 x 144: the bytes of the original rows."""
+
+    name, act, qk, block_bytes, group_bytes = "Q4_K", "q8_K", 256, 144, 8 + 8 + 48 + 512
 
     def repack(self, w):
         nb = w.shape[1] // 144
         ng = w.shape[0] // 4
         b = w.reshape(ng, 4, nb, 144)
         s, m = _k4_unpack_scales(b[..., 4:16])
-        return np.concatenate([_heads(w, nb, 144, 0, 2), _heads(w, nb, 144, 2, 4), _per_sub(s), _per_sub(m),
-                               _chunks(b[..., 16:])], axis=2)
+        sm = _pack_6bit(np.concatenate([_per_sub(s), _per_sub(m)], axis=2))
+        return np.concatenate([_heads(w, nb, 144, 0, 2), _heads(w, nb, 144, 2, 4), sm, _chunks(b[..., 16:])], axis=2)
 
     def unpack(self, p):
         ng, nb, _ = p.shape
 
-        def rows(a, m):
-            return a.reshape(ng, nb, 4, m).transpose(0, 2, 1, 3) if m == 2 else \
-                a.reshape(ng, nb, m, 4).transpose(0, 3, 1, 2)
-        sc = _k4_pack_scales(rows(p[..., 16:48], 8), rows(p[..., 48:80], 8))
-        return np.concatenate([rows(p[..., 0:8], 2), rows(p[..., 8:16], 2), sc, _unchunks(p[..., 80:], 128)],
+        def rows2(a):
+            return a.reshape(ng, nb, 4, 2).transpose(0, 2, 1, 3)
+        v = _unpack_6bit(p[..., 16:64])
+
+        def rows8(a):
+            return a.reshape(ng, nb, 8, 4).transpose(0, 3, 1, 2)
+        sc = _k4_pack_scales(rows8(v[..., :32]), rows8(v[..., 32:]))
+        return np.concatenate([rows2(p[..., 0:8]), rows2(p[..., 8:16]), sc, _unchunks(p[..., 64:], 128)],
                               axis=3).reshape(ng * 4, nb * 144)
 
 
@@ -441,9 +462,17 @@ def group_kernel(type_name: str, nc: int, dotprod: bool):
                 elif type_name == "Q4_K":
                     dw = _f16x4(e, bp, 0)
                     dm = _f16x4(e, bp, 8)
-                    scj = _widen4(e, e.load(bp, c64(16), vec(I8, 32)), False)
-                    mnj = _widen4(e, e.load(bp, c64(48), vec(I8, 32)), False)
-                    qs = [[e.load(bp, c64(80 + 128 * cc + 16 * t), V16) for t in range(8)] for cc in range(4)]
+                    lo = e.load(bp, c64(16), vec(I8, 32))
+                    hi = e.load(bp, c64(48), V16)
+
+                    def hi2(sh):   # bits 2t, 2t + 1 of hi at bits 4, 5
+                        v = b.shl(hi, _cv(I8, 16, sh)) if sh > 0 else b.lshr(hi, _cv(I8, 16, -sh)) if sh else hi
+                        return b.and_(v, _cv(I8, 16, 0x30))
+                    scv = b.or_(b.and_(lo, _cv(I8, 32, 0x0F)), e.concat(hi2(4), hi2(2)))
+                    mnv = b.or_(b.lshr(lo, _cv(I8, 32, 4)), e.concat(hi2(0), hi2(-2)))
+                    scj = _widen4(e, scv, False)
+                    mnj = _widen4(e, mnv, False)
+                    qs = [[e.load(bp, c64(64 + 128 * cc + 16 * t), V16) for t in range(8)] for cc in range(4)]
                     subs = []
                     for cc in range(4):
                         subs.append([b.and_(v, _cv(I8, 16, 0x0F)) for v in qs[cc]])
