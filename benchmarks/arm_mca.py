@@ -166,6 +166,7 @@ def main(argv=None):
     ap.add_argument("--cpus", nargs="*", default=list(CPUS), choices=list(CPUS))
     ap.add_argument("--before", action="store_true", help="the native tiles only (no kernels/arm.py)")
     ap.add_argument("--asm", action="store_true", help="print each measured loop")
+    ap.add_argument("--markdown", action="store_true", help="print a markdown table")
     ap.add_argument("--mca", default=None, help="llvm-mca binary (default: the newest installed)")
     a = ap.parse_args(argv)
     global MCA
@@ -173,8 +174,12 @@ def main(argv=None):
     ver = subprocess.run([MCA, "--version"], capture_output=True, text=True).stdout
     print(f"# {MCA}: LLVM {re.search(r'version ([0-9.]+)', ver).group(1)}; "
           f"A76 = -mcpu=neoverse-n1, A72 = -mcpu=cortex-a72; 100 iterations")
-    print(f"{'CPU':4s} {'type':6s} {'kind':5s} {'kernel':24s} {'cyc/blk':>8s} {'ins/blk':>8s}   "
-          f"llama.cpp cyc (ins)   ratio   loop ops")
+    if a.markdown:
+        print("| CPU | type | kind | kernel | cycles (instructions) per block | llama.cpp | ratio |")
+        print("| --- | --- | --- | --- | --- | --- | --- |")
+    else:
+        print(f"{'CPU':4s} {'type':6s} {'kind':5s} {'kernel':24s} {'cyc/blk':>8s} {'ins/blk':>8s}   "
+              f"llama.cpp cyc (ins)   ratio   loop ops")
     for cpu in a.cpus:
         target, mcpu = CPUS[cpu]
         for tn in a.types:
@@ -189,6 +194,10 @@ def main(argv=None):
                 lc = LLAMA.get((cpu, tn)) if kind == "gemv" else None
                 ref = f"{lc[0]:6.1f} ({lc[1]:5.1f})" if lc else " " * 14
                 ratio = f"{cyc / per / lc[0]:5.2f}x" if lc else " " * 6
+                if a.markdown:
+                    print(f"| {cpu} | {tn} | {kind} | {label} | {cyc / per:.2f} ({ins / per:.1f}) | "
+                          f"{f'{lc[0]} ({lc[1]})' if lc else ''} | {ratio.strip()} |", flush=True)
+                    continue
                 print(f"{cpu:4s} {tn:6s} {kind:5s} {label:24s} {cyc / per:8.2f} {ins / per:8.1f}   {ref}       "
                       f"{ratio}  " + ", ".join(f"{k} {ops[k]}" for k in keys if ops[k]), flush=True)
                 if a.asm:
