@@ -75,7 +75,7 @@ import numba as nb
 import numpy as np
 from numba import prange  # noqa: F401  (used by the generated drivers)
 
-from . import simd
+from . import parallel as _par, simd
 from .simd import (GROUP, INTERLEAVED, f32_to_f16_to_f32, interleaved_kernel, kgemv_kernel, ktile_kernel,
                    quantize_row_kernel, tile_kernel)
 
@@ -709,7 +709,7 @@ def prepare(w_raw: np.ndarray, ggml_type: int, k: int, repack: bool | None = Non
         w16 = w[: ng * GROUP]
         if w16.strides[0] % 2 or w16.ctypes.data % 2:
             w16 = np.ascontiguousarray(w16)
-        _repack_x16(w16.view(np.uint16), info.block_bytes // 2, nsc, nch, nqh, packed.view(np.uint16))
+        _par.call(_repack_x16, w16.view(np.uint16), info.block_bytes // 2, nsc, nch, nqh, packed.view(np.uint16))
         pw.packed = packed
         pw.tail = w[ng * GROUP:]
     return pw
@@ -743,8 +743,10 @@ def matmul(pw: PreparedWeight, x: np.ndarray, out: np.ndarray | None = None) -> 
     if n == 0:
         return out
     parallel = pw.nbytes * max(1, n >> 2) >= PARALLEL_MIN_BYTES and _num_threads() > 1
-    if pw.packed is not None:
-        _driver(pw.info, True, parallel)(pw.packed, pw.tail, x, out)
+    packed = pw.packed is not None
+    args = (pw.packed, pw.tail, x, out) if packed else (pw.w, x, out)
+    if parallel:
+        _par.call(_driver(pw.info, packed, True), *args)   # one thread at a time under workqueue
     else:
-        _driver(pw.info, False, parallel)(pw.w, x, out)
+        _driver(pw.info, packed, False)(*args)
     return out
