@@ -20,7 +20,7 @@ grep -q "^$PROMPT" "$out" || { echo "install check: no answer from the repo root
 echo "install check: command 1 from the repo root: ok ($((SECONDS - t0)) s)"
 # --- the same from another folder: the installed package, not the source tree ---
 other=$(mktemp -d)
-(cd "$other" && python -c "import tinyinfer, sys; assert '$REPO' not in tinyinfer.__file__, tinyinfer.__file__" \
+(cd "$other" && python -c "import tinyinfer; assert 'site-packages' in tinyinfer.__file__, tinyinfer.__file__" \
    && python -m tinyinfer -p "The capital of France is" -n 32) >"$out"
 grep -q "^$PROMPT" "$out" || { echo "install check: no answer from $other"; cat "$out"; exit 1; }
 echo "install check: command 1 from $other: ok ($((SECONDS - t0)) s)"
