@@ -125,7 +125,8 @@ def _now() -> str:
 # ---------------------------------------------------------------- manifests
 def _write_manifest(model: str, tag: str, path: Path, sha: str, source: str, quant: str) -> dict:
     m = {"name": f"{model}:{tag}", "file": str(path), "size": path.stat().st_size, "sha256": sha,
-         "stamp": _stamp(path), "source": source, "quant": quant.upper(), "modified_at": _now()}
+         "stamp": _stamp(path), "source": source, "quant": quant.upper(), "modified_at": _now(),
+         "details": details(path)}
     mp = _manifest_path(model, tag)
     mp.parent.mkdir(parents=True, exist_ok=True)
     tmp = mp.with_suffix(".tmp")
@@ -305,7 +306,7 @@ def details(path) -> dict:
             ft = LlamaFileType(int(md.get("general.file_type", -1))).name.replace("MOSTLY_", "")
         except ValueError:
             ft = "?"
-        return {"format": "gguf", "family": arch, "families": [arch],
+        return {"parent_model": "", "format": "gguf", "family": arch, "families": [arch],
                 "parameter_size": f"{n_params / 1e9:.2f}B" if n_params >= 1e9 else f"{n_params / 1e6:.0f}M",
                 "quantization_level": ft, "context_length": md.get(f"{arch}.context_length"),
                 "embedding_length": md.get(f"{arch}.embedding_length"),
@@ -399,14 +400,14 @@ def main_show(argv=None) -> int:
     if m is None:
         raise StoreError(f"model {model}:{tag} is not pulled: python -m tinyinfer pull {model}:{tag}")
     bad = verify(m)
-    info = {**m, "status": bad or "ok", "details": details(m["file"]) if bad is None else None}
+    info = {**m, "status": bad or "ok"}
     if a.json:
         print(json.dumps(info, indent=1))
         return 0
     print(f"  name        {m['name']}")
-    if info["details"]:
+    if info.get("details") and bad is None:
         d = info["details"]
-        print(f"  arch        {d['family']}\n  parameters  {d['parameter_size']}\n  quantization {d['quantization_level']}"
+        print(f"  arch        {d['family']}\n  parameters  {d['parameter_size']}\n  quant       {d['quantization_level']}"
               f"\n  context     {d['context_length']}\n  embedding   {d['embedding_length']}")
     print(f"  file        {m['file']}\n  size        {_human(m['size'])}\n  sha256      {m['sha256']}"
           f"\n  source      {m['source']}\n  status      {info['status']}")

@@ -208,6 +208,8 @@ def create_app(config: ServerConfig, engine_factory: Optional[Callable[[], Any]]
     from .openai_api import router as openai_router
     app.include_router(openai_router)
     app.include_router(ollama_router)
+    from .store_api import router as store_router
+    app.include_router(store_router)
 
     if config.cors:
         from starlette.middleware.cors import CORSMiddleware
@@ -229,6 +231,7 @@ def create_app(config: ServerConfig, engine_factory: Optional[Callable[[], Any]]
             walk(app.routes)
             walk(openai_router.routes)
             walk(ollama_router.routes)
+            walk(store_router.routes)
             known.append(frozenset(p for p in paths if "{" not in p))
         return known[0]
 
