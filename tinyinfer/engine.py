@@ -226,6 +226,7 @@ class Engine:
         each sampling step, e.g. to constrain the output to JSON.
         """
         params = params or SamplerParams()
+        self.gen = {"params": params, "max_tokens": max_tokens, "stop": list(stop or [])}   # what /slots shows
         self.timings.reset()
         logits = self.ingest_prompt(prompt_ids)
         sampler = Sampler(params, self.n_vocab)

@@ -32,7 +32,8 @@ One model, two dialects, one generation loop (the same as the CLI and the `Llama
   with `data: [DONE]`).
 * **ollama**: `/api/generate`, `/api/chat` (NDJSON streams unless `stream: false`), `/api/tags`,
   `/api/show`, `/api/ps`, `/api/version`, `/api/embed`, `/api/embeddings`.
-* **operations**: `/health`, `/metrics` (Prometheus; llama-server's names).
+* **operations**: `/health` (GET, HEAD), `/metrics` (Prometheus; llama-server's names), `/slots` and
+  `/props` (llama-server's shapes).
 """
 
 
@@ -100,13 +101,23 @@ class _Gate:
             if scope["method"] == "POST":
                 size = next((v for k, v in scope.get("headers", ()) if k == b"content-length"), b"0")
                 if size.isdigit() and int(size) > MAX_BODY:
-                    body = json.dumps(error_body(path, 413, f"request body over {MAX_BODY >> 20} MiB",
-                                                 "invalid_request_error")).encode()
-                    await send_({"type": "http.response.start", "status": 413,
-                                 "headers": [(b"content-type", b"application/json"),
-                                             (b"content-length", str(len(body)).encode())]})
-                    await send_({"type": "http.response.body", "body": body})
-                    return
+                    return await _too_large(path, send_)
+                # read the body here, whatever the transfer encoding (chunked uploads carry no
+                # Content-Length): never more than MAX_BODY bytes are held, the rest is not read
+                body, n, gone = [], 0, False
+                while True:
+                    msg = await receive()
+                    if msg["type"] == "http.disconnect":
+                        gone = True
+                        break
+                    chunk = msg.get("body", b"")
+                    n += len(chunk)
+                    if n > MAX_BODY:
+                        return await _too_large(path, send_)
+                    body.append(chunk)
+                    if not msg.get("more_body", False):
+                        break
+                receive = _replay(b"".join(body), receive, gone)
                 # curl -d '{...}' (ollama's own examples) sends application/x-www-form-urlencoded
                 headers = [(k, v) for k, v in scope.get("headers", ()) if k != b"content-type"]
                 ctype = next((v for k, v in scope.get("headers", ()) if k == b"content-type"), b"")
@@ -115,6 +126,30 @@ class _Gate:
             await self.app(scope, receive, send_)
         finally:
             self.state.metrics.record_request(self._endpoint(path), status[0], time.perf_counter() - t0)
+
+
+async def _too_large(path, send) -> None:
+    body = json.dumps(error_body(path, 413, f"request body over {MAX_BODY >> 20} MiB", "invalid_request_error")
+                      ).encode()
+    await send({"type": "http.response.start", "status": 413,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                            (b"connection", b"close")]})
+    await send({"type": "http.response.body", "body": body})
+
+
+def _replay(body: bytes, receive, gone: bool):
+    """An ASGI receive that hands the already-read body over once, then waits on the real one
+    (so a disconnect is still seen while the request runs)."""
+    sent = [False]
+
+    async def receive_():
+        if not sent[0]:
+            sent[0] = True
+            if gone:
+                return {"type": "http.disconnect"}
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+    return receive_
 
 
 def _validation_message(exc: RequestValidationError):
@@ -199,6 +234,19 @@ def create_app(config: ServerConfig, engine_factory: Optional[Callable[[], Any]]
         if state.status == "loading":
             return JSONResponse({"status": "loading"}, status_code=503)
         return JSONResponse({"status": "error", "error": state.load_error}, status_code=500)
+
+    @app.head("/health", include_in_schema=False)
+    async def health_head():
+        ok = state.status == "ok" and not state.pool.draining
+        return Response(status_code=200 if ok else (503 if state.status != "error" else 500))
+
+    @app.get("/slots", tags=["operations"], summary="the slots and what each is doing (llama-server's shape)")
+    async def slots():
+        return state.slots_info()
+
+    @app.get("/props", tags=["operations"], summary="server properties (llama-server's shape)")
+    async def props():
+        return state.props()
 
     @app.get("/metrics", tags=["operations"], summary="Prometheus metrics (text format)")
     async def metrics():

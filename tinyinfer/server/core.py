@@ -81,6 +81,7 @@ class ServerState:
         self.t_loaded: Optional[float] = None
         self.load_s = 0.0
         self.on_fatal: Optional[Callable[[], None]] = None
+        self._max_token_bytes: Optional[int] = None
         p = config.model_path
         self.model_name = config.alias or os.path.basename(str(p))
         try:
@@ -102,6 +103,7 @@ class ServerState:
             self.tokenizer = tok
             self.n_ctx = eng.n_ctx
             self.formatter = ChatFormatter.for_tokenizer(self.metadata, tok, self.config.chat_template)
+            self.max_token_bytes()
             serialize = False
             if self.config.parallel > 1:
                 try:
@@ -146,6 +148,93 @@ class ServerState:
     def render_metrics(self) -> str:
         n, ratio = self.kv_usage()
         return self.metrics.render(self.pool.n_processing, self.pool.n_waiting, n, ratio, self.pool.n_slots)
+
+    # -- model names -----------------------------------------------------------------------
+    def model_names(self) -> set:
+        """Names that mean the loaded model: its alias, its file name (with or without .gguf, a
+        ``:latest`` tag or not) and its path."""
+        path = str(self.config.model_path)
+        base = os.path.basename(path)
+        names = {self.model_name, base, path}
+        if base.endswith(".gguf"):
+            names.add(base[:-5])
+        return names | {n + ":latest" for n in names}
+
+    def check_ollama_model(self, name: Optional[str]) -> None:
+        """ollama's answer to a model it does not have: 404 'model "x" not found' (an empty name means
+        the loaded model, as this server has only one)."""
+        if name and name not in self.model_names():
+            raise ApiError(404, f'model "{name}" not found, try pulling it first', "not_found_error",
+                           code="model_not_found")
+
+    # -- early checks ------------------------------------------------------------------------
+    def max_token_bytes(self) -> int:
+        """The longest text one token stands for (special tokens included): a prompt of B bytes has
+        at least B / max_token_bytes tokens, so a megabyte prompt is refused without tokenizing it."""
+        if self._max_token_bytes is None:
+            tok = self.tokenizer
+            m = 1
+            for i in range(tok.n_vocab):
+                try:
+                    m = max(m, len(tok.token_to_bytes(i)), len(tok.token_text(i).encode("utf-8")))
+                except Exception:
+                    pass
+            self._max_token_bytes = m
+        return self._max_token_bytes
+
+    def precheck_text(self, *texts) -> None:
+        """Refuse at once (400) text that cannot fit the context whatever its tokenization."""
+        if self.tokenizer is None:
+            return
+        n_bytes = sum(len(t.encode("utf-8", errors="replace")) for t in texts if isinstance(t, str))
+        at_least = -(-n_bytes // self.max_token_bytes())
+        if at_least > self.n_ctx:
+            from ..engine import ContextError
+            raise to_api_error(ContextError(
+                f"the prompt has at least {at_least} tokens ({n_bytes} bytes), which does not leave room to "
+                f"generate in the context of {self.n_ctx} tokens (shorten it, or start the server with a larger -c)"))
+
+    # -- /slots and /props (llama-server's shapes) ---------------------------------------------
+    def slots_info(self) -> list:
+        out = []
+        for i, eng in enumerate(self.pool.engines):
+            job = self.pool.current[i] if i < len(self.pool.current) else None
+            gen = getattr(eng, "gen", None) if job is not None else None
+            st = getattr(job, "stats", None)
+            n_decoded = getattr(st, "completion_tokens", 0) if st is not None else 0
+            params = {}
+            if gen is not None:
+                p = gen["params"]
+                params = {"n_predict": gen["max_tokens"], "seed": p.seed if p.seed is not None else -1,
+                          "temperature": p.temperature, "top_k": p.top_k, "top_p": p.top_p, "min_p": p.min_p,
+                          "typical_p": p.typical_p, "repeat_last_n": p.repeat_last_n,
+                          "repeat_penalty": p.repeat_penalty, "presence_penalty": p.presence_penalty,
+                          "frequency_penalty": p.frequency_penalty, "mirostat": p.mirostat,
+                          "mirostat_tau": p.mirostat_tau, "mirostat_eta": p.mirostat_eta,
+                          "stop": list(gen["stop"]), "n_keep": gen.get("n_keep", 0)}
+            n_remain = -1
+            if gen is not None and gen["max_tokens"] is not None and gen["max_tokens"] >= 0:
+                n_remain = max(0, gen["max_tokens"] - n_decoded)
+            out.append({"id": i, "id_task": job.id if job is not None else -1, "n_ctx": eng.n_ctx,
+                        "speculative": False, "is_processing": job is not None,
+                        "n_past": len(getattr(eng, "tokens", [])), "params": params,
+                        "next_token": {"has_next_token": job is not None, "has_new_line": False,
+                                       "n_remain": n_remain, "n_decoded": n_decoded, "stopping_word": ""}})
+        return out
+
+    def props(self) -> dict:
+        from .. import __version__
+        eng = self.pool.engines[0] if self.pool.engines else None
+        return {"default_generation_settings": {"id": 0, "id_task": -1, "n_ctx": self.n_ctx,
+                                                "speculative": False, "is_processing": False,
+                                                "params": {"n_predict": -1, "temperature": 0.8, "top_k": 40,
+                                                           "top_p": 0.95, "min_p": 0.05, "seed": -1}},
+                "total_slots": self.config.parallel, "model_path": str(self.config.model_path),
+                "model_alias": self.model_name,
+                "chat_template": self.formatter.source if self.formatter is not None else "",
+                "modalities": {"vision": False, "audio": False}, "build_info": f"tinyinfer {__version__}",
+                "n_ctx": self.n_ctx, "cache_type_k": getattr(eng, "cache_type_k", None),
+                "cache_type_v": getattr(eng, "cache_type_v", None), "status": self.status}
 
     # -- model description ---------------------------------------------------------------
     def model_details(self) -> dict:

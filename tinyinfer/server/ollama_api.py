@@ -96,7 +96,34 @@ def _generate_work(state: ServerState, max_tokens, params_of, stops, fmt, build_
     return work
 
 
-def _check_common(req) -> None:
+def _load_reason(keep_alive) -> str:
+    """An empty request loads the model ("load"), or with keep_alive 0 unloads it ("unload"), as
+    ollama answers (this server keeps its one model loaded either way)."""
+    return "unload" if _duration_s(keep_alive) == 0 else "load"
+
+
+def _duration_s(v) -> Optional[float]:
+    """ollama's keep_alive: a number of seconds or a Go duration string ("5m", "0s", "1h30m")."""
+    if v is None:
+        return None
+    if isinstance(v, (int, float)):
+        return float(v)
+    import re
+    text = str(v).strip()
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    parts = re.findall(r"(-?[0-9.]+)(ms|h|m|s)", text)
+    if not parts or "".join(a + b for a, b in parts) != text:
+        raise ApiError(400, f"keep_alive: invalid duration {v!r}", param="keep_alive")
+    unit = {"ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+    return sum(float(a) * unit[b] for a, b in parts)
+
+
+def _check_common(req, state: ServerState) -> None:
+    state.check_ollama_model(req.model)
+    _duration_s(req.keep_alive)
     if req.options is not None and req.options.num_ctx:
         pass   # one context size per server (-c); a request cannot change it
     if isinstance(req.format, dict) and req.format.get("type") not in (None, "object"):
@@ -131,8 +158,8 @@ async def _run(request: Request, state: ServerState, work, stream: bool, t_arriv
 async def generate(req: OllamaGenerateRequest, request: Request):
     t_arrival = time.perf_counter()
     state = _state(request)
-    model = req.model or state.model_name
-    _check_common(req)
+    model = req.model or state.model_name     # a name of the loaded model (checked), as ollama echoes it
+    _check_common(req, state)
     if req.images:
         raise ApiError(400, "images are not supported: this is a text-only model", param="images")
     if req.suffix:
@@ -143,7 +170,9 @@ async def generate(req: OllamaGenerateRequest, request: Request):
     if not req.prompt and not req.context:
         if state.status != "ok":
             submit(request, state, None)        # raises the right 503
-        return {"model": model, "created_at": _now(), "response": "", "done": True, "done_reason": "load"}
+        return {"model": model, "created_at": _now(), "response": "", "done": True,
+                "done_reason": _load_reason(req.keep_alive)}
+    state.precheck_text(req.prompt, req.system)
     params, max_tokens, stops = _options(req.options, None)
 
     def build_ids(tok):
@@ -179,13 +208,14 @@ async def generate(req: OllamaGenerateRequest, request: Request):
 async def chat(req: OllamaChatRequest, request: Request):
     t_arrival = time.perf_counter()
     state = _state(request)
-    model = req.model or state.model_name
-    _check_common(req)
+    model = req.model or state.model_name     # a name of the loaded model (checked), as ollama echoes it
+    _check_common(req, state)
     if not req.messages:
         if state.status != "ok":
             submit(request, state, None)
         return {"model": model, "created_at": _now(), "message": {"role": "assistant", "content": ""},
-                "done": True, "done_reason": "load"}
+                "done": True, "done_reason": _load_reason(req.keep_alive)}
+    state.precheck_text(*(m.content for m in req.messages))
     if any(m.images for m in req.messages):
         raise ApiError(400, "images are not supported: this is a text-only model", param="messages")
     messages = [m.model_dump(exclude_none=True) for m in req.messages]
@@ -235,9 +265,11 @@ async def _embed(request: Request, state: ServerState, inputs: List[str]):
 async def embed(req: OllamaEmbedRequest, request: Request):
     t_arrival = time.perf_counter()
     state = _state(request)
+    state.check_ollama_model(req.model)
     inputs = [req.input] if isinstance(req.input, str) else list(req.input)
     if not inputs:
         raise ApiError(400, "input is empty", param="input")
+    state.precheck_text(*inputs)
     job, items, gone = await _embed(request, state, inputs)
     if gone:
         return gone_response()
@@ -250,6 +282,8 @@ async def embed(req: OllamaEmbedRequest, request: Request):
 @router.post("/api/embeddings", summary="Embedding of one prompt (ollama, legacy)")
 async def embeddings(req: OllamaEmbeddingsRequest, request: Request):
     state = _state(request)
+    state.check_ollama_model(req.model)
+    state.precheck_text(req.prompt)
     job, items, gone = await _embed(request, state, [req.prompt])
     if gone:
         return gone_response()
@@ -288,6 +322,11 @@ async def version():
 @router.post("/api/show", summary="Model details (ollama)")
 async def show(req: OllamaShowRequest, request: Request):
     state = _state(request)
+    name = req.model or req.name
+    if not name:
+        raise ApiError(400, "model is required", param="model")
+    if name not in state.model_names():
+        raise ApiError(404, f"model '{name}' not found", "not_found_error", code="model_not_found")
     if state.status != "ok":
         submit(request, state, None)
     md = state.metadata

@@ -88,6 +88,7 @@ async def completions(req: CompletionRequest, request: Request):
     state = _state(request)
     name = state.model_name
     cid, created = f"cmpl-{uuid.uuid4()}", int(time.time())
+    state.precheck_text(req.prompt)
 
     def work(engine, job):
         tok = engine.tokenizer
@@ -114,6 +115,8 @@ async def chat_completions(req: ChatCompletionRequest, request: Request):
     name = state.model_name
     cid, created = f"cmpl-{uuid.uuid4()}", int(time.time())
     messages = [m.model_dump(exclude_none=True) for m in req.messages]
+    state.precheck_text(*(p.text if hasattr(p, "text") else p for m in req.messages
+                          for p in ([m.content] if isinstance(m.content, str) else (m.content or []))))
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     fmt = req.response_format.type if req.response_format else "text"
     want_lp = (req.top_logprobs or 0) if req.logprobs else None
@@ -152,6 +155,7 @@ async def embeddings(req: EmbeddingRequest, request: Request):
         inputs = [inputs]
     if not inputs:
         raise ApiError(400, "input is empty", param="input")
+    state.precheck_text(*inputs)
 
     def work(engine, job):
         tok = engine.tokenizer

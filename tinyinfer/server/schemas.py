@@ -13,7 +13,18 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    # NaN and ±Infinity (which Python's JSON parser accepts) are no sampling values: 400
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+
+
+#: chat roles the templates know (OpenAI's ``developer`` and legacy ``function`` included)
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool", "function")
+
+
+def _known_role(v: str) -> str:
+    if v not in CHAT_ROLES:
+        raise ValueError(f"unknown role {v!r}; expected one of {', '.join(CHAT_ROLES)}")
+    return v
 
 
 # -- OpenAI ----------------------------------------------------------------------------------
@@ -89,9 +100,11 @@ class ContentPart(_Body):
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
     role: str
     content: Optional[Union[str, List[ContentPart]]] = ""
+
+    _role = field_validator("role")(_known_role)
 
 
 class ResponseFormat(_Body):
@@ -168,10 +181,12 @@ class OllamaGenerateRequest(_OllamaGen):
 
 
 class OllamaMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
     role: str
     content: Optional[str] = ""
     images: Optional[List[str]] = None
+
+    _role = field_validator("role")(_known_role)
 
 
 class OllamaChatRequest(_OllamaGen):

@@ -40,7 +40,11 @@ class ShuttingDown(Exception):
 class Job:
     """One request's work: ``fn(engine, job)`` returns an iterator run in a worker thread."""
 
+    _ids = iter(range(1 << 62))
+
     def __init__(self, fn: Callable[[Any, "Job"], Iterator[Any]], loop: asyncio.AbstractEventLoop):
+        self.id = next(Job._ids)
+        self.pool: Optional["SlotPool"] = None
         self.fn = fn
         self.loop = loop
         self.events: asyncio.Queue = asyncio.Queue()
@@ -54,6 +58,8 @@ class Job:
 
     def cancel(self) -> None:
         self.cancelled.set()
+        if self.pool is not None:
+            self.pool._forget(self)      # a waiting job gives its queue place back at once
 
     def _emit(self, item) -> None:
         try:
@@ -85,6 +91,7 @@ class SlotPool:
         self.on_done = on_done
         self._durations: List[float] = []       # recent job run times, for Retry-After
         self._waiting: set = set()               # jobs submitted, not yet taken by a worker
+        self.current: List[Optional[Job]] = [None] * n_slots    # the job each slot runs
 
     # -- lifecycle -------------------------------------------------------------------------
     def start(self, engines: List[Any], serialize_steps: bool = False) -> None:
@@ -146,6 +153,7 @@ class SlotPool:
         if full:
             raise QueueFull(self.retry_after())
         job = Job(fn, loop)
+        job.pool = self
         with self._lock:
             self._waiting.add(job)
         self._q.put(job)
@@ -165,6 +173,8 @@ class SlotPool:
             if job is None:
                 return
             with self._lock:
+                if job not in self._waiting:
+                    continue                # cancelled while waiting: its place was given back then
                 self.n_waiting -= 1
                 self._waiting.discard(job)
                 if not job.cancelled.is_set() and not self.draining:
@@ -183,6 +193,7 @@ class SlotPool:
                     self._done(job, "rejected")
                 continue
             job.slot = slot
+            self.current[slot] = job
             job.t_start = time.perf_counter()
             outcome = "ok"
             it = None
@@ -211,12 +222,23 @@ class SlotPool:
                         pass
                 job.t_end = time.perf_counter()
                 with self._lock:
+                    self.current[slot] = None
                     self.n_processing -= 1
                     self._durations.append(job.t_end - job.t_start)
                     del self._durations[:-64]
             if outcome != "error":
                 job._emit(END)
             self._done(job, outcome)
+
+    def _forget(self, job: Job) -> None:
+        """A job cancelled before a worker took it: out of the queue count now, not when a slot frees."""
+        with self._lock:
+            if job not in self._waiting:
+                return
+            self._waiting.discard(job)
+            self.n_waiting -= 1
+        job._emit(END)
+        self._done(job, "rejected" if job.rejected else "cancelled")
 
     def _done(self, job: Job, outcome: str) -> None:
         if self.on_done is not None:
