@@ -59,7 +59,7 @@ def add_model_args(ap: argparse.ArgumentParser) -> None:
                     "(default: SmolLM2-135M-Instruct, fetched once)")
     ap.add_argument("-c", "--ctx-size", type=_positive("-c"), default=4096, help="context size (0 = from model)")
     ap.add_argument("-b", "--batch-size", type=_positive("-b"), default=512, help="prompt batch size")
-    ap.add_argument("-t", "--threads", type=_positive("-t"), default=None, help="threads (default: all cores)")
+    ap.add_argument("-t", "--threads", type=_positive("-t"), default=None, help="threads (default: the performance cores)")
 
 
 def resolve_model(path):

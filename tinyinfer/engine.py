@@ -72,7 +72,11 @@ class Step:
 
 def set_threads(n_threads: Optional[int]) -> int:
     import numba
-    n = n_threads if n_threads and n_threads > 0 else (os.cpu_count() or 1)
+    if n_threads and n_threads > 0:
+        n = n_threads
+    else:                          # the performance cores (big.LITTLE aware), as llama.cpp's default
+        from .sysinfo import performance_cores
+        n = performance_cores()
     n = max(1, min(n, numba.config.NUMBA_NUM_THREADS))
     numba.set_num_threads(n)
     return n
