@@ -128,7 +128,7 @@ def run_generate(a) -> int:
         raise ValueError("no prompt: give -p PROMPT or -f FILE (or -cnv for chat)")
     if prompt is not None and a.escape:
         prompt = codecs.decode(prompt.encode("utf-8"), "unicode_escape").encode("latin-1").decode("utf-8")
-    eng = Engine(resolve_model(a.model), n_ctx=a.ctx_size, n_batch=a.batch_size, n_threads=a.threads)
+    eng = Engine(resolve_model(a.model), n_ctx=a.ctx_size, n_batch=a.batch_size, n_threads=a.threads, progress=True)
     if a.conversation:
         return _chat_loop(eng, a, prompt)
     tok = eng.tokenizer

@@ -176,7 +176,7 @@ def main(argv=None, sysroot: str = "/") -> int:
         writer.writeheader()
     for path in models:
         n_ctx = max([p for p in pps] + [t for t in tgs] + [p + g for p, g in pgs] + [16]) + max(depths) + 1
-        eng = Engine(path, n_ctx=n_ctx, n_batch=a.batch_size, n_threads=threads[0])
+        eng = Engine(path, n_ctx=n_ctx, n_batch=a.batch_size, n_threads=threads[0], progress=True)
         label, size, n_params = model_label(eng)
         wbytes = weight_bytes_per_token(eng.model)
         for t in threads:
