@@ -13,7 +13,7 @@ from typing import Any, Callable, Optional
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 
 from .. import __version__
 from .core import ApiError, ServerConfig, ServerState, error_body, error_response, to_api_error
@@ -218,7 +218,9 @@ def create_app(config: ServerConfig, engine_factory: Optional[Callable[[], Any]]
 
     @app.get("/", include_in_schema=False)
     async def root():
-        return PlainTextResponse("tinyinfer is running (OpenAI API at /v1, ollama API at /api, docs at /docs)")
+        """The chat page (tinyinfer/server/chat_page.py): streams through /v1/chat/completions."""
+        from .chat_page import PAGE
+        return HTMLResponse(PAGE, headers={"Cache-Control": "no-cache"})
 
     @app.head("/", include_in_schema=False)
     async def root_head():
