@@ -41,6 +41,8 @@ from typing import Iterable
 
 import numpy as np
 
+from .merge import merge_symbols
+
 SUPPORTED_MODELS = ("llama", "gpt2")
 
 # GGUF tokenizer.ggml.token_type values (llama_token_type)
@@ -431,9 +433,37 @@ class Tokenizer:
             frags = new
         return frags
 
+    def _merge(self, text: str, priority, fallback) -> list:
+        """Ids of ``text`` after the algorithm's merges (see merge.py); ``fallback(piece)`` gives the
+        ids of a final symbol that is not a token."""
+        get = self._t2i.get
+        out = []
+        for piece in merge_symbols(text, priority):
+            t = get(piece)
+            if t is not None:
+                out.append(t)
+            else:
+                out.extend(fallback(piece))
+        return out
+
     # -- decoding -------------------------------------------------------------------------------
-    def _piece(self, token_id: int) -> bytes:  # pragma: no cover - abstract
+    def _normal_piece(self, text: str) -> bytes:  # pragma: no cover - abstract
+        """The bytes of a normal token's text (▁ -> space for SPM, the GPT-2 byte alphabet for BPE)."""
         raise NotImplementedError
+
+    def _piece(self, token_id: int) -> bytes:
+        a = int(self._attrs[token_id])
+        text = self._tokens[token_id]
+        if a & (_ATTR_HIDDEN | ATTR_USER_DEFINED):
+            return _utf8(text)
+        if a & ATTR_NORMAL:
+            return self._normal_piece(text)
+        if a & ATTR_BYTE:   # <0xXX> byte tokens (SPM, and some BPE vocabularies)
+            try:
+                return bytes([int(text[3:5], 16)])
+            except ValueError:
+                return b""
+        return b""   # unused / undefined tokens print nothing
 
     def token_to_bytes(self, token_id: int, special: bool = False) -> bytes:
         """The raw bytes token ``token_id`` contributes to the text (llama_token_to_piece):

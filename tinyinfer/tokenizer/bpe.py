@@ -11,8 +11,7 @@ from __future__ import annotations
 import re
 import unicodedata
 
-from .base import _ATTR_HIDDEN, ATTR_BYTE, ATTR_NORMAL, ATTR_USER_DEFINED, Tokenizer, _utf8
-from .merge import merge_symbols
+from .base import Tokenizer, _utf8
 
 
 def _bytes_to_unicode() -> list:
@@ -186,20 +185,12 @@ class BPETokenizer(Tokenizer):
 
     def _bpe(self, word: str) -> list:
         """llm_tokenizer_bpe_session::tokenize on one byte-mapped word: the lowest merge rank first."""
-        get = self._t2i.get
         if self.ignore_merges or len(word) == 1:
-            t = get(word)
+            t = self._t2i.get(word)
             if t is not None:
                 return [t]
         rget = self._rank_table().get
-        out = []
-        for piece in merge_symbols(word, lambda a, m, b: rget((word[a:m], word[m:b]))):
-            t = get(piece)
-            if t is not None:
-                out.append(t)
-            else:
-                out.extend(self._fallback(piece))
-        return out
+        return self._merge(word, lambda a, m, b: rget((word[a:m], word[m:b])), self._fallback)
 
     def _fallback(self, piece: str) -> list:
         # llama.cpp: each byte of the (mapped) symbol's UTF-8 that is itself a token
@@ -211,27 +202,16 @@ class BPETokenizer(Tokenizer):
                 out.append(t)
         return out
 
-    def _piece(self, token_id: int) -> bytes:
-        a = int(self._attrs[token_id])
-        text = self._tokens[token_id]
-        if a & (_ATTR_HIDDEN | ATTR_USER_DEFINED):
-            return _utf8(text)
-        if a & ATTR_NORMAL:
-            c2b = _CHAR_TO_BYTE
-            try:
-                return bytes([c2b[c] for c in text])
-            except KeyError:
-                out = bytearray()
-                for c in text:
-                    b = c2b.get(c)
-                    if b is not None:
-                        out.append(b)
-                    else:   # llama_decode_text's marker for characters outside the byte alphabet
-                        out += _utf8(f"[UNK_BYTE_0x{_utf8(c).hex()}{text}]")
-                return bytes(out)
-        if a & ATTR_BYTE:   # SPM-style <0xXX> byte tokens in a BPE vocabulary
-            try:
-                return bytes([int(text[3:5], 16)])
-            except ValueError:
-                return b""
-        return b""
+    def _normal_piece(self, text: str) -> bytes:
+        c2b = _CHAR_TO_BYTE
+        try:
+            return bytes([c2b[c] for c in text])
+        except KeyError:
+            out = bytearray()
+            for c in text:
+                b = c2b.get(c)
+                if b is not None:
+                    out.append(b)
+                else:   # llama_decode_text's marker for characters outside the byte alphabet
+                    out += _utf8(f"[UNK_BYTE_0x{_utf8(c).hex()}{text}]")
+            return bytes(out)

@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import _ATTR_HIDDEN, _SPACE, ATTR_BYTE, ATTR_NORMAL, ATTR_USER_DEFINED, Tokenizer, _utf8
-from .merge import merge_symbols
+from .base import _SPACE, Tokenizer, _utf8
 
 
 class SPMTokenizer(Tokenizer):
@@ -106,14 +105,7 @@ class SPMTokenizer(Tokenizer):
             t = get(text[a:b])
             return None if t is None else -scores[t]
 
-        out = []
-        for piece in merge_symbols(text, priority):
-            t = get(piece)
-            if t is not None:
-                out.append(t)
-            else:
-                out.extend(self._bytes_of(piece))
-        return out
+        return self._merge(text, priority, self._bytes_of)
 
     def _bytes_of(self, piece: str) -> list:
         table = self._byte_table()
@@ -125,17 +117,5 @@ class SPMTokenizer(Tokenizer):
             out.append(t)
         return out
 
-    def _piece(self, token_id: int) -> bytes:
-        a = int(self._attrs[token_id])
-        text = self._tokens[token_id]
-        if a & (_ATTR_HIDDEN | ATTR_USER_DEFINED):
-            return _utf8(text)
-        if a & ATTR_NORMAL:
-            return _utf8(text.replace(_SPACE, " "))
-        if a & ATTR_BYTE:
-            try:
-                return bytes([int(text[3:5], 16)])
-            except ValueError:
-                return b""
-        return b""   # unused / undefined tokens print nothing
-
+    def _normal_piece(self, text: str) -> bytes:
+        return _utf8(text.replace(_SPACE, " "))
