@@ -152,10 +152,10 @@ class Llama:
                                model: Optional[str] = None, logit_bias: Optional[dict] = None,
                                logprobs: Optional[bool] = None, top_logprobs: Optional[int] = None,
                                response_format: Optional[dict] = None, grammar: Optional[Grammar] = None,
-                               **_ignored):
+                               tools: Optional[List[dict]] = None, **_ignored):
         if grammar is None:
             grammar = grammar_for_response_format(response_format)
-        ids = chat_prompt_ids(self.chat_formatter, self._engine.tokenizer, messages)
+        ids = chat_prompt_ids(self.chat_formatter, self._engine.tokenizer, messages, tools=tools)
         chunks = self.create_completion(
             ids, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
             typical_p=typical_p, stream=True, stop=stop, seed=seed, presence_penalty=presence_penalty,
