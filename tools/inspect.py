@@ -83,6 +83,15 @@ class InspectError(Exception):
 
 # -- small helpers ---------------------------------------------------------------------------
 
+
+def _runnable(ggml_type) -> bool:
+    """Whether the format registry says tinyinfer's kernels run this tensor type."""
+    from ..kernels import quants
+    try:
+        return quants.type_info(ggml_type).runnable
+    except quants.UnsupportedTypeError:
+        return False
+
 def _jsonable(v):
     """Plain JSON values (NaN and infinities as strings: strict JSON has none)."""
     if isinstance(v, np.ndarray):
@@ -245,7 +254,8 @@ def analyze(f: GGUFFile, n_ctx=None, n_batch=DEFAULT_BATCH, available=None) -> d
     by_type: dict = {}
     n_params = n_bytes = 0
     for t in f.tensors.values():
-        e = by_type.setdefault(t.type_name, {"count": 0, "params": 0, "bytes": 0})
+        e = by_type.setdefault(t.type_name, {"count": 0, "params": 0, "bytes": 0,
+                                             "runnable": _runnable(t.ggml_type)})
         e["count"] += 1
         e["params"] += t.n_elements
         e["bytes"] += t.nbytes
@@ -402,7 +412,7 @@ def render(info: dict) -> str:
     for tname, e in ts["by_type"].items():
         bpw = 8 * e["bytes"] / e["params"] if e["params"] else 0
         L.append(f"              {tname:<8}{e['count']:>6}{fmt_count(e['params']):>14}{fmt_bytes(e['bytes']):>14}"
-                 f"{bpw:>8.2f}")
+                 f"{bpw:>8.2f}" + ("" if e.get("runnable", True) else "  (tinyinfer cannot run this type)"))
     bpw = f"{ts['bits_per_weight']:>8.2f}" if ts["bits_per_weight"] else f"{'-':>8}"
     L.append(f"              {'total':<8}{ts['count']:>6}{fmt_count(ts['params']):>14}{fmt_bytes(ts['bytes']):>14}"
              f"{bpw}")
