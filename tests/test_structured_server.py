@@ -127,8 +127,7 @@ def test_bad_grammar_or_schema_is_400(server, path, body, param):
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "Get the current weather in a city",
     "parameters": {"type": "object", "properties": {
-        "city": {"type": "string", "description": "the city name"},
-        "unit": {"enum": ["celsius", "fahrenheit"]}}, "required": ["city", "unit"], "additionalProperties": False}}}
+        "city": {"type": "string"}, "unit": {"enum": ["celsius", "fahrenheit"]}}, "required": ["city", "unit"]}}}
 TIME = {"type": "function", "function": {
     "name": "get_time", "description": "Current local time in a timezone",
     "parameters": {"type": "object", "properties": {"tz": {"type": "string"}}, "required": ["tz"]}}}
@@ -184,9 +183,11 @@ def test_auto_call_then_answer_and_stream(qwen_server):
                                             "one sentence."}, *QUESTION,
               {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
               {"role": "tool", "tool_call_id": call.id, "content": "Paris: 18 degrees Celsius, sunny."}]
-    r = client.chat.completions.create(model=ALIAS, messages=follow, tools=[WEATHER], max_tokens=40, temperature=0)
+    # tool_choice "none" asks for the answer (with "auto" this 0.5B coder model tends to call again)
+    r = client.chat.completions.create(model=ALIAS, messages=follow, tools=[WEATHER], tool_choice="none",
+                                       max_tokens=40, temperature=0, extra_body={"repeat_penalty": 1.0})
     c = r.choices[0]
-    assert c.finish_reason in ("stop", "length") and not c.message.tool_calls, c.message
+    assert c.finish_reason == "stop" and not c.message.tool_calls, c.message
     assert "18" in c.message.content, c.message.content
 
 
