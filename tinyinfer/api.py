@@ -176,14 +176,7 @@ def prepare_chat(formatter, tok, messages, tools=None, tool_choice=None, respons
     Bad tools, tool_choice or response_format raise ToolError / GrammarError (one line)."""
     if toolset is None:
         toolset = ToolSet(tools, tool_choice, getattr(formatter, "source", ""))
-    extra = toolset.template_kwargs()
-
-    class _WithTools:
-        @staticmethod
-        def render(msgs, add_generation_prompt=True):
-            return formatter.render(msgs, add_generation_prompt=add_generation_prompt, **extra)
-
-    ids = chat_prompt_ids(_WithTools, tok, toolset.messages(messages))
+    ids = chat_prompt_ids(formatter, tok, toolset.messages(messages), **toolset.template_kwargs())
     grammar = toolset.call_grammar()
     if grammar is None and response_format is not None:
         grammar = response_format if isinstance(response_format, Grammar) else \
