@@ -11,7 +11,7 @@ import json
 
 import pytest
 
-from test_server import ALIAS, AUTH, KEY, _start_server, _stop
+from test_server import ALIAS, _ollama, _openai, _start_server, _stop
 
 httpx = pytest.importorskip("httpx")
 
@@ -21,16 +21,6 @@ def server(smollm2_path, tmp_path_factory):
     srv = _start_server(smollm2_path, tmp_path_factory.mktemp("structured"))
     yield srv
     _stop(srv.proc)
-
-
-def _openai(srv):
-    openai = pytest.importorskip("openai")
-    return openai.OpenAI(base_url=srv.url + "/v1", api_key=KEY, max_retries=0, timeout=120)
-
-
-def _ollama(srv):
-    ollama = pytest.importorskip("ollama")
-    return ollama.Client(host=srv.url, headers=AUTH, timeout=120)
 
 
 ASK = "Answer in JSON: describe your favourite animal, its name, age, food and friends."
