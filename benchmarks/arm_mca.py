@@ -71,13 +71,14 @@ def module_ir(intr, nargs: int) -> str:
     return str(m)
 
 
-def compile_asm(text: str, cpu: str) -> str:
+def compile_asm(text: str, cpu: str, triple: str = TRIPLE) -> str:
+    """Assembly of an IR module, optimized at O3 for ``cpu`` of ``triple``."""
     import llvmlite.binding as llvm
     for init in ("initialize_all_targets", "initialize_all_asmprinters"):
         getattr(llvm, init, lambda: None)()
     m = llvm.parse_assembly(text)
-    tm = llvm.Target.from_triple(TRIPLE).create_target_machine(cpu=cpu, opt=3)
-    m.triple = TRIPLE
+    tm = llvm.Target.from_triple(triple).create_target_machine(cpu=cpu, opt=3)
+    m.triple = triple
     m.data_layout = str(tm.target_data)
     pb = llvm.create_pass_builder(tm, llvm.create_pipeline_tuning_options(3))
     pb.getModulePassManager().run(m, pb)
