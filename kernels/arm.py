@@ -153,6 +153,22 @@ class Q8_0x4(Layout4):
         return np.concatenate([d, _unchunks(p[..., 8:], 32)], axis=3).reshape(ng * 4, nb * 34)
 
 
+class IQ4_NLx4(Q4_0x4):
+    """As Q4_0x4, nibbles stored as they are (table indices: low = and 0x0F, high = ushr 4, then tbl)."""
+
+    name = "IQ4_NL"
+
+    def repack(self, w):
+        nb = w.shape[1] // 18
+        ng = w.shape[0] // 4
+        return np.concatenate([_heads(w, nb, 18, 0, 2), _chunks(w.reshape(ng, 4, nb, 18)[..., 2:])], axis=2)
+
+    def unpack(self, p):
+        ng, nb, _ = p.shape
+        d = p[..., :8].reshape(ng, nb, 4, 2).transpose(0, 2, 1, 3)
+        return np.concatenate([d, _unchunks(p[..., 8:], 16)], axis=3).reshape(ng * 4, nb * 18)
+
+
 def _k4_unpack_scales(sc: np.ndarray):
     """get_scale_min_k4 over (..., 12) bytes -> (scales (..., 8), mins (..., 8)) uint8."""
     sc = sc.astype(np.uint8)
@@ -225,6 +241,29 @@ class Q4_Kx4(Layout4):
                               axis=3).reshape(ng * 4, nb * 144)
 
 
+class Q5_Kx4(Q4_Kx4):
+    """Q4_Kx4 with the fifth bits: after the scales, qh: 8 chunks of 16 B, chunk i = rows 0..3's
+    qh[4i .. 4i+3] (bit j of qh[l]: element 32j + l), then qs as in Q4_Kx4. 704 B = 4 x 176."""
+
+    name, block_bytes, group_bytes = "Q5_K", 176, 8 + 8 + 48 + 128 + 512
+
+    def repack(self, w):
+        nb = w.shape[1] // 176
+        ng = w.shape[0] // 4
+        b = w.reshape(ng, 4, nb, 176)
+        s, m = _k4_unpack_scales(b[..., 4:16])
+        sm = _pack_6bit(np.concatenate([_per_sub(s), _per_sub(m)], axis=2))
+        return np.concatenate([_heads(w, nb, 176, 0, 2), _heads(w, nb, 176, 2, 4), sm, _chunks(b[..., 16:48]),
+                               _chunks(b[..., 48:])], axis=2)
+
+    def unpack(self, p):
+        ng, nb, _ = p.shape
+        q4 = np.concatenate([p[..., :64], p[..., 192:]], axis=2)
+        r = Q4_Kx4.unpack(self, q4).reshape(ng * 4, nb, 144)
+        qh = _unchunks(p[..., 64:192], 32).reshape(ng * 4, nb, 32)
+        return np.concatenate([r[..., :16], qh, r[..., 16:]], axis=2).reshape(ng * 4, nb * 176)
+
+
 def _q6_values(b: np.ndarray) -> np.ndarray:
     """(..., 210) block_q6_K bytes -> (..., 256) unsigned 6-bit quants (value + 32)."""
     ql, qh = b[..., :128], b[..., 128:192]
@@ -294,7 +333,7 @@ class Q6_Kx4(Layout4):
         return np.concatenate([oql, oqh, sc, d], axis=3).reshape(ng * 4, nb * 210)
 
 
-LAYOUTS = {c.name: c() for c in (Q4_0x4, Q8_0x4, Q4_Kx4, Q6_Kx4)}
+LAYOUTS = {c.name: c() for c in (Q4_0x4, Q8_0x4, IQ4_NLx4, Q4_Kx4, Q5_Kx4, Q6_Kx4)}
 
 
 def layout(type_name: str):
@@ -452,6 +491,17 @@ def group_kernel(type_name: str, nc: int, dotprod: bool):
                                  dotprod, terms=8)
                         sf = _to_float(e, s, 4 if dotprod else 0)
                         new.append(e.fma(sf, e.fmul(dw, e.splat(dx[c], 4)), accs[c]))
+                elif type_name == "IQ4_NL":
+                    dw = _f16x4(e, bp, 0)
+                    vs = [e.load(bp, c64(8 + 16 * j), V16) for j in range(4)]
+                    tab = [int(v) for v in _iq4nl_values()]
+                    lo = [simd.lookup16(e, b.and_(v, _cv(I8, 16, 0x0F)), tab) for v in vs]
+                    hi = [simd.lookup16(e, b.lshr(v, _cv(I8, 16, 4)), tab) for v in vs]
+                    for c in range(nc):
+                        x0, x1 = xvec(c, 0), xvec(c, 16)
+                        s = dot4(e, [(lo[j], x0, j) for j in range(4)] + [(hi[j], x1, j) for j in range(4)],
+                                 dotprod, terms=2)
+                        new.append(e.fma(b.sitofp(s, vec(F32, 4)), e.fmul(dw, e.splat(dx[c], 4)), accs[c]))
                 elif type_name == "Q8_0":
                     dw = _f16x4(e, bp, 0)
                     vs = [e.load(bp, c64(8 + 16 * j), V16) for j in range(8)]
@@ -459,7 +509,7 @@ def group_kernel(type_name: str, nc: int, dotprod: bool):
                         xs = [xvec(c, 0), xvec(c, 16)]
                         s = dot4(e, [(vs[j], xs[j // 4], j % 4) for j in range(8)], dotprod, terms=2)
                         new.append(e.fma(b.sitofp(s, vec(F32, 4)), e.fmul(dw, e.splat(dx[c], 4)), accs[c]))
-                elif type_name == "Q4_K":
+                elif type_name in ("Q4_K", "Q5_K"):
                     dw = _f16x4(e, bp, 0)
                     dm = _f16x4(e, bp, 8)
                     lo = e.load(bp, c64(16), vec(I8, 32))
@@ -472,11 +522,20 @@ def group_kernel(type_name: str, nc: int, dotprod: bool):
                     mnv = b.or_(b.lshr(lo, _cv(I8, 32, 4)), e.concat(hi2(0), hi2(-2)))
                     scj = _widen4(e, scv, False)
                     mnj = _widen4(e, mnv, False)
-                    qs = [[e.load(bp, c64(64 + 128 * cc + 16 * t), V16) for t in range(8)] for cc in range(4)]
+                    q5 = type_name == "Q5_K"
+                    qo = 192 if q5 else 64
+                    qs = [[e.load(bp, c64(qo + 128 * cc + 16 * t), V16) for t in range(8)] for cc in range(4)]
                     subs = []
                     for cc in range(4):
                         subs.append([b.and_(v, _cv(I8, 16, 0x0F)) for v in qs[cc]])
                         subs.append([b.lshr(v, _cv(I8, 16, 4)) for v in qs[cc]])
+                    if q5:       # bit j of the qh chunk -> bit 4 of sub-block j's quants
+                        qh = [e.load(bp, c64(64 + 16 * t), V16) for t in range(8)]
+                        for j in range(8):
+                            for t in range(8):
+                                h = qh[t]
+                                h = b.shl(h, _cv(I8, 16, 4 - j)) if j < 4 else b.lshr(h, _cv(I8, 16, j - 4)) if j > 4 else h
+                                subs[j][t] = b.or_(subs[j][t], b.and_(h, _cv(I8, 16, 0x10)))
                     for c in range(nc):
                         isum = None
                         for j in range(8):
@@ -579,6 +638,11 @@ def make_driver(type_name: str, parallel: bool):
     return mm._jit(_SRC, f"_arm4_{type_name}_x{NC}_d{int(DOTPROD)}", parallel, prep=prep, QK=L.qk, NC=NC,
                    t_main=mm._bind(group_kernel(type_name, NC, DOTPROD)),
                    t_one=mm._bind(group_kernel(type_name, 1, DOTPROD)))
+
+
+def _iq4nl_values():
+    from .quants import KVALUES_IQ4NL
+    return KVALUES_IQ4NL
 
 
 def _ggml_type(type_name: str) -> int:

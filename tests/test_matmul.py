@@ -379,7 +379,7 @@ def test_concurrent_calls_from_threads_are_safe():
 
 
 # ------------------------------------------- aarch64 4-row layouts (kernels/arm.py)
-ARM_TYPES = ["Q4_0", "Q8_0", "Q4_K", "Q6_K"]
+ARM_TYPES = ["Q4_0", "Q8_0", "IQ4_NL", "Q4_K", "Q5_K", "Q6_K"]
 
 
 def _arm_weight(name, rows, k, rng, extreme=False):
@@ -393,7 +393,7 @@ def _arm_weight(name, rows, k, rng, extreme=False):
     raw, _ = make_weight(name, rows, k, rng)
     if extreme:
         blk = raw.reshape(rows, k // 32, -1)
-        blk[..., 2:] = 0x80 if name == "Q8_0" else 0x00      # q = -128 (Q8_0) / nibbles 0 = -8 (Q4_0)
+        blk[..., 2:] = 0x80 if name == "Q8_0" else 0x00      # q = -128 (Q8_0) / nibbles 0: -8 (Q4_0), -127 (IQ4_NL)
     return raw
 
 
