@@ -159,6 +159,47 @@ def kernels(type_name: str, kind: str, before: bool, dotprod: bool):
             t.NR * t.NC * t.unroll)
 
 
+# ------------------------------------------------------------------ token-rate estimate
+# A TinyLlama-shaped 1.1B (d 2048, 22 layers, 4 KV heads of 64, ff 5632, vocab 32000): the
+# weights one token streams through the matmuls (embedding lookup excluded).
+D, LAYERS, KV, FF, VOCAB = 2048, 22, 256, 5632, 32000
+MATMUL_PARAMS = LAYERS * (2 * D * D + 2 * D * KV + 3 * D * FF) + VOCAB * D
+PI = {"A76": ("Pi 5", 2.4e9, {1: 6e9, 4: 11e9}), "A72": ("Pi 4", 1.8e9, {1: 3.5e9, 4: 4.5e9})}
+# tinyinfer's per-token Python dispatch: 1.2 ms for SmolLM2's 30 layers on the Zen 4 VM
+# (benchmarks/RESULTS.md, profile_step.py) -> 0.9 ms for 22 layers, assumed 4x slower on a
+# Pi 5 and 8x on a Pi 4; llama.cpp's graph overhead taken as 0
+OVERHEAD = {"A76": 3.5e-3, "A72": 7e-3}
+
+
+def estimate(cpu: str, type_name: str, cyc: float, threads: int, overhead: float) -> float:
+    """tokens/s = 1 / (weight bytes / bandwidth + matmul cycles / (clock x threads) + overhead):
+    memory and compute not overlapped (a conservative model in which kernel cycles count fully)."""
+    from tinyinfer.kernels import quants
+    e = quants.type_info(type_name)
+    _, hz, bw = PI[cpu]
+    t = MATMUL_PARAMS * e.type_size / e.block_size / bw[threads] + MATMUL_PARAMS / e.block_size * cyc / (hz * threads)
+    return 1.0 / (t + overhead)
+
+
+def print_estimates(measured: dict):
+    print(f"\n# tokens/s estimate, 1.1B ({MATMUL_PARAMS / 1e9:.3f} G matmul weights, all of the type); "
+          "bandwidth Pi 5 6 / 11 GB/s (1 / 4 threads), Pi 4 3.5 / 4.5; clock 2.4 / 1.8 GHz;")
+    print("# t = bytes / bandwidth + blocks x cycles / (clock x threads) [+ tinyinfer Python overhead "
+          f"{OVERHEAD['A76'] * 1e3:.1f} ms Pi 5, {OVERHEAD['A72'] * 1e3:.1f} ms Pi 4]")
+    print("| Pi | type | threads | llama.cpp t/s | tinyinfer t/s (kernels only) | ratio | "
+          "tinyinfer t/s (+ overhead) | ratio |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for (cpu, tn), cyc in measured.items():
+        if (cpu, tn) not in LLAMA:
+            continue
+        for th in (1, 4):
+            ll = estimate(cpu, tn, LLAMA[(cpu, tn)][0], th, 0.0)
+            ours = estimate(cpu, tn, cyc, th, 0.0)
+            ours_o = estimate(cpu, tn, cyc, th, OVERHEAD[cpu])
+            print(f"| {PI[cpu][0]} | {tn} | {th} | {ll:.1f} | {ours:.1f} | {ours / ll:.2f}x | {ours_o:.1f} | "
+                  f"{ours_o / ll:.2f}x |")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--types", nargs="*", default=["Q4_0", "Q8_0", "Q4_K", "Q6_K", "Q5_K", "Q2_K", "Q3_K",
@@ -168,6 +209,8 @@ def main(argv=None):
     ap.add_argument("--before", action="store_true", help="the native tiles only (no kernels/arm.py)")
     ap.add_argument("--asm", action="store_true", help="print each measured loop")
     ap.add_argument("--markdown", action="store_true", help="print a markdown table")
+    ap.add_argument("--estimate", action="store_true",
+                    help="also print a tokens/s estimate for a Pi 5 / Pi 4 (1.1B model) from the GEMV cycles")
     ap.add_argument("--mca", default=None, help="llvm-mca binary (default: the newest installed)")
     a = ap.parse_args(argv)
     global MCA
@@ -181,6 +224,7 @@ def main(argv=None):
     else:
         print(f"{'CPU':4s} {'type':6s} {'kind':5s} {'kernel':24s} {'cyc/blk':>8s} {'ins/blk':>8s}   "
               f"llama.cpp cyc (ins)   ratio   loop ops")
+    measured = {}
     for cpu in a.cpus:
         target, mcpu = CPUS[cpu]
         for tn in a.types:
@@ -192,6 +236,8 @@ def main(argv=None):
                 ops = Counter(t.split()[0] for t in loop)
                 keys = ["sdot", "smull", "smull2", "smlal", "smlal2", "sadalp", "saddlp", "saddw", "saddw2",
                         "mla", "scvtf", "fmla", "umov", "dup", "ldr", "ldp", "str"]
+                if kind == "gemv":
+                    measured[(cpu, tn)] = cyc / per
                 lc = LLAMA.get((cpu, tn)) if kind == "gemv" else None
                 ref = f"{lc[0]:6.1f} ({lc[1]:5.1f})" if lc else " " * 14
                 ratio = f"{cyc / per / lc[0]:5.2f}x" if lc else " " * 6
@@ -203,6 +249,8 @@ def main(argv=None):
                       f"{ratio}  " + ", ".join(f"{k} {ops[k]}" for k in keys if ops[k]), flush=True)
                 if a.asm:
                     print("\n".join("      " + t for t in loop))
+    if a.estimate:
+        print_estimates(measured)
 
 
 if __name__ == "__main__":
