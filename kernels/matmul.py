@@ -57,7 +57,7 @@ Kernels (LLVM-IR intrinsics from ``simd.py``):
 
 One jitted driver per (type, kernel kind, serial|parallel) quantizes x and
 walks the tiles in a single call, rows split across threads with ``prange``
-when the matrix is big enough (``PARALLEL_MIN_BYTES``). A call costs ~2.5 us
+when the matrix is big enough (``KernelConfig.parallel_min_bytes``). A call costs ~2.5 us
 on a tiny matrix (1.3 us of it the Python wrapper, ~0.5 us numba's dispatch). Measurements and their commands: benchmarks/bench_kernels.py.
 Adding a type = a ``WeightFormat`` / ``KFormat`` (and optionally an
 ``Interleaved``) in simd.py + one entry in ``_TYPES``.
@@ -66,6 +66,7 @@ Adding a type = a ``WeightFormat`` / ``KFormat`` (and optionally an
 from __future__ import annotations
 
 import hashlib
+import mmap
 import os
 import platform
 from dataclasses import dataclass, field, replace
@@ -75,7 +76,7 @@ import numba as nb
 import numpy as np
 from numba import prange  # noqa: F401  (used by the generated drivers)
 
-from . import simd
+from . import parallel as _par, simd
 from gguf import GGMLQuantizationType as GT
 
 from . import quants
@@ -794,11 +795,17 @@ def prepare(w_raw: np.ndarray, ggml_type: int, k: int, repack: bool | None = Non
         raise ValueError("matmul: weight has no rows")
     if w.strides[1] != 1 or w.strides[0] < row_bytes:
         w = np.ascontiguousarray(w)
+    if w.flags.writeable:
+        # one compiled signature for mmap'd (read-only) and in-memory (fused, requantized) weights:
+        # a writeable and a read-only array are two numba types, i.e. two first-run compiles
+        w = w.view()
+        w.flags.writeable = False
     pw = PreparedWeight(w, int(ggml_type), k, w.shape[0], info, config=cfg)
     if cfg.repack and info.repacked is not None and info.repacked.kquant and w.shape[0] >= GROUP:
+        # the original rows stay in use (n = 1 runs the kgemv kernels on them): pages kept
         ng = w.shape[0] // GROUP
         packed = np.empty((ng, k // 256, info.repacked.block_bytes), np.uint8)
-        _repack_q4k_x16(w[: ng * GROUP], packed)
+        _par.call(_repack_q4k_x16, w[: ng * GROUP], packed)
         pw.packed = packed
         pw.tail = w[ng * GROUP:]
     elif cfg.repack and info.repack and w.shape[0] >= GROUP:
@@ -809,10 +816,32 @@ def prepare(w_raw: np.ndarray, ggml_type: int, k: int, repack: bool | None = Non
         w16 = w[: ng * GROUP]
         if w16.strides[0] % 2 or w16.ctypes.data % 2:
             w16 = np.ascontiguousarray(w16)
-        _repack_x16(w16.view(np.uint16), info.block_bytes // 2, nsc, nch, nqh, packed.view(np.uint16))
+            w16.flags.writeable = False         # the same compiled signature as a mapped tensor
+        _par.call(_repack_x16, w16.view(np.uint16), info.block_bytes // 2, nsc, nch, nqh, packed.view(np.uint16))
         pw.packed = packed
         pw.tail = w[ng * GROUP:]
+        drop_file_pages(w16)
     return pw
+
+
+def drop_file_pages(a: np.ndarray) -> None:
+    """After repacking rows of a read-only file mapping (a GGUF's mmap), tell the kernel their pages
+    need not stay resident: the process then holds the repacked copy, not both (~ the weights' size
+    less RSS). A page touched again is read back from the page cache. Anonymous memory is left alone."""
+    base = a
+    while base is not None and not isinstance(base, mmap.mmap):
+        base = getattr(base, "base", None) if not isinstance(base, memoryview) else base.obj
+    if base is None or not hasattr(base, "madvise") or a.size == 0:
+        return
+    start = a.ctypes.data - np.frombuffer(base, np.uint8, count=1).ctypes.data
+    end = start + a.nbytes
+    page = mmap.PAGESIZE
+    lo, hi = -(-start // page) * page, end // page * page       # whole pages inside the rows only
+    if hi > lo:
+        try:
+            base.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+        except (OSError, ValueError, AttributeError):
+            pass
 
 
 def matmul(pw: PreparedWeight, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
@@ -844,8 +873,10 @@ def matmul(pw: PreparedWeight, x: np.ndarray, out: np.ndarray | None = None) -> 
         return out
     cfg = pw.config
     parallel = pw.nbytes * max(1, n >> 2) >= cfg.parallel_min_bytes and _num_threads() > 1
-    if pw.packed is not None and not (n == 1 and pw.info.repacked.kquant and cfg.kgemv):
-        _driver(pw.info, True, parallel, cfg)(pw.packed, pw.tail, x, out)
+    packed = pw.packed is not None and not (n == 1 and pw.info.repacked.kquant and cfg.kgemv)
+    args = (pw.packed, pw.tail, x, out) if packed else (pw.w, x, out)
+    if parallel:
+        _par.call(_driver(pw.info, packed, True, cfg), *args)   # one thread at a time under workqueue
     else:
-        _driver(pw.info, False, parallel, cfg)(pw.w, x, out)
+        _driver(pw.info, packed, False, cfg)(*args)
     return out

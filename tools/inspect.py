@@ -40,6 +40,8 @@ MAX_LAYERS = 1 << 16  # a block_count beyond this is treated as invalid
 # architectures whose sliding-window layers follow a fixed pattern: every N-th layer
 # (il + 1) % N == 0 is global, the others see the window (llama.cpp's set_swa_pattern(N))
 SWA_PATTERN = {"gemma2": 2, "gemma3": 6, "cohere2": 4}
+# architectures whose sliding-window key llama.cpp ignores (it runs every layer with full attention)
+SWA_IGNORED = {"phi3"}
 
 TOKENIZER_KINDS = {
     "gpt2": "BPE (GPT-2 style byte-level)",
@@ -275,6 +277,8 @@ def swa_layers(arch, n_layer, window, pattern_value):
     """Per-layer True where the layer attends over the sliding window only; note on how known."""
     if not window or not n_layer:
         return [False] * (n_layer or 0), None
+    if arch in SWA_IGNORED:
+        return [False] * n_layer, f"{arch}: the sliding window is ignored, every layer attends the full context (as llama.cpp)"
     if isinstance(pattern_value, np.ndarray) and pattern_value.ndim == 1 and len(pattern_value) == n_layer:
         return [bool(x) for x in pattern_value.tolist()], "from <arch>.attention.sliding_window_pattern"
     n = _int(pattern_value)
