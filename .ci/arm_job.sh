@@ -14,7 +14,7 @@ SHARED=$(cd "$REPO/.." && pwd)/shared
 CHROOT_SH=${CHROOT_SH:-$SHARED/tools/arm64-chroot.sh}
 CACHE=${TINYINFER_CACHE:-$HOME/.cache/tinyinfer}
 export ARM64_ROOT=${ARM64_ROOT:-/tmp/arm64root}
-export ARM64_PIP_PKGS=${ARM64_PIP_PKGS:-"numpy numba pytest gguf sentencepiece tokenizers jinja2 tqdm psutil setuptools"}
+export ARM64_PIP_PKGS=${ARM64_PIP_PKGS:-"numpy numba pytest gguf sentencepiece tokenizers jinja2 tqdm psutil setuptools>=77"}
 LIMIT=${ARM_JOB_TIMEOUT:-1500}
 MODEL=$CACHE/SmolLM2-135M-Instruct.Q4_1.gguf
 [ -f "$CHROOT_SH" ] || { echo "arm job: $CHROOT_SH not found"; exit 1; }
