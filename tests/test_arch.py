@@ -206,3 +206,12 @@ def test_inspect_kv_size_is_the_models_cache(capsys, synthetic_dir, qwen25_path)
     # phi3: llama.cpp ignores the sliding window (Phi-3-mini files carry 2047): full attention everywhere
     swa, note = swa_layers("phi3", 32, 2047, None)
     assert not any(swa) and "ignored" in note
+
+
+@pytest.mark.parametrize("key,value,match", [
+    ("llama.rope.dimension_count", 96, r"rope.dimension_count \(96\) must be even and at most the head dim \(64\)"),
+    ("llama.attention.head_count_kv", 3, r"head_count \(4\) is not a multiple of head_count_kv \(3\)"),
+])
+def test_bad_hparams_are_named(llama3_file, key, value, match):
+    llama3_file.metadata[key] = value
+    _one_line_error(llama3_file, match)
