@@ -58,6 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="on SIGTERM, seconds in-flight requests get to finish (default 30)")
     ap.add_argument("--cors", action="store_true", help="allow cross-origin requests from browsers (any origin)")
     ap.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    ray = ap.add_argument_group("replicas on Ray Serve (pip install 'tinyinfer[ray]'; tinyinfer/distributed/serve.py)")
+    ray.add_argument("--ray", action="store_true", help="serve N replicas of this server on Ray Serve, one endpoint")
+    ray.add_argument("--replicas", type=_positive("--replicas"), default=1, help="with --ray: replicas (default 1)")
+    ray.add_argument("--autoscale", metavar="MIN:MAX", default=None,
+                     help="with --ray: autoscale between MIN and MAX replicas on ongoing requests")
+    ray.add_argument("--ray-address", default=None, help="with --ray: join this Ray cluster instead of starting one")
     ap.add_argument("--no-access-log", action="store_true", help="don't log every request")
     return ap
 
@@ -81,6 +87,13 @@ def main(argv=None) -> int:
         raise ValueError(f"model file not found: {path}")
     logging.basicConfig(level=getattr(logging, a.log_level.upper()), format="%(asctime)s %(levelname)s %(name)s: "
                         "%(message)s", stream=sys.stderr)
+    if a.ray:
+        from ..distributed.serve import RayServeOptions, run
+        opts = RayServeOptions.from_args(dict(model=path, alias=a.alias, ctx_size=a.ctx_size, batch_size=a.batch_size,
+                                              threads=a.threads or 1, parallel=a.parallel, max_queue=a.max_queue,
+                                              api_key=a.api_key or None, chat_template=a.chat_template,
+                                              replicas=a.replicas, autoscale=a.autoscale))
+        return run(opts, host=a.host, port=a.port, address=a.ray_address)
     config = ServerConfig(model_path=path, alias=a.alias, n_ctx=a.ctx_size, n_batch=a.batch_size,
                           n_threads=a.threads, parallel=a.parallel, max_queue=a.max_queue, api_key=a.api_key or None,
                           chat_template=a.chat_template, host=a.host, port=a.port,
