@@ -81,7 +81,7 @@ def set_threads(n_threads: Optional[int]) -> int:
 
 class Engine:
     def __init__(self, model_path, n_ctx: int = 4096, n_batch: int = 512, n_threads: Optional[int] = None,
-                 vocab_only: bool = False, logits_all: bool = False, verbose: bool = False):
+                 vocab_only: bool = False, logits_all: bool = False, verbose: bool = False, split: int = 0):
         t0 = time.perf_counter()
         self.path = str(model_path)
         self.gguf = GGUFFile(model_path)
@@ -101,8 +101,13 @@ class Engine:
             self.n_ctx = n_ctx
             self.timings.load_ms = (time.perf_counter() - t0) * 1000
             return
-        from .models import load_model
-        self.model = load_model(self.gguf)
+        if split and split > 1:
+            # the model's layers over ``split`` Ray actors (tinyinfer/distributed/split.py)
+            from .distributed.split import SplitModel
+            self.model = SplitModel(self.gguf, split, n_threads=n_threads or 1)
+        else:
+            from .models import load_model
+            self.model = load_model(self.gguf)
         if n_ctx <= 0:
             n_ctx = self.model.n_ctx_train
         if n_ctx < 1:

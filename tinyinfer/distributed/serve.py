@@ -33,6 +33,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Optional
 
 from ..server.config import ServerConfig
+from . import ensure_ray, pythonpath
 
 log = logging.getLogger("tinyinfer.distributed.serve")
 
@@ -233,17 +234,10 @@ class Gateway:
 
 # --- building and running the application ------------------------------------------------------
 
-def _pythonpath() -> str:
-    """The folder holding this tinyinfer package, so Ray's workers import the same code."""
-    here = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    old = os.environ.get("PYTHONPATH")
-    return here + (os.pathsep + old if old else "")
-
-
 def build(opts: RayServeOptions):
     from ray import serve
     actor_opts = {"num_cpus": opts.cpus_per_replica,
-                  "runtime_env": {"env_vars": {"PYTHONPATH": _pythonpath(),
+                  "runtime_env": {"env_vars": {"PYTHONPATH": pythonpath(),
                                                "NUMBA_NUM_THREADS": str(opts.threads)}}}
     kw: dict[str, Any] = dict(name="TinyInferReplica", ray_actor_options=actor_opts,
                               max_ongoing_requests=opts.parallel + 1, health_check_period_s=5,
@@ -258,7 +252,7 @@ def build(opts: RayServeOptions):
     replica = serve.deployment(TinyInferReplica, **kw)
     gateway = serve.deployment(Gateway, name="Gateway", num_replicas=1, max_ongoing_requests=1024,
                                ray_actor_options={"num_cpus": 0,
-                                                  "runtime_env": {"env_vars": {"PYTHONPATH": _pythonpath()}}})
+                                                  "runtime_env": {"env_vars": {"PYTHONPATH": pythonpath()}}})
     return gateway.bind(replica.bind(opts.server_config()), opts.retry_after)
 
 
@@ -270,13 +264,8 @@ def app(args: dict):
 def run(opts: RayServeOptions, host: str = "127.0.0.1", port: int = 8000, address: Optional[str] = None,
         num_cpus: Optional[int] = None) -> int:
     """Start (or join) Ray, deploy, serve until SIGTERM / SIGINT, then shut Serve down."""
-    import ray
     from ray import serve
-    if address:
-        ray.init(address=address, include_dashboard=False, log_to_driver=False)
-    else:
-        ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, log_to_driver=False,
-                 object_store_memory=80 << 20, runtime_env={"env_vars": {"PYTHONPATH": _pythonpath()}})
+    ray = ensure_ray(address, num_cpus)
     stop = []
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.append(1))

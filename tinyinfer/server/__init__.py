@@ -39,12 +39,13 @@ def create_app(*args, **kwargs):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ..cli import _positive, add_model_args
+    from ..cli import _positive, add_model_args, add_split_arg
     ap = argparse.ArgumentParser(
         prog="python -m tinyinfer serve",
         description="Serve a GGUF model over HTTP: OpenAI API (/v1/...), ollama API (/api/...), "
                     "/health, /metrics (Prometheus), docs at /docs.")
     add_model_args(ap)
+    add_split_arg(ap)
     ap.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 = all)")
     ap.add_argument("--port", type=_positive("--port"), default=8080, help="port (default 8080)")
     ap.add_argument("-np", "--parallel", type=int, default=1,
@@ -99,7 +100,7 @@ def main(argv=None) -> int:
     config = ServerConfig(model_path=path, alias=a.alias, n_ctx=a.ctx_size, n_batch=a.batch_size,
                           n_threads=a.threads, parallel=a.parallel, max_queue=a.max_queue, api_key=a.api_key or None,
                           chat_template=a.chat_template, host=a.host, port=a.port,
-                          shutdown_timeout=a.shutdown_timeout, cors=a.cors)
+                          shutdown_timeout=a.shutdown_timeout, cors=a.cors, split=a.split)
     return serve(config, log_level=a.log_level, access_log=not a.no_access_log)
 
 
