@@ -187,3 +187,22 @@ def test_phi3_without_fused_qkv_is_named(synthetic_dir):
     g = GGUFFile(synthetic_dir / "synthetic-phi3-F16.gguf")
     del g.tensors["blk.0.attn_qkv.weight"]
     _one_line_error(g, r"missing tensor 'blk.0.attn_qkv.weight'")
+
+
+# -- inspect: the KV cache it reports is the one the model allocates -----------------------------
+
+def test_inspect_kv_size_is_the_models_cache(capsys, synthetic_dir, qwen25_path):
+    import json as _json
+    from tinyinfer.tools.inspect import main as inspect_main, swa_layers
+    files = [qwen25_path] + [synthetic_dir / f"synthetic-{a}-F16.gguf" for a in SYNTHETIC]
+    for f in files:
+        assert inspect_main([str(f), "--json", "-c", "1024", "-b", "256"]) == 0
+        j = _json.loads(capsys.readouterr().out)
+        m = load_model(GGUFFile(f))
+        assert j["general"]["architecture"] == m.arch
+        assert j["memory"]["kv_bytes"] == m.new_cache(1024, 256).nbytes, f
+        assert j["memory"]["verdict"] in ("fits", "does not fit")
+    assert j["hparams"]["derived"]["n_embd_head_k"] == 64
+    # phi3: llama.cpp ignores the sliding window (Phi-3-mini files carry 2047): full attention everywhere
+    swa, note = swa_layers("phi3", 32, 2047, None)
+    assert not any(swa) and "ignored" in note

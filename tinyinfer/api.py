@@ -13,6 +13,7 @@ import numpy as np
 from .chat import ChatFormatter, chat_prompt_ids
 from .engine import Engine, Step
 from .grammar import Grammar, grammar_for_response_format
+from .toolcall import ToolSet, ToolStream
 from .sampler import SamplerParams
 
 #: llama-cpp-python's name for a grammar object: ``LlamaGrammar.from_string(gbnf)``,
@@ -152,22 +153,64 @@ class Llama:
                                model: Optional[str] = None, logit_bias: Optional[dict] = None,
                                logprobs: Optional[bool] = None, top_logprobs: Optional[int] = None,
                                response_format: Optional[dict] = None, grammar: Optional[Grammar] = None,
-                               **_ignored):
-        if grammar is None:
-            grammar = grammar_for_response_format(response_format)
-        ids = chat_prompt_ids(self.chat_formatter, self._engine.tokenizer, messages)
+                               tools: Optional[List[dict]] = None, tool_choice=None, **_ignored):
+        ids, req_grammar, toolset = prepare_chat(self.chat_formatter, self._engine.tokenizer, messages, tools,
+                                                 tool_choice, response_format)
+        grammar = grammar or req_grammar
         chunks = self.create_completion(
             ids, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
             typical_p=typical_p, stream=True, stop=stop, seed=seed, presence_penalty=presence_penalty,
             frequency_penalty=frequency_penalty, repeat_penalty=repeat_penalty, mirostat_mode=mirostat_mode,
             mirostat_tau=mirostat_tau, mirostat_eta=mirostat_eta, model=model, logit_bias=logit_bias,
             logprobs=(top_logprobs or 0) if logprobs else None, grammar=grammar)
-        it = _chat_chunks(chunks)
+        it = tool_chat_chunks(_chat_chunks(chunks), toolset)
         if stream:
             return it
         return merge_chat(list(it), dict(self._last_usage))
 
 # -- shared with the HTTP server (tinyinfer/server): OpenAI-shaped chunks from Engine.generate ----------
+
+def prepare_chat(formatter, tok, messages, tools=None, tool_choice=None, response_format=None, toolset=None):
+    """A chat request -> (prompt ids, grammar or None, ToolSet): tools rendered through the model's own
+    template, a forced tool call (tool_choice required / named) or ``response_format`` as the grammar.
+    Bad tools, tool_choice or response_format raise ToolError / GrammarError (one line)."""
+    if toolset is None:
+        toolset = ToolSet(tools, tool_choice, getattr(formatter, "source", ""))
+    ids = chat_prompt_ids(formatter, tok, toolset.messages(messages), **toolset.template_kwargs())
+    grammar = toolset.call_grammar()
+    if grammar is None and response_format is not None:
+        grammar = response_format if isinstance(response_format, Grammar) else \
+            grammar_for_response_format(response_format)
+    return ids, grammar, toolset
+
+
+def tool_chat_chunks(chunks: Iterator[dict], toolset: ToolSet) -> Iterator[dict]:
+    """``chat.completion.chunk`` objects with tool calls parsed out of the content: content streams
+    while it cannot be a call; calls come as ``tool_calls`` deltas (one per call, complete arguments)
+    before the last chunk, whose finish_reason is then "tool_calls"."""
+    if not toolset.active:
+        yield from chunks
+        return
+    ts = ToolStream(toolset)
+    for c in chunks:
+        ch = c["choices"][0]
+        delta = ch["delta"]
+        if "content" in delta:
+            out = ts.feed(delta["content"])
+            if out or ch["logprobs"]:
+                yield {**c, "choices": [{**ch, "delta": {"content": out}}]}
+            continue
+        if ch["finish_reason"] is None:
+            yield c
+            continue
+        rest, calls = ts.finish()
+        if rest:
+            yield {**c, "choices": [{"index": 0, "delta": {"content": rest}, "logprobs": None, "finish_reason": None}]}
+        for i, call in enumerate(calls):
+            yield {**c, "choices": [{"index": 0, "logprobs": None, "finish_reason": None,
+                                     "delta": {"tool_calls": [{"index": i, **call}]}}]}
+        finish = "tool_calls" if calls else ch["finish_reason"]
+        yield {**c, "choices": [{**ch, "finish_reason": finish}]}
 
 @dataclass
 class GenStats:
@@ -312,12 +355,17 @@ _chat_chunks = chat_chunks
 def merge_chat(parts: list, usage: Optional[dict] = None) -> dict:
     """One ``chat.completion`` object from its chunks."""
     text = "".join(p["choices"][0]["delta"].get("content", "") for p in parts)
+    calls = [{k: v for k, v in tc.items() if k != "index"}
+             for p in parts for tc in p["choices"][0]["delta"].get("tool_calls", [])]
+    message = {"role": "assistant", "content": text}
+    if calls:
+        message = {"role": "assistant", "content": text or None, "tool_calls": calls}
     lps = [x for p in parts if p["choices"][0]["logprobs"] for x in p["choices"][0]["logprobs"]["content"]]
     first = parts[0]
     finish = next((p["choices"][0]["finish_reason"] for p in reversed(parts) if p["choices"][0]["finish_reason"]),
                   None)
     return {"id": first["id"], "object": "chat.completion", "created": first["created"], "model": first["model"],
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+            "choices": [{"index": 0, "message": message,
                          "logprobs": {"content": lps} if lps else None, "finish_reason": finish,
                          **_truncated(parts)}],
             "usage": usage}
