@@ -25,8 +25,6 @@ from ..kernels import quants
 from .hparams import HParams, ModelError, Weights  # noqa: F401  (ModelError re-exported)
 
 
-
-
 class Linear:
     """A weight matrix W (rows = out features, k = in features) computing x @ W.T.
 
