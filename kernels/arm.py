@@ -36,7 +36,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
-import platform
 from functools import lru_cache
 from pathlib import Path
 
@@ -56,9 +55,6 @@ _DOTPROD_CPUS = ("cortex-a55", "cortex-a65", "cortex-a75", "cortex-a76", "cortex
 
 def _detect_dotprod() -> bool:
     """Whether the CPU numba compiles for has the dot product instructions."""
-    env = os.environ.get("TINYINFER_DOTPROD")
-    if env is not None:
-        return env == "1"
     feats = os.environ.get("NUMBA_CPU_FEATURES", "")
     if "+dotprod" in feats:
         return True
@@ -76,11 +72,11 @@ def _detect_dotprod() -> bool:
 
 AARCH64 = simd.TARGET_ARCH == "aarch64"
 DOTPROD = AARCH64 and _detect_dotprod()
-# repack at prepare() on aarch64 (TINYINFER_ARM_REPACK=1 forces it elsewhere: the no-dotprod
-# flavour is generic IR, which is how tests run it on x86)
-ENABLED = os.environ.get("TINYINFER_ARM_REPACK", "1" if AARCH64 else "0") == "1"
-NC = int(os.environ.get("TINYINFER_ARM_NC", 4))     # activation rows per GEMM tile
-SDOT_CHAINS = int(os.environ.get("TINYINFER_ARM_CHAINS", 1))   # independent sdot chains per block sum
+# the default of matmul.KernelConfig.arm: repack at prepare() on aarch64 (a config with arm=True
+# runs the no-dotprod flavour, generic IR, on other hosts too: that is how tests run it on x86)
+ENABLED = AARCH64
+NC = 4             # activation rows per GEMM tile
+SDOT_CHAINS = 1    # independent sdot chains per block sum (2: more movi/add, slower in llvm-mca)
 
 
 # ------------------------------------------------------------------ layouts (numpy)
