@@ -352,12 +352,18 @@ def ll_tokenizer(tokenizer, n_vocab: Optional[int] = None):
         return lt
 
 
+# byte b of a token bitmask -> the 8 additive logits (0 allowed / -inf not) of its tokens, bit 0 first
+_BYTE_TO_LOGITS = np.where(np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1, bitorder="little") > 0,
+                           np.float32(0.0), np.float32(-np.inf)).astype(np.float32)
+
+
 class GrammarMatcher:
     """One generation's position in a grammar.
 
-    ``mask()`` -> bool array over the vocabulary (True = allowed next); ``accept(token)`` advances.
+    ``mask()`` -> bool array over the vocabulary (True = allowed next), ``logit_mask()`` -> the same
+    as 0 / -inf to add to the logits; ``accept(token)`` advances.
     A token the grammar does not allow (forced by the caller) ends the constraint: ``dead`` is
-    then True and ``mask()`` returns None (no constraint).
+    then True and ``mask()`` / ``logit_mask()`` return None (no constraint).
     """
 
     def __init__(self, grammar: Grammar, tokenizer, n_vocab: Optional[int] = None):
@@ -370,10 +376,22 @@ class GrammarMatcher:
         self.dead = False
 
     def mask(self) -> Optional[np.ndarray]:
+        """Allowed next tokens as a bool array (None once the constraint has ended)."""
         if self.dead:
             return None
         bits = np.frombuffer(self._m.compute_bitmask(), dtype=np.uint8)
         return np.unpackbits(bits, count=self.n_vocab, bitorder="little").view(bool)
+
+    def logit_mask(self) -> Optional[np.ndarray]:
+        """The same as an additive float32 vector: 0 where allowed, -inf elsewhere (what the sampler
+        adds to the logits). Built byte by byte from a 256 x 8 table: ~4x faster than np.where over a
+        bool mask on 152k tokens."""
+        if self.dead:
+            return None
+        bits = np.frombuffer(self._m.compute_bitmask(), dtype=np.uint8)
+        if not bits.any():
+            raise ValueError("the grammar allows no token here")
+        return _BYTE_TO_LOGITS[bits].reshape(-1)[:self.n_vocab]
 
     def accept(self, token: int) -> bool:
         if self.dead:
