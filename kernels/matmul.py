@@ -66,6 +66,7 @@ Adding a type = a ``WeightFormat`` / ``KFormat`` (and optionally an
 from __future__ import annotations
 
 import hashlib
+import mmap
 import os
 import platform
 from dataclasses import dataclass, field
@@ -75,7 +76,7 @@ import numba as nb
 import numpy as np
 from numba import prange  # noqa: F401  (used by the generated drivers)
 
-from . import simd
+from . import parallel as _par, simd
 from gguf import GGMLQuantizationType as GT
 
 from . import quants
@@ -696,6 +697,11 @@ def prepare(w_raw: np.ndarray, ggml_type: int, k: int, repack: bool | None = Non
         raise ValueError("matmul: weight has no rows")
     if w.strides[1] != 1 or w.strides[0] < row_bytes:
         w = np.ascontiguousarray(w)
+    if w.flags.writeable:
+        # one compiled signature for mmap'd (read-only) and in-memory (fused, requantized) weights:
+        # a writeable and a read-only array are two numba types, i.e. two first-run compiles
+        w = w.view()
+        w.flags.writeable = False
     pw = PreparedWeight(w, int(ggml_type), k, w.shape[0], info)
     if (REPACK if repack is None else repack) and info.repack and w.shape[0] >= GROUP:
         nsc, nch, nqh = info.repack
@@ -705,10 +711,32 @@ def prepare(w_raw: np.ndarray, ggml_type: int, k: int, repack: bool | None = Non
         w16 = w[: ng * GROUP]
         if w16.strides[0] % 2 or w16.ctypes.data % 2:
             w16 = np.ascontiguousarray(w16)
-        _repack_x16(w16.view(np.uint16), info.block_bytes // 2, nsc, nch, nqh, packed.view(np.uint16))
+            w16.flags.writeable = False         # the same compiled signature as a mapped tensor
+        _par.call(_repack_x16, w16.view(np.uint16), info.block_bytes // 2, nsc, nch, nqh, packed.view(np.uint16))
         pw.packed = packed
         pw.tail = w[ng * GROUP:]
+        drop_file_pages(w16)
     return pw
+
+
+def drop_file_pages(a: np.ndarray) -> None:
+    """After repacking rows of a read-only file mapping (a GGUF's mmap), tell the kernel their pages
+    need not stay resident: the process then holds the repacked copy, not both (~ the weights' size
+    less RSS). A page touched again is read back from the page cache. Anonymous memory is left alone."""
+    base = a
+    while base is not None and not isinstance(base, mmap.mmap):
+        base = getattr(base, "base", None) if not isinstance(base, memoryview) else base.obj
+    if base is None or not hasattr(base, "madvise") or a.size == 0:
+        return
+    start = a.ctypes.data - np.frombuffer(base, np.uint8, count=1).ctypes.data
+    end = start + a.nbytes
+    page = mmap.PAGESIZE
+    lo, hi = -(-start // page) * page, end // page * page       # whole pages inside the rows only
+    if hi > lo:
+        try:
+            base.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+        except (OSError, ValueError, AttributeError):
+            pass
 
 
 def matmul(pw: PreparedWeight, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
@@ -739,8 +767,10 @@ def matmul(pw: PreparedWeight, x: np.ndarray, out: np.ndarray | None = None) -> 
     if n == 0:
         return out
     parallel = pw.nbytes * max(1, n >> 2) >= PARALLEL_MIN_BYTES and _num_threads() > 1
-    if pw.packed is not None:
-        _driver(pw.info, True, parallel)(pw.packed, pw.tail, x, out)
+    packed = pw.packed is not None
+    args = (pw.packed, pw.tail, x, out) if packed else (pw.w, x, out)
+    if parallel:
+        _par.call(_driver(pw.info, packed, True), *args)   # one thread at a time under workqueue
     else:
-        _driver(pw.info, False, parallel)(pw.w, x, out)
+        _driver(pw.info, packed, False)(*args)
     return out

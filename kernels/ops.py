@@ -16,6 +16,8 @@ from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
 
+from . import parallel as _par
+
 _opts = dict(cache=True, fastmath=False, nogil=True)
 # reductions (dot products over a head, sums of squares) only vectorize when LLVM may
 # reassociate float adds; the order changes the last bits, not the result's meaning
@@ -320,7 +322,7 @@ def attention(q, k_cache, v_cache, pos0, scale, window, softcap, out):
     costs tens of microseconds, more than a decode step's attention over a short context.
     """
     if q.shape[0] > 1 and nb.get_num_threads() > 1:
-        return _attention_parallel(q, k_cache, v_cache, pos0, scale, window, softcap, out)
+        return _par.call(_attention_parallel, q, k_cache, v_cache, pos0, scale, window, softcap, out)
     return _attention_serial(q, k_cache, v_cache, pos0, scale, window, softcap, out)
 
 

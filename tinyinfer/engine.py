@@ -73,7 +73,11 @@ class Step:
 
 def set_threads(n_threads: Optional[int]) -> int:
     import numba
-    n = n_threads if n_threads and n_threads > 0 else (os.cpu_count() or 1)
+    if n_threads and n_threads > 0:
+        n = n_threads
+    else:                          # the performance cores (big.LITTLE aware), as llama.cpp's default
+        from .sysinfo import performance_cores
+        n = performance_cores()
     n = max(1, min(n, numba.config.NUMBA_NUM_THREADS))
     numba.set_num_threads(n)
     return n
@@ -81,7 +85,8 @@ def set_threads(n_threads: Optional[int]) -> int:
 
 class Engine:
     def __init__(self, model_path, n_ctx: int = 4096, n_batch: int = 512, n_threads: Optional[int] = None,
-                 vocab_only: bool = False, logits_all: bool = False, verbose: bool = False):
+                 vocab_only: bool = False, logits_all: bool = False, verbose: bool = False,
+                 progress: Optional[bool] = None):
         t0 = time.perf_counter()
         self.path = str(model_path)
         self.gguf = GGUFFile(model_path)
@@ -102,17 +107,19 @@ class Engine:
             self.timings.load_ms = (time.perf_counter() - t0) * 1000
             return
         from .models import load_model
-        self.model = load_model(self.gguf)
-        if n_ctx <= 0:
-            n_ctx = self.model.n_ctx_train
-        if n_ctx < 1:
-            raise ValueError(f"n_ctx must be >= 1, got {n_ctx}")
-        self.n_ctx = n_ctx
-        self.cache = self.model.new_cache(n_ctx, n_batch)
-        self.timings.load_ms = (time.perf_counter() - t0) * 1000
-        t1 = time.perf_counter()
-        self._warmup()
-        self.timings.compile_ms = (time.perf_counter() - t1) * 1000
+        from .progress import CompileNotice
+        with CompileNotice(verbose if progress is None else progress):    # a line while numba compiles
+            self.model = load_model(self.gguf)
+            if n_ctx <= 0:
+                n_ctx = self.model.n_ctx_train
+            if n_ctx < 1:
+                raise ValueError(f"n_ctx must be >= 1, got {n_ctx}")
+            self.n_ctx = n_ctx
+            self.cache = self.model.new_cache(n_ctx, n_batch)
+            self.timings.load_ms = (time.perf_counter() - t0) * 1000
+            t1 = time.perf_counter()
+            self._warmup()
+            self.timings.compile_ms = (time.perf_counter() - t1) * 1000
 
     def fork(self) -> "Engine":
         """Another engine on the same file, tokenizer and weights, with a KV cache of its own."""

@@ -46,6 +46,9 @@ class Linear:
         self.nbytes = sum(x.nbytes for x in ts)
         data = t.data if len(ts) == 1 else np.concatenate([x.data for x in ts], axis=0)
         self.w = mm.prepare(data, t.ggml_type, self.k)
+        if len(ts) > 1:          # the fused copy holds the data now: the file's pages need not stay resident
+            for x in ts:
+                mm.drop_file_pages(x.data)
 
     def __call__(self, x: np.ndarray, out=None) -> np.ndarray:
         return mm.matmul(self.w, x, out)

@@ -78,7 +78,10 @@ def main(argv=None) -> int:
     except ImportError:
         raise RuntimeError("the server needs fastapi and uvicorn: pip install 'tinyinfer[server]'") from None
     from ..cli import resolve_model
+    from ..store import is_store_name
     path = str(resolve_model(a.model))
+    if a.alias is None and a.model and is_store_name(a.model):
+        a.alias = a.model                    # serve -m qwen2.5-coder:0.5b answers as that name
     if not os.path.isfile(path):
         raise ValueError(f"model file not found: {path}")
     logging.basicConfig(level=getattr(logging, a.log_level.upper()), format="%(asctime)s %(levelname)s %(name)s: "

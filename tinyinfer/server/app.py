@@ -13,7 +13,7 @@ from typing import Any, Callable, Optional
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 
 from .. import __version__
 from .core import ApiError, ServerConfig, ServerState, error_body, error_response, to_api_error
@@ -46,7 +46,7 @@ def _default_engine_factory(config: ServerConfig) -> Callable[[], Any]:
             return first[0].fork()
         from ..engine import Engine
         first.append(Engine(config.model_path, n_ctx=config.n_ctx, n_batch=config.n_batch,
-                            n_threads=config.n_threads))
+                            n_threads=config.n_threads, progress=True))
         return first[0]
     return make
 
@@ -218,7 +218,9 @@ def create_app(config: ServerConfig, engine_factory: Optional[Callable[[], Any]]
 
     @app.get("/", include_in_schema=False)
     async def root():
-        return PlainTextResponse("tinyinfer is running (OpenAI API at /v1, ollama API at /api, docs at /docs)")
+        """The chat page (tinyinfer/server/chat_page.py): streams through /v1/chat/completions."""
+        from .chat_page import PAGE
+        return HTMLResponse(PAGE, headers={"Cache-Control": "no-cache"})
 
     @app.head("/", include_in_schema=False)
     async def root_head():
@@ -256,6 +258,8 @@ def create_app(config: ServerConfig, engine_factory: Optional[Callable[[], Any]]
     from .openai_api import router as openai_router
     app.include_router(openai_router)
     app.include_router(ollama_router)
+    from .store_api import router as store_router
+    app.include_router(store_router)
 
     if config.cors:
         from starlette.middleware.cors import CORSMiddleware
@@ -277,6 +281,7 @@ def create_app(config: ServerConfig, engine_factory: Optional[Callable[[], Any]]
             walk(app.routes)
             walk(openai_router.routes)
             walk(ollama_router.routes)
+            walk(store_router.routes)
             known.append(frozenset(p for p in paths if "{" not in p))
         return known[0]
 

@@ -307,7 +307,9 @@ def _tag(state: ServerState) -> dict:
 @router.get("/api/tags", summary="Local models (ollama)")
 async def tags(request: Request):
     state = _state(request)
-    return {"models": [_tag(state)] if state.status == "ok" else []}
+    from .store_api import store_tags
+    served = [_tag(state)] if state.status == "ok" else []
+    return {"models": served + [t for t in store_tags() if t["name"] != state.model_name]}
 
 
 @router.get("/api/ps", summary="Loaded models (ollama)")
