@@ -24,12 +24,12 @@ LlamaGrammar = Grammar
 class Llama:
     def __init__(self, model_path: str, *, n_ctx: int = 512, n_batch: int = 512, n_threads: Optional[int] = None,
                  seed: int = -1, vocab_only: bool = False, logits_all: bool = False, verbose: bool = True,
-                 chat_format: Optional[str] = None, **_ignored):
+                 chat_format: Optional[str] = None, split: int = 1, **_ignored):
         self.model_path = str(model_path)
         self.verbose = verbose
         self.seed = seed
         self._engine = Engine(model_path, n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads,
-                              vocab_only=vocab_only, logits_all=logits_all, verbose=verbose)
+                              vocab_only=vocab_only, logits_all=logits_all, verbose=verbose, split=split)
         tok = self._engine.tokenizer
         self.metadata = {k: v for k, v in self._engine.gguf.metadata.items() if isinstance(v, (str, int, float))}
         self.chat_formatter = ChatFormatter.for_tokenizer(self._engine.gguf.metadata, tok, chat_format)

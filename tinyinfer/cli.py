@@ -62,9 +62,19 @@ def add_model_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("-t", "--threads", type=_positive("-t"), default=None, help="threads (default: the performance cores)")
 
 
+def add_split_arg(ap: argparse.ArgumentParser) -> None:
+    """--split N: the model's layers over N Ray actors (tinyinfer/distributed/split.py), CLI and server."""
+    ap.add_argument("--split", type=_positive("--split"), default=1, metavar="N",
+                    help="split the model's layers over N Ray actors (pip install 'tinyinfer[ray]'; "
+                         "$RAY_ADDRESS = a running cluster, else a local one on 127.0.0.1)")
+
+
 def resolve_model(path):
     """-m: a GGUF path, or a store name (smollm2:135m, hf.co/OWNER/REPO:QUANT; pulled on first use)."""
     if path:
+        import os
+        if os.path.isfile(path):
+            return path
         from .store import is_store_name, resolve
         return resolve(path) if is_store_name(str(path)) else path
     from .fetch import DEFAULT_MODEL, fetch
@@ -79,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run a GGUF language model on the CPU (llama-cli's flags). "
                     f"Tools: {', '.join(TOOLS)} (python -m tinyinfer TOOL --help).")
     add_model_args(ap)
+    add_split_arg(ap)
     ap.add_argument("-p", "--prompt", help="prompt text")
     ap.add_argument("-f", "--file", help="read the prompt from a file")
     ap.add_argument("-e", "--escape", action="store_true", help="process escapes (\\n, \\t, \\', \\\", \\\\) in the prompt")
@@ -146,7 +157,8 @@ def run_generate(a) -> int:
     if prompt is not None and a.escape:
         prompt = codecs.decode(prompt.encode("utf-8"), "unicode_escape").encode("latin-1").decode("utf-8")
     grammar = _grammar(a)
-    eng = Engine(resolve_model(a.model), n_ctx=a.ctx_size, n_batch=a.batch_size, n_threads=a.threads, progress=True)
+    eng = Engine(resolve_model(a.model), n_ctx=a.ctx_size, n_batch=a.batch_size, n_threads=a.threads, progress=True,
+                 split=a.split)
     if a.conversation:
         return _chat_loop(eng, a, prompt, grammar)
     tok = eng.tokenizer

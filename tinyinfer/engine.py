@@ -86,7 +86,7 @@ def set_threads(n_threads: Optional[int]) -> int:
 class Engine:
     def __init__(self, model_path, n_ctx: int = 4096, n_batch: int = 512, n_threads: Optional[int] = None,
                  vocab_only: bool = False, logits_all: bool = False, verbose: bool = False,
-                 progress: Optional[bool] = None):
+                 progress: Optional[bool] = None, split: int = 1):
         t0 = time.perf_counter()
         self.path = str(model_path)
         self.gguf = GGUFFile(model_path)
@@ -109,7 +109,12 @@ class Engine:
         from .models import load_model
         from .progress import CompileNotice
         with CompileNotice(verbose if progress is None else progress):    # a line while numba compiles
-            self.model = load_model(self.gguf)
+            if split > 1:
+                # the model's layers over ``split`` Ray actors (tinyinfer/distributed/split.py)
+                from .distributed.split import SplitModel
+                self.model = SplitModel(self.gguf, split, n_threads=n_threads or 1)
+            else:
+                self.model = load_model(self.gguf)
             if n_ctx <= 0:
                 n_ctx = self.model.n_ctx_train
             if n_ctx < 1:

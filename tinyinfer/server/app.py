@@ -46,7 +46,7 @@ def _default_engine_factory(config: ServerConfig) -> Callable[[], Any]:
             return first[0].fork()
         from ..engine import Engine
         first.append(Engine(config.model_path, n_ctx=config.n_ctx, n_batch=config.n_batch,
-                            n_threads=config.n_threads, progress=True))
+                            n_threads=config.n_threads, progress=True, split=config.split))
         return first[0]
     return make
 

@@ -21,3 +21,4 @@ class ServerConfig:
     port: int = 8080
     shutdown_timeout: float = 30.0
     cors: bool = False
+    split: int = 1              # the model's layers over this many Ray actors (tinyinfer/distributed/split.py)
