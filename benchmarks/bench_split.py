@@ -7,7 +7,8 @@ each: a second board stands in for the second raylet) and places one shard per n
 (``STRICT_SPREAD``). For one process and for the split model, with one thread per process:
 prompt processing of P tokens and generation of N tokens one at a time (llama-bench's pp/tg, greedy
 decode steps through the same ``Engine.eval``), repeated R times; the best and the spread are
-reported. Bytes moved per generated token are counted by the split model (hidden states between
+reported, and the CPU time per generated token of every process involved (this one, the shards,
+the raylets, GCS and Ray's agents), which the machine's other load does not inflate. Bytes moved per generated token are counted by the split model (hidden states between
 shards, ids in, logits out). The first-step logits of both are compared.
 """
 
@@ -26,10 +27,24 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 
-def measure(eng, n_prompt: int, n_gen: int, reps: int) -> dict:
+def cpu_seconds(pids) -> float:
+    """User + system CPU time of these processes so far (a figure the other load does not inflate)."""
+    import psutil
+    total = 0.0
+    for pid in pids:
+        try:
+            t = psutil.Process(pid).cpu_times()
+            total += t.user + t.system
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+def measure(eng, n_prompt: int, n_gen: int, reps: int, pids=()) -> dict:
+    pids = [os.getpid(), *pids]
     rng = np.random.default_rng(0)
     prompt = rng.integers(100, 1000, n_prompt).tolist()
-    pp, tg = [], []
+    pp, tg, cpu = [], [], []
     for _ in range(reps):
         eng.reset()
         t0 = time.perf_counter()
@@ -37,12 +52,15 @@ def measure(eng, n_prompt: int, n_gen: int, reps: int) -> dict:
         pp.append(n_prompt / (time.perf_counter() - t0))
         tok = int(np.argmax(logits))
         moved0 = getattr(eng.model, "bytes_moved", 0)
+        c0 = cpu_seconds(pids)
         t0 = time.perf_counter()
         for _ in range(n_gen):
             tok = int(np.argmax(eng.eval([tok])))
         tg.append(n_gen / (time.perf_counter() - t0))
+        cpu.append(1000 * (cpu_seconds(pids) - c0) / n_gen)
         moved = (getattr(eng.model, "bytes_moved", 0) - moved0) / n_gen
-    return {"pp_tok_s": max(pp), "pp_all": pp, "tg_tok_s": max(tg), "tg_all": tg, "bytes_per_token": moved}
+    return {"pp_tok_s": max(pp), "pp_all": pp, "tg_tok_s": max(tg), "tg_all": tg, "bytes_per_token": moved,
+            "tg_cpu_ms_per_token": min(cpu), "tg_cpu_all": cpu}
 
 
 def main(argv=None) -> int:
@@ -86,7 +104,9 @@ def main(argv=None) -> int:
         out["nodes"] = len({i["node"] for i in m.shard_info})
         out["shard_rss_mib"] = [i["rss"] >> 20 for i in m.shard_info]
         out["shard_block_mib"] = [i["block_bytes"] / 2**20 for i in m.shard_info]
-        out["split"] = measure(split, a.n_prompt, a.n_gen, a.reps)
+        # every process the split model runs on: the shards, and each node's raylet, GCS and agents
+        ray_pids = [p.pid for nd in [cluster.head_node, *cluster.worker_nodes] for _, p in nd.live_processes()]
+        out["split"] = measure(split, a.n_prompt, a.n_gen, a.reps, [i["pid"] for i in m.shard_info] + ray_pids)
         split.reset()
         out["first_step_max_abs_diff"] = float(np.abs(split.eval(ids) - ref).max())
         m.close()
