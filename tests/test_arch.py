@@ -88,6 +88,13 @@ def synthetic(request, synthetic_dir):
     return arch, eng, _reference("arch", f"{arch}-F16")
 
 
+def test_synthetic_prompt_tokens(synthetic):
+    """llama-bpe (Llama 3, SmolLM3), qwen2 (Qwen3) and Phi-3's SentencePiece tokenize the prompts as llama.cpp."""
+    arch, eng, (refs, _) = synthetic
+    for r in refs:
+        assert eng.tokenizer.encode(r["prompt"], special=True) == r["prompt_ids"], (arch, r["prompt"])
+
+
 def test_synthetic_first_step_logits(synthetic):
     arch, eng, ref = synthetic
     check_first_step(f"{arch} F16", eng, *ref, bound=1e-4)

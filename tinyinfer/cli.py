@@ -72,6 +72,9 @@ def add_split_arg(ap: argparse.ArgumentParser) -> None:
 def resolve_model(path):
     """-m: a GGUF path, or a store name (smollm2:135m, hf.co/OWNER/REPO:QUANT; pulled on first use)."""
     if path:
+        import os
+        if os.path.isfile(path):
+            return path
         from .store import is_store_name, resolve
         return resolve(path) if is_store_name(str(path)) else path
     from .fetch import DEFAULT_MODEL, fetch
