@@ -25,6 +25,9 @@ case $cpu in a72|cortex-a72) cpu=cortex-a72 ;; a76|cortex-a76) cpu=cortex-a76 ;;
   *) echo "unknown cpu $cpu (a72 = Pi 4, a76 = Pi 5)" >&2; exit 2 ;; esac
 what=${1:?pytest or python}; shift
 
+# one numba cache and bytecode folder per checkout (several worktrees may share the chroot)
+TAG=$(printf %s "$HERE" | md5sum | cut -c1-8)
+
 case $what in
   pytest) cmd=(python -m pytest -p no:cacheprovider "$@") ;;
   python) cmd=(python "$@") ;;
@@ -33,6 +36,6 @@ esac
 binds=(--bind "$HERE" --bind "$CACHE")
 [ -d "$SHARED" ] && binds+=(--bind "$SHARED")
 QEMU_CPU=$cpu NUMBA_CPU_NAME=$cpu exec bash "$CHROOT_SH" run "${binds[@]}" --cwd "$HERE" -- \
-  env PYTHONPATH="$HERE" PYTHONPYCACHEPREFIX=/tmp/pyc-arm \
-      NUMBA_CACHE_DIR=/tmp/numba-arm-${cpu#cortex-} TINYINFER_CACHE="$CACHE" \
+  env PYTHONPATH="$HERE" PYTHONPYCACHEPREFIX=/tmp/pyc-arm-$TAG \
+      NUMBA_CACHE_DIR=${ARM_NUMBA_CACHE:-/tmp/numba-arm-$TAG-${cpu#cortex-}} TINYINFER_CACHE="$CACHE" \
       "${cmd[@]}"
