@@ -667,6 +667,7 @@ class Interleaved:
     affine = False
     offset = 0            # constant subtracted from every quant (via the activation sums)
     shape = (1, 8, 0)     # (fp16 scales per row, 2-byte quant chunks per row, bytes of 5th bits) per block
+    kquant = False        # a 256-element super-block layout (kinterleaved_kernel), not a 32-block one
 
     def pairs(self, e: Emitter, bp):
         """Yield (j, <32 x i16>) for j in 0..15 (any order): rows' (q[2j], q[2j+1]) pairs.
@@ -814,6 +815,100 @@ def interleaved_kernel(fmt_name: str, NC: int, chains: int = 4):
     return tile
 
 
+class Q4_Kx16(Interleaved):
+    """Q4_K repacked for prompt processing: one super-block of GROUP rows per 2368 bytes.
+
+    d[16], dmin[16] (fp16), the 6-bit scales and mins unpacked to bytes (sub-block j,
+    row r at 16j + r), then the quants of sub-blocks (2c, 2c+1) as 16 chunks of 32 B:
+    chunk j byte 2r+t = row r's qs[32c + 2j + t], whose low nibble is element 2j+t of
+    sub-block 2c and high nibble element 2j+t of sub-block 2c+1 (Q4_K's own pairing).
+    Unsigned quants, one int32 sum per (row, sub-block) times its scale; the mins go
+    through the activations' sums per 32.
+    """
+
+    name, block_bytes, kquant = "Q4_K", 64 + 256 + 2048, True
+    layout = dict(d=0, dmin=32, scales=64, mins=192, qs=320)
+
+    def pairs(self, e, bp, c):
+        """Yield (sub-block, j, <32 x i16>) for sub-blocks 2c, 2c+1: rows' (q[2j], q[2j+1])."""
+        for j in range(16):
+            z = e.b.zext(e.load(bp, c64(self.layout["qs"] + 512 * c + 32 * j), vec(I8, 32)), vec(I16, 32))
+            yield 2 * c, j, e.b.and_(z, e.const_vec(I16, 32, 0x0F))
+            yield 2 * c + 1, j, e.b.lshr(z, e.const_vec(I16, 32, 4))
+
+
+@lru_cache(maxsize=None)
+def kinterleaved_kernel(fmt_name: str, NC: int):
+    """Intrinsic for GROUP rows of a repacked K-quant (:class:`Q4_Kx16`) x NC Q8_K activation rows.
+
+    Signature (int64 addresses / sizes)::
+
+        tile(wg, nb, xq, xq_stride, xd, xd_stride, xb, xb_stride, out, out_stride)
+
+    ``xq`` int16 activations, ``xd`` float32 scale per 256, ``xb`` int32 sums per 32;
+    ``nb`` super-blocks. Per super-block and activation row: one <16 x i32> pair-product
+    sum per sub-block (``vpdpwssd`` with a broadcast activation pair), times the rows'
+    sub-block scales, summed in int32 (ggml's integers exactly); the mins as
+    sum_j min_j * xsum_j; then d_w*d_x and dmin_w*d_x in float. Writes GROUP floats per row.
+    """
+    fmt = repacked(fmt_name)
+    G = GROUP
+    L = fmt.layout
+
+    @intrinsic
+    def tile(typingctx, wg, nb, xq, xq_stride, xd, xd_stride, xb, xb_stride, out, out_stride):
+        sig = types.void(*([types.int64] * 10))
+
+        def codegen(context, builder, signature, args):
+            e = Emitter(builder)
+            b = builder
+            (wg_, nb_, xq_, xqs_, xd_, xds_, xb_, xbs_, out_, os_) = args
+            wp, xqp, xdp, xbp, op = (b.inttoptr(a, P8) for a in (wg_, xq_, xd_, xb_, out_))
+            zero_i = ir.Constant(vec(I32, G), None)
+            zero_f = ir.Constant(vec(F32, G), None)
+
+            def body(i, accs):
+                bp = e.ptr(wp, b.mul(i, c64(fmt.block_bytes)))
+                xbase = [e.ptr(xqp, b.add(b.mul(xqs_, c64(c)), b.mul(i, c64(512)))) for c in range(NC)]
+                sc = [b.zext(e.load(bp, c64(L["scales"] + 16 * j), vec(I8, G)), vec(I32, G)) for j in range(8)]
+                isum = [zero_i] * NC
+                ch = max(1, 4 // NC)           # independent int32 chains per (sub-block, activation row)
+                for cc in range(4):
+                    # sub-blocks 2cc, 2cc+1: 2*ch*NC independent chains, finished (times the scales) at once
+                    part = [[zero_i] * (2 * ch) for _ in range(NC)]
+                    for sub, j, pv in fmt.pairs(e, bp, cc):
+                        u = (sub & 1) * ch + j % ch
+                        for c in range(NC):
+                            xv = b.bitcast(e.splat(e.load(xbase[c], c64(64 * sub + 4 * j), I32), G), vec(I16, 2 * G))
+                            part[c][u] = b.add(part[c][u], e.dot_pairs(pv, xv))
+                    for c in range(NC):
+                        for t in (0, 1):
+                            s = functools.reduce(b.add, [e.freeze(p) for p in part[c][t * ch:(t + 1) * ch]])
+                            isum[c] = b.add(isum[c], b.mul(s, sc[2 * cc + t]))
+                mn = [b.zext(e.load(bp, c64(L["mins"] + 16 * j), vec(I8, G)), vec(I32, G)) for j in range(8)]
+                dw = b.fpext(e.load(bp, c64(L["d"]), vec(F16, G)), vec(F32, G))
+                dm = b.fpext(e.load(bp, c64(L["dmin"]), vec(F16, G)), vec(F32, G))
+                new = []
+                for c in range(NC):
+                    xb8 = e.load(xbp, b.add(b.mul(xbs_, c64(c)), b.mul(i, c64(32))), vec(I32, 8))
+                    msum = functools.reduce(b.add, [b.mul(mn[j], e.splat(b.extract_element(xb8, c32(j)), G))
+                                                    for j in range(8)])
+                    dx = e.splat(e.load(xdp, b.add(b.mul(xds_, c64(c)), b.mul(i, c64(4))), F32), G)
+                    new.append(e.fma(b.sitofp(isum[c], vec(F32, G)), e.fmul(dw, dx), accs[2 * c]))
+                    new.append(e.fma(b.sitofp(msum, vec(F32, G)), e.fmul(dm, dx), accs[2 * c + 1]))
+                return new
+
+            accs = counted_loop(b, nb_, [zero_f] * (2 * NC), body)
+            for c in range(NC):
+                e.store(b.fsub(accs[2 * c], accs[2 * c + 1]), op, b.mul(os_, c64(c)), align=4)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    tile.kernel_name = f"kitile_{fmt_name}_g{G}_x{NC}_v2"
+    return tile
+
+
 # --------------------------------------------------- activation quantization
 @lru_cache(maxsize=None)
 def quantize_row_kernel(act16: bool, with_s: bool):
@@ -892,14 +987,19 @@ class KFormat(BlockDecoder):
     """
 
     min_group = 0
-    offset = 0
+    offset = 0            # aarch64: subtracted from unsigned quants (sdot takes signed bytes)
+    u8_offset = 0         # x86: added to signed quants (vpmaddubsw takes unsigned weights)
+    sign_trick = False    # x86: |w| * (x * sign(w)) instead (table formats)
     scale_group = 32      # elements per distinct scale: 32 or 16
     has_gemv = False      # a kgemv_kernel (x86 single-row) exists for it
 
     @property
     def bsums(self) -> int:
+        """Activation sums the tiles read: per min group, else per scale group if an offset needs them."""
         if self.min_group:
             return self.min_group
+        if (self.offset if PARTIAL_REDUCE else self.u8_offset):
+            return self.scale_group
         return 0
 
     def decode(self, e: Emitter, wp, off):
@@ -1003,7 +1103,7 @@ class Q3_K(KFormat):
     Element 128n + 32j + l: ((qs[32n + l] >> 2j) & 3) - 4 unless bit 4n + j of hmask[l] is set.
     """
 
-    scale_group = 16
+    scale_group, u8_offset = 16, 4
 
     def decode(self, e, wp, off):
         b = e.b
@@ -1035,7 +1135,7 @@ class Q6_K(KFormat):
     from qh[32h + l] >> 2g; value - 32; scale sc[8h + 2g + l//16].
     """
 
-    scale_group, has_gemv = 16, True
+    scale_group, u8_offset, has_gemv = 16, 32, True
 
     def decode(self, e, wp, off):
         b = e.b
@@ -1058,6 +1158,8 @@ class IQ4_XS(KFormat):
     """block_iq4_xs: d (fp16), scales_h (u16: 2 high bits per sub-block), scales_l[4] (nibbles),
     qs[128]: sub-block j = table values of the nibbles of qs[16j .. 16j+15] (low: 0..15, high: 16..31),
     scale ((scales_l >> 4(j%2)) & 15 | ((scales_h >> 2j) & 3) << 4) - 32."""
+
+    sign_trick = True
 
     def __init__(self, name, block_bytes, layout, values):
         super().__init__(name, block_bytes, layout)
@@ -1105,19 +1207,42 @@ def _kdot_arm(e: Emitter, fmt: KFormat, subs, scales, xv8, scv_bs):
     return isum
 
 
-def _kdot_x86(e: Emitter, subs, scales, xv16):
-    """x86: the int16 weights times their scales first, then pair products (vpmaddwd / vpdpwssd):
-    a <16 x i32> whose lanes sum to sum_j scale_j * dot(sub_j, x_j)."""
+def _kdot_x86(e: Emitter, fmt: KFormat, subs, scales, xv8, scv_bs):
+    """x86: u8 x s8 pair products (``vpmaddubsw``) per sub-block, times the int16 scales as pair
+    sums (``vpmaddwd``): a <16 x i32> whose lanes sum to sum_j scale_j * dot(sub_j, x_j).
+
+    Signed quants are made unsigned by ``u8_offset`` (taken back as u8_offset * sum_g scale_g *
+    sum(x_g)), or for table formats (``sign_trick``) by moving each weight's sign onto its
+    activation: |w| * (x * sign(w)), as ggml's AVX2 code does. Pair sums stay below 2**15.
+    """
     b = e.b
+    z8 = ir.Constant(vec(I8, 32), None)
     parts = []
     for j in range(8):
+        q, x = subs[j], xv8[j]
+        if fmt.sign_trick:
+            neg = b.icmp_signed("<", q, z8)
+            x = b.select(neg, b.sub(z8, x), x)
+            q = b.select(neg, b.sub(z8, q), q)
+        elif fmt.u8_offset:
+            q = b.add(q, e.const_vec(I8, 32, fmt.u8_offset))
+        # OR with an opaque zero: no known bits left for InstCombine to narrow the products
+        # with (small masked quants, e.g. Q2_K's 0..3, would lose the vpmaddubsw pattern)
+        q = b.or_(q, _opaque_splat(e, "zero_v32i8", 0, vec(I8, 32)))
+        p = _maddubs(e, q, x)                                          # <16 x i16>
         lo, hi = (b.trunc(t, I16) for t in scales[j])
-        sv = b.insert_element(ir.Constant(vec(I16, 32), None), lo, c32(0))
-        sv = b.insert_element(sv, hi, c32(16))
-        sv = e.shuffle(sv, None, [0] * 16 + [16] * 16)
-        pv = e.freeze(b.mul(b.sext(subs[j], vec(I16, 32)), sv))
-        parts.append(e.dot_pairs(pv, xv16[j]))
-    return functools.reduce(b.add, [e.freeze(b.add(parts[j], parts[j + 4])) for j in range(4)])
+        sv = b.insert_element(ir.Constant(vec(I16, 16), None), lo, c32(0))
+        sv = b.insert_element(sv, hi, c32(8))
+        parts.append(e.dot_pairs(p, e.shuffle(sv, None, [0] * 8 + [8] * 8)))    # <8 x i32>
+    half = [functools.reduce(b.add, [e.freeze(p) for p in parts[h:h + 4]]) for h in (0, 4)]
+    s = e.concat(half[0], half[1])
+    if fmt.u8_offset:
+        scv, bs = scv_bs
+        n = scv.type.count
+        corr = _intrinsic_call(b, f"llvm.vector.reduce.add.v{n}i32", I32, [b.mul(scv, bs)])
+        lane0 = b.sub(b.extract_element(s, c32(0)), b.mul(corr, c32(fmt.u8_offset)))
+        s = b.insert_element(s, lane0, c32(0))
+    return s
 
 
 def _load_bsums(e: Emitter, fmt: KFormat, xbp, off):
@@ -1173,17 +1298,17 @@ def ktile_kernel(fmt_name: str, NR: int, NC: int, lanes: int = 0):
                           if fmt.bsums else None)
                     for r in range(NR):
                         subs, scales, d, dmin, mins = blocks[r]
+                        flat = [t for j in range(8) for t in (scales[j] if fmt.scale_group == 16 else scales[j][:1])]
+                        scv = ir.Constant(vec(I32, len(flat)), None)
+                        for t, v in enumerate(flat):
+                            scv = b.insert_element(scv, v, c32(t))
                         if PARTIAL_REDUCE:
-                            flat = [t for j in range(8) for t in (scales[j] if fmt.scale_group == 16 else scales[j][:1])]
-                            scv = ir.Constant(vec(I32, len(flat)), None)
-                            for t, v in enumerate(flat):
-                                scv = b.insert_element(scv, v, c32(t))
                             s = _kdot_arm(e, fmt, subs, scales, xv8, (scv, bs))
                             s = e.fold_add(s, W) if W < 4 else s
                             if W > 4:
                                 s = e.shuffle(s, ir.Constant(s.type, None), list(range(4)) + [4] * (W - 4))
                         else:
-                            s = e.fold_add(_kdot_x86(e, subs, scales, [b.sext(v, vec(I16, 32)) for v in xv8]), W)
+                            s = e.fold_add(_kdot_x86(e, fmt, subs, scales, xv8, (scv, bs)), W)
                         sf = b.sitofp(s, vec(F32, W))
                         k = r * NC + c
                         new[k] = e.fma(sf, e.splat(e.fmul(d, dx), W), accs[k])
@@ -1206,7 +1331,7 @@ def ktile_kernel(fmt_name: str, NR: int, NC: int, lanes: int = 0):
 
         return sig, codegen
 
-    tile.kernel_name = f"ktile_{fmt_name}_{NR}x{NC}_l{W}_pr{int(PARTIAL_REDUCE)}_pf{PREFETCH}_v2"
+    tile.kernel_name = f"ktile_{fmt_name}_{NR}x{NC}_l{W}_pr{int(PARTIAL_REDUCE)}_pf{PREFETCH}_v4"
     return tile
 
 

@@ -206,7 +206,7 @@ KSHAPES = [(37, 512, 1), (50, 256, 7), (21, 768, 64), (3, 256, 5)]
 @pytest.mark.parametrize("name", ALL)
 @pytest.mark.parametrize("repack", [True, False])
 def test_matmul_matches_reference(name, repack):
-    if repack and mm._TYPES[int(T[name])].repack is None:
+    if repack and mm._TYPES[int(T[name])].repacked is None:
         pytest.skip("no repacked layout for this type (covered by repack=False)")
     rng = np.random.default_rng(sum(map(ord, name)))
     for rows, k, n in (KSHAPES if name in KQUANT else SHAPES):
@@ -235,23 +235,24 @@ def test_matmul_matches_reference(name, repack):
 def test_repacked_equals_native():
     """The row-interleaved kernels and the native ones see the same numbers (up to summation order)."""
     rng = np.random.default_rng(5)
-    for name in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"):
-        raw, _ = make_weight(name, 50, 320, rng)
-        x = rng.standard_normal((9, 320)).astype(np.float32)
-        a = mm.matmul(mm.prepare(raw, int(T[name]), 320, repack=True), x)
-        b = mm.matmul(mm.prepare(raw, int(T[name]), 320, repack=False), x)
-        assert mm.prepare(raw, int(T[name]), 320, repack=True).packed.shape[0] == 3
-        assert rel(a, b) < 1e-6
+    for name in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K"):
+        k = 512 if name in KQUANT else 320
+        raw, _ = make_weight(name, 50, k, rng)
+        for n in (1, 9):
+            x = rng.standard_normal((n, k)).astype(np.float32)
+            a = mm.matmul(mm.prepare(raw, int(T[name]), k, repack=True), x)
+            b = mm.matmul(mm.prepare(raw, int(T[name]), k, repack=False), x)
+            assert mm.prepare(raw, int(T[name]), k, repack=True).packed.shape[0] == 3
+            assert rel(a, b) < 1e-6, (name, n, rel(a, b))
 
 
 def test_parallel_path(monkeypatch):
     """Rows split across threads (prange) give the serial result."""
     import numba
-    monkeypatch.setattr(mm, "PARALLEL_MIN_BYTES", 0)
     rng = np.random.default_rng(6)
     raw, _ = make_weight("Q4_0", 70, 256, rng)
     x = rng.standard_normal((5, 256)).astype(np.float32)
-    pw = mm.prepare(raw, int(T.Q4_0), 256)
+    pw = mm.prepare(raw, int(T.Q4_0), 256, config=mm.KernelConfig(parallel_min_bytes=0))
     old = numba.get_num_threads()
     try:
         numba.set_num_threads(1)
@@ -376,3 +377,59 @@ def test_concurrent_calls_from_threads_are_safe():
         for t in ts:
             t.join()
         assert not bad, f"type {typ}: {len(bad)} wrong results under concurrency"
+
+
+# ------------------------------------------- aarch64 4-row layouts (kernels/arm.py)
+ARM_TYPES = ["Q4_0", "Q8_0", "IQ4_NL", "Q4_K", "Q5_K", "Q6_K"]
+
+
+def _arm_weight(name, rows, k, rng, extreme=False):
+    if name in KQUANT:
+        raw = random_kquant(name, rows, k, rng)
+        if extreme:        # 6-bit scales / mins 63, nibbles 15, Q6_K q = 63 and scale -1
+            raw[:] = 255
+            o, nsc = KSCALE[name]
+            raw.reshape(rows, k // 256, -1)[..., o:o + 2 * nsc] = np.array([0.01, 0.002][:nsc], np.float16).view(np.uint8)
+        return raw
+    raw, _ = make_weight(name, rows, k, rng)
+    if extreme:
+        blk = raw.reshape(rows, k // 32, -1)
+        blk[..., 2:] = 0x80 if name == "Q8_0" else 0x00      # q = -128 (Q8_0) / nibbles 0: -8 (Q4_0), -127 (IQ4_NL)
+    return raw
+
+
+@pytest.mark.parametrize("name", ARM_TYPES)
+def test_arm_layout_round_trip(name):
+    """The 4-row layouts keep every byte (numpy repack / unpack), scales and mins of Q4_K included."""
+    from tinyinfer.kernels import arm
+    rng = np.random.default_rng(21)
+    k = 512
+    bs = GGML_QUANT_SIZES[T[name]][1]
+    raw = rng.integers(0, 256, (12, k // GGML_QUANT_SIZES[T[name]][0] * bs), dtype=np.uint8)
+    lay = arm.layout(name)
+    p = lay.repack(raw)
+    assert p.shape == (3, k // lay.qk, lay.group_bytes)
+    np.testing.assert_array_equal(lay.unpack(p), raw)
+
+
+@pytest.mark.parametrize("name", ARM_TYPES)
+def test_arm_kernels_match_reference(name):
+    """kernels/arm.py's drivers (here: the flavour this CPU gets; on x86 the generic no-dotprod one)
+    = the reference, n = 1 (GEMV) and n = 6 (a 4-row GEMM tile + 2 single rows), also at the value
+    extremes where an int16 partial sum of the no-dotprod flavour would overflow."""
+    cfg = mm.KernelConfig(arm=True)
+    rng = np.random.default_rng(22)
+    rows, k = 12, 768 if name in KQUANT else 320
+    for extreme in (False, True):
+        raw = _arm_weight(name, rows, k, rng, extreme)
+        pw = mm.prepare(raw, int(T[name]), k, config=cfg)
+        assert pw.arm is not None, pw
+        for n in (1, 6):
+            x = rng.standard_normal((n, k)).astype(np.float32)
+            if extreme:
+                x = np.where(rng.random((n, k)) < 0.9, -1.0, 1.0).astype(np.float32)
+            y = mm.matmul(pw, x)
+            ref = reference(raw, name, k, x)
+            assert rel(y, ref) < 2e-6, (name, extreme, n, rel(y, ref))
+    assert mm.prepare(raw, int(T[name]), k, config=mm.KernelConfig(arm=False)).arm is None
+    assert mm.prepare(raw, int(T[name]), k, repack=False, config=cfg).arm is None

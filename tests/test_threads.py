@@ -18,8 +18,10 @@ SCRIPT = textwrap.dedent("""
     import sys, threading
     import numba
     from tinyinfer.engine import Engine
+    from tinyinfer.kernels import matmul as mm
     from tinyinfer.sampler import SamplerParams
 
+    mm.DEFAULT_CONFIG = mm.KernelConfig(parallel_min_bytes=1)   # every matmul takes the parallel driver
     eng = Engine(sys.argv[1], n_ctx=128, n_batch=64, n_threads=2)
     assert numba.threading_layer() == "workqueue", numba.threading_layer()
     greedy = SamplerParams(temperature=0)
@@ -48,8 +50,7 @@ SCRIPT = textwrap.dedent("""
 
 
 def test_engines_in_threads_under_workqueue(smollm2_path):
-    env = dict(os.environ, NUMBA_THREADING_LAYER="workqueue", NUMBA_NUM_THREADS="2",
-               TINYINFER_PARALLEL_MIN_BYTES="1")   # every matmul takes the parallel driver
+    env = dict(os.environ, NUMBA_THREADING_LAYER="workqueue", NUMBA_NUM_THREADS="2")
     r = subprocess.run([sys.executable, "-c", SCRIPT, str(smollm2_path)], env=env, capture_output=True,
                        text=True, timeout=600)
     assert r.returncode == 0, f"exit {r.returncode}\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}"
