@@ -1,4 +1,4 @@
-"""Pieces every architecture shares: weights, KV cache, attention and MLP blocks.
+"""Pieces every architecture shares: weights, attention and MLP blocks (the KV cache: ../kvcache.py).
 
 An architecture file (llama.py, gemma3.py, ...) reads its hyper-parameters from
 GGUF metadata, picks its weights by tensor name, and writes its forward pass
@@ -16,6 +16,7 @@ from ..gguf import GGUFError, GGUFFile, TensorInfo
 from ..kernels import ops
 from ..kernels import matmul as mm
 from ..kernels import quants
+from ..kvcache import Batch, KVCache  # noqa: F401  (KVCache: the models build theirs from here)
 
 
 class ModelError(ValueError):
@@ -97,32 +98,6 @@ class Embedding:
         return quants.dequantize(self.t.data[ids], self.t.ggml_type, self.dim)
 
 
-class KVCache:
-    """Per-layer key/value buffers.
-
-    A layer with full attention holds ``n_ctx`` positions; a sliding-window layer only
-    ``window + n_batch`` of them, used as a ring (position p lives in row p % rows), which is
-    enough for every query of a batch to see its whole window.
-
-    Values are rounded to f16 on store, as llama.cpp's default f16 cache holds them, but kept
-    in float32 arrays because numba has no float16 arithmetic on the CPU (2x the memory).
-    """
-
-    def __init__(self, n_layer, n_ctx, n_kv_head, head_dim_k, head_dim_v, windows=None, n_batch=512):
-        self.n_ctx = n_ctx
-        self.k = []
-        self.v = []
-        for il in range(n_layer):
-            w = windows[il] if windows else 0
-            rows = min(n_ctx, w + n_batch) if w > 0 else n_ctx
-            self.k.append(np.zeros((rows, n_kv_head, head_dim_k), np.float32))
-            self.v.append(np.zeros((rows, n_kv_head, head_dim_v), np.float32))
-
-    @property
-    def nbytes(self) -> int:
-        return sum(a.nbytes for a in self.k) + sum(a.nbytes for a in self.v)
-
-
 def get(g: GGUFFile, name: str) -> TensorInfo:
     t = g.tensors.get(name)
     if t is None:
@@ -175,20 +150,25 @@ class Attention:
         return (self.p.n_rot, self.p.rope_base, self.p.rope_scale)
 
     def __call__(self, h, k_cache, v_cache, pos0, rope):
+        """k_cache, v_cache: this layer's KV stores; pos0: the first position (sequence 0) or a
+        :class:`Batch` (each token's position and sequence)."""
         p = self.p
         n = h.shape[0]
+        b = Batch.of(pos0, n)
         qkv = self.wqkv(h)
         q = np.empty((n, p.n_head, p.head_dim_k), np.float32)
         ops.qkv_store(qkv, p.n_head, p.n_kv_head, p.head_dim_k, p.head_dim_v, self.q_norm, self.k_norm,
-                      self.eps, rope[0], rope[1], p.rope_neox, k_cache, v_cache, pos0, q)
+                      self.eps, rope[0], rope[1], p.rope_neox, k_cache.q, k_cache.d, k_cache.kind,
+                      v_cache.q, v_cache.d, v_cache.kind, b.pos, b.seq, q)
         out = np.empty((n, p.n_head, p.head_dim_v), np.float32)
-        ops.attention(q, k_cache, v_cache, pos0, self.scale, p.window, self.softcap, out)
+        ops.attention(q, k_cache, v_cache, b.pos, b.seq, self.scale, p.window, self.softcap, out)
         return self.wo(out.reshape(n, p.n_head * p.head_dim_v))
 
 
-def rope_tables(attns, pos0: int, n: int) -> dict:
-    """(cos, sin) per distinct rope setting of the layers ``attns``, for positions pos0..pos0+n-1."""
-    positions = np.arange(pos0, pos0 + n, dtype=np.int64)
+def rope_tables(attns, pos0, n: int) -> dict:
+    """(cos, sin) per distinct rope setting of the layers ``attns``, for positions pos0..pos0+n-1
+    (or a :class:`Batch`'s positions)."""
+    positions = Batch.of(pos0, n).pos
     tables = {}
     for a in attns:
         key = a.rope_key

@@ -73,9 +73,9 @@ class Gemma3Model:
         self.hd = (n_kv, hd_k, hd_v)
         self.eps32 = np.float32(eps)
 
-    def new_cache(self, n_ctx: int, n_batch: int = 512) -> KVCache:
+    def new_cache(self, n_ctx: int, n_batch: int = 512, **kw) -> KVCache:
         n_kv, hd_k, hd_v = self.hd
-        return KVCache(self.n_layer, n_ctx, n_kv, hd_k, hd_v, windows=self.windows, n_batch=n_batch)
+        return KVCache(self.n_layer, n_ctx, n_kv, hd_k, hd_v, windows=self.windows, n_batch=n_batch, **kw)
 
     def forward(self, ids: np.ndarray, pos0: int, cache: KVCache, n_out: int = 1,
                 embeddings: bool = False) -> np.ndarray:

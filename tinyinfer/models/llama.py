@@ -51,9 +51,10 @@ class LlamaModel:
         self.output = Linear(out)
         self.eps32 = np.float32(self.eps)
 
-    def new_cache(self, n_ctx: int, n_batch: int = 512) -> KVCache:
+    def new_cache(self, n_ctx: int, n_batch: int = 512, **kw) -> KVCache:
+        """kw: n_seq, type_k, type_v (see tinyinfer/kvcache.py)."""
         p = self.attn_params
-        return KVCache(self.n_layer, n_ctx, p.n_kv_head, p.head_dim_k, p.head_dim_v)
+        return KVCache(self.n_layer, n_ctx, p.n_kv_head, p.head_dim_k, p.head_dim_v, **kw)
 
     def forward(self, ids: np.ndarray, pos0: int, cache: KVCache, n_out: int = 1,
                 embeddings: bool = False) -> np.ndarray:
