@@ -44,6 +44,12 @@ def test_cache_types_and_sizes(smollm2_path, eng):
     assert eng.cache.nbytes == 256 * per_cell * 2
     e8 = Engine(smollm2_path, n_ctx=256, n_threads=1, type_k="q8_0", type_v="q4_0")
     assert e8.cache.nbytes == 256 * 30 * 3 * 2 * (34 + 18)
+    # inspect counts what the engine allocates
+    from tinyinfer.gguf import GGUFFile
+    from tinyinfer.tools.inspect import analyze
+    for e in (eng, e8):
+        m = analyze(GGUFFile(smollm2_path), n_ctx=256, type_k=e.cache_type_k, type_v=e.cache_type_v)["memory"]
+        assert m["kv_bytes"] == e.cache.nbytes and m["kv"]["type_k"] == e.cache_type_k
     # a quantized cache still answers like the f16 one on an easy prompt
     assert _greedy(e8, "One, two, three,", 4) == _greedy(eng, "One, two, three,", 4)
     with pytest.raises(ValueError, match="unknown KV cache type"):

@@ -394,10 +394,13 @@ class Engine:
         llama-cpp-python; ``tokens`` = the ids in the context) may reshape the logits before
         each sampling step, e.g. to constrain the output to JSON. ``context_shift`` (default: the
         engine's setting): when the context is full, drop the oldest tokens after ``n_keep`` (-1 = the
-        whole prompt; BOS is always kept) and go on instead of stopping with "length".
+        whole prompt; BOS is always kept) and go on instead of stopping with "length"; then
+        max_tokens < 0 means n_ctx new tokens at most.
         """
         params = params or SamplerParams()
         shift_on = self.context_shift if context_shift is None else context_shift
+        if shift_on and max_tokens < 0:
+            max_tokens = self.n_ctx      # a bound where the context's end no longer is one
         prompt_ids = list(prompt_ids)
         keep = self._n_keep(prompt_ids, n_keep)
         self.gen = {"params": params, "max_tokens": max_tokens, "stop": list(stop or []), "n_keep": keep}

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..gguf import GGUFError, GGUFFile, TensorInfo
+from ..gguf import GGUFError, GGUFFile, TensorInfo, release_pages
 from ..kernels import ops
 from ..kernels import matmul as mm
 from ..kernels import quants
@@ -51,6 +51,13 @@ class Linear:
         self.nbytes = sum(x.nbytes for x in ts)
         data = t.data if len(ts) == 1 else np.concatenate([x.data for x in ts], axis=0)
         self.w = mm.prepare(data, t.ggml_type, self.k)
+        # the file's pages of what was copied (fused tensors) or repacked are not read again: out of RSS
+        if len(ts) > 1:
+            for x in ts:
+                release_pages(x.data)
+        elif getattr(self.w, "packed", None) is not None:
+            n_packed = self.w.rows - len(self.w.tail)
+            release_pages(np.asarray(t.data).reshape(-1)[:n_packed * self.w.w.shape[1]])
 
     def __call__(self, x: np.ndarray, out=None) -> np.ndarray:
         return mm.matmul(self.w, x, out)
