@@ -65,6 +65,11 @@ class KVStore:
         return self.q.shape[1]
 
     @property
+    def shape(self) -> tuple:
+        """(cells, n_kv, head size) of one sequence."""
+        return (self.q.shape[1], self.q.shape[2], self.hd)
+
+    @property
     def nbytes(self) -> int:
         return self.q.nbytes + self.d.nbytes
 
