@@ -84,36 +84,28 @@ import numba  # noqa: E402
 
 from tinyinfer.kernels import matmul as mm  # noqa: E402
 
-TYPES = {"Q4_0": mm.Q4_0, "Q4_1": mm.Q4_1, "Q5_0": mm.Q5_0, "Q5_1": mm.Q5_1, "Q8_0": mm.Q8_0,
-         "Q4_K": mm.Q4_K, "Q6_K": mm.Q6_K, "F16": mm.F16, "BF16": mm.BF16, "F32": mm.F32}
+from tinyinfer.kernels import quants  # noqa: E402
+
+TYPES = {e.name: int(t) for t, e in quants.TYPES.items() if e.runnable}
 LLC_BYTES = 32 << 20
 CPU_TIME = True
 
 
 def random_weight(rows, k, ggml_type, rng):
-    """Random but well-formed weight bytes (scales are sane fp16 values)."""
-    info = mm._TYPES[ggml_type]
-    row_bytes = k // info.block * info.block_bytes
-    w = rng.integers(0, 256, size=(rows, row_bytes), dtype=np.uint8)
-    if info.block == 32:
-        blk = w.reshape(rows, k // 32, info.block_bytes)
-        nsc = 2 if info.act == "q8_1" else 1
-        sc = rng.uniform(0.001, 0.02, size=(rows, k // 32, nsc)).astype(np.float16)
-        blk[:, :, : 2 * nsc] = sc.view(np.uint8).reshape(rows, k // 32, 2 * nsc)
-    elif ggml_type == mm.Q4_K:     # d, dmin at bytes 0..3 of each 144-byte super-block
-        blk = w.reshape(rows, k // 256, 144)
-        sc = rng.uniform(0.001, 0.01, size=(rows, k // 256, 2)).astype(np.float16)
-        blk[:, :, :4] = sc.view(np.uint8).reshape(rows, k // 256, 4)
-    elif ggml_type == mm.Q6_K:     # d at bytes 208..209 of each 210-byte super-block
-        blk = w.reshape(rows, k // 256, 210)
-        sc = rng.uniform(0.001, 0.01, size=(rows, k // 256, 1)).astype(np.float16)
-        blk[:, :, 208:] = sc.view(np.uint8).reshape(rows, k // 256, 2)
-    elif ggml_type == mm.F16:
-        w[:] = rng.standard_normal((rows, k)).astype(np.float16).view(np.uint8)
-    elif ggml_type == mm.F32:
-        w[:] = rng.standard_normal((rows, k)).astype(np.float32).view(np.uint8)
-    elif ggml_type == mm.BF16:
-        w[:] = (rng.standard_normal((rows, k)).astype(np.float32).view(np.uint32) >> 16).astype(np.uint16).view(np.uint8)
+    """Random but well-formed weight bytes: random quants, sane fp16 scales in the fields
+    the registry's layout names d / dmin / m."""
+    e = quants.type_info(ggml_type)
+    if not e.is_quantized:
+        x = rng.standard_normal((rows, k)).astype(np.float32)
+        return quants.quantize(x, ggml_type)
+    nb = k // e.block_size
+    w = rng.integers(0, 256, size=(rows, nb * e.type_size), dtype=np.uint8)
+    blk = w.reshape(rows, nb, e.type_size)
+    for f in ("d", "dmin", "m"):
+        if f in e.layout:
+            o = e.layout[f]
+            sc = rng.uniform(0.001, 0.01, size=(rows, nb, 1)).astype(np.float16)
+            blk[:, :, o:o + 2] = sc.view(np.uint8).reshape(rows, nb, 2)
     return w
 
 
@@ -293,10 +285,10 @@ def cross_asm_report(targets=("cortex-a76", "cortex-a72", "haswell", "znver4")):
         pb.getModulePassManager().run(m, pb)
         return tm.emit_assembly(m)
 
-    keys = {"aarch64": ["sdot", "smull", "smull2", "smlal", "smlal2", "addp", "uzp1", "uzp2", "fmla", "scvtf",
+    keys = {"aarch64": ["sdot", "smull", "smull2", "smlal", "smlal2", "addp", "uzp1", "uzp2", "tbl", "fmla", "scvtf",
                         "ldr", "str"],
-            "x86_64": ["vpdpwssd", "vpmaddwd", "vpmovzxbw", "vpmovsxbw", "vcvtdq2ps", "vfmadd231ps", "vmovups",
-                       "vmovaps"]}
+            "x86_64": ["vpdpwssd", "vpmaddwd", "vpmovzxbw", "vpmovsxbw", "vpshufb", "vcvtdq2ps", "vfmadd231ps",
+                       "vmovups", "vmovaps"]}
     kernels = [("Q4_0 x16 n=1", lambda: simd.interleaved_kernel("Q4_0", 1), 10),
                ("Q8_0 x16 n=1", lambda: simd.interleaved_kernel("Q8_0", 1), 10),
                ("Q4_0 x16 n=4", lambda: simd.interleaved_kernel("Q4_0", 4), 10),
@@ -305,6 +297,11 @@ def cross_asm_report(targets=("cortex-a76", "cortex-a72", "haswell", "znver4")):
                ("Q5_0 native 4x1", lambda: simd.tile_kernel("Q5_0", 4, 1), 11),
                ("Q4_K native 1x1", lambda: simd.ktile_kernel("Q4_K", 1, 1), 11),
                ("Q6_K native 1x1", lambda: simd.ktile_kernel("Q6_K", 1, 1), 11),
+               ("Q2_K native 1x1", lambda: simd.ktile_kernel("Q2_K", 1, 1), 11),
+               ("Q3_K native 1x1", lambda: simd.ktile_kernel("Q3_K", 1, 1), 11),
+               ("Q5_K native 1x1", lambda: simd.ktile_kernel("Q5_K", 1, 1), 11),
+               ("IQ4_XS native 1x1", lambda: simd.ktile_kernel("IQ4_XS", 1, 1), 11),
+               ("IQ4_NL native 1x1", lambda: simd.tile_kernel("IQ4_NL", 1, 1, unroll=2), 11),
                ("F16 native 4x1", lambda: simd.tile_kernel("F16", 4, 1), 11)]
     saved = simd.PARTIAL_REDUCE, simd.ACC_LANES
     try:
@@ -362,7 +359,7 @@ def main(argv=None):
     print(f"# {platform.machine()} {platform.processor() or ''} cpu={numba.config.CPU_NAME or 'host'} "
           f"numba {numba.__version__}, {os.cpu_count()} cpus")
     t = time.perf_counter()
-    mm.prepare(random_weight(4, 64, mm.Q4_0, rng), mm.Q4_0, 64)
+    mm.prepare(random_weight(4, 64, TYPES["Q4_0"], rng), TYPES["Q4_0"], 64)
     med, lo, hi = roofline()
     print(f"# 1-thread timings: {'wall clock' if a.wall else 'thread CPU time'}; 2+ threads: wall clock")
     print(f"roofline (np.max, 512 MiB f32, 1 thread): {med:.1f} GB/s  [{lo:.1f}..{hi:.1f}]")

@@ -2,14 +2,16 @@
 
     python benchmarks/make_synthetic.py tinyllama Q4_0 [-o DIR]
     python benchmarks/make_synthetic.py smollm2 Q8_0
-    types: F16, Q4_0, Q8_0, Q4_K_M
+    types: F16 and every type ``python -m tinyinfer quantize`` writes (Q2_K, Q3_K_M, Q4_K_M,
+    Q5_K_M, Q6_K, IQ4_NL, IQ4_XS, Q4_0, Q8_0, ...)
 
-For speed work in the memory-bound regime: the weights are N(0, 0.02) noise
-quantized with our own quantizer, norms are ones, and the vocabulary is borrowed
-from a vocabulary-only GGUF (the LLaMA SentencePiece one for 32000-token shapes)
-so the files load and run like real ones. Q4_K_M follows llama-quantize's mix:
-Q6_K for output and for attn_v / ffn_down on the "more bits" layers, Q4_K elsewhere;
-Q4_0 keeps output in Q6_K as llama-quantize does when the rows fit 256-blocks.
+For speed work in the memory-bound regime: the weights are N(0, 0.02) noise in F16,
+norms are ones, and the vocabulary is borrowed from a vocabulary-only GGUF (the LLaMA
+SentencePiece one for 32000-token shapes) so the files load and run like real ones.
+Quantized files are made from the F16 one by the quantize tool, with llama-quantize's
+per-tensor type choices (as llama.cpp's reference files in ../shared/reference/speed.md).
+The "tiny" shape (d 256, every matrix row a multiple of 256) is the tests' model for
+walking the format registry.
 """
 
 from __future__ import annotations
@@ -26,23 +28,9 @@ SHAPES = {
     "tinyllama": dict(n_embd=2048, n_layer=22, n_head=32, n_kv=4, n_ff=5632, n_vocab=32000, rope=10000.0, ctx=2048),
     "smollm2": dict(n_embd=576, n_layer=30, n_head=9, n_kv=3, n_ff=1536, n_vocab=49152, rope=100000.0, ctx=8192,
                     tied=True),
+    "tiny": dict(n_embd=256, n_layer=2, n_head=4, n_kv=1, n_ff=512, n_vocab=49152, rope=10000.0, ctx=512,
+                 tied=True),
 }
-FTYPE = {"F16": 1, "Q4_0": 2, "Q8_0": 7, "Q4_K_M": 15}
-
-
-def _more_bits(i: int, n: int) -> bool:
-    return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
-
-
-def tensor_type(name: str, layer: int, n_layer: int, ftype: str) -> str:
-    """llama-quantize's choice: output in Q6_K for quantized types other than Q8_0."""
-    if name == "output.weight" and ftype in ("Q4_0", "Q4_K_M"):
-        return "Q6_K"
-    if ftype != "Q4_K_M":
-        return ftype
-    if name.endswith(("attn_v.weight", "ffn_down.weight")) and _more_bits(layer, n_layer):
-        return "Q6_K"
-    return "Q4_K"
 
 
 def _vocab_source(n_vocab: int) -> dict:
@@ -57,14 +45,14 @@ def _vocab_source(n_vocab: int) -> dict:
     return {k: (v, g.field_types[k]) for k, v in g.metadata.items() if k.startswith("tokenizer.")}
 
 
-def write_model(shape: str, ftype: str, out: Path, seed: int = 0) -> Path:
+def write_model(shape: str, out: Path, seed: int = 0) -> Path:
+    """The F16 model of ``shape`` (random weights, norms of ones) at ``out``."""
     import gguf
-    from tinyinfer.kernels import quants
 
     s = SHAPES[shape]
     rng = np.random.default_rng(seed)
     w = gguf.GGUFWriter(str(out), "llama")
-    w.add_name(f"synthetic {shape} {ftype}")
+    w.add_name(f"synthetic {shape}")
     w.add_context_length(s["ctx"])
     w.add_embedding_length(s["n_embd"])
     w.add_block_count(s["n_layer"])
@@ -74,7 +62,7 @@ def write_model(shape: str, ftype: str, out: Path, seed: int = 0) -> Path:
     w.add_rope_dimension_count(s["n_embd"] // s["n_head"])
     w.add_rope_freq_base(s["rope"])
     w.add_layer_norm_rms_eps(1e-5)
-    w.add_file_type(FTYPE[ftype])
+    w.add_file_type(1)
     w.add_vocab_size(s["n_vocab"])
     VT = gguf.GGUFValueType
     for k, (v, vt) in _vocab_source(s["n_vocab"]).items():
@@ -107,14 +95,7 @@ def write_model(shape: str, ftype: str, out: Path, seed: int = 0) -> Path:
         if len(shp) == 1:
             w.add_tensor(name, np.ones(shp, np.float32))
             continue
-        x = (rng.standard_normal(shp, dtype=np.float32) * 0.02).astype(np.float32)
-        tname = tensor_type(name, layer, L, ftype)
-        if tname == "F16":
-            w.add_tensor(name, x.astype(np.float16))
-            continue
-        qt = quants.type_info(tname)
-        raw = quants.quantize(x, qt.ggml_type)
-        w.add_tensor(name, raw, raw_shape=raw.shape, raw_dtype=qt.ggml_type)
+        w.add_tensor(name, (rng.standard_normal(shp, dtype=np.float32) * 0.02).astype(np.float16))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file(progress=False)
@@ -126,10 +107,17 @@ def ensure(shape: str, ftype: str, directory=None) -> Path:
     from tinyinfer.fetch import cache_dir
     d = Path(directory) if directory else cache_dir() / "synthetic"
     d.mkdir(parents=True, exist_ok=True)
-    p = d / f"{shape}-synthetic.{ftype}.gguf"
+    from tinyinfer.tools.quantize import parse_ftype, quantize_file
+    name = parse_ftype(ftype)
+    if name is None or name == "COPY":
+        raise SystemExit(f"unknown type {ftype!r}")
+    p = d / f"{shape}-synthetic.{name}.gguf"
     if not p.exists():
         tmp = p.with_suffix(".tmp")
-        write_model(shape, ftype, tmp)
+        if name == "F16":
+            write_model(shape, tmp)
+        else:
+            quantize_file(ensure(shape, "F16", d), tmp, name, progress=False)
         tmp.rename(p)
     return p
 
@@ -137,7 +125,7 @@ def ensure(shape: str, ftype: str, directory=None) -> Path:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("shape", choices=sorted(SHAPES))
-    ap.add_argument("types", nargs="+", choices=sorted(FTYPE))
+    ap.add_argument("types", nargs="+", help="F16 or a quantize type name")
     ap.add_argument("-o", "--out-dir", default=None, help="default: <cache>/synthetic")
     a = ap.parse_args(argv)
     for t in a.types:

@@ -76,12 +76,11 @@ import numpy as np
 from numba import prange  # noqa: F401  (used by the generated drivers)
 
 from . import simd
-from .simd import (GROUP, INTERLEAVED, f32_to_f16_to_f32, interleaved_kernel, kgemv_kernel, ktile_kernel,
-                   quantize_row_kernel, tile_kernel)
+from gguf import GGMLQuantizationType as GT
 
-# ggml type ids (ggml.h enum ggml_type)
-F32, F16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, BF16 = 0, 1, 2, 3, 6, 7, 8, 30
-Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, Q8_K = 10, 11, 12, 13, 14, 15
+from . import quants
+from .simd import (GROUP, f32_to_f16_to_f32, interleaved_kernel, kgemv_kernel, ktile_kernel, quantize_row_kernel,
+                   tile_kernel)
 
 QK = 32  # elements per block of the legacy formats
 
@@ -349,18 +348,7 @@ class _TypeInfo:
     drivers: dict = field(default_factory=dict)
 
 
-_TYPES = {
-    Q4_0: _TypeInfo("Q4_0", 32, 18, "q8_0", repack=(1, 8, 0)),
-    Q4_1: _TypeInfo("Q4_1", 32, 20, "q8_1", repack=(2, 8, 0)),
-    Q5_0: _TypeInfo("Q5_0", 32, 22, "q8_0", repack=(1, 8, 4)),
-    Q5_1: _TypeInfo("Q5_1", 32, 24, "q8_1", repack=(2, 8, 4)),
-    Q8_0: _TypeInfo("Q8_0", 32, 34, "q8_0", repack=(1, 16, 0)),
-    Q4_K: _TypeInfo("Q4_K", 256, 144, "q8_K"),
-    Q6_K: _TypeInfo("Q6_K", 256, 210, "q8_K"),
-    F32: _TypeInfo("F32", 1, 4, "f32"),
-    F16: _TypeInfo("F16", 1, 2, "f16"),
-    BF16: _TypeInfo("BF16", 1, 2, "bf16"),
-}
+_ACT = {GT.Q8_0: "q8_0", GT.Q8_1: "q8_1", GT.Q8_K: "q8_K", GT.F16: "f16", GT.BF16: "bf16", GT.F32: "f32"}
 
 
 def _env_tiling(name, kind, default):
@@ -372,12 +360,19 @@ def _env_tiling(name, kind, default):
     return Tiling(f[0], f[1], f[2], bool(f[3]), bool(f[4]))
 
 
-for _i in _TYPES.values():
-    _i.gemv = _env_tiling(_i.name, "gemv", _i.gemv)
-    _i.gemm = _env_tiling(_i.name, "gemm", _i.gemm)
-    if _i.gemv.act16 != _i.gemm.act16:
-        raise ValueError(f"tilings of {_i.name}: gemv and gemm must agree on act16")
+def _kernel_info(e: quants.QuantType) -> _TypeInfo:
+    """The kernels' view of a registry entry (tilings and compiled drivers are per process)."""
+    info = _TypeInfo(e.name, e.block_size, e.type_size, _ACT[e.vec_dot_type],
+                     repack=e.repacked.shape if e.repacked is not None else None)
+    info.gemv = _env_tiling(info.name, "gemv", info.gemv)
+    info.gemm = _env_tiling(info.name, "gemm", info.gemm)
+    if info.gemv.act16 != info.gemm.act16:
+        raise ValueError(f"tilings of {info.name}: gemv and gemm must agree on act16")
+    return info
 
+
+# int(ggml type) -> kernel info, for every runnable registry entry
+_TYPES = {int(t): _kernel_info(e) for t, e in quants.TYPES.items() if e.runnable}
 SUPPORTED_TYPES = tuple(_TYPES)
 
 
@@ -562,12 +557,13 @@ def _make_native(info: _TypeInfo, parallel: bool):
 
         # n == 1 on x86: the single-row kgemv kernel, which wants the activation sums per 16
         # (int16) for Q6_K and the sub-blocks of Q4_K activations permuted (simd.Q4K_GEMV_PERM)
-        kg = KGEMV and v.NR == 1
+        dec = simd.decoder(f)
+        kg = KGEMV and v.NR == 1 and dec.has_gemv
         t_vec = _bind(kgemv_kernel(f)) if kg else kt(v.NR, 1)
         return _jit(_KNATIVE_SRC, f"_knative_{f}_{v.NR}_{m.NR}x{m.NC}", parallel, VR=v.NR, NR=m.NR, NC=m.NC,
                     t_vec=t_vec, t_gv=t_vec if v.NR == 1 else kt(1, 1), t_one=kt(1, 1),
                     t_main=kt(m.NR, m.NC), t_col=kt(m.NR, 1), t_row=kt(1, m.NC),
-                    b16=kg and f == "Q6_K", perm=kg and f == "Q4_K")
+                    b16=(kg and f == "Q6_K") or dec.bsums == 16, perm=kg and f == "Q4_K")
 
     def tile(NR, NC, t):
         return _bind(tile_kernel(f, NR, NC, unroll=t.unroll, act16=t.act16, wide=t.wide))
@@ -580,7 +576,7 @@ def _make_native(info: _TypeInfo, parallel: bool):
 
 def _make_packed(info: _TypeInfo, parallel: bool):
     f = info.name
-    fmt = INTERLEAVED[f]
+    fmt = simd.repacked(f)
     NC, ch = IGEMM_NC, IGEMM_CHAINS
     return _jit(_PACKED_SRC, f"_packed_{f}_g{GROUP}_x{NC}_c{ch}", parallel,
                 prep=_prep(info, True, -fmt.offset), NC=NC, GB=GROUP * 4,

@@ -51,20 +51,37 @@ def rmsnorm_heads(x, w, eps):
 
 
 @nb.njit(**_opts)
-def rope_cache(positions, n_rot, freq_base, freq_scale):
-    """cos/sin tables (n, n_rot/2) for the given positions, as ggml computes theta."""
+def _rope_cache(positions, n_rot, freq_base, freq_scale, freq_factors, attn_factor):
     n = positions.shape[0]
     half = n_rot // 2
     cos = np.empty((n, half), np.float32)
     sin = np.empty((n, half), np.float32)
     theta_scale = freq_base ** (-2.0 / n_rot)
+    has_ff = freq_factors.shape[0] > 0
     for i in range(n):
-        theta = float(positions[i]) * freq_scale
+        theta = float(positions[i])
         for j in range(half):
-            cos[i, j] = math.cos(theta)
-            sin[i, j] = math.sin(theta)
+            t = theta * freq_scale
+            if has_ff:
+                t /= freq_factors[j]
+            cos[i, j] = math.cos(t) * attn_factor
+            sin[i, j] = math.sin(t) * attn_factor
             theta *= theta_scale
     return cos, sin
+
+
+def rope_cache(positions, n_rot, freq_base, freq_scale, freq_factors=None, attn_factor=1.0):
+    """cos/sin tables (n, n_rot/2) for the given positions, as ggml computes theta.
+
+    freq_factors (n_rot/2,): per-frequency divisors of theta (Llama 3's ``rope_freqs``, phi3's
+    short/long factors); attn_factor multiplies cos and sin (ggml's mscale without YaRN).
+    """
+    if freq_factors is None:
+        freq_factors = np.zeros(0, np.float32)
+    elif freq_factors.shape[0] not in (0, n_rot // 2):
+        raise ValueError(f"rope: {freq_factors.shape[0]} frequency factors for {n_rot // 2} frequencies")
+    return _rope_cache(np.asarray(positions, np.int64), n_rot, float(freq_base), float(freq_scale),
+                       np.ascontiguousarray(freq_factors, np.float32), float(attn_factor))
 
 
 @nb.njit(**_opts)

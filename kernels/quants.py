@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import os
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import numpy as np
@@ -48,6 +48,8 @@ from llvmlite import ir
 from numba import njit
 from numba.core import types
 from numba.extending import intrinsic
+
+from . import simd
 
 QK_K = 256
 GROUP_MAX_EPS = np.float32(1e-15)
@@ -479,6 +481,52 @@ def _dq_rows_q6_k(S, D):
                 ql += 64
                 qh += 32
                 sc += 8
+
+
+KVALUES_IQ4NL = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], np.int8)
+
+
+@njit(**_JIT)
+def _iq4_nibbles(src, q, dst, y, dl, kv):
+    """32 values of an IQ4 (sub-)block: low nibbles of src[q:q+16] are elements 0..15, high 16..31."""
+    for j in range(16):
+        b = np.int64(src[q + j])
+        dst[y + j] = dl * np.float32(kv[b & 0xF])
+        dst[y + j + 16] = dl * np.float32(kv[b >> 4])
+
+
+@njit(**_JIT)
+def _dq_rows_iq4_nl(S, D):
+    # block: d qs[16]  (18 bytes); values from the non-linear table KVALUES_IQ4NL
+    kv = KVALUES_IQ4NL
+    for r in range(S.shape[0]):
+        src = S[r]
+        dst = D[r]
+        for i in range(dst.shape[0] // 32):
+            o = i * 18
+            _iq4_nibbles(src, o + 2, dst, i * 32, _h2f(_rd16(src, o)), kv)
+
+
+@njit(**_JIT)
+def _iq4xs_scale(src, o, j):
+    """6-bit scale j (0..7) of an IQ4_XS block at o, minus 32."""
+    lo = (np.int64(src[o + 4 + j // 2]) >> (4 * (j % 2))) & 0xF
+    hi = (_rd16(src, o + 2) >> (2 * j)) & 3
+    return (lo | (hi << 4)) - 32
+
+
+@njit(**_JIT)
+def _dq_rows_iq4_xs(S, D):
+    # block: d scales_h(u16) scales_l[4] qs[128]  (136 bytes)
+    kv = KVALUES_IQ4NL
+    for r in range(S.shape[0]):
+        src = S[r]
+        dst = D[r]
+        for i in range(dst.shape[0] // QK_K):
+            o = i * 136
+            d = _h2f(_rd16(src, o))
+            for j in range(8):
+                _iq4_nibbles(src, o + 8 + 16 * j, dst, i * QK_K + 32 * j, d * np.float32(_iq4xs_scale(src, o, j)), kv)
 
 
 # ---------------------------------------------------------------------------------------
@@ -1124,6 +1172,134 @@ def _q_rows_q6_k(S, D):
                 qh += 32
 
 
+# -- IQ4_NL / IQ4_XS (quantize_row_iq4_nl_impl without an importance matrix) -------------
+
+@njit(**_JIT)
+def _best_index_int8(kv, x):
+    """Index of the table value nearest x (ggml's best_index_int8: bisection, ties go up)."""
+    if x <= kv[0]:
+        return 0
+    if x >= kv[15]:
+        return 15
+    ml = 0
+    mu = 15
+    while mu - ml > 1:
+        mav = (ml + mu) // 2
+        if x < kv[mav]:
+            mu = mav
+        else:
+            ml = mav
+    return mu - 1 if x - np.float32(kv[mu - 1]) < np.float32(kv[mu]) - x else mu
+
+
+@njit(**_JIT)
+def _iq4_block_scale(x, xo, kv, L, lo, ntry):
+    """Best scale of the 32 values x[xo:xo+32] on the non-linear grid (weights x*x); L[lo:] indices."""
+    amax = np.float32(0.0)
+    mx = np.float32(0.0)
+    for j in range(32):
+        ax = abs(x[xo + j])
+        if ax > amax:
+            amax = ax
+            mx = x[xo + j]
+    if amax < GROUP_MAX_EPS:
+        for j in range(32):
+            L[lo + j] = 0
+        return np.float32(0.0)
+    v0 = np.float32(kv[0])
+    d = -mx / v0 if ntry > 0 else mx / v0
+    id_ = np.float32(1.0) / d
+    sumqx = np.float32(0.0)
+    sumq2 = np.float32(0.0)
+    for j in range(32):
+        v = x[xo + j]
+        l = _best_index_int8(kv, id_ * v)
+        L[lo + j] = l
+        q = np.float32(kv[l])
+        w = v * v
+        sumqx += w * q * v
+        sumq2 += w * q * q
+    d = sumqx / sumq2 if sumq2 > 0 else np.float32(0.0)
+    best = d * sumqx
+    for itry in range(-ntry, ntry + 1):
+        id_ = np.float32(itry + np.int64(kv[0])) / mx
+        sumqx = np.float32(0.0)
+        sumq2 = np.float32(0.0)
+        for j in range(32):
+            v = x[xo + j]
+            q = np.float32(kv[_best_index_int8(kv, id_ * v)])
+            w = v * v
+            sumqx += w * q * v
+            sumq2 += w * q * q
+        if sumq2 > 0 and sumqx * sumqx > best * sumq2:
+            d = sumqx / sumq2
+            best = d * sumqx
+    return d
+
+
+@njit(**_JIT)
+def _pack_iq4(dst, q, L, lo):
+    for j in range(16):
+        dst[q + j] = (L[lo + j] | (L[lo + 16 + j] << 4)) & 0xFF
+
+
+@njit(**_JIT)
+def _q_rows_iq4_nl(S, D):
+    kv = KVALUES_IQ4NL
+    for r in range(S.shape[0]):
+        x = S[r]
+        dst = D[r]
+        L = np.zeros(32, np.int64)
+        for i in range(x.shape[0] // 32):
+            xo = i * 32
+            o = i * 18
+            d = _iq4_block_scale(x, xo, kv, L, 0, 7)
+            _wr16(dst, o, _f2h(d))
+            id_ = np.float32(1.0) / d if d != 0 else np.float32(0.0)
+            for j in range(32):
+                L[j] = _best_index_int8(kv, id_ * x[xo + j])
+            _pack_iq4(dst, o + 2, L, 0)
+
+
+@njit(**_JIT)
+def _q_rows_iq4_xs(S, D):
+    kv = KVALUES_IQ4NL
+    for r in range(S.shape[0]):
+        x = S[r]
+        dst = D[r]
+        L = np.zeros(QK_K, np.int64)
+        scales = np.zeros(8, np.float32)
+        for i in range(x.shape[0] // QK_K):
+            xo = i * QK_K
+            o = i * 136
+            max_scale = np.float32(0.0)
+            amax_scale = np.float32(0.0)
+            for ib in range(8):
+                d = _iq4_block_scale(x, xo + 32 * ib, kv, L, 32 * ib, 7)
+                scales[ib] = d
+                if abs(d) > amax_scale:
+                    amax_scale = abs(d)
+                    max_scale = d
+            d = -max_scale / np.float32(32.0)
+            _wr16(dst, o, _f2h(d))
+            id_ = np.float32(1.0) / d if d != 0 else np.float32(0.0)
+            sh = 0
+            for j in range(4):
+                dst[o + 4 + j] = 0
+            for ib in range(8):
+                l = max(-32, min(31, _nearest_int(id_ * scales[ib])))
+                dl = d * np.float32(l)
+                idl = np.float32(1.0) / dl if dl != 0 else np.float32(0.0)
+                for j in range(32):
+                    L[32 * ib + j] = _best_index_int8(kv, idl * x[xo + 32 * ib + j])
+                l += 32
+                dst[o + 4 + ib // 2] = np.int64(dst[o + 4 + ib // 2]) | ((l & 0xF) << (4 * (ib % 2)))
+                sh |= (l >> 4) << (2 * ib)
+            _wr16(dst, o + 2, sh)
+            for ib in range(8):
+                _pack_iq4(dst, o + 8 + 16 * ib, L, 32 * ib)
+
+
 # ---------------------------------------------------------------------------------------
 # one-row entry points: the code lives in the whole-tensor loops above (compiled once per
 # type); these reshape a row to a one-row tensor and are compiled only when called
@@ -1192,6 +1368,26 @@ def _dq_row_q5_k(src, dst):
 @njit(**_JIT)
 def _dq_row_q6_k(src, dst):
     _dq_rows_q6_k(src.reshape((1, src.shape[0])), dst.reshape((1, dst.shape[0])))
+
+
+@njit(**_JIT)
+def _dq_row_iq4_nl(src, dst):
+    _dq_rows_iq4_nl(src.reshape((1, src.shape[0])), dst.reshape((1, dst.shape[0])))
+
+
+@njit(**_JIT)
+def _q_row_iq4_nl(x, dst):
+    _q_rows_iq4_nl(x.reshape((1, x.shape[0])), dst.reshape((1, dst.shape[0])))
+
+
+@njit(**_JIT)
+def _dq_row_iq4_xs(src, dst):
+    _dq_rows_iq4_xs(src.reshape((1, src.shape[0])), dst.reshape((1, dst.shape[0])))
+
+
+@njit(**_JIT)
+def _q_row_iq4_xs(x, dst):
+    _q_rows_iq4_xs(x.reshape((1, x.shape[0])), dst.reshape((1, dst.shape[0])))
 
 
 @njit(**_JIT)
@@ -1265,7 +1461,7 @@ def _q_row_q6_k(x, dst):
 
 @dataclass(frozen=True)
 class QuantType:
-    """One ggml tensor format (a row of ggml's type_traits)."""
+    """One ggml tensor format: a row of ggml's ``type_traits`` and ``type_traits_cpu`` together."""
 
     name: str                 # ggml's name, upper case: "Q4_0"
     ggml_type: GT             # gguf.GGMLQuantizationType id
@@ -1277,6 +1473,14 @@ class QuantType:
     dequantize_rows: Callable  # (src uint8[n, row_bytes], dst float32[n, k]) -> None
     quantize_row: Optional[Callable] = None   # (src float32[k], dst uint8[row_bytes]) -> None
     quantize_rows: Optional[Callable] = None  # (src float32[n, k], dst uint8[n, row_bytes]) -> None
+    layout: dict = field(default_factory=dict)  # field name -> byte offset inside a block
+    simd: object = None       # the kernels' block decoder (simd.WeightFormat / simd.KFormat); None: cannot run
+    repacked: object = None   # optional row-interleaved layout for prompt processing (simd.Interleaved)
+
+    @property
+    def runnable(self) -> bool:
+        """Whether the matmul kernels can use weights of this type."""
+        return self.simd is not None
 
     @property
     def bits_per_weight(self) -> float:
@@ -1292,24 +1496,46 @@ class QuantType:
                 f"bytes={self.type_size}, vec_dot={self.vec_dot_type.name})")
 
 
-def _entry(t, block, size, vec_dot, quantized, dq, dqs, q=None, qs=None):
-    return QuantType(t.name, t, block, size, vec_dot, quantized, dq, dqs, q, qs)
+def _entry(t, block, size, vec_dot, layout, dq, dqs, q, qs, decoder, *dargs, repacked=None, simd_block=None):
+    """A table row; the SIMD decoder gets the entry's name, block bytes and layout."""
+    dec = decoder(t.name, simd_block or size, layout, *dargs) if decoder else None
+    return QuantType(t.name, t, block, size, vec_dot, block > 1, dq, dqs, q, qs, layout, dec,
+                     repacked() if repacked else None)
 
 
+# Block layouts (byte offsets of the fields of ggml's block_* structs) are written once,
+# here; the SIMD decoders read them through ``layout``. Float formats: the kernels'
+# "block" is 32 elements (simd_block bytes).
+_F = simd
 TYPES: dict = {e.ggml_type: e for e in (
-    _entry(GT.F32, 1, 4, GT.F32, False, _dq_row_f32, _dq_rows_f32, _q_row_f32, _q_rows_f32),
-    _entry(GT.F16, 1, 2, GT.F16, False, _dq_row_f16, _dq_rows_f16, _q_row_f16, _q_rows_f16),
-    _entry(GT.BF16, 1, 2, GT.BF16, False, _dq_row_bf16, _dq_rows_bf16, _q_row_bf16, _q_rows_bf16),
-    _entry(GT.Q4_0, 32, 18, GT.Q8_0, True, _dq_row_q4_0, _dq_rows_q4_0, _q_row_q4_0, _q_rows_q4_0),
-    _entry(GT.Q4_1, 32, 20, GT.Q8_1, True, _dq_row_q4_1, _dq_rows_q4_1, _q_row_q4_1, _q_rows_q4_1),
-    _entry(GT.Q5_0, 32, 22, GT.Q8_0, True, _dq_row_q5_0, _dq_rows_q5_0, _q_row_q5_0, _q_rows_q5_0),
-    _entry(GT.Q5_1, 32, 24, GT.Q8_1, True, _dq_row_q5_1, _dq_rows_q5_1, _q_row_q5_1, _q_rows_q5_1),
-    _entry(GT.Q8_0, 32, 34, GT.Q8_0, True, _dq_row_q8_0, _dq_rows_q8_0, _q_row_q8_0, _q_rows_q8_0),
-    _entry(GT.Q2_K, QK_K, 84, GT.Q8_K, True, _dq_row_q2_k, _dq_rows_q2_k, _q_row_q2_k, _q_rows_q2_k),
-    _entry(GT.Q3_K, QK_K, 110, GT.Q8_K, True, _dq_row_q3_k, _dq_rows_q3_k, _q_row_q3_k, _q_rows_q3_k),
-    _entry(GT.Q4_K, QK_K, 144, GT.Q8_K, True, _dq_row_q4_k, _dq_rows_q4_k, _q_row_q4_k, _q_rows_q4_k),
-    _entry(GT.Q5_K, QK_K, 176, GT.Q8_K, True, _dq_row_q5_k, _dq_rows_q5_k, _q_row_q5_k, _q_rows_q5_k),
-    _entry(GT.Q6_K, QK_K, 210, GT.Q8_K, True, _dq_row_q6_k, _dq_rows_q6_k, _q_row_q6_k, _q_rows_q6_k),
+    _entry(GT.F32, 1, 4, GT.F32, {}, _dq_row_f32, _dq_rows_f32, _q_row_f32, _q_rows_f32, _F.F32W, simd_block=128),
+    _entry(GT.F16, 1, 2, GT.F16, {}, _dq_row_f16, _dq_rows_f16, _q_row_f16, _q_rows_f16, _F.F16W, simd_block=64),
+    _entry(GT.BF16, 1, 2, GT.BF16, {}, _dq_row_bf16, _dq_rows_bf16, _q_row_bf16, _q_rows_bf16, _F.BF16W,
+           simd_block=64),
+    _entry(GT.Q4_0, 32, 18, GT.Q8_0, dict(d=0, qs=2),
+           _dq_row_q4_0, _dq_rows_q4_0, _q_row_q4_0, _q_rows_q4_0, _F.Q4_0, repacked=_F.Q4_0x16),
+    _entry(GT.Q4_1, 32, 20, GT.Q8_1, dict(d=0, m=2, qs=4),
+           _dq_row_q4_1, _dq_rows_q4_1, _q_row_q4_1, _q_rows_q4_1, _F.Q4_1, repacked=_F.Q4_1x16),
+    _entry(GT.Q5_0, 32, 22, GT.Q8_0, dict(d=0, qh=2, qs=6),
+           _dq_row_q5_0, _dq_rows_q5_0, _q_row_q5_0, _q_rows_q5_0, _F.Q5_0, repacked=_F.Q5_0x16),
+    _entry(GT.Q5_1, 32, 24, GT.Q8_1, dict(d=0, m=2, qh=4, qs=8),
+           _dq_row_q5_1, _dq_rows_q5_1, _q_row_q5_1, _q_rows_q5_1, _F.Q5_1, repacked=_F.Q5_1x16),
+    _entry(GT.Q8_0, 32, 34, GT.Q8_0, dict(d=0, qs=2),
+           _dq_row_q8_0, _dq_rows_q8_0, _q_row_q8_0, _q_rows_q8_0, _F.Q8_0, repacked=_F.Q8_0x16),
+    _entry(GT.Q2_K, QK_K, 84, GT.Q8_K, dict(scales=0, qs=16, d=80, dmin=82),
+           _dq_row_q2_k, _dq_rows_q2_k, _q_row_q2_k, _q_rows_q2_k, _F.Q2_K),
+    _entry(GT.Q3_K, QK_K, 110, GT.Q8_K, dict(hmask=0, qs=32, scales=96, d=108),
+           _dq_row_q3_k, _dq_rows_q3_k, _q_row_q3_k, _q_rows_q3_k, _F.Q3_K),
+    _entry(GT.Q4_K, QK_K, 144, GT.Q8_K, dict(d=0, dmin=2, scales=4, qs=16),
+           _dq_row_q4_k, _dq_rows_q4_k, _q_row_q4_k, _q_rows_q4_k, _F.Q4_K),
+    _entry(GT.Q5_K, QK_K, 176, GT.Q8_K, dict(d=0, dmin=2, scales=4, qh=16, qs=48),
+           _dq_row_q5_k, _dq_rows_q5_k, _q_row_q5_k, _q_rows_q5_k, _F.Q5_K),
+    _entry(GT.Q6_K, QK_K, 210, GT.Q8_K, dict(ql=0, qh=128, scales=192, d=208),
+           _dq_row_q6_k, _dq_rows_q6_k, _q_row_q6_k, _q_rows_q6_k, _F.Q6_K),
+    _entry(GT.IQ4_NL, 32, 18, GT.Q8_0, dict(d=0, qs=2),
+           _dq_row_iq4_nl, _dq_rows_iq4_nl, _q_row_iq4_nl, _q_rows_iq4_nl, _F.IQ4_NL, KVALUES_IQ4NL),
+    _entry(GT.IQ4_XS, QK_K, 136, GT.Q8_K, dict(d=0, scales_h=2, scales_l=4, qs=8),
+           _dq_row_iq4_xs, _dq_rows_iq4_xs, _q_row_iq4_xs, _q_rows_iq4_xs, _F.IQ4_XS, KVALUES_IQ4NL),
 )}
 
 _BY_NAME = {e.name: e for e in TYPES.values()}
@@ -1317,6 +1543,10 @@ _BY_NAME = {e.name: e for e in TYPES.values()}
 
 def supported_names() -> list:
     return [e.name for e in TYPES.values()]
+
+
+def runnable_names() -> list:
+    return [e.name for e in TYPES.values() if e.runnable]
 
 
 def type_info(t) -> QuantType:

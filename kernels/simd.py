@@ -118,6 +118,8 @@ PREFETCH_PACKED = int(os.environ.get("TINYINFER_PREFETCH_PACKED", 0))
 # Overridable for cross-compiling experiments (benchmarks/bench_kernels.py --arm-asm).
 PARTIAL_REDUCE = os.environ.get("TINYINFER_PARTIAL_REDUCE",
                                 str(int(platform.machine().lower() in ("aarch64", "arm64")))) == "1"
+# the host's instruction set family, for the few target intrinsics (lookup16)
+TARGET_ARCH = {"amd64": "x86_64", "arm64": "aarch64"}.get(platform.machine().lower(), platform.machine().lower())
 # float lanes per accumulator: one register on this machine
 ACC_LANES = {512: 16, 256: 8}.get(VECTOR_BITS, 4)
 
@@ -284,18 +286,36 @@ def counted_loop(b: ir.IRBuilder, n, inits, body, step=1):
 
 
 # ------------------------------------------------------- weight block formats
-class WeightFormat:
-    """How one 32-element block of a weight row is decoded in IR.
+class BlockDecoder:
+    """How the kernels read one block of a format: the ``simd`` field of a registry entry.
 
-    ``decode`` returns (q, scales): q is <32 x i8> (or <32 x float> for float
-    formats) in element order; scales is a dict with 'd' (and 'm' for the
-    affine formats) as float scalars.
+    ``name`` and ``block_bytes`` come from the registry entry; ``layout`` maps field
+    names ("d", "qs", ...) to their byte offsets inside a block, also from the entry
+    (kernels/quants.py), so no byte offset is typed twice. Subclasses implement
+    ``decode``; :meth:`at` is the address of a field.
     """
 
-    name = ""
-    block_bytes = 0
-    act = "q8_0"      # activation (vec_dot) format: q8_0, q8_1 or float
+    act = "q8_0"          # activation (vec_dot) format of the tile kernels: q8_0, q8_1 or float
     integer = True
+
+    def __init__(self, name: str, block_bytes: int, layout: dict):
+        self.name, self.block_bytes, self.layout = name, block_bytes, dict(layout)
+
+    def at(self, e: "Emitter", off, field: str, extra: int = 0):
+        """Byte offset of ``field`` (+ ``extra``) in the block that starts at ``off``."""
+        return e.b.add(off, c64(self.layout[field] + extra))
+
+    def __repr__(self):
+        return f"{type(self).__name__}({self.name})"
+
+
+class WeightFormat(BlockDecoder):
+    """A 32-element block format for :func:`tile_kernel`.
+
+    ``decode`` returns (q, scales): q is <32 x i8> (<32 x i16> if wide; <32 x float>
+    for float formats) in element order; scales a dict with 'd' (and 'm' for the
+    affine formats) as float scalars.
+    """
 
     def decode(self, e: Emitter, wp, off, wide=False):
         raise NotImplementedError
@@ -328,58 +348,103 @@ def _high_bits(e: Emitter, wp, off, wide=False):
     return e.b.shl(e.b.zext(bits, vec(t, 32)), e.const_vec(t, 32, 4))
 
 
-class Q4_0(WeightFormat):
-    name, block_bytes = "Q4_0", 18
+def lookup16(e: Emitter, idx, table):
+    """<n x i8> indices 0..15 -> <n x i8> table[idx] (a 16-entry int8 table, n a multiple of 16).
 
+    The one place where target intrinsics are named: a byte shuffle is ``pshufb`` on
+    x86 (SSSE3; AVX2 on 32 bytes, which shuffles within 128-bit lanes, hence the
+    table twice) and ``tbl`` on aarch64; other targets get a select tree.
+    """
+    b = e.b
+    n = idx.type.count
+    v16 = vec(I8, 16)
+    if PARTIAL_REDUCE or TARGET_ARCH == "aarch64":
+        tab = ir.Constant(v16, list(table))
+        parts = [_intrinsic_call(b, "llvm.aarch64.neon.tbl1.v16i8", v16, [tab, e.shuffle(idx, None, range(o, o + 16))])
+                 for o in range(0, n, 16)]
+    elif TARGET_ARCH == "x86_64" and VECTOR_BITS >= 256 and n % 32 == 0:
+        v32 = vec(I8, 32)
+        tab = ir.Constant(v32, list(table) * 2)
+        parts = [_intrinsic_call(b, "llvm.x86.avx2.pshuf.b", v32, [tab, e.shuffle(idx, None, range(o, o + 32))])
+                 for o in range(0, n, 32)]
+    elif TARGET_ARCH == "x86_64":
+        tab = ir.Constant(v16, list(table))
+        parts = [_intrinsic_call(b, "llvm.x86.ssse3.pshuf.b.128", v16, [tab, e.shuffle(idx, None, range(o, o + 16))])
+                 for o in range(0, n, 16)]
+    else:
+        vals = [ir.Constant(vec(I8, n), [t] * n) for t in table]
+        for bit in (1, 2, 4, 8):
+            m = b.icmp_unsigned("!=", b.and_(idx, e.const_vec(I8, n, bit)), ir.Constant(vec(I8, n), None))
+            vals = [b.select(m, vals[i + 1], vals[i]) for i in range(0, len(vals), 2)]
+        return vals[0]
+    while len(parts) > 1:
+        parts = [e.concat(parts[i], parts[i + 1]) for i in range(0, len(parts), 2)]
+    return parts[0]
+
+
+class Q4_0(WeightFormat):
     def decode(self, e, wp, off, wide=False):
-        d = e.load_f16(wp, off)
-        q = _nibbles(e, wp, e.b.add(off, c64(2)), wide)
+        d = e.load_f16(wp, self.at(e, off, "d"))
+        q = _nibbles(e, wp, self.at(e, off, "qs"), wide)
         q = e.b.sub(q, e.const_vec(q.type.element, 32, 8))
         return q, {"d": d}
 
 
 class Q4_1(WeightFormat):
-    name, block_bytes, act = "Q4_1", 20, "q8_1"
+    act = "q8_1"
 
     def decode(self, e, wp, off, wide=False):
-        d = e.load_f16(wp, off)
-        m = e.load_f16(wp, e.b.add(off, c64(2)))
-        q = _nibbles(e, wp, e.b.add(off, c64(4)), wide)
+        d = e.load_f16(wp, self.at(e, off, "d"))
+        m = e.load_f16(wp, self.at(e, off, "m"))
+        q = _nibbles(e, wp, self.at(e, off, "qs"), wide)
         return q, {"d": d, "m": m}
 
 
 class Q5_0(WeightFormat):
-    name, block_bytes = "Q5_0", 22
-
     def decode(self, e, wp, off, wide=False):
-        d = e.load_f16(wp, off)
-        h = _high_bits(e, wp, e.b.add(off, c64(2)), wide)
-        q = e.b.or_(_nibbles(e, wp, e.b.add(off, c64(6)), wide), h)
+        d = e.load_f16(wp, self.at(e, off, "d"))
+        h = _high_bits(e, wp, self.at(e, off, "qh"), wide)
+        q = e.b.or_(_nibbles(e, wp, self.at(e, off, "qs"), wide), h)
         return e.b.sub(q, e.const_vec(q.type.element, 32, 16)), {"d": d}
 
 
 class Q5_1(WeightFormat):
-    name, block_bytes, act = "Q5_1", 24, "q8_1"
+    act = "q8_1"
 
     def decode(self, e, wp, off, wide=False):
-        d = e.load_f16(wp, off)
-        m = e.load_f16(wp, e.b.add(off, c64(2)))
-        h = _high_bits(e, wp, e.b.add(off, c64(4)), wide)
-        q = e.b.or_(_nibbles(e, wp, e.b.add(off, c64(8)), wide), h)
+        d = e.load_f16(wp, self.at(e, off, "d"))
+        m = e.load_f16(wp, self.at(e, off, "m"))
+        h = _high_bits(e, wp, self.at(e, off, "qh"), wide)
+        q = e.b.or_(_nibbles(e, wp, self.at(e, off, "qs"), wide), h)
         return q, {"d": d, "m": m}
 
 
 class Q8_0(WeightFormat):
-    name, block_bytes = "Q8_0", 34
+    def decode(self, e, wp, off, wide=False):
+        d = e.load_f16(wp, self.at(e, off, "d"))
+        q = e.load(wp, self.at(e, off, "qs"), vec(I8, 32))
+        return q, {"d": d}
+
+
+class IQ4_NL(WeightFormat):
+    """block_iq4_nl: d (fp16), qs[16]: nibbles index the non-linear table ``values``."""
+
+    def __init__(self, name, block_bytes, layout, values):
+        super().__init__(name, block_bytes, layout)
+        self.values = tuple(int(v) for v in values)
 
     def decode(self, e, wp, off, wide=False):
-        d = e.load_f16(wp, off)
-        q = e.load(wp, e.b.add(off, c64(2)), vec(I8, 32))
+        d = e.load_f16(wp, self.at(e, off, "d"))
+        q = lookup16(e, _nibbles(e, wp, self.at(e, off, "qs")), self.values)
+        if wide:
+            q = e.b.sext(q, vec(I16, 32))
         return q, {"d": d}
 
 
 class F32W(WeightFormat):
-    name, block_bytes, act, integer = "F32", 128, "float", False
+    """Float formats: a "block" is 32 consecutive elements (block_bytes = 32 x element size)."""
+
+    act, integer = "float", False
 
     def decode(self, e, wp, off, wide=False):
         return e.load(wp, off, vec(F32, 32)), {}
@@ -388,9 +453,7 @@ class F32W(WeightFormat):
         return e.load(wp, off, F32)
 
 
-class F16W(WeightFormat):
-    name, block_bytes, act, integer = "F16", 64, "float", False
-
+class F16W(F32W):
     def decode(self, e, wp, off, wide=False):
         return e.b.fpext(e.load(wp, off, vec(F16, 32)), vec(F32, 32)), {}
 
@@ -398,9 +461,7 @@ class F16W(WeightFormat):
         return e.load_f16(wp, off)
 
 
-class BF16W(WeightFormat):
-    name, block_bytes, act, integer = "BF16", 64, "float", False
-
+class BF16W(F32W):
     def decode(self, e, wp, off, wide=False):
         raw = e.load(wp, off, vec(I16, 32))
         w = e.b.shl(e.b.zext(raw, vec(I32, 32)), e.const_vec(I32, 32, 16))
@@ -411,7 +472,22 @@ class BF16W(WeightFormat):
         return e.b.bitcast(w, F32)
 
 
-FORMATS = {f.name: f for f in (Q4_0(), Q4_1(), Q5_0(), Q5_1(), Q8_0(), F32W(), F16W(), BF16W())}
+def decoder(fmt_name: str):
+    """The block decoder of a format, from the registry (kernels/quants.py ``TYPES``)."""
+    from .quants import type_info                    # quants imports this module: no cycle at import
+    d = type_info(fmt_name).simd
+    if d is None:
+        raise ValueError(f"{fmt_name} has no SIMD block decoder")
+    return d
+
+
+def repacked(fmt_name: str):
+    """The row-interleaved layout of a format, from the registry."""
+    from .quants import type_info
+    r = type_info(fmt_name).repacked
+    if r is None:
+        raise ValueError(f"{fmt_name} has no repacked layout")
+    return r
 
 
 # ------------------------------------------------------------- tile kernels
@@ -436,7 +512,7 @@ def tile_kernel(fmt_name: str, NR: int, NC: int, lanes: int = 0, unroll: int = 1
 
     Writes out[c, r] = sum over blocks for r < NR, c < NC (overwrites).
     """
-    fmt = FORMATS[fmt_name]
+    fmt = decoder(fmt_name)
     W = lanes or ACC_LANES
     W = min(W, 16 if fmt.integer else 32)
     U = max(1, unroll)
@@ -587,10 +663,10 @@ class Interleaved:
     """
 
     name = ""
-    src = None            # native WeightFormat
     block_bytes = 0       # bytes per block of one group (GROUP rows)
     affine = False
     offset = 0            # constant subtracted from every quant (via the activation sums)
+    shape = (1, 8, 0)     # (fp16 scales per row, 2-byte quant chunks per row, bytes of 5th bits) per block
 
     def pairs(self, e: Emitter, bp):
         """Yield (j, <32 x i16>) for j in 0..15 (any order): rows' (q[2j], q[2j+1]) pairs.
@@ -609,7 +685,8 @@ class Q4_0x16(Interleaved):
     through -8*sum(q_x) (integer, exact).
     """
 
-    name, src, block_bytes, offset = "Q4_0", FORMATS["Q4_0"], 32 + 256, 8
+    name, block_bytes, offset = "Q4_0", 32 + 256, 8
+    shape = (1, 8, 0)
 
     qs_offset = 32
 
@@ -622,14 +699,16 @@ class Q4_0x16(Interleaved):
 
 
 class Q4_1x16(Q4_0x16):
-    name, src, block_bytes, offset, affine = "Q4_1", FORMATS["Q4_1"], 64 + 256, 0, True
+    name, block_bytes, offset, affine = "Q4_1", 64 + 256, 0, True
+    shape = (2, 8, 0)
     qs_offset = 64
 
 
 class Q8_0x16(Interleaved):
     """Q8_0: 32 B scales + 16 chunks of 32 B (chunk j byte 2r+t = row r's q[2j+t])."""
 
-    name, src, block_bytes = "Q8_0", FORMATS["Q8_0"], 32 + 512
+    name, block_bytes = "Q8_0", 32 + 512
+    shape = (1, 16, 0)
 
     def pairs(self, e, bp):
         for j in range(16):
@@ -644,7 +723,8 @@ class Q5_0x16(Q4_0x16):
     (AVX-512: ``kmovd`` + masked ``vpaddw``/``vpor``). Offset 16 as in Q4_0.
     """
 
-    name, src, block_bytes, offset = "Q5_0", FORMATS["Q5_0"], 32 + 64 + 256, 16
+    name, block_bytes, offset = "Q5_0", 32 + 64 + 256, 16
+    shape = (1, 8, 4)
     qh_offset, qs_offset = 32, 96
 
     def pairs(self, e, bp):
@@ -654,11 +734,9 @@ class Q5_0x16(Q4_0x16):
 
 
 class Q5_1x16(Q5_0x16):
-    name, src, block_bytes, offset, affine = "Q5_1", FORMATS["Q5_1"], 64 + 64 + 256, 0, True
+    name, block_bytes, offset, affine = "Q5_1", 64 + 64 + 256, 0, True
+    shape = (2, 8, 4)
     qh_offset, qs_offset = 64, 128
-
-
-INTERLEAVED = {f.name: f for f in (Q4_0x16(), Q4_1x16(), Q8_0x16(), Q5_0x16(), Q5_1x16())}
 
 
 @lru_cache(maxsize=None)
@@ -675,7 +753,7 @@ def interleaved_kernel(fmt_name: str, NC: int, chains: int = 4):
       corrections (-offset*sum(q)), all three with ``x_stride`` bytes per row.
     * ``out``: address of out[c0, r0]; writes GROUP floats per activation row.
     """
-    fmt = INTERLEAVED[fmt_name]
+    fmt = repacked(fmt_name)
     G = GROUP
 
     @intrinsic
@@ -795,66 +873,158 @@ def quantize_row_kernel(act16: bool, with_s: bool):
 
 
 # ------------------------------------------------------------------- K-quants
-class KFormat:
-    """A 256-element super-block format dotted with Q8_K activations.
+class KFormat(BlockDecoder):
+    """A 256-element super-block format dotted with Q8_K activations (:func:`ktile_kernel`).
 
-    ``decode`` returns (subs, scales, d, dmin, mins): subs = 8 <32 x i8>
-    vectors, sub-block j = elements 32j..32j+31 as small signed integers;
-    scales[j] = the integer scale of each 16-element half of sub-block j,
-    (lo, hi) as i32 scalars (equal for Q4_K, whose scales cover 32); d, dmin
-    float scalars; mins an <8 x i32> of the sub-block mins (Q4_K) or None.
-    The dot with a Q8_K block (d_x, q, sums of q per 32) is then, in
-    integers, d_w*d_x*sum_j scale_j*dot(subs_j, q_j) - dmin_w*d_x*sum_j
-    mins_j*sum(q_j), as ggml's vec_dot_q4_K_q8_K / vec_dot_q6_K_q8_K compute it.
+    ``decode`` returns (subs, scales, d, dmin, mins): subs = 8 <32 x i8> vectors,
+    sub-block j = elements 32j..32j+31 as small integers; scales[j] = the integer
+    scale of each 16-element half of sub-block j, (lo, hi) as i32 scalars (equal
+    where a scale covers 32); d, dmin float scalars; mins a <8 x i32> (one per 32,
+    ``min_group = 32``) or <16 x i32> (per 16) vector of the sub-block mins, or None.
+    The dot with a Q8_K block (d_x, q, sums of q per 32 or 16) is then, in integers,
+    d_w*d_x*sum_j scale_j*dot(subs_j, q_j) - dmin_w*d_x*sum_g mins_g*sum(q_g), as
+    ggml's vec_dot_*_q8_K compute it.
+
+    ``offset``: for unsigned quants (formats with mins), the aarch64 tiles dot
+    ``q - offset`` (sdot needs signed bytes) and add ``offset * sum_g scale_g *
+    sum(x_g)`` back. ``bsums``: what the driver puts in the activation sums array:
+    32 (int32 per 32), 16 (int16 per 16) or 0 (none needed).
     """
 
-    name = ""
-    block_bytes = 0
+    min_group = 0
+    offset = 0
+    scale_group = 32      # elements per distinct scale: 32 or 16
+    has_gemv = False      # a kgemv_kernel (x86 single-row) exists for it
+
+    @property
+    def bsums(self) -> int:
+        if self.min_group:
+            return self.min_group
+        return 0
 
     def decode(self, e: Emitter, wp, off):
         raise NotImplementedError
 
 
-def _byte(e, wp, off, i):
-    return e.b.zext(e.load(wp, e.b.add(off, c64(i)), I8), I32)
+def _k4_scales_mins(e: Emitter, wp, off):
+    """get_scale_min_k4 for j = 0..7 at once: the 12 bytes at ``off`` -> (<8 x i32> scales, <8 x i32> mins)."""
+    b = e.b
+    q = e.load(wp, off, vec(I8, 16))                     # bytes 12..15 are not scales: masked below
+    x = 12
+    A = e.shuffle(q, None, [0, 1, 2, 3, 8, 9, 10, 11])
+    B = e.shuffle(q, None, [4, 5, 6, 7, 8, 9, 10, 11])
+    C = e.shuffle(q, None, [x, x, x, x, 0, 1, 2, 3])
+    D = e.shuffle(q, None, [x, x, x, x, 4, 5, 6, 7])
+
+    def cv(vals):
+        return ir.Constant(vec(I8, 8), vals)
+
+    hi2 = cv([0] * 4 + [0x30] * 4)                       # ((q >> 6) << 4) for j >= 4
+    scb = b.or_(b.and_(A, cv([63] * 4 + [15] * 4)), b.and_(b.shl(b.lshr(C, cv([6] * 8)), cv([4] * 8)), hi2))
+    mnb = b.or_(b.and_(b.lshr(B, cv([0] * 4 + [4] * 4)), cv([63] * 4 + [15] * 4)),
+                b.and_(b.shl(b.lshr(D, cv([6] * 8)), cv([4] * 8)), hi2))
+    return b.zext(scb, vec(I32, 8)), b.zext(mnb, vec(I32, 8))
+
+
+def _lanes(e: Emitter, v):
+    return [e.b.extract_element(v, c32(j)) for j in range(v.type.count)]
 
 
 class Q4_K(KFormat):
-    """block_q4_K: d, dmin (fp16), scales[12] (8 x 6-bit scale + 8 x 6-bit min), qs[128].
+    """block_q4_K: d, dmin (fp16), scales (8 x 6-bit scale + 8 x 6-bit min in 12 bytes), qs[128].
 
     Sub-block 2c / 2c+1 are the low / high nibbles of qs[32c .. 32c+31].
     """
 
-    name, block_bytes = "Q4_K", 144
+    min_group, offset, has_gemv = 32, 8, True
 
     def decode(self, e, wp, off):
         b = e.b
-        d = e.load_f16(wp, off)
-        dmin = e.load_f16(wp, b.add(off, c64(2)))
-        # the 12 scale bytes as vectors over j = 0..7 (bytes 16..19 are qs: loaded, unused)
-        q = e.load(wp, b.add(off, c64(4)), vec(I8, 16))
-        x = 12                                            # any in-range lane; masked below
-        A = e.shuffle(q, None, [0, 1, 2, 3, 8, 9, 10, 11])
-        B = e.shuffle(q, None, [4, 5, 6, 7, 8, 9, 10, 11])
-        C = e.shuffle(q, None, [x, x, x, x, 0, 1, 2, 3])
-        D = e.shuffle(q, None, [x, x, x, x, 4, 5, 6, 7])
-
-        def cv(vals):
-            return ir.Constant(vec(I8, 8), vals)
-
-        hi2 = cv([0] * 4 + [0x30] * 4)                     # ((q >> 6) << 4) for j >= 4
-        scb = b.or_(b.and_(A, cv([63] * 4 + [15] * 4)), b.and_(b.shl(b.lshr(C, cv([6] * 8)), cv([4] * 8)), hi2))
-        mnb = b.or_(b.and_(b.lshr(B, cv([0] * 4 + [4] * 4)), cv([63] * 4 + [15] * 4)),
-                    b.and_(b.shl(b.lshr(D, cv([6] * 8)), cv([4] * 8)), hi2))
-        mins = b.zext(mnb, vec(I32, 8))
-        scv = b.zext(scb, vec(I32, 8))
-        sc = [b.extract_element(scv, c32(j)) for j in range(8)]
+        d = e.load_f16(wp, self.at(e, off, "d"))
+        dmin = e.load_f16(wp, self.at(e, off, "dmin"))
+        scv, mins = _k4_scales_mins(e, wp, self.at(e, off, "scales"))
         subs = []
         for c in range(4):
-            raw = e.load(wp, b.add(off, c64(16 + 32 * c)), vec(I8, 32))
+            raw = e.load(wp, self.at(e, off, "qs", 32 * c), vec(I8, 32))
             subs.append(b.and_(raw, e.const_vec(I8, 32, 0x0F)))
             subs.append(b.lshr(raw, e.const_vec(I8, 32, 4)))
-        return subs, [(t, t) for t in sc], d, dmin, mins
+        return subs, [(t, t) for t in _lanes(e, scv)], d, dmin, mins
+
+
+class Q5_K(KFormat):
+    """block_q5_K: Q4_K's head, qh[32] (bit j of qh[l] is the 5th bit of element 32j + l), qs[128]."""
+
+    min_group, offset = 32, 16
+
+    def decode(self, e, wp, off):
+        b = e.b
+        d = e.load_f16(wp, self.at(e, off, "d"))
+        dmin = e.load_f16(wp, self.at(e, off, "dmin"))
+        scv, mins = _k4_scales_mins(e, wp, self.at(e, off, "scales"))
+        qh = e.load(wp, self.at(e, off, "qh"), vec(I8, 32))
+        subs = []
+        for c in range(4):
+            raw = e.load(wp, self.at(e, off, "qs", 32 * c), vec(I8, 32))
+            for t, lo in enumerate((b.and_(raw, e.const_vec(I8, 32, 0x0F)), b.lshr(raw, e.const_vec(I8, 32, 4)))):
+                j = 2 * c + t
+                hb = b.and_(b.shl(b.lshr(qh, e.const_vec(I8, 32, j)), e.const_vec(I8, 32, 4)),
+                            e.const_vec(I8, 32, 0x10))
+                subs.append(b.or_(lo, hb))
+        return subs, [(t, t) for t in _lanes(e, scv)], d, dmin, mins
+
+
+class Q2_K(KFormat):
+    """block_q2_K: scales[16] (low nibble scale, high nibble min, one per 16), qs[64], d, dmin.
+
+    Element 128n + 32j + l is (qs[32n + l] >> 2j) & 3: sub-block 4n + j.
+    """
+
+    min_group, offset, scale_group = 16, 2, 16
+
+    def decode(self, e, wp, off):
+        b = e.b
+        d = e.load_f16(wp, self.at(e, off, "d"))
+        dmin = e.load_f16(wp, self.at(e, off, "dmin"))
+        sc = e.load(wp, self.at(e, off, "scales"), vec(I8, 16))
+        scv = b.zext(b.and_(sc, e.const_vec(I8, 16, 0x0F)), vec(I32, 16))
+        mins = b.zext(b.lshr(sc, e.const_vec(I8, 16, 4)), vec(I32, 16))
+        s = _lanes(e, scv)
+        subs = []
+        for n in range(2):
+            raw = e.load(wp, self.at(e, off, "qs", 32 * n), vec(I8, 32))
+            for j in range(4):
+                subs.append(b.and_(b.lshr(raw, e.const_vec(I8, 32, 2 * j)), e.const_vec(I8, 32, 3)))
+        return subs, [(s[2 * j], s[2 * j + 1]) for j in range(8)], d, dmin, mins
+
+
+class Q3_K(KFormat):
+    """block_q3_K: hmask[32], qs[64], scales (16 x 6-bit in 12 bytes, minus 32), d.
+
+    Element 128n + 32j + l: ((qs[32n + l] >> 2j) & 3) - 4 unless bit 4n + j of hmask[l] is set.
+    """
+
+    scale_group = 16
+
+    def decode(self, e, wp, off):
+        b = e.b
+        d = e.load_f16(wp, self.at(e, off, "d"))
+        raw = e.load(wp, self.at(e, off, "scales"), vec(I8, 12))
+        lo = e.shuffle(raw, None, [j % 8 for j in range(16)])
+        lo = b.and_(b.lshr(lo, ir.Constant(vec(I8, 16), [0] * 8 + [4] * 8)), e.const_vec(I8, 16, 0x0F))
+        hi = e.shuffle(raw, None, [8 + (j & 3) for j in range(16)])
+        hi = b.and_(b.lshr(hi, ir.Constant(vec(I8, 16), [2 * (j >> 2) for j in range(16)])), e.const_vec(I8, 16, 3))
+        scv = b.sub(b.zext(b.or_(lo, b.shl(hi, e.const_vec(I8, 16, 4))), vec(I32, 16)), e.const_vec(I32, 16, 32))
+        s = _lanes(e, scv)
+        hm = e.load(wp, self.at(e, off, "hmask"), vec(I8, 32))
+        subs = []
+        for n in range(2):
+            q = e.load(wp, self.at(e, off, "qs", 32 * n), vec(I8, 32))
+            for j in range(4):
+                low = b.and_(b.lshr(q, e.const_vec(I8, 32, 2 * j)), e.const_vec(I8, 32, 3))
+                clear = b.icmp_unsigned("==", b.and_(hm, e.const_vec(I8, 32, 1 << (4 * n + j))),
+                                        ir.Constant(vec(I8, 32), None))
+                subs.append(b.sub(low, b.select(clear, e.const_vec(I8, 32, 4), ir.Constant(vec(I8, 32), None))))
+        return subs, [(s[2 * j], s[2 * j + 1]) for j in range(8)], d, None, None
 
 
 class Q6_K(KFormat):
@@ -865,26 +1035,96 @@ class Q6_K(KFormat):
     from qh[32h + l] >> 2g; value - 32; scale sc[8h + 2g + l//16].
     """
 
-    name, block_bytes = "Q6_K", 210
+    scale_group, has_gemv = 16, True
 
     def decode(self, e, wp, off):
         b = e.b
-        d = e.load_f16(wp, b.add(off, c64(208)))
+        d = e.load_f16(wp, self.at(e, off, "d"))
         subs, scales = [], []
         for h in range(2):
-            qh = e.load(wp, b.add(off, c64(128 + 32 * h)), vec(I8, 32))
-            ql = [e.load(wp, b.add(off, c64(64 * h + 32 * t)), vec(I8, 32)) for t in (0, 1)]
+            qh = e.load(wp, self.at(e, off, "qh", 32 * h), vec(I8, 32))
+            ql = [e.load(wp, self.at(e, off, "ql", 64 * h + 32 * t), vec(I8, 32)) for t in (0, 1)]
             for g in range(4):
                 lo = ql[g & 1]
                 lo = b.and_(lo, e.const_vec(I8, 32, 0x0F)) if g < 2 else b.lshr(lo, e.const_vec(I8, 32, 4))
                 hb = b.and_(b.lshr(qh, e.const_vec(I8, 32, 2 * g)), e.const_vec(I8, 32, 3))
                 subs.append(b.sub(b.or_(lo, b.shl(hb, e.const_vec(I8, 32, 4))), e.const_vec(I8, 32, 32)))
                 s = 8 * h + 2 * g
-                scales.append(tuple(b.sext(e.load(wp, b.add(off, c64(192 + s + t)), I8), I32) for t in (0, 1)))
+                scales.append(tuple(b.sext(e.load(wp, self.at(e, off, "scales", s + t), I8), I32) for t in (0, 1)))
         return subs, scales, d, None, None
 
 
-KFORMATS = {f.name: f for f in (Q4_K(), Q6_K())}
+class IQ4_XS(KFormat):
+    """block_iq4_xs: d (fp16), scales_h (u16: 2 high bits per sub-block), scales_l[4] (nibbles),
+    qs[128]: sub-block j = table values of the nibbles of qs[16j .. 16j+15] (low: 0..15, high: 16..31),
+    scale ((scales_l >> 4(j%2)) & 15 | ((scales_h >> 2j) & 3) << 4) - 32."""
+
+    def __init__(self, name, block_bytes, layout, values):
+        super().__init__(name, block_bytes, layout)
+        self.values = tuple(int(v) for v in values)
+
+    def decode(self, e, wp, off):
+        b = e.b
+        d = e.load_f16(wp, self.at(e, off, "d"))
+        sh = b.zext(e.load(wp, self.at(e, off, "scales_h"), I16), I32)
+        sl = e.load(wp, self.at(e, off, "scales_l"), vec(I8, 4))
+        lo = b.zext(e.shuffle(sl, None, [j // 2 for j in range(8)]), vec(I32, 8))
+        lo = b.and_(b.lshr(lo, ir.Constant(vec(I32, 8), [4 * (j % 2) for j in range(8)])), e.const_vec(I32, 8, 15))
+        hi = b.and_(b.lshr(e.splat(sh, 8), ir.Constant(vec(I32, 8), [2 * j for j in range(8)])), e.const_vec(I32, 8, 3))
+        scv = b.sub(b.or_(lo, b.shl(hi, e.const_vec(I32, 8, 4))), e.const_vec(I32, 8, 32))
+        subs = []
+        for c in range(4):
+            raw = e.load(wp, self.at(e, off, "qs", 32 * c), vec(I8, 32))
+            idx = e.shuffle(b.and_(raw, e.const_vec(I8, 32, 0x0F)), b.lshr(raw, e.const_vec(I8, 32, 4)),
+                            list(range(16)) + list(range(32, 48)) + list(range(16, 32)) + list(range(48, 64)))
+            v = lookup16(e, idx, self.values)
+            subs += [e.half(v, 0), e.half(v, 1)]
+        return subs, [(t, t) for t in _lanes(e, scv)], d, None, None
+
+
+def _kdot_arm(e: Emitter, fmt: KFormat, subs, scales, xv8, scv_bs):
+    """aarch64: sum_j scale_j * dot(sub_j - offset, x_j) as a <4 x i32> (sdot per scale group),
+    plus offset * sum_g scale_g * sum(x_g) in lane 0 (``scv_bs``: that sum's two <n x i32> factors)."""
+    b = e.b
+    g = fmt.scale_group
+    off = fmt.offset
+    isum = None
+    for j in range(8):
+        q = b.sub(subs[j], e.const_vec(I8, 32, off)) if off else subs[j]
+        for t in range(32 // g):
+            part = range(g * t, g * t + g)
+            qq, xx = (q, xv8[j]) if g == 32 else (e.shuffle(q, None, part), e.shuffle(xv8[j], None, part))
+            h = b.mul(e.freeze(e.dot_block(qq, xx, 4)), e.splat(scales[j][t], 4))
+            isum = h if isum is None else b.add(isum, h)
+    if off:
+        scv, bs = scv_bs
+        n = scv.type.count
+        corr = _intrinsic_call(b, f"llvm.vector.reduce.add.v{n}i32", I32, [b.mul(scv, bs)])
+        lane0 = b.add(b.extract_element(isum, c32(0)), b.mul(corr, c32(off)))
+        isum = b.insert_element(isum, lane0, c32(0))
+    return isum
+
+
+def _kdot_x86(e: Emitter, subs, scales, xv16):
+    """x86: the int16 weights times their scales first, then pair products (vpmaddwd / vpdpwssd):
+    a <16 x i32> whose lanes sum to sum_j scale_j * dot(sub_j, x_j)."""
+    b = e.b
+    parts = []
+    for j in range(8):
+        lo, hi = (b.trunc(t, I16) for t in scales[j])
+        sv = b.insert_element(ir.Constant(vec(I16, 32), None), lo, c32(0))
+        sv = b.insert_element(sv, hi, c32(16))
+        sv = e.shuffle(sv, None, [0] * 16 + [16] * 16)
+        pv = e.freeze(b.mul(b.sext(subs[j], vec(I16, 32)), sv))
+        parts.append(e.dot_pairs(pv, xv16[j]))
+    return functools.reduce(b.add, [e.freeze(b.add(parts[j], parts[j + 4])) for j in range(4)])
+
+
+def _load_bsums(e: Emitter, fmt: KFormat, xbp, off):
+    """The activation sums of one super-block that ``fmt`` needs, as <8|16 x i32>."""
+    if fmt.bsums == 16:
+        return e.b.sext(e.load(xbp, off, vec(I16, 16)), vec(I32, 16))
+    return e.load(xbp, off, vec(I32, 8))
 
 
 @lru_cache(maxsize=None)
@@ -895,11 +1135,13 @@ def ktile_kernel(fmt_name: str, NR: int, NC: int, lanes: int = 0):
 
         tile(w, w_stride, xq, xq_stride, xd, xd_stride, xb, xb_stride, nb, out, out_stride)
 
-    ``xq`` int8 activations; ``xd`` float32 Q8_K scale per 256; ``xb`` int32
-    sum of q per 32 elements; ``nb`` super-blocks. Writes out[c, r].
+    ``xq`` int8 activations; ``xd`` float32 Q8_K scale per 256; ``xb`` the sums of
+    q the format needs (``KFormat.bsums``: int32 per 32 or int16 per 16); ``nb``
+    super-blocks. Writes out[c, r].
     """
-    fmt = KFORMATS[fmt_name]
+    fmt = decoder(fmt_name)
     W = min(lanes or ACC_LANES, 16)
+    bsz = 2 * 16 if fmt.bsums == 16 else 4 * 8          # bytes of sums per super-block
 
     @intrinsic
     def tile(typingctx, w, w_stride, xq, xq_stride, xd, xd_stride, xb, xb_stride, nb, out, out_stride):
@@ -913,7 +1155,7 @@ def ktile_kernel(fmt_name: str, NR: int, NC: int, lanes: int = 0):
             wrow = [b.mul(ws_, c64(r)) for r in range(NR)]
             zero_v = ir.Constant(vec(F32, W), None)
             zero_s = ir.Constant(F32, 0.0)
-            has_min = fmt_name == "Q4_K"
+            has_min = bool(fmt.min_group)
             inits = [zero_v] * (NR * NC) + ([zero_s] * (NR * NC) if has_min else [])
 
             def body(i, accs):
@@ -926,57 +1168,28 @@ def ktile_kernel(fmt_name: str, NR: int, NC: int, lanes: int = 0):
                 for c in range(NC):
                     xbase = b.add(b.mul(xqs_, c64(c)), b.mul(i, c64(256)))
                     xv8 = [e.load(xqp, b.add(xbase, c64(32 * j)), vec(I8, 32)) for j in range(8)]
-                    xv = [b.sext(v, vec(I16, 32)) for v in xv8]
                     dx = e.load(xdp, b.add(b.mul(xds_, c64(c)), b.mul(i, c64(4))), F32)
-                    if has_min:
-                        bs = e.load(xbp, b.add(b.mul(xbs_, c64(c)), b.mul(i, c64(32))), vec(I32, 8))
+                    bs = (_load_bsums(e, fmt, xbp, b.add(b.mul(xbs_, c64(c)), b.mul(i, c64(bsz))))
+                          if fmt.bsums else None)
                     for r in range(NR):
                         subs, scales, d, dmin, mins = blocks[r]
-                        if PARTIAL_REDUCE and has_min:
-                            # aarch64, Q4_K: sdot of (q - 8) (LLVM turns the sign extension of
-                            # known non-negative nibbles into a zero extension, which sdot
-                            # cannot take), times the sub-block scale; + 8*sum_j sc_j*sum(x_j)
-                            isum = None
-                            for j in range(8):
-                                h = e.dot_block(b.sub(subs[j], e.const_vec(I8, 32, 8)), xv8[j], 4)
-                                h = b.mul(e.freeze(h), e.splat(scales[j][0], 4))
-                                isum = h if isum is None else b.add(isum, h)
-                            scv = ir.Constant(vec(I32, 8), None)
-                            for j in range(8):
-                                scv = b.insert_element(scv, scales[j][0], c32(j))
-                            corr = _intrinsic_call(b, "llvm.vector.reduce.add.v8i32", I32, [b.mul(scv, bs)])
-                            lane0 = b.extract_element(isum, c32(0))
-                            isum = b.insert_element(isum, b.add(lane0, b.shl(corr, c32(3))), c32(0))
-                        elif PARTIAL_REDUCE:
-                            # aarch64: sdot per 16-element half, then the integer scale
-                            isum = None
-                            for j in range(8):
-                                for t in (0, 1):
-                                    h = e.dot_block(e.shuffle(subs[j], None, range(16 * t, 16 * t + 16)),
-                                                    e.shuffle(xv8[j], None, range(16 * t, 16 * t + 16)), 4)
-                                    h = b.mul(e.freeze(h), e.splat(scales[j][t], 4))
-                                    isum = h if isum is None else b.add(isum, h)
                         if PARTIAL_REDUCE:
-                            s = e.fold_add(isum, W) if W < 4 else isum
+                            flat = [t for j in range(8) for t in (scales[j] if fmt.scale_group == 16 else scales[j][:1])]
+                            scv = ir.Constant(vec(I32, len(flat)), None)
+                            for t, v in enumerate(flat):
+                                scv = b.insert_element(scv, v, c32(t))
+                            s = _kdot_arm(e, fmt, subs, scales, xv8, (scv, bs))
+                            s = e.fold_add(s, W) if W < 4 else s
                             if W > 4:
                                 s = e.shuffle(s, ir.Constant(s.type, None), list(range(4)) + [4] * (W - 4))
                         else:
-                            # x86: scale the int16 weights first, then pairwise products (vpdpwssd)
-                            parts = []
-                            for j in range(8):
-                                lo, hi = (b.trunc(t, I16) for t in scales[j])
-                                sv = b.insert_element(ir.Constant(vec(I16, 32), None), lo, c32(0))
-                                sv = b.insert_element(sv, hi, c32(16))
-                                sv = e.shuffle(sv, None, [0] * 16 + [16] * 16)
-                                pv = e.freeze(b.mul(b.sext(subs[j], vec(I16, 32)), sv))
-                                parts.append(e.dot_pairs(pv, xv[j]))
-                            s = functools.reduce(b.add, [e.freeze(b.add(parts[j], parts[j + 4])) for j in range(4)])
-                            s = e.fold_add(s, W)
+                            s = e.fold_add(_kdot_x86(e, subs, scales, [b.sext(v, vec(I16, 32)) for v in xv8]), W)
                         sf = b.sitofp(s, vec(F32, W))
                         k = r * NC + c
                         new[k] = e.fma(sf, e.splat(e.fmul(d, dx), W), accs[k])
                         if has_min:
-                            md = _intrinsic_call(b, "llvm.vector.reduce.add.v8i32", I32, [b.mul(mins, bs)])
+                            n = mins.type.count
+                            md = _intrinsic_call(b, f"llvm.vector.reduce.add.v{n}i32", I32, [b.mul(mins, bs)])
                             k2 = NR * NC + k
                             new[k2] = e.fma(e.fmul(dmin, dx), b.sitofp(md, F32), accs[k2])
                 return new
@@ -993,7 +1206,7 @@ def ktile_kernel(fmt_name: str, NR: int, NC: int, lanes: int = 0):
 
         return sig, codegen
 
-    tile.kernel_name = f"ktile_{fmt_name}_{NR}x{NC}_l{W}_pr{int(PARTIAL_REDUCE)}_pf{PREFETCH}"
+    tile.kernel_name = f"ktile_{fmt_name}_{NR}x{NC}_l{W}_pr{int(PARTIAL_REDUCE)}_pf{PREFETCH}_v2"
     return tile
 
 
@@ -1055,7 +1268,7 @@ def kgemv_kernel(fmt_name: str):
     holds those for Q6_K: see matmul.bsums16), as ggml's AVX2 code. Exactly the
     integers of ggml's vec_dot_q4_K_q8_K / q6_K_q8_K; only float order differs.
     """
-    fmt = KFORMATS[fmt_name]
+    fmt = decoder(fmt_name)
     q4 = fmt_name == "Q4_K"
 
     @intrinsic
@@ -1081,40 +1294,25 @@ def kgemv_kernel(fmt_name: str):
                 dx = e.load(xdp, b.mul(i, c64(4)), F32)
                 parts = []
                 if q4:
-                    dd = e.fmul(b.fpext(e.load(wp, off, vec(F16, 2)), vec(F32, 2)), e.splat(dx, 2))
-                    # 6-bit scales / mins -> <8 x i8> (as Q4_K.decode)
-                    q = e.load(wp, b.add(off, c64(4)), vec(I8, 16))
-                    xx = 12
-                    A = e.shuffle(q, None, [0, 1, 2, 3, 8, 9, 10, 11])
-                    B = e.shuffle(q, None, [4, 5, 6, 7, 8, 9, 10, 11])
-                    C = e.shuffle(q, None, [xx, xx, xx, xx, 0, 1, 2, 3])
-                    D = e.shuffle(q, None, [xx, xx, xx, xx, 4, 5, 6, 7])
-
-                    def cv(vals):
-                        return ir.Constant(vec(I8, 8), vals)
-
-                    hi2 = cv([0] * 4 + [0x30] * 4)
-                    scb = b.or_(b.and_(A, cv([63] * 4 + [15] * 4)),
-                                b.and_(b.shl(b.lshr(C, cv([6] * 8)), cv([4] * 8)), hi2))
-                    mnb = b.or_(b.and_(b.lshr(B, cv([0] * 4 + [4] * 4)), cv([63] * 4 + [15] * 4)),
-                                b.and_(b.shl(b.lshr(D, cv([6] * 8)), cv([4] * 8)), hi2))
-                    sc16 = b.zext(scb, vec(I16, 8))
+                    dd = e.fmul(b.fpext(e.load(wp, fmt.at(e, off, "d"), vec(F16, 2)), vec(F32, 2)), e.splat(dx, 2))
+                    scv, mnv = _k4_scales_mins(e, wp, fmt.at(e, off, "scales"))
+                    sc16 = b.trunc(scv, vec(I16, 8))
                     # activations in the order of ``Q4K_GEMV_PERM`` (the driver permutes them):
                     # 64 bytes of qs (chunks 2L, 2L+1) & 0x0F are sub-blocks 4L, 4L+2, >> 4 are 4L+1, 4L+3
                     m0f = _opaque_splat(e, "m0f_v64i8", 0x0F, v64)
                     for L in range(2):
-                        raw = e.load(wp, b.add(off, c64(16 + 64 * L)), v64)
+                        raw = e.load(wp, fmt.at(e, off, "qs", 64 * L), v64)
                         for t, qv in enumerate((b.and_(raw, m0f), b.and_(b.lshr(raw, c8(4)), m0f))):
                             s0, s1 = 4 * L + t, 4 * L + t + 2
                             p = _maddubs(e, qv, e.load(xqp, b.add(xoff, c64(128 * L + 64 * t)), v64))
                             scv = e.shuffle(sc16, None, [s0] * 16 + [s1] * 16)
                             parts.append(e.dot_pairs(p, scv))
                 else:
-                    d_ = e.load_f16(wp, b.add(off, c64(208)))
-                    sc16 = b.sext(e.load(wp, b.add(off, c64(192)), vec(I8, 16)), vec(I16, 16))
+                    d_ = e.load_f16(wp, fmt.at(e, off, "d"))
+                    sc16 = b.sext(e.load(wp, fmt.at(e, off, "scales"), vec(I8, 16)), vec(I16, 16))
                     for h in range(2):
-                        ql = e.load(wp, b.add(off, c64(64 * h)), v64)
-                        qh = e.load(wp, b.add(off, c64(128 + 32 * h)), vec(I8, 32))
+                        ql = e.load(wp, fmt.at(e, off, "ql", 64 * h), v64)
+                        qh = e.load(wp, fmt.at(e, off, "qh", 32 * h), vec(I8, 32))
                         qh2 = b.bitcast(e.concat(qh, qh), vec(I16, 32))
                         # elements 128h + 0..63 (groups 0, 1) and 128h + 64..127 (groups 2, 3)
                         hA = b.and_(b.shl(qh2, c16([4] * 16 + [2] * 16)), c16(0x3030))
@@ -1141,7 +1339,7 @@ def kgemv_kernel(fmt_name: str):
                 new = [e.fma(b.sitofp(s, vec(F32, 16)), ddx, accs[0])]
                 if q4:
                     bs = e.load(xbp, b.mul(i, c64(32)), vec(I32, 8))
-                    mm = b.mul(b.zext(mnb, vec(I32, 8)), bs, flags=("nsw",))
+                    mm = b.mul(mnv, bs, flags=("nsw",))
                     new.append(e.fma(b.sitofp(mm, vec(F32, 8)), mdx, accs[1]))
                 return new
 

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-from dataclasses import replace
-
 import numpy as np
 import pytest
 
@@ -46,10 +44,9 @@ def test_sliding_window_ring_matches_full_cache(gemma3_path):
     g = GGUFFile(gemma3_path)
     m = load_model(g)
     window = 8
-    for _, attn, _ in m.layers:
-        if attn.p.window:
-            attn.p = replace(attn.p, window=window)
-    m.windows = [window if w else 0 for w in m.windows]
+    for L in m.layers:
+        if L.attn.window:
+            L.attn.window = window
     ids = np.random.default_rng(0).integers(10, 5000, size=40)
     ring = m.new_cache(64, n_batch=4)
     assert min(k.shape[0] for k in ring.k) == window + 4
@@ -63,5 +60,5 @@ def test_sliding_window_ring_matches_full_cache(gemma3_path):
 
 def test_unsupported_architecture_is_named():
     g = GGUFFile(need_reference("vocab", "ggml-vocab-gpt-2.gguf"))
-    with pytest.raises(ModelError, match=r"'gpt2' is not supported; supported: gemma3, llama"):
+    with pytest.raises(ModelError, match=r"'gpt2' is not supported; supported: gemma3, llama, phi3, qwen2, qwen3, smollm3"):
         load_model(g)

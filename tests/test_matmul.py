@@ -16,14 +16,16 @@ import numpy as np
 import pytest
 
 gguf = pytest.importorskip("gguf")
-from gguf import GGMLQuantizationType as T  # noqa: E402
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T  # noqa: E402
 
 from tinyinfer.kernels import matmul as mm  # noqa: E402
+from tinyinfer.kernels import quants  # noqa: E402
 
 QUANT = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"]
-KQUANT = ["Q4_K", "Q6_K"]
+KQUANT = ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_XS"]   # Q8_K activations
+LUT = ["IQ4_NL"]                                                # Q8_0 activations, table values
 FLOAT = ["F16", "BF16", "F32"]
-ALL = QUANT + KQUANT + FLOAT
+ALL = QUANT + KQUANT + LUT + FLOAT
 
 
 # ------------------------------------------------------------ numpy references
@@ -68,17 +70,18 @@ def ref_quantize_q8_K(x):
     return q, d
 
 
+# offset of the fp16 super-block scale(s) in each K-quant block: sane scales instead of random bytes
+KSCALE = {"Q2_K": (80, 2), "Q3_K": (108, 1), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208, 1), "IQ4_XS": (0, 1)}
+
+
 def random_kquant(name, rows, k, rng):
-    """Random K-quant bytes with sane fp16 super-block scales (gguf cannot quantize K-quants)."""
-    bs = {"Q4_K": 144, "Q6_K": 210}[name]
+    """Random K-quant bytes with sane fp16 super-block scales (random data for every other field)."""
+    bs = GGML_QUANT_SIZES[T[name]][1]
     raw = rng.integers(0, 256, (rows, k // 256 * bs), dtype=np.uint8)
     blk = raw.reshape(rows, k // 256, bs)
-    if name == "Q4_K":
-        sc = rng.uniform(0.001, 0.01, (rows, k // 256, 2)).astype(np.float16)
-        blk[..., 0:4] = sc.view(np.uint8).reshape(rows, k // 256, 4)
-    else:
-        sc = rng.uniform(0.001, 0.01, (rows, k // 256, 1)).astype(np.float16)
-        blk[..., 208:210] = sc.view(np.uint8).reshape(rows, k // 256, 2)
+    o, nsc = KSCALE[name]
+    sc = rng.uniform(0.001, 0.01, (rows, k // 256, nsc)).astype(np.float16)
+    blk[..., o:o + 2 * nsc] = sc.view(np.uint8).reshape(rows, k // 256, 2 * nsc)
     return raw
 
 
@@ -122,6 +125,11 @@ def reference(raw, name, k, x):
         wd = gguf.quants.dequantize(raw, T[name]).reshape(raw.shape[0], k).astype(np.float64)
         xr = {"F16": f16r, "BF16": bf16r, "F32": lambda v: v}[name](x).astype(np.float64)
         return xr @ wd.T
+    if name in LUT:
+        # d_w * table value: what gguf dequantizes to; the integer dot is exact in float64
+        wd = gguf.quants.dequantize(raw, T[name]).reshape(raw.shape[0], k // 32, 32).astype(np.float64)
+        qx, dx, _ = ref_quantize_q8(x)
+        return np.einsum("rbj,nbj->nr", wd, qx * dx[..., None].astype(np.float64))
     qw, dw, mw = decode_blocks(raw, name, k)
     qx, dx, sx = ref_quantize_q8(x)
     sumi = np.einsum("rbj,nbj->nrb", qw, qx).astype(np.float64)
@@ -139,6 +147,8 @@ def make_weight(name, rows, k, rng):
         raw = w.astype(np.float16).view(np.uint8)
     elif name in KQUANT:
         raw = random_kquant(name, rows, k, rng)
+    elif name in LUT:
+        raw = quants.quantize(w, T[name])
     else:
         raw = gguf.quants.quantize(w, T[name])
     raw = np.ascontiguousarray(raw).view(np.uint8).reshape(rows, -1)
@@ -264,13 +274,11 @@ def test_kquant_single_row_kernel(name, monkeypatch):
     and activations at +-127, where an int16 overflow would show."""
     rng = np.random.default_rng(11)
     rows, k = 19, 1280
-    for raw in (random_kquant(name, rows, k, rng), np.full((rows, k // 256 * (144 if name == "Q4_K" else 210)), 255,
-                                                            np.uint8)):
+    bs = GGML_QUANT_SIZES[T[name]][1]
+    for raw in (random_kquant(name, rows, k, rng), np.full((rows, k // 256 * bs), 255, np.uint8)):
         blk = raw.reshape(rows, k // 256, -1)
-        if name == "Q4_K":
-            blk[..., 0:4] = np.array([0.01, 0.002], np.float16).view(np.uint8)
-        else:
-            blk[..., 208:210] = np.array([0.01], np.float16).view(np.uint8)
+        o, nsc = KSCALE[name]
+        blk[..., o:o + 2 * nsc] = np.array([0.01, 0.002][:nsc], np.float16).view(np.uint8)
         for x in (rng.standard_normal((1, k)).astype(np.float32),
                   np.where(rng.random((1, k)) < 0.5, -1.0, 1.0).astype(np.float32)):
             ref = reference(raw, name, k, x)

@@ -18,6 +18,7 @@ from test_inference import model_path
 # llama-perplexity -c 512 --chunks 40 on wikitext2-test.txt (../shared/reference/README.md)
 REFERENCE_PPL = {"F16": 18.9781, "Q8_0": 19.0464, "Q4_1": 18.9959, "Q4_0": 22.4595}
 GEMMA3_PPL = 14.6819
+QWEN25_PPL = 26.7976     # Qwen2.5-Coder-0.5B-Instruct Q4_K_M (../shared/reference/README.md, qwen2/)
 
 # All four types by default; TINYINFER_PPL_TYPES=Q4_0,F16 narrows a quick local run.
 TYPES = [t for t in os.environ.get("TINYINFER_PPL_TYPES", "Q4_1,Q4_0,Q8_0,F16").split(",") if t]
@@ -46,6 +47,16 @@ def test_gemma3_perplexity_matches_llama_cpp(gemma3_path):
     ppl, unc, _ = perplexity(eng, wikitext(), n_ctx=512, n_chunks=40, out=io.StringIO())
     print(f"gemma3 Q4_K_M: PPL = {ppl:.4f} +/- {unc:.5f} (llama.cpp {GEMMA3_PPL})")
     assert abs(ppl / GEMMA3_PPL - 1) <= 0.01
+
+
+def test_qwen25_perplexity_matches_llama_cpp(qwen25_path):
+    """A qwen2 file (no BOS added to the chunks: add_bos_token is false), 40 chunks of 512."""
+    need_reference("qwen2")
+    eng = Engine(qwen25_path, n_ctx=512, n_batch=512, n_threads=2)
+    ppl, unc, running = perplexity(eng, wikitext(), n_ctx=512, n_chunks=40, out=io.StringIO())
+    print(f"qwen2.5 Q4_K_M: PPL = {ppl:.4f} +/- {unc:.5f} (llama.cpp {QWEN25_PPL})")
+    assert len(running) == 40
+    assert abs(ppl / QWEN25_PPL - 1) <= 0.01
 
 
 def test_perplexity_cli_output_shape(smollm2_path, tmp_path):

@@ -167,8 +167,13 @@ def test_plan_options_on_smollm2(smollm2_path):
     downs = [km[f"blk.{i}.ffn_down.weight"] for i in range(30)]
     more = [i for i in range(30) if i < 3 or i >= 26 or (i - 3) % 3 == 2]
     assert downs == ["Q6_K" if i in more else "Q4_K" for i in range(30)]
-    with pytest.raises(QuantizeError, match="IQ4_NL"):
-        plan_quantization(g, "Q3_K_M", o)
+    # 256-block types that do not divide 576: llama.cpp's tensor_type_fallback (Aug 2026)
+    k3 = types(plan_quantization(g, "Q3_K_M", o))
+    assert k3["blk.0.attn_q.weight"] == "Q4_0" and k3["blk.0.attn_v.weight"] == "Q5_1"
+    xs = types(plan_quantization(g, "IQ4_XS", o))
+    assert xs["blk.0.attn_q.weight"] == "IQ4_NL" and xs["blk.0.ffn_down.weight"] == "Q5_K"
+    assert xs["blk.5.ffn_down.weight"] == "IQ4_XS" and xs["blk.0.attn_v.weight"] == "IQ4_NL"   # n_gqa 3
+    assert xs["token_embd.weight"] == "Q8_0"
 
 
 # -- a synthetic F32 model: K mixtures, fallbacks, options ----------------------------------
@@ -254,8 +259,8 @@ def test_output_options(synthetic, tmp_path):
     assert ta["output.weight"] == "F32" and ta["token_embd.weight"] == "Q8_0"
     b = tmp_path / "b.gguf"
     assert run([str(src), str(b), "q4_k", "--pure", "--output-tensor-type", "q8_0",
-                "--token-embedding-type", "F16", "-q"])[0] == 1      # --pure Q4_K on 288-wide rows
-    assert not b.exists()
+                "--token-embedding-type", "F16", "-q"])[0] == 0      # --pure Q4_K: 288-wide rows fall back
+    assert _types(b)["blk.0.ffn_down.weight"] == "Q5_0" and _types(b)["blk.0.attn_v.weight"] == "Q4_K"
     assert run([str(src), str(b), "Q4_0", "--pure", "--output-tensor-type", "q8_0",
                 "--token-embedding-type", "F16", "-q"])[0] == 0
     tb = _types(b)

@@ -20,6 +20,7 @@ ALL = list(Q.TYPES)
 BLOCK_TYPES = [t for t in ALL if Q.TYPES[t].is_quantized]
 LEGACY = [GT.Q4_0, GT.Q4_1, GT.Q5_0, GT.Q5_1, GT.Q8_0]
 KQUANTS = [GT.Q2_K, GT.Q3_K, GT.Q4_K, GT.Q5_K, GT.Q6_K]
+IQ4 = [GT.IQ4_NL, GT.IQ4_XS]
 
 
 def sha(a) -> str:
@@ -58,7 +59,7 @@ def det_data(n_rows, k, seed):
 
 def test_table_layout_matches_ggml():
     assert {GT(t).name for t in ALL} == {"F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0",
-                                         "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"}
+                                         "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS"}
     for t, e in Q.TYPES.items():
         assert e.ggml_type == t and e.name == GT(t).name
         assert (e.block_size, e.type_size) == GGML_QUANT_SIZES[t], e.name
@@ -66,7 +67,11 @@ def test_table_layout_matches_ggml():
     vd = {e.name: e.vec_dot_type.name for e in Q.TYPES.values()}
     assert vd == {"F32": "F32", "F16": "F16", "BF16": "BF16", "Q4_0": "Q8_0", "Q5_0": "Q8_0", "Q8_0": "Q8_0",
                   "Q4_1": "Q8_1", "Q5_1": "Q8_1", "Q2_K": "Q8_K", "Q3_K": "Q8_K", "Q4_K": "Q8_K",
-                  "Q5_K": "Q8_K", "Q6_K": "Q8_K"}
+                  "Q5_K": "Q8_K", "Q6_K": "Q8_K", "IQ4_NL": "Q8_0", "IQ4_XS": "Q8_K"}
+    # every entry runs, and its layout names fields inside the block
+    for e in Q.TYPES.values():
+        assert e.runnable, e.name
+        assert all(0 <= o < e.type_size for o in e.layout.values()), e.name
     assert Q.type_info("q4_k") is Q.TYPES[GT.Q4_K]
     assert Q.type_info(int(GT.Q8_0)) is Q.TYPES[GT.Q8_0]
     assert Q.row_bytes(GT.Q4_0, 576) == 18 * 18
@@ -77,8 +82,8 @@ def test_table_layout_matches_ggml():
 def test_unsupported_types_are_named():
     with pytest.raises(Q.UnsupportedTypeError, match=r"^IQ2_XXS is not supported; supported: F32, F16"):
         Q.type_info(GT.IQ2_XXS)
-    with pytest.raises(Q.UnsupportedTypeError, match="IQ4_NL is not supported"):
-        Q.dequantize(np.zeros((1, 18), np.uint8), GT.IQ4_NL, 32)
+    with pytest.raises(Q.UnsupportedTypeError, match="IQ3_S is not supported"):
+        Q.dequantize(np.zeros((1, 110), np.uint8), GT.IQ3_S, 256)
     with pytest.raises(Q.UnsupportedTypeError, match="ggml type 999"):
         Q.type_info(999)
     with pytest.raises(Q.UnsupportedTypeError, match="Q9_9 is not supported"):
@@ -229,6 +234,10 @@ GGML_REF_SHA = {
     "Q4_K": "0d25f6a606f46632ca66f73badfcb34ade9c4cb06fb2e59e362461acc563b477",
     "Q5_K": "c4c063bfa94b2530cde5f9cb295dc84c1f3422457167fb6eb961be16e8c27a93",
     "Q6_K": "cec0610b7f503cdfc0b6b9ad4ceccfe75e7bae5da42c085e8fa567763da64fad",
+    # quantize_iq4_nl / quantize_iq4_xs without an importance matrix (what llama-quantize runs),
+    # ggml-quants.c compiled the same way
+    "IQ4_NL": "b97ce28a203c209c8696eed9a7bbc63012fc5edb1db33b4d5193d694b0b3e332",
+    "IQ4_XS": "e3460e66f8f7a1006a44c67be527f4259f6337aa372355acf472f3ea741fca52",
 }
 
 
@@ -239,7 +248,7 @@ def det():
     return x
 
 
-@pytest.mark.parametrize("t", LEGACY + KQUANTS, ids=lambda t: GT(t).name)
+@pytest.mark.parametrize("t", LEGACY + KQUANTS + IQ4, ids=lambda t: GT(t).name)
 def test_quantizers_byte_exact_vs_ggml_reference(det, t):
     assert sha(Q.quantize(det, t)) == GGML_REF_SHA[GT(t).name]
 
@@ -247,7 +256,7 @@ def test_quantizers_byte_exact_vs_ggml_reference(det, t):
 # llama.cpp tests/test-quantize-fns.cpp: data 0.1 + 2 cos(i), total error = ||x - q(x)|| / n
 QFNS_LIMIT = {GT.Q2_K: 0.0075, GT.Q3_K: 0.0040, GT.Q4_K: 0.002, GT.Q5_K: 0.002, GT.Q6_K: 0.002,
               GT.Q4_0: 0.002, GT.Q4_1: 0.002, GT.Q5_0: 0.002, GT.Q5_1: 0.002, GT.Q8_0: 0.002,
-              GT.F16: 0.002, GT.BF16: 0.002, GT.F32: 0.002}
+              GT.F16: 0.002, GT.BF16: 0.002, GT.F32: 0.002, GT.IQ4_NL: 0.002, GT.IQ4_XS: 0.002}
 
 
 @pytest.mark.parametrize("t", ALL, ids=lambda t: GT(t).name)

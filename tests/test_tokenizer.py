@@ -72,8 +72,19 @@ def gemma3(gemma3_path):
     return _load(gemma3_path)
 
 
+@pytest.fixture(scope="module")
+def llama_bpe():
+    return _load(need_reference("vocab", "ggml-vocab-llama-bpe.gguf"))
+
+
+@pytest.fixture(scope="module")
+def qwen2():
+    return _load(need_reference("vocab", "ggml-vocab-qwen2.gguf"))
+
+
 VECTORS = [("llama_spm", "ggml-vocab-llama-spm.gguf"), ("gpt2", "ggml-vocab-gpt-2.gguf"),
-           ("smollm2", "smollm2"), ("gemma3", "gemma3")]
+           ("smollm2", "smollm2"), ("gemma3", "gemma3"), ("llama_bpe", "ggml-vocab-llama-bpe.gguf"),
+           ("qwen2", "ggml-vocab-qwen2.gguf")]
 
 
 # -- llama.cpp test vectors --------------------------------------------------------------------
@@ -235,6 +246,31 @@ def test_chatml_special_tokens(smollm2):
     assert tok.decode(plain) == text
     assert tok.decode(ids) == "user\nHi"                     # control tokens hidden
     assert tok.decode(ids, special=True) == text
+
+
+def test_llama3_turn_tokens_and_ignore_merges(llama_bpe):
+    """Llama 3: <|eot_id|> ends a turn (and generation), headers are single control tokens; llama-bpe
+    takes a pre-token that is itself in the vocabulary whole (ignore_merges), as llama.cpp does."""
+    _, tok, _ = llama_bpe
+    eot = tok.token_to_id("<|eot_id|>")
+    assert tok.eot_id == eot and tok.is_eog(eot) and tok.is_eog(tok.token_to_id("<|end_of_text|>"))
+    assert tok.add_bos and tok.bos_id == tok.token_to_id("<|begin_of_text|>")
+    text = "<|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|>"
+    ids = tok.encode(text, add_bos=False, special=True)
+    assert ids[0] == tok.token_to_id("<|start_header_id|>") and ids[-1] == eot
+    assert tok.decode(ids, special=True) == text and tok.decode(ids) == "user\n\nHi"
+    assert [tok.token_text(i) for i in tok.encode("Cửa Việt", add_bos=False)] == ["C", "á»Ńa", "ĠViá»ĩt"]
+
+
+def test_qwen2_chatml_tokens(qwen2):
+    """Qwen2.5: no BOS, <|im_start|> / <|im_end|> single tokens, <|im_end|> and <|endoftext|> end generation."""
+    _, tok, _ = qwen2
+    assert tok.add_bos is False
+    start, end = tok.token_to_id("<|im_start|>"), tok.token_to_id("<|im_end|>")
+    ids = tok.encode("<|im_start|>user\nHi<|im_end|>", special=True)
+    assert ids[0] == start and ids[-1] == end and len(ids) == 5
+    assert tok.is_eog(end) and tok.is_eog(tok.token_to_id("<|endoftext|>"))
+    assert not tok.is_eog(start)
 
 
 def test_gemma_turn_tokens(gemma3):

@@ -12,7 +12,12 @@ import numpy as np
 
 from .chat import ChatFormatter, chat_prompt_ids
 from .engine import Engine, Step
+from .grammar import Grammar, grammar_for_response_format
 from .sampler import SamplerParams
+
+#: llama-cpp-python's name for a grammar object: ``LlamaGrammar.from_string(gbnf)``,
+#: ``LlamaGrammar.from_file(path)``, ``LlamaGrammar.from_json_schema(schema)``.
+LlamaGrammar = Grammar
 
 
 class Llama:
@@ -122,11 +127,13 @@ class Llama:
                           top_k: int = 40, stream: bool = False, seed: Optional[int] = None,
                           mirostat_mode: int = 0, mirostat_tau: float = 5.0, mirostat_eta: float = 0.1,
                           model: Optional[str] = None, logit_bias: Optional[dict] = None, repeat_last_n: int = 64,
-                          special: bool = True, **_ignored):
+                          special: bool = True, grammar: Optional[Grammar] = None, **_ignored):
+        if grammar is not None and not isinstance(grammar, Grammar):
+            raise TypeError(f"grammar must be a LlamaGrammar, got {type(grammar).__name__}")
         it = self._completion_chunks(prompt, suffix, max_tokens, temperature, top_p, min_p, typical_p, logprobs, echo,
                                      stop, frequency_penalty, presence_penalty, repeat_penalty, top_k, seed,
                                      mirostat_mode, mirostat_tau, mirostat_eta, model, logit_bias, repeat_last_n,
-                                     special)
+                                     special, grammar)
         if stream:
             return it
         chunks = list(it)
@@ -134,7 +141,8 @@ class Llama:
 
     def _completion_chunks(self, prompt, suffix, max_tokens, temperature, top_p, min_p, typical_p, logprobs, echo,
                            stop, frequency_penalty, presence_penalty, repeat_penalty, top_k, seed, mirostat_mode,
-                           mirostat_tau, mirostat_eta, model, logit_bias, repeat_last_n, special) -> Iterator[dict]:
+                           mirostat_tau, mirostat_eta, model, logit_bias, repeat_last_n, special,
+                           grammar=None) -> Iterator[dict]:
         prompt_ids = self._prompt_ids(prompt, special)
         if seed is None:
             seed = self.seed
@@ -149,7 +157,7 @@ class Llama:
         stats = GenStats()
         yield from completion_chunks(self._engine, prompt_ids, params, max_tokens=max_tokens, stop=stop,
                                      logprobs=logprobs, model=model or self.model_path, echo_text=echo_text,
-                                     suffix=suffix, stats=stats)
+                                     suffix=suffix, stats=stats, grammar=grammar)
         self._last_usage = stats.usage()
         if self.verbose:
             print(self._engine.timings.report(), file=sys.stderr)
@@ -162,14 +170,18 @@ class Llama:
                                frequency_penalty: float = 0.0, repeat_penalty: float = 1.0,
                                mirostat_mode: int = 0, mirostat_tau: float = 5.0, mirostat_eta: float = 0.1,
                                model: Optional[str] = None, logit_bias: Optional[dict] = None,
-                               logprobs: Optional[bool] = None, top_logprobs: Optional[int] = None, **_ignored):
-        ids = chat_prompt_ids(self.chat_formatter, self._engine.tokenizer, messages)
+                               logprobs: Optional[bool] = None, top_logprobs: Optional[int] = None,
+                               response_format: Optional[dict] = None, grammar: Optional[Grammar] = None,
+                               tools: Optional[List[dict]] = None, **_ignored):
+        if grammar is None:
+            grammar = grammar_for_response_format(response_format)
+        ids = chat_prompt_ids(self.chat_formatter, self._engine.tokenizer, messages, tools=tools)
         chunks = self.create_completion(
             ids, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
             typical_p=typical_p, stream=True, stop=stop, seed=seed, presence_penalty=presence_penalty,
             frequency_penalty=frequency_penalty, repeat_penalty=repeat_penalty, mirostat_mode=mirostat_mode,
             mirostat_tau=mirostat_tau, mirostat_eta=mirostat_eta, model=model, logit_bias=logit_bias,
-            logprobs=(top_logprobs or 0) if logprobs else None)
+            logprobs=(top_logprobs or 0) if logprobs else None, grammar=grammar)
         it = _chat_chunks(chunks)
         if stream:
             return it
@@ -210,6 +222,7 @@ class GenStats:
     prompt_s: float = 0.0         # from the call to the first sampled token (prompt processing)
     gen_s: float = 0.0            # from the first sampled token to the last (generation)
     finish_reason: Optional[str] = None
+    truncated: bool = False       # a JSON reply was closed early to fit max_tokens
     token_ids: List[int] = field(default_factory=list)   # the tokens sampled
 
     def usage(self) -> dict:
@@ -265,17 +278,24 @@ def completion_chunks(engine: Engine, prompt_ids: List[int], params: SamplerPara
         offset += len(step.text)
         if step.finish_reason:
             stats.finish_reason = step.finish_reason
+            stats.truncated = step.truncated
             if suffix:
                 yield _chunk(cid, created, model, step.text, lp, None)
                 yield _chunk(cid, created, model, suffix, None, step.finish_reason)
                 continue
         if step.text or lp is not None or step.finish_reason:
-            yield _chunk(cid, created, model, step.text, lp, step.finish_reason)
+            yield _chunk(cid, created, model, step.text, lp, step.finish_reason, step.truncated)
 
 
-def _chunk(cid, created, model, text, logprobs, finish):
-    return {"id": cid, "object": "text_completion", "created": created, "model": model,
-            "choices": [{"text": text, "index": 0, "logprobs": logprobs, "finish_reason": finish}]}
+def _chunk(cid, created, model, text, logprobs, finish, truncated=False):
+    choice = {"text": text, "index": 0, "logprobs": logprobs, "finish_reason": finish}
+    if truncated:      # a JSON reply closed early so that it parses (finish_reason stays "length")
+        choice["truncated"] = True
+    return {"id": cid, "object": "text_completion", "created": created, "model": model, "choices": [choice]}
+
+
+def _truncated(chunks, key="choices") -> dict:
+    return {"truncated": True} if any(c[key] and c[key][0].get("truncated") for c in chunks) else {}
 
 
 def merge_completion(chunks: list, usage: Optional[dict] = None) -> dict:
@@ -290,7 +310,8 @@ def merge_completion(chunks: list, usage: Optional[dict] = None) -> dict:
     finish = next((c["choices"][0]["finish_reason"] for c in reversed(chunks) if c["choices"][0]["finish_reason"]),
                   None)
     return {"id": first["id"], "object": "text_completion", "created": first["created"], "model": first["model"],
-            "choices": [{"text": text, "index": 0, "logprobs": logprobs, "finish_reason": finish}],
+            "choices": [{"text": text, "index": 0, "logprobs": logprobs, "finish_reason": finish,
+                         **_truncated(chunks)}],
             "usage": usage}
 
 
@@ -326,7 +347,7 @@ def chat_chunks(chunks: Iterator[dict]) -> Iterator[dict]:
                                         "finish_reason": None}]}
         if ch["finish_reason"]:
             yield {**base, "choices": [{"index": 0, "delta": {}, "logprobs": None,
-                                        "finish_reason": ch["finish_reason"]}]}
+                                        "finish_reason": ch["finish_reason"], **_truncated([c])}]}
 
 
 _chat_chunks = chat_chunks
@@ -341,5 +362,6 @@ def merge_chat(parts: list, usage: Optional[dict] = None) -> dict:
                   None)
     return {"id": first["id"], "object": "chat.completion", "created": first["created"], "model": first["model"],
             "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                         "logprobs": {"content": lps} if lps else None, "finish_reason": finish}],
+                         "logprobs": {"content": lps} if lps else None, "finish_reason": finish,
+                         **_truncated(parts)}],
             "usage": usage}

@@ -161,9 +161,11 @@ class ChatFormatter:
             raise ChatTemplateError(f"chat template failed: {type(e).__name__}: {e}") from None
 
 
-def chat_prompt_ids(formatter, tok, messages) -> list:
-    """Render ``messages`` with the chat template and tokenize (special tokens parsed, BOS once)."""
-    prompt = formatter.render(messages, add_generation_prompt=True)
+def chat_prompt_ids(formatter, tok, messages, tools=None) -> list:
+    """Render ``messages`` (and ``tools``, OpenAI function specs the template may list) with the chat
+    template and tokenize (special tokens parsed, BOS once)."""
+    extra = {"tools": tools} if tools else {}
+    prompt = formatter.render(messages, add_generation_prompt=True, **extra)
     ids = tok.encode(prompt, add_bos=False, special=True)
     if tok.add_bos and tok.bos_id is not None and (not ids or ids[0] != tok.bos_id):
         ids = [tok.bos_id] + ids

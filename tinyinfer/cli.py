@@ -112,7 +112,24 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--prompt-cache", default=None, metavar="FILE",
                     help="load the evaluated prompt from FILE if it exists (reusing the common prefix) and "
                          "save it there after prompt processing")
+    g = ap.add_mutually_exclusive_group()
+    g.add_argument("--grammar", default=None, help="GBNF (or Lark) grammar the output must match")
+    g.add_argument("--grammar-file", default=None, help="file with a GBNF (or Lark) grammar")
+    g.add_argument("-j", "--json-schema", default=None,
+                   help="JSON schema the output must validate against (e.g. '{}' for any JSON object)")
     return ap
+
+
+def _grammar(a):
+    """--grammar / --grammar-file / --json-schema -> Grammar (None without them); read before the model loads."""
+    from .grammar import Grammar
+    if a.grammar is not None:
+        return Grammar.from_string(a.grammar)
+    if a.grammar_file is not None:
+        return Grammar.from_file(a.grammar_file)
+    if a.json_schema is not None:
+        return Grammar.from_json_schema(a.json_schema)
+    return None
 
 
 def _sampler_params(a):
@@ -136,10 +153,11 @@ def run_generate(a) -> int:
         raise ValueError("no prompt: give -p PROMPT or -f FILE (or -cnv for chat)")
     if prompt is not None and a.escape:
         prompt = codecs.decode(prompt.encode("utf-8"), "unicode_escape").encode("latin-1").decode("utf-8")
+    grammar = _grammar(a)
     eng = Engine(resolve_model(a.model), n_ctx=a.ctx_size, n_batch=a.batch_size, n_threads=a.threads,
                  context_shift=a.context_shift, n_keep=a.keep, **cache_kwargs(a))
     if a.conversation:
-        return _chat_loop(eng, a, prompt)
+        return _chat_loop(eng, a, prompt, grammar)
     tok = eng.tokenizer
     ids = tok.encode(prompt, special=True)
     if a.prompt_cache:
@@ -160,7 +178,7 @@ def run_generate(a) -> int:
         sys.stdout.write(prompt)
         sys.stdout.flush()
     for step in eng.generate(ids, _sampler_params(a), max_tokens=a.n_predict, stop=a.reverse_prompt,
-                             ignore_eos=a.ignore_eos):
+                             ignore_eos=a.ignore_eos, grammar=grammar):
         sys.stdout.write(step.text)
         sys.stdout.flush()
     sys.stdout.write("\n")
@@ -169,7 +187,7 @@ def run_generate(a) -> int:
     return 0
 
 
-def _chat_loop(eng, a, first_prompt) -> int:
+def _chat_loop(eng, a, first_prompt, grammar=None) -> int:
     from .chat import ChatFormatter, chat_prompt_ids
 
     tok = eng.tokenizer
@@ -189,7 +207,8 @@ def _chat_loop(eng, a, first_prompt) -> int:
         pending = None
         ids = chat_prompt_ids(fmt, tok, messages)
         reply = []
-        for step in eng.generate(ids, _sampler_params(a), max_tokens=a.n_predict, stop=a.reverse_prompt):
+        for step in eng.generate(ids, _sampler_params(a), max_tokens=a.n_predict, stop=a.reverse_prompt,
+                                 grammar=grammar):
             reply.append(step.text)
             sys.stdout.write(step.text)
             sys.stdout.flush()

@@ -72,6 +72,7 @@ class Step:
     logprob: float = 0.0
     top_logprobs: Optional[dict] = None
     finish_reason: Optional[str] = None   # set on the last step: "stop" or "length"
+    truncated: bool = False        # last step of a JSON reply closed early to fit max_tokens
 
 
 def set_threads(n_threads: Optional[int]) -> int:
@@ -384,18 +385,24 @@ class Engine:
     # -- generation ------------------------------------------------------------------
     def generate(self, prompt_ids: Sequence[int], params: Optional[SamplerParams] = None,
                  max_tokens: int = -1, stop: Sequence[str] = (), logprobs: Optional[int] = None,
-                 ignore_eos: bool = False, logits_processor=None, context_shift: Optional[bool] = None,
-                 n_keep: Optional[int] = None) -> Iterator[Step]:
+                 ignore_eos: bool = False, logits_processor=None, grammar=None,
+                 context_shift: Optional[bool] = None, n_keep: Optional[int] = None) -> Iterator[Step]:
         """Yield one Step per new token; the last one carries finish_reason.
 
         max_tokens < 0 means until the context is full. Stop strings end generation and are
         not part of the text; text that could be the start of a stop string is held back
         until it is known not to be one. ``logits_processor(tokens, logits) -> logits`` (as in
         llama-cpp-python; ``tokens`` = the ids in the context) may reshape the logits before
-        each sampling step, e.g. to constrain the output to JSON. ``context_shift`` (default: the
-        engine's setting): when the context is full, drop the oldest tokens after ``n_keep`` (-1 = the
-        whole prompt; BOS is always kept) and go on instead of stopping with "length"; then
-        max_tokens < 0 means n_ctx new tokens at most.
+        each sampling step.
+
+        ``grammar`` (a :class:`tinyinfer.grammar.Grammar`) constrains the output; when it is a
+        JSON one and ``max_tokens`` is about to run out, the reply is closed (open strings,
+        arrays and objects) in the tokens left, so that it still parses: that last step has
+        ``truncated=True`` and finish_reason "length".
+
+        ``context_shift`` (default: the engine's setting): when the context is full, drop the
+        oldest tokens after ``n_keep`` (-1 = the whole prompt; BOS is always kept) and go on instead
+        of stopping with "length"; then max_tokens < 0 means n_ctx new tokens at most.
         """
         params = params or SamplerParams()
         shift_on = self.context_shift if context_shift is None else context_shift
@@ -403,6 +410,9 @@ class Engine:
             max_tokens = self.n_ctx      # a bound where the context's end no longer is one
         prompt_ids = list(prompt_ids)
         keep = self._n_keep(prompt_ids, n_keep)
+        matcher = grammar.matcher(self.tokenizer, self.n_vocab) if grammar is not None else None
+        closer = _JsonBudget(self.tokenizer) if grammar is not None and grammar.is_json and max_tokens > 0 \
+            else None
         self.gen = {"params": params, "max_tokens": max_tokens, "stop": list(stop or []), "n_keep": keep}
         self.timings.reset()
         self.busy = True
@@ -410,22 +420,24 @@ class Engine:
             self.batcher.enter()
         try:
             yield from self._generate(prompt_ids, params, max_tokens, stop, logprobs, ignore_eos, logits_processor,
-                                      shift_on, keep)
+                                      matcher, closer, shift_on, keep)
         finally:
             self.busy = False
             if self.batcher is not None:
                 self.batcher.leave()
 
-    def _generate(self, prompt_ids, params, max_tokens, stop, logprobs, ignore_eos, logits_processor, shift_on,
-                  keep):
+    def _generate(self, prompt_ids, params, max_tokens, stop, logprobs, ignore_eos, logits_processor, matcher,
+                  closer, shift_on, keep):
         logits = self.ingest_prompt(prompt_ids)
-        sampler = Sampler(params, self.n_vocab)
+        sampler = Sampler(params, self.n_vocab, grammar=matcher)
         for t in prompt_ids:          # the penalties look at the prompt too, as in llama.cpp
-            sampler.accept(int(t))
+            sampler.accept(int(t), accept_grammar=False)
         dec = self.tokenizer.stream_decoder()
         stop = [s for s in (stop or []) if s]
         held = ""          # text produced but not yet emitted (might start a stop string)
         n = 0
+        forced: list = []  # tokens that close a JSON reply cut short by max_tokens
+        truncated = False
         while True:
             if max_tokens == 0:
                 yield Step(-1, "", finish_reason="length")
@@ -433,7 +445,16 @@ class Engine:
             ts = time.perf_counter()
             if logits_processor is not None:
                 logits = logits_processor(self.tokens, logits)
-            tok = sampler.sample(logits)
+            if forced:
+                tok = forced.pop(0)
+            else:
+                tok = sampler.sample(logits)
+                if closer is not None and not closer.fits(tok, max_tokens - n - 1):
+                    forced = closer.close()
+                    truncated = bool(forced)
+                    tok = forced.pop(0) if forced else tok
+            if closer is not None:
+                closer.feed(tok)
             sampler.accept(tok)
             lp, top = (_logprobs(logits, tok, logprobs) if logprobs is not None else (0.0, None))
             self.timings.sample_ms += (time.perf_counter() - ts) * 1000
@@ -452,10 +473,10 @@ class Engine:
                 emit_to = _safe_prefix(held, stop)
             else:
                 emit_to = len(held)
-            if n == max_tokens or (len(self.tokens) >= self.n_ctx and not shift_on):
+            if n == max_tokens or (len(self.tokens) >= self.n_ctx and not shift_on) or (truncated and not forced):
                 finish = "length"
                 emit_to = len(held)
-            yield Step(tok, held[:emit_to], lp, top, finish_reason=finish)
+            yield Step(tok, held[:emit_to], lp, top, finish_reason=finish, truncated=truncated and finish is not None)
             held = held[emit_to:]
             if finish:
                 return
@@ -584,6 +605,41 @@ class Batcher:
             self.cache.copy_seq(src.seq, engine.seq, n)
         engine.tokens = list(prompt_ids[:n])
         return n
+
+
+class _JsonBudget:
+    """Keeps a JSON reply closable within the tokens left (see Engine.generate).
+
+    After each sampled token it asks: could the text still be closed (``json_closer``) in the
+    tokens left after this one? If not, the token is dropped and the closing text's tokens are
+    emitted instead. Only checked near the end of the budget (the closing text is short)."""
+
+    HORIZON = 24
+
+    def __init__(self, tokenizer):
+        self.tok = tokenizer
+        self.text = b""
+
+    def _cost(self, text: bytes):
+        from .grammar import json_closer
+        tail = json_closer(text.decode("utf-8", "ignore"))
+        if tail is None:
+            return None, []
+        ids = self.tok.encode(tail, add_bos=False, special=False) if tail else []
+        return len(ids), ids
+
+    def fits(self, tok: int, left: int) -> bool:
+        if left > self.HORIZON or self.tok.is_eog(tok):
+            return True
+        cost, _ = self._cost(self.text + self.tok.token_to_bytes(tok))
+        return cost is None or cost <= left
+
+    def close(self) -> list:
+        _, ids = self._cost(self.text)
+        return list(ids)
+
+    def feed(self, tok: int) -> None:
+        self.text += self.tok.token_to_bytes(tok)
 
 
 def _find_stop(text: str, stops) -> Optional[int]:

@@ -105,11 +105,15 @@ class Batch:
 
 
 class KVCache:
-    """K and V stores for every layer (see the module's docstring)."""
+    """K and V stores for every layer (see the module's docstring).
+
+    ``first_layer``: the model layer the first store belongs to (a cache for layers lo..hi-1 of a
+    model split across processes holds ``hi - lo`` of them and ``first_layer = lo``)."""
 
     def __init__(self, n_layer, n_ctx, n_kv_head, head_dim_k, head_dim_v, windows=None, n_batch=512,
-                 n_seq: int = 1, type_k: str = "f16", type_v: str = "f16"):
+                 first_layer: int = 0, n_seq: int = 1, type_k: str = "f16", type_v: str = "f16"):
         self.n_ctx = n_ctx
+        self.first_layer = first_layer
         self.n_seq = n_seq
         self.type_k, self.type_v = cache_type(type_k), cache_type(type_v)
         self.windows = list(windows) if windows else [0] * n_layer
@@ -140,30 +144,6 @@ class KVCache:
             st.d[dst, :m] = st.d[src, :m]
 
 
-def attention_layers(model) -> list:
-    """The model's Attention objects, one per layer in order (for RoPE re-application on a shift)."""
-    from .models.base import Attention
-    found = []
-
-    def walk(x, depth=0):
-        if isinstance(x, Attention):
-            found.append(x)
-        elif depth < 3 and isinstance(x, (list, tuple)):
-            for y in x:
-                walk(y, depth + 1)
-        elif depth < 3 and hasattr(x, "__dict__") and not isinstance(x, np.ndarray):
-            for y in vars(x).values():
-                if isinstance(y, (Attention, list, tuple)) or (hasattr(y, "__dict__") and depth < 2):
-                    walk(y, depth + 1)
-
-    for layer in model.layers:
-        n = len(found)
-        walk(layer)
-        if len(found) != n + 1:
-            raise ValueError(f"cannot find the attention of layer {len(found)} in {type(model).__name__}")
-    return found
-
-
 def shift(model, cache: KVCache, seq: int, n_keep: int, n_discard: int, n_past: int) -> None:
     """Drop cells n_keep..n_keep+n_discard-1 of sequence ``seq`` (which holds n_past cells): the later
     cells move down by n_discard and their keys are rotated back by n_discard positions (RoPE is a
@@ -171,14 +151,16 @@ def shift(model, cache: KVCache, seq: int, n_keep: int, n_discard: int, n_past: 
     from .kernels import ops
     if cache.ring:
         raise ValueError("context shift is not supported with a sliding-window KV cache smaller than the context")
-    attns = attention_layers(model)
+    back = np.array([-n_discard], np.int64)
     tables = {}
-    for il, a in enumerate(attns):
-        key = a.rope_key
-        if key not in tables:
-            tables[key] = ops.rope_cache(np.array([-n_discard], np.int64), key[0], key[1], key[2])
-        cos, sin = tables[key]
-        ops.kv_shift(cache.k[il].q, cache.k[il].d, cache.k[il].kind, seq, n_keep, n_discard, n_past,
-                     cos[0], sin[0], a.p.rope_neox, True)
-        ops.kv_shift(cache.v[il].q, cache.v[il].d, cache.v[il].kind, seq, n_keep, n_discard, n_past,
-                     cos[0], sin[0], a.p.rope_neox, False)
+    for i, (k, v) in enumerate(zip(cache.k, cache.v)):
+        r = model.layers[cache.first_layer + i].attn.rope
+        if r.key not in tables:        # a pure rotation: no attention factor (it is in the stored keys already)
+            if r.n_rot == 0:
+                tables[r.key] = (np.zeros((1, 0), np.float32), np.zeros((1, 0), np.float32))
+            else:
+                ff = model.rope_factors(cache.n_ctx) if r.factors else None
+                tables[r.key] = ops.rope_cache(back, r.n_rot, r.base, r.scale, ff, 1.0)
+        cos, sin = tables[r.key]
+        ops.kv_shift(k.q, k.d, k.kind, seq, n_keep, n_discard, n_past, cos[0], sin[0], r.neox, True)
+        ops.kv_shift(v.q, v.d, v.kind, seq, n_keep, n_discard, n_past, cos[0], sin[0], r.neox, False)

@@ -4,10 +4,13 @@ The sampler knows nothing of models: it takes one float32 logits vector per
 step and returns a token id.  The chain is llama.cpp's default one
 (common/sampling.cpp + src/llama-sampling.cpp)::
 
-    logits -> logit-bias -> penalties -> top-k -> typical -> top-p -> min-p -> temp -> dist
+    logits -> grammar -> logit-bias -> penalties -> top-k -> typical -> top-p -> min-p -> temp -> dist
 
 * ``temperature <= 0``: greedy argmax after logit bias and penalties.
 * ``mirostat = 1 | 2``: ``top-k .. dist`` is replaced by ``temp -> mirostat``.
+* ``grammar`` (a :class:`tinyinfer.grammar.GrammarMatcher`, or anything with ``mask()`` ->
+  bool array or None, and ``accept(token)``): tokens the grammar does not allow next get
+  -inf before every other stage, as llama.cpp's grammar sampler does; ``accept`` advances it.
 
 Each stage is also a plain function over a *candidate set* ``(ids, logits)``
 so it can be used and tested on its own.  ``ids`` is an int array of token
@@ -585,7 +588,7 @@ class Sampler:
     """
 
     def __init__(self, params: Optional[SamplerParams] = None, n_vocab: int = 0,
-                 n_ctx: Optional[int] = None) -> None:
+                 n_ctx: Optional[int] = None, grammar=None) -> None:
         if params is None:
             params = SamplerParams()
         n_vocab = int(n_vocab)
@@ -593,6 +596,7 @@ class Sampler:
             raise ValueError(f"n_vocab must be positive, got {n_vocab}")
         self.params = params
         self.n_vocab = n_vocab
+        self.grammar = grammar
         bad = [t for t in params.logit_bias if t >= n_vocab]
         if bad:
             raise ValueError(f"logit_bias names token ids outside the vocabulary of {n_vocab}: {bad[:8]}")
@@ -619,12 +623,15 @@ class Sampler:
         self.mu = 2.0 * self.params.mirostat_tau
         self._rng, self.seed = _make_rng(self.params.seed)
 
-    def accept(self, token_id: int) -> None:
+    def accept(self, token_id: int, accept_grammar: bool = True) -> None:
         """Record a token in the penalty window (ring of the last
-        ``repeat_last_n`` tokens)."""
+        ``repeat_last_n`` tokens) and, unless ``accept_grammar`` is False (prompt
+        tokens, as llama.cpp's common_sampler_accept), advance the grammar."""
         tok = int(token_id)
         if not 0 <= tok < self.n_vocab:
             raise ValueError(f"token id {token_id} outside the vocabulary of {self.n_vocab}")
+        if accept_grammar and self.grammar is not None:
+            self.grammar.accept(tok)
         if self._window == 0:
             return
         if self._window is not None and len(self._history) >= self._window:
@@ -645,7 +652,9 @@ class Sampler:
     def chain(self) -> list:
         """Names of the stages ``sample`` runs, in llama.cpp's spelling."""
         p = self.params
-        names = ["logit-bias"] if self._bias is not None else []
+        names = ["grammar"] if self.grammar is not None else []
+        if self._bias is not None:
+            names.append("logit-bias")
         names.append("penalties")
         if p.temperature <= 0:
             return names + ["greedy"]
@@ -660,6 +669,12 @@ class Sampler:
         if x.shape[0] != self.n_vocab:
             raise ValueError(f"expected {self.n_vocab} logits, got {x.shape[0]}")
         p = self.params
+        if self.grammar is not None:
+            allowed = self.grammar.mask()
+            if allowed is not None:
+                if not allowed.any():
+                    raise ValueError("the grammar allows no token here")
+                x = np.where(allowed, x, np.float32(-np.inf))
         if self._bias is not None:
             _, x = apply_logit_bias(None, x, self._bias)
         if self._counts and self._window != 0:

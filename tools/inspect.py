@@ -41,11 +41,15 @@ KV_BYTES = 2  # the default f16 cache (see tinyinfer/kvcache.py)
 def kv_type_bytes(typ: str, n: int) -> int:
     """Bytes of n values (a multiple of 32 for the quantized types) in KV cache type typ."""
     return {"f16": 2 * n, "q8_0": n // 32 * 34, "q4_0": n // 32 * 18}[typ]
+
+
 MAX_LAYERS = 1 << 16  # a block_count beyond this is treated as invalid
 
 # architectures whose sliding-window layers follow a fixed pattern: every N-th layer
 # (il + 1) % N == 0 is global, the others see the window (llama.cpp's set_swa_pattern(N))
 SWA_PATTERN = {"gemma2": 2, "gemma3": 6, "cohere2": 4}
+# architectures whose sliding-window key llama.cpp ignores (it runs every layer with full attention)
+SWA_IGNORED = {"phi3"}
 
 TOKENIZER_KINDS = {
     "gpt2": "BPE (GPT-2 style byte-level)",
@@ -86,6 +90,15 @@ class InspectError(Exception):
 
 
 # -- small helpers ---------------------------------------------------------------------------
+
+
+def _runnable(ggml_type) -> bool:
+    """Whether the format registry says tinyinfer's kernels run this tensor type."""
+    from ..kernels import quants
+    try:
+        return quants.type_info(ggml_type).runnable
+    except quants.UnsupportedTypeError:
+        return False
 
 def _jsonable(v):
     """Plain JSON values (NaN and infinities as strings: strict JSON has none)."""
@@ -249,7 +262,8 @@ def analyze(f: GGUFFile, n_ctx=None, n_batch=DEFAULT_BATCH, available=None, type
     by_type: dict = {}
     n_params = n_bytes = 0
     for t in f.tensors.values():
-        e = by_type.setdefault(t.type_name, {"count": 0, "params": 0, "bytes": 0})
+        e = by_type.setdefault(t.type_name, {"count": 0, "params": 0, "bytes": 0,
+                                             "runnable": _runnable(t.ggml_type)})
         e["count"] += 1
         e["params"] += t.n_elements
         e["bytes"] += t.nbytes
@@ -271,6 +285,8 @@ def swa_layers(arch, n_layer, window, pattern_value):
     """Per-layer True where the layer attends over the sliding window only; note on how known."""
     if not window or not n_layer:
         return [False] * (n_layer or 0), None
+    if arch in SWA_IGNORED:
+        return [False] * n_layer, f"{arch}: the sliding window is ignored, every layer attends the full context (as llama.cpp)"
     if isinstance(pattern_value, np.ndarray) and pattern_value.ndim == 1 and len(pattern_value) == n_layer:
         return [bool(x) for x in pattern_value.tolist()], "from <arch>.attention.sliding_window_pattern"
     n = _int(pattern_value)
@@ -404,7 +420,7 @@ def render(info: dict) -> str:
     for tname, e in ts["by_type"].items():
         bpw = 8 * e["bytes"] / e["params"] if e["params"] else 0
         L.append(f"              {tname:<8}{e['count']:>6}{fmt_count(e['params']):>14}{fmt_bytes(e['bytes']):>14}"
-                 f"{bpw:>8.2f}")
+                 f"{bpw:>8.2f}" + ("" if e.get("runnable", True) else "  (tinyinfer cannot run this type)"))
     bpw = f"{ts['bits_per_weight']:>8.2f}" if ts["bits_per_weight"] else f"{'-':>8}"
     L.append(f"              {'total':<8}{ts['count']:>6}{fmt_count(ts['params']):>14}{fmt_bytes(ts['bytes']):>14}"
              f"{bpw}")

@@ -11,8 +11,12 @@ Which tensors get which type follows llama.cpp's ``llama_model_quantize_impl`` a
   size (so SmolLM2's token_embd stays Q8_0 in a Q4_0 file);
 * the K mixtures (Q4_K_M, Q5_K_M, Q3_K_M, ...) give ``attn_v`` and ``ffn_down``
   more bits on the layers llama.cpp picks (``use_more_bits``);
-* a K type whose block (256) does not divide a tensor's rows falls back:
-  Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0, then F16;
+* a 256-block type that does not divide a tensor's rows falls back as llama.cpp's
+  ``tensor_type_fallback`` (Aug 2026): Q2_K, Q3_K -> Q4_0, Q4_K -> Q5_0, Q5_K -> Q5_1,
+  Q6_K -> Q8_0, IQ4_XS -> IQ4_NL, then F16 (Qwen2.5-0.5B's 896-wide rows);
+* IQ4_NL / IQ4_XS files give ``attn_v`` Q5_K when the model has 4+ query heads per KV
+  head and the first eighth of ``ffn_down`` Q5_K (no importance matrix);
+* every type written is one the engine runs (``runnable`` in the format registry);
 * a tensor already of the chosen type is copied byte for byte; converting an
   already-quantized tensor needs ``--allow-requantize``.
 
@@ -64,11 +68,19 @@ FTYPES = {
     "Q5_K_S": (FT.MOSTLY_Q5_K_S, GT.Q5_K),
     "Q5_K_M": (FT.MOSTLY_Q5_K_M, GT.Q5_K),
     "Q6_K": (FT.MOSTLY_Q6_K, GT.Q6_K),
+    "IQ4_NL": (FT.MOSTLY_IQ4_NL, GT.IQ4_NL),
+    "IQ4_XS": (FT.MOSTLY_IQ4_XS, GT.IQ4_XS),
     "F16": (FT.MOSTLY_F16, GT.F16),
     "BF16": (FT.MOSTLY_BF16, GT.BF16),
     "F32": (FT.ALL_F32, GT.F32),
 }
 ALIASES = {"Q3_K": "Q3_K_M", "Q4_K": "Q4_K_M", "Q5_K": "Q5_K_M"}
+_FTYPE_NAMES = {int(ft): name for name, (ft, _) in FTYPES.items()}
+
+
+def file_type_name(ftype: int) -> str:
+    """llama-quantize's name of a general.file_type value ("Q4_K_M"), or "type N"."""
+    return _FTYPE_NAMES.get(int(ftype), f"type {ftype}")
 COPY = "COPY"
 
 
@@ -212,7 +224,7 @@ def _blck(t) -> int:
 
 
 def _tensor_get_type(qs: _State, new_type, name: str, shape, ftype, opt: Options):
-    """llama_tensor_get_type for the ftypes tinyinfer writes. Returns (type, fallback note)."""
+    """llama_tensor_get_type_impl for the ftypes tinyinfer writes (before the fallback)."""
     arch = qs.arch
     falcon = arch == "falcon"
     if name == "output.weight" or (not qs.has_output and name == "token_embd.weight"):
@@ -235,6 +247,8 @@ def _tensor_get_type(qs: _State, new_type, name: str, shape, ftype, opt: Options
         elif ftype == FT.MOSTLY_Q3_K_M:
             new_type = GT.Q5_K if qs.i_attention_wv < 2 else GT.Q4_K
         elif ftype == FT.MOSTLY_Q3_K_L:
+            new_type = GT.Q5_K
+        elif ftype in (FT.MOSTLY_IQ4_NL, FT.MOSTLY_IQ4_XS) and qs.n_gqa >= 4:
             new_type = GT.Q5_K
         elif ftype in (FT.MOSTLY_Q4_K_M, FT.MOSTLY_Q5_K_M) and _use_more_bits(qs.i_attention_wv, qs.n_attention_wv):
             new_type = GT.Q6_K
@@ -266,6 +280,8 @@ def _tensor_get_type(qs: _State, new_type, name: str, shape, ftype, opt: Options
                             else GT.Q5_K if _use_more_bits(i_layer, n_layer) else GT.Q4_K)
             elif _use_more_bits(i_layer, n_layer):
                 new_type = GT.Q6_K
+        elif i_layer < n_layer // 8 and ftype in (FT.MOSTLY_IQ4_NL, FT.MOSTLY_IQ4_XS):   # (no imatrix)
+            new_type = GT.Q5_K
         elif ftype == FT.MOSTLY_Q5_K_M and _use_more_bits(i_layer, n_layer):
             new_type = GT.Q6_K
         elif ftype == FT.MOSTLY_Q4_K_S and not falcon and i_layer < n_layer // 8:
@@ -274,7 +290,8 @@ def _tensor_get_type(qs: _State, new_type, name: str, shape, ftype, opt: Options
     elif "attn_output.weight" in name:
         if not falcon:
             if qs.n_expert == 8:
-                if ftype in (FT.MOSTLY_Q2_K, FT.MOSTLY_Q3_K_S, FT.MOSTLY_Q3_K_M, FT.MOSTLY_Q4_K_S, FT.MOSTLY_Q4_K_M):
+                if ftype in (FT.MOSTLY_Q2_K, FT.MOSTLY_Q3_K_S, FT.MOSTLY_Q3_K_M, FT.MOSTLY_Q4_K_S, FT.MOSTLY_Q4_K_M,
+                             FT.MOSTLY_IQ4_NL, FT.MOSTLY_IQ4_XS):
                     new_type = GT.Q5_K
             else:
                 if ftype == FT.MOSTLY_Q2_K:
@@ -299,26 +316,29 @@ def _tensor_get_type(qs: _State, new_type, name: str, shape, ftype, opt: Options
         qs.layer_info(qs.i_ffn_up, qs.n_ffn_up, name)
         qs.i_ffn_up += 1
 
-    # rows that the chosen block does not divide: llama.cpp's fallback
+    return new_type
+
+
+# llama.cpp's tensor_type_fallback (Aug 2026): a type whose block does not divide a tensor's rows
+_FALLBACK = {GT.IQ4_XS: GT.IQ4_NL, GT.Q2_K: GT.Q4_0, GT.Q3_K: GT.Q4_0,
+             GT.Q4_K: GT.Q5_0, GT.Q5_K: GT.Q5_1, GT.Q6_K: GT.Q8_0}
+
+
+def _fallback(qs: _State, new_type, name: str, shape):
+    """(type, warning) after llama.cpp's fallback for rows that ``new_type``'s block does not divide."""
     nx = shape[0]
-    note = ""
-    if nx % _blck(new_type) != 0:
-        fb = {GT.Q4_K: GT.Q5_0, GT.Q5_K: GT.Q5_1, GT.Q6_K: GT.Q8_0}.get(GT(new_type))
-        if fb is None:
-            if new_type in (GT.Q2_K, GT.Q3_K):
-                raise QuantizeError(
-                    f"tensor {name}: row length {nx} is not a multiple of {_blck(new_type)}; llama.cpp falls "
-                    f"back to IQ4_NL there, which tinyinfer cannot write (try Q4_K_M or a legacy type)")
-            raise QuantizeError(f"tensor {name}: row length {nx} is not a multiple of the "
-                                f"{GT(new_type).name} block size {_blck(new_type)}")
-        note = (f"tensor cols {nx} x {shape[1] if len(shape) > 1 else 1} are not divisible by "
-                f"{_blck(new_type)}, required for {GT(new_type).name} - using fallback quantization ")
-        new_type = fb
-        if nx % _blck(new_type) != 0:
-            new_type = GT.F16
-        note += GT(new_type).name
-        qs.n_fallback += 1
-    return new_type, note
+    if nx % _blck(new_type) == 0:
+        return new_type, ""
+    fb = _FALLBACK.get(GT(new_type))
+    if fb is None:
+        raise QuantizeError(f"tensor {name}: row length {nx} is not a multiple of the "
+                            f"{GT(new_type).name} block size {_blck(new_type)}")
+    note = (f"ncols {nx} not divisible by {_blck(new_type)} (required for type {GT(new_type).name}) "
+            f"-> falling back to ")
+    if nx % _blck(fb) != 0:
+        fb = GT.F16
+    qs.n_fallback += 1
+    return fb, note + GT(fb).name
 
 
 def plan_quantization(g, type_name: str, opt: Options | None = None) -> list:
@@ -343,7 +363,9 @@ def plan_quantization(g, type_name: str, opt: Options | None = None) -> list:
         if _should_quantize(n, t.shape, opt):
             new_type = default_type
             if not opt.pure and quantized_target:
-                new_type, note = _tensor_get_type(qs, new_type, n, t.shape, ftype, opt)
+                new_type = _tensor_get_type(qs, new_type, n, t.shape, ftype, opt)
+            if quantized_target:
+                new_type, note = _fallback(qs, new_type, n, t.shape)
             if opt.token_embedding_type is not None and n == "token_embd.weight":
                 new_type = opt.token_embedding_type
             if opt.output_tensor_type is not None and n == "output.weight":
@@ -365,8 +387,9 @@ def _check_convertible(p: TensorPlan, opt: Options) -> None:
         raise QuantizeError(f"tensor {p.name} is already quantized ({se.name}); requantizing loses quality, "
                             f"pass --allow-requantize to do it anyway")
     de = Q.type_info(p.dst_type)
-    if de.quantize_rows is None:
-        raise QuantizeError(f"tensor {p.name}: tinyinfer cannot write {de.name}")
+    if de.quantize_rows is None or not de.runnable:
+        raise QuantizeError(f"tensor {p.name}: tinyinfer cannot write {de.name} (it writes "
+                            f"{', '.join(e.name for e in Q.TYPES.values() if e.quantize_rows and e.runnable)})")
     if p.shape[0] % de.block_size:
         raise QuantizeError(f"tensor {p.name}: row length {p.shape[0]} is not a multiple of the "
                             f"{de.name} block size {de.block_size}")

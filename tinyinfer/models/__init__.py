@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import importlib
 
-from .base import ModelError
+from .hparams import ModelError
 
 # architecture name -> "module:Class" (imported on demand)
 ARCHITECTURES = {
     "llama": "llama:LlamaModel",
     "gemma3": "gemma3:Gemma3Model",
+    "qwen2": "qwen2:Qwen2Model",
+    "qwen3": "qwen3:Qwen3Model",
+    "phi3": "phi3:Phi3Model",
+    "smollm3": "smollm3:SmolLM3Model",
 }
 
 

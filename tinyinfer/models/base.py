@@ -1,8 +1,15 @@
-"""Pieces every architecture shares: weights, attention and MLP blocks (the KV cache: ../kvcache.py).
+"""Pieces every architecture shares: linear layers, attention, MLP, the block and the model
+(the KV cache: ../kvcache.py).
 
-An architecture file (llama.py, gemma3.py, ...) reads its hyper-parameters from
-GGUF metadata, picks its weights by tensor name, and writes its forward pass
-with these blocks.
+:class:`Transformer` is the decoder every architecture file (llama.py, qwen2.py, gemma3.py, ...)
+subclasses: hyper-parameters come from GGUF metadata (:class:`~.hparams.HParams`), weights by
+tensor name through :class:`~.hparams.Weights`, and an architecture overrides only the loading
+hooks where it differs (its attention, its MLP, its RoPE, its embedding scale). The forward pass
+is written once, in three parts a layer split can call separately::
+
+    x = embed(ids)                                  # (n, n_embd)
+    x = forward_layers(x, pos0, cache, lo, hi)      # blocks lo..hi-1, in place
+    logits = head(x, n_out)                         # output norm and projection of the last n_out rows
 """
 
 from __future__ import annotations
@@ -12,24 +19,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..gguf import GGUFError, GGUFFile, TensorInfo, release_pages
+from ..gguf import TensorInfo, release_pages
 from ..kernels import ops
 from ..kernels import matmul as mm
 from ..kernels import quants
-from ..kvcache import Batch, KVCache  # noqa: F401  (KVCache: the models build theirs from here)
+from ..kvcache import Batch, KVCache
+from .hparams import HParams, ModelError, Weights  # noqa: F401  (ModelError re-exported)
 
 
-class ModelError(ValueError):
-    """The model file cannot be run: unknown architecture, missing tensor, bad shapes."""
-
-
-def meta(g: GGUFFile, arch: str, key: str, default=None, required=True):
-    full = f"{arch}.{key}"
-    if full in g.metadata:
-        return g.metadata[full]
-    if default is not None or not required:
-        return default
-    raise ModelError(f"{g.path}: missing metadata key {full!r}")
 
 
 class Linear:
@@ -105,87 +102,68 @@ class Embedding:
         return quants.dequantize(self.t.data[ids], self.t.ggml_type, self.dim)
 
 
-def get(g: GGUFFile, name: str) -> TensorInfo:
-    t = g.tensors.get(name)
-    if t is None:
-        raise ModelError(f"{g.path}: missing tensor {name!r} ({g.architecture} architecture)")
-    return t
-
-
-def norm_weight(g: GGUFFile, name: str, dim: int) -> np.ndarray:
-    t = get(g, name)
-    w = quants.dequantize(t.data, t.ggml_type, t.shape[0]).reshape(-1)
-    if w.shape[0] != dim:
-        raise ModelError(f"{name}: expected {dim} values, found {w.shape[0]}")
-    return np.ascontiguousarray(w, dtype=np.float32)
-
-
-@dataclass
-class AttnParams:
-    n_head: int
-    n_kv_head: int
-    head_dim_k: int
-    head_dim_v: int
+@dataclass(frozen=True)
+class Rope:
+    """One rotary-embedding setting. ``n_rot`` = 0: no rotation (smollm3's NoPE layers).
+    ``factors``: the frequencies are divided by the model's per-frequency factors
+    (``rope_freqs`` or phi3's short/long factors, see :meth:`Transformer.rope_factors`)."""
     n_rot: int
-    rope_base: float
-    rope_scale: float   # 1 / linear scaling factor
-    rope_neox: bool
-    scale: float
-    eps: float
-    window: int = 0
-    softcap: float = 0.0
+    base: float
+    scale: float = 1.0
+    attn_factor: float = 1.0
+    neox: bool = False
+    factors: bool = False
+
+    @property
+    def key(self):
+        return (self.n_rot, self.base, self.scale, self.attn_factor, self.factors)
+
+    def tables(self, positions: np.ndarray, factors) -> tuple:
+        if self.n_rot == 0:
+            return np.zeros((positions.size, 0), np.float32), np.zeros((positions.size, 0), np.float32)
+        return ops.rope_cache(positions, self.n_rot, self.base, self.scale, factors if self.factors else None,
+                              self.attn_factor)
 
 
 class Attention:
-    """Self-attention with RoPE, GQA and an optional per-head q/k RMSNorm.
+    """Self-attention with RoPE, GQA, optional q/k/v biases and an optional per-head q/k RMSNorm.
 
-    wqkv: the q, k and v projections as one :class:`FusedLinear`. ``rope`` = the (cos, sin) tables
-    of this forward pass's positions (see :func:`rope_tables`), computed once per pass, not per layer.
+    wqkv: the q, k and v projections as one matmul (:class:`FusedLinear` or a fused tensor);
+    ``rope_tab`` = the (cos, sin) tables of this pass's positions, computed once per pass, not per layer.
     """
 
-    def __init__(self, p: AttnParams, wqkv, wo, q_norm=None, k_norm=None):
-        self.p = p
-        self.wqkv, self.wo = wqkv, wo
+    def __init__(self, hp: HParams, rope: Rope, wqkv, wo, bqkv=None, q_norm=None, k_norm=None,
+                 window: int = 0, scale: float | None = None, softcap: float = 0.0):
+        self.hp, self.rope = hp, rope
+        self.wqkv, self.wo, self.bqkv = wqkv, wo, bqkv
         self.q_norm = q_norm if q_norm is not None else np.zeros(0, np.float32)
         self.k_norm = k_norm if k_norm is not None else np.zeros(0, np.float32)
-        self.scale = np.float32(p.scale)
-        self.softcap = np.float32(p.softcap)
-        self.eps = np.float32(p.eps)
+        self.window = window
+        self.scale = np.float32(1.0 / math.sqrt(hp.head_dim_k) if scale is None else scale)
+        self.softcap = np.float32(softcap)
+        self.eps = np.float32(hp.eps)
 
-    @property
-    def rope_key(self):
-        return (self.p.n_rot, self.p.rope_base, self.p.rope_scale)
-
-    def __call__(self, h, k_cache, v_cache, pos0, rope):
-        """k_cache, v_cache: this layer's KV stores; pos0: the first position (sequence 0) or a
-        :class:`Batch` (each token's position and sequence)."""
-        p = self.p
+    def __call__(self, h, k_cache, v_cache, pos0, rope_tab):
+        """k_cache, v_cache: this layer's :class:`~tinyinfer.kvcache.KVStore`; pos0: the first position
+        (sequence 0) or a :class:`~tinyinfer.kvcache.Batch` (each token's position and sequence)."""
+        p = self.hp
         n = h.shape[0]
         b = Batch.of(pos0, n)
         qkv = self.wqkv(h)
+        if self.bqkv is not None:
+            qkv += self.bqkv
         q = np.empty((n, p.n_head, p.head_dim_k), np.float32)
         ops.qkv_store(qkv, p.n_head, p.n_kv_head, p.head_dim_k, p.head_dim_v, self.q_norm, self.k_norm,
-                      self.eps, rope[0], rope[1], p.rope_neox, k_cache.q, k_cache.d, k_cache.kind,
+                      self.eps, rope_tab[0], rope_tab[1], self.rope.neox, k_cache.q, k_cache.d, k_cache.kind,
                       v_cache.q, v_cache.d, v_cache.kind, b.pos, b.seq, q)
         out = np.empty((n, p.n_head, p.head_dim_v), np.float32)
-        ops.attention(q, k_cache, v_cache, b.pos, b.seq, self.scale, p.window, self.softcap, out)
+        ops.attention(q, k_cache, v_cache, b.pos, b.seq, self.scale, self.window, self.softcap, out)
         return self.wo(out.reshape(n, p.n_head * p.head_dim_v))
 
 
-def rope_tables(attns, pos0, n: int) -> dict:
-    """(cos, sin) per distinct rope setting of the layers ``attns``, for positions pos0..pos0+n-1
-    (or a :class:`Batch`'s positions)."""
-    positions = Batch.of(pos0, n).pos
-    tables = {}
-    for a in attns:
-        key = a.rope_key
-        if key not in tables:
-            tables[key] = ops.rope_cache(positions, key[0], key[1], key[2])
-    return tables
-
-
 class GatedMLP:
-    """down(act(gate(x)) * up(x)) with act = SiLU (llama) or GELU-tanh (gemma); gate/up fused into one matmul."""
+    """down(act(gate(x)) * up(x)) with act = SiLU (llama) or GELU-tanh (gemma); ``gate_up`` yields
+    gate then up side by side (two tensors fused at load, or phi3's one ``ffn_up``)."""
 
     def __init__(self, gate_up, down, act: str = "silu"):
         self.gate_up, self.down = gate_up, down
@@ -199,27 +177,151 @@ class GatedMLP:
         return self.down(g)
 
 
-def rmsnorm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
-    return ops.rmsnorm(x, w, np.float32(eps), np.empty_like(x))
+class Block:
+    """One pre-norm decoder layer; with post norms (Gemma) the sublayer outputs are normalized before the add:
+
+        x = x + [post_attn_norm](attn(attn_norm(x)))
+        x = x + [post_ffw_norm](mlp(ffn_norm(x)))
+
+    Called with ``xn`` = attn_norm(x) already computed; leaves next_norm(x) in ``xn`` (the next block's
+    input norm, or the output norm), so each residual add and the following norm are one pass.
+    """
+
+    def __init__(self, attn_norm, attn, ffn_norm, mlp, post_attn_norm=None, post_ffw_norm=None):
+        self.attn_norm, self.attn, self.ffn_norm, self.mlp = attn_norm, attn, ffn_norm, mlp
+        self.post_attn_norm, self.post_ffw_norm = post_attn_norm, post_ffw_norm
+
+    @staticmethod
+    def _add(x, h, post_norm, next_norm, eps, xn):
+        if post_norm is None:
+            ops.add_rmsnorm(x, h, next_norm, eps, xn)                      # x += h; xn = norm(x)
+        else:
+            ops.add_normed_rmsnorm(x, h, post_norm, next_norm, eps, xn)    # x += norm(h); xn = norm(x)
+
+    def __call__(self, x, xn, next_norm, k_cache, v_cache, pos0, rope_tab, eps):
+        self._add(x, self.attn(xn, k_cache, v_cache, pos0, rope_tab), self.post_attn_norm, self.ffn_norm, eps, xn)
+        self._add(x, self.mlp(xn), self.post_ffw_norm, next_norm, eps, xn)
 
 
-def add_rmsnorm(x: np.ndarray, h: np.ndarray, w: np.ndarray, eps, out: np.ndarray) -> np.ndarray:
-    """x += h; return rmsnorm(x) * w (written to out): a residual add and the next block's norm in one pass."""
-    return ops.add_rmsnorm(x, h, w, eps, out)
+class Transformer:
+    """The decoder every architecture shares; a subclass sets ``arch`` and overrides the hooks that differ.
 
+    Hooks (each with the llama behaviour by default): :meth:`rope` (per layer), :meth:`load_qkv`, :meth:`load_attention`,
+    :meth:`load_mlp`, :meth:`load_block`, :meth:`load_extra` (model-level tensors such as rope
+    factors), :meth:`rope_factors`; class attributes ``rope_neox``, ``act``, ``hparam_defaults``.
+    """
 
-def rope_scale_from(g: GGUFFile, arch: str) -> float:
-    """freq_scale = 1/factor for linear rope scaling, 1 otherwise."""
-    typ = g.get(f"{arch}.rope.scaling.type")
-    factor = g.get(f"{arch}.rope.scaling.factor")
-    if factor is None:
-        factor = g.get(f"{arch}.rope.scale_linear")
-    if typ in (None, "none") and factor is None:
-        return 1.0
-    if typ not in (None, "linear"):
-        raise ModelError(f"{g.path}: rope scaling type {typ!r} is not supported (only linear)")
-    return 1.0 / float(factor) if factor else 1.0
+    arch = ""
+    rope_neox = False                 # ggml's NEOX rotation (pairs j, j + n_rot/2) instead of NORM (2j, 2j+1)
+    act = "silu"
+    hparam_defaults: dict = {}        # defaults of keys a file of this architecture may omit
+    embd_scale = None                 # multiply the embeddings by this (Gemma: sqrt(n_embd))
 
+    def __init__(self, g):
+        self.path = g.path
+        self.hp = hp = HParams.from_gguf(g, self.arch, **self.hparam_defaults)
+        self.n_embd, self.n_layer, self.n_ctx_train, self.eps = hp.n_embd, hp.n_layer, hp.n_ctx_train, hp.eps
+        self.eps32 = np.float32(hp.eps)
+        w = Weights(g, self.arch)
+        self.tok_embd = Embedding(w.tensor("token_embd.weight", hp.n_embd, None))
+        self.n_vocab = self.tok_embd.n_vocab
+        self.load_extra(w)
+        self.layers = [self.load_block(w, il) for il in range(hp.n_layer)]
+        self.output_norm = w.vector("output_norm.weight", hp.n_embd)
+        out = w.optional("output.weight", hp.n_embd, self.n_vocab)
+        self.output = Linear(out if out is not None else self.tok_embd.t)    # tied to the embeddings if absent
+        w.check_all_used()
 
-def default_scale(head_dim: int) -> float:
-    return 1.0 / math.sqrt(head_dim)
+    # -- loading hooks -------------------------------------------------------------------------
+    def load_extra(self, w: Weights) -> None:
+        """Model-level tensors besides embeddings and output (none for llama without rope_freqs)."""
+
+    def rope(self, il: int) -> Rope:
+        hp = self.hp
+        return Rope(hp.n_rot, hp.rope_base, hp.rope_scale, hp.rope_attn_factor, self.rope_neox)
+
+    def load_qkv(self, w: Weights, il: int):
+        """The q, k, v projections as one matmul (separate tensors fused at load)."""
+        hp, b = self.hp, f"blk.{il}."
+        return FusedLinear(w.tensor(b + "attn_q.weight", hp.n_embd, hp.n_embd_q),
+                           w.tensor(b + "attn_k.weight", hp.n_embd, hp.n_embd_k),
+                           w.tensor(b + "attn_v.weight", hp.n_embd, hp.n_embd_v))
+
+    def load_attention(self, w: Weights, il: int, **kw) -> Attention:
+        """``kw``: the :class:`Attention` options an architecture adds (biases, q/k norms, window)."""
+        hp = self.hp
+        wo = Linear(w.tensor(f"blk.{il}.attn_output.weight", hp.n_embd_q, hp.n_embd))
+        return Attention(hp, self.rope(il), self.load_qkv(w, il), wo, **kw)
+
+    def load_mlp(self, w: Weights, il: int) -> GatedMLP:
+        hp, b = self.hp, f"blk.{il}."
+        return GatedMLP(FusedLinear(w.tensor(b + "ffn_gate.weight", hp.n_embd, hp.n_ff),
+                                    w.tensor(b + "ffn_up.weight", hp.n_embd, hp.n_ff)),
+                        Linear(w.tensor(b + "ffn_down.weight", hp.n_ff, hp.n_embd)), act=self.act)
+
+    def load_block(self, w: Weights, il: int, **kw) -> Block:
+        """``kw``: post norms (Gemma)."""
+        b = f"blk.{il}."
+        return Block(w.vector(b + "attn_norm.weight", self.n_embd), self.load_attention(w, il),
+                     w.vector(b + "ffn_norm.weight", self.n_embd), self.load_mlp(w, il), **kw)
+
+    def rope_factors(self, n_ctx: int):
+        """Per-frequency divisors for layers whose :class:`Rope` has ``factors`` (None: the model has none)."""
+        return None
+
+    # -- the forward pass ----------------------------------------------------------------------
+    def new_cache(self, n_ctx: int, n_batch: int = 512, lo: int = 0, hi: int | None = None, **kw) -> KVCache:
+        """A KV cache for ``n_ctx`` positions of layers lo..hi-1 (all layers by default); ``kw``: n_seq,
+        type_k, type_v (see tinyinfer/kvcache.py)."""
+        hi = self.n_layer if hi is None else hi
+        hp = self.hp
+        windows = [self.layers[il].attn.window for il in range(lo, hi)]
+        return KVCache(hi - lo, n_ctx, hp.n_kv_head, hp.head_dim_k, hp.head_dim_v, windows=windows,
+                       n_batch=n_batch, first_layer=lo, **kw)
+
+    def embed(self, ids: np.ndarray) -> np.ndarray:
+        """Token ids -> the residual stream x (n, n_embd) float32."""
+        x = self.tok_embd(ids)
+        if self.embd_scale is not None:
+            x *= np.float32(self.embd_scale)
+        return x
+
+    def rope_tables(self, pos0, n: int, n_ctx: int, layers) -> dict:
+        """(cos, sin) per distinct rope setting of ``layers`` for positions pos0..pos0+n-1 (or a
+        :class:`~tinyinfer.kvcache.Batch`'s positions)."""
+        positions = Batch.of(pos0, n).pos
+        tables = {}
+        for L in layers:
+            r = L.attn.rope
+            if r.key not in tables:
+                tables[r.key] = r.tables(positions, self.rope_factors(n_ctx) if r.factors else None)
+        return tables
+
+    def forward_layers(self, x: np.ndarray, pos0: int, cache: KVCache, lo: int = 0, hi: int | None = None):
+        """Run blocks lo..hi-1 on the residual stream ``x`` (n, n_embd) in place and return it.
+        ``cache`` holds all layers or only some (its ``first_layer``), lo..hi-1 among them."""
+        hi = self.n_layer if hi is None else hi
+        layers = self.layers[lo:hi]
+        if not layers:
+            return x
+        ropes = self.rope_tables(pos0, x.shape[0], cache.n_ctx, layers)
+        eps, c0 = self.eps32, cache.first_layer
+        xn = ops.rmsnorm(x, layers[0].attn_norm, eps, np.empty_like(x))
+        for i, L in enumerate(layers):
+            il = lo + i
+            nxt = layers[i + 1].attn_norm if i + 1 < len(layers) else self.output_norm
+            L(x, xn, nxt, cache.k[il - c0], cache.v[il - c0], pos0, ropes[L.attn.rope.key], eps)
+        return x
+
+    def head(self, x: np.ndarray, n_out: int = 1, embeddings: bool = False) -> np.ndarray:
+        """Output norm and projection of the last ``n_out`` rows of x: logits (n_out, n_vocab), or with
+        ``embeddings`` the normalized hidden states (n_out, n_embd)."""
+        xn = ops.rmsnorm(np.ascontiguousarray(x[-n_out:]), self.output_norm, self.eps32,
+                         np.empty((min(n_out, x.shape[0]), x.shape[1]), np.float32))
+        return xn if embeddings else self.output(xn)
+
+    def forward(self, ids: np.ndarray, pos0: int, cache: KVCache, n_out: int = 1,
+                embeddings: bool = False) -> np.ndarray:
+        """Run tokens ``ids`` at positions pos0.. and return the logits of the last ``n_out`` (n_out, n_vocab)
+        (with ``embeddings``, their final normalized hidden states (n_out, n_embd) instead)."""
+        return self.head(self.forward_layers(self.embed(ids), pos0, cache), n_out, embeddings)

@@ -13,7 +13,9 @@ Built on FastAPI + uvicorn (OpenAPI docs at /docs). Modules:
 * ``slots``      engines, one worker thread per slot, the bounded queue
 * ``metrics``    Prometheus text format (llama-server's metric names)
 * ``schemas``    validated request bodies
-* ``jsonformat`` ``format: "json"`` / ``response_format: json_object`` by constrained decoding
+
+Structured output (``response_format``, ``format``, ``grammar``) is constrained decoding by
+:mod:`tinyinfer.grammar`, inside the same sampler chain as the CLI's and ``Llama``'s.
 
 Every generation goes through :meth:`tinyinfer.engine.Engine.generate`, the loop the CLI and
 the ``Llama`` class use, and the OpenAI chunks are built by the same functions as ``Llama``'s.

@@ -262,15 +262,11 @@ def _param_size(state: ServerState) -> str:
     return str(n)
 
 
-_FILE_TYPES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 8: "Q5_0", 9: "Q5_1", 10: "Q2_K",
-               11: "Q3_K_S", 12: "Q3_K_M", 13: "Q3_K_L", 14: "Q4_K_S", 15: "Q4_K_M", 16: "Q5_K_S", 17: "Q5_K_M",
-               18: "Q6_K", 32: "BF16"}
-
-
 def _file_type_name(ft) -> str:
     if ft is None:
         return "unknown"
-    return _FILE_TYPES.get(int(ft), f"type {ft}")
+    from ..tools.quantize import file_type_name
+    return file_type_name(int(ft))
 
 
 # -- running a job for a request ------------------------------------------------------------

@@ -20,8 +20,10 @@ from starlette.responses import JSONResponse
 
 from ..api import GenStats, completion_chunks
 from ..chat import chat_prompt_ids
+from ..grammar import grammar_for_ollama_format
 from .core import (ApiError, ServerState, check_prompt, dumps, encode_prompt, first_item, gone_response,
                    ndjson_response, run_to_end, sampler_params, stream_items, submit)
+from .openai_api import request_grammar
 from .schemas import (OllamaChatRequest, OllamaEmbeddingsRequest, OllamaEmbedRequest, OllamaGenerateRequest,
                       OllamaOptions, OllamaShowRequest)
 
@@ -61,18 +63,14 @@ def _options(opts: Optional[OllamaOptions], n_vocab: int):
     return params, max_tokens, stops
 
 
-def _json_kw(fmt, tok) -> dict:
-    if not fmt:
-        return {}
-    from .jsonformat import JSONLogitsProcessor
-    return {"logits_processor": JSONLogitsProcessor(tok)}
 
 
 def _final(job, t_arrival: float) -> dict:
     st: GenStats = job.stats or GenStats()
     now = time.perf_counter()
     start = job.t_start if job.t_start is not None else now
-    return {"done": True, "done_reason": st.finish_reason or "stop",
+    cut = {"truncated": True} if st.truncated else {}     # JSON closed early to fit num_predict
+    return {**cut, "done": True, "done_reason": st.finish_reason or "stop",
             "total_duration": _ns(now - t_arrival), "load_duration": _ns(start - t_arrival),
             "prompt_eval_count": st.prompt_evaluated, "prompt_eval_duration": _ns(st.prompt_s),
             "eval_count": st.completion_tokens, "eval_duration": _ns(st.gen_s)}
@@ -80,6 +78,8 @@ def _final(job, t_arrival: float) -> dict:
 
 def _generate_work(state: ServerState, max_tokens, params_of, stops, fmt, build_ids):
     """A job: texts of the steps of one generation (its GenStats on the job)."""
+    grammar = request_grammar(lambda: grammar_for_ollama_format(fmt), "format")
+
     def work(engine, job):
         tok = engine.tokenizer
         ids = build_ids(tok)
@@ -91,7 +91,7 @@ def _generate_work(state: ServerState, max_tokens, params_of, stops, fmt, build_
             job.stats.finish_reason = "length"
             return
         for c in completion_chunks(engine, ids, params, max_tokens=max_tokens, stop=stops, stats=job.stats,
-                                   **_json_kw(fmt, tok)):
+                                   grammar=grammar):
             yield c["choices"][0]["text"]
     return work
 
@@ -126,8 +126,6 @@ def _check_common(req, state: ServerState) -> None:
     _duration_s(req.keep_alive)
     if req.options is not None and req.options.num_ctx:
         pass   # one context size per server (-c); a request cannot change it
-    if isinstance(req.format, dict) and req.format.get("type") not in (None, "object"):
-        raise ApiError(400, "format: only JSON schemas of type object are supported", param="format")
 
 
 async def _run(request: Request, state: ServerState, work, stream: bool, t_arrival: float, shape, finish):

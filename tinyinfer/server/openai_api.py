@@ -13,6 +13,7 @@ from starlette.responses import JSONResponse
 
 from ..api import GenStats, chat_chunks, completion_chunks, merge_chat, merge_completion
 from ..chat import chat_prompt_ids
+from ..grammar import grammar_for_response_format
 from .core import (ApiError, ServerState, check_prompt, dumps, encode_prompt, first_item, gone_response,
                    run_to_end, sampler_params, sse_response, stream_items, submit)
 from .schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
@@ -78,9 +79,13 @@ async def _respond(request: Request, state: ServerState, fn, stream: bool, inclu
     return sse_response(body())
 
 
-def _json_processor(tok):
-    from .jsonformat import JSONLogitsProcessor
-    return JSONLogitsProcessor(tok)
+def request_grammar(make, param: str):
+    """Build a request's grammar before it is queued: a bad grammar or schema is a 400 naming it."""
+    from ..grammar import GrammarError
+    try:
+        return make()
+    except GrammarError as e:
+        raise ApiError(400, f"{param}: {e}", param=param) from None
 
 
 @router.post("/v1/completions", summary="Text completion (llama-cpp-python's fields and defaults)")
@@ -89,6 +94,9 @@ async def completions(req: CompletionRequest, request: Request):
     name = state.model_name
     cid, created = f"cmpl-{uuid.uuid4()}", int(time.time())
     state.precheck_text(req.prompt)
+
+    grammar = request_grammar(lambda: _completion_grammar(req), "grammar" if req.grammar else
+                              "json_schema" if req.json_schema is not None else "response_format")
 
     def work(engine, job):
         tok = engine.tokenizer
@@ -103,7 +111,8 @@ async def completions(req: CompletionRequest, request: Request):
         job.stats = GenStats()
         yield from completion_chunks(engine, ids, params, max_tokens=req.max_tokens, stop=req.stop,
                                      logprobs=req.logprobs, model=name, echo_text=text if req.echo else None,
-                                     suffix=req.suffix, stats=job.stats, cid=cid, created=created)
+                                     suffix=req.suffix, stats=job.stats, cid=cid, created=created,
+                                     grammar=grammar)
 
     include = bool(req.stream_options and req.stream_options.include_usage)
     return await _respond(request, state, work, req.stream, include, merge_completion)
@@ -118,7 +127,7 @@ async def chat_completions(req: ChatCompletionRequest, request: Request):
     state.precheck_text(*(p.text if hasattr(p, "text") else p for m in req.messages
                           for p in ([m.content] if isinstance(m.content, str) else (m.content or []))))
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-    fmt = req.response_format.type if req.response_format else "text"
+    grammar = request_grammar(lambda: grammar_for_response_format(req.response_format), "response_format")
     want_lp = (req.top_logprobs or 0) if req.logprobs else None
 
     def work(engine, job):
@@ -128,13 +137,22 @@ async def chat_completions(req: ChatCompletionRequest, request: Request):
         check_prompt(ids, engine.n_ctx, tok.n_vocab)
         params = _params(req, tok.n_vocab)
         job.stats = GenStats()
-        kw = {"logits_processor": _json_processor(tok)} if fmt in ("json_object", "json_schema") else {}
         yield from chat_chunks(completion_chunks(engine, ids, params, max_tokens=max_tokens, stop=req.stop,
                                                  logprobs=want_lp, model=name, stats=job.stats, cid=cid,
-                                                 created=created, **kw))
+                                                 created=created, grammar=grammar))
 
     include = bool(req.stream_options and req.stream_options.include_usage)
     return await _respond(request, state, work, req.stream, include, merge_chat)
+
+
+def _completion_grammar(req):
+    """llama-server's /completion fields: ``grammar`` (GBNF), ``json_schema``, or ``response_format``."""
+    from ..grammar import Grammar
+    if req.grammar:
+        return Grammar.from_string(req.grammar)
+    if req.json_schema is not None:
+        return Grammar.from_json_schema(req.json_schema)
+    return grammar_for_response_format(req.response_format)
 
 
 class _Formatter:

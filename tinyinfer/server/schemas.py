@@ -75,8 +75,17 @@ class StreamOptions(_Body):
     include_usage: bool = False
 
 
+class ResponseFormat(_Body):
+    type: Literal["text", "json_object", "json_schema"] = "text"
+    json_schema: Optional[Dict[str, Any]] = Field(None, description='{"name": ..., "schema": {...}, "strict": true}')
+    schema_: Optional[Dict[str, Any]] = Field(None, alias="schema", description="llama-cpp-python's json_object schema")
+
+
 class CompletionRequest(_Sampling):
     prompt: Union[str, List[str], List[int]] = Field("", description="text, or token ids")
+    grammar: Optional[str] = Field(None, description="GBNF grammar the output must match (llama-server)")
+    json_schema: Optional[Dict[str, Any]] = Field(None, description="JSON schema of the output (llama-server)")
+    response_format: Optional[ResponseFormat] = None
     suffix: Optional[str] = None
     max_tokens: Optional[int] = Field(16, ge=0, description="0 or null: until an end token or the context is full")
     echo: bool = False
@@ -105,12 +114,6 @@ class ChatMessage(BaseModel):
     content: Optional[Union[str, List[ContentPart]]] = ""
 
     _role = field_validator("role")(_known_role)
-
-
-class ResponseFormat(_Body):
-    type: Literal["text", "json_object", "json_schema"] = "text"
-    json_schema: Optional[Dict[str, Any]] = None
-    schema_: Optional[Dict[str, Any]] = Field(None, alias="schema")
 
 
 class ChatCompletionRequest(_Sampling):
@@ -162,12 +165,6 @@ class _OllamaGen(_Body):
     keep_alive: Optional[Union[int, float, str]] = None
     think: Optional[Union[bool, str]] = None
 
-    @field_validator("format")
-    @classmethod
-    def _format(cls, v):
-        if isinstance(v, str) and v not in ("", "json"):
-            raise ValueError('format must be "json" or a JSON schema object')
-        return v
 
 
 class OllamaGenerateRequest(_OllamaGen):

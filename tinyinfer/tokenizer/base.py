@@ -1,6 +1,6 @@
-r"""Tokenizers from GGUF metadata, behaving like llama.cpp's ``llama-vocab``.
+r"""The part of every tokenizer that does not depend on the algorithm (llama.cpp's ``llama-vocab``).
 
-Two vocabulary types, chosen by ``tokenizer.ggml.model``:
+Two vocabulary types, chosen by ``tokenizer.ggml.model`` (spm.py and bpe.py):
 
 * ``llama`` -- SentencePiece (SPM): spaces become ``▁``, an optional space prefix,
   then llama.cpp's bigram merge on piece scores (highest score first, leftmost
@@ -37,14 +37,11 @@ Where this differs from llama.cpp on purpose:
 from __future__ import annotations
 
 import codecs
-import heapq
-import re
-import unicodedata
 from typing import Iterable
 
 import numpy as np
 
-__all__ = ["Tokenizer", "SPMTokenizer", "BPETokenizer", "StreamDecoder", "SUPPORTED_MODELS"]
+from .merge import merge_symbols
 
 SUPPORTED_MODELS = ("llama", "gpt2")
 
@@ -97,10 +94,6 @@ def _utf8(s: str) -> bytes:
             return s.encode("utf-8", "surrogatepass")
 
 
-# ----------------------------------------------------------------------------------------------
-# Base class
-# ----------------------------------------------------------------------------------------------
-
 class Tokenizer:
     """Common part of both vocabulary types: special tokens, partition, decoding.
 
@@ -119,15 +112,17 @@ class Tokenizer:
             raise ValueError("GGUF metadata has no tokenizer.ggml.model: no vocabulary in this file "
                              f"(supported tokenizer models: {', '.join(SUPPORTED_MODELS)})")
         if model == "llama":
+            from .spm import SPMTokenizer
             return SPMTokenizer(metadata)
         if model == "gpt2":
+            from .bpe import BPETokenizer
             return BPETokenizer(metadata)
         raise ValueError(f"unsupported tokenizer model {model!r} (tokenizer.ggml.model); "
                          f"supported: {', '.join(repr(m) for m in SUPPORTED_MODELS)}")
 
     @staticmethod
     def from_file(path) -> "Tokenizer":
-        from .gguf import GGUFFile
+        from ..gguf import GGUFFile
         g = GGUFFile(path)
         try:
             return Tokenizer.from_gguf(g.metadata)
@@ -438,9 +433,37 @@ class Tokenizer:
             frags = new
         return frags
 
+    def _merge(self, text: str, priority, fallback) -> list:
+        """Ids of ``text`` after the algorithm's merges (see merge.py); ``fallback(piece)`` gives the
+        ids of a final symbol that is not a token."""
+        get = self._t2i.get
+        out = []
+        for piece in merge_symbols(text, priority):
+            t = get(piece)
+            if t is not None:
+                out.append(t)
+            else:
+                out.extend(fallback(piece))
+        return out
+
     # -- decoding -------------------------------------------------------------------------------
-    def _piece(self, token_id: int) -> bytes:  # pragma: no cover - abstract
+    def _normal_piece(self, text: str) -> bytes:  # pragma: no cover - abstract
+        """The bytes of a normal token's text (▁ -> space for SPM, the GPT-2 byte alphabet for BPE)."""
         raise NotImplementedError
+
+    def _piece(self, token_id: int) -> bytes:
+        a = int(self._attrs[token_id])
+        text = self._tokens[token_id]
+        if a & (_ATTR_HIDDEN | ATTR_USER_DEFINED):
+            return _utf8(text)
+        if a & ATTR_NORMAL:
+            return self._normal_piece(text)
+        if a & ATTR_BYTE:   # <0xXX> byte tokens (SPM, and some BPE vocabularies)
+            try:
+                return bytes([int(text[3:5], 16)])
+            except ValueError:
+                return b""
+        return b""   # unused / undefined tokens print nothing
 
     def token_to_bytes(self, token_id: int, special: bool = False) -> bytes:
         """The raw bytes token ``token_id`` contributes to the text (llama_token_to_piece):
@@ -514,435 +537,3 @@ class StreamDecoder:
     def reset(self) -> None:
         self._dec.reset()
 
-
-# ----------------------------------------------------------------------------------------------
-# SentencePiece (tokenizer.ggml.model == "llama")
-# ----------------------------------------------------------------------------------------------
-
-class SPMTokenizer(Tokenizer):
-    """llama.cpp's llm_tokenizer_spm: bigram merges by piece score, byte fallback."""
-
-    vocab_type = "spm"
-    _SEGMENT_MIN = 64    # texts longer than this are cut at safe ▁ boundaries (cache per segment)
-
-    def __init__(self, metadata: dict):
-        super().__init__(metadata)
-        n = len(self._tokens)
-        scores = metadata.get("tokenizer.ggml.scores")
-        if scores is None:
-            self._scores = [0.0] * n
-        else:
-            scores = np.asarray(scores)
-            if scores.ndim != 1 or scores.size < n or scores.dtype.kind not in "iuf":
-                raise ValueError(f"GGUF metadata: tokenizer.ggml.scores must hold a number for each of "
-                                 f"the {n} tokens (got {scores.size} of {scores.dtype})")
-            self._scores = scores[:n].astype(np.float32).tolist()
-        self._byte_ids = None
-        self._glue_before_space = None
-        self._finish_init(metadata, bos=1, eos=2, unk=0, add_bos=True, add_eos=False,
-                          add_space_prefix=True)
-
-    # byte fallback: <0xXX> (uppercase hex) or, failing that, the byte itself as a token
-    def _byte_table(self) -> list:
-        if self._byte_ids is None:
-            t2i = self._t2i
-            table = []
-            for b in range(256):
-                i = t2i.get(f"<0x{b:02X}>")
-                if i is None:
-                    i = t2i.get(bytes([b]).decode("utf-8", "surrogateescape"))
-                if i is None:
-                    i = self.unk_id
-                table.append(i)
-            self._byte_ids = table
-        return self._byte_ids
-
-    def _encode_fragments(self, frags: list, out: list) -> None:
-        prev_special = True      # llama.cpp: space prefix at the start and after every special token
-        for f in frags:
-            if type(f) is int:
-                out.append(f)
-                prev_special = True
-                continue
-            if self.add_space_prefix and prev_special:
-                f = " " + f
-            prev_special = False
-            text = f.replace(" ", _SPACE)
-            if len(text) <= self._SEGMENT_MIN:
-                out.extend(self._segment(text))
-            else:
-                for seg in self._split_segments(text):
-                    out.extend(self._segment(seg))
-
-    def _split_segments(self, text: str) -> list:
-        """Cut before each ▁ whose left neighbour ``c`` never appears as ``c▁`` inside a piece:
-        no merge can cross such a boundary, so tokenizing the pieces separately is exact."""
-        glue = self._glue_before_space
-        if glue is None:
-            glue = set()
-            for t in self._tokens:
-                j = t.find(_SPACE, 1)
-                while j > 0:
-                    glue.add(t[j - 1])
-                    j = t.find(_SPACE, j + 1)
-            self._glue_before_space = glue = frozenset(glue)
-        segs = []
-        start = 0
-        j = text.find(_SPACE, 1)
-        while j > 0:
-            if text[j - 1] not in glue:
-                segs.append(text[start:j])
-                start = j
-            j = text.find(_SPACE, j + 1)
-        segs.append(text[start:])
-        return segs
-
-    def _segment(self, text: str) -> list:
-        r = self._cache.get(text)
-        if r is None:
-            r = self._bigram_merge(text)
-            self._cache_put(text, r)
-        return r
-
-    def _bigram_merge(self, text: str) -> list:
-        """llm_tokenizer_spm_session::tokenize on one ▁-escaped string.
-
-        Symbol i covers text[i:i+ln[i]] (symbols stay contiguous, a merge grows the left one), so
-        the right neighbour of i is i+ln[i]. Queue entries are (-score, left, size); an entry is
-        stale when either symbol changed, i.e. when ln[left] + ln[right] != size.
-        """
-        n = len(text)
-        get = self._t2i.get
-        scores = self._scores
-        if n == 1:
-            i = get(text)
-            return [i] if i is not None else self._bytes_of(text)
-        ln = [1] * n
-        prv = list(range(-1, n - 1))
-        heap = []
-        for i in range(n - 1):
-            t = get(text[i:i + 2])
-            if t is not None:
-                heap.append((-scores[t], i, 2))
-        heapq.heapify(heap)
-        pop, push = heapq.heappop, heapq.heappush
-        while heap:
-            _, l, size = pop(heap)
-            ll = ln[l]
-            if ll == 0:
-                continue
-            r = l + ll
-            if r >= n or ln[r] == 0 or ll + ln[r] != size:
-                continue
-            ln[l] = size
-            ln[r] = 0
-            rn = l + size
-            if rn < n:
-                prv[rn] = l
-                t = get(text[l:rn + ln[rn]])
-                if t is not None:
-                    push(heap, (-scores[t], l, size + ln[rn]))
-            p = prv[l]
-            if p >= 0:
-                t = get(text[p:rn])
-                if t is not None:
-                    push(heap, (-scores[t], p, rn - p))
-        out = []
-        i = 0
-        while i < n:
-            piece = text[i:i + ln[i]]
-            t = get(piece)
-            if t is not None:
-                out.append(t)
-            else:
-                out.extend(self._bytes_of(piece))
-            i += ln[i]
-        return out
-
-    def _bytes_of(self, piece: str) -> list:
-        table = self._byte_table()
-        out = []
-        for b in _utf8(piece):
-            t = table[b]
-            if t is None:
-                raise ValueError(f"cannot tokenize {piece!r}: no byte token <0x{b:02X}> and no unknown token")
-            out.append(t)
-        return out
-
-    def _piece(self, token_id: int) -> bytes:
-        a = int(self._attrs[token_id])
-        text = self._tokens[token_id]
-        if a & (_ATTR_HIDDEN | ATTR_USER_DEFINED):
-            return _utf8(text)
-        if a & ATTR_NORMAL:
-            return _utf8(text.replace(_SPACE, " "))
-        if a & ATTR_BYTE:
-            try:
-                return bytes([int(text[3:5], 16)])
-            except ValueError:
-                return b""
-        return b""   # unused / undefined tokens print nothing
-
-
-# ----------------------------------------------------------------------------------------------
-# Byte-level BPE (tokenizer.ggml.model == "gpt2")
-# ----------------------------------------------------------------------------------------------
-
-def _bytes_to_unicode() -> list:
-    """GPT-2's reversible byte -> printable character map."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
-        list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    table = [""] * 256
-    for b, c in zip(bs, cs):
-        table[b] = chr(c)
-    return table
-
-
-_BYTE_TO_CHAR = _bytes_to_unicode()
-_CHAR_TO_BYTE = {c: b for b, c in enumerate(_BYTE_TO_CHAR)}
-_LATIN1_TO_GPT2 = str.maketrans({chr(b): c for b, c in enumerate(_BYTE_TO_CHAR) if chr(b) != c})
-
-# The pre-tokenizer regexes run on a "collapsed" copy of the text, as llama.cpp's own regex path
-# does: ASCII stays as it is, every other character becomes one stand-in per class (letter,
-# number, punctuation, whitespace, other). Positions are unchanged (one character for one), the
-# regex classes stay small (Python's re scans huge non-BMP classes linearly), and pure-ASCII text,
-# the common case, needs no translation at all.
-#
-# Whitespace is llama.cpp's \s (its unicode tables), not Python's isspace (which adds 0x1C-0x1F).
-_WS_CHARS = frozenset("\t\n\x0b\x0c\r \x85\xa0\u1680\u2028\u2029\u202f\u205f\u3000"
-                      + "".join(map(chr, range(0x2000, 0x200B))))
-_C_LETTER, _C_NUMBER, _C_PUNCT, _C_SPACE, _C_OTHER = "\u0100", "\u0101", "\u0102", "\u0103", "\u0104"
-
-
-class _CollapseTable(dict):
-    """str.translate table, filled on demand: code point -> its class stand-in."""
-
-    def __missing__(self, cp: int):
-        c = chr(cp)
-        if cp < 128:
-            r = cp
-        elif c in _WS_CHARS:
-            r = _C_SPACE
-        else:
-            r = {"L": _C_LETTER, "N": _C_NUMBER, "P": _C_PUNCT}.get(unicodedata.category(c)[0], _C_OTHER)
-        self[cp] = r
-        return r
-
-
-_COLLAPSE = _CollapseTable()
-
-
-def _collapse(text: str) -> str:
-    return text if text.isascii() else text.translate(_COLLAPSE)
-
-
-def _pretokenizer_patterns(kind: str) -> list:
-    L = "A-Za-z" + _C_LETTER                                     # \p{L}
-    N = "0-9" + _C_NUMBER                                        # \p{N}
-    P = re.escape("!\"#%&'()*,-./:;?@[\\]_{}") + _C_PUNCT         # \p{P}
-    WS = "\t\n\x0b\x0c\r " + _C_SPACE                               # \s
-    cl, cn, ws, nonws = f"[{L}]", f"[{N}]", f"[{WS}]", f"[^{WS}]"
-    other = f"[^{WS}{L}{N}]"                                     # [^\s\p{L}\p{N}]
-    gpt2 = rf"'s|'t|'re|'ve|'m|'ll|'d| ?{cl}+| ?{cn}+| ?{other}+|{ws}+(?!{nonws})"
-    contractions = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])"
-
-    def llama3(digits):
-        return (rf"{contractions}|[^\r\n{L}{N}]?{cl}+|{cn}{digits}| ?{other}+[\r\n]*|"
-                rf"{ws}*[\r\n]+|{ws}+(?!{nonws})|{ws}+")
-
-    table = {
-        "gpt2": [gpt2],
-        "llama3": [llama3("{1,3}")],
-        "qwen2": [llama3("")],
-        "smollm": [cn, gpt2],
-        "default": [rf"[{P}\$\+<=>\^~\|]+", gpt2, rf"{cn}+", r"[0-9][0-9][0-9]"],
-    }
-    return [re.compile(p) for p in table[kind]]
-
-
-_PATTERN_CACHE: dict = {}
-
-# tokenizer.ggml.pre -> (regex set, clean_spaces, ignore_merges, add_bos default), as llama-vocab.cpp
-_PRE_TYPES = {}
-for _names, _spec in (
-    (("default",), ("default", True, False, False)),
-    (("llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2"),
-     ("llama3", True, True, True)),
-    (("gpt-2", "phi-2", "jina-es", "jina-de", "gigachat", "jina-v2-es", "jina-v2-de", "a.x-4.0",
-      "mellum", "jina-v1-en", "jina-v2-code", "roberta-bpe", "mpt", "olmo", "jais",
-      "trillion", "granite-docling"),
-     ("gpt2", True, False, False)),
-    (("qwen2", "deepseek-r1-qwen", "megrez"), ("qwen2", False, False, False)),
-    (("starcoder", "refact", "codeshell", "exaone", "minerva-7b"), ("smollm", True, False, False)),
-    (("smollm", "command-r"), ("smollm", False, False, False)),
-):
-    for _n in _names:
-        _PRE_TYPES[_n] = _spec
-
-
-class BPETokenizer(Tokenizer):
-    """llama.cpp's llm_tokenizer_bpe: regex pre-tokenizer, byte-level BPE by merge rank."""
-
-    vocab_type = "bpe"
-
-    def __init__(self, metadata: dict):
-        super().__init__(metadata)
-        merges = metadata.get("tokenizer.ggml.merges")
-        if not isinstance(merges, list):
-            raise ValueError("GGUF metadata: tokenizer.ggml.merges is missing (required for a gpt2 vocabulary)")
-        self._merges = merges
-        self._ranks = None
-        pre = self.pre or "default"
-        spec = _PRE_TYPES.get(pre)
-        if spec is None:
-            raise ValueError(f"unsupported pre-tokenizer {pre!r} (tokenizer.ggml.pre); supported: "
-                             f"{', '.join(sorted(_PRE_TYPES))}")
-        self.pre_kind, self.clean_spaces, self.ignore_merges, add_bos = spec
-        self._patterns = None
-        self._finish_init(metadata, bos=11, eos=11, unk=None, add_bos=add_bos, add_eos=False,
-                          add_space_prefix=False)
-
-    def _rank_table(self) -> dict:
-        if self._ranks is None:
-            ranks = {}
-            for r in range(len(self._merges) - 1, -1, -1):   # the first of duplicates wins
-                m = self._merges[r]
-                p = m.find(" ", 1)
-                ranks[(m[:p], m[p + 1:]) if p >= 0 else ("", "")] = r
-            self._ranks = ranks
-        return self._ranks
-
-    def _split_words(self, text: str) -> list:
-        pats = self._patterns
-        if pats is None:
-            pats = _PATTERN_CACHE.get(self.pre_kind)
-            if pats is None:
-                pats = _PATTERN_CACHE[self.pre_kind] = _pretokenizer_patterns(self.pre_kind)
-            self._patterns = pats
-        coll = _collapse(text)
-        spans = [(0, len(text))]
-        for pat in pats:
-            out = []
-            for s, e in spans:
-                pos = s
-                for m in pat.finditer(coll, s, e):
-                    a, b = m.span()
-                    if a > pos:
-                        out.append((pos, a))
-                    if b > a:
-                        out.append((a, b))
-                    pos = b
-                if pos < e:
-                    out.append((pos, e))
-            spans = out
-        return [text[a:b] for a, b in spans]
-
-    def _encode_fragments(self, frags: list, out: list) -> None:
-        cache = self._cache
-        for f in frags:
-            if type(f) is int:
-                out.append(f)
-                continue
-            for w in self._split_words(f):
-                r = cache.get(w)
-                if r is None:
-                    r = self._bpe(_utf8(w).decode("latin-1").translate(_LATIN1_TO_GPT2))
-                    self._cache_put(w, r)
-                out.extend(r)
-
-    def _bpe(self, word: str) -> list:
-        """llm_tokenizer_bpe_session::tokenize on one byte-mapped word."""
-        get = self._t2i.get
-        if self.ignore_merges:
-            t = get(word)
-            if t is not None:
-                return [t]
-        n = len(word)
-        if n == 1:
-            t = get(word)
-            return [t] if t is not None else self._fallback(word)
-        ranks = self._rank_table()
-        rget = ranks.get
-        ln = [1] * n
-        prv = list(range(-1, n - 1))
-        heap = []
-        for i in range(n - 1):
-            r = rget((word[i], word[i + 1]))
-            if r is not None:
-                heap.append((r, i, 2))
-        heapq.heapify(heap)
-        pop, push = heapq.heappop, heapq.heappush
-        while heap:
-            _, l, size = pop(heap)
-            ll = ln[l]
-            if ll == 0:
-                continue
-            r = l + ll
-            if r >= n or ln[r] == 0 or ll + ln[r] != size:
-                continue
-            ln[l] = size
-            ln[r] = 0
-            rn = l + size
-            if rn < n:
-                prv[rn] = l
-                k = rget((word[l:rn], word[rn:rn + ln[rn]]))
-                if k is not None:
-                    push(heap, (k, l, size + ln[rn]))
-            p = prv[l]
-            if p >= 0:
-                k = rget((word[p:l], word[l:rn]))
-                if k is not None:
-                    push(heap, (k, p, rn - p))
-        out = []
-        i = 0
-        while i < n:
-            piece = word[i:i + ln[i]]
-            t = get(piece)
-            if t is not None:
-                out.append(t)
-            else:
-                out.extend(self._fallback(piece))
-            i += ln[i]
-        return out
-
-    def _fallback(self, piece: str) -> list:
-        # llama.cpp: each byte of the (mapped) symbol's UTF-8 that is itself a token
-        get = self._t2i.get
-        out = []
-        for b in _utf8(piece):
-            t = get(bytes([b]).decode("utf-8", "surrogateescape"))
-            if t is not None:
-                out.append(t)
-        return out
-
-    def _piece(self, token_id: int) -> bytes:
-        a = int(self._attrs[token_id])
-        text = self._tokens[token_id]
-        if a & (_ATTR_HIDDEN | ATTR_USER_DEFINED):
-            return _utf8(text)
-        if a & ATTR_NORMAL:
-            c2b = _CHAR_TO_BYTE
-            try:
-                return bytes([c2b[c] for c in text])
-            except KeyError:
-                out = bytearray()
-                for c in text:
-                    b = c2b.get(c)
-                    if b is not None:
-                        out.append(b)
-                    else:   # llama_decode_text's marker for characters outside the byte alphabet
-                        out += _utf8(f"[UNK_BYTE_0x{_utf8(c).hex()}{text}]")
-                return bytes(out)
-        if a & ATTR_BYTE:   # SPM-style <0xXX> byte tokens in a BPE vocabulary
-            try:
-                return bytes([int(text[3:5], 16)])
-            except ValueError:
-                return b""
-        return b""
