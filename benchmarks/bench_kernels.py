@@ -89,6 +89,23 @@ from tinyinfer.kernels import quants  # noqa: E402
 TYPES = {e.name: int(t) for t, e in quants.TYPES.items() if e.runnable}
 LLC_BYTES = 32 << 20
 CPU_TIME = True
+CONFIG = mm.DEFAULT_CONFIG     # the kernel knobs under test (experiment switches: see main's flags)
+
+
+def config_from_args(a) -> "mm.KernelConfig":
+    """The experiment switches (formerly TINYINFER_* environment variables read by the kernels)."""
+    from dataclasses import replace
+    cfg = mm.DEFAULT_CONFIG
+    tilings = []
+    for t in a.tile or ():
+        name, kind, v = t.split(":")
+        f = [int(x) for x in v.split(",")]
+        tilings.append((name.upper(), kind.lower(), mm.Tiling(f[0], f[1], f[2], bool(f[3]), bool(f[4]))))
+    return replace(cfg, repack=cfg.repack if a.repack is None else a.repack == 1,
+                   kgemv=cfg.kgemv if a.kgemv is None else a.kgemv == 1,
+                   packed_nc=a.packed_nc or cfg.packed_nc, packed_chains=a.packed_chains or cfg.packed_chains,
+                   parallel_min_bytes=cfg.parallel_min_bytes if a.parallel_min_bytes is None else a.parallel_min_bytes,
+                   tilings=tuple(tilings))
 
 
 def random_weight(rows, k, ggml_type, rng):
@@ -194,7 +211,7 @@ def bench_gemv(ggml_type, rows, k, threads, repeat, rng):
     numba.set_num_threads(threads)
     w0 = random_weight(rows, k, ggml_type, rng)
     copies = max(1, -(-2 * LLC_BYTES // w0.nbytes))
-    pws = [mm.prepare(w0 if i == 0 else w0.copy(), ggml_type, k) for i in range(copies)]
+    pws = [mm.prepare(w0 if i == 0 else w0.copy(), ggml_type, k, config=CONFIG) for i in range(copies)]
     x = rng.standard_normal((1, k)).astype(np.float32)
     out = np.empty((1, rows), np.float32)
     mm.matmul(pws[0], x, out)                       # compile / warm up
@@ -211,7 +228,7 @@ def bench_gemv(ggml_type, rows, k, threads, repeat, rng):
 
 def bench_gemm(ggml_type, rows, k, n, threads, repeat, rng):
     numba.set_num_threads(threads)
-    pw = mm.prepare(random_weight(rows, k, ggml_type, rng), ggml_type, k)
+    pw = mm.prepare(random_weight(rows, k, ggml_type, rng), ggml_type, k, config=CONFIG)
     x = rng.standard_normal((n, k)).astype(np.float32)
     out = np.empty((n, rows), np.float32)
     mm.matmul(pw, x, out)
@@ -341,7 +358,17 @@ def main(argv=None):
     ap.add_argument("--asm", nargs="*", default=None, help="print vector instruction counts for these types")
     ap.add_argument("--arm-asm", action="store_true",
                     help="cross-compile the kernels for cortex-a76/a72 (and x86) and count instructions")
+    g = ap.add_argument_group("experiment switches (matmul.KernelConfig)")
+    g.add_argument("--repack", type=int, choices=(0, 1), help="row-interleaved copies (default: on for x86-64)")
+    g.add_argument("--kgemv", type=int, choices=(0, 1), help="x86 K-quant single-row kernels")
+    g.add_argument("--packed-nc", type=int, help="activation rows per repacked tile (default 4)")
+    g.add_argument("--packed-chains", type=int, help="int32 chains per repacked tile (default 4)")
+    g.add_argument("--parallel-min-bytes", type=int, help="smallest work split over threads")
+    g.add_argument("--tile", action="append", metavar="TYPE:gemv|gemm:NR,NC,unroll,act16,wide",
+                   help="native tile override, e.g. Q4_0:gemm:4,4,1,0,0 (repeatable)")
     a = ap.parse_args(argv)
+    global CONFIG
+    CONFIG = config_from_args(a)
 
     if a.arm_asm:
         cross_asm_report()

@@ -57,7 +57,7 @@ Kernels (LLVM-IR intrinsics from ``simd.py``):
 
 One jitted driver per (type, kernel kind, serial|parallel) quantizes x and
 walks the tiles in a single call, rows split across threads with ``prange``
-when the matrix is big enough (``PARALLEL_MIN_BYTES``). A call costs ~2.5 us
+when the matrix is big enough (``KernelConfig.parallel_min_bytes``). A call costs ~2.5 us
 on a tiny matrix (1.3 us of it the Python wrapper, ~0.5 us numba's dispatch). Measurements and their commands: benchmarks/bench_kernels.py.
 Adding a type = a ``WeightFormat`` / ``KFormat`` (and optionally an
 ``Interleaved``) in simd.py + one entry in ``_TYPES``.
@@ -66,38 +66,59 @@ Adding a type = a ``WeightFormat`` / ``KFormat`` (and optionally an
 from __future__ import annotations
 
 import hashlib
+import mmap
 import os
 import platform
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numba as nb
 import numpy as np
 from numba import prange  # noqa: F401  (used by the generated drivers)
 
-from . import simd
+from . import parallel as _par, simd
 from gguf import GGMLQuantizationType as GT
 
 from . import quants
-from .simd import (GROUP, f32_to_f16_to_f32, interleaved_kernel, kgemv_kernel, ktile_kernel, quantize_row_kernel,
-                   tile_kernel)
+from .simd import (GROUP, f32_to_f16_to_f32, interleaved_kernel, kgemv_kernel, kinterleaved_kernel, ktile_kernel,
+                   quantize_row_kernel, tile_kernel)
 
 QK = 32  # elements per block of the legacy formats
 
-# below this much work (weight bytes x max(1, n/4)) a call runs on one thread:
-# the parallel region's launch costs more than it saves on small matrices
-PARALLEL_MIN_BYTES = int(os.environ.get("TINYINFER_PARALLEL_MIN_BYTES", 1 << 20))
-# repack Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 weights at prepare() for the row-interleaved
-# kernels. On by default on x86-64 only: their int16 pair products map to
-# vpmaddwd/vpdpwssd there, but on NEON they compile to smull + uzp shuffles
-# with register spills (5-10x the instructions of the native sdot kernels;
-# see benchmarks/bench_kernels.py --arm-asm).
-REPACK = os.environ.get("TINYINFER_REPACK", "1" if platform.machine().lower() in ("x86_64", "amd64") else "0") == "1"
-# K-quant (Q4_K, Q6_K) single-row kernels through u8 x s8 pair products (simd.kgemv_kernel,
-# x86 vpmaddubsw); elsewhere (aarch64: sdot) the generic ktile_kernel
-KGEMV = os.environ.get("TINYINFER_KGEMV", "0" if simd.PARTIAL_REDUCE else "1") == "1"
-IGEMM_NC = int(os.environ.get("TINYINFER_IGEMM_NC", 4))          # activation rows per packed tile
-IGEMM_CHAINS = int(os.environ.get("TINYINFER_IGEMM_CHAINS", 4))  # independent int32 sums per tile
+_X86 = platform.machine().lower() in ("x86_64", "amd64")
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """The matmul kernels' runtime knobs, in one object: given to :func:`prepare` (default
+    :data:`DEFAULT_CONFIG`), kept with the weight, read by :func:`matmul`. Experiments build
+    their own (benchmarks/bench_kernels.py); nothing here reads the environment."""
+
+    # row-interleaved copies (simd.Interleaved) of Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 and Q4_K weights
+    # of >= 16 rows, built at prepare(). On by default on x86-64 only: their int16 pair
+    # products map to vpmaddwd/vpdpwssd there, but on NEON they compile to smull + uzp
+    # shuffles with register spills (5-10x the instructions of the native sdot kernels;
+    # benchmarks/bench_kernels.py --arm-asm).
+    repack: bool = _X86
+    # K-quant single-row kernels through u8 x s8 pair products (simd.kgemv_kernel, x86
+    # vpmaddubsw) where a format has one; elsewhere (aarch64: sdot) the generic ktile_kernel
+    kgemv: bool = not simd.PARTIAL_REDUCE
+    # below this much work (weight bytes x max(1, n/4)) a call runs on one thread: the
+    # parallel region's launch costs more than it saves on small matrices
+    parallel_min_bytes: int = 1 << 20
+    packed_nc: int = 4        # activation rows per repacked tile
+    packed_chains: int = 4    # independent int32 sums per repacked tile (legacy formats)
+    tilings: tuple = ()       # ((type name, "gemv" | "gemm", Tiling), ...): native tile overrides
+
+    def tiling(self, info, kind: str):
+        for name, k, t in self.tilings:
+            if name == info.name and k == kind:
+                return t
+        return info.gemv if kind == "gemv" else info.gemm
+
+
+DEFAULT_CONFIG = KernelConfig()
+
 
 _NOPY = dict(cache=True, nogil=True, fastmath=False)
 
@@ -344,31 +365,22 @@ class _TypeInfo:
     # stream reads at ~26 GB/s, two interleaved streams at ~14 (benchmarks/bench_kernels.py)
     gemv: Tiling = Tiling(1, 1, 2)
     gemm: Tiling = Tiling(4, 4)      # native tiles for n > 1
-    repack: tuple | None = None      # (nscales, nchunks, qh bytes) of the row-interleaved layout
+    repacked: object = None          # the registry's row-interleaved layout (simd.Interleaved) or None
     drivers: dict = field(default_factory=dict)
+
+    @property
+    def repack(self):
+        """(nscales, nchunks, qh bytes) of a legacy row-interleaved layout, or None."""
+        r = self.repacked
+        return r.shape if r is not None and not r.kquant else None
 
 
 _ACT = {GT.Q8_0: "q8_0", GT.Q8_1: "q8_1", GT.Q8_K: "q8_K", GT.F16: "f16", GT.BF16: "bf16", GT.F32: "f32"}
 
 
-def _env_tiling(name, kind, default):
-    """TINYINFER_TILE_<TYPE>_<GEMV|GEMM>=NR,NC,unroll,act16,wide overrides (for benchmarks)."""
-    v = os.environ.get(f"TINYINFER_TILE_{name}_{kind}".upper())
-    if not v:
-        return default
-    f = [int(t) for t in v.split(",")]
-    return Tiling(f[0], f[1], f[2], bool(f[3]), bool(f[4]))
-
-
 def _kernel_info(e: quants.QuantType) -> _TypeInfo:
     """The kernels' view of a registry entry (tilings and compiled drivers are per process)."""
-    info = _TypeInfo(e.name, e.block_size, e.type_size, _ACT[e.vec_dot_type],
-                     repack=e.repacked.shape if e.repacked is not None else None)
-    info.gemv = _env_tiling(info.name, "gemv", info.gemv)
-    info.gemm = _env_tiling(info.name, "gemm", info.gemm)
-    if info.gemv.act16 != info.gemm.act16:
-        raise ValueError(f"tilings of {info.name}: gemv and gemm must agree on act16")
-    return info
+    return _TypeInfo(e.name, e.block_size, e.type_size, _ACT[e.vec_dot_type], repacked=e.repacked)
 
 
 # int(ggml type) -> kernel info, for every runnable registry entry
@@ -538,6 +550,50 @@ def {name}(wr, wt, x, out):
     _keep_alive(xq, xd, xs, xc)
 """
 
+_KPACKED_SRC = """
+def {name}(wr, wt, x, out):
+    n, k = x.shape
+    xq = np.empty((n, k), np.int8)
+    xd = np.empty((n, k // 256), np.float32)
+    xb = np.empty((n, k // 32), np.int32)
+    quantize_q8_K(x, xq, xd, xb)
+    xw = xq.astype(np.int16)
+    ng = wr.shape[0]
+    nb_ = k // 256
+    wp = np.int64(wr.ctypes.data)
+    gs = np.int64(wr.strides[0])
+    xqp = np.int64(xq.ctypes.data)
+    xqs = np.int64(xq.strides[0])
+    xwp = np.int64(xw.ctypes.data)
+    xws = np.int64(xw.strides[0])
+    xdp = np.int64(xd.ctypes.data)
+    xds = np.int64(xd.strides[0])
+    xbp = np.int64(xb.ctypes.data)
+    xbs = np.int64(xb.strides[0])
+    op = np.int64(out.ctypes.data)
+    osd = np.int64(out.strides[0])
+    nc_main = n - n % {NC}
+    for g in prange(ng):
+        gp = wp + g * gs
+        o = op + g * {GB}
+        for c0 in range(0, nc_main, {NC}):
+            {t_main}(gp, nb_, xwp + c0 * xws, xws, xdp + c0 * xds, xds, xbp + c0 * xbs, xbs, o + c0 * osd, osd)
+        for c0 in range(nc_main, n):
+            {t_one}(gp, nb_, xwp + c0 * xws, xws, xdp + c0 * xds, xds, xbp + c0 * xbs, xbs, o + c0 * osd, osd)
+    # rows after the last full group: native kernels on the original layout
+    tp = np.int64(wt.ctypes.data)
+    ts = np.int64(wt.strides[0])
+    ot = op + ng * {GB}
+    for r in range(wt.shape[0]):
+        for c0 in range(0, nc_main, {NC}):
+            {tail_main}(tp + r * ts, ts, xqp + c0 * xqs, xqs, xdp + c0 * xds, xds, xbp + c0 * xbs, xbs,
+                        nb_, ot + c0 * osd + r * 4, osd)
+        for c0 in range(nc_main, n):
+            {tail_one}(tp + r * ts, ts, xqp + c0 * xqs, xqs, xdp + c0 * xds, xds, xbp + c0 * xbs, xbs,
+                       nb_, ot + c0 * osd + r * 4, osd)
+    _keep_alive(xq, xw, xd, xb)
+"""
+
 
 def _prep(info: _TypeInfo, act16: bool, sum_mul: int) -> str:
     if info.act in ("q8_0", "q8_1"):
@@ -548,8 +604,10 @@ def _prep(info: _TypeInfo, act16: bool, sum_mul: int) -> str:
     return _PREP_FLOAT.format(round_fn=round_f16.py_func.__name__ if info.act == "f16" else "round_bf16")
 
 
-def _make_native(info: _TypeInfo, parallel: bool):
-    v, m = info.gemv, info.gemm
+def _make_native(info: _TypeInfo, parallel: bool, cfg: KernelConfig):
+    v, m = cfg.tiling(info, "gemv"), cfg.tiling(info, "gemm")
+    if v.act16 != m.act16:
+        raise ValueError(f"tilings of {info.name}: gemv and gemm must agree on act16")
     f = info.name
     if info.act == "q8_K":
         def kt(NR, NC):
@@ -558,7 +616,7 @@ def _make_native(info: _TypeInfo, parallel: bool):
         # n == 1 on x86: the single-row kgemv kernel, which wants the activation sums per 16
         # (int16) for Q6_K and the sub-blocks of Q4_K activations permuted (simd.Q4K_GEMV_PERM)
         dec = simd.decoder(f)
-        kg = KGEMV and v.NR == 1 and dec.has_gemv
+        kg = cfg.kgemv and v.NR == 1 and dec.has_gemv
         t_vec = _bind(kgemv_kernel(f)) if kg else kt(v.NR, 1)
         return _jit(_KNATIVE_SRC, f"_knative_{f}_{v.NR}_{m.NR}x{m.NC}", parallel, VR=v.NR, NR=m.NR, NC=m.NC,
                     t_vec=t_vec, t_gv=t_vec if v.NR == 1 else kt(1, 1), t_one=kt(1, 1),
@@ -574,10 +632,14 @@ def _make_native(info: _TypeInfo, parallel: bool):
                 t_main=tile(m.NR, m.NC, m), t_col=tile(m.NR, 1, m), t_row=tile(1, m.NC, m))
 
 
-def _make_packed(info: _TypeInfo, parallel: bool):
+def _make_packed(info: _TypeInfo, parallel: bool, cfg: KernelConfig):
     f = info.name
     fmt = simd.repacked(f)
-    NC, ch = IGEMM_NC, IGEMM_CHAINS
+    NC, ch = cfg.packed_nc, cfg.packed_chains
+    if fmt.kquant:
+        return _jit(_KPACKED_SRC, f"_kpacked_{f}_g{GROUP}_x{NC}", parallel, NC=NC, GB=GROUP * 4,
+                    t_main=_bind(kinterleaved_kernel(f, NC)), t_one=_bind(kinterleaved_kernel(f, 1)),
+                    tail_main=_bind(ktile_kernel(f, 1, NC)), tail_one=_bind(ktile_kernel(f, 1, 1)))
     return _jit(_PACKED_SRC, f"_packed_{f}_g{GROUP}_x{NC}_c{ch}", parallel,
                 prep=_prep(info, True, -fmt.offset), NC=NC, GB=GROUP * 4,
                 t_main=_bind(interleaved_kernel(f, NC, ch)), t_one=_bind(interleaved_kernel(f, 1, ch)),
@@ -585,11 +647,11 @@ def _make_packed(info: _TypeInfo, parallel: bool):
                 tail_one=_bind(tile_kernel(f, 1, 1, act16=True)))
 
 
-def _driver(info: _TypeInfo, packed: bool, parallel: bool):
-    key = (packed, parallel)
+def _driver(info: _TypeInfo, packed: bool, parallel: bool, cfg: KernelConfig):
+    key = (packed, parallel, cfg.kgemv, cfg.packed_nc, cfg.packed_chains, cfg.tilings)
     d = info.drivers.get(key)
     if d is None:
-        d = info.drivers[key] = (_make_packed if packed else _make_native)(info, parallel)
+        d = info.drivers[key] = (_make_packed if packed else _make_native)(info, parallel, cfg)
     return d
 
 
@@ -628,6 +690,37 @@ def _repack_x16(w16, block_u16, nscales, nchunks, qh_bytes, out16):
                     out16[g, b, qo + 16 * j + r] = w16[row, q0 + j]
 
 
+@nb.njit(parallel=True, **_NOPY)
+def _repack_q4k_x16(w, out):
+    """Q4_K rows (rows, nb*144) -> groups of 16 rows (rows//16, nb, 2368), see simd.Q4_Kx16.
+
+    Per super-block of a group: the rows' d and dmin (fp16 bytes as they are), the 6-bit
+    scales and mins unpacked to bytes (sub-block j, row r at 16j + r), then the quant
+    bytes of sub-block pair c as 16 chunks of 32: chunk j byte 2r+t = row r's qs[32c + 2j + t].
+    """
+    ng, nb_, bb = out.shape
+    for g in prange(ng):
+        for r in range(16):
+            row = g * 16 + r
+            src = w[row]
+            for b in range(nb_):
+                o = b * 144
+                dst = out[g, b]
+                dst[2 * r] = src[o]
+                dst[2 * r + 1] = src[o + 1]
+                dst[32 + 2 * r] = src[o + 2]
+                dst[32 + 2 * r + 1] = src[o + 3]
+                for j in range(8):
+                    sc, m = quants._scale_min_k4(j, src, o + 4)
+                    dst[64 + 16 * j + r] = sc
+                    dst[192 + 16 * j + r] = m
+                for c in range(4):
+                    for j in range(16):
+                        q = 320 + 512 * c + 32 * j + 2 * r
+                        dst[q] = src[o + 16 + 32 * c + 2 * j]
+                        dst[q + 1] = src[o + 16 + 32 * c + 2 * j + 1]
+
+
 # ---------------------------------------------------------------- public API
 @dataclass
 class PreparedWeight:
@@ -645,6 +738,7 @@ class PreparedWeight:
     info: _TypeInfo
     packed: np.ndarray | None = None   # uint8 (rows // 16, nb, group_block_bytes)
     tail: np.ndarray | None = None     # w[rows - rows % 16:] when packed
+    config: KernelConfig = None        # the knobs it was prepared with
 
     @property
     def type_name(self) -> str:
@@ -665,15 +759,20 @@ def type_name(ggml_type: int) -> str:
     return info.name if info else f"ggml type {ggml_type}"
 
 
-def prepare(w_raw: np.ndarray, ggml_type: int, k: int, repack: bool | None = None) -> PreparedWeight:
+def prepare(w_raw: np.ndarray, ggml_type: int, k: int, repack: bool | None = None,
+            config: KernelConfig | None = None) -> PreparedWeight:
     """Check a weight matrix and wrap it for :func:`matmul`.
 
     ``w_raw``: uint8 array (rows, row_bytes), each row one output feature of
     ``k`` inputs in ggml's block layout (a 1-D buffer is split into rows).
-    ``repack`` (default: module setting REPACK) builds the row-interleaved
-    copy for Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 matrices of at least 16 rows; otherwise the
-    data is used in place.
+    ``config`` (default :data:`DEFAULT_CONFIG`): the kernels' knobs; ``repack``
+    overrides its ``repack``, which builds the row-interleaved copy for types whose
+    registry entry has one (Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 / Q4_K) and matrices of
+    at least 16 rows; otherwise the data is used in place.
     """
+    cfg = config or DEFAULT_CONFIG
+    if repack is not None and repack != cfg.repack:
+        cfg = replace(cfg, repack=bool(repack))
     info = _TYPES.get(int(ggml_type))
     if info is None:
         raise ValueError(f"matmul: unsupported weight type {type_name(ggml_type)} "
@@ -696,8 +795,20 @@ def prepare(w_raw: np.ndarray, ggml_type: int, k: int, repack: bool | None = Non
         raise ValueError("matmul: weight has no rows")
     if w.strides[1] != 1 or w.strides[0] < row_bytes:
         w = np.ascontiguousarray(w)
-    pw = PreparedWeight(w, int(ggml_type), k, w.shape[0], info)
-    if (REPACK if repack is None else repack) and info.repack and w.shape[0] >= GROUP:
+    if w.flags.writeable:
+        # one compiled signature for mmap'd (read-only) and in-memory (fused, requantized) weights:
+        # a writeable and a read-only array are two numba types, i.e. two first-run compiles
+        w = w.view()
+        w.flags.writeable = False
+    pw = PreparedWeight(w, int(ggml_type), k, w.shape[0], info, config=cfg)
+    if cfg.repack and info.repacked is not None and info.repacked.kquant and w.shape[0] >= GROUP:
+        # the original rows stay in use (n = 1 runs the kgemv kernels on them): pages kept
+        ng = w.shape[0] // GROUP
+        packed = np.empty((ng, k // 256, info.repacked.block_bytes), np.uint8)
+        _par.call(_repack_q4k_x16, w[: ng * GROUP], packed)
+        pw.packed = packed
+        pw.tail = w[ng * GROUP:]
+    elif cfg.repack and info.repack and w.shape[0] >= GROUP:
         nsc, nch, nqh = info.repack
         ng = w.shape[0] // GROUP
         bb = 32 * nsc + 16 * nqh + 32 * nch
@@ -705,10 +816,32 @@ def prepare(w_raw: np.ndarray, ggml_type: int, k: int, repack: bool | None = Non
         w16 = w[: ng * GROUP]
         if w16.strides[0] % 2 or w16.ctypes.data % 2:
             w16 = np.ascontiguousarray(w16)
-        _repack_x16(w16.view(np.uint16), info.block_bytes // 2, nsc, nch, nqh, packed.view(np.uint16))
+            w16.flags.writeable = False         # the same compiled signature as a mapped tensor
+        _par.call(_repack_x16, w16.view(np.uint16), info.block_bytes // 2, nsc, nch, nqh, packed.view(np.uint16))
         pw.packed = packed
         pw.tail = w[ng * GROUP:]
+        drop_file_pages(w16)
     return pw
+
+
+def drop_file_pages(a: np.ndarray) -> None:
+    """After repacking rows of a read-only file mapping (a GGUF's mmap), tell the kernel their pages
+    need not stay resident: the process then holds the repacked copy, not both (~ the weights' size
+    less RSS). A page touched again is read back from the page cache. Anonymous memory is left alone."""
+    base = a
+    while base is not None and not isinstance(base, mmap.mmap):
+        base = getattr(base, "base", None) if not isinstance(base, memoryview) else base.obj
+    if base is None or not hasattr(base, "madvise") or a.size == 0:
+        return
+    start = a.ctypes.data - np.frombuffer(base, np.uint8, count=1).ctypes.data
+    end = start + a.nbytes
+    page = mmap.PAGESIZE
+    lo, hi = -(-start // page) * page, end // page * page       # whole pages inside the rows only
+    if hi > lo:
+        try:
+            base.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+        except (OSError, ValueError, AttributeError):
+            pass
 
 
 def matmul(pw: PreparedWeight, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
@@ -738,9 +871,12 @@ def matmul(pw: PreparedWeight, x: np.ndarray, out: np.ndarray | None = None) -> 
         raise ValueError("matmul: out must not overlap x")
     if n == 0:
         return out
-    parallel = pw.nbytes * max(1, n >> 2) >= PARALLEL_MIN_BYTES and _num_threads() > 1
-    if pw.packed is not None:
-        _driver(pw.info, True, parallel)(pw.packed, pw.tail, x, out)
+    cfg = pw.config
+    parallel = pw.nbytes * max(1, n >> 2) >= cfg.parallel_min_bytes and _num_threads() > 1
+    packed = pw.packed is not None and not (n == 1 and pw.info.repacked.kquant and cfg.kgemv)
+    args = (pw.packed, pw.tail, x, out) if packed else (pw.w, x, out)
+    if parallel:
+        _par.call(_driver(pw.info, packed, True, cfg), *args)   # one thread at a time under workqueue
     else:
-        _driver(pw.info, False, parallel)(pw.w, x, out)
+        _driver(pw.info, packed, False, cfg)(*args)
     return out

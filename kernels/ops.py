@@ -16,6 +16,8 @@ from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
 
+from . import parallel as _par
+
 _opts = dict(cache=True, fastmath=False, nogil=True)
 # reductions (dot products over a head, sums of squares) only vectorize when LLVM may
 # reassociate float adds; the order changes the last bits, not the result's meaning
@@ -477,8 +479,10 @@ def attention(q, k, v, pos, seq, scale, window, softcap, out):
     On one thread, or for a single token, the serial driver runs: launching a parallel region
     costs tens of microseconds, more than a decode step's attention over a short context.
     """
-    fn = _attention_parallel if q.shape[0] > 1 and nb.get_num_threads() > 1 else _attention_serial
-    return fn(q, k.q, k.d, k.kind, v.q, v.d, v.kind, pos, seq, scale, window, softcap, out)
+    args = (q, k.q, k.d, k.kind, v.q, v.d, v.kind, pos, seq, scale, window, softcap, out)
+    if q.shape[0] > 1 and nb.get_num_threads() > 1:
+        return _par.call(_attention_parallel, *args)
+    return _attention_serial(*args)
 
 
 # ------------------------------------------------------------------ residual + norm, gated activations

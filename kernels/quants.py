@@ -1176,7 +1176,9 @@ def _q_rows_q6_k(S, D):
 
 @njit(**_JIT)
 def _best_index_int8(kv, x):
-    """Index of the table value nearest x (ggml's best_index_int8: bisection, ties go up)."""
+    """Index of the table value nearest x (ggml's best_index_int8: bisection, ties go up).
+
+    ``kv``: the 16 table values as float32 (exact), so every comparison is a float32 one."""
     if x <= kv[0]:
         return 0
     if x >= kv[15]:
@@ -1184,12 +1186,12 @@ def _best_index_int8(kv, x):
     ml = 0
     mu = 15
     while mu - ml > 1:
-        mav = (ml + mu) // 2
+        mav = (ml + mu) >> 1
         if x < kv[mav]:
             mu = mav
         else:
             ml = mav
-    return mu - 1 if x - np.float32(kv[mu - 1]) < np.float32(kv[mu]) - x else mu
+    return mu - 1 if x - kv[mu - 1] < kv[mu] - x else mu
 
 
 @njit(**_JIT)
@@ -1206,7 +1208,7 @@ def _iq4_block_scale(x, xo, kv, L, lo, ntry):
         for j in range(32):
             L[lo + j] = 0
         return np.float32(0.0)
-    v0 = np.float32(kv[0])
+    v0 = kv[0]
     d = -mx / v0 if ntry > 0 else mx / v0
     id_ = np.float32(1.0) / d
     sumqx = np.float32(0.0)
@@ -1215,19 +1217,19 @@ def _iq4_block_scale(x, xo, kv, L, lo, ntry):
         v = x[xo + j]
         l = _best_index_int8(kv, id_ * v)
         L[lo + j] = l
-        q = np.float32(kv[l])
+        q = kv[l]
         w = v * v
         sumqx += w * q * v
         sumq2 += w * q * q
     d = sumqx / sumq2 if sumq2 > 0 else np.float32(0.0)
     best = d * sumqx
     for itry in range(-ntry, ntry + 1):
-        id_ = np.float32(itry + np.int64(kv[0])) / mx
+        id_ = (np.float32(itry) + kv[0]) / mx      # (itry + values[0]) in int, exact in float32
         sumqx = np.float32(0.0)
         sumq2 = np.float32(0.0)
         for j in range(32):
             v = x[xo + j]
-            q = np.float32(kv[_best_index_int8(kv, id_ * v)])
+            q = kv[_best_index_int8(kv, id_ * v)]
             w = v * v
             sumqx += w * q * v
             sumq2 += w * q * q
@@ -1243,9 +1245,12 @@ def _pack_iq4(dst, q, L, lo):
         dst[q + j] = (L[lo + j] | (L[lo + 16 + j] << 4)) & 0xFF
 
 
+_KV_IQ4NL_F32 = KVALUES_IQ4NL.astype(np.float32)
+
+
 @njit(**_JIT)
 def _q_rows_iq4_nl(S, D):
-    kv = KVALUES_IQ4NL
+    kv = _KV_IQ4NL_F32
     for r in range(S.shape[0]):
         x = S[r]
         dst = D[r]
@@ -1263,7 +1268,7 @@ def _q_rows_iq4_nl(S, D):
 
 @njit(**_JIT)
 def _q_rows_iq4_xs(S, D):
-    kv = KVALUES_IQ4NL
+    kv = _KV_IQ4NL_F32
     for r in range(S.shape[0]):
         x = S[r]
         dst = D[r]
@@ -1527,7 +1532,7 @@ TYPES: dict = {e.ggml_type: e for e in (
     _entry(GT.Q3_K, QK_K, 110, GT.Q8_K, dict(hmask=0, qs=32, scales=96, d=108),
            _dq_row_q3_k, _dq_rows_q3_k, _q_row_q3_k, _q_rows_q3_k, _F.Q3_K),
     _entry(GT.Q4_K, QK_K, 144, GT.Q8_K, dict(d=0, dmin=2, scales=4, qs=16),
-           _dq_row_q4_k, _dq_rows_q4_k, _q_row_q4_k, _q_rows_q4_k, _F.Q4_K),
+           _dq_row_q4_k, _dq_rows_q4_k, _q_row_q4_k, _q_rows_q4_k, _F.Q4_K, repacked=_F.Q4_Kx16),
     _entry(GT.Q5_K, QK_K, 176, GT.Q8_K, dict(d=0, dmin=2, scales=4, qh=16, qs=48),
            _dq_row_q5_k, _dq_rows_q5_k, _q_row_q5_k, _q_rows_q5_k, _F.Q5_K),
     _entry(GT.Q6_K, QK_K, 210, GT.Q8_K, dict(ql=0, qh=128, scales=192, d=208),

@@ -667,6 +667,7 @@ class Interleaved:
     affine = False
     offset = 0            # constant subtracted from every quant (via the activation sums)
     shape = (1, 8, 0)     # (fp16 scales per row, 2-byte quant chunks per row, bytes of 5th bits) per block
+    kquant = False        # a 256-element super-block layout (kinterleaved_kernel), not a 32-block one
 
     def pairs(self, e: Emitter, bp):
         """Yield (j, <32 x i16>) for j in 0..15 (any order): rows' (q[2j], q[2j+1]) pairs.
@@ -811,6 +812,100 @@ def interleaved_kernel(fmt_name: str, NC: int, chains: int = 4):
         return sig, codegen
 
     tile.kernel_name = f"itile_{fmt_name}_g{G}_x{NC}_c{chains}_pf{PREFETCH_PACKED}"
+    return tile
+
+
+class Q4_Kx16(Interleaved):
+    """Q4_K repacked for prompt processing: one super-block of GROUP rows per 2368 bytes.
+
+    d[16], dmin[16] (fp16), the 6-bit scales and mins unpacked to bytes (sub-block j,
+    row r at 16j + r), then the quants of sub-blocks (2c, 2c+1) as 16 chunks of 32 B:
+    chunk j byte 2r+t = row r's qs[32c + 2j + t], whose low nibble is element 2j+t of
+    sub-block 2c and high nibble element 2j+t of sub-block 2c+1 (Q4_K's own pairing).
+    Unsigned quants, one int32 sum per (row, sub-block) times its scale; the mins go
+    through the activations' sums per 32.
+    """
+
+    name, block_bytes, kquant = "Q4_K", 64 + 256 + 2048, True
+    layout = dict(d=0, dmin=32, scales=64, mins=192, qs=320)
+
+    def pairs(self, e, bp, c):
+        """Yield (sub-block, j, <32 x i16>) for sub-blocks 2c, 2c+1: rows' (q[2j], q[2j+1])."""
+        for j in range(16):
+            z = e.b.zext(e.load(bp, c64(self.layout["qs"] + 512 * c + 32 * j), vec(I8, 32)), vec(I16, 32))
+            yield 2 * c, j, e.b.and_(z, e.const_vec(I16, 32, 0x0F))
+            yield 2 * c + 1, j, e.b.lshr(z, e.const_vec(I16, 32, 4))
+
+
+@lru_cache(maxsize=None)
+def kinterleaved_kernel(fmt_name: str, NC: int):
+    """Intrinsic for GROUP rows of a repacked K-quant (:class:`Q4_Kx16`) x NC Q8_K activation rows.
+
+    Signature (int64 addresses / sizes)::
+
+        tile(wg, nb, xq, xq_stride, xd, xd_stride, xb, xb_stride, out, out_stride)
+
+    ``xq`` int16 activations, ``xd`` float32 scale per 256, ``xb`` int32 sums per 32;
+    ``nb`` super-blocks. Per super-block and activation row: one <16 x i32> pair-product
+    sum per sub-block (``vpdpwssd`` with a broadcast activation pair), times the rows'
+    sub-block scales, summed in int32 (ggml's integers exactly); the mins as
+    sum_j min_j * xsum_j; then d_w*d_x and dmin_w*d_x in float. Writes GROUP floats per row.
+    """
+    fmt = repacked(fmt_name)
+    G = GROUP
+    L = fmt.layout
+
+    @intrinsic
+    def tile(typingctx, wg, nb, xq, xq_stride, xd, xd_stride, xb, xb_stride, out, out_stride):
+        sig = types.void(*([types.int64] * 10))
+
+        def codegen(context, builder, signature, args):
+            e = Emitter(builder)
+            b = builder
+            (wg_, nb_, xq_, xqs_, xd_, xds_, xb_, xbs_, out_, os_) = args
+            wp, xqp, xdp, xbp, op = (b.inttoptr(a, P8) for a in (wg_, xq_, xd_, xb_, out_))
+            zero_i = ir.Constant(vec(I32, G), None)
+            zero_f = ir.Constant(vec(F32, G), None)
+
+            def body(i, accs):
+                bp = e.ptr(wp, b.mul(i, c64(fmt.block_bytes)))
+                xbase = [e.ptr(xqp, b.add(b.mul(xqs_, c64(c)), b.mul(i, c64(512)))) for c in range(NC)]
+                sc = [b.zext(e.load(bp, c64(L["scales"] + 16 * j), vec(I8, G)), vec(I32, G)) for j in range(8)]
+                isum = [zero_i] * NC
+                ch = max(1, 4 // NC)           # independent int32 chains per (sub-block, activation row)
+                for cc in range(4):
+                    # sub-blocks 2cc, 2cc+1: 2*ch*NC independent chains, finished (times the scales) at once
+                    part = [[zero_i] * (2 * ch) for _ in range(NC)]
+                    for sub, j, pv in fmt.pairs(e, bp, cc):
+                        u = (sub & 1) * ch + j % ch
+                        for c in range(NC):
+                            xv = b.bitcast(e.splat(e.load(xbase[c], c64(64 * sub + 4 * j), I32), G), vec(I16, 2 * G))
+                            part[c][u] = b.add(part[c][u], e.dot_pairs(pv, xv))
+                    for c in range(NC):
+                        for t in (0, 1):
+                            s = functools.reduce(b.add, [e.freeze(p) for p in part[c][t * ch:(t + 1) * ch]])
+                            isum[c] = b.add(isum[c], b.mul(s, sc[2 * cc + t]))
+                mn = [b.zext(e.load(bp, c64(L["mins"] + 16 * j), vec(I8, G)), vec(I32, G)) for j in range(8)]
+                dw = b.fpext(e.load(bp, c64(L["d"]), vec(F16, G)), vec(F32, G))
+                dm = b.fpext(e.load(bp, c64(L["dmin"]), vec(F16, G)), vec(F32, G))
+                new = []
+                for c in range(NC):
+                    xb8 = e.load(xbp, b.add(b.mul(xbs_, c64(c)), b.mul(i, c64(32))), vec(I32, 8))
+                    msum = functools.reduce(b.add, [b.mul(mn[j], e.splat(b.extract_element(xb8, c32(j)), G))
+                                                    for j in range(8)])
+                    dx = e.splat(e.load(xdp, b.add(b.mul(xds_, c64(c)), b.mul(i, c64(4))), F32), G)
+                    new.append(e.fma(b.sitofp(isum[c], vec(F32, G)), e.fmul(dw, dx), accs[2 * c]))
+                    new.append(e.fma(b.sitofp(msum, vec(F32, G)), e.fmul(dm, dx), accs[2 * c + 1]))
+                return new
+
+            accs = counted_loop(b, nb_, [zero_f] * (2 * NC), body)
+            for c in range(NC):
+                e.store(b.fsub(accs[2 * c], accs[2 * c + 1]), op, b.mul(os_, c64(c)), align=4)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    tile.kernel_name = f"kitile_{fmt_name}_g{G}_x{NC}_v2"
     return tile
 
 

@@ -17,7 +17,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from conftest import REFERENCE, need_reference
+from conftest import REFERENCE, ROOT, need_reference
 from test_inference import check_first_step, check_greedy
 from tinyinfer.engine import Engine
 from tinyinfer.fetch import _sha256, cache_dir
@@ -86,6 +86,13 @@ def synthetic(request, synthetic_dir):
     arch = request.param
     eng = Engine(synthetic_dir / f"synthetic-{arch}-F16.gguf", n_ctx=4096, n_batch=64, n_threads=2)
     return arch, eng, _reference("arch", f"{arch}-F16")
+
+
+def test_synthetic_prompt_tokens(synthetic):
+    """llama-bpe (Llama 3, SmolLM3), qwen2 (Qwen3) and Phi-3's SentencePiece tokenize the prompts as llama.cpp."""
+    arch, eng, (refs, _) = synthetic
+    for r in refs:
+        assert eng.tokenizer.encode(r["prompt"], special=True) == r["prompt_ids"], (arch, r["prompt"])
 
 
 def test_synthetic_first_step_logits(synthetic):
@@ -206,3 +213,35 @@ def test_inspect_kv_size_is_the_models_cache(capsys, synthetic_dir, qwen25_path)
     # phi3: llama.cpp ignores the sliding window (Phi-3-mini files carry 2047): full attention everywhere
     swa, note = swa_layers("phi3", 32, 2047, None)
     assert not any(swa) and "ignored" in note
+
+
+@pytest.mark.parametrize("key,value,match", [
+    ("llama.rope.dimension_count", 96, r"rope.dimension_count \(96\) must be even and at most the head dim \(64\)"),
+    ("llama.attention.head_count_kv", 3, r"head_count \(4\) is not a multiple of head_count_kv \(3\)"),
+])
+def test_bad_hparams_are_named(llama3_file, key, value, match):
+    llama3_file.metadata[key] = value
+    _one_line_error(llama3_file, match)
+
+
+def test_cli_refuses_a_real_file_missing_a_tensor(tmp_path):
+    """A real phi3 file written without blk.1.attn_qkv.weight (the generator with that tensor left out):
+    the CLI says so in one line and exits 1."""
+    tool = need_reference("..", "tools", "make_arch_models.py")
+    out = tmp_path / "phi3-missing.gguf"
+    script = (
+        "import importlib.util, sys\n"
+        f"spec = importlib.util.spec_from_file_location('mam', {str(tool)!r})\n"
+        "mam = importlib.util.module_from_spec(spec); spec.loader.exec_module(mam)\n"
+        "orig = mam.gguf.GGUFWriter.add_tensor\n"
+        "def add_tensor(self, name, *a, **k):\n"
+        "    if name != 'blk.1.attn_qkv.weight':\n"
+        "        return orig(self, name, *a, **k)\n"
+        "mam.gguf.GGUFWriter.add_tensor = add_tensor\n"
+        f"mam.build('phi3', {str(REFERENCE / 'vocab')!r}, {str(out)!r})\n")
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=300)
+    p = subprocess.run([sys.executable, "-m", "tinyinfer", "-m", str(out), "-p", "Hi", "-n", "1"],
+                       capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert p.returncode == 1
+    err = p.stderr.strip().splitlines()
+    assert len(err) == 1 and "missing tensor 'blk.1.attn_qkv.weight'" in err[0], p.stderr

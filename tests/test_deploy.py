@@ -161,7 +161,13 @@ def test_manifests_wire_the_server(rendered):
     serve_cfg = yaml.safe_load(ray["spec"]["serveConfigV2"])
     (appcfg,) = serve_cfg["applications"]
     module, _, attr = appcfg["import_path"].partition(":")
-    assert module.startswith("tinyinfer.") and attr
+    import importlib
+    builder = getattr(importlib.import_module(module), attr)
+    from tinyinfer.distributed.serve import RayServeOptions, app as ray_app
+    assert builder is ray_app
+    opts = RayServeOptions.from_args(appcfg["args"])        # the args the builder gets are all known
+    assert opts.replicas * opts.threads <= sum(int(g["rayStartParams"]["num-cpus"]) * g["replicas"]
+                                               for g in ray["spec"]["rayClusterConfig"]["workerGroupSpecs"])
 
 
 def test_checkov_finds_nothing_unexplained(rendered, tmp_path):

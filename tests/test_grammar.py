@@ -215,6 +215,10 @@ def test_cli_grammar_flags(smollm2_path, tmp_path):
              "-n", "4", "--temp", "0")
     assert r.returncode == 0, r.stderr
     assert r.stdout.rstrip("\n") in ("yes", "no")
+    r = _cli(smollm2_path, "-p", "Equations:\n", "--grammar-file", str(GRAMMARS / "arithmetic.gbnf"), "-n", "16",
+             "-s", "4")
+    assert r.returncode == 0, r.stderr
+    assert _arith_prefix_ok(_arith_parser(), r.stdout[:-1]), r.stdout
     r = _cli(smollm2_path, "-p", "Groceries:\n", "--grammar", _gbnf("list"), "-n", "16", "-s", "3")
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("- ") and LIST_PREFIX.match(r.stdout[:-1]), r.stdout
@@ -232,3 +236,70 @@ def test_cli_bad_grammar_one_line(smollm2_path, tmp_path):
         assert r.returncode == 1
         err = [x for x in r.stderr.splitlines() if x.startswith("error:")]
         assert len(err) == 1 and ("grammar" in err[0] or "schema" in err[0]), r.stderr
+
+
+# --- tool calls: parsing per family, streaming hold-back, forced-call grammars (no model) -------------
+
+WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+LLAMA3_TEMPLATE = "{{ '<|start_header_id|>ipython<|end_header_id|>' }}{% if tools %}parameters{% endif %}"
+
+
+@pytest.mark.parametrize("template, text, content", [
+    ("{% if tools %}<tool_call>{% endif %}",
+     'Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>', "Let me check."),
+    (LLAMA3_TEMPLATE, '{"name": "get_weather", "parameters": {"city": "Paris"}}', ""),
+    (LLAMA3_TEMPLATE, '<|python_tag|>{"name": "get_weather", "parameters": {"city": "Paris"}}', ""),
+    ("{{ messages }}", '```json\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n```', ""),
+    ("{{ messages }}", '{"name": "get_weather", "arguments": "{\\"city\\": \\"Paris\\"}"}', ""),
+])
+def test_tool_calls_parsed_per_family(template, text, content):
+    from tinyinfer.toolcall import ToolSet, ToolStream
+    ts = ToolSet([WEATHER], None, template)
+    got, calls = ts.parse(text)
+    assert got == content and len(calls) == 1
+    assert calls[0]["function"] == {"name": "get_weather", "arguments": '{"city": "Paris"}'}
+    stream = ToolStream(ts)                 # fed 3 characters at a time, as tokens arrive
+    out = "".join(stream.feed(text[i:i + 3]) for i in range(0, len(text), 3))
+    rest, scalls = stream.finish()
+    assert (out + rest).strip() == content and [c["function"] for c in scalls] == [calls[0]["function"]]
+
+
+def test_tool_text_that_is_not_a_call_stays_content():
+    from tinyinfer.toolcall import ToolSet, ToolStream
+    ts = ToolSet([WEATHER], "auto", "<tool_call> tools")
+    for text in ('It is sunny {"name": "get_weather"}', '{"a": 1}',
+                 '<tool_call>\n{"name": "unknown_tool", "arguments": {}}\n</tool_call>'):
+        assert ts.parse(text) == (text, [])
+        stream = ToolStream(ts)
+        out = "".join(stream.feed(text[i:i + 2]) for i in range(0, len(text), 2))
+        rest, calls = stream.finish()
+        assert out + rest == text and calls == []
+
+
+def test_forced_call_grammar_accepts_only_valid_calls(smollm2_path):
+    from tinyinfer.tokenizer import Tokenizer
+    from tinyinfer.toolcall import ToolSet
+    tok = Tokenizer.from_file(smollm2_path)
+    for template, good in (("<tool_call> tools", '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}'
+                                                 '\n</tool_call>'),
+                           (LLAMA3_TEMPLATE, '{"name": "get_weather", "parameters": {"city": "Oslo"}}')):
+        g = ToolSet([WEATHER], {"type": "function", "function": {"name": "get_weather"}}, template).call_grammar()
+        for text, ok in ((good, True), (good.replace("Oslo", '5" '), False), (good.replace("get_weather", "x"), False)):
+            m = g.matcher(tok)
+            accepted = all(m.accept(t) for t in tok.encode(text, add_bos=False))
+            assert (accepted and m.is_accepting()) == ok, text
+
+
+def test_generic_template_gets_tools_in_a_system_message():
+    from tinyinfer.toolcall import ToolSet
+    ts = ToolSet([WEATHER], "auto", "{% for m in messages %}{{ m.content }}{% endfor %}")
+    msgs = ts.messages([{"role": "user", "content": "hi"},
+                        {"role": "assistant", "content": None, "tool_calls": [
+                            {"id": "1", "type": "function",
+                             "function": {"name": "get_weather", "arguments": '{"city": "P"}'}}]},
+                        {"role": "tool", "tool_call_id": "1", "content": "sunny"}])
+    assert msgs[0]["role"] == "system" and "get_weather" in msgs[0]["content"] and ts.template_kwargs() == {}
+    assert msgs[2] == {"role": "assistant",
+                       "content": '<tool_call>\n{"name": "get_weather", "arguments": {"city": "P"}}\n</tool_call>'}
+    assert msgs[3] == {"role": "user", "content": "<tool_response>\nsunny\n</tool_response>"}

@@ -11,7 +11,7 @@ import json
 
 import pytest
 
-from test_server import ALIAS, AUTH, KEY, _start_server, _stop
+from test_server import ALIAS, _ollama, _openai, _start_server, _stop
 
 httpx = pytest.importorskip("httpx")
 
@@ -21,16 +21,6 @@ def server(smollm2_path, tmp_path_factory):
     srv = _start_server(smollm2_path, tmp_path_factory.mktemp("structured"))
     yield srv
     _stop(srv.proc)
-
-
-def _openai(srv):
-    openai = pytest.importorskip("openai")
-    return openai.OpenAI(base_url=srv.url + "/v1", api_key=KEY, max_retries=0, timeout=120)
-
-
-def _ollama(srv):
-    ollama = pytest.importorskip("ollama")
-    return ollama.Client(host=srv.url, headers=AUTH, timeout=120)
 
 
 ASK = "Answer in JSON: describe your favourite animal, its name, age, food and friends."
@@ -120,3 +110,99 @@ def test_bad_grammar_or_schema_is_400(server, path, body, param):
     err = r.json()["error"]
     msg = err["message"] if isinstance(err, dict) else err
     assert param in msg and "\n" not in msg, msg
+
+
+# --- tool calls, Qwen2.5 (its template takes tools; <tool_call> replies) ----------------------------
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "Get the current weather in a city",
+    "parameters": {"type": "object", "properties": {
+        "city": {"type": "string"}, "unit": {"enum": ["celsius", "fahrenheit"]}}, "required": ["city", "unit"]}}}
+TIME = {"type": "function", "function": {
+    "name": "get_time", "description": "Current local time in a timezone",
+    "parameters": {"type": "object", "properties": {"tz": {"type": "string"}}, "required": ["tz"]}}}
+QUESTION = [{"role": "user", "content": "What's the weather like in Paris today?"}]
+
+
+@pytest.fixture(scope="module")
+def qwen_server(qwen25_path, tmp_path_factory):
+    srv = _start_server(qwen25_path, tmp_path_factory.mktemp("qwen"), "-t", "2")
+    yield srv
+    _stop(srv.proc)
+
+
+def _check_weather_call(call):
+    jsonschema = pytest.importorskip("jsonschema")
+    assert call.type == "function" and call.function.name == "get_weather" and call.id
+    args = json.loads(call.function.arguments)
+    jsonschema.validate(args, WEATHER["function"]["parameters"])
+    return args
+
+
+def test_forced_tool_call_validates(qwen_server):
+    client = _openai(qwen_server)
+    for choice, temp in (({"type": "function", "function": {"name": "get_weather"}}, 0.0), ("required", 1.0)):
+        r = client.chat.completions.create(model=ALIAS, messages=QUESTION, tools=[WEATHER, TIME], tool_choice=choice,
+                                           max_tokens=48, temperature=temp, seed=11)
+        c = r.choices[0]
+        assert c.finish_reason == "tool_calls" and c.message.tool_calls, c
+        for call in c.message.tool_calls:
+            if choice == "required" and call.function.name == "get_time":
+                json.loads(call.function.arguments)["tz"]
+            else:
+                _check_weather_call(call)
+
+
+def test_auto_call_then_answer_and_stream(qwen_server):
+    client = _openai(qwen_server)
+    r = client.chat.completions.create(model=ALIAS, messages=QUESTION, tools=[WEATHER], max_tokens=48, temperature=0)
+    c = r.choices[0]
+    assert c.finish_reason == "tool_calls" and len(c.message.tool_calls) == 1, c.message
+    args = _check_weather_call(c.message.tool_calls[0])
+    assert "paris" in args["city"].lower()
+    # streaming returns the same call (as a tool_calls delta)
+    parts = list(client.chat.completions.create(model=ALIAS, messages=QUESTION, tools=[WEATHER], max_tokens=48,
+                                                temperature=0, stream=True))
+    deltas = [tc for p in parts if p.choices for tc in (p.choices[0].delta.tool_calls or [])]
+    assert len(deltas) == 1 and deltas[0].function.name == "get_weather"
+    assert json.loads(deltas[0].function.arguments) == args
+    assert parts[-1].choices[0].finish_reason == "tool_calls"
+    # the tool's result goes back through the template; the model answers from it
+    call = c.message.tool_calls[0]
+    follow = [{"role": "system", "content": "You are a helpful assistant. Use the tools, then answer the user in "
+                                            "one sentence."}, *QUESTION,
+              {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+              {"role": "tool", "tool_call_id": call.id, "content": "Paris: 18 degrees Celsius, sunny."}]
+    # tool_choice "none" asks for the answer (with "auto" this 0.5B coder model tends to call again)
+    r = client.chat.completions.create(model=ALIAS, messages=follow, tools=[WEATHER], tool_choice="none",
+                                       max_tokens=40, temperature=0, extra_body={"repeat_penalty": 1.0})
+    c = r.choices[0]
+    assert c.finish_reason == "stop" and not c.message.tool_calls, c.message
+    assert "18" in c.message.content, c.message.content
+
+
+def test_ollama_tool_call(qwen_server):
+    client = _ollama(qwen_server)
+    r = client.chat(model=ALIAS, messages=QUESTION, tools=[WEATHER], options={"num_predict": 48, "temperature": 0})
+    calls = r.message.tool_calls
+    assert calls and calls[0].function.name == "get_weather", r.message
+    pytest.importorskip("jsonschema").validate(dict(calls[0].function.arguments), WEATHER["function"]["parameters"])
+    streamed = [tc for p in client.chat(model=ALIAS, messages=QUESTION, tools=[WEATHER], stream=True,
+                                        options={"num_predict": 48, "temperature": 0})
+                for tc in (p.message.tool_calls or [])]
+    assert [(tc.function.name, dict(tc.function.arguments)) for tc in streamed] == \
+        [(calls[0].function.name, dict(calls[0].function.arguments))]
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"tools": [{"type": "retrieval"}]}, "tools"),
+    ({"tools": [{"type": "function", "function": {"description": "no name"}}]}, "tools"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "objec"}}}]}, "tools"),
+    ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
+    ({"tools": [WEATHER], "tool_choice": "sometimes"}, "tool_choice"),
+    ({"tool_choice": "required"}, "tool_choice"),
+])
+def test_unsupported_tool_shapes_are_400(server, body, param):
+    r = server.post("/v1/chat/completions", {"messages": QUESTION, "max_tokens": 4, **body})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param and "\n" not in r.json()["error"]["message"]

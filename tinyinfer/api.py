@@ -13,6 +13,7 @@ import numpy as np
 from .chat import ChatFormatter, chat_prompt_ids
 from .engine import Engine, Step
 from .grammar import Grammar, grammar_for_response_format
+from .toolcall import ToolSet, ToolStream
 from .sampler import SamplerParams
 
 #: llama-cpp-python's name for a grammar object: ``LlamaGrammar.from_string(gbnf)``,
@@ -23,7 +24,8 @@ LlamaGrammar = Grammar
 class Llama:
     def __init__(self, model_path: str, *, n_ctx: int = 512, n_batch: int = 512, n_threads: Optional[int] = None,
                  seed: int = -1, vocab_only: bool = False, logits_all: bool = False, verbose: bool = True,
-                 chat_format: Optional[str] = None, cache_type_k: str = "f16", cache_type_v: str = "f16",
+                 chat_format: Optional[str] = None, split: int = 1,
+                 cache_type_k: str = "f16", cache_type_v: str = "f16",
                  type_k=None, type_v=None, context_shift: bool = False, n_keep: int = 0, **_ignored):
         """cache_type_k / cache_type_v: the KV cache's types, "f16" (default), "q8_0" or "q4_0" (``type_k`` /
         ``type_v``, llama-cpp-python's names, take those names or ggml type numbers 1, 8, 2).
@@ -36,7 +38,7 @@ class Llama:
                               vocab_only=vocab_only, logits_all=logits_all, verbose=verbose,
                               type_k=_cache_type(type_k if type_k is not None else cache_type_k),
                               type_v=_cache_type(type_v if type_v is not None else cache_type_v),
-                              context_shift=context_shift, n_keep=n_keep)
+                              context_shift=context_shift, n_keep=n_keep, split=split)
         tok = self._engine.tokenizer
         self.metadata = {k: v for k, v in self._engine.gguf.metadata.items() if isinstance(v, (str, int, float))}
         self.chat_formatter = ChatFormatter.for_tokenizer(self._engine.gguf.metadata, tok, chat_format)
@@ -172,17 +174,17 @@ class Llama:
                                model: Optional[str] = None, logit_bias: Optional[dict] = None,
                                logprobs: Optional[bool] = None, top_logprobs: Optional[int] = None,
                                response_format: Optional[dict] = None, grammar: Optional[Grammar] = None,
-                               tools: Optional[List[dict]] = None, **_ignored):
-        if grammar is None:
-            grammar = grammar_for_response_format(response_format)
-        ids = chat_prompt_ids(self.chat_formatter, self._engine.tokenizer, messages, tools=tools)
+                               tools: Optional[List[dict]] = None, tool_choice=None, **_ignored):
+        ids, req_grammar, toolset = prepare_chat(self.chat_formatter, self._engine.tokenizer, messages, tools,
+                                                 tool_choice, response_format)
+        grammar = grammar or req_grammar
         chunks = self.create_completion(
             ids, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
             typical_p=typical_p, stream=True, stop=stop, seed=seed, presence_penalty=presence_penalty,
             frequency_penalty=frequency_penalty, repeat_penalty=repeat_penalty, mirostat_mode=mirostat_mode,
             mirostat_tau=mirostat_tau, mirostat_eta=mirostat_eta, model=model, logit_bias=logit_bias,
             logprobs=(top_logprobs or 0) if logprobs else None, grammar=grammar)
-        it = _chat_chunks(chunks)
+        it = tool_chat_chunks(_chat_chunks(chunks), toolset)
         if stream:
             return it
         return merge_chat(list(it), dict(self._last_usage))
@@ -212,6 +214,48 @@ def _cache_type(v) -> str:
 
 
 # -- shared with the HTTP server (tinyinfer/server): OpenAI-shaped chunks from Engine.generate ----------
+
+def prepare_chat(formatter, tok, messages, tools=None, tool_choice=None, response_format=None, toolset=None):
+    """A chat request -> (prompt ids, grammar or None, ToolSet): tools rendered through the model's own
+    template, a forced tool call (tool_choice required / named) or ``response_format`` as the grammar.
+    Bad tools, tool_choice or response_format raise ToolError / GrammarError (one line)."""
+    if toolset is None:
+        toolset = ToolSet(tools, tool_choice, getattr(formatter, "source", ""))
+    ids = chat_prompt_ids(formatter, tok, toolset.messages(messages), **toolset.template_kwargs())
+    grammar = toolset.call_grammar()
+    if grammar is None and response_format is not None:
+        grammar = response_format if isinstance(response_format, Grammar) else \
+            grammar_for_response_format(response_format)
+    return ids, grammar, toolset
+
+
+def tool_chat_chunks(chunks: Iterator[dict], toolset: ToolSet) -> Iterator[dict]:
+    """``chat.completion.chunk`` objects with tool calls parsed out of the content: content streams
+    while it cannot be a call; calls come as ``tool_calls`` deltas (one per call, complete arguments)
+    before the last chunk, whose finish_reason is then "tool_calls"."""
+    if not toolset.active:
+        yield from chunks
+        return
+    ts = ToolStream(toolset)
+    for c in chunks:
+        ch = c["choices"][0]
+        delta = ch["delta"]
+        if "content" in delta:
+            out = ts.feed(delta["content"])
+            if out or ch["logprobs"]:
+                yield {**c, "choices": [{**ch, "delta": {"content": out}}]}
+            continue
+        if ch["finish_reason"] is None:
+            yield c
+            continue
+        rest, calls = ts.finish()
+        if rest:
+            yield {**c, "choices": [{"index": 0, "delta": {"content": rest}, "logprobs": None, "finish_reason": None}]}
+        for i, call in enumerate(calls):
+            yield {**c, "choices": [{"index": 0, "logprobs": None, "finish_reason": None,
+                                     "delta": {"tool_calls": [{"index": i, **call}]}}]}
+        finish = "tool_calls" if calls else ch["finish_reason"]
+        yield {**c, "choices": [{**ch, "finish_reason": finish}]}
 
 @dataclass
 class GenStats:
@@ -356,12 +400,17 @@ _chat_chunks = chat_chunks
 def merge_chat(parts: list, usage: Optional[dict] = None) -> dict:
     """One ``chat.completion`` object from its chunks."""
     text = "".join(p["choices"][0]["delta"].get("content", "") for p in parts)
+    calls = [{k: v for k, v in tc.items() if k != "index"}
+             for p in parts for tc in p["choices"][0]["delta"].get("tool_calls", [])]
+    message = {"role": "assistant", "content": text}
+    if calls:
+        message = {"role": "assistant", "content": text or None, "tool_calls": calls}
     lps = [x for p in parts if p["choices"][0]["logprobs"] for x in p["choices"][0]["logprobs"]["content"]]
     first = parts[0]
     finish = next((p["choices"][0]["finish_reason"] for p in reversed(parts) if p["choices"][0]["finish_reason"]),
                   None)
     return {"id": first["id"], "object": "chat.completion", "created": first["created"], "model": first["model"],
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+            "choices": [{"index": 0, "message": message,
                          "logprobs": {"content": lps} if lps else None, "finish_reason": finish,
                          **_truncated(parts)}],
             "usage": usage}

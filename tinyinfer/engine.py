@@ -77,7 +77,11 @@ class Step:
 
 def set_threads(n_threads: Optional[int]) -> int:
     import numba
-    n = n_threads if n_threads and n_threads > 0 else (os.cpu_count() or 1)
+    if n_threads and n_threads > 0:
+        n = n_threads
+    else:                          # the performance cores (big.LITTLE aware), as llama.cpp's default
+        from .sysinfo import performance_cores
+        n = performance_cores()
     n = max(1, min(n, numba.config.NUMBA_NUM_THREADS))
     numba.set_num_threads(n)
     return n
@@ -99,8 +103,8 @@ class Engine:
 
     def __init__(self, model_path, n_ctx: int = 4096, n_batch: int = 512, n_threads: Optional[int] = None,
                  vocab_only: bool = False, logits_all: bool = False, verbose: bool = False,
-                 type_k: str = "f16", type_v: str = "f16", n_seq: int = 1, context_shift: bool = False,
-                 n_keep: int = 0):
+                 progress: Optional[bool] = None, split: int = 1, type_k: str = "f16", type_v: str = "f16",
+                 n_seq: int = 1, context_shift: bool = False, n_keep: int = 0):
         t0 = time.perf_counter()
         self.path = str(model_path)
         self.gguf = GGUFFile(model_path)
@@ -130,20 +134,31 @@ class Engine:
             self.timings.load_ms = (time.perf_counter() - t0) * 1000
             return
         from .models import load_model
-        self.model = load_model(self.gguf)
-        if n_ctx <= 0:
-            n_ctx = self.model.n_ctx_train
-        if n_ctx < 1:
-            raise ValueError(f"n_ctx must be >= 1, got {n_ctx}")
-        self.n_ctx = n_ctx
-        self.cache = self.model.new_cache(n_ctx, n_batch, n_seq=n_seq, type_k=self.cache_type_k,
-                                          type_v=self.cache_type_v)
-        if n_seq > 1:
-            self.batcher = Batcher(self)
-        self.timings.load_ms = (time.perf_counter() - t0) * 1000
-        t1 = time.perf_counter()
-        self._warmup()
-        self.timings.compile_ms = (time.perf_counter() - t1) * 1000
+        from .progress import CompileNotice
+        with CompileNotice(verbose if progress is None else progress):    # a line while numba compiles
+            if split > 1:
+                # the model's layers over ``split`` Ray actors (tinyinfer/distributed/split.py)
+                from .distributed.split import SplitModel
+                self.model = SplitModel(self.gguf, split, n_threads=n_threads or 1)
+            else:
+                self.model = load_model(self.gguf)
+            if n_ctx <= 0:
+                n_ctx = self.model.n_ctx_train
+            if n_ctx < 1:
+                raise ValueError(f"n_ctx must be >= 1, got {n_ctx}")
+            self.n_ctx = n_ctx
+            kw = {}
+            if n_seq > 1 or (self.cache_type_k, self.cache_type_v) != ("f16", "f16"):
+                if split > 1:
+                    raise ValueError("--split runs f16 KV caches of one sequence: no -ctk/-ctv or --parallel with it")
+                kw = dict(n_seq=n_seq, type_k=self.cache_type_k, type_v=self.cache_type_v)
+            self.cache = self.model.new_cache(n_ctx, n_batch, **kw)
+            if n_seq > 1:
+                self.batcher = Batcher(self)
+            self.timings.load_ms = (time.perf_counter() - t0) * 1000
+            t1 = time.perf_counter()
+            self._warmup()
+            self.timings.compile_ms = (time.perf_counter() - t1) * 1000
 
     def fork(self, seq: Optional[int] = None) -> "Engine":
         """Another engine on the same file, tokenizer and weights: on sequence ``seq`` of the shared
@@ -160,8 +175,9 @@ class Engine:
                 self.batcher.engines.append(other)
         elif self.model is not None:
             other.seq, other.batcher = 0, None
-            other.cache = self.model.new_cache(self.n_ctx, self.n_batch, type_k=self.cache_type_k,
-                                               type_v=self.cache_type_v)
+            kw = {} if (self.cache_type_k, self.cache_type_v) == ("f16", "f16") else \
+                dict(type_k=self.cache_type_k, type_v=self.cache_type_v)
+            other.cache = self.model.new_cache(self.n_ctx, self.n_batch, **kw)
         return other
 
     # -- evaluation ----------------------------------------------------------------
@@ -170,7 +186,7 @@ class Engine:
         ids = np.array([self.tokenizer.bos_id if self.tokenizer.bos_id is not None else 0] * 2, np.int64)
         self.model.forward(ids, Batch.run(0, 0, 2), self.cache)
         self.model.forward(ids[:1], Batch.run(0, 0, 1), self.cache)
-        if self.cache.n_seq > 1:                    # a decode batch: one token of two sequences
+        if getattr(self.cache, "n_seq", 1) > 1:     # a decode batch: one token of two sequences
             self.model.forward(ids, Batch.one_each([0, 1], [0, 0]), self.cache, n_out=2)
 
     @property

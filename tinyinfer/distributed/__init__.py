@@ -6,3 +6,46 @@
 
 Ray is an optional dependency: ``pip install 'tinyinfer[ray]'``.
 """
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}    # see ensure_ray
+
+
+def pythonpath() -> str:
+    """PYTHONPATH for Ray's workers: the folder holding this tinyinfer package first, so they run this code."""
+    here = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    old = os.environ.get("PYTHONPATH")
+    return here + (os.pathsep + old if old else "")
+
+
+def use_loopback() -> None:
+    """Make Ray advertise 127.0.0.1 for the nodes this process starts or joins on this machine.
+
+    Ray picks the machine's outward address by default, even for a local instance; with
+    RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 it uses loopback. Ray reads that variable when it is first
+    imported, so the value it derived is set too when ray is already loaded."""
+    os.environ.update(LOOPBACK_ENV)
+    import sys
+    consts = sys.modules.get("ray._private.ray_constants")
+    if consts is not None:
+        consts.ENABLE_RAY_CLUSTER = False
+
+
+def ensure_ray(address: Optional[str] = None, num_cpus: Optional[int] = None):
+    """Connect to Ray (``address`` or $RAY_ADDRESS), or start a local instance on 127.0.0.1."""
+    import ray
+    if ray.is_initialized():
+        return ray
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if address is None or address.startswith(("127.", "localhost")):
+        use_loopback()
+    kw = dict(include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": {"PYTHONPATH": pythonpath()}})
+    if address:
+        ray.init(address=address, **kw)
+    else:
+        ray.init(num_cpus=num_cpus or os.cpu_count(), object_store_memory=80 << 20, **kw)
+    return ray

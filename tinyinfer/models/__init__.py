@@ -21,8 +21,8 @@ def supported() -> list:
     return sorted(ARCHITECTURES)
 
 
-def load_model(g):
-    """Build the model object for an opened GGUF file."""
+def load_model(g, layers=None):
+    """Build the model object for an opened GGUF file (``layers=(lo, hi)``: only those blocks)."""
     arch = g.architecture
     if not arch:
         raise ModelError(f"{g.path}: no general.architecture in the file")
@@ -30,4 +30,4 @@ def load_model(g):
     if spec is None:
         raise ModelError(f"{g.path}: architecture {arch!r} is not supported; supported: {', '.join(supported())}")
     mod, cls = spec.split(":")
-    return getattr(importlib.import_module(f".{mod}", __name__), cls)(g)
+    return getattr(importlib.import_module(f".{mod}", __name__), cls)(g, layers=layers)

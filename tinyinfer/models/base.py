@@ -19,14 +19,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..gguf import TensorInfo, release_pages
+from ..gguf import TensorInfo
 from ..kernels import ops
 from ..kernels import matmul as mm
 from ..kernels import quants
 from ..kvcache import Batch, KVCache
 from .hparams import HParams, ModelError, Weights  # noqa: F401  (ModelError re-exported)
-
-
 
 
 class Linear:
@@ -48,13 +46,9 @@ class Linear:
         self.nbytes = sum(x.nbytes for x in ts)
         data = t.data if len(ts) == 1 else np.concatenate([x.data for x in ts], axis=0)
         self.w = mm.prepare(data, t.ggml_type, self.k)
-        # the file's pages of what was copied (fused tensors) or repacked are not read again: out of RSS
-        if len(ts) > 1:
+        if len(ts) > 1:          # the fused copy holds the data now: the file's pages need not stay resident
             for x in ts:
-                release_pages(x.data)
-        elif getattr(self.w, "packed", None) is not None:
-            n_packed = self.w.rows - len(self.w.tail)
-            release_pages(np.asarray(t.data).reshape(-1)[:n_packed * self.w.w.shape[1]])
+                mm.drop_file_pages(x.data)
 
     def __call__(self, x: np.ndarray, out=None) -> np.ndarray:
         return mm.matmul(self.w, x, out)
@@ -217,19 +211,31 @@ class Transformer:
     hparam_defaults: dict = {}        # defaults of keys a file of this architecture may omit
     embd_scale = None                 # multiply the embeddings by this (Gemma: sqrt(n_embd))
 
-    def __init__(self, g):
+    def __init__(self, g, layers: tuple | None = None):
+        """``layers=(lo, hi)``: load only blocks lo..hi-1, a shard of a model split by layers
+        (tinyinfer/distributed/split.py): ``self.layers`` holds None for the others, the output
+        projection is built only by the shard that ends the model; the embedding table is a view
+        into the file (pages are read only by the shard that looks tokens up)."""
         self.path = g.path
         self.hp = hp = HParams.from_gguf(g, self.arch, **self.hparam_defaults)
         self.n_embd, self.n_layer, self.n_ctx_train, self.eps = hp.n_embd, hp.n_layer, hp.n_ctx_train, hp.eps
         self.eps32 = np.float32(hp.eps)
+        lo, hi = (0, hp.n_layer) if layers is None else layers
+        if not 0 <= lo < hi <= hp.n_layer:
+            raise ModelError(f"{g.path}: layer range {lo}..{hi} is not inside the model's 0..{hp.n_layer}")
+        self.layer_range = (lo, hi)
         w = Weights(g, self.arch)
         self.tok_embd = Embedding(w.tensor("token_embd.weight", hp.n_embd, None))
         self.n_vocab = self.tok_embd.n_vocab
         self.load_extra(w)
-        self.layers = [self.load_block(w, il) for il in range(hp.n_layer)]
+        self.layers = [self.load_block(w, il) if lo <= il < hi else None for il in range(hp.n_layer)]
         self.output_norm = w.vector("output_norm.weight", hp.n_embd)
         out = w.optional("output.weight", hp.n_embd, self.n_vocab)
-        self.output = Linear(out if out is not None else self.tok_embd.t)    # tied to the embeddings if absent
+        self.output = None
+        if hi == hp.n_layer:
+            self.output = Linear(out if out is not None else self.tok_embd.t)    # tied to the embeddings if absent
+        # a shard checks its own tensors; the other shards check theirs
+        w.used |= {n for n in g.tensors if n.startswith("blk.") and not lo <= int(n.split(".")[1]) < hi}
         w.check_all_used()
 
     # -- loading hooks -------------------------------------------------------------------------

@@ -30,8 +30,8 @@ class Gemma3Model(Transformer):
     act = "gelu"
     hparam_defaults = dict(n_ctx_train=8192, eps=1e-6, rope_base=1e6)
 
-    def __init__(self, g):
-        super().__init__(g)
+    def __init__(self, g, **kw):
+        super().__init__(g, **kw)
         self.embd_scale = math.sqrt(self.n_embd)
 
     def is_global(self, il):

@@ -66,7 +66,7 @@ class HParams:
             raise ModelError(f"{g.path}: {arch}.embedding_length and attention.head_count must be positive")
         hd_k = int(m("attention.key_length", n_embd // n_head))
         n_ctx_train = int(m("context_length", n_ctx_train))
-        return cls(
+        hp = cls(
             arch=arch, n_embd=n_embd, n_layer=int(m("block_count")), n_ff=int(m("feed_forward_length")),
             n_ctx_train=n_ctx_train, n_head=n_head, n_kv_head=int(m("attention.head_count_kv", n_head)),
             head_dim_k=hd_k, head_dim_v=int(m("attention.value_length", hd_k)),
@@ -75,6 +75,22 @@ class HParams:
             rope_scale=_rope_scale(g, arch), rope_attn_factor=float(m("rope.scaling.attn_factor", 1.0)),
             n_ctx_orig=int(m("rope.scaling.original_context_length", n_ctx_train)),
             sliding_window=int(m("attention.sliding_window", 0)))
+        hp.check(g.path)
+        return hp
+
+    def check(self, path) -> None:
+        """Values the kernels index by: out of range they would read past arrays, so refuse them here."""
+        a = self.arch
+        bad = None
+        if self.n_layer <= 0 or self.n_ff <= 0 or self.head_dim_k <= 0 or self.head_dim_v <= 0:
+            bad = f"{a}.block_count, feed_forward_length and the head dims must be positive"
+        elif self.n_kv_head <= 0 or self.n_head % self.n_kv_head:
+            bad = f"{a}.attention.head_count ({self.n_head}) is not a multiple of head_count_kv ({self.n_kv_head})"
+        elif self.n_rot < 0 or self.n_rot % 2 or self.n_rot > self.head_dim_k:
+            bad = (f"{a}.rope.dimension_count ({self.n_rot}) must be even and at most the head dim "
+                   f"({self.head_dim_k})")
+        if bad:
+            raise ModelError(f"{path}: {bad}")
 
     @property
     def n_embd_q(self) -> int:

@@ -39,12 +39,13 @@ def create_app(*args, **kwargs):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ..cli import _positive, add_model_args
+    from ..cli import _positive, add_model_args, add_split_arg
     ap = argparse.ArgumentParser(
         prog="python -m tinyinfer serve",
         description="Serve a GGUF model over HTTP: OpenAI API (/v1/...), ollama API (/api/...), "
                     "/health, /metrics (Prometheus), docs at /docs.")
     add_model_args(ap)
+    add_split_arg(ap)
     ap.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 = all)")
     ap.add_argument("--port", type=_positive("--port"), default=8080, help="port (default 8080)")
     ap.add_argument("-np", "--parallel", type=int, default=1,
@@ -66,6 +67,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="on SIGTERM, seconds in-flight requests get to finish (default 30)")
     ap.add_argument("--cors", action="store_true", help="allow cross-origin requests from browsers (any origin)")
     ap.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    ray = ap.add_argument_group("replicas on Ray Serve (pip install 'tinyinfer[ray]'; tinyinfer/distributed/serve.py)")
+    ray.add_argument("--ray", action="store_true", help="serve N replicas of this server on Ray Serve, one endpoint")
+    ray.add_argument("--replicas", type=_positive("--replicas"), default=1, help="with --ray: replicas (default 1)")
+    ray.add_argument("--autoscale", metavar="MIN:MAX", default=None,
+                     help="with --ray: autoscale between MIN and MAX replicas on ongoing requests")
+    ray.add_argument("--ray-address", default=None, help="with --ray: join this Ray cluster instead of starting one")
     ap.add_argument("--no-access-log", action="store_true", help="don't log every request")
     return ap
 
@@ -84,16 +91,27 @@ def main(argv=None) -> int:
     except ImportError:
         raise RuntimeError("the server needs fastapi and uvicorn: pip install 'tinyinfer[server]'") from None
     from ..cli import resolve_model
+    from ..store import is_store_name
     path = str(resolve_model(a.model))
+    if a.alias is None and a.model and is_store_name(a.model):
+        a.alias = a.model                    # serve -m qwen2.5-coder:0.5b answers as that name
     if not os.path.isfile(path):
         raise ValueError(f"model file not found: {path}")
     logging.basicConfig(level=getattr(logging, a.log_level.upper()), format="%(asctime)s %(levelname)s %(name)s: "
                         "%(message)s", stream=sys.stderr)
+    if a.ray:
+        from ..distributed.serve import RayServeOptions, run
+        opts = RayServeOptions.from_args(dict(model=path, alias=a.alias, ctx_size=a.ctx_size, batch_size=a.batch_size,
+                                              threads=a.threads or 1, parallel=a.parallel, max_queue=a.max_queue,
+                                              api_key=a.api_key or None, chat_template=a.chat_template,
+                                              replicas=a.replicas, autoscale=a.autoscale))
+        return run(opts, host=a.host, port=a.port, address=a.ray_address)
     config = ServerConfig(model_path=path, alias=a.alias, n_ctx=a.ctx_size, n_batch=a.batch_size,
                           n_threads=a.threads, parallel=a.parallel, max_queue=a.max_queue, api_key=a.api_key or None,
                           chat_template=a.chat_template, host=a.host, port=a.port,
-                          shutdown_timeout=a.shutdown_timeout, cors=a.cors, cache_type_k=a.cache_type_k,
-                          cache_type_v=a.cache_type_v, context_shift=a.context_shift, n_keep=a.keep)
+                          shutdown_timeout=a.shutdown_timeout, cors=a.cors, split=a.split,
+                          cache_type_k=a.cache_type_k, cache_type_v=a.cache_type_v,
+                          context_shift=a.context_shift, n_keep=a.keep)
     return serve(config, log_level=a.log_level, access_log=not a.no_access_log)
 
 

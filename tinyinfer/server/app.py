@@ -13,7 +13,7 @@ from typing import Any, Callable, Optional
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 
 from .. import __version__
 from .core import ApiError, ServerConfig, ServerState, error_body, error_response, to_api_error
@@ -47,9 +47,9 @@ def _default_engine_factory(config: ServerConfig) -> Callable[[], Any]:
             return first[0].fork(seq=len(first[0].batcher.engines) if first[0].batcher else None)
         from ..engine import Engine
         first.append(Engine(config.model_path, n_ctx=config.n_ctx, n_batch=config.n_batch,
-                            n_threads=config.n_threads, n_seq=config.parallel, type_k=config.cache_type_k,
-                            type_v=config.cache_type_v, context_shift=config.context_shift,
-                            n_keep=config.n_keep))
+                            n_threads=config.n_threads, progress=True, split=config.split,
+                            n_seq=config.parallel, type_k=config.cache_type_k, type_v=config.cache_type_v,
+                            context_shift=config.context_shift, n_keep=config.n_keep))
         return first[0]
     return make
 
@@ -221,7 +221,9 @@ def create_app(config: ServerConfig, engine_factory: Optional[Callable[[], Any]]
 
     @app.get("/", include_in_schema=False)
     async def root():
-        return PlainTextResponse("tinyinfer is running (OpenAI API at /v1, ollama API at /api, docs at /docs)")
+        """The chat page (tinyinfer/server/chat_page.py): streams through /v1/chat/completions."""
+        from .chat_page import PAGE
+        return HTMLResponse(PAGE, headers={"Cache-Control": "no-cache"})
 
     @app.head("/", include_in_schema=False)
     async def root_head():
@@ -259,6 +261,8 @@ def create_app(config: ServerConfig, engine_factory: Optional[Callable[[], Any]]
     from .openai_api import router as openai_router
     app.include_router(openai_router)
     app.include_router(ollama_router)
+    from .store_api import router as store_router
+    app.include_router(store_router)
 
     if config.cors:
         from starlette.middleware.cors import CORSMiddleware
@@ -280,6 +284,7 @@ def create_app(config: ServerConfig, engine_factory: Optional[Callable[[], Any]]
             walk(app.routes)
             walk(openai_router.routes)
             walk(ollama_router.routes)
+            walk(store_router.routes)
             known.append(frozenset(p for p in paths if "{" not in p))
         return known[0]
 

@@ -12,18 +12,20 @@ prompt processing to the last token.
 from __future__ import annotations
 
 import datetime
+import json
 import time
 from typing import List, Optional
 
 from fastapi import APIRouter, Request
 from starlette.responses import JSONResponse
 
-from ..api import GenStats, completion_chunks
+from ..api import GenStats, completion_chunks, prepare_chat
 from ..chat import chat_prompt_ids
 from ..grammar import grammar_for_ollama_format
 from .core import (ApiError, ServerState, check_prompt, dumps, encode_prompt, first_item, gone_response,
                    ndjson_response, run_to_end, sampler_params, stream_items, submit)
-from .openai_api import request_grammar
+from ..toolcall import ToolStream
+from .openai_api import request_grammar, request_tools
 from .schemas import (OllamaChatRequest, OllamaEmbeddingsRequest, OllamaEmbedRequest, OllamaGenerateRequest,
                       OllamaOptions, OllamaShowRequest)
 
@@ -145,8 +147,9 @@ async def _run(request: Request, state: ServerState, work, stream: bool, t_arriv
             if isinstance(item, ApiError):
                 yield dumps({"error": item.message}) + "\n"
                 return
-            if item:
-                yield dumps(shape(item)) + "\n"
+            obj = shape(item) if item else None
+            if obj is not None:
+                yield dumps(obj) + "\n"
         yield dumps(finish(job, "")) + "\n"
 
     return ndjson_response(body())
@@ -218,25 +221,33 @@ async def chat(req: OllamaChatRequest, request: Request):
         raise ApiError(400, "images are not supported: this is a text-only model", param="messages")
     messages = [m.model_dump(exclude_none=True) for m in req.messages]
     _, max_tokens, stops = _options(req.options, None)
-    extra = {"tools": req.tools} if req.tools else {}
+    toolset = request_tools(req.tools, None, state.formatter, messages)
+    held = ToolStream(toolset) if toolset.active else None     # a streamed reply that may be a call
 
     def build_ids(tok):
-        class F:
-            @staticmethod
-            def render(msgs, add_generation_prompt=True):
-                return state.formatter.render(msgs, add_generation_prompt=add_generation_prompt, **extra)
-        return chat_prompt_ids(F, tok, messages)
+        return prepare_chat(state.formatter, tok, messages, toolset=toolset)[0]
 
     work = _generate_work(state, max_tokens, lambda nv: _options(req.options, nv)[0], stops, req.format,
                           build_ids)
 
     def shape(text):
+        if held is not None:
+            text = held.feed(text)
+            if not text:
+                return None
         return {"model": model, "created_at": _now(), "message": {"role": "assistant", "content": text},
                 "done": False}
 
     def finish(job, text):
-        return {"model": model, "created_at": _now(), "message": {"role": "assistant", "content": text},
-                **_final(job, t_arrival)}
+        message = {"role": "assistant", "content": text}
+        if held is not None:
+            content, calls = toolset.parse(text) if text else held.finish()
+            message["content"] = content
+            if calls:     # ollama's shape: arguments as an object
+                message["tool_calls"] = [{"function": {"name": c["function"]["name"],
+                                                       "arguments": json.loads(c["function"]["arguments"])}}
+                                         for c in calls]
+        return {"model": model, "created_at": _now(), "message": message, **_final(job, t_arrival)}
 
     return await _run(request, state, work, req.stream, t_arrival, shape, finish)
 
@@ -296,7 +307,9 @@ def _tag(state: ServerState) -> dict:
 @router.get("/api/tags", summary="Local models (ollama)")
 async def tags(request: Request):
     state = _state(request)
-    return {"models": [_tag(state)] if state.status == "ok" else []}
+    from .store_api import store_tags
+    served = [_tag(state)] if state.status == "ok" else []
+    return {"models": served + [t for t in store_tags() if t["name"] != state.model_name]}
 
 
 @router.get("/api/ps", summary="Loaded models (ollama)")

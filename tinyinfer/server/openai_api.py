@@ -11,8 +11,7 @@ import numpy as np
 from fastapi import APIRouter, Request
 from starlette.responses import JSONResponse
 
-from ..api import GenStats, chat_chunks, completion_chunks, merge_chat, merge_completion
-from ..chat import chat_prompt_ids
+from ..api import GenStats, chat_chunks, completion_chunks, merge_chat, merge_completion, prepare_chat, tool_chat_chunks
 from ..grammar import grammar_for_response_format
 from .core import (ApiError, ServerState, check_prompt, dumps, encode_prompt, first_item, gone_response,
                    run_to_end, sampler_params, sse_response, stream_items, submit)
@@ -128,21 +127,36 @@ async def chat_completions(req: ChatCompletionRequest, request: Request):
                           for p in ([m.content] if isinstance(m.content, str) else (m.content or []))))
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     grammar = request_grammar(lambda: grammar_for_response_format(req.response_format), "response_format")
+    toolset = request_tools(req.tools, req.tool_choice, state.formatter, messages)
     want_lp = (req.top_logprobs or 0) if req.logprobs else None
 
     def work(engine, job):
         tok = engine.tokenizer
-        extra = {"tools": req.tools} if req.tools else {}
-        ids = chat_prompt_ids(_Formatter(state.formatter, extra), tok, messages)
+        ids, g, _ = prepare_chat(state.formatter, tok, messages, response_format=grammar, toolset=toolset)
         check_prompt(ids, engine.n_ctx, tok.n_vocab)
         params = _params(req, tok.n_vocab)
         job.stats = GenStats()
-        yield from chat_chunks(completion_chunks(engine, ids, params, max_tokens=max_tokens, stop=req.stop,
-                                                 logprobs=want_lp, model=name, stats=job.stats, cid=cid,
-                                                 created=created, grammar=grammar))
+        yield from tool_chat_chunks(chat_chunks(completion_chunks(
+            engine, ids, params, max_tokens=max_tokens, stop=req.stop, logprobs=want_lp, model=name,
+            stats=job.stats, cid=cid, created=created, grammar=g)), toolset)
 
     include = bool(req.stream_options and req.stream_options.include_usage)
     return await _respond(request, state, work, req.stream, include, merge_chat)
+
+
+def request_tools(tools, tool_choice, formatter, messages):
+    """Check a request's tools / tool_choice / tool messages before it is queued (400 naming the field)."""
+    from ..toolcall import ToolError, ToolSet
+    try:
+        ts = ToolSet(tools, tool_choice, getattr(formatter, "source", "") if formatter is not None else "")
+        ts.messages(messages)
+        ts.call_grammar()
+    except ToolError as e:
+        msg = str(e)
+        param = "tool_choice" if msg.startswith("tool_choice") else "messages" if msg.startswith("tool call") \
+            else "tools"
+        raise ApiError(400, msg, param=param) from None
+    return ts
 
 
 def _completion_grammar(req):
@@ -153,16 +167,6 @@ def _completion_grammar(req):
     if req.json_schema is not None:
         return Grammar.from_json_schema(req.json_schema)
     return grammar_for_response_format(req.response_format)
-
-
-class _Formatter:
-    """The server's ChatFormatter with extra template variables (tools) for one request."""
-
-    def __init__(self, fmt, extra):
-        self.fmt, self.extra = fmt, extra
-
-    def render(self, messages, add_generation_prompt=True):
-        return self.fmt.render(messages, add_generation_prompt=add_generation_prompt, **self.extra)
 
 
 @router.post("/v1/embeddings", summary="Embeddings (mean-pooled last hidden state, L2-normalized)")

@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# The emulated aarch64 smoke job (Raspberry Pi 4 = cortex-a72, Pi 5 = cortex-a76) under qemu-user,
+# in the Debian arm64 chroot made by ../shared/tools/arm64-chroot.sh: install tinyinfer (a regular,
+# non-editable pip install in the chroot's venv), then .ci/arm_smoke.py on each CPU: one first-step
+# logits check of SmolLM2 Q4_1 against llama.cpp, one greedy generation in two threads (the chroot
+# has no libgomp: numba's workqueue layer, the case kernels/parallel.py guards).
+# Bounded: ARM_JOB_TIMEOUT seconds for each CPU's check (default 1500). Correctness only: emulated
+# timings say nothing about a Pi. Compiled kernels are kept per CPU in
+# $TINYINFER_CACHE/numba-arm-<cpu> so a later run on the same machine skips the emulated compile.
+# Usage: .ci/arm_job.sh   (from the repo root, as root; models already fetched)
+set -euo pipefail
+REPO=$(pwd)
+SHARED=$(cd "$REPO/.." && pwd)/shared
+CHROOT_SH=${CHROOT_SH:-$SHARED/tools/arm64-chroot.sh}
+CACHE=${TINYINFER_CACHE:-$HOME/.cache/tinyinfer}
+export ARM64_ROOT=${ARM64_ROOT:-/tmp/arm64root}
+export ARM64_PIP_PKGS=${ARM64_PIP_PKGS:-"numpy numba pytest gguf sentencepiece tokenizers jinja2 tqdm psutil setuptools>=77"}
+LIMIT=${ARM_JOB_TIMEOUT:-1500}
+MODEL=$CACHE/SmolLM2-135M-Instruct.Q4_1.gguf
+[ -f "$CHROOT_SH" ] || { echo "arm job: $CHROOT_SH not found"; exit 1; }
+[ -f "$MODEL" ] || { echo "arm job: $MODEL not found (python -m tinyinfer fetch first)"; exit 1; }
+t0=$SECONDS
+bash "$CHROOT_SH" setup
+echo "arm job: chroot setup $((SECONDS - t0)) s"
+# install: a copy of the work tree (the chroot must not write into the repo), pip install from it
+t1=$SECONDS
+SRC=$ARM64_ROOT/opt/tinyinfer-src
+rm -rf "$SRC" && mkdir -p "$SRC"
+git -C "$REPO" ls-files -z | (cd "$REPO" && xargs -0 cp -P --parents -t "$SRC")
+QEMU_CPU=cortex-a72 bash "$CHROOT_SH" run -- /opt/venv/bin/pip install --quiet --no-deps --no-build-isolation \
+  --force-reinstall /opt/tinyinfer-src
+echo "arm job: install $((SECONDS - t1)) s"
+run_cpu() {
+  local cpu=$1 t=$SECONDS rc=0
+  mkdir -p "$CACHE/numba-arm-${cpu#cortex-}"
+  QEMU_CPU=$cpu NUMBA_CPU_NAME=$cpu timeout "$LIMIT" bash "$CHROOT_SH" run --bind "$CACHE" --bind "$SHARED" --cwd /tmp -- \
+    env NUMBA_CACHE_DIR="$CACHE/numba-arm-${cpu#cortex-}" NUMBA_NUM_THREADS=2 TINYINFER_CACHE="$CACHE" \
+    python -P "/opt/tinyinfer-src/.ci/arm_smoke.py" "$MODEL" "$SHARED/reference" || rc=$?
+  echo "arm job: $cpu exit $rc in $((SECONDS - t)) s"
+  return $rc
+}
+# the two CPUs at once (CI has 2 cores; the emulated compile is single-threaded)
+run_cpu cortex-a72 > "$REPO/.ci-arm-a72.log" 2>&1 &
+a72=$!
+run_cpu cortex-a76 > "$REPO/.ci-arm-a76.log" 2>&1 &
+a76=$!
+rc72=0; rc76=0
+wait $a72 || rc72=$?
+wait $a76 || rc76=$?
+cat "$REPO/.ci-arm-a72.log" "$REPO/.ci-arm-a76.log"
+echo "arm job: done in $((SECONDS - t0)) s"
+[ $rc72 = 0 ] && [ $rc76 = 0 ]

@@ -1,0 +1,45 @@
+"""Calling numba's parallel regions from several Python threads.
+
+numba runs ``parallel=True`` code on one of three threading layers: OpenMP (needs
+``libgomp.so.1``), TBB, or its own fallback, *workqueue*. Workqueue is not
+thread-safe: a second thread entering a parallel region while one runs aborts the
+whole process (``Terminating: Nested parallel kernel launch detected``). A minimal
+Debian / Raspberry Pi OS image without ``libgomp1`` gets workqueue (benchmarks/ARM.md).
+
+Every call of a parallel kernel goes through :func:`call`. Under workqueue (and
+before the layer is known: numba picks it at the first launch) it holds one
+process-wide lock for the region; under omp or tbb it is a plain call. Serial
+kernels never take it, so threads still overlap outside the parallel regions.
+"""
+
+from __future__ import annotations
+
+import threading
+
+_LOCK = threading.RLock()
+_safe = False          # True once the layer is known to be re-entrant (omp, tbb)
+
+
+def _learn() -> None:
+    global _safe
+    import numba
+    try:
+        _safe = numba.threading_layer() != "workqueue"
+    except ValueError:           # no parallel region has run yet
+        pass
+
+
+def call(fn, *args):
+    """``fn(*args)`` for a ``parallel=True`` jitted ``fn``, safe from any thread."""
+    if _safe:
+        return fn(*args)
+    with _LOCK:
+        try:
+            return fn(*args)
+        finally:
+            _learn()
+
+
+def serialized() -> bool:
+    """True when parallel regions take the lock (workqueue, or no region has run yet)."""
+    return not _safe

@@ -1,0 +1,57 @@
+"""Parallel kernels called from several Python threads under numba's workqueue layer.
+
+Without libgomp (a minimal Raspberry Pi OS / Debian image) numba falls back to its
+workqueue threading layer, which aborts the process when two threads enter parallel
+regions at once (benchmarks/ARM.md). kernels/parallel.py serialises the regions there.
+The check runs in a subprocess with the layer forced, so an abort fails the test
+instead of killing pytest.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+SCRIPT = textwrap.dedent("""
+    import sys, threading
+    import numba
+    from tinyinfer.engine import Engine
+    from tinyinfer.kernels import matmul as mm
+    from tinyinfer.sampler import SamplerParams
+
+    mm.DEFAULT_CONFIG = mm.KernelConfig(parallel_min_bytes=1)   # every matmul takes the parallel driver
+    eng = Engine(sys.argv[1], n_ctx=128, n_batch=64, n_threads=2)
+    assert numba.threading_layer() == "workqueue", numba.threading_layer()
+    greedy = SamplerParams(temperature=0)
+    ids = eng.tokenizer.encode("The capital of France is", special=True)
+    ref = [s.token for s in eng.generate(ids, greedy, max_tokens=6)]
+    engines = [eng.fork() for _ in range(3)]
+    got, errors = [], []
+
+    def run(e):
+        try:
+            for _ in range(2):
+                e.reset()
+                got.append([s.token for s in e.generate(ids, greedy, max_tokens=6)])
+        except BaseException as exc:          # noqa: BLE001 - report it to the parent
+            errors.append(repr(exc))
+
+    ts = [threading.Thread(target=run, args=(e,)) for e in engines]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    assert not errors, errors
+    assert len(got) == 6 and all(g == ref for g in got), (ref, got)
+    print("ok", numba.threading_layer(), ref)
+""")
+
+
+def test_engines_in_threads_under_workqueue(smollm2_path):
+    env = dict(os.environ, NUMBA_THREADING_LAYER="workqueue", NUMBA_NUM_THREADS="2")
+    r = subprocess.run([sys.executable, "-c", SCRIPT, str(smollm2_path)], env=env, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, f"exit {r.returncode}\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}"
+    assert r.stdout.startswith("ok workqueue")
