@@ -72,6 +72,7 @@ import re
 import sys
 import time
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 
@@ -271,40 +272,17 @@ def cross_asm_report(targets=("cortex-a76", "cortex-a72", "haswell", "znver4")):
     accumulators), as simd.py picks it on an aarch64 host. Counts are per
     loop body plus prologue/epilogue (loops are unrolled by LLVM as it likes).
     """
-    import llvmlite.binding as llvm
-    from llvmlite import ir
-    from numba import types
-
     from tinyinfer.kernels import simd
 
-    for init in ("initialize_all_targets", "initialize_all_asmprinters"):
-        getattr(llvm, init, lambda: None)()
-
-    class _Ctx:
-        def get_dummy_value(self):
-            return None
-
-    def module_for(intr, nargs):
-        m = ir.Module(name="k")
-        fn = ir.Function(m, ir.FunctionType(ir.VoidType(), [ir.IntType(64)] * nargs), "kernel")
-        b = ir.IRBuilder(fn.append_basic_block())
-        sig, cg = intr._defn(None, *([types.int64] * nargs))
-        cg(_Ctx(), b, sig, list(fn.args))
-        b.ret_void()
-        return str(m)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from arm_mca import compile_asm, module_ir as module_for
 
     def asm(text, triple, cpu):
-        m = llvm.parse_assembly(text)
-        tm = llvm.Target.from_triple(triple).create_target_machine(cpu=cpu, opt=3)
-        m.triple = triple
-        m.data_layout = str(tm.target_data)
-        pb = llvm.create_pass_builder(tm, llvm.create_pipeline_tuning_options(3))
-        pb.getModulePassManager().run(m, pb)
-        return tm.emit_assembly(m)
+        return compile_asm(text, cpu, triple)
 
     keys = {"aarch64": ["sdot", "smull", "smull2", "smlal", "smlal2", "addp", "uzp1", "uzp2", "tbl", "fmla", "scvtf",
                         "ldr", "str"],
-            "x86_64": ["vpdpwssd", "vpmaddwd", "vpmovzxbw", "vpmovsxbw", "vpshufb", "vcvtdq2ps", "vfmadd231ps",
+            "x86_64": ["vpdpwssd", "vpmaddwd", "vpmaddubsw", "vpmovzxbw", "vpmovsxbw", "vpshufb", "vcvtdq2ps", "vfmadd231ps",
                        "vmovups", "vmovaps"]}
     kernels = [("Q4_0 x16 n=1", lambda: simd.interleaved_kernel("Q4_0", 1), 10),
                ("Q8_0 x16 n=1", lambda: simd.interleaved_kernel("Q8_0", 1), 10),

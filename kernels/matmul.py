@@ -79,7 +79,7 @@ from numba import prange  # noqa: F401  (used by the generated drivers)
 from . import parallel as _par, simd
 from gguf import GGMLQuantizationType as GT
 
-from . import quants
+from . import arm, quants
 from .simd import (GROUP, f32_to_f16_to_f32, interleaved_kernel, kgemv_kernel, kinterleaved_kernel, ktile_kernel,
                    quantize_row_kernel, tile_kernel)
 
@@ -109,6 +109,9 @@ class KernelConfig:
     packed_nc: int = 4        # activation rows per repacked tile
     packed_chains: int = 4    # independent int32 sums per repacked tile (legacy formats)
     tilings: tuple = ()       # ((type name, "gemv" | "gemm", Tiling), ...): native tile overrides
+    # aarch64 4-row interleaved copies (kernels/arm.py: sdot by lane / smull + smlal) of the types
+    # that have one, for matrices whose row count is a multiple of 4; taken before ``repack``
+    arm: bool = arm.ENABLED
 
     def tiling(self, info, kind: str):
         for name, k, t in self.tilings:
@@ -647,11 +650,16 @@ def _make_packed(info: _TypeInfo, parallel: bool, cfg: KernelConfig):
                 tail_one=_bind(tile_kernel(f, 1, 1, act16=True)))
 
 
-def _driver(info: _TypeInfo, packed: bool, parallel: bool, cfg: KernelConfig):
+def _driver(info: _TypeInfo, packed, parallel: bool, cfg: KernelConfig):
+    """packed: False (native), True (x16 row-interleaved) or "arm" (kernels/arm.py's 4-row layouts)."""
     key = (packed, parallel, cfg.kgemv, cfg.packed_nc, cfg.packed_chains, cfg.tilings)
     d = info.drivers.get(key)
     if d is None:
-        d = info.drivers[key] = (_make_packed if packed else _make_native)(info, parallel, cfg)
+        if packed == "arm":
+            d = arm.make_driver(info.name, parallel)
+        else:
+            d = (_make_packed if packed else _make_native)(info, parallel, cfg)
+        info.drivers[key] = d
     return d
 
 
@@ -739,6 +747,7 @@ class PreparedWeight:
     packed: np.ndarray | None = None   # uint8 (rows // 16, nb, group_block_bytes)
     tail: np.ndarray | None = None     # w[rows - rows % 16:] when packed
     config: KernelConfig = None        # the knobs it was prepared with
+    arm: np.ndarray | None = None      # uint8 (rows // 4, nb, group_block_bytes): kernels/arm.py's layout
 
     @property
     def type_name(self) -> str:
@@ -750,7 +759,7 @@ class PreparedWeight:
         return self.rows * self.w.shape[1]
 
     def __repr__(self):
-        how = "repacked x16" if self.packed is not None else "native"
+        how = "repacked x16" if self.packed is not None else "repacked arm x4" if self.arm is not None else "native"
         return f"PreparedWeight({self.info.name}, rows={self.rows}, k={self.k}, {how})"
 
 
@@ -801,6 +810,13 @@ def prepare(w_raw: np.ndarray, ggml_type: int, k: int, repack: bool | None = Non
         w = w.view()
         w.flags.writeable = False
     pw = PreparedWeight(w, int(ggml_type), k, w.shape[0], info, config=cfg)
+    lay = arm.layout(info.name)
+    if cfg.arm and repack is not False and lay is not None and w.shape[0] % arm.ROWS == 0:
+        # aarch64: 4-row groups for sdot by lane (A76) / smull + smlal (A72), GEMV and GEMM;
+        # same bytes as the original, which is not read again
+        pw.arm = lay.repack(w)
+        drop_file_pages(w)
+        return pw
     if cfg.repack and info.repacked is not None and info.repacked.kquant and w.shape[0] >= GROUP:
         # the original rows stay in use (n = 1 runs the kgemv kernels on them): pages kept
         ng = w.shape[0] // GROUP
@@ -873,8 +889,11 @@ def matmul(pw: PreparedWeight, x: np.ndarray, out: np.ndarray | None = None) -> 
         return out
     cfg = pw.config
     parallel = pw.nbytes * max(1, n >> 2) >= cfg.parallel_min_bytes and _num_threads() > 1
-    packed = pw.packed is not None and not (n == 1 and pw.info.repacked.kquant and cfg.kgemv)
-    args = (pw.packed, pw.tail, x, out) if packed else (pw.w, x, out)
+    if pw.arm is not None:
+        packed, args = "arm", (pw.arm, x, out)
+    else:
+        packed = pw.packed is not None and not (n == 1 and pw.info.repacked.kquant and cfg.kgemv)
+        args = (pw.packed, pw.tail, x, out) if packed else (pw.w, x, out)
     if parallel:
         _par.call(_driver(pw.info, packed, True, cfg), *args)   # one thread at a time under workqueue
     else:

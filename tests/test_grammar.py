@@ -114,7 +114,7 @@ def test_all_sample_grammars_compile():
 # --- the library (Llama + LlamaGrammar), SmolLM2 ---------------------------------------------------
 
 def test_library_sample_grammars(llm):
-    from tinyinfer.api import LlamaGrammar
+    from tinyinfer import LlamaGrammar
     parser = _arith_parser()
     runs = {
         "json": ("A JSON object describing a book:\n", 40),
@@ -303,3 +303,26 @@ def test_generic_template_gets_tools_in_a_system_message():
     assert msgs[2] == {"role": "assistant",
                        "content": '<tool_call>\n{"name": "get_weather", "arguments": {"city": "P"}}\n</tool_call>'}
     assert msgs[3] == {"role": "user", "content": "<tool_response>\nsunny\n</tool_response>"}
+
+
+@pytest.mark.parametrize("gbnf, good, bad, lexemes_kept", [
+    (_gbnf("json"), ['{"a": [1, "x"]}'], ['{"a" 1}'], True),
+    (_gbnf("arithmetic"), ["x = 7\ny = 2\n"], ["x = 7 = 2\n"], False),
+    # a greedy lexeme [a-z]+ would swallow the "s" that must follow it
+    ('root ::= word "s"\nword ::= [a-z]+', ["cats", "ss"], ["s", "cat"], False),
+    # the lexeme could extend past its end into what follows
+    ('root ::= num "0"\nnum ::= [0-9] [0-9]?', ["10", "120"], ["1", "1200"], False),
+])
+def test_gbnf_keeps_llama_cpp_meaning(smollm2_path, gbnf, good, bad, lexemes_kept):
+    """Lexemes stay only where llguidance's greedy lexer cannot change the language (fast masks);
+    elsewhere rules are matched character by character, as llama.cpp does."""
+    from tinyinfer.grammar import _gbnf_to_lark
+    from tinyinfer.tokenizer import Tokenizer
+    tok = Tokenizer.from_file(smollm2_path)
+    lark = _gbnf_to_lark(gbnf)
+    assert ("t_" not in lark) == lexemes_kept, lark
+    g = Grammar.from_string(gbnf)
+    for text, ok in [(t, True) for t in good] + [(t, False) for t in bad]:
+        m = g.matcher(tok)
+        accepted = all(m.accept(t) for t in tok.encode(text, add_bos=False))
+        assert (accepted and m.is_accepting()) == ok, (text, lark)

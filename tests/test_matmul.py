@@ -377,3 +377,59 @@ def test_concurrent_calls_from_threads_are_safe():
         for t in ts:
             t.join()
         assert not bad, f"type {typ}: {len(bad)} wrong results under concurrency"
+
+
+# ------------------------------------------- aarch64 4-row layouts (kernels/arm.py)
+ARM_TYPES = ["Q4_0", "Q8_0", "IQ4_NL", "Q4_K", "Q5_K", "Q6_K"]
+
+
+def _arm_weight(name, rows, k, rng, extreme=False):
+    if name in KQUANT:
+        raw = random_kquant(name, rows, k, rng)
+        if extreme:        # 6-bit scales / mins 63, nibbles 15, Q6_K q = 63 and scale -1
+            raw[:] = 255
+            o, nsc = KSCALE[name]
+            raw.reshape(rows, k // 256, -1)[..., o:o + 2 * nsc] = np.array([0.01, 0.002][:nsc], np.float16).view(np.uint8)
+        return raw
+    raw, _ = make_weight(name, rows, k, rng)
+    if extreme:
+        blk = raw.reshape(rows, k // 32, -1)
+        blk[..., 2:] = 0x80 if name == "Q8_0" else 0x00      # q = -128 (Q8_0) / nibbles 0: -8 (Q4_0), -127 (IQ4_NL)
+    return raw
+
+
+@pytest.mark.parametrize("name", ARM_TYPES)
+def test_arm_layout_round_trip(name):
+    """The 4-row layouts keep every byte (numpy repack / unpack), scales and mins of Q4_K included."""
+    from tinyinfer.kernels import arm
+    rng = np.random.default_rng(21)
+    k = 512
+    bs = GGML_QUANT_SIZES[T[name]][1]
+    raw = rng.integers(0, 256, (12, k // GGML_QUANT_SIZES[T[name]][0] * bs), dtype=np.uint8)
+    lay = arm.layout(name)
+    p = lay.repack(raw)
+    assert p.shape == (3, k // lay.qk, lay.group_bytes)
+    np.testing.assert_array_equal(lay.unpack(p), raw)
+
+
+@pytest.mark.parametrize("name", ARM_TYPES)
+def test_arm_kernels_match_reference(name):
+    """kernels/arm.py's drivers (here: the flavour this CPU gets; on x86 the generic no-dotprod one)
+    = the reference, n = 1 (GEMV) and n = 6 (a 4-row GEMM tile + 2 single rows), also at the value
+    extremes where an int16 partial sum of the no-dotprod flavour would overflow."""
+    cfg = mm.KernelConfig(arm=True)
+    rng = np.random.default_rng(22)
+    rows, k = 12, 768 if name in KQUANT else 320
+    for extreme in (False, True):
+        raw = _arm_weight(name, rows, k, rng, extreme)
+        pw = mm.prepare(raw, int(T[name]), k, config=cfg)
+        assert pw.arm is not None, pw
+        for n in (1, 6):
+            x = rng.standard_normal((n, k)).astype(np.float32)
+            if extreme:
+                x = np.where(rng.random((n, k)) < 0.9, -1.0, 1.0).astype(np.float32)
+            y = mm.matmul(pw, x)
+            ref = reference(raw, name, k, x)
+            assert rel(y, ref) < 2e-6, (name, extreme, n, rel(y, ref))
+    assert mm.prepare(raw, int(T[name]), k, config=mm.KernelConfig(arm=False)).arm is None
+    assert mm.prepare(raw, int(T[name]), k, repack=False, config=cfg).arm is None

@@ -145,7 +145,9 @@ def test_two_replicas_load_with_a_kill(smollm2_path, tmp_path, request):
     out = tmp_path / "out.json"
     rc = main(["-m", str(smollm2_path), "--replicas", "2", "--clients", "8", "--requests", "4", "--tokens", "32",
                "--kill", "--json", str(out)])
-    res = json.loads(out.read_text())["ray"]
+    figures = json.loads(out.read_text())
+    assert figures["ray"]["first_try_errors"] == [] and figures["ray"]["tokens"] == 8 * 4 * 32
+    res = figures["ray_kill"]
     assert rc == 0 and res["final_errors"] == [] and res["requests"] == 32
     assert all(e[0] == 503 and e[2] == "replica_lost" for e in res["first_try_errors"])
     assert len(res["first_try_errors"]) <= 2          # at most what one replica holds (1 slot + 1 waiting)

@@ -635,13 +635,16 @@ class _JsonBudget:
     def __init__(self, tokenizer):
         self.tok = tokenizer
         self.text = b""
+        self._ids: dict = {}       # closing text -> its tokens (the same few tails recur)
 
     def _cost(self, text: bytes):
         from .grammar import json_closer
         tail = json_closer(text.decode("utf-8", "ignore"))
         if tail is None:
             return None, []
-        ids = self.tok.encode(tail, add_bos=False, special=False) if tail else []
+        ids = self._ids.get(tail)
+        if ids is None:
+            ids = self._ids[tail] = self.tok.encode(tail, add_bos=False, special=False) if tail else []
         return len(ids), ids
 
     def fits(self, tok: int, left: int) -> bool:

@@ -75,11 +75,11 @@ class Grammar:
         if not isinstance(grammar, str) or not grammar.strip():
             raise GrammarError("the grammar is empty")
         llg = _llg()
-        from llguidance.gbnf_to_lark import gbnf_to_lark, is_lark_syntax
+        from llguidance.gbnf_to_lark import is_lark_syntax
         if is_lark_syntax(grammar) or "::=" not in grammar:
             return cls(llg.LLMatcher.grammar_from_lark(grammar), "lark", grammar)
         try:
-            lark = _parser_level(gbnf_to_lark(grammar))
+            lark = _gbnf_to_lark(grammar)
         except Exception as e:          # noqa: BLE001 - the converter raises bare Exceptions
             raise GrammarError(f"invalid GBNF grammar: {_one_line(e)}") from None
         return cls(llg.LLMatcher.grammar_from_lark(lark), "gbnf", grammar)
@@ -126,24 +126,188 @@ class Grammar:
         return f"Grammar({self.kind}, {src!r})"
 
 
-# Lark text, split so that rule names can be told from strings, regexes, classes and comments
-_LARK_PIECE = re.compile(r'//[^\n]*|"(?:[^"\\\n]|\\.)*"i?|/(?:[^/\\\n]|\\.)+/[imsx]*|\[(?:[^\]\\]|\\.)*\]'
-                         r'|[A-Za-z_][A-Za-z0-9_]*|.', re.S)
+def _gbnf_to_lark(text: str) -> str:
+    """GBNF -> llguidance Lark with llama.cpp's meaning.
+
+    llguidance's converter turns every rule made only of terminals into a lexeme, and its lexer is
+    greedy: in llama.cpp's arithmetic.gbnf ``num ::= [0-9]+ ws`` (``ws ::= [ \t\n]*``) is followed by
+    ``"\n"``, so the lexeme swallows the newline and a line can never end. llama.cpp matches GBNF
+    character by character. So we keep a lexeme only where greediness cannot change the language
+    (the characters that could extend a complete match of it cannot start what may follow it), and
+    turn the others back into parser rules (each character class then a one-character lexeme).
+    json.gbnf keeps its lexemes (fast masks); arithmetic.gbnf loses those that end in ``ws``."""
+    from llguidance import gbnf_to_lark as g2l
+    rules = g2l.GrammarParser().parse(text)
+    g2l.resolve(rules)
+    try:
+        demote = _greedy_conflicts(rules, g2l)
+    except Exception:                    # noqa: BLE001 - analysis failed: every rule at parser level
+        demote = {r.name for r in rules.values() if r.rule_is_terminal}
+    for r in list(rules.values()):
+        if r.name in demote:
+            r.rule_is_terminal = False
+            r.name = "t_" + r.name.lower()
+    out = "%llguidance {}\n\n"
+    for r in sorted(rules.values(), key=lambda r: r.order):
+        out += str(r) + "\n\n"
+    return out
 
 
-def _parser_level(lark: str) -> str:
-    """llguidance's GBNF converter turns every rule made only of terminals into a lexeme
-    (UPPER_CASE), and its lexer is greedy: ``num ::= [0-9]+ ws`` followed by ``"\\n"`` then
-    swallows the newline into ``ws`` and can never end the line (llama.cpp's arithmetic.gbnf).
-    llama.cpp matches GBNF character by character, so we rename those lexemes back into
-    parser rules: same language as llama.cpp, each character class a one-character lexeme."""
-    out = []
-    for m in _LARK_PIECE.finditer(lark):
-        t = m.group(0)
-        if t[0].isupper() and t.replace("_", "").isalnum() and t.upper() == t:
-            t = "t_" + t.lower()
-        out.append(t)
-    return "".join(out)
+# characters the analysis looks at (ASCII and a few others); a class is known by what it matches of these
+_PROBE = [chr(i) for i in range(128)] + ["\x85", "\xa0", "\xe9", "\u2028", "\u2029", "\u20ac", "\U0001F600"]
+_ALL = frozenset(_PROBE)
+
+
+def _greedy_conflicts(rules: dict, g2l) -> set:
+    """Names of the lexemes whose greedy matching could differ from llama.cpp's (closed upward: a
+    lexeme that uses a demoted one is demoted too, and the analysis is redone until nothing moves)."""
+    Lit, Rx, Ref, Rep, Seq, Alt = (g2l.LiteralNode, g2l.RegexNode, g2l.RuleRefNode, g2l.RepetitionNode,
+                                   g2l.SequenceNode, g2l.AlternativeNode)
+
+    def lit(node):
+        try:
+            return json.loads('"' + node.value + '"')
+        except ValueError:
+            return None
+
+    memo_null, memo_first = {}, {}
+
+    def nullable(n, seen=()):
+        if isinstance(n, Lit):
+            return lit(n) == ""
+        if isinstance(n, Rx):
+            return False
+        if isinstance(n, Rep):
+            return n.min_times == 0 or nullable(n.node, seen)
+        if isinstance(n, Seq):
+            return all(nullable(c, seen) for c in n.nodes)
+        if isinstance(n, Alt):
+            return any(nullable(c, seen) for c in n.alternatives)
+        if isinstance(n, Ref):
+            t = n.target
+            if t.name in seen:
+                return False
+            if t.name not in memo_null:
+                memo_null[t.name] = nullable(t.alternatives, seen + (t.name,))
+            return memo_null[t.name]
+        return True
+
+    def first(n, seen=()):
+        if isinstance(n, Lit):
+            v = lit(n)
+            return _ALL if v is None else frozenset(v[:1])
+        if isinstance(n, Rx):
+            try:
+                rx = re.compile(n.rx)
+            except re.error:
+                return _ALL
+            return frozenset(c for c in _PROBE if rx.fullmatch(c))
+        if isinstance(n, Rep):
+            return first(n.node, seen)
+        if isinstance(n, Seq):
+            out = set()
+            for c in n.nodes:
+                out |= first(c, seen)
+                if not nullable(c):
+                    break
+            return frozenset(out)
+        if isinstance(n, Alt):
+            return frozenset().union(*(first(c, seen) for c in n.alternatives))
+        if isinstance(n, Ref):
+            t = n.target
+            if t.name in seen:
+                return frozenset()
+            key = t.name
+            if key not in memo_first:
+                memo_first[key] = first(t.alternatives, seen + (t.name,))
+            return memo_first[key]
+        return _ALL
+
+    def inner_chars(n):
+        """Every character an alternative can hold after its first one (over-approximation)."""
+        if isinstance(n, Lit):
+            v = lit(n)
+            return _ALL if v is None else frozenset(v[1:])
+        if isinstance(n, (Rx, Ref)):
+            return first(n) if not isinstance(n, Ref) else _ALL
+        kids = n.children()
+        return frozenset().union(*(first(c) | inner_chars(c) for c in kids)) if kids else frozenset()
+
+    def ext(n):
+        """Characters that can continue a complete match of ``n`` into a longer one."""
+        if isinstance(n, (Lit, Rx)):
+            return frozenset()
+        if isinstance(n, Rep):
+            e = ext(n.node)
+            if n.max_times is None or n.max_times > max(n.min_times, 1) or (n.max_times == 1 and n.min_times == 0):
+                e = e | first(n.node)
+            return e
+        if isinstance(n, Seq):
+            out = set()
+            for c in reversed(n.nodes):
+                out |= ext(c)
+                if not nullable(c):
+                    break
+                out |= first(c)
+            return frozenset(out)
+        if isinstance(n, Alt):
+            out = set().union(*(ext(c) for c in n.alternatives))
+            if len(n.alternatives) > 1:
+                out |= set().union(*(inner_chars(c) for c in n.alternatives))
+                if any(nullable(c) for c in n.alternatives):
+                    out |= set().union(*(first(c) for c in n.alternatives))
+            return frozenset(out)
+        if isinstance(n, Ref):
+            return ext(n.target.alternatives)
+        return _ALL
+
+    demoted: set = set()
+    while True:
+        lexeme = {r.name for r in rules.values() if r.rule_is_terminal and r.name not in demoted}
+        follow = {name: set() for name in rules}      # of parser-level rules and of lexemes used there
+        changed = True
+
+        def walk(n, f):
+            nonlocal changed
+            if isinstance(n, Seq):
+                for c in reversed(n.nodes):
+                    walk(c, f)
+                    f = first(c) | f if nullable(c) else first(c)
+            elif isinstance(n, Alt):
+                for c in n.alternatives:
+                    walk(c, f)
+            elif isinstance(n, Rep):
+                walk(n.node, f | first(n.node) if (n.max_times is None or n.max_times > 1) else f)
+            elif isinstance(n, Ref):
+                name = n.target.name
+                if not f <= follow[name]:
+                    follow[name] |= f
+                    changed = True
+
+        while changed:
+            changed = False
+            for r in rules.values():
+                if r.name not in lexeme:
+                    walk(r.alternatives, frozenset(follow[r.name]))
+        bad = {x for x in lexeme if follow[x] and ext(rules[x].alternatives) & follow[x]}
+        # upward closure: a lexeme that uses a demoted rule cannot stay a lexeme
+        grow = True
+        while grow:
+            grow = False
+            for r in rules.values():
+                if r.name in lexeme and r.name not in bad and any(
+                        isinstance(c, Ref) and c.target.name in (bad | demoted) for c in _nodes(r.alternatives)):
+                    bad.add(r.name)
+                    grow = True
+        if not bad:
+            return demoted
+        demoted |= bad
+
+
+def _nodes(n):
+    yield n
+    for c in n.children():
+        yield from _nodes(c)
 
 
 _KIND_NAMES = {"gbnf": "GBNF grammar", "lark": "Lark grammar", "json_schema": "JSON schema",
@@ -183,17 +347,24 @@ def ll_tokenizer(tokenizer, n_vocab: Optional[int] = None):
         if lt is None:
             llg = _llg()
             eos = sorted(tokenizer.eog_ids) or None
-            lt = per[n_vocab] = llg.LLTokenizer(llg.TokenizerWrapper(_Vocab(tokenizer)), n_vocab=n_vocab,
-                                                eos_token=eos)
+            wrapper = llg.TokenizerWrapper(_Vocab(tokenizer))
+            lt = per[n_vocab] = llg.LLTokenizer(wrapper, n_vocab=n_vocab, eos_token=eos)
+            wrapper.tokens = wrapper._gtokenizer.tokens = []     # llguidance has its copy: free ours
         return lt
+
+
+# byte b of a token bitmask -> the 8 additive logits (0 allowed / -inf not) of its tokens, bit 0 first
+_BYTE_TO_LOGITS = np.where(np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1, bitorder="little") > 0,
+                           np.float32(0.0), np.float32(-np.inf)).astype(np.float32)
 
 
 class GrammarMatcher:
     """One generation's position in a grammar.
 
-    ``mask()`` -> bool array over the vocabulary (True = allowed next); ``accept(token)`` advances.
+    ``mask()`` -> bool array over the vocabulary (True = allowed next), ``logit_mask()`` -> the same
+    as 0 / -inf to add to the logits; ``accept(token)`` advances.
     A token the grammar does not allow (forced by the caller) ends the constraint: ``dead`` is
-    then True and ``mask()`` returns None (no constraint).
+    then True and ``mask()`` / ``logit_mask()`` return None (no constraint).
     """
 
     def __init__(self, grammar: Grammar, tokenizer, n_vocab: Optional[int] = None):
@@ -206,10 +377,22 @@ class GrammarMatcher:
         self.dead = False
 
     def mask(self) -> Optional[np.ndarray]:
+        """Allowed next tokens as a bool array (None once the constraint has ended)."""
         if self.dead:
             return None
         bits = np.frombuffer(self._m.compute_bitmask(), dtype=np.uint8)
         return np.unpackbits(bits, count=self.n_vocab, bitorder="little").view(bool)
+
+    def logit_mask(self) -> Optional[np.ndarray]:
+        """The same as an additive float32 vector: 0 where allowed, -inf elsewhere (what the sampler
+        adds to the logits). Built byte by byte from a 256 x 8 table: ~4x faster than np.where over a
+        bool mask on 152k tokens."""
+        if self.dead:
+            return None
+        bits = np.frombuffer(self._m.compute_bitmask(), dtype=np.uint8)
+        if not bits.any():
+            raise ValueError("the grammar allows no token here")
+        return _BYTE_TO_LOGITS[bits].reshape(-1)[:self.n_vocab]
 
     def accept(self, token: int) -> bool:
         if self.dead:

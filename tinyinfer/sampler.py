@@ -8,8 +8,8 @@ step and returns a token id.  The chain is llama.cpp's default one
 
 * ``temperature <= 0``: greedy argmax after logit bias and penalties.
 * ``mirostat = 1 | 2``: ``top-k .. dist`` is replaced by ``temp -> mirostat``.
-* ``grammar`` (a :class:`tinyinfer.grammar.GrammarMatcher`, or anything with ``mask()`` ->
-  bool array or None, and ``accept(token)``): tokens the grammar does not allow next get
+* ``grammar`` (a :class:`tinyinfer.grammar.GrammarMatcher`, or anything with ``logit_mask()`` ->
+  float32 array of 0 / -inf or None, and ``accept(token)``): tokens the grammar does not allow next get
   -inf before every other stage, as llama.cpp's grammar sampler does; ``accept`` advances it.
 
 Each stage is also a plain function over a *candidate set* ``(ids, logits)``
@@ -670,11 +670,9 @@ class Sampler:
             raise ValueError(f"expected {self.n_vocab} logits, got {x.shape[0]}")
         p = self.params
         if self.grammar is not None:
-            allowed = self.grammar.mask()
-            if allowed is not None:
-                if not allowed.any():
-                    raise ValueError("the grammar allows no token here")
-                x = np.where(allowed, x, np.float32(-np.inf))
+            mask = self.grammar.logit_mask()
+            if mask is not None:      # a fresh array: add the logits into it
+                x = np.add(mask, x, out=mask)
         if self._bias is not None:
             _, x = apply_logit_bias(None, x, self._bias)
         if self._counts and self._window != 0:

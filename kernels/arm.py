@@ -1,0 +1,656 @@
+"""aarch64 (Raspberry Pi 4 / Pi 5) repacked layouts and kernels: 4 weight rows interleaved.
+
+``prepare`` (matmul.py) repacks a Q4_0, Q8_0, Q4_K or Q6_K matrix whose row count is a
+multiple of 4 into groups of 4 rows (:class:`Layout4`), as ggml's ``q4_0_4x4`` /
+``q8_0_4x4`` / ``q4_K_8x4`` layouts do: per block, the 4 rows' scales side by side, then
+the quants in 4-byte chunks, chunk i of rows 0..3 in one 16-byte vector. One vector of
+quants against the 4 activation bytes of chunk i broadcast to all lanes gives lane r = row
+r's partial dot product, so a block's result for 4 rows is one <4 x i32> vector whose
+conversion, scale product and fused multiply-add are shared by the 4 rows (one row at a
+time pays them per row, half of the A76 loop).
+
+Two flavours of the same layouts, picked when the kernels are built (:data:`DOTPROD`):
+
+* **dot product** (``+dotprod``: Cortex-A76 / Pi 5, A55, Neoverse): ``sdot`` by lane,
+  ``llvm.aarch64.neon.sdot`` on the quants and the activation vector, whose lane
+  broadcast LLVM folds into ``sdot v.4s, v.16b, v.4b[i]`` (generic IR gives ``dup`` +
+  ``sdot``).
+* **no dot product** (Cortex-A72 / Pi 4): int16 products (``smull``/``smull2``) summed in
+  int16 with ``smlal``/``smlal2`` as far as the value ranges allow, then pairwise widened
+  (``saddlp``/``sadalp``) and folded to one lane per row (``addp``). Generic IR only, so
+  this flavour also runs on x86 (tests/test_arm.py checks it there).
+
+Nibble storage: Q4_0 quants are stored XOR 0x88, so ``v << 4`` and ``v & 0xF0`` are the
+signed low / high quants times 16 (one logic op each, no -8; the 16 goes into the
+fixed-point convert, ``scvtf #4``), and ``v >> 4`` (arithmetic) the signed high quant.
+Q4_K keeps unsigned nibbles (``and`` / ``ushr``): no -8 and no correction, its 6-bit
+scales and mins unpacked at repack time to bytes (16 B per row per super-block instead of
+12) that the kernel widens in vector registers. Q6_K: 4-bit and 2-bit parts in separate
+arrays, chunked the same way.
+
+Measure with ``benchmarks/arm_mca.py`` (llvm-mca cycles per block, next to llama.cpp's).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+from llvmlite import ir
+from numba import types
+from numba.extending import intrinsic
+
+from . import simd
+from .simd import F16, F32, I8, I16, I32, P8, Emitter, _intrinsic_call, c32, c64, counted_loop, vec
+
+_HASH = hashlib.sha1(Path(__file__).read_bytes()).hexdigest()[:8]
+ROWS = 4           # weight rows per group
+_DOTPROD_CPUS = ("cortex-a55", "cortex-a65", "cortex-a75", "cortex-a76", "cortex-a77", "cortex-a78", "cortex-a710",
+                 "cortex-x", "neoverse", "apple", "ampere", "a64fx", "thunderx3", "carmel", "tsv110")
+
+
+def _detect_dotprod() -> bool:
+    """Whether the CPU numba compiles for has the dot product instructions."""
+    feats = os.environ.get("NUMBA_CPU_FEATURES", "")
+    if "+dotprod" in feats:
+        return True
+    if "-dotprod" in feats:
+        return False
+    name = os.environ.get("NUMBA_CPU_NAME", "")
+    if name and name not in ("host", "generic"):
+        return name.startswith(_DOTPROD_CPUS)
+    try:
+        import llvmlite.binding as llvm
+        return bool(llvm.get_host_cpu_features().get("dotprod", False))
+    except Exception:  # pragma: no cover
+        return False
+
+
+AARCH64 = simd.TARGET_ARCH == "aarch64"
+DOTPROD = AARCH64 and _detect_dotprod()
+# the default of matmul.KernelConfig.arm: repack at prepare() on aarch64 (a config with arm=True
+# runs the no-dotprod flavour, generic IR, on other hosts too: that is how tests run it on x86)
+ENABLED = AARCH64
+NC = 4             # activation rows per GEMM tile
+SDOT_CHAINS = 1    # independent sdot chains per block sum (2: more movi/add, slower in llvm-mca)
+
+
+# ------------------------------------------------------------------ layouts (numpy)
+class Layout4:
+    """A 4-row interleaved layout: ``repack`` (rows, row_bytes) -> (rows/4, nb, group_block_bytes)."""
+
+    name = ""
+    act = "q8_0"          # activations: q8_0 (blocks of 32) or q8_K (256)
+    qk = 32               # elements per block
+    block_bytes = 0       # bytes of one source block
+    group_bytes = 0       # bytes of one block of 4 rows
+
+    def repack(self, w: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def unpack(self, p: np.ndarray) -> np.ndarray:
+        """The inverse of repack (for tests)."""
+        raise NotImplementedError
+
+
+def _chunks(q: np.ndarray) -> np.ndarray:
+    """(ng, 4, nb, m) bytes of 4 rows -> (ng, nb, m/4 chunks, 4 rows, 4 bytes) flattened to (ng, nb, 4m)."""
+    ng, _, nb, m = q.shape
+    return q.reshape(ng, 4, nb, m // 4, 4).transpose(0, 2, 3, 1, 4).reshape(ng, nb, 4 * m)
+
+
+def _unchunks(p: np.ndarray, m: int) -> np.ndarray:
+    ng, nb, _ = p.shape
+    return p.reshape(ng, nb, m // 4, 4, 4).transpose(0, 3, 1, 2, 4).reshape(ng, 4, nb, m)
+
+
+def _heads(w: np.ndarray, nb: int, bb: int, lo: int, hi: int) -> np.ndarray:
+    """Bytes lo:hi of every block of 4 rows side by side: (ng, nb, 4*(hi-lo))."""
+    ng = w.shape[0] // 4
+    b = w.reshape(ng, 4, nb, bb)[..., lo:hi]
+    return b.transpose(0, 2, 1, 3).reshape(ng, nb, 4 * (hi - lo))
+
+
+class Q4_0x4(Layout4):
+    """Per block: d[4] (fp16), then 4 chunks of 16 B: chunk i = rows 0..3's qs[4i..4i+3] ^ 0x88."""
+
+    name, block_bytes, group_bytes = "Q4_0", 18, 72
+
+    def repack(self, w):
+        nb = w.shape[1] // 18
+        ng = w.shape[0] // 4
+        qs = w.reshape(ng, 4, nb, 18)[..., 2:] ^ np.uint8(0x88)
+        return np.concatenate([_heads(w, nb, 18, 0, 2), _chunks(qs)], axis=2)
+
+    def unpack(self, p):
+        ng, nb, _ = p.shape
+        d = p[..., :8].reshape(ng, nb, 4, 2).transpose(0, 2, 1, 3)
+        qs = _unchunks(p[..., 8:], 16) ^ np.uint8(0x88)
+        return np.concatenate([d, qs], axis=3).reshape(ng * 4, nb * 18)
+
+
+class Q8_0x4(Layout4):
+    """Per block: d[4] (fp16), then 8 chunks of 16 B: chunk i = rows 0..3's qs[4i..4i+3]."""
+
+    name, block_bytes, group_bytes = "Q8_0", 34, 136
+
+    def repack(self, w):
+        nb = w.shape[1] // 34
+        ng = w.shape[0] // 4
+        return np.concatenate([_heads(w, nb, 34, 0, 2), _chunks(w.reshape(ng, 4, nb, 34)[..., 2:])], axis=2)
+
+    def unpack(self, p):
+        ng, nb, _ = p.shape
+        d = p[..., :8].reshape(ng, nb, 4, 2).transpose(0, 2, 1, 3)
+        return np.concatenate([d, _unchunks(p[..., 8:], 32)], axis=3).reshape(ng * 4, nb * 34)
+
+
+class IQ4_NLx4(Q4_0x4):
+    """As Q4_0x4, nibbles stored as they are (table indices: low = and 0x0F, high = ushr 4, then tbl)."""
+
+    name = "IQ4_NL"
+
+    def repack(self, w):
+        nb = w.shape[1] // 18
+        ng = w.shape[0] // 4
+        return np.concatenate([_heads(w, nb, 18, 0, 2), _chunks(w.reshape(ng, 4, nb, 18)[..., 2:])], axis=2)
+
+    def unpack(self, p):
+        ng, nb, _ = p.shape
+        d = p[..., :8].reshape(ng, nb, 4, 2).transpose(0, 2, 1, 3)
+        return np.concatenate([d, _unchunks(p[..., 8:], 16)], axis=3).reshape(ng * 4, nb * 18)
+
+
+def _k4_unpack_scales(sc: np.ndarray):
+    """get_scale_min_k4 over (..., 12) bytes -> (scales (..., 8), mins (..., 8)) uint8."""
+    sc = sc.astype(np.uint8)
+    s = np.empty(sc.shape[:-1] + (8,), np.uint8)
+    m = np.empty_like(s)
+    s[..., :4] = sc[..., 0:4] & 63
+    m[..., :4] = sc[..., 4:8] & 63
+    s[..., 4:] = (sc[..., 8:12] & 0xF) | ((sc[..., 0:4] >> 6) << 4)
+    m[..., 4:] = (sc[..., 8:12] >> 4) | ((sc[..., 4:8] >> 6) << 4)
+    return s, m
+
+
+def _k4_pack_scales(s: np.ndarray, m: np.ndarray) -> np.ndarray:
+    out = np.empty(s.shape[:-1] + (12,), np.uint8)
+    out[..., 0:4] = (s[..., :4] & 63) | ((s[..., 4:] >> 4) << 6)
+    out[..., 4:8] = (m[..., :4] & 63) | ((m[..., 4:] >> 4) << 6)
+    out[..., 8:12] = (s[..., 4:] & 0xF) | ((m[..., 4:] & 0xF) << 4)
+    return out
+
+
+def _per_sub(v: np.ndarray) -> np.ndarray:
+    """(ng, 4, nb, m) -> (ng, nb, m, 4): value j of rows 0..3 side by side."""
+    return v.transpose(0, 2, 3, 1).reshape(v.shape[0], v.shape[2], -1)
+
+
+def _pack_6bit(v: np.ndarray) -> np.ndarray:
+    """(..., 64) values < 64 -> (..., 48) bytes: 32 B of low nibbles (value t and t + 32 in a byte),
+    then 16 B of high 2-bit pairs (values t, t + 16, t + 32, t + 48 at bits 0, 2, 4, 6)."""
+    lo = (v[..., :32] & 0xF) | ((v[..., 32:] & 0xF) << 4)
+    h = v >> 4
+    hi = h[..., 0:16] | (h[..., 16:32] << 2) | (h[..., 32:48] << 4) | (h[..., 48:64] << 6)
+    return np.concatenate([lo, hi], axis=-1).astype(np.uint8)
+
+
+def _unpack_6bit(p: np.ndarray) -> np.ndarray:
+    lo, hi = p[..., :32], p[..., 32:48]
+    v = np.concatenate([lo & 0xF, lo >> 4], axis=-1)
+    h = np.concatenate([(hi >> (2 * t)) & 3 for t in range(4)], axis=-1)
+    return v | (h << 4)
+
+
+class Q4_Kx4(Layout4):
+    """Per super-block: d[4], dmin[4] (fp16); the 4 rows' 8 scales and 8 mins (6 bits each, value
+    t = scale (t < 32) or min (t >= 32) of sub-block (t % 32) // 4, row t % 4) in 48 B
+    (:func:`_pack_6bit`: two logic ops per 32 values to unpack); qs: 4 x 8 chunks of 16 B: chunk
+    (c, i) = rows 0..3's qs[32c + 4i .. +3] (low nibbles: sub-block 2c, high: 2c + 1, as in
+    block_q4_K). 576 B = 4 x 144: the bytes of the original rows."""
+
+    name, act, qk, block_bytes, group_bytes = "Q4_K", "q8_K", 256, 144, 8 + 8 + 48 + 512
+
+    def repack(self, w):
+        nb = w.shape[1] // 144
+        ng = w.shape[0] // 4
+        b = w.reshape(ng, 4, nb, 144)
+        s, m = _k4_unpack_scales(b[..., 4:16])
+        sm = _pack_6bit(np.concatenate([_per_sub(s), _per_sub(m)], axis=2))
+        return np.concatenate([_heads(w, nb, 144, 0, 2), _heads(w, nb, 144, 2, 4), sm, _chunks(b[..., 16:])], axis=2)
+
+    def unpack(self, p):
+        ng, nb, _ = p.shape
+
+        def rows2(a):
+            return a.reshape(ng, nb, 4, 2).transpose(0, 2, 1, 3)
+        v = _unpack_6bit(p[..., 16:64])
+
+        def rows8(a):
+            return a.reshape(ng, nb, 8, 4).transpose(0, 3, 1, 2)
+        sc = _k4_pack_scales(rows8(v[..., :32]), rows8(v[..., 32:]))
+        return np.concatenate([rows2(p[..., 0:8]), rows2(p[..., 8:16]), sc, _unchunks(p[..., 64:], 128)],
+                              axis=3).reshape(ng * 4, nb * 144)
+
+
+class Q5_Kx4(Q4_Kx4):
+    """Q4_Kx4 with the fifth bits: after the scales, qh: 8 chunks of 16 B, chunk i = rows 0..3's
+    qh[4i .. 4i+3] (bit j of qh[l]: element 32j + l), then qs as in Q4_Kx4. 704 B = 4 x 176."""
+
+    name, block_bytes, group_bytes = "Q5_K", 176, 8 + 8 + 48 + 128 + 512
+
+    def repack(self, w):
+        nb = w.shape[1] // 176
+        ng = w.shape[0] // 4
+        b = w.reshape(ng, 4, nb, 176)
+        s, m = _k4_unpack_scales(b[..., 4:16])
+        sm = _pack_6bit(np.concatenate([_per_sub(s), _per_sub(m)], axis=2))
+        return np.concatenate([_heads(w, nb, 176, 0, 2), _heads(w, nb, 176, 2, 4), sm, _chunks(b[..., 16:48]),
+                               _chunks(b[..., 48:])], axis=2)
+
+    def unpack(self, p):
+        ng, nb, _ = p.shape
+        q4 = np.concatenate([p[..., :64], p[..., 192:]], axis=2)
+        r = Q4_Kx4.unpack(self, q4).reshape(ng * 4, nb, 144)
+        qh = _unchunks(p[..., 64:192], 32).reshape(ng * 4, nb, 32)
+        return np.concatenate([r[..., :16], qh, r[..., 16:]], axis=2).reshape(ng * 4, nb * 176)
+
+
+def _q6_values(b: np.ndarray) -> np.ndarray:
+    """(..., 210) block_q6_K bytes -> (..., 256) unsigned 6-bit quants (value + 32)."""
+    ql, qh = b[..., :128], b[..., 128:192]
+    q = np.empty(b.shape[:-1] + (256,), np.uint8)
+    for h in range(2):
+        l0, l1, hh = ql[..., 64 * h:64 * h + 32], ql[..., 64 * h + 32:64 * h + 64], qh[..., 32 * h:32 * h + 32]
+        o = 128 * h
+        q[..., o:o + 32] = (l0 & 0xF) | ((hh & 3) << 4)
+        q[..., o + 32:o + 64] = (l1 & 0xF) | (((hh >> 2) & 3) << 4)
+        q[..., o + 64:o + 96] = (l0 >> 4) | (((hh >> 4) & 3) << 4)
+        q[..., o + 96:o + 128] = (l1 >> 4) | (((hh >> 6) & 3) << 4)
+    return q
+
+
+def _q6_pack(q: np.ndarray) -> tuple:
+    """Inverse of _q6_values: (..., 256) -> (ql (..., 128), qh (..., 64))."""
+    ql = np.empty(q.shape[:-1] + (128,), np.uint8)
+    qh = np.empty(q.shape[:-1] + (64,), np.uint8)
+    for h in range(2):
+        o = 128 * h
+        a, b_, c, d = (q[..., o + 32 * t:o + 32 * t + 32] for t in range(4))
+        ql[..., 64 * h:64 * h + 32] = (a & 0xF) | ((c & 0xF) << 4)
+        ql[..., 64 * h + 32:64 * h + 64] = (b_ & 0xF) | ((d & 0xF) << 4)
+        qh[..., 32 * h:32 * h + 32] = (a >> 4) | ((b_ >> 4) << 2) | ((c >> 4) << 4) | ((d >> 4) << 6)
+    return ql, qh
+
+
+class Q6_Kx4(Layout4):
+    """Per super-block: d[4] (fp16), scales[16][4] (int8, group major), then
+    ql: 4 x 8 chunks of 16 B, chunk (c, i) byte 4r + t = low 4 bits of row r's element 64c + 4i + t
+    (low nibble) and 64c + 32 + 4i + t (high nibble); qh: 2 x 8 chunks of 16 B, chunk (h, i) byte
+    4r + t = high 2 bits of row r's elements 128h + 32k + 4i + t at bits 2k, 2k + 1 (k = 0..3).
+    Quants unsigned (0..63); the kernels subtract 32."""
+
+    name, act, qk, block_bytes, group_bytes = "Q6_K", "q8_K", 256, 210, 8 + 64 + 512 + 256
+
+    def repack(self, w):
+        nb = w.shape[1] // 210
+        ng = w.shape[0] // 4
+        b = w.reshape(ng, 4, nb, 210)
+        q = _q6_values(b)
+        ql = np.empty(q.shape[:-1] + (128,), np.uint8)
+        qh = np.empty(q.shape[:-1] + (64,), np.uint8)
+        for c in range(4):
+            ql[..., 32 * c:32 * c + 32] = (q[..., 64 * c:64 * c + 32] & 0xF) | ((q[..., 64 * c + 32:64 * c + 64] & 0xF) << 4)
+        for h in range(2):
+            hi = [q[..., 128 * h + 32 * k:128 * h + 32 * k + 32] >> 4 for k in range(4)]
+            qh[..., 32 * h:32 * h + 32] = hi[0] | (hi[1] << 2) | (hi[2] << 4) | (hi[3] << 6)
+        return np.concatenate([_heads(w, nb, 210, 208, 210), _per_sub(b[..., 192:208]), _chunks(ql), _chunks(qh)],
+                              axis=2)
+
+    def unpack(self, p):
+        ng, nb, _ = p.shape
+        d = p[..., 0:8].reshape(ng, nb, 4, 2).transpose(0, 2, 1, 3)
+        sc = p[..., 8:72].reshape(ng, nb, 16, 4).transpose(0, 3, 1, 2)
+        ql = _unchunks(p[..., 72:584], 128)
+        qh = _unchunks(p[..., 584:840], 64)
+        q = np.empty((ng, 4, nb, 256), np.uint8)
+        for c in range(4):
+            q[..., 64 * c:64 * c + 32] = ql[..., 32 * c:32 * c + 32] & 0xF
+            q[..., 64 * c + 32:64 * c + 64] = ql[..., 32 * c:32 * c + 32] >> 4
+        for h in range(2):
+            for k in range(4):
+                o = 128 * h + 32 * k
+                q[..., o:o + 32] |= ((qh[..., 32 * h:32 * h + 32] >> (2 * k)) & 3) << 4
+        oql, oqh = _q6_pack(q)
+        return np.concatenate([oql, oqh, sc, d], axis=3).reshape(ng * 4, nb * 210)
+
+
+LAYOUTS = {c.name: c() for c in (Q4_0x4, Q8_0x4, IQ4_NLx4, Q4_Kx4, Q5_Kx4, Q6_Kx4)}
+
+
+def layout(type_name: str):
+    """The aarch64 layout of a type, or None."""
+    return LAYOUTS.get(type_name)
+
+
+# ------------------------------------------------------------------ IR helpers
+V16 = vec(I8, 16)
+V4I = vec(I32, 4)
+
+
+def _lane_bcast(e: Emitter, xv, i):
+    """<16 x i8> with the 4 bytes of 32-bit lane i of xv in every lane (dup v.4s, x.s[i])."""
+    w = e.b.bitcast(xv, V4I)
+    return e.b.bitcast(e.shuffle(w, None, [i] * 4), V16)
+
+
+def _sdot(e: Emitter, acc, a, bv):
+    return _intrinsic_call(e.b, "llvm.aarch64.neon.sdot.v4i32.v16i8", V4I, [acc, a, bv])
+
+
+def _pairsum(e: Emitter, v):
+    """<8 x i16> -> <4 x i32> sums of adjacent pairs (saddlp)."""
+    if simd.TARGET_ARCH == "aarch64":
+        return _intrinsic_call(e.b, "llvm.aarch64.neon.saddlp.v4i32.v8i16", V4I, [v])
+    t = vec(I32, 4)
+    return e.b.add(e.b.sext(e.shuffle(v, None, [0, 2, 4, 6]), t), e.b.sext(e.shuffle(v, None, [1, 3, 5, 7]), t))
+
+
+def _addp(e: Emitter, a, b_):
+    """[a0+a1, a2+a3, b0+b1, b2+b3] (addp)."""
+    if simd.TARGET_ARCH == "aarch64":
+        return _intrinsic_call(e.b, "llvm.aarch64.neon.addp.v4i32", V4I, [a, b_])
+    return e.b.add(e.shuffle(a, b_, [0, 2, 4, 6]), e.shuffle(a, b_, [1, 3, 5, 7]))
+
+
+def dot4(e: Emitter, pieces, dotprod: bool, terms: int = 8):
+    """sum over pieces (w <16 x i8>, x <16 x i8>, lane) of row r's 4-byte dot with x's lane: <4 x i32>.
+
+    ``dotprod``: sdot by lane, two chains. Otherwise int16 products (smull / smull2) summed in int16
+    ``terms`` at a time (the caller's bound: terms * max|w*x| < 2^15), then pairwise widened.
+    """
+    b = e.b
+    if dotprod:
+        acc = [ir.Constant(V4I, None)] * SDOT_CHAINS
+        for t, (w, x, i) in enumerate(pieces):
+            acc[t % SDOT_CHAINS] = _sdot(e, acc[t % SDOT_CHAINS], w, _lane_bcast(e, x, i))
+        return functools.reduce(b.add, acc)
+    v8 = vec(I16, 8)
+    s = [None, None]
+    a = [None, None]
+    n = 0
+
+    def flush():
+        for h in range(2):
+            p = _pairsum(e, a[h])
+            s[h] = p if s[h] is None else b.add(s[h], p)
+            a[h] = None
+
+    for w, x, i in pieces:
+        xb = _lane_bcast(e, x, i)
+        for h in range(2):
+            lo = list(range(8 * h, 8 * h + 8))
+            p = b.mul(b.sext(e.shuffle(w, None, lo), v8), b.sext(e.shuffle(xb, None, lo), v8))
+            a[h] = p if a[h] is None else b.add(a[h], p)
+        n += 1
+        if n == terms:
+            flush()
+            n = 0
+    if n:
+        flush()
+    return _addp(e, s[0], s[1])
+
+
+def _widen4(e: Emitter, v, signed: bool):
+    """<n x i8> -> n/4 <4 x i32> vectors of its lanes 4j..4j+3, widened through i16 (ushll / ushll2,
+    no shuffles): the per-row scales of a sub-block as one vector."""
+    b = e.b
+    ext = b.sext if signed else b.zext
+    out = []
+    for o in range(0, v.type.count, 8):
+        h = ext(e.shuffle(v, None, range(o, o + 8)), vec(I16, 8))
+        out += [ext(e.shuffle(h, None, range(t, t + 4)), V4I) for t in (0, 4)]
+    return out
+
+
+def _to_float(e: Emitter, s, fbits: int = 0):
+    """<4 x i32> -> <4 x float> s / 2^fbits (exact): a fixed-point ``scvtf #fbits`` on aarch64."""
+    if fbits and simd.TARGET_ARCH == "aarch64":
+        return _intrinsic_call(e.b, "llvm.aarch64.neon.vcvtfxs2fp.v4f32.v4i32", vec(F32, 4), [s, c32(fbits)])
+    f = e.b.sitofp(s, vec(F32, 4))
+    return e.b.fmul(f, _cv(F32, 4, 1.0 / (1 << fbits))) if fbits else f
+
+
+def _f16x4(e: Emitter, bp, off):
+    return e.b.fpext(e.load(bp, c64(off), vec(F16, 4)), vec(F32, 4))
+
+
+def _cv(t, n, v):
+    return ir.Constant(vec(t, n), [v] * n)
+
+
+# ------------------------------------------------------------------ kernels
+@lru_cache(maxsize=None)
+def group_kernel(type_name: str, nc: int, dotprod: bool):
+    """Intrinsic: one group of 4 weight rows x ``nc`` activation rows over all blocks.
+
+    Signature (int64 addresses / sizes)::
+
+        tile(wg, nb, xq, xq_stride, xd, xd_stride, xb, xb_stride, out, out_stride)
+
+    ``wg`` the group's repacked blocks; ``xq`` int8 activations (q8_0 or q8_K), ``xd`` float32
+    scales per block, ``xb`` int32 Q8_K sums per 32 (Q4_K; unused otherwise); writes
+    out[c, 0..3] (``out`` = address of out[c0, r0]).
+    """
+    L = LAYOUTS[type_name]
+    kq = L.act == "q8_K"
+
+    @intrinsic
+    def tile(typingctx, wg, nb, xq, xq_stride, xd, xd_stride, xb, xb_stride, out, out_stride):
+        sig = types.void(*([types.int64] * 10))
+
+        def codegen(context, builder, signature, args):
+            e = Emitter(builder)
+            b = builder
+            (wg_, nb_, xq_, xqs_, xd_, xds_, xb_, xbs_, out_, os_) = args
+            wp, xqp, xdp, xbp, op = (b.inttoptr(a, P8) for a in (wg_, xq_, xd_, xb_, out_))
+            xrow = [b.mul(xqs_, c64(c)) for c in range(nc)]
+            drow = [b.mul(xds_, c64(c)) for c in range(nc)]
+            brow = [b.mul(xbs_, c64(c)) for c in range(nc)]
+
+            def body(i, accs):
+                bp = e.ptr(wp, b.mul(i, c64(L.group_bytes)))
+                xoff = b.mul(i, c64(L.qk))
+                doff = b.mul(i, c64(4))
+
+                def xvec(c, o):
+                    return e.load(xqp, b.add(b.add(xrow[c], xoff), c64(o)), V16)
+
+                dx = [e.load(xdp, b.add(drow[c], doff), F32) for c in range(nc)]
+                new = []
+                if type_name == "Q4_0":
+                    dw = _f16x4(e, bp, 0)
+                    vs = [e.load(bp, c64(8 + 16 * j), V16) for j in range(4)]
+                    if dotprod:      # quants x 16, one logic op each
+                        lo = [b.shl(v, _cv(I8, 16, 4)) for v in vs]
+                        hi = [b.and_(v, _cv(I8, 16, 0xF0)) for v in vs]
+                    else:            # signed nibbles -8..7
+                        lo = [b.ashr(b.shl(v, _cv(I8, 16, 4)), _cv(I8, 16, 4)) for v in vs]
+                        hi = [b.ashr(v, _cv(I8, 16, 4)) for v in vs]
+                    for c in range(nc):
+                        x0, x1 = xvec(c, 0), xvec(c, 16)
+                        s = dot4(e, [(lo[j], x0, j) for j in range(4)] + [(hi[j], x1, j) for j in range(4)],
+                                 dotprod, terms=8)
+                        sf = _to_float(e, s, 4 if dotprod else 0)
+                        new.append(e.fma(sf, e.fmul(dw, e.splat(dx[c], 4)), accs[c]))
+                elif type_name == "IQ4_NL":
+                    dw = _f16x4(e, bp, 0)
+                    vs = [e.load(bp, c64(8 + 16 * j), V16) for j in range(4)]
+                    tab = [int(v) for v in _iq4nl_values()]
+                    lo = [simd.lookup16(e, b.and_(v, _cv(I8, 16, 0x0F)), tab) for v in vs]
+                    hi = [simd.lookup16(e, b.lshr(v, _cv(I8, 16, 4)), tab) for v in vs]
+                    for c in range(nc):
+                        x0, x1 = xvec(c, 0), xvec(c, 16)
+                        s = dot4(e, [(lo[j], x0, j) for j in range(4)] + [(hi[j], x1, j) for j in range(4)],
+                                 dotprod, terms=2)
+                        new.append(e.fma(b.sitofp(s, vec(F32, 4)), e.fmul(dw, e.splat(dx[c], 4)), accs[c]))
+                elif type_name == "Q8_0":
+                    dw = _f16x4(e, bp, 0)
+                    vs = [e.load(bp, c64(8 + 16 * j), V16) for j in range(8)]
+                    for c in range(nc):
+                        xs = [xvec(c, 0), xvec(c, 16)]
+                        s = dot4(e, [(vs[j], xs[j // 4], j % 4) for j in range(8)], dotprod, terms=2)
+                        new.append(e.fma(b.sitofp(s, vec(F32, 4)), e.fmul(dw, e.splat(dx[c], 4)), accs[c]))
+                elif type_name in ("Q4_K", "Q5_K"):
+                    dw = _f16x4(e, bp, 0)
+                    dm = _f16x4(e, bp, 8)
+                    lo = e.load(bp, c64(16), vec(I8, 32))
+                    hi = e.load(bp, c64(48), V16)
+
+                    def hi2(sh):   # bits 2t, 2t + 1 of hi at bits 4, 5
+                        v = b.shl(hi, _cv(I8, 16, sh)) if sh > 0 else b.lshr(hi, _cv(I8, 16, -sh)) if sh else hi
+                        return b.and_(v, _cv(I8, 16, 0x30))
+                    scv = b.or_(b.and_(lo, _cv(I8, 32, 0x0F)), e.concat(hi2(4), hi2(2)))
+                    mnv = b.or_(b.lshr(lo, _cv(I8, 32, 4)), e.concat(hi2(0), hi2(-2)))
+                    scj = _widen4(e, scv, False)
+                    mnj = _widen4(e, mnv, False)
+                    q5 = type_name == "Q5_K"
+                    qo = 192 if q5 else 64
+                    qs = [[e.load(bp, c64(qo + 128 * cc + 16 * t), V16) for t in range(8)] for cc in range(4)]
+                    subs = []
+                    for cc in range(4):
+                        subs.append([b.and_(v, _cv(I8, 16, 0x0F)) for v in qs[cc]])
+                        subs.append([b.lshr(v, _cv(I8, 16, 4)) for v in qs[cc]])
+                    if q5:       # bit j of the qh chunk -> bit 4 of sub-block j's quants
+                        qh = [e.load(bp, c64(64 + 16 * t), V16) for t in range(8)]
+                        for j in range(8):
+                            for t in range(8):
+                                h = qh[t]
+                                h = b.shl(h, _cv(I8, 16, 4 - j)) if j < 4 else b.lshr(h, _cv(I8, 16, j - 4)) if j > 4 else h
+                                subs[j][t] = b.or_(subs[j][t], b.and_(h, _cv(I8, 16, 0x10)))
+                    for c in range(nc):
+                        isum = None
+                        for j in range(8):
+                            xs = [xvec(c, 32 * j), xvec(c, 32 * j + 16)]
+                            s = dot4(e, [(subs[j][t], xs[t // 4], t % 4) for t in range(8)], dotprod, terms=8)
+                            p = b.mul(e.freeze(s), scj[j])
+                            isum = p if isum is None else b.add(isum, p)
+                        bs = e.load(xbp, b.add(brow[c], b.mul(i, c64(32))), vec(I32, 8))
+                        corr = None
+                        for j in range(8):
+                            p = b.mul(mnj[j], e.shuffle(bs, None, [j] * 4))
+                            corr = p if corr is None else b.add(corr, p)
+                        acc = e.fma(b.sitofp(isum, vec(F32, 4)), e.fmul(dw, e.splat(dx[c], 4)), accs[c])
+                        new.append(b.fsub(acc, e.fmul(b.sitofp(corr, vec(F32, 4)), e.fmul(dm, e.splat(dx[c], 4))),
+                                          flags=("contract",)))
+                elif type_name == "Q6_K":
+                    dw = _f16x4(e, bp, 0)
+                    scg = _widen4(e, e.load(bp, c64(8), vec(I8, 64)), True)
+                    ql = [[e.load(bp, c64(72 + 128 * cc + 16 * t), V16) for t in range(8)] for cc in range(4)]
+                    qh = [[e.load(bp, c64(584 + 128 * h + 16 * t), V16) for t in range(8)] for h in range(2)]
+                    subs = []
+                    m30 = _cv(I8, 16, 0x30)
+                    for j in range(8):
+                        h, k = divmod(j, 4)
+                        cc = j // 2
+                        sub = []
+                        for t in range(8):
+                            nib = b.and_(ql[cc][t], _cv(I8, 16, 0x0F)) if j % 2 == 0 else \
+                                b.lshr(ql[cc][t], _cv(I8, 16, 4))
+                            hv = qh[h][t]
+                            sh = 4 - 2 * k
+                            hv = b.shl(hv, _cv(I8, 16, sh)) if sh > 0 else (b.lshr(hv, _cv(I8, 16, -sh)) if sh < 0 else hv)
+                            sub.append(b.sub(b.or_(nib, b.and_(hv, m30)), _cv(I8, 16, 32)))
+                        subs.append(sub)
+                    for c in range(nc):
+                        isum = None
+                        for j in range(8):
+                            xs = [xvec(c, 32 * j), xvec(c, 32 * j + 16)]
+                            for g in range(2):
+                                s = dot4(e, [(subs[j][t], xs[g], t % 4) for t in range(4 * g, 4 * g + 4)],
+                                         dotprod, terms=8)
+                                p = b.mul(e.freeze(s), scg[2 * j + g])
+                                isum = p if isum is None else b.add(isum, p)
+                        new.append(e.fma(b.sitofp(isum, vec(F32, 4)), e.fmul(dw, e.splat(dx[c], 4)), accs[c]))
+                return new
+
+            accs = counted_loop(b, nb_, [ir.Constant(vec(F32, 4), None)] * nc, body)
+            for c in range(nc):
+                e.store(accs[c], op, b.mul(os_, c64(c)), align=4)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    tile.kernel_name = f"arm4_{type_name}_x{nc}_d{int(dotprod)}_a{int(simd.TARGET_ARCH == 'aarch64')}_{_HASH}"
+    return tile
+
+
+# ------------------------------------------------------------------ drivers
+_SRC = """
+def {name}(wr, x, out):
+    n, k = x.shape
+{prep}
+    ng = wr.shape[0]
+    nb_ = k // {QK}
+    wp = np.int64(wr.ctypes.data)
+    gs = np.int64(wr.strides[0])
+    xqp = np.int64(xq.ctypes.data)
+    xqs = np.int64(xq.strides[0])
+    xdp = np.int64(xd.ctypes.data)
+    xds = np.int64(xd.strides[0])
+    xbp = np.int64(xb.ctypes.data)
+    xbs = np.int64(xb.strides[0])
+    op = np.int64(out.ctypes.data)
+    osd = np.int64(out.strides[0])
+    nc_main = n - n % {NC}
+    for g in prange(ng):
+        gp = wp + g * gs
+        o = op + g * 16
+        for c0 in range(0, nc_main, {NC}):
+            {t_main}(gp, nb_, xqp + c0 * xqs, xqs, xdp + c0 * xds, xds, xbp + c0 * xbs, xbs, o + c0 * osd, osd)
+        for c0 in range(nc_main, n):
+            {t_one}(gp, nb_, xqp + c0 * xqs, xqs, xdp + c0 * xds, xds, xbp + c0 * xbs, xbs, o + c0 * osd, osd)
+    _keep_alive(xq, xd, xb)
+"""
+_PREP_K = """
+    xq = np.empty((n, k), np.int8)
+    xd = np.empty((n, k // 256), np.float32)
+    xb = np.empty((n, k // 32), np.int32)
+    quantize_q8_K(x, xq, xd, xb)"""
+
+
+def make_driver(type_name: str, parallel: bool):
+    """The jitted driver ``f(packed, x, out)`` for a repacked weight (compiled through matmul's _jit)."""
+    from . import matmul as mm
+    L = LAYOUTS[type_name]
+    if L.act == "q8_K":
+        prep = _PREP_K
+    else:
+        prep = mm._prep(mm._TYPES[_ggml_type(type_name)], False, 1) + "\n    xb = xc"
+    return mm._jit(_SRC, f"_arm4_{type_name}_x{NC}_d{int(DOTPROD)}", parallel, prep=prep, QK=L.qk, NC=NC,
+                   t_main=mm._bind(group_kernel(type_name, NC, DOTPROD)),
+                   t_one=mm._bind(group_kernel(type_name, 1, DOTPROD)))
+
+
+def _iq4nl_values():
+    from .quants import KVALUES_IQ4NL
+    return KVALUES_IQ4NL
+
+
+def _ggml_type(type_name: str) -> int:
+    from .quants import type_info
+    return int(type_info(type_name).ggml_type)
+
+
+def mca_kernel(type_name: str, kind: str, dotprod: bool):
+    """(label, intrinsic, nargs, row-blocks x activation rows per loop iteration) of the kernel the
+    drivers run for ``kind`` (gemv: n == 1, gemm: n > 1), for benchmarks/arm_mca.py; None when the
+    type has no aarch64 layout."""
+    if type_name not in LAYOUTS:
+        return None
+    n = 1 if kind == "gemv" else NC
+    return (f"arm 4x{n} {'sdot' if dotprod else 'smull'}", group_kernel(type_name, n, dotprod), 10, ROWS * n)
