@@ -282,7 +282,7 @@ def cross_asm_report(targets=("cortex-a76", "cortex-a72", "haswell", "znver4")):
 
     keys = {"aarch64": ["sdot", "smull", "smull2", "smlal", "smlal2", "addp", "uzp1", "uzp2", "tbl", "fmla", "scvtf",
                         "ldr", "str"],
-            "x86_64": ["vpdpwssd", "vpmaddwd", "vpmovzxbw", "vpmovsxbw", "vpshufb", "vcvtdq2ps", "vfmadd231ps",
+            "x86_64": ["vpdpwssd", "vpmaddwd", "vpmaddubsw", "vpmovzxbw", "vpmovsxbw", "vpshufb", "vcvtdq2ps", "vfmadd231ps",
                        "vmovups", "vmovaps"]}
     kernels = [("Q4_0 x16 n=1", lambda: simd.interleaved_kernel("Q4_0", 1), 10),
                ("Q8_0 x16 n=1", lambda: simd.interleaved_kernel("Q8_0", 1), 10),

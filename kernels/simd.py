@@ -987,14 +987,19 @@ class KFormat(BlockDecoder):
     """
 
     min_group = 0
-    offset = 0
+    offset = 0            # aarch64: subtracted from unsigned quants (sdot takes signed bytes)
+    u8_offset = 0         # x86: added to signed quants (vpmaddubsw takes unsigned weights)
+    sign_trick = False    # x86: |w| * (x * sign(w)) instead (table formats)
     scale_group = 32      # elements per distinct scale: 32 or 16
     has_gemv = False      # a kgemv_kernel (x86 single-row) exists for it
 
     @property
     def bsums(self) -> int:
+        """Activation sums the tiles read: per min group, else per scale group if an offset needs them."""
         if self.min_group:
             return self.min_group
+        if (self.offset if PARTIAL_REDUCE else self.u8_offset):
+            return self.scale_group
         return 0
 
     def decode(self, e: Emitter, wp, off):
@@ -1098,7 +1103,7 @@ class Q3_K(KFormat):
     Element 128n + 32j + l: ((qs[32n + l] >> 2j) & 3) - 4 unless bit 4n + j of hmask[l] is set.
     """
 
-    scale_group = 16
+    scale_group, u8_offset = 16, 4
 
     def decode(self, e, wp, off):
         b = e.b
@@ -1130,7 +1135,7 @@ class Q6_K(KFormat):
     from qh[32h + l] >> 2g; value - 32; scale sc[8h + 2g + l//16].
     """
 
-    scale_group, has_gemv = 16, True
+    scale_group, u8_offset, has_gemv = 16, 32, True
 
     def decode(self, e, wp, off):
         b = e.b
@@ -1153,6 +1158,8 @@ class IQ4_XS(KFormat):
     """block_iq4_xs: d (fp16), scales_h (u16: 2 high bits per sub-block), scales_l[4] (nibbles),
     qs[128]: sub-block j = table values of the nibbles of qs[16j .. 16j+15] (low: 0..15, high: 16..31),
     scale ((scales_l >> 4(j%2)) & 15 | ((scales_h >> 2j) & 3) << 4) - 32."""
+
+    sign_trick = True
 
     def __init__(self, name, block_bytes, layout, values):
         super().__init__(name, block_bytes, layout)
@@ -1200,19 +1207,42 @@ def _kdot_arm(e: Emitter, fmt: KFormat, subs, scales, xv8, scv_bs):
     return isum
 
 
-def _kdot_x86(e: Emitter, subs, scales, xv16):
-    """x86: the int16 weights times their scales first, then pair products (vpmaddwd / vpdpwssd):
-    a <16 x i32> whose lanes sum to sum_j scale_j * dot(sub_j, x_j)."""
+def _kdot_x86(e: Emitter, fmt: KFormat, subs, scales, xv8, scv_bs):
+    """x86: u8 x s8 pair products (``vpmaddubsw``) per sub-block, times the int16 scales as pair
+    sums (``vpmaddwd``): a <16 x i32> whose lanes sum to sum_j scale_j * dot(sub_j, x_j).
+
+    Signed quants are made unsigned by ``u8_offset`` (taken back as u8_offset * sum_g scale_g *
+    sum(x_g)), or for table formats (``sign_trick``) by moving each weight's sign onto its
+    activation: |w| * (x * sign(w)), as ggml's AVX2 code does. Pair sums stay below 2**15.
+    """
     b = e.b
+    z8 = ir.Constant(vec(I8, 32), None)
     parts = []
     for j in range(8):
+        q, x = subs[j], xv8[j]
+        if fmt.sign_trick:
+            neg = b.icmp_signed("<", q, z8)
+            x = b.select(neg, b.sub(z8, x), x)
+            q = b.select(neg, b.sub(z8, q), q)
+        elif fmt.u8_offset:
+            q = b.add(q, e.const_vec(I8, 32, fmt.u8_offset))
+        # OR with an opaque zero: no known bits left for InstCombine to narrow the products
+        # with (small masked quants, e.g. Q2_K's 0..3, would lose the vpmaddubsw pattern)
+        q = b.or_(q, _opaque_splat(e, "zero_v32i8", 0, vec(I8, 32)))
+        p = _maddubs(e, q, x)                                          # <16 x i16>
         lo, hi = (b.trunc(t, I16) for t in scales[j])
-        sv = b.insert_element(ir.Constant(vec(I16, 32), None), lo, c32(0))
-        sv = b.insert_element(sv, hi, c32(16))
-        sv = e.shuffle(sv, None, [0] * 16 + [16] * 16)
-        pv = e.freeze(b.mul(b.sext(subs[j], vec(I16, 32)), sv))
-        parts.append(e.dot_pairs(pv, xv16[j]))
-    return functools.reduce(b.add, [e.freeze(b.add(parts[j], parts[j + 4])) for j in range(4)])
+        sv = b.insert_element(ir.Constant(vec(I16, 16), None), lo, c32(0))
+        sv = b.insert_element(sv, hi, c32(8))
+        parts.append(e.dot_pairs(p, e.shuffle(sv, None, [0] * 8 + [8] * 8)))    # <8 x i32>
+    half = [functools.reduce(b.add, [e.freeze(p) for p in parts[h:h + 4]]) for h in (0, 4)]
+    s = e.concat(half[0], half[1])
+    if fmt.u8_offset:
+        scv, bs = scv_bs
+        n = scv.type.count
+        corr = _intrinsic_call(b, f"llvm.vector.reduce.add.v{n}i32", I32, [b.mul(scv, bs)])
+        lane0 = b.sub(b.extract_element(s, c32(0)), b.mul(corr, c32(fmt.u8_offset)))
+        s = b.insert_element(s, lane0, c32(0))
+    return s
 
 
 def _load_bsums(e: Emitter, fmt: KFormat, xbp, off):
@@ -1268,17 +1298,17 @@ def ktile_kernel(fmt_name: str, NR: int, NC: int, lanes: int = 0):
                           if fmt.bsums else None)
                     for r in range(NR):
                         subs, scales, d, dmin, mins = blocks[r]
+                        flat = [t for j in range(8) for t in (scales[j] if fmt.scale_group == 16 else scales[j][:1])]
+                        scv = ir.Constant(vec(I32, len(flat)), None)
+                        for t, v in enumerate(flat):
+                            scv = b.insert_element(scv, v, c32(t))
                         if PARTIAL_REDUCE:
-                            flat = [t for j in range(8) for t in (scales[j] if fmt.scale_group == 16 else scales[j][:1])]
-                            scv = ir.Constant(vec(I32, len(flat)), None)
-                            for t, v in enumerate(flat):
-                                scv = b.insert_element(scv, v, c32(t))
                             s = _kdot_arm(e, fmt, subs, scales, xv8, (scv, bs))
                             s = e.fold_add(s, W) if W < 4 else s
                             if W > 4:
                                 s = e.shuffle(s, ir.Constant(s.type, None), list(range(4)) + [4] * (W - 4))
                         else:
-                            s = e.fold_add(_kdot_x86(e, subs, scales, [b.sext(v, vec(I16, 32)) for v in xv8]), W)
+                            s = e.fold_add(_kdot_x86(e, fmt, subs, scales, xv8, (scv, bs)), W)
                         sf = b.sitofp(s, vec(F32, W))
                         k = r * NC + c
                         new[k] = e.fma(sf, e.splat(e.fmul(d, dx), W), accs[k])
@@ -1301,7 +1331,7 @@ def ktile_kernel(fmt_name: str, NR: int, NC: int, lanes: int = 0):
 
         return sig, codegen
 
-    tile.kernel_name = f"ktile_{fmt_name}_{NR}x{NC}_l{W}_pr{int(PARTIAL_REDUCE)}_pf{PREFETCH}_v2"
+    tile.kernel_name = f"ktile_{fmt_name}_{NR}x{NC}_l{W}_pr{int(PARTIAL_REDUCE)}_pf{PREFETCH}_v4"
     return tile
 
 

@@ -114,7 +114,7 @@ def test_all_sample_grammars_compile():
 # --- the library (Llama + LlamaGrammar), SmolLM2 ---------------------------------------------------
 
 def test_library_sample_grammars(llm):
-    from tinyinfer.api import LlamaGrammar
+    from tinyinfer import LlamaGrammar
     parser = _arith_parser()
     runs = {
         "json": ("A JSON object describing a book:\n", 40),

@@ -41,6 +41,16 @@ def test_options_are_checked():
                      ({"model": "m", "threads": "two"}, "threads='two': expected a number")]:
         with pytest.raises(ValueError, match=msg.replace("(", r"\(").replace(")", r"\)")):
             RayServeOptions.from_args(bad)
+    # what Ray Serve is given (its own config classes validate it): a fixed count, or autoscaling on
+    # ongoing requests with a target of one per slot; a replica holds slots + 1 requests at most
+    from tinyinfer.distributed.serve import build
+    gateway = build(RayServeOptions.from_args({"model": "m.gguf", "autoscale": "1:3", "parallel": 2}))._bound_deployment
+    replica = gateway.init_args[0]._bound_deployment
+    cfg = replica._deployment_config
+    assert (cfg.autoscaling_config.min_replicas, cfg.autoscaling_config.max_replicas) == (1, 3)
+    assert cfg.autoscaling_config.target_ongoing_requests == 2 and cfg.max_ongoing_requests == 3
+    fixed = build(RayServeOptions.from_args({"model": "m.gguf", "replicas": 3}))._bound_deployment
+    assert fixed.init_args[0]._bound_deployment.num_replicas == 3
 
 
 @pytest.fixture(scope="module")
@@ -145,7 +155,9 @@ def test_two_replicas_load_with_a_kill(smollm2_path, tmp_path, request):
     out = tmp_path / "out.json"
     rc = main(["-m", str(smollm2_path), "--replicas", "2", "--clients", "8", "--requests", "4", "--tokens", "32",
                "--kill", "--json", str(out)])
-    res = json.loads(out.read_text())["ray"]
+    figures = json.loads(out.read_text())
+    assert figures["ray"]["first_try_errors"] == [] and figures["ray"]["tokens"] == 8 * 4 * 32
+    res = figures["ray_kill"]
     assert rc == 0 and res["final_errors"] == [] and res["requests"] == 32
     assert all(e[0] == 503 and e[2] == "replica_lost" for e in res["first_try_errors"])
     assert len(res["first_try_errors"]) <= 2          # at most what one replica holds (1 slot + 1 waiting)

@@ -347,8 +347,9 @@ def ll_tokenizer(tokenizer, n_vocab: Optional[int] = None):
         if lt is None:
             llg = _llg()
             eos = sorted(tokenizer.eog_ids) or None
-            lt = per[n_vocab] = llg.LLTokenizer(llg.TokenizerWrapper(_Vocab(tokenizer)), n_vocab=n_vocab,
-                                                eos_token=eos)
+            wrapper = llg.TokenizerWrapper(_Vocab(tokenizer))
+            lt = per[n_vocab] = llg.LLTokenizer(wrapper, n_vocab=n_vocab, eos_token=eos)
+            wrapper.tokens = wrapper._gtokenizer.tokens = []     # llguidance has its copy: free ours
         return lt
 
 

@@ -14,8 +14,9 @@
 Each shard is a Ray actor that opens the GGUF file itself and builds only its blocks
 (``load_model(g, layers=(lo, hi))``: the architecture's own loading and forward code, nothing
 copied); its KV caches hold only its layers. Layer ranges balance the weight bytes (the last shard
-also carries the output projection). The actors are placed by a Ray placement group, one CPU
-bundle each, ``SPREAD`` over the cluster's nodes by default (``STRICT_SPREAD``: one node each).
+also carries the output projection). The actors are placed by a Ray placement group, one
+bundle of ``n_threads`` CPUs each, ``SPREAD`` over the cluster's nodes by default
+($TINYINFER_SPLIT_PLACEMENT=STRICT_SPREAD: one node each).
 
 :class:`SplitModel` has the model interface the engine uses (``forward``, ``new_cache``,
 ``n_vocab``, ...), so :class:`tinyinfer.engine.Engine` (``split=N``) and everything above it
@@ -127,15 +128,15 @@ class SplitModel:
         self.n_layer = int(g.metadata[f"{arch}.block_count"])
         out = g.tensors.get("output.weight") or g.tensors["token_embd.weight"]
         self.ranges = plan_layers(layer_bytes(g), n, head_bytes=out.nbytes)
-        self.pg = placement_group([{"CPU": 1}] * n, strategy=strategy)
+        self.pg = placement_group([{"CPU": n_threads}] * n, strategy=strategy)     # a shard: its threads
         try:
             ray.get(self.pg.ready(), timeout=120)
         except Exception:
             ray.util.remove_placement_group(self.pg)
-            raise RuntimeError(f"Ray could not place {n} shards ({strategy}, 1 CPU each) on its nodes: "
+            raise RuntimeError(f"Ray could not place {n} shards ({strategy}, {n_threads} CPU each) on its nodes: "
                                f"{ray.cluster_resources().get('CPU', 0):g} CPUs on "
                                f"{len([x for x in ray.nodes() if x['Alive']])} node(s)") from None
-        actor = ray.remote(num_cpus=1)(Shard)
+        actor = ray.remote(num_cpus=n_threads)(Shard)
         self.shards = [actor.options(scheduling_strategy=PlacementGroupSchedulingStrategy(
             placement_group=self.pg, placement_group_bundle_index=i)).remote(str(g.path), lo, hi, n_threads)
             for i, (lo, hi) in enumerate(self.ranges)]
