@@ -699,6 +699,25 @@ class Q4_0x16(Interleaved):
             yield j + 8, e.b.lshr(z, e.const_vec(I16, 32, 4))
 
 
+class IQ4_NLx16(Q4_0x16):
+    """IQ4_NL: Q4_0x16's layout (32 B scales + 8 chunks of 32 B); each nibble indexes the
+    non-linear table (``lookup16``: pshufb on the 32 bytes of a chunk), signed values, no offset."""
+
+    name, block_bytes, offset = "IQ4_NL", 32 + 256, 0
+    shape = (1, 8, 0)
+
+    def __init__(self, values=()):
+        self.values = tuple(int(v) for v in values)
+
+    def pairs(self, e, bp):
+        for j in range(8):
+            raw = e.load(bp, c64(self.qs_offset + 32 * j), vec(I8, 32))
+            lo = lookup16(e, e.b.and_(raw, e.const_vec(I8, 32, 0x0F)), self.values)
+            hi = lookup16(e, e.b.lshr(raw, e.const_vec(I8, 32, 4)), self.values)
+            yield j, e.b.sext(lo, vec(I16, 32))
+            yield j + 8, e.b.sext(hi, vec(I16, 32))
+
+
 class Q4_1x16(Q4_0x16):
     name, block_bytes, offset, affine = "Q4_1", 64 + 256, 0, True
     shape = (2, 8, 0)
