@@ -176,27 +176,166 @@ def round_f16_array(x, out):
     return out
 
 
+# ------------------------------------------------------------------ the KV cache's types
+@intrinsic
+def _h2f(typingctx, x):
+    """IEEE half-float bits (uint16) -> float32 (vcvtph2ps / fcvtl when vectorized)."""
+    sig = types.float32(types.uint16)
+
+    def codegen(context, builder, signature, args):
+        return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
+
+    return sig, codegen
+
+
+@intrinsic
+def _f2h(typingctx, x):
+    """float32 -> the bits of the nearest half float (ties to even), as uint16."""
+    sig = types.uint16(types.float32)
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(builder.fptrunc(args[0], ir.HalfType()), ir.IntType(16))
+
+    return sig, codegen
+
+
+@nb.njit(inline="always", **_fast)
+def _kv_put(q, d, kind, s, row, h, x):
+    """Store the head vector x (float32) in cell (s, row, head h): f16 (kind 0), or ggml's q8_0 (1) /
+    q4_0 (2) reference quantization per block of 32 (scale rounded to f16, as ggml stores it)."""
+    hd = x.shape[0]
+    if kind == 0:
+        dst = q[s, row, h]
+        for j in range(hd):
+            dst[j] = _f2h(x[j])
+    elif kind == 1:
+        for b in range(hd // 32):
+            amax = np.float32(0.0)
+            for j in range(32):
+                amax = max(amax, abs(x[b * 32 + j]))
+            dd = amax / np.float32(127.0)
+            idd = np.float32(1.0) / dd if dd != 0 else np.float32(0.0)
+            d[s, row, h, b] = _f2h(dd)
+            for j in range(32):
+                v = x[b * 32 + j] * idd
+                r = math.floor(abs(v) + np.float32(0.5))      # roundf: half away from zero
+                q[s, row, h, b * 32 + j] = int(r if v >= 0 else -r)
+    else:
+        for b in range(hd // 32):
+            amax = np.float32(0.0)
+            mx = np.float32(0.0)
+            for j in range(32):
+                v = x[b * 32 + j]
+                if amax < abs(v):
+                    amax = abs(v)
+                    mx = v
+            dd = mx / np.float32(-8.0)
+            idd = np.float32(1.0) / dd if dd != 0 else np.float32(0.0)
+            d[s, row, h, b] = _f2h(dd)
+            for j in range(16):
+                x0 = int(x[b * 32 + j] * idd + np.float32(8.5))
+                x1 = int(x[b * 32 + 16 + j] * idd + np.float32(8.5))
+                q[s, row, h, b * 16 + j] = min(15, x0) | (min(15, x1) << 4)
+
+
+@nb.njit(inline="always", **_fast)
+def _kv_get(q, d, kind, s, row, h, out):
+    """Cell (s, row, head h) as float32 into out."""
+    hd = out.shape[0]
+    if kind == 0:
+        src = q[s, row, h]
+        for j in range(hd):
+            out[j] = _h2f(np.uint16(src[j]))
+    elif kind == 1:
+        for b in range(hd // 32):
+            dd = _h2f(d[s, row, h, b])
+            for j in range(32):
+                out[b * 32 + j] = np.float32(q[s, row, h, b * 32 + j]) * dd
+    else:
+        for b in range(hd // 32):
+            dd = _h2f(d[s, row, h, b])
+            for j in range(16):
+                byte = np.int32(q[s, row, h, b * 16 + j])
+                out[b * 32 + j] = np.float32((byte & 15) - 8) * dd
+                out[b * 32 + 16 + j] = np.float32((byte >> 4) - 8) * dd
+
+
+@nb.njit(**_fast)
+def kv_load_rows(q, d, kind, out):
+    """Cells of sequence 0 of a store slice q/d (1, n, n_kv, .) as float32 out (n, n_kv, hd)."""
+    for i in range(out.shape[0]):
+        for h in range(out.shape[1]):
+            _kv_get(q, d, kind, 0, i, h, out[i, h])
+    return out
+
+
+@nb.njit(**_fast)
+def kv_store_rows(q, d, kind, x):
+    """x (n, n_kv, hd) float32 into cells 0..n-1 of sequence 0 of q/d (state files, tests)."""
+    for i in range(x.shape[0]):
+        for h in range(x.shape[1]):
+            _kv_put(q, d, kind, 0, i, h, x[i, h])
+
+
+@nb.njit(**_fast)
+def kv_shift(q, d, kind, s, n_keep, n_discard, n_past, cos, sin, neox, rotate):
+    """Context shift of one store: cells n_keep+n_discard..n_past-1 of sequence s move down by
+    n_discard; with ``rotate`` (keys) each is rotated by the angles cos/sin (RoPE of -n_discard)
+    on the way (dequantized, rotated, stored again)."""
+    nkv = q.shape[2]
+    hd = d.shape[3] * 32 if kind != 0 else q.shape[3]
+    half = cos.shape[0]
+    buf = np.empty(hd, np.float32)
+    for i in range(n_keep + n_discard, n_past):
+        for h in range(nkv):
+            if not rotate:
+                for j in range(q.shape[3]):
+                    q[s, i - n_discard, h, j] = q[s, i, h, j]
+                for j in range(d.shape[3]):
+                    d[s, i - n_discard, h, j] = d[s, i, h, j]
+                continue
+            _kv_get(q, d, kind, s, i, h, buf)
+            for j in range(half):
+                c = cos[j]
+                sn = sin[j]
+                if neox:
+                    a = buf[j]
+                    b = buf[j + half]
+                    buf[j] = a * c - b * sn
+                    buf[j + half] = a * sn + b * c
+                else:
+                    a = buf[2 * j]
+                    b = buf[2 * j + 1]
+                    buf[2 * j] = a * c - b * sn
+                    buf[2 * j + 1] = a * sn + b * c
+            _kv_put(q, d, kind, s, i - n_discard, h, buf)
+
+
 # ------------------------------------------------------------------ attention
 @nb.njit(**_fast)
-def qkv_store(qkv, n_head, n_kv, hdk, hdv, q_norm, k_norm, eps, cos, sin, neox, k_cache, v_cache, pos0, q):
+def qkv_store(qkv, n_head, n_kv, hdk, hdv, q_norm, k_norm, eps, cos, sin, neox, kq, kd, kkind, vq, vd, vkind,
+              pos, seq, q):
     """Split the fused projection qkv (n, n_head*hdk + n_kv*hdk + n_kv*hdv) into heads, apply the per-head
     RMSNorm (when q_norm.size > 0) and RoPE, write the rotated queries to q (n, n_head, hdk) and store
-    k/v rounded to f16 in the cache rows (pos0 + i) % n_rows."""
+    k/v in the cache (in its type) at cell pos[i] % rows of sequence seq[i]."""
     n = qkv.shape[0]
-    n_rows = k_cache.shape[0]
+    n_rows = kq.shape[1]
     half = cos.shape[1]
     has_norm = q_norm.shape[0] > 0
     ko = n_head * hdk
     vo = ko + n_kv * hdk
+    kbuf = np.empty(hdk, np.float32)
+    vbuf = np.empty(hdv, np.float32)
     for i in range(n):
-        row = (pos0 + i) % n_rows
+        row = pos[i] % n_rows
+        sq = seq[i]
         for h in range(n_head + n_kv):
             is_q = h < n_head
             src = h * hdk
             if is_q:
                 dst = q[i, h]
             else:
-                dst = k_cache[row, h - n_head]
+                dst = kbuf
             for j in range(hdk):
                 dst[j] = qkv[i, src + j]
             if has_norm:
@@ -221,44 +360,55 @@ def qkv_store(qkv, n_head, n_kv, hdk, hdv, q_norm, k_norm, eps, cos, sin, neox, 
                     dst[2 * j] = a * c - b * s_
                     dst[2 * j + 1] = a * s_ + b * c
             if not is_q:
-                for j in range(hdk):
-                    dst[j] = _round_f16(dst[j])
+                _kv_put(kq, kd, kkind, sq, row, h - n_head, kbuf)
         for h in range(n_kv):
-            dv = v_cache[row, h]
             src = vo + h * hdv
             for j in range(hdv):
-                dv[j] = _round_f16(qkv[i, src + j])
+                vbuf[j] = qkv[i, src + j]
+            _kv_put(vq, vd, vkind, sq, row, h, vbuf)
     return q
 
 
 @nb.njit(inline="always", **_fast)
-def _attention_task(q, k_cache, v_cache, pos0, scale, window, softcap, out, task):
+def _attention_task(q, kq, kd, kkind, vq, vd, vkind, pos, seq, scale, window, softcap, out, task):
     # the queries of token task // n_kv that share kv head task % n_kv
     nh, hdk = q.shape[1], q.shape[2]
-    nkv = k_cache.shape[1]
-    hdv = v_cache.shape[2]
+    nkv = kq.shape[2]
+    hdv = out.shape[2]
     group = nh // nkv
-    n_rows = k_cache.shape[0]
+    n_rows = kq.shape[1]
     i = task // nkv
     kvh = task % nkv
     h0 = kvh * group
-    p = pos0 + i
+    p = pos[i]
+    sq = seq[i]
     start = 0
     if window > 0 and p - window + 1 > 0:
         start = p - window + 1
     L = p + 1 - start
     sc = np.empty((group, L), np.float32)
     acc = np.zeros((group, hdv), np.float32)
+    kbuf = np.empty(hdk, np.float32)
+    vbuf = np.empty(hdv, np.float32)
     row0 = start % n_rows
     row = row0
     for t in range(L):
-        kr = k_cache[row, kvh]
-        for g in range(group):
-            qr = q[i, h0 + g]
-            s = np.float32(0.0)
-            for j in range(hdk):
-                s += qr[j] * kr[j]
-            sc[g, t] = s * scale
+        if kkind == 0:
+            kr = kq[sq, row, kvh]
+            for g in range(group):
+                qr = q[i, h0 + g]
+                s = np.float32(0.0)
+                for j in range(hdk):
+                    s += qr[j] * _h2f(np.uint16(kr[j]))
+                sc[g, t] = s * scale
+        else:
+            _kv_get(kq, kd, kkind, sq, row, kvh, kbuf)
+            for g in range(group):
+                qr = q[i, h0 + g]
+                s = np.float32(0.0)
+                for j in range(hdk):
+                    s += qr[j] * kbuf[j]
+                sc[g, t] = s * scale
         row += 1
         if row == n_rows:
             row = 0
@@ -280,12 +430,20 @@ def _attention_task(q, k_cache, v_cache, pos0, scale, window, softcap, out, task
             sg[t] *= inv
     row = row0
     for t in range(L):
-        vr = v_cache[row, kvh]
-        for g in range(group):
-            w = sc[g, t]
-            ag = acc[g]
-            for j in range(hdv):
-                ag[j] += w * vr[j]
+        if vkind == 0:
+            vr = vq[sq, row, kvh]
+            for g in range(group):
+                w = sc[g, t]
+                ag = acc[g]
+                for j in range(hdv):
+                    ag[j] += w * _h2f(np.uint16(vr[j]))
+        else:
+            _kv_get(vq, vd, vkind, sq, row, kvh, vbuf)
+            for g in range(group):
+                w = sc[g, t]
+                ag = acc[g]
+                for j in range(hdv):
+                    ag[j] += w * vbuf[j]
         row += 1
         if row == n_rows:
             row = 0
@@ -295,35 +453,36 @@ def _attention_task(q, k_cache, v_cache, pos0, scale, window, softcap, out, task
 
 
 @nb.njit(**_fast)
-def _attention_serial(q, k_cache, v_cache, pos0, scale, window, softcap, out):
-    for task in range(q.shape[0] * k_cache.shape[1]):
-        _attention_task(q, k_cache, v_cache, pos0, scale, window, softcap, out, task)
+def _attention_serial(q, kq, kd, kkind, vq, vd, vkind, pos, seq, scale, window, softcap, out):
+    for task in range(q.shape[0] * kq.shape[2]):
+        _attention_task(q, kq, kd, kkind, vq, vd, vkind, pos, seq, scale, window, softcap, out, task)
     return out
 
 
 @nb.njit(parallel=True, **_fast)
-def _attention_parallel(q, k_cache, v_cache, pos0, scale, window, softcap, out):
-    for task in nb.prange(q.shape[0] * k_cache.shape[1]):
-        _attention_task(q, k_cache, v_cache, pos0, scale, window, softcap, out, task)
+def _attention_parallel(q, kq, kd, kkind, vq, vd, vkind, pos, seq, scale, window, softcap, out):
+    for task in nb.prange(q.shape[0] * kq.shape[2]):
+        _attention_task(q, kq, kd, kkind, vq, vd, vkind, pos, seq, scale, window, softcap, out, task)
     return out
 
 
-def attention(q, k_cache, v_cache, pos0, scale, window, softcap, out):
-    """Causal GQA attention for n new tokens at positions pos0..pos0+n-1.
+def attention(q, k, v, pos, seq, scale, window, softcap, out):
+    """Causal GQA attention for n new tokens, token i at position pos[i] of sequence seq[i].
 
-    q: (n, n_head, hd_k) f32; k_cache: (n_rows, n_kv, hd_k) f32; v_cache: (n_rows, n_kv, hd_v) f32;
-    the new tokens' k/v are already stored, position p in row p % n_rows (a ring for
-    sliding-window layers, the identity for full ones). window > 0 limits each query to the
-    last `window` positions (sliding-window attention); out: (n, n_head, hd_v) f32.
-    One task per (token, kv head) covers the query heads of its group: each key/value row is
-    read once for all of them; the head-dim dot products and the p*v accumulation vectorize,
-    and so does the exp (no libm call).
+    q: (n, n_head, hd_k) f32; k, v: the layer's :class:`tinyinfer.kvcache.KVStore` (f16, q8_0 or
+    q4_0 cells (n_seq, rows, n_kv, .)); the new tokens' k/v are already stored, position p in cell
+    p % rows (a ring for sliding-window layers, the identity for full ones). window > 0 limits each
+    query to the last `window` positions (sliding-window attention); out: (n, n_head, hd_v) f32.
+    One task per (token, kv head) covers the query heads of its group: each key/value cell is
+    read once for all of them; f16 cells are converted inside the vectorized dot products and
+    the p*v accumulation, quantized ones decoded a cell at a time.
     On one thread, or for a single token, the serial driver runs: launching a parallel region
     costs tens of microseconds, more than a decode step's attention over a short context.
     """
+    args = (q, k.q, k.d, k.kind, v.q, v.d, v.kind, pos, seq, scale, window, softcap, out)
     if q.shape[0] > 1 and nb.get_num_threads() > 1:
-        return _par.call(_attention_parallel, q, k_cache, v_cache, pos0, scale, window, softcap, out)
-    return _attention_serial(q, k_cache, v_cache, pos0, scale, window, softcap, out)
+        return _par.call(_attention_parallel, *args)
+    return _attention_serial(*args)
 
 
 # ------------------------------------------------------------------ residual + norm, gated activations

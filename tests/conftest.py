@@ -37,3 +37,45 @@ def gemma3_path() -> Path:
 def qwen25_path() -> Path:
     from tinyinfer.fetch import fetch
     return fetch("qwen2.5")
+
+
+def free_port() -> int:
+    import socket
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def serve_process(model_path, *args, env=None):
+    """A real ``python -m tinyinfer serve`` on a free loopback port: a generator fixture body
+    yielding the base URL once /health says ok, terminating the server afterwards."""
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "tinyinfer", "serve", "-m", str(model_path), "--port", str(port),
+                             "--no-access-log", "--log-level", "warning", *args], cwd=ROOT,
+                            env={**os.environ, "NUMBA_NUM_THREADS": "1", **(env or {})},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(1200):
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited: {proc.stderr.read()[-2000:]}")
+            try:
+                if httpx.get(base + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        yield base
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()

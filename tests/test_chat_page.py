@@ -4,12 +4,8 @@ model and tokens/s; JSON mode gives a JSON object. Under CI=true a missing brows
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -36,33 +32,8 @@ def _need_browser():
 
 @pytest.fixture(scope="module")
 def server(smollm2_path):
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    env = dict(os.environ, NUMBA_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, "-m", "tinyinfer", "serve", "-m", str(smollm2_path), "--port", str(port),
-                             "-c", "1024", "--alias", "smollm2-page", "--no-access-log", "--log-level", "warning"],
-                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    import httpx
-    base = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(600):
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited: {proc.stderr.read()[-2000:]}")
-            try:
-                if httpx.get(base + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        yield base
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+    from conftest import serve_process
+    yield from serve_process(smollm2_path, "-c", "1024", "--alias", "smollm2-page")
 
 
 @pytest.fixture(scope="module")

@@ -54,7 +54,7 @@ def test_smollm2_text(capsys, smollm2_path):
               "gpt2", "BPE", "pre-tokenizer smollm", "49152 tokens", "48900 merges", "Q4_1       210",
               "Q8_0         1", "F32         61", "134,515,008 parameters", "bits per weight",
               "memory at context 4096 (the file's context length 8192 capped at 4096",
-              "KV cache                    180.00 MiB", "weights (mmapped)", "available on this machine", "verdict"]:
+              "KV cache                     90.00 MiB   30 layers, K f16, V f16", "weights (mmapped)", "available on this machine", "verdict"]:
         assert s in out, s
     assert ("verdict                   fits" in out) or ("does not fit" in out)
 

@@ -27,6 +27,11 @@ def ref_attention(q, K, V, pos0, scale, window, softcap):
     return out
 
 
+def _store(typ, n_seq, n_rows, nkv, hd):
+    from tinyinfer.kvcache import KVStore
+    return KVStore(typ, n_seq, n_rows, nkv, hd)
+
+
 @pytest.mark.parametrize("nh,nkv,window,softcap,n_rows,pos0,n", [
     (9, 3, 0, 0.0, 64, 0, 40),        # GQA, prefill
     (9, 3, 0, 0.0, 64, 39, 1),        # decode
@@ -34,29 +39,117 @@ def ref_attention(q, K, V, pos0, scale, window, softcap):
     (4, 4, 0, 50.0, 32, 3, 7),        # MHA with softcap
     (8, 2, 6, 30.0, 6 + 4, 17, 4),    # window + softcap, ring wraps
 ])
-@pytest.mark.parametrize("threads", [1, 2])
-def test_attention_matches_numpy(nh, nkv, window, softcap, n_rows, pos0, n, threads):
+@pytest.mark.parametrize("threads,typ", [(1, "f16"), (2, "f16"), (1, "q8_0"), (2, "q4_0")])
+def test_attention_matches_numpy(nh, nkv, window, softcap, n_rows, pos0, n, threads, typ):
+    """Sequence 1 of a two-sequence cache (sequence 0 holds other values), any cache type: the
+    reference attends over the values the cache holds (dequantized)."""
     import numba
+    from tinyinfer.kvcache import Batch
     rng = np.random.default_rng(nh * 100 + pos0)
     hd = 32
     n_pos = pos0 + n
     K = rng.standard_normal((n_pos, nkv, hd)).astype(np.float32)
     V = rng.standard_normal((n_pos, nkv, hd)).astype(np.float32)
     q = rng.standard_normal((n, nh, hd)).astype(np.float32)
-    kc = np.full((n_rows, nkv, hd), np.nan, np.float32)
-    vc = np.full((n_rows, nkv, hd), np.nan, np.float32)
+    kc, vc = _store(typ, 2, n_rows, nkv, hd), _store(typ, 2, n_rows, nkv, hd)
+    for st in (kc, vc):          # sequence 0: garbage that must not be read
+        other = rng.standard_normal((n_rows, nkv, hd)).astype(np.float32) * 100
+        ops.kv_store_rows(st.q[0:1], st.d[0:1], st.kind, other)
+    Kq, Vq = K.copy(), V.copy()
     for p in range(max(0, n_pos - n_rows), n_pos):     # what a ring holds after writing 0..n_pos-1
-        kc[p % n_rows] = K[p]
-        vc[p % n_rows] = V[p]
+        for st, X, Xq in ((kc, K, Kq), (vc, V, Vq)):
+            r = p % n_rows
+            ops.kv_store_rows(st.q[1:2, r:r + 1], st.d[1:2, r:r + 1], st.kind, X[p:p + 1])
+            Xq[p] = st.to_float(1, r, r + 1)[0]
     out = np.empty((n, nh, hd), np.float32)
     old = numba.get_num_threads()
     numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    b = Batch.run(1, pos0, n)
     try:
-        ops.attention(q, kc, vc, pos0, np.float32(hd ** -0.5), window, np.float32(softcap), out)
+        ops.attention(q, kc, vc, b.pos, b.seq, np.float32(hd ** -0.5), window, np.float32(softcap), out)
     finally:
         numba.set_num_threads(old)
-    ref = ref_attention(q, K, V, pos0, hd ** -0.5, window, softcap)
+    ref = ref_attention(q, Kq, Vq, pos0, hd ** -0.5, window, softcap)
     np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-5)
+    if typ == "f16":     # the f16 values are the inputs rounded to half precision
+        lo = max(0, n_pos - n_rows)
+        np.testing.assert_array_equal(Kq[lo:], K[lo:].astype(np.float16).astype(np.float32))
+
+
+def test_attention_batch_of_sequences_equals_one_at_a_time():
+    """A decode batch (one token of each of 3 sequences at different positions) gives each token
+    what it gets alone, bit for bit."""
+    from tinyinfer.kvcache import Batch
+    rng = np.random.default_rng(7)
+    nh, nkv, hd, rows = 6, 2, 64, 40
+    kc, vc = _store("f16", 3, rows, nkv, hd), _store("f16", 3, rows, nkv, hd)
+    for st in (kc, vc):
+        for s in range(3):
+            ops.kv_store_rows(st.q[s:s + 1], st.d[s:s + 1], st.kind,
+                              rng.standard_normal((rows, nkv, hd)).astype(np.float32))
+    q = rng.standard_normal((3, nh, hd)).astype(np.float32)
+    b = Batch.one_each([2, 0, 1], [11, 30, 3])
+    out = np.empty((3, nh, hd), np.float32)
+    ops.attention(q, kc, vc, b.pos, b.seq, np.float32(0.125), 0, np.float32(0), out)
+    for i in range(3):
+        one = np.empty((1, nh, hd), np.float32)
+        bi = Batch.one_each([b.seq[i]], [b.pos[i]])
+        ops.attention(q[i:i + 1], kc, vc, bi.pos, bi.seq, np.float32(0.125), 0, np.float32(0), one)
+        np.testing.assert_array_equal(out[i], one[0])
+
+
+@pytest.mark.parametrize("typ", ["f16", "q8_0", "q4_0"])
+def test_kv_cache_types_store_ggml_bytes(typ):
+    """The cache holds what ggml's reference quantizer makes (the gguf package's), and reads back
+    what its dequantizer gives."""
+    from gguf import GGMLQuantizationType as T
+    from gguf import quants as gq
+    rng = np.random.default_rng(8)
+    x = (rng.standard_normal((6, 2, 64)) * rng.uniform(0.01, 50, (6, 2, 1))).astype(np.float32)
+    x[0, 0] = 0.0                                       # an all-zero block
+    st = _store(typ, 1, 6, 2, 64)
+    ops.kv_store_rows(st.q, st.d, st.kind, x)
+    back = st.to_float(0, 0, 6)
+    if typ == "f16":
+        np.testing.assert_array_equal(st.q[0].view(np.float16), x.astype(np.float16))
+        np.testing.assert_array_equal(back, x.astype(np.float16).astype(np.float32))
+        return
+    gt = {"q8_0": T.Q8_0, "q4_0": T.Q4_0}[typ]
+    ref = gq.quantize(x.reshape(-1, 64), gt).reshape(6 * 2 * 2, -1)        # one row per block of 32
+    ours = np.concatenate([st.d[0].reshape(-1, 1).view(np.uint8),
+                           st.q[0].reshape(6 * 2 * 2, -1).view(np.uint8)], axis=1)
+    np.testing.assert_array_equal(ours, ref)
+    np.testing.assert_array_equal(back.reshape(-1, 64), gq.dequantize(ref.reshape(12, -1), gt))
+
+
+@pytest.mark.parametrize("typ,neox", [("f16", False), ("q8_0", True), ("q4_0", False)])
+def test_kv_shift_rerotates_keys(typ, neox):
+    """After dropping cells [keep, keep+d), cell i holds what storing the key at position i would
+    have given: rotating by -d composes with the stored rotation (up to the type's rounding)."""
+    from tinyinfer.kvcache import KVStore
+    rng = np.random.default_rng(9)
+    nkv, hd, n_past, keep, dd = 2, 64, 20, 3, 5
+    raw = rng.standard_normal((n_past, nkv, hd)).astype(np.float32)
+    pos = np.arange(n_past)
+    cos, sin = ops.rope_cache(pos, hd, 10000.0, 1.0)
+    rot = raw.copy()
+    ops.rope(rot, cos, sin, neox)
+    k = KVStore(typ, 2, n_past, nkv, hd)
+    v = KVStore(typ, 2, n_past, nkv, hd)
+    ops.kv_store_rows(k.q[1:2], k.d[1:2], k.kind, rot)
+    ops.kv_store_rows(v.q[1:2], v.d[1:2], v.kind, raw)
+    v_before = v.to_float(1, 0, n_past)
+    c1, s1 = ops.rope_cache(np.array([-dd]), hd, 10000.0, 1.0)
+    ops.kv_shift(k.q, k.d, k.kind, 1, keep, dd, n_past, c1[0], s1[0], neox, True)
+    ops.kv_shift(v.q, v.d, v.kind, 1, keep, dd, n_past, c1[0], s1[0], neox, False)
+    n_new = n_past - dd
+    want = raw[np.r_[0:keep, keep + dd:n_past]].copy()
+    cw, sw = ops.rope_cache(np.arange(n_new), hd, 10000.0, 1.0)
+    ops.rope(want, cw, sw, neox)
+    tol = {"f16": 5e-3, "q8_0": 0.05, "q4_0": 0.6}[typ]
+    np.testing.assert_allclose(k.to_float(1, 0, n_new), want, atol=tol)
+    np.testing.assert_array_equal(v.to_float(1, 0, n_new), v_before[np.r_[0:keep, keep + dd:n_past]])
+    assert not k.q[0].any() and not v.q[0].any()          # the other sequence is untouched
 
 
 def test_exp_and_f16_rounding():
@@ -136,10 +229,13 @@ def test_qkv_store(neox, norm):
     eps = np.float32(1e-6)
     pos = np.arange(pos0, pos0 + n)
     cos, sin = ops.rope_cache(pos, hd, 10000.0, 1.0)
-    kc = np.zeros((n_rows, nkv, hd), np.float32)
-    vc = np.zeros((n_rows, nkv, hd), np.float32)
+    kst, vst = _store("f16", 2, n_rows, nkv, hd), _store("f16", 2, n_rows, nkv, hd)
     q = np.empty((n, nh, hd), np.float32)
-    ops.qkv_store(qkv, nh, nkv, hd, hd, qn, kn, eps, cos, sin, neox, kc, vc, pos0, q)
+    seq = np.ones(n, np.int64)
+    ops.qkv_store(qkv, nh, nkv, hd, hd, qn, kn, eps, cos, sin, neox, kst.q, kst.d, kst.kind, vst.q, vst.d,
+                  vst.kind, pos, seq, q)
+    kc = kst.q[1].view(np.float16).astype(np.float32)
+    vc = vst.q[1].view(np.float16).astype(np.float32)
     rq = qkv[:, :nh * hd].reshape(n, nh, hd).copy()
     rk = qkv[:, nh * hd:(nh + nkv) * hd].reshape(n, nkv, hd).copy()
     rv = qkv[:, (nh + nkv) * hd:].reshape(n, nkv, hd)

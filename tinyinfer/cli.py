@@ -60,6 +60,15 @@ def add_model_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("-c", "--ctx-size", type=_positive("-c"), default=4096, help="context size (0 = from model)")
     ap.add_argument("-b", "--batch-size", type=_positive("-b"), default=512, help="prompt batch size")
     ap.add_argument("-t", "--threads", type=_positive("-t"), default=None, help="threads (default: the performance cores)")
+    ap.add_argument("-ctk", "--cache-type-k", default="f16", choices=("f16", "q8_0", "q4_0"),
+                    help="KV cache type for K (default f16)")
+    ap.add_argument("-ctv", "--cache-type-v", default="f16", choices=("f16", "q8_0", "q4_0"),
+                    help="KV cache type for V (default f16)")
+
+
+def cache_kwargs(a) -> dict:
+    """Engine keyword arguments for the KV cache flags of add_model_args."""
+    return {"type_k": a.cache_type_k, "type_v": a.cache_type_v}
 
 
 def add_split_arg(ap: argparse.ArgumentParser) -> None:
@@ -115,6 +124,13 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--chat-template", default=None, help="built-in template: chatml, llama-2, llama-3, zephyr, gemma")
     ap.add_argument("--no-display-prompt", action="store_true", help="don't echo the prompt")
     ap.add_argument("--no-perf", action="store_true", help="don't print the timings at the end")
+    ap.add_argument("--context-shift", action="store_true",
+                    help="when the context fills up, drop the oldest half of the tokens after --keep and go on")
+    ap.add_argument("--keep", type=int, default=0,
+                    help="tokens of the prompt a context shift keeps (-1 = all; BOS always) (default 0)")
+    ap.add_argument("--prompt-cache", default=None, metavar="FILE",
+                    help="load the evaluated prompt from FILE if it exists (reusing the common prefix) and "
+                         "save it there after prompt processing")
     g = ap.add_mutually_exclusive_group()
     g.add_argument("--grammar", default=None, help="GBNF (or Lark) grammar the output must match")
     g.add_argument("--grammar-file", default=None, help="file with a GBNF (or Lark) grammar")
@@ -158,11 +174,21 @@ def run_generate(a) -> int:
         prompt = codecs.decode(prompt.encode("utf-8"), "unicode_escape").encode("latin-1").decode("utf-8")
     grammar = _grammar(a)
     eng = Engine(resolve_model(a.model), n_ctx=a.ctx_size, n_batch=a.batch_size, n_threads=a.threads, progress=True,
-                 split=a.split)
+                 split=a.split, context_shift=a.context_shift, n_keep=a.keep, **cache_kwargs(a))
     if a.conversation:
         return _chat_loop(eng, a, prompt, grammar)
     tok = eng.tokenizer
     ids = tok.encode(prompt, special=True)
+    if a.prompt_cache:
+        import os
+        if os.path.exists(a.prompt_cache):
+            eng.load_state_file(a.prompt_cache)
+            from .engine import _common_prefix
+            n = _common_prefix(eng.tokens, ids)
+            print(f"tinyinfer: {a.prompt_cache}: {len(eng.tokens)} cached tokens, {n} reused", file=sys.stderr)
+        if ids:
+            eng.ingest_prompt(ids)
+            eng.save_state_file(a.prompt_cache)
     if a.verbose_prompt:
         print(f"prompt: {prompt!r}\nnumber of tokens in prompt = {len(ids)}", file=sys.stderr)
         for t in ids:

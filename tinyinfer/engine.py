@@ -9,14 +9,18 @@ llama.cpp keeps them.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import threading
 import time
 from dataclasses import dataclass, field
-from typing import Iterator, Optional, Sequence
+from typing import Iterator, List, Optional, Sequence
 
 import numpy as np
 
 from .gguf import GGUFFile
+from .kvcache import Batch, cache_type
 from .sampler import Sampler, SamplerParams
 from .tokenizer import Tokenizer
 
@@ -83,10 +87,24 @@ def set_threads(n_threads: Optional[int]) -> int:
     return n
 
 
+class StateError(ValueError):
+    """A saved state (``--prompt-cache`` file, ``load_state``) that is corrupted or made for another model."""
+
+
 class Engine:
+    """One sequence's view of a model and its KV cache.
+
+    ``n_seq > 1`` makes a cache for that many sequences and a :class:`Batcher`; :meth:`fork` gives
+    the other sequences an engine each (sharing the weights, the cache and the batcher), and their
+    single-token evaluations, made from as many threads, are decoded together in one forward pass.
+    ``type_k`` / ``type_v``: the cache's types (f16, q8_0, q4_0). ``context_shift``: when a generation
+    fills the context, drop the oldest half of what follows the first ``n_keep`` tokens and go on.
+    """
+
     def __init__(self, model_path, n_ctx: int = 4096, n_batch: int = 512, n_threads: Optional[int] = None,
                  vocab_only: bool = False, logits_all: bool = False, verbose: bool = False,
-                 progress: Optional[bool] = None, split: int = 1):
+                 progress: Optional[bool] = None, split: int = 1, type_k: str = "f16", type_v: str = "f16",
+                 n_seq: int = 1, context_shift: bool = False, n_keep: int = 0):
         t0 = time.perf_counter()
         self.path = str(model_path)
         self.gguf = GGUFFile(model_path)
@@ -101,7 +119,16 @@ class Engine:
         self.n_threads = set_threads(n_threads)
         if n_batch < 1:
             raise ValueError(f"n_batch must be >= 1, got {n_batch}")
+        if n_seq < 1:
+            raise ValueError(f"n_seq must be >= 1, got {n_seq}")
         self.n_batch = n_batch
+        self.cache_type_k, self.cache_type_v = cache_type(type_k), cache_type(type_v)
+        self.seq = 0                    # this engine's sequence in the cache
+        self.batcher: Optional[Batcher] = None
+        self.busy = False               # inside generate() (a server slot at work)
+        self.context_shift = context_shift
+        self.n_keep = n_keep
+        self.gen = None
         if vocab_only:
             self.n_ctx = n_ctx
             self.timings.load_ms = (time.perf_counter() - t0) * 1000
@@ -120,28 +147,47 @@ class Engine:
             if n_ctx < 1:
                 raise ValueError(f"n_ctx must be >= 1, got {n_ctx}")
             self.n_ctx = n_ctx
-            self.cache = self.model.new_cache(n_ctx, n_batch)
+            kw = {}
+            if n_seq > 1 or (self.cache_type_k, self.cache_type_v) != ("f16", "f16"):
+                if split > 1:
+                    raise ValueError("--split runs f16 KV caches of one sequence: no -ctk/-ctv or --parallel with it")
+                kw = dict(n_seq=n_seq, type_k=self.cache_type_k, type_v=self.cache_type_v)
+            self.cache = self.model.new_cache(n_ctx, n_batch, **kw)
+            if n_seq > 1:
+                self.batcher = Batcher(self)
             self.timings.load_ms = (time.perf_counter() - t0) * 1000
             t1 = time.perf_counter()
             self._warmup()
             self.timings.compile_ms = (time.perf_counter() - t1) * 1000
 
-    def fork(self) -> "Engine":
-        """Another engine on the same file, tokenizer and weights, with a KV cache of its own."""
+    def fork(self, seq: Optional[int] = None) -> "Engine":
+        """Another engine on the same file, tokenizer and weights: on sequence ``seq`` of the shared
+        cache (batched with the others), or with a KV cache of its own when ``seq`` is None."""
         other = object.__new__(Engine)
         other.__dict__.update(self.__dict__)
         other.timings = Timings(load_ms=self.timings.load_ms)
-        other.tokens, other.scores = [], None
-        if self.model is not None:
-            other.cache = self.model.new_cache(self.n_ctx, self.n_batch)
+        other.tokens, other.scores, other.busy, other.gen = [], None, False, None
+        if seq is not None:
+            if not 0 <= seq < self.cache.n_seq:
+                raise ValueError(f"sequence {seq} is out of range: the cache holds {self.cache.n_seq}")
+            other.seq = seq
+            if self.batcher is not None:
+                self.batcher.engines.append(other)
+        elif self.model is not None:
+            other.seq, other.batcher = 0, None
+            kw = {} if (self.cache_type_k, self.cache_type_v) == ("f16", "f16") else \
+                dict(type_k=self.cache_type_k, type_v=self.cache_type_v)
+            other.cache = self.model.new_cache(self.n_ctx, self.n_batch, **kw)
         return other
 
     # -- evaluation ----------------------------------------------------------------
     def _warmup(self) -> None:
         """Compile (or load from numba's cache) every kernel the forward pass uses."""
         ids = np.array([self.tokenizer.bos_id if self.tokenizer.bos_id is not None else 0] * 2, np.int64)
-        self.model.forward(ids, 0, self.cache)
-        self.model.forward(ids[:1], 0, self.cache)
+        self.model.forward(ids, Batch.run(0, 0, 2), self.cache)
+        self.model.forward(ids[:1], Batch.run(0, 0, 1), self.cache)
+        if getattr(self.cache, "n_seq", 1) > 1:     # a decode batch: one token of two sequences
+            self.model.forward(ids, Batch.one_each([0, 1], [0, 0]), self.cache, n_out=2)
 
     @property
     def n_vocab(self) -> int:
@@ -174,7 +220,7 @@ class Engine:
         for s in range(0, ids.size, self.n_batch):
             chunk = ids[s:s + self.n_batch]
             n_out = max(1, min(chunk.size, n_logits - (ids.size - s - chunk.size)))
-            out = self.model.forward(chunk, len(self.tokens), self.cache, n_out=n_out)
+            out = self._forward(chunk, n_out)
             self.tokens.extend(int(t) for t in chunk)
             rows.append(out)
         dt = (time.perf_counter() - t0) * 1000
@@ -189,6 +235,13 @@ class Engine:
         self.scores = np.concatenate(rows, axis=0)[-n_logits:] if len(rows) > 1 else rows[0]
         return self.scores[-1]
 
+    def _forward(self, chunk: np.ndarray, n_out: int, embeddings: bool = False) -> np.ndarray:
+        """Evaluate chunk at the positions after self.tokens; through the batcher when there is one."""
+        if self.batcher is not None:
+            return self.batcher.forward(self, chunk, len(self.tokens), n_out, embeddings)
+        return self.model.forward(chunk, Batch.run(self.seq, len(self.tokens), chunk.size), self.cache,
+                                  n_out=n_out, embeddings=embeddings)
+
     def embed(self, ids: Sequence[int], normalize: bool = True) -> np.ndarray:
         """Mean-pooled final hidden state of ``ids`` (evaluated in a fresh context), L2-normalized."""
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
@@ -198,10 +251,13 @@ class Engine:
             raise ContextError(f"the input has {ids.size} tokens, more than the context of {self.n_ctx}")
         self.reset()
         rows = []
-        for s in range(0, ids.size, self.n_batch):
-            chunk = ids[s:s + self.n_batch]
-            rows.append(self.model.forward(chunk, s, self.cache, n_out=chunk.size, embeddings=True))
-        self.reset()   # the cache now holds an embedding pass, not a prompt to reuse
+        try:
+            for s in range(0, ids.size, self.n_batch):
+                chunk = ids[s:s + self.n_batch]
+                rows.append(self._forward(chunk, chunk.size, embeddings=True))
+                self.tokens.extend(int(t) for t in chunk)
+        finally:
+            self.reset()   # the cache now holds an embedding pass, not a prompt to reuse
         v = np.concatenate(rows).mean(axis=0)
         if normalize:
             v = v / max(float(np.linalg.norm(v)), 1e-12)
@@ -215,21 +271,138 @@ class Engine:
         if len(prompt_ids) > self.n_ctx:
             raise ContextError(f"the prompt has {len(prompt_ids)} tokens, more than the context of "
                                f"{self.n_ctx} (raise -c / n_ctx)")
-        keep = 0
-        for a, b in zip(self.tokens, prompt_ids):
-            if a != b:
-                break
-            keep += 1
+        keep = _common_prefix(self.tokens, prompt_ids)
+        if self.batcher is not None and self.cache_prompt:
+            keep = self.batcher.reuse_prefix(self, prompt_ids, keep)
         keep = min(keep, len(prompt_ids) - 1)   # always evaluate at least the last token
-        if self.logits_all:
+        if self.logits_all or not self.cache_prompt:
             keep = 0
         self.tokens = self.tokens[:keep]
         return self.eval(prompt_ids[keep:], prompt=True)
 
+    cache_prompt = True     # reuse the longest cached prefix (this sequence's, or a free one's)
+
+    # -- context shift ---------------------------------------------------------------------
+    def shift_context(self, n_keep: int, n_discard: Optional[int] = None) -> int:
+        """llama.cpp's context shift: drop n_discard tokens after the first n_keep (default: half of
+        the rest), move the later ones down and re-apply RoPE to their keys. Returns n_discard."""
+        from .kvcache import shift
+        n_past = len(self.tokens)
+        n_keep = max(0, min(n_keep, n_past - 1))
+        n_left = n_past - n_keep
+        if n_discard is None:
+            n_discard = n_left // 2
+        n_discard = max(0, min(n_discard, n_left))
+        if n_discard == 0:
+            raise ContextError(f"context shift: nothing to discard (n_keep {n_keep} of {n_past} tokens)")
+        shift(self.model, self.cache, self.seq, n_keep, n_discard, n_past)
+        self.tokens = self.tokens[:n_keep] + self.tokens[n_keep + n_discard:]
+        return n_discard
+
+    def _n_keep(self, prompt_ids, n_keep: Optional[int]) -> int:
+        """Tokens a context shift keeps: n_keep (-1 = the whole prompt), BOS always (llama-cli's rule)."""
+        k = self.n_keep if n_keep is None else n_keep
+        if k < 0 or k > len(prompt_ids):
+            k = len(prompt_ids)
+        bos = self.tokenizer.bos_id
+        if prompt_ids and bos is not None and prompt_ids[0] == bos and k < len(prompt_ids):
+            k += 1
+        return min(k, self.n_ctx // 2)
+
+    # -- saved state -----------------------------------------------------------------------
+    def state_fingerprint(self) -> dict:
+        m = self.model
+        return {"arch": self.gguf.architecture, "n_vocab": int(self.n_vocab), "n_layer": len(self.cache.k),
+                "file_size": os.path.getsize(self.path), "name": str(self.gguf.metadata.get("general.name", "")),
+                "type_k": self.cache_type_k, "type_v": self.cache_type_v,
+                "cells": [[list(st.q.shape[2:]), str(st.q.dtype)] for st in self.cache.k[:1] + self.cache.v[:1]],
+                "n_embd": int(getattr(m, "n_embd", 0))}
+
+    def save_state(self) -> bytes:
+        """This sequence's tokens, KV cells and last logits as bytes (see :meth:`load_state`)."""
+        n = len(self.tokens)
+        if self.cache.ring and n > min(st.rows for st in self.cache.k):
+            raise StateError("saving the state of a sliding-window cache longer than its ring is not supported")
+        parts = []
+        for st in self.cache.k + self.cache.v:
+            parts.append(np.ascontiguousarray(st.q[self.seq, :n]).tobytes())
+            parts.append(np.ascontiguousarray(st.d[self.seq, :n]).tobytes())
+        logits = np.zeros(0, np.float32) if self.scores is None else np.asarray(self.scores[-1], np.float32)
+        parts.append(logits.tobytes())
+        payload = b"".join(parts)
+        head = {"version": 1, "model": self.state_fingerprint(), "tokens": [int(t) for t in self.tokens],
+                "n_logits": int(logits.size), "sha256": hashlib.sha256(payload).hexdigest()}
+        hb = json.dumps(head).encode()
+        return STATE_MAGIC + len(hb).to_bytes(4, "little") + hb + payload
+
+    def load_state(self, blob: bytes) -> None:
+        """Restore what :meth:`save_state` saved; a corrupted blob or one made for another model, cache
+        type or a larger context raises StateError (and leaves this engine's context empty)."""
+        self.reset()
+        if not isinstance(blob, (bytes, bytearray, memoryview)) or bytes(blob[:len(STATE_MAGIC)]) != STATE_MAGIC:
+            raise StateError("not a tinyinfer state (bad magic)")
+        blob = bytes(blob)
+        try:
+            n_head = int.from_bytes(blob[len(STATE_MAGIC):len(STATE_MAGIC) + 4], "little")
+            head = json.loads(blob[len(STATE_MAGIC) + 4:len(STATE_MAGIC) + 4 + n_head])
+            payload = blob[len(STATE_MAGIC) + 4 + n_head:]
+            tokens = [int(t) for t in head["tokens"]]
+            n_logits = int(head["n_logits"])
+            want = head["sha256"]
+            version = head["version"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise StateError(f"corrupted state header ({type(e).__name__}: {e})") from None
+        if version != 1:
+            raise StateError(f"state version {version} is not supported (this build reads version 1)")
+        if hashlib.sha256(payload).hexdigest() != want:
+            raise StateError("corrupted state: checksum mismatch (truncated or modified)")
+        mine = self.state_fingerprint()
+        theirs = head.get("model") if isinstance(head.get("model"), dict) else {}
+        if theirs != mine:
+            diff = [k for k in mine if theirs.get(k) != mine[k]]
+            was = ", ".join(f"{k}={theirs.get(k)!r}" for k in diff)
+            now = ", ".join(f"{k}={mine[k]!r}" for k in diff)
+            raise StateError(f"the state was saved with another model or cache ({was}; this one has {now})")
+        n = len(tokens)
+        if n > self.n_ctx:
+            raise StateError(f"the state holds {n} tokens, more than this context of {self.n_ctx}")
+        if n_logits not in (0, self.n_vocab):
+            raise StateError(f"corrupted state: {n_logits} logits for a vocabulary of {self.n_vocab}")
+        off = 0
+        views = []
+        for st in self.cache.k + self.cache.v:
+            for arr in (st.q, st.d):
+                shape = (n,) + arr.shape[2:]
+                size = int(np.prod(shape)) * arr.dtype.itemsize
+                views.append((arr, np.frombuffer(payload, arr.dtype, int(np.prod(shape)), off).reshape(shape)))
+                off += size
+        if off + 4 * n_logits != len(payload):
+            raise StateError(f"corrupted state: {len(payload)} bytes of data, expected {off + 4 * n_logits}")
+        for arr, v in views:
+            arr[self.seq, :n] = v
+        self.tokens = tokens
+        if n_logits:
+            self.scores = np.frombuffer(payload, np.float32, n_logits, off).copy()[None, :]
+
+    def save_state_file(self, path) -> None:
+        tmp = f"{path}.tmp{os.getpid()}"
+        with open(tmp, "wb") as f:
+            f.write(self.save_state())
+        os.replace(tmp, path)
+
+    def load_state_file(self, path) -> None:
+        with open(path, "rb") as f:
+            blob = f.read()
+        try:
+            self.load_state(blob)
+        except StateError as e:
+            raise StateError(f"{path}: {e}") from None
+
     # -- generation ------------------------------------------------------------------
     def generate(self, prompt_ids: Sequence[int], params: Optional[SamplerParams] = None,
                  max_tokens: int = -1, stop: Sequence[str] = (), logprobs: Optional[int] = None,
-                 ignore_eos: bool = False, logits_processor=None, grammar=None) -> Iterator[Step]:
+                 ignore_eos: bool = False, logits_processor=None, grammar=None,
+                 context_shift: Optional[bool] = None, n_keep: Optional[int] = None) -> Iterator[Step]:
         """Yield one Step per new token; the last one carries finish_reason.
 
         max_tokens < 0 means until the context is full. Stop strings end generation and are
@@ -242,13 +415,35 @@ class Engine:
         JSON one and ``max_tokens`` is about to run out, the reply is closed (open strings,
         arrays and objects) in the tokens left, so that it still parses: that last step has
         ``truncated=True`` and finish_reason "length".
+
+        ``context_shift`` (default: the engine's setting): when the context is full, drop the
+        oldest tokens after ``n_keep`` (-1 = the whole prompt; BOS is always kept) and go on instead
+        of stopping with "length"; then max_tokens < 0 means n_ctx new tokens at most.
         """
         params = params or SamplerParams()
+        shift_on = self.context_shift if context_shift is None else context_shift
+        if shift_on and max_tokens < 0:
+            max_tokens = self.n_ctx      # a bound where the context's end no longer is one
+        prompt_ids = list(prompt_ids)
+        keep = self._n_keep(prompt_ids, n_keep)
         matcher = grammar.matcher(self.tokenizer, self.n_vocab) if grammar is not None else None
         closer = _JsonBudget(self.tokenizer) if grammar is not None and grammar.is_json and max_tokens > 0 \
             else None
-        self.gen = {"params": params, "max_tokens": max_tokens, "stop": list(stop or [])}   # what /slots shows
+        self.gen = {"params": params, "max_tokens": max_tokens, "stop": list(stop or []), "n_keep": keep}
         self.timings.reset()
+        self.busy = True
+        if self.batcher is not None:
+            self.batcher.enter()
+        try:
+            yield from self._generate(prompt_ids, params, max_tokens, stop, logprobs, ignore_eos, logits_processor,
+                                      matcher, closer, shift_on, keep)
+        finally:
+            self.busy = False
+            if self.batcher is not None:
+                self.batcher.leave()
+
+    def _generate(self, prompt_ids, params, max_tokens, stop, logprobs, ignore_eos, logits_processor, matcher,
+                  closer, shift_on, keep):
         logits = self.ingest_prompt(prompt_ids)
         sampler = Sampler(params, self.n_vocab, grammar=matcher)
         for t in prompt_ids:          # the penalties look at the prompt too, as in llama.cpp
@@ -294,14 +489,138 @@ class Engine:
                 emit_to = _safe_prefix(held, stop)
             else:
                 emit_to = len(held)
-            if n == max_tokens or len(self.tokens) >= self.n_ctx or (truncated and not forced):
+            if n == max_tokens or (len(self.tokens) >= self.n_ctx and not shift_on) or (truncated and not forced):
                 finish = "length"
                 emit_to = len(held)
             yield Step(tok, held[:emit_to], lp, top, finish_reason=finish, truncated=truncated and finish is not None)
             held = held[emit_to:]
             if finish:
                 return
+            if len(self.tokens) >= self.n_ctx:
+                self.shift_context(keep)
             logits = self.eval([tok])
+
+
+STATE_MAGIC = b"TINYINFER-STATE\n"
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+class _Request:
+    __slots__ = ("engine", "ids", "pos0", "n_out", "embeddings", "result", "error", "done")
+
+    def __init__(self, engine, ids, pos0, n_out, embeddings):
+        self.engine, self.ids, self.pos0, self.n_out, self.embeddings = engine, ids, pos0, n_out, embeddings
+        self.result = self.error = None
+        self.done = False
+
+
+class Batcher:
+    """Continuous batching for the engines of one shared cache, each driven by its own thread.
+
+    An engine inside :meth:`Engine.generate` is *active*. Its evaluations wait here; when every
+    active engine is waiting, the last to arrive runs them all (no scheduler thread): the single
+    tokens of all sequences as one forward pass (a :class:`Batch`, so each weight is read once per
+    step for all of them), then each prompt chunk on its own. Engines join and leave between steps;
+    sampling stays in each engine's thread.
+    """
+
+    def __init__(self, first: "Engine"):
+        self.model, self.cache = first.model, first.cache
+        self.engines: List[Engine] = [first]
+        self.cv = threading.Condition()
+        self.active = 0
+        self.pending: List[_Request] = []
+        self.running = False
+        self.n_steps = 0             # forward passes run (tests, /metrics)
+        self.max_batch = 0           # the most sequences decoded in one pass
+
+    def enter(self) -> None:
+        with self.cv:
+            self.active += 1
+
+    def leave(self) -> None:
+        with self.cv:
+            self.active -= 1
+            self.cv.notify_all()
+
+    def forward(self, engine, ids, pos0, n_out, embeddings=False):
+        req = _Request(engine, np.asarray(ids, np.int64), pos0, n_out, embeddings)
+        with self.cv:
+            self.pending.append(req)
+            while not req.done:
+                # an evaluation outside generate() (an embedding) counts as active while it waits
+                waiting = len(self.pending)
+                if not self.running and self.pending and waiting >= self.active:
+                    take, self.pending = self.pending, []
+                    self.running = True
+                    self.cv.release()
+                    try:
+                        self._run(take)
+                    finally:
+                        self.cv.acquire()
+                        self.running = False
+                        self.cv.notify_all()
+                else:
+                    self.cv.wait()
+        if req.error is not None:
+            raise req.error
+        return req.result
+
+    def _run(self, reqs: List[_Request]) -> None:
+        single = [r for r in reqs if r.ids.size == 1 and r.n_out == 1 and not r.embeddings]
+        rest = [r for r in reqs if r not in single]
+        try:
+            if single:
+                b = Batch.one_each([r.engine.seq for r in single], [r.pos0 for r in single])
+                ids = np.concatenate([r.ids for r in single])
+                out = self.model.forward(ids, b, self.cache, n_out=len(single))
+                self.n_steps += 1
+                self.max_batch = max(self.max_batch, len(single))
+                for i, r in enumerate(single):
+                    r.result = out[i:i + 1]
+        except Exception as e:          # every request of the failed pass is told
+            for r in single:
+                r.error = e
+        for r in single:
+            r.done = True
+        for r in rest:
+            try:
+                r.result = self.model.forward(r.ids, Batch.run(r.engine.seq, r.pos0, r.ids.size), self.cache,
+                                              n_out=r.n_out, embeddings=r.embeddings)
+                self.n_steps += 1
+            except Exception as e:
+                r.error = e
+            r.done = True
+
+    def reuse_prefix(self, engine, prompt_ids, keep: int) -> int:
+        """llama-server's cache_prompt across slots: when a free sequence's cache holds a longer
+        prefix of ``prompt_ids`` than ``engine``'s own (``keep`` tokens), copy those cells over."""
+        best, src = keep, None
+        for other in self.engines:
+            if other is engine or other.busy:
+                continue
+            n = _common_prefix(other.tokens, prompt_ids)
+            if n > best:
+                best, src = n, other
+        if src is None:
+            return keep
+        with self.cv:                  # not while a forward pass writes the cache
+            while self.running:
+                self.cv.wait()
+            if src.busy:
+                return keep
+            n = min(best, _common_prefix(src.tokens, prompt_ids))
+            self.cache.copy_seq(src.seq, engine.seq, n)
+        engine.tokens = list(prompt_ids[:n])
+        return n
 
 
 class _JsonBudget:

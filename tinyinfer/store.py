@@ -327,23 +327,24 @@ def _human(n: float) -> str:
 
 
 def _cli_progress() -> Progress:
-    """A tqdm bar over the bytes (on stderr), a line per status change."""
+    """A tqdm bar over the bytes while downloading (on stderr), a line for every other status."""
     from tqdm import tqdm
-    state = {"bar": None, "status": None}
+    state = {"bar": None, "last": None}
 
     def cb(status, completed, total):
-        if status != state["status"] and not status.startswith("downloaded"):
-            state["status"] = status
-            if state["bar"] is None or not status.startswith("downloading"):
-                print(status, file=sys.stderr, flush=True)
         if total and status.startswith(("downloading", "downloaded")):
             if state["bar"] is None:
                 state["bar"] = tqdm(total=total, unit="B", unit_scale=True, file=sys.stderr, desc="pulling")
+            if status.startswith("downloading "):
+                state["bar"].set_description(status[len("downloading "):])
             state["bar"].update(completed - state["bar"].n)
-        elif state["bar"] is not None and status != state["status"]:
-            pass
-        if status == "success" and state["bar"] is not None:
-            state["bar"].close()
+        else:
+            if state["bar"] is not None:
+                state["bar"].close()
+                state["bar"] = None
+            if status != state["last"]:
+                print(status, file=sys.stderr, flush=True)
+        state["last"] = status
     return cb
 
 

@@ -8,10 +8,11 @@ the model needs at context ``-c`` (default: the file's context length, at most 4
 ``-c 0``: the file's context length, as llama.cpp reads it):
 
 - weights: the file's tensor bytes (mmapped: the OS pages them in on use);
-- KV cache: K and V for every layer, ``n_ctx × n_head_kv × (key_length +
-  value_length) × 4`` bytes per layer; sliding-window layers keep a ring of window + batch rows (tinyinfer keeps f16-rounded values in f32 arrays:
-  numba has no f16 arithmetic on the CPU; llama.cpp's f16 cache is half that); sliding-window layers (Gemma 2/3, Cohere 2, or
-  the file's ``<arch>.attention.sliding_window_pattern``) only keep the window;
+- KV cache: K and V for every layer, ``n_ctx × n_head_kv × (key_length × size(-ctk) +
+  value_length × size(-ctv))`` bytes per layer, in the cache types given (f16: 2 bytes a value,
+  the default, as llama.cpp; q8_0: 34 bytes per 32; q4_0: 18 per 32); sliding-window layers (Gemma
+  2/3, Cohere 2, or the file's ``<arch>.attention.sliding_window_pattern``) keep a ring of
+  window + batch cells;
 - working buffers (an estimate): the logits of one token (``n_vocab × 4``), a batch of
   ``-b`` (512) tokens' activations (a few ``n_embd`` / ``n_ff`` / q / k / v rows of
   f32) and one layer's attention scores for that batch (``n_batch × n_head × n_ctx``
@@ -34,7 +35,14 @@ from tinyinfer.gguf import GGUFError, GGUFFile
 
 DEFAULT_CTX_CAP = 4096
 DEFAULT_BATCH = 512
-KV_BYTES = 4  # f16-rounded values held in f32 (see models/base.py KVCache)
+KV_BYTES = 2  # the default f16 cache (see tinyinfer/kvcache.py)
+
+
+def kv_type_bytes(typ: str, n: int) -> int:
+    """Bytes of n values (a multiple of 32 for the quantized types) in KV cache type typ."""
+    return {"f16": 2 * n, "q8_0": n // 32 * 34, "q4_0": n // 32 * 18}[typ]
+
+
 MAX_LAYERS = 1 << 16  # a block_count beyond this is treated as invalid
 
 # architectures whose sliding-window layers follow a fixed pattern: every N-th layer
@@ -174,7 +182,7 @@ def _file_type_name(ft):
 
 # -- the analysis ----------------------------------------------------------------------------
 
-def analyze(f: GGUFFile, n_ctx=None, n_batch=DEFAULT_BATCH, available=None) -> dict:
+def analyze(f: GGUFFile, n_ctx=None, n_batch=DEFAULT_BATCH, available=None, type_k="f16", type_v="f16") -> dict:
     md = f.metadata
     arch = md.get("general.architecture")
     arch = arch if isinstance(arch, str) else None
@@ -269,7 +277,7 @@ def analyze(f: GGUFFile, n_ctx=None, n_batch=DEFAULT_BATCH, available=None) -> d
     }
 
     out["memory"] = memory(arch, n_layer, n_embd, heads, heads_kv, k_len, v_len, n_ff, n_vocab, n_ctx_train,
-                           window, hp, n_ctx, n_batch, n_bytes, available)
+                           window, hp, n_ctx, n_batch, n_bytes, available, type_k, type_v)
     return out
 
 
@@ -291,7 +299,7 @@ def swa_layers(arch, n_layer, window, pattern_value):
 
 
 def memory(arch, n_layer, n_embd, heads, heads_kv, k_len, v_len, n_ff, n_vocab, n_ctx_train, window, hp,
-           n_ctx, n_batch, weights, available) -> dict:
+           n_ctx, n_batch, weights, available, type_k="f16", type_v="f16") -> dict:
     if n_ctx == 0:  # llama.cpp's -c 0: the trained context length
         if n_ctx_train:
             n_ctx, src = n_ctx_train, "-c 0: the file's context length"
@@ -324,7 +332,7 @@ def memory(arch, n_layer, n_embd, heads, heads_kv, k_len, v_len, n_ff, n_vocab, 
         for il in range(n_layer):
             cells = min(n_ctx, window + n_batch) if swa[il] else n_ctx  # a ring, as models/base.py KVCache
             kl, vl = (k_swa, v_swa) if swa[il] else (k_len, v_len)
-            kv += cells * heads_kv[il] * (kl + vl) * KV_BYTES
+            kv += cells * heads_kv[il] * (kv_type_bytes(type_k, kl) + kv_type_bytes(type_v, vl))
         n_head = max(heads)
         ff = max(n_ff) if n_ff else 4 * n_embd
         q_dim, kv_dim = n_head * k_len, max(heads_kv) * (k_len + v_len)
@@ -334,7 +342,7 @@ def memory(arch, n_layer, n_embd, heads, heads_kv, k_len, v_len, n_ff, n_vocab, 
         work = logits + acts + scores
         mem.update(
             kv_bytes=kv,
-            kv={"type": "f32 (f16-rounded)", "layers": n_layer, "sliding_layers": sum(swa), "global_layers": n_layer - sum(swa),
+            kv={"type": f"K {type_k}, V {type_v}", "type_k": type_k, "type_v": type_v, "layers": n_layer, "sliding_layers": sum(swa), "global_layers": n_layer - sum(swa),
                 "window": window if any(swa) else None, "note": swa_note},
             work_bytes=work,
             work={"logits": logits, "activations": acts, "attention_scores": scores,
@@ -464,6 +472,10 @@ def main(argv=None) -> int:
                          f"0: the file's, uncapped)")
     ap.add_argument("-b", "--batch-size", type=_count(1), default=DEFAULT_BATCH,
                     help=f"tokens per batch for the working-buffer estimate (default {DEFAULT_BATCH})")
+    ap.add_argument("-ctk", "--cache-type-k", default="f16", choices=("f16", "q8_0", "q4_0"),
+                    help="KV cache type for K (default f16)")
+    ap.add_argument("-ctv", "--cache-type-v", default="f16", choices=("f16", "q8_0", "q4_0"),
+                    help="KV cache type for V (default f16)")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     try:
         args = ap.parse_args(argv)
@@ -471,7 +483,8 @@ def main(argv=None) -> int:
         return e.code if isinstance(e.code, int) else 2
     try:
         with GGUFFile(args.file) as f:
-            info = analyze(f, n_ctx=args.ctx_size, n_batch=args.batch_size)
+            info = analyze(f, n_ctx=args.ctx_size, n_batch=args.batch_size, type_k=args.cache_type_k,
+                           type_v=args.cache_type_v)
     except GGUFError as e:
         print(f"error: {_text(e)}", file=sys.stderr)
         return 1

@@ -71,7 +71,7 @@ def perplexity(engine, text: str, n_ctx: int = 512, n_chunks: int = -1, out=sys.
 
 
 def main(argv=None) -> int:
-    from ..cli import add_model_args, resolve_model
+    from ..cli import add_model_args, cache_kwargs, resolve_model
     from ..engine import Engine
 
     ap = argparse.ArgumentParser(prog="python -m tinyinfer perplexity",
@@ -85,7 +85,8 @@ def main(argv=None) -> int:
         raise ValueError(f"-c must be at least 8 for perplexity, got {a.ctx_size}")
     with open(a.file, encoding="utf-8") as f:
         text = f.read()
-    eng = Engine(resolve_model(a.model), n_ctx=a.ctx_size, n_batch=max(a.batch_size, 1), n_threads=a.threads)
+    eng = Engine(resolve_model(a.model), n_ctx=a.ctx_size, n_batch=max(a.batch_size, 1), n_threads=a.threads,
+                 **cache_kwargs(a))
     perplexity(eng, text, n_ctx=a.ctx_size, n_chunks=a.chunks)
     return 0
 

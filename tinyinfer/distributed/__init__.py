@@ -29,6 +29,7 @@ def use_loopback() -> None:
     RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 it uses loopback. Ray reads that variable when it is first
     imported, so the value it derived is set too when ray is already loaded."""
     os.environ.update(LOOPBACK_ENV)
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import sys
     consts = sys.modules.get("ray._private.ray_constants")
     if consts is not None:
@@ -37,6 +38,8 @@ def use_loopback() -> None:
 
 def ensure_ray(address: Optional[str] = None, num_cpus: Optional[int] = None):
     """Connect to Ray (``address`` or $RAY_ADDRESS), or start a local instance on 127.0.0.1."""
+    # no usage reports to Ray's servers from clusters we start (RAY_USAGE_STATS_ENABLED=1 to allow)
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray
     if ray.is_initialized():
         return ray

@@ -1,4 +1,5 @@
-"""Pieces every architecture shares: linear layers, KV cache, attention, MLP, the block and the model.
+"""Pieces every architecture shares: linear layers, attention, MLP, the block and the model
+(the KV cache: ../kvcache.py).
 
 :class:`Transformer` is the decoder every architecture file (llama.py, qwen2.py, gemma3.py, ...)
 subclasses: hyper-parameters come from GGUF metadata (:class:`~.hparams.HParams`), weights by
@@ -22,6 +23,7 @@ from ..gguf import TensorInfo
 from ..kernels import ops
 from ..kernels import matmul as mm
 from ..kernels import quants
+from ..kvcache import Batch, KVCache
 from .hparams import HParams, ModelError, Weights  # noqa: F401  (ModelError re-exported)
 
 
@@ -94,37 +96,6 @@ class Embedding:
         return quants.dequantize(self.t.data[ids], self.t.ggml_type, self.dim)
 
 
-class KVCache:
-    """Per-layer key/value buffers.
-
-    A layer with full attention holds ``n_ctx`` positions; a sliding-window layer only
-    ``window + n_batch`` of them, used as a ring (position p lives in row p % rows), which is
-    enough for every query of a batch to see its whole window.
-
-    Values are rounded to f16 on store, as llama.cpp's default f16 cache holds them, but kept
-    in float32 arrays because numba has no float16 arithmetic on the CPU (2x the memory).
-
-    ``first_layer``: the model layer the first buffer belongs to (a cache for layers lo..hi-1 of a
-    model split across processes holds ``hi - lo`` buffers and ``first_layer = lo``).
-    """
-
-    def __init__(self, n_layer, n_ctx, n_kv_head, head_dim_k, head_dim_v, windows=None, n_batch=512,
-                 first_layer=0):
-        self.n_ctx = n_ctx
-        self.first_layer = first_layer
-        self.k = []
-        self.v = []
-        for il in range(n_layer):
-            w = windows[il] if windows else 0
-            rows = min(n_ctx, w + n_batch) if w > 0 else n_ctx
-            self.k.append(np.zeros((rows, n_kv_head, head_dim_k), np.float32))
-            self.v.append(np.zeros((rows, n_kv_head, head_dim_v), np.float32))
-
-    @property
-    def nbytes(self) -> int:
-        return sum(a.nbytes for a in self.k) + sum(a.nbytes for a in self.v)
-
-
 @dataclass(frozen=True)
 class Rope:
     """One rotary-embedding setting. ``n_rot`` = 0: no rotation (smollm3's NoPE layers).
@@ -167,16 +138,20 @@ class Attention:
         self.eps = np.float32(hp.eps)
 
     def __call__(self, h, k_cache, v_cache, pos0, rope_tab):
+        """k_cache, v_cache: this layer's :class:`~tinyinfer.kvcache.KVStore`; pos0: the first position
+        (sequence 0) or a :class:`~tinyinfer.kvcache.Batch` (each token's position and sequence)."""
         p = self.hp
         n = h.shape[0]
+        b = Batch.of(pos0, n)
         qkv = self.wqkv(h)
         if self.bqkv is not None:
             qkv += self.bqkv
         q = np.empty((n, p.n_head, p.head_dim_k), np.float32)
         ops.qkv_store(qkv, p.n_head, p.n_kv_head, p.head_dim_k, p.head_dim_v, self.q_norm, self.k_norm,
-                      self.eps, rope_tab[0], rope_tab[1], self.rope.neox, k_cache, v_cache, pos0, q)
+                      self.eps, rope_tab[0], rope_tab[1], self.rope.neox, k_cache.q, k_cache.d, k_cache.kind,
+                      v_cache.q, v_cache.d, v_cache.kind, b.pos, b.seq, q)
         out = np.empty((n, p.n_head, p.head_dim_v), np.float32)
-        ops.attention(q, k_cache, v_cache, pos0, self.scale, self.window, self.softcap, out)
+        ops.attention(q, k_cache, v_cache, b.pos, b.seq, self.scale, self.window, self.softcap, out)
         return self.wo(out.reshape(n, p.n_head * p.head_dim_v))
 
 
@@ -301,13 +276,14 @@ class Transformer:
         return None
 
     # -- the forward pass ----------------------------------------------------------------------
-    def new_cache(self, n_ctx: int, n_batch: int = 512, lo: int = 0, hi: int | None = None) -> KVCache:
-        """A KV cache for ``n_ctx`` positions of layers lo..hi-1 (all layers by default)."""
+    def new_cache(self, n_ctx: int, n_batch: int = 512, lo: int = 0, hi: int | None = None, **kw) -> KVCache:
+        """A KV cache for ``n_ctx`` positions of layers lo..hi-1 (all layers by default); ``kw``: n_seq,
+        type_k, type_v (see tinyinfer/kvcache.py)."""
         hi = self.n_layer if hi is None else hi
         hp = self.hp
         windows = [self.layers[il].attn.window for il in range(lo, hi)]
         return KVCache(hi - lo, n_ctx, hp.n_kv_head, hp.head_dim_k, hp.head_dim_v, windows=windows,
-                       n_batch=n_batch, first_layer=lo)
+                       n_batch=n_batch, first_layer=lo, **kw)
 
     def embed(self, ids: np.ndarray) -> np.ndarray:
         """Token ids -> the residual stream x (n, n_embd) float32."""
@@ -316,9 +292,10 @@ class Transformer:
             x *= np.float32(self.embd_scale)
         return x
 
-    def rope_tables(self, pos0: int, n: int, n_ctx: int, layers) -> dict:
-        """(cos, sin) per distinct rope setting of ``layers`` for positions pos0..pos0+n-1."""
-        positions = np.arange(pos0, pos0 + n, dtype=np.int64)
+    def rope_tables(self, pos0, n: int, n_ctx: int, layers) -> dict:
+        """(cos, sin) per distinct rope setting of ``layers`` for positions pos0..pos0+n-1 (or a
+        :class:`~tinyinfer.kvcache.Batch`'s positions)."""
+        positions = Batch.of(pos0, n).pos
         tables = {}
         for L in layers:
             r = L.attn.rope

@@ -49,7 +49,13 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 = all)")
     ap.add_argument("--port", type=_positive("--port"), default=8080, help="port (default 8080)")
     ap.add_argument("-np", "--parallel", type=int, default=1,
-                    help="slots: requests generated at the same time, one engine (KV cache) each (default 1)")
+                    help="slots: requests generated at the same time, decoded together in one batch, each "
+                         "with its own sequence in the KV cache (default 1)")
+    ap.add_argument("--context-shift", action="store_true",
+                    help="when a generation fills a slot's context, drop its oldest tokens (after n_keep) and "
+                         "go on (off by default, as in llama-server)")
+    ap.add_argument("--keep", type=int, default=0,
+                    help="default n_keep of a context shift (-1 = the whole prompt; BOS always kept)")
     ap.add_argument("--max-queue", type=_positive("--max-queue"), default=16,
                     help="requests that may wait for a slot; beyond that: 503 + Retry-After (default 16)")
     ap.add_argument("--api-key", default=os.environ.get("TINYINFER_API_KEY"),
@@ -94,6 +100,8 @@ def main(argv=None) -> int:
     logging.basicConfig(level=getattr(logging, a.log_level.upper()), format="%(asctime)s %(levelname)s %(name)s: "
                         "%(message)s", stream=sys.stderr)
     if a.ray:
+        if a.split > 1 or a.cors:
+            raise ValueError("--ray runs whole-model replicas: --split and --cors are not supported with it")
         from ..distributed.serve import RayServeOptions, run
         opts = RayServeOptions.from_args(dict(model=path, alias=a.alias, ctx_size=a.ctx_size, batch_size=a.batch_size,
                                               threads=a.threads or 1, parallel=a.parallel, max_queue=a.max_queue,
@@ -103,7 +111,9 @@ def main(argv=None) -> int:
     config = ServerConfig(model_path=path, alias=a.alias, n_ctx=a.ctx_size, n_batch=a.batch_size,
                           n_threads=a.threads, parallel=a.parallel, max_queue=a.max_queue, api_key=a.api_key or None,
                           chat_template=a.chat_template, host=a.host, port=a.port,
-                          shutdown_timeout=a.shutdown_timeout, cors=a.cors, split=a.split)
+                          shutdown_timeout=a.shutdown_timeout, cors=a.cors, split=a.split,
+                          cache_type_k=a.cache_type_k, cache_type_v=a.cache_type_v,
+                          context_shift=a.context_shift, n_keep=a.keep)
     return serve(config, log_level=a.log_level, access_log=not a.no_access_log)
 
 

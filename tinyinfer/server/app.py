@@ -41,12 +41,15 @@ def _default_engine_factory(config: ServerConfig) -> Callable[[], Any]:
     first = []
 
     def make():
-        # the first slot loads the model; the others share its weights, each with its own KV cache
+        # the first slot loads the model and a KV cache of one sequence per slot; the others share
+        # the weights and the cache (a sequence each), and their decode steps run as one batch
         if first:
-            return first[0].fork()
+            return first[0].fork(seq=len(first[0].batcher.engines) if first[0].batcher else None)
         from ..engine import Engine
         first.append(Engine(config.model_path, n_ctx=config.n_ctx, n_batch=config.n_batch,
-                            n_threads=config.n_threads, progress=True, split=config.split))
+                            n_threads=config.n_threads, progress=True, split=config.split,
+                            n_seq=config.parallel, type_k=config.cache_type_k, type_v=config.cache_type_v,
+                            context_shift=config.context_shift, n_keep=config.n_keep))
         return first[0]
     return make
 

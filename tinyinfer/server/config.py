@@ -21,4 +21,8 @@ class ServerConfig:
     port: int = 8080
     shutdown_timeout: float = 30.0
     cors: bool = False
+    cache_type_k: str = "f16"
+    cache_type_v: str = "f16"
+    context_shift: bool = False      # off by default, as in llama-server
+    n_keep: int = 0
     split: int = 1              # the model's layers over this many Ray actors (tinyinfer/distributed/split.py)

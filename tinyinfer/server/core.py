@@ -105,7 +105,7 @@ class ServerState:
             self.formatter = ChatFormatter.for_tokenizer(self.metadata, tok, self.config.chat_template)
             self.max_token_bytes()
             serialize = False
-            if self.config.parallel > 1:
+            if self.config.parallel > 1 and getattr(eng, "batcher", None) is None:
                 try:
                     import numba
                     serialize = numba.threading_layer() == "workqueue"   # not re-entrant from threads

@@ -1,0 +1,135 @@
+"""Serving load test: C concurrent clients x R completions x N tokens (greedy) against a server on
+loopback; generated tokens per second over the whole run and the latency percentiles of a request.
+
+    python benchmarks/bench_serving.py [-m MODEL] [--parallel 1 4] [-t 2] [-c 4096] [--clients 8]
+                                       [--requests 4] [--tokens 32] [--url URL]
+
+Without --url it starts ``python -m tinyinfer serve`` once per --parallel value (so the figures of
+both settings come from the same session) and stops it afterwards. With --url it loads a running
+server (ours or llama-server: the same OpenAI ``/v1/completions`` request). llama-server's figures on
+this machine kind (../shared/reference/speed.md): --parallel 1 278 tok/s (p50 0.92 s), --parallel 4
+503 tok/s (p50 0.50 s), with the same load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+PROMPTS = ["Once upon a time", "The capital of France is", "Write a short poem about the sea.",
+           "def fibonacci(n):", "The three primary colours are", "In 1969, the first humans",
+           "A good breakfast includes", "The main causes of the French Revolution were"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(model, parallel, threads, ctx, extra=()):
+    port = _free_port()
+    cmd = [sys.executable, "-m", "tinyinfer", "serve", "-m", str(model), "--port", str(port), "-c", str(ctx),
+           "-t", str(threads), "--parallel", str(parallel), "--no-access-log", "--log-level", "warning", *extra]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}"
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < 300:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited: {proc.stderr.read().decode(errors='replace')[-2000:]}")
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError("server not ready after 300 s")
+
+
+def run_load(url, clients, requests, tokens):
+    def one(client, prompt):
+        t0 = time.perf_counter()
+        r = client.post(url + "/v1/completions", json={"prompt": prompt, "max_tokens": tokens, "temperature": 0,
+                                                       "n_predict": tokens})
+        r.raise_for_status()
+        j = r.json()
+        n = j.get("usage", {}).get("completion_tokens")
+        if n is None:                                    # llama-server's native fields
+            n = j.get("tokens_predicted", 0)
+        return time.perf_counter() - t0, n
+
+    def client_run(ci):
+        out = []
+        with httpx.Client(timeout=600) as c:
+            for ri in range(requests):
+                out.append(one(c, PROMPTS[(ci + ri) % len(PROMPTS)]))
+        return out
+
+    with httpx.Client(timeout=600) as c:                 # warm-up (kernels, caches)
+        one(c, "Hello")
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(clients) as ex:
+        res = [x for f in [ex.submit(client_run, i) for i in range(clients)] for x in f.result()]
+    wall = time.perf_counter() - t0
+    lat = sorted(r[0] for r in res)
+    n_tok = sum(r[1] for r in res)
+    return {"requests": len(res), "tokens": n_tok, "wall_s": wall, "tok_s": n_tok / wall,
+            "p50_s": statistics.median(lat), "p90_s": lat[int(0.9 * (len(lat) - 1))], "max_s": lat[-1]}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("-m", "--model", default=None, help="GGUF (default: SmolLM2-135M Q4_0, requantized once)")
+    ap.add_argument("--parallel", type=int, nargs="+", default=[1, 4])
+    ap.add_argument("-t", "--threads", type=int, default=2)
+    ap.add_argument("-c", "--ctx-size", type=int, default=4096)
+    ap.add_argument("--clients", type=int, default=8)
+    ap.add_argument("--requests", type=int, default=4, help="completions per client")
+    ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--repeat", type=int, default=1, help="runs per setting (the spread is reported)")
+    ap.add_argument("--url", default=None, help="load this running server instead of starting ours")
+    ap.add_argument("--json", action="store_true")
+    a = ap.parse_args(argv)
+    model = a.model
+    if model is None and a.url is None:
+        sys.path.insert(0, str(ROOT))
+        from tinyinfer.tools.quantize import ensure_requantized
+        model = ensure_requantized("Q4_0")
+    rows = []
+    for par in ([None] if a.url else a.parallel):
+        proc = None
+        url = a.url
+        if url is None:
+            proc, url = start_server(model, par, a.threads, a.ctx_size)
+        try:
+            runs = [run_load(url, a.clients, a.requests, a.tokens) for _ in range(a.repeat)]
+        finally:
+            if proc is not None:
+                proc.terminate()
+                proc.wait(30)
+        best = max(runs, key=lambda r: r["tok_s"])
+        row = {"parallel": par, **best, "tok_s_runs": [round(r["tok_s"], 1) for r in runs],
+               "p50_runs": [round(r["p50_s"], 3) for r in runs]}
+        rows.append(row)
+        print(f"| {par if par is not None else '-'} | {a.clients} x {a.requests} x {a.tokens} | "
+              f"{row['tokens']} | {row['tok_s']:.0f} | {row['p50_s']:.2f} | {row['p90_s']:.2f} | "
+              f"{row['tok_s_runs']} | {row['p50_runs']} |", flush=True)
+    if a.json:
+        print(json.dumps(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
