@@ -1537,7 +1537,7 @@ TYPES: dict = {e.ggml_type: e for e in (
     _entry(GT.Q5_K, QK_K, 176, GT.Q8_K, dict(d=0, dmin=2, scales=4, qh=16, qs=48),
            _dq_row_q5_k, _dq_rows_q5_k, _q_row_q5_k, _q_rows_q5_k, _F.Q5_K),
     _entry(GT.Q6_K, QK_K, 210, GT.Q8_K, dict(ql=0, qh=128, scales=192, d=208),
-           _dq_row_q6_k, _dq_rows_q6_k, _q_row_q6_k, _q_rows_q6_k, _F.Q6_K),
+           _dq_row_q6_k, _dq_rows_q6_k, _q_row_q6_k, _q_rows_q6_k, _F.Q6_K, repacked=_F.Q6_Kx16),
     _entry(GT.IQ4_NL, 32, 18, GT.Q8_0, dict(d=0, qs=2),
            _dq_row_iq4_nl, _dq_rows_iq4_nl, _q_row_iq4_nl, _q_rows_iq4_nl, _F.IQ4_NL, KVALUES_IQ4NL,
            repacked=_F.IQ4_NLx16),
