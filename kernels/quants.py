@@ -1502,10 +1502,11 @@ class QuantType:
 
 
 def _entry(t, block, size, vec_dot, layout, dq, dqs, q, qs, decoder, *dargs, repacked=None, simd_block=None):
-    """A table row; the SIMD decoder gets the entry's name, block bytes and layout."""
+    """A table row; the SIMD decoder gets the entry's name, block bytes and layout (and a table's
+    values, ``dargs``, as does the repacked layout)."""
     dec = decoder(t.name, simd_block or size, layout, *dargs) if decoder else None
     return QuantType(t.name, t, block, size, vec_dot, block > 1, dq, dqs, q, qs, layout, dec,
-                     repacked() if repacked else None)
+                     repacked(*dargs) if repacked else None)
 
 
 # Block layouts (byte offsets of the fields of ggml's block_* structs) are written once,
@@ -1536,9 +1537,10 @@ TYPES: dict = {e.ggml_type: e for e in (
     _entry(GT.Q5_K, QK_K, 176, GT.Q8_K, dict(d=0, dmin=2, scales=4, qh=16, qs=48),
            _dq_row_q5_k, _dq_rows_q5_k, _q_row_q5_k, _q_rows_q5_k, _F.Q5_K),
     _entry(GT.Q6_K, QK_K, 210, GT.Q8_K, dict(ql=0, qh=128, scales=192, d=208),
-           _dq_row_q6_k, _dq_rows_q6_k, _q_row_q6_k, _q_rows_q6_k, _F.Q6_K),
+           _dq_row_q6_k, _dq_rows_q6_k, _q_row_q6_k, _q_rows_q6_k, _F.Q6_K, repacked=_F.Q6_Kx16),
     _entry(GT.IQ4_NL, 32, 18, GT.Q8_0, dict(d=0, qs=2),
-           _dq_row_iq4_nl, _dq_rows_iq4_nl, _q_row_iq4_nl, _q_rows_iq4_nl, _F.IQ4_NL, KVALUES_IQ4NL),
+           _dq_row_iq4_nl, _dq_rows_iq4_nl, _q_row_iq4_nl, _q_rows_iq4_nl, _F.IQ4_NL, KVALUES_IQ4NL,
+           repacked=_F.IQ4_NLx16),
     _entry(GT.IQ4_XS, QK_K, 136, GT.Q8_K, dict(d=0, scales_h=2, scales_l=4, qs=8),
            _dq_row_iq4_xs, _dq_rows_iq4_xs, _q_row_iq4_xs, _q_rows_iq4_xs, _F.IQ4_XS, KVALUES_IQ4NL),
 )}

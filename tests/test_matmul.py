@@ -235,7 +235,7 @@ def test_matmul_matches_reference(name, repack):
 def test_repacked_equals_native():
     """The row-interleaved kernels and the native ones see the same numbers (up to summation order)."""
     rng = np.random.default_rng(5)
-    for name in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K"):
+    for name in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q6_K", "IQ4_NL"):
         k = 512 if name in KQUANT else 320
         raw, _ = make_weight(name, 50, k, rng)
         for n in (1, 9):
