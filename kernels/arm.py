@@ -39,6 +39,7 @@ import os
 from functools import lru_cache
 from pathlib import Path
 
+import numba as nb
 import numpy as np
 from llvmlite import ir
 from numba import types
@@ -97,22 +98,60 @@ class Layout4:
         raise NotImplementedError
 
 
-def _chunks(q: np.ndarray) -> np.ndarray:
-    """(ng, 4, nb, m) bytes of 4 rows -> (ng, nb, m/4 chunks, 4 rows, 4 bytes) flattened to (ng, nb, 4m)."""
-    ng, _, nb, m = q.shape
-    return q.reshape(ng, 4, nb, m // 4, 4).transpose(0, 2, 3, 1, 4).reshape(ng, nb, 4 * m)
+@nb.njit(cache=True, nogil=True)
+def _interleave(src, extra, segs, out):
+    """Build 4-row groups: src (ng, 4, nb, S) per-row block bytes, out (ng, nb, G). Segments, in
+    order, each row (kind, lo, hi): 0 = the 2-byte field at lo of rows 0..3 side by side; 1 = bytes
+    lo:hi of each row in 4-byte chunks, chunk i of rows 0..3 together; 2 = extra[g, b, lo:hi] as is."""
+    ng, _, nb, _ = src.shape
+    for g in range(ng):
+        for b in range(nb):
+            o = 0
+            for s in range(segs.shape[0]):
+                kind, lo, hi = segs[s, 0], segs[s, 1], segs[s, 2]
+                if kind == 0:
+                    for r in range(4):
+                        out[g, b, o + 2 * r] = src[g, r, b, lo]
+                        out[g, b, o + 2 * r + 1] = src[g, r, b, lo + 1]
+                    o += 8
+                elif kind == 1:
+                    for i in range((hi - lo) // 4):
+                        for r in range(4):
+                            for t in range(4):
+                                out[g, b, o + 16 * i + 4 * r + t] = src[g, r, b, lo + 4 * i + t]
+                    o += 4 * (hi - lo)
+                else:
+                    for t in range(hi - lo):
+                        out[g, b, o + t] = extra[g, b, lo + t]
+                    o += hi - lo
+
+
+_NO_EXTRA = np.zeros((1, 1, 1), np.uint8)
+_NO_EXTRA.flags.writeable = False
+
+
+def _build(src: np.ndarray, segs, group_bytes: int, extra: np.ndarray = _NO_EXTRA) -> np.ndarray:
+    """Run _interleave with read-only inputs (one compiled signature for mapped and computed data)."""
+    src = np.ascontiguousarray(src)
+    if src.flags.writeable:
+        src = src.view()
+        src.flags.writeable = False
+    if extra.flags.writeable:
+        extra = np.ascontiguousarray(extra).view()
+        extra.flags.writeable = False
+    out = np.empty((src.shape[0], src.shape[2], group_bytes), np.uint8)
+    _interleave(src, extra, np.array(segs, np.int64), out)
+    return out
 
 
 def _unchunks(p: np.ndarray, m: int) -> np.ndarray:
+    """Inverse of a kind-1 segment of m bytes per row: (ng, nb, 4m) -> (ng, 4, nb, m) (tests)."""
     ng, nb, _ = p.shape
     return p.reshape(ng, nb, m // 4, 4, 4).transpose(0, 3, 1, 2, 4).reshape(ng, 4, nb, m)
 
 
-def _heads(w: np.ndarray, nb: int, bb: int, lo: int, hi: int) -> np.ndarray:
-    """Bytes lo:hi of every block of 4 rows side by side: (ng, nb, 4*(hi-lo))."""
-    ng = w.shape[0] // 4
-    b = w.reshape(ng, 4, nb, bb)[..., lo:hi]
-    return b.transpose(0, 2, 1, 3).reshape(ng, nb, 4 * (hi - lo))
+def _rows(w: np.ndarray, bb: int) -> np.ndarray:
+    return w.reshape(w.shape[0] // 4, 4, w.shape[1] // bb, bb)
 
 
 class Q4_0x4(Layout4):
@@ -121,10 +160,8 @@ class Q4_0x4(Layout4):
     name, block_bytes, group_bytes = "Q4_0", 18, 72
 
     def repack(self, w):
-        nb = w.shape[1] // 18
-        ng = w.shape[0] // 4
-        qs = w.reshape(ng, 4, nb, 18)[..., 2:] ^ np.uint8(0x88)
-        return np.concatenate([_heads(w, nb, 18, 0, 2), _chunks(qs)], axis=2)
+        src = _rows(w, 18) ^ np.array([0, 0] + [0x88] * 16, np.uint8)
+        return _build(src, [(0, 0, 2), (1, 2, 18)], 72)
 
     def unpack(self, p):
         ng, nb, _ = p.shape
@@ -139,9 +176,7 @@ class Q8_0x4(Layout4):
     name, block_bytes, group_bytes = "Q8_0", 34, 136
 
     def repack(self, w):
-        nb = w.shape[1] // 34
-        ng = w.shape[0] // 4
-        return np.concatenate([_heads(w, nb, 34, 0, 2), _chunks(w.reshape(ng, 4, nb, 34)[..., 2:])], axis=2)
+        return _build(_rows(w, 34), [(0, 0, 2), (1, 2, 34)], 136)
 
     def unpack(self, p):
         ng, nb, _ = p.shape
@@ -155,9 +190,7 @@ class IQ4_NLx4(Q4_0x4):
     name = "IQ4_NL"
 
     def repack(self, w):
-        nb = w.shape[1] // 18
-        ng = w.shape[0] // 4
-        return np.concatenate([_heads(w, nb, 18, 0, 2), _chunks(w.reshape(ng, 4, nb, 18)[..., 2:])], axis=2)
+        return _build(_rows(w, 18), [(0, 0, 2), (1, 2, 18)], 72)
 
     def unpack(self, p):
         ng, nb, _ = p.shape
@@ -216,12 +249,10 @@ class Q4_Kx4(Layout4):
     name, act, qk, block_bytes, group_bytes = "Q4_K", "q8_K", 256, 144, 8 + 8 + 48 + 512
 
     def repack(self, w):
-        nb = w.shape[1] // 144
-        ng = w.shape[0] // 4
-        b = w.reshape(ng, 4, nb, 144)
+        b = _rows(w, 144)
         s, m = _k4_unpack_scales(b[..., 4:16])
         sm = _pack_6bit(np.concatenate([_per_sub(s), _per_sub(m)], axis=2))
-        return np.concatenate([_heads(w, nb, 144, 0, 2), _heads(w, nb, 144, 2, 4), sm, _chunks(b[..., 16:])], axis=2)
+        return _build(b, [(0, 0, 2), (0, 2, 4), (2, 0, 48), (1, 16, 144)], self.group_bytes, sm)
 
     def unpack(self, p):
         ng, nb, _ = p.shape
@@ -244,13 +275,10 @@ class Q5_Kx4(Q4_Kx4):
     name, block_bytes, group_bytes = "Q5_K", 176, 8 + 8 + 48 + 128 + 512
 
     def repack(self, w):
-        nb = w.shape[1] // 176
-        ng = w.shape[0] // 4
-        b = w.reshape(ng, 4, nb, 176)
+        b = _rows(w, 176)
         s, m = _k4_unpack_scales(b[..., 4:16])
         sm = _pack_6bit(np.concatenate([_per_sub(s), _per_sub(m)], axis=2))
-        return np.concatenate([_heads(w, nb, 176, 0, 2), _heads(w, nb, 176, 2, 4), sm, _chunks(b[..., 16:48]),
-                               _chunks(b[..., 48:])], axis=2)
+        return _build(b, [(0, 0, 2), (0, 2, 4), (2, 0, 48), (1, 16, 48), (1, 48, 176)], self.group_bytes, sm)
 
     def unpack(self, p):
         ng, nb, _ = p.shape
@@ -297,9 +325,7 @@ class Q6_Kx4(Layout4):
     name, act, qk, block_bytes, group_bytes = "Q6_K", "q8_K", 256, 210, 8 + 64 + 512 + 256
 
     def repack(self, w):
-        nb = w.shape[1] // 210
-        ng = w.shape[0] // 4
-        b = w.reshape(ng, 4, nb, 210)
+        b = _rows(w, 210)
         q = _q6_values(b)
         ql = np.empty(q.shape[:-1] + (128,), np.uint8)
         qh = np.empty(q.shape[:-1] + (64,), np.uint8)
@@ -308,8 +334,9 @@ class Q6_Kx4(Layout4):
         for h in range(2):
             hi = [q[..., 128 * h + 32 * k:128 * h + 32 * k + 32] >> 4 for k in range(4)]
             qh[..., 32 * h:32 * h + 32] = hi[0] | (hi[1] << 2) | (hi[2] << 4) | (hi[3] << 6)
-        return np.concatenate([_heads(w, nb, 210, 208, 210), _per_sub(b[..., 192:208]), _chunks(ql), _chunks(qh)],
-                              axis=2)
+        src = np.concatenate([ql, qh, b[..., 208:210]], axis=-1)
+        return _build(src, [(0, 192, 194), (2, 0, 64), (1, 0, 128), (1, 128, 192)], self.group_bytes,
+                      _per_sub(b[..., 192:208]))
 
     def unpack(self, p):
         ng, nb, _ = p.shape

@@ -561,6 +561,10 @@ def {name}(wr, wt, x, out):
     xb = np.empty((n, k // 32), np.int32)
     quantize_q8_K(x, xq, xd, xb)
     xw = xq.astype(np.int16)
+    xt = xb
+    if {b16}:
+        xt = np.empty((n, k // 16), np.int16)      # the tail tiles' activation sums per 16
+        bsums16(xq, xt)
     ng = wr.shape[0]
     nb_ = k // 256
     wp = np.int64(wr.ctypes.data)
@@ -573,6 +577,8 @@ def {name}(wr, wt, x, out):
     xds = np.int64(xd.strides[0])
     xbp = np.int64(xb.ctypes.data)
     xbs = np.int64(xb.strides[0])
+    xtp = np.int64(xt.ctypes.data)
+    xts = np.int64(xt.strides[0])
     op = np.int64(out.ctypes.data)
     osd = np.int64(out.strides[0])
     nc_main = n - n % {NC}
@@ -589,12 +595,12 @@ def {name}(wr, wt, x, out):
     ot = op + ng * {GB}
     for r in range(wt.shape[0]):
         for c0 in range(0, nc_main, {NC}):
-            {tail_main}(tp + r * ts, ts, xqp + c0 * xqs, xqs, xdp + c0 * xds, xds, xbp + c0 * xbs, xbs,
+            {tail_main}(tp + r * ts, ts, xqp + c0 * xqs, xqs, xdp + c0 * xds, xds, xtp + c0 * xts, xts,
                         nb_, ot + c0 * osd + r * 4, osd)
         for c0 in range(nc_main, n):
-            {tail_one}(tp + r * ts, ts, xqp + c0 * xqs, xqs, xdp + c0 * xds, xds, xbp + c0 * xbs, xbs,
+            {tail_one}(tp + r * ts, ts, xqp + c0 * xqs, xqs, xdp + c0 * xds, xds, xtp + c0 * xts, xts,
                        nb_, ot + c0 * osd + r * 4, osd)
-    _keep_alive(xq, xw, xd, xb)
+    _keep_alive(xq, xw, xd, xb, xt)
 """
 
 
@@ -641,6 +647,7 @@ def _make_packed(info: _TypeInfo, parallel: bool, cfg: KernelConfig):
     NC, ch = cfg.packed_nc, cfg.packed_chains
     if fmt.kquant:
         return _jit(_KPACKED_SRC, f"_kpacked_{f}_g{GROUP}_x{NC}", parallel, NC=NC, GB=GROUP * 4,
+                    b16=simd.decoder(f).bsums == 16,
                     t_main=_bind(kinterleaved_kernel(f, NC)), t_one=_bind(kinterleaved_kernel(f, 1)),
                     tail_main=_bind(ktile_kernel(f, 1, NC)), tail_one=_bind(ktile_kernel(f, 1, 1)))
     return _jit(_PACKED_SRC, f"_packed_{f}_g{GROUP}_x{NC}_c{ch}", parallel,
@@ -727,6 +734,44 @@ def _repack_q4k_x16(w, out):
                         q = 320 + 512 * c + 32 * j + 2 * r
                         dst[q] = src[o + 16 + 32 * c + 2 * j]
                         dst[q + 1] = src[o + 16 + 32 * c + 2 * j + 1]
+
+
+@nb.njit(parallel=True, **_NOPY)
+def _repack_q6k_x16(w, out):
+    """Q6_K rows (rows, nb*210) -> groups of 16 rows (rows//16, nb, 4384), see simd.Q6_Kx16:
+    d, the int8 scales (group g, row r at 32 + 16g + r), the values q - 32 as int8 (group g,
+    chunk j byte 2r+t at 288 + 256g + 32j = element 16g + 2j + t)."""
+    ng, nb_, bb = out.shape
+    for g in prange(ng):
+        v = np.empty(256, np.int64)
+        for r in range(16):
+            src = w[g * 16 + r]
+            for b in range(nb_):
+                o = b * 210
+                dst = out[g, b]
+                dst[2 * r] = src[o + 208]
+                dst[2 * r + 1] = src[o + 209]
+                for j in range(16):
+                    dst[32 + 16 * j + r] = src[o + 192 + j]
+                for h in range(2):
+                    ql = o + 64 * h
+                    qh = o + 128 + 32 * h
+                    for l in range(32):
+                        a = np.int64(src[ql + l])
+                        c = np.int64(src[ql + l + 32])
+                        hb = np.int64(src[qh + l])
+                        y = 128 * h + l
+                        v[y] = ((a & 0xF) | ((hb & 3) << 4)) - 32
+                        v[y + 32] = ((c & 0xF) | (((hb >> 2) & 3) << 4)) - 32
+                        v[y + 64] = ((a >> 4) | (((hb >> 4) & 3) << 4)) - 32
+                        v[y + 96] = ((c >> 4) | (((hb >> 6) & 3) << 4)) - 32
+                for e in range(256):
+                    gg = e // 16
+                    j = (e % 16) // 2
+                    dst[288 + 256 * gg + 32 * j + 2 * r + (e & 1)] = v[e] & 0xFF
+
+
+_KREPACK = {"Q4_K": _repack_q4k_x16, "Q6_K": _repack_q6k_x16}   # repack functions of the K layouts
 
 
 # ---------------------------------------------------------------- public API
@@ -821,7 +866,7 @@ def prepare(w_raw: np.ndarray, ggml_type: int, k: int, repack: bool | None = Non
         # the original rows stay in use (n = 1 runs the kgemv kernels on them): pages kept
         ng = w.shape[0] // GROUP
         packed = np.empty((ng, k // 256, info.repacked.block_bytes), np.uint8)
-        _par.call(_repack_q4k_x16, w[: ng * GROUP], packed)
+        _par.call(_KREPACK[info.name], w[: ng * GROUP], packed)
         pw.packed = packed
         pw.tail = w[ng * GROUP:]
     elif cfg.repack and info.repack and w.shape[0] >= GROUP:

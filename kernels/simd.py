@@ -699,6 +699,25 @@ class Q4_0x16(Interleaved):
             yield j + 8, e.b.lshr(z, e.const_vec(I16, 32, 4))
 
 
+class IQ4_NLx16(Q4_0x16):
+    """IQ4_NL: Q4_0x16's layout (32 B scales + 8 chunks of 32 B); each nibble indexes the
+    non-linear table (``lookup16``: pshufb on the 32 bytes of a chunk), signed values, no offset."""
+
+    name, block_bytes, offset = "IQ4_NL", 32 + 256, 0
+    shape = (1, 8, 0)
+
+    def __init__(self, values=()):
+        self.values = tuple(int(v) for v in values)
+
+    def pairs(self, e, bp):
+        for j in range(8):
+            raw = e.load(bp, c64(self.qs_offset + 32 * j), vec(I8, 32))
+            lo = lookup16(e, e.b.and_(raw, e.const_vec(I8, 32, 0x0F)), self.values)
+            hi = lookup16(e, e.b.lshr(raw, e.const_vec(I8, 32, 4)), self.values)
+            yield j, e.b.sext(lo, vec(I16, 32))
+            yield j + 8, e.b.sext(hi, vec(I16, 32))
+
+
 class Q4_1x16(Q4_0x16):
     name, block_bytes, offset, affine = "Q4_1", 64 + 256, 0, True
     shape = (2, 8, 0)
@@ -828,13 +847,31 @@ class Q4_Kx16(Interleaved):
 
     name, block_bytes, kquant = "Q4_K", 64 + 256 + 2048, True
     layout = dict(d=0, dmin=32, scales=64, mins=192, qs=320)
+    group, has_min, signed_scales = 32, True, False   # elements per scale; mins; int8 scales
 
     def pairs(self, e, bp, c):
-        """Yield (sub-block, j, <32 x i16>) for sub-blocks 2c, 2c+1: rows' (q[2j], q[2j+1])."""
+        """Yield (sub-block, j, <32 x i16>) for sub-blocks 2c, 2c+1 (step c of 4): rows' (q[2j], q[2j+1])."""
         for j in range(16):
             z = e.b.zext(e.load(bp, c64(self.layout["qs"] + 512 * c + 32 * j), vec(I8, 32)), vec(I16, 32))
             yield 2 * c, j, e.b.and_(z, e.const_vec(I16, 32, 0x0F))
             yield 2 * c + 1, j, e.b.lshr(z, e.const_vec(I16, 32, 4))
+
+
+class Q6_Kx16(Interleaved):
+    """Q6_K repacked for prompt processing: d[16] (fp16), the int8 scales (group g of 16
+    elements, row r at 16g + r), then the values q - 32 as int8 in pair chunks: group g,
+    chunk j byte 2r+t = row r's element 16g + 2j + t. 4384 bytes per super-block of 16 rows
+    (the file's 3360 + 30%: the 6-bit values are stored as bytes, decoded once at load)."""
+
+    name, block_bytes, kquant = "Q6_K", 32 + 256 + 4096, True
+    layout = dict(d=0, scales=32, qs=288)
+    group, has_min, signed_scales = 16, False, True
+
+    def pairs(self, e, bp, c):
+        """Yield (group, j, <32 x i16>) for groups 4c .. 4c+3 (step c of 4)."""
+        for g in range(4 * c, 4 * c + 4):
+            for j in range(8):
+                yield g, j, e.b.sext(e.load(bp, c64(self.layout["qs"] + 256 * g + 32 * j), vec(I8, 32)), vec(I16, 32))
 
 
 @lru_cache(maxsize=None)
@@ -870,32 +907,40 @@ def kinterleaved_kernel(fmt_name: str, NC: int):
             def body(i, accs):
                 bp = e.ptr(wp, b.mul(i, c64(fmt.block_bytes)))
                 xbase = [e.ptr(xqp, b.add(b.mul(xqs_, c64(c)), b.mul(i, c64(512)))) for c in range(NC)]
-                sc = [b.zext(e.load(bp, c64(L["scales"] + 16 * j), vec(I8, G)), vec(I32, G)) for j in range(8)]
+                ng = 256 // fmt.group                 # scale groups per super-block
+                ext = b.sext if fmt.signed_scales else b.zext
+                sc = [ext(e.load(bp, c64(L["scales"] + 16 * j), vec(I8, G)), vec(I32, G)) for j in range(ng)]
                 isum = [zero_i] * NC
-                ch = max(1, 4 // NC)           # independent int32 chains per (sub-block, activation row)
+                per = ng // 4                          # groups per step
+                ch = max(1, 4 // NC)                   # independent int32 chains per (group, activation row)
                 for cc in range(4):
-                    # sub-blocks 2cc, 2cc+1: 2*ch*NC independent chains, finished (times the scales) at once
-                    part = [[zero_i] * (2 * ch) for _ in range(NC)]
-                    for sub, j, pv in fmt.pairs(e, bp, cc):
-                        u = (sub & 1) * ch + j % ch
+                    # this step's groups: per*ch*NC independent chains, finished (times the scales) at once
+                    part = [[zero_i] * (per * ch) for _ in range(NC)]
+                    for g, j, pv in fmt.pairs(e, bp, cc):
+                        u = (g % per) * ch + j % ch
                         for c in range(NC):
-                            xv = b.bitcast(e.splat(e.load(xbase[c], c64(64 * sub + 4 * j), I32), G), vec(I16, 2 * G))
+                            xv = b.bitcast(e.splat(e.load(xbase[c], c64(2 * fmt.group * g + 4 * j), I32), G),
+                                           vec(I16, 2 * G))
                             part[c][u] = b.add(part[c][u], e.dot_pairs(pv, xv))
                     for c in range(NC):
-                        for t in (0, 1):
+                        for t in range(per):
                             s = functools.reduce(b.add, [e.freeze(p) for p in part[c][t * ch:(t + 1) * ch]])
-                            isum[c] = b.add(isum[c], b.mul(s, sc[2 * cc + t]))
-                mn = [b.zext(e.load(bp, c64(L["mins"] + 16 * j), vec(I8, G)), vec(I32, G)) for j in range(8)]
+                            isum[c] = b.add(isum[c], b.mul(s, sc[per * cc + t]))
                 dw = b.fpext(e.load(bp, c64(L["d"]), vec(F16, G)), vec(F32, G))
-                dm = b.fpext(e.load(bp, c64(L["dmin"]), vec(F16, G)), vec(F32, G))
+                if fmt.has_min:
+                    mn = [b.zext(e.load(bp, c64(L["mins"] + 16 * j), vec(I8, G)), vec(I32, G)) for j in range(8)]
+                    dm = b.fpext(e.load(bp, c64(L["dmin"]), vec(F16, G)), vec(F32, G))
                 new = []
                 for c in range(NC):
-                    xb8 = e.load(xbp, b.add(b.mul(xbs_, c64(c)), b.mul(i, c64(32))), vec(I32, 8))
-                    msum = functools.reduce(b.add, [b.mul(mn[j], e.splat(b.extract_element(xb8, c32(j)), G))
-                                                    for j in range(8)])
                     dx = e.splat(e.load(xdp, b.add(b.mul(xds_, c64(c)), b.mul(i, c64(4))), F32), G)
                     new.append(e.fma(b.sitofp(isum[c], vec(F32, G)), e.fmul(dw, dx), accs[2 * c]))
-                    new.append(e.fma(b.sitofp(msum, vec(F32, G)), e.fmul(dm, dx), accs[2 * c + 1]))
+                    if fmt.has_min:
+                        xb8 = e.load(xbp, b.add(b.mul(xbs_, c64(c)), b.mul(i, c64(32))), vec(I32, 8))
+                        msum = functools.reduce(b.add, [b.mul(mn[j], e.splat(b.extract_element(xb8, c32(j)), G))
+                                                        for j in range(8)])
+                        new.append(e.fma(b.sitofp(msum, vec(F32, G)), e.fmul(dm, dx), accs[2 * c + 1]))
+                    else:
+                        new.append(accs[2 * c + 1])
                 return new
 
             accs = counted_loop(b, nb_, [zero_f] * (2 * NC), body)
@@ -905,7 +950,7 @@ def kinterleaved_kernel(fmt_name: str, NC: int):
 
         return sig, codegen
 
-    tile.kernel_name = f"kitile_{fmt_name}_g{G}_x{NC}_v2"
+    tile.kernel_name = f"kitile_{fmt_name}_g{G}_x{NC}_v3"
     return tile
 
 

@@ -235,7 +235,7 @@ def test_matmul_matches_reference(name, repack):
 def test_repacked_equals_native():
     """The row-interleaved kernels and the native ones see the same numbers (up to summation order)."""
     rng = np.random.default_rng(5)
-    for name in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K"):
+    for name in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q6_K", "IQ4_NL"):
         k = 512 if name in KQUANT else 320
         raw, _ = make_weight(name, 50, k, rng)
         for n in (1, 9):
@@ -431,5 +431,8 @@ def test_arm_kernels_match_reference(name):
             y = mm.matmul(pw, x)
             ref = reference(raw, name, k, x)
             assert rel(y, ref) < 2e-6, (name, extreme, n, rel(y, ref))
+            if not extreme:     # the prange driver gives the serial driver's numbers
+                pp = mm.prepare(raw, int(T[name]), k, config=mm.KernelConfig(arm=True, parallel_min_bytes=0))
+                np.testing.assert_array_equal(mm.matmul(pp, x), y)
     assert mm.prepare(raw, int(T[name]), k, config=mm.KernelConfig(arm=False)).arm is None
     assert mm.prepare(raw, int(T[name]), k, repack=False, config=cfg).arm is None

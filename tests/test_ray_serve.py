@@ -41,6 +41,16 @@ def test_options_are_checked():
                      ({"model": "m", "threads": "two"}, "threads='two': expected a number")]:
         with pytest.raises(ValueError, match=msg.replace("(", r"\(").replace(")", r"\)")):
             RayServeOptions.from_args(bad)
+    # what Ray Serve is given (its own config classes validate it): a fixed count, or autoscaling on
+    # ongoing requests with a target of one per slot; a replica holds slots + 1 requests at most
+    from tinyinfer.distributed.serve import build
+    gateway = build(RayServeOptions.from_args({"model": "m.gguf", "autoscale": "1:3", "parallel": 2}))._bound_deployment
+    replica = gateway.init_args[0]._bound_deployment
+    cfg = replica._deployment_config
+    assert (cfg.autoscaling_config.min_replicas, cfg.autoscaling_config.max_replicas) == (1, 3)
+    assert cfg.autoscaling_config.target_ongoing_requests == 2 and cfg.max_ongoing_requests == 3
+    fixed = build(RayServeOptions.from_args({"model": "m.gguf", "replicas": 3}))._bound_deployment
+    assert fixed.init_args[0]._bound_deployment.num_replicas == 3
 
 
 @pytest.fixture(scope="module")

@@ -100,6 +100,8 @@ def main(argv=None) -> int:
     logging.basicConfig(level=getattr(logging, a.log_level.upper()), format="%(asctime)s %(levelname)s %(name)s: "
                         "%(message)s", stream=sys.stderr)
     if a.ray:
+        if a.split > 1 or a.cors:
+            raise ValueError("--ray runs whole-model replicas: --split and --cors are not supported with it")
         from ..distributed.serve import RayServeOptions, run
         opts = RayServeOptions.from_args(dict(model=path, alias=a.alias, ctx_size=a.ctx_size, batch_size=a.batch_size,
                                               threads=a.threads or 1, parallel=a.parallel, max_queue=a.max_queue,
