@@ -228,6 +228,25 @@ def fwht_rows(x):
 
 
 @nb.njit(inline="always", **_fast)
+def _rope_vec(x, cos, sin, neox):
+    """Rotate one head vector x in place by the angles of cos/sin (n_rot/2,), NEOX or NORM pairs."""
+    half = cos.shape[0]
+    for j in range(half):
+        c = cos[j]
+        sn = sin[j]
+        if neox:
+            a = x[j]
+            b = x[j + half]
+            x[j] = a * c - b * sn
+            x[j + half] = a * sn + b * c
+        else:
+            a = x[2 * j]
+            b = x[2 * j + 1]
+            x[2 * j] = a * c - b * sn
+            x[2 * j + 1] = a * sn + b * c
+
+
+@nb.njit(inline="always", **_fast)
 def _kv_put(q, d, kind, s, row, h, x):
     """Store the head vector x (float32) in cell (s, row, head h): f16 (kind 0), or ggml's q8_0 (1) /
     q4_0 (2) reference quantization per block of 32 (scale rounded to f16, as ggml stores it)."""
@@ -319,7 +338,6 @@ def kv_shift(q, d, kind, rot, s, n_keep, n_discard, n_past, cos, sin, neox, rota
     on the way (dequantized, Hadamard-rotated back if ``rot``, RoPE'd, stored again)."""
     nkv = q.shape[2]
     hd = d.shape[3] * 32 if kind != 0 else q.shape[3]
-    half = cos.shape[0]
     buf = np.empty(hd, np.float32)
     for i in range(n_keep + n_discard, n_past):
         for h in range(nkv):
@@ -332,19 +350,7 @@ def kv_shift(q, d, kind, rot, s, n_keep, n_discard, n_past, cos, sin, neox, rota
             _kv_get(q, d, kind, s, i, h, buf)
             if rot:
                 _fwht(buf)
-            for j in range(half):
-                c = cos[j]
-                sn = sin[j]
-                if neox:
-                    a = buf[j]
-                    b = buf[j + half]
-                    buf[j] = a * c - b * sn
-                    buf[j + half] = a * sn + b * c
-                else:
-                    a = buf[2 * j]
-                    b = buf[2 * j + 1]
-                    buf[2 * j] = a * c - b * sn
-                    buf[2 * j + 1] = a * sn + b * c
+            _rope_vec(buf, cos, sin, neox)
             if rot:
                 _fwht(buf)
             _kv_put(q, d, kind, s, i - n_discard, h, buf)
@@ -361,7 +367,6 @@ def qkv_store(qkv, n_head, n_kv, hdk, hdv, q_norm, k_norm, eps, cos, sin, neox, 
     products unchanged); ``vrot``: values too (the attention rotates its output back)."""
     n = qkv.shape[0]
     n_rows = kq.shape[1]
-    half = cos.shape[1]
     has_norm = q_norm.shape[0] > 0
     ko = n_head * hdk
     vo = ko + n_kv * hdk
@@ -387,19 +392,7 @@ def qkv_store(qkv, n_head, n_kv, hdk, hdv, q_norm, k_norm, eps, cos, sin, neox, 
                 sc = np.float32(1.0 / math.sqrt(s / hdk + eps))
                 for j in range(hdk):
                     dst[j] = dst[j] * sc * w[j]
-            for j in range(half):
-                c = cos[i, j]
-                s_ = sin[i, j]
-                if neox:
-                    a = dst[j]
-                    b = dst[j + half]
-                    dst[j] = a * c - b * s_
-                    dst[j + half] = a * s_ + b * c
-                else:
-                    a = dst[2 * j]
-                    b = dst[2 * j + 1]
-                    dst[2 * j] = a * c - b * s_
-                    dst[2 * j + 1] = a * s_ + b * c
+            _rope_vec(dst, cos[i], sin[i], neox)
             if krot:
                 _fwht(dst)
             if not is_q:
