@@ -200,6 +200,53 @@ def _f2h(typingctx, x):
 
 
 @nb.njit(inline="always", **_fast)
+def _fwht(x):
+    """In place: x = H x / sqrt(n) for the n x n Walsh-Hadamard matrix H (n a power of 2). Orthonormal
+    and symmetric, so it is its own inverse."""
+    n = x.shape[0]
+    h = 1
+    while h < n:
+        for i in range(0, n, 2 * h):
+            for j in range(i, i + h):
+                a = x[j]
+                b = x[j + h]
+                x[j] = a + b
+                x[j + h] = a - b
+        h *= 2
+    sc = np.float32(1.0 / math.sqrt(n))
+    for j in range(n):
+        x[j] *= sc
+
+
+@nb.njit(**_fast)
+def fwht_rows(x):
+    """The orthonormal Walsh-Hadamard transform of each last-axis vector of x (n, m, hd), in place (tests)."""
+    for i in range(x.shape[0]):
+        for h in range(x.shape[1]):
+            _fwht(x[i, h])
+    return x
+
+
+@nb.njit(inline="always", **_fast)
+def _rope_vec(x, cos, sin, neox):
+    """Rotate one head vector x in place by the angles of cos/sin (n_rot/2,), NEOX or NORM pairs."""
+    half = cos.shape[0]
+    for j in range(half):
+        c = cos[j]
+        sn = sin[j]
+        if neox:
+            a = x[j]
+            b = x[j + half]
+            x[j] = a * c - b * sn
+            x[j + half] = a * sn + b * c
+        else:
+            a = x[2 * j]
+            b = x[2 * j + 1]
+            x[2 * j] = a * c - b * sn
+            x[2 * j + 1] = a * sn + b * c
+
+
+@nb.njit(inline="always", **_fast)
 def _kv_put(q, d, kind, s, row, h, x):
     """Store the head vector x (float32) in cell (s, row, head h): f16 (kind 0), or ggml's q8_0 (1) /
     q4_0 (2) reference quantization per block of 32 (scale rounded to f16, as ggml stores it)."""
@@ -261,30 +308,36 @@ def _kv_get(q, d, kind, s, row, h, out):
 
 
 @nb.njit(**_fast)
-def kv_load_rows(q, d, kind, out):
-    """Cells of sequence 0 of a store slice q/d (1, n, n_kv, .) as float32 out (n, n_kv, hd)."""
+def kv_load_rows(q, d, kind, rot, out):
+    """Cells of sequence 0 of a store slice q/d (1, n, n_kv, .) as float32 out (n, n_kv, hd) (rotated back
+    when the store holds Hadamard-rotated vectors)."""
     for i in range(out.shape[0]):
         for h in range(out.shape[1]):
             _kv_get(q, d, kind, 0, i, h, out[i, h])
+            if rot:
+                _fwht(out[i, h])
     return out
 
 
 @nb.njit(**_fast)
-def kv_store_rows(q, d, kind, x):
-    """x (n, n_kv, hd) float32 into cells 0..n-1 of sequence 0 of q/d (state files, tests)."""
+def kv_store_rows(q, d, kind, rot, x):
+    """x (n, n_kv, hd) float32 into cells 0..n-1 of sequence 0 of q/d (rotated first when ``rot``) (tests)."""
+    buf = np.empty(x.shape[2], np.float32)
     for i in range(x.shape[0]):
         for h in range(x.shape[1]):
-            _kv_put(q, d, kind, 0, i, h, x[i, h])
+            buf[:] = x[i, h]
+            if rot:
+                _fwht(buf)
+            _kv_put(q, d, kind, 0, i, h, buf)
 
 
 @nb.njit(**_fast)
-def kv_shift(q, d, kind, s, n_keep, n_discard, n_past, cos, sin, neox, rotate):
+def kv_shift(q, d, kind, rot, s, n_keep, n_discard, n_past, cos, sin, neox, rotate):
     """Context shift of one store: cells n_keep+n_discard..n_past-1 of sequence s move down by
     n_discard; with ``rotate`` (keys) each is rotated by the angles cos/sin (RoPE of -n_discard)
-    on the way (dequantized, rotated, stored again)."""
+    on the way (dequantized, Hadamard-rotated back if ``rot``, RoPE'd, stored again)."""
     nkv = q.shape[2]
     hd = d.shape[3] * 32 if kind != 0 else q.shape[3]
-    half = cos.shape[0]
     buf = np.empty(hd, np.float32)
     for i in range(n_keep + n_discard, n_past):
         for h in range(nkv):
@@ -295,32 +348,25 @@ def kv_shift(q, d, kind, s, n_keep, n_discard, n_past, cos, sin, neox, rotate):
                     d[s, i - n_discard, h, j] = d[s, i, h, j]
                 continue
             _kv_get(q, d, kind, s, i, h, buf)
-            for j in range(half):
-                c = cos[j]
-                sn = sin[j]
-                if neox:
-                    a = buf[j]
-                    b = buf[j + half]
-                    buf[j] = a * c - b * sn
-                    buf[j + half] = a * sn + b * c
-                else:
-                    a = buf[2 * j]
-                    b = buf[2 * j + 1]
-                    buf[2 * j] = a * c - b * sn
-                    buf[2 * j + 1] = a * sn + b * c
+            if rot:
+                _fwht(buf)
+            _rope_vec(buf, cos, sin, neox)
+            if rot:
+                _fwht(buf)
             _kv_put(q, d, kind, s, i - n_discard, h, buf)
 
 
 # ------------------------------------------------------------------ attention
 @nb.njit(**_fast)
-def qkv_store(qkv, n_head, n_kv, hdk, hdv, q_norm, k_norm, eps, cos, sin, neox, kq, kd, kkind, vq, vd, vkind,
-              pos, seq, q):
+def qkv_store(qkv, n_head, n_kv, hdk, hdv, q_norm, k_norm, eps, cos, sin, neox, kq, kd, kkind, krot, vq, vd, vkind,
+              vrot, pos, seq, q):
     """Split the fused projection qkv (n, n_head*hdk + n_kv*hdk + n_kv*hdv) into heads, apply the per-head
     RMSNorm (when q_norm.size > 0) and RoPE, write the rotated queries to q (n, n_head, hdk) and store
-    k/v in the cache (in its type) at cell pos[i] % rows of sequence seq[i]."""
+    k/v in the cache (in its type) at cell pos[i] % rows of sequence seq[i]. ``krot``: queries and
+    keys are also Hadamard-rotated (a quantized K cache: outliers spread over the block, the dot
+    products unchanged); ``vrot``: values too (the attention rotates its output back)."""
     n = qkv.shape[0]
     n_rows = kq.shape[1]
-    half = cos.shape[1]
     has_norm = q_norm.shape[0] > 0
     ko = n_head * hdk
     vo = ko + n_kv * hdk
@@ -346,31 +392,23 @@ def qkv_store(qkv, n_head, n_kv, hdk, hdv, q_norm, k_norm, eps, cos, sin, neox, 
                 sc = np.float32(1.0 / math.sqrt(s / hdk + eps))
                 for j in range(hdk):
                     dst[j] = dst[j] * sc * w[j]
-            for j in range(half):
-                c = cos[i, j]
-                s_ = sin[i, j]
-                if neox:
-                    a = dst[j]
-                    b = dst[j + half]
-                    dst[j] = a * c - b * s_
-                    dst[j + half] = a * s_ + b * c
-                else:
-                    a = dst[2 * j]
-                    b = dst[2 * j + 1]
-                    dst[2 * j] = a * c - b * s_
-                    dst[2 * j + 1] = a * s_ + b * c
+            _rope_vec(dst, cos[i], sin[i], neox)
+            if krot:
+                _fwht(dst)
             if not is_q:
                 _kv_put(kq, kd, kkind, sq, row, h - n_head, kbuf)
         for h in range(n_kv):
             src = vo + h * hdv
             for j in range(hdv):
                 vbuf[j] = qkv[i, src + j]
+            if vrot:
+                _fwht(vbuf)
             _kv_put(vq, vd, vkind, sq, row, h, vbuf)
     return q
 
 
 @nb.njit(inline="always", **_fast)
-def _attention_task(q, kq, kd, kkind, vq, vd, vkind, pos, seq, scale, window, softcap, out, task):
+def _attention_task(q, kq, kd, kkind, vq, vd, vkind, vrot, pos, seq, scale, window, softcap, out, task):
     # the queries of token task // n_kv that share kv head task % n_kv
     nh, hdk = q.shape[1], q.shape[2]
     nkv = kq.shape[2]
@@ -448,21 +486,23 @@ def _attention_task(q, kq, kd, kkind, vq, vd, vkind, pos, seq, scale, window, so
         if row == n_rows:
             row = 0
     for g in range(group):
+        if vrot:
+            _fwht(acc[g])
         for j in range(hdv):
             out[i, h0 + g, j] = acc[g, j]
 
 
 @nb.njit(**_fast)
-def _attention_serial(q, kq, kd, kkind, vq, vd, vkind, pos, seq, scale, window, softcap, out):
+def _attention_serial(q, kq, kd, kkind, vq, vd, vkind, vrot, pos, seq, scale, window, softcap, out):
     for task in range(q.shape[0] * kq.shape[2]):
-        _attention_task(q, kq, kd, kkind, vq, vd, vkind, pos, seq, scale, window, softcap, out, task)
+        _attention_task(q, kq, kd, kkind, vq, vd, vkind, vrot, pos, seq, scale, window, softcap, out, task)
     return out
 
 
 @nb.njit(parallel=True, **_fast)
-def _attention_parallel(q, kq, kd, kkind, vq, vd, vkind, pos, seq, scale, window, softcap, out):
+def _attention_parallel(q, kq, kd, kkind, vq, vd, vkind, vrot, pos, seq, scale, window, softcap, out):
     for task in nb.prange(q.shape[0] * kq.shape[2]):
-        _attention_task(q, kq, kd, kkind, vq, vd, vkind, pos, seq, scale, window, softcap, out, task)
+        _attention_task(q, kq, kd, kkind, vq, vd, vkind, vrot, pos, seq, scale, window, softcap, out, task)
     return out
 
 
@@ -479,7 +519,7 @@ def attention(q, k, v, pos, seq, scale, window, softcap, out):
     On one thread, or for a single token, the serial driver runs: launching a parallel region
     costs tens of microseconds, more than a decode step's attention over a short context.
     """
-    args = (q, k.q, k.d, k.kind, v.q, v.d, v.kind, pos, seq, scale, window, softcap, out)
+    args = (q, k.q, k.d, k.kind, v.q, v.d, v.kind, v.rot, pos, seq, scale, window, softcap, out)
     if q.shape[0] > 1 and nb.get_num_threads() > 1:
         return _par.call(_attention_parallel, *args)
     return _attention_serial(*args)

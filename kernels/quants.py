@@ -9,15 +9,14 @@ Adding a format means adding one entry here.
 
 Converters work on raw little-endian block bytes, one row per array row::
 
-    dequantize_row(src_u8[row_bytes], dst_f32[k])         # one row, in place
     dequantize_rows(src_u8[n, row_bytes], dst_f32[n, k])  # a whole tensor
-    quantize_row(src_f32[k], dst_u8[row_bytes])
     quantize_rows(src_f32[n, k], dst_u8[n, row_bytes])
+    entry.dequantize_row(src_u8[row_bytes], dst_f32[k])   # one row, in place (methods)
+    entry.quantize_row(src_f32[k], dst_u8[row_bytes])
 
-All are ``@njit(cache=True, nogil=True)`` and callable from other numba code; the
-``*_rows`` loops hold the code (and are what :func:`dequantize` / :func:`quantize`
-compile, once per type), the ``*_row`` forms wrap one row as a one-row tensor and
-are compiled only when used. The public :func:`dequantize` and :func:`quantize`
+The ``*_rows`` loops are ``@njit(cache=True, nogil=True)`` and callable from other numba
+code; they hold the code (and are what :func:`dequantize` / :func:`quantize` compile, once
+per type); the one-row methods pass a row as a one-row tensor (compiled only when used). The public :func:`dequantize` and :func:`quantize`
 allocate the output, pass the input as a read-only view (mmap'd weights and fresh
 arrays then share one compiled signature) and split large tensors over threads.
 
@@ -1306,158 +1305,13 @@ def _q_rows_iq4_xs(S, D):
 
 
 # ---------------------------------------------------------------------------------------
-# one-row entry points: the code lives in the whole-tensor loops above (compiled once per
-# type); these reshape a row to a one-row tensor and are compiled only when called
+# one-row entry point: the code lives in the whole-tensor loops above (compiled once per
+# type); a row is a one-row tensor
 # ---------------------------------------------------------------------------------------
 
-@njit(**_JIT)
-def _dq_row_f32(src, dst):
-    _dq_rows_f32(src.reshape((1, src.shape[0])), dst.reshape((1, dst.shape[0])))
-
-
-@njit(**_JIT)
-def _dq_row_f16(src, dst):
-    _dq_rows_f16(src.reshape((1, src.shape[0])), dst.reshape((1, dst.shape[0])))
-
-
-@njit(**_JIT)
-def _dq_row_bf16(src, dst):
-    _dq_rows_bf16(src.reshape((1, src.shape[0])), dst.reshape((1, dst.shape[0])))
-
-
-@njit(**_JIT)
-def _dq_row_q4_0(src, dst):
-    _dq_rows_q4_0(src.reshape((1, src.shape[0])), dst.reshape((1, dst.shape[0])))
-
-
-@njit(**_JIT)
-def _dq_row_q4_1(src, dst):
-    _dq_rows_q4_1(src.reshape((1, src.shape[0])), dst.reshape((1, dst.shape[0])))
-
-
-@njit(**_JIT)
-def _dq_row_q5_0(src, dst):
-    _dq_rows_q5_0(src.reshape((1, src.shape[0])), dst.reshape((1, dst.shape[0])))
-
-
-@njit(**_JIT)
-def _dq_row_q5_1(src, dst):
-    _dq_rows_q5_1(src.reshape((1, src.shape[0])), dst.reshape((1, dst.shape[0])))
-
-
-@njit(**_JIT)
-def _dq_row_q8_0(src, dst):
-    _dq_rows_q8_0(src.reshape((1, src.shape[0])), dst.reshape((1, dst.shape[0])))
-
-
-@njit(**_JIT)
-def _dq_row_q2_k(src, dst):
-    _dq_rows_q2_k(src.reshape((1, src.shape[0])), dst.reshape((1, dst.shape[0])))
-
-
-@njit(**_JIT)
-def _dq_row_q3_k(src, dst):
-    _dq_rows_q3_k(src.reshape((1, src.shape[0])), dst.reshape((1, dst.shape[0])))
-
-
-@njit(**_JIT)
-def _dq_row_q4_k(src, dst):
-    _dq_rows_q4_k(src.reshape((1, src.shape[0])), dst.reshape((1, dst.shape[0])))
-
-
-@njit(**_JIT)
-def _dq_row_q5_k(src, dst):
-    _dq_rows_q5_k(src.reshape((1, src.shape[0])), dst.reshape((1, dst.shape[0])))
-
-
-@njit(**_JIT)
-def _dq_row_q6_k(src, dst):
-    _dq_rows_q6_k(src.reshape((1, src.shape[0])), dst.reshape((1, dst.shape[0])))
-
-
-@njit(**_JIT)
-def _dq_row_iq4_nl(src, dst):
-    _dq_rows_iq4_nl(src.reshape((1, src.shape[0])), dst.reshape((1, dst.shape[0])))
-
-
-@njit(**_JIT)
-def _q_row_iq4_nl(x, dst):
-    _q_rows_iq4_nl(x.reshape((1, x.shape[0])), dst.reshape((1, dst.shape[0])))
-
-
-@njit(**_JIT)
-def _dq_row_iq4_xs(src, dst):
-    _dq_rows_iq4_xs(src.reshape((1, src.shape[0])), dst.reshape((1, dst.shape[0])))
-
-
-@njit(**_JIT)
-def _q_row_iq4_xs(x, dst):
-    _q_rows_iq4_xs(x.reshape((1, x.shape[0])), dst.reshape((1, dst.shape[0])))
-
-
-@njit(**_JIT)
-def _q_row_f32(x, dst):
-    _q_rows_f32(x.reshape((1, x.shape[0])), dst.reshape((1, dst.shape[0])))
-
-
-@njit(**_JIT)
-def _q_row_f16(x, dst):
-    _q_rows_f16(x.reshape((1, x.shape[0])), dst.reshape((1, dst.shape[0])))
-
-
-@njit(**_JIT)
-def _q_row_bf16(x, dst):
-    _q_rows_bf16(x.reshape((1, x.shape[0])), dst.reshape((1, dst.shape[0])))
-
-
-@njit(**_JIT)
-def _q_row_q4_0(x, dst):
-    _q_rows_q4_0(x.reshape((1, x.shape[0])), dst.reshape((1, dst.shape[0])))
-
-
-@njit(**_JIT)
-def _q_row_q4_1(x, dst):
-    _q_rows_q4_1(x.reshape((1, x.shape[0])), dst.reshape((1, dst.shape[0])))
-
-
-@njit(**_JIT)
-def _q_row_q5_0(x, dst):
-    _q_rows_q5_0(x.reshape((1, x.shape[0])), dst.reshape((1, dst.shape[0])))
-
-
-@njit(**_JIT)
-def _q_row_q5_1(x, dst):
-    _q_rows_q5_1(x.reshape((1, x.shape[0])), dst.reshape((1, dst.shape[0])))
-
-
-@njit(**_JIT)
-def _q_row_q8_0(x, dst):
-    _q_rows_q8_0(x.reshape((1, x.shape[0])), dst.reshape((1, dst.shape[0])))
-
-
-@njit(**_JIT)
-def _q_row_q2_k(x, dst):
-    _q_rows_q2_k(x.reshape((1, x.shape[0])), dst.reshape((1, dst.shape[0])))
-
-
-@njit(**_JIT)
-def _q_row_q3_k(x, dst):
-    _q_rows_q3_k(x.reshape((1, x.shape[0])), dst.reshape((1, dst.shape[0])))
-
-
-@njit(**_JIT)
-def _q_row_q4_k(x, dst):
-    _q_rows_q4_k(x.reshape((1, x.shape[0])), dst.reshape((1, dst.shape[0])))
-
-
-@njit(**_JIT)
-def _q_row_q5_k(x, dst):
-    _q_rows_q5_k(x.reshape((1, x.shape[0])), dst.reshape((1, dst.shape[0])))
-
-
-@njit(**_JIT)
-def _q_row_q6_k(x, dst):
-    _q_rows_q6_k(x.reshape((1, x.shape[0])), dst.reshape((1, dst.shape[0])))
+@njit(nogil=True)
+def _one_row(rows_fn, src, dst):
+    rows_fn(src.reshape((1, src.shape[0])), dst.reshape((1, dst.shape[0])))
 
 
 # ---------------------------------------------------------------------------------------
@@ -1474,13 +1328,19 @@ class QuantType:
     type_size: int            # bytes per block
     vec_dot_type: GT          # what llama.cpp quantizes activations to for dot products with it
     is_quantized: bool        # block-quantized (False for F32/F16/BF16)
-    dequantize_row: Callable  # (src uint8[row_bytes], dst float32[k]) -> None
     dequantize_rows: Callable  # (src uint8[n, row_bytes], dst float32[n, k]) -> None
-    quantize_row: Optional[Callable] = None   # (src float32[k], dst uint8[row_bytes]) -> None
     quantize_rows: Optional[Callable] = None  # (src float32[n, k], dst uint8[n, row_bytes]) -> None
     layout: dict = field(default_factory=dict)  # field name -> byte offset inside a block
     simd: object = None       # the kernels' block decoder (simd.WeightFormat / simd.KFormat); None: cannot run
     repacked: object = None   # optional row-interleaved layout for prompt processing (simd.Interleaved)
+
+    def dequantize_row(self, src, dst) -> None:
+        """One row in place: src uint8[row_bytes] -> dst float32[k]."""
+        _one_row(self.dequantize_rows, src, dst)
+
+    def quantize_row(self, src, dst) -> None:
+        """One row in place: src float32[k] -> dst uint8[row_bytes]."""
+        _one_row(self.quantize_rows, src, dst)
 
     @property
     def runnable(self) -> bool:
@@ -1501,11 +1361,11 @@ class QuantType:
                 f"bytes={self.type_size}, vec_dot={self.vec_dot_type.name})")
 
 
-def _entry(t, block, size, vec_dot, layout, dq, dqs, q, qs, decoder, *dargs, repacked=None, simd_block=None):
+def _entry(t, block, size, vec_dot, layout, dqs, qs, decoder, *dargs, repacked=None, simd_block=None):
     """A table row; the SIMD decoder gets the entry's name, block bytes and layout (and a table's
     values, ``dargs``, as does the repacked layout)."""
     dec = decoder(t.name, simd_block or size, layout, *dargs) if decoder else None
-    return QuantType(t.name, t, block, size, vec_dot, block > 1, dq, dqs, q, qs, layout, dec,
+    return QuantType(t.name, t, block, size, vec_dot, block > 1, dqs, qs, layout, dec,
                      repacked(*dargs) if repacked else None)
 
 
@@ -1514,35 +1374,35 @@ def _entry(t, block, size, vec_dot, layout, dq, dqs, q, qs, decoder, *dargs, rep
 # "block" is 32 elements (simd_block bytes).
 _F = simd
 TYPES: dict = {e.ggml_type: e for e in (
-    _entry(GT.F32, 1, 4, GT.F32, {}, _dq_row_f32, _dq_rows_f32, _q_row_f32, _q_rows_f32, _F.F32W, simd_block=128),
-    _entry(GT.F16, 1, 2, GT.F16, {}, _dq_row_f16, _dq_rows_f16, _q_row_f16, _q_rows_f16, _F.F16W, simd_block=64),
-    _entry(GT.BF16, 1, 2, GT.BF16, {}, _dq_row_bf16, _dq_rows_bf16, _q_row_bf16, _q_rows_bf16, _F.BF16W,
+    _entry(GT.F32, 1, 4, GT.F32, {}, _dq_rows_f32, _q_rows_f32, _F.F32W, simd_block=128),
+    _entry(GT.F16, 1, 2, GT.F16, {}, _dq_rows_f16, _q_rows_f16, _F.F16W, simd_block=64),
+    _entry(GT.BF16, 1, 2, GT.BF16, {}, _dq_rows_bf16, _q_rows_bf16, _F.BF16W,
            simd_block=64),
     _entry(GT.Q4_0, 32, 18, GT.Q8_0, dict(d=0, qs=2),
-           _dq_row_q4_0, _dq_rows_q4_0, _q_row_q4_0, _q_rows_q4_0, _F.Q4_0, repacked=_F.Q4_0x16),
+           _dq_rows_q4_0, _q_rows_q4_0, _F.Q4_0, repacked=_F.Q4_0x16),
     _entry(GT.Q4_1, 32, 20, GT.Q8_1, dict(d=0, m=2, qs=4),
-           _dq_row_q4_1, _dq_rows_q4_1, _q_row_q4_1, _q_rows_q4_1, _F.Q4_1, repacked=_F.Q4_1x16),
+           _dq_rows_q4_1, _q_rows_q4_1, _F.Q4_1, repacked=_F.Q4_1x16),
     _entry(GT.Q5_0, 32, 22, GT.Q8_0, dict(d=0, qh=2, qs=6),
-           _dq_row_q5_0, _dq_rows_q5_0, _q_row_q5_0, _q_rows_q5_0, _F.Q5_0, repacked=_F.Q5_0x16),
+           _dq_rows_q5_0, _q_rows_q5_0, _F.Q5_0, repacked=_F.Q5_0x16),
     _entry(GT.Q5_1, 32, 24, GT.Q8_1, dict(d=0, m=2, qh=4, qs=8),
-           _dq_row_q5_1, _dq_rows_q5_1, _q_row_q5_1, _q_rows_q5_1, _F.Q5_1, repacked=_F.Q5_1x16),
+           _dq_rows_q5_1, _q_rows_q5_1, _F.Q5_1, repacked=_F.Q5_1x16),
     _entry(GT.Q8_0, 32, 34, GT.Q8_0, dict(d=0, qs=2),
-           _dq_row_q8_0, _dq_rows_q8_0, _q_row_q8_0, _q_rows_q8_0, _F.Q8_0, repacked=_F.Q8_0x16),
+           _dq_rows_q8_0, _q_rows_q8_0, _F.Q8_0, repacked=_F.Q8_0x16),
     _entry(GT.Q2_K, QK_K, 84, GT.Q8_K, dict(scales=0, qs=16, d=80, dmin=82),
-           _dq_row_q2_k, _dq_rows_q2_k, _q_row_q2_k, _q_rows_q2_k, _F.Q2_K),
+           _dq_rows_q2_k, _q_rows_q2_k, _F.Q2_K),
     _entry(GT.Q3_K, QK_K, 110, GT.Q8_K, dict(hmask=0, qs=32, scales=96, d=108),
-           _dq_row_q3_k, _dq_rows_q3_k, _q_row_q3_k, _q_rows_q3_k, _F.Q3_K),
+           _dq_rows_q3_k, _q_rows_q3_k, _F.Q3_K),
     _entry(GT.Q4_K, QK_K, 144, GT.Q8_K, dict(d=0, dmin=2, scales=4, qs=16),
-           _dq_row_q4_k, _dq_rows_q4_k, _q_row_q4_k, _q_rows_q4_k, _F.Q4_K, repacked=_F.Q4_Kx16),
+           _dq_rows_q4_k, _q_rows_q4_k, _F.Q4_K, repacked=_F.Q4_Kx16),
     _entry(GT.Q5_K, QK_K, 176, GT.Q8_K, dict(d=0, dmin=2, scales=4, qh=16, qs=48),
-           _dq_row_q5_k, _dq_rows_q5_k, _q_row_q5_k, _q_rows_q5_k, _F.Q5_K),
+           _dq_rows_q5_k, _q_rows_q5_k, _F.Q5_K),
     _entry(GT.Q6_K, QK_K, 210, GT.Q8_K, dict(ql=0, qh=128, scales=192, d=208),
-           _dq_row_q6_k, _dq_rows_q6_k, _q_row_q6_k, _q_rows_q6_k, _F.Q6_K, repacked=_F.Q6_Kx16),
+           _dq_rows_q6_k, _q_rows_q6_k, _F.Q6_K, repacked=_F.Q6_Kx16),
     _entry(GT.IQ4_NL, 32, 18, GT.Q8_0, dict(d=0, qs=2),
-           _dq_row_iq4_nl, _dq_rows_iq4_nl, _q_row_iq4_nl, _q_rows_iq4_nl, _F.IQ4_NL, KVALUES_IQ4NL,
+           _dq_rows_iq4_nl, _q_rows_iq4_nl, _F.IQ4_NL, KVALUES_IQ4NL,
            repacked=_F.IQ4_NLx16),
     _entry(GT.IQ4_XS, QK_K, 136, GT.Q8_K, dict(d=0, scales_h=2, scales_l=4, qs=8),
-           _dq_row_iq4_xs, _dq_rows_iq4_xs, _q_row_iq4_xs, _q_rows_iq4_xs, _F.IQ4_XS, KVALUES_IQ4NL),
+           _dq_rows_iq4_xs, _q_rows_iq4_xs, _F.IQ4_XS, KVALUES_IQ4NL),
 )}
 
 _BY_NAME = {e.name: e for e in TYPES.values()}

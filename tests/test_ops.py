@@ -54,19 +54,20 @@ def test_attention_matches_numpy(nh, nkv, window, softcap, n_rows, pos0, n, thre
     kc, vc = _store(typ, 2, n_rows, nkv, hd), _store(typ, 2, n_rows, nkv, hd)
     for st in (kc, vc):          # sequence 0: garbage that must not be read
         other = rng.standard_normal((n_rows, nkv, hd)).astype(np.float32) * 100
-        ops.kv_store_rows(st.q[0:1], st.d[0:1], st.kind, other)
+        ops.kv_store_rows(st.q[0:1], st.d[0:1], st.kind, st.rot, other)
     Kq, Vq = K.copy(), V.copy()
     for p in range(max(0, n_pos - n_rows), n_pos):     # what a ring holds after writing 0..n_pos-1
         for st, X, Xq in ((kc, K, Kq), (vc, V, Vq)):
             r = p % n_rows
-            ops.kv_store_rows(st.q[1:2, r:r + 1], st.d[1:2, r:r + 1], st.kind, X[p:p + 1])
+            ops.kv_store_rows(st.q[1:2, r:r + 1], st.d[1:2, r:r + 1], st.kind, st.rot, X[p:p + 1])
             Xq[p] = st.to_float(1, r, r + 1)[0]
     out = np.empty((n, nh, hd), np.float32)
     old = numba.get_num_threads()
     numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
     b = Batch.run(1, pos0, n)
+    qr = ops.fwht_rows(q.copy()) if kc.rot else q          # qkv_store rotates the queries with the keys
     try:
-        ops.attention(q, kc, vc, b.pos, b.seq, np.float32(hd ** -0.5), window, np.float32(softcap), out)
+        ops.attention(qr, kc, vc, b.pos, b.seq, np.float32(hd ** -0.5), window, np.float32(softcap), out)
     finally:
         numba.set_num_threads(old)
     ref = ref_attention(q, Kq, Vq, pos0, hd ** -0.5, window, softcap)
@@ -85,7 +86,7 @@ def test_attention_batch_of_sequences_equals_one_at_a_time():
     kc, vc = _store("f16", 3, rows, nkv, hd), _store("f16", 3, rows, nkv, hd)
     for st in (kc, vc):
         for s in range(3):
-            ops.kv_store_rows(st.q[s:s + 1], st.d[s:s + 1], st.kind,
+            ops.kv_store_rows(st.q[s:s + 1], st.d[s:s + 1], st.kind, st.rot,
                               rng.standard_normal((rows, nkv, hd)).astype(np.float32))
     q = rng.standard_normal((3, nh, hd)).astype(np.float32)
     b = Batch.one_each([2, 0, 1], [11, 30, 3])
@@ -108,18 +109,23 @@ def test_kv_cache_types_store_ggml_bytes(typ):
     x = (rng.standard_normal((6, 2, 64)) * rng.uniform(0.01, 50, (6, 2, 1))).astype(np.float32)
     x[0, 0] = 0.0                                       # an all-zero block
     st = _store(typ, 1, 6, 2, 64)
-    ops.kv_store_rows(st.q, st.d, st.kind, x)
+    ops.kv_store_rows(st.q, st.d, st.kind, st.rot, x)
     back = st.to_float(0, 0, 6)
     if typ == "f16":
         np.testing.assert_array_equal(st.q[0].view(np.float16), x.astype(np.float16))
         np.testing.assert_array_equal(back, x.astype(np.float16).astype(np.float32))
         return
     gt = {"q8_0": T.Q8_0, "q4_0": T.Q4_0}[typ]
-    ref = gq.quantize(x.reshape(-1, 64), gt).reshape(6 * 2 * 2, -1)        # one row per block of 32
+    assert st.rot                     # quantized cells hold H x / 8 (H: the 64 x 64 Walsh-Hadamard matrix)
+    H = np.array([[1.0]])
+    while H.shape[0] < 64:
+        H = np.block([[H, H], [H, -H]])
+    xr = (x.reshape(-1, 64).astype(np.float64) @ H.T / 8).astype(np.float32)
+    ref = gq.quantize(xr, gt).reshape(6 * 2 * 2, -1)        # one row per block of 32
     ours = np.concatenate([st.d[0].reshape(-1, 1).view(np.uint8),
                            st.q[0].reshape(6 * 2 * 2, -1).view(np.uint8)], axis=1)
     np.testing.assert_array_equal(ours, ref)
-    np.testing.assert_array_equal(back.reshape(-1, 64), gq.dequantize(ref.reshape(12, -1), gt))
+    np.testing.assert_allclose(back.reshape(-1, 64), gq.dequantize(ref.reshape(12, -1), gt) @ H / 8, atol=1e-5)
 
 
 @pytest.mark.parametrize("typ,neox", [("f16", False), ("q8_0", True), ("q4_0", False)])
@@ -136,12 +142,12 @@ def test_kv_shift_rerotates_keys(typ, neox):
     ops.rope(rot, cos, sin, neox)
     k = KVStore(typ, 2, n_past, nkv, hd)
     v = KVStore(typ, 2, n_past, nkv, hd)
-    ops.kv_store_rows(k.q[1:2], k.d[1:2], k.kind, rot)
-    ops.kv_store_rows(v.q[1:2], v.d[1:2], v.kind, raw)
+    ops.kv_store_rows(k.q[1:2], k.d[1:2], k.kind, k.rot, rot)
+    ops.kv_store_rows(v.q[1:2], v.d[1:2], v.kind, v.rot, raw)
     v_before = v.to_float(1, 0, n_past)
     c1, s1 = ops.rope_cache(np.array([-dd]), hd, 10000.0, 1.0)
-    ops.kv_shift(k.q, k.d, k.kind, 1, keep, dd, n_past, c1[0], s1[0], neox, True)
-    ops.kv_shift(v.q, v.d, v.kind, 1, keep, dd, n_past, c1[0], s1[0], neox, False)
+    ops.kv_shift(k.q, k.d, k.kind, k.rot, 1, keep, dd, n_past, c1[0], s1[0], neox, True)
+    ops.kv_shift(v.q, v.d, v.kind, v.rot, 1, keep, dd, n_past, c1[0], s1[0], neox, False)
     n_new = n_past - dd
     want = raw[np.r_[0:keep, keep + dd:n_past]].copy()
     cw, sw = ops.rope_cache(np.arange(n_new), hd, 10000.0, 1.0)
@@ -232,8 +238,8 @@ def test_qkv_store(neox, norm):
     kst, vst = _store("f16", 2, n_rows, nkv, hd), _store("f16", 2, n_rows, nkv, hd)
     q = np.empty((n, nh, hd), np.float32)
     seq = np.ones(n, np.int64)
-    ops.qkv_store(qkv, nh, nkv, hd, hd, qn, kn, eps, cos, sin, neox, kst.q, kst.d, kst.kind, vst.q, vst.d,
-                  vst.kind, pos, seq, q)
+    ops.qkv_store(qkv, nh, nkv, hd, hd, qn, kn, eps, cos, sin, neox, kst.q, kst.d, kst.kind, kst.rot, vst.q,
+                  vst.d, vst.kind, vst.rot, pos, seq, q)
     kc = kst.q[1].view(np.float16).astype(np.float32)
     vc = vst.q[1].view(np.float16).astype(np.float32)
     rq = qkv[:, :nh * hd].reshape(n, nh, hd).copy()

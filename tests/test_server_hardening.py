@@ -179,6 +179,20 @@ def test_unknown_role_and_non_finite_numbers_are_400(server):
         assert "finite" in r.text
 
 
+def test_cache_prompt(server):
+    """A repeated prompt evaluates only its last token (llama-server's cache_prompt, the default);
+    cache_prompt false evaluates it all."""
+    body = {"prompt": "The quick brown fox jumps over the lazy dog and", "max_tokens": 1}
+    n = server.post("/v1/completions", body).json()["usage"]["prompt_tokens"]
+    evaluated = lambda: server.metrics()[("llamacpp:prompt_tokens_total", ())]  # noqa: E731
+    before = evaluated()
+    assert server.post("/v1/completions", body).status_code == 200
+    assert evaluated() - before == 1
+    before = evaluated()
+    assert server.post("/v1/completions", {**body, "cache_prompt": False}).status_code == 200
+    assert evaluated() - before == n
+
+
 def test_slots_and_props(server):
     s = _raw(server, "/v1/completions", {"prompt": "Once upon a time", "max_tokens": 300, "stream": True,
                                          "temperature": 0})

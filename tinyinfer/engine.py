@@ -263,8 +263,10 @@ class Engine:
             v = v / max(float(np.linalg.norm(v)), 1e-12)
         return v.astype(np.float32)
 
-    def ingest_prompt(self, prompt_ids: Sequence[int]) -> np.ndarray:
-        """Make the cache hold exactly ``prompt_ids`` (reusing a shared prefix); last logits."""
+    def ingest_prompt(self, prompt_ids: Sequence[int], cache_prompt: Optional[bool] = None) -> np.ndarray:
+        """Make the cache hold exactly ``prompt_ids`` (reusing a shared prefix unless ``cache_prompt`` is
+        False); last logits."""
+        reuse = self.cache_prompt if cache_prompt is None else cache_prompt
         prompt_ids = list(prompt_ids)
         if not prompt_ids:
             raise ContextError("the prompt is empty (no tokens to evaluate)")
@@ -272,10 +274,10 @@ class Engine:
             raise ContextError(f"the prompt has {len(prompt_ids)} tokens, more than the context of "
                                f"{self.n_ctx} (raise -c / n_ctx)")
         keep = _common_prefix(self.tokens, prompt_ids)
-        if self.batcher is not None and self.cache_prompt:
+        if self.batcher is not None and reuse:
             keep = self.batcher.reuse_prefix(self, prompt_ids, keep)
         keep = min(keep, len(prompt_ids) - 1)   # always evaluate at least the last token
-        if self.logits_all or not self.cache_prompt:
+        if self.logits_all or not reuse:
             keep = 0
         self.tokens = self.tokens[:keep]
         return self.eval(prompt_ids[keep:], prompt=True)
@@ -402,7 +404,8 @@ class Engine:
     def generate(self, prompt_ids: Sequence[int], params: Optional[SamplerParams] = None,
                  max_tokens: int = -1, stop: Sequence[str] = (), logprobs: Optional[int] = None,
                  ignore_eos: bool = False, logits_processor=None, grammar=None,
-                 context_shift: Optional[bool] = None, n_keep: Optional[int] = None) -> Iterator[Step]:
+                 context_shift: Optional[bool] = None, n_keep: Optional[int] = None,
+                 cache_prompt: Optional[bool] = None) -> Iterator[Step]:
         """Yield one Step per new token; the last one carries finish_reason.
 
         max_tokens < 0 means until the context is full. Stop strings end generation and are
@@ -419,6 +422,7 @@ class Engine:
         ``context_shift`` (default: the engine's setting): when the context is full, drop the
         oldest tokens after ``n_keep`` (-1 = the whole prompt; BOS is always kept) and go on instead
         of stopping with "length"; then max_tokens < 0 means n_ctx new tokens at most.
+        ``cache_prompt`` False: evaluate the whole prompt (no reuse of a cached prefix).
         """
         params = params or SamplerParams()
         shift_on = self.context_shift if context_shift is None else context_shift
@@ -436,15 +440,15 @@ class Engine:
             self.batcher.enter()
         try:
             yield from self._generate(prompt_ids, params, max_tokens, stop, logprobs, ignore_eos, logits_processor,
-                                      matcher, closer, shift_on, keep)
+                                      matcher, closer, shift_on, keep, cache_prompt)
         finally:
             self.busy = False
             if self.batcher is not None:
                 self.batcher.leave()
 
     def _generate(self, prompt_ids, params, max_tokens, stop, logprobs, ignore_eos, logits_processor, matcher,
-                  closer, shift_on, keep):
-        logits = self.ingest_prompt(prompt_ids)
+                  closer, shift_on, keep, cache_prompt):
+        logits = self.ingest_prompt(prompt_ids, cache_prompt)
         sampler = Sampler(params, self.n_vocab, grammar=matcher)
         for t in prompt_ids:          # the penalties look at the prompt too, as in llama.cpp
             sampler.accept(int(t), accept_grammar=False)

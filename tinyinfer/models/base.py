@@ -149,7 +149,7 @@ class Attention:
         q = np.empty((n, p.n_head, p.head_dim_k), np.float32)
         ops.qkv_store(qkv, p.n_head, p.n_kv_head, p.head_dim_k, p.head_dim_v, self.q_norm, self.k_norm,
                       self.eps, rope_tab[0], rope_tab[1], self.rope.neox, k_cache.q, k_cache.d, k_cache.kind,
-                      v_cache.q, v_cache.d, v_cache.kind, b.pos, b.seq, q)
+                      k_cache.rot, v_cache.q, v_cache.d, v_cache.kind, v_cache.rot, b.pos, b.seq, q)
         out = np.empty((n, p.n_head, p.head_dim_v), np.float32)
         ops.attention(q, k_cache, v_cache, b.pos, b.seq, self.scale, self.window, self.softcap, out)
         return self.wo(out.reshape(n, p.n_head * p.head_dim_v))

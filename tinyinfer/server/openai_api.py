@@ -111,7 +111,7 @@ async def completions(req: CompletionRequest, request: Request):
         yield from completion_chunks(engine, ids, params, max_tokens=req.max_tokens, stop=req.stop,
                                      logprobs=req.logprobs, model=name, echo_text=text if req.echo else None,
                                      suffix=req.suffix, stats=job.stats, cid=cid, created=created,
-                                     grammar=grammar)
+                                     grammar=grammar, cache_prompt=req.cache_prompt)
 
     include = bool(req.stream_options and req.stream_options.include_usage)
     return await _respond(request, state, work, req.stream, include, merge_completion)
@@ -138,7 +138,7 @@ async def chat_completions(req: ChatCompletionRequest, request: Request):
         job.stats = GenStats()
         yield from tool_chat_chunks(chat_chunks(completion_chunks(
             engine, ids, params, max_tokens=max_tokens, stop=req.stop, logprobs=want_lp, model=name,
-            stats=job.stats, cid=cid, created=created, grammar=g)), toolset)
+            stats=job.stats, cid=cid, created=created, grammar=g, cache_prompt=req.cache_prompt)), toolset)
 
     include = bool(req.stream_options and req.stream_options.include_usage)
     return await _respond(request, state, work, req.stream, include, merge_chat)

@@ -46,6 +46,7 @@ class _Sampling(_Body):
     logit_bias: Optional[Dict[str, float]] = Field(None, description="token id (as a string) -> bias")
     stop: Optional[Union[str, List[str]]] = Field(None, description="stop strings (not part of the output)")
     stream: bool = False
+    cache_prompt: bool = Field(True, description="reuse the longest cached prefix of the prompt (llama-server's)")
     model: Optional[str] = None
     n: Optional[int] = Field(1, ge=1, le=1, description="only 1 is supported")
     user: Optional[str] = None
