@@ -474,7 +474,6 @@ def group_kernel(type_name: str, nc: int, dotprod: bool):
     out[c, 0..3] (``out`` = address of out[c0, r0]).
     """
     L = LAYOUTS[type_name]
-    kq = L.act == "q8_K"
 
     @intrinsic
     def tile(typingctx, wg, nb, xq, xq_stride, xd, xd_stride, xb, xb_stride, out, out_stride):
