@@ -61,6 +61,7 @@ choices (matmul.py uses it to keep numba's on-disk cache honest).
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 import os
 import platform
 from functools import lru_cache
@@ -491,6 +492,86 @@ def repacked(fmt_name: str):
 
 
 # ------------------------------------------------------------- tile kernels
+@dataclass
+class _Tile:
+    """What one tile kernel's IR builders share: the emitter, the format, the tile shape and
+    the base pointers / row offsets of weights, activations, scales and output."""
+
+    e: "Emitter"
+    fmt: "WeightFormat"
+    NR: int
+    NC: int
+    W: int
+    wide: bool
+    xelem: object
+    xsize: int
+    wp: object
+    xqp: object
+    xdp: object
+    xsp: object
+    op: object
+    wrow: list
+    xrow: list
+    srow: list
+
+    @property
+    def affine(self) -> bool:
+        return self.fmt.act == "q8_1"
+
+
+def _tile_block(t: _Tile, i, accs):
+    """Accumulate block i of the NR weight rows x NC activation rows into accs (one set)."""
+    e, b, fmt = t.e, t.e.b, t.fmt
+    NR, NC, W = t.NR, t.NC, t.W
+    woff = b.mul(i, c64(fmt.block_bytes))
+    if PREFETCH:
+        for r in range(NR):
+            e.prefetch(t.wp, b.add(b.add(t.wrow[r], woff), c64(PREFETCH)))
+    blocks = [fmt.decode(e, t.wp, b.add(t.wrow[r], woff), t.wide) for r in range(NR)]
+    new = list(accs)
+    if not fmt.integer:
+        xoff = b.mul(i, c64(128))
+        for c in range(NC):
+            xv = e.load(t.xqp, b.add(t.xrow[c], xoff), vec(F32, 32))
+            for r in range(NR):
+                k = r * NC + c
+                new[k] = e.fadd(accs[k], e.fold_add(e.fmul(blocks[r][0], xv), W, fp=True))
+        return new
+    xoff = b.mul(i, c64(32 * t.xsize))
+    soff = b.mul(i, c64(4))
+    for c in range(NC):
+        xv = e.load(t.xqp, b.add(t.xrow[c], xoff), vec(t.xelem, 32))
+        dx = e.load(t.xdp, b.add(t.srow[c], soff), F32)
+        sx = e.load(t.xsp, b.add(t.srow[c], soff), F32) if t.affine else None
+        for r in range(NR):
+            q, sc = blocks[r]
+            sf = b.sitofp(e.dot_block(q, xv, W), vec(F32, W))     # <W x i32> partial dot
+            k = r * NC + c
+            new[k] = e.fma(sf, e.splat(e.fmul(sc["d"], dx), W), accs[k])
+            if t.affine:
+                new[NR * NC + k] = e.fma(sc["m"], sx, accs[NR * NC + k])
+    return new
+
+
+def _tile_float_tail(t: _Tile, nb_, ntail_):
+    """Float formats: the k % 32 elements after the blocks, one at a time; NR*NC float sums."""
+    e, b, fmt = t.e, t.e.b, t.fmt
+    esz = fmt.block_bytes // 32
+    wbase = b.mul(nb_, c64(fmt.block_bytes))
+    xbase = b.mul(nb_, c64(128))
+
+    def tail_body(j, ts):
+        new = list(ts)
+        xt = [e.load(t.xqp, b.add(t.xrow[c], b.add(xbase, b.mul(j, c64(4)))), F32) for c in range(t.NC)]
+        for r in range(t.NR):
+            wv = fmt.decode_scalar(e, t.wp, b.add(t.wrow[r], b.add(wbase, b.mul(j, c64(esz)))))
+            for c in range(t.NC):
+                new[r * t.NC + c] = e.fma(wv, xt[c], ts[r * t.NC + c])
+        return new
+
+    return counted_loop(b, ntail_, [ir.Constant(F32, 0.0)] * (t.NR * t.NC), tail_body)
+
+
 @lru_cache(maxsize=None)
 def tile_kernel(fmt_name: str, NR: int, NC: int, lanes: int = 0, unroll: int = 1,
                 act16: bool = False, wide: bool = False):
@@ -526,64 +607,17 @@ def tile_kernel(fmt_name: str, NR: int, NC: int, lanes: int = 0, unroll: int = 1
             e = Emitter(builder)
             b = builder
             (w_, ws_, xq_, xqs_, xd_, xs_, xst_, nb_, ntail_, out_, os_) = args
-            wp = b.inttoptr(w_, P8)
-            xqp = b.inttoptr(xq_, P8)
-            xdp = b.inttoptr(xd_, P8)
-            xsp = b.inttoptr(xs_, P8)
-            op = b.inttoptr(out_, P8)
-            wrow = [b.mul(ws_, c64(r)) for r in range(NR)]
-            xrow = [b.mul(xqs_, c64(c)) for c in range(NC)]
-            srow = [b.mul(xst_, c64(c)) for c in range(NC)]
-            affine = fmt.act == "q8_1"
+            t = _Tile(e, fmt, NR, NC, W, wide, xelem, xsize, *(b.inttoptr(a, P8) for a in (w_, xq_, xd_, xs_, out_)),
+                      [b.mul(ws_, c64(r)) for r in range(NR)], [b.mul(xqs_, c64(c)) for c in range(NC)],
+                      [b.mul(xst_, c64(c)) for c in range(NC)])
             zero_v = ir.Constant(vec(F32, W), None)
-            zero_s = ir.Constant(F32, 0.0)
-            inits = [zero_v] * (NR * NC)
-            if affine:
-                inits += [zero_s] * (NR * NC)
-
+            inits = [zero_v] * (NR * NC) + [ir.Constant(F32, 0.0)] * (NR * NC if t.affine else 0)
             nacc = len(inits)
-
-            def block(i, accs):
-                """Accumulate block i into accs (one accumulator set)."""
-                woff = b.mul(i, c64(fmt.block_bytes))
-                if PREFETCH:
-                    for r in range(NR):
-                        e.prefetch(wp, b.add(b.add(wrow[r], woff), c64(PREFETCH)))
-                blocks = [fmt.decode(e, wp, b.add(wrow[r], woff), wide) for r in range(NR)]
-                new = list(accs)
-                if fmt.integer:
-                    xoff = b.mul(i, c64(32 * xsize))
-                    soff = b.mul(i, c64(4))
-                    for c in range(NC):
-                        xv = e.load(xqp, b.add(xrow[c], xoff), vec(xelem, 32))
-                        dx = e.load(xdp, b.add(srow[c], soff), F32)
-                        sx = e.load(xsp, b.add(srow[c], soff), F32) if affine else None
-                        for r in range(NR):
-                            q, sc = blocks[r]
-                            s = e.dot_block(q, xv, W)         # <W x i32>
-                            sf = b.sitofp(s, vec(F32, W))
-                            dd = e.fmul(sc["d"], dx)
-                            k = r * NC + c
-                            new[k] = e.fma(sf, e.splat(dd, W), accs[k])
-                            if affine:
-                                k2 = NR * NC + k
-                                new[k2] = e.fma(sc["m"], sx, accs[k2])
-                else:
-                    xoff = b.mul(i, c64(128))
-                    for c in range(NC):
-                        xv = e.load(xqp, b.add(xrow[c], xoff), vec(F32, 32))
-                        for r in range(NR):
-                            q, _ = blocks[r]
-                            p = e.fmul(q, xv)
-                            p = e.fold_add(p, W, fp=True)
-                            k = r * NC + c
-                            new[k] = e.fadd(accs[k], p)
-                return new
 
             def body(i, accs):
                 new = []
                 for u in range(U):
-                    new += block(b.add(i, c64(u)), accs[u * nacc:(u + 1) * nacc])
+                    new += _tile_block(t, b.add(i, c64(u)), accs[u * nacc:(u + 1) * nacc])
                 return new
 
             nmain = b.mul(b.sdiv(nb_, c64(U)), c64(U)) if U > 1 else nb_
@@ -591,35 +625,17 @@ def tile_kernel(fmt_name: str, NR: int, NC: int, lanes: int = 0, unroll: int = 1
             if U > 1:
                 sets = [accs[u * nacc:(u + 1) * nacc] for u in range(U)]
                 accs = [functools.reduce(e.fadd, vs) for vs in zip(*sets)]
-                accs = counted_loop(b, b.sub(nb_, nmain), accs,
-                                    lambda j, a: block(b.add(nmain, j), a))
-            tails = []
-            if not fmt.integer:
-                # k % 32 leftover elements, one at a time
-                esz = fmt.block_bytes // 32
-                wbase = b.mul(nb_, c64(fmt.block_bytes))
-                xbase = b.mul(nb_, c64(128))
-
-                def tail_body(j, ts):
-                    new = list(ts)
-                    xt = [e.load(xqp, b.add(xrow[c], b.add(xbase, b.mul(j, c64(4)))), F32) for c in range(NC)]
-                    for r in range(NR):
-                        wv = fmt.decode_scalar(e, wp, b.add(wrow[r], b.add(wbase, b.mul(j, c64(esz)))))
-                        for c in range(NC):
-                            new[r * NC + c] = e.fma(wv, xt[c], ts[r * NC + c])
-                    return new
-
-                tails = counted_loop(b, ntail_, [zero_s] * (NR * NC), tail_body)
+                accs = counted_loop(b, b.sub(nb_, nmain), accs, lambda j, a: _tile_block(t, b.add(nmain, j), a))
+            tails = [] if fmt.integer else _tile_float_tail(t, nb_, ntail_)
             for r in range(NR):
                 for c in range(NC):
                     k = r * NC + c
                     v = e.reduce_fadd(accs[k])
-                    if affine:
+                    if t.affine:
                         v = b.fadd(v, accs[NR * NC + k])
                     if tails:
                         v = b.fadd(v, tails[k])
-                    off = b.add(b.mul(os_, c64(c)), c64(4 * r))
-                    e.store(v, op, off, align=4)
+                    e.store(v, t.op, b.add(b.mul(os_, c64(c)), c64(4 * r)), align=4)
             return context.get_dummy_value()
 
         return sig, codegen
@@ -1424,6 +1440,64 @@ def _opaque_splat(e: Emitter, name, value, ty):
 Q4K_GEMV_PERM = (0, 2, 1, 3, 4, 6, 5, 7)
 
 
+def _c16(v):
+    return ir.Constant(vec(I16, 32), v if isinstance(v, list) else [v] * 32)
+
+
+def _kgemv_q4k(e: Emitter, fmt, wp, off, xqp, xoff, xbp, bsum, dx):
+    """One Q4_K super-block x one Q8_K row, 64 elements per vector (activations in the order of
+    ``Q4K_GEMV_PERM``, which the driver permutes them to): (<16 x i32> scaled sums, <16 x f32>
+    d_w*d_x, (<8 x i32> mins x activation sums per 32, <8 x f32> dmin_w*d_x))."""
+    b = e.b
+    v64 = vec(I8, 64)
+    dd = e.fmul(b.fpext(e.load(wp, fmt.at(e, off, "d"), vec(F16, 2)), vec(F32, 2)), e.splat(dx, 2))
+    scv, mnv = _k4_scales_mins(e, wp, fmt.at(e, off, "scales"))
+    sc16 = b.trunc(scv, vec(I16, 8))
+    # 64 bytes of qs (chunks 2L, 2L+1) & 0x0F are sub-blocks 4L, 4L+2, >> 4 are 4L+1, 4L+3
+    m0f = _opaque_splat(e, "m0f_v64i8", 0x0F, v64)
+    parts = []
+    for L in range(2):
+        raw = e.load(wp, fmt.at(e, off, "qs", 64 * L), v64)
+        for t, qv in enumerate((b.and_(raw, m0f), b.and_(b.lshr(raw, e.const_vec(I8, 64, 4)), m0f))):
+            s0, s1 = 4 * L + t, 4 * L + t + 2
+            p = _maddubs(e, qv, e.load(xqp, b.add(xoff, c64(128 * L + 64 * t)), v64))
+            parts.append(e.dot_pairs(p, e.shuffle(sc16, None, [s0] * 16 + [s1] * 16)))
+    s = b.add(e.freeze(b.add(parts[0], parts[1])), e.freeze(b.add(parts[2], parts[3])))
+    bs = e.load(xbp, bsum, vec(I32, 8))
+    mm = b.mul(mnv, bs, flags=("nsw",))
+    return s, e.shuffle(dd, None, [0] * 16), (mm, e.shuffle(dd, None, [1] * 8))
+
+
+def _kgemv_q6k(e: Emitter, fmt, wp, off, xqp, xoff, xbp, bsum, dx):
+    """One Q6_K super-block x one Q8_K row, 64 elements per vector: (<16 x i32> scaled sums with
+    the -32 of every quant taken back through the int16 activation sums per 16, <16 x f32>
+    d_w*d_x, None)."""
+    b = e.b
+    v64 = vec(I8, 64)
+    d_ = e.load_f16(wp, fmt.at(e, off, "d"))
+    sc16 = b.sext(e.load(wp, fmt.at(e, off, "scales"), vec(I8, 16)), vec(I16, 16))
+    parts = []
+    for h in range(2):
+        ql = e.load(wp, fmt.at(e, off, "ql", 64 * h), v64)
+        qh = e.load(wp, fmt.at(e, off, "qh", 32 * h), vec(I8, 32))
+        qh2 = b.bitcast(e.concat(qh, qh), vec(I16, 32))
+        # elements 128h + 0..63 (groups 0, 1) and 128h + 64..127 (groups 2, 3)
+        hA = b.and_(b.shl(qh2, _c16([4] * 16 + [2] * 16)), _c16(0x3030))
+        hB = b.and_(b.lshr(qh2, _c16([0] * 16 + [2] * 16)), _c16(0x3030))
+        qA = b.or_(b.and_(ql, e.const_vec(I8, 64, 0x0F)), b.bitcast(hA, v64))
+        qB = b.or_(b.lshr(ql, e.const_vec(I8, 64, 4)), b.bitcast(hB, v64))
+        for t, qv in enumerate((qA, qB)):
+            p = _maddubs(e, qv, e.load(xqp, b.add(xoff, c64(128 * h + 64 * t)), v64))
+            g = 8 * h + 4 * t
+            parts.append(e.dot_pairs(p, e.shuffle(sc16, None, [g + j // 8 for j in range(32)])))
+    s = b.add(e.freeze(b.add(parts[0], parts[1])), e.freeze(b.add(parts[2], parts[3])))
+    # the -32 of every quant: 32 * sum_g sc_g * (sum of the 16 activations of group g)
+    b16 = e.load(xbp, bsum, vec(I16, 16))
+    corr = b.shl(e.dot_pairs(sc16, b16), ir.Constant(vec(I32, 8), [5] * 8))
+    s = b.sub(s, e.shuffle(corr, ir.Constant(vec(I32, 8), None), list(range(16))))
+    return s, e.splat(e.fmul(d_, dx), 16), None
+
+
 @lru_cache(maxsize=None)
 def kgemv_kernel(fmt_name: str):
     """Intrinsic for one K-quant weight row x one Q8_K activation row (n == 1), x86 flavour.
@@ -1450,66 +1524,15 @@ def kgemv_kernel(fmt_name: str):
             b = builder
             (w_, ws_, xq_, xqs_, xd_, xds_, xb_, xbs_, nb_, out_, os_) = args
             wp, xqp, xdp, xbp, op = (b.inttoptr(a, P8) for a in (w_, xq_, xd_, xb_, out_))
-            v64 = vec(I8, 64)
-
-            def c8(v):
-                return e.const_vec(I8, 64, v)
-
-            def c16(v):
-                return ir.Constant(vec(I16, 32), v if isinstance(v, list) else [v] * 32)
-
             def body(i, accs):
                 off = b.mul(i, c64(fmt.block_bytes))
                 xoff = b.mul(i, c64(256))
                 dx = e.load(xdp, b.mul(i, c64(4)), F32)
-                parts = []
-                if q4:
-                    dd = e.fmul(b.fpext(e.load(wp, fmt.at(e, off, "d"), vec(F16, 2)), vec(F32, 2)), e.splat(dx, 2))
-                    scv, mnv = _k4_scales_mins(e, wp, fmt.at(e, off, "scales"))
-                    sc16 = b.trunc(scv, vec(I16, 8))
-                    # activations in the order of ``Q4K_GEMV_PERM`` (the driver permutes them):
-                    # 64 bytes of qs (chunks 2L, 2L+1) & 0x0F are sub-blocks 4L, 4L+2, >> 4 are 4L+1, 4L+3
-                    m0f = _opaque_splat(e, "m0f_v64i8", 0x0F, v64)
-                    for L in range(2):
-                        raw = e.load(wp, fmt.at(e, off, "qs", 64 * L), v64)
-                        for t, qv in enumerate((b.and_(raw, m0f), b.and_(b.lshr(raw, c8(4)), m0f))):
-                            s0, s1 = 4 * L + t, 4 * L + t + 2
-                            p = _maddubs(e, qv, e.load(xqp, b.add(xoff, c64(128 * L + 64 * t)), v64))
-                            scv = e.shuffle(sc16, None, [s0] * 16 + [s1] * 16)
-                            parts.append(e.dot_pairs(p, scv))
-                else:
-                    d_ = e.load_f16(wp, fmt.at(e, off, "d"))
-                    sc16 = b.sext(e.load(wp, fmt.at(e, off, "scales"), vec(I8, 16)), vec(I16, 16))
-                    for h in range(2):
-                        ql = e.load(wp, fmt.at(e, off, "ql", 64 * h), v64)
-                        qh = e.load(wp, fmt.at(e, off, "qh", 32 * h), vec(I8, 32))
-                        qh2 = b.bitcast(e.concat(qh, qh), vec(I16, 32))
-                        # elements 128h + 0..63 (groups 0, 1) and 128h + 64..127 (groups 2, 3)
-                        hA = b.and_(b.shl(qh2, c16([4] * 16 + [2] * 16)), c16(0x3030))
-                        hB = b.and_(b.lshr(qh2, c16([0] * 16 + [2] * 16)), c16(0x3030))
-                        qA = b.or_(b.and_(ql, c8(0x0F)), b.bitcast(hA, v64))
-                        qB = b.or_(b.lshr(ql, c8(4)), b.bitcast(hB, v64))
-                        for t, qv in enumerate((qA, qB)):
-                            xv = e.load(xqp, b.add(xoff, c64(128 * h + 64 * t)), v64)
-                            p = _maddubs(e, qv, xv)
-                            g = 8 * h + 4 * t
-                            scv = e.shuffle(sc16, None, [g + j // 8 for j in range(32)])
-                            parts.append(e.dot_pairs(p, scv))
-                s = b.add(e.freeze(b.add(parts[0], parts[1])), e.freeze(b.add(parts[2], parts[3])))
-                if not q4:
-                    # the -32 of every quant: 32 * sum_g sc_g * (sum of the 16 activations of group g)
-                    b16 = e.load(xbp, b.mul(i, c64(32)), vec(I16, 16))
-                    corr = b.shl(e.dot_pairs(sc16, b16), ir.Constant(vec(I32, 8), [5] * 8))
-                    s = b.sub(s, e.shuffle(corr, ir.Constant(vec(I32, 8), None), list(range(16))))
-                if q4:
-                    ddx = e.shuffle(dd, None, [0] * 16)
-                    mdx = e.shuffle(dd, None, [1] * 8)
-                else:
-                    ddx = e.splat(e.fmul(d_, dx), 16)
+                bsum = b.mul(i, c64(32))                 # this super-block's activation sums
+                s, ddx, mins = (_kgemv_q4k if q4 else _kgemv_q6k)(e, fmt, wp, off, xqp, xoff, xbp, bsum, dx)
                 new = [e.fma(b.sitofp(s, vec(F32, 16)), ddx, accs[0])]
-                if q4:
-                    bs = e.load(xbp, b.mul(i, c64(32)), vec(I32, 8))
-                    mm = b.mul(mnv, bs, flags=("nsw",))
+                if mins is not None:
+                    mm, mdx = mins
                     new.append(e.fma(b.sitofp(mm, vec(F32, 8)), mdx, accs[1]))
                 return new
 
