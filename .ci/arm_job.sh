@@ -31,6 +31,14 @@ git -C "$REPO" ls-files -z | (cd "$REPO" && xargs -0 cp -P --parents -t "$SRC")
 QEMU_CPU=cortex-a72 bash "$CHROOT_SH" run -- /opt/venv/bin/pip install --quiet --no-deps --no-build-isolation \
   --force-reinstall /opt/tinyinfer-src
 echo "arm job: install $((SECONDS - t1)) s"
+# bind the model cache and shared/ once for the whole job: each `arm64-chroot.sh run` unmounts the binds
+# it made itself when it ends, which would pull them from under the other CPU's run still going
+binds=()
+for d in "$(realpath "$CACHE")" "$(realpath "$SHARED")"; do
+  mkdir -p "$ARM64_ROOT$d"
+  mountpoint -q "$ARM64_ROOT$d" || { mount --bind "$d" "$ARM64_ROOT$d"; binds+=("$ARM64_ROOT$d"); }
+done
+trap 'for b in "${binds[@]}"; do umount "$b" 2>/dev/null || umount -l "$b" || true; done' EXIT
 run_cpu() {
   local cpu=$1 t=$SECONDS rc=0
   QEMU_CPU=$cpu NUMBA_CPU_NAME=$cpu timeout "$LIMIT" bash "$CHROOT_SH" run --bind "$CACHE" --bind "$SHARED" --cwd /tmp -- \
