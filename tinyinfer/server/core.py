@@ -104,18 +104,9 @@ class ServerState:
             self.n_ctx = eng.n_ctx
             self.formatter = ChatFormatter.for_tokenizer(self.metadata, tok, self.config.chat_template)
             self.max_token_bytes()
-            serialize = False
-            if self.config.parallel > 1 and getattr(eng, "batcher", None) is None:
-                try:
-                    import numba
-                    serialize = numba.threading_layer() == "workqueue"   # not re-entrant from threads
-                except Exception:
-                    serialize = True
-                if serialize:
-                    log.warning("numba's workqueue threading layer is not thread-safe: the %d slots take "
-                                "turns per token (install tbb or use an OpenMP build for true parallelism)",
-                                self.config.parallel)
-            self.pool.start(engines, serialize_steps=serialize)
+            # slots call the engines from their own threads: under numba's workqueue layer (no libgomp)
+            # every parallel kernel call takes kernels/parallel.py's lock, so no lock is needed here
+            self.pool.start(engines)
             self.load_s = time.perf_counter() - t0
             self.t_loaded = time.time()
             self.status = "ok"

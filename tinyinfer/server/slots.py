@@ -84,7 +84,6 @@ class SlotPool:
         self._q: "queue.SimpleQueue[Optional[Job]]" = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._threads: List[threading.Thread] = []
-        self._step_lock: Optional[threading.Lock] = None
         self.n_waiting = 0
         self.n_processing = 0
         self.draining = False
@@ -94,16 +93,11 @@ class SlotPool:
         self.current: List[Optional[Job]] = [None] * n_slots    # the job each slot runs
 
     # -- lifecycle -------------------------------------------------------------------------
-    def start(self, engines: List[Any], serialize_steps: bool = False) -> None:
-        """Give the pool its engines (one per slot) and start one worker thread per slot.
-
-        ``serialize_steps``: take a process-wide lock around every step (numba's workqueue
-        threading layer must not be entered by two threads at once).
-        """
+    def start(self, engines: List[Any]) -> None:
+        """Give the pool its engines (one per slot) and start one worker thread per slot."""
         if len(engines) != self.n_slots:
             raise ValueError(f"{self.n_slots} slots need {self.n_slots} engines, got {len(engines)}")
         self.engines = list(engines)
-        self._step_lock = threading.Lock() if serialize_steps else None
         for i, eng in enumerate(self.engines):
             t = threading.Thread(target=self._worker, args=(i, eng), name=f"tinyinfer-slot-{i}", daemon=True)
             t.start()
@@ -203,11 +197,7 @@ class SlotPool:
                     if job.cancelled.is_set():
                         outcome = "cancelled"
                         break
-                    if self._step_lock is not None:
-                        with self._step_lock:
-                            item = next(it, END)
-                    else:
-                        item = next(it, END)
+                    item = next(it, END)
                     if item is END:
                         break
                     job._emit(item)
