@@ -1140,7 +1140,7 @@ class Q2_K(KFormat):
     Element 128n + 32j + l is (qs[32n + l] >> 2j) & 3: sub-block 4n + j.
     """
 
-    min_group, offset, scale_group = 16, 2, 16
+    min_group, offset, scale_group, has_gemv = 16, 2, 16, True
 
     def decode(self, e, wp, off):
         b = e.b
@@ -1164,17 +1164,22 @@ class Q3_K(KFormat):
     Element 128n + 32j + l: ((qs[32n + l] >> 2j) & 3) - 4 unless bit 4n + j of hmask[l] is set.
     """
 
-    scale_group, u8_offset = 16, 4
+    scale_group, u8_offset, has_gemv = 16, 4, True
 
-    def decode(self, e, wp, off):
+    def scales6(self, e, wp, off):
+        """The 16 6-bit scales (before the -32) as <16 x i8>."""
         b = e.b
-        d = e.load_f16(wp, self.at(e, off, "d"))
         raw = e.load(wp, self.at(e, off, "scales"), vec(I8, 12))
         lo = e.shuffle(raw, None, [j % 8 for j in range(16)])
         lo = b.and_(b.lshr(lo, ir.Constant(vec(I8, 16), [0] * 8 + [4] * 8)), e.const_vec(I8, 16, 0x0F))
         hi = e.shuffle(raw, None, [8 + (j & 3) for j in range(16)])
         hi = b.and_(b.lshr(hi, ir.Constant(vec(I8, 16), [2 * (j >> 2) for j in range(16)])), e.const_vec(I8, 16, 3))
-        scv = b.sub(b.zext(b.or_(lo, b.shl(hi, e.const_vec(I8, 16, 4))), vec(I32, 16)), e.const_vec(I32, 16, 32))
+        return b.or_(lo, b.shl(hi, e.const_vec(I8, 16, 4)))
+
+    def decode(self, e, wp, off):
+        b = e.b
+        d = e.load_f16(wp, self.at(e, off, "d"))
+        scv = b.sub(b.zext(self.scales6(e, wp, off), vec(I32, 16)), e.const_vec(I32, 16, 32))
         s = _lanes(e, scv)
         hm = e.load(wp, self.at(e, off, "hmask"), vec(I8, 32))
         subs = []
@@ -1509,6 +1514,70 @@ def _kgemv_q6k(e: Emitter, fmt, wp, off, xqp, xoff, xbp, bsum, dx):
     return s, e.splat(e.fmul(d_, dx), 16), None
 
 
+def _q23k_x(e: Emitter, xqp, xoff, j):
+    """Activations of Q2_K / Q3_K shift j as one <64 x i8>: elements 32j.. and 128 + 32j.."""
+    # frozen: InstCombine would otherwise fold the concat into _maddubs' even / odd shuffles
+    # and the vpmaddubsw pattern would be lost
+    return e.freeze(e.concat(e.load(xqp, e.b.add(xoff, c64(32 * j)), vec(I8, 32)),
+                             e.load(xqp, e.b.add(xoff, c64(128 + 32 * j)), vec(I8, 32))))
+
+
+def _q23k_sum(e: Emitter, qs, sc16, xqp, xoff):
+    """sum_g sc_g * dot(q_g, x_g) as a <16 x i32> over the four 64-byte vectors ``qs`` (shift j:
+    elements 32j + l and 128 + 32j + l, sub-blocks of 16: 2j, 2j+1, 8+2j, 9+2j)."""
+    b = e.b
+    parts = []
+    for j, qv in enumerate(qs):
+        p = _maddubs(e, qv, _q23k_x(e, xqp, xoff, j))
+        parts.append(e.dot_pairs(p, e.shuffle(sc16, None, [g for g in (2 * j, 2 * j + 1, 8 + 2 * j, 9 + 2 * j)
+                                                            for _ in range(8)])))
+    return b.add(e.freeze(b.add(parts[0], parts[1])), e.freeze(b.add(parts[2], parts[3])))
+
+
+def _kgemv_q2k(e: Emitter, fmt, wp, off, xqp, xoff, xbp, bsum, dx):
+    """One Q2_K super-block x one Q8_K row, 64 elements per vector (the 2-bit fields of all 64
+    qs bytes at once): (<16 x i32> scaled sums, <16 x f32> d_w*d_x, (<8 x i32> mins x
+    activation sums per 16 as pair sums, <8 x f32> dmin_w*d_x))."""
+    b = e.b
+    v64 = vec(I8, 64)
+    dd = e.fmul(b.fpext(e.load(wp, fmt.at(e, off, "d"), vec(F16, 2)), vec(F32, 2)), e.splat(dx, 2))
+    sc = e.load(wp, fmt.at(e, off, "scales"), vec(I8, 16))
+    sc16 = b.zext(b.and_(sc, e.const_vec(I8, 16, 0x0F)), vec(I16, 16))
+    mn16 = b.zext(b.lshr(sc, e.const_vec(I8, 16, 4)), vec(I16, 16))
+    m03 = _opaque_splat(e, "m03_v64i8", 3, v64)
+    raw = e.load(wp, fmt.at(e, off, "qs"), v64)
+    qs = [b.and_(b.lshr(raw, e.const_vec(I8, 64, 2 * j)) if j else raw, m03) for j in range(4)]
+    s = _q23k_sum(e, qs, sc16, xqp, xoff)
+    mm = e.dot_pairs(mn16, e.load(xbp, bsum, vec(I16, 16)))
+    return s, e.shuffle(dd, None, [0] * 16), (mm, e.shuffle(dd, None, [1] * 8))
+
+
+def _kgemv_q3k(e: Emitter, fmt, wp, off, xqp, xoff, xbp, bsum, dx):
+    """One Q3_K super-block x one Q8_K row, 64 elements per vector: the quants + 4 (0..7, the
+    hmask bit as bit 2), the -4 taken back through the int16 activation sums per 16:
+    (<16 x i32> scaled sums, <16 x f32> d_w*d_x, None)."""
+    b = e.b
+    v64 = vec(I8, 64)
+    d_ = e.load_f16(wp, fmt.at(e, off, "d"))
+    sc16 = b.sub(b.zext(fmt.scales6(e, wp, off), vec(I16, 16)), ir.Constant(vec(I16, 16), [32] * 16))
+    m03 = _opaque_splat(e, "m03_v64i8", 3, v64)
+    raw = e.load(wp, fmt.at(e, off, "qs"), v64)
+    hm = e.load(wp, fmt.at(e, off, "hmask"), vec(I8, 32))
+    hh = e.concat(hm, b.lshr(hm, e.const_vec(I8, 32, 4)))     # bit j: the high bit of shift j
+    qs = []
+    for j in range(4):
+        low = b.and_(b.lshr(raw, e.const_vec(I8, 64, 2 * j)) if j else raw, m03)
+        hb = b.shl(hh, e.const_vec(I8, 64, 2 - j)) if j <= 2 else b.lshr(hh, e.const_vec(I8, 64, 1))
+        qs.append(b.or_(low, b.and_(hb, e.const_vec(I8, 64, 4))))
+    s = _q23k_sum(e, qs, sc16, xqp, xoff)
+    corr = b.shl(e.dot_pairs(sc16, e.load(xbp, bsum, vec(I16, 16))), ir.Constant(vec(I32, 8), [2] * 8))
+    s = b.sub(s, e.shuffle(corr, ir.Constant(vec(I32, 8), None), list(range(16))))
+    return s, e.splat(e.fmul(d_, dx), 16), None
+
+
+_KGEMV = {"Q2_K": _kgemv_q2k, "Q3_K": _kgemv_q3k, "Q4_K": _kgemv_q4k, "Q6_K": _kgemv_q6k}
+
+
 @lru_cache(maxsize=None)
 def kgemv_kernel(fmt_name: str):
     """Intrinsic for one K-quant weight row x one Q8_K activation row (n == 1), x86 flavour.
@@ -1524,7 +1593,8 @@ def kgemv_kernel(fmt_name: str):
     integers of ggml's vec_dot_q4_K_q8_K / q6_K_q8_K; only float order differs.
     """
     fmt = decoder(fmt_name)
-    q4 = fmt_name == "Q4_K"
+    q4 = bool(fmt.min_group)              # Q4_K, Q2_K: a second accumulator for the mins
+    gemv = _KGEMV[fmt_name]
 
     @intrinsic
     def tile(typingctx, w, w_stride, xq, xq_stride, xd, xd_stride, xb, xb_stride, nb, out, out_stride):
@@ -1540,7 +1610,7 @@ def kgemv_kernel(fmt_name: str):
                 xoff = b.mul(i, c64(256))
                 dx = e.load(xdp, b.mul(i, c64(4)), F32)
                 bsum = b.mul(i, c64(32))                 # this super-block's activation sums
-                s, ddx, mins = (_kgemv_q4k if q4 else _kgemv_q6k)(e, fmt, wp, off, xqp, xoff, xbp, bsum, dx)
+                s, ddx, mins = gemv(e, fmt, wp, off, xqp, xoff, xbp, bsum, dx)
                 new = [e.fma(b.sitofp(s, vec(F32, 16)), ddx, accs[0])]
                 if mins is not None:
                     mm, mdx = mins
@@ -1559,5 +1629,5 @@ def kgemv_kernel(fmt_name: str):
 
         return sig, codegen
 
-    tile.kernel_name = f"kgemv_{fmt_name}_v2"
+    tile.kernel_name = f"kgemv_{fmt_name}_v3"
     return tile
