@@ -45,7 +45,7 @@ Kernels (LLVM-IR intrinsics from ``simd.py``):
   time for n = 1, 4 x 4 tiles for n > 1. The only kernels on aarch64, where
   they use ``sdot`` (cortex-a76); K-quants (Q4_K, Q6_K with Q8_K
   activations) are native everywhere.
-* **K-quant single row** (Q4_K, Q6_K, n = 1, x86-64; ``KGEMV``):
+* **K-quant single row** (Q2_K, Q3_K, Q4_K, Q6_K, n = 1, x86-64; ``KGEMV``):
   ``simd.kgemv_kernel``, 64 elements per vector: unsigned quants x int8
   activations as int16 pair sums (``vpmaddubsw``), x int16 sub-block scales
   (``vpmaddwd``/``vpdpwssd``), one <16 x i32> per super-block; Q4_K mins and
@@ -53,7 +53,10 @@ Kernels (LLVM-IR intrinsics from ``simd.py``):
   Q4_K activations' sub-blocks (``permute_q4k``) and gives Q6_K int16 sums
   per 16 (``bsums16``). Zen 4, 1 thread from DRAM: Q4_K 16 GB/s, Q6_K 20
   (the generic tile kernel: 7 and 9). Loop: 55 / 52 instructions per
-  super-block (144 / 210 bytes).
+  super-block (144 / 210 bytes). Q2_K / Q3_K: the 2-bit fields of all 64 qs
+  bytes per shift as one vector (Q3_K: + the hmask bit as bit 2, the -4 through
+  int16 sums per 16; Q2_K: mins through them); activations read as two 32-byte
+  halves, no permutation. 23 GB/s each (generic: 16 / 14).
 
 One jitted driver per (type, kernel kind, serial|parallel) quantizes x and
 walks the tiles in a single call, rows split across threads with ``prange``
@@ -623,7 +626,8 @@ def _make_native(info: _TypeInfo, parallel: bool, cfg: KernelConfig):
             return _bind(ktile_kernel(f, NR, NC))
 
         # n == 1 on x86: the single-row kgemv kernel, which wants the activation sums per 16
-        # (int16) for Q6_K and the sub-blocks of Q4_K activations permuted (simd.Q4K_GEMV_PERM)
+        # (int16) for Q6_K (Q2_K / Q3_K have them already) and the sub-blocks of Q4_K
+        # activations permuted (simd.Q4K_GEMV_PERM)
         dec = simd.decoder(f)
         kg = cfg.kgemv and v.NR == 1 and dec.has_gemv
         t_vec = _bind(kgemv_kernel(f)) if kg else kt(v.NR, 1)

@@ -1589,8 +1589,9 @@ def kgemv_kernel(fmt_name: str):
     and fused-multiply-added with d_w*d_x. Q4_K: the mins through the
     activation sums as an <8 x i32> vector (no horizontal sums in the loop).
     Q6_K: the -32 offset through int16 sums of the activations per 16 (``xb``
-    holds those for Q6_K: see matmul.bsums16), as ggml's AVX2 code. Exactly the
-    integers of ggml's vec_dot_q4_K_q8_K / q6_K_q8_K; only float order differs.
+    holds those for Q6_K: see matmul.bsums16), as ggml's AVX2 code. Q2_K / Q3_K:
+    see :func:`_kgemv_q2k`, :func:`_kgemv_q3k`. Exactly the integers of ggml's
+    vec_dot_q*_K_q8_K; only float order differs.
     """
     fmt = decoder(fmt_name)
     q4 = bool(fmt.min_group)              # Q4_K, Q2_K: a second accumulator for the mins
