@@ -626,7 +626,7 @@ def _make_native(info: _TypeInfo, parallel: bool, cfg: KernelConfig):
             return _bind(ktile_kernel(f, NR, NC))
 
         # n == 1 on x86: the single-row kgemv kernel, which wants the activation sums per 16
-        # (int16) for Q6_K (Q2_K / Q3_K have them already) and the sub-blocks of Q4_K
+        # (int16) for Q6_K (Q2_K / Q3_K have them already) and the sub-blocks of Q4_K / Q5_K
         # activations permuted (simd.Q4K_GEMV_PERM)
         dec = simd.decoder(f)
         kg = cfg.kgemv and v.NR == 1 and dec.has_gemv
@@ -634,7 +634,7 @@ def _make_native(info: _TypeInfo, parallel: bool, cfg: KernelConfig):
         return _jit(_KNATIVE_SRC, f"_knative_{f}_{v.NR}_{m.NR}x{m.NC}", parallel, VR=v.NR, NR=m.NR, NC=m.NC,
                     t_vec=t_vec, t_gv=t_vec if v.NR == 1 else kt(1, 1), t_one=kt(1, 1),
                     t_main=kt(m.NR, m.NC), t_col=kt(m.NR, 1), t_row=kt(1, m.NC),
-                    b16=(kg and f == "Q6_K") or dec.bsums == 16, perm=kg and f == "Q4_K")
+                    b16=(kg and f == "Q6_K") or dec.bsums == 16, perm=kg and f in ("Q4_K", "Q5_K"))
 
     def tile(NR, NC, t):
         return _bind(tile_kernel(f, NR, NC, unroll=t.unroll, act16=t.act16, wide=t.wide))

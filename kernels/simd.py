@@ -1115,7 +1115,7 @@ class Q4_K(KFormat):
 class Q5_K(KFormat):
     """block_q5_K: Q4_K's head, qh[32] (bit j of qh[l] is the 5th bit of element 32j + l), qs[128]."""
 
-    min_group, offset = 32, 16
+    min_group, offset, has_gemv = 32, 16, True
 
     def decode(self, e, wp, off):
         b = e.b
@@ -1484,6 +1484,34 @@ def _kgemv_q4k(e: Emitter, fmt, wp, off, xqp, xoff, xbp, bsum, dx):
     return s, e.shuffle(dd, None, [0] * 16), (mm, e.shuffle(dd, None, [1] * 8))
 
 
+def _kgemv_q5k(e: Emitter, fmt, wp, off, xqp, xoff, xbp, bsum, dx):
+    """Q5_K: :func:`_kgemv_q4k` (same activation order, same outputs) with the fifth bit of
+    sub-block s (bit s of qh) or-ed in as 0x10; quants 0..31, pair sums within int16."""
+    b = e.b
+    v64 = vec(I8, 64)
+    dd = e.fmul(b.fpext(e.load(wp, fmt.at(e, off, "d"), vec(F16, 2)), vec(F32, 2)), e.splat(dx, 2))
+    scv, mnv = _k4_scales_mins(e, wp, fmt.at(e, off, "scales"))
+    sc16 = b.trunc(scv, vec(I16, 8))
+    m0f = _opaque_splat(e, "m0f_v64i8", 0x0F, v64)
+    qh = e.load(wp, fmt.at(e, off, "qh"), vec(I8, 32))
+    qh2 = b.bitcast(e.concat(qh, qh), vec(I16, 32))
+    parts = []
+    for L in range(2):
+        raw = e.load(wp, fmt.at(e, off, "qs", 64 * L), v64)
+        base = b.lshr(qh2, _c16(4)) if L else qh2           # bits 4..7 of each byte down to 0..3
+        for t, lo in enumerate((b.and_(raw, m0f), b.and_(b.lshr(raw, e.const_vec(I8, 64, 4)), m0f))):
+            s0, s1 = 4 * L + t, 4 * L + t + 2
+            # bit s of every qh byte to bit 4 (16-bit shifts: the 0x1010 mask drops what crosses bytes)
+            hb = b.and_(b.shl(base, _c16([4 - t] * 16 + [2 - t] * 16)), _c16(0x1010))
+            qv = b.or_(lo, b.bitcast(hb, v64))
+            p = _maddubs(e, qv, e.load(xqp, b.add(xoff, c64(128 * L + 64 * t)), v64))
+            parts.append(e.dot_pairs(p, e.shuffle(sc16, None, [s0] * 16 + [s1] * 16)))
+    s = b.add(e.freeze(b.add(parts[0], parts[1])), e.freeze(b.add(parts[2], parts[3])))
+    bs = e.load(xbp, bsum, vec(I32, 8))
+    mm = b.mul(mnv, bs, flags=("nsw",))
+    return s, e.shuffle(dd, None, [0] * 16), (mm, e.shuffle(dd, None, [1] * 8))
+
+
 def _kgemv_q6k(e: Emitter, fmt, wp, off, xqp, xoff, xbp, bsum, dx):
     """One Q6_K super-block x one Q8_K row, 64 elements per vector: (<16 x i32> scaled sums with
     the -32 of every quant taken back through the int16 activation sums per 16, <16 x f32>
@@ -1575,7 +1603,7 @@ def _kgemv_q3k(e: Emitter, fmt, wp, off, xqp, xoff, xbp, bsum, dx):
     return s, e.splat(e.fmul(d_, dx), 16), None
 
 
-_KGEMV = {"Q2_K": _kgemv_q2k, "Q3_K": _kgemv_q3k, "Q4_K": _kgemv_q4k, "Q6_K": _kgemv_q6k}
+_KGEMV = {"Q2_K": _kgemv_q2k, "Q3_K": _kgemv_q3k, "Q4_K": _kgemv_q4k, "Q5_K": _kgemv_q5k, "Q6_K": _kgemv_q6k}
 
 
 @lru_cache(maxsize=None)

@@ -269,7 +269,7 @@ def test_parallel_path(monkeypatch):
 
 @pytest.mark.parametrize("name", KQUANT)
 def test_kquant_single_row_kernel(name, monkeypatch):
-    """n == 1 K-quant path (x86: simd.kgemv_kernel, u8 x s8 pair products; Q4_K reads permuted
+    """n == 1 K-quant path (x86: simd.kgemv_kernel, u8 x s8 pair products; Q4_K / Q5_K read permuted
     activations, Q6_K int16 sums per 16) = the generic tile kernels = the reference, also for
     extreme quants and scales (all-ones bytes: 6-bit scales / mins of 63, Q6_K q = 63, scale -1)
     and activations at +-127, where an int16 overflow would show."""
