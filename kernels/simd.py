@@ -1460,10 +1460,13 @@ def _c16(v):
     return ir.Constant(vec(I16, 32), v if isinstance(v, list) else [v] * 32)
 
 
-def _kgemv_q4k(e: Emitter, fmt, wp, off, xqp, xoff, xbp, bsum, dx):
+def _kgemv_q4k(e: Emitter, fmt, wp, off, xqp, xoff, xbp, bsum, dx, q5=False):
     """One Q4_K super-block x one Q8_K row, 64 elements per vector (activations in the order of
     ``Q4K_GEMV_PERM``, which the driver permutes them to): (<16 x i32> scaled sums, <16 x f32>
-    d_w*d_x, (<8 x i32> mins x activation sums per 32, <8 x f32> dmin_w*d_x))."""
+    d_w*d_x, (<8 x i32> mins x activation sums per 32, <8 x f32> dmin_w*d_x)).
+
+    ``q5``: Q5_K, the fifth bit of sub-block s (bit s of qh) or-ed in as 0x10; quants 0..31,
+    pair sums still within int16."""
     b = e.b
     v64 = vec(I8, 64)
     dd = e.fmul(b.fpext(e.load(wp, fmt.at(e, off, "d"), vec(F16, 2)), vec(F32, 2)), e.splat(dx, 2))
@@ -1471,11 +1474,20 @@ def _kgemv_q4k(e: Emitter, fmt, wp, off, xqp, xoff, xbp, bsum, dx):
     sc16 = b.trunc(scv, vec(I16, 8))
     # 64 bytes of qs (chunks 2L, 2L+1) & 0x0F are sub-blocks 4L, 4L+2, >> 4 are 4L+1, 4L+3
     m0f = _opaque_splat(e, "m0f_v64i8", 0x0F, v64)
+    if q5:
+        qh = e.load(wp, fmt.at(e, off, "qh"), vec(I8, 32))
+        qh2 = b.bitcast(e.concat(qh, qh), vec(I16, 32))
     parts = []
     for L in range(2):
         raw = e.load(wp, fmt.at(e, off, "qs", 64 * L), v64)
         for t, qv in enumerate((b.and_(raw, m0f), b.and_(b.lshr(raw, e.const_vec(I8, 64, 4)), m0f))):
             s0, s1 = 4 * L + t, 4 * L + t + 2
+            if q5:
+                # bit s of every qh byte to bit 4 (16-bit shifts: the 0x1010 mask drops what
+                # crosses bytes; L = 1 starts from bits 4..7 moved down to 0..3)
+                base = b.lshr(qh2, _c16(4)) if L else qh2
+                hb = b.and_(b.shl(base, _c16([4 - t] * 16 + [2 - t] * 16)), _c16(0x1010))
+                qv = b.or_(qv, b.bitcast(hb, v64))
             p = _maddubs(e, qv, e.load(xqp, b.add(xoff, c64(128 * L + 64 * t)), v64))
             parts.append(e.dot_pairs(p, e.shuffle(sc16, None, [s0] * 16 + [s1] * 16)))
     s = b.add(e.freeze(b.add(parts[0], parts[1])), e.freeze(b.add(parts[2], parts[3])))
@@ -1485,31 +1497,8 @@ def _kgemv_q4k(e: Emitter, fmt, wp, off, xqp, xoff, xbp, bsum, dx):
 
 
 def _kgemv_q5k(e: Emitter, fmt, wp, off, xqp, xoff, xbp, bsum, dx):
-    """Q5_K: :func:`_kgemv_q4k` (same activation order, same outputs) with the fifth bit of
-    sub-block s (bit s of qh) or-ed in as 0x10; quants 0..31, pair sums within int16."""
-    b = e.b
-    v64 = vec(I8, 64)
-    dd = e.fmul(b.fpext(e.load(wp, fmt.at(e, off, "d"), vec(F16, 2)), vec(F32, 2)), e.splat(dx, 2))
-    scv, mnv = _k4_scales_mins(e, wp, fmt.at(e, off, "scales"))
-    sc16 = b.trunc(scv, vec(I16, 8))
-    m0f = _opaque_splat(e, "m0f_v64i8", 0x0F, v64)
-    qh = e.load(wp, fmt.at(e, off, "qh"), vec(I8, 32))
-    qh2 = b.bitcast(e.concat(qh, qh), vec(I16, 32))
-    parts = []
-    for L in range(2):
-        raw = e.load(wp, fmt.at(e, off, "qs", 64 * L), v64)
-        base = b.lshr(qh2, _c16(4)) if L else qh2           # bits 4..7 of each byte down to 0..3
-        for t, lo in enumerate((b.and_(raw, m0f), b.and_(b.lshr(raw, e.const_vec(I8, 64, 4)), m0f))):
-            s0, s1 = 4 * L + t, 4 * L + t + 2
-            # bit s of every qh byte to bit 4 (16-bit shifts: the 0x1010 mask drops what crosses bytes)
-            hb = b.and_(b.shl(base, _c16([4 - t] * 16 + [2 - t] * 16)), _c16(0x1010))
-            qv = b.or_(lo, b.bitcast(hb, v64))
-            p = _maddubs(e, qv, e.load(xqp, b.add(xoff, c64(128 * L + 64 * t)), v64))
-            parts.append(e.dot_pairs(p, e.shuffle(sc16, None, [s0] * 16 + [s1] * 16)))
-    s = b.add(e.freeze(b.add(parts[0], parts[1])), e.freeze(b.add(parts[2], parts[3])))
-    bs = e.load(xbp, bsum, vec(I32, 8))
-    mm = b.mul(mnv, bs, flags=("nsw",))
-    return s, e.shuffle(dd, None, [0] * 16), (mm, e.shuffle(dd, None, [1] * 8))
+    """Q5_K: :func:`_kgemv_q4k` with the fifth bit from qh."""
+    return _kgemv_q4k(e, fmt, wp, off, xqp, xoff, xbp, bsum, dx, q5=True)
 
 
 def _kgemv_q6k(e: Emitter, fmt, wp, off, xqp, xoff, xbp, bsum, dx):
@@ -1658,5 +1647,5 @@ def kgemv_kernel(fmt_name: str):
 
         return sig, codegen
 
-    tile.kernel_name = f"kgemv_{fmt_name}_v3"
+    tile.kernel_name = f"kgemv_{fmt_name}_v4"
     return tile
