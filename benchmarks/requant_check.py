@@ -34,17 +34,6 @@ ROOT = Path(__file__).resolve().parent.parent
 REF = ROOT.parent / "shared" / "reference"
 
 
-def log_softmax(x):
-    x = x.astype(np.float64)
-    x = x - x.max()
-    return x - np.log(np.exp(x).sum())
-
-
-def kl(ref, ours):
-    p, q = log_softmax(ref), log_softmax(ours)
-    return float((np.exp(p) * (p - q)).sum())
-
-
 def source(name: str) -> tuple:
     """(source file, reference folder, reference type tag)."""
     if name == "qwen2.5":
@@ -78,6 +67,7 @@ def check(path: Path, ref_dir: Path, tag: str) -> dict:
     from tinyinfer.engine import Engine
     from tinyinfer.gguf import GGUFFile
     from tinyinfer.sampler import SamplerParams
+    from tinyinfer.tools.perplexity import kl_divergence as kl
 
     refs = [json.loads(line) for line in open(ref_dir / f"greedy_{tag}.jsonl")]
     logits = np.fromfile(ref_dir / f"first_logits_{tag}.f32", np.float32).reshape(len(refs), -1)

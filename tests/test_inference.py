@@ -15,6 +15,7 @@ import pytest
 from conftest import need_reference
 from tinyinfer.engine import Engine
 from tinyinfer.sampler import SamplerParams
+from tinyinfer.tools.perplexity import kl_divergence as kl
 
 TYPES = ["Q4_1", "Q4_0", "Q8_0", "F16"]
 KL_BOUND = {"Q4_1": 0.01, "Q4_0": 0.01, "Q8_0": 0.01, "F16": 1e-4}
@@ -25,17 +26,6 @@ def model_path(typ, smollm2_path):
         return smollm2_path
     from tinyinfer.tools.quantize import ensure_requantized
     return ensure_requantized(typ)
-
-
-def log_softmax(x):
-    x = x.astype(np.float64)
-    x = x - x.max()
-    return x - np.log(np.exp(x).sum())
-
-
-def kl(ref, ours):
-    p, q = log_softmax(ref), log_softmax(ours)
-    return float((np.exp(p) * (p - q)).sum())
 
 
 @pytest.fixture(scope="module", params=TYPES)

@@ -17,11 +17,21 @@ import time
 import numpy as np
 
 
-def _log_softmax_at(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """log p over the last axis, in float64."""
     x = logits.astype(np.float64)
-    mx = x.max(axis=1, keepdims=True)
-    lse = np.log(np.exp(x - mx).sum(axis=1)) + mx[:, 0]
-    return x[np.arange(len(targets)), targets] - lse
+    x = x - x.max(axis=-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+
+
+def kl_divergence(ref: np.ndarray, ours: np.ndarray) -> float:
+    """KL(ref || ours) of one row of logits each, in nats (llama-perplexity's --kl-divergence measure)."""
+    p, q = log_softmax(ref), log_softmax(ours)
+    return float((np.exp(p) * (p - q)).sum())
+
+
+def _log_softmax_at(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    return log_softmax(logits)[np.arange(len(targets)), targets]
 
 
 def perplexity(engine, text: str, n_ctx: int = 512, n_chunks: int = -1, out=sys.stdout, progress=True):
