@@ -183,6 +183,12 @@ def _read_value(cur: _Cursor, vtype: int, key: str, depth: int = 0):
 
 def _read_string_array(cur: _Cursor, n: int, key: str) -> list:
     buf, pos, end = cur.buf, cur.pos, cur.end
+    if n >= 4096:                       # a vocabulary or merges: one jitted pass (kernels/strings.py)
+        from .kernels.strings import read_strings
+        got = read_strings(buf, pos, end, n)
+        if got is not None:
+            cur.pos = got[1]
+            return got[0]
     unpack = struct.unpack_from
     out = [None] * n
     for i in range(n):
