@@ -36,7 +36,8 @@ def _walk(buf, pos, end, n, out):
                 out[o] = _SEP
             o += 1
         if o + ln <= out.size:
-            out[o:o + ln] = buf[pos:pos + ln]
+            for j in range(ln):
+                out[o + j] = buf[pos + j]
         o += ln
         pos += ln
     return pos, o
