@@ -80,7 +80,7 @@ import numpy as np
 from numba import prange  # noqa: F401  (used by the generated drivers)
 
 from . import parallel as _par, simd
-from gguf import GGMLQuantizationType as GT
+from ..ggml_types import GGMLType as GT
 
 from . import arm, quants
 from .simd import (GROUP, f32_to_f16_to_f32, interleaved_kernel, kgemv_kernel, kinterleaved_kernel, ktile_kernel,

@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import numpy as np
-from gguf import GGMLQuantizationType as GT
+from ..ggml_types import GGMLType as GT
 from llvmlite import ir
 from numba import njit
 from numba.core import types

@@ -82,3 +82,14 @@ def test_every_registry_type_is_writable_or_said(tiny):
     g.close()
     assert {FTYPES[t][1] for t in FTYPES} <= set(quants.TYPES)
     assert GT.IQ4_NL in {FTYPES[t][1] for t in FTYPES}
+
+
+def test_ggml_type_table_matches_the_gguf_package():
+    """tinyinfer/ggml_types.py (read when loading a model, so that no load imports the gguf package)
+    has every type of gguf-py with the same id, name and block shape."""
+    import gguf
+    from tinyinfer.ggml_types import QUANT_SIZES, GGMLType
+    for t in gguf.GGMLQuantizationType:
+        assert GGMLType(t.value).name == t.name
+        assert QUANT_SIZES[GGMLType(t.value)] == gguf.GGML_QUANT_SIZES[t], t.name
+    assert len(QUANT_SIZES) == len(GGMLType)

@@ -23,7 +23,7 @@ import struct
 from dataclasses import dataclass, field
 
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+from .ggml_types import QUANT_SIZES as GGML_QUANT_SIZES, GGMLType as GGMLQuantizationType
 
 GGUF_MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
