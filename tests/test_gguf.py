@@ -716,3 +716,31 @@ def test_roundtrip_hypothesis(tmp_path_factory, spec):
         ti = f.tensor(name)
         assert ti.shape == ne and ti.ggml_type == t and ti.data.tobytes() == data
         assert ti.offset % (alignment or 32) == 0
+
+
+def _string_array_file(path, strings: list, cut: int = 0):
+    """A GGUF with no tensors and one key: a string array (raw bytes per string)."""
+    key = b"tokenizer.ggml.tokens"
+    body = b"".join(struct.pack("<Q", len(s)) + s for s in strings)
+    raw = (b"GGUF" + struct.pack("<IQQ", 3, 0, 1) + struct.pack("<Q", len(key)) + key
+           + struct.pack("<IIQ", VT.ARRAY, VT.STRING, len(strings)) + body)
+    path.write_bytes(raw[:len(raw) - cut] if cut else raw)
+    return path
+
+
+def test_long_string_arrays_one_pass_and_fallbacks(tmp_path):
+    """Vocabulary-sized string arrays go through kernels/strings.py; invalid UTF-8 and a truncated
+    array take the careful path: the same values, the same error, as for a short array."""
+    words = [f"w{i}".encode() for i in range(5000)]
+    words[7], words[8], words[9] = "é日本".encode(), b"", " Ġx\n".encode()
+    f = GGUFFile(_string_array_file(tmp_path / "ok.gguf", words))
+    assert f.metadata["tokenizer.ggml.tokens"] == [w.decode() for w in words]
+    f.close()
+    bad = list(words)
+    bad[4000] = b"a\xffb\xc3"                     # not UTF-8: kept as surrogate escapes
+    f = GGUFFile(_string_array_file(tmp_path / "bad.gguf", bad))
+    got = f.metadata["tokenizer.ggml.tokens"]
+    assert got[4000] == "a\udcffb\udcc3" and got[:4000] == [w.decode() for w in words[:4000]]
+    f.close()
+    with pytest.raises(GGUFError, match="array 'tokenizer.ggml.tokens': string 4999 of length 5 at offset"):
+        GGUFFile(_string_array_file(tmp_path / "cut.gguf", words, cut=3))
