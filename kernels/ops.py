@@ -408,49 +408,52 @@ def qkv_store(qkv, n_head, n_kv, hdk, hdv, q_norm, k_norm, eps, cos, sin, neox, 
 
 
 @nb.njit(inline="always", **_fast)
-def _attention_task(q, kq, kd, kkind, vq, vd, vkind, vrot, pos, seq, scale, window, softcap, out, task):
-    # the queries of token task // n_kv that share kv head task % n_kv
+def _attention_task(q, kq, kd, kkind, vq, vd, vkind, vrot, pos, seq, scale, window, softcap, out, i, kv0, kv1):
+    # the query heads of token i that share kv heads kv0..kv1-1. Over all kv heads (kv0 = 0, kv1 = n_kv)
+    # the loops read each cache row whole, front to back: one sequential stream (a decode step at depth
+    # is bound by that read); one kv head per task lets the parallel driver split a prompt finer.
     nh, hdk = q.shape[1], q.shape[2]
     nkv = kq.shape[2]
     hdv = out.shape[2]
     group = nh // nkv
     n_rows = kq.shape[1]
-    i = task // nkv
-    kvh = task % nkv
-    h0 = kvh * group
+    h0 = kv0 * group
+    nq = (kv1 - kv0) * group
     p = pos[i]
     sq = seq[i]
     start = 0
     if window > 0 and p - window + 1 > 0:
         start = p - window + 1
     L = p + 1 - start
-    sc = np.empty((group, L), np.float32)
-    acc = np.zeros((group, hdv), np.float32)
+    sc = np.empty((nq, L), np.float32)
+    acc = np.zeros((nq, hdv), np.float32)
     kbuf = np.empty(hdk, np.float32)
     vbuf = np.empty(hdv, np.float32)
     row0 = start % n_rows
     row = row0
     for t in range(L):
-        if kkind == 0:
-            kr = kq[sq, row, kvh]
-            for g in range(group):
-                qr = q[i, h0 + g]
-                s = np.float32(0.0)
-                for j in range(hdk):
-                    s += qr[j] * _h2f(np.uint16(kr[j]))
-                sc[g, t] = s * scale
-        else:
-            _kv_get(kq, kd, kkind, sq, row, kvh, kbuf)
-            for g in range(group):
-                qr = q[i, h0 + g]
-                s = np.float32(0.0)
-                for j in range(hdk):
-                    s += qr[j] * kbuf[j]
-                sc[g, t] = s * scale
+        for kvh in range(kv0, kv1):
+            hq = (kvh - kv0) * group
+            if kkind == 0:
+                kr = kq[sq, row, kvh]
+                for g in range(group):
+                    qr = q[i, h0 + hq + g]
+                    s = np.float32(0.0)
+                    for j in range(hdk):
+                        s += qr[j] * _h2f(np.uint16(kr[j]))
+                    sc[hq + g, t] = s * scale
+            else:
+                _kv_get(kq, kd, kkind, sq, row, kvh, kbuf)
+                for g in range(group):
+                    qr = q[i, h0 + hq + g]
+                    s = np.float32(0.0)
+                    for j in range(hdk):
+                        s += qr[j] * kbuf[j]
+                    sc[hq + g, t] = s * scale
         row += 1
         if row == n_rows:
             row = 0
-    for g in range(group):
+    for g in range(nq):
         sg = sc[g]
         if softcap > 0.0:
             for t in range(L):
@@ -468,24 +471,26 @@ def _attention_task(q, kq, kd, kkind, vq, vd, vkind, vrot, pos, seq, scale, wind
             sg[t] *= inv
     row = row0
     for t in range(L):
-        if vkind == 0:
-            vr = vq[sq, row, kvh]
-            for g in range(group):
-                w = sc[g, t]
-                ag = acc[g]
-                for j in range(hdv):
-                    ag[j] += w * _h2f(np.uint16(vr[j]))
-        else:
-            _kv_get(vq, vd, vkind, sq, row, kvh, vbuf)
-            for g in range(group):
-                w = sc[g, t]
-                ag = acc[g]
-                for j in range(hdv):
-                    ag[j] += w * vbuf[j]
+        for kvh in range(kv0, kv1):
+            hq = (kvh - kv0) * group
+            if vkind == 0:
+                vr = vq[sq, row, kvh]
+                for g in range(group):
+                    w = sc[hq + g, t]
+                    ag = acc[hq + g]
+                    for j in range(hdv):
+                        ag[j] += w * _h2f(np.uint16(vr[j]))
+            else:
+                _kv_get(vq, vd, vkind, sq, row, kvh, vbuf)
+                for g in range(group):
+                    w = sc[hq + g, t]
+                    ag = acc[hq + g]
+                    for j in range(hdv):
+                        ag[j] += w * vbuf[j]
         row += 1
         if row == n_rows:
             row = 0
-    for g in range(group):
+    for g in range(nq):
         if vrot:
             _fwht(acc[g])
         for j in range(hdv):
@@ -494,15 +499,19 @@ def _attention_task(q, kq, kd, kkind, vq, vd, vkind, vrot, pos, seq, scale, wind
 
 @nb.njit(**_fast)
 def _attention_serial(q, kq, kd, kkind, vq, vd, vkind, vrot, pos, seq, scale, window, softcap, out):
-    for task in range(q.shape[0] * kq.shape[2]):
-        _attention_task(q, kq, kd, kkind, vq, vd, vkind, vrot, pos, seq, scale, window, softcap, out, task)
+    for i in range(q.shape[0]):
+        _attention_task(q, kq, kd, kkind, vq, vd, vkind, vrot, pos, seq, scale, window, softcap, out,
+                        i, 0, kq.shape[2])
     return out
 
 
 @nb.njit(parallel=True, **_fast)
 def _attention_parallel(q, kq, kd, kkind, vq, vd, vkind, vrot, pos, seq, scale, window, softcap, out):
-    for task in nb.prange(q.shape[0] * kq.shape[2]):
-        _attention_task(q, kq, kd, kkind, vq, vd, vkind, vrot, pos, seq, scale, window, softcap, out, task)
+    nkv = kq.shape[2]
+    for task in nb.prange(q.shape[0] * nkv):
+        kvh = task % nkv
+        _attention_task(q, kq, kd, kkind, vq, vd, vkind, vrot, pos, seq, scale, window, softcap, out,
+                        task // nkv, kvh, kvh + 1)
     return out
 
 
