@@ -220,7 +220,7 @@ def _fwht(x):
 
 @nb.njit(**_fast)
 def fwht_rows(x):
-    """The orthonormal Walsh-Hadamard transform of each last-axis vector of x (n, m, hd), in place (tests)."""
+    """The orthonormal Walsh-Hadamard transform of each last-axis vector of x (n, m, hd), in place."""
     for i in range(x.shape[0]):
         for h in range(x.shape[1]):
             _fwht(x[i, h])
@@ -515,6 +515,89 @@ def _attention_parallel(q, kq, kd, kkind, vq, vd, vkind, vrot, pos, seq, scale, 
     return out
 
 
+@nb.njit(**_fast)
+def _softmax_causal(S, group, p0, softcap, tot):
+    """Rows of (scaled) scores S (n*group, L) in place -> exp(s - max), their sums into tot (the caller
+    divides the product by them: one pass less over S). Row r is query head r % group of token
+    r // group, at position p0 + r // group; it sees keys 0..p0 + r // group, the rest get 0."""
+    for r in range(S.shape[0]):
+        L = p0 + r // group + 1
+        row = S[r]
+        if softcap > 0.0:
+            for t in range(L):
+                row[t] = softcap * math.tanh(row[t] / softcap)
+        mx = row[0]
+        for t in range(1, L):
+            mx = max(mx, row[t])
+        sm = np.float32(0.0)
+        for t in range(L):
+            e = _exp(row[t] - mx)
+            row[t] = e
+            sm += e
+        tot[r] = sm
+        for t in range(L, row.shape[0]):
+            row[t] = 0.0
+    return S
+
+
+_BLAS_MIN_TOKENS = 32          # prompt chunks at least this long take the matrix-product path
+_BLAS_MIN_KEYS = 512           # ... over at least this many keys (below, the loops are as fast)
+_BLAS_SCORES_BYTES = 16 << 20  # score block of at most this size (queries are taken in slices)
+
+
+def _cells_f32(store, sq, n, h):
+    """Cells 0..n-1 of sequence sq, kv head h, as float32 (n, hd), as stored (no rotation undone)."""
+    if store.kind == 0:
+        return store.q[sq, :n, h].view(np.float16).astype(np.float32)
+    out = np.empty((n, 1, store.hd), np.float32)
+    return kv_load_rows(store.q[sq:sq + 1, :n, h:h + 1], store.d[sq:sq + 1, :n, h:h + 1], store.kind, False,
+                        out)[:, 0]
+
+
+_blas_threads = [0]
+
+
+def _limit_blas_threads() -> None:
+    """numpy's BLAS (OpenBLAS) starts a thread per core; let it use the engine's thread count
+    (``-t``), as the numba kernels do. Set when it changes, through threadpoolctl."""
+    n = nb.get_num_threads()
+    if _blas_threads[0] != n:
+        _blas_threads[0] = n
+        try:
+            from threadpoolctl import threadpool_limits
+            threadpool_limits(limits=n, user_api="blas")
+        except Exception:        # pragma: no cover - no threadpoolctl / no BLAS found: its default
+            pass
+
+
+def _attention_gemm(q, k, v, p0, sq, scale, softcap, out):
+    """A prompt chunk of one sequence (positions p0.., full attention) as matrix products (numpy's
+    BLAS): per kv head, scores = Q K^T, causal softmax, out = P V. The head's cells are converted to
+    float32 once (one head at a time: n_ctx x hd floats), scores are made for as many queries as fit
+    ``_BLAS_SCORES_BYTES``, and the products run at BLAS speed (the loops' dot products and axpys reach
+    ~20 G MAC/s on one Zen 4 core, sgemm ~5x that)."""
+    _limit_blas_threads()
+    n, nh, hd = q.shape
+    nkv = k.q.shape[2]
+    group = nh // nkv
+    L = p0 + n
+    step = max(1, min(n, _BLAS_SCORES_BYTES // (4 * group * L)))
+    for h in range(nkv):
+        Kh, Vh = _cells_f32(k, sq, L, h), _cells_f32(v, sq, L, h)
+        for i0 in range(0, n, step):
+            i1 = min(n, i0 + step)
+            Qh = q[i0:i1, h * group:(h + 1) * group].reshape((i1 - i0) * group, hd) * np.float32(scale)
+            S = Qh @ Kh[:p0 + i1].T
+            tot = np.empty(S.shape[0], np.float32)
+            _softmax_causal(S, group, p0 + i0, np.float32(softcap), tot)
+            O = S @ Vh[:p0 + i1]
+            O /= tot[:, None]
+            out[i0:i1, h * group:(h + 1) * group] = O.reshape(i1 - i0, group, -1)
+    if v.rot:
+        fwht_rows(out)
+    return out
+
+
 def attention(q, k, v, pos, seq, scale, window, softcap, out):
     """Causal GQA attention for n new tokens, token i at position pos[i] of sequence seq[i].
 
@@ -522,14 +605,21 @@ def attention(q, k, v, pos, seq, scale, window, softcap, out):
     q4_0 cells (n_seq, rows, n_kv, .)); the new tokens' k/v are already stored, position p in cell
     p % rows (a ring for sliding-window layers, the identity for full ones). window > 0 limits each
     query to the last `window` positions (sliding-window attention); out: (n, n_head, hd_v) f32.
-    One task per (token, kv head) covers the query heads of its group: each key/value cell is
-    read once for all of them; f16 cells are converted inside the vectorized dot products and
-    the p*v accumulation, quantized ones decoded a cell at a time.
-    On one thread, or for a single token, the serial driver runs: launching a parallel region
-    costs tens of microseconds, more than a decode step's attention over a short context.
+
+    A prompt chunk of one sequence over a long context (full attention) runs as matrix products
+    (:func:`_attention_gemm`). Otherwise one task per (token, kv head) covers the query heads of its
+    group: each key/value cell is read once for all of them; f16 cells are converted inside the
+    vectorized dot products and the p*v accumulation, quantized ones decoded a cell at a time.
+    On one thread, or for a single token, the serial driver runs (each token over all kv heads: the
+    cache rows are read whole, in order): launching a parallel region costs tens of microseconds,
+    more than a decode step's attention over a short context.
     """
+    n = q.shape[0]
+    if (n >= _BLAS_MIN_TOKENS and window <= 0 and _BLAS_MIN_KEYS <= pos[n - 1] + 1 <= k.q.shape[1]
+            and (seq == seq[0]).all() and (np.diff(pos) == 1).all()):
+        return _attention_gemm(q, k, v, int(pos[0]), int(seq[0]), scale, softcap, out)
     args = (q, k.q, k.d, k.kind, v.q, v.d, v.kind, v.rot, pos, seq, scale, window, softcap, out)
-    if q.shape[0] > 1 and nb.get_num_threads() > 1:
+    if n > 1 and nb.get_num_threads() > 1:
         return _par.call(_attention_parallel, *args)
     return _attention_serial(*args)
 

@@ -38,6 +38,8 @@ def _store(typ, n_seq, n_rows, nkv, hd):
     (4, 1, 8, 0.0, 8 + 5, 30, 5),     # sliding window, ring of window + n_batch rows
     (4, 4, 0, 50.0, 32, 3, 7),        # MHA with softcap
     (8, 2, 6, 30.0, 6 + 4, 17, 4),    # window + softcap, ring wraps
+    (9, 3, 0, 0.0, 700, 560, 40),     # a prompt chunk over a long context: the matrix-product path
+    (4, 4, 0, 50.0, 700, 600, 64),    # ... with softcap
 ])
 @pytest.mark.parametrize("threads,typ", [(1, "f16"), (2, "f16"), (1, "q8_0"), (2, "q4_0")])
 def test_attention_matches_numpy(nh, nkv, window, softcap, n_rows, pos0, n, threads, typ):
@@ -75,6 +77,24 @@ def test_attention_matches_numpy(nh, nkv, window, softcap, n_rows, pos0, n, thre
     if typ == "f16":     # the f16 values are the inputs rounded to half precision
         lo = max(0, n_pos - n_rows)
         np.testing.assert_array_equal(Kq[lo:], K[lo:].astype(np.float16).astype(np.float32))
+
+
+def test_attention_gemm_path_in_slices_equals_the_loops(monkeypatch):
+    """The prompt-chunk path cut into query slices (a small score budget) gives the loops' result."""
+    from tinyinfer.kvcache import Batch
+    rng = np.random.default_rng(7)
+    nh, nkv, hd, pos0, n = 6, 2, 64, 600, 48
+    kc, vc = _store("q8_0", 1, pos0 + n, nkv, hd), _store("q8_0", 1, pos0 + n, nkv, hd)
+    for st in (kc, vc):
+        ops.kv_store_rows(st.q, st.d, st.kind, st.rot, rng.standard_normal((pos0 + n, nkv, hd)).astype(np.float32))
+    q = rng.standard_normal((n, nh, hd)).astype(np.float32)
+    b = Batch.run(0, pos0, n)
+    loops = ops._attention_serial(q, kc.q, kc.d, kc.kind, vc.q, vc.d, vc.kind, vc.rot, b.pos, b.seq,
+                                  np.float32(0.125), 0, np.float32(0.0), np.empty((n, nh, hd), np.float32))
+    monkeypatch.setattr(ops, "_BLAS_SCORES_BYTES", 4 * 3 * (pos0 + n) * 5)     # 5 tokens per slice
+    out = ops.attention(q, kc, vc, b.pos, b.seq, np.float32(0.125), 0, np.float32(0.0),
+                        np.empty((n, nh, hd), np.float32))
+    np.testing.assert_allclose(out, loops, rtol=1e-5, atol=1e-6)
 
 
 def test_attention_batch_of_sequences_equals_one_at_a_time():
