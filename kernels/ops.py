@@ -582,16 +582,18 @@ def _attention_gemm(q, k, v, p0, sq, scale, softcap, out):
     group = nh // nkv
     L = p0 + n
     step = max(1, min(n, _BLAS_SCORES_BYTES // (4 * group * L)))
+    buf = np.empty(step * group * L, np.float32)     # the score blocks, one allocation
+    tot = np.empty(step * group, np.float32)
     for h in range(nkv):
         Kh, Vh = _cells_f32(k, sq, L, h), _cells_f32(v, sq, L, h)
         for i0 in range(0, n, step):
             i1 = min(n, i0 + step)
-            Qh = q[i0:i1, h * group:(h + 1) * group].reshape((i1 - i0) * group, hd) * np.float32(scale)
-            S = Qh @ Kh[:p0 + i1].T
-            tot = np.empty(S.shape[0], np.float32)
+            r, c = (i1 - i0) * group, p0 + i1
+            Qh = q[i0:i1, h * group:(h + 1) * group].reshape(r, hd) * np.float32(scale)
+            S = np.matmul(Qh, Kh[:c].T, out=buf[:r * c].reshape(r, c))
             _softmax_causal(S, group, p0 + i0, np.float32(softcap), tot)
-            O = S @ Vh[:p0 + i1]
-            O /= tot[:, None]
+            O = S @ Vh[:c]
+            O /= tot[:r, None]
             out[i0:i1, h * group:(h + 1) * group] = O.reshape(i1 - i0, group, -1)
     if v.rot:
         fwht_rows(out)
