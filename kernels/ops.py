@@ -408,6 +408,24 @@ def qkv_store(qkv, n_head, n_kv, hdk, hdv, q_norm, k_norm, eps, cos, sin, neox, 
 
 
 @nb.njit(inline="always", **_fast)
+def _exp_shifted(row, L, softcap):
+    """row[:L] (scores) -> exp(s - max) in place, with the softcap first when > 0; returns their sum
+    (softmax = row / sum)."""
+    if softcap > 0.0:
+        for t in range(L):
+            row[t] = softcap * math.tanh(row[t] / softcap)
+    mx = row[0]
+    for t in range(1, L):
+        mx = max(mx, row[t])
+    sm = np.float32(0.0)
+    for t in range(L):
+        e = _exp(row[t] - mx)
+        row[t] = e
+        sm += e
+    return sm
+
+
+@nb.njit(inline="always", **_fast)
 def _attention_task(q, kq, kd, kkind, vq, vd, vkind, vrot, pos, seq, scale, window, softcap, out, i, kv0, kv1):
     # the query heads of token i that share kv heads kv0..kv1-1. Over all kv heads (kv0 = 0, kv1 = n_kv)
     # the loops read each cache row whole, front to back: one sequential stream (a decode step at depth
@@ -455,18 +473,7 @@ def _attention_task(q, kq, kd, kkind, vq, vd, vkind, vrot, pos, seq, scale, wind
             row = 0
     for g in range(nq):
         sg = sc[g]
-        if softcap > 0.0:
-            for t in range(L):
-                sg[t] = softcap * math.tanh(sg[t] / softcap)
-        mx = sg[0]
-        for t in range(1, L):
-            mx = max(mx, sg[t])
-        tot = np.float32(0.0)
-        for t in range(L):
-            e = _exp(sg[t] - mx)
-            sg[t] = e
-            tot += e
-        inv = np.float32(1.0) / tot
+        inv = np.float32(1.0) / _exp_shifted(sg, L, softcap)
         for t in range(L):
             sg[t] *= inv
     row = row0
@@ -523,18 +530,7 @@ def _softmax_causal(S, group, p0, softcap, tot):
     for r in range(S.shape[0]):
         L = p0 + r // group + 1
         row = S[r]
-        if softcap > 0.0:
-            for t in range(L):
-                row[t] = softcap * math.tanh(row[t] / softcap)
-        mx = row[0]
-        for t in range(1, L):
-            mx = max(mx, row[t])
-        sm = np.float32(0.0)
-        for t in range(L):
-            e = _exp(row[t] - mx)
-            row[t] = e
-            sm += e
-        tot[r] = sm
+        tot[r] = _exp_shifted(row, L, softcap)
         for t in range(L, row.shape[0]):
             row[t] = 0.0
     return S
