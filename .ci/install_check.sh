@@ -16,7 +16,8 @@ out=$(mktemp)
 # --- README command 1, verbatim, from the repo root ---
 (pip install -q . && python -m tinyinfer -p "The capital of France is" -n 32) >"$out"
 grep -q "^$PROMPT" "$out" || { echo "install check: no answer from the repo root"; cat "$out"; exit 1; }
-[ "$(wc -c <"$out")" -gt $((${#PROMPT} + 8)) ] || { echo "install check: empty answer"; exit 1; }
+# an answer: some text after the prompt (sampling may end it early: " Paris." then the end token is fine)
+tail -c +$((${#PROMPT} + 1)) "$out" | tr -d '[:space:]' | grep -q . || { echo "install check: empty answer"; exit 1; }
 echo "install check: command 1 from the repo root: ok ($((SECONDS - t0)) s)"
 # --- the same from another folder: the installed package, not the source tree ---
 other=$(mktemp -d)
