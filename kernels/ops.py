@@ -129,17 +129,6 @@ def _pow2(typingctx, n):
     return sig, codegen
 
 
-@intrinsic
-def _round_f16(typingctx, x):
-    """Round a float32 to the nearest float16 (ties to even) and back, as llama.cpp's f16 KV cache stores it."""
-    sig = types.float32(types.float32)
-
-    def codegen(context, builder, signature, args):
-        return builder.fpext(builder.fptrunc(args[0], ir.HalfType()), ir.FloatType())
-
-    return sig, codegen
-
-
 @nb.njit(inline="always", **_fast)
 def _exp(x):
     """exp(x) for float32 x <= ~88 without a libm call (Cephes expf: range reduction by ln 2 and a
@@ -167,15 +156,6 @@ def exp_array(x, out):
     return out
 
 
-@nb.njit(**_fast)
-def round_f16_array(x, out):
-    xf = x.reshape(-1)
-    of = out.reshape(-1)
-    for i in range(xf.shape[0]):
-        of[i] = _round_f16(xf[i])
-    return out
-
-
 # ------------------------------------------------------------------ the KV cache's types
 @intrinsic
 def _h2f(typingctx, x):
@@ -197,6 +177,16 @@ def _f2h(typingctx, x):
         return builder.bitcast(builder.fptrunc(args[0], ir.HalfType()), ir.IntType(16))
 
     return sig, codegen
+
+
+@nb.njit(**_fast)
+def round_f16_array(x, out):
+    """out = x rounded to half precision and back, through the f16 KV cache's own conversions (tests)."""
+    xf = x.reshape(-1)
+    of = out.reshape(-1)
+    for i in range(xf.shape[0]):
+        of[i] = _h2f(_f2h(xf[i]))
+    return out
 
 
 @nb.njit(inline="always", **_fast)

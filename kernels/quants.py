@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import numpy as np
-from ..ggml_types import GGMLType as GT
+from ..ggml_types import QUANT_SIZES, GGMLType as GT
 from llvmlite import ir
 from numba import njit
 from numba.core import types
@@ -1361,9 +1361,10 @@ class QuantType:
                 f"bytes={self.type_size}, vec_dot={self.vec_dot_type.name})")
 
 
-def _entry(t, block, size, vec_dot, layout, dqs, qs, decoder, *dargs, repacked=None, simd_block=None):
-    """A table row; the SIMD decoder gets the entry's name, block bytes and layout (and a table's
-    values, ``dargs``, as does the repacked layout)."""
+def _entry(t, vec_dot, layout, dqs, qs, decoder, *dargs, repacked=None, simd_block=None):
+    """A table row (block shape from ggml's type table); the SIMD decoder gets the entry's name, block
+    bytes and layout (and a table's values, ``dargs``, as does the repacked layout)."""
+    block, size = QUANT_SIZES[t]
     dec = decoder(t.name, simd_block or size, layout, *dargs) if decoder else None
     return QuantType(t.name, t, block, size, vec_dot, block > 1, dqs, qs, layout, dec,
                      repacked(*dargs) if repacked else None)
@@ -1374,34 +1375,34 @@ def _entry(t, block, size, vec_dot, layout, dqs, qs, decoder, *dargs, repacked=N
 # "block" is 32 elements (simd_block bytes).
 _F = simd
 TYPES: dict = {e.ggml_type: e for e in (
-    _entry(GT.F32, 1, 4, GT.F32, {}, _dq_rows_f32, _q_rows_f32, _F.F32W, simd_block=128),
-    _entry(GT.F16, 1, 2, GT.F16, {}, _dq_rows_f16, _q_rows_f16, _F.F16W, simd_block=64),
-    _entry(GT.BF16, 1, 2, GT.BF16, {}, _dq_rows_bf16, _q_rows_bf16, _F.BF16W,
+    _entry(GT.F32, GT.F32, {}, _dq_rows_f32, _q_rows_f32, _F.F32W, simd_block=128),
+    _entry(GT.F16, GT.F16, {}, _dq_rows_f16, _q_rows_f16, _F.F16W, simd_block=64),
+    _entry(GT.BF16, GT.BF16, {}, _dq_rows_bf16, _q_rows_bf16, _F.BF16W,
            simd_block=64),
-    _entry(GT.Q4_0, 32, 18, GT.Q8_0, dict(d=0, qs=2),
+    _entry(GT.Q4_0, GT.Q8_0, dict(d=0, qs=2),
            _dq_rows_q4_0, _q_rows_q4_0, _F.Q4_0, repacked=_F.Q4_0x16),
-    _entry(GT.Q4_1, 32, 20, GT.Q8_1, dict(d=0, m=2, qs=4),
+    _entry(GT.Q4_1, GT.Q8_1, dict(d=0, m=2, qs=4),
            _dq_rows_q4_1, _q_rows_q4_1, _F.Q4_1, repacked=_F.Q4_1x16),
-    _entry(GT.Q5_0, 32, 22, GT.Q8_0, dict(d=0, qh=2, qs=6),
+    _entry(GT.Q5_0, GT.Q8_0, dict(d=0, qh=2, qs=6),
            _dq_rows_q5_0, _q_rows_q5_0, _F.Q5_0, repacked=_F.Q5_0x16),
-    _entry(GT.Q5_1, 32, 24, GT.Q8_1, dict(d=0, m=2, qh=4, qs=8),
+    _entry(GT.Q5_1, GT.Q8_1, dict(d=0, m=2, qh=4, qs=8),
            _dq_rows_q5_1, _q_rows_q5_1, _F.Q5_1, repacked=_F.Q5_1x16),
-    _entry(GT.Q8_0, 32, 34, GT.Q8_0, dict(d=0, qs=2),
+    _entry(GT.Q8_0, GT.Q8_0, dict(d=0, qs=2),
            _dq_rows_q8_0, _q_rows_q8_0, _F.Q8_0, repacked=_F.Q8_0x16),
-    _entry(GT.Q2_K, QK_K, 84, GT.Q8_K, dict(scales=0, qs=16, d=80, dmin=82),
+    _entry(GT.Q2_K, GT.Q8_K, dict(scales=0, qs=16, d=80, dmin=82),
            _dq_rows_q2_k, _q_rows_q2_k, _F.Q2_K),
-    _entry(GT.Q3_K, QK_K, 110, GT.Q8_K, dict(hmask=0, qs=32, scales=96, d=108),
+    _entry(GT.Q3_K, GT.Q8_K, dict(hmask=0, qs=32, scales=96, d=108),
            _dq_rows_q3_k, _q_rows_q3_k, _F.Q3_K),
-    _entry(GT.Q4_K, QK_K, 144, GT.Q8_K, dict(d=0, dmin=2, scales=4, qs=16),
+    _entry(GT.Q4_K, GT.Q8_K, dict(d=0, dmin=2, scales=4, qs=16),
            _dq_rows_q4_k, _q_rows_q4_k, _F.Q4_K, repacked=_F.Q4_Kx16),
-    _entry(GT.Q5_K, QK_K, 176, GT.Q8_K, dict(d=0, dmin=2, scales=4, qh=16, qs=48),
+    _entry(GT.Q5_K, GT.Q8_K, dict(d=0, dmin=2, scales=4, qh=16, qs=48),
            _dq_rows_q5_k, _q_rows_q5_k, _F.Q5_K),
-    _entry(GT.Q6_K, QK_K, 210, GT.Q8_K, dict(ql=0, qh=128, scales=192, d=208),
+    _entry(GT.Q6_K, GT.Q8_K, dict(ql=0, qh=128, scales=192, d=208),
            _dq_rows_q6_k, _q_rows_q6_k, _F.Q6_K, repacked=_F.Q6_Kx16),
-    _entry(GT.IQ4_NL, 32, 18, GT.Q8_0, dict(d=0, qs=2),
+    _entry(GT.IQ4_NL, GT.Q8_0, dict(d=0, qs=2),
            _dq_rows_iq4_nl, _q_rows_iq4_nl, _F.IQ4_NL, KVALUES_IQ4NL,
            repacked=_F.IQ4_NLx16),
-    _entry(GT.IQ4_XS, QK_K, 136, GT.Q8_K, dict(d=0, scales_h=2, scales_l=4, qs=8),
+    _entry(GT.IQ4_XS, GT.Q8_K, dict(d=0, scales_h=2, scales_l=4, qs=8),
            _dq_rows_iq4_xs, _q_rows_iq4_xs, _F.IQ4_XS, KVALUES_IQ4NL),
 )}
 
