@@ -92,8 +92,12 @@ def test_attention_gemm_path_in_slices_equals_the_loops(monkeypatch):
     loops = ops._attention_serial(q, kc.q, kc.d, kc.kind, vc.q, vc.d, vc.kind, vc.rot, b.pos, b.seq,
                                   np.float32(0.125), 0, np.float32(0.0), np.empty((n, nh, hd), np.float32))
     monkeypatch.setattr(ops, "_BLAS_SCORES_BYTES", 4 * 3 * (pos0 + n) * 5)     # 5 tokens per slice
+    calls = []
+    gemm = ops._attention_gemm
+    monkeypatch.setattr(ops, "_attention_gemm", lambda *a: calls.append(1) or gemm(*a))
     out = ops.attention(q, kc, vc, b.pos, b.seq, np.float32(0.125), 0, np.float32(0.0),
                         np.empty((n, nh, hd), np.float32))
+    assert calls                                       # the chunk took the matrix-product path
     np.testing.assert_allclose(out, loops, rtol=1e-5, atol=1e-6)
 
 

@@ -434,3 +434,14 @@ def _timed(fn):
     t0 = time.perf_counter()
     fn()
     return time.perf_counter() - t0
+
+
+def test_merge_ranks_by_pair_when_a_merge_line_holds_two_spaces(smollm2):
+    """Merge ranks are keyed by the line "a b" unless some line holds two spaces (a token containing a
+    space); then by the pair split at the first space. Both keyings tokenize alike."""
+    meta, tok, _ = smollm2
+    text = "Hello world, the quick brown fox: 12345 + naïve café!\n  indented"
+    odd = Tokenizer.from_gguf({**meta, "tokenizer.ggml.merges": list(meta["tokenizer.ggml.merges"]) + ["x y z"]})
+    assert tok._rank_table()[1] is True and odd._rank_table()[1] is False
+    assert odd._rank_table()[0][("x", "y z")] == len(meta["tokenizer.ggml.merges"])
+    assert odd.encode(text, add_bos=False) == tok.encode(text, add_bos=False)
