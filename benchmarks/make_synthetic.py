@@ -28,6 +28,12 @@ SHAPES = {
     "tinyllama": dict(n_embd=2048, n_layer=22, n_head=32, n_kv=4, n_ff=5632, n_vocab=32000, rope=10000.0, ctx=2048),
     "smollm2": dict(n_embd=576, n_layer=30, n_head=9, n_kv=3, n_ff=1536, n_vocab=49152, rope=100000.0, ctx=8192,
                     tied=True),
+    # TinyLlama's 22 layers with narrow matrices and a byte vocabulary (259 tokens: a negligible output
+    # head): the per-token cost that does not grow with the weights, fitted over two FFN widths whose
+    # weights all stay in the L3 cache (benchmarks/dispatch_overhead.py)
+    "narrow22": dict(n_embd=256, n_layer=22, n_head=4, n_kv=1, n_ff=256, n_vocab=259, rope=10000.0, ctx=2048),
+    "narrow22ff768": dict(n_embd=256, n_layer=22, n_head=4, n_kv=1, n_ff=768, n_vocab=259, rope=10000.0,
+                          ctx=2048),
     "tiny": dict(n_embd=256, n_layer=2, n_head=4, n_kv=1, n_ff=512, n_vocab=49152, rope=10000.0, ctx=512,
                  tied=True),
 }
@@ -37,6 +43,12 @@ def _vocab_source(n_vocab: int) -> dict:
     """tokenizer.* metadata of a real vocabulary of this size (padded/truncated if needed)."""
     from tinyinfer.gguf import GGUFFile
     root = Path(__file__).resolve().parent.parent
+    if n_vocab == 259:          # SentencePiece-style byte vocabulary: <unk> <s> </s> <0x00>..<0xFF>
+        toks = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)]
+        return {"tokenizer.ggml.model": ("llama", 8), "tokenizer.ggml.tokens": (toks, 9),
+                "tokenizer.ggml.scores": ([0.0] * 259, 9), "tokenizer.ggml.token_type": ([2, 3, 3] + [6] * 256, 9),
+                "tokenizer.ggml.bos_token_id": (1, 4), "tokenizer.ggml.eos_token_id": (2, 4),
+                "tokenizer.ggml.unknown_token_id": (0, 4)}
     if n_vocab == 32000:
         g = GGUFFile(root.parent / "shared" / "reference" / "vocab" / "ggml-vocab-llama-spm.gguf")
     else:

@@ -330,19 +330,6 @@ def quantize_activations(x: np.ndarray, act: str, act16: bool = False, sum_mul: 
     return xr, xr, xr, None
 
 
-def _num_threads() -> int:
-    """numba.get_num_threads() without its per-call launch check (2 us -> 0.2 us)."""
-    global _num_threads
-    nb.get_num_threads()                 # launches the threading layer once
-    try:
-        from numba.np.ufunc.parallel import _get_num_threads as fast
-        fast()
-    except Exception:                    # pragma: no cover - private API moved
-        fast = nb.get_num_threads
-    _num_threads = fast
-    return fast()
-
-
 # ------------------------------------------------------------------ type table
 @dataclass(frozen=True)
 class Tiling:
@@ -800,6 +787,7 @@ class PreparedWeight:
     tail: np.ndarray | None = None     # w[rows - rows % 16:] when packed
     config: KernelConfig = None        # the knobs it was prepared with
     arm: np.ndarray | None = None      # uint8 (rows // 4, nb, group_block_bytes): kernels/arm.py's layout
+    gemv: list | None = field(default=None, repr=False, compare=False)   # a single-row call's plan (_plan)
 
     @property
     def type_name(self) -> str:
@@ -939,15 +927,43 @@ def matmul(pw: PreparedWeight, x: np.ndarray, out: np.ndarray | None = None) -> 
         raise ValueError("matmul: out must not overlap x")
     if n == 0:
         return out
+    return run(pw, x, out)
+
+
+def _plan(pw: PreparedWeight, n: int) -> list:
+    """[layout, leading driver arguments, parallel worth it, serial driver, parallel driver] of a call
+    with n activation rows (the drivers are compiled on first use: filled in by :func:`run`)."""
     cfg = pw.config
-    parallel = pw.nbytes * max(1, n >> 2) >= cfg.parallel_min_bytes and _num_threads() > 1
     if pw.arm is not None:
-        packed, args = "arm", (pw.arm, x, out)
+        packed, a0 = "arm", (pw.arm,)
     else:
         packed = pw.packed is not None and not (n == 1 and pw.info.repacked.kquant and cfg.kgemv)
-        args = (pw.packed, pw.tail, x, out) if packed else (pw.w, x, out)
-    if parallel:
-        _par.call(_driver(pw.info, packed, True, cfg), *args)   # one thread at a time under workqueue
+        a0 = (pw.packed, pw.tail) if packed else (pw.w,)
+    return [packed, a0, pw.nbytes * max(1, n >> 2) >= cfg.parallel_min_bytes, None, None]
+
+
+def run(pw: PreparedWeight, x: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """:func:`matmul` without its argument checks, for the forward pass (per-token cost counts on a
+    Pi): x float32 C-contiguous (n, k), n >= 1; out float32 (n, rows), rows contiguous, its row stride
+    free (a column slice of a wider output). A single-row call's plan is kept on the weight."""
+    n = x.shape[0]
+    p = pw.gemv if n == 1 else None
+    if p is None:
+        p = _plan(pw, n)
+        if n == 1:
+            pw.gemv = p
+    if p[2] and _par.num_threads() > 1:
+        fn = p[4]
+        if fn is None:
+            fn = _driver(pw.info, p[0], True, pw.config)
+            if n == 1:
+                p[4] = fn
+        _par.call(fn, *p[1], x, out)     # one thread at a time under workqueue
     else:
-        _driver(pw.info, packed, False, cfg)(*args)
+        fn = p[3]
+        if fn is None:
+            fn = _driver(pw.info, p[0], False, pw.config)
+            if n == 1:
+                p[3] = fn
+        fn(*p[1], x, out)
     return out

@@ -607,7 +607,7 @@ def attention(q, k, v, pos, seq, scale, window, softcap, out):
             and (seq == seq[0]).all() and (np.diff(pos) == 1).all()):
         return _attention_gemm(q, k, v, int(pos[0]), int(seq[0]), scale, softcap, out)
     args = (q, k.q, k.d, k.kind, v.q, v.d, v.kind, v.rot, pos, seq, scale, window, softcap, out)
-    if n > 1 and nb.get_num_threads() > 1:
+    if n > 1 and _par.num_threads() > 1:
         return _par.call(_attention_parallel, *args)
     return _attention_serial(*args)
 

@@ -51,7 +51,10 @@ class Linear:
                 mm.drop_file_pages(x.data)
 
     def __call__(self, x: np.ndarray, out=None) -> np.ndarray:
-        return mm.matmul(self.w, x, out)
+        """x: float32 C-contiguous (n, k), as the forward pass makes them (no argument checks: mm.run)."""
+        if out is None:
+            out = np.empty((x.shape[0], self.rows), np.float32)
+        return mm.run(self.w, x, out)
 
 
 class FusedLinear:
@@ -76,6 +79,13 @@ class FusedLinear:
     def __call__(self, x: np.ndarray) -> np.ndarray:
         if self.single is not None:
             return self.single(x)
+        if x.shape[0] == 1:     # the parts write into one row (a slice of a 1-row array is contiguous)
+            out = np.empty((1, self.rows), np.float32)
+            lo = 0
+            for p in self.parts:
+                p(x, out[:, lo:lo + p.rows])
+                lo += p.rows
+            return out
         return np.concatenate([p(x) for p in self.parts], axis=1)
 
 
@@ -310,6 +320,7 @@ class Transformer:
         layers = self.layers[lo:hi]
         if not layers:
             return x
+        pos0 = Batch.of(pos0, x.shape[0])              # once per pass, not per layer
         ropes = self.rope_tables(pos0, x.shape[0], cache.n_ctx, layers)
         eps, c0 = self.eps32, cache.first_layer
         xn = ops.rmsnorm(x, layers[0].attn_norm, eps, np.empty_like(x))
