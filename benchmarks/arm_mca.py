@@ -165,39 +165,49 @@ def kernels(type_name: str, kind: str, before: bool, dotprod: bool):
 D, LAYERS, KV, FF, VOCAB = 2048, 22, 256, 5632, 32000
 MATMUL_PARAMS = LAYERS * (2 * D * D + 2 * D * KV + 3 * D * FF) + VOCAB * D
 PI = {"A76": ("Pi 5", 2.4e9, {1: 6e9, 4: 11e9}), "A72": ("Pi 4", 1.8e9, {1: 3.5e9, 4: 4.5e9})}
-# tinyinfer's per-token Python dispatch: 1.2 ms for SmolLM2's 30 layers on the Zen 4 VM
-# (benchmarks/RESULTS.md, profile_step.py) -> 0.9 ms for 22 layers, assumed 4x slower on a
-# Pi 5 and 8x on a Pi 4; llama.cpp's graph overhead taken as 0
-OVERHEAD = {"A76": 3.5e-3, "A72": 7e-3}
+# The per-token cost that does not grow with the weights (Python, dispatch, thread fork/join, graph,
+# barriers), ms on the 2-vCPU Zen 4 VM, tinyinfer vs llama.cpp measured the same way in one run:
+# `python benchmarks/dispatch_overhead.py -t 1,2 -r 7 --llama-bench BIN` (2026-12-01, benchmarks/
+# RESULTS.md). Q4_K: the Q4_K_M files. 4 threads use the 2-thread figure (the VM has 2 cores).
+FIXED_X86 = {  # (type, threads): (tinyinfer, llama.cpp)
+    ("Q4_0", 1): (0.315, 0.096), ("Q4_0", 4): (0.436, 0.204),
+    ("Q8_0", 1): (0.276, 0.115), ("Q8_0", 4): (0.438, 0.167),
+    ("Q4_K", 1): (0.374, 0.139), ("Q4_K", 4): (0.513, 0.230),
+    ("Q6_K", 1): (0.319, 0.153), ("Q6_K", 4): (0.473, 0.208),
+}
+# ... on a Pi, this many times as long as on the VM (assumed for both programs: a Pi 5 core runs
+# Python and C at roughly a quarter of a Zen 4 core's speed, a Pi 4 core an eighth)
+PI_SLOWER = {"A76": 4.0, "A72": 8.0}
 
 
-def estimate(cpu: str, type_name: str, cyc: float, threads: int, overhead: float) -> float:
-    """tokens/s = 1 / (weight bytes / bandwidth + matmul cycles / (clock x threads) + overhead):
+def estimate(cpu: str, type_name: str, cyc: float, threads: int, fixed_ms: float = 0.0) -> float:
+    """tokens/s = 1 / (weight bytes / bandwidth + matmul cycles / (clock x threads) + fixed cost):
     memory and compute not overlapped (a conservative model in which kernel cycles count fully)."""
     from tinyinfer.kernels import quants
     e = quants.type_info(type_name)
     _, hz, bw = PI[cpu]
     t = MATMUL_PARAMS * e.type_size / e.block_size / bw[threads] + MATMUL_PARAMS / e.block_size * cyc / (hz * threads)
-    return 1.0 / (t + overhead)
+    return 1.0 / (t + fixed_ms * 1e-3 * PI_SLOWER[cpu])
 
 
 def print_estimates(measured: dict):
     print(f"\n# tokens/s estimate, 1.1B ({MATMUL_PARAMS / 1e9:.3f} G matmul weights, all of the type); "
           "bandwidth Pi 5 6 / 11 GB/s (1 / 4 threads), Pi 4 3.5 / 4.5; clock 2.4 / 1.8 GHz;")
-    print("# t = bytes / bandwidth + blocks x cycles / (clock x threads) [+ tinyinfer Python overhead "
-          f"{OVERHEAD['A76'] * 1e3:.1f} ms Pi 5, {OVERHEAD['A72'] * 1e3:.1f} ms Pi 4]")
-    print("| Pi | type | threads | llama.cpp t/s | tinyinfer t/s (kernels only) | ratio | "
-          "tinyinfer t/s (+ overhead) | ratio |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("# t = bytes / bandwidth + blocks x cycles / (clock x threads) [+ fixed cost per token: the VM's "
+          f"(FIXED_X86) x {PI_SLOWER['A76']:g} on a Pi 5, x {PI_SLOWER['A72']:g} on a Pi 4, for both programs]")
+    print("| Pi | type | threads | llama.cpp t/s (kernels only) | tinyinfer t/s (kernels only) | ratio | "
+          "fixed ms/token, llama.cpp / tinyinfer | llama.cpp t/s | tinyinfer t/s | ratio |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for (cpu, tn), cyc in measured.items():
         if (cpu, tn) not in LLAMA:
             continue
         for th in (1, 4):
-            ll = estimate(cpu, tn, LLAMA[(cpu, tn)][0], th, 0.0)
-            ours = estimate(cpu, tn, cyc, th, 0.0)
-            ours_o = estimate(cpu, tn, cyc, th, OVERHEAD[cpu])
-            print(f"| {PI[cpu][0]} | {tn} | {th} | {ll:.1f} | {ours:.1f} | {ours / ll:.2f}x | {ours_o:.1f} | "
-                  f"{ours_o / ll:.2f}x |")
+            ll, ours = estimate(cpu, tn, LLAMA[(cpu, tn)][0], th), estimate(cpu, tn, cyc, th)
+            fo, fl = FIXED_X86[(tn, th)]
+            ll_f, ours_f = estimate(cpu, tn, LLAMA[(cpu, tn)][0], th, fl), estimate(cpu, tn, cyc, th, fo)
+            k = PI_SLOWER[cpu]
+            print(f"| {PI[cpu][0]} | {tn} | {th} | {ll:.1f} | {ours:.1f} | {ours / ll:.2f}x | "
+                  f"{fl * k:.1f} / {fo * k:.1f} | {ll_f:.1f} | {ours_f:.1f} | {ours_f / ll_f:.2f}x |")
 
 
 def main(argv=None):

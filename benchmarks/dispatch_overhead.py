@@ -117,6 +117,7 @@ def main(argv=None) -> int:
                 step_ms(m, c, 8)          # compile / warm
             ours, ref = ([], [], []), ([], [], [])
             for _ in range(a.repeats):     # tinyinfer and llama.cpp alternate: noise hits both
+                step_ms(*models[0], 8)     # wake the thread pool and the caches after llama-bench
                 u, v = (step_ms(*mc, a.steps) for mc in models)
                 for lst, val in zip(ours, (u, v, intercept(u, v, b1, b2))):
                     lst.append(val)
