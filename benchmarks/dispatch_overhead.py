@@ -6,7 +6,8 @@ TinyLlama's 22 layers, measured the same way for tinyinfer and llama.cpp.
 
 Two synthetic llama files with 22 layers, narrow matrices and a 259-token vocabulary (``narrow22``:
 n_embd = n_ff = 256; ``narrow22ff768``: n_ff 768; both fit the L3 cache; made by make_synthetic.py on
-first use) decode single tokens: the whole forward pass, output head included, as llama-bench's tg. A
+first use; ``--pure`` quantizations by default, every matrix of the type, as the Pi estimate assumes)
+decode single tokens: the whole forward pass, output head included, as llama-bench's tg. A
 step's time is ``fixed + c * bytes``, ``bytes`` being the matmul weight bytes a token reads (the same for
 both programs: the same files); the two sizes give the intercept ``fixed = (t1 * b2 - t2 * b1) / (b2 - b1)``,
 the per-token cost that benchmarks/arm_mca.py's Pi estimate adds to the kernels' cycles. With threads,
@@ -71,7 +72,9 @@ def llama_bench(binary: str, path, threads, repeats: int) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("types", nargs="*", default=["Q4_0", "Q8_0", "Q4_K_M", "Q6_K"])
+    ap.add_argument("types", nargs="*", default=["Q4_0", "Q8_0", "Q4_K_S", "Q6_K"],
+                    help="file types; with --pure (the default) every matrix is the type's base type")
+    ap.add_argument("--mixed", action="store_true", help="llama-quantize's per-tensor mixes, not --pure")
     ap.add_argument("-t", "--threads", default="1")
     ap.add_argument("-r", "--repeats", type=int, default=7)
     ap.add_argument("--steps", type=int, default=64)
@@ -101,7 +104,7 @@ def main(argv=None) -> int:
                 f"{statistics.median(fixed):.3f} ({min(fixed):.3f}..{max(fixed):.3f}) |")
 
     for ty in a.types:
-        paths = [make_synthetic.ensure(s, ty) for s in SHAPES]
+        paths = [make_synthetic.ensure(s, ty, pure=not a.mixed) for s in SHAPES]
         b1, b2 = (matmul_bytes(p) for p in paths)
         for nt in threads:
             set_threads(nt)

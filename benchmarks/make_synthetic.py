@@ -115,21 +115,23 @@ def write_model(shape: str, out: Path, seed: int = 0) -> Path:
     return out
 
 
-def ensure(shape: str, ftype: str, directory=None) -> Path:
+def ensure(shape: str, ftype: str, directory=None, pure: bool = False) -> Path:
+    """The file of ``shape`` in ``ftype`` (made on first use); ``pure``: every matrix in the type's
+    base type (llama-quantize --pure: no Q6_K output or attn_v of the K mixes)."""
     from tinyinfer.fetch import cache_dir
     d = Path(directory) if directory else cache_dir() / "synthetic"
     d.mkdir(parents=True, exist_ok=True)
-    from tinyinfer.tools.quantize import parse_ftype, quantize_file
+    from tinyinfer.tools.quantize import Options, parse_ftype, quantize_file
     name = parse_ftype(ftype)
     if name is None or name == "COPY":
         raise SystemExit(f"unknown type {ftype!r}")
-    p = d / f"{shape}-synthetic.{name}.gguf"
+    p = d / f"{shape}-synthetic.{name}{'.pure' if pure and name != 'F16' else ''}.gguf"
     if not p.exists():
         tmp = p.with_suffix(".tmp")
         if name == "F16":
             write_model(shape, tmp)
         else:
-            quantize_file(ensure(shape, "F16", d), tmp, name, progress=False)
+            quantize_file(ensure(shape, "F16", d), tmp, name, Options(pure=pure), progress=False)
         tmp.rename(p)
     return p
 

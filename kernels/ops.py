@@ -502,6 +502,16 @@ def _attention_serial(q, kq, kd, kkind, vq, vd, vkind, vrot, pos, seq, scale, wi
     return out
 
 
+@nb.njit(**_fast)
+def decode_attention(qkv, n_head, n_kv, hdk, hdv, q_norm, k_norm, eps, cos, sin, neox, kq, kd, kkind, krot, vq,
+                     vd, vkind, vrot, pos, seq, q, scale, window, softcap, out):
+    """:func:`qkv_store` then the serial :func:`attention` of its tokens, in one call: what a decode
+    step (one token, which :func:`attention` runs serially) does per layer."""
+    qkv_store(qkv, n_head, n_kv, hdk, hdv, q_norm, k_norm, eps, cos, sin, neox, kq, kd, kkind, krot, vq, vd, vkind,
+              vrot, pos, seq, q)
+    return _attention_serial(q, kq, kd, kkind, vq, vd, vkind, vrot, pos, seq, scale, window, softcap, out)
+
+
 @nb.njit(parallel=True, **_fast)
 def _attention_parallel(q, kq, kd, kkind, vq, vd, vkind, vrot, pos, seq, scale, window, softcap, out):
     nkv = kq.shape[2]

@@ -57,28 +57,29 @@ class Linear:
         return mm.run(self.w, x, out)
 
 
-class FusedLinear:
-    """x @ [W1; W2; ...].T as few matmul calls as the tensors' types allow (one when they all match)."""
+def fused_linear(*ts: TensorInfo):
+    """x @ [W1; W2; ...].T in as few matmul calls as the tensors' types allow: one :class:`Linear` when
+    they all match (no wrapper on the per-token path), else a :class:`FusedLinear` of the runs."""
+    ks = {t.shape[0] for t in ts}
+    if len(ks) != 1:
+        raise ModelError(f"{', '.join(t.name for t in ts)}: input sizes differ {sorted(ks)}")
+    runs = [[ts[0]]]
+    for t in ts[1:]:
+        if t.ggml_type == runs[-1][-1].ggml_type:
+            runs[-1].append(t)
+        else:
+            runs.append([t])
+    return Linear(*runs[0]) if len(runs) == 1 else FusedLinear([Linear(*r) for r in runs])
 
-    def __init__(self, *ts: TensorInfo):
-        ks = {t.shape[0] for t in ts}
-        if len(ks) != 1:
-            raise ModelError(f"{', '.join(t.name for t in ts)}: input sizes differ {sorted(ks)}")
-        self.parts = []
-        run = [ts[0]]
-        for t in ts[1:]:
-            if t.ggml_type == run[-1].ggml_type:
-                run.append(t)
-            else:
-                self.parts.append(Linear(*run))
-                run = [t]
-        self.parts.append(Linear(*run))
+
+class FusedLinear:
+    """Projections of different types side by side: one matmul call per part (see :func:`fused_linear`)."""
+
+    def __init__(self, parts):
+        self.parts = parts
         self.rows = sum(p.rows for p in self.parts)
-        self.single = self.parts[0] if len(self.parts) == 1 else None
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        if self.single is not None:
-            return self.single(x)
         if x.shape[0] == 1:     # the parts write into one row (a slice of a 1-row array is contiguous)
             out = np.empty((1, self.rows), np.float32)
             lo = 0
@@ -132,7 +133,7 @@ class Rope:
 class Attention:
     """Self-attention with RoPE, GQA, optional q/k/v biases and an optional per-head q/k RMSNorm.
 
-    wqkv: the q, k and v projections as one matmul (:class:`FusedLinear` or a fused tensor);
+    wqkv: the q, k and v projections as one matmul (:func:`fused_linear` or a fused tensor);
     ``rope_tab`` = the (cos, sin) tables of this pass's positions, computed once per pass, not per layer.
     """
 
@@ -157,11 +158,15 @@ class Attention:
         if self.bqkv is not None:
             qkv += self.bqkv
         q = np.empty((n, p.n_head, p.head_dim_k), np.float32)
-        ops.qkv_store(qkv, p.n_head, p.n_kv_head, p.head_dim_k, p.head_dim_v, self.q_norm, self.k_norm,
-                      self.eps, rope_tab[0], rope_tab[1], self.rope.neox, k_cache.q, k_cache.d, k_cache.kind,
-                      k_cache.rot, v_cache.q, v_cache.d, v_cache.kind, v_cache.rot, b.pos, b.seq, q)
         out = np.empty((n, p.n_head, p.head_dim_v), np.float32)
-        ops.attention(q, k_cache, v_cache, b.pos, b.seq, self.scale, self.window, self.softcap, out)
+        args = (qkv, p.n_head, p.n_kv_head, p.head_dim_k, p.head_dim_v, self.q_norm, self.k_norm,
+                self.eps, rope_tab[0], rope_tab[1], self.rope.neox, k_cache.q, k_cache.d, k_cache.kind,
+                k_cache.rot, v_cache.q, v_cache.d, v_cache.kind, v_cache.rot, b.pos, b.seq, q)
+        if n == 1:      # a decode step: store and attend in one jitted call
+            ops.decode_attention(*args, self.scale, self.window, self.softcap, out)
+        else:
+            ops.qkv_store(*args)
+            ops.attention(q, k_cache, v_cache, b.pos, b.seq, self.scale, self.window, self.softcap, out)
         return self.wo(out.reshape(n, p.n_head * p.head_dim_v))
 
 
@@ -259,7 +264,7 @@ class Transformer:
     def load_qkv(self, w: Weights, il: int):
         """The q, k, v projections as one matmul (separate tensors fused at load)."""
         hp, b = self.hp, f"blk.{il}."
-        return FusedLinear(w.tensor(b + "attn_q.weight", hp.n_embd, hp.n_embd_q),
+        return fused_linear(w.tensor(b + "attn_q.weight", hp.n_embd, hp.n_embd_q),
                            w.tensor(b + "attn_k.weight", hp.n_embd, hp.n_embd_k),
                            w.tensor(b + "attn_v.weight", hp.n_embd, hp.n_embd_v))
 
@@ -271,7 +276,7 @@ class Transformer:
 
     def load_mlp(self, w: Weights, il: int) -> GatedMLP:
         hp, b = self.hp, f"blk.{il}."
-        return GatedMLP(FusedLinear(w.tensor(b + "ffn_gate.weight", hp.n_embd, hp.n_ff),
+        return GatedMLP(fused_linear(w.tensor(b + "ffn_gate.weight", hp.n_embd, hp.n_ff),
                                     w.tensor(b + "ffn_up.weight", hp.n_embd, hp.n_ff)),
                         Linear(w.tensor(b + "ffn_down.weight", hp.n_ff, hp.n_embd)), act=self.act)
 
