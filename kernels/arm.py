@@ -223,6 +223,25 @@ def _per_sub(v: np.ndarray) -> np.ndarray:
     return v.transpose(0, 2, 3, 1).reshape(v.shape[0], v.shape[2], -1)
 
 
+def _per_row4(v: np.ndarray) -> np.ndarray:
+    """(ng, 4, nb, 8) -> (ng, nb, 32): two 16-byte halves (sub-blocks 0-3, 4-7), each the 4 rows' 4
+    values side by side (row r at bytes 4r..4r+3): the weight operand of an sdot by lane."""
+    ng, _, nb, _ = v.shape
+    return v.reshape(ng, 4, nb, 2, 4).transpose(0, 2, 3, 1, 4).reshape(ng, nb, 32)
+
+
+def _from_row4(v: np.ndarray) -> np.ndarray:
+    """Inverse of :func:`_per_row4`: (ng, nb, 32) -> (ng, 4, nb, 8)."""
+    ng, nb, _ = v.shape
+    return v.reshape(ng, nb, 2, 4, 4).transpose(0, 3, 1, 2, 4).reshape(ng, 4, nb, 8)
+
+
+def _k4_scales(b: np.ndarray) -> np.ndarray:
+    """The 48 packed bytes of Q4_Kx4 / Q5_Kx4 per group and super-block from rows ``b`` (ng, 4, nb, .)."""
+    s, m = _k4_unpack_scales(b[..., 4:16])
+    return _pack_6bit(np.concatenate([_per_sub(s), _per_row4(m)], axis=2))
+
+
 def _pack_6bit(v: np.ndarray) -> np.ndarray:
     """(..., 64) values < 64 -> (..., 48) bytes: 32 B of low nibbles (value t and t + 32 in a byte),
     then 16 B of high 2-bit pairs (values t, t + 16, t + 32, t + 48 at bits 0, 2, 4, 6)."""
@@ -241,7 +260,7 @@ def _unpack_6bit(p: np.ndarray) -> np.ndarray:
 
 class Q4_Kx4(Layout4):
     """Per super-block: d[4], dmin[4] (fp16); the 4 rows' 8 scales and 8 mins (6 bits each, value
-    t = scale (t < 32) or min (t >= 32) of sub-block (t % 32) // 4, row t % 4) in 48 B
+    t < 32 = scale of sub-block t // 4, row t % 4; value 32 + t = min in :func:`_per_row4`'s order) in 48 B
     (:func:`_pack_6bit`: two logic ops per 32 values to unpack); qs: 4 x 8 chunks of 16 B: chunk
     (c, i) = rows 0..3's qs[32c + 4i .. +3] (low nibbles: sub-block 2c, high: 2c + 1, as in
     block_q4_K). 576 B = 4 x 144: the bytes of the original rows."""
@@ -250,9 +269,7 @@ class Q4_Kx4(Layout4):
 
     def repack(self, w):
         b = _rows(w, 144)
-        s, m = _k4_unpack_scales(b[..., 4:16])
-        sm = _pack_6bit(np.concatenate([_per_sub(s), _per_sub(m)], axis=2))
-        return _build(b, [(0, 0, 2), (0, 2, 4), (2, 0, 48), (1, 16, 144)], self.group_bytes, sm)
+        return _build(b, [(0, 0, 2), (0, 2, 4), (2, 0, 48), (1, 16, 144)], self.group_bytes, _k4_scales(b))
 
     def unpack(self, p):
         ng, nb, _ = p.shape
@@ -263,7 +280,7 @@ class Q4_Kx4(Layout4):
 
         def rows8(a):
             return a.reshape(ng, nb, 8, 4).transpose(0, 3, 1, 2)
-        sc = _k4_pack_scales(rows8(v[..., :32]), rows8(v[..., 32:]))
+        sc = _k4_pack_scales(rows8(v[..., :32]), _from_row4(v[..., 32:]))
         return np.concatenate([rows2(p[..., 0:8]), rows2(p[..., 8:16]), sc, _unchunks(p[..., 64:], 128)],
                               axis=3).reshape(ng * 4, nb * 144)
 
@@ -276,9 +293,8 @@ class Q5_Kx4(Q4_Kx4):
 
     def repack(self, w):
         b = _rows(w, 176)
-        s, m = _k4_unpack_scales(b[..., 4:16])
-        sm = _pack_6bit(np.concatenate([_per_sub(s), _per_sub(m)], axis=2))
-        return _build(b, [(0, 0, 2), (0, 2, 4), (2, 0, 48), (1, 16, 48), (1, 48, 176)], self.group_bytes, sm)
+        return _build(b, [(0, 0, 2), (0, 2, 4), (2, 0, 48), (1, 16, 48), (1, 48, 176)], self.group_bytes,
+                      _k4_scales(b))
 
     def unpack(self, p):
         ng, nb, _ = p.shape
@@ -568,7 +584,7 @@ def group_kernel(type_name: str, nc: int, dotprod: bool):
                     scv = b.or_(b.and_(lo, _cv(I8, 32, 0x0F)), e.concat(hi2(4), hi2(2)))
                     mnv = b.or_(b.lshr(lo, _cv(I8, 32, 4)), e.concat(hi2(0), hi2(-2)))
                     scj = _widen4_u(e, scv, dotprod)
-                    mnj = _widen4_u(e, mnv, dotprod)
+                    mnh = [e.shuffle(mnv, None, range(16 * h, 16 * h + 16)) for h in range(2)]
                     q5 = type_name == "Q5_K"
                     qo = 192 if q5 else 64
                     qs = [[e.load(bp, c64(qo + 128 * cc + 16 * t), V16) for t in range(8)] for cc in range(4)]
@@ -590,11 +606,12 @@ def group_kernel(type_name: str, nc: int, dotprod: bool):
                             s = dot4(e, [(subs[j][t], xs[t // 4], t % 4) for t in range(8)], dotprod, terms=8)
                             p = b.mul(e.freeze(s), scj[j])
                             isum = p if isum is None else b.add(isum, p)
-                        bs = e.load(xbp, b.add(brow[c], b.mul(i, c64(32))), vec(I32, 8))
-                        corr = None
-                        for j in range(8):
-                            p = b.mul(mnj[j], e.shuffle(bs, None, [j] * 4))
-                            corr = p if corr is None else b.add(corr, p)
+                        # sum_j min_j * bsum_j, bsum = 64 hi + lo (the driver's _bsums_hilo: int8 hi
+                        # of the 8 sums, then lo), as 4 dot products of the rows' mins with them
+                        hl = e.load(xbp, b.add(brow[c], b.mul(i, c64(16))), V16)
+                        chi = dot4(e, [(mnh[0], hl, 0), (mnh[1], hl, 1)], dotprod, terms=8)
+                        clo = dot4(e, [(mnh[0], hl, 2), (mnh[1], hl, 3)], dotprod, terms=8)
+                        corr = b.add(b.shl(chi, _cv(I32, 4, 6)), clo)
                         acc = e.fma(b.sitofp(isum, vec(F32, 4)), e.fmul(dw, e.splat(dx[c], 4)), accs[c])
                         new.append(b.fsub(acc, e.fmul(b.sitofp(corr, vec(F32, 4)), e.fmul(dm, e.splat(dx[c], 4))),
                                           flags=("contract",)))
@@ -686,12 +703,32 @@ _PREP_K = """
     quantize_q8_K(x, xq, xd, xb)"""
 
 
+@nb.njit(cache=True, nogil=True)
+def _bsums_hilo(xb, out):
+    """Q8_K sums per 32 (n, k/32) int32 -> (n, k/256 * 16) int8: per super-block the 8 sums' high parts
+    s >> 6 (-64..63), then their low parts s & 63 (0..63); s = 64 hi + lo (|s| <= 32 * 127)."""
+    n, m = xb.shape
+    for i in range(n):
+        for sb in range(m // 8):
+            for j in range(8):
+                v = xb[i, 8 * sb + j]
+                out[i, 16 * sb + j] = v >> 6
+                out[i, 16 * sb + 8 + j] = v & 63
+
+
+_PREP_HILO = """
+    xh = np.empty((n, k // 256 * 16), np.int8)
+    _arm_bsums_hilo(xb, xh)
+    xb = xh"""
+
+
 def make_driver(type_name: str, parallel: bool):
     """The jitted driver ``f(packed, x, out)`` for a repacked weight (compiled through matmul's _jit)."""
     from . import matmul as mm
     L = LAYOUTS[type_name]
+    mm._arm_bsums_hilo = _bsums_hilo          # a global of the generated driver (matmul's namespace)
     if L.act == "q8_K":
-        prep = _PREP_K
+        prep = _PREP_K + (_PREP_HILO if type_name in ("Q4_K", "Q5_K") else "")
     else:
         prep = mm._prep(mm._TYPES[_ggml_type(type_name)], False, 1) + "\n    xb = xc"
     return mm._jit(_SRC, f"_arm4_{type_name}_x{NC}_d{int(DOTPROD)}", parallel, prep=prep, QK=L.qk, NC=NC,

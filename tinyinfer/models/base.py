@@ -200,16 +200,17 @@ class Block:
         self.attn_norm, self.attn, self.ffn_norm, self.mlp = attn_norm, attn, ffn_norm, mlp
         self.post_attn_norm, self.post_ffw_norm = post_attn_norm, post_ffw_norm
 
-    @staticmethod
-    def _add(x, h, post_norm, next_norm, eps, xn):
-        if post_norm is None:
-            ops.add_rmsnorm(x, h, next_norm, eps, xn)                      # x += h; xn = norm(x)
-        else:
-            ops.add_normed_rmsnorm(x, h, post_norm, next_norm, eps, xn)    # x += norm(h); xn = norm(x)
-
     def __call__(self, x, xn, next_norm, k_cache, v_cache, pos0, rope_tab, eps):
-        self._add(x, self.attn(xn, k_cache, v_cache, pos0, rope_tab), self.post_attn_norm, self.ffn_norm, eps, xn)
-        self._add(x, self.mlp(xn), self.post_ffw_norm, next_norm, eps, xn)
+        h = self.attn(xn, k_cache, v_cache, pos0, rope_tab)
+        if self.post_attn_norm is None:
+            ops.add_rmsnorm(x, h, self.ffn_norm, eps, xn)                          # x += h; xn = norm(x)
+        else:
+            ops.add_normed_rmsnorm(x, h, self.post_attn_norm, self.ffn_norm, eps, xn)   # x += norm(h); ...
+        h = self.mlp(xn)
+        if self.post_ffw_norm is None:
+            ops.add_rmsnorm(x, h, next_norm, eps, xn)
+        else:
+            ops.add_normed_rmsnorm(x, h, self.post_ffw_norm, next_norm, eps, xn)
 
 
 class Transformer:
