@@ -23,10 +23,14 @@ Two flavours of the same layouts, picked when the kernels are built (:data:`DOTP
 Nibble storage: Q4_0 quants are stored XOR 0x88, so ``v << 4`` and ``v & 0xF0`` are the
 signed low / high quants times 16 (one logic op each, no -8; the 16 goes into the
 fixed-point convert, ``scvtf #4``), and ``v >> 4`` (arithmetic) the signed high quant.
-Q4_K keeps unsigned nibbles (``and`` / ``ushr``): no -8 and no correction, its 6-bit
-scales and mins unpacked at repack time to bytes (16 B per row per super-block instead of
-12) that the kernel widens in vector registers. Q6_K: 4-bit and 2-bit parts in separate
-arrays, chunked the same way.
+Q4_K keeps unsigned nibbles (``and`` / ``ushr``): no -8 and no correction. Its 6-bit scales
+and mins are regrouped at repack time (the same 12 B per row and super-block, two logic ops per
+32 values to unpack): the scales of a sub-block's 4 rows side by side, widened in vector
+registers (``tbl`` on the A76) for one ``mla`` per sub-block; the mins in the order of an
+``sdot`` by lane, so that the mins x Q8_K sums term is four dot products with the sums' int8
+high and low parts (the driver splits each sum s = 64 hi + lo). Q6_K: 4-bit and 2-bit parts in
+separate arrays, chunked the same way. Q8_0 (and Q6_K without dot product) GEMV loops take two
+blocks per iteration (:data:`UNROLL`).
 
 Measure with ``benchmarks/arm_mca.py`` (llvm-mca cycles per block, next to llama.cpp's).
 """
