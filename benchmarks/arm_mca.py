@@ -167,13 +167,13 @@ MATMUL_PARAMS = LAYERS * (2 * D * D + 2 * D * KV + 3 * D * FF) + VOCAB * D
 PI = {"A76": ("Pi 5", 2.4e9, {1: 6e9, 4: 11e9}), "A72": ("Pi 4", 1.8e9, {1: 3.5e9, 4: 4.5e9})}
 # The per-token cost that does not grow with the weights (Python, dispatch, thread fork/join, graph,
 # barriers), ms on the 2-vCPU Zen 4 VM, tinyinfer vs llama.cpp measured the same way in one run:
-# `python benchmarks/dispatch_overhead.py -t 1,2 -r 7 --llama-bench BIN` (2026-12-01, benchmarks/
-# RESULTS.md). Q4_K: the Q4_K_M files. 4 threads use the 2-thread figure (the VM has 2 cores).
+# `python benchmarks/dispatch_overhead.py -t 1,2 -r 15 --llama-bench BIN` (2026-12-01, --pure files;
+# medians; benchmarks/RESULTS.md). 4 threads use the 2-thread figures (the VM has 2 cores).
 FIXED_X86 = {  # (type, threads): (tinyinfer, llama.cpp)
-    ("Q4_0", 1): (0.315, 0.096), ("Q4_0", 4): (0.436, 0.204),
-    ("Q8_0", 1): (0.276, 0.115), ("Q8_0", 4): (0.438, 0.167),
-    ("Q4_K", 1): (0.374, 0.139), ("Q4_K", 4): (0.513, 0.230),
-    ("Q6_K", 1): (0.319, 0.153), ("Q6_K", 4): (0.473, 0.208),
+    ("Q4_0", 1): (0.186, 0.106), ("Q4_0", 4): (0.620, 0.433),
+    ("Q8_0", 1): (0.155, 0.103), ("Q8_0", 4): (0.412, 0.153),
+    ("Q4_K", 1): (0.318, 0.122), ("Q4_K", 4): (0.431, 0.219),
+    ("Q6_K", 1): (0.266, 0.139), ("Q6_K", 4): (0.425, 0.184),
 }
 # ... on a Pi, this many times as long as on the VM (assumed for both programs: a Pi 5 core runs
 # Python and C at roughly a quarter of a Zen 4 core's speed, a Pi 4 core an eighth)

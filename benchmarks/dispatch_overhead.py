@@ -13,7 +13,8 @@ both programs: the same files); the two sizes give the intercept ``fixed = (t1 *
 the per-token cost that benchmarks/arm_mca.py's Pi estimate adds to the kernels' cycles. With threads,
 every matmul of ours runs its parallel driver, as a 1.1B model's do. Each repeat times tinyinfer
 (``--steps`` tokens per file) and then ``llama-bench -p 0 -n 64 -r 1`` on the same two files, so the
-machine's noise hits both; the table gives medians over ``-r`` repeats and the intercepts' spread.
+machine's noise hits both; the table gives medians over ``-r`` repeats and the intercepts' spread, and the
+median of the per-repeat differences (two threads on this 2-vCPU VM are noisy: the pairs cancel most of it).
 """
 
 from __future__ import annotations
@@ -95,7 +96,8 @@ def main(argv=None) -> int:
 
     cols = "| type | threads | tinyinfer ms/token, ff 256 / 768 | tinyinfer fixed ms/token (min..max) |"
     if a.llama_bench:
-        cols += " llama.cpp ms/token, ff 256 / 768 | llama.cpp fixed ms/token (min..max) |"
+        cols += (" llama.cpp ms/token, ff 256 / 768 | llama.cpp fixed ms/token (min..max) |"
+                 " difference, paired (min..max) |")
     print(cols)
     print("|" + " --- |" * (cols.count("|") - 1))
 
@@ -128,7 +130,11 @@ def main(argv=None) -> int:
                     u, v = (llama_bench(a.llama_bench, p, [nt], 1)[nt] for p in paths)
                     for lst, val in zip(ref, (u, v, intercept(u, v, b1, b2))):
                         lst.append(val)
-            print(f"| {ty} | {nt} |" + fmt(*ours) + (fmt(*ref) if a.llama_bench else ""), flush=True)
+            row = f"| {ty} | {nt} |" + fmt(*ours)
+            if a.llama_bench:     # per repeat, ours - llama.cpp's: the noise of the moment cancels
+                d = [o - r for o, r in zip(ours[2], ref[2])]
+                row += fmt(*ref) + f" {statistics.median(d):.3f} ({min(d):.3f}..{max(d):.3f}) |"
+            print(row, flush=True)
     return 0
 
 
