@@ -1,6 +1,9 @@
 """tinyinfer kernels: numba-jitted quantized matmuls, formats, ops. Importing the package makes numba
-load cached kernels without refreshing its registries first (jitcache.py)."""
+load cached kernels without refreshing its registries first (jitcache.py) and keeps the forward pass's
+temporaries in glibc's heap (heap.py)."""
 
+from . import heap as _heap
 from . import jitcache as _jitcache
 
 _jitcache.install()
+_heap.tune()

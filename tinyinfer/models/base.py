@@ -214,8 +214,8 @@ class Block:
             ops.add_normed_rmsnorm(x, h, post_norm, next_norm, eps, xn)    # x += norm(h); xn = norm(x)
 
     def __call__(self, x, xn, next_norm, k_cache, v_cache, pos0, rope_tab, eps):
-        # the sublayer outputs are temporaries: holding the attention output in a local while the MLP
-        # runs costs a 1.1B prompt pass 10% (pp128, glibc's allocator then maps the MLP's buffers anew)
+        # the sublayer outputs stay temporaries: with the attention output held in a local through the
+        # MLP, glibc mapped the MLP's buffers anew on each pass (a 1.1B pp128 10% slower; kernels/heap.py)
         self._add(x, self.attn(xn, k_cache, v_cache, pos0, rope_tab), self.post_attn_norm, self.ffn_norm, eps, xn)
         self._add(x, self.mlp(xn), self.post_ffw_norm, next_norm, eps, xn)
 
