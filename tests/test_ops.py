@@ -1,5 +1,6 @@
 """The non-matmul kernels (kernels/ops.py) against plain numpy references."""
 
+import os
 import math
 
 import numpy as np
@@ -277,3 +278,19 @@ def test_qkv_store(neox, norm):
     np.testing.assert_allclose(kc[rows], ref_rope(rk, pos, hd, 10000.0, neox).astype(np.float16).astype(np.float32),
                                rtol=1e-3, atol=1e-3)
     np.testing.assert_array_equal(vc[rows], rv.astype(np.float16).astype(np.float32))
+
+
+def test_heap_thresholds_set_on_glibc():
+    """kernels/heap.py: glibc takes the fixed mmap / trim thresholds at import; glibc's own environment
+    variable wins (nothing set then)."""
+    import platform
+    import subprocess
+    import sys
+    code = "import tinyinfer.kernels.heap as h; print(h.tune())"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    if platform.libc_ver()[0] == "glibc":
+        assert out.stdout.strip() == "True"
+    env["MALLOC_MMAP_THRESHOLD_"] = str(1 << 20)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert out.stdout.strip() == "False"
