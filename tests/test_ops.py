@@ -1,7 +1,7 @@
 """The non-matmul kernels (kernels/ops.py) against plain numpy references."""
 
-import os
 import math
+import os
 
 import numpy as np
 import pytest
