@@ -20,8 +20,9 @@ median of the per-repeat differences (two threads on this 2-vCPU VM are noisy: t
 from __future__ import annotations
 
 import argparse
+import csv
+import io
 import os
-import re
 import statistics
 import subprocess
 import sys
@@ -57,18 +58,12 @@ def intercept(t1, t2, b1, b2) -> float:
     return (t1 * b2 - t2 * b1) / (b2 - b1)
 
 
-def llama_bench(binary: str, path, threads, repeats: int) -> dict:
-    """{threads: ms per token} from llama-bench's tg64 on ``path``."""
-    out = subprocess.run([binary, "-m", str(path), "-p", "0", "-n", "64", "-r", str(repeats),
-                          "-t", ",".join(map(str, threads)), "-o", "csv"],
-                         capture_output=True, text=True, check=True).stdout
-    lines = [ln for ln in out.splitlines() if ln.strip()]
-    head = [h.strip('"') for h in lines[0].split(",")]
-    res = {}
-    for ln in lines[1:]:
-        row = dict(zip(head, (v.strip('"') for v in re.split(r",(?=(?:[^\"]*\"[^\"]*\")*[^\"]*$)", ln))))
-        res[int(row["n_threads"])] = 1e3 / float(row["avg_ts"])
-    return res
+def llama_bench_ms(binary: str, path, threads: int) -> float:
+    """ms per token of one llama-bench tg64 run on ``path``."""
+    out = subprocess.run([binary, "-m", str(path), "-p", "0", "-n", "64", "-r", "1", "-t", str(threads),
+                          "-o", "csv"], capture_output=True, text=True, check=True).stdout
+    row = next(csv.DictReader(io.StringIO(out)))
+    return 1e3 / float(row["avg_ts"])
 
 
 def main(argv=None) -> int:
@@ -127,7 +122,7 @@ def main(argv=None) -> int:
                 for lst, val in zip(ours, (u, v, intercept(u, v, b1, b2))):
                     lst.append(val)
                 if a.llama_bench:
-                    u, v = (llama_bench(a.llama_bench, p, [nt], 1)[nt] for p in paths)
+                    u, v = (llama_bench_ms(a.llama_bench, p, nt) for p in paths)
                     for lst, val in zip(ref, (u, v, intercept(u, v, b1, b2))):
                         lst.append(val)
             row = f"| {ty} | {nt} |" + fmt(*ours)

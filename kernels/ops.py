@@ -503,11 +503,10 @@ def _attention_serial(q, kq, kd, kkind, vq, vd, vkind, vrot, pos, seq, scale, wi
 
 
 @nb.njit(**_fast)
-def decode_attention(qkv, cos, sin, pos, seq, q, out, n_head, n_kv, hdk, hdv, q_norm, k_norm, eps, neox, kq, kd,
-                     kkind, krot, vq, vd, vkind, vrot, scale, window, softcap):
+def decode_attention(qkv, n_head, n_kv, hdk, hdv, q_norm, k_norm, eps, cos, sin, neox, kq, kd, kkind, krot, vq,
+                     vd, vkind, vrot, pos, seq, q, scale, window, softcap, out):
     """:func:`qkv_store` then the serial :func:`attention` of its tokens, in one call: what a decode
-    step (one token, which :func:`attention` runs serially) does per layer. The per-token arguments
-    first, then the layer's fixed ones (the caller keeps them in one tuple)."""
+    step (one token, which :func:`attention` runs serially) does per layer."""
     qkv_store(qkv, n_head, n_kv, hdk, hdv, q_norm, k_norm, eps, cos, sin, neox, kq, kd, kkind, krot, vq, vd, vkind,
               vrot, pos, seq, q)
     return _attention_serial(q, kq, kd, kkind, vq, vd, vkind, vrot, pos, seq, scale, window, softcap, out)

@@ -147,7 +147,6 @@ class Attention:
         self.scale = np.float32(1.0 / math.sqrt(hp.head_dim_k) if scale is None else scale)
         self.softcap = np.float32(softcap)
         self.eps = np.float32(hp.eps)
-        self._decode_args = None     # (k store, v store, decode_attention's fixed arguments for them)
 
     def __call__(self, h, k_cache, v_cache, pos0, rope_tab):
         """k_cache, v_cache: this layer's :class:`~tinyinfer.kvcache.KVStore`; pos0: the first position
@@ -160,18 +159,13 @@ class Attention:
             qkv += self.bqkv
         q = np.empty((n, p.n_head, p.head_dim_k), np.float32)
         out = np.empty((n, p.n_head, p.head_dim_v), np.float32)
-        if n == 1:      # a decode step: store and attend in one jitted call, its fixed arguments kept
-            st = self._decode_args
-            if st is None or st[0] is not k_cache or st[1] is not v_cache:
-                st = self._decode_args = (k_cache, v_cache, (
-                    p.n_head, p.n_kv_head, p.head_dim_k, p.head_dim_v, self.q_norm, self.k_norm, self.eps,
-                    self.rope.neox, k_cache.q, k_cache.d, k_cache.kind, k_cache.rot, v_cache.q, v_cache.d,
-                    v_cache.kind, v_cache.rot, self.scale, self.window, self.softcap))
-            ops.decode_attention(qkv, rope_tab[0], rope_tab[1], b.pos, b.seq, q, out, *st[2])
+        args = (qkv, p.n_head, p.n_kv_head, p.head_dim_k, p.head_dim_v, self.q_norm, self.k_norm,
+                self.eps, rope_tab[0], rope_tab[1], self.rope.neox, k_cache.q, k_cache.d, k_cache.kind,
+                k_cache.rot, v_cache.q, v_cache.d, v_cache.kind, v_cache.rot, b.pos, b.seq, q)
+        if n == 1:      # a decode step: store and attend in one jitted call
+            ops.decode_attention(*args, self.scale, self.window, self.softcap, out)
         else:
-            ops.qkv_store(qkv, p.n_head, p.n_kv_head, p.head_dim_k, p.head_dim_v, self.q_norm, self.k_norm,
-                          self.eps, rope_tab[0], rope_tab[1], self.rope.neox, k_cache.q, k_cache.d, k_cache.kind,
-                          k_cache.rot, v_cache.q, v_cache.d, v_cache.kind, v_cache.rot, b.pos, b.seq, q)
+            ops.qkv_store(*args)
             ops.attention(q, k_cache, v_cache, b.pos, b.seq, self.scale, self.window, self.softcap, out)
         return self.wo(out.reshape(n, p.n_head * p.head_dim_v))
 
