@@ -170,10 +170,10 @@ PI = {"A76": ("Pi 5", 2.4e9, {1: 6e9, 4: 11e9}), "A72": ("Pi 4", 1.8e9, {1: 3.5e
 # `python benchmarks/dispatch_overhead.py -t 1,2 -r 15 --llama-bench BIN` (2026-12-01, --pure files;
 # medians; benchmarks/RESULTS.md). 4 threads use the 2-thread figures (the VM has 2 cores).
 FIXED_X86 = {  # (type, threads): (tinyinfer, llama.cpp)
-    ("Q4_0", 1): (0.277, 0.101), ("Q4_0", 4): (0.412, 0.195),
-    ("Q8_0", 1): (0.208, 0.092), ("Q8_0", 4): (0.396, 0.139),
-    ("Q4_K", 1): (0.301, 0.119), ("Q4_K", 4): (0.433, 0.210),
-    ("Q6_K", 1): (0.260, 0.140), ("Q6_K", 4): (0.437, 0.187),
+    ("Q4_0", 1): (0.278, 0.099), ("Q4_0", 4): (0.417, 0.196),
+    ("Q8_0", 1): (0.158, 0.050), ("Q8_0", 4): (0.373, 0.107),
+    ("Q4_K", 1): (0.319, 0.127), ("Q4_K", 4): (0.457, 0.217),
+    ("Q6_K", 1): (0.263, 0.123), ("Q6_K", 4): (0.426, 0.175),
 }
 # ... on a Pi, this many times as long as on the VM (assumed for both programs: a Pi 5 core runs
 # Python and C at roughly a quarter of a Zen 4 core's speed, a Pi 4 core an eighth)
