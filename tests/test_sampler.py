@@ -78,14 +78,15 @@ def test_params_defaults_match_llama_cpp():
 
 
 def test_params_aliases_and_validation():
-    p = SamplerParams.from_kwargs(temp=0.5, penalty_repeat=1.1, penalty_last_n=32, typ_p=0.9,
-                                  penalty_freq=0.2, penalty_present=0.3)
+    from tinyinfer.options import build
+    p = build("llama.cpp", dict(temp=0.5, penalty_repeat=1.1, penalty_last_n=32, typ_p=0.9,
+                                penalty_freq=0.2, penalty_present=0.3)).sampler
     assert (p.temperature, p.repeat_penalty, p.repeat_last_n, p.typical_p) == (0.5, 1.1, 32, 0.9)
     assert (p.frequency_penalty, p.presence_penalty) == (0.2, 0.3)
+    with pytest.raises(TypeError, match="tempreature"):
+        build("llama.cpp", dict(tempreature=0.5))
     with pytest.raises(TypeError):
-        SamplerParams.from_kwargs(tempreature=0.5)
-    with pytest.raises(TypeError):
-        SamplerParams.from_kwargs(temp=0.5, temperature=0.6)
+        build("llama.cpp", dict(temp=0.5, temperature=0.6))
     with pytest.raises(ValueError):
         SamplerParams(mirostat=3)
     with pytest.raises(ValueError):

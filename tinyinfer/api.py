@@ -14,7 +14,7 @@ from .chat import ChatFormatter, chat_prompt_ids
 from .engine import Engine, Step
 from .grammar import Grammar, grammar_for_response_format
 from .toolcall import ToolSet, ToolStream
-from .sampler import SamplerParams
+from .options import GenOptions, build
 
 #: llama-cpp-python's name for a grammar object: ``LlamaGrammar.from_string(gbnf)``,
 #: ``LlamaGrammar.from_file(path)``, ``LlamaGrammar.from_json_schema(schema)``.
@@ -26,11 +26,17 @@ class Llama:
                  seed: int = -1, vocab_only: bool = False, logits_all: bool = False, verbose: bool = True,
                  chat_format: Optional[str] = None, split: int = 1,
                  cache_type_k: str = "f16", cache_type_v: str = "f16",
-                 type_k=None, type_v=None, context_shift: bool = False, n_keep: int = 0, **_ignored):
-        """cache_type_k / cache_type_v: the KV cache's types, "f16" (default), "q8_0" or "q4_0" (``type_k`` /
+                 type_k=None, type_v=None, context_shift: bool = False, n_keep: int = 0,
+                 n_gpu_layers: int = 0, use_mmap: bool = True, use_mlock: bool = False, n_ubatch: int = 512,
+                 n_threads_batch: Optional[int] = None, embedding: bool = False, flash_attn: bool = False):
+        """llama-cpp-python's keywords; another name is a TypeError.
+
+        cache_type_k / cache_type_v: the KV cache's types, "f16" (default), "q8_0" or "q4_0" (``type_k`` /
         ``type_v``, llama-cpp-python's names, take those names or ggml type numbers 1, 8, 2).
         context_shift: when a generation fills the context, drop the oldest tokens after ``n_keep``
-        (-1 = the whole prompt) and go on, as llama.cpp does."""
+        (-1 = the whole prompt) and go on, as llama.cpp does. Accepted for llama-cpp-python's sake, with
+        no effect here (CPU only, weights always mmapped, one batch size, embeddings always available):
+        n_gpu_layers, use_mmap, use_mlock, n_ubatch, n_threads_batch, embedding, flash_attn."""
         self.model_path = str(model_path)
         self.verbose = verbose
         self.seed = seed
@@ -38,7 +44,8 @@ class Llama:
                               vocab_only=vocab_only, logits_all=logits_all, verbose=verbose,
                               type_k=_cache_type(type_k if type_k is not None else cache_type_k),
                               type_v=_cache_type(type_v if type_v is not None else cache_type_v),
-                              context_shift=context_shift, n_keep=n_keep, split=split)
+                              defaults=GenOptions(context_shift=context_shift, n_keep=n_keep), split=split)
+        self.n_threads = self._engine.n_threads
         tok = self._engine.tokenizer
         self.metadata = {k: v for k, v in self._engine.gguf.metadata.items() if isinstance(v, (str, int, float))}
         self.chat_formatter = ChatFormatter.for_tokenizer(self._engine.gguf.metadata, tok, chat_format)
@@ -122,69 +129,51 @@ class Llama:
         tok = self._engine.tokenizer
         return tok.encode(prompt, add_bos=tok.add_bos, special=special)
 
-    def create_completion(self, prompt: Union[str, List[int]], suffix: Optional[str] = None, max_tokens: Optional[int] = 16,
-                          temperature: float = 0.8, top_p: float = 0.95, min_p: float = 0.05, typical_p: float = 1.0,
-                          logprobs: Optional[int] = None, echo: bool = False, stop: Optional[Union[str, List[str]]] = None,
-                          frequency_penalty: float = 0.0, presence_penalty: float = 0.0, repeat_penalty: float = 1.0,
-                          top_k: int = 40, stream: bool = False, seed: Optional[int] = None,
-                          mirostat_mode: int = 0, mirostat_tau: float = 5.0, mirostat_eta: float = 0.1,
-                          model: Optional[str] = None, logit_bias: Optional[dict] = None, repeat_last_n: int = 64,
-                          special: bool = True, grammar: Optional[Grammar] = None, **_ignored):
-        if grammar is not None and not isinstance(grammar, Grammar):
-            raise TypeError(f"grammar must be a LlamaGrammar, got {type(grammar).__name__}")
-        it = self._completion_chunks(prompt, suffix, max_tokens, temperature, top_p, min_p, typical_p, logprobs, echo,
-                                     stop, frequency_penalty, presence_penalty, repeat_penalty, top_k, seed,
-                                     mirostat_mode, mirostat_tau, mirostat_eta, model, logit_bias, repeat_last_n,
-                                     special, grammar)
+    def _options(self, dialect: str, options: dict) -> GenOptions:
+        o = build(dialect, options, defaults={"seed": self.seed})
+        if o.grammar is not None and not isinstance(o.grammar, Grammar):
+            raise TypeError(f"grammar must be a LlamaGrammar, got {type(o.grammar).__name__}")
+        return o
+
+    def create_completion(self, prompt: Union[str, List[int]], suffix: Optional[str] = None, *, echo: bool = False,
+                          stream: bool = False, model: Optional[str] = None, special: bool = True, **options):
+        """llama-cpp-python's create_completion; ``options``: max_tokens (16), temperature (0.8), top_p,
+        min_p, typical_p, top_k, logprobs, stop, frequency_penalty, presence_penalty, repeat_penalty,
+        seed, mirostat_mode, mirostat_tau, mirostat_eta, logit_bias, repeat_last_n, grammar,
+        logits_processor (tinyinfer/options.py: NAMES["llama_cpp"], DEFAULTS). Another name: TypeError."""
+        return self._complete(prompt, self._options("llama_cpp", options), suffix, echo, stream, model, special)
+
+    def _complete(self, prompt, opts: GenOptions, suffix=None, echo=False, stream=False, model=None, special=True):
+        prompt_ids = self._prompt_ids(prompt, special)
+        echo_text = None
+        if echo:
+            echo_text = prompt if isinstance(prompt, str) else self._engine.tokenizer.decode(prompt_ids)
+        it = self._chunks(prompt_ids, opts, model=model or self.model_path, echo_text=echo_text, suffix=suffix)
         if stream:
             return it
         chunks = list(it)
         return merge_completion(chunks, dict(self._last_usage))
 
-    def _completion_chunks(self, prompt, suffix, max_tokens, temperature, top_p, min_p, typical_p, logprobs, echo,
-                           stop, frequency_penalty, presence_penalty, repeat_penalty, top_k, seed, mirostat_mode,
-                           mirostat_tau, mirostat_eta, model, logit_bias, repeat_last_n, special,
-                           grammar=None) -> Iterator[dict]:
-        prompt_ids = self._prompt_ids(prompt, special)
-        if seed is None:
-            seed = self.seed
-        params = SamplerParams(
-            temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, typical_p=typical_p,
-            repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n, presence_penalty=presence_penalty,
-            frequency_penalty=frequency_penalty, mirostat=mirostat_mode, mirostat_tau=mirostat_tau,
-            mirostat_eta=mirostat_eta, seed=None if seed is None or seed < 0 else seed, logit_bias=logit_bias)
-        echo_text = None
-        if echo:
-            echo_text = prompt if isinstance(prompt, str) else self._engine.tokenizer.decode(prompt_ids)
+    def _chunks(self, prompt_ids, opts: GenOptions, **shape) -> Iterator[dict]:
         stats = GenStats()
-        yield from completion_chunks(self._engine, prompt_ids, params, max_tokens=max_tokens, stop=stop,
-                                     logprobs=logprobs, model=model or self.model_path, echo_text=echo_text,
-                                     suffix=suffix, stats=stats, grammar=grammar)
+        yield from completion_chunks(self._engine, prompt_ids, opts, stats=stats, **shape)
         self._last_usage = stats.usage()
         if self.verbose:
             print(self._engine.timings.report(), file=sys.stderr)
 
     # -- chat ------------------------------------------------------------------------
-    def create_chat_completion(self, messages: List[dict], temperature: float = 0.2, top_p: float = 0.95,
-                               top_k: int = 40, min_p: float = 0.05, typical_p: float = 1.0, stream: bool = False,
-                               stop: Optional[Union[str, List[str]]] = None, seed: Optional[int] = None,
-                               max_tokens: Optional[int] = None, presence_penalty: float = 0.0,
-                               frequency_penalty: float = 0.0, repeat_penalty: float = 1.0,
-                               mirostat_mode: int = 0, mirostat_tau: float = 5.0, mirostat_eta: float = 0.1,
-                               model: Optional[str] = None, logit_bias: Optional[dict] = None,
-                               logprobs: Optional[bool] = None, top_logprobs: Optional[int] = None,
-                               response_format: Optional[dict] = None, grammar: Optional[Grammar] = None,
-                               tools: Optional[List[dict]] = None, tool_choice=None, **_ignored):
+    def create_chat_completion(self, messages: List[dict], *, stream: bool = False, model: Optional[str] = None,
+                               response_format: Optional[dict] = None, tools: Optional[List[dict]] = None,
+                               tool_choice=None, **options):
+        """llama-cpp-python's create_chat_completion; ``options`` as create_completion's (temperature 0.2,
+        max_tokens None: until the end or the context is full) plus logprobs (bool) / top_logprobs."""
+        opts = self._options("llama_cpp_chat", options)
         ids, req_grammar, toolset = prepare_chat(self.chat_formatter, self._engine.tokenizer, messages, tools,
                                                  tool_choice, response_format)
-        grammar = grammar or req_grammar
-        chunks = self.create_completion(
-            ids, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
-            typical_p=typical_p, stream=True, stop=stop, seed=seed, presence_penalty=presence_penalty,
-            frequency_penalty=frequency_penalty, repeat_penalty=repeat_penalty, mirostat_mode=mirostat_mode,
-            mirostat_tau=mirostat_tau, mirostat_eta=mirostat_eta, model=model, logit_bias=logit_bias,
-            logprobs=(top_logprobs or 0) if logprobs else None, grammar=grammar)
-        it = tool_chat_chunks(_chat_chunks(chunks), toolset)
+        if opts.grammar is None and req_grammar is not None:
+            opts = GenOptions.of(opts, grammar=req_grammar)
+        chunks = self._chunks(ids, opts, model=model or self.model_path)
+        it = tool_chat_chunks(chat_chunks(chunks), toolset)
         if stream:
             return it
         return merge_chat(list(it), dict(self._last_usage))
@@ -274,24 +263,22 @@ class GenStats:
                 "total_tokens": self.prompt_tokens + self.completion_tokens}
 
 
-def completion_chunks(engine: Engine, prompt_ids: List[int], params: SamplerParams, *,
-                      max_tokens: Optional[int] = 16, stop=None, logprobs: Optional[int] = None,
-                      model: str = "", echo_text: Optional[str] = None, suffix: Optional[str] = None,
+def completion_chunks(engine: Engine, prompt_ids: List[int], options, *, model: str = "",
+                      echo_text: Optional[str] = None, suffix: Optional[str] = None,
                       stats: Optional[GenStats] = None, cid: Optional[str] = None,
-                      created: Optional[int] = None, **generate_kwargs) -> Iterator[dict]:
-    """OpenAI ``text_completion`` chunks for one run of :meth:`Engine.generate`.
+                      created: Optional[int] = None) -> Iterator[dict]:
+    """OpenAI ``text_completion`` chunks for one run of :meth:`Engine.generate` with ``options`` (a
+    :class:`~tinyinfer.options.GenOptions`, or a SamplerParams).
 
     One chunk per step that produced text or logprobs, the last one with ``finish_reason``.
     ``stats`` (if given) is filled as the run goes; closing the iterator stops generation.
-    ``max_tokens`` None or <= 0: until the context is full.
     """
+    opts = GenOptions.of(options)
+    logprobs = opts.logprobs
     cid = cid or f"cmpl-{uuid.uuid4()}"
     created = int(time.time()) if created is None else created
     stats = stats if stats is not None else GenStats()
     stats.prompt_tokens = len(prompt_ids)
-    stops = [stop] if isinstance(stop, str) else list(stop or [])
-    if max_tokens is None or max_tokens <= 0:
-        max_tokens = -1
     tok = engine.tokenizer
     offset = 0
     if echo_text:
@@ -301,8 +288,7 @@ def completion_chunks(engine: Engine, prompt_ids: List[int], params: SamplerPara
     t_first = None
     # generation time counts from the end of prompt processing: the first token's sampling
     # belongs to it, so gen_s > 0 even for a single token (tokens/s never divides by zero)
-    for step in engine.generate(prompt_ids, params, max_tokens=max_tokens, stop=stops, logprobs=logprobs,
-                                **generate_kwargs):
+    for step in engine.generate(prompt_ids, opts):
         now = time.perf_counter()
         if t_first is None:
             t_first = now
@@ -359,7 +345,6 @@ def merge_completion(chunks: list, usage: Optional[dict] = None) -> dict:
             "usage": usage}
 
 
-_merge_completion = merge_completion
 
 
 def _chat_logprobs(lp: Optional[dict]) -> Optional[dict]:
@@ -394,7 +379,6 @@ def chat_chunks(chunks: Iterator[dict]) -> Iterator[dict]:
                                         "finish_reason": ch["finish_reason"], **_truncated([c])}]}
 
 
-_chat_chunks = chat_chunks
 
 
 def merge_chat(parts: list, usage: Optional[dict] = None) -> dict:

@@ -102,22 +102,23 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("-p", "--prompt", help="prompt text")
     ap.add_argument("-f", "--file", help="read the prompt from a file")
     ap.add_argument("-e", "--escape", action="store_true", help="process escapes (\\n, \\t, \\', \\\", \\\\) in the prompt")
-    ap.add_argument("-n", "--n-predict", type=int, default=-1, help="tokens to predict (-1 = until end/context full)")
-    ap.add_argument("-s", "--seed", type=int, default=-1, help="RNG seed (-1 = random)")
-    ap.add_argument("--temp", type=_prob("--temp"), default=0.8)
-    ap.add_argument("--top-k", type=int, default=40)
-    ap.add_argument("--top-p", type=_prob("--top-p", 0, 1), default=0.95)
-    ap.add_argument("--min-p", type=_prob("--min-p", 0, 1), default=0.05)
-    ap.add_argument("--typical", type=_prob("--typical", 0, 1), default=1.0)
-    ap.add_argument("--repeat-penalty", type=_prob("--repeat-penalty"), default=1.0)
-    ap.add_argument("--repeat-last-n", type=int, default=64)
-    ap.add_argument("--presence-penalty", type=float, default=0.0)
-    ap.add_argument("--frequency-penalty", type=float, default=0.0)
-    ap.add_argument("--mirostat", type=int, choices=(0, 1, 2), default=0)
-    ap.add_argument("--mirostat-lr", type=float, default=0.1, help="mirostat eta")
-    ap.add_argument("--mirostat-ent", type=float, default=5.0, help="mirostat tau")
+    # sampling flags: None = the default of tinyinfer/options.py (llama.cpp's)
+    ap.add_argument("-n", "--n-predict", type=int, help="tokens to predict (-1 = until end/context full)")
+    ap.add_argument("-s", "--seed", type=int, help="RNG seed (-1 = random)")
+    ap.add_argument("--temp", type=_prob("--temp"))
+    ap.add_argument("--top-k", type=int)
+    ap.add_argument("--top-p", type=_prob("--top-p", 0, 1))
+    ap.add_argument("--min-p", type=_prob("--min-p", 0, 1))
+    ap.add_argument("--typical", type=_prob("--typical", 0, 1))
+    ap.add_argument("--repeat-penalty", type=_prob("--repeat-penalty"))
+    ap.add_argument("--repeat-last-n", type=int)
+    ap.add_argument("--presence-penalty", type=float)
+    ap.add_argument("--frequency-penalty", type=float)
+    ap.add_argument("--mirostat", type=int, choices=(0, 1, 2))
+    ap.add_argument("--mirostat-lr", type=float, help="mirostat eta")
+    ap.add_argument("--mirostat-ent", type=float, help="mirostat tau")
     ap.add_argument("--ignore-eos", action="store_true")
-    ap.add_argument("-r", "--reverse-prompt", action="append", default=[], help="stop at this string (repeatable)")
+    ap.add_argument("-r", "--reverse-prompt", action="append", help="stop at this string (repeatable)")
     ap.add_argument("--verbose-prompt", action="store_true", help="print the prompt's tokens before generating")
     ap.add_argument("-cnv", "--conversation", action="store_true", help="chat mode with the model's chat template")
     ap.add_argument("-sys", "--system-prompt", default=None, help="system message for chat mode")
@@ -151,17 +152,14 @@ def _grammar(a):
     return None
 
 
-def _sampler_params(a):
-    from .sampler import SamplerParams
-    return SamplerParams(temperature=a.temp, top_k=a.top_k, top_p=a.top_p, min_p=a.min_p, typical_p=a.typical,
-                         repeat_penalty=a.repeat_penalty, repeat_last_n=a.repeat_last_n,
-                         presence_penalty=a.presence_penalty, frequency_penalty=a.frequency_penalty,
-                         mirostat=a.mirostat, mirostat_tau=a.mirostat_ent, mirostat_eta=a.mirostat_lr,
-                         seed=None if a.seed < 0 else a.seed)
+def gen_options(a, grammar=None):
+    """The generation flags of build_parser -> GenOptions (tinyinfer/options.py, dialect "cli")."""
+    from .options import NAMES, build
+    return build("cli", {k: v for k in NAMES["cli"] if (v := getattr(a, k, None)) is not None and k != "grammar"}
+                 | ({"grammar": grammar} if grammar is not None else {}))
 
 
 def run_generate(a) -> int:
-    from .engine import Engine
 
     if a.file:
         with open(a.file, encoding="utf-8") as f:
@@ -172,19 +170,37 @@ def run_generate(a) -> int:
         raise ValueError("no prompt: give -p PROMPT or -f FILE (or -cnv for chat)")
     if prompt is not None and a.escape:
         prompt = codecs.decode(prompt.encode("utf-8"), "unicode_escape").encode("latin-1").decode("utf-8")
-    grammar = _grammar(a)
-    eng = Engine(resolve_model(a.model), n_ctx=a.ctx_size, n_batch=a.batch_size, n_threads=a.threads, progress=True,
-                 split=a.split, context_shift=a.context_shift, n_keep=a.keep, **cache_kwargs(a))
-    if a.conversation:
-        return _chat_loop(eng, a, prompt, grammar)
+    opts = gen_options(a, _grammar(a))
+    if a.split > 1:
+        try:
+            return _run(a, prompt, opts)
+        finally:               # no Ray process outlives the run, whatever ended it
+            from .distributed import shutdown_ray
+            shutdown_ray()
+    return _run(a, prompt, opts)
+
+
+def _run(a, prompt, opts) -> int:
+    from .engine import Engine
+    from .options import GenOptions
+    eng = Engine(resolve_model(a.model), n_ctx=a.ctx_size, n_batch=a.batch_size, n_threads=a.threads, verbose=True,
+                 split=a.split, defaults=GenOptions(context_shift=opts.context_shift, n_keep=opts.n_keep),
+                 **cache_kwargs(a))
+    try:
+        return _chat_loop(eng, a, prompt, opts) if a.conversation else _complete(eng, a, prompt, opts)
+    finally:
+        eng.close()      # a split model's actors stop here, also after an error
+
+
+def _complete(eng, a, prompt, opts) -> int:
     tok = eng.tokenizer
     ids = tok.encode(prompt, special=True)
     if a.prompt_cache:
         import os
         if os.path.exists(a.prompt_cache):
             eng.load_state_file(a.prompt_cache)
-            from .engine import _common_prefix
-            n = _common_prefix(eng.tokens, ids)
+            from .batcher import common_prefix
+            n = common_prefix(eng.tokens, ids)
             print(f"tinyinfer: {a.prompt_cache}: {len(eng.tokens)} cached tokens, {n} reused", file=sys.stderr)
         if ids:
             eng.ingest_prompt(ids)
@@ -196,8 +212,7 @@ def run_generate(a) -> int:
     if not a.no_display_prompt:
         sys.stdout.write(prompt)
         sys.stdout.flush()
-    for step in eng.generate(ids, _sampler_params(a), max_tokens=a.n_predict, stop=a.reverse_prompt,
-                             ignore_eos=a.ignore_eos, grammar=grammar):
+    for step in eng.generate(ids, opts):
         sys.stdout.write(step.text)
         sys.stdout.flush()
     sys.stdout.write("\n")
@@ -206,7 +221,7 @@ def run_generate(a) -> int:
     return 0
 
 
-def _chat_loop(eng, a, first_prompt, grammar=None) -> int:
+def _chat_loop(eng, a, first_prompt, opts) -> int:
     from .chat import ChatFormatter, chat_prompt_ids
 
     tok = eng.tokenizer
@@ -226,8 +241,7 @@ def _chat_loop(eng, a, first_prompt, grammar=None) -> int:
         pending = None
         ids = chat_prompt_ids(fmt, tok, messages)
         reply = []
-        for step in eng.generate(ids, _sampler_params(a), max_tokens=a.n_predict, stop=a.reverse_prompt,
-                                 grammar=grammar):
+        for step in eng.generate(ids, opts):
             reply.append(step.text)
             sys.stdout.write(step.text)
             sys.stdout.flush()

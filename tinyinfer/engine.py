@@ -9,20 +9,27 @@ llama.cpp keeps them.
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
-import threading
+import copy
 import time
-from dataclasses import dataclass, field
-from typing import Iterator, List, Optional, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Iterator, Optional, Sequence
 
 import numpy as np
 
+from . import state
+from .batcher import Batcher, common_prefix
 from .gguf import GGUFFile
 from .kvcache import Batch, cache_type
-from .sampler import Sampler, SamplerParams
+from .options import GenOptions
+from .sampler import Sampler
+from .state import StateError  # noqa: F401  (re-exported: tinyinfer.engine.StateError)
+from .threads import resolve_threads, set_threads, use_threads  # noqa: F401  (set_threads re-exported)
 from .tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from .models.interface import Model
+
+_common_prefix = common_prefix     # the old private name (tools and tests)
 
 
 class ContextError(ValueError):
@@ -75,109 +82,95 @@ class Step:
     truncated: bool = False        # last step of a JSON reply closed early to fit max_tokens
 
 
-def set_threads(n_threads: Optional[int]) -> int:
-    import numba
-    if n_threads and n_threads > 0:
-        n = n_threads
-    else:                          # the performance cores (big.LITTLE aware), as llama.cpp's default
-        from .sysinfo import performance_cores
-        n = performance_cores()
-    n = max(1, min(n, numba.config.NUMBA_NUM_THREADS))
-    numba.set_num_threads(n)
-    return n
-
-
-class StateError(ValueError):
-    """A saved state (``--prompt-cache`` file, ``load_state``) that is corrupted or made for another model."""
-
-
 class Engine:
     """One sequence's view of a model and its KV cache.
 
-    ``n_seq > 1`` makes a cache for that many sequences and a :class:`Batcher`; :meth:`fork` gives
-    the other sequences an engine each (sharing the weights, the cache and the batcher), and their
-    single-token evaluations, made from as many threads, are decoded together in one forward pass.
-    ``type_k`` / ``type_v``: the cache's types (f16, q8_0, q4_0). ``context_shift``: when a generation
-    fills the context, drop the oldest half of what follows the first ``n_keep`` tokens and go on.
+    ``n_seq > 1`` makes a cache for that many sequences and a :class:`~tinyinfer.batcher.Batcher`;
+    :meth:`fork` gives the other sequences an engine each (sharing the weights, the cache and the
+    batcher), and their single-token evaluations, made from as many threads, are decoded together in
+    one forward pass. ``type_k`` / ``type_v``: the cache's types (f16, q8_0, q4_0). ``defaults``: the
+    generation options a :meth:`generate` call starts from (e.g. ``context_shift=True, n_keep=-1``:
+    when a generation fills the context, drop the oldest half of what follows the first ``n_keep``
+    tokens and go on). ``split > 1``: the model's layers over that many Ray actors.
+    ``verbose``: a line while numba compiles the kernels.
     """
 
+    model: Optional["Model"]
+
     def __init__(self, model_path, n_ctx: int = 4096, n_batch: int = 512, n_threads: Optional[int] = None,
-                 vocab_only: bool = False, logits_all: bool = False, verbose: bool = False,
-                 progress: Optional[bool] = None, split: int = 1, type_k: str = "f16", type_v: str = "f16",
-                 n_seq: int = 1, context_shift: bool = False, n_keep: int = 0):
+                 vocab_only: bool = False, logits_all: bool = False, verbose: bool = False, split: int = 1,
+                 type_k: str = "f16", type_v: str = "f16", n_seq: int = 1,
+                 defaults: Optional[GenOptions] = None):
         t0 = time.perf_counter()
-        self.path = str(model_path)
-        self.gguf = GGUFFile(model_path)
-        self.tokenizer = Tokenizer.from_gguf(self.gguf.metadata)
-        self.verbose = verbose
-        self.logits_all = logits_all
-        self.timings = Timings()
-        self.model = None
-        self.cache = None
-        self.tokens: list = []          # token ids whose k/v are in the cache, in order
-        self.scores = None              # logits rows for self.tokens when logits_all, else last row
-        self.n_threads = set_threads(n_threads)
         if n_batch < 1:
             raise ValueError(f"n_batch must be >= 1, got {n_batch}")
         if n_seq < 1:
             raise ValueError(f"n_seq must be >= 1, got {n_seq}")
-        self.n_batch = n_batch
+        self.path = str(model_path)
+        self.gguf = GGUFFile(model_path)
+        self.tokenizer = Tokenizer.from_gguf(self.gguf.metadata)
+        self.logits_all = logits_all
+        self.defaults = defaults if defaults is not None else GenOptions()
+        self.n_threads = set_threads(n_threads)
+        self.n_batch, self.n_seq = n_batch, n_seq
         self.cache_type_k, self.cache_type_v = cache_type(type_k), cache_type(type_v)
-        self.seq = 0                    # this engine's sequence in the cache
-        self.batcher: Optional[Batcher] = None
-        self.busy = False               # inside generate() (a server slot at work)
-        self.context_shift = context_shift
-        self.n_keep = n_keep
-        self.gen = None
+        self._fresh(Timings())
+        self.model, self.cache, self.batcher = None, None, None
+        self.n_ctx = n_ctx
         if vocab_only:
-            self.n_ctx = n_ctx
             self.timings.load_ms = (time.perf_counter() - t0) * 1000
             return
-        from .models import load_model
         from .progress import CompileNotice
-        with CompileNotice(verbose if progress is None else progress):    # a line while numba compiles
-            if split > 1:
-                # the model's layers over ``split`` Ray actors (tinyinfer/distributed/split.py)
-                from .distributed.split import SplitModel
-                self.model = SplitModel(self.gguf, split, n_threads=n_threads or 1)
-            else:
-                self.model = load_model(self.gguf)
-            if n_ctx <= 0:
-                n_ctx = self.model.n_ctx_train
-            if n_ctx < 1:
-                raise ValueError(f"n_ctx must be >= 1, got {n_ctx}")
-            self.n_ctx = n_ctx
-            kw = {}
-            if n_seq > 1 or (self.cache_type_k, self.cache_type_v) != ("f16", "f16"):
-                if split > 1:
-                    raise ValueError("--split runs f16 KV caches of one sequence: no -ctk/-ctv or --parallel with it")
-                kw = dict(n_seq=n_seq, type_k=self.cache_type_k, type_v=self.cache_type_v)
-            self.cache = self.model.new_cache(n_ctx, n_batch, **kw)
-            if n_seq > 1:
-                self.batcher = Batcher(self)
-            self.timings.load_ms = (time.perf_counter() - t0) * 1000
-            t1 = time.perf_counter()
-            self._warmup()
-            self.timings.compile_ms = (time.perf_counter() - t1) * 1000
+        with CompileNotice(verbose):    # a line while numba compiles
+            self.model = _load(self.gguf, split, n_threads)
+            try:
+                self._start(n_ctx, n_seq, t0)
+            except BaseException:
+                self.model.close()      # no process left behind (a split model's actors)
+                raise
+
+    def _start(self, n_ctx: int, n_seq: int, t0: float) -> None:
+        if n_ctx <= 0:
+            n_ctx = self.model.n_ctx_train
+        if n_ctx < 1:
+            raise ValueError(f"n_ctx must be >= 1, got {n_ctx}")
+        self.n_ctx = n_ctx
+        self.cache = self._new_cache(n_seq)
+        if n_seq > 1:
+            self.batcher = Batcher(self)
+        self.timings.load_ms = (time.perf_counter() - t0) * 1000
+        t1 = time.perf_counter()
+        self._warmup()
+        self.timings.compile_ms = (time.perf_counter() - t1) * 1000
+
+    def _new_cache(self, n_seq: int = 1):
+        kw = {} if n_seq == 1 and (self.cache_type_k, self.cache_type_v) == ("f16", "f16") else \
+            dict(n_seq=n_seq, type_k=self.cache_type_k, type_v=self.cache_type_v)
+        return self.model.new_cache(self.n_ctx, self.n_batch, **kw)
+
+    def _fresh(self, timings: "Timings") -> None:
+        """The per-sequence state: no tokens, not busy, sequence 0."""
+        self.timings = timings
+        self.tokens: list = []          # token ids whose k/v are in the cache, in order
+        self.scores = None              # logits rows for self.tokens when logits_all, else last row
+        self.busy = False               # inside generate() (a server slot at work)
+        self.gen: Optional[GenOptions] = None    # the running generation's options (server's /slots)
+        self.seq = 0                    # this engine's sequence in the cache
 
     def fork(self, seq: Optional[int] = None) -> "Engine":
         """Another engine on the same file, tokenizer and weights: on sequence ``seq`` of the shared
         cache (batched with the others), or with a KV cache of its own when ``seq`` is None."""
-        other = object.__new__(Engine)
-        other.__dict__.update(self.__dict__)
-        other.timings = Timings(load_ms=self.timings.load_ms)
-        other.tokens, other.scores, other.busy, other.gen = [], None, False, None
+        other = copy.copy(self)
+        other._fresh(Timings(load_ms=self.timings.load_ms))
         if seq is not None:
-            if not 0 <= seq < self.cache.n_seq:
-                raise ValueError(f"sequence {seq} is out of range: the cache holds {self.cache.n_seq}")
+            if not 0 <= seq < self.n_seq:
+                raise ValueError(f"sequence {seq} is out of range: the cache holds {self.n_seq}")
             other.seq = seq
             if self.batcher is not None:
                 self.batcher.engines.append(other)
         elif self.model is not None:
-            other.seq, other.batcher = 0, None
-            kw = {} if (self.cache_type_k, self.cache_type_v) == ("f16", "f16") else \
-                dict(type_k=self.cache_type_k, type_v=self.cache_type_v)
-            other.cache = self.model.new_cache(self.n_ctx, self.n_batch, **kw)
+            other.batcher = None
+            other.cache = self._new_cache()
         return other
 
     # -- evaluation ----------------------------------------------------------------
@@ -186,7 +179,7 @@ class Engine:
         ids = np.array([self.tokenizer.bos_id if self.tokenizer.bos_id is not None else 0] * 2, np.int64)
         self.model.forward(ids, Batch.run(0, 0, 2), self.cache)
         self.model.forward(ids[:1], Batch.run(0, 0, 1), self.cache)
-        if getattr(self.cache, "n_seq", 1) > 1:     # a decode batch: one token of two sequences
+        if self.n_seq > 1:     # a decode batch: one token of two sequences
             self.model.forward(ids, Batch.one_each([0, 1], [0, 0]), self.cache, n_out=2)
 
     @property
@@ -196,6 +189,11 @@ class Engine:
     def reset(self) -> None:
         self.tokens = []
         self.scores = None
+
+    def close(self) -> None:
+        """Release the model's processes (a split model's Ray actors); the engine is unusable after."""
+        if self.model is not None:
+            self.model.close()
 
     def eval(self, ids: Sequence[int], logits_all: Optional[bool] = None, n_logits: Optional[int] = None,
              prompt: Optional[bool] = None) -> np.ndarray:
@@ -239,6 +237,7 @@ class Engine:
         """Evaluate chunk at the positions after self.tokens; through the batcher when there is one."""
         if self.batcher is not None:
             return self.batcher.forward(self, chunk, len(self.tokens), n_out, embeddings)
+        use_threads(self.n_threads)     # numba's count is per thread: this engine's, in this thread
         return self.model.forward(chunk, Batch.run(self.seq, len(self.tokens), chunk.size), self.cache,
                                   n_out=n_out, embeddings=embeddings)
 
@@ -266,14 +265,14 @@ class Engine:
     def ingest_prompt(self, prompt_ids: Sequence[int], cache_prompt: Optional[bool] = None) -> np.ndarray:
         """Make the cache hold exactly ``prompt_ids`` (reusing a shared prefix unless ``cache_prompt`` is
         False); last logits."""
-        reuse = self.cache_prompt if cache_prompt is None else cache_prompt
+        reuse = _pick(cache_prompt, self.defaults.cache_prompt, True)
         prompt_ids = list(prompt_ids)
         if not prompt_ids:
             raise ContextError("the prompt is empty (no tokens to evaluate)")
         if len(prompt_ids) > self.n_ctx:
             raise ContextError(f"the prompt has {len(prompt_ids)} tokens, more than the context of "
                                f"{self.n_ctx} (raise -c / n_ctx)")
-        keep = _common_prefix(self.tokens, prompt_ids)
+        keep = common_prefix(self.tokens, prompt_ids)
         if self.batcher is not None and reuse:
             keep = self.batcher.reuse_prefix(self, prompt_ids, keep)
         keep = min(keep, len(prompt_ids) - 1)   # always evaluate at least the last token
@@ -282,13 +281,10 @@ class Engine:
         self.tokens = self.tokens[:keep]
         return self.eval(prompt_ids[keep:], prompt=True)
 
-    cache_prompt = True     # reuse the longest cached prefix (this sequence's, or a free one's)
-
     # -- context shift ---------------------------------------------------------------------
     def shift_context(self, n_keep: int, n_discard: Optional[int] = None) -> int:
         """llama.cpp's context shift: drop n_discard tokens after the first n_keep (default: half of
         the rest), move the later ones down and re-apply RoPE to their keys. Returns n_discard."""
-        from .kvcache import shift
         n_past = len(self.tokens)
         n_keep = max(0, min(n_keep, n_past - 1))
         n_left = n_past - n_keep
@@ -297,13 +293,13 @@ class Engine:
         n_discard = max(0, min(n_discard, n_left))
         if n_discard == 0:
             raise ContextError(f"context shift: nothing to discard (n_keep {n_keep} of {n_past} tokens)")
-        shift(self.model, self.cache, self.seq, n_keep, n_discard, n_past)
+        self.model.cache_shift(self.cache, self.seq, n_keep, n_discard, n_past)
         self.tokens = self.tokens[:n_keep] + self.tokens[n_keep + n_discard:]
         return n_discard
 
     def _n_keep(self, prompt_ids, n_keep: Optional[int]) -> int:
         """Tokens a context shift keeps: n_keep (-1 = the whole prompt), BOS always (llama-cli's rule)."""
-        k = self.n_keep if n_keep is None else n_keep
+        k = _pick(n_keep, self.defaults.n_keep, 0)
         if k < 0 or k > len(prompt_ids):
             k = len(prompt_ids)
         bos = self.tokenizer.bos_id
@@ -311,102 +307,32 @@ class Engine:
             k += 1
         return min(k, self.n_ctx // 2)
 
-    # -- saved state -----------------------------------------------------------------------
+    # -- saved state (the format: tinyinfer/state.py) ------------------------------------------
     def state_fingerprint(self) -> dict:
-        m = self.model
-        return {"arch": self.gguf.architecture, "n_vocab": int(self.n_vocab), "n_layer": len(self.cache.k),
-                "file_size": os.path.getsize(self.path), "name": str(self.gguf.metadata.get("general.name", "")),
-                "type_k": self.cache_type_k, "type_v": self.cache_type_v,
-                "cells": [[list(st.q.shape[2:]), str(st.q.dtype)] for st in self.cache.k[:1] + self.cache.v[:1]],
-                "n_embd": int(getattr(m, "n_embd", 0))}
+        return state.fingerprint(self)
 
     def save_state(self) -> bytes:
         """This sequence's tokens, KV cells and last logits as bytes (see :meth:`load_state`)."""
-        n = len(self.tokens)
-        if self.cache.ring and n > min(st.rows for st in self.cache.k):
-            raise StateError("saving the state of a sliding-window cache longer than its ring is not supported")
-        parts = []
-        for st in self.cache.k + self.cache.v:
-            parts.append(np.ascontiguousarray(st.q[self.seq, :n]).tobytes())
-            parts.append(np.ascontiguousarray(st.d[self.seq, :n]).tobytes())
-        logits = np.zeros(0, np.float32) if self.scores is None else np.asarray(self.scores[-1], np.float32)
-        parts.append(logits.tobytes())
-        payload = b"".join(parts)
-        head = {"version": 1, "model": self.state_fingerprint(), "tokens": [int(t) for t in self.tokens],
-                "n_logits": int(logits.size), "sha256": hashlib.sha256(payload).hexdigest()}
-        hb = json.dumps(head).encode()
-        return STATE_MAGIC + len(hb).to_bytes(4, "little") + hb + payload
+        return state.dump(self)
 
     def load_state(self, blob: bytes) -> None:
         """Restore what :meth:`save_state` saved; a corrupted blob or one made for another model, cache
         type or a larger context raises StateError (and leaves this engine's context empty)."""
-        self.reset()
-        if not isinstance(blob, (bytes, bytearray, memoryview)) or bytes(blob[:len(STATE_MAGIC)]) != STATE_MAGIC:
-            raise StateError("not a tinyinfer state (bad magic)")
-        blob = bytes(blob)
-        try:
-            n_head = int.from_bytes(blob[len(STATE_MAGIC):len(STATE_MAGIC) + 4], "little")
-            head = json.loads(blob[len(STATE_MAGIC) + 4:len(STATE_MAGIC) + 4 + n_head])
-            payload = blob[len(STATE_MAGIC) + 4 + n_head:]
-            tokens = [int(t) for t in head["tokens"]]
-            n_logits = int(head["n_logits"])
-            want = head["sha256"]
-            version = head["version"]
-        except (ValueError, KeyError, TypeError) as e:
-            raise StateError(f"corrupted state header ({type(e).__name__}: {e})") from None
-        if version != 1:
-            raise StateError(f"state version {version} is not supported (this build reads version 1)")
-        if hashlib.sha256(payload).hexdigest() != want:
-            raise StateError("corrupted state: checksum mismatch (truncated or modified)")
-        mine = self.state_fingerprint()
-        theirs = head.get("model") if isinstance(head.get("model"), dict) else {}
-        if theirs != mine:
-            diff = [k for k in mine if theirs.get(k) != mine[k]]
-            was = ", ".join(f"{k}={theirs.get(k)!r}" for k in diff)
-            now = ", ".join(f"{k}={mine[k]!r}" for k in diff)
-            raise StateError(f"the state was saved with another model or cache ({was}; this one has {now})")
-        n = len(tokens)
-        if n > self.n_ctx:
-            raise StateError(f"the state holds {n} tokens, more than this context of {self.n_ctx}")
-        if n_logits not in (0, self.n_vocab):
-            raise StateError(f"corrupted state: {n_logits} logits for a vocabulary of {self.n_vocab}")
-        off = 0
-        views = []
-        for st in self.cache.k + self.cache.v:
-            for arr in (st.q, st.d):
-                shape = (n,) + arr.shape[2:]
-                size = int(np.prod(shape)) * arr.dtype.itemsize
-                views.append((arr, np.frombuffer(payload, arr.dtype, int(np.prod(shape)), off).reshape(shape)))
-                off += size
-        if off + 4 * n_logits != len(payload):
-            raise StateError(f"corrupted state: {len(payload)} bytes of data, expected {off + 4 * n_logits}")
-        for arr, v in views:
-            arr[self.seq, :n] = v
-        self.tokens = tokens
-        if n_logits:
-            self.scores = np.frombuffer(payload, np.float32, n_logits, off).copy()[None, :]
+        state.restore(self, blob)
 
     def save_state_file(self, path) -> None:
-        tmp = f"{path}.tmp{os.getpid()}"
-        with open(tmp, "wb") as f:
-            f.write(self.save_state())
-        os.replace(tmp, path)
+        state.save_file(self, path)
 
     def load_state_file(self, path) -> None:
-        with open(path, "rb") as f:
-            blob = f.read()
-        try:
-            self.load_state(blob)
-        except StateError as e:
-            raise StateError(f"{path}: {e}") from None
+        state.load_file(self, path)
 
     # -- generation ------------------------------------------------------------------
-    def generate(self, prompt_ids: Sequence[int], params: Optional[SamplerParams] = None,
-                 max_tokens: int = -1, stop: Sequence[str] = (), logprobs: Optional[int] = None,
-                 ignore_eos: bool = False, logits_processor=None, grammar=None,
-                 context_shift: Optional[bool] = None, n_keep: Optional[int] = None,
-                 cache_prompt: Optional[bool] = None) -> Iterator[Step]:
+    def generate(self, prompt_ids: Sequence[int], options=None, **changes) -> Iterator[Step]:
         """Yield one Step per new token; the last one carries finish_reason.
+
+        ``options``: a :class:`~tinyinfer.options.GenOptions` (or a SamplerParams), ``changes`` its
+        fields by name (``max_tokens=..., stop=...``); unset engine-level ones (context_shift,
+        n_keep, cache_prompt) come from the engine's ``defaults``.
 
         max_tokens < 0 means until the context is full. Stop strings end generation and are
         not part of the text; text that could be the start of a stop string is held back
@@ -419,41 +345,40 @@ class Engine:
         arrays and objects) in the tokens left, so that it still parses: that last step has
         ``truncated=True`` and finish_reason "length".
 
-        ``context_shift`` (default: the engine's setting): when the context is full, drop the
-        oldest tokens after ``n_keep`` (-1 = the whole prompt; BOS is always kept) and go on instead
-        of stopping with "length"; then max_tokens < 0 means n_ctx new tokens at most.
-        ``cache_prompt`` False: evaluate the whole prompt (no reuse of a cached prefix).
+        ``context_shift``: when the context is full, drop the oldest tokens after ``n_keep`` (-1 = the
+        whole prompt; BOS is always kept) and go on instead of stopping with "length"; then
+        max_tokens < 0 means n_ctx new tokens at most. ``cache_prompt`` False: evaluate the whole
+        prompt (no reuse of a cached prefix).
         """
-        params = params or SamplerParams()
-        shift_on = self.context_shift if context_shift is None else context_shift
-        if shift_on and max_tokens < 0:
-            max_tokens = self.n_ctx      # a bound where the context's end no longer is one
+        o = GenOptions.of(options, **changes)
+        shift_on = _pick(o.context_shift, self.defaults.context_shift, False)
         prompt_ids = list(prompt_ids)
-        keep = self._n_keep(prompt_ids, n_keep)
-        matcher = grammar.matcher(self.tokenizer, self.n_vocab) if grammar is not None else None
-        closer = _JsonBudget(self.tokenizer) if grammar is not None and grammar.is_json and max_tokens > 0 \
-            else None
-        self.gen = {"params": params, "max_tokens": max_tokens, "stop": list(stop or []), "n_keep": keep}
+        o = GenOptions.of(o, context_shift=shift_on, n_keep=self._n_keep(prompt_ids, o.n_keep),
+                          cache_prompt=_pick(o.cache_prompt, self.defaults.cache_prompt, True),
+                          max_tokens=self.n_ctx if shift_on and o.max_tokens < 0 else o.max_tokens)
+        self.gen = o
         self.timings.reset()
         self.busy = True
         if self.batcher is not None:
             self.batcher.enter()
         try:
-            yield from self._generate(prompt_ids, params, max_tokens, stop, logprobs, ignore_eos, logits_processor,
-                                      matcher, closer, shift_on, keep, cache_prompt)
+            yield from self._generate(prompt_ids, o)
         finally:
             self.busy = False
             if self.batcher is not None:
                 self.batcher.leave()
 
-    def _generate(self, prompt_ids, params, max_tokens, stop, logprobs, ignore_eos, logits_processor, matcher,
-                  closer, shift_on, keep, cache_prompt):
-        logits = self.ingest_prompt(prompt_ids, cache_prompt)
-        sampler = Sampler(params, self.n_vocab, grammar=matcher)
+    def _generate(self, prompt_ids, o: GenOptions):
+        max_tokens, grammar = o.max_tokens, o.grammar
+        matcher = grammar.matcher(self.tokenizer, self.n_vocab) if grammar is not None else None
+        closer = _JsonBudget(self.tokenizer) if grammar is not None and grammar.is_json and max_tokens > 0 \
+            else None
+        logits = self.ingest_prompt(prompt_ids, o.cache_prompt)
+        sampler = Sampler(o.sampler, self.n_vocab, grammar=matcher)
         for t in prompt_ids:          # the penalties look at the prompt too, as in llama.cpp
             sampler.accept(int(t), accept_grammar=False)
         dec = self.tokenizer.stream_decoder()
-        stop = [s for s in (stop or []) if s]
+        stop = [s for s in o.stop if s]
         held = ""          # text produced but not yet emitted (might start a stop string)
         n = 0
         forced: list = []  # tokens that close a JSON reply cut short by max_tokens
@@ -463,8 +388,8 @@ class Engine:
                 yield Step(-1, "", finish_reason="length")
                 return
             ts = time.perf_counter()
-            if logits_processor is not None:
-                logits = logits_processor(self.tokens, logits)
+            if o.logits_processor is not None:
+                logits = o.logits_processor(self.tokens, logits)
             if forced:
                 tok = forced.pop(0)
             else:
@@ -476,11 +401,11 @@ class Engine:
             if closer is not None:
                 closer.feed(tok)
             sampler.accept(tok)
-            lp, top = (_logprobs(logits, tok, logprobs) if logprobs is not None else (0.0, None))
+            lp, top = (_logprobs(logits, tok, o.logprobs) if o.logprobs is not None else (0.0, None))
             self.timings.sample_ms += (time.perf_counter() - ts) * 1000
             self.timings.n_sample += 1
             n += 1
-            if self.tokenizer.is_eog(tok) and not ignore_eos:
+            if self.tokenizer.is_eog(tok) and not o.ignore_eos:
                 yield Step(tok, held, lp, top, finish_reason="stop")
                 return
             held += dec.feed(tok)
@@ -493,7 +418,8 @@ class Engine:
                 emit_to = _safe_prefix(held, stop)
             else:
                 emit_to = len(held)
-            if n == max_tokens or (len(self.tokens) >= self.n_ctx and not shift_on) or (truncated and not forced):
+            if n == max_tokens or (len(self.tokens) >= self.n_ctx and not o.context_shift) or \
+                    (truncated and not forced):
                 finish = "length"
                 emit_to = len(held)
             yield Step(tok, held[:emit_to], lp, top, finish_reason=finish, truncated=truncated and finish is not None)
@@ -501,132 +427,22 @@ class Engine:
             if finish:
                 return
             if len(self.tokens) >= self.n_ctx:
-                self.shift_context(keep)
+                self.shift_context(o.n_keep)
             logits = self.eval([tok])
 
 
-STATE_MAGIC = b"TINYINFER-STATE\n"
+def _pick(*values):
+    """The first value that is not None."""
+    return next(v for v in values if v is not None)
 
 
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
-class _Request:
-    __slots__ = ("engine", "ids", "pos0", "n_out", "embeddings", "result", "error", "done")
-
-    def __init__(self, engine, ids, pos0, n_out, embeddings):
-        self.engine, self.ids, self.pos0, self.n_out, self.embeddings = engine, ids, pos0, n_out, embeddings
-        self.result = self.error = None
-        self.done = False
-
-
-class Batcher:
-    """Continuous batching for the engines of one shared cache, each driven by its own thread.
-
-    An engine inside :meth:`Engine.generate` is *active*. Its evaluations wait here; when every
-    active engine is waiting, the last to arrive runs them all (no scheduler thread): the single
-    tokens of all sequences as one forward pass (a :class:`Batch`, so each weight is read once per
-    step for all of them), then each prompt chunk on its own. Engines join and leave between steps;
-    sampling stays in each engine's thread.
-    """
-
-    def __init__(self, first: "Engine"):
-        self.model, self.cache = first.model, first.cache
-        self.engines: List[Engine] = [first]
-        self.cv = threading.Condition()
-        self.active = 0
-        self.pending: List[_Request] = []
-        self.running = False
-        self.n_steps = 0             # forward passes run (tests, /metrics)
-        self.max_batch = 0           # the most sequences decoded in one pass
-
-    def enter(self) -> None:
-        with self.cv:
-            self.active += 1
-
-    def leave(self) -> None:
-        with self.cv:
-            self.active -= 1
-            self.cv.notify_all()
-
-    def forward(self, engine, ids, pos0, n_out, embeddings=False):
-        req = _Request(engine, np.asarray(ids, np.int64), pos0, n_out, embeddings)
-        with self.cv:
-            self.pending.append(req)
-            while not req.done:
-                # an evaluation outside generate() (an embedding) counts as active while it waits
-                waiting = len(self.pending)
-                if not self.running and self.pending and waiting >= self.active:
-                    take, self.pending = self.pending, []
-                    self.running = True
-                    self.cv.release()
-                    try:
-                        self._run(take)
-                    finally:
-                        self.cv.acquire()
-                        self.running = False
-                        self.cv.notify_all()
-                else:
-                    self.cv.wait()
-        if req.error is not None:
-            raise req.error
-        return req.result
-
-    def _run(self, reqs: List[_Request]) -> None:
-        single = [r for r in reqs if r.ids.size == 1 and r.n_out == 1 and not r.embeddings]
-        rest = [r for r in reqs if r not in single]
-        try:
-            if single:
-                b = Batch.one_each([r.engine.seq for r in single], [r.pos0 for r in single])
-                ids = np.concatenate([r.ids for r in single])
-                out = self.model.forward(ids, b, self.cache, n_out=len(single))
-                self.n_steps += 1
-                self.max_batch = max(self.max_batch, len(single))
-                for i, r in enumerate(single):
-                    r.result = out[i:i + 1]
-        except Exception as e:          # every request of the failed pass is told
-            for r in single:
-                r.error = e
-        for r in single:
-            r.done = True
-        for r in rest:
-            try:
-                r.result = self.model.forward(r.ids, Batch.run(r.engine.seq, r.pos0, r.ids.size), self.cache,
-                                              n_out=r.n_out, embeddings=r.embeddings)
-                self.n_steps += 1
-            except Exception as e:
-                r.error = e
-            r.done = True
-
-    def reuse_prefix(self, engine, prompt_ids, keep: int) -> int:
-        """llama-server's cache_prompt across slots: when a free sequence's cache holds a longer
-        prefix of ``prompt_ids`` than ``engine``'s own (``keep`` tokens), copy those cells over."""
-        best, src = keep, None
-        for other in self.engines:
-            if other is engine or other.busy:
-                continue
-            n = _common_prefix(other.tokens, prompt_ids)
-            if n > best:
-                best, src = n, other
-        if src is None:
-            return keep
-        with self.cv:                  # not while a forward pass writes the cache
-            while self.running:
-                self.cv.wait()
-            if src.busy:
-                return keep
-            n = min(best, _common_prefix(src.tokens, prompt_ids))
-            self.cache.copy_seq(src.seq, engine.seq, n)
-        engine.tokens = list(prompt_ids[:n])
-        return n
-
-
+def _load(gguf, split: int, n_threads: Optional[int]) -> "Model":
+    """The model of an opened file: in this process, or its layers over ``split`` Ray actors."""
+    if split > 1:
+        from .models.split import SplitModel
+        return SplitModel(gguf, split, n_threads=n_threads or 1)
+    from .models import load_model
+    return load_model(gguf)
 class _JsonBudget:
     """Keeps a JSON reply closable within the tokens left (see Engine.generate).
 

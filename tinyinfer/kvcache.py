@@ -138,6 +138,39 @@ class KVCache:
         """True when some layer keeps fewer cells than the context (a sliding-window ring)."""
         return any(s.rows < self.n_ctx for s in self.k)
 
+    def fingerprint(self) -> dict:
+        """The layout a saved state must match (see tinyinfer/state.py)."""
+        return {"n_layer": len(self.k), "type_k": self.type_k, "type_v": self.type_v,
+                "cells": [[list(st.q.shape[2:]), str(st.q.dtype)] for st in self.k[:1] + self.v[:1]]}
+
+    def state_sizes(self, n: int) -> tuple:
+        """Bytes :meth:`save` writes for ``n`` cells: (K part, V part)."""
+        def size(stores):
+            return sum(n * (st.q[0, 0].nbytes + st.d[0, 0].nbytes) for st in stores)
+        return size(self.k), size(self.v)
+
+    def save(self, seq: int, n: int) -> tuple:
+        """Cells 0..n-1 of sequence ``seq``: (K bytes of every layer, V bytes of every layer)."""
+        if self.ring and n > min(st.rows for st in self.k):
+            raise ValueError("saving the state of a sliding-window cache longer than its ring is not supported")
+
+        def part(stores):
+            return b"".join(np.ascontiguousarray(a[seq, :n]).tobytes() for st in stores for a in (st.q, st.d))
+        return part(self.k), part(self.v)
+
+    def load(self, seq: int, n: int, data: bytes) -> None:
+        """The inverse of :meth:`save` (its two parts joined); ValueError if ``data`` has the wrong size."""
+        want = sum(self.state_sizes(n))
+        if len(data) != want:
+            raise ValueError(f"{len(data)} bytes of KV cells, expected {want} for {n} tokens")
+        off = 0
+        for st in self.k + self.v:
+            for a in (st.q, st.d):
+                shape = (n,) + a.shape[2:]
+                cnt = int(np.prod(shape))
+                a[seq, :n] = np.frombuffer(data, a.dtype, cnt, off).reshape(shape)
+                off += cnt * a.dtype.itemsize
+
     def copy_seq(self, src: int, dst: int, n: int) -> None:
         """Cells 0..n-1 of sequence src into sequence dst (a shared prompt prefix)."""
         if src == dst or n <= 0:

@@ -78,27 +78,12 @@ Candidates = Tuple[Ids, np.ndarray]
 # parameters
 # --------------------------------------------------------------------------
 
-# other spellings accepted by SamplerParams.from_kwargs (llama.cpp's
-# common_params_sampling names, llama-server / llama-cpp-python / ollama names)
-_ALIASES = {
-    "temp": "temperature",
-    "typ_p": "typical_p",
-    "typical": "typical_p",
-    "penalty_repeat": "repeat_penalty",
-    "penalty_last_n": "repeat_last_n",
-    "penalty_freq": "frequency_penalty",
-    "penalty_present": "presence_penalty",
-    "mirostat_ent": "mirostat_tau",
-    "mirostat_lr": "mirostat_eta",
-}
-
-
 @dataclass
 class SamplerParams:
     """Sampling parameters, with llama.cpp's defaults.
 
-    ``temp`` is accepted as an alias of ``temperature`` (property, and in
-    :meth:`from_kwargs`).  ``seed``: ``None``, ``-1`` or ``0xFFFFFFFF`` draw a
+    ``temp`` is accepted as an alias of ``temperature`` (a property; the other
+    spellings of each face are in tinyinfer/options.py).  ``seed``: ``None``, ``-1`` or ``0xFFFFFFFF`` draw a
     random seed (see :attr:`Sampler.seed` for the one drawn); any other
     non-negative int makes runs reproducible.  ``logit_bias`` maps token id
     to a value added to its logit; ``-inf`` bans the token.
@@ -170,22 +155,6 @@ class SamplerParams:
     @property
     def random_seed(self) -> bool:
         return self.seed is None or self.seed in (RANDOM_SEED, _LLAMA_DEFAULT_SEED)
-
-    @classmethod
-    def from_kwargs(cls, **kwargs) -> "SamplerParams":
-        """Build from keyword arguments, accepting llama.cpp's alternative names
-        (temp, typ_p, penalty_repeat, penalty_last_n, penalty_freq,
-        penalty_present, mirostat_ent, mirostat_lr).  Unknown names raise."""
-        names = set(cls.__dataclass_fields__)
-        out = {}
-        for key, value in kwargs.items():
-            name = _ALIASES.get(key, key)
-            if name not in names:
-                raise TypeError(f"unknown sampler parameter {key!r}")
-            if name in out:
-                raise TypeError(f"sampler parameter {name!r} given twice")
-            out[name] = value
-        return cls(**out)
 
     def describe(self) -> str:
         """The parameters in llama.cpp's ``sampler params:`` layout."""

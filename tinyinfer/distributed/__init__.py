@@ -51,4 +51,17 @@ def ensure_ray(address: Optional[str] = None, num_cpus: Optional[int] = None):
         ray.init(address=address, **kw)
     else:
         ray.init(num_cpus=num_cpus or os.cpu_count(), object_store_memory=80 << 20, **kw)
+    _started.append(ray)
     return ray
+
+
+_started: list = []     # the Ray connection ensure_ray opened (shutdown_ray closes it)
+
+
+def shutdown_ray() -> None:
+    """Close the connection ensure_ray opened, stopping the local Ray instance it started (its raylet,
+    GCS and agent processes): what a CLI run calls on its way out, error or not."""
+    while _started:
+        ray = _started.pop()
+        if ray.is_initialized():
+            ray.shutdown()

@@ -23,7 +23,7 @@ from ..gguf import TensorInfo
 from ..kernels import ops
 from ..kernels import matmul as mm
 from ..kernels import quants
-from ..kvcache import Batch, KVCache
+from ..kvcache import Batch, KVCache, shift
 from .hparams import HParams, ModelError, Weights  # noqa: F401  (ModelError re-exported)
 
 
@@ -301,6 +301,28 @@ class Transformer:
         windows = [self.layers[il].attn.window for il in range(lo, hi)]
         return KVCache(hi - lo, n_ctx, hp.n_kv_head, hp.head_dim_k, hp.head_dim_v, windows=windows,
                        n_batch=n_batch, first_layer=lo, **kw)
+
+    # -- the cache operations of the model interface (tinyinfer/models/interface.py) -------------
+    def cache_shift(self, cache: KVCache, seq: int, n_keep: int, n_discard: int, n_past: int) -> None:
+        shift(self, cache, seq, n_keep, n_discard, n_past)
+
+    def cache_save(self, cache: KVCache, seq: int, n: int) -> bytes:
+        return b"".join(cache.save(seq, n))
+
+    def cache_load(self, cache: KVCache, seq: int, n: int, data: bytes) -> None:
+        cache.load(seq, n, data)
+
+    def cache_copy(self, cache: KVCache, src: int, dst: int, n: int) -> None:
+        cache.copy_seq(src, dst, n)
+
+    def cache_fingerprint(self, cache: KVCache) -> dict:
+        return cache.fingerprint()
+
+    def cache_state_sizes(self, cache: KVCache, n: int) -> tuple:
+        return cache.state_sizes(n)
+
+    def close(self) -> None:
+        """Nothing to release: the weights are views of the file's mmap."""
 
     def embed(self, ids: np.ndarray) -> np.ndarray:
         """Token ids -> the residual stream x (n, n_embd) float32."""

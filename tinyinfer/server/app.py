@@ -46,10 +46,11 @@ def _default_engine_factory(config: ServerConfig) -> Callable[[], Any]:
         if first:
             return first[0].fork(seq=len(first[0].batcher.engines) if first[0].batcher else None)
         from ..engine import Engine
+        from ..options import GenOptions
         first.append(Engine(config.model_path, n_ctx=config.n_ctx, n_batch=config.n_batch,
-                            n_threads=config.n_threads, progress=True, split=config.split,
+                            n_threads=config.n_threads, verbose=True, split=config.split,
                             n_seq=config.parallel, type_k=config.cache_type_k, type_v=config.cache_type_v,
-                            context_shift=config.context_shift, n_keep=config.n_keep))
+                            defaults=GenOptions(context_shift=config.context_shift, n_keep=config.n_keep)))
         return first[0]
     return make
 

@@ -195,17 +195,11 @@ class ServerState:
             n_decoded = getattr(st, "completion_tokens", 0) if st is not None else 0
             params = {}
             if gen is not None:
-                p = gen["params"]
-                params = {"n_predict": gen["max_tokens"], "seed": p.seed if p.seed is not None else -1,
-                          "temperature": p.temperature, "top_k": p.top_k, "top_p": p.top_p, "min_p": p.min_p,
-                          "typical_p": p.typical_p, "repeat_last_n": p.repeat_last_n,
-                          "repeat_penalty": p.repeat_penalty, "presence_penalty": p.presence_penalty,
-                          "frequency_penalty": p.frequency_penalty, "mirostat": p.mirostat,
-                          "mirostat_tau": p.mirostat_tau, "mirostat_eta": p.mirostat_eta,
-                          "stop": list(gen["stop"]), "n_keep": gen.get("n_keep", 0)}
+                params = {"n_predict": gen.max_tokens, **_sampler_fields(gen.sampler), "stop": list(gen.stop),
+                          "n_keep": gen.n_keep}
             n_remain = -1
-            if gen is not None and gen["max_tokens"] is not None and gen["max_tokens"] >= 0:
-                n_remain = max(0, gen["max_tokens"] - n_decoded)
+            if gen is not None and gen.max_tokens >= 0:
+                n_remain = max(0, gen.max_tokens - n_decoded)
             out.append({"id": i, "id_task": job.id if job is not None else -1, "n_ctx": eng.n_ctx,
                         "speculative": False, "is_processing": job is not None,
                         "n_past": len(getattr(eng, "tokens", [])), "params": params,
@@ -216,10 +210,11 @@ class ServerState:
     def props(self) -> dict:
         from .. import __version__
         eng = self.pool.engines[0] if self.pool.engines else None
+        from ..options import build
+        d = build("openai", {})
         return {"default_generation_settings": {"id": 0, "id_task": -1, "n_ctx": self.n_ctx,
                                                 "speculative": False, "is_processing": False,
-                                                "params": {"n_predict": -1, "temperature": 0.8, "top_k": 40,
-                                                           "top_p": 0.95, "min_p": 0.05, "seed": -1}},
+                                                "params": {"n_predict": d.max_tokens, **_sampler_fields(d.sampler)}},
                 "total_slots": self.config.parallel, "model_path": str(self.config.model_path),
                 "model_alias": self.model_name,
                 "chat_template": self.formatter.source if self.formatter is not None else "",
@@ -239,6 +234,12 @@ class ServerState:
         import hashlib
         h = hashlib.sha256(f"{os.path.abspath(self.config.model_path)}:{self.file_size}:{self.file_mtime}".encode())
         return h.hexdigest()
+
+
+def _sampler_fields(p) -> dict:
+    """A SamplerParams as llama-server's /slots and /props show it (seed -1: random)."""
+    out = {k: v for k, v in vars(p).items() if k not in ("logit_bias", "min_keep")}
+    return {**out, "seed": -1 if p.seed is None else p.seed}
 
 
 def _param_size(state: ServerState) -> str:
@@ -383,23 +384,27 @@ def check_prompt(ids: List[int], n_ctx: int, n_vocab: int) -> None:
         raise ApiError(400, f"token id {bad[0]} is out of range [0, {n_vocab})", param="prompt")
 
 
-def sampler_params(temperature, top_k, top_p, min_p, typical_p, repeat_penalty, repeat_last_n, presence_penalty,
-                   frequency_penalty, mirostat, mirostat_tau, mirostat_eta, seed, logit_bias, n_vocab=None):
-    from ..sampler import SamplerParams
-    bias = {}
-    for k, v in (logit_bias or {}).items():
-        t = int(k)
-        if n_vocab is not None and not 0 <= t < n_vocab:
-            raise ApiError(400, f"logit_bias: token id {t} is out of range [0, {n_vocab})", param="logit_bias")
-        bias[t] = float(v)
+def gen_options(dialect: str, body: dict, n_vocab: Optional[int] = None, **given):
+    """A request's generation options (tinyinfer/options.py, ``dialect``): fields it does not know are
+    ignored, as llama-server and ollama do; a bad value is a 400 naming the field. ``given``: options
+    the route built itself (a grammar), by their canonical names."""
+    from ..options import OptionError, build
+    for k in (body.get("logit_bias") or {}) if n_vocab is not None else ():
+        if not 0 <= int(k) < n_vocab:
+            raise ApiError(400, f"logit_bias: token id {int(k)} is out of range [0, {n_vocab})", param="logit_bias")
     try:
-        return SamplerParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, typical_p=typical_p,
-                             repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n,
-                             presence_penalty=presence_penalty or 0.0, frequency_penalty=frequency_penalty or 0.0,
-                             mirostat=mirostat, mirostat_tau=mirostat_tau, mirostat_eta=mirostat_eta,
-                             seed=None if seed is None or seed < 0 else seed, logit_bias=bias)
-    except (ValueError, TypeError) as e:
-        raise ApiError(400, str(e)) from None
+        opts = build(dialect, body, strict=False)
+    except (OptionError, TypeError) as e:
+        raise ApiError(400, str(e), param=getattr(e, "field", None)) from None
+    if given:
+        from ..options import GenOptions
+        opts = GenOptions.of(opts, **given)
+    return opts
+
+
+def request_fields(req) -> dict:
+    """The fields a client sent (unknown ones included): defaults come from tinyinfer/options.py."""
+    return req.model_dump(exclude_unset=True, by_alias=False) if req is not None else {}
 
 
 def encode_prompt(tok, text: str) -> List[int]:

@@ -22,8 +22,8 @@ from starlette.responses import JSONResponse
 from ..api import GenStats, completion_chunks, prepare_chat
 from ..chat import chat_prompt_ids
 from ..grammar import grammar_for_ollama_format
-from .core import (ApiError, ServerState, check_prompt, dumps, encode_prompt, first_item, gone_response,
-                   ndjson_response, run_to_end, sampler_params, stream_items, submit)
+from .core import (ApiError, gen_options, ServerState, check_prompt, dumps, encode_prompt, first_item, gone_response,
+                   ndjson_response, request_fields, run_to_end, stream_items, submit)
 from ..toolcall import ToolStream
 from .openai_api import request_grammar, request_tools
 from .schemas import (OllamaChatRequest, OllamaEmbeddingsRequest, OllamaEmbedRequest, OllamaGenerateRequest,
@@ -51,20 +51,9 @@ def _ns(seconds: float) -> int:
     return max(0, int(round(seconds * 1e9)))
 
 
-def _options(opts: Optional[OllamaOptions], n_vocab: int):
-    """ollama's options with ollama's defaults -> (SamplerParams, max_tokens or None, stops)."""
-    o = opts or OllamaOptions()
-    d = lambda v, default: default if v is None else v  # noqa: E731
-    params = sampler_params(d(o.temperature, 0.8), d(o.top_k, 40), d(o.top_p, 0.9), d(o.min_p, 0.0),
-                            d(o.typical_p, 1.0), d(o.repeat_penalty, 1.1), d(o.repeat_last_n, 64),
-                            d(o.presence_penalty, 0.0), d(o.frequency_penalty, 0.0), d(o.mirostat, 0),
-                            d(o.mirostat_tau, 5.0), d(o.mirostat_eta, 0.1), o.seed, None, n_vocab)
-    n = o.num_predict
-    max_tokens = None if n is None or n < 0 else n
-    stops = [o.stop] if isinstance(o.stop, str) else list(o.stop or [])
-    return params, max_tokens, stops
-
-
+def _options(opts: Optional[OllamaOptions], n_vocab: Optional[int] = None, **given):
+    """ollama's options (ollama's defaults: tinyinfer/options.py) -> GenOptions."""
+    return gen_options("ollama", request_fields(opts), n_vocab, **given)
 
 
 def _final(job, t_arrival: float) -> dict:
@@ -78,22 +67,22 @@ def _final(job, t_arrival: float) -> dict:
             "eval_count": st.completion_tokens, "eval_duration": _ns(st.gen_s)}
 
 
-def _generate_work(state: ServerState, max_tokens, params_of, stops, fmt, build_ids):
+def _generate_work(state: ServerState, options: Optional[OllamaOptions], fmt, build_ids):
     """A job: texts of the steps of one generation (its GenStats on the job)."""
     grammar = request_grammar(lambda: grammar_for_ollama_format(fmt), "format")
+    _options(options)          # a bad value: 400 before the request is queued
 
     def work(engine, job):
         tok = engine.tokenizer
         ids = build_ids(tok)
         check_prompt(ids, engine.n_ctx, tok.n_vocab)
-        params = params_of(tok.n_vocab)
+        opts = _options(options, tok.n_vocab, grammar=grammar)
         job.prompt_ids = ids
         job.stats = GenStats(prompt_tokens=len(ids))
-        if max_tokens == 0:
+        if opts.max_tokens == 0:
             job.stats.finish_reason = "length"
             return
-        for c in completion_chunks(engine, ids, params, max_tokens=max_tokens, stop=stops, stats=job.stats,
-                                   grammar=grammar):
+        for c in completion_chunks(engine, ids, opts, stats=job.stats):
             yield c["choices"][0]["text"]
     return work
 
@@ -174,7 +163,6 @@ async def generate(req: OllamaGenerateRequest, request: Request):
         return {"model": model, "created_at": _now(), "response": "", "done": True,
                 "done_reason": _load_reason(req.keep_alive)}
     state.precheck_text(req.prompt, req.system)
-    params, max_tokens, stops = _options(req.options, None)
 
     def build_ids(tok):
         prompt = req.prompt or ""
@@ -190,8 +178,7 @@ async def generate(req: OllamaGenerateRequest, request: Request):
             ids = [int(t) for t in req.context] + ids
         return ids
 
-    work = _generate_work(state, max_tokens, lambda nv: _options(req.options, nv)[0], stops, req.format,
-                          build_ids)
+    work = _generate_work(state, req.options, req.format, build_ids)
 
     def shape(text):
         return {"model": model, "created_at": _now(), "response": text, "done": False}
@@ -220,15 +207,13 @@ async def chat(req: OllamaChatRequest, request: Request):
     if any(m.images for m in req.messages):
         raise ApiError(400, "images are not supported: this is a text-only model", param="messages")
     messages = [m.model_dump(exclude_none=True) for m in req.messages]
-    _, max_tokens, stops = _options(req.options, None)
     toolset = request_tools(req.tools, None, state.formatter, messages)
     held = ToolStream(toolset) if toolset.active else None     # a streamed reply that may be a call
 
     def build_ids(tok):
         return prepare_chat(state.formatter, tok, messages, toolset=toolset)[0]
 
-    work = _generate_work(state, max_tokens, lambda nv: _options(req.options, nv)[0], stops, req.format,
-                          build_ids)
+    work = _generate_work(state, req.options, req.format, build_ids)
 
     def shape(text):
         if held is not None:

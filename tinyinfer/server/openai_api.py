@@ -14,7 +14,7 @@ from starlette.responses import JSONResponse
 from ..api import GenStats, chat_chunks, completion_chunks, merge_chat, merge_completion, prepare_chat, tool_chat_chunks
 from ..grammar import grammar_for_response_format
 from .core import (ApiError, ServerState, check_prompt, dumps, encode_prompt, first_item, gone_response,
-                   run_to_end, sampler_params, sse_response, stream_items, submit)
+                   gen_options, request_fields, run_to_end, sse_response, stream_items, submit)
 from .schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 
 router = APIRouter(tags=["OpenAI"])
@@ -44,12 +44,6 @@ async def get_model(model_id: str, request: Request):
         raise ApiError(404, f"model {model_id!r} not found; this server serves {state.model_name!r}",
                        code="model_not_found")
     return _model_entry(state)
-
-
-def _params(req, n_vocab):
-    return sampler_params(req.temperature, req.top_k, req.top_p, req.min_p, req.typical_p, req.repeat_penalty,
-                          req.repeat_last_n, req.presence_penalty, req.frequency_penalty, req.mirostat_mode,
-                          req.mirostat_tau, req.mirostat_eta, req.seed, req.logit_bias, n_vocab)
 
 
 async def _respond(request: Request, state: ServerState, fn, stream: bool, include_usage: bool, merge):
@@ -96,6 +90,8 @@ async def completions(req: CompletionRequest, request: Request):
 
     grammar = request_grammar(lambda: _completion_grammar(req), "grammar" if req.grammar else
                               "json_schema" if req.json_schema is not None else "response_format")
+    fields = request_fields(req)
+    gen_options("openai", fields)     # a bad value: 400 before the request is queued
 
     def work(engine, job):
         tok = engine.tokenizer
@@ -106,12 +102,10 @@ async def completions(req: CompletionRequest, request: Request):
             ids = encode_prompt(tok, req.prompt)
             text = req.prompt
         check_prompt(ids, engine.n_ctx, tok.n_vocab)
-        params = _params(req, tok.n_vocab)
+        opts = gen_options("openai", fields, tok.n_vocab, grammar=grammar)
         job.stats = GenStats()
-        yield from completion_chunks(engine, ids, params, max_tokens=req.max_tokens, stop=req.stop,
-                                     logprobs=req.logprobs, model=name, echo_text=text if req.echo else None,
-                                     suffix=req.suffix, stats=job.stats, cid=cid, created=created,
-                                     grammar=grammar, cache_prompt=req.cache_prompt)
+        yield from completion_chunks(engine, ids, opts, model=name, echo_text=text if req.echo else None,
+                                     suffix=req.suffix, stats=job.stats, cid=cid, created=created)
 
     include = bool(req.stream_options and req.stream_options.include_usage)
     return await _respond(request, state, work, req.stream, include, merge_completion)
@@ -125,20 +119,23 @@ async def chat_completions(req: ChatCompletionRequest, request: Request):
     messages = [m.model_dump(exclude_none=True) for m in req.messages]
     state.precheck_text(*(p.text if hasattr(p, "text") else p for m in req.messages
                           for p in ([m.content] if isinstance(m.content, str) else (m.content or []))))
-    max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     grammar = request_grammar(lambda: grammar_for_response_format(req.response_format), "response_format")
     toolset = request_tools(req.tools, req.tool_choice, state.formatter, messages)
-    want_lp = (req.top_logprobs or 0) if req.logprobs else None
+    fields = request_fields(req)
+    if fields.get("max_completion_tokens") is not None:     # the newer name wins
+        fields.pop("max_tokens", None)
+    else:
+        fields.pop("max_completion_tokens", None)
+    gen_options("openai_chat", fields)
 
     def work(engine, job):
         tok = engine.tokenizer
         ids, g, _ = prepare_chat(state.formatter, tok, messages, response_format=grammar, toolset=toolset)
         check_prompt(ids, engine.n_ctx, tok.n_vocab)
-        params = _params(req, tok.n_vocab)
+        opts = gen_options("openai_chat", fields, tok.n_vocab, grammar=g)
         job.stats = GenStats()
         yield from tool_chat_chunks(chat_chunks(completion_chunks(
-            engine, ids, params, max_tokens=max_tokens, stop=req.stop, logprobs=want_lp, model=name,
-            stats=job.stats, cid=cid, created=created, grammar=g, cache_prompt=req.cache_prompt)), toolset)
+            engine, ids, opts, model=name, stats=job.stats, cid=cid, created=created)), toolset)
 
     include = bool(req.stream_options and req.stream_options.include_usage)
     return await _respond(request, state, work, req.stream, include, merge_chat)

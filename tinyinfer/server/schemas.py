@@ -30,23 +30,26 @@ def _known_role(v: str) -> str:
 # -- OpenAI ----------------------------------------------------------------------------------
 
 class _Sampling(_Body):
-    temperature: float = Field(0.8, ge=0.0, description="0 = greedy (deterministic)")
-    top_p: float = Field(0.95, ge=0.0, le=1.0)
-    min_p: float = Field(0.05, ge=0.0, le=1.0)
-    typical_p: float = Field(1.0, ge=0.0, le=1.0)
-    top_k: int = Field(40, ge=0, description="0 = whole vocabulary")
-    repeat_penalty: float = Field(1.1, ge=0.0)
-    repeat_last_n: int = Field(64, ge=-1)
-    presence_penalty: Optional[float] = Field(0.0, ge=-2.0, le=2.0)
-    frequency_penalty: Optional[float] = Field(0.0, ge=-2.0, le=2.0)
-    mirostat_mode: int = Field(0, ge=0, le=2)
-    mirostat_tau: float = Field(5.0, ge=0.0, le=10.0)
-    mirostat_eta: float = Field(0.1, ge=0.001, le=1.0)
+    """Generation options; unset ones take the defaults of tinyinfer/options.py (DEFAULTS["openai"]), and
+    options this schema does not list but tinyinfer/options.py's NAMES["openai"] does pass through."""
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
+    temperature: float = Field(None, ge=0.0, description="0 = greedy (deterministic)")
+    top_p: float = Field(None, ge=0.0, le=1.0)
+    min_p: float = Field(None, ge=0.0, le=1.0)
+    typical_p: float = Field(None, ge=0.0, le=1.0)
+    top_k: int = Field(None, ge=0, description="0 = whole vocabulary")
+    repeat_penalty: float = Field(None, ge=0.0)
+    repeat_last_n: int = Field(None, ge=-1)
+    presence_penalty: Optional[float] = Field(None, ge=-2.0, le=2.0)
+    frequency_penalty: Optional[float] = Field(None, ge=-2.0, le=2.0)
+    mirostat_mode: int = Field(None, ge=0, le=2)
+    mirostat_tau: float = Field(None, ge=0.0, le=10.0)
+    mirostat_eta: float = Field(None, ge=0.001, le=1.0)
     seed: Optional[int] = Field(None, description="fixed seed for reproducible sampling; null or -1 = random")
     logit_bias: Optional[Dict[str, float]] = Field(None, description="token id (as a string) -> bias")
     stop: Optional[Union[str, List[str]]] = Field(None, description="stop strings (not part of the output)")
     stream: bool = False
-    cache_prompt: bool = Field(True, description="reuse the longest cached prefix of the prompt (llama-server's)")
+    cache_prompt: bool = Field(None, description="reuse the longest cached prefix of the prompt (llama-server's)")
     model: Optional[str] = None
     n: Optional[int] = Field(1, ge=1, le=1, description="only 1 is supported")
     user: Optional[str] = None
@@ -88,7 +91,7 @@ class CompletionRequest(_Sampling):
     json_schema: Optional[Dict[str, Any]] = Field(None, description="JSON schema of the output (llama-server)")
     response_format: Optional[ResponseFormat] = None
     suffix: Optional[str] = None
-    max_tokens: Optional[int] = Field(16, ge=0, description="0 or null: until an end token or the context is full")
+    max_tokens: Optional[int] = Field(None, ge=0, description="default 16; 0 or null: until an end token or the context is full")
     echo: bool = False
     logprobs: Optional[int] = Field(None, ge=0, le=20)
     best_of: Optional[int] = Field(1, ge=1, le=1)
@@ -139,7 +142,9 @@ class EmbeddingRequest(_Body):
 # -- ollama ----------------------------------------------------------------------------------
 
 class OllamaOptions(_Body):
-    """ollama's ``options`` (runner options that make no sense here are accepted and ignored)."""
+    """ollama's ``options`` (runner options that make no sense here are accepted and ignored); unset ones
+    take ollama's defaults (tinyinfer/options.py: DEFAULTS["ollama"])."""
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
     num_predict: Optional[int] = Field(None, ge=-2, description="-1 = no limit, -2 = fill the context")
     num_ctx: Optional[int] = Field(None, ge=0, description="accepted; the server's -c is used")
     temperature: Optional[float] = Field(None, ge=0.0)

@@ -105,18 +105,24 @@ class Tokenizer:
     _CACHE_MAX = 1 << 17     # entries in the per-word (BPE) / per-segment (SPM) cache
 
     # -- construction ---------------------------------------------------------------------------
+    #: tokenizer.ggml.model -> the class (each algorithm's module registers itself: no import of it here)
+    ALGORITHMS: dict = {}
+
+    @classmethod
+    def register(cls, model: str):
+        def add(sub):
+            cls.ALGORITHMS[model] = sub
+            return sub
+        return add
+
     @staticmethod
     def from_gguf(metadata: dict) -> "Tokenizer":
         model = metadata.get("tokenizer.ggml.model")
         if model is None:
             raise ValueError("GGUF metadata has no tokenizer.ggml.model: no vocabulary in this file "
                              f"(supported tokenizer models: {', '.join(SUPPORTED_MODELS)})")
-        if model == "llama":
-            from .spm import SPMTokenizer
-            return SPMTokenizer(metadata)
-        if model == "gpt2":
-            from .bpe import BPETokenizer
-            return BPETokenizer(metadata)
+        if model in Tokenizer.ALGORITHMS:
+            return Tokenizer.ALGORITHMS[model](metadata)
         raise ValueError(f"unsupported tokenizer model {model!r} (tokenizer.ggml.model); "
                          f"supported: {', '.join(repr(m) for m in SUPPORTED_MODELS)}")
 

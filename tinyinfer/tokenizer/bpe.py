@@ -113,6 +113,7 @@ for _names, _spec in (
         _PRE_TYPES[_n] = _spec
 
 
+@Tokenizer.register("gpt2")
 class BPETokenizer(Tokenizer):
     """llama.cpp's llm_tokenizer_bpe: regex pre-tokenizer, byte-level BPE by merge rank."""
 

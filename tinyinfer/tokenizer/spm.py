@@ -11,6 +11,7 @@ import numpy as np
 from .base import _SPACE, Tokenizer, _utf8
 
 
+@Tokenizer.register("llama")
 class SPMTokenizer(Tokenizer):
     """llama.cpp's llm_tokenizer_spm: bigram merges by piece score, byte fallback."""
 

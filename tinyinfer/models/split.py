@@ -18,8 +18,8 @@ also carries the output projection). The actors are placed by a Ray placement gr
 bundle of ``n_threads`` CPUs each, ``SPREAD`` over the cluster's nodes by default
 ($TINYINFER_SPLIT_PLACEMENT=STRICT_SPREAD: one node each).
 
-:class:`SplitModel` has the model interface the engine uses (``forward``, ``new_cache``,
-``n_vocab``, ...), so :class:`tinyinfer.engine.Engine` (``split=N``) and everything above it
+:class:`SplitModel` implements the model interface (tinyinfer/models/interface.py: ``forward``,
+``new_cache``, the cache's shift / save / load / fingerprint), so :class:`tinyinfer.engine.Engine` (``split=N``) and everything above it
 (generation loop, sampler, CLI, ``Llama``, server) run unchanged. Bytes moved per evaluation are
 counted (``bytes_moved``): the hidden states between shards plus the ids in and logits out.
 """
@@ -33,7 +33,7 @@ from typing import Optional
 
 import numpy as np
 
-from . import ensure_ray
+from ..distributed import ensure_ray
 
 def layer_bytes(g) -> list:
     """Weight bytes of each block of an opened GGUF file."""
@@ -70,9 +70,9 @@ class Shard:
     """Blocks lo..hi-1 of one model (a Ray actor). Shard 0 embeds the ids, the last one applies the head."""
 
     def __init__(self, model_path: str, lo: int, hi: int, n_threads: int = 1):
-        from ..engine import set_threads
         from ..gguf import GGUFFile
-        from ..models import load_model
+        from ..threads import set_threads
+        from . import load_model
         set_threads(n_threads)
         self.g = GGUFFile(model_path)
         self.model = load_model(self.g, layers=(lo, hi))
@@ -93,6 +93,17 @@ class Shard:
 
     def free_cache(self, cid: int) -> None:
         self.caches.pop(cid, None)
+
+    def cache_call(self, cid: int, op: str, *args):
+        """The model's cache operation ``op`` (cache_shift, cache_fingerprint, ...) on cache ``cid``."""
+        return getattr(self.model, op)(self.caches[cid], *args)
+
+    def cache_parts(self, cid: int, n: int) -> tuple:
+        """This shard's K and V cells 0..n-1 (sequence 0), and their sizes."""
+        return self.caches[cid].save(0, n)
+
+    def cache_load(self, cid: int, n: int, data: bytes) -> None:
+        self.caches[cid].load(0, n, data)
 
     def forward(self, x: np.ndarray, pos0: int, cid: int, n_out: int, embeddings: bool) -> np.ndarray:
         x = self.model.embed(x) if self.first else np.array(x, dtype=np.float32)   # Ray's arrays are read-only
@@ -149,8 +160,11 @@ class SplitModel:
         self.n_evals = 0
         self.n_tokens = 0
 
-    def new_cache(self, n_ctx: int, n_batch: int = 512) -> SplitCache:
+    def new_cache(self, n_ctx: int, n_batch: int = 512, n_seq: int = 1, type_k: str = "f16",
+                  type_v: str = "f16") -> SplitCache:
         import ray
+        if n_seq != 1 or (type_k, type_v) != ("f16", "f16"):
+            raise ValueError("--split runs f16 KV caches of one sequence: no -ctk/-ctv or --parallel with it")
         cid = next(self._ids)
         ray.get([s.new_cache.remote(cid, n_ctx, n_batch) for s in self.shards])
         return SplitCache(self, cid, n_ctx)
@@ -168,6 +182,45 @@ class SplitModel:
         self.n_evals += 1
         self.n_tokens += n
         return out
+
+    # -- the cache operations of the model interface: each shard does its layers ----------------
+    def _each(self, cache: SplitCache, op: str, *args) -> list:
+        import ray
+        return ray.get([s.cache_call.remote(cache.cid, op, *args) for s in self.shards])
+
+    def cache_shift(self, cache: SplitCache, seq: int, n_keep: int, n_discard: int, n_past: int) -> None:
+        self._each(cache, "cache_shift", seq, n_keep, n_discard, n_past)
+
+    def cache_save(self, cache: SplitCache, seq: int, n: int) -> bytes:
+        """The bytes the single-process model writes: K of every layer, then V (a state saved split
+        loads unsplit and back)."""
+        import ray
+        parts = ray.get([s.cache_parts.remote(cache.cid, n) for s in self.shards])
+        return b"".join(k for k, _ in parts) + b"".join(v for _, v in parts)
+
+    def cache_load(self, cache: SplitCache, seq: int, n: int, data: bytes) -> None:
+        import ray
+        sizes = ray.get([s.cache_call.remote(cache.cid, "cache_state_sizes", n) for s in self.shards])
+        total = sum(k + v for k, v in sizes)
+        if len(data) != total:
+            raise ValueError(f"{len(data)} bytes of KV cells, expected {total} for {n} tokens")
+        ks, off = [], 0
+        for k, _ in sizes:
+            ks.append(data[off:off + k])
+            off += k
+        refs = []
+        for s, (k, v), kb in zip(self.shards, sizes, ks):
+            refs.append(s.cache_load.remote(cache.cid, n, kb + data[off:off + v]))
+            off += v
+        ray.get(refs)
+
+    def cache_copy(self, cache: SplitCache, src: int, dst: int, n: int) -> None:
+        if src != dst:
+            raise ValueError("a split model's cache holds one sequence")
+
+    def cache_fingerprint(self, cache: SplitCache) -> dict:
+        fps = self._each(cache, "cache_fingerprint")
+        return {**fps[0], "n_layer": sum(f["n_layer"] for f in fps)}
 
     def close(self) -> None:
         """Stop the shards and free their placement (also when the model is garbage collected)."""

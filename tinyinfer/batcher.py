@@ -1,0 +1,133 @@
+"""Continuous batching for the engines of one shared KV cache (see :class:`Batcher`)."""
+
+from __future__ import annotations
+
+import threading
+from typing import List
+
+import numpy as np
+
+from .kvcache import Batch
+from .threads import use_threads
+
+
+def common_prefix(a, b) -> int:
+    """The number of leading items ``a`` and ``b`` share."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+class _Request:
+    __slots__ = ("engine", "ids", "pos0", "n_out", "embeddings", "result", "error", "done")
+
+    def __init__(self, engine, ids, pos0, n_out, embeddings):
+        self.engine, self.ids, self.pos0, self.n_out, self.embeddings = engine, ids, pos0, n_out, embeddings
+        self.result = self.error = None
+        self.done = False
+
+
+class Batcher:
+    """Continuous batching for the engines of one shared cache, each driven by its own thread.
+
+    An engine inside :meth:`Engine.generate` is *active*. Its evaluations wait here; when every
+    active engine is waiting, the last to arrive runs them all (no scheduler thread): the single
+    tokens of all sequences as one forward pass (a :class:`Batch`, so each weight is read once per
+    step for all of them), then each prompt chunk on its own. Engines join and leave between steps;
+    sampling stays in each engine's thread.
+    """
+
+    def __init__(self, first):
+        self.model, self.cache = first.model, first.cache
+        self.n_threads = first.n_threads
+        self.engines: List = [first]
+        self.cv = threading.Condition()
+        self.active = 0
+        self.pending: List[_Request] = []
+        self.running = False
+        self.n_steps = 0             # forward passes run (tests, /metrics)
+        self.max_batch = 0           # the most sequences decoded in one pass
+
+    def enter(self) -> None:
+        with self.cv:
+            self.active += 1
+
+    def leave(self) -> None:
+        with self.cv:
+            self.active -= 1
+            self.cv.notify_all()
+
+    def forward(self, engine, ids, pos0, n_out, embeddings=False):
+        req = _Request(engine, np.asarray(ids, np.int64), pos0, n_out, embeddings)
+        with self.cv:
+            self.pending.append(req)
+            while not req.done:
+                # an evaluation outside generate() (an embedding) counts as active while it waits
+                waiting = len(self.pending)
+                if not self.running and self.pending and waiting >= self.active:
+                    take, self.pending = self.pending, []
+                    self.running = True
+                    self.cv.release()
+                    try:
+                        self._run(take)
+                    finally:
+                        self.cv.acquire()
+                        self.running = False
+                        self.cv.notify_all()
+                else:
+                    self.cv.wait()
+        if req.error is not None:
+            raise req.error
+        return req.result
+
+    def _run(self, reqs: List[_Request]) -> None:
+        use_threads(self.n_threads)
+        single = [r for r in reqs if r.ids.size == 1 and r.n_out == 1 and not r.embeddings]
+        rest = [r for r in reqs if r not in single]
+        try:
+            if single:
+                b = Batch.one_each([r.engine.seq for r in single], [r.pos0 for r in single])
+                ids = np.concatenate([r.ids for r in single])
+                out = self.model.forward(ids, b, self.cache, n_out=len(single))
+                self.n_steps += 1
+                self.max_batch = max(self.max_batch, len(single))
+                for i, r in enumerate(single):
+                    r.result = out[i:i + 1]
+        except Exception as e:          # every request of the failed pass is told
+            for r in single:
+                r.error = e
+        for r in single:
+            r.done = True
+        for r in rest:
+            try:
+                r.result = self.model.forward(r.ids, Batch.run(r.engine.seq, r.pos0, r.ids.size), self.cache,
+                                              n_out=r.n_out, embeddings=r.embeddings)
+                self.n_steps += 1
+            except Exception as e:
+                r.error = e
+            r.done = True
+
+    def reuse_prefix(self, engine, prompt_ids, keep: int) -> int:
+        """llama-server's cache_prompt across slots: when a free sequence's cache holds a longer
+        prefix of ``prompt_ids`` than ``engine``'s own (``keep`` tokens), copy those cells over."""
+        best, src = keep, None
+        for other in self.engines:
+            if other is engine or other.busy:
+                continue
+            n = common_prefix(other.tokens, prompt_ids)
+            if n > best:
+                best, src = n, other
+        if src is None:
+            return keep
+        with self.cv:                  # not while a forward pass writes the cache
+            while self.running:
+                self.cv.wait()
+            if src.busy:
+                return keep
+            n = min(best, common_prefix(src.tokens, prompt_ids))
+            self.model.cache_copy(self.cache, src.seq, engine.seq, n)
+        engine.tokens = list(prompt_ids[:n])
+        return n
