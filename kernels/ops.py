@@ -347,14 +347,34 @@ def kv_shift(q, d, kind, rot, s, n_keep, n_discard, n_past, cos, sin, neox, rota
 
 
 # ------------------------------------------------------------------ attention
+# The attention kernels take their fixed arguments as a few records, plain tuples that each kernel
+# unpacks by name on entry (numba dispatches a plain tuple about as fast as its items; a namedtuple
+# costs ~12 us more per call, 30 layers a token). Their layouts:
+#   heads = (n_head, n_kv, hdk, hdv, q_norm, k_norm, eps)   a layer's heads, its q/k RMSNorm (size 0: none)
+#   rope  = (cos, sin, neox)                                  this pass's RoPE tables, NEOX or NORM pairs
+#   kv    = (q, d, kind, rot)                                 a KVStore's cells, scales, type, Hadamard rotation
+#   attn  = (scale, window, softcap)                          a layer's attention constants
+
+
+def heads_record(n_head, n_kv, hdk, hdv, q_norm, k_norm, eps) -> tuple:
+    return (n_head, n_kv, hdk, hdv, q_norm, k_norm, np.float32(eps))
+
+
+def attn_record(scale, window, softcap) -> tuple:
+    return (np.float32(scale), int(window), np.float32(softcap))
+
+
 @nb.njit(**_fast)
-def qkv_store(qkv, n_head, n_kv, hdk, hdv, q_norm, k_norm, eps, cos, sin, neox, kq, kd, kkind, krot, vq, vd, vkind,
-              vrot, pos, seq, q):
+def qkv_store(qkv, heads, rope, k, v, pos, seq, q):
     """Split the fused projection qkv (n, n_head*hdk + n_kv*hdk + n_kv*hdv) into heads, apply the per-head
     RMSNorm (when q_norm.size > 0) and RoPE, write the rotated queries to q (n, n_head, hdk) and store
     k/v in the cache (in its type) at cell pos[i] % rows of sequence seq[i]. ``krot``: queries and
     keys are also Hadamard-rotated (a quantized K cache: outliers spread over the block, the dot
     products unchanged); ``vrot``: values too (the attention rotates its output back)."""
+    n_head, n_kv, hdk, hdv, q_norm, k_norm, eps = heads
+    cos, sin, neox = rope
+    kq, kd, kkind, krot = k
+    vq, vd, vkind, vrot = v
     n = qkv.shape[0]
     n_rows = kq.shape[1]
     has_norm = q_norm.shape[0] > 0
@@ -416,10 +436,13 @@ def _exp_shifted(row, L, softcap):
 
 
 @nb.njit(inline="always", **_fast)
-def _attention_task(q, kq, kd, kkind, vq, vd, vkind, vrot, pos, seq, scale, window, softcap, out, i, kv0, kv1):
+def _attention_task(q, k, v, pos, seq, attn, out, i, kv0, kv1):
     # the query heads of token i that share kv heads kv0..kv1-1. Over all kv heads (kv0 = 0, kv1 = n_kv)
     # the loops read each cache row whole, front to back: one sequential stream (a decode step at depth
     # is bound by that read); one kv head per task lets the parallel driver split a prompt finer.
+    kq, kd, kkind, _ = k
+    vq, vd, vkind, vrot = v
+    scale, window, softcap = attn
     nh, hdk = q.shape[1], q.shape[2]
     nkv = kq.shape[2]
     hdv = out.shape[2]
@@ -495,30 +518,26 @@ def _attention_task(q, kq, kd, kkind, vq, vd, vkind, vrot, pos, seq, scale, wind
 
 
 @nb.njit(**_fast)
-def _attention_serial(q, kq, kd, kkind, vq, vd, vkind, vrot, pos, seq, scale, window, softcap, out):
+def _attention_serial(q, k, v, pos, seq, attn, out):
     for i in range(q.shape[0]):
-        _attention_task(q, kq, kd, kkind, vq, vd, vkind, vrot, pos, seq, scale, window, softcap, out,
-                        i, 0, kq.shape[2])
+        _attention_task(q, k, v, pos, seq, attn, out, i, 0, k[0].shape[2])
     return out
 
 
 @nb.njit(**_fast)
-def decode_attention(qkv, n_head, n_kv, hdk, hdv, q_norm, k_norm, eps, cos, sin, neox, kq, kd, kkind, krot, vq,
-                     vd, vkind, vrot, pos, seq, q, scale, window, softcap, out):
+def decode_attention(qkv, heads, rope, k, v, pos, seq, q, attn, out):
     """:func:`qkv_store` then the serial :func:`attention` of its tokens, in one call: what a decode
     step (one token, which :func:`attention` runs serially) does per layer."""
-    qkv_store(qkv, n_head, n_kv, hdk, hdv, q_norm, k_norm, eps, cos, sin, neox, kq, kd, kkind, krot, vq, vd, vkind,
-              vrot, pos, seq, q)
-    return _attention_serial(q, kq, kd, kkind, vq, vd, vkind, vrot, pos, seq, scale, window, softcap, out)
+    qkv_store(qkv, heads, rope, k, v, pos, seq, q)
+    return _attention_serial(q, k, v, pos, seq, attn, out)
 
 
 @nb.njit(parallel=True, **_fast)
-def _attention_parallel(q, kq, kd, kkind, vq, vd, vkind, vrot, pos, seq, scale, window, softcap, out):
-    nkv = kq.shape[2]
+def _attention_parallel(q, k, v, pos, seq, attn, out):
+    nkv = k[0].shape[2]
     for task in nb.prange(q.shape[0] * nkv):
         kvh = task % nkv
-        _attention_task(q, kq, kd, kkind, vq, vd, vkind, vrot, pos, seq, scale, window, softcap, out,
-                        task // nkv, kvh, kvh + 1)
+        _attention_task(q, k, v, pos, seq, attn, out, task // nkv, kvh, kvh + 1)
     return out
 
 
@@ -616,7 +635,7 @@ def attention(q, k, v, pos, seq, scale, window, softcap, out):
     if (n >= _BLAS_MIN_TOKENS and window <= 0 and _BLAS_MIN_KEYS <= pos[n - 1] + 1 <= k.q.shape[1]
             and (seq == seq[0]).all() and (np.diff(pos) == 1).all()):
         return _attention_gemm(q, k, v, int(pos[0]), int(seq[0]), scale, softcap, out)
-    args = (q, k.q, k.d, k.kind, v.q, v.d, v.kind, v.rot, pos, seq, scale, window, softcap, out)
+    args = (q, k.arrays, v.arrays, pos, seq, attn_record(scale, window, softcap), out)
     if n > 1 and _par.num_threads() > 1:
         return _par.call(_attention_parallel, *args)
     return _attention_serial(*args)

@@ -12,13 +12,41 @@ REFERENCE = Path(os.environ.get("TINYINFER_REFERENCE", ROOT.parent / "shared" / 
 DATA = REFERENCE.parent / "data"
 
 
+def under_ci() -> bool:
+    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def missing(why: str):
+    """Something a test needs is not there: a skip on a developer's machine, a failure under CI
+    (where everything is installed by the repository itself, so missing means broken)."""
+    if under_ci():
+        pytest.fail(f"{why}: under CI a missing dependency is a failure", pytrace=False)
+    pytest.skip(why, allow_module_level=True)
+
+
 def need_reference(*parts) -> Path:
     p = REFERENCE.joinpath(*parts)
     if not p.exists():
-        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-            pytest.fail(f"llama.cpp reference data not found at {p}: under CI missing evidence is a failure")
-        pytest.skip(f"llama.cpp reference data not found at {p} (../shared/reference beside the project)")
+        missing(f"llama.cpp reference data not found at {p} (../shared/reference beside the project)")
     return p
+
+
+def need_module(name: str):
+    """``import name`` for a test module or a test (pytest.importorskip, but a failure under CI)."""
+    import importlib
+    try:
+        return importlib.import_module(name)
+    except ImportError as e:
+        missing(f"{name} is not installed ({e})")
+
+
+@pytest.fixture
+def temp_store(tmp_path, monkeypatch) -> Path:
+    """An empty model store ($TINYINFER_CACHE) for this test: what the user pulled stays out of it."""
+    d = tmp_path / "store"
+    d.mkdir()
+    monkeypatch.setenv("TINYINFER_CACHE", str(d))
+    return d
 
 
 @pytest.fixture(scope="session")
@@ -48,14 +76,23 @@ def free_port() -> int:
     return port
 
 
+def empty_store_env() -> dict:
+    """Environment for a server subprocess whose model store is a new empty folder (so /api/tags lists
+    only the served model, whatever the user pulled)."""
+    import tempfile
+    return {"TINYINFER_CACHE": tempfile.mkdtemp(prefix="tinyinfer-store-")}
+
+
 def serve_process(model_path, *args, env=None):
     """A real ``python -m tinyinfer serve`` on a free loopback port: a generator fixture body
-    yielding the base URL once /health says ok, terminating the server afterwards."""
+    yielding the base URL once /health says ok, terminating the server afterwards. Its model
+    store is empty unless ``env`` names one."""
     import subprocess
     import sys
     import time
 
     import httpx
+    env = {**empty_store_env(), **(env or {})}
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "tinyinfer", "serve", "-m", str(model_path), "--port", str(port),
                              "--no-access-log", "--log-level", "warning", *args], cwd=ROOT,

@@ -28,8 +28,10 @@ from pathlib import Path
 
 import pytest
 
-yaml = pytest.importorskip("yaml")
-httpx = pytest.importorskip("httpx")
+from conftest import need_module  # noqa: E402
+
+yaml = need_module("yaml")
+httpx = need_module("httpx")
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -77,7 +79,7 @@ def _by_kind(docs, kind):
 # --- schemas ------------------------------------------------------------------------------------
 
 def test_manifests_validate_against_kubernetes_schemas(rendered):
-    kv = pytest.importorskip("kubernetes_validate")
+    kv = need_module("kubernetes_validate")
     kinds = set()
     for overlay, docs in rendered.items():
         for doc in docs:
@@ -163,7 +165,7 @@ def test_manifests_wire_the_server(rendered):
     module, _, attr = appcfg["import_path"].partition(":")
     import importlib
     builder = getattr(importlib.import_module(module), attr)
-    from tinyinfer.distributed.serve import RayServeOptions, app as ray_app
+    from tinyinfer.ray_serve import RayServeOptions, app as ray_app
     assert builder is ray_app
     opts = RayServeOptions.from_args(appcfg["args"])        # the args the builder gets are all known
     assert opts.replicas * opts.threads <= sum(int(g["rayStartParams"]["num-cpus"]) * g["replicas"]

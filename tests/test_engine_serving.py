@@ -17,13 +17,6 @@ PROMPTS = ["One, two, three,", "The capital of France is", "Once upon a time, in
            "def fibonacci(n):"]
 
 
-def need_slow(request):
-    """Long runs only when asked for: ``-m slow``."""
-    expr = request.config.getoption("-m") or ""
-    if not ("slow" in expr and "not slow" not in expr):
-        pytest.skip("long run: select it with -m slow")
-
-
 @pytest.fixture(scope="module")
 def eng(smollm2_path):
     return Engine(smollm2_path, n_ctx=256, n_threads=1)
@@ -162,8 +155,7 @@ def _unshifted(path, ids):
 
 
 @pytest.mark.slow
-def test_context_shift_2000_tokens_in_512(smollm2_path, request):
-    need_slow(request)
+def test_context_shift_2000_tokens_in_512(smollm2_path):
     e = Engine(smollm2_path, n_ctx=512, n_threads=1)
     steps = _shift_run(e, 2000)
     assert len(steps) == 2000 and steps[-1].finish_reason == "length"

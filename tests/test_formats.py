@@ -24,7 +24,6 @@ from tinyinfer.tools.quantize import FTYPES, QuantizeError, main, plan_quantizat
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 import make_synthetic  # noqa: E402
-from test_gguf_fuzz import need_slow  # noqa: E402
 
 PROMPT = [1, 504, 3458, 314, 260, 1615, 30, 378]
 # centered-logit cosine vs F16 (random weights: the bits of the weakest tensors decide)
@@ -50,9 +49,7 @@ def cosine(a, b):
 
 @pytest.mark.parametrize("typ", [t if t in DEFAULT else pytest.param(t, marks=pytest.mark.slow)
                                  for t in FTYPES if t != "F16"])
-def test_every_writable_type_loads_and_generates(tiny, typ, request):
-    if typ not in DEFAULT:
-        need_slow(request)
+def test_every_writable_type_loads_and_generates(tiny, typ):
     d, f16, ref = tiny
     out = d / f"tiny.{typ}.gguf"
     assert main([str(f16), str(out), typ, "-q"]) == 0

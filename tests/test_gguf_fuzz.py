@@ -539,13 +539,6 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 
-def need_slow(request):
-    """Long runs only when asked for: ``-m slow`` or TINYINFER_FUZZ_N in the environment."""
-    expr = request.config.getoption("markexpr") or ""
-    if not ("slow" in expr and "not slow" not in expr) and "TINYINFER_FUZZ_N" not in os.environ:
-        pytest.skip("long run: select it with -m slow (or set TINYINFER_FUZZ_N)")
-
-
 def test_fuzz_mutations():
     r = run_fuzz_subprocess(NORMAL_N, seed=1, jobs=2, timeout=300)
     print(json.dumps({k: v for k, v in r.items() if k != "reports"}))
@@ -553,8 +546,7 @@ def test_fuzz_mutations():
 
 
 @pytest.mark.slow
-def test_fuzz_mutations_long(request):
-    need_slow(request)
+def test_fuzz_mutations_long():
     n = SLOW_N
     t0 = time.perf_counter()
     r = run_fuzz_subprocess(n, seed=int(os.environ.get("TINYINFER_FUZZ_SEED", "7")), jobs=os.cpu_count() or 1,
@@ -902,7 +894,6 @@ def test_real_header_truncations(tmp_path, smollm2_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("model", ["smollm2", "gemma3"])
 def test_real_header_truncations_every_field(tmp_path, request, model):
-    need_slow(request)
     path = request.getfixturevalue(f"{model}_path")
     n = _check_real_truncations(tmp_path, path, every=True)
     print(f"{model}: {n} truncations")

@@ -90,8 +90,8 @@ def test_attention_gemm_path_in_slices_equals_the_loops(monkeypatch):
         ops.kv_store_rows(st.q, st.d, st.kind, st.rot, rng.standard_normal((pos0 + n, nkv, hd)).astype(np.float32))
     q = rng.standard_normal((n, nh, hd)).astype(np.float32)
     b = Batch.run(0, pos0, n)
-    loops = ops._attention_serial(q, kc.q, kc.d, kc.kind, vc.q, vc.d, vc.kind, vc.rot, b.pos, b.seq,
-                                  np.float32(0.125), 0, np.float32(0.0), np.empty((n, nh, hd), np.float32))
+    loops = ops._attention_serial(q, kc.arrays, vc.arrays, b.pos, b.seq, ops.attn_record(0.125, 0, 0.0),
+                                  np.empty((n, nh, hd), np.float32))
     monkeypatch.setattr(ops, "_BLAS_SCORES_BYTES", 4 * 3 * (pos0 + n) * 5)     # 5 tokens per slice
     calls = []
     gemm = ops._attention_gemm
@@ -263,8 +263,8 @@ def test_qkv_store(neox, norm):
     kst, vst = _store("f16", 2, n_rows, nkv, hd), _store("f16", 2, n_rows, nkv, hd)
     q = np.empty((n, nh, hd), np.float32)
     seq = np.ones(n, np.int64)
-    ops.qkv_store(qkv, nh, nkv, hd, hd, qn, kn, eps, cos, sin, neox, kst.q, kst.d, kst.kind, kst.rot, vst.q,
-                  vst.d, vst.kind, vst.rot, pos, seq, q)
+    ops.qkv_store(qkv, ops.heads_record(nh, nkv, hd, hd, qn, kn, eps), (cos, sin, neox), kst.arrays, vst.arrays,
+                  pos, seq, q)
     kc = kst.q[1].view(np.float16).astype(np.float32)
     vc = vst.q[1].view(np.float16).astype(np.float32)
     rq = qkv[:, :nh * hd].reshape(n, nh, hd).copy()

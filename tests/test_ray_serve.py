@@ -1,4 +1,4 @@
-"""Replicas on Ray Serve (tinyinfer/distributed/serve.py): the server's own routes behind Ray's proxy.
+"""Replicas on Ray Serve (tinyinfer/ray_serve.py): the server's own routes behind Ray's proxy.
 
 The short run (default): ``python -m tinyinfer serve --ray --replicas 1`` on loopback with an API
 key, driven by the real ``openai`` and ``ollama`` clients; answers equal the ``Llama`` class's;
@@ -20,8 +20,10 @@ from pathlib import Path
 
 import pytest
 
-httpx = pytest.importorskip("httpx")
-pytest.importorskip("ray.serve")
+from conftest import empty_store_env, need_module  # noqa: E402
+
+httpx = need_module("httpx")
+need_module("ray.serve")
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -31,7 +33,7 @@ NO_EOS = {"0": -100, "1": -100, "2": -100}
 
 
 def test_options_are_checked():
-    from tinyinfer.distributed.serve import RayServeOptions
+    from tinyinfer.ray_serve import RayServeOptions
     o = RayServeOptions.from_args({"model": "m.gguf", "replicas": "2", "threads": 1, "ctx-size": "256"})
     assert (o.replicas, o.threads, o.ctx_size) == (2, 1, 256)
     assert o.server_config()["n_ctx"] == 256 and o.server_config()["model_path"] == "m.gguf"
@@ -43,7 +45,7 @@ def test_options_are_checked():
             RayServeOptions.from_args(bad)
     # what Ray Serve is given (its own config classes validate it): a fixed count, or autoscaling on
     # ongoing requests with a target of one per slot; a replica holds slots + 1 requests at most
-    from tinyinfer.distributed.serve import build
+    from tinyinfer.ray_serve import build
     gateway = build(RayServeOptions.from_args({"model": "m.gguf", "autoscale": "1:3", "parallel": 2}))._bound_deployment
     replica = gateway.init_args[0]._bound_deployment
     cfg = replica._deployment_config
@@ -64,7 +66,7 @@ def ray_server(smollm2_path, tmp_path_factory):
                                  "-m", str(smollm2_path), "--port", str(port), "-c", "512", "-t", "1",
                                  "--api-key", KEY, "--alias", "smollm2"],
                                 stdout=f, stderr=subprocess.STDOUT, cwd=ROOT,
-                                env=dict(os.environ, NUMBA_NUM_THREADS="1"))
+                                env=dict(os.environ, NUMBA_NUM_THREADS="1", **empty_store_env()))
     url = f"http://127.0.0.1:{port}"
     try:
         wait_health(url, proc, 300, replicas=1)
@@ -147,9 +149,7 @@ def test_killed_replica_gives_retryable_error_and_comes_back(ray_server):
 
 
 @pytest.mark.slow
-def test_two_replicas_load_with_a_kill(smollm2_path, tmp_path, request):
-    from test_gguf_fuzz import need_slow
-    need_slow(request)
+def test_two_replicas_load_with_a_kill(smollm2_path, tmp_path):
     import json
     from bench_ray_serve import main
     out = tmp_path / "out.json"

@@ -25,9 +25,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-httpx = pytest.importorskip("httpx")
-pytest.importorskip("fastapi")
-pytest.importorskip("uvicorn")
+from conftest import empty_store_env, need_module  # noqa: E402
+
+httpx = need_module("httpx")
+need_module("fastapi")
+need_module("uvicorn")
 
 KEY = "sk-test-7f3a9c"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -221,7 +223,8 @@ def _start_server(model, tmp: Path, *extra) -> Server:
     cmd = [sys.executable, "-m", "tinyinfer", "serve", "-m", str(model), "--port", str(port), "-c", str(N_CTX),
            "--max-queue", str(MAX_QUEUE), "--api-key", KEY, "--alias", ALIAS, "--shutdown-timeout", "30", *extra]
     with open(log, "wb") as f:
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT,
+                                env={**os.environ, **empty_store_env()})   # /api/tags: the served model only
     srv = Server(f"http://127.0.0.1:{port}", port, proc, log)
     t0 = time.perf_counter()
     while time.perf_counter() - t0 < 300:

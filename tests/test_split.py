@@ -1,4 +1,4 @@
-"""A model split by layers over Ray actors (tinyinfer/distributed/split.py).
+"""A model split by layers over Ray actors (tinyinfer/models/split.py).
 
 Without Ray: the layer plan, and shards built by ``load_model(g, layers=(lo, hi))`` chained in
 one process give the full model's logits bit for bit. With Ray: a two-node cluster on this
@@ -30,7 +30,7 @@ def smollm2_f16():
 
 
 def test_plan_layers_balances_bytes():
-    from tinyinfer.distributed.split import plan_layers
+    from tinyinfer.models.split import plan_layers
     assert plan_layers([10] * 30, 1) == [(0, 30)]
     assert plan_layers([10] * 30, 2) == [(0, 15), (15, 30)]
     assert plan_layers([10] * 30, 3) == [(0, 10), (10, 20), (20, 30)]
@@ -89,7 +89,7 @@ def two_nodes():
 
 
 def _first_step_diff(path) -> tuple:
-    from tinyinfer.distributed.split import SplitModel
+    from tinyinfer.models.split import SplitModel
     from tinyinfer.gguf import GGUFFile
     from tinyinfer.models import load_model
     g = GGUFFile(path)

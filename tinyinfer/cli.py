@@ -72,7 +72,7 @@ def cache_kwargs(a) -> dict:
 
 
 def add_split_arg(ap: argparse.ArgumentParser) -> None:
-    """--split N: the model's layers over N Ray actors (tinyinfer/distributed/split.py), CLI and server."""
+    """--split N: the model's layers over N Ray actors (tinyinfer/models/split.py), CLI and server."""
     ap.add_argument("--split", type=_positive("--split"), default=1, metavar="N",
                     help="split the model's layers over N Ray actors (pip install 'tinyinfer[ray]'; "
                          "$RAY_ADDRESS = a running cluster, else a local one on 127.0.0.1)")

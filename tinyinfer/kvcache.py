@@ -64,6 +64,8 @@ class KVStore:
             self.q = np.zeros((n_seq, rows, n_kv, hd // 2), np.uint8)
             self.d = np.zeros((n_seq, rows, n_kv, hd // QK), np.uint16)
 
+        self.arrays = (self.q, self.d, self.kind, self.rot)     # the kernels' ``kv`` record (kernels/ops.py)
+
     @property
     def rows(self) -> int:
         return self.q.shape[1]

@@ -147,6 +147,10 @@ class Attention:
         self.scale = np.float32(1.0 / math.sqrt(hp.head_dim_k) if scale is None else scale)
         self.softcap = np.float32(softcap)
         self.eps = np.float32(hp.eps)
+        # the kernels' fixed argument records (kernels/ops.py)
+        self.heads = ops.heads_record(hp.n_head, hp.n_kv_head, hp.head_dim_k, hp.head_dim_v, self.q_norm,
+                                      self.k_norm, self.eps)
+        self.attn = ops.attn_record(self.scale, self.window, self.softcap)
 
     def __call__(self, h, k_cache, v_cache, pos0, rope_tab):
         """k_cache, v_cache: this layer's :class:`~tinyinfer.kvcache.KVStore`; pos0: the first position
@@ -159,11 +163,10 @@ class Attention:
             qkv += self.bqkv
         q = np.empty((n, p.n_head, p.head_dim_k), np.float32)
         out = np.empty((n, p.n_head, p.head_dim_v), np.float32)
-        args = (qkv, p.n_head, p.n_kv_head, p.head_dim_k, p.head_dim_v, self.q_norm, self.k_norm,
-                self.eps, rope_tab[0], rope_tab[1], self.rope.neox, k_cache.q, k_cache.d, k_cache.kind,
-                k_cache.rot, v_cache.q, v_cache.d, v_cache.kind, v_cache.rot, b.pos, b.seq, q)
+        args = (qkv, self.heads, (rope_tab[0], rope_tab[1], self.rope.neox), k_cache.arrays, v_cache.arrays,
+                b.pos, b.seq, q)
         if n == 1:      # a decode step: store and attend in one jitted call
-            ops.decode_attention(*args, self.scale, self.window, self.softcap, out)
+            ops.decode_attention(*args, self.attn, out)
         else:
             ops.qkv_store(*args)
             ops.attention(q, k_cache, v_cache, b.pos, b.seq, self.scale, self.window, self.softcap, out)
@@ -230,7 +233,7 @@ class Transformer:
 
     def __init__(self, g, layers: tuple | None = None):
         """``layers=(lo, hi)``: load only blocks lo..hi-1, a shard of a model split by layers
-        (tinyinfer/distributed/split.py): ``self.layers`` holds None for the others, the output
+        (tinyinfer/models/split.py): ``self.layers`` holds None for the others, the output
         projection is built only by the shard that ends the model; the embedding table is a view
         into the file (pages are read only by the shard that looks tokens up)."""
         self.path = g.path

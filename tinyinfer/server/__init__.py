@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="on SIGTERM, seconds in-flight requests get to finish (default 30)")
     ap.add_argument("--cors", action="store_true", help="allow cross-origin requests from browsers (any origin)")
     ap.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
-    ray = ap.add_argument_group("replicas on Ray Serve (pip install 'tinyinfer[ray]'; tinyinfer/distributed/serve.py)")
+    ray = ap.add_argument_group("replicas on Ray Serve (pip install 'tinyinfer[ray]'; tinyinfer/ray_serve.py)")
     ray.add_argument("--ray", action="store_true", help="serve N replicas of this server on Ray Serve, one endpoint")
     ray.add_argument("--replicas", type=_positive("--replicas"), default=1, help="with --ray: replicas (default 1)")
     ray.add_argument("--autoscale", metavar="MIN:MAX", default=None,
@@ -102,7 +102,7 @@ def main(argv=None) -> int:
     if a.ray:
         if a.split > 1 or a.cors:
             raise ValueError("--ray runs whole-model replicas: --split and --cors are not supported with it")
-        from ..distributed.serve import RayServeOptions, run
+        from ..ray_serve import RayServeOptions, run
         opts = RayServeOptions.from_args(dict(model=path, alias=a.alias, ctx_size=a.ctx_size, batch_size=a.batch_size,
                                               threads=a.threads or 1, parallel=a.parallel, max_queue=a.max_queue,
                                               api_key=a.api_key or None, chat_template=a.chat_template,

@@ -25,4 +25,4 @@ class ServerConfig:
     cache_type_v: str = "f16"
     context_shift: bool = False      # off by default, as in llama-server
     n_keep: int = 0
-    split: int = 1              # the model's layers over this many Ray actors (tinyinfer/distributed/split.py)
+    split: int = 1              # the model's layers over this many Ray actors (tinyinfer/models/split.py)
