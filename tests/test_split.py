@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import need_module
+
 ROOT = Path(__file__).resolve().parent.parent
 PROMPT = "The three primary colors are"
 IDS = np.array([1, 504, 3458, 282, 4649, 314, 28, 253], np.int64)
@@ -62,11 +64,44 @@ def test_shards_in_one_process_equal_the_model(smollm2_f16):
         load_model(g, layers=(20, 40))
 
 
+def _ray_processes() -> set:
+    import psutil
+    out = set()
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        cmd = " ".join(p.info["cmdline"] or [])
+        if "raylet" in cmd or "gcs_server" in cmd or "ray/_private" in cmd or "dashboard/agent" in cmd:
+            out.add(p.info["pid"])
+    return out
+
+
+def test_a_failed_split_run_leaves_no_ray_process(smollm2_f16, tmp_path):
+    """The CLI starts a local Ray instance for --split; a run that fails (here: a KV cache type the
+    split model refuses) says so in one line, and no Ray process outlives it."""
+    need_module("ray")
+    import time
+    before = _ray_processes()
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    r = subprocess.run([sys.executable, "-m", "tinyinfer", "-m", str(smollm2_f16), "-p", "Hi", "-n", "2", "-c", "64",
+                        "--split", "2", "-ctk", "q8_0", "--prompt-cache", str(tmp_path / "c.bin")],
+                       capture_output=True, text=True, timeout=300, cwd=ROOT, env={**env, "NUMBA_NUM_THREADS": "1"})
+    assert r.returncode == 1, r.stderr[-3000:]
+    lines = [x for x in r.stderr.splitlines() if x.startswith("error:")]
+    assert lines == ["error: --split runs f16 KV caches of one sequence: no -ctk/-ctv or --parallel with it"], \
+        r.stderr[-3000:]
+    assert "Traceback" not in r.stderr
+    for _ in range(20):            # Ray's processes stop within moments of the driver's shutdown
+        left = _ray_processes() - before
+        if not left:
+            break
+        time.sleep(0.5)
+    assert not left, f"Ray processes left behind: {sorted(left)}"
+
+
 # --- two Ray nodes on loopback -----------------------------------------------------------------
 
 @pytest.fixture(scope="module")
 def two_nodes():
-    pytest.importorskip("ray")
+    need_module("ray")
     from tinyinfer.distributed import ensure_ray, use_loopback
     use_loopback()
     import ray
@@ -157,3 +192,41 @@ def test_llama_cli_and_server_split(two_nodes, smollm2_f16, tmp_path):
     finally:
         _stop(srv.proc)
     assert ray.cluster_resources().get("CPU") == 2
+
+
+def test_split_saved_state_and_context_shift(two_nodes, smollm2_f16, tmp_path):
+    """The model interface in full over Ray: a state saved split loads unsplit and back (the same
+    bytes), a context shift gives the tokens of the single-process engine, and the CLI's
+    --prompt-cache with --split 2 reuses its file."""
+    from tinyinfer.engine import Engine
+    from tinyinfer.options import GenOptions
+    from tinyinfer.sampler import SamplerParams
+    greedy = GenOptions(SamplerParams(temperature=0), max_tokens=40, ignore_eos=True)
+    shift = GenOptions(context_shift=True, n_keep=-1)
+    one = Engine(smollm2_f16, n_ctx=32, n_threads=1, defaults=shift)
+    two = Engine(smollm2_f16, n_ctx=32, n_threads=1, split=2, defaults=shift)
+    try:
+        ids = [int(t) for t in IDS]
+        want = [s.token for s in one.generate(ids, greedy)]        # 8 + 40 tokens in 32: shifts
+        got = [s.token for s in two.generate(ids, greedy)]
+        assert len(want) == 40 and got == want
+        two.reset()
+        two.ingest_prompt(ids)
+        blob = two.save_state()
+        one.reset()
+        one.ingest_prompt(ids)
+        assert blob == one.save_state()            # the same bytes, split or not
+        one.load_state(blob)
+        two.load_state(one.save_state())
+        assert two.tokens == ids and np.allclose(two.eval([42]), one.eval([42]), atol=1e-4)
+    finally:
+        two.close()
+    env = dict(os.environ, RAY_ADDRESS=two_nodes.address, NUMBA_NUM_THREADS="1")
+    cache = tmp_path / "c.bin"
+    cmd = [sys.executable, "-m", "tinyinfer", "-m", str(smollm2_f16), "-p", PROMPT, "-n", "4", "--temp", "0",
+           "-c", "128", "--split", "2", "--prompt-cache", str(cache), "--no-perf"]
+    first = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+    assert first.returncode == 0 and cache.exists(), first.stderr[-3000:]
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+    assert again.returncode == 0 and again.stdout == first.stdout, again.stderr[-3000:]
+    assert "cached tokens" in again.stderr and " 0 reused" not in again.stderr
