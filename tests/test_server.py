@@ -590,6 +590,31 @@ def test_malformed_json_and_unknown_routes(server):
     assert head.startswith("HTTP/1.1 413")
 
 
+def test_unknown_fields_ignored_bad_values_400_naming_them(server):
+    """As llama-server and ollama: a field the server does not know is ignored; a known one with a wrong
+    type or value is a 400 naming it (tinyinfer/options.py decides for the fields pydantic does not list)."""
+    base = {"prompt": "One, two,", "max_tokens": 2, **GREEDY}
+    r = server.post("/v1/completions", {**base, "temprature": 5, "not_an_option": [1]})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
+    r = server.post("/api/generate", {"prompt": "One, two,", "stream": False, "raw": True,
+                                      "options": {"num_predict": 2, "temprature": 5, "num_gpu": 1}})
+    assert r.status_code == 200 and r.json()["eval_count"] == 2
+    for path, body, field in [("/v1/completions", {**base, "n_keep": "some"}, "n_keep"),
+                              ("/v1/completions", {**base, "top_k": "many"}, "top_k"),
+                              ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}],
+                                                        "cache_prompt": "maybe"}, "cache_prompt"),
+                              ("/api/generate", {"prompt": "Hi", "options": {"num_keep": "x"}}, "num_keep"),
+                              ("/api/chat", {"messages": [{"role": "user", "content": "Hi"}],
+                                             "options": {"mirostat": 7}}, "mirostat")]:
+        r = server.post(path, body)
+        assert r.status_code == 400, (path, body, r.text)
+        err = r.json()["error"]
+        msg = err if path.startswith("/api/") else err["message"]
+        assert field in msg, (field, msg)
+        if not path.startswith("/api/"):
+            assert err["param"].endswith(field)
+
+
 def test_prompt_too_long_is_400(server):
     r = server.post("/v1/chat/completions", {"messages": [{"role": "user", "content": "word " * 700}]})
     assert r.status_code == 400
