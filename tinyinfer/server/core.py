@@ -210,8 +210,7 @@ class ServerState:
     def props(self) -> dict:
         from .. import __version__
         eng = self.pool.engines[0] if self.pool.engines else None
-        from ..options import build
-        d = build("openai", {})
+        d = gen_options("openai", {})
         return {"default_generation_settings": {"id": 0, "id_task": -1, "n_ctx": self.n_ctx,
                                                 "speculative": False, "is_processing": False,
                                                 "params": {"n_predict": d.max_tokens, **_sampler_fields(d.sampler)}},
@@ -238,8 +237,8 @@ class ServerState:
 
 def _sampler_fields(p) -> dict:
     """A SamplerParams as llama-server's /slots and /props show it (seed -1: random)."""
-    out = {k: v for k, v in vars(p).items() if k not in ("logit_bias", "min_keep")}
-    return {**out, "seed": -1 if p.seed is None else p.seed}
+    return {**{k: v for k, v in vars(p).items() if k not in ("logit_bias", "min_keep")},
+            "seed": -1 if p.seed is None else p.seed}
 
 
 def _param_size(state: ServerState) -> str:
@@ -384,27 +383,19 @@ def check_prompt(ids: List[int], n_ctx: int, n_vocab: int) -> None:
         raise ApiError(400, f"token id {bad[0]} is out of range [0, {n_vocab})", param="prompt")
 
 
-def gen_options(dialect: str, body: dict, n_vocab: Optional[int] = None, **given):
-    """A request's generation options (tinyinfer/options.py, ``dialect``): fields it does not know are
-    ignored, as llama-server and ollama do; a bad value is a 400 naming the field. ``given``: options
-    the route built itself (a grammar), by their canonical names."""
-    from ..options import OptionError, build
+def gen_options(dialect: str, body, n_vocab: Optional[int] = None, **given):
+    """A request's generation options (tinyinfer/options.py, ``dialect``) from its body (a dict, or a pydantic
+    model: the fields the client sent, unknown ones included): fields the dialect does not know are ignored,
+    as llama-server and ollama do; a bad value is a 400 naming the field. ``given``: options the route built."""
+    from ..options import GenOptions, build
+    body = body.model_dump(exclude_unset=True) if hasattr(body, "model_dump") else dict(body or {})
     for k in (body.get("logit_bias") or {}) if n_vocab is not None else ():
         if not 0 <= int(k) < n_vocab:
             raise ApiError(400, f"logit_bias: token id {int(k)} is out of range [0, {n_vocab})", param="logit_bias")
     try:
-        opts = build(dialect, body, strict=False)
-    except (OptionError, TypeError) as e:
+        return GenOptions.of(build(dialect, body, strict=False), **given)
+    except (ValueError, TypeError) as e:
         raise ApiError(400, str(e), param=getattr(e, "field", None)) from None
-    if given:
-        from ..options import GenOptions
-        opts = GenOptions.of(opts, **given)
-    return opts
-
-
-def request_fields(req) -> dict:
-    """The fields a client sent (unknown ones included): defaults come from tinyinfer/options.py."""
-    return req.model_dump(exclude_unset=True, by_alias=False) if req is not None else {}
 
 
 def encode_prompt(tok, text: str) -> List[int]:

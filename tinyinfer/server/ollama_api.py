@@ -23,7 +23,7 @@ from ..api import GenStats, completion_chunks, prepare_chat
 from ..chat import chat_prompt_ids
 from ..grammar import grammar_for_ollama_format
 from .core import (ApiError, gen_options, ServerState, check_prompt, dumps, encode_prompt, first_item, gone_response,
-                   ndjson_response, request_fields, run_to_end, stream_items, submit)
+                   ndjson_response, run_to_end, stream_items, submit)
 from ..toolcall import ToolStream
 from .openai_api import request_grammar, request_tools
 from .schemas import (OllamaChatRequest, OllamaEmbeddingsRequest, OllamaEmbedRequest, OllamaGenerateRequest,
@@ -53,7 +53,7 @@ def _ns(seconds: float) -> int:
 
 def _options(opts: Optional[OllamaOptions], n_vocab: Optional[int] = None, **given):
     """ollama's options (ollama's defaults: tinyinfer/options.py) -> GenOptions."""
-    return gen_options("ollama", request_fields(opts), n_vocab, **given)
+    return gen_options("ollama", opts, n_vocab, **given)
 
 
 def _final(job, t_arrival: float) -> dict:

@@ -14,7 +14,7 @@ from starlette.responses import JSONResponse
 from ..api import GenStats, chat_chunks, completion_chunks, merge_chat, merge_completion, prepare_chat, tool_chat_chunks
 from ..grammar import grammar_for_response_format
 from .core import (ApiError, ServerState, check_prompt, dumps, encode_prompt, first_item, gone_response,
-                   gen_options, request_fields, run_to_end, sse_response, stream_items, submit)
+                   gen_options, run_to_end, sse_response, stream_items, submit)
 from .schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 
 router = APIRouter(tags=["OpenAI"])
@@ -90,7 +90,7 @@ async def completions(req: CompletionRequest, request: Request):
 
     grammar = request_grammar(lambda: _completion_grammar(req), "grammar" if req.grammar else
                               "json_schema" if req.json_schema is not None else "response_format")
-    fields = request_fields(req)
+    fields = req.model_dump(exclude_unset=True)
     gen_options("openai", fields)     # a bad value: 400 before the request is queued
 
     def work(engine, job):
@@ -121,7 +121,7 @@ async def chat_completions(req: ChatCompletionRequest, request: Request):
                           for p in ([m.content] if isinstance(m.content, str) else (m.content or []))))
     grammar = request_grammar(lambda: grammar_for_response_format(req.response_format), "response_format")
     toolset = request_tools(req.tools, req.tool_choice, state.formatter, messages)
-    fields = request_fields(req)
+    fields = req.model_dump(exclude_unset=True)
     if fields.get("max_completion_tokens") is not None:     # the newer name wins
         fields.pop("max_tokens", None)
     else:
