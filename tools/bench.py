@@ -176,11 +176,11 @@ def main(argv=None, sysroot: str = "/") -> int:
         writer.writeheader()
     for path in models:
         n_ctx = max([p for p in pps] + [t for t in tgs] + [p + g for p, g in pgs] + [16]) + max(depths) + 1
-        eng = Engine(path, n_ctx=n_ctx, n_batch=a.batch_size, n_threads=threads[0], progress=True)
+        eng = Engine(path, n_ctx=n_ctx, n_batch=a.batch_size, n_threads=threads[0], verbose=True)
         label, size, n_params = model_label(eng)
         wbytes = weight_bytes_per_token(eng.model)
         for t in threads:
-            set_threads(t)
+            eng.n_threads = set_threads(t)     # the engine applies its count before each pass
             if t not in roof and not a.no_roofline:
                 roof[t] = memory_roofline(t)
             tests = ([("pp", n, 0) for n in pps if n > 0] + [("tg", n, 0) for n in tgs if n > 0]

@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -276,8 +277,8 @@ def analyze(f: GGUFFile, n_ctx=None, n_batch=DEFAULT_BATCH, available=None, type
         "by_type": by_type,
     }
 
-    out["memory"] = memory(arch, n_layer, n_embd, heads, heads_kv, k_len, v_len, n_ff, n_vocab, n_ctx_train,
-                           window, hp, n_ctx, n_batch, n_bytes, available, type_k, type_v)
+    shape = ModelShape(arch, n_layer, n_embd, heads, heads_kv, k_len, v_len, n_ff, n_vocab, n_ctx_train, window, hp)
+    out["memory"] = memory(shape, n_ctx, n_batch, n_bytes, available, type_k, type_v)
     return out
 
 
@@ -298,8 +299,24 @@ def swa_layers(arch, n_layer, window, pattern_value):
     return [False] * n_layer, f"sliding-window pattern of {arch!r} unknown: every layer counted at full context"
 
 
-def memory(arch, n_layer, n_embd, heads, heads_kv, k_len, v_len, n_ff, n_vocab, n_ctx_train, window, hp,
-           n_ctx, n_batch, weights, available, type_k="f16", type_v="f16") -> dict:
+class ModelShape(NamedTuple):
+    """What the memory estimate needs of a file (``hp``: its ``<arch>.`` key reader)."""
+    arch: Any
+    n_layer: int
+    n_embd: int
+    heads: list
+    heads_kv: list
+    k_len: int
+    v_len: int
+    n_ff: list
+    n_vocab: Any
+    n_ctx_train: Any
+    window: int
+    hp: Any
+
+
+def memory(shape: ModelShape, n_ctx, n_batch, weights, available, type_k="f16", type_v="f16") -> dict:
+    arch, n_layer, n_embd, heads, heads_kv, k_len, v_len, n_ff, n_vocab, n_ctx_train, window, hp = shape
     if n_ctx == 0:  # llama.cpp's -c 0: the trained context length
         if n_ctx_train:
             n_ctx, src = n_ctx_train, "-c 0: the file's context length"
