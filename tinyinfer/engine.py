@@ -169,7 +169,7 @@ class Engine:
             if self.batcher is not None:
                 self.batcher.engines.append(other)
         elif self.model is not None:
-            other.batcher = None
+            other.batcher, other.n_seq = None, 1
             other.cache = self._new_cache()
         return other
 

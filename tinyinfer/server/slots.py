@@ -155,13 +155,7 @@ class SlotPool:
 
     # -- the worker ------------------------------------------------------------------------
     def _worker(self, slot: int, engine) -> None:
-        n_threads = getattr(engine, "n_threads", None)
-        if n_threads:                       # numba's thread count is per calling thread
-            try:
-                import numba
-                numba.set_num_threads(int(n_threads))
-            except Exception:
-                pass
+        # (numba's thread count is per calling thread: the engine applies its own before each pass)
         while True:
             job = self._q.get()
             if job is None:
