@@ -20,7 +20,7 @@ from tinyinfer.sampler import SamplerParams  # noqa: E402
 model, ref = sys.argv[1], sys.argv[2]
 r = json.loads(open(f"{ref}/smollm2/greedy_Q4_1.jsonl").readline())
 ref_logits = np.fromfile(f"{ref}/smollm2/first_logits_Q4_1.f32", np.float32)[:49152]
-eng = Engine(model, n_ctx=128, n_batch=64, n_threads=2, progress=True)
+eng = Engine(model, n_ctx=128, n_batch=64, n_threads=2, verbose=True)
 t1 = time.perf_counter()
 ours = eng.ingest_prompt(r["prompt_ids"]).astype(np.float64)
 
