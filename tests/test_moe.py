@@ -81,20 +81,43 @@ def reference(tag: str):
 
 
 def kl_estimate(ref: dict, i: int, ours: np.ndarray) -> float:
-    """KL(llama.cpp || ours) of prompt i: exact over llama.cpp's top tokens, the rest of the vocabulary
-    estimated from the stored uniform sample (see benchmarks/moe_reference.py)."""
+    """KL(llama.cpp || ours) of prompt i from the stored top tokens and uniform sample (benchmarks/moe_reference.py).
+
+    With d = log p - log q, KL = E_p[d] + log E_p[exp(-d)] (the identity sum_i q_i = 1); both expectations are
+    taken over the same tokens, exact over llama.cpp's top ones and estimated for the rest from the sample,
+    so the sampling error of the first-order terms cancels and the estimate stays ~ Var_p(d) / 2 (a plain
+    sum of p·d over a sample has first-order noise of the size of the bound itself)."""
     n_vocab = int(ref["n_vocab"])
-    lq = ours.astype(np.float64).reshape(-1)
-    lq = lq - (lq.max() + np.log(np.exp(lq - lq.max()).sum()))
-    lse = float(ref["lse"][i])
     top = ref["top_ids"][i]
-    lp = ref["top_logits"][i].astype(np.float64) - lse
-    kl = float(np.sum(np.exp(lp) * (lp - lq[top])))
     samp = np.sort(np.random.default_rng(n_vocab).choice(n_vocab, SAMPLE, replace=False))
     rest = ~np.isin(samp, top)
-    ls = ref["sample_logits"][i][rest].astype(np.float64) - lse
-    kl += (n_vocab - len(top)) / rest.sum() * float(np.sum(np.exp(ls) * (ls - lq[samp[rest]])))
-    return kl
+    ids = np.concatenate([top, samp[rest]])
+    lp = np.concatenate([ref["top_logits"][i], ref["sample_logits"][i][rest]]).astype(np.float64) - float(ref["lse"][i])
+    lq = ours.astype(np.float64).reshape(-1)
+    lq = lq - (lq.max() + np.log(np.exp(lq - lq.max()).sum()))
+    d = lp - lq[ids]
+    wt = np.exp(lp) * np.concatenate([np.ones(len(top)), np.full(rest.sum(), (n_vocab - len(top)) / rest.sum())])
+    wt /= wt.sum()
+    return float(np.sum(wt * d) + np.log(np.sum(wt * np.exp(-d))))
+
+
+def router_margin(eng) -> list:
+    """Install a probe on every MoE block of ``eng``'s model; returns a list that collects, per routing call,
+    the smallest gap between the k-th and the (k+1)-th router logit over its tokens."""
+    gaps = []
+    for L in eng.model.layers:
+        moe = getattr(L.mlp, "f", L.mlp)
+
+        def route(x, moe=moe, orig=moe.route):
+            logits = np.sort(moe.router(x), axis=1)[:, ::-1]
+            k = moe.n_used
+            gaps.append(float((logits[:, k - 1] - logits[:, k]).min()))
+            return orig(x)
+        moe.route = route
+    return gaps
+
+
+ROUTER_TIE = 0.002      # a router-logit gap under this at the top-k boundary: the expert choice is a coin toss
 
 
 @pytest.fixture(scope="module", params=[(a, t) for a in FAMILIES for t in ["F16", *QUANT]],
@@ -112,18 +135,28 @@ def test_prompt_tokens(case):
 
 
 def test_first_step_kl(case):
+    """A short prompt where some token's router has a near tie at the top-k boundary (gap < ROUTER_TIE:
+    llama.cpp's rounding may choose the other expert, and the logits then differ by far more than the
+    bound) is left out of the mean, as a near tie of the top-2 logits is left out of the argmax check; at
+    least three of the four count. The 900-token prompt always counts: one flipped choice among its
+    3600 is diluted by the rest."""
     arch, typ, eng, (rows, ref) = case
-    kls = []
+    gaps = router_margin(eng)
+    kls, tie = [], []
     for i, r in enumerate(rows):
         eng.reset()
+        gaps.clear()
         ours = eng.ingest_prompt(r["prompt_ids"])
         kls.append(kl_estimate(ref, i, ours))
+        tie.append(min(gaps) < ROUTER_TIE)
         top2 = ref["top_logits"][i][:2]
-        if top2[0] - top2[1] >= 0.5:
+        if top2[0] - top2[1] >= 0.5 and not tie[-1]:
             assert int(np.argmax(ours)) == int(ref["top_ids"][i][0]), f"{arch} {typ} prompt {i}: argmax differs"
-    print(f"{arch} {typ}: short mean KL {np.mean(kls[:-1]):.2e}, 900 tokens {kls[-1]:.2e}")
+    short = [k for k, t in zip(kls[:-1], tie) if not t]
+    print(f"{arch} {typ}: short mean KL {np.mean(short):.2e} ({len(short)} prompts), 900 tokens {kls[-1]:.2e}")
     short_bound, long_bound = (1e-4, 1e-3) if typ == "F16" else (0.02, 0.02)
-    assert np.mean(kls[:-1]) <= short_bound, kls
+    assert len(short) >= 3, (kls, tie)
+    assert np.mean(short) <= short_bound, (kls, tie)
     assert kls[-1] <= long_bound, kls
 
 

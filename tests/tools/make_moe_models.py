@@ -7,7 +7,7 @@ Deterministic: the same vocabulary files and this script give the same bytes (te
     python tests/tools/make_moe_models.py VOCAB_DIR OUT_DIR [granitemoe] [qwen2moe]
 
 granitemoe (Granite 3.x 1B-A400M's layout): embedding / attention / residual / logit multipliers, NORM RoPE,
-top-k weights renormalised, output tied to the embeddings. qwen2moe (Qwen1.5-MoE-A2.7B's layout): q/k/v
+top-k weights renormalised (output gain 12: logits / logit_scale spread like a real model's). qwen2moe (Qwen1.5-MoE-A2.7B's layout): q/k/v
 biases, NEOX RoPE, no renormalisation, a shared expert scaled by sigmoid(ffn_gate_inp_shexp · x), untied output.
 """
 import math
@@ -77,11 +77,10 @@ def build(arch, vocab_dir, out_path):
         w.add_expert_feed_forward_length(N_FF_EXP)
         w.add_expert_shared_feed_forward_length(N_FF_SHEXP)
     dq, dkv = N_HEAD * HEAD_DIM, N_HEAD_KV * HEAD_DIM
-    w.add_tensor("token_embd.weight", tensor("token_embd.weight", (n_vocab, D), 0.2 if arch == "qwen2moe" else 0.3
+    w.add_tensor("token_embd.weight", tensor("token_embd.weight", (n_vocab, D), 0.2
                                              ).astype(np.float16))
     w.add_tensor("output_norm.weight", tensor("output_norm.weight", (D,), 0.1, 1.0))
-    if arch == "qwen2moe":
-        w.add_tensor("output.weight", mat("output.weight", (n_vocab, D), 3.0))
+    w.add_tensor("output.weight", mat("output.weight", (n_vocab, D), 3.0 if arch == "qwen2moe" else 12.0))
     for i in range(N_LAYER):
         p = f"blk.{i}."
         w.add_tensor(p + "attn_norm.weight", tensor(p + "attn_norm.weight", (D,), 0.1, 1.0))
