@@ -11,6 +11,7 @@ top-2 gap >= 0.5; greedy ids equal until the first near tie.
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 import struct
@@ -268,3 +269,71 @@ def test_truncated_expert_tensor_refused(moe_dir, tmp_path):
     with pytest.raises((GGUFError, ModelError)) as e:
         load_model(GGUFFile(cut))
     assert last.name in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+# -- the faces and tools ------------------------------------------------------------------------------
+
+def test_inspect_counts_active_parameters(moe_dir):
+    """Active parameters: everything but the experts, plus expert_used_count / expert_count of them
+    (4 layers x 3 tensors x 8 experts x 256 x 256 here); bytes read per token likewise."""
+    from tinyinfer.tools.inspect import analyze, render
+    g = GGUFFile(moe_dir / "synthetic-olmoe-F16.gguf")
+    info = analyze(g)
+    ts = info["tensors"]
+    experts = 4 * 3 * 8 * 256 * 256
+    assert ts["moe"]["active_params"] == ts["params"] - experts * 6 // 8
+    emb = g.tensors["token_embd.weight"]
+    assert ts["moe"]["bytes_per_token"] == ts["bytes"] - experts * 2 * 6 // 8 - emb.nbytes + 2 * 256   # one F16 row
+    assert "2 of 8 experts per token" in render(info)
+
+
+def test_llama_class_perplexity_and_bench_take_moe(moe_dir, tmp_path, capfd):
+    """The Llama class answers llama.cpp's greedy tokens; perplexity and bench run the file."""
+    from tinyinfer.api import Llama
+    from tinyinfer.tools import bench, perplexity
+    path = moe_dir / "synthetic-qwen3moe-F16.gguf"
+    rows, _ = reference("qwen3moe-F16")
+    llm = Llama(str(path), n_ctx=256, verbose=False)
+    out = llm.create_completion(rows[0]["prompt_ids"], max_tokens=3, temperature=0)
+    assert llm.tokenize(out["choices"][0]["text"].encode(), add_bos=False, special=True)[:1] == rows[0]["greedy_ids"][:1]
+    text = tmp_path / "t.txt"
+    text.write_text(" ".join(["The capital of France is Paris, and the capital of Italy is Rome."] * 12))
+    ppl, _, _ = perplexity.perplexity(Engine(path, n_ctx=64), text.read_text(), n_ctx=64, n_chunks=1,
+                                      out=io.StringIO(), progress=False)
+    assert np.isfinite(ppl) and ppl > 1
+    assert bench.main(["-m", str(path), "-p", "16", "-n", "4", "-r", "1", "-t", "1"]) == 0
+    assert "qwen3moe" in capfd.readouterr().out
+
+
+def test_server_takes_moe(moe_dir, tmp_path):
+    """The real server on loopback: /v1/completions' greedy text is llama.cpp's tokens."""
+    httpx = pytest.importorskip("httpx")
+    import socket
+    import time
+    rows, _ = reference("qwen2moe-F16")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = open(tmp_path / "server.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "tinyinfer", "serve", "-m", str(moe_dir / "synthetic-qwen2moe-F16.gguf"),
+                             "--port", str(port), "-c", "256"], stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(600):
+            assert proc.poll() is None, (tmp_path / "server.log").read_text()[-2000:]
+            try:
+                if httpx.get(url + "/health", timeout=2).json().get("status") == "ok":
+                    break
+            except (httpx.HTTPError, ValueError):
+                pass
+            time.sleep(0.3)
+        from tinyinfer.tokenizer import Tokenizer
+        tok = Tokenizer.from_gguf(GGUFFile(moe_dir / "synthetic-qwen2moe-F16.gguf").metadata)
+        r = rows[0]
+        got = httpx.post(url + "/v1/completions", timeout=120, json={
+            "prompt": r["prompt_ids"], "max_tokens": 3, "temperature": 0}).json()
+        assert got["choices"][0]["text"] == tok.decode(r["greedy_ids"][:3]), got
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        log.close()
