@@ -32,6 +32,7 @@ SHORT = (ROOT.parent / "shared" / "reference" / "arch" / "prompts.txt")
 LONG_SOURCE = ROOT.parent / "shared" / "data" / "wikitext2-test.txt"
 LONG_TOKENS = 900
 TOP, SAMPLE, N_GREEDY = 1024, 4096, 32
+REPACK_OFF = False      # set per file in main: the quantized ones
 
 
 def sample_ids(n_vocab: int) -> np.ndarray:
@@ -46,13 +47,25 @@ def prompts() -> list:
 
 def main(model_dir: str, *tags: str):
     import llama_cpp
+    import llama_cpp.llama_cpp as C
+    default_params = C.llama_model_default_params
+
+    def no_repack():
+        # this build (llama-cpp-python 0.3.36's llama.cpp, x86 GGML_NATIVE) segfaults in the repacked Q8_0
+        # mul_mat_id on these files; the quantized references run without repacking (llama-cli --no-repack)
+        p = default_params()
+        p.use_extra_bufts = not REPACK_OFF
+        return p
+    C.llama_model_default_params = no_repack
     OUT.mkdir(parents=True, exist_ok=True)
     sums = {}
     sha_file = OUT / "sha256.txt"
     if sha_file.exists():
         sums = dict(reversed(line.split()) for line in sha_file.read_text().splitlines() if line.strip())
+    global REPACK_OFF
     for tag in tags:
         path = Path(model_dir) / f"synthetic-{tag}.gguf"
+        REPACK_OFF = not tag.endswith("-F16")
         sums[path.name] = hashlib.sha256(path.read_bytes()).hexdigest()
         m = llama_cpp.Llama(str(path), n_ctx=2048, n_batch=512, n_threads=2, logits_all=True, verbose=False)
         n_vocab = m.n_vocab()

@@ -8,15 +8,17 @@
 
 The experts live in three 3-D tensors ``ffn_{gate,up,down}_exps`` (ggml shape {k, rows, n_expert}): expert
 e is rows e·rows .. (e+1)·rows of the file's 2-D (n_expert·rows, row_bytes) view, a zero-copy slice of the
-mmap. :class:`Experts` wraps each expert's slice for the matmul kernels on its first use, in the file's own
-block layout (no repacked copy): loading reads none of the experts' bytes, a decode step reads only the
-chosen experts' rows, and the page cache (not the process) holds what was read, so a file larger than RAM
-runs with the hot experts resident. A prompt batch is grouped by expert (llama.cpp's ``mul_mat_id`` idea):
-each chosen expert runs once on the rows of all tokens that chose it, so its weights are read once per batch.
+mmap. :class:`Experts` wraps each expert's slice for the matmul kernels on its first use: loading reads none
+of the experts' bytes; a decode step reads only the chosen experts' rows, in the file's own block layout, so
+the page cache (not the process) holds what was read and a file larger than RAM runs with the hot experts
+resident. A prompt batch is grouped by expert (llama.cpp's ``mul_mat_id`` idea): each chosen expert runs
+once on the rows of all tokens that chose it, so its weights are read once per batch, from a row-interleaved
+copy made the first time a batch needs that expert (the GEMM kernels' layout; see :class:`Experts`).
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -55,8 +57,15 @@ class ExpertParams:
 
 
 class Experts:
-    """One 3-D expert tensor (n_expert matrices of ``rows`` x ``k``) kept in the file; expert e's
-    prepared weight is made on first use from its slice of the mapping (zero-copy, file layout)."""
+    """One 3-D expert tensor (n_expert matrices of ``rows`` x ``k``) kept in the file.
+
+    ``self[e]``: expert e's weight for single-token steps, prepared on first use from its slice of the
+    mapping in the file's own layout (zero-copy; the GEMV kernels read it at memory speed).
+    :meth:`batched`: the same expert for a group of several tokens, prepared on its first such use with the
+    matmul's default layout (for most types a row-interleaved copy: the GEMM kernels need it to be fast on a
+    prompt). Only experts that a prompt batch routed tokens to get that copy; ``REPACK = False`` (or
+    TINYINFER_MOE_REPACK=0) keeps every expert in the file and runs a batch's tokens one by one instead.
+    """
 
     def __init__(self, t: TensorInfo, n_expert: int):
         quants.type_info(t.ggml_type)
@@ -67,17 +76,37 @@ class Experts:
         if t.data.shape[0] != n_expert * self.rows:
             raise ModelError(f"tensor {t.name!r}: {t.data.shape[0]} rows, expected {n_expert} experts x {self.rows}")
         self._w = [None] * n_expert
+        self._b = [None] * n_expert
+
+    def _slice(self, e: int) -> np.ndarray:
+        return self.t.data[e * self.rows:(e + 1) * self.rows]
 
     def __getitem__(self, e: int) -> mm.PreparedWeight:
         pw = self._w[e]
         if pw is None:
-            r = self.rows
-            pw = self._w[e] = mm.prepare(self.t.data[e * r:(e + 1) * r], self.ggml_type, self.k, repack=False)
+            pw = self._w[e] = mm.prepare(self._slice(e), self.ggml_type, self.k, repack=False)
+        return pw
+
+    def batched(self, e: int) -> mm.PreparedWeight:
+        pw = self._b[e]
+        if pw is None:
+            pw = self._b[e] = mm.prepare(self._slice(e), self.ggml_type, self.k)
         return pw
 
     @property
     def n_prepared(self) -> int:
         return sum(w is not None for w in self._w)
+
+    @property
+    def n_batched(self) -> int:
+        return sum(w is not None for w in self._b)
+
+
+REPACK = os.environ.get("TINYINFER_MOE_REPACK", "1") != "0"
+# the most rows one expert's GEMM call takes: measured on the x86 test machine, the packed Q4_K GEMM took
+# ~10 us a row up to 8 rows and 40-70 us a row from 12 on (benchmarks/bench_moe.py --gemm-rows); the
+# kernels' redesign may lift it
+GEMM_ROWS = int(os.environ.get("TINYINFER_MOE_GEMM_ROWS", "8"))
 
 
 class MoE:
@@ -110,13 +139,18 @@ class MoE:
 
     def expert(self, e: int, x: np.ndarray) -> np.ndarray:
         """down_e(silu(gate_e x) * up_e x) for x (m, n_embd) float32 C-contiguous."""
-        f = self.n_ff
-        gu = np.empty((x.shape[0], 2 * f), np.float32)
-        mm.run(self.gate[e], x, gu[:, :f])
-        mm.run(self.up[e], x, gu[:, f:])
-        a = np.empty((x.shape[0], f), np.float32)
+        m, f = x.shape[0], self.n_ff
+        if m > 1 and not REPACK:
+            return np.concatenate([self.expert(e, x[i:i + 1]) for i in range(m)])
+        if m > GEMM_ROWS:       # the packed GEMM's time per row grows past a few rows (x86, Dec 2026): cut
+            return np.concatenate([self.expert(e, x[i:i + GEMM_ROWS]) for i in range(0, m, GEMM_ROWS)])
+        pick = (lambda ex: ex.batched(e)) if m > 1 else (lambda ex: ex[e])
+        gu = np.empty((m, 2 * f), np.float32)
+        mm.run(pick(self.gate), x, gu[:, :f])
+        mm.run(pick(self.up), x, gu[:, f:])
+        a = np.empty((m, f), np.float32)
         ops.silu_mul_split(gu, a)
-        return mm.run(self.down[e], a, np.empty((x.shape[0], self.down.rows), np.float32))
+        return mm.run(pick(self.down), a, np.empty((m, self.down.rows), np.float32))
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         chosen, w = self.route(x)
