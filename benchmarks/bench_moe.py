@@ -113,7 +113,9 @@ def main() -> None:
         for t in a.threads.split(","):
             common = ["-m", a.model, "-p", str(a.p), "-n", str(a.n), "-t", t, "-r", "1", "-o", "jsonl"]
             if a.llama_bench:
-                for row in runs([a.llama_bench, *common]):
+                # --repack 0: this llama.cpp build (0c1e570, x86 GGML_NATIVE) segfaults in its repacked
+                # mul_mat_id on MoE files; unrepacked is also what a Pi 5 runs for Q4_K (no i8mm)
+                for row in runs([a.llama_bench, *common, "--repack", "0"]):
                     key = f"pp{a.p}" if row["n_prompt"] else f"tg{a.n}"
                     res.setdefault((t, key, "llama.cpp"), []).append(row["avg_ts"])
             for row in runs([sys.executable, "-m", "tinyinfer", "bench", *common, "--no-roofline"]):

@@ -144,13 +144,16 @@ class MoE:
             return np.concatenate([self.expert(e, x[i:i + 1]) for i in range(m)])
         if m > GEMM_ROWS:       # the packed GEMM's time per row grows past a few rows (x86, Dec 2026): cut
             return np.concatenate([self.expert(e, x[i:i + GEMM_ROWS]) for i in range(0, m, GEMM_ROWS)])
-        pick = (lambda ex: ex.batched(e)) if m > 1 else (lambda ex: ex[e])
-        gu = np.empty((m, 2 * f), np.float32)
-        mm.run(pick(self.gate), x, gu[:, :f])
-        mm.run(pick(self.up), x, gu[:, f:])
+        if m == 1:
+            gu = np.empty((1, 2 * f), np.float32)      # one row: the halves are contiguous
+            mm.run(self.gate[e], x, gu[:, :f])
+            mm.run(self.up[e], x, gu[:, f:])
+        else:   # the packed GEMM writes a strided output (a column slice) several times slower: two arrays
+            gu = np.concatenate([mm.run(self.gate.batched(e), x, np.empty((m, f), np.float32)),
+                                 mm.run(self.up.batched(e), x, np.empty((m, f), np.float32))], axis=1)
         a = np.empty((m, f), np.float32)
         ops.silu_mul_split(gu, a)
-        return mm.run(pick(self.down), a, np.empty((m, self.down.rows), np.float32))
+        return mm.run(self.down.batched(e) if m > 1 else self.down[e], a, np.empty((m, self.down.rows), np.float32))
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         chosen, w = self.route(x)
