@@ -219,6 +219,21 @@ def test_batch_grouped_by_expert_equals_token_by_token(moe_dir):
     np.testing.assert_allclose(batch, one, rtol=1e-4, atol=1e-4)     # the kernels: GEMM vs GEMV rounding
 
 
+def test_pack_budget_bounds_the_copies(moe_dir, monkeypatch):
+    """Past the packed-copy budget a batch's experts run token by token on the file's layout: same result,
+    no copy made."""
+    from tinyinfer.models import moe as M
+    m = load_model(GGUFFile(moe_dir / "synthetic-olmoe-F16.gguf"))
+    blk = m.layers[2].mlp
+    x = np.random.default_rng(2).standard_normal((9, m.n_embd)).astype(np.float32)
+    monkeypatch.setattr(M, "PACK_BUDGET", 0)
+    capped = blk(x)
+    assert blk.gate.n_batched == blk.up.n_batched == blk.down.n_batched == 0
+    monkeypatch.setattr(M, "PACK_BUDGET", 1 << 40)
+    np.testing.assert_allclose(blk(x), capped, rtol=1e-4, atol=1e-4)
+    assert blk.gate.n_batched > 0
+
+
 def test_route_against_numpy(moe_dir):
     """softmax, top-k and the renormalisation, from the router logits with numpy alone."""
     m = load_model(GGUFFile(moe_dir / "synthetic-qwen3moe-F16.gguf"))
@@ -305,7 +320,8 @@ def test_llama_class_perplexity_and_bench_take_moe(moe_dir, tmp_path, capfd):
     rows, _ = reference("qwen3moe-F16")
     llm = Llama(str(path), n_ctx=256, verbose=False)
     out = llm.create_completion(rows[0]["prompt_ids"], max_tokens=3, temperature=0)
-    assert llm.tokenize(out["choices"][0]["text"].encode(), add_bos=False, special=True)[:1] == rows[0]["greedy_ids"][:1]
+    first = llm.tokenize(out["choices"][0]["text"].encode(), add_bos=False, special=True)[:1]
+    assert first == rows[0]["greedy_ids"][:1]
     text = tmp_path / "t.txt"
     text.write_text(" ".join(["The capital of France is Paris, and the capital of Italy is Rome."] * 12))
     ppl, _, _ = perplexity.perplexity(Engine(path, n_ctx=64), text.read_text(), n_ctx=64, n_chunks=1,
@@ -325,8 +341,9 @@ def test_server_takes_moe(moe_dir, tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     log = open(tmp_path / "server.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "tinyinfer", "serve", "-m", str(moe_dir / "synthetic-qwen2moe-F16.gguf"),
-                             "--port", str(port), "-c", "256"], stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+    model = moe_dir / "synthetic-qwen2moe-F16.gguf"
+    proc = subprocess.Popen([sys.executable, "-m", "tinyinfer", "serve", "-m", str(model), "--port", str(port),
+                             "-c", "256"], stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
     try:
         url = f"http://127.0.0.1:{port}"
         for _ in range(600):

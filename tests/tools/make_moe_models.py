@@ -7,7 +7,8 @@ Deterministic: the same vocabulary files and this script give the same bytes (te
     python tests/tools/make_moe_models.py VOCAB_DIR OUT_DIR [granitemoe] [qwen2moe]
 
 granitemoe (Granite 3.x 1B-A400M's layout): embedding / attention / residual / logit multipliers, NORM RoPE,
-top-k weights renormalised (output gain 12: logits / logit_scale spread like a real model's). qwen2moe (Qwen1.5-MoE-A2.7B's layout): q/k/v
+top-k weights renormalised (output gain 12: logits / logit_scale spread like a real model's).
+qwen2moe (Qwen1.5-MoE-A2.7B's layout): q/k/v
 biases, NEOX RoPE, no renormalisation, a shared expert scaled by sigmoid(ffn_gate_inp_shexp · x), untied output.
 """
 import math
@@ -95,7 +96,8 @@ def build(arch, vocab_dir, out_path):
                          ("down", (N_EXPERT, D, N_FF_EXP))):
             w.add_tensor(p + f"ffn_{t}_exps.weight", mat(p + f"ffn_{t}_exps.weight", shape))
         if arch == "qwen2moe":
-            w.add_tensor(p + "ffn_gate_inp_shexp.weight", tensor(p + "ffn_gate_inp_shexp.weight", (D,), 2.0 / math.sqrt(D)))
+            n = p + "ffn_gate_inp_shexp.weight"
+            w.add_tensor(n, tensor(n, (D,), 2.0 / math.sqrt(D)))
             w.add_tensor(p + "ffn_gate_shexp.weight", mat(p + "ffn_gate_shexp.weight", (N_FF_SHEXP, D)))
             w.add_tensor(p + "ffn_up_shexp.weight", mat(p + "ffn_up_shexp.weight", (N_FF_SHEXP, D)))
             w.add_tensor(p + "ffn_down_shexp.weight", mat(p + "ffn_down_shexp.weight", (D, N_FF_SHEXP)))

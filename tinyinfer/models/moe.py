@@ -63,8 +63,9 @@ class Experts:
     mapping in the file's own layout (zero-copy; the GEMV kernels read it at memory speed).
     :meth:`batched`: the same expert for a group of several tokens, prepared on its first such use with the
     matmul's default layout (for most types a row-interleaved copy: the GEMM kernels need it to be fast on a
-    prompt). Only experts that a prompt batch routed tokens to get that copy; ``REPACK = False`` (or
-    TINYINFER_MOE_REPACK=0) keeps every expert in the file and runs a batch's tokens one by one instead.
+    prompt). Only experts that a prompt batch routed tokens to get that copy, and all copies together stay
+    within ``PACK_BUDGET`` (TINYINFER_MOE_PACK_MIB, 1024 by default); past it, or with ``REPACK = False``
+    (TINYINFER_MOE_REPACK=0), an expert runs a batch's tokens one by one on the file's layout instead.
     """
 
     def __init__(self, t: TensorInfo, n_expert: int):
@@ -87,10 +88,17 @@ class Experts:
             pw = self._w[e] = mm.prepare(self._slice(e), self.ggml_type, self.k, repack=False)
         return pw
 
-    def batched(self, e: int) -> mm.PreparedWeight:
+    def batched(self, e: int) -> mm.PreparedWeight | None:
+        """Expert e in the GEMM layout, made on first use while the process's packed copies stay within
+        PACK_BUDGET bytes; None past it (the caller then runs the rows one by one on ``self[e]``)."""
+        global _packed_bytes
         pw = self._b[e]
         if pw is None:
+            if _packed_bytes + self.nbytes_expert > PACK_BUDGET:
+                return None
             pw = self._b[e] = mm.prepare(self._slice(e), self.ggml_type, self.k)
+            if pw.packed is not None or pw.arm is not None:
+                _packed_bytes += self.nbytes_expert
         return pw
 
     @property
@@ -103,6 +111,10 @@ class Experts:
 
 
 REPACK = os.environ.get("TINYINFER_MOE_REPACK", "1") != "0"
+# the most bytes of packed expert copies a process makes (anonymous memory, on top of the mapped file):
+# a 13 GB Qwen3-30B-A3B on a 16 GB board must not end up holding a second copy of its experts
+PACK_BUDGET = int(float(os.environ.get("TINYINFER_MOE_PACK_MIB", "1024")) * (1 << 20))
+_packed_bytes = 0
 # the most rows one expert's GEMM call takes: measured on the x86 test machine, the packed Q4_K GEMM took
 # ~10 us a row up to 8 rows and 40-70 us a row from 12 on (benchmarks/bench_moe.py --gemm-rows); the
 # kernels' redesign may lift it
@@ -140,7 +152,8 @@ class MoE:
     def expert(self, e: int, x: np.ndarray) -> np.ndarray:
         """down_e(silu(gate_e x) * up_e x) for x (m, n_embd) float32 C-contiguous."""
         m, f = x.shape[0], self.n_ff
-        if m > 1 and not REPACK:
+        if m > 1 and (not REPACK or self.gate.batched(e) is None or self.up.batched(e) is None
+                      or self.down.batched(e) is None):
             return np.concatenate([self.expert(e, x[i:i + 1]) for i in range(m)])
         if m > GEMM_ROWS:       # the packed GEMM's time per row grows past a few rows (x86, Dec 2026): cut
             return np.concatenate([self.expert(e, x[i:i + GEMM_ROWS]) for i in range(0, m, GEMM_ROWS)])
