@@ -59,7 +59,8 @@ def model_label(eng) -> tuple:
 
 
 def weight_bytes_per_token(model) -> int:
-    """Bytes of weights a single-token step reads: every matmul weight (one embedding row aside)."""
+    """Bytes of weights a single-token step reads: every matmul weight (one embedding row aside; of a
+    mixture of experts, expert_used_count of its experts)."""
     from ..models.base import Linear
     seen = set()
     total = 0
@@ -71,6 +72,8 @@ def weight_bytes_per_token(model) -> int:
         seen.add(id(o))
         if isinstance(o, Linear):
             total += o.nbytes
+        elif hasattr(o, "nbytes_per_token"):        # a mixture-of-experts block: only the chosen experts
+            total += o.nbytes_per_token()
         elif isinstance(o, (list, tuple)):
             for x in o:
                 visit(x)

@@ -276,10 +276,32 @@ def analyze(f: GGUFFile, n_ctx=None, n_batch=DEFAULT_BATCH, available=None, type
         "bits_per_weight": round(8 * n_bytes / n_params, 3) if n_params else None,
         "by_type": by_type,
     }
+    moe = moe_usage(f, arch)
+    if moe:
+        out["tensors"]["moe"] = moe
 
     shape = ModelShape(arch, n_layer, n_embd, heads, heads_kv, k_len, v_len, n_ff, n_vocab, n_ctx_train, window, hp)
     out["memory"] = memory(shape, n_ctx, n_batch, n_bytes, available, type_k, type_v)
     return out
+
+
+def moe_usage(f: GGUFFile, arch: str) -> dict | None:
+    """A mixture of experts' per-token use: each ``*_exps`` tensor counts expert_used_count / expert_count
+    of its parameters and bytes; the embedding table one row (all of it when it is also the output)."""
+    n_expert = _int(f.metadata.get(f"{arch}.expert_count"))
+    n_used = _int(f.metadata.get(f"{arch}.expert_used_count"))
+    if not n_expert or not n_used:
+        return None
+    params = nbytes = 0
+    tied = "output.weight" not in f.tensors
+    for t in f.tensors.values():
+        if "_exps." in t.name:
+            params += t.n_elements * n_used // n_expert
+            nbytes += t.nbytes * n_used // n_expert
+        else:
+            params += t.n_elements
+            nbytes += t.nbytes if t.name != "token_embd.weight" or tied else t.nbytes // max(1, t.shape[-1])
+    return {"n_expert": n_expert, "n_expert_used": n_used, "active_params": params, "bytes_per_token": nbytes}
 
 
 def swa_layers(arch, n_layer, window, pattern_value):
@@ -442,6 +464,11 @@ def render(info: dict) -> str:
     L.append(f"              {'total':<8}{ts['count']:>6}{fmt_count(ts['params']):>14}{fmt_bytes(ts['bytes']):>14}"
              f"{bpw}")
     L.append(f"              {ts['params']:,} parameters, {ts['bits_per_weight'] or 0:.2f} bits per weight")
+    if ts.get("moe"):
+        m = ts["moe"]
+        L.append(f"              mixture of experts: {m['n_expert_used']} of {m['n_expert']} experts per token, "
+                 f"{fmt_count(m['active_params'])} active of {fmt_count(ts['params'])} parameters, "
+                 f"{fmt_bytes(m['bytes_per_token'])} of weights read per token")
 
     L.append("")
     L.append(f"memory at context {mem['n_ctx']} ({mem['n_ctx_source']}; -c to change), batch {mem['n_batch']}")

@@ -14,6 +14,10 @@ ARCHITECTURES = {
     "qwen3": "qwen3:Qwen3Model",
     "phi3": "phi3:Phi3Model",
     "smollm3": "smollm3:SmolLM3Model",
+    "qwen3moe": "qwen3moe:Qwen3MoeModel",
+    "olmoe": "olmoe:OlmoeModel",
+    "granitemoe": "granitemoe:GraniteMoeModel",
+    "qwen2moe": "qwen2moe:Qwen2MoeModel",
 }
 
 
