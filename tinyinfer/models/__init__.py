@@ -14,6 +14,7 @@ ARCHITECTURES = {
     "qwen3": "qwen3:Qwen3Model",
     "phi3": "phi3:Phi3Model",
     "smollm3": "smollm3:SmolLM3Model",
+    "bert": "bert:BertModel",
 }
 
 

@@ -5,6 +5,7 @@
 * :mod:`.spm` -- SentencePiece (``tokenizer.ggml.model`` = ``llama``): Llama 2, Gemma, Phi-3.
 * :mod:`.bpe` -- byte-level BPE (``gpt2``) with llama.cpp's pre-tokenizers (gpt-2, llama-bpe,
   qwen2, smollm, ...): SmolLM, Llama 3, Qwen2.
+* :mod:`.wpm` -- WordPiece (``bert``): BERT-family embedding models (all-MiniLM, bge).
 * :mod:`.merge` -- the priority-queue merge loop both algorithms run.
 """
 

@@ -1,0 +1,339 @@
+"""``python -m tinyinfer convert MODEL_DIR --outfile OUT.gguf --outtype f32|f16|bf16|q8_0``.
+
+A Hugging Face checkpoint folder (config.json, *.safetensors, tokenizer.json) to a GGUF file with
+llama.cpp's names, as ``convert_hf_to_gguf.py`` writes it, with numpy only (no torch, no
+transformers): safetensors files are read here (a JSON header and raw little-endian arrays, BF16
+included), tensor names are mapped by the ``gguf`` package's own table (``TensorNameMap``), and
+F16 / BF16 / Q8_0 come from tinyinfer's one table of formats (kernels/quants.py).
+
+Covered: ``BertModel`` / ``BertForSequenceClassification`` (WordPiece tokenizer.json; pooling from
+the sentence-transformers modules.json). Anything else is refused with one line.
+
+Type rules as convert_hf_to_gguf.py: 1-D tensors, norms, biases, position and token-type
+embeddings stay F32; a matrix whose rows do not fit the Q8_0 block falls back to F16.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import struct
+import sys
+from pathlib import Path
+
+import numpy as np
+
+
+class ConvertError(ValueError):
+    """The checkpoint cannot be converted (unknown architecture or tokenizer, missing file)."""
+
+
+# -- safetensors ---------------------------------------------------------------------------------
+
+_ST_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": np.float64,
+              "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+
+
+def read_safetensors(path) -> dict:
+    """name -> float32 (or integer) numpy array of one ``.safetensors`` file (memory-mapped; BF16 widened)."""
+    path = Path(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) != 8:
+            raise ConvertError(f"{path}: not a safetensors file (shorter than its header length)")
+        n = struct.unpack("<Q", head)[0]
+        if n > 100 << 20:
+            raise ConvertError(f"{path}: safetensors header of {n} bytes is not plausible")
+        try:
+            header = json.loads(f.read(n))
+        except ValueError as e:
+            raise ConvertError(f"{path}: safetensors header is not JSON ({e})") from None
+    raw = np.memmap(path, np.uint8, mode="r")
+    base = 8 + n
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        dt = _ST_DTYPES.get(info.get("dtype"))
+        if dt is None:
+            raise ConvertError(f"{path}: tensor {name!r} has dtype {info.get('dtype')!r}, not supported")
+        a, b = info["data_offsets"]
+        if not 0 <= a <= b <= raw.size - base:
+            raise ConvertError(f"{path}: tensor {name!r} lies outside the file")
+        arr = raw[base + a:base + b].view(dt).reshape(info["shape"])
+        if info["dtype"] == "BF16":
+            arr = (arr.astype(np.uint32) << 16).view(np.float32)
+        out[name] = arr
+    return out
+
+
+def read_checkpoint(d: Path) -> dict:
+    files = sorted(d.glob("*.safetensors"))
+    if not files:
+        raise ConvertError(f"{d}: no *.safetensors files (pytorch .bin checkpoints are not read: that needs torch)")
+    tensors = {}
+    for f in files:
+        tensors.update(read_safetensors(f))
+    return tensors
+
+
+def _json(path: Path, required: bool = True):
+    if not path.is_file():
+        if required:
+            raise ConvertError(f"{path}: missing")
+        return None
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+# -- tokenizers ----------------------------------------------------------------------------------
+
+def wordpiece_vocab(d: Path) -> dict:
+    """BERT's WordPiece vocabulary from tokenizer.json in llama.cpp's phantom-space form and the
+    tokenizer metadata convert_hf_to_gguf.py writes for it."""
+    import gguf
+    tok = _json(d / "tokenizer.json", required=False)
+    if tok is None:
+        raise ConvertError(f"{d}: no tokenizer.json (a vocab.txt-only BERT tokenizer is not read)")
+    model = tok.get("model") or {}
+    if model.get("type") != "WordPiece":
+        raise ConvertError(f"{d}/tokenizer.json: tokenizer model {model.get('type')!r} is not supported "
+                           f"for a BERT model (only WordPiece)")
+    vocab = model["vocab"]
+    n = max(vocab.values()) + 1
+    tokens = [f"[PAD{i}]" for i in range(n)]
+    types = [gguf.TokenType.UNUSED] * n
+    for t, i in vocab.items():
+        tokens[i], types[i] = t, gguf.TokenType.NORMAL
+    for a in tok.get("added_tokens", []):
+        i = a["id"]
+        if i >= n:
+            tokens += [f"[PAD{j}]" for j in range(n, i + 1)]
+            types += [gguf.TokenType.UNUSED] * (i + 1 - n)
+            n = i + 1
+        tokens[i] = a["content"]
+        types[i] = gguf.TokenType.CONTROL if a.get("special") else gguf.TokenType.USER_DEFINED
+
+    def phantom(t, typ):
+        if typ == gguf.TokenType.CONTROL:
+            return t
+        return t[2:] if t.startswith("##") else "\u2581" + t
+    tokens = [phantom(t, y) for t, y in zip(tokens, types)]
+
+    cfg = _json(d / "tokenizer_config.json", required=False) or {}
+    t2i = {t: i for i, t in enumerate(tokens)}
+
+    def special(key):
+        v = cfg.get(key)
+        if isinstance(v, dict):
+            v = v.get("content")
+        return t2i.get(v) if isinstance(v, str) else None
+    ids = {"unk": special("unk_token"), "sep": special("sep_token"), "pad": special("pad_token"),
+           "cls": special("cls_token"), "mask": special("mask_token"),
+           "bos": special("bos_token"), "eos": special("eos_token")}
+    if ids["bos"] is None:               # as gguf's SpecialVocab: BOS falls back to CLS, EOS to SEP
+        ids["bos"] = ids["cls"]
+    if ids["eos"] is None:
+        ids["eos"] = ids["sep"]
+    meta = {"model": "bert", "pre": "bert-bge", "tokens": tokens, "types": [int(t) for t in types], "ids": ids,
+            "add_bos": None, "add_eos": None, "add_sep": None, "lowercase": None, "strip_accents": None}
+    norm = tok.get("normalizer") or {}
+    for nm in ([norm] + list(norm.get("normalizers") or [])):
+        if nm.get("type") == "BertNormalizer":
+            meta["lowercase"] = nm.get("lowercase")
+            meta["strip_accents"] = nm.get("strip_accents")
+        elif nm.get("type") == "Lowercase":
+            meta["lowercase"] = True
+        elif nm.get("type") == "StripAccents":
+            meta["strip_accents"] = True
+    post = tok.get("post_processor") or {}
+    if post.get("type") == "TemplateProcessing":     # [CLS] $A [SEP] / [CLS] $A [SEP] $B [SEP]
+        single = post.get("single") or []
+        first = (single[0].get("SpecialToken") or {}).get("id") if single else None
+        last = (single[-1].get("SpecialToken") or {}).get("id") if len(single) > 1 else None
+        meta["add_bos"] = first is not None and t2i.get(first) in (ids["bos"], ids["cls"])
+        meta["add_eos"] = last is not None and t2i.get(last) == ids["eos"]
+        pair = post.get("pair") or []
+        inner = [p for p in pair[1:-1] if "SpecialToken" in p]
+        meta["add_sep"] = bool(inner)
+    return meta
+
+
+# -- architectures -------------------------------------------------------------------------------
+
+def _pooling_type(d: Path):
+    """sentence-transformers' pooling mode (modules.json -> */config.json) as a gguf.PoolingType."""
+    import gguf
+    modules = _json(d / "modules.json", required=False) or []
+    for m in modules:
+        if str(m.get("type", "")).endswith("Pooling"):
+            cfg = _json(d / m.get("path", "") / "config.json")
+            if cfg.get("pooling_mode_mean_tokens"):
+                return gguf.PoolingType.MEAN
+            if cfg.get("pooling_mode_cls_token"):
+                return gguf.PoolingType.CLS
+            if cfg.get("pooling_mode_lasttoken"):
+                return gguf.PoolingType.LAST
+            mode = cfg.get("pooling_mode")
+            table = {"mean": gguf.PoolingType.MEAN, "cls": gguf.PoolingType.CLS, "lasttoken": gguf.PoolingType.LAST}
+            if mode in table:
+                return table[mode]
+            raise ConvertError(f"{d}/{m.get('path')}/config.json: only mean, cls and last-token pooling are supported")
+    return None
+
+
+class BertConverter:
+    """BertModel / BertForSequenceClassification -> ``bert`` (llama.cpp's conversion/bert.py)."""
+
+    arch = "bert"
+
+    def __init__(self, d: Path, hp: dict):
+        self.d, self.hp = d, hp
+        labels = hp.get("id2label")
+        if labels and len(labels) == 2 and labels.get("0", labels.get(0)) == "LABEL_0":
+            labels = None                 # AutoConfig's dummy labels
+        self.labels = labels
+
+    def metadata(self, w, vocab) -> None:
+        import gguf
+        hp = self.hp
+        w.add_context_length(int(hp["max_position_embeddings"]))
+        w.add_embedding_length(int(hp["hidden_size"]))
+        w.add_feed_forward_length(int(hp["intermediate_size"]))
+        w.add_block_count(int(hp["num_hidden_layers"]))
+        w.add_head_count(int(hp["num_attention_heads"]))
+        w.add_layer_norm_eps(float(hp.get("layer_norm_eps", 1e-12)))
+        w.add_causal_attention(False)
+        pooling = _pooling_type(self.d)
+        if pooling is not None:
+            w.add_pooling_type(pooling)
+        if self.labels:
+            w.add_classifier_output_labels([v for k, v in sorted(self.labels.items(), key=lambda kv: int(kv[0]))])
+            if pooling is None:
+                w.add_pooling_type(gguf.PoolingType.RANK)
+        w.add_token_type_count(int(hp.get("type_vocab_size", 1)))
+
+    def tensors(self, st: dict):
+        import gguf
+        n_layer = int(self.hp["num_hidden_layers"])
+        tmap = gguf.get_tensor_name_map(gguf.MODEL_ARCH.BERT, n_layer)
+        skip = ("embeddings.position_ids", "pooler.dense.weight", "pooler.dense.bias")
+        for name, arr in st.items():
+            n = name[5:] if name.startswith("bert.") else name
+            if n.endswith(".gamma"):
+                n = n[:-6] + ".weight"
+            if n.endswith(".beta"):
+                n = n[:-5] + ".bias"
+            if n in skip or n.startswith("cls.predictions") or n.startswith("cls.seq_relationship"):
+                continue
+            if self.labels and n in ("classifier.weight", "classifier.bias"):
+                n = "classifier.out_proj." + n.split(".")[-1]
+            new = tmap.get_name(n, try_suffixes=(".weight", ".bias"))
+            if new is None:
+                raise ConvertError(f"{self.d}: tensor {name!r} has no GGUF name for the bert architecture")
+            yield new, arr
+
+
+CONVERTERS = {"BertModel": BertConverter, "BertForSequenceClassification": BertConverter,
+              "BertForMaskedLM": BertConverter}
+
+_KEEP_F32 = ("position_embd.weight", "token_types.weight")
+OUTTYPES = ("f32", "f16", "bf16", "q8_0")
+
+
+def _tensor_type(name: str, arr: np.ndarray, outtype: str):
+    from gguf import GGMLQuantizationType as GT
+    if arr.ndim <= 1 or name.endswith("_norm.weight") or not name.endswith(".weight") or name in _KEEP_F32:
+        return GT.F32
+    return {"f32": GT.F32, "f16": GT.F16, "bf16": GT.BF16, "q8_0": GT.Q8_0}[outtype]
+
+
+def convert(model_dir, outfile, outtype: str = "f16", verbose: bool = False) -> Path:
+    """Convert the checkpoint folder ``model_dir`` into ``outfile``; returns its path."""
+    import gguf
+    from gguf import GGMLQuantizationType as GT
+
+    from ..kernels import quants as Q
+    d = Path(model_dir)
+    if outtype not in OUTTYPES:
+        raise ConvertError(f"--outtype {outtype!r} is not supported (choose from {', '.join(OUTTYPES)})")
+    if not d.is_dir():
+        raise ConvertError(f"{d}: not a folder")
+    hp = _json(d / "config.json")
+    archs = hp.get("architectures") or []
+    arch = next((a for a in archs if a in CONVERTERS), None)
+    if arch is None:
+        raise ConvertError(f"{d}/config.json: architecture {', '.join(archs) or hp.get('model_type')!r} is not "
+                           f"supported by tinyinfer convert (supported: {', '.join(sorted(CONVERTERS))})")
+    conv = CONVERTERS[arch](d, hp)
+    vocab = wordpiece_vocab(d)
+    st = read_checkpoint(d)
+    outfile = Path(outfile)
+    ftype = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+             "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[outtype]
+    w = gguf.GGUFWriter(outfile, conv.arch)
+    w.add_type(gguf.GGUFType.MODEL)
+    w.add_name(hp.get("_name_or_path", d.name).split("/")[-1] or d.name)
+    w.add_file_type(ftype)
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    conv.metadata(w, vocab)
+    w.add_tokenizer_model(vocab["model"])
+    w.add_tokenizer_pre(vocab["pre"])
+    w.add_token_list(vocab["tokens"])
+    w.add_token_types(vocab["types"])
+    keys = {"bos": "bos_token_id", "eos": "eos_token_id", "unk": "unknown_token_id", "sep": "seperator_token_id",
+            "pad": "padding_token_id", "cls": "cls_token_id", "mask": "mask_token_id"}    # llama.cpp's spelling
+    for k, key in keys.items():
+        if vocab["ids"].get(k) is not None:
+            w.add_uint32(f"tokenizer.ggml.{key}", int(vocab["ids"][k]))
+    for k in ("add_bos", "add_eos", "add_sep"):
+        if vocab[k] is not None:
+            w.add_bool(f"tokenizer.ggml.{k}_token", bool(vocab[k]))
+    for k in ("lowercase", "strip_accents"):
+        if vocab[k] is not None:
+            w.add_bool(f"tokenizer.ggml.normalizer.{k}", bool(vocab[k]))
+    for name, arr in conv.tensors(st):
+        x = np.ascontiguousarray(arr, dtype=np.float32)
+        typ = _tensor_type(name, x, outtype)
+        if typ == GT.F32:
+            data = x
+        else:
+            k = x.shape[-1]
+            if k % Q.type_info(typ).block:
+                typ = GT.F16                       # convert_hf_to_gguf.py's fallback
+            data = Q.quantize(x.reshape(-1, k), typ).reshape(*x.shape[:-1], -1)
+        if verbose:
+            print(f"{name:<32} {'x'.join(map(str, x.shape)):>14} -> {typ.name}", file=sys.stderr)
+        w.add_tensor(name, data, raw_dtype=None if typ == GT.F32 else typ)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return outfile
+
+
+def main(argv=None) -> int:
+    class _Parser(argparse.ArgumentParser):
+        def error(self, message):  # one line, no usage dump
+            print(f"tinyinfer convert: error: {message}", file=sys.stderr)
+            sys.exit(2)
+
+    ap = _Parser(prog="tinyinfer convert",
+                 description="convert a Hugging Face checkpoint folder (safetensors + tokenizer.json) to GGUF")
+    ap.add_argument("model", help="folder holding config.json, *.safetensors and tokenizer.json")
+    ap.add_argument("--outfile", help="output path (default: MODEL/<name>-<outtype>.gguf)")
+    ap.add_argument("--outtype", default="f16", choices=OUTTYPES, help="output format (default: f16)")
+    ap.add_argument("--verbose", action="store_true", help="one line per tensor")
+    a = ap.parse_args(argv)
+    out = a.outfile or str(Path(a.model) / f"{Path(a.model).resolve().name}-{a.outtype}.gguf")
+    try:
+        p = convert(a.model, out, a.outtype, verbose=a.verbose)
+    except (ConvertError, OSError) as e:
+        print(f"tinyinfer convert: error: {e}", file=sys.stderr)
+        return 1
+    print(f"tinyinfer convert: wrote {p}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
