@@ -67,6 +67,22 @@ def read_safetensors(path) -> dict:
     return out
 
 
+def write_safetensors(path, tensors: dict) -> None:
+    """Write float32 arrays as a ``.safetensors`` file (synthetic checkpoints for tests)."""
+    header, off, blobs = {}, 0, []
+    for name, a in tensors.items():
+        b = np.ascontiguousarray(a, np.float32).tobytes()
+        header[name] = {"dtype": "F32", "shape": list(np.shape(a)), "data_offsets": [off, off + len(b)]}
+        off += len(b)
+        blobs.append(b)
+    h = json.dumps(header, separators=(",", ":")).encode()
+    h += b" " * (-len(h) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(h)) + h)
+        for b in blobs:
+            f.write(b)
+
+
 def read_checkpoint(d: Path) -> dict:
     files = sorted(d.glob("*.safetensors"))
     if not files:
@@ -195,7 +211,6 @@ class BertConverter:
         self.labels = labels
 
     def metadata(self, w, vocab) -> None:
-        import gguf
         hp = self.hp
         w.add_context_length(int(hp["max_position_embeddings"]))
         w.add_embedding_length(int(hp["hidden_size"]))
@@ -207,10 +222,9 @@ class BertConverter:
         pooling = _pooling_type(self.d)
         if pooling is not None:
             w.add_pooling_type(pooling)
-        if self.labels:
-            w.add_classifier_output_labels([v for k, v in sorted(self.labels.items(), key=lambda kv: int(kv[0]))])
-            if pooling is None:
-                w.add_pooling_type(gguf.PoolingType.RANK)
+        if self.labels:      # rank pooling is asked for at run time (llama-server --rerank), as llama.cpp
+            w.add_array(f"{self.arch}.classifier.output_labels",
+                        [v for k, v in sorted(self.labels.items(), key=lambda kv: int(kv[0]))])
         w.add_token_type_count(int(hp.get("type_vocab_size", 1)))
 
     def tensors(self, st: dict):
@@ -299,7 +313,7 @@ def convert(model_dir, outfile, outtype: str = "f16", verbose: bool = False) -> 
             data = x
         else:
             k = x.shape[-1]
-            if k % Q.type_info(typ).block:
+            if k % Q.type_info(typ).block_size:
                 typ = GT.F16                       # convert_hf_to_gguf.py's fallback
             data = Q.quantize(x.reshape(-1, k), typ).reshape(*x.shape[:-1], -1)
         if verbose:
