@@ -196,6 +196,39 @@ def test_converter_refuses_unknown_architecture_and_tokenizer(minilm_dir, tmp_pa
     assert r.returncode != 0 and "Unigram" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
+# -- other architectures: synthetic files vs llama-embedding ------------------------------------------
+
+def test_nomic_bert_matches_llama_embedding(tmp_path):
+    """Rotary positions, SwiGLU and a fused attn_qkv (tests/make_encoder_models.py; sha256 pinned)."""
+    from make_encoder_models import make_nomic_bert
+
+    from tinyinfer.fetch import _sha256
+    f = make_nomic_bert(tmp_path / "synthetic-nomic-bert-F16.gguf")
+    assert _sha256(f) == "1d3c11b0d049dfac467ab181de75956c500d8cedb8c326c7d8c9d8ca378ef342"
+    ours = _embed_file(f, SENTENCES[:8])
+    c = _cos(ours, _llama_embedding("llama_embedding_synthetic_nomic_bert.json"))
+    assert c.min() >= 0.9999, c.min()
+
+
+def test_qwen3_last_token_pooling_matches_llama_embedding():
+    """A decoder (the synthetic qwen3 of ../shared/tools/make_arch_models.py) pooled on its last token,
+    as Qwen3-Embedding: llama-embedding --pooling last on the same file."""
+    from conftest import REFERENCE, need_reference
+
+    from tinyinfer.fetch import _sha256, cache_dir
+    want = dict(reversed(line.split()) for line in need_reference("arch", "sha256.txt").read_text().splitlines()
+                if line.strip())["synthetic-qwen3-F16.gguf"]
+    f = cache_dir() / "synthetic" / "synthetic-qwen3-F16.gguf"
+    if not f.exists() or _sha256(f) != want:
+        tool = need_reference("..", "tools", "make_arch_models.py")
+        subprocess.run([sys.executable, str(tool), str(REFERENCE / "vocab"), str(f.parent), "qwen3"], check=True,
+                       stdout=subprocess.DEVNULL)
+        assert _sha256(f) == want
+    ours = _embed_file(f, SENTENCES[:8], pooling="last")
+    c = _cos(ours, _llama_embedding("llama_embedding_synthetic_qwen3_last.json"))
+    assert c.min() >= 0.9999, c.min()
+
+
 # -- pooling, normalization, batching --------------------------------------------------------------
 
 def test_pooling_and_normalize_modes(engine):

@@ -15,6 +15,7 @@ ARCHITECTURES = {
     "phi3": "phi3:Phi3Model",
     "smollm3": "smollm3:SmolLM3Model",
     "bert": "bert:BertModel",
+    "nomic-bert": "nomic_bert:NomicBertModel",
 }
 
 

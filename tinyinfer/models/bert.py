@@ -25,7 +25,7 @@ import math
 
 import numpy as np
 
-from ..kernels import quants
+from ..kernels import ops, quants
 from .base import Linear, fused_linear
 from .hparams import ModelError, Weights, meta
 
@@ -67,20 +67,47 @@ class NoCache:
 
 
 class EncoderLayer:
+    """One post-norm encoder layer's weights: fused q/k/v (one ``attn_qkv`` tensor or three), optional
+    biases, the output projection, two layer norms and the feed-forward block (``ffn``)."""
+
+    def __init__(self, w: Weights, il: int, n_embd: int, ffn):
+        b = f"blk.{il}."
+        qkv = w.optional(b + "attn_qkv.weight", n_embd, 3 * n_embd)
+        if qkv is not None:
+            self.wqkv = Linear(qkv)
+            self.bqkv = w.vector(b + "attn_qkv.bias", 3 * n_embd, required=False)
+        else:
+            self.wqkv = fused_linear(w.tensor(b + "attn_q.weight", n_embd, n_embd),
+                                     w.tensor(b + "attn_k.weight", n_embd, n_embd),
+                                     w.tensor(b + "attn_v.weight", n_embd, n_embd))
+            bs = [w.vector(b + f"attn_{x}.bias", n_embd, required=False) for x in "qkv"]
+            self.bqkv = None if all(x is None for x in bs) else \
+                np.concatenate([np.zeros(n_embd, np.float32) if x is None else x for x in bs])
+        self.wo = Linear(w.tensor(b + "attn_output.weight", n_embd, n_embd))
+        self.bo = w.vector(b + "attn_output.bias", n_embd, required=False)
+        self.ln1 = (w.vector(b + "attn_output_norm.weight", n_embd), w.vector(b + "attn_output_norm.bias", n_embd))
+        self.ffn = ffn
+        self.ln2 = (w.vector(b + "layer_output_norm.weight", n_embd), w.vector(b + "layer_output_norm.bias", n_embd))
+
+
+class GeluFFN:
+    """bert's feed-forward block: down(gelu(up(x) + b_up)) + b_down (biases optional)."""
+
     def __init__(self, w: Weights, il: int, n_embd: int, n_ff: int):
         b = f"blk.{il}."
-        self.wqkv = fused_linear(w.tensor(b + "attn_q.weight", n_embd, n_embd),
-                                 w.tensor(b + "attn_k.weight", n_embd, n_embd),
-                                 w.tensor(b + "attn_v.weight", n_embd, n_embd))
-        self.bqkv = np.concatenate([w.vector(b + f"attn_{x}.bias", n_embd) for x in "qkv"])
-        self.wo = Linear(w.tensor(b + "attn_output.weight", n_embd, n_embd))
-        self.bo = w.vector(b + "attn_output.bias", n_embd)
-        self.ln1 = (w.vector(b + "attn_output_norm.weight", n_embd), w.vector(b + "attn_output_norm.bias", n_embd))
         self.up = Linear(w.tensor(b + "ffn_up.weight", n_embd, n_ff))
-        self.b_up = w.vector(b + "ffn_up.bias", n_ff)
+        self.b_up = w.vector(b + "ffn_up.bias", n_ff, required=False)
         self.down = Linear(w.tensor(b + "ffn_down.weight", n_ff, n_embd))
-        self.b_down = w.vector(b + "ffn_down.bias", n_embd)
-        self.ln2 = (w.vector(b + "layer_output_norm.weight", n_embd), w.vector(b + "layer_output_norm.bias", n_embd))
+        self.b_down = w.vector(b + "ffn_down.bias", n_embd, required=False)
+
+    def __call__(self, x):
+        u = self.up(x)
+        if self.b_up is not None:
+            u += self.b_up
+        h = self.down(gelu(u))
+        if self.b_down is not None:
+            h += self.b_down
+        return h
 
 
 class BertModel:
@@ -118,9 +145,9 @@ class BertModel:
         if t is not None and n_types and t.n_elements // n_embd != n_types:
             raise ModelError(f"{g.path}: token_types.weight has {t.n_elements // n_embd} rows, "
                              f"tokenizer.ggml.token_type_count says {n_types}")
-        self.pos_embd = w.tensor("position_embd.weight", n_embd, self.n_ctx_train)
+        self.load_positions(g, w)
         self.tok_norm = (w.vector("token_embd_norm.weight", n_embd), w.vector("token_embd_norm.bias", n_embd))
-        self.layers = [EncoderLayer(w, il, n_embd, self.n_ff) for il in range(self.n_layer)]
+        self.layers = [EncoderLayer(w, il, n_embd, self.load_ffn(w, il)) for il in range(self.n_layer)]
         # classification head (cross-encoder rerankers): cls (+ tanh) and cls.output
         cls = w.optional("cls.weight", n_embd, n_embd)
         self.cls = None if cls is None else Linear(cls)
@@ -131,6 +158,15 @@ class BertModel:
         self.cls_out_b = w.vector("cls.output.bias", max(self.n_cls_out, 1), required=False)
         self.labels = list(g.metadata.get(f"{a}.classifier.output_labels") or [])
         w.check_all_used()
+
+    # -- hooks an encoder architecture overrides (nomic_bert.py) ---------------------------------
+    rope = None                   # (n_rot, freq_base) for rotary q/k, None: learned absolute positions
+
+    def load_positions(self, g, w: Weights) -> None:
+        self.pos_embd = w.tensor("position_embd.weight", self.n_embd, self.n_ctx_train)
+
+    def load_ffn(self, w: Weights, il: int):
+        return GeluFFN(w, il, self.n_embd, self.n_ff)
 
     @property
     def has_rank_head(self) -> bool:
@@ -165,7 +201,10 @@ class BertModel:
             raise ModelError(f"token id {bad} is out of range for a vocabulary of {self.n_vocab}")
         pos = np.concatenate([np.arange(n) for n in lens])
         x = self._rows(self.tok_embd, ids)
-        x += self._rows(self.pos_embd, pos)
+        if self.rope is None:
+            x += self._rows(self.pos_embd, pos)
+        else:
+            cos, sin = ops.rope_cache(pos, self.rope[0], self.rope[1], 1.0)
         if self.type0 is not None:
             x += self.type0
         x = layernorm(x, *self.tok_norm, self.eps32)
@@ -177,12 +216,17 @@ class BertModel:
             gather[b, :n] = off[b] + np.arange(n)
         valid = gather >= 0
         mask = np.where(valid, np.float32(0), np.float32(-np.inf))[:, None, None, :]     # keys only
-        rows = gather[valid]
-        H, hd = self.n_head, self.head_dim
+        H, hd, E = self.n_head, self.head_dim, self.n_embd
         scale = np.float32(1.0 / math.sqrt(hd))
         for L in self.layers:
             qkv = L.wqkv(x)
-            qkv += L.bqkv
+            if L.bqkv is not None:
+                qkv += L.bqkv
+            if self.rope is not None:                       # ggml NEOX rotation of q and k
+                for part in (slice(0, E), slice(E, 2 * E)):
+                    r = np.ascontiguousarray(qkv[:, part]).reshape(-1, H, hd)
+                    ops.rope(r, cos, sin, True)
+                    qkv[:, part] = r.reshape(-1, E)
             pad = np.zeros((B, T, 3 * self.n_embd), np.float32)
             pad[valid] = qkv
             q = pad[..., :self.n_embd].reshape(B, T, H, hd).transpose(0, 2, 1, 3)
@@ -196,14 +240,10 @@ class BertModel:
             s /= s.sum(axis=-1, keepdims=True)
             o = np.matmul(s, v).transpose(0, 2, 1, 3).reshape(B, T, self.n_embd)
             h = L.wo(np.ascontiguousarray(o[valid]))
-            h += L.bo
+            if L.bo is not None:
+                h += L.bo
             x = layernorm(x + h, *L.ln1, self.eps32)
-            u = L.up(x)
-            u += L.b_up
-            h = L.down(gelu(u))
-            h += L.b_down
-            x = layernorm(x + h, *L.ln2, self.eps32)
-        del rows
+            x = layernorm(x + L.ffn(x), *L.ln2, self.eps32)
         return [x[o:o + n] for o, n in zip(off, lens)]
 
     def rank(self, pooled: np.ndarray) -> np.ndarray:
