@@ -118,6 +118,8 @@ def embed(engine, seqs: Sequence[Sequence[int]], pooling=None, normalize_mode: f
     if pooling == "rank":
         scores = model.rank(np.stack(out))
         return [normalize(r, normalize_mode) if normalize_mode >= 0 else r for r in scores]
+    if encoder:                       # sentence-transformers' Dense modules (dense_2 / dense_3), after pooling
+        out = [model.dense_out(v) for v in out]
     return [normalize(v, normalize_mode) for v in out]
 
 

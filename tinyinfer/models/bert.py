@@ -25,45 +25,10 @@ import math
 
 import numpy as np
 
-from ..kernels import ops, quants
+from ..kernels import ops
 from .base import Linear, fused_linear
+from .encoder import Encoder, Packed, gelu, layernorm
 from .hparams import ModelError, Weights, meta
-
-POOLING_TYPES = ("none", "mean", "cls", "last", "rank")     # llama_pooling_type 0..4
-
-
-def layernorm(x: np.ndarray, w: np.ndarray, b: np.ndarray, eps: np.float32) -> np.ndarray:
-    mu = x.mean(axis=1, keepdims=True)
-    d = x - mu
-    var = np.mean(d * d, axis=1, keepdims=True)
-    d *= 1.0 / np.sqrt(var + eps)
-    d *= w
-    d += b
-    return d
-
-
-_GELU_C = np.float32(math.sqrt(2.0 / math.pi))
-
-
-def gelu(x: np.ndarray) -> np.ndarray:
-    """ggml_gelu: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), in place."""
-    t = x * x
-    t *= np.float32(0.044715)
-    t += np.float32(1.0)
-    t *= x
-    t *= _GELU_C
-    np.tanh(t, out=t)
-    t += np.float32(1.0)
-    x *= t
-    x *= np.float32(0.5)
-    return x
-
-
-class NoCache:
-    """What an encoder has instead of a KV cache: nothing kept between passes (its context size only)."""
-
-    def __init__(self, n_ctx: int, n_seq: int = 1):
-        self.n_ctx, self.n_seq, self.first_layer = n_ctx, n_seq, 0
 
 
 class EncoderLayer:
@@ -110,30 +75,16 @@ class GeluFFN:
         return h
 
 
-class BertModel:
+class BertModel(Encoder):
     arch = "bert"
-    encoder_only = True           # no generation, no KV cache: tinyinfer/embedding.py drives it
 
     def __init__(self, g, layers=None):
-        if layers is not None:
-            raise ModelError(f"{g.path}: a {self.arch} model cannot be split by layers")
-        a = self.arch
-        self.path = g.path
-        self.n_embd = n_embd = int(meta(g, a, "embedding_length"))
-        self.n_layer = int(meta(g, a, "block_count"))
-        self.n_ff = int(meta(g, a, "feed_forward_length"))
-        self.n_head = int(meta(g, a, "attention.head_count"))
-        self.n_ctx_train = int(meta(g, a, "context_length"))
+        self.read_common(g, layers)
+        a, n_embd = self.arch, self.n_embd
+        if n_embd % self.n_head:
+            raise ModelError(f"{g.path}: {a}.embedding_length ({n_embd}) is not a multiple of "
+                             f"attention.head_count ({self.n_head})")
         self.eps = float(meta(g, a, "attention.layer_norm_epsilon"))
-        if self.n_head <= 0 or n_embd % self.n_head or self.n_layer <= 0 or self.n_ff <= 0:
-            raise ModelError(f"{g.path}: {a}.embedding_length ({n_embd}) must be a positive multiple of "
-                             f"attention.head_count ({self.n_head}), block_count and feed_forward_length positive")
-        if bool(meta(g, a, "attention.causal", False)):
-            raise ModelError(f"{g.path}: {a}.attention.causal is true: a causal bert is not supported")
-        pt = int(meta(g, a, "pooling_type", 0))
-        if not 0 <= pt < len(POOLING_TYPES):
-            raise ModelError(f"{g.path}: {a}.pooling_type {pt} is not one of 0..4 ({', '.join(POOLING_TYPES)})")
-        self.pooling_type = POOLING_TYPES[pt]
         self.head_dim = n_embd // self.n_head
         self.eps32 = np.float32(self.eps)
         w = Weights(g, a)
@@ -148,15 +99,7 @@ class BertModel:
         self.load_positions(g, w)
         self.tok_norm = (w.vector("token_embd_norm.weight", n_embd), w.vector("token_embd_norm.bias", n_embd))
         self.layers = [EncoderLayer(w, il, n_embd, self.load_ffn(w, il)) for il in range(self.n_layer)]
-        # classification head (cross-encoder rerankers): cls (+ tanh) and cls.output
-        cls = w.optional("cls.weight", n_embd, n_embd)
-        self.cls = None if cls is None else Linear(cls)
-        self.cls_b = w.vector("cls.bias", n_embd, required=False)
-        out = w.optional("cls.output.weight", n_embd, None)
-        self.cls_out = None if out is None else Linear(out)
-        self.n_cls_out = 0 if out is None else out.n_elements // n_embd
-        self.cls_out_b = w.vector("cls.output.bias", max(self.n_cls_out, 1), required=False)
-        self.labels = list(g.metadata.get(f"{a}.classifier.output_labels") or [])
+        self.load_heads(w)       # rerankers: cls (+ tanh) and cls.output
         w.check_all_used()
 
     # -- hooks an encoder architecture overrides (nomic_bert.py) ---------------------------------
@@ -168,54 +111,20 @@ class BertModel:
     def load_ffn(self, w: Weights, il: int):
         return GeluFFN(w, il, self.n_embd, self.n_ff)
 
-    @property
-    def has_rank_head(self) -> bool:
-        return self.cls is not None or self.cls_out is not None
-
-    def _rows(self, t, ids) -> np.ndarray:
-        return quants.dequantize(t.data[np.asarray(ids, np.int64)], t.ggml_type, self.n_embd)
-
-    def new_cache(self, n_ctx: int, n_batch: int = 512, n_seq: int = 1, **_kv_types) -> NoCache:
-        """No KV cache: every pass starts afresh (the KV type options do not apply to an encoder)."""
-        return NoCache(n_ctx, n_seq)
-
-    def forward(self, ids, pos0, cache, n_out: int = 1, embeddings: bool = False):
-        raise ModelError(f"{self.path}: {self.arch} is an embedding model: it does not generate text "
-                         f"(use embeddings: /v1/embeddings, Llama(embedding=True).embed, tinyinfer embedding)")
-
-    def warmup(self) -> None:
-        self.encode([np.array([0, 0], np.int64)])
-
     # -- the encoder ----------------------------------------------------------------------------
     def encode(self, seqs: list) -> list:
         """Hidden states (len_i, n_embd) float32 of each token-id sequence, in one padded pass."""
-        lens = [int(len(s)) for s in seqs]
-        for s, n in zip(seqs, lens):
-            if n == 0:
-                raise ModelError("nothing to embed: an empty token sequence")
-            if n > self.n_ctx_train:
-                raise ModelError(f"a sequence of {n} tokens is longer than the model's {self.n_ctx_train} positions")
-        ids = np.concatenate([np.asarray(s, np.int64).reshape(-1) for s in seqs])
-        if ids.min() < 0 or ids.max() >= self.n_vocab:
-            bad = int(ids[(ids < 0) | (ids >= self.n_vocab)][0])
-            raise ModelError(f"token id {bad} is out of range for a vocabulary of {self.n_vocab}")
-        pos = np.concatenate([np.arange(n) for n in lens])
+        lens = self.check_lengths(seqs)
+        ids = self.token_ids(seqs)
+        pk = Packed(lens)
         x = self._rows(self.tok_embd, ids)
         if self.rope is None:
-            x += self._rows(self.pos_embd, pos)
+            x += self._rows(self.pos_embd, pk.pos)
         else:
-            cos, sin = ops.rope_cache(pos, self.rope[0], self.rope[1], 1.0)
+            cos, sin = ops.rope_cache(pk.pos, self.rope[0], self.rope[1], 1.0)
         if self.type0 is not None:
             x += self.type0
         x = layernorm(x, *self.tok_norm, self.eps32)
-        B, T = len(lens), max(lens)
-        # token i of sequence b sits at row off[b] + i of x; padded layout (B, T) gathers them
-        off = np.concatenate([[0], np.cumsum(lens)[:-1]])
-        gather = np.full((B, T), -1, np.int64)
-        for b, n in enumerate(lens):
-            gather[b, :n] = off[b] + np.arange(n)
-        valid = gather >= 0
-        mask = np.where(valid, np.float32(0), np.float32(-np.inf))[:, None, None, :]     # keys only
         H, hd, E = self.n_head, self.head_dim, self.n_embd
         scale = np.float32(1.0 / math.sqrt(hd))
         for L in self.layers:
@@ -227,37 +136,9 @@ class BertModel:
                     r = np.ascontiguousarray(qkv[:, part]).reshape(-1, H, hd)
                     ops.rope(r, cos, sin, True)
                     qkv[:, part] = r.reshape(-1, E)
-            pad = np.zeros((B, T, 3 * self.n_embd), np.float32)
-            pad[valid] = qkv
-            q = pad[..., :self.n_embd].reshape(B, T, H, hd).transpose(0, 2, 1, 3)
-            k = pad[..., self.n_embd:2 * self.n_embd].reshape(B, T, H, hd).transpose(0, 2, 3, 1)
-            v = pad[..., 2 * self.n_embd:].reshape(B, T, H, hd).transpose(0, 2, 1, 3)
-            s = np.matmul(q, k)
-            s *= scale
-            s += mask
-            s -= s.max(axis=-1, keepdims=True)
-            np.exp(s, out=s)
-            s /= s.sum(axis=-1, keepdims=True)
-            o = np.matmul(s, v).transpose(0, 2, 1, 3).reshape(B, T, self.n_embd)
-            h = L.wo(np.ascontiguousarray(o[valid]))
+            h = L.wo(pk.attention(qkv[:, :E], qkv[:, E:2 * E], qkv[:, 2 * E:], H, H, hd, scale))
             if L.bo is not None:
                 h += L.bo
             x = layernorm(x + h, *L.ln1, self.eps32)
             x = layernorm(x + L.ffn(x), *L.ln2, self.eps32)
-        return [x[o:o + n] for o, n in zip(off, lens)]
-
-    def rank(self, pooled: np.ndarray) -> np.ndarray:
-        """The classification head on pooled rows (n, n_embd) -> (n, n_cls_out) (llama.cpp's rank pooling)."""
-        if not self.has_rank_head:
-            raise ModelError(f"{self.path}: the model has no classification head (cls / cls.output): it cannot rerank")
-        cur = np.ascontiguousarray(pooled, np.float32)
-        if self.cls is not None:
-            cur = self.cls(cur)
-            if self.cls_b is not None:
-                cur += self.cls_b
-            np.tanh(cur, out=cur)
-        if self.cls_out is not None:
-            cur = self.cls_out(np.ascontiguousarray(cur))
-            if self.cls_out_b is not None:
-                cur += self.cls_out_b
-        return cur
+        return pk.split(x)
