@@ -16,6 +16,7 @@ ARCHITECTURES = {
     "smollm3": "smollm3:SmolLM3Model",
     "bert": "bert:BertModel",
     "nomic-bert": "nomic_bert:NomicBertModel",
+    "gemma-embedding": "gemma_embedding:GemmaEmbeddingModel",
 }
 
 

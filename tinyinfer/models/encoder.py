@@ -87,9 +87,10 @@ class Packed:
         s += self.key_mask
         if window > 0:
             s += self._window_mask(window)
-        s -= s.max(axis=-1, keepdims=True)
-        np.exp(s, out=s)
-        s /= s.sum(axis=-1, keepdims=True)
+        with np.errstate(invalid="ignore"):     # a padding row may see no key in a window: dropped below
+            s -= s.max(axis=-1, keepdims=True)
+            np.exp(s, out=s)
+            s /= s.sum(axis=-1, keepdims=True)
         o = np.matmul(s, vp).transpose(0, 2, 1, 3)                      # (B, T, h, hd)
         return np.ascontiguousarray(o[valid].reshape(-1, n_head * hd))
 
