@@ -363,7 +363,7 @@ def minilm_server(minilm_f32):
 
 @pytest.fixture(scope="module")
 def rerank_server(reranker):
-    yield from serve_process(reranker, "-c", "512", "-t", "1")
+    yield from serve_process(reranker, "-c", "512", "-t", "1", "--pooling", "cls")
 
 
 def test_openai_and_ollama_clients_get_the_library_vectors(minilm_server, engine):
@@ -410,3 +410,9 @@ def test_rerank_endpoint_shape_and_order(rerank_server, reranker):
         assert np.allclose([x["relevance_score"] for x in body["results"]], [scores[i] for i in order[:3]], atol=1e-6)
     r = httpx.post(rerank_server + "/v1/rerank", json={"query": QUERY, "documents": []})
     assert r.status_code == 400
+    # --pooling cls: /v1/embeddings pools the first token (the file itself has no pooling type)
+    from tinyinfer.embedding import embed
+    e = Engine(reranker, n_ctx=512, n_threads=1)
+    want = embed(e, [e.tokenizer.encode(QUERY)], pooling="cls")[0]
+    got = httpx.post(rerank_server + "/v1/embeddings", json={"input": QUERY, "encoding_format": "float"}).json()
+    assert np.allclose(got["data"][0]["embedding"], want, atol=1e-6)

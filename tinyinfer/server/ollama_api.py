@@ -261,7 +261,7 @@ async def _embed(request: Request, state: ServerState, inputs: List[str], trunca
         if not truncate:
             for ids in seqs:
                 check_prompt(ids, engine.n_ctx + 1, tok.n_vocab)
-        vecs = embed(engine, seqs, truncate=truncate)     # one batched pass (tinyinfer/embedding.py)
+        vecs = embed(engine, seqs, pooling=state.config.pooling, truncate=truncate)     # batched (embedding.py)
         job.stats = {"embed_tokens": sum(min(len(s), engine.n_ctx) for s in seqs), "embed_s": time.perf_counter() - t0}
         yield from vecs
 

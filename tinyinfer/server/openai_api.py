@@ -188,7 +188,7 @@ async def embeddings(req: EmbeddingRequest, request: Request):
             ids = [int(t) for t in x] if isinstance(x, list) else tok.encode(x, add_bos=tok.add_bos, special=False)
             check_prompt(ids, engine.n_ctx + 1, tok.n_vocab)
             seqs.append(ids)
-        vecs = embed(engine, seqs)          # all inputs in one batched pass (tinyinfer/embedding.py)
+        vecs = embed(engine, seqs, pooling=state.config.pooling)    # all inputs batched (tinyinfer/embedding.py)
         job.stats = {"embed_tokens": sum(map(len, seqs)), "embed_s": time.perf_counter() - t0}
         for i, (vec, ids) in enumerate(zip(vecs, seqs)):
             yield i, vec, len(ids)
