@@ -78,11 +78,11 @@ class Packed:
         def padded(a, h):
             p = np.zeros((B, T, h, hd), np.float32)
             p[valid] = a.reshape(-1, h, hd)
-            return p.transpose(0, 2, 1, 3)                              # (B, h, T, hd)
+            return np.ascontiguousarray(p.transpose(0, 2, 1, 3))        # (B, h, T, hd): BLAS-friendly
         qp, kp, vp = padded(q, n_head), padded(k, n_kv), padded(v, n_kv)
         if n_kv != n_head:
             kp, vp = np.repeat(kp, n_head // n_kv, axis=1), np.repeat(vp, n_head // n_kv, axis=1)
-        s = np.matmul(qp, kp.transpose(0, 1, 3, 2))
+        s = np.matmul(qp, np.ascontiguousarray(kp.transpose(0, 1, 3, 2)))
         s *= np.float32(scale)
         s += self.key_mask
         if window > 0:
