@@ -7,7 +7,9 @@ included), tensor names are mapped by the ``gguf`` package's own table (``Tensor
 F16 / BF16 / Q8_0 come from tinyinfer's one table of formats (kernels/quants.py).
 
 Covered: ``BertModel`` / ``BertForSequenceClassification`` (WordPiece tokenizer.json; pooling from
-the sentence-transformers modules.json). Anything else is refused with one line.
+the sentence-transformers modules.json), ``LlamaForCausalLM`` / ``Qwen2ForCausalLM`` / ``Qwen3ForCausalLM``
+with a byte-level BPE tokenizer.json (llama-bpe, qwen2, smollm, gpt-2 pre-tokenizers). Anything else
+(gemma3 and SentencePiece tokenizer.model files among them, for now) is refused with one line.
 
 Type rules as convert_hf_to_gguf.py: 1-D tensors, norms, biases, position and token-type
 embeddings stay F32; a matrix whose rows do not fit the Q8_0 block falls back to F16.
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import struct
 import sys
 from pathlib import Path
@@ -175,6 +178,97 @@ def wordpiece_vocab(d: Path) -> dict:
     return meta
 
 
+# tokenizer.ggml.pre of a byte-level BPE tokenizer.json: convert_hf_to_gguf.py hashes the ids of its test text
+# (below) and looks the hash up; these are the entries for the pre-tokenizers tinyinfer's bpe.py implements
+_CHKTXT = ('\n \n\n \n\n\n \t \t\t \t\n  \n   \n    \n     \n🚀 (normal) 😶\u200d🌫️ (multiple emojis concatenated) ✅ '
+           '🦙🦙 3 33 333 3333 33333 333333 3333333 33333333 3.3 3..3 3...3 កាន់តែពិសេសអាច😁 ?我想在apple工作1314151天～ '
+           '------======= нещо на Български \'\'\'\'\'\'```````""""......!!!!!!?????? I\'ve been \'told he\'s there, '
+           '\'RE you sure? \'M not sure I\'ll make it, \'D you like some tea? We\'Ve a\'lL')
+_PRE_BY_HASH = {
+    "e636dc30a262dcc0d8c323492e32ae2b70728f4df7dfe9737d9f920a282b8aea": "qwen2",       # Qwen1.5 / Qwen2 / 2.5
+    "d4540891389ea895b53b399da6ac824becc30f2fba0e9ddbb98f92e55ca0e97c": "qwen2",       # Qwen3-Embedding
+    "0ef9807a4087ebef797fc749390439009c3b9eda9ad1a097abbe738f486c01e5": "llama-bpe",   # Llama 3
+    "855059429035d75a914d1eda9f10a876752e281a054a7a3d421ef0533e5b6249": "smollm",      # SmolLM
+    "3ce83efda5659b07b1ad37ca97ca5797ea4285d9b9ab0dc679e4a720c9da7454": "gpt-2",       # GPT-2
+}
+
+
+def _looks_special(t: str) -> bool:
+    """convert_hf_to_gguf.py's does_token_look_special: added tokens that are control tokens by their look."""
+    return (t in ("<pad>", "<mask>", "<2mass>", "[@BOS@]") or (t.startswith("<|") and t.endswith("|>"))
+            or (t.startswith("<｜") and t.endswith("｜>")) or (t.startswith("<unused") and t.endswith(">")))
+
+
+def bpe_vocab(d: Path, vocab_size: int) -> dict:
+    """A byte-level BPE tokenizer.json as llama.cpp's ``gpt2`` vocabulary: tokens padded to the model's
+    vocab_size with [PADi], added tokens as CONTROL (special, or looking special) or USER_DEFINED,
+    merges, and the pre-tokenizer named by the hash of the test text's ids."""
+    import hashlib
+
+    import gguf
+    from tokenizers import Tokenizer as HFTokenizer
+    path = d / "tokenizer.json"
+    tok = _json(path, required=False)
+    if tok is None:
+        raise ConvertError(f"{d}: no tokenizer.json (tokenizer.model / SentencePiece checkpoints are not converted yet)")
+    model = tok.get("model") or {}
+    if model.get("type") != "BPE":
+        raise ConvertError(f"{path}: tokenizer model {model.get('type')!r} is not supported for this architecture "
+                           f"(byte-level BPE only)")
+    ids = HFTokenizer.from_file(str(path)).encode(_CHKTXT).ids
+    pre = _PRE_BY_HASH.get(hashlib.sha256(str(ids).encode()).hexdigest())
+    if pre is None:
+        raise ConvertError(f"{path}: unknown BPE pre-tokenizer (the test text's ids hash to no known one; tinyinfer "
+                           f"knows {', '.join(sorted(set(_PRE_BY_HASH.values())))})")
+    vocab = dict(model["vocab"])
+    added = {a["content"]: a for a in tok.get("added_tokens", [])}
+    for a in added.values():
+        vocab[a["content"]] = a["id"]
+    n = max(vocab_size, max(vocab.values()) + 1)
+    rev = {i: t for t, i in vocab.items()}
+    tokens, types = [], []
+    for i in range(n):
+        t = rev.get(i)
+        if t is None:
+            tokens.append(f"[PAD{i}]")
+            types.append(gguf.TokenType.UNUSED)
+        elif t in added:
+            if added[t].get("special") or _looks_special(t):
+                types.append(gguf.TokenType.CONTROL)
+            else:
+                t = t.replace("\u2581", " ")
+                types.append(gguf.TokenType.USER_DEFINED)
+            tokens.append(t)
+        else:
+            tokens.append(t)
+            types.append(gguf.TokenType.NORMAL)
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    cfg = _json(d / "tokenizer_config.json", required=False) or {}
+    hp = _json(d / "config.json")
+    t2i = {t: i for i, t in enumerate(tokens)}
+
+    def special(key, cfg_key):
+        v = cfg.get(key)
+        if isinstance(v, dict):
+            v = v.get("content")
+        if isinstance(v, str) and v in t2i:
+            return t2i[v]
+        v = hp.get(cfg_key)                       # SpecialVocab's fallback: config.json's ids
+        return v if isinstance(v, int) else None
+    ids_ = {"bos": special("bos_token", "bos_token_id"), "eos": special("eos_token", "eos_token_id"),
+            "unk": special("unk_token", "unk_token_id"), "pad": special("pad_token", "pad_token_id")}
+    add_bos = cfg.get("add_bos_token")
+    post = tok.get("post_processor") or {}
+    for proc in post.get("processors") or [post]:      # a leading special token in the template adds BOS
+        single = proc.get("single") or [] if proc.get("type") == "TemplateProcessing" else []
+        first = (single[0].get("SpecialToken") or {}).get("id") if single else None
+        if add_bos is None and first is not None:
+            add_bos = t2i.get(first) == ids_["bos"]
+    return {"model": "gpt2", "pre": pre, "tokens": tokens, "types": [int(x) for x in types], "ids": ids_,
+            "merges": merges, "add_bos": add_bos, "add_eos": cfg.get("add_eos_token"),
+            "add_sep": None, "lowercase": None, "strip_accents": None, "chat_template": cfg.get("chat_template")}
+
+
 # -- architectures -------------------------------------------------------------------------------
 
 def _pooling_type(d: Path):
@@ -203,12 +297,15 @@ class BertConverter:
 
     arch = "bert"
 
-    def __init__(self, d: Path, hp: dict):
+    def __init__(self, d: Path, hp: dict, hf_arch: str = ""):
         self.d, self.hp = d, hp
         labels = hp.get("id2label")
         if labels and len(labels) == 2 and labels.get("0", labels.get(0)) == "LABEL_0":
             labels = None                 # AutoConfig's dummy labels
         self.labels = labels
+
+    def vocab(self):
+        return wordpiece_vocab(self.d)
 
     def metadata(self, w, vocab) -> None:
         hp = self.hp
@@ -248,8 +345,92 @@ class BertConverter:
             yield new, arr
 
 
+def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Hugging Face's rotary layout of q/k rows (halves) -> llama.cpp's (pairs), for ``llama`` files."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+class DecoderConverter:
+    """LlamaForCausalLM / Qwen2ForCausalLM / Qwen3ForCausalLM -> ``llama`` / ``qwen2`` / ``qwen3``
+    (byte-level BPE tokenizers; llama's q/k rows permuted to ggml's rotation, as convert_hf_to_gguf.py)."""
+
+    ARCHS = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3"}
+
+    def __init__(self, d: Path, hp: dict, hf_arch: str):
+        self.d, self.hp = d, hp
+        self.arch = self.ARCHS[hf_arch]
+        rs = hp.get("rope_scaling") or {}
+        self.rope_kind = rs.get("rope_type", rs.get("type"))
+        if self.rope_kind not in (None, "default", "linear") and not (self.rope_kind == "llama3" and self.arch == "llama"):
+            raise ConvertError(f"{d}/config.json: rope_scaling {self.rope_kind!r} is not converted yet "
+                               f"(none, linear, and llama3 for llama)")
+        self.n_head = int(hp["num_attention_heads"])
+        self.n_kv = int(hp.get("num_key_value_heads", self.n_head))
+        self.head_dim = int(hp.get("head_dim") or int(hp["hidden_size"]) // self.n_head)
+
+    def vocab(self):
+        return bpe_vocab(self.d, int(self.hp.get("vocab_size", 0)))
+
+    def metadata(self, w, vocab) -> None:
+        hp = self.hp
+        w.add_context_length(int(hp["max_position_embeddings"]))
+        w.add_embedding_length(int(hp["hidden_size"]))
+        w.add_feed_forward_length(int(hp["intermediate_size"]))
+        w.add_block_count(int(hp["num_hidden_layers"]))
+        w.add_head_count(self.n_head)
+        w.add_head_count_kv(self.n_kv)
+        w.add_rope_freq_base(float(hp.get("rope_theta", 10000.0)))
+        w.add_layer_norm_rms_eps(float(hp.get("rms_norm_eps", 1e-6)))
+        head_dim = self.head_dim
+        if hp.get("head_dim") is not None:
+            w.add_key_length(head_dim)
+            w.add_value_length(head_dim)
+        w.add_rope_dimension_count(head_dim)
+        rs = hp.get("rope_scaling") or {}
+        if rs.get("rope_type", rs.get("type")) == "linear":
+            w.add_rope_scaling_type(__import__("gguf").RopeScalingType.LINEAR)
+            w.add_rope_scaling_factor(float(rs["factor"]))
+
+    def tensors(self, st: dict):
+        import gguf
+        tmap = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, self.arch.upper()), int(self.hp["num_hidden_layers"]))
+        for name, arr in st.items():
+            if name.endswith(".rotary_emb.inv_freq"):
+                continue
+            new = tmap.get_name(name, try_suffixes=(".weight", ".bias"))
+            if new is None:
+                raise ConvertError(f"{self.d}: tensor {name!r} has no GGUF name for the {self.arch} architecture")
+            if self.arch == "llama" and new.endswith(("attn_q.weight", "attn_q.bias")):
+                arr = _permute(np.asarray(arr), self.n_head)
+            elif self.arch == "llama" and new.endswith(("attn_k.weight", "attn_k.bias")):
+                arr = _permute(np.asarray(arr), self.n_kv)
+            if new == "output.weight" and self.hp.get("tie_word_embeddings") and "model.embed_tokens.weight" in st \
+                    and np.array_equal(np.asarray(arr), np.asarray(st["model.embed_tokens.weight"])):
+                continue                          # tied: llama.cpp reads token_embd
+            yield new, arr
+        if self.rope_kind == "llama3":
+            yield "rope_freqs.weight", self.llama3_rope_freqs()
+
+    def llama3_rope_freqs(self) -> np.ndarray:
+        """Llama 3.1's frequency scaling as a divisor per rotary frequency (``rope_freqs.weight``)."""
+        rs, base, dim = self.hp["rope_scaling"], float(self.hp.get("rope_theta", 10000.0)), self.head_dim
+        factor, low, high = float(rs["factor"]), float(rs.get("low_freq_factor", 1.0)), float(rs.get("high_freq_factor", 4.0))
+        orig = float(rs.get("original_max_position_embeddings", 8192))
+        out = []
+        for i in range(0, dim, 2):
+            wavelen = 2 * math.pi * base ** (i / dim)
+            if wavelen < orig / high:
+                out.append(1.0)
+            elif wavelen > orig / low:
+                out.append(factor)
+            else:
+                smooth = (orig / wavelen - low) / (high - low)
+                out.append(1.0 / ((1 - smooth) / factor + smooth))
+        return np.array(out, np.float32)
+
+
 CONVERTERS = {"BertModel": BertConverter, "BertForSequenceClassification": BertConverter,
-              "BertForMaskedLM": BertConverter}
+              "BertForMaskedLM": BertConverter, **{k: DecoderConverter for k in DecoderConverter.ARCHS}}
 
 _KEEP_F32 = ("position_embd.weight", "token_types.weight")
 OUTTYPES = ("f32", "f16", "bf16", "q8_0")
@@ -279,8 +460,8 @@ def convert(model_dir, outfile, outtype: str = "f16", verbose: bool = False) -> 
     if arch is None:
         raise ConvertError(f"{d}/config.json: architecture {', '.join(archs) or hp.get('model_type')!r} is not "
                            f"supported by tinyinfer convert (supported: {', '.join(sorted(CONVERTERS))})")
-    conv = CONVERTERS[arch](d, hp)
-    vocab = wordpiece_vocab(d)
+    conv = CONVERTERS[arch](d, hp, arch)
+    vocab = conv.vocab()
     st = read_checkpoint(d)
     outfile = Path(outfile)
     ftype = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
@@ -295,6 +476,8 @@ def convert(model_dir, outfile, outtype: str = "f16", verbose: bool = False) -> 
     w.add_tokenizer_pre(vocab["pre"])
     w.add_token_list(vocab["tokens"])
     w.add_token_types(vocab["types"])
+    if vocab.get("merges"):
+        w.add_token_merges(vocab["merges"])
     keys = {"bos": "bos_token_id", "eos": "eos_token_id", "unk": "unknown_token_id", "sep": "seperator_token_id",
             "pad": "padding_token_id", "cls": "cls_token_id", "mask": "mask_token_id"}    # llama.cpp's spelling
     for k, key in keys.items():
@@ -306,6 +489,8 @@ def convert(model_dir, outfile, outtype: str = "f16", verbose: bool = False) -> 
     for k in ("lowercase", "strip_accents"):
         if vocab[k] is not None:
             w.add_bool(f"tokenizer.ggml.normalizer.{k}", bool(vocab[k]))
+    if vocab.get("chat_template"):
+        w.add_chat_template(vocab["chat_template"])
     for name, arr in conv.tensors(st):
         x = np.ascontiguousarray(arr, dtype=np.float32)
         typ = _tensor_type(name, x, outtype)
