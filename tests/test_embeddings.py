@@ -177,6 +177,14 @@ def test_converter_output_is_deterministic_and_typed(converted, minilm_f32):
         assert t[name].ggml_type == GT.F32, name
 
 
+def test_inspect_shows_no_kv_cache_for_an_encoder(minilm_f32):
+    r = subprocess.run([sys.executable, "-m", "tinyinfer", "inspect", str(minilm_f32)], capture_output=True, text=True,
+                       cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    kv = next(line for line in r.stdout.splitlines() if line.strip().startswith("KV cache"))
+    assert " 0 B" in kv and "encoder" in kv and "tokenizer     bert" in r.stdout
+
+
 def test_converter_refuses_unknown_architecture_and_tokenizer(minilm_dir, tmp_path):
     import shutil
     d = tmp_path / "m"
@@ -225,7 +233,7 @@ def test_gemma_embedding_matches_llama_embedding(tmp_path):
     assert c.min() >= 0.9999, c.min()
 
 
-def test_qwen3_last_token_pooling_matches_llama_embedding():
+def test_qwen3_last_token_pooling_matches_llama_embedding(tmp_path):
     """A decoder (the synthetic qwen3 of ../shared/tools/make_arch_models.py) pooled on its last token,
     as Qwen3-Embedding: llama-embedding --pooling last on the same file."""
     from conftest import REFERENCE, need_reference
@@ -242,6 +250,11 @@ def test_qwen3_last_token_pooling_matches_llama_embedding():
     ours = _embed_file(f, SENTENCES[:8], pooling="last")
     c = _cos(ours, _llama_embedding("llama_embedding_synthetic_qwen3_last.json"))
     assert c.min() >= 0.9999, c.min()
+    # the file's own qwen3.pooling_type (Qwen3-Embedding's GGUF says "last") is what an embedding uses
+    from tinyinfer.tools.quantize import quantize_file
+    g = tmp_path / "qwen3-last.gguf"
+    quantize_file(f, g, "COPY", overrides=["qwen3.pooling_type=int:3"], progress=False)
+    assert np.array_equal(_embed_file(g, SENTENCES[:8]), ours)
 
 
 # -- pooling, normalization, batching --------------------------------------------------------------

@@ -17,6 +17,7 @@ from .base import Linear
 from .hparams import ModelError, Weights, meta
 
 POOLING_TYPES = ("none", "mean", "cls", "last", "rank")     # llama_pooling_type 0..4
+ENCODER_ARCHS = ("bert", "nomic-bert", "gemma-embedding")    # the architectures built on Encoder (no KV cache)
 
 
 def layernorm(x: np.ndarray, w: np.ndarray, b: np.ndarray, eps: np.float32) -> np.ndarray:
