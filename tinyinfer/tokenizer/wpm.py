@@ -6,8 +6,9 @@ space" form: a word-initial piece ``hello`` becomes ``▁hello``, a continuation
 
     words = split(normalize(text))        # whitespace ends a word; punctuation, ASCII symbols and
                                           # CJK ideographs are words of one character; control
-                                          # characters dropped; lowercase and NFD + accents
-                                          # (\\p{M}) dropped when the file asks for it
+                                          # characters dropped; lowercase, and when the file asks for
+                                          # it each character to the first code point of its NFD
+                                          # and accent marks (\\p{M}) dropped
     for w in words:                       # greedy longest match from the left on "▁" + w;
         ids += longest_pieces("▁" + w)    # a word with an unmatched rest becomes [UNK]
     [CLS] ids [SEP]                       # with add_special, as llama.cpp's WPM case
@@ -52,9 +53,15 @@ def _char_class(c: str) -> int:
 
 
 def _lower(c: str) -> str:
-    """One code point to one (simple lowercase mapping, as llama.cpp's unicode_tolower)."""
-    lo = c.lower()
-    return lo if len(lo) == 1 else c
+    """One code point to one (simple lowercase mapping, as llama.cpp's unicode_tolower: İ -> i)."""
+    return c.lower()[0] if c.lower() else c
+
+
+def _nfd_first(c: str) -> str:
+    """llama.cpp's unicode_cpts_normalize_nfd: each code point becomes the FIRST code point of its
+    canonical decomposition (é -> e, 한 -> ᄒ); the rest of the decomposition is dropped, not kept as
+    marks (where the tokenizers library keeps every Jamo of a Hangul syllable and drops only Mn marks)."""
+    return unicodedata.normalize("NFD", c)[0]
 
 
 class WPMTokenizer(Tokenizer):
@@ -70,6 +77,7 @@ class WPMTokenizer(Tokenizer):
         strip = metadata.get("tokenizer.ggml.normalizer.strip_accents")
         self.strip_accents = self.lowercase if strip is None else bool(strip)
         self._classes: dict = {}
+        self._nfd: dict = {}
         self._finish_init(metadata, bos=101, eos=None, unk=100, add_bos=True, add_eos=False,
                           add_space_prefix=False)
         self._ids["sep"] = self._ids["sep"] if self._ids["sep"] is not None else (102 if self.n_vocab > 102 else None)
@@ -92,8 +100,9 @@ class WPMTokenizer(Tokenizer):
 
     def words(self, text: str) -> list:
         """The normalized words of ``text`` (llama.cpp's llm_tokenizer_wpm_session::preprocess)."""
-        if self.strip_accents:
-            text = unicodedata.normalize("NFD", text)
+        if self.strip_accents and not text.isascii():
+            nfd = self._nfd
+            text = "".join([nfd.get(c) or nfd.setdefault(c, _nfd_first(c)) for c in text])
         classes = self._classes
         words: list = []
         cur: list = []
