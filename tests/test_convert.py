@@ -156,3 +156,130 @@ def test_convert_refuses_unknown_pretokenizer(tmp_path):
     (d / "tokenizer.json").write_text(json.dumps(tj, ensure_ascii=False))
     with pytest.raises(ConvertError, match="pre-tokenizer"):
         convert(d, tmp_path / "x.gguf", "f16")
+
+
+# -- gemma3: SentencePiece tokenizer.model, (1 + w) norms ---------------------------------------------
+
+GEMMA_HF = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "attn_norm": "input_layernorm",
+            "post_attention_norm": "post_attention_layernorm", "ffn_norm": "pre_feedforward_layernorm",
+            "post_ffw_norm": "post_feedforward_layernorm", "attn_q_norm": "self_attn.q_norm",
+            "attn_k_norm": "self_attn.k_norm", "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
+            "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj",
+            "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
+
+
+def _gemma3_gguf(path: Path) -> Path:
+    """A small gemma3 decoder (6 layers: 5 sliding-window, 1 global) on llama.cpp's llama-spm vocabulary."""
+    import gguf
+    from make_encoder_models import _copy_tokenizer, _mat, _t
+    a, d, nl, nh, nkv, hd, ff = "gemma3", 128, 6, 4, 2, 32, 256
+    w = gguf.GGUFWriter(path, a)
+    w.add_name("synthetic-gemma3")
+    w.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
+    w.add_context_length(2048)
+    w.add_embedding_length(d)
+    w.add_feed_forward_length(ff)
+    w.add_block_count(nl)
+    w.add_head_count(nh)
+    w.add_head_count_kv(nkv)
+    w.add_layer_norm_rms_eps(1e-6)
+    w.add_key_length(hd)
+    w.add_value_length(hd)
+    w.add_rope_freq_base(1000000.0)
+    w.add_sliding_window(8)
+    n_vocab = _copy_tokenizer(w, need_reference("vocab", "ggml-vocab-llama-spm.gguf"))
+    w.add_add_space_prefix(False)                     # as every gemma3 file (convert_hf_to_gguf.py)
+    w.add_tensor("token_embd.weight", _t("g3.token_embd", (n_vocab, d), 0.05).astype(np.float16))
+    w.add_tensor("output_norm.weight", _t("g3.output_norm", (d,), 0.1, 1.0))
+    for i in range(nl):
+        b = f"blk.{i}."
+        for n, shape in (("attn_norm", (d,)), ("post_attention_norm", (d,)), ("ffn_norm", (d,)),
+                         ("post_ffw_norm", (d,)), ("attn_q_norm", (hd,)), ("attn_k_norm", (hd,))):
+            w.add_tensor(b + n + ".weight", _t("g3." + b + n, shape, 0.1, 1.0))
+        for n, rows, cols in (("attn_q", nh * hd, d), ("attn_k", nkv * hd, d), ("attn_v", nkv * hd, d),
+                              ("attn_output", d, nh * hd), ("ffn_gate", ff, d), ("ffn_up", ff, d), ("ffn_down", d, ff)):
+            w.add_tensor(b + n + ".weight", _mat("g3." + b + n, rows, cols))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def gemma3_to_hf(src: Path, out: Path) -> Path:
+    """A gemma3 GGUF as a Hugging Face folder: safetensors (norms back to w), config.json, a SentencePiece
+    tokenizer.model built from the GGUF vocabulary (sentencepiece's protobuf), tokenizer_config.json."""
+    from sentencepiece import sentencepiece_model_pb2 as spm
+
+    from tinyinfer.gguf import GGUFFile
+    from tinyinfer.kernels import quants
+    from tinyinfer.tools.convert import write_safetensors
+    g = GGUFFile(src)
+    m = g.metadata
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for name, t in g.tensors.items():
+        parts = name.split(".")
+        hf = (f"model.layers.{parts[1]}.{GEMMA_HF[parts[2]]}.weight" if parts[0] == "blk"
+              else f"{GEMMA_HF[parts[0]]}.weight")
+        x = quants.dequantize(t.data, t.ggml_type, t.shape[0]).reshape(*reversed(t.shape))
+        tensors[hf] = x - np.float32(1.0) if name.endswith("norm.weight") else x
+    write_safetensors(out / "model.safetensors", tensors)
+    tokens = m["tokenizer.ggml.tokens"]
+    (out / "config.json").write_text(json.dumps({
+        "architectures": ["Gemma3ForCausalLM"], "hidden_size": m["gemma3.embedding_length"],
+        "intermediate_size": m["gemma3.feed_forward_length"], "num_hidden_layers": m["gemma3.block_count"],
+        "num_attention_heads": m["gemma3.attention.head_count"], "num_key_value_heads": m["gemma3.attention.head_count_kv"],
+        "head_dim": m["gemma3.attention.key_length"], "max_position_embeddings": m["gemma3.context_length"],
+        "rms_norm_eps": m["gemma3.attention.layer_norm_rms_epsilon"], "rope_theta": m["gemma3.rope.freq_base"],
+        "sliding_window": m["gemma3.attention.sliding_window"], "vocab_size": len(tokens)}))
+    mp = spm.ModelProto()
+    kinds = {1: spm.ModelProto.SentencePiece.NORMAL, 2: spm.ModelProto.SentencePiece.UNKNOWN,
+             3: spm.ModelProto.SentencePiece.CONTROL, 4: spm.ModelProto.SentencePiece.USER_DEFINED,
+             5: spm.ModelProto.SentencePiece.UNUSED, 6: spm.ModelProto.SentencePiece.BYTE}
+    for t, sc, ty in zip(tokens, m["tokenizer.ggml.scores"], m["tokenizer.ggml.token_type"]):
+        p = mp.pieces.add()
+        p.piece, p.score, p.type = t, float(sc), kinds[int(ty)]
+    mp.trainer_spec.model_type = spm.TrainerSpec.BPE
+    mp.trainer_spec.vocab_size = len(tokens)
+    mp.trainer_spec.byte_fallback = True
+    mp.normalizer_spec.name = "identity"
+    mp.normalizer_spec.add_dummy_prefix = False
+    (out / "tokenizer.model").write_bytes(mp.SerializeToString())
+    tc = {"add_bos_token": bool(m.get("tokenizer.ggml.add_bos_token")),
+          "add_eos_token": bool(m.get("tokenizer.ggml.add_eos_token"))}
+    for k, key in (("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"), ("unk_token", "unknown_token_id"),
+                   ("pad_token", "padding_token_id")):
+        if m.get(f"tokenizer.ggml.{key}") is not None:
+            tc[k] = tokens[m[f"tokenizer.ggml.{key}"]]
+    (out / "tokenizer_config.json").write_text(json.dumps(tc))
+    return out
+
+
+def test_gemma3_round_trip(tmp_path):
+    from tinyinfer.engine import Engine
+    from tinyinfer.gguf import GGUFFile
+    from tinyinfer.kvcache import Batch
+    from tinyinfer.tools.convert import convert
+    src = _gemma3_gguf(tmp_path / "synthetic-gemma3-F16.gguf")
+    out = convert(gemma3_to_hf(src, tmp_path / "hf"), tmp_path / "back.gguf", "f16")
+    a, b = GGUFFile(src), GGUFFile(out)
+    assert b.architecture == "gemma3" and set(a.tensors) == set(b.tensors)
+    for name, t in a.tensors.items():
+        assert b.tensors[name].ggml_type == t.ggml_type and np.array_equal(b.tensors[name].data, t.data), name
+    for key in ("tokenizer.ggml.model", "tokenizer.ggml.tokens", "tokenizer.ggml.bos_token_id",
+                "tokenizer.ggml.eos_token_id", "tokenizer.ggml.unknown_token_id",
+                *(k for k in a.metadata if k.startswith("gemma3."))):
+        va, vb = a.metadata.get(key), b.metadata.get(key)
+        assert (vb == pytest.approx(va, rel=1e-6)) if isinstance(va, float) else va == vb, key
+    assert np.array_equal(np.asarray(a.metadata["tokenizer.ggml.scores"], np.float32),
+                          np.asarray(b.metadata["tokenizer.ggml.scores"], np.float32))
+    assert list(a.metadata["tokenizer.ggml.token_type"]) == list(b.metadata["tokenizer.ggml.token_type"])
+    assert b.metadata["tokenizer.ggml.add_space_prefix"] is False
+    ea, eb = Engine(src, n_ctx=64, n_threads=1), Engine(out, n_ctx=64, n_threads=1)
+    text = "Hello world, 12345 — the quick brown fox"
+    ids = ea.tokenizer.encode(text)
+    assert eb.tokenizer.encode(text) == ids
+    la = ea.model.forward(np.array(ids), Batch.run(0, 0, len(ids)), ea.cache)
+    lb = eb.model.forward(np.array(ids), Batch.run(0, 0, len(ids)), eb.cache)
+    assert np.array_equal(la, lb)

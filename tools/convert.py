@@ -8,8 +8,8 @@ F16 / BF16 / Q8_0 come from tinyinfer's one table of formats (kernels/quants.py)
 
 Covered: ``BertModel`` / ``BertForSequenceClassification`` (WordPiece tokenizer.json; pooling from
 the sentence-transformers modules.json), ``LlamaForCausalLM`` / ``Qwen2ForCausalLM`` / ``Qwen3ForCausalLM``
-with a byte-level BPE tokenizer.json (llama-bpe, qwen2, smollm, gpt-2 pre-tokenizers). Anything else
-(gemma3 and SentencePiece tokenizer.model files among them, for now) is refused with one line.
+with a byte-level BPE tokenizer.json (llama-bpe, qwen2, smollm, gpt-2 pre-tokenizers), and
+``Gemma3ForCausalLM`` with its SentencePiece tokenizer.model. Anything else is refused with one line.
 
 Type rules as convert_hf_to_gguf.py: 1-D tensors, norms, biases, position and token-type
 embeddings stay F32; a matrix whose rows do not fit the Q8_0 block falls back to F16.
@@ -269,6 +269,57 @@ def bpe_vocab(d: Path, vocab_size: int) -> dict:
             "add_sep": None, "lowercase": None, "strip_accents": None, "chat_template": cfg.get("chat_template")}
 
 
+def spm_vocab(d: Path, vocab_size: int) -> dict:
+    """A SentencePiece ``tokenizer.model`` as llama.cpp's ``llama`` vocabulary (convert_hf_to_gguf.py's
+    _create_vocab_sentencepiece): pieces, scores and types from the model, added_tokens.json as
+    USER_DEFINED, tokenizer_config.json's added_tokens_decoder as CONTROL (special, or looking special)
+    or USER_DEFINED, [PADi] up to the model's vocab_size."""
+    import gguf
+    from sentencepiece import SentencePieceProcessor
+    path = d / "tokenizer.model"
+    if not path.is_file():
+        raise ConvertError(f"{d}: no tokenizer.model (a SentencePiece model is needed for this architecture)")
+    sp = SentencePieceProcessor()
+    try:
+        sp.LoadFromFile(str(path))
+    except (OSError, RuntimeError) as e:
+        raise ConvertError(f"{path}: not a SentencePiece model ({e})") from None
+    n = vocab_size or sp.vocab_size()
+    TT = gguf.TokenType
+    tokens = [f"[PAD{i}]" for i in range(n)]
+    scores = [-10000.0] * n
+    types = [TT.UNUSED] * n
+    for i in range(min(n, sp.vocab_size())):
+        tokens[i], scores[i] = sp.IdToPiece(i), sp.GetScore(i)
+        types[i] = (TT.UNKNOWN if sp.IsUnknown(i) else TT.CONTROL if sp.IsControl(i) else
+                    TT.UNUSED if sp.IsUnused(i) else TT.BYTE if sp.IsByte(i) else TT.NORMAL)
+    for t, i in (_json(d / "added_tokens.json", required=False) or {}).items():
+        if i < n:
+            tokens[i], scores[i], types[i] = t, -1000.0, TT.USER_DEFINED
+    cfg = _json(d / "tokenizer_config.json", required=False) or {}
+    for i, a in (cfg.get("added_tokens_decoder") or {}).items():
+        i, t = int(i), a["content"]
+        if i >= n:
+            continue
+        if a.get("special") or _looks_special(t):
+            types[i] = TT.CONTROL
+        else:
+            t, types[i] = t.replace("\u2581", " "), TT.USER_DEFINED
+        tokens[i] = t
+    t2i = {t: i for i, t in enumerate(tokens)}
+
+    def special(key):
+        v = cfg.get(key)
+        if isinstance(v, dict):
+            v = v.get("content")
+        return t2i.get(v) if isinstance(v, str) else None
+    ids_ = {"bos": special("bos_token"), "eos": special("eos_token"), "unk": special("unk_token"),
+            "pad": special("pad_token")}
+    return {"model": "llama", "pre": "default", "tokens": tokens, "scores": scores, "types": [int(x) for x in types],
+            "ids": ids_, "add_bos": cfg.get("add_bos_token"), "add_eos": cfg.get("add_eos_token"), "add_sep": None,
+            "lowercase": None, "strip_accents": None, "chat_template": cfg.get("chat_template")}
+
+
 # -- architectures -------------------------------------------------------------------------------
 
 def _pooling_type(d: Path):
@@ -429,7 +480,66 @@ class DecoderConverter:
         return np.array(out, np.float32)
 
 
-CONVERTERS = {"BertModel": BertConverter, "BertForSequenceClassification": BertConverter,
+class Gemma3Converter:
+    """Gemma3ForCausalLM -> ``gemma3`` (convert_hf_to_gguf.py's Gemma3Model): SentencePiece vocabulary,
+    norm weights stored as (1 + w), token_embd cut to the vocabulary, the tied LM head not written."""
+
+    arch = "gemma3"
+
+    def __init__(self, d: Path, hp: dict, hf_arch: str = ""):
+        self.d, self.hp = d, hp
+        if hp.get("attn_logit_softcapping") is not None:
+            raise ConvertError(f"{d}/config.json: attn_logit_softcapping is not part of gemma3")
+        rs = hp.get("rope_scaling") or {}
+        self.rope_kind = rs.get("rope_type", rs.get("type"))
+        if self.rope_kind not in (None, "default", "linear"):
+            raise ConvertError(f"{d}/config.json: rope_scaling {self.rope_kind!r} is not converted yet (none, linear)")
+        self.n_vocab = None
+
+    def vocab(self):
+        v = spm_vocab(self.d, int(self.hp.get("vocab_size", 0)))
+        self.n_vocab = len(v["tokens"])
+        v["add_space_prefix"] = False
+        return v
+
+    def metadata(self, w, vocab) -> None:
+        hp = self.hp
+        w.add_context_length(int(hp.get("max_position_embeddings", 131072)))
+        w.add_embedding_length(int(hp["hidden_size"]))
+        w.add_feed_forward_length(int(hp["intermediate_size"]))
+        w.add_block_count(int(hp["num_hidden_layers"]))
+        w.add_head_count(int(hp.get("num_attention_heads", 8)))
+        w.add_head_count_kv(int(hp.get("num_key_value_heads", 4)))
+        w.add_layer_norm_rms_eps(float(hp.get("rms_norm_eps", 1e-6)))
+        w.add_key_length(int(hp.get("head_dim", 256)))
+        w.add_value_length(int(hp.get("head_dim", 256)))
+        w.add_rope_freq_base(float(hp.get("rope_theta", 1_000_000.0)))
+        if hp.get("final_logit_softcapping"):
+            w.add_final_logit_softcapping(float(hp["final_logit_softcapping"]))
+        if hp.get("sliding_window_pattern") != 1 and hp.get("sliding_window"):
+            w.add_sliding_window(int(hp["sliding_window"]))
+        if self.rope_kind == "linear":
+            w.add_rope_scaling_type(__import__("gguf").RopeScalingType.LINEAR)
+            w.add_rope_scaling_factor(float(hp["rope_scaling"]["factor"]))
+
+    def tensors(self, st: dict):
+        import gguf
+        tmap = gguf.get_tensor_name_map(gguf.MODEL_ARCH.GEMMA3, int(self.hp["num_hidden_layers"]))
+        for name, arr in st.items():
+            new = tmap.get_name(name, try_suffixes=(".weight", ".bias"))
+            if new is None:
+                raise ConvertError(f"{self.d}: tensor {name!r} has no GGUF name for the gemma3 architecture")
+            if new == "output.weight" and "model.embed_tokens.weight" in st:
+                continue                          # Gemma ties its LM head to the embeddings
+            arr = np.asarray(arr, np.float32)
+            if name.endswith("norm.weight"):
+                arr = arr + np.float32(1.0)        # Gemma3RMSNorm multiplies by (1 + w)
+            if new == "token_embd.weight" and self.n_vocab:
+                arr = arr[:self.n_vocab]
+            yield new, arr
+
+
+CONVERTERS = {"Gemma3ForCausalLM": Gemma3Converter, "BertModel": BertConverter, "BertForSequenceClassification": BertConverter,
               "BertForMaskedLM": BertConverter, **{k: DecoderConverter for k in DecoderConverter.ARCHS}}
 
 _KEEP_F32 = ("position_embd.weight", "token_types.weight")
@@ -476,6 +586,10 @@ def convert(model_dir, outfile, outtype: str = "f16", verbose: bool = False) -> 
     w.add_tokenizer_pre(vocab["pre"])
     w.add_token_list(vocab["tokens"])
     w.add_token_types(vocab["types"])
+    if vocab.get("scores") is not None:
+        w.add_token_scores(vocab["scores"])
+    if vocab.get("add_space_prefix") is not None:
+        w.add_add_space_prefix(bool(vocab["add_space_prefix"]))
     if vocab.get("merges"):
         w.add_token_merges(vocab["merges"])
     keys = {"bos": "bos_token_id", "eos": "eos_token_id", "unk": "unknown_token_id", "sep": "seperator_token_id",
