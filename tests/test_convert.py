@@ -207,32 +207,51 @@ def _gemma3_gguf(path: Path) -> Path:
 
 
 def gemma3_to_hf(src: Path, out: Path) -> Path:
-    """A gemma3 GGUF as a Hugging Face folder: safetensors (norms back to w), config.json, a SentencePiece
-    tokenizer.model built from the GGUF vocabulary (sentencepiece's protobuf), tokenizer_config.json."""
+    """A gemma3 (or gemma-embedding) GGUF as a Hugging Face folder: safetensors (norms back to w), config.json,
+    a SentencePiece tokenizer.model built from the GGUF vocabulary (sentencepiece's protobuf),
+    tokenizer_config.json; for gemma-embedding the sentence-transformers modules (mean pooling, 2_Dense, 3_Dense)."""
     from sentencepiece import sentencepiece_model_pb2 as spm
 
     from tinyinfer.gguf import GGUFFile
     from tinyinfer.kernels import quants
     from tinyinfer.tools.convert import write_safetensors
     g = GGUFFile(src)
-    m = g.metadata
+    m, a = g.metadata, g.architecture
+    emb = a == "gemma-embedding"
+    prefix = "" if emb else "model."              # Gemma3TextModel's names have no "model." prefix
     out.mkdir(parents=True, exist_ok=True)
-    tensors = {}
+    tensors, dense = {}, {}
     for name, t in g.tensors.items():
         parts = name.split(".")
-        hf = (f"model.layers.{parts[1]}.{GEMMA_HF[parts[2]]}.weight" if parts[0] == "blk"
-              else f"{GEMMA_HF[parts[0]]}.weight")
         x = quants.dequantize(t.data, t.ggml_type, t.shape[0]).reshape(*reversed(t.shape))
+        if parts[0] in ("dense_2", "dense_3"):
+            dense[parts[0]] = x
+            continue
+        hf = (f"{prefix}layers.{parts[1]}.{GEMMA_HF[parts[2]]}.weight" if parts[0] == "blk"
+              else f"{prefix}{GEMMA_HF[parts[0]].removeprefix('model.')}.weight")
         tensors[hf] = x - np.float32(1.0) if name.endswith("norm.weight") else x
     write_safetensors(out / "model.safetensors", tensors)
     tokens = m["tokenizer.ggml.tokens"]
     (out / "config.json").write_text(json.dumps({
-        "architectures": ["Gemma3ForCausalLM"], "hidden_size": m["gemma3.embedding_length"],
-        "intermediate_size": m["gemma3.feed_forward_length"], "num_hidden_layers": m["gemma3.block_count"],
-        "num_attention_heads": m["gemma3.attention.head_count"], "num_key_value_heads": m["gemma3.attention.head_count_kv"],
-        "head_dim": m["gemma3.attention.key_length"], "max_position_embeddings": m["gemma3.context_length"],
-        "rms_norm_eps": m["gemma3.attention.layer_norm_rms_epsilon"], "rope_theta": m["gemma3.rope.freq_base"],
-        "sliding_window": m["gemma3.attention.sliding_window"], "vocab_size": len(tokens)}))
+        "architectures": ["Gemma3TextModel" if emb else "Gemma3ForCausalLM"], "hidden_size": m[f"{a}.embedding_length"],
+        "intermediate_size": m[f"{a}.feed_forward_length"], "num_hidden_layers": m[f"{a}.block_count"],
+        "num_attention_heads": m[f"{a}.attention.head_count"], "num_key_value_heads": m[f"{a}.attention.head_count_kv"],
+        "head_dim": m[f"{a}.attention.key_length"], "max_position_embeddings": m[f"{a}.context_length"],
+        "rms_norm_eps": m[f"{a}.attention.layer_norm_rms_epsilon"], "rope_theta": m[f"{a}.rope.freq_base"],
+        "sliding_window": m[f"{a}.attention.sliding_window"], "vocab_size": len(tokens)}))
+    if emb:
+        mods = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+                {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]
+        (out / "1_Pooling").mkdir(exist_ok=True)
+        (out / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_mean_tokens": True}))
+        for i, k in ((2, "dense_2"), (3, "dense_3")):
+            folder = out / f"{i}_Dense"
+            folder.mkdir(exist_ok=True)
+            write_safetensors(folder / "model.safetensors", {"linear.weight": dense[k]})
+            (folder / "config.json").write_text(json.dumps({"in_features": dense[k].shape[1],
+                                                            "out_features": dense[k].shape[0], "bias": False}))
+            mods.append({"idx": i, "name": str(i), "path": f"{i}_Dense", "type": "sentence_transformers.models.Dense"})
+        (out / "modules.json").write_text(json.dumps(mods))
     mp = spm.ModelProto()
     kinds = {1: spm.ModelProto.SentencePiece.NORMAL, 2: spm.ModelProto.SentencePiece.UNKNOWN,
              3: spm.ModelProto.SentencePiece.CONTROL, 4: spm.ModelProto.SentencePiece.USER_DEFINED,
@@ -283,3 +302,32 @@ def test_gemma3_round_trip(tmp_path):
     la = ea.model.forward(np.array(ids), Batch.run(0, 0, len(ids)), ea.cache)
     lb = eb.model.forward(np.array(ids), Batch.run(0, 0, len(ids)), eb.cache)
     assert np.array_equal(la, lb)
+
+
+def test_embeddinggemma_round_trip(tmp_path):
+    """Gemma3TextModel + sentence-transformers' Pooling and Dense modules -> gemma-embedding: the tensors of the
+    synthetic file (tests/make_encoder_models.py) come back, and so do its embeddings."""
+    from make_encoder_models import make_gemma_embedding
+
+    from tinyinfer.embedding import embed
+    from tinyinfer.engine import Engine
+    from tinyinfer.gguf import GGUFFile
+    from tinyinfer.tools.convert import convert
+    src = make_gemma_embedding(tmp_path / "synthetic-gemma-embedding-F16.gguf",
+                               need_reference("vocab", "ggml-vocab-llama-spm.gguf"))
+    hf = gemma3_to_hf(src, tmp_path / "hf")
+    out = convert(hf, tmp_path / "back.gguf", "f16", sentence_transformers_dense_modules=True)
+    a, b = GGUFFile(src), GGUFFile(out)
+    assert b.architecture == "gemma-embedding" and set(a.tensors) == set(b.tensors)
+    for name, t in a.tensors.items():
+        assert b.tensors[name].ggml_type == t.ggml_type and np.array_equal(b.tensors[name].data, t.data), name
+    # rope.freq_base_swa: convert_hf_to_gguf.py does not write it either (llama.cpp and tinyinfer default: 10000)
+    for key in (k for k in a.metadata if k.startswith("gemma-embedding.") and k != "gemma-embedding.rope.freq_base_swa"):
+        va, vb = a.metadata.get(key), b.metadata.get(key)
+        assert (vb == pytest.approx(va, rel=1e-6)) if isinstance(va, float) else va == vb, key
+    ids = [[1, 450, 4996, 17354, 1701, 29916], [1, 15043, 3186]]
+    ea, eb = Engine(src, n_ctx=64, n_threads=1), Engine(out, n_ctx=64, n_threads=1)
+    assert np.array_equal(np.stack(embed(ea, ids)), np.stack(embed(eb, ids)))
+    # without the flag, as llama.cpp, no Dense modules: a file that pools and stops
+    plain = GGUFFile(convert(hf, tmp_path / "plain.gguf", "f16"))
+    assert "dense_2.weight" not in plain.tensors and "gemma-embedding.dense_2_feat_out" not in plain.metadata

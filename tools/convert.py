@@ -9,7 +9,8 @@ F16 / BF16 / Q8_0 come from tinyinfer's one table of formats (kernels/quants.py)
 Covered: ``BertModel`` / ``BertForSequenceClassification`` (WordPiece tokenizer.json; pooling from
 the sentence-transformers modules.json), ``LlamaForCausalLM`` / ``Qwen2ForCausalLM`` / ``Qwen3ForCausalLM``
 with a byte-level BPE tokenizer.json (llama-bpe, qwen2, smollm, gpt-2 pre-tokenizers), and
-``Gemma3ForCausalLM`` with its SentencePiece tokenizer.model. Anything else is refused with one line.
+``Gemma3ForCausalLM`` with its SentencePiece tokenizer.model, ``Gemma3TextModel`` (EmbeddingGemma, its
+Dense modules with ``--sentence-transformers-dense-modules``). Anything else is refused with one line.
 
 Type rules as convert_hf_to_gguf.py: 1-D tensors, norms, biases, position and token-type
 embeddings stay F32; a matrix whose rows do not fit the Q8_0 block falls back to F16.
@@ -516,7 +517,7 @@ class Gemma3Converter:
         w.add_rope_freq_base(float(hp.get("rope_theta", 1_000_000.0)))
         if hp.get("final_logit_softcapping"):
             w.add_final_logit_softcapping(float(hp["final_logit_softcapping"]))
-        if hp.get("sliding_window_pattern") != 1 and hp.get("sliding_window"):
+        if (hp.get("sliding_window_pattern") != 1 or self.arch == "gemma-embedding") and hp.get("sliding_window"):
             w.add_sliding_window(int(hp["sliding_window"]))
         if self.rope_kind == "linear":
             w.add_rope_scaling_type(__import__("gguf").RopeScalingType.LINEAR)
@@ -524,12 +525,13 @@ class Gemma3Converter:
 
     def tensors(self, st: dict):
         import gguf
-        tmap = gguf.get_tensor_name_map(gguf.MODEL_ARCH.GEMMA3, int(self.hp["num_hidden_layers"]))
+        tmap = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, self.arch.upper().replace("-", "_")),
+                                        int(self.hp["num_hidden_layers"]))
         for name, arr in st.items():
             new = tmap.get_name(name, try_suffixes=(".weight", ".bias"))
             if new is None:
-                raise ConvertError(f"{self.d}: tensor {name!r} has no GGUF name for the gemma3 architecture")
-            if new == "output.weight" and "model.embed_tokens.weight" in st:
+                raise ConvertError(f"{self.d}: tensor {name!r} has no GGUF name for the {self.arch} architecture")
+            if new == "output.weight" and any(k.endswith("embed_tokens.weight") for k in st):
                 continue                          # Gemma ties its LM head to the embeddings
             arr = np.asarray(arr, np.float32)
             if name.endswith("norm.weight"):
@@ -539,7 +541,47 @@ class Gemma3Converter:
             yield new, arr
 
 
-CONVERTERS = {"Gemma3ForCausalLM": Gemma3Converter, "BertModel": BertConverter, "BertForSequenceClassification": BertConverter,
+class EmbeddingGemmaConverter(Gemma3Converter):
+    """Gemma3TextModel -> ``gemma-embedding`` (EmbeddingGemma): gemma3's layers, the sentence-transformers
+    pooling, and with ``dense_modules`` (--sentence-transformers-dense-modules) its 2_Dense / 3_Dense
+    projections as ``dense_2`` / ``dense_3`` with their feature sizes."""
+
+    arch = "gemma-embedding"
+    dense_modules = False
+
+    def _dense(self):
+        """(prefix, folder, in, out) of each sentence-transformers Dense module with weights."""
+        out = []
+        for m in _json(self.d / "modules.json", required=False) or []:
+            if not str(m.get("type", "")).endswith("Dense"):
+                continue
+            folder = self.d / m.get("path", "")
+            if (folder / "model.safetensors").is_file():
+                cfg = _json(folder / "config.json")
+                out.append(("dense_2" if m.get("path") == "2_Dense" else "dense_3", folder,
+                            int(cfg["in_features"]), int(cfg["out_features"])))
+        return out
+
+    def metadata(self, w, vocab) -> None:
+        super().metadata(w, vocab)
+        pooling = _pooling_type(self.d)
+        if pooling is not None:
+            w.add_pooling_type(pooling)
+        if self.dense_modules:
+            for prefix, _, fin, fout in self._dense():
+                w.add_uint32(f"{self.arch}.{prefix}_feat_in", fin)
+                w.add_uint32(f"{self.arch}.{prefix}_feat_out", fout)
+
+    def tensors(self, st: dict):
+        yield from super().tensors(st)
+        if self.dense_modules:
+            for prefix, folder, _, _ in self._dense():
+                for name, arr in read_safetensors(folder / "model.safetensors").items():
+                    if name.endswith(".weight"):
+                        yield f"{prefix}.weight", arr
+
+
+CONVERTERS = {"Gemma3ForCausalLM": Gemma3Converter, "Gemma3TextModel": EmbeddingGemmaConverter, "BertModel": BertConverter, "BertForSequenceClassification": BertConverter,
               "BertForMaskedLM": BertConverter, **{k: DecoderConverter for k in DecoderConverter.ARCHS}}
 
 _KEEP_F32 = ("position_embd.weight", "token_types.weight")
@@ -553,8 +595,10 @@ def _tensor_type(name: str, arr: np.ndarray, outtype: str):
     return {"f32": GT.F32, "f16": GT.F16, "bf16": GT.BF16, "q8_0": GT.Q8_0}[outtype]
 
 
-def convert(model_dir, outfile, outtype: str = "f16", verbose: bool = False) -> Path:
-    """Convert the checkpoint folder ``model_dir`` into ``outfile``; returns its path."""
+def convert(model_dir, outfile, outtype: str = "f16", verbose: bool = False,
+            sentence_transformers_dense_modules: bool = False) -> Path:
+    """Convert the checkpoint folder ``model_dir`` into ``outfile``; returns its path.
+    ``sentence_transformers_dense_modules``: include sentence-transformers' Dense projections (EmbeddingGemma)."""
     import gguf
     from gguf import GGMLQuantizationType as GT
 
@@ -571,6 +615,7 @@ def convert(model_dir, outfile, outtype: str = "f16", verbose: bool = False) -> 
         raise ConvertError(f"{d}/config.json: architecture {', '.join(archs) or hp.get('model_type')!r} is not "
                            f"supported by tinyinfer convert (supported: {', '.join(sorted(CONVERTERS))})")
     conv = CONVERTERS[arch](d, hp, arch)
+    conv.dense_modules = sentence_transformers_dense_modules
     vocab = conv.vocab()
     st = read_checkpoint(d)
     outfile = Path(outfile)
@@ -637,10 +682,13 @@ def main(argv=None) -> int:
     ap.add_argument("--outfile", help="output path (default: MODEL/<name>-<outtype>.gguf)")
     ap.add_argument("--outtype", default="f16", choices=OUTTYPES, help="output format (default: f16)")
     ap.add_argument("--verbose", action="store_true", help="one line per tensor")
+    ap.add_argument("--sentence-transformers-dense-modules", action="store_true",
+                    help="include sentence-transformers' Dense modules (2_Dense, 3_Dense) of an EmbeddingGemma folder")
     a = ap.parse_args(argv)
     out = a.outfile or str(Path(a.model) / f"{Path(a.model).resolve().name}-{a.outtype}.gguf")
     try:
-        p = convert(a.model, out, a.outtype, verbose=a.verbose)
+        p = convert(a.model, out, a.outtype, verbose=a.verbose,
+                    sentence_transformers_dense_modules=a.sentence_transformers_dense_modules)
     except (ConvertError, OSError) as e:
         print(f"tinyinfer convert: error: {e}", file=sys.stderr)
         return 1
