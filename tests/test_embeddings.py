@@ -291,6 +291,31 @@ def test_pooling_and_normalize_modes(engine):
         embed(engine, [ids], pooling="rank")
 
 
+@pytest.mark.parametrize("scores_max", [1 << 23, 1000])      # whole sequences / query rows in small blocks
+def test_packed_attention_against_numpy(scores_max, monkeypatch):
+    """Bidirectional attention within each packed sequence, grouped-query heads, llama.cpp's symmetric window."""
+    from tinyinfer.models.encoder import Packed
+    monkeypatch.setattr(Packed, "SCORES_MAX", scores_max)
+    rng = np.random.default_rng(0)
+    lens, H, K, hd, window = [300, 5, 77], 4, 2, 32, 16
+    n = sum(lens)
+    q = rng.standard_normal((n, H * hd), dtype=np.float32)
+    k, v = (rng.standard_normal((n, K * hd), dtype=np.float32) for _ in range(2))
+    got = Packed(lens).attention(q, k, v, H, K, hd, 0.17, window=window)
+    want, off = [], 0
+    for L in lens:
+        o = np.zeros((L, H, hd))
+        for h in range(H):
+            kk, vv = k[off:off + L, (h // 2) * hd:(h // 2 + 1) * hd], v[off:off + L, (h // 2) * hd:(h // 2 + 1) * hd]
+            s = q[off:off + L, h * hd:(h + 1) * hd].astype(np.float64) @ kk.T * 0.17
+            s[np.abs(np.arange(L)[:, None] - np.arange(L)[None, :]) > window // 2] = -np.inf
+            p = np.exp(s - s.max(1, keepdims=True))
+            o[:, h] = (p / p.sum(1, keepdims=True)) @ vv
+        want.append(o.reshape(L, -1))
+        off += L
+    assert np.abs(got - np.concatenate(want)).max() < 1e-5
+
+
 def test_batched_pass_equals_one_at_a_time(engine):
     """Sequences of different lengths in one padded, masked pass give each sequence's own vector."""
     from tinyinfer.embedding import embed

@@ -51,6 +51,8 @@ class Packed:
     """Sequences packed row after row (how the matmuls see them) and their padded (B, T) layout (how the
     attention sees them): every sequence attends to all of its own tokens and to nothing else."""
 
+    SCORES_MAX = 1 << 23          # attention scores held at once (32 MiB of float32)
+
     def __init__(self, lens):
         self.lens = [int(n) for n in lens]
         self.B, self.T = len(self.lens), max(self.lens)
@@ -83,16 +85,23 @@ class Packed:
         qp, kp, vp = padded(q, n_head), padded(k, n_kv), padded(v, n_kv)
         if n_kv != n_head:
             kp, vp = np.repeat(kp, n_head // n_kv, axis=1), np.repeat(vp, n_head // n_kv, axis=1)
-        s = np.matmul(qp, np.ascontiguousarray(kp.transpose(0, 1, 3, 2)))
-        s *= np.float32(scale)
-        s += self.key_mask
-        if window > 0:
-            s += self._window_mask(window)
-        with np.errstate(invalid="ignore"):     # a padding row may see no key in a window: dropped below
-            s -= s.max(axis=-1, keepdims=True)
-            np.exp(s, out=s)
-            s /= s.sum(axis=-1, keepdims=True)
-        o = np.matmul(s, vp).transpose(0, 2, 1, 3)                      # (B, T, h, hd)
+        kt = np.ascontiguousarray(kp.transpose(0, 1, 3, 2))
+        o = np.empty_like(qp)
+        # query rows in blocks, so the scores of a long sequence stay small (B x heads x block x T floats)
+        step = max(1, min(T, self.SCORES_MAX // max(1, B * n_head * T)))
+        for q0 in range(0, T, step):
+            q1 = min(T, q0 + step)
+            s = np.matmul(qp[:, :, q0:q1], kt)
+            s *= np.float32(scale)
+            s += self.key_mask
+            if window > 0:
+                s += self._window_mask(window)[q0:q1]
+            with np.errstate(invalid="ignore"):     # a padding row may see no key in a window: dropped below
+                s -= s.max(axis=-1, keepdims=True)
+                np.exp(s, out=s)
+                s /= s.sum(axis=-1, keepdims=True)
+            np.matmul(s, vp, out=o[:, :, q0:q1])
+        o = o.transpose(0, 2, 1, 3)                                     # (B, T, h, hd)
         return np.ascontiguousarray(o[valid].reshape(-1, n_head * hd))
 
 
