@@ -408,8 +408,8 @@ def test_defaults_without_keys(llama_spm, smollm2):
 
 def test_errors(smollm2):
     meta, _, _ = smollm2
-    with pytest.raises(ValueError, match=r"'bert'.*'llama'.*'gpt2'"):
-        Tokenizer.from_gguf({**meta, "tokenizer.ggml.model": "bert"})
+    with pytest.raises(ValueError, match=r"'t5'.*'llama'.*'gpt2'.*'bert'"):     # bert (WordPiece): wpm.py
+        Tokenizer.from_gguf({**meta, "tokenizer.ggml.model": "t5"})
     with pytest.raises(ValueError, match="tokenizer.ggml.model"):
         Tokenizer.from_gguf({k: v for k, v in meta.items() if k != "tokenizer.ggml.model"})
     with pytest.raises(ValueError, match="merges"):

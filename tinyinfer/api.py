@@ -11,6 +11,7 @@ from typing import Iterator, List, Optional, Sequence, Union
 import numpy as np
 
 from .chat import ChatFormatter, chat_prompt_ids
+from .embedding import EmbeddingMixin
 from .engine import Engine, Step
 from .grammar import Grammar, grammar_for_response_format
 from .toolcall import ToolSet, ToolStream
@@ -21,22 +22,26 @@ from .options import GenOptions, build
 LlamaGrammar = Grammar
 
 
-class Llama:
+class Llama(EmbeddingMixin):
     def __init__(self, model_path: str, *, n_ctx: int = 512, n_batch: int = 512, n_threads: Optional[int] = None,
                  seed: int = -1, vocab_only: bool = False, logits_all: bool = False, verbose: bool = True,
                  chat_format: Optional[str] = None, split: int = 1,
                  cache_type_k: str = "f16", cache_type_v: str = "f16",
                  type_k=None, type_v=None, context_shift: bool = False, n_keep: int = 0,
                  n_gpu_layers: int = 0, use_mmap: bool = True, use_mlock: bool = False, n_ubatch: int = 512,
-                 n_threads_batch: Optional[int] = None, embedding: bool = False, flash_attn: bool = False):
+                 n_threads_batch: Optional[int] = None, embedding: bool = False, pooling_type: int = -1,
+                 flash_attn: bool = False):
         """llama-cpp-python's keywords; another name is a TypeError.
 
         cache_type_k / cache_type_v: the KV cache's types, "f16" (default), "q8_0" or "q4_0" (``type_k`` /
         ``type_v``, llama-cpp-python's names, take those names or ggml type numbers 1, 8, 2).
         context_shift: when a generation fills the context, drop the oldest tokens after ``n_keep``
-        (-1 = the whole prompt) and go on, as llama.cpp does. Accepted for llama-cpp-python's sake, with
-        no effect here (CPU only, weights always mmapped, one batch size, embeddings always available):
-        n_gpu_layers, use_mmap, use_mlock, n_ubatch, n_threads_batch, embedding, flash_attn."""
+        (-1 = the whole prompt) and go on, as llama.cpp does.
+        embedding / pooling_type: enable :meth:`embed` / :meth:`create_embedding` (tinyinfer/embedding.py);
+        pooling_type -1 takes the file's, or 0..4 / a name (none, mean, cls, last, rank).
+        Accepted for llama-cpp-python's sake, with no effect here (CPU only, weights always mmapped, one
+        batch size): n_gpu_layers, use_mmap, use_mlock, n_ubatch, n_threads_batch, flash_attn."""
+        self.embedding, self.pooling_type = embedding, pooling_type
         self.model_path = str(model_path)
         self.verbose = verbose
         self.seed = seed

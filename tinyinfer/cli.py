@@ -2,7 +2,7 @@
 
     python -m tinyinfer [-m MODEL] -p PROMPT [-n N] [--temp T] ...   generate (llama-cli)
     python -m tinyinfer -cnv [-m MODEL]                              chat with the chat template
-    python -m tinyinfer quantize|inspect|bench|perplexity|serve|fetch ...
+    python -m tinyinfer quantize|inspect|bench|perplexity|embedding|convert|serve|fetch ...
     python -m tinyinfer pull|list|rm|show NAME[:TAG]                  the model store (tinyinfer/store.py)
 
 Without -m the default model (SmolLM2-135M-Instruct, from the package index) is
@@ -20,6 +20,8 @@ TOOLS = {
     "inspect": "tinyinfer.tools.inspect",
     "bench": "tinyinfer.tools.bench",
     "perplexity": "tinyinfer.tools.perplexity",
+    "embedding": "tinyinfer.tools.embedding",
+    "convert": "tinyinfer.tools.convert",
     "serve": "tinyinfer.server",
     "fetch": "tinyinfer.fetch",
     "pull": "tinyinfer.store:main_pull",

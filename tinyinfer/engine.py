@@ -176,6 +176,8 @@ class Engine:
     # -- evaluation ----------------------------------------------------------------
     def _warmup(self) -> None:
         """Compile (or load from numba's cache) every kernel the forward pass uses."""
+        if getattr(self.model, "encoder_only", False):     # an embedding model (bert): no KV cache
+            return self.model.warmup()
         ids = np.array([self.tokenizer.bos_id if self.tokenizer.bos_id is not None else 0] * 2, np.int64)
         self.model.forward(ids, Batch.run(0, 0, 2), self.cache)
         self.model.forward(ids[:1], Batch.run(0, 0, 1), self.cache)
@@ -242,7 +244,14 @@ class Engine:
                                   n_out=n_out, embeddings=embeddings)
 
     def embed(self, ids: Sequence[int], normalize: bool = True) -> np.ndarray:
-        """Mean-pooled final hidden state of ``ids`` (evaluated in a fresh context), L2-normalized."""
+        """The pooled embedding of ``ids`` (the file's pooling; mean for a decoder), L2-normalized
+        (tinyinfer/embedding.py: the one embedding path)."""
+        from .embedding import embed
+        return embed(self, [ids], normalize_mode=2 if normalize else -1)[0]
+
+    def hidden_states(self, ids: Sequence[int]) -> np.ndarray:
+        """Final normalized hidden states (n, n_embd) of ``ids`` evaluated in a fresh context (a decoder's
+        input to pooling)."""
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
         if ids.size == 0:
             raise ContextError("nothing to embed: empty input")
@@ -257,10 +266,7 @@ class Engine:
                 self.tokens.extend(int(t) for t in chunk)
         finally:
             self.reset()   # the cache now holds an embedding pass, not a prompt to reuse
-        v = np.concatenate(rows).mean(axis=0)
-        if normalize:
-            v = v / max(float(np.linalg.norm(v)), 1e-12)
-        return v.astype(np.float32)
+        return np.concatenate(rows)
 
     def ingest_prompt(self, prompt_ids: Sequence[int], cache_prompt: Optional[bool] = None) -> np.ndarray:
         """Make the cache hold exactly ``prompt_ids`` (reusing a shared prefix unless ``cache_prompt`` is

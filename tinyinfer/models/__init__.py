@@ -18,6 +18,9 @@ ARCHITECTURES = {
     "olmoe": "olmoe:OlmoeModel",
     "granitemoe": "granitemoe:GraniteMoeModel",
     "qwen2moe": "qwen2moe:Qwen2MoeModel",
+    "bert": "bert:BertModel",
+    "nomic-bert": "nomic_bert:NomicBertModel",
+    "gemma-embedding": "gemma_embedding:GemmaEmbeddingModel",
 }
 
 

@@ -74,6 +74,13 @@ def build_parser() -> argparse.ArgumentParser:
                      help="with --ray: autoscale between MIN and MAX replicas on ongoing requests")
     ray.add_argument("--ray-address", default=None, help="with --ray: join this Ray cluster instead of starting one")
     ap.add_argument("--no-access-log", action="store_true", help="don't log every request")
+    emb = ap.add_argument_group("embeddings and reranking (tinyinfer/embedding.py)")
+    emb.add_argument("--pooling", choices=("none", "mean", "cls", "last", "rank"), default=None,
+                     help="pooling of /v1/embeddings and /api/embed (default: the model's)")
+    emb.add_argument("--embedding", "--embeddings", action="store_true",
+                     help="accepted for llama-server compatibility (embeddings are always served)")
+    emb.add_argument("--rerank", "--reranking", action="store_true",
+                     help="as llama-server: rank pooling (/v1/rerank works without it on a model with a rank head)")
     return ap
 
 
@@ -113,7 +120,8 @@ def main(argv=None) -> int:
                           chat_template=a.chat_template, host=a.host, port=a.port,
                           shutdown_timeout=a.shutdown_timeout, cors=a.cors, split=a.split,
                           cache_type_k=a.cache_type_k, cache_type_v=a.cache_type_v,
-                          context_shift=a.context_shift, n_keep=a.keep)
+                          context_shift=a.context_shift, n_keep=a.keep,
+                          pooling="rank" if a.rerank else a.pooling)
     return serve(config, log_level=a.log_level, access_log=not a.no_access_log)
 
 

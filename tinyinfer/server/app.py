@@ -262,6 +262,8 @@ def create_app(config: ServerConfig, engine_factory: Optional[Callable[[], Any]]
     from .openai_api import router as openai_router
     app.include_router(openai_router)
     app.include_router(ollama_router)
+    from .rerank_api import router as rerank_router
+    app.include_router(rerank_router)
     from .store_api import router as store_router
     app.include_router(store_router)
 

@@ -26,3 +26,4 @@ class ServerConfig:
     context_shift: bool = False      # off by default, as in llama-server
     n_keep: int = 0
     split: int = 1              # the model's layers over this many Ray actors (tinyinfer/models/split.py)
+    pooling: Optional[str] = None    # embeddings' pooling (none, mean, cls, last, rank); None: the file's

@@ -237,18 +237,18 @@ async def chat(req: OllamaChatRequest, request: Request):
     return await _run(request, state, work, req.stream, t_arrival, shape, finish)
 
 
-async def _embed(request: Request, state: ServerState, inputs: List[str]):
+async def _embed(request: Request, state: ServerState, inputs: List[str], truncate: bool = True):
     def work(engine, job):
+        from ..embedding import embed
         tok = engine.tokenizer
         t0 = time.perf_counter()
-        job.stats = {"embed_tokens": 0, "embed_s": 0.0}
-        for x in inputs:
-            ids = tok.encode(x, add_bos=tok.add_bos, special=False)
-            check_prompt(ids, engine.n_ctx + 1, tok.n_vocab)
-            vec = engine.embed(ids)
-            job.stats["embed_tokens"] += len(ids)
-            job.stats["embed_s"] = time.perf_counter() - t0
-            yield vec
+        seqs = [tok.encode(x, add_bos=tok.add_bos, special=False) for x in inputs]
+        if not truncate:
+            for ids in seqs:
+                check_prompt(ids, engine.n_ctx + 1, tok.n_vocab)
+        vecs = embed(engine, seqs, pooling=state.config.pooling, truncate=truncate)     # batched (embedding.py)
+        job.stats = {"embed_tokens": sum(min(len(s), engine.n_ctx) for s in seqs), "embed_s": time.perf_counter() - t0}
+        yield from vecs
 
     job = submit(request, state, work)
     items, gone = await run_to_end(request, job)
@@ -264,7 +264,7 @@ async def embed(req: OllamaEmbedRequest, request: Request):
     if not inputs:
         raise ApiError(400, "input is empty", param="input")
     state.precheck_text(*inputs)
-    job, items, gone = await _embed(request, state, inputs)
+    job, items, gone = await _embed(request, state, inputs, req.truncate)
     if gone:
         return gone_response()
     return {"model": req.model or state.model_name, "embeddings": [v.tolist() for v in items],

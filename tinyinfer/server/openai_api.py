@@ -166,7 +166,7 @@ def _completion_grammar(req):
     return grammar_for_response_format(req.response_format)
 
 
-@router.post("/v1/embeddings", summary="Embeddings (mean-pooled last hidden state, L2-normalized)")
+@router.post("/v1/embeddings", summary="Embeddings (pooled as the model says, L2-normalized)")
 async def embeddings(req: EmbeddingRequest, request: Request):
     state = _state(request)
     inputs: List[Any] = [req.input] if isinstance(req.input, str) else list(req.input)
@@ -177,15 +177,17 @@ async def embeddings(req: EmbeddingRequest, request: Request):
     state.precheck_text(*inputs)
 
     def work(engine, job):
+        from ..embedding import embed
         tok = engine.tokenizer
         t0 = time.perf_counter()
-        job.stats = {"embed_tokens": 0, "embed_s": 0.0}
-        for i, x in enumerate(inputs):
+        seqs = []
+        for x in inputs:
             ids = [int(t) for t in x] if isinstance(x, list) else tok.encode(x, add_bos=tok.add_bos, special=False)
             check_prompt(ids, engine.n_ctx + 1, tok.n_vocab)
-            vec = engine.embed(ids)
-            job.stats["embed_tokens"] += len(ids)
-            job.stats["embed_s"] = time.perf_counter() - t0
+            seqs.append(ids)
+        vecs = embed(engine, seqs, pooling=state.config.pooling)    # all inputs batched (tinyinfer/embedding.py)
+        job.stats = {"embed_tokens": sum(map(len, seqs)), "embed_s": time.perf_counter() - t0}
+        for i, (vec, ids) in enumerate(zip(vecs, seqs)):
             yield i, vec, len(ids)
 
     job = submit(request, state, work)

@@ -43,7 +43,7 @@ import numpy as np
 
 from .merge import merge_symbols
 
-SUPPORTED_MODELS = ("llama", "gpt2")
+SUPPORTED_MODELS = ("llama", "gpt2", "bert")
 
 # GGUF tokenizer.ggml.token_type values (llama_token_type)
 TYPE_UNDEFINED, TYPE_NORMAL, TYPE_UNKNOWN, TYPE_CONTROL, TYPE_USER_DEFINED, TYPE_UNUSED, TYPE_BYTE = range(7)

@@ -1,0 +1,102 @@
+"""Short sentences per second through /v1/embeddings: ``tinyinfer serve`` vs ``llama-server --embedding``.
+
+    python benchmarks/bench_embedding_server.py -m MODEL.gguf --llama-server PATH/llama-server [-t 1] [-r 3]
+
+Both servers run on loopback with the same file and threads; after a warm-up request, two loads:
+``batch``: requests of 32 sentences each, one after the other; ``single``: one sentence per request from
+4 concurrent clients. Rounds alternate the servers; median [min..max] sentences per second.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_embedding import sentences  # noqa: E402
+
+
+def _port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    p = s.getsockname()[1]
+    s.close()
+    return p
+
+
+def start(cmd, port):
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "NUMBA_NUM_THREADS": os.environ.get("NUMBA_NUM_THREADS", "2")})
+    base = f"http://127.0.0.1:{port}"
+    for _ in range(600):
+        try:
+            if httpx.get(base + "/health", timeout=2).status_code == 200:
+                return proc, base
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError(f"{cmd[0]} did not start")
+
+
+def load(base, lines, mode) -> float:
+    with httpx.Client(timeout=600) as c:
+        c.post(base + "/v1/embeddings", json={"input": lines[:4]}).raise_for_status()
+        t0 = time.perf_counter()
+        if mode == "batch":
+            for i in range(0, len(lines), 32):
+                c.post(base + "/v1/embeddings", json={"input": lines[i:i + 32]}).raise_for_status()
+        else:
+            with cf.ThreadPoolExecutor(4) as ex:
+                list(ex.map(lambda s: httpx.post(base + "/v1/embeddings", json={"input": s}, timeout=600)
+                            .raise_for_status(), lines))
+        return len(lines) / (time.perf_counter() - t0)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("-m", "--model", required=True)
+    ap.add_argument("--llama-server", required=True)
+    ap.add_argument("-n", type=int, default=256)
+    ap.add_argument("-t", "--threads", type=int, default=1)
+    ap.add_argument("-r", "--repeats", type=int, default=3)
+    a = ap.parse_args(argv)
+    lines = sentences(a.n)
+    servers = {
+        "tinyinfer": lambda p: [sys.executable, "-m", "tinyinfer", "serve", "-m", a.model, "--port", str(p),
+                                "-t", str(a.threads), "-c", "512", "--no-access-log", "--log-level", "warning"],
+        "llama.cpp": lambda p: [a.llama_server, "-m", a.model, "--port", str(p), "-t", str(a.threads), "--embedding",
+                                "-c", "2048", "--no-repack", "-np", "4"],
+    }
+    rates = {(k, m): [] for k in servers for m in ("batch", "single")}
+    for _ in range(a.repeats):
+        for k, cmd in servers.items():
+            port = _port()
+            proc, base = start(cmd(port), port)
+            try:
+                for m in ("batch", "single"):
+                    rates[(k, m)].append(load(base, lines, m))
+            finally:
+                proc.terminate()
+                proc.wait(timeout=30)
+    print(f"| server | load | sentences/s ({a.n} short sentences, {a.threads} thread(s)) [min..max] |")
+    print("| --- | --- | --- |")
+    for (k, m), v in rates.items():
+        print(f"| {k} | {m} | {statistics.median(v):.1f} [{min(v):.1f}..{max(v):.1f}] |")
+    for m in ("batch", "single"):
+        r = statistics.median(rates[("tinyinfer", m)]) / statistics.median(rates[("llama.cpp", m)])
+        print(f"{m}: tinyinfer / llama.cpp = {r:.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,185 @@
+"""Embeddings and reranking: the one path the library, the server and the CLI tool share.
+
+    vectors = embed(engine, [ids, ids, ...], pooling=None, normalize=2)
+    scores  = rerank(engine, query, documents)
+
+An encoder model (``model.encoder_only``: bert) runs all sequences of a micro-batch in one padded,
+masked forward (up to ``engine.n_batch`` tokens per pass, as llama.cpp's ``--ubatch-size``); a decoder
+(llama, qwen2, gemma3, ...) evaluates each sequence through its KV cache as before
+(:meth:`~tinyinfer.engine.Engine.hidden_states`). Then, as llama.cpp:
+
+* pooling (``<arch>.pooling_type`` of the file, or an override): ``none`` (every token's vector),
+  ``mean``, ``cls`` (first token), ``last``, ``rank`` (the model's classification head on the first
+  token: one score per class);
+* ``normalize`` (``--embd-normalize``): -1 none, 0 max-absolute scaled to int16 range, 1 taxicab,
+  2 euclidean (the default), p > 2 p-norm.
+
+A decoder file without a pooling type pools by mean and normalizes, as tinyinfer always did.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import numpy as np
+
+POOLING_TYPES = ("none", "mean", "cls", "last", "rank")
+
+
+class EmbeddingError(ValueError):
+    """The request cannot be served by this model (no rank head, unknown pooling, empty input)."""
+
+
+def pooling_name(p) -> Optional[str]:
+    """A pooling name from a name, llama.cpp's number (0..4) or None / -1 / "unspecified" (the file's)."""
+    if p is None or p == -1 or p == "unspecified":
+        return None
+    if isinstance(p, (int, np.integer)) and not isinstance(p, bool):
+        if 0 <= int(p) < len(POOLING_TYPES):
+            return POOLING_TYPES[int(p)]
+    elif isinstance(p, str) and p.lower() in POOLING_TYPES:
+        return p.lower()
+    raise EmbeddingError(f"pooling {p!r} is not one of {', '.join(POOLING_TYPES)}")
+
+
+def model_pooling(engine) -> str:
+    """The pooling the loaded file asks for (``<arch>.pooling_type``); mean for a decoder without one."""
+    p = getattr(engine.model, "pooling_type", None)
+    if p is not None:
+        return p
+    v = engine.gguf.metadata.get(f"{engine.gguf.architecture}.pooling_type")
+    if v is not None and 0 <= int(v) < len(POOLING_TYPES):
+        return POOLING_TYPES[int(v)]
+    return "mean"
+
+
+def normalize(v: np.ndarray, mode: float = 2) -> np.ndarray:
+    """llama.cpp's common_embd_normalize on the last axis."""
+    v = np.asarray(v, np.float32)
+    if mode < 0:
+        return v
+    a = np.abs(v.astype(np.float64))
+    if mode == 0:
+        s = a.max(axis=-1, keepdims=True) / 32760.0
+    elif mode == 2:
+        s = np.sqrt((a * a).sum(axis=-1, keepdims=True))
+    else:
+        s = (a ** mode).sum(axis=-1, keepdims=True) ** (1.0 / mode)
+    with np.errstate(divide="ignore"):
+        norm = np.where(s > 0, 1.0 / s, 0.0)
+    return (v * norm).astype(np.float32)
+
+
+def _pool(h: np.ndarray, pooling: str) -> np.ndarray:
+    if pooling == "none":
+        return h
+    if pooling == "mean":
+        return h.mean(axis=0)
+    if pooling in ("cls", "rank"):
+        return h[0]
+    return h[-1]      # last
+
+
+def embed(engine, seqs: Sequence[Sequence[int]], pooling=None, normalize_mode: float = 2,
+          truncate: bool = False) -> list:
+    """Pooled, normalized embeddings of token sequences: a (n_embd,) vector each ((len, n_embd) with
+    pooling ``none``; (n_cls_out,) scores with ``rank``, not normalized unless asked)."""
+    pooling = pooling_name(pooling) or model_pooling(engine)
+    model = engine.model
+    limit = engine.n_ctx
+    encoder = getattr(model, "encoder_only", False)
+    if encoder:
+        limit = min(limit, model.n_ctx_train)
+    seqs = [np.asarray(s, np.int64).reshape(-1) for s in seqs]
+    for i, s in enumerate(seqs):
+        if s.size == 0:
+            raise EmbeddingError("nothing to embed: empty input" + (f" (input {i})" if len(seqs) > 1 else ""))
+        if s.size > limit:
+            if not truncate:
+                raise EmbeddingError(f"input {i} has {s.size} tokens, more than the context of {limit}")
+            seqs[i] = s[:limit]
+    if pooling == "rank" and not (encoder and model.has_rank_head):
+        raise EmbeddingError("this model has no classification head (rank pooling): it cannot rerank")
+    if encoder:
+        hidden = [None] * len(seqs)
+        order = sorted(range(len(seqs)), key=lambda i: seqs[i].size)     # similar lengths pad little
+        batch, n_tok = [], 0
+        for i in order + [None]:
+            if i is None or (batch and n_tok + seqs[i].size > max(engine.n_batch, seqs[i].size)):
+                for j, h in zip(batch, model.encode([seqs[j] for j in batch])):
+                    hidden[j] = h
+                batch, n_tok = [], 0
+            if i is not None:
+                batch.append(i)
+                n_tok += seqs[i].size
+    else:
+        hidden = [engine.hidden_states(s) for s in seqs]
+    out = [_pool(h, pooling) for h in hidden]
+    if pooling == "rank":
+        scores = model.rank(np.stack(out))
+        return [normalize(r, normalize_mode) if normalize_mode >= 0 else r for r in scores]
+    if encoder:                       # sentence-transformers' Dense modules (dense_2 / dense_3), after pooling
+        out = [model.dense_out(v) for v in out]
+    return [normalize(v, normalize_mode) for v in out]
+
+
+def rerank_prompt(tok, query: str, document: str) -> list:
+    """llama-server's rerank input: [BOS] query [EOS] [SEP] document [EOS] (each where the vocabulary
+    adds it; EOS falls back to SEP)."""
+    q = tok.encode(query, add_bos=False, add_eos=False)
+    d = tok.encode(document, add_bos=False, add_eos=False)
+    eos = tok.eos_id if tok.eos_id is not None else tok.sep_id
+    out = []
+    if tok.add_bos:
+        out.append(tok.bos_id)
+    out += q
+    if tok.add_eos and eos is not None:
+        out.append(eos)
+    if getattr(tok, "add_sep", False) and tok.sep_id is not None:
+        out.append(tok.sep_id)
+    out += d
+    if tok.add_eos and eos is not None:
+        out.append(eos)
+    return out
+
+
+def rerank(engine, query: str, documents: Sequence[str]) -> tuple:
+    """Relevance scores of ``documents`` for ``query`` (the first output of the rank head, as
+    llama-server) and the number of tokens evaluated."""
+    if not getattr(engine.model, "has_rank_head", False):
+        raise EmbeddingError("this model has no classification head (cls / cls.output tensors, rank pooling): "
+                             "it cannot rerank")
+    seqs = [rerank_prompt(engine.tokenizer, query, d) for d in documents]
+    scores = embed(engine, seqs, pooling="rank", normalize_mode=-1, truncate=True)
+    return [float(s[0]) for s in scores], sum(len(s) for s in seqs)
+
+
+class EmbeddingMixin:
+    """llama-cpp-python's ``Llama.embed`` / ``create_embedding`` on top of :func:`embed` (mixed into
+    :class:`tinyinfer.api.Llama`, which sets ``_engine``, ``model_path``, ``embedding`` and ``pooling_type``)."""
+
+    def embed(self, input, normalize: bool = False, truncate: bool = True, return_count: bool = False):
+        """Embeddings of a string (one vector) or a list of strings (a list of vectors), as
+        llama-cpp-python: not normalized unless ``normalize`` (then L2), ``truncate`` to the context,
+        with pooling ``none`` a list of per-token vectors per input."""
+        if not getattr(self, "embedding", False):
+            raise RuntimeError("Llama model must be created with embedding=True to call this method")
+        tok = self._engine.tokenizer
+        inputs = [input] if isinstance(input, str) else list(input)
+        seqs = [tok.encode(x, add_bos=tok.add_bos, special=False) for x in inputs]
+        vecs = embed(self._engine, seqs, pooling=getattr(self, "pooling_type", None),
+                     normalize_mode=2 if normalize else -1, truncate=truncate)
+        data = [v.tolist() for v in vecs]
+        out = data[0] if isinstance(input, str) else data
+        if return_count:
+            return out, sum(min(len(s), self._engine.n_ctx) for s in seqs)
+        return out
+
+    def create_embedding(self, input, model: Optional[str] = None) -> dict:
+        """The OpenAI response shape (llama-cpp-python: vectors not normalized)."""
+        inputs = [input] if isinstance(input, str) else list(input)
+        data, n = self.embed(inputs, return_count=True)
+        return {"object": "list", "data": [{"object": "embedding", "embedding": e, "index": i}
+                                           for i, e in enumerate(data)],
+                "model": model if model is not None else self.model_path,
+                "usage": {"prompt_tokens": n, "total_tokens": n}}
