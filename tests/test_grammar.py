@@ -196,6 +196,70 @@ def test_library_json_object_closed_within_max_tokens(llm):
     assert n_cut > 0          # such short budgets do cut some replies
 
 
+# schemas whose replies are cut short by small budgets (issue: a cut reply once got a '"":null' member)
+BUDGET_SCHEMAS = [
+    {"type": "object", "properties": {k: {"type": "string"} for k in "abc"}, "additionalProperties": False},
+    {"type": "object", "properties": {
+        "city": {"type": "string"},
+        "geo": {"type": "object", "properties": {"lat": {"type": "number"}, "lon": {"type": "number"}},
+                "required": ["lat", "lon"], "additionalProperties": False}},
+     "required": ["city", "geo"], "additionalProperties": False},
+    {"type": "object", "properties": {
+        "pets": {"type": "array", "minItems": 1, "items": {
+            "type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
+            "required": ["name", "age"], "additionalProperties": False}},
+        "owner": {"type": "string"}},
+     "required": ["pets"], "additionalProperties": False},
+]
+
+
+def relaxed(schema):
+    """``schema`` without what a budget may not allow (required members, minimum counts): what a reply
+    closed early must still satisfy, so it holds no forbidden key and no wrongly typed value."""
+    if isinstance(schema, dict):
+        return {k: relaxed(v) for k, v in schema.items() if k not in ("required", "minItems")}
+    return [relaxed(v) for v in schema] if isinstance(schema, list) else schema
+
+
+def test_json_budget_closed_by_the_grammar(llm):
+    """Replies cut by max_tokens 8..48 are closed by the schema's grammar: they always parse, never hold a
+    key the schema forbids, and hold every required member whenever the budget can fit the schema's
+    shortest document (``GrammarMatcher.closing`` from the start)."""
+    jsonschema = pytest.importorskip("jsonschema")
+    tok = llm._engine.tokenizer
+    n_full = n_cut = 0
+    for i, schema in enumerate(BUDGET_SCHEMAS):
+        need = len(Grammar.from_json_schema(schema).matcher(tok).closing(512))
+        for k, budget in enumerate((8, 12, 16, 20, 24, 28, 32, 40, 48)):
+            rf = {"type": "json_schema", "json_schema": {"name": "r", "schema": schema}}
+            r = llm.create_chat_completion([{"role": "user", "content": "Reply in JSON."}], response_format=rf,
+                                           max_tokens=budget, temperature=0.9, seed=10 * i + k)
+            c = r["choices"][0]
+            text = c["message"]["content"]
+            value = json.loads(text)
+            jsonschema.validate(value, relaxed(schema))
+            assert '""' not in text.replace('""}', "").replace('""]', "").replace('"",', ""), text  # no empty key
+            assert r["usage"]["completion_tokens"] <= budget
+            if budget >= need + 2:
+                jsonschema.validate(value, schema)
+                n_full += 1
+            n_cut += bool(c.get("truncated"))
+    assert n_full >= 15 and n_cut >= 5
+
+
+def test_grammar_closing_writes_required_members_only(llm):
+    tok = llm._engine.tokenizer
+    schema = BUDGET_SCHEMAS[1]
+    m = Grammar.from_json_schema(schema).matcher(tok)
+    for t in tok.encode('{"city": "Par', add_bos=False, special=False):
+        assert m.accept(t)
+    end = tok.decode(m.closing(64))
+    value = json.loads('{"city": "Par' + end)
+    assert value["city"] == "Par" and set(value["geo"]) == {"lat", "lon"}, end
+    assert m.closing(3) is None                              # too few tokens for the required members
+    assert tok.decode(Grammar.json_object().matcher(tok).closing(8)) == "{}"
+
+
 def test_grammar_argument_checked(llm):
     with pytest.raises(TypeError):
         llm("x", grammar='root ::= "a"', max_tokens=2)

@@ -377,8 +377,7 @@ class Engine:
     def _generate(self, prompt_ids, o: GenOptions):
         max_tokens, grammar = o.max_tokens, o.grammar
         matcher = grammar.matcher(self.tokenizer, self.n_vocab) if grammar is not None else None
-        closer = _JsonBudget(self.tokenizer) if grammar is not None and grammar.is_json and max_tokens > 0 \
-            else None
+        closer = _JsonBudget(matcher) if matcher is not None and grammar.is_json and max_tokens > 0 else None
         logits = self.ingest_prompt(prompt_ids, o.cache_prompt)
         sampler = Sampler(o.sampler, self.n_vocab, grammar=matcher)
         for t in prompt_ids:          # the penalties look at the prompt too, as in llama.cpp
@@ -401,7 +400,7 @@ class Engine:
             else:
                 tok = sampler.sample(logits)
                 if closer is not None and not closer.fits(tok, max_tokens - n - 1):
-                    forced = closer.close()
+                    forced = closer.close(max_tokens - n)
                     truncated = bool(forced)
                     tok = forced.pop(0) if forced else tok
             if closer is not None:
@@ -450,38 +449,58 @@ def _load(gguf, split: int, n_threads: Optional[int]) -> "Model":
     from .models import load_model
     return load_model(gguf)
 class _JsonBudget:
-    """Keeps a JSON reply closable within the tokens left (see Engine.generate).
+    """Keeps a JSON reply closable within the tokens left (see Engine.generate), by its grammar.
 
-    After each sampled token it asks: could the text still be closed (``json_closer``) in the
-    tokens left after this one? If not, the token is dropped and the closing text's tokens are
-    emitted instead. Only checked near the end of the budget (the closing text is short)."""
+    Near the end of the budget, before a sampled token is taken, it asks the grammar for an accepted
+    end after that token within the tokens left (``GrammarMatcher.closing``). If there is none, the
+    token is dropped and the grammar's own end from here is emitted instead: the reply parses, holds
+    the schema's required members and never a key the schema forbids. Where the budget is too small
+    for any document the schema accepts, the reply is still closed as JSON (``json_closer``) but
+    never with an invented key or value: a token that would need one is dropped. The check starts
+    ``HORIZON`` tokens plus the length of the last end found before the budget's end, so a schema
+    whose shortest document is long is watched early enough."""
 
-    HORIZON = 24
+    HORIZON = 16
+    RESERVE = 4
 
-    def __init__(self, tokenizer):
-        self.tok = tokenizer
+    def __init__(self, matcher):
+        self.m = matcher
+        self.tok = matcher.tokenizer
         self.text = b""
-        self._ids: dict = {}       # closing text -> its tokens (the same few tails recur)
+        first = matcher.closing(512)        # the shortest whole document: how early to start watching
+        self.need = len(first) if first is not None else 0
 
-    def _cost(self, text: bytes):
+    def _plain(self, text: bytes, left: int, invent: bool = False):
+        """Tokens of the syntactic end of ``text`` if they fit in ``left``, else None."""
         from .grammar import json_closer
-        tail = json_closer(text.decode("utf-8", "ignore"))
+        tail = json_closer(text.decode("utf-8", "ignore"), invent=invent)
         if tail is None:
-            return None, []
-        ids = self._ids.get(tail)
-        if ids is None:
-            ids = self._ids[tail] = self.tok.encode(tail, add_bos=False, special=False) if tail else []
-        return len(ids), ids
+            return None
+        ids = self.tok.encode(tail, add_bos=False, special=False) if tail else []
+        return ids if len(ids) <= left else None
 
     def fits(self, tok: int, left: int) -> bool:
-        if left > self.HORIZON or self.tok.is_eog(tok):
+        if left > self.HORIZON + self.need or self.tok.is_eog(tok):
             return True
-        cost, _ = self._cost(self.text + self.tok.token_to_bytes(tok))
-        return cost is None or cost <= left
+        from .grammar import json_closer
+        text = self.text + self.tok.token_to_bytes(tok)
+        ids = self.m.closing(left, after=tok)
+        if ids is not None:
+            self.need = len(ids)
+            # a token that opens a member (a key, a comma) needs RESERVE tokens more than the grammar's end,
+            # so the member is the model's and not a placeholder written by the end
+            return json_closer(text.decode("utf-8", "ignore"), invent=False) is not None \
+                or len(ids) + self.RESERVE <= left
+        return self._plain(text, left) is not None
 
-    def close(self) -> list:
-        _, ids = self._cost(self.text)
-        return list(ids)
+    def close(self, left: int) -> list:
+        """The grammar's end from here in at most ``left`` tokens, else the syntactic one."""
+        ids = self.m.closing(left)
+        if ids is None:
+            ids = self._plain(self.text, left)
+        if ids is None:
+            ids = self._plain(self.text, left, invent=True)
+        return ids or []
 
     def feed(self, tok: int) -> None:
         self.text += self.tok.token_to_bytes(tok)

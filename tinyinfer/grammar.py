@@ -369,12 +369,14 @@ class GrammarMatcher:
 
     def __init__(self, grammar: Grammar, tokenizer, n_vocab: Optional[int] = None):
         self.grammar = grammar
+        self.tokenizer = tokenizer
         self.n_vocab = int(n_vocab or tokenizer.n_vocab)
         self._m = _llg().LLMatcher(ll_tokenizer(tokenizer, self.n_vocab), grammar.spec, log_level=0)
         if self._m.is_error():
             raise GrammarError(f"invalid {_KIND_NAMES.get(grammar.kind, grammar.kind)}: "
                                f"{_one_line(self._m.get_error())}")
         self.dead = False
+        self.text = b""        # what the accepted tokens spell (the JSON closer reads it)
 
     def mask(self) -> Optional[np.ndarray]:
         """Allowed next tokens as a bool array (None once the constraint has ended)."""
@@ -400,6 +402,7 @@ class GrammarMatcher:
         if not self._m.consume_token(int(token)):
             self.dead = True
             return False
+        self.text += self.tokenizer.token_to_bytes(int(token))
         return True
 
     def is_accepting(self) -> bool:
@@ -408,19 +411,99 @@ class GrammarMatcher:
     def is_stopped(self) -> bool:
         return not self.dead and self._m.is_stopped()
 
+    def closing(self, limit: int, after: Optional[int] = None) -> Optional[list]:
+        """Tokens that take the output from here (or from here plus the token ``after``) to an end the
+        grammar accepts, in at most ``limit`` tokens; None when none is found within ``limit`` (or the
+        constraint has ended, or ``after`` is not allowed). The state itself is not changed.
+
+        Greedy and short, never hand-written: at each step the tokens the grammar forces
+        (``compute_ff_tokens``: a required member's key, a separator), else (JSON grammars) the first
+        token of the syntactic end (``json_closer``) if the grammar allows it, else the first allowed of
+        a few closing pieces (``"}``, ``}``, ``]``, ``"``, ``,``, ``0``, ``null`` ...), else the shortest
+        allowed token that is not whitespace. So a schema's required members are written, a forbidden
+        key never is, and a JSON reply cut short by its budget still parses (engine's JSON budget)."""
+        if self.dead:
+            return None
+        m = self._m.deep_copy()
+        text = self.text
+        if after is not None:
+            if not m.consume_token(int(after)):
+                return None
+            text += self.tokenizer.token_to_bytes(int(after))
+        pieces = _closing_tables(self.tokenizer, self.n_vocab, "pieces")
+        out: list = []
+        while len(out) <= limit:
+            if m.is_accepting():
+                return out
+            if m.is_stopped() or m.is_error():
+                return None
+            ff = m.compute_ff_tokens()
+            if not ff and self.grammar.is_json:      # the syntactic end's first token, or its first characters'
+                tail = json_closer(text.decode("utf-8", "ignore")) or ""
+                for k in range(len(tail), 0, -1) if len(tail) <= 4 else (len(tail), 3, 2, 1):
+                    first = self.tokenizer.encode(tail[:k], add_bos=False, special=False)[:1]
+                    if first and m.validate_tokens(first) == 1:
+                        ff = first
+                        break
+            if not ff:
+                ff = [next((t for t in pieces if m.validate_tokens([t]) == 1), -1)]
+                if ff[0] < 0:      # none of the pieces: the shortest allowed token (whitespace excluded)
+                    bits = np.frombuffer(m.compute_bitmask(), dtype=np.uint8)
+                    allowed = np.unpackbits(bits, count=self.n_vocab, bitorder="little").view(bool)
+                    if not allowed.any():
+                        return None
+                    lengths = _closing_tables(self.tokenizer, self.n_vocab, "lengths")
+                    ff = [int(np.argmin(np.where(allowed, lengths, np.iinfo(np.int32).max)))]
+            for t in ff:
+                if len(out) == limit or not m.consume_token(int(t)):
+                    return None
+                out.append(int(t))
+                text += self.tokenizer.token_to_bytes(int(t))
+        return None
+
 
 # -- JSON that parses within the budget ------------------------------------------------------------
+
+# short texts that close or complete a JSON value, in the order the closer tries them
+_CLOSING_PIECES = ('"}}', '"}]}', '"}]', '"]}', '"}', '"]', '"', '}}]}', '}]}', '}]', ']}', '}}', '}', ']', ',',
+                   '0', '""', 'null', 'false', '[]', '{}', '[', '{')
+_CLOSE_TABLES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _closing_tables(tokenizer, n_vocab: int, what: str):
+    """Built once per tokenizer: ``"pieces"``, the ids of the closing pieces that are one token in this
+    vocabulary; ``"lengths"``, each token's byte length, whitespace-only, special and end tokens made
+    too long to pick (~0.2 s for 150k tokens, so only when a closer first needs it)."""
+    with _LLTOK_LOCK:
+        per = _CLOSE_TABLES.setdefault(tokenizer, {})
+        t = per.get((n_vocab, what))
+        if t is None and what == "pieces":
+            t = []
+            for p in _CLOSING_PIECES:
+                enc = tokenizer.encode(p, add_bos=False, special=False)
+                if len(enc) == 1 and enc[0] not in t:
+                    t.append(enc[0])
+        elif t is None:
+            special = set(tokenizer.special_ids) | set(tokenizer.eog_ids)
+            t = np.full(n_vocab, np.iinfo(np.int32).max, np.int64)
+            for i in range(min(n_vocab, tokenizer.n_vocab)):
+                b = tokenizer.token_to_bytes(i)
+                if i not in special and b.strip():
+                    t[i] = len(b)
+        per[(n_vocab, what)] = t
+        return t
 
 _LITERALS = ("true", "false", "null")
 
 
-def json_closer(text: str) -> Optional[str]:
+def json_closer(text: str, invent: bool = True) -> Optional[str]:
     """The shortest text that, appended to the JSON prefix ``text``, makes it parse
     ("" when it already does); None when ``text`` is not a JSON prefix.
 
     Open strings are closed, a dangling key gets ``:null``, a dangling comma a placeholder
     (``"":null`` in an object, ``null`` in an array), partial numbers and literals are
-    completed, then every open array and object is closed."""
+    completed, then every open array and object is closed. With ``invent`` False, a prefix that
+    would need a placeholder, a ``null`` value or the end of a key gives None instead."""
     stack = []        # per open container: [kind "{" or "[", expect]  expect: key colon value next
     top_done = False
     i, n = 0, len(text)
@@ -523,6 +606,9 @@ def json_closer(text: str) -> Optional[str]:
                 return None
         else:
             return None
+    if not invent and ((lex == "str" and is_key) or any(
+            e in ("key,", "colon", "value,") or (e == "value" and k == "{") for k, e in stack)):
+        return None
     out = ""
     if lex == "str":
         out += ["", "n", "0", "00", "000", "0000"][esc] + '"'
