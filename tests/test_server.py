@@ -553,11 +553,11 @@ def test_streams_are_sse_and_ndjson(server):
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "max_tokens": -5}, 400,
      "max_tokens"),
     ("/v1/embeddings", {}, 400, "input"),
-    ("/api/generate", {"prompt": "hi", "options": {"num_predict": "many"}}, 400, "options.num_predict"),
-    ("/api/generate", {"prompt": "hi", "options": {"num_predict": -7}}, 400, "num_predict"),
-    ("/api/generate", {"prompt": "hi", "format": "yaml"}, 400, "format"),
-    ("/api/generate", {"prompt": "hi", "images": ["aGk="]}, 400, "images"),
-    ("/api/chat", {"messages": [{"role": "user"}], "options": {"temperature": -1}}, 400, "temperature"),
+    ("/api/generate", {"model": ALIAS, "prompt": "hi", "options": {"num_predict": "many"}}, 400, "options.num_predict"),
+    ("/api/generate", {"model": ALIAS, "prompt": "hi", "options": {"num_predict": -7}}, 400, "num_predict"),
+    ("/api/generate", {"model": ALIAS, "prompt": "hi", "format": "yaml"}, 400, "format"),
+    ("/api/generate", {"model": ALIAS, "prompt": "hi", "images": ["aGk="]}, 400, "images"),
+    ("/api/chat", {"model": ALIAS, "messages": [{"role": "user"}], "options": {"temperature": -1}}, 400, "temperature"),
 ])
 def test_bad_requests_name_the_field(server, path, body, status, needle):
     r = server.post(path, body)
@@ -620,7 +620,7 @@ def test_prompt_too_long_is_400(server):
     assert r.status_code == 400
     err = r.json()["error"]
     assert err["code"] == "context_length_exceeded" and str(N_CTX) in err["message"]
-    r = server.post("/api/generate", {"prompt": "word " * 700, "stream": True})     # before any byte of a stream
+    r = server.post("/api/generate", {"model": ALIAS, "prompt": "word " * 700, "stream": True})     # before any byte of a stream
     assert r.status_code == 400 and "context" in r.json()["error"]
 
 
@@ -632,7 +632,7 @@ def test_api_key(server):
         assert r.status_code == 401, path
     r = httpx.post(server.url + "/v1/completions", json={"prompt": "x"}, timeout=10)
     assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
-    r = httpx.post(server.url + "/api/generate", json={"prompt": "x"}, timeout=10)
+    r = httpx.post(server.url + "/api/generate", json={"model": ALIAS, "prompt": "x"}, timeout=10)
     assert r.status_code == 401 and isinstance(r.json()["error"], str)
     assert httpx.get(server.url + "/health", timeout=10).status_code == 200
 
@@ -659,7 +659,7 @@ def test_disconnect_mid_stream_frees_the_slot(server):
 
 
 def test_disconnect_while_waiting_non_streaming(server):
-    s = _raw(server, "/api/generate", {"prompt": "Once upon a time", "raw": True, "stream": False,
+    s = _raw(server, "/api/generate", {"model": ALIAS, "prompt": "Once upon a time", "raw": True, "stream": False,
                                        "options": {"num_predict": 400}})
     server.wait_until(lambda h: h["slots_processing"] == 1, 30, "the request to start")
     s.close()
@@ -680,7 +680,7 @@ def test_queue_full_is_503_with_retry_after(server):
         assert r.status_code == 503
         assert int(r.headers["Retry-After"]) >= 1
         assert "busy" in r.json()["error"]["message"]
-        r = server.post("/api/generate", {"prompt": "hi"})
+        r = server.post("/api/generate", {"model": ALIAS, "prompt": "hi"})
         assert r.status_code == 503 and "busy" in r.json()["error"] and "Retry-After" in r.headers
         m = server.metrics()
         assert m[("llamacpp:requests_deferred", ())] == MAX_QUEUE
@@ -733,7 +733,7 @@ def _completion(client, url, prompt, k, stream):
 
 
 def _ollama_generate(client, url, prompt, k):
-    body = {"prompt": prompt, "raw": True, "options": {"num_predict": k, "temperature": 0, "repeat_penalty": 1.0}}
+    body = {"model": ALIAS, "prompt": prompt, "raw": True, "options": {"num_predict": k, "temperature": 0, "repeat_penalty": 1.0}}
     text, final = [], None
     with client.stream("POST", url + "/api/generate", json=body) as r:
         assert r.status_code == 200
@@ -825,7 +825,7 @@ def test_sigterm_finishes_in_flight_and_tells_the_waiting(server):
     running = _raw(server, "/v1/completions", {"prompt": "One, two, three,", "max_tokens": 200, "stream": True,
                                                **GREEDY})
     server.wait_until(lambda h: h["slots_processing"] == 1, 30, "a running request")
-    waiting = _raw(server, "/api/generate", {"prompt": "hi", "stream": False})
+    waiting = _raw(server, "/api/generate", {"model": ALIAS, "prompt": "hi", "stream": False})
     server.wait_until(lambda h: h["requests_deferred"] == 1, 30, "a waiting request")
     server.proc.send_signal(signal.SIGTERM)
     first = _read_all(running).decode()

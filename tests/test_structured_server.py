@@ -105,7 +105,7 @@ def test_grammar_on_completions_endpoint(server):
 def test_bad_grammar_or_schema_is_400(server, path, body, param):
     base = {"messages": [{"role": "user", "content": "hi"}]} if "chat" in path or path == "/api/chat" \
         else {"prompt": "hi"}
-    r = server.post(path, {**base, **body, "stream": False})
+    r = server.post(path, {**base, **body, "model": ALIAS, "stream": False})
     assert r.status_code == 400, r.text
     err = r.json()["error"]
     msg = err["message"] if isinstance(err, dict) else err

@@ -263,9 +263,24 @@ class GenStats:
     truncated: bool = False       # a JSON reply was closed early to fit max_tokens
     token_ids: List[int] = field(default_factory=list)   # the tokens sampled
 
-    def usage(self) -> dict:
-        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
-                "total_tokens": self.prompt_tokens + self.completion_tokens}
+    def usage(self, details: bool = False) -> dict:
+        """llama-cpp-python's usage; ``details``: with OpenAI's ``prompt_tokens_details.cached_tokens``
+        (prompt tokens reused from the KV cache)."""
+        u = {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+             "total_tokens": self.prompt_tokens + self.completion_tokens}
+        if details:
+            u["prompt_tokens_details"] = {"cached_tokens": max(0, self.prompt_tokens - self.prompt_evaluated)}
+        return u
+
+    def timings(self) -> dict:
+        """llama-server's ``timings`` object."""
+        pn, pms = self.prompt_evaluated, self.prompt_s * 1000.0
+        gn, gms = self.completion_tokens, self.gen_s * 1000.0
+        return {"cache_n": max(0, self.prompt_tokens - self.prompt_evaluated),
+                "prompt_n": pn, "prompt_ms": pms, "prompt_per_token_ms": pms / pn if pn else 0.0,
+                "prompt_per_second": pn * 1000.0 / pms if pms > 0 else 0.0,
+                "predicted_n": gn, "predicted_ms": gms, "predicted_per_token_ms": gms / gn if gn else 0.0,
+                "predicted_per_second": gn * 1000.0 / gms if gms > 0 else 0.0}
 
 
 def completion_chunks(engine: Engine, prompt_ids: List[int], options, *, model: str = "",

@@ -114,8 +114,9 @@ DEFAULTS = {
     "llama.cpp": {},
     "llama_cpp": {"max_tokens": 16},
     "llama_cpp_chat": {"temperature": 0.2},
-    "openai": {"max_tokens": 16, "repeat_penalty": 1.1, "cache_prompt": True},
-    "openai_chat": {"repeat_penalty": 1.1, "cache_prompt": True},
+    # llama-server's: no repeat penalty, no token limit (until an end token, a stop or the context's end)
+    "openai": {"cache_prompt": True},
+    "openai_chat": {"cache_prompt": True},
     "ollama": {"top_p": 0.9, "min_p": 0.0, "repeat_penalty": 1.1},
 }
 

@@ -44,6 +44,19 @@ def _uses_tools(template_source: str) -> bool:
     return "tools" in (template_source or "")
 
 
+def template_caps(template_source: str) -> dict:
+    """What a chat template renders, in llama-server's ``chat_template_caps`` names (read from its source:
+    the variables and markers it uses), plus ``supports_thinking``."""
+    src = template_source or ""
+    calls = tool_family(src) != "generic" or "tool_calls" in src
+    return {"supports_tools": _uses_tools(src) and calls, "supports_tool_calls": calls,
+            "supports_tool_responses": "'tool'" in src or '"tool"' in src or "ipython" in src,
+            "supports_system_role": "system" in src,
+            "supports_parallel_tool_calls": calls and "for tool_call in" in src,
+            "supports_tool_call_id": "tool_call_id" in src,
+            "supports_thinking": "enable_thinking" in src or "<think>" in src or "reasoning_content" in src}
+
+
 class ToolSet:
     """The tools of one request, checked, and what follows from them for one chat template."""
 

@@ -102,7 +102,7 @@ class _Gate:
                                          (b"www-authenticate", b"Bearer")]})
                 await send_({"type": "http.response.body", "body": body})
                 return
-            if scope["method"] == "POST":
+            if scope["method"] in ("POST", "PUT", "DELETE"):
                 size = next((v for k, v in scope.get("headers", ()) if k == b"content-length"), b"0")
                 if size.isdigit() and int(size) > MAX_BODY:
                     return await _too_large(path, send_)

@@ -14,6 +14,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from .config import ServerConfig
 from .metrics import Metrics
+from ..toolcall import template_caps
 from .slots import END, Job, QueueFull, ShuttingDown, SlotPool
 
 log = logging.getLogger("tinyinfer.server")
@@ -219,7 +220,27 @@ class ServerState:
                 "chat_template": self.formatter.source if self.formatter is not None else "",
                 "modalities": {"vision": False, "audio": False}, "build_info": f"tinyinfer {__version__}",
                 "n_ctx": self.n_ctx, "cache_type_k": getattr(eng, "cache_type_k", None),
-                "cache_type_v": getattr(eng, "cache_type_v", None), "status": self.status}
+                "cache_type_v": getattr(eng, "cache_type_v", None), "status": self.status,
+                "chat_template_caps": template_caps(self.formatter.source if self.formatter is not None else ""),
+                **self._special_texts()}
+
+    def _special_texts(self) -> dict:
+        tok = self.tokenizer
+        if tok is None:
+            return {"bos_token": "", "eos_token": ""}
+        eos = tok.eos_id if tok.eos_id is not None else min(tok.eog_ids, default=None)
+        return {"bos_token": tok.token_text(tok.bos_id) if tok.bos_id is not None else "",
+                "eos_token": tok.token_text(eos) if eos is not None else ""}
+
+    def capabilities(self) -> list:
+        """ollama's ``capabilities`` of the served model: from its chat template and its architecture."""
+        md = self.metadata
+        arch = md.get("general.architecture", "")
+        if md.get(f"{arch}.pooling_type") is not None and not md.get(f"{arch}.attention.causal", True):
+            return ["embedding"]                  # an encoder: embeddings only
+        caps = template_caps(self.formatter.source if self.formatter is not None else "")
+        return ["completion"] + (["tools"] if caps["supports_tools"] else []) + \
+            (["thinking"] if caps["supports_thinking"] else []) + ["embedding"]
 
     # -- model description ---------------------------------------------------------------
     def model_details(self) -> dict:

@@ -113,6 +113,8 @@ def _duration_s(v) -> Optional[float]:
 
 
 def _check_common(req, state: ServerState) -> None:
+    if not req.model:
+        raise ApiError(400, "model is required", param="model")      # ollama's answer
     state.check_ollama_model(req.model)
     _duration_s(req.keep_alive)
     if req.options is not None and req.options.num_ctx:
@@ -148,7 +150,7 @@ async def _run(request: Request, state: ServerState, work, stream: bool, t_arriv
 async def generate(req: OllamaGenerateRequest, request: Request):
     t_arrival = time.perf_counter()
     state = _state(request)
-    model = req.model or state.model_name     # a name of the loaded model (checked), as ollama echoes it
+    model = req.model                         # a name of the loaded model (checked), as ollama echoes it
     _check_common(req, state)
     if req.images:
         raise ApiError(400, "images are not supported: this is a text-only model", param="images")
@@ -196,7 +198,7 @@ async def generate(req: OllamaGenerateRequest, request: Request):
 async def chat(req: OllamaChatRequest, request: Request):
     t_arrival = time.perf_counter()
     state = _state(request)
-    model = req.model or state.model_name     # a name of the loaded model (checked), as ollama echoes it
+    model = req.model                         # a name of the loaded model (checked), as ollama echoes it
     _check_common(req, state)
     if not req.messages:
         if state.status != "ok":
@@ -338,7 +340,7 @@ async def show(req: OllamaShowRequest, request: Request):
     params = "\n".join(f"stop {s!r}" for s in _stop_tokens(state))
     return {"license": str(md.get("general.license", "")), "modelfile": f"# tinyinfer\nFROM {state.config.model_path}\n",
             "parameters": params, "template": fmt.source if fmt is not None else "",
-            "details": state.model_details(), "model_info": info, "capabilities": ["completion", "embedding"],
+            "details": state.model_details(), "model_info": info, "capabilities": state.capabilities(),
             "modified_at": _iso(state.file_mtime)}
 
 

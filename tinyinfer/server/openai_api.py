@@ -52,7 +52,7 @@ async def _respond(request: Request, state: ServerState, fn, stream: bool, inclu
         items, gone = await run_to_end(request, job)
         if gone:
             return gone_response()
-        return JSONResponse(merge(items, job.stats.usage()))
+        return JSONResponse({**merge(items, job.stats.usage(details=True)), "timings": job.stats.timings()})
     first, gone = await first_item(request, job)
     if gone:
         return gone_response()
@@ -64,9 +64,12 @@ async def _respond(request: Request, state: ServerState, fn, stream: bool, inclu
                 yield f"data: {dumps({'error': {'message': item.message, 'type': item.type, 'code': item.code}})}\n\n"
                 return
             last = item
+            if any(c.get("finish_reason") for c in item.get("choices", ())):
+                item = {**item, "timings": job.stats.timings()}        # llama-server's, on the last chunk
             yield f"data: {dumps(item)}\n\n"
         if include_usage and last is not None:
-            yield f"data: {dumps({**{k: last[k] for k in ('id', 'object', 'created', 'model')}, 'choices': [], 'usage': job.stats.usage()})}\n\n"
+            usage = job.stats.usage(details=True)
+            yield f"data: {dumps({**{k: last[k] for k in ('id', 'object', 'created', 'model')}, 'choices': [], 'usage': usage})}\n\n"
         yield "data: [DONE]\n\n"
 
     return sse_response(body())

@@ -91,7 +91,8 @@ class CompletionRequest(_Sampling):
     json_schema: Optional[Dict[str, Any]] = Field(None, description="JSON schema of the output (llama-server)")
     response_format: Optional[ResponseFormat] = None
     suffix: Optional[str] = None
-    max_tokens: Optional[int] = Field(None, ge=0, description="default 16; 0 or null: until an end token or the context is full")
+    max_tokens: Optional[int] = Field(None, ge=-1, description="-1, 0 or null (default): until an end token, a stop "
+                                                            "or the context's end (llama-server's)")
     echo: bool = False
     logprobs: Optional[int] = Field(None, ge=0, le=20)
     best_of: Optional[int] = Field(1, ge=1, le=1)
@@ -122,8 +123,9 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(_Sampling):
     messages: List[ChatMessage] = Field(..., min_length=1)
-    max_tokens: Optional[int] = Field(None, ge=0, description="null: until an end token or the context is full")
-    max_completion_tokens: Optional[int] = Field(None, ge=0, description="newer name of max_tokens")
+    max_tokens: Optional[int] = Field(None, ge=-1, description="-1, 0 or null (default): until an end token, a stop "
+                                                            "or the context's end")
+    max_completion_tokens: Optional[int] = Field(None, ge=-1, description="newer name of max_tokens")
     logprobs: Optional[bool] = False
     top_logprobs: Optional[int] = Field(None, ge=0, le=20)
     response_format: Optional[ResponseFormat] = None
@@ -164,7 +166,7 @@ class OllamaOptions(_Body):
 
 
 class _OllamaGen(_Body):
-    model: str = Field("", description="accepted for compatibility: this server has one model")
+    model: str = Field("", description="required (400 without it, as ollama); a name of the served model")
     stream: bool = True
     format: Optional[Union[str, Dict[str, Any]]] = Field(None, description='"json" or a JSON schema')
     options: Optional[OllamaOptions] = None
