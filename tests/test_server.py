@@ -514,7 +514,7 @@ def test_ollama_errors_through_the_client(server):
 
 def test_curl_style_requests_without_content_type(server):
     # curl -d '{...}' sends application/x-www-form-urlencoded; ollama's own docs do this
-    body = json.dumps({"prompt": "One, two,", "raw": True, "stream": False, "options": {"num_predict": 2}})
+    body = json.dumps({"model": ALIAS, "prompt": "One, two,", "raw": True, "stream": False, "options": {"num_predict": 2}})
     r = httpx.post(server.url + "/api/generate", content=body, timeout=60,
                    headers={**AUTH, "Content-Type": "application/x-www-form-urlencoded"})
     assert r.status_code == 200 and r.json()["done"] is True
@@ -531,7 +531,7 @@ def test_streams_are_sse_and_ndjson(server):
     assert all(e.startswith("data: ") for e in events) and events[-1] == "data: [DONE]"
     assert json.loads(events[-2][6:])["choices"][0]["finish_reason"] == "length"
     with httpx.stream("POST", server.url + "/api/chat", headers=AUTH, timeout=60,
-                      json={"messages": [{"role": "user", "content": "hi"}], "options": {"num_predict": 3}}) as r:
+                      json={"model": ALIAS, "messages": [{"role": "user", "content": "hi"}], "options": {"num_predict": 3}}) as r:
         assert r.headers["content-type"].startswith("application/x-ndjson")
         lines = [json.loads(line) for line in r.iter_lines() if line]
     assert lines[-1]["done"] is True and all(not x["done"] for x in lines[:-1])
@@ -539,7 +539,7 @@ def test_streams_are_sse_and_ndjson(server):
 
 
 @pytest.mark.parametrize("path, body, status, needle", [
-    ("/v1/completions", {"prompt": "hi", "max_tokens": -1}, 400, "max_tokens"),
+    ("/v1/completions", {"prompt": "hi", "max_tokens": -2}, 400, "max_tokens"),
     ("/v1/completions", {"prompt": "hi", "temperature": "hot"}, 400, "temperature"),
     ("/v1/completions", {"prompt": {"a": 1}}, 400, "prompt"),
     ("/v1/completions", {"prompt": "hi", "n": 2}, 400, "n"),

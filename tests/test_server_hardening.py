@@ -171,7 +171,7 @@ def test_unknown_role_and_non_finite_numbers_are_400(server):
     assert e.value.status_code == 400 and "role" in e.value.error
     for path, body in (("/v1/completions", b'{"prompt": "hi", "temperature": Infinity}'),
                        ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "hi"}], "top_p": NaN}'),
-                       ("/api/generate", b'{"prompt": "hi", "options": {"temperature": -Infinity}}'),
+                       ("/api/generate", b'{"model": "smollm2", "prompt": "hi", "options": {"temperature": -Infinity}}'),
                        ("/v1/completions", b'{"prompt": "hi", "logit_bias": {"5": Infinity}}')):
         r = httpx.post(server.url + path, content=body, headers={**AUTH, "Content-Type": "application/json"},
                        timeout=30)

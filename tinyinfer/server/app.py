@@ -16,7 +16,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 
 from .. import __version__
-from .core import ApiError, ServerConfig, ServerState, error_body, error_response, to_api_error
+from .core import ApiError, ServerConfig, ServerState, error_body, error_response, is_ollama_path, to_api_error
 
 log = logging.getLogger("tinyinfer.server")
 
@@ -170,6 +170,10 @@ def _validation_message(exc: RequestValidationError):
         field = ".".join(loc) or "body"
         param = param or field
         msg = err.get("msg", "invalid")
+        if (field == "model" and err.get("type") == "missing") or "model is required" in msg:
+            parts.append("model is required")       # ollama's words
+            param = "model"
+            continue
         if "input" in err and err.get("type") != "missing" and not isinstance(err["input"], (dict, list)):
             msg += f" (got {err['input']!r})"
         parts.append(f"{field}: {msg}")
@@ -271,6 +275,8 @@ def create_app(config: ServerConfig, engine_factory: Optional[Callable[[], Any]]
         from starlette.middleware.cors import CORSMiddleware
         app.add_middleware(CORSMiddleware, allow_origins=["*"], allow_methods=["*"], allow_headers=["*"])
 
+    from .openapi import install
+    install(app, PUBLIC_PATHS, is_ollama_path)
     known = []
 
     def known_paths() -> frozenset:

@@ -89,6 +89,8 @@ async def completions(req: CompletionRequest, request: Request):
     state = _state(request)
     name = state.model_name
     cid, created = f"cmpl-{uuid.uuid4()}", int(time.time())
+    if isinstance(req.prompt, list) and isinstance(req.prompt[0], str):
+        req.prompt = req.prompt[0]            # OpenAI's list of prompts: one per request here
     state.precheck_text(req.prompt)
 
     grammar = request_grammar(lambda: _completion_grammar(req), "grammar" if req.grammar else

@@ -9,22 +9,21 @@ from __future__ import annotations
 
 from typing import Any, Dict, List, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from typing_extensions import Annotated
 
 
 class _Body(BaseModel):
-    # NaN and ±Infinity (which Python's JSON parser accepts) are no sampling values: 400
-    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+    # NaN and ±Infinity (which Python's JSON parser accepts) are no sampling values: 400. Strict types, as the
+    # OpenAPI document says them: no 0 for a boolean, no "1" for a number, no booleans for token ids.
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False, strict=True)
 
 
 #: chat roles the templates know (OpenAI's ``developer`` and legacy ``function`` included)
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool", "function")
-
-
-def _known_role(v: str) -> str:
-    if v not in CHAT_ROLES:
-        raise ValueError(f"unknown role {v!r}; expected one of {', '.join(CHAT_ROLES)}")
-    return v
+Role = Literal["system", "developer", "user", "assistant", "tool", "function"]
+TokenId = Annotated[int, Field(ge=0)]
+Text = Annotated[str, Field(min_length=1)]
 
 
 # -- OpenAI ----------------------------------------------------------------------------------
@@ -46,33 +45,15 @@ class _Sampling(_Body):
     mirostat_tau: float = Field(None, ge=0.0, le=10.0)
     mirostat_eta: float = Field(None, ge=0.001, le=1.0)
     seed: Optional[int] = Field(None, description="fixed seed for reproducible sampling; null or -1 = random")
-    logit_bias: Optional[Dict[str, float]] = Field(None, description="token id (as a string) -> bias")
-    stop: Optional[Union[str, List[str]]] = Field(None, description="stop strings (not part of the output)")
+    logit_bias: Optional[Dict[Annotated[str, Field(pattern=r"^[0-9]{1,9}$")], float]] = Field(
+        None, description="token id (as a string) -> bias")
+    stop: Optional[Union[str, Annotated[List[str], Field(max_length=16)]]] = Field(
+        None, description="stop strings (not part of the output), at most 16")
     stream: bool = False
     cache_prompt: bool = Field(None, description="reuse the longest cached prefix of the prompt (llama-server's)")
     model: Optional[str] = None
     n: Optional[int] = Field(1, ge=1, le=1, description="only 1 is supported")
     user: Optional[str] = None
-
-    @field_validator("logit_bias")
-    @classmethod
-    def _bias_keys(cls, v):
-        if v is not None:
-            for k in v:
-                try:
-                    int(k)
-                except ValueError:
-                    raise ValueError(f"logit_bias keys must be token ids, got {k!r}") from None
-                if int(k) < 0:
-                    raise ValueError(f"logit_bias keys must be token ids >= 0, got {k!r}")
-        return v
-
-    @field_validator("stop")
-    @classmethod
-    def _stops(cls, v):
-        if isinstance(v, list) and len(v) > 16:
-            raise ValueError("at most 16 stop strings")
-        return v
 
 
 class StreamOptions(_Body):
@@ -86,7 +67,9 @@ class ResponseFormat(_Body):
 
 
 class CompletionRequest(_Sampling):
-    prompt: Union[str, List[str], List[int]] = Field("", description="text, or token ids")
+    prompt: Union[str, Annotated[List[str], Field(min_length=1, max_length=1)],
+                  Annotated[List[TokenId], Field(min_length=1)]] = Field(
+        "", description="text (one prompt per request), or token ids")
     grammar: Optional[str] = Field(None, description="GBNF grammar the output must match (llama-server)")
     json_schema: Optional[Dict[str, Any]] = Field(None, description="JSON schema of the output (llama-server)")
     response_format: Optional[ResponseFormat] = None
@@ -98,15 +81,6 @@ class CompletionRequest(_Sampling):
     best_of: Optional[int] = Field(1, ge=1, le=1)
     stream_options: Optional[StreamOptions] = None
 
-    @field_validator("prompt")
-    @classmethod
-    def _one_prompt(cls, v):
-        if isinstance(v, list) and v and isinstance(v[0], str):
-            if len(v) != 1:
-                raise ValueError("only one prompt per request is supported")
-            return v[0]
-        return v
-
 
 class ContentPart(_Body):
     type: str = "text"
@@ -114,11 +88,9 @@ class ContentPart(_Body):
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
-    role: str
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False, strict=True)
+    role: Role
     content: Optional[Union[str, List[ContentPart]]] = ""
-
-    _role = field_validator("role")(_known_role)
 
 
 class ChatCompletionRequest(_Sampling):
@@ -135,7 +107,8 @@ class ChatCompletionRequest(_Sampling):
 
 
 class EmbeddingRequest(_Body):
-    input: Union[str, List[str], List[int], List[List[int]]]
+    input: Union[Text, Annotated[List[Text], Field(min_length=1)], Annotated[List[TokenId], Field(min_length=1)],
+                 Annotated[List[Annotated[List[TokenId], Field(min_length=1)]], Field(min_length=1)]]
     model: Optional[str] = None
     encoding_format: Literal["float", "base64"] = "float"
     user: Optional[str] = None
@@ -166,7 +139,7 @@ class OllamaOptions(_Body):
 
 
 class _OllamaGen(_Body):
-    model: str = Field("", description="required (400 without it, as ollama); a name of the served model")
+    model: str = Field(..., min_length=1, description="a name of the served model (400 without it, as ollama)")
     stream: bool = True
     format: Optional[Union[str, Dict[str, Any]]] = Field(None, description='"json" or a JSON schema')
     options: Optional[OllamaOptions] = None
@@ -186,12 +159,10 @@ class OllamaGenerateRequest(_OllamaGen):
 
 
 class OllamaMessage(BaseModel):
-    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
-    role: str
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False, strict=True)
+    role: Role
     content: Optional[str] = ""
     images: Optional[List[str]] = None
-
-    _role = field_validator("role")(_known_role)
 
 
 class OllamaChatRequest(_OllamaGen):
@@ -200,21 +171,29 @@ class OllamaChatRequest(_OllamaGen):
 
 
 class OllamaShowRequest(_Body):
-    model: Optional[str] = None
-    name: Optional[str] = None        # older clients
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False, strict=True,
+                              json_schema_extra={"anyOf": [{"required": ["model"]}, {"required": ["name"]}]})
+    model: str = Field(None, min_length=1)
+    name: str = Field(None, min_length=1)        # older clients
     verbose: bool = False
+
+    @model_validator(mode="after")
+    def _named(self):
+        if not (self.model or self.name):
+            raise ValueError("model is required")
+        return self
 
 
 class OllamaEmbedRequest(_Body):
-    model: str = ""
-    input: Union[str, List[str]]
+    model: str = Field(..., min_length=1)
+    input: Union[Text, Annotated[List[Text], Field(min_length=1)]]
     truncate: bool = True
     options: Optional[OllamaOptions] = None
     keep_alive: Optional[Union[int, float, str]] = None
 
 
 class OllamaEmbeddingsRequest(_Body):
-    model: str = ""
-    prompt: str
+    model: str = Field(..., min_length=1)
+    prompt: Text
     options: Optional[OllamaOptions] = None
     keep_alive: Optional[Union[int, float, str]] = None
