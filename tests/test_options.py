@@ -28,7 +28,9 @@ def test_dialects_and_their_defaults():
     assert build("llama_cpp", {"max_tokens": 0}).max_tokens == -1           # 0 or None: no limit
     assert build("llama_cpp", {"max_tokens": None}).max_tokens == -1
     oa = build("openai", {"max_completion_tokens": 7}, strict=False)
-    assert (oa.max_tokens, oa.sampler.repeat_penalty, oa.cache_prompt) == (7, 1.1, True)
+    assert (oa.max_tokens, oa.sampler.repeat_penalty, oa.cache_prompt) == (7, 1.0, True)   # llama-server's
+    assert build("openai", {}, strict=False).max_tokens == -1 == build("openai", {"max_tokens": -1}).max_tokens
+    assert build("ollama", {}, strict=False).sampler.repeat_penalty == 1.1                   # ollama's
     chat = build("openai_chat", {"logprobs": True, "top_logprobs": 3}, strict=False)
     assert chat.logprobs == 3 and build("openai_chat", {"logprobs": False}, strict=False).logprobs is None
     ol = build("ollama", {"num_predict": 0, "num_keep": 4}, strict=False)

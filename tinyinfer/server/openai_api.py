@@ -149,6 +149,10 @@ async def chat_completions(req: ChatCompletionRequest, request: Request):
 def request_tools(tools, tool_choice, formatter, messages):
     """Check a request's tools / tool_choice / tool messages before it is queued (400 naming the field)."""
     from ..toolcall import ToolError, ToolSet
+    plain = getattr(tool_choice, "model_dump", None)
+    tool_choice = plain(exclude_none=True) if plain else tool_choice
+    tools = None if tools is None else [t.model_dump(exclude_none=True) if hasattr(t, "model_dump") else t
+                                        for t in tools]
     try:
         ts = ToolSet(tools, tool_choice, getattr(formatter, "source", "") if formatter is not None else "")
         ts.messages(messages)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Dict, List, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 from typing_extensions import Annotated
 
 
@@ -22,7 +22,13 @@ class _Body(BaseModel):
 #: chat roles the templates know (OpenAI's ``developer`` and legacy ``function`` included)
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool", "function")
 Role = Literal["system", "developer", "user", "assistant", "tool", "function"]
-TokenId = Annotated[int, Field(ge=0)]
+def _whole(v):
+    """A JSON number with no fraction is an integer (JSON Schema's reading: 2.0 is the integer 2)."""
+    return int(v) if isinstance(v, float) and v.is_integer() else v
+
+
+Int = Annotated[int, BeforeValidator(_whole)]
+TokenId = Annotated[Int, Field(ge=0)]
 Text = Annotated[str, Field(min_length=1)]
 
 
@@ -36,15 +42,15 @@ class _Sampling(_Body):
     top_p: float = Field(None, ge=0.0, le=1.0)
     min_p: float = Field(None, ge=0.0, le=1.0)
     typical_p: float = Field(None, ge=0.0, le=1.0)
-    top_k: int = Field(None, ge=0, description="0 = whole vocabulary")
+    top_k: Int = Field(None, ge=0, description="0 = whole vocabulary")
     repeat_penalty: float = Field(None, ge=0.0)
-    repeat_last_n: int = Field(None, ge=-1)
+    repeat_last_n: Int = Field(None, ge=-1)
     presence_penalty: Optional[float] = Field(None, ge=-2.0, le=2.0)
     frequency_penalty: Optional[float] = Field(None, ge=-2.0, le=2.0)
-    mirostat_mode: int = Field(None, ge=0, le=2)
+    mirostat_mode: Int = Field(None, ge=0, le=2)
     mirostat_tau: float = Field(None, ge=0.0, le=10.0)
     mirostat_eta: float = Field(None, ge=0.001, le=1.0)
-    seed: Optional[int] = Field(None, description="fixed seed for reproducible sampling; null or -1 = random")
+    seed: Optional[Int] = Field(None, description="fixed seed for reproducible sampling; null or -1 = random")
     logit_bias: Optional[Dict[Annotated[str, Field(pattern=r"^[0-9]{1,9}$")], float]] = Field(
         None, description="token id (as a string) -> bias")
     stop: Optional[Union[str, Annotated[List[str], Field(max_length=16)]]] = Field(
@@ -52,7 +58,7 @@ class _Sampling(_Body):
     stream: bool = False
     cache_prompt: bool = Field(None, description="reuse the longest cached prefix of the prompt (llama-server's)")
     model: Optional[str] = None
-    n: Optional[int] = Field(1, ge=1, le=1, description="only 1 is supported")
+    n: Optional[Int] = Field(1, ge=1, le=1, description="only 1 is supported")
     user: Optional[str] = None
 
 
@@ -74,17 +80,40 @@ class CompletionRequest(_Sampling):
     json_schema: Optional[Dict[str, Any]] = Field(None, description="JSON schema of the output (llama-server)")
     response_format: Optional[ResponseFormat] = None
     suffix: Optional[str] = None
-    max_tokens: Optional[int] = Field(None, ge=-1, description="-1, 0 or null (default): until an end token, a stop "
+    max_tokens: Optional[Int] = Field(None, ge=-1, description="-1, 0 or null (default): until an end token, a stop "
                                                             "or the context's end (llama-server's)")
     echo: bool = False
-    logprobs: Optional[int] = Field(None, ge=0, le=20)
-    best_of: Optional[int] = Field(1, ge=1, le=1)
+    logprobs: Optional[Int] = Field(None, ge=0, le=20)
+    best_of: Optional[Int] = Field(1, ge=1, le=1)
     stream_options: Optional[StreamOptions] = None
 
 
 class ContentPart(_Body):
     type: str = "text"
     text: Optional[str] = None
+
+
+class Function(_Body):
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False, strict=True)
+    name: str = Field(..., pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    description: Optional[str] = None
+    parameters: Optional[Dict[str, Any]] = Field(None, description="a JSON schema of the arguments (an object)")
+
+
+class Tool(_Body):
+    """OpenAI's function tool (also ollama's ``tools``)."""
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False, strict=True)
+    type: Literal["function"] = "function"
+    function: Function
+
+
+class ToolChoiceFunction(_Body):
+    name: str
+
+
+class ToolChoice(_Body):
+    type: Literal["function"] = "function"
+    function: ToolChoiceFunction
 
 
 class ChatMessage(BaseModel):
@@ -95,15 +124,15 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(_Sampling):
     messages: List[ChatMessage] = Field(..., min_length=1)
-    max_tokens: Optional[int] = Field(None, ge=-1, description="-1, 0 or null (default): until an end token, a stop "
+    max_tokens: Optional[Int] = Field(None, ge=-1, description="-1, 0 or null (default): until an end token, a stop "
                                                             "or the context's end")
-    max_completion_tokens: Optional[int] = Field(None, ge=-1, description="newer name of max_tokens")
+    max_completion_tokens: Optional[Int] = Field(None, ge=-1, description="newer name of max_tokens")
     logprobs: Optional[bool] = False
-    top_logprobs: Optional[int] = Field(None, ge=0, le=20)
+    top_logprobs: Optional[Int] = Field(None, ge=0, le=20)
     response_format: Optional[ResponseFormat] = None
     stream_options: Optional[StreamOptions] = None
-    tools: Optional[List[Dict[str, Any]]] = None
-    tool_choice: Optional[Any] = None
+    tools: Optional[List[Tool]] = None
+    tool_choice: Optional[Union[Literal["none", "auto", "required"], ToolChoice]] = None
 
 
 class EmbeddingRequest(_Body):
@@ -120,21 +149,21 @@ class OllamaOptions(_Body):
     """ollama's ``options`` (runner options that make no sense here are accepted and ignored); unset ones
     take ollama's defaults (tinyinfer/options.py: DEFAULTS["ollama"])."""
     model_config = ConfigDict(extra="allow", allow_inf_nan=False)
-    num_predict: Optional[int] = Field(None, ge=-2, description="-1 = no limit, -2 = fill the context")
-    num_ctx: Optional[int] = Field(None, ge=0, description="accepted; the server's -c is used")
+    num_predict: Optional[Int] = Field(None, ge=-2, description="-1 = no limit, -2 = fill the context")
+    num_ctx: Optional[Int] = Field(None, ge=0, description="accepted; the server's -c is used")
     temperature: Optional[float] = Field(None, ge=0.0)
-    top_k: Optional[int] = Field(None, ge=0)
+    top_k: Optional[Int] = Field(None, ge=0)
     top_p: Optional[float] = Field(None, ge=0.0, le=1.0)
     min_p: Optional[float] = Field(None, ge=0.0, le=1.0)
     typical_p: Optional[float] = Field(None, ge=0.0, le=1.0)
     repeat_penalty: Optional[float] = Field(None, ge=0.0)
-    repeat_last_n: Optional[int] = Field(None, ge=-1)
+    repeat_last_n: Optional[Int] = Field(None, ge=-1)
     presence_penalty: Optional[float] = None
     frequency_penalty: Optional[float] = None
-    mirostat: Optional[int] = Field(None, ge=0, le=2)
+    mirostat: Optional[Int] = Field(None, ge=0, le=2)
     mirostat_tau: Optional[float] = Field(None, ge=0.0)
     mirostat_eta: Optional[float] = Field(None, ge=0.0)
-    seed: Optional[int] = None
+    seed: Optional[Int] = None
     stop: Optional[Union[str, List[str]]] = None
 
 
@@ -153,7 +182,7 @@ class OllamaGenerateRequest(_OllamaGen):
     suffix: Optional[str] = None
     system: Optional[str] = None
     template: Optional[str] = None
-    context: Optional[List[int]] = None
+    context: Optional[List[TokenId]] = None
     raw: bool = False
     images: Optional[List[str]] = None
 
@@ -167,7 +196,7 @@ class OllamaMessage(BaseModel):
 
 class OllamaChatRequest(_OllamaGen):
     messages: Optional[List[OllamaMessage]] = None
-    tools: Optional[List[Dict[str, Any]]] = None
+    tools: Optional[List[Tool]] = None
 
 
 class OllamaShowRequest(_Body):
