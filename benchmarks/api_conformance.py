@@ -11,16 +11,14 @@ check. Exit status: schemathesis'. Needs ``pip install schemathesis`` (not a dep
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import httpx
+from bench_serving import start_server
 
 ROOT = Path(__file__).resolve().parent.parent
 KEY = "sk-conformance"
@@ -40,27 +38,10 @@ def main(argv=None) -> int:
     if a.model is None:
         from tinyinfer.fetch import fetch
         a.model = str(fetch("smollm2"))
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    base = f"http://127.0.0.1:{port}"
     store = tempfile.mkdtemp(prefix="tinyinfer-conformance-")       # the server's model store: its own
-    env = {**os.environ, "TINYINFER_CACHE": store, "NUMBA_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "tinyinfer", "serve", "-m", a.model, "--port", str(port),
-                             "-c", str(a.ctx_size), "--api-key", KEY, "--no-access-log", "--log-level", "warning"],
-                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc, base = start_server(a.model, "-c", a.ctx_size, "--api-key", KEY,
+                              env={"TINYINFER_CACHE": store, "NUMBA_NUM_THREADS": "1"})
     try:
-        for _ in range(600):
-            if proc.poll() is not None:
-                print(proc.stderr.read()[-2000:], file=sys.stderr)
-                return 2
-            try:
-                if httpx.get(base + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
         t0 = time.perf_counter()
         r = subprocess.run([st, "run", base + "/openapi.json", "--checks", "all", "--phases", "coverage,fuzzing",
                             "-n", str(a.examples), "--max-time", str(a.max_time), "-w", "1",

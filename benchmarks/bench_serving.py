@@ -38,11 +38,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model, parallel, threads, ctx, extra=()):
+def start_server(model, *args, env=None):
+    """``python -m tinyinfer serve -m MODEL ARGS...`` on a free loopback port, once /health says ok:
+    (the process, its base URL). The other benchmarks that need a server use this too."""
     port = _free_port()
-    cmd = [sys.executable, "-m", "tinyinfer", "serve", "-m", str(model), "--port", str(port), "-c", str(ctx),
-           "-t", str(threads), "--parallel", str(parallel), "--no-access-log", "--log-level", "warning", *extra]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    cmd = [sys.executable, "-m", "tinyinfer", "serve", "-m", str(model), "--port", str(port), "--no-access-log",
+           "--log-level", "warning", *map(str, args)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            env={**os.environ, **(env or {})})
     url = f"http://127.0.0.1:{port}"
     t0 = time.perf_counter()
     while time.perf_counter() - t0 < 300:
@@ -112,7 +115,7 @@ def main(argv=None):
         proc = None
         url = a.url
         if url is None:
-            proc, url = start_server(model, par, a.threads, a.ctx_size)
+            proc, url = start_server(model, "-c", a.ctx_size, "-t", a.threads, "--parallel", par)
         try:
             runs = [run_load(url, a.clients, a.requests, a.tokens) for _ in range(a.repeat)]
         finally:

@@ -26,8 +26,8 @@ from collections import Counter
 from pathlib import Path
 
 import httpx
+from bench_serving import start_server
 
-ROOT = Path(__file__).resolve().parent.parent
 SCHEMA = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"},
                                            "tags": {"type": "array", "items": {"type": "string"}}},
           "required": ["name", "age"], "additionalProperties": False}
@@ -118,28 +118,10 @@ def main(argv=None) -> int:
     if a.model is None:
         from tinyinfer.fetch import fetch
         a.model = str(fetch("qwen2.5"))
-    import socket
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    base = f"http://127.0.0.1:{port}"
     model = "soak"
-    proc = subprocess.Popen([sys.executable, "-m", "tinyinfer", "serve", "-m", a.model, "--port", str(port),
-                             "--alias", model, "--parallel", str(a.parallel), "-t", str(a.threads), "-c", "4096",
-                             "--no-access-log", "--log-level", "warning", "--max-queue", "256"],
-                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc, base = start_server(a.model, "--alias", model, "--parallel", a.parallel, "-t", a.threads, "-c", 4096,
+                              "--max-queue", 256)
     try:
-        for _ in range(600):
-            if proc.poll() is not None:
-                print(proc.stderr.read()[-2000:], file=sys.stderr)
-                return 2
-            try:
-                if httpx.get(base + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
         samples: list = []           # (seconds, requests done, RSS MiB)
         done = Counter()
         errors: list = []

@@ -24,6 +24,7 @@ import math
 import struct
 import sys
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
@@ -97,6 +98,20 @@ def read_checkpoint(d: Path) -> dict:
     return tensors
 
 
+def _special_lookup(cfg: dict, t2i: dict, hp: Optional[dict] = None):
+    """``special(key, id_key=None)``: the id of tokenizer_config.json's special token ``key`` (a string or
+    ``{content}``), else config.json's ``id_key`` (SpecialVocab's fallback), else None."""
+    def special(key, id_key=None):
+        v = cfg.get(key)
+        if isinstance(v, dict):
+            v = v.get("content")
+        if isinstance(v, str) and v in t2i:
+            return t2i[v]
+        v = (hp or {}).get(id_key) if id_key else None
+        return v if isinstance(v, int) else None
+    return special
+
+
 def _json(path: Path, required: bool = True):
     if not path.is_file():
         if required:
@@ -142,12 +157,7 @@ def wordpiece_vocab(d: Path) -> dict:
 
     cfg = _json(d / "tokenizer_config.json", required=False) or {}
     t2i = {t: i for i, t in enumerate(tokens)}
-
-    def special(key):
-        v = cfg.get(key)
-        if isinstance(v, dict):
-            v = v.get("content")
-        return t2i.get(v) if isinstance(v, str) else None
+    special = _special_lookup(cfg, t2i)
     ids = {"unk": special("unk_token"), "sep": special("sep_token"), "pad": special("pad_token"),
            "cls": special("cls_token"), "mask": special("mask_token"),
            "bos": special("bos_token"), "eos": special("eos_token")}
@@ -247,15 +257,7 @@ def bpe_vocab(d: Path, vocab_size: int) -> dict:
     cfg = _json(d / "tokenizer_config.json", required=False) or {}
     hp = _json(d / "config.json")
     t2i = {t: i for i, t in enumerate(tokens)}
-
-    def special(key, cfg_key):
-        v = cfg.get(key)
-        if isinstance(v, dict):
-            v = v.get("content")
-        if isinstance(v, str) and v in t2i:
-            return t2i[v]
-        v = hp.get(cfg_key)                       # SpecialVocab's fallback: config.json's ids
-        return v if isinstance(v, int) else None
+    special = _special_lookup(cfg, t2i, hp)
     ids_ = {"bos": special("bos_token", "bos_token_id"), "eos": special("eos_token", "eos_token_id"),
             "unk": special("unk_token", "unk_token_id"), "pad": special("pad_token", "pad_token_id")}
     add_bos = cfg.get("add_bos_token")
@@ -308,12 +310,7 @@ def spm_vocab(d: Path, vocab_size: int) -> dict:
             t, types[i] = t.replace("\u2581", " "), TT.USER_DEFINED
         tokens[i] = t
     t2i = {t: i for i, t in enumerate(tokens)}
-
-    def special(key):
-        v = cfg.get(key)
-        if isinstance(v, dict):
-            v = v.get("content")
-        return t2i.get(v) if isinstance(v, str) else None
+    special = _special_lookup(cfg, t2i)
     ids_ = {"bos": special("bos_token"), "eos": special("eos_token"), "unk": special("unk_token"),
             "pad": special("pad_token")}
     return {"model": "llama", "pre": "default", "tokens": tokens, "scores": scores, "types": [int(x) for x in types],

@@ -170,7 +170,7 @@ def _validation_message(exc: RequestValidationError):
         field = ".".join(loc) or "body"
         param = param or field
         msg = err.get("msg", "invalid")
-        if (field == "model" and err.get("type") == "missing") or "model is required" in msg:
+        if (field == "model" and err.get("type") in ("missing", "string_too_short")) or "model is required" in msg:
             parts.append("model is required")       # ollama's words
             param = "model"
             continue
