@@ -596,15 +596,16 @@ def test_unknown_fields_ignored_bad_values_400_naming_them(server):
     base = {"prompt": "One, two,", "max_tokens": 2, **GREEDY}
     r = server.post("/v1/completions", {**base, "temprature": 5, "not_an_option": [1]})
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
-    r = server.post("/api/generate", {"prompt": "One, two,", "stream": False, "raw": True,
+    r = server.post("/api/generate", {"model": ALIAS, "prompt": "One, two,", "stream": False, "raw": True,
                                       "options": {"num_predict": 2, "temprature": 5, "num_gpu": 1}})
     assert r.status_code == 200 and r.json()["eval_count"] == 2
     for path, body, field in [("/v1/completions", {**base, "n_keep": "some"}, "n_keep"),
                               ("/v1/completions", {**base, "top_k": "many"}, "top_k"),
                               ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}],
                                                         "cache_prompt": "maybe"}, "cache_prompt"),
-                              ("/api/generate", {"prompt": "Hi", "options": {"num_keep": "x"}}, "num_keep"),
-                              ("/api/chat", {"messages": [{"role": "user", "content": "Hi"}],
+                              ("/api/generate", {"model": ALIAS, "prompt": "Hi", "options": {"num_keep": "x"}},
+                               "num_keep"),
+                              ("/api/chat", {"model": ALIAS, "messages": [{"role": "user", "content": "Hi"}],
                                              "options": {"mirostat": 7}}, "mirostat")]:
         r = server.post(path, body)
         assert r.status_code == 400, (path, body, r.text)

@@ -165,8 +165,8 @@ def _validation_message(exc: RequestValidationError):
             parts.append(f"malformed JSON body: {err.get('ctx', {}).get('error', err.get('msg'))}")
             continue
         # drop pydantic's union-branch names (e.g. 'str', 'list[int]') from the location
-        loc = [x for x in loc if not (x.startswith(("list[", "dict[")) or x in ("str", "int", "float",
-                                                                                   "bool", "function-after"))]
+        loc = [x for x in loc if not (x.startswith(("list[", "dict[", "literal[", "function-")) or x[:1].isupper()
+                                      or x in ("str", "int", "float", "bool", "constrained-str"))]
         field = ".".join(loc) or "body"
         param = param or field
         msg = err.get("msg", "invalid")
