@@ -68,23 +68,20 @@ Adding a type = a ``WeightFormat`` / ``KFormat`` (and optionally an
 
 from __future__ import annotations
 
-import hashlib
 import mmap
-import os
 import platform
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 
 import numba as nb
 import numpy as np
-from numba import prange  # noqa: F401  (used by the generated drivers)
+from numba import prange
 
 from . import parallel as _par, simd
 from ..ggml_types import GGMLType as GT
 
 from . import arm, quants
-from .simd import (GROUP, f32_to_f16_to_f32, interleaved_kernel, kgemv_kernel, kinterleaved_kernel, ktile_kernel,
-                   quantize_row_kernel, tile_kernel)
+from .dispatch import call, spec
+from .simd import GROUP
 
 QK = 32  # elements per block of the legacy formats
 
@@ -139,87 +136,61 @@ def _keep_alive(*arrays):
 
 
 # ------------------------------------------------------ activation quantizers
-# The generated (cached) functions below depend on intrinsics from simd.py,
-# whose changes numba's cache cannot see: each gets a name with a hash of
-# simd.py, see _jit().
-_SIMD_HASH = hashlib.sha1(Path(simd.__file__).read_bytes()).hexdigest()[:8]
+# Functions that call simd/arm intrinsics are closures made by factories, the intrinsics named by
+# spec strings in their cells (kernels/dispatch.py): numba's cache keys them by those cells.
+def _make_quantize_q8():
+    Q16S, Q16 = spec("quant_row", True, True), spec("quant_row", True, False)
+    Q8S, Q8 = spec("quant_row", False, True), spec("quant_row", False, False)
 
+    def quantize_q8(x, xq, xd, xs, xsum, with_s, sum_mul):
+        """ggml quantize_row_q8_0 / q8_1 (their x86 AVX and ARM NEON flavour) over each row of x (n, k).
 
-def _bind(intr) -> str:
-    """Make an intrinsic reachable from generated code under a unique global name."""
-    name = f"_k_{intr.kernel_name}_{_SIMD_HASH}"
-    globals()[name] = intr
-    return name
-
-
-def _jit(src: str, name: str, parallel: bool = False, **fields):
-    """Compile a template into a cached, module-level njit function named ``name``_<hash>.
-
-    Generated rather than written as closures: numba's on-disk cache keys a
-    function by module, name and bytecode and cannot tell closures over
-    different intrinsics apart (it pickles the closure cells, which differ
-    from run to run, so it would miss every time). The names spell out every
-    compile-time choice, so a changed tiling or simd.py never picks up a
-    stale cache entry.
-    """
-    # the source names the intrinsics it calls, whose names carry every
-    # compile-time choice: hash it into the function name (numba's cache key
-    # sees the bytecode, which does not contain global names)
-    body = src.format(name="{name}", **fields)
-    tag = hashlib.sha1((body + _SIMD_HASH).encode()).hexdigest()[:10]
-    name = f"{name}_{'par' if parallel else 'ser'}_{tag}"
-    if name not in globals():
-        code = compile(body.replace("{name}", name, 1), __file__, "exec")
-        exec(code, globals())
-        globals()[name].__module__ = __name__
-        globals()[name] = nb.njit(parallel=parallel, **_NOPY)(globals()[name])
-    return globals()[name]
-
-
-_QUANT_SRC = """
-def {name}(x, xq, xd, xs, xsum, with_s, sum_mul):
-    n, k = x.shape
-    nb_ = k // 32
-    xp = np.int64(x.ctypes.data)
-    qp = np.int64(xq.ctypes.data)
-    dp = np.int64(xd.ctypes.data)
-    sp = np.int64(xs.ctypes.data)
-    cp = np.int64(xsum.ctypes.data)
-    for i in range(n):
-        a = (xp + i * x.strides[0], nb_, qp + i * xq.strides[0], dp + i * xd.strides[0],
-             sp + i * xs.strides[0], cp + i * xsum.strides[0], sum_mul)
-        if xq.itemsize == 2:
-            if with_s:
-                {q16s}(*a)
+        x must have C-contiguous rows. xq (n, k) int8 or int16 quants, xd (n, k/32)
+        float32 fp16-rounded scales: d = amax/127, q = round_half_even(x * (127/amax));
+        xsum (n, k/32) int32 = sum_mul * sum(q) per block (the Q4_0 kernels' -8
+        offset correction); if with_s, xs (n, k/32) = fp16(d * sum(q)) (block_q8_1.s).
+        """
+        n, k = x.shape
+        nb_ = k // 32
+        xp = np.int64(x.ctypes.data)
+        qp = np.int64(xq.ctypes.data)
+        dp = np.int64(xd.ctypes.data)
+        sp = np.int64(xs.ctypes.data)
+        cp = np.int64(xsum.ctypes.data)
+        for i in range(n):
+            a0, a2 = xp + i * x.strides[0], qp + i * xq.strides[0]
+            a3, a4, a5 = dp + i * xd.strides[0], sp + i * xs.strides[0], cp + i * xsum.strides[0]
+            if xq.itemsize == 2:
+                if with_s:
+                    call(Q16S, a0, nb_, a2, a3, a4, a5, sum_mul)
+                else:
+                    call(Q16, a0, nb_, a2, a3, a4, a5, sum_mul)
             else:
-                {q16}(*a)
-        else:
-            if with_s:
-                {q8s}(*a)
-            else:
-                {q8}(*a)
-"""
-quantize_q8 = _jit(_QUANT_SRC, "quantize_q8",
-                   q16s=_bind(quantize_row_kernel(True, True)), q16=_bind(quantize_row_kernel(True, False)),
-                   q8s=_bind(quantize_row_kernel(False, True)), q8=_bind(quantize_row_kernel(False, False)))
-quantize_q8.__doc__ = """ggml quantize_row_q8_0 / q8_1 (their x86 AVX and ARM NEON flavour) over each row of x (n, k).
+                if with_s:
+                    call(Q8S, a0, nb_, a2, a3, a4, a5, sum_mul)
+                else:
+                    call(Q8, a0, nb_, a2, a3, a4, a5, sum_mul)
 
-    x must have C-contiguous rows. xq (n, k) int8 or int16 quants, xd (n, k/32)
-    float32 fp16-rounded scales: d = amax/127, q = round_half_even(x * (127/amax));
-    xsum (n, k/32) int32 = sum_mul * sum(q) per block (the Q4_0 kernels' -8
-    offset correction); if with_s, xs (n, k/32) = fp16(d * sum(q)) (block_q8_1.s).
-    """
+    return nb.njit(**_NOPY)(quantize_q8)
 
 
-_ROUND_SRC = """
-def {name}(x, out):
-    n, k = x.shape
-    for i in range(n):
-        for j in range(k):
-            out[i, j] = {f16}(x[i, j])
-"""
-round_f16 = _jit(_ROUND_SRC, "round_f16", f16=_bind(f32_to_f16_to_f32))
-round_f16.__doc__ = "out = float32(float16(x)) (ties to even), as ggml converts activations for F16 weights."
+quantize_q8 = _make_quantize_q8()
+
+
+def _make_round_f16():
+    F16 = spec("f16_round")
+
+    def round_f16(x, out):
+        """out = float32(float16(x)) (ties to even), as ggml converts activations for F16 weights."""
+        n, k = x.shape
+        for i in range(n):
+            for j in range(k):
+                out[i, j] = call(F16, x[i, j])
+
+    return nb.njit(**_NOPY)(round_f16)
+
+
+round_f16 = _make_round_f16()
 
 
 @nb.njit(**_NOPY)
@@ -382,270 +353,374 @@ SUPPORTED_TYPES = tuple(_TYPES)
 
 
 # -------------------------------------------------------------------- drivers
-# activation prep, inlined into each driver: x (n, k) -> xq, xd, xs, xc
-_PREP_Q8 = """
-    xq = np.empty((n, k), np.{qdtype})
+# One jitted driver per (type, layout, compile-time choices, serial | parallel): a closure made by one of
+# the factories below, its constants (tile shapes, flags, kernel specs) in its cells. Activation prep:
+@nb.njit(**_NOPY)
+def _act_q8(x, with_s, sum_mul):
+    """x (n, k) -> int8 quants, scales, sums (q8_1: fp16(d * sum)), sum_mul * sums of q per 32."""
+    n, k = x.shape
+    xq = np.empty((n, k), np.int8)
     xd = np.empty((n, k // 32), np.float32)
     xc = np.empty((n, k // 32), np.int32)
-    xs = np.empty((n, k // 32), np.float32) if {with_s} else xd
-    {quant}(x, xq, xd, xs, xc, {with_s}, {sum_mul})"""
-_PREP_FLOAT = """
-    xq = np.empty((n, k), np.float32)
-    {round_fn}(x, xq)
-    xd = xq
-    xs = xq
-    xc = np.empty((1, 1), np.int32)"""
-_PREP_F32 = """
-    xq = x
-    xd = x
-    xs = x
-    xc = np.empty((1, 1), np.int32)"""
+    xs = np.empty((n, k // 32), np.float32) if with_s else xd
+    quantize_q8(x, xq, xd, xs, xc, with_s, sum_mul)
+    return xq, xd, xs, xc
 
-_NATIVE_SRC = """
-def {name}(w, x, out):
+
+@nb.njit(**_NOPY)
+def _act_q16(x, with_s, sum_mul):
+    """:func:`_act_q8` with the quants stored as int16 (pre-widened)."""
     n, k = x.shape
-{prep}
-    rows = w.shape[0]
-    nb_ = k // 32
-    ntail = k - nb_ * 32
-    ws = np.int64(w.strides[0])
-    wp = np.int64(w.ctypes.data)
-    xqs = np.int64(xq.strides[0])
-    xqp = np.int64(xq.ctypes.data)
-    xst = np.int64(xd.strides[0])
-    xdp = np.int64(xd.ctypes.data)
-    xsp = np.int64(xs.ctypes.data)
-    osd = np.int64(out.strides[0])
-    op = np.int64(out.ctypes.data)
-    if n == 1:
-        ntr = rows // {VR}
-        for t in prange(ntr):
-            r0 = t * {VR}
-            {t_vec}(wp + r0 * ws, ws, xqp, xqs, xdp, xsp, xst, nb_, ntail, op + r0 * 4, osd)
-        for r0 in range(ntr * {VR}, rows):
-            {t_one}(wp + r0 * ws, ws, xqp, xqs, xdp, xsp, xst, nb_, ntail, op + r0 * 4, osd)
-        _keep_alive(xq, xd, xs, xc)
-        return
-    ntr = rows // {NR}
-    nc_main = n - n % {NC}
-    for t in prange(ntr + (rows - ntr * {NR})):
-        if t < ntr:
-            r0 = t * {NR}
-            for c0 in range(0, nc_main, {NC}):
-                {t_main}(wp + r0 * ws, ws, xqp + c0 * xqs, xqs, xdp + c0 * xst, xsp + c0 * xst, xst,
-                         nb_, ntail, op + c0 * osd + r0 * 4, osd)
-            for c0 in range(nc_main, n):
-                {t_col}(wp + r0 * ws, ws, xqp + c0 * xqs, xqs, xdp + c0 * xst, xsp + c0 * xst, xst,
-                        nb_, ntail, op + c0 * osd + r0 * 4, osd)
-        else:
-            r0 = ntr * {NR} + (t - ntr)
-            for c0 in range(0, nc_main, {NC}):
-                {t_row}(wp + r0 * ws, ws, xqp + c0 * xqs, xqs, xdp + c0 * xst, xsp + c0 * xst, xst,
-                        nb_, ntail, op + c0 * osd + r0 * 4, osd)
-            for c0 in range(nc_main, n):
-                {t_one}(wp + r0 * ws, ws, xqp + c0 * xqs, xqs, xdp + c0 * xst, xsp + c0 * xst, xst,
-                        nb_, ntail, op + c0 * osd + r0 * 4, osd)
-    _keep_alive(xq, xd, xs, xc)
-"""
+    xq = np.empty((n, k), np.int16)
+    xd = np.empty((n, k // 32), np.float32)
+    xc = np.empty((n, k // 32), np.int32)
+    xs = np.empty((n, k // 32), np.float32) if with_s else xd
+    quantize_q8(x, xq, xd, xs, xc, with_s, sum_mul)
+    return xq, xd, xs, xc
 
-_KNATIVE_SRC = """
-def {name}(w, x, out):
+
+@nb.njit(**_NOPY)
+def _act_f16(x):
+    xq = np.empty_like(x)
+    round_f16(x, xq)
+    return xq, xq, xq, np.empty((1, 1), np.int32)
+
+
+@nb.njit(**_NOPY)
+def _act_bf16(x):
+    xq = np.empty_like(x)
+    round_bf16(x, xq)
+    return xq, xq, xq, np.empty((1, 1), np.int32)
+
+
+@nb.njit(**_NOPY)
+def _act_q8_K(x):
+    """Q8_K activations: int8 quants, float32 scales per 256, int32 sums of the quants per 32."""
     n, k = x.shape
     xq = np.empty((n, k), np.int8)
     xd = np.empty((n, k // 256), np.float32)
     xb = np.empty((n, k // 32), np.int32)
     quantize_q8_K(x, xq, xd, xb)
-    if {b16}:
-        xb = np.empty((n, k // 16), np.int16)
-        bsums16(xq, xb)
-    rows = w.shape[0]
-    nb_ = k // 256
-    ws = np.int64(w.strides[0])
-    wp = np.int64(w.ctypes.data)
-    xqs = np.int64(xq.strides[0])
-    xqp = np.int64(xq.ctypes.data)
-    xds = np.int64(xd.strides[0])
-    xdp = np.int64(xd.ctypes.data)
-    xbs = np.int64(xb.strides[0])
-    xbp = np.int64(xb.ctypes.data)
-    osd = np.int64(out.strides[0])
-    op = np.int64(out.ctypes.data)
-    if n == 1:
-        if {perm}:
-            permute_q4k(xq)
-        ntr = rows // {VR}
-        for t in prange(ntr):
-            r0 = t * {VR}
-            {t_vec}(wp + r0 * ws, ws, xqp, xqs, xdp, xds, xbp, xbs, nb_, op + r0 * 4, osd)
-        for r0 in range(ntr * {VR}, rows):
-            {t_gv}(wp + r0 * ws, ws, xqp, xqs, xdp, xds, xbp, xbs, nb_, op + r0 * 4, osd)
-        _keep_alive(xq, xd, xb)
-        return
-    ntr = rows // {NR}
-    nc_main = n - n % {NC}
-    for t in prange(ntr + (rows - ntr * {NR})):
-        if t < ntr:
-            r0 = t * {NR}
-            for c0 in range(0, nc_main, {NC}):
-                {t_main}(wp + r0 * ws, ws, xqp + c0 * xqs, xqs, xdp + c0 * xds, xds, xbp + c0 * xbs, xbs,
-                         nb_, op + c0 * osd + r0 * 4, osd)
-            for c0 in range(nc_main, n):
-                {t_col}(wp + r0 * ws, ws, xqp + c0 * xqs, xqs, xdp + c0 * xds, xds, xbp + c0 * xbs, xbs,
-                        nb_, op + c0 * osd + r0 * 4, osd)
-        else:
-            r0 = ntr * {NR} + (t - ntr)
-            for c0 in range(0, nc_main, {NC}):
-                {t_row}(wp + r0 * ws, ws, xqp + c0 * xqs, xqs, xdp + c0 * xds, xds, xbp + c0 * xbs, xbs,
-                        nb_, op + c0 * osd + r0 * 4, osd)
-            for c0 in range(nc_main, n):
-                {t_one}(wp + r0 * ws, ws, xqp + c0 * xqs, xqs, xdp + c0 * xds, xds, xbp + c0 * xbs, xbs,
-                        nb_, op + c0 * osd + r0 * 4, osd)
-    _keep_alive(xq, xd, xb)
-"""
-
-_PACKED_SRC = """
-def {name}(wr, wt, x, out):
-    n, k = x.shape
-{prep}
-    ng = wr.shape[0]
-    nb_ = k // 32
-    wp = np.int64(wr.ctypes.data)
-    gs = np.int64(wr.strides[0])
-    xqp = np.int64(xq.ctypes.data)
-    xqs = np.int64(xq.strides[0])
-    xdp = np.int64(xd.ctypes.data)
-    xsp = np.int64(xs.ctypes.data)
-    xcp = np.int64(xc.ctypes.data)
-    xst = np.int64(xd.strides[0])
-    op = np.int64(out.ctypes.data)
-    osd = np.int64(out.strides[0])
-    nc_main = n - n % {NC}
-    for g in prange(ng):
-        gp = wp + g * gs
-        o = op + g * {GB}
-        for c0 in range(0, nc_main, {NC}):
-            {t_main}(gp, nb_, xqp + c0 * xqs, xqs, xdp + c0 * xst, xsp + c0 * xst, xcp + c0 * xst, xst,
-                     o + c0 * osd, osd)
-        for c0 in range(nc_main, n):
-            {t_one}(gp, nb_, xqp + c0 * xqs, xqs, xdp + c0 * xst, xsp + c0 * xst, xcp + c0 * xst, xst,
-                    o + c0 * osd, osd)
-    # rows after the last full group: native kernels on the original layout
-    tp = np.int64(wt.ctypes.data)
-    ts = np.int64(wt.strides[0])
-    ot = op + ng * {GB}
-    for r in range(wt.shape[0]):
-        for c0 in range(0, nc_main, {NC}):
-            {tail_main}(tp + r * ts, ts, xqp + c0 * xqs, xqs, xdp + c0 * xst, xsp + c0 * xst, xst,
-                        nb_, 0, ot + c0 * osd + r * 4, osd)
-        for c0 in range(nc_main, n):
-            {tail_one}(tp + r * ts, ts, xqp + c0 * xqs, xqs, xdp + c0 * xst, xsp + c0 * xst, xst,
-                       nb_, 0, ot + c0 * osd + r * 4, osd)
-    _keep_alive(xq, xd, xs, xc)
-"""
-
-_KPACKED_SRC = """
-def {name}(wr, wt, x, out):
-    n, k = x.shape
-    xq = np.empty((n, k), np.int8)
-    xd = np.empty((n, k // 256), np.float32)
-    xb = np.empty((n, k // 32), np.int32)
-    quantize_q8_K(x, xq, xd, xb)
-    xw = xq.astype(np.int16)
-    xt = xb
-    if {b16}:
-        xt = np.empty((n, k // 16), np.int16)      # the tail tiles' activation sums per 16
-        bsums16(xq, xt)
-    ng = wr.shape[0]
-    nb_ = k // 256
-    wp = np.int64(wr.ctypes.data)
-    gs = np.int64(wr.strides[0])
-    xqp = np.int64(xq.ctypes.data)
-    xqs = np.int64(xq.strides[0])
-    xwp = np.int64(xw.ctypes.data)
-    xws = np.int64(xw.strides[0])
-    xdp = np.int64(xd.ctypes.data)
-    xds = np.int64(xd.strides[0])
-    xbp = np.int64(xb.ctypes.data)
-    xbs = np.int64(xb.strides[0])
-    xtp = np.int64(xt.ctypes.data)
-    xts = np.int64(xt.strides[0])
-    op = np.int64(out.ctypes.data)
-    osd = np.int64(out.strides[0])
-    nc_main = n - n % {NC}
-    for g in prange(ng):
-        gp = wp + g * gs
-        o = op + g * {GB}
-        for c0 in range(0, nc_main, {NC}):
-            {t_main}(gp, nb_, xwp + c0 * xws, xws, xdp + c0 * xds, xds, xbp + c0 * xbs, xbs, o + c0 * osd, osd)
-        for c0 in range(nc_main, n):
-            {t_one}(gp, nb_, xwp + c0 * xws, xws, xdp + c0 * xds, xds, xbp + c0 * xbs, xbs, o + c0 * osd, osd)
-    # rows after the last full group: native kernels on the original layout
-    tp = np.int64(wt.ctypes.data)
-    ts = np.int64(wt.strides[0])
-    ot = op + ng * {GB}
-    for r in range(wt.shape[0]):
-        for c0 in range(0, nc_main, {NC}):
-            {tail_main}(tp + r * ts, ts, xqp + c0 * xqs, xqs, xdp + c0 * xds, xds, xtp + c0 * xts, xts,
-                        nb_, ot + c0 * osd + r * 4, osd)
-        for c0 in range(nc_main, n):
-            {tail_one}(tp + r * ts, ts, xqp + c0 * xqs, xqs, xdp + c0 * xds, xds, xtp + c0 * xts, xts,
-                       nb_, ot + c0 * osd + r * 4, osd)
-    _keep_alive(xq, xw, xd, xb, xt)
-"""
+    return xq, xd, xb
 
 
-def _prep(info: _TypeInfo, act16: bool, sum_mul: int) -> str:
+# activation kinds of the legacy / float drivers (ACT cell): a constant, so numba prunes the others
+_A_Q8, _A_Q16, _A_F16, _A_BF16, _A_F32 = 0, 1, 2, 3, 4
+
+
+def _act_kind(info: _TypeInfo, act16: bool) -> int:
     if info.act in ("q8_0", "q8_1"):
-        return _PREP_Q8.format(qdtype="int16" if act16 else "int8", with_s=info.act == "q8_1", sum_mul=sum_mul,
-                               quant=quantize_q8.py_func.__name__)
-    if info.act == "f32":
-        return _PREP_F32
-    return _PREP_FLOAT.format(round_fn=round_f16.py_func.__name__ if info.act == "f16" else "round_bf16")
+        return _A_Q16 if act16 else _A_Q8
+    return {"f16": _A_F16, "bf16": _A_BF16, "f32": _A_F32}[info.act]
+
+
+def _njit(fn, parallel: bool):
+    return nb.njit(parallel=parallel, **_NOPY)(fn)
 
 
 def _make_native(info: _TypeInfo, parallel: bool, cfg: KernelConfig):
+    """Native (zero-copy) blocks: n == 1 one weight row (VR rows) at a time, n > 1 NR x NC tiles."""
     v, m = cfg.tiling(info, "gemv"), cfg.tiling(info, "gemm")
     if v.act16 != m.act16:
         raise ValueError(f"tilings of {info.name}: gemv and gemm must agree on act16")
-    f = info.name
     if info.act == "q8_K":
-        def kt(NR, NC):
-            return _bind(ktile_kernel(f, NR, NC))
-
-        # n == 1 on x86: the single-row kgemv kernel, which wants the activation sums per 16
-        # (int16) for Q6_K (Q2_K / Q3_K have them already) and the sub-blocks of Q4_K / Q5_K
-        # activations permuted (simd.Q4K_GEMV_PERM)
-        dec = simd.decoder(f)
-        kg = cfg.kgemv and v.NR == 1 and dec.has_gemv
-        t_vec = _bind(kgemv_kernel(f)) if kg else kt(v.NR, 1)
-        return _jit(_KNATIVE_SRC, f"_knative_{f}_{v.NR}_{m.NR}x{m.NC}", parallel, VR=v.NR, NR=m.NR, NC=m.NC,
-                    t_vec=t_vec, t_gv=t_vec if v.NR == 1 else kt(1, 1), t_one=kt(1, 1),
-                    t_main=kt(m.NR, m.NC), t_col=kt(m.NR, 1), t_row=kt(1, m.NC),
-                    b16=(kg and f == "Q6_K") or dec.bsums == 16, perm=kg and f in ("Q4_K", "Q5_K"))
+        return _make_knative(info, parallel, cfg, v, m)
+    f = info.name
 
     def tile(NR, NC, t):
-        return _bind(tile_kernel(f, NR, NC, unroll=t.unroll, act16=t.act16, wide=t.wide))
+        return spec("tile", f, NR, NC, unroll=t.unroll, act16=t.act16, wide=t.wide)
 
-    return _jit(_NATIVE_SRC, f"_native_{f}_{v.tag}_{m.tag}", parallel, prep=_prep(info, m.act16, 1),
-                VR=v.NR, NR=m.NR, NC=m.NC,
-                t_vec=tile(v.NR, 1, v), t_one=tile(1, 1, v),
-                t_main=tile(m.NR, m.NC, m), t_col=tile(m.NR, 1, m), t_row=tile(1, m.NC, m))
+    ACT, WITH_S = _act_kind(info, m.act16), info.act == "q8_1"
+    VR, NR, NC = v.NR, m.NR, m.NC
+    T_VEC, T_ONE = tile(v.NR, 1, v), tile(1, 1, v)
+    T_MAIN, T_COL, T_ROW = tile(m.NR, m.NC, m), tile(m.NR, 1, m), tile(1, m.NC, m)
+
+    def native(w, x, out):
+        n, k = x.shape
+        if ACT == 0:
+            xq, xd, xs, xc = _act_q8(x, WITH_S, 1)
+        elif ACT == 1:
+            xq, xd, xs, xc = _act_q16(x, WITH_S, 1)
+        elif ACT == 2:
+            xq, xd, xs, xc = _act_f16(x)
+        elif ACT == 3:
+            xq, xd, xs, xc = _act_bf16(x)
+        else:
+            xq, xd, xs, xc = x, x, x, np.empty((1, 1), np.int32)
+        rows = w.shape[0]
+        nb_ = k // 32
+        ntail = k - nb_ * 32
+        ws = np.int64(w.strides[0])
+        wp = np.int64(w.ctypes.data)
+        xqs = np.int64(xq.strides[0])
+        xqp = np.int64(xq.ctypes.data)
+        xst = np.int64(xd.strides[0])
+        xdp = np.int64(xd.ctypes.data)
+        xsp = np.int64(xs.ctypes.data)
+        osd = np.int64(out.strides[0])
+        op = np.int64(out.ctypes.data)
+        if n == 1:
+            ntr = rows // VR
+            for t in prange(ntr):
+                r0 = t * VR
+                call(T_VEC, wp + r0 * ws, ws, xqp, xqs, xdp, xsp, xst, nb_, ntail, op + r0 * 4, osd)
+            for r0 in range(ntr * VR, rows):
+                call(T_ONE, wp + r0 * ws, ws, xqp, xqs, xdp, xsp, xst, nb_, ntail, op + r0 * 4, osd)
+            _keep_alive(xq, xd, xs, xc)
+            return
+        ntr = rows // NR
+        nc_main = n - n % NC
+        for t in prange(ntr + (rows - ntr * NR)):
+            if t < ntr:
+                r0 = t * NR
+                for c0 in range(0, nc_main, NC):
+                    call(T_MAIN, wp + r0 * ws, ws, xqp + c0 * xqs, xqs, xdp + c0 * xst, xsp + c0 * xst, xst,
+                         nb_, ntail, op + c0 * osd + r0 * 4, osd)
+                for c0 in range(nc_main, n):
+                    call(T_COL, wp + r0 * ws, ws, xqp + c0 * xqs, xqs, xdp + c0 * xst, xsp + c0 * xst, xst,
+                         nb_, ntail, op + c0 * osd + r0 * 4, osd)
+            else:
+                r0 = ntr * NR + (t - ntr)
+                for c0 in range(0, nc_main, NC):
+                    call(T_ROW, wp + r0 * ws, ws, xqp + c0 * xqs, xqs, xdp + c0 * xst, xsp + c0 * xst, xst,
+                         nb_, ntail, op + c0 * osd + r0 * 4, osd)
+                for c0 in range(nc_main, n):
+                    call(T_ONE, wp + r0 * ws, ws, xqp + c0 * xqs, xqs, xdp + c0 * xst, xsp + c0 * xst, xst,
+                         nb_, ntail, op + c0 * osd + r0 * 4, osd)
+        _keep_alive(xq, xd, xs, xc)
+
+    return _njit(native, parallel)
+
+
+def _make_knative(info: _TypeInfo, parallel: bool, cfg: KernelConfig, v: Tiling, m: Tiling):
+    """Native K-quant super-blocks against Q8_K activations. n == 1 on x86: the single-row kgemv kernel,
+    which wants the activation sums per 16 (int16) for Q6_K (Q2_K / Q3_K have them already) and the
+    sub-blocks of Q4_K / Q5_K activations permuted (simd.Q4K_GEMV_PERM)."""
+    f = info.name
+    dec = quants.type_info(f).simd
+
+    def kt(NR, NC):
+        return spec("ktile", f, NR, NC)
+
+    kg = cfg.kgemv and v.NR == 1 and dec.has_gemv
+    VR, NR, NC = v.NR, m.NR, m.NC
+    T_VEC = spec("kgemv", f) if kg else kt(v.NR, 1)
+    T_GV = T_VEC if v.NR == 1 else kt(1, 1)
+    T_ONE, T_MAIN, T_COL, T_ROW = kt(1, 1), kt(m.NR, m.NC), kt(m.NR, 1), kt(1, m.NC)
+    B16 = (kg and f == "Q6_K") or dec.bsums == 16
+    PERM = kg and f in ("Q4_K", "Q5_K")
+
+    def knative(w, x, out):
+        n, k = x.shape
+        xq, xd, xb32 = _act_q8_K(x)
+        if B16:
+            xb = np.empty((n, k // 16), np.int16)
+            bsums16(xq, xb)
+        else:
+            xb = xb32
+        rows = w.shape[0]
+        nb_ = k // 256
+        ws = np.int64(w.strides[0])
+        wp = np.int64(w.ctypes.data)
+        xqs = np.int64(xq.strides[0])
+        xqp = np.int64(xq.ctypes.data)
+        xds = np.int64(xd.strides[0])
+        xdp = np.int64(xd.ctypes.data)
+        xbs = np.int64(xb.strides[0])
+        xbp = np.int64(xb.ctypes.data)
+        osd = np.int64(out.strides[0])
+        op = np.int64(out.ctypes.data)
+        if n == 1:
+            if PERM:
+                permute_q4k(xq)
+            ntr = rows // VR
+            for t in prange(ntr):
+                r0 = t * VR
+                call(T_VEC, wp + r0 * ws, ws, xqp, xqs, xdp, xds, xbp, xbs, nb_, op + r0 * 4, osd)
+            for r0 in range(ntr * VR, rows):
+                call(T_GV, wp + r0 * ws, ws, xqp, xqs, xdp, xds, xbp, xbs, nb_, op + r0 * 4, osd)
+            _keep_alive(xq, xd, xb)
+            return
+        ntr = rows // NR
+        nc_main = n - n % NC
+        for t in prange(ntr + (rows - ntr * NR)):
+            if t < ntr:
+                r0 = t * NR
+                for c0 in range(0, nc_main, NC):
+                    call(T_MAIN, wp + r0 * ws, ws, xqp + c0 * xqs, xqs, xdp + c0 * xds, xds, xbp + c0 * xbs, xbs,
+                         nb_, op + c0 * osd + r0 * 4, osd)
+                for c0 in range(nc_main, n):
+                    call(T_COL, wp + r0 * ws, ws, xqp + c0 * xqs, xqs, xdp + c0 * xds, xds, xbp + c0 * xbs, xbs,
+                         nb_, op + c0 * osd + r0 * 4, osd)
+            else:
+                r0 = ntr * NR + (t - ntr)
+                for c0 in range(0, nc_main, NC):
+                    call(T_ROW, wp + r0 * ws, ws, xqp + c0 * xqs, xqs, xdp + c0 * xds, xds, xbp + c0 * xbs, xbs,
+                         nb_, op + c0 * osd + r0 * 4, osd)
+                for c0 in range(nc_main, n):
+                    call(T_ONE, wp + r0 * ws, ws, xqp + c0 * xqs, xqs, xdp + c0 * xds, xds, xbp + c0 * xbs, xbs,
+                         nb_, op + c0 * osd + r0 * 4, osd)
+        _keep_alive(xq, xd, xb)
+
+    return _njit(knative, parallel)
 
 
 def _make_packed(info: _TypeInfo, parallel: bool, cfg: KernelConfig):
+    """x16 row-interleaved groups (simd.Interleaved), the rows % 16 after them on the native layout."""
     f = info.name
-    fmt = simd.repacked(f)
-    NC, ch = cfg.packed_nc, cfg.packed_chains
+    fmt = info.repacked
     if fmt.kquant:
-        return _jit(_KPACKED_SRC, f"_kpacked_{f}_g{GROUP}_x{NC}", parallel, NC=NC, GB=GROUP * 4,
-                    b16=simd.decoder(f).bsums == 16,
-                    t_main=_bind(kinterleaved_kernel(f, NC)), t_one=_bind(kinterleaved_kernel(f, 1)),
-                    tail_main=_bind(ktile_kernel(f, 1, NC)), tail_one=_bind(ktile_kernel(f, 1, 1)))
-    return _jit(_PACKED_SRC, f"_packed_{f}_g{GROUP}_x{NC}_c{ch}", parallel,
-                prep=_prep(info, True, -fmt.offset), NC=NC, GB=GROUP * 4,
-                t_main=_bind(interleaved_kernel(f, NC, ch)), t_one=_bind(interleaved_kernel(f, 1, ch)),
-                tail_main=_bind(tile_kernel(f, 1, NC, act16=True)),
-                tail_one=_bind(tile_kernel(f, 1, 1, act16=True)))
+        return _make_kpacked(info, parallel, cfg)
+    NC, ch, GB = cfg.packed_nc, cfg.packed_chains, GROUP * 4
+    WITH_S, SUM_MUL = info.act == "q8_1", -fmt.offset
+    T_MAIN, T_ONE = spec("itile", f, NC, ch), spec("itile", f, 1, ch)
+    TAIL_MAIN, TAIL_ONE = spec("tile", f, 1, NC, act16=True), spec("tile", f, 1, 1, act16=True)
+
+    def packed(wr, wt, x, out):
+        n, k = x.shape
+        xq, xd, xs, xc = _act_q16(x, WITH_S, SUM_MUL)
+        ng = wr.shape[0]
+        nb_ = k // 32
+        wp = np.int64(wr.ctypes.data)
+        gs = np.int64(wr.strides[0])
+        xqp = np.int64(xq.ctypes.data)
+        xqs = np.int64(xq.strides[0])
+        xdp = np.int64(xd.ctypes.data)
+        xsp = np.int64(xs.ctypes.data)
+        xcp = np.int64(xc.ctypes.data)
+        xst = np.int64(xd.strides[0])
+        op = np.int64(out.ctypes.data)
+        osd = np.int64(out.strides[0])
+        nc_main = n - n % NC
+        for g in prange(ng):
+            gp = wp + g * gs
+            o = op + g * GB
+            for c0 in range(0, nc_main, NC):
+                call(T_MAIN, gp, nb_, xqp + c0 * xqs, xqs, xdp + c0 * xst, xsp + c0 * xst, xcp + c0 * xst, xst,
+                     o + c0 * osd, osd)
+            for c0 in range(nc_main, n):
+                call(T_ONE, gp, nb_, xqp + c0 * xqs, xqs, xdp + c0 * xst, xsp + c0 * xst, xcp + c0 * xst, xst,
+                     o + c0 * osd, osd)
+        # rows after the last full group: native kernels on the original layout
+        tp = np.int64(wt.ctypes.data)
+        ts = np.int64(wt.strides[0])
+        ot = op + ng * GB
+        for r in range(wt.shape[0]):
+            for c0 in range(0, nc_main, NC):
+                call(TAIL_MAIN, tp + r * ts, ts, xqp + c0 * xqs, xqs, xdp + c0 * xst, xsp + c0 * xst, xst,
+                     nb_, 0, ot + c0 * osd + r * 4, osd)
+            for c0 in range(nc_main, n):
+                call(TAIL_ONE, tp + r * ts, ts, xqp + c0 * xqs, xqs, xdp + c0 * xst, xsp + c0 * xst, xst,
+                     nb_, 0, ot + c0 * osd + r * 4, osd)
+        _keep_alive(xq, xd, xs, xc)
+
+    return _njit(packed, parallel)
+
+
+def _make_kpacked(info: _TypeInfo, parallel: bool, cfg: KernelConfig):
+    f = info.name
+    NC, GB = cfg.packed_nc, GROUP * 4
+    B16 = quants.type_info(f).simd.bsums == 16
+    T_MAIN, T_ONE = spec("kitile", f, NC), spec("kitile", f, 1)
+    TAIL_MAIN, TAIL_ONE = spec("ktile", f, 1, NC), spec("ktile", f, 1, 1)
+
+    def kpacked(wr, wt, x, out):
+        n, k = x.shape
+        xq, xd, xb = _act_q8_K(x)
+        xw = xq.astype(np.int16)
+        if B16:
+            xt = np.empty((n, k // 16), np.int16)      # the tail tiles' activation sums per 16
+            bsums16(xq, xt)
+        else:
+            xt = xb
+        ng = wr.shape[0]
+        nb_ = k // 256
+        wp = np.int64(wr.ctypes.data)
+        gs = np.int64(wr.strides[0])
+        xqp = np.int64(xq.ctypes.data)
+        xqs = np.int64(xq.strides[0])
+        xwp = np.int64(xw.ctypes.data)
+        xws = np.int64(xw.strides[0])
+        xdp = np.int64(xd.ctypes.data)
+        xds = np.int64(xd.strides[0])
+        xbp = np.int64(xb.ctypes.data)
+        xbs = np.int64(xb.strides[0])
+        xtp = np.int64(xt.ctypes.data)
+        xts = np.int64(xt.strides[0])
+        op = np.int64(out.ctypes.data)
+        osd = np.int64(out.strides[0])
+        nc_main = n - n % NC
+        for g in prange(ng):
+            gp = wp + g * gs
+            o = op + g * GB
+            for c0 in range(0, nc_main, NC):
+                call(T_MAIN, gp, nb_, xwp + c0 * xws, xws, xdp + c0 * xds, xds, xbp + c0 * xbs, xbs,
+                     o + c0 * osd, osd)
+            for c0 in range(nc_main, n):
+                call(T_ONE, gp, nb_, xwp + c0 * xws, xws, xdp + c0 * xds, xds, xbp + c0 * xbs, xbs,
+                     o + c0 * osd, osd)
+        # rows after the last full group: native kernels on the original layout
+        tp = np.int64(wt.ctypes.data)
+        ts = np.int64(wt.strides[0])
+        ot = op + ng * GB
+        for r in range(wt.shape[0]):
+            for c0 in range(0, nc_main, NC):
+                call(TAIL_MAIN, tp + r * ts, ts, xqp + c0 * xqs, xqs, xdp + c0 * xds, xds, xtp + c0 * xts, xts,
+                     nb_, ot + c0 * osd + r * 4, osd)
+            for c0 in range(nc_main, n):
+                call(TAIL_ONE, tp + r * ts, ts, xqp + c0 * xqs, xqs, xdp + c0 * xds, xds, xtp + c0 * xts, xts,
+                     nb_, ot + c0 * osd + r * 4, osd)
+        _keep_alive(xq, xw, xd, xb, xt)
+
+    return _njit(kpacked, parallel)
+
+
+def _make_arm(info: _TypeInfo, parallel: bool):
+    """aarch64 4-row groups (kernels/arm.py): one group x NC activation rows per kernel call."""
+    f = info.name
+    L = arm.LAYOUTS[f]
+    NC, QKB = arm.NC, L.qk
+    KQ = L.act == "q8_K"
+    HILO = f in ("Q4_K", "Q5_K")
+    WITH_S = info.act == "q8_1"
+    T_MAIN, T_ONE = spec("arm4", f, NC, arm.DOTPROD), spec("arm4", f, 1, arm.DOTPROD)
+
+    def arm4(wr, x, out):
+        n, k = x.shape
+        if KQ:
+            xq, xd, xb32 = _act_q8_K(x)
+            if HILO:
+                xb = np.empty((n, k // 256 * 16), np.int8)
+                arm.bsums_hilo(xb32, xb)
+            else:
+                xb = xb32
+        else:
+            xq, xd, _xs, xb = _act_q8(x, WITH_S, 1)
+        ng = wr.shape[0]
+        nb_ = k // QKB
+        wp = np.int64(wr.ctypes.data)
+        gs = np.int64(wr.strides[0])
+        xqp = np.int64(xq.ctypes.data)
+        xqs = np.int64(xq.strides[0])
+        xdp = np.int64(xd.ctypes.data)
+        xds = np.int64(xd.strides[0])
+        xbp = np.int64(xb.ctypes.data)
+        xbs = np.int64(xb.strides[0])
+        op = np.int64(out.ctypes.data)
+        osd = np.int64(out.strides[0])
+        nc_main = n - n % NC
+        for g in prange(ng):
+            gp = wp + g * gs
+            o = op + g * 16
+            for c0 in range(0, nc_main, NC):
+                call(T_MAIN, gp, nb_, xqp + c0 * xqs, xqs, xdp + c0 * xds, xds, xbp + c0 * xbs, xbs,
+                     o + c0 * osd, osd)
+            for c0 in range(nc_main, n):
+                call(T_ONE, gp, nb_, xqp + c0 * xqs, xqs, xdp + c0 * xds, xds, xbp + c0 * xbs, xbs,
+                     o + c0 * osd, osd)
+        _keep_alive(xq, xd, xb)
+
+    return _njit(arm4, parallel)
 
 
 def _driver(info: _TypeInfo, packed, parallel: bool, cfg: KernelConfig):
@@ -654,7 +729,7 @@ def _driver(info: _TypeInfo, packed, parallel: bool, cfg: KernelConfig):
     d = info.drivers.get(key)
     if d is None:
         if packed == "arm":
-            d = arm.make_driver(info.name, parallel)
+            d = _make_arm(info, parallel)
         else:
             d = (_make_packed if packed else _make_native)(info, parallel, cfg)
         info.drivers[key] = d
