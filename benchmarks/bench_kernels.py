@@ -272,7 +272,7 @@ def cross_asm_report(targets=("cortex-a76", "cortex-a72", "haswell", "znver4")):
     accumulators), as simd.py picks it on an aarch64 host. Counts are per
     loop body plus prologue/epilogue (loops are unrolled by LLVM as it likes).
     """
-    from tinyinfer.kernels import simd
+    from tinyinfer.kernels import dispatch, simd
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from arm_mca import compile_asm, module_ir as module_for
@@ -284,20 +284,20 @@ def cross_asm_report(targets=("cortex-a76", "cortex-a72", "haswell", "znver4")):
                         "ldr", "str"],
             "x86_64": ["vpdpwssd", "vpmaddwd", "vpmaddubsw", "vpmovzxbw", "vpmovsxbw", "vpshufb", "vcvtdq2ps", "vfmadd231ps",
                        "vmovups", "vmovaps"]}
-    kernels = [("Q4_0 x16 n=1", lambda: simd.interleaved_kernel("Q4_0", 1), 10),
-               ("Q8_0 x16 n=1", lambda: simd.interleaved_kernel("Q8_0", 1), 10),
-               ("Q4_0 x16 n=4", lambda: simd.interleaved_kernel("Q4_0", 4), 10),
-               ("Q4_0 native 4x1", lambda: simd.tile_kernel("Q4_0", 4, 1), 11),
-               ("Q8_0 native 4x1", lambda: simd.tile_kernel("Q8_0", 4, 1), 11),
-               ("Q5_0 native 4x1", lambda: simd.tile_kernel("Q5_0", 4, 1), 11),
-               ("Q4_K native 1x1", lambda: simd.ktile_kernel("Q4_K", 1, 1), 11),
-               ("Q6_K native 1x1", lambda: simd.ktile_kernel("Q6_K", 1, 1), 11),
-               ("Q2_K native 1x1", lambda: simd.ktile_kernel("Q2_K", 1, 1), 11),
-               ("Q3_K native 1x1", lambda: simd.ktile_kernel("Q3_K", 1, 1), 11),
-               ("Q5_K native 1x1", lambda: simd.ktile_kernel("Q5_K", 1, 1), 11),
-               ("IQ4_XS native 1x1", lambda: simd.ktile_kernel("IQ4_XS", 1, 1), 11),
-               ("IQ4_NL native 1x1", lambda: simd.tile_kernel("IQ4_NL", 1, 1, unroll=2), 11),
-               ("F16 native 4x1", lambda: simd.tile_kernel("F16", 4, 1), 11)]
+    kernels = [("Q4_0 x16 n=1", lambda: dispatch.make("itile", "Q4_0", 1), 10),
+               ("Q8_0 x16 n=1", lambda: dispatch.make("itile", "Q8_0", 1), 10),
+               ("Q4_0 x16 n=4", lambda: dispatch.make("itile", "Q4_0", 4), 10),
+               ("Q4_0 native 4x1", lambda: dispatch.make("tile", "Q4_0", 4, 1), 11),
+               ("Q8_0 native 4x1", lambda: dispatch.make("tile", "Q8_0", 4, 1), 11),
+               ("Q5_0 native 4x1", lambda: dispatch.make("tile", "Q5_0", 4, 1), 11),
+               ("Q4_K native 1x1", lambda: dispatch.make("ktile", "Q4_K", 1, 1), 11),
+               ("Q6_K native 1x1", lambda: dispatch.make("ktile", "Q6_K", 1, 1), 11),
+               ("Q2_K native 1x1", lambda: dispatch.make("ktile", "Q2_K", 1, 1), 11),
+               ("Q3_K native 1x1", lambda: dispatch.make("ktile", "Q3_K", 1, 1), 11),
+               ("Q5_K native 1x1", lambda: dispatch.make("ktile", "Q5_K", 1, 1), 11),
+               ("IQ4_XS native 1x1", lambda: dispatch.make("ktile", "IQ4_XS", 1, 1), 11),
+               ("IQ4_NL native 1x1", lambda: dispatch.make("tile", "IQ4_NL", 1, 1, unroll=2), 11),
+               ("F16 native 4x1", lambda: dispatch.make("tile", "F16", 4, 1), 11)]
     saved = simd.PARTIAL_REDUCE, simd.ACC_LANES
     try:
         for name, make, nargs in kernels:

@@ -50,6 +50,7 @@ from numba import types
 from numba.extending import intrinsic
 
 from . import simd
+from .quants import KVALUES_IQ4NL
 from .simd import F16, F32, I8, I16, I32, P8, Emitter, _intrinsic_call, c32, c64, counted_loop, vec
 
 _HASH = hashlib.sha1(Path(__file__).read_bytes()).hexdigest()[:8]
@@ -689,7 +690,6 @@ def bsums_hilo(xb, out):
 
 
 def _iq4nl_values():
-    from .quants import KVALUES_IQ4NL
     return KVALUES_IQ4NL
 
 

@@ -10,7 +10,8 @@ inlined as before. A spec also carries a hash of the files that build kernel IR 
 file): numba's cache cannot see a change there, a changed spec string can (the cached driver's key
 changes with its cells).
 
-This module imports simd and arm; neither imports it, matmul.py or quants.py at import time.
+This module imports simd, arm and quants (the registry, for a type name's decoder); none of them imports
+it or matmul.py. simd.py imports none of them: its factories take the decoder objects.
 """
 
 from __future__ import annotations
@@ -24,18 +25,41 @@ from numba.core import cgutils
 from numba.core.typing import signature
 from numba.extending import intrinsic
 
-from . import arm, simd
+from . import arm, quants, simd
 
 SRC_HASH = hashlib.sha1(b"".join(Path(m.__file__).read_bytes() for m in (simd, arm))
                         + Path(__file__).read_bytes()).hexdigest()[:10]
 
+
+
+def decoder(type_name: str):
+    """The registry's block decoder of a type (kernels/quants.py ``TYPES``, its ``simd`` field)."""
+    d = quants.type_info(type_name).simd
+    if d is None:
+        raise ValueError(f"{type_name} has no SIMD block decoder")
+    return d
+
+
+def repacked(type_name: str):
+    """The registry's x16 row-interleaved layout of a type (its ``repacked`` field)."""
+    r = quants.type_info(type_name).repacked
+    if r is None:
+        raise ValueError(f"{type_name} has no repacked layout")
+    return r
+
+
+def _on(lookup, factory):
+    """factory(fmt, ...) as a function of the type's name."""
+    return lambda type_name, *a, **kw: factory(lookup(type_name), *a, **kw)
+
+
 # factory name -> the function that builds the intrinsic (all lru_cached: one intrinsic per spec)
 FACTORIES = {
-    "tile": simd.tile_kernel,                    # native legacy / float blocks, NR x NC tiles
-    "ktile": simd.ktile_kernel,                  # native K-quant super-blocks, NR x NC tiles
-    "kgemv": simd.kgemv_kernel,                  # one K-quant row x one activation row (x86)
-    "itile": simd.interleaved_kernel,            # x16 row-interleaved legacy groups
-    "kitile": simd.kinterleaved_kernel,          # x16 row-interleaved K-quant groups
+    "tile": _on(decoder, simd.tile_kernel),      # native legacy / float blocks, NR x NC tiles
+    "ktile": _on(decoder, simd.ktile_kernel),    # native K-quant super-blocks, NR x NC tiles
+    "kgemv": _on(decoder, simd.kgemv_kernel),    # one K-quant row x one activation row (x86)
+    "itile": _on(repacked, simd.interleaved_kernel),    # x16 row-interleaved legacy groups
+    "kitile": _on(repacked, simd.kinterleaved_kernel),  # x16 row-interleaved K-quant groups
     "quant_row": simd.quantize_row_kernel,       # one activation row -> Q8_0 / Q8_1
     "f16_round": lambda: simd.f32_to_f16_to_f32,  # float32 -> fp16 -> float32
     "arm4": arm.group_kernel,                    # aarch64 4-row groups (sdot / smull)
@@ -53,6 +77,11 @@ def kernel(spec_str: str):
     """The intrinsic a spec string names."""
     factory, args, kw, _ = ast.literal_eval(spec_str)
     return FACTORIES[factory](*args, **dict(kw))
+
+
+def make(factory: str, *args, **kw):
+    """The intrinsic ``FACTORIES[factory](*args, **kw)`` (type names as strings), for tools and tests."""
+    return kernel(spec(factory, *args, **kw))
 
 
 @intrinsic(prefer_literal=True)

@@ -55,7 +55,8 @@ Everything here is compile-time Python that builds IR; nothing runs per call.
 Pointers are passed as integers (``arr.ctypes.data`` in the jitted caller):
 the caller validates every shape before calling, the IR does no bounds checks.
 Every intrinsic carries a ``kernel_name`` that spells out all its compile-time
-choices (matmul.py uses it to keep numba's on-disk cache honest).
+choices (for reports). The factories take the registry's decoder objects (kernels/quants.py);
+kernels/dispatch.py names them by type name for the drivers.
 """
 
 from __future__ import annotations
@@ -473,24 +474,6 @@ class BF16W(F32W):
         return e.b.bitcast(w, F32)
 
 
-def decoder(fmt_name: str):
-    """The block decoder of a format, from the registry (kernels/quants.py ``TYPES``)."""
-    from .quants import type_info                    # quants imports this module: no cycle at import
-    d = type_info(fmt_name).simd
-    if d is None:
-        raise ValueError(f"{fmt_name} has no SIMD block decoder")
-    return d
-
-
-def repacked(fmt_name: str):
-    """The row-interleaved layout of a format, from the registry."""
-    from .quants import type_info
-    r = type_info(fmt_name).repacked
-    if r is None:
-        raise ValueError(f"{fmt_name} has no repacked layout")
-    return r
-
-
 # ------------------------------------------------------------- tile kernels
 @dataclass
 class _Tile:
@@ -573,7 +556,7 @@ def _tile_float_tail(t: _Tile, nb_, ntail_):
 
 
 @lru_cache(maxsize=None)
-def tile_kernel(fmt_name: str, NR: int, NC: int, lanes: int = 0, unroll: int = 1,
+def tile_kernel(fmt, NR: int, NC: int, lanes: int = 0, unroll: int = 1,
                 act16: bool = False, wide: bool = False):
     """An intrinsic computing an NR x NC tile of out = x @ W.T over ``nb`` blocks of 32.
 
@@ -593,7 +576,7 @@ def tile_kernel(fmt_name: str, NR: int, NC: int, lanes: int = 0, unroll: int = 1
 
     Writes out[c, r] = sum over blocks for r < NR, c < NC (overwrites).
     """
-    fmt = decoder(fmt_name)
+    fmt_name = fmt.name
     W = lanes or ACC_LANES
     W = min(W, 16 if fmt.integer else 32)
     U = max(1, unroll)
@@ -776,7 +759,7 @@ class Q5_1x16(Q5_0x16):
 
 
 @lru_cache(maxsize=None)
-def interleaved_kernel(fmt_name: str, NC: int, chains: int = 4):
+def interleaved_kernel(fmt, NC: int, chains: int = 4):
     """Intrinsic for GROUP weight rows (one repacked group) x NC activation rows.
 
     Signature (int64 addresses / sizes)::
@@ -789,7 +772,7 @@ def interleaved_kernel(fmt_name: str, NC: int, chains: int = 4):
       corrections (-offset*sum(q)), all three with ``x_stride`` bytes per row.
     * ``out``: address of out[c0, r0]; writes GROUP floats per activation row.
     """
-    fmt = repacked(fmt_name)
+    fmt_name = fmt.name
     G = GROUP
 
     @intrinsic
@@ -891,7 +874,7 @@ class Q6_Kx16(Interleaved):
 
 
 @lru_cache(maxsize=None)
-def kinterleaved_kernel(fmt_name: str, NC: int):
+def kinterleaved_kernel(fmt, NC: int):
     """Intrinsic for GROUP rows of a repacked K-quant (:class:`Q4_Kx16`) x NC Q8_K activation rows.
 
     Signature (int64 addresses / sizes)::
@@ -904,7 +887,7 @@ def kinterleaved_kernel(fmt_name: str, NC: int):
     sub-block scales, summed in int32 (ggml's integers exactly); the mins as
     sum_j min_j * xsum_j; then d_w*d_x and dmin_w*d_x in float. Writes GROUP floats per row.
     """
-    fmt = repacked(fmt_name)
+    fmt_name = fmt.name
     G = GROUP
     L = fmt.layout
 
@@ -1330,7 +1313,7 @@ def _load_bsums(e: Emitter, fmt: KFormat, xbp, off):
 
 
 @lru_cache(maxsize=None)
-def ktile_kernel(fmt_name: str, NR: int, NC: int, lanes: int = 0):
+def ktile_kernel(fmt, NR: int, NC: int, lanes: int = 0):
     """Intrinsic for an NR x NC tile of a K-quant weight against Q8_K activations.
 
     Signature (int64 addresses / sizes)::
@@ -1341,7 +1324,7 @@ def ktile_kernel(fmt_name: str, NR: int, NC: int, lanes: int = 0):
     q the format needs (``KFormat.bsums``: int32 per 32 or int16 per 16); ``nb``
     super-blocks. Writes out[c, r].
     """
-    fmt = decoder(fmt_name)
+    fmt_name = fmt.name
     W = min(lanes or ACC_LANES, 16)
     bsz = 2 * 16 if fmt.bsums == 16 else 4 * 8          # bytes of sums per super-block
 
@@ -1596,7 +1579,7 @@ _KGEMV = {"Q2_K": _kgemv_q2k, "Q3_K": _kgemv_q3k, "Q4_K": _kgemv_q4k, "Q5_K": _k
 
 
 @lru_cache(maxsize=None)
-def kgemv_kernel(fmt_name: str):
+def kgemv_kernel(fmt):
     """Intrinsic for one K-quant weight row x one Q8_K activation row (n == 1), x86 flavour.
 
     Same signature as :func:`ktile_kernel`. Per super-block, 64 elements per
@@ -1610,7 +1593,7 @@ def kgemv_kernel(fmt_name: str):
     see :func:`_kgemv_q2k`, :func:`_kgemv_q3k`. Exactly the integers of ggml's
     vec_dot_q*_K_q8_K; only float order differs.
     """
-    fmt = decoder(fmt_name)
+    fmt_name = fmt.name
     q4 = bool(fmt.min_group)              # Q4_K, Q2_K: a second accumulator for the mins
     gemv = _KGEMV[fmt_name]
 
