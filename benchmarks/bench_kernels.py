@@ -106,6 +106,7 @@ def config_from_args(a) -> "mm.KernelConfig":
                    kgemv=cfg.kgemv if a.kgemv is None else a.kgemv == 1,
                    packed_nc=a.packed_nc or cfg.packed_nc, packed_chains=a.packed_chains or cfg.packed_chains,
                    parallel_min_bytes=cfg.parallel_min_bytes if a.parallel_min_bytes is None else a.parallel_min_bytes,
+                   prefetch=a.prefetch or cfg.prefetch, prefetch_packed=a.prefetch_packed or cfg.prefetch_packed,
                    tilings=tuple(tilings))
 
 
@@ -250,9 +251,9 @@ def asm_report(type_name, packed):
         return None
     rows = 48 if packed else 8
     pw = mm.prepare(random_weight(rows, 256, TYPES[type_name], np.random.default_rng(0)), TYPES[type_name], 256,
-                    repack=packed)
+                    repack=packed, config=CONFIG)
     mm.matmul(pw, np.ones((1, 256), np.float32))
-    drv = mm._driver(info, packed, False, mm.DEFAULT_CONFIG)
+    drv = mm._driver(info, packed, False, CONFIG)
     asm = drv.inspect_asm(drv.signatures[0])
     ops = Counter(re.findall(r"^\s+([a-z][a-z0-9]*)\s", asm, re.M))
     vec_ops = {o: c for o, c in ops.items() if o.startswith("v") or o in
@@ -342,6 +343,8 @@ def main(argv=None):
     g.add_argument("--packed-nc", type=int, help="activation rows per repacked tile (default 4)")
     g.add_argument("--packed-chains", type=int, help="int32 chains per repacked tile (default 4)")
     g.add_argument("--parallel-min-bytes", type=int, help="smallest work split over threads")
+    g.add_argument("--prefetch", type=int, help="software prefetch distance of the native tiles (bytes; 0 off)")
+    g.add_argument("--prefetch-packed", type=int, help="software prefetch distance of the x16 groups (bytes)")
     g.add_argument("--tile", action="append", metavar="TYPE:gemv|gemm:NR,NC,unroll,act16,wide",
                    help="native tile override, e.g. Q4_0:gemm:4,4,1,0,0 (repeatable)")
     a = ap.parse_args(argv)

@@ -68,6 +68,8 @@ Adding a type = a ``WeightFormat`` / ``KFormat`` (and optionally an
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import mmap
 import platform
 from dataclasses import dataclass, field, replace
@@ -108,6 +110,11 @@ class KernelConfig:
     parallel_min_bytes: int = 1 << 20
     packed_nc: int = 4        # activation rows per repacked tile
     packed_chains: int = 4    # independent int32 sums per repacked tile (legacy formats)
+    # software prefetch distance (bytes ahead in each weight row; 0 = off) of the native tiles and of
+    # the x16 groups: an experiment for multi-row native tiles, whose several concurrent streams the
+    # hardware prefetchers follow poorly; it did not help on Zen 4 (single-row tiles do), so it is off
+    prefetch: int = 0
+    prefetch_packed: int = 0
     tilings: tuple = ()       # ((type name, "gemv" | "gemm", Tiling), ...): native tile overrides
     # aarch64 4-row interleaved copies (kernels/arm.py: sdot by lane / smull + smlal) of the types
     # that have one, for matrices whose row count is a multiple of 4; taken before ``repack``
@@ -121,6 +128,29 @@ class KernelConfig:
 
 
 DEFAULT_CONFIG = KernelConfig()
+_SCOPED = contextvars.ContextVar("tinyinfer_kernel_config", default=None)
+
+
+def current_config() -> KernelConfig:
+    """The config :func:`prepare` uses when given none: the innermost :func:`using_config`'s, else
+    :data:`DEFAULT_CONFIG`."""
+    return _SCOPED.get() or DEFAULT_CONFIG
+
+
+@contextlib.contextmanager
+def using_config(config: KernelConfig | None):
+    """Within the block (this thread / context), :func:`prepare` without a ``config`` takes ``config``
+    (None: no change). How ``Engine(..., kernel_config=...)`` reaches every weight a model loads."""
+    if config is None:
+        yield
+        return
+    if not isinstance(config, KernelConfig):
+        raise TypeError(f"kernel_config must be a tinyinfer.kernels.matmul.KernelConfig, got {type(config).__name__}")
+    token = _SCOPED.set(config)
+    try:
+        yield
+    finally:
+        _SCOPED.reset(token)
 
 
 _NOPY = dict(cache=True, nogil=True, fastmath=False)
@@ -428,7 +458,7 @@ def _make_native(info: _TypeInfo, parallel: bool, cfg: KernelConfig):
     f = info.name
 
     def tile(NR, NC, t):
-        return spec("tile", f, NR, NC, unroll=t.unroll, act16=t.act16, wide=t.wide)
+        return spec("tile", f, NR, NC, unroll=t.unroll, act16=t.act16, wide=t.wide, prefetch=cfg.prefetch)
 
     ACT, WITH_S = _act_kind(info, m.act16), info.act == "q8_1"
     VR, NR, NC = v.NR, m.NR, m.NC
@@ -500,7 +530,7 @@ def _make_knative(info: _TypeInfo, parallel: bool, cfg: KernelConfig, v: Tiling,
     dec = quants.type_info(f).simd
 
     def kt(NR, NC):
-        return spec("ktile", f, NR, NC)
+        return spec("ktile", f, NR, NC, prefetch=cfg.prefetch)
 
     kg = cfg.kgemv and v.NR == 1 and dec.has_gemv
     VR, NR, NC = v.NR, m.NR, m.NC
@@ -573,8 +603,10 @@ def _make_packed(info: _TypeInfo, parallel: bool, cfg: KernelConfig):
         return _make_kpacked(info, parallel, cfg)
     NC, ch, GB = cfg.packed_nc, cfg.packed_chains, GROUP * 4
     WITH_S, SUM_MUL = info.act == "q8_1", -fmt.offset
-    T_MAIN, T_ONE = spec("itile", f, NC, ch), spec("itile", f, 1, ch)
-    TAIL_MAIN, TAIL_ONE = spec("tile", f, 1, NC, act16=True), spec("tile", f, 1, 1, act16=True)
+    T_MAIN = spec("itile", f, NC, ch, prefetch=cfg.prefetch_packed)
+    T_ONE = spec("itile", f, 1, ch, prefetch=cfg.prefetch_packed)
+    TAIL_MAIN = spec("tile", f, 1, NC, act16=True, prefetch=cfg.prefetch)
+    TAIL_ONE = spec("tile", f, 1, 1, act16=True, prefetch=cfg.prefetch)
 
     def packed(wr, wt, x, out):
         n, k = x.shape
@@ -622,7 +654,7 @@ def _make_kpacked(info: _TypeInfo, parallel: bool, cfg: KernelConfig):
     NC, GB = cfg.packed_nc, GROUP * 4
     B16 = quants.type_info(f).simd.bsums == 16
     T_MAIN, T_ONE = spec("kitile", f, NC), spec("kitile", f, 1)
-    TAIL_MAIN, TAIL_ONE = spec("ktile", f, 1, NC), spec("ktile", f, 1, 1)
+    TAIL_MAIN, TAIL_ONE = spec("ktile", f, 1, NC, prefetch=cfg.prefetch), spec("ktile", f, 1, 1, prefetch=cfg.prefetch)
 
     def kpacked(wr, wt, x, out):
         n, k = x.shape
@@ -725,7 +757,7 @@ def _make_arm(info: _TypeInfo, parallel: bool):
 
 def _driver(info: _TypeInfo, packed, parallel: bool, cfg: KernelConfig):
     """packed: False (native), True (x16 row-interleaved) or "arm" (kernels/arm.py's 4-row layouts)."""
-    key = (packed, parallel, cfg.kgemv, cfg.packed_nc, cfg.packed_chains, cfg.tilings)
+    key = (packed, parallel, cfg)
     d = info.drivers.get(key)
     if d is None:
         if packed == "arm":
@@ -889,12 +921,12 @@ def prepare(w_raw: np.ndarray, ggml_type: int, k: int, repack: bool | None = Non
 
     ``w_raw``: uint8 array (rows, row_bytes), each row one output feature of
     ``k`` inputs in ggml's block layout (a 1-D buffer is split into rows).
-    ``config`` (default :data:`DEFAULT_CONFIG`): the kernels' knobs; ``repack``
+    ``config`` (default :func:`current_config`): the kernels' knobs; ``repack``
     overrides its ``repack``, which builds the row-interleaved copy for types whose
     registry entry has one (Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 / Q4_K) and matrices of
     at least 16 rows; otherwise the data is used in place.
     """
-    cfg = config or DEFAULT_CONFIG
+    cfg = config or current_config()
     if repack is not None and repack != cfg.repack:
         cfg = replace(cfg, repack=bool(repack))
     info = _TYPES.get(int(ggml_type))

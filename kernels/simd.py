@@ -63,7 +63,6 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-import os
 import platform
 from functools import lru_cache
 
@@ -109,17 +108,12 @@ def _host_vector_bits() -> int:
 
 
 VECTOR_BITS = _host_vector_bits()
-# software prefetch distance (bytes ahead in each weight row; 0 = off): an
-# experiment for multi-row native tiles, whose several concurrent streams the
-# hardware prefetchers follow poorly; it did not help on Zen 4 (single-row
-# tiles do), so it is off
-PREFETCH = int(os.environ.get("TINYINFER_PREFETCH", 0))
-PREFETCH_PACKED = int(os.environ.get("TINYINFER_PREFETCH_PACKED", 0))
+# Software prefetch (bytes ahead in each weight row) is a factory argument (``prefetch``), from
+# matmul.KernelConfig.prefetch / prefetch_packed: nothing here reads the environment.
 # aarch64: block dot products as llvm.vector.partial.reduce.add (sdot with
-# +dotprod, e.g. cortex-a76); elsewhere as pairwise sums (x86 vpmaddwd).
-# Overridable for cross-compiling experiments (benchmarks/bench_kernels.py --arm-asm).
-PARTIAL_REDUCE = os.environ.get("TINYINFER_PARTIAL_REDUCE",
-                                str(int(platform.machine().lower() in ("aarch64", "arm64")))) == "1"
+# +dotprod, e.g. cortex-a76); elsewhere as pairwise sums (x86 vpmaddwd). A fact of the target,
+# set for cross-compiling experiments only (benchmarks/bench_kernels.py --arm-asm, arm_mca.py).
+PARTIAL_REDUCE = platform.machine().lower() in ("aarch64", "arm64")
 # the host's instruction set family, for the few target intrinsics (lookup16)
 TARGET_ARCH = {"amd64": "x86_64", "arm64": "aarch64"}.get(platform.machine().lower(), platform.machine().lower())
 # float lanes per accumulator: one register on this machine
@@ -496,6 +490,7 @@ class _Tile:
     wrow: list
     xrow: list
     srow: list
+    prefetch: int = 0     # software prefetch distance in bytes ahead in each weight row (0: off)
 
     @property
     def affine(self) -> bool:
@@ -507,9 +502,9 @@ def _tile_block(t: _Tile, i, accs):
     e, b, fmt = t.e, t.e.b, t.fmt
     NR, NC, W = t.NR, t.NC, t.W
     woff = b.mul(i, c64(fmt.block_bytes))
-    if PREFETCH:
+    if t.prefetch:
         for r in range(NR):
-            e.prefetch(t.wp, b.add(b.add(t.wrow[r], woff), c64(PREFETCH)))
+            e.prefetch(t.wp, b.add(b.add(t.wrow[r], woff), c64(t.prefetch)))
     blocks = [fmt.decode(e, t.wp, b.add(t.wrow[r], woff), t.wide) for r in range(NR)]
     new = list(accs)
     if not fmt.integer:
@@ -557,7 +552,7 @@ def _tile_float_tail(t: _Tile, nb_, ntail_):
 
 @lru_cache(maxsize=None)
 def tile_kernel(fmt, NR: int, NC: int, lanes: int = 0, unroll: int = 1,
-                act16: bool = False, wide: bool = False):
+                act16: bool = False, wide: bool = False, prefetch: int = 0):
     """An intrinsic computing an NR x NC tile of out = x @ W.T over ``nb`` blocks of 32.
 
     Signature (all int64; pointers are addresses of C-contiguous arrays)::
@@ -592,7 +587,7 @@ def tile_kernel(fmt, NR: int, NC: int, lanes: int = 0, unroll: int = 1,
             (w_, ws_, xq_, xqs_, xd_, xs_, xst_, nb_, ntail_, out_, os_) = args
             t = _Tile(e, fmt, NR, NC, W, wide, xelem, xsize, *(b.inttoptr(a, P8) for a in (w_, xq_, xd_, xs_, out_)),
                       [b.mul(ws_, c64(r)) for r in range(NR)], [b.mul(xqs_, c64(c)) for c in range(NC)],
-                      [b.mul(xst_, c64(c)) for c in range(NC)])
+                      [b.mul(xst_, c64(c)) for c in range(NC)], prefetch)
             zero_v = ir.Constant(vec(F32, W), None)
             inits = [zero_v] * (NR * NC) + [ir.Constant(F32, 0.0)] * (NR * NC if t.affine else 0)
             nacc = len(inits)
@@ -624,7 +619,7 @@ def tile_kernel(fmt, NR: int, NC: int, lanes: int = 0, unroll: int = 1,
         return sig, codegen
 
     tile.kernel_name = (f"tile_{fmt_name}_{NR}x{NC}_l{W}_u{U}_a{int(act16)}_w{int(wide)}"
-                        f"_pr{int(PARTIAL_REDUCE)}_pf{PREFETCH}")
+                        f"_pr{int(PARTIAL_REDUCE)}_pf{prefetch}")
     return tile
 
 
@@ -759,7 +754,7 @@ class Q5_1x16(Q5_0x16):
 
 
 @lru_cache(maxsize=None)
-def interleaved_kernel(fmt, NC: int, chains: int = 4):
+def interleaved_kernel(fmt, NC: int, chains: int = 4, prefetch: int = 0):
     """Intrinsic for GROUP weight rows (one repacked group) x NC activation rows.
 
     Signature (int64 addresses / sizes)::
@@ -795,8 +790,8 @@ def interleaved_kernel(fmt, NC: int, chains: int = 4):
 
             def body(i, accs):
                 bp = e.ptr(wp, b.mul(i, c64(fmt.block_bytes)))
-                if PREFETCH_PACKED:
-                    e.prefetch(bp, c64(PREFETCH_PACKED))
+                if prefetch:
+                    e.prefetch(bp, c64(prefetch))
                 dw = b.fpext(e.load(bp, c64(0), vec(F16, G)), vec(F32, G))
                 dm = b.fpext(e.load(bp, c64(2 * G), vec(F16, G)), vec(F32, G)) if fmt.affine else None
                 xoff = b.mul(i, c64(64))        # 32 int16 per block
@@ -829,7 +824,7 @@ def interleaved_kernel(fmt, NC: int, chains: int = 4):
 
         return sig, codegen
 
-    tile.kernel_name = f"itile_{fmt_name}_g{G}_x{NC}_c{chains}_pf{PREFETCH_PACKED}"
+    tile.kernel_name = f"itile_{fmt_name}_g{G}_x{NC}_c{chains}_pf{prefetch}"
     return tile
 
 
@@ -1313,7 +1308,7 @@ def _load_bsums(e: Emitter, fmt: KFormat, xbp, off):
 
 
 @lru_cache(maxsize=None)
-def ktile_kernel(fmt, NR: int, NC: int, lanes: int = 0):
+def ktile_kernel(fmt, NR: int, NC: int, lanes: int = 0, prefetch: int = 0):
     """Intrinsic for an NR x NC tile of a K-quant weight against Q8_K activations.
 
     Signature (int64 addresses / sizes)::
@@ -1345,9 +1340,9 @@ def ktile_kernel(fmt, NR: int, NC: int, lanes: int = 0):
 
             def body(i, accs):
                 woff = b.mul(i, c64(fmt.block_bytes))
-                if PREFETCH:
+                if prefetch:
                     for r in range(NR):
-                        e.prefetch(wp, b.add(b.add(wrow[r], woff), c64(PREFETCH)))
+                        e.prefetch(wp, b.add(b.add(wrow[r], woff), c64(prefetch)))
                 blocks = [fmt.decode(e, wp, b.add(wrow[r], woff)) for r in range(NR)]
                 new = list(accs)
                 for c in range(NC):
@@ -1391,7 +1386,7 @@ def ktile_kernel(fmt, NR: int, NC: int, lanes: int = 0):
 
         return sig, codegen
 
-    tile.kernel_name = f"ktile_{fmt_name}_{NR}x{NC}_l{W}_pr{int(PARTIAL_REDUCE)}_pf{PREFETCH}_v5"
+    tile.kernel_name = f"ktile_{fmt_name}_{NR}x{NC}_l{W}_pr{int(PARTIAL_REDUCE)}_pf{prefetch}_v5"
     return tile
 
 

@@ -256,6 +256,30 @@ def test_repacked_equals_native():
             assert rel(a, b) < 1e-6, (name, n, rel(a, b))
 
 
+def test_config_passed_in(smollm2_path):
+    """A KernelConfig reaches prepare() explicitly, through using_config (innermost wins, restored after),
+    and through Engine(..., kernel_config=...) to every weight a model loads; DEFAULT_CONFIG is untouched."""
+    from tinyinfer.engine import Engine
+    rng = np.random.default_rng(3)
+    raw, _ = make_weight("Q4_0", 32, 64, rng)
+    a, b = mm.KernelConfig(repack=False), mm.KernelConfig(parallel_min_bytes=0)
+    assert mm.prepare(raw, int(T.Q4_0), 64, config=a).config is a
+    with mm.using_config(a):
+        assert mm.prepare(raw, int(T.Q4_0), 64).packed is None
+        with mm.using_config(b):
+            assert mm.prepare(raw, int(T.Q4_0), 64).config is b
+        assert mm.current_config() is a
+        with mm.using_config(None):
+            assert mm.current_config() is a
+    assert mm.current_config() is mm.DEFAULT_CONFIG
+    with pytest.raises(TypeError, match="kernel_config"):
+        with mm.using_config({"repack": False}):
+            pass
+    eng = Engine(smollm2_path, n_ctx=64, kernel_config=a)
+    assert eng.model.output.w.config is a
+    assert mm.current_config() is mm.DEFAULT_CONFIG
+
+
 def test_parallel_path(monkeypatch):
     """Rows split across threads (prange) give the serial result."""
     import numba

@@ -26,7 +26,8 @@ class Llama:
                  seed: int = -1, vocab_only: bool = False, logits_all: bool = False, verbose: bool = True,
                  chat_format: Optional[str] = None, split: int = 1,
                  cache_type_k: str = "f16", cache_type_v: str = "f16",
-                 type_k=None, type_v=None, context_shift: bool = False, n_keep: int = 0, **_ignored):
+                 type_k=None, type_v=None, context_shift: bool = False, n_keep: int = 0,
+                 kernel_config=None, **_ignored):
         """cache_type_k / cache_type_v: the KV cache's types, "f16" (default), "q8_0" or "q4_0" (``type_k`` /
         ``type_v``, llama-cpp-python's names, take those names or ggml type numbers 1, 8, 2).
         context_shift: when a generation fills the context, drop the oldest tokens after ``n_keep``
@@ -38,7 +39,8 @@ class Llama:
                               vocab_only=vocab_only, logits_all=logits_all, verbose=verbose,
                               type_k=_cache_type(type_k if type_k is not None else cache_type_k),
                               type_v=_cache_type(type_v if type_v is not None else cache_type_v),
-                              context_shift=context_shift, n_keep=n_keep, split=split)
+                              context_shift=context_shift, n_keep=n_keep, split=split,
+                              kernel_config=kernel_config)
         tok = self._engine.tokenizer
         self.metadata = {k: v for k, v in self._engine.gguf.metadata.items() if isinstance(v, (str, int, float))}
         self.chat_formatter = ChatFormatter.for_tokenizer(self._engine.gguf.metadata, tok, chat_format)

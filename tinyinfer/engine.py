@@ -104,7 +104,7 @@ class Engine:
     def __init__(self, model_path, n_ctx: int = 4096, n_batch: int = 512, n_threads: Optional[int] = None,
                  vocab_only: bool = False, logits_all: bool = False, verbose: bool = False,
                  progress: Optional[bool] = None, split: int = 1, type_k: str = "f16", type_v: str = "f16",
-                 n_seq: int = 1, context_shift: bool = False, n_keep: int = 0):
+                 n_seq: int = 1, context_shift: bool = False, n_keep: int = 0, kernel_config=None):
         t0 = time.perf_counter()
         self.path = str(model_path)
         self.gguf = GGUFFile(model_path)
@@ -141,7 +141,9 @@ class Engine:
                 from .distributed.split import SplitModel
                 self.model = SplitModel(self.gguf, split, n_threads=n_threads or 1)
             else:
-                self.model = load_model(self.gguf)
+                from .kernels.matmul import using_config
+                with using_config(kernel_config):     # the matmul kernels' knobs for every weight
+                    self.model = load_model(self.gguf)
             if n_ctx <= 0:
                 n_ctx = self.model.n_ctx_train
             if n_ctx < 1:
