@@ -116,11 +116,21 @@ class KernelConfig:
     prefetch: int = 0
     prefetch_packed: int = 0
     tilings: tuple = ()       # ((type name, "gemv" | "gemm", Tiling), ...): native tile overrides
+    # batch invariance: a weight row x an activation row gives bit-identical floats whatever the number
+    # of activation rows (GEMV or any GEMM) and threads. Every row then runs one kernel family for every
+    # n, summing its blocks in one order: the native GEMV takes the GEMM tiling's accumulators (no
+    # unroll 2), K-quants no x86 kgemv kernel (n == 1 runs the GEMM's tiles: ktile, or the x16 groups).
+    # Off by default: it costs the x86 K-quant GEMV its kgemv speed (benchmarks, docs/DESIGN-NOTES.md).
+    # The x16 legacy groups and the aarch64 4-row groups are invariant either way.
+    batch_invariant: bool = False
     # aarch64 4-row interleaved copies (kernels/arm.py: sdot by lane / smull + smlal) of the types
     # that have one, for matrices whose row count is a multiple of 4; taken before ``repack``
     arm: bool = arm.ENABLED
 
     def tiling(self, info, kind: str):
+        if kind == "gemv" and self.batch_invariant:
+            m = self.tiling(info, "gemm")        # one row at a time, the GEMM's per-output order
+            return Tiling(1, 1, m.unroll, m.act16, m.wide)
         for name, k, t in self.tilings:
             if name == info.name and k == kind:
                 return t
@@ -532,7 +542,7 @@ def _make_knative(info: _TypeInfo, parallel: bool, cfg: KernelConfig, v: Tiling,
     def kt(NR, NC):
         return spec("ktile", f, NR, NC, prefetch=cfg.prefetch)
 
-    kg = cfg.kgemv and v.NR == 1 and dec.has_gemv
+    kg = cfg.kgemv and not cfg.batch_invariant and v.NR == 1 and dec.has_gemv
     VR, NR, NC = v.NR, m.NR, m.NC
     T_VEC = spec("kgemv", f) if kg else kt(v.NR, 1)
     T_GV = T_VEC if v.NR == 1 else kt(1, 1)
@@ -1044,7 +1054,8 @@ def _plan(pw: PreparedWeight, n: int) -> list:
     if pw.arm is not None:
         packed, a0 = "arm", (pw.arm,)
     else:
-        packed = pw.packed is not None and not (n == 1 and pw.info.repacked.kquant and cfg.kgemv)
+        packed = pw.packed is not None and not (n == 1 and pw.info.repacked.kquant and cfg.kgemv
+                                                and not cfg.batch_invariant)
         a0 = (pw.packed, pw.tail) if packed else (pw.w,)
     return [packed, a0, pw.nbytes * max(1, n >> 2) >= cfg.parallel_min_bytes, None, None]
 

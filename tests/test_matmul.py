@@ -301,45 +301,58 @@ def test_parallel_path(monkeypatch):
     np.testing.assert_array_equal(a1, b1)
 
 
+BI_ROWS = (36, 37)     # 36: the aarch64 4-row groups; 37: tails of every tiling
+
+
 def _batch_variant(name):
-    """Whether a type's default plan on this machine still sums a row's blocks in another float order in
-    the GEMV than in the GEMM (issue 20: batch invariance). Today: the native tiles (gemv 1x1 unroll 2
-    vs gemm 4x4) and the x86 K-quant kgemv kernel (n == 1) vs the tile / x16 kernels (n > 1). The
-    x16 row-interleaved legacy layouts (Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/IQ4_NL on x86) already agree."""
+    """Whether the default config on this machine still sums a row's blocks in another float order in
+    the GEMV than in the GEMM, for one of BI_ROWS (issue 20: batch invariance). Today: the native
+    tiles (gemv 1x1 unroll 2 vs gemm 4x4 unroll 1) and the x86 K-quant kgemv kernel (n == 1) vs the
+    tile / x16 kernels (n > 1). The x16 legacy groups (x86) and the 4-row groups (aarch64) agree."""
     e = quants.type_info(name)
     cfg = mm.DEFAULT_CONFIG
-    if cfg.arm and name in arm.LAYOUTS:
-        return False                     # aarch64 4-row groups: one kernel for every n
-    if cfg.repack and e.repacked is not None and not e.repacked.kquant:
-        return False
-    if name == "IQ4_XS":
-        return False                     # ktile 1x1 in both (no kgemv; the GEMM's 4-row tiles agree)
-    return True
+    for rows in BI_ROWS:
+        if cfg.arm and name in arm.LAYOUTS and rows % arm.ROWS == 0:
+            continue                     # aarch64 4-row groups: one kernel for every n
+        if cfg.repack and e.repacked is not None and not e.repacked.kquant:
+            continue                     # x16 groups, their tail rows: 1-row tiles of one order
+        if e.vec_dot_type == GT.Q8_K:
+            if cfg.kgemv and e.simd.has_gemv:
+                return True              # kgemv for n == 1
+            continue                     # ktile rows of one order for every n
+        return True                      # native tiles: GEMV unroll 2
+    return False
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.xfail(
-    strict=True, reason="GEMV and GEMM sum in different float orders (issue 20)")) if _batch_variant(n) else n
-    for n in ALL])
-def test_batch_invariance(name):
+@pytest.mark.parametrize("name,invariant", [(n, True) for n in ALL] + [
+    pytest.param(n, False, marks=pytest.mark.xfail(
+        strict=True, reason="default config: GEMV and GEMM sum in different float orders")) if _batch_variant(n)
+    else (n, False) for n in ALL])
+def test_batch_invariance(name, invariant):
     """One weight row x one activation row gives bit-identical float32 results through the GEMV, a GEMM
-    of 1, 3, 4, 7 and 64 activation rows, on 1 or 2 threads (37 rows: tails of every tiling)."""
+    of 1, 3, 4, 7 and 64 activation rows, on 1 or 2 threads, for 36 and 37 weight rows, with
+    KernelConfig(batch_invariant=True) for every type; with the default config for the types whose
+    default kernels already agree (strict xfail for the others: a fix shows)."""
     import numba
+    from dataclasses import replace
+    base = replace(mm.DEFAULT_CONFIG, batch_invariant=invariant)
     rng = np.random.default_rng(21)
     k = 512
-    raw, _ = make_weight(name, 37, k, rng)
     x = rng.standard_normal((64, k)).astype(np.float32)
     old = numba.get_num_threads()
     try:
-        for threads, cfg in ((1, mm.DEFAULT_CONFIG), (2, mm.KernelConfig(parallel_min_bytes=0))):
+        for rows, threads, cfg in [(rows, *tc) for rows in BI_ROWS
+                                   for tc in ((1, base), (2, replace(base, parallel_min_bytes=0)))]:
+            raw, _ = make_weight(name, rows, k, np.random.default_rng(rows))
             numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
             pw = mm.prepare(raw, int(T[name]), k, config=cfg)
             gemv = np.stack([mm.matmul(pw, x[i:i + 1])[0] for i in range(64)])
             if threads == 1:
                 ref = gemv
-            np.testing.assert_array_equal(gemv, ref, err_msg=f"{name} GEMV on {threads} threads")
+            np.testing.assert_array_equal(gemv, ref, err_msg=f"{name} {rows} rows: GEMV on {threads} threads")
             for n in (1, 3, 4, 7, 64):
                 np.testing.assert_array_equal(mm.matmul(pw, x[:n]), ref[:n],
-                                              err_msg=f"{name} GEMM n={n} on {threads} threads vs the GEMV")
+                                              err_msg=f"{name} {rows} rows: GEMM n={n} on {threads} threads")
     finally:
         numba.set_num_threads(old)
 
