@@ -767,7 +767,8 @@ def _make_arm(info: _TypeInfo, parallel: bool):
 
 def _driver(info: _TypeInfo, packed, parallel: bool, cfg: KernelConfig):
     """packed: False (native), True (x16 row-interleaved) or "arm" (kernels/arm.py's 4-row layouts)."""
-    key = (packed, parallel, cfg)
+    key = (packed, parallel, cfg.kgemv, cfg.packed_nc, cfg.packed_chains, cfg.tilings, cfg.prefetch,
+           cfg.prefetch_packed, cfg.batch_invariant)           # the fields the drivers depend on
     d = info.drivers.get(key)
     if d is None:
         if packed == "arm":
