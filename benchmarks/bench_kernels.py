@@ -107,6 +107,7 @@ def config_from_args(a) -> "mm.KernelConfig":
                    packed_nc=a.packed_nc or cfg.packed_nc, packed_chains=a.packed_chains or cfg.packed_chains,
                    parallel_min_bytes=cfg.parallel_min_bytes if a.parallel_min_bytes is None else a.parallel_min_bytes,
                    prefetch=a.prefetch or cfg.prefetch, prefetch_packed=a.prefetch_packed or cfg.prefetch_packed,
+                   batch_invariant=cfg.batch_invariant if a.batch_invariant is None else a.batch_invariant == 1,
                    tilings=tuple(tilings))
 
 
@@ -345,6 +346,7 @@ def main(argv=None):
     g.add_argument("--parallel-min-bytes", type=int, help="smallest work split over threads")
     g.add_argument("--prefetch", type=int, help="software prefetch distance of the native tiles (bytes; 0 off)")
     g.add_argument("--prefetch-packed", type=int, help="software prefetch distance of the x16 groups (bytes)")
+    g.add_argument("--batch-invariant", type=int, choices=(0, 1), help="one float order per row for every n")
     g.add_argument("--tile", action="append", metavar="TYPE:gemv|gemm:NR,NC,unroll,act16,wide",
                    help="native tile override, e.g. Q4_0:gemm:4,4,1,0,0 (repeatable)")
     a = ap.parse_args(argv)

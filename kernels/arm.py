@@ -33,13 +33,14 @@ separate arrays, chunked the same way. Q8_0 (and Q6_K without dot product) GEMV 
 blocks per iteration (:data:`UNROLL`).
 
 Measure with ``benchmarks/arm_mca.py`` (llvm-mca cycles per block, next to llama.cpp's).
+The jitted driver that walks the groups is matmul.py's ``_make_arm``; this module imports only simd
+and quants (no matmul: no import circle).
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
-import os
 from functools import lru_cache
 from pathlib import Path
 
@@ -60,13 +61,14 @@ _DOTPROD_CPUS = ("cortex-a55", "cortex-a65", "cortex-a75", "cortex-a76", "cortex
 
 
 def _detect_dotprod() -> bool:
-    """Whether the CPU numba compiles for has the dot product instructions."""
-    feats = os.environ.get("NUMBA_CPU_FEATURES", "")
+    """Whether the CPU numba compiles for has the dot product instructions (numba's own
+    NUMBA_CPU_NAME / NUMBA_CPU_FEATURES settings, as numba.config holds them, else the host)."""
+    feats = nb.config.CPU_FEATURES or ""
     if "+dotprod" in feats:
         return True
     if "-dotprod" in feats:
         return False
-    name = os.environ.get("NUMBA_CPU_NAME", "")
+    name = nb.config.CPU_NAME or ""
     if name and name not in ("host", "generic"):
         return name.startswith(_DOTPROD_CPUS)
     try:

@@ -58,12 +58,16 @@ Kernels (LLVM-IR intrinsics from ``simd.py``):
   int16 sums per 16; Q2_K: mins through them); activations read as two 32-byte
   halves, no permutation. 23 GB/s each (generic: 16 / 14).
 
-One jitted driver per (type, kernel kind, serial|parallel) quantizes x and
+One jitted driver per (type, kernel kind, compile-time choices, serial|parallel) quantizes x and
 walks the tiles in a single call, rows split across threads with ``prange``
-when the matrix is big enough (``KernelConfig.parallel_min_bytes``). A call costs ~2.5 us
-on a tiny matrix (1.3 us of it the Python wrapper, ~0.5 us numba's dispatch). Measurements and their commands: benchmarks/bench_kernels.py.
-Adding a type = a ``WeightFormat`` / ``KFormat`` (and optionally an
-``Interleaved``) in simd.py + one entry in ``_TYPES``.
+when the matrix is big enough (``KernelConfig.parallel_min_bytes``). The drivers are ordinary
+closures (``_make_native``, ``_make_knative``, ``_make_packed``, ``_make_kpacked``, ``_make_arm``)
+whose cells hold the compile-time constants and the kernels' spec strings (kernels/dispatch.py):
+no source text is generated. A call costs ~2.5 us on a tiny matrix (1.3 us of it the Python
+wrapper, ~0.5 us numba's dispatch). Measurements and their commands: benchmarks/bench_kernels.py.
+``KernelConfig.batch_invariant`` makes every row's result independent of n and of the thread split.
+Adding a type = a registry row in quants.py with its ``WeightFormat`` / ``KFormat`` decoder from
+simd.py (docs/DESIGN-NOTES.md, "How to add a format").
 """
 
 from __future__ import annotations
@@ -94,7 +98,8 @@ _X86 = platform.machine().lower() in ("x86_64", "amd64")
 class KernelConfig:
     """The matmul kernels' runtime knobs, in one object: given to :func:`prepare` (default
     :data:`DEFAULT_CONFIG`), kept with the weight, read by :func:`matmul`. Experiments build
-    their own (benchmarks/bench_kernels.py); nothing here reads the environment."""
+    their own (benchmarks/bench_kernels.py); nothing here reads the environment. A model gets one
+    through ``Llama(..., kernel_config=...)`` / ``Engine(..., kernel_config=...)`` (:func:`using_config`)."""
 
     # row-interleaved copies (simd.Interleaved) of Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 and Q4_K weights
     # of >= 16 rows, built at prepare(). On by default on x86-64 only: their int16 pair

@@ -54,6 +54,9 @@ Lessons from the assembly (``benchmarks/bench_kernels.py --asm`` and
 Everything here is compile-time Python that builds IR; nothing runs per call.
 Pointers are passed as integers (``arr.ctypes.data`` in the jitted caller):
 the caller validates every shape before calling, the IR does no bounds checks.
+Nothing here reads the environment: software prefetch distances are factory arguments
+(``prefetch``, from matmul.KernelConfig), the target facts (``PARTIAL_REDUCE``, ``TARGET_ARCH``,
+``VECTOR_BITS``) come from the machine.
 Every intrinsic carries a ``kernel_name`` that spells out all its compile-time
 choices (for reports). The factories take the registry's decoder objects (kernels/quants.py);
 kernels/dispatch.py names them by type name for the drivers.
