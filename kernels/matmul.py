@@ -389,7 +389,13 @@ _ACT = {GT.Q8_0: "q8_0", GT.Q8_1: "q8_1", GT.Q8_K: "q8_K", GT.F16: "f16", GT.BF1
 
 def _kernel_info(e: quants.QuantType) -> _TypeInfo:
     """The kernels' view of a registry entry (tilings and compiled drivers are per process)."""
-    return _TypeInfo(e.name, e.block_size, e.type_size, _ACT[e.vec_dot_type], repacked=e.repacked)
+    info = _TypeInfo(e.name, e.block_size, e.type_size, _ACT[e.vec_dot_type], repacked=e.repacked)
+    if _X86 and not e.is_quantized:
+        # F16 / BF16 / F32 GEMV on x86: one accumulator set (the GEMM's per-output order, so batch
+        # invariant) measured faster than unroll 2 from DRAM (F16 2048x2048, 1 thread, Zen 4 VM:
+        # 9.4-9.8 vs 6.2-7.2 GB/s; issue 20)
+        info.gemv = Tiling(1, 1, 1)
+    return info
 
 
 # int(ggml type) -> kernel info, for every runnable registry entry

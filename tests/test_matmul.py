@@ -320,7 +320,10 @@ def _batch_variant(name):
             if cfg.kgemv and e.simd.has_gemv:
                 return True              # kgemv for n == 1
             continue                     # ktile rows of one order for every n
-        return True                      # native tiles: GEMV unroll 2
+        info = mm._TYPES[int(e.ggml_type)]
+        v, m = cfg.tiling(info, "gemv"), cfg.tiling(info, "gemm")
+        if (v.unroll, v.act16, v.wide) != (m.unroll, m.act16, m.wide):
+            return True                  # native tiles: GEMV with other accumulators (unroll 2)
     return False
 
 
