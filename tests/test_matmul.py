@@ -529,3 +529,35 @@ def test_arm_kernels_match_reference(name):
                 np.testing.assert_array_equal(mm.matmul(pp, x), y)
     assert mm.prepare(raw, int(T[name]), k, config=mm.KernelConfig(arm=False)).arm is None
     assert mm.prepare(raw, int(T[name]), k, repack=False, config=cfg).arm is None
+
+
+def test_kernels_are_plain_code_without_import_circles():
+    """Issue 20: no exec/compile of source text anywhere in the package, and no import circle among
+    kernels/ modules (function-level imports included)."""
+    import ast
+    import os
+    from pathlib import Path
+    import tinyinfer
+    pkg = Path(tinyinfer.__file__).parent         # kernels/ and tools/ are symlinks in a checkout
+    files = [Path(d) / f for d, _, fs in os.walk(pkg, followlinks=True) for f in fs if f.endswith(".py")]
+    assert any(f.name == "matmul.py" for f in files)
+    for p in files:
+        for node in ast.walk(ast.parse(p.read_text(), str(p))):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
+                assert node.func.id not in ("exec", "eval", "compile"), f"{p}:{node.lineno}: {node.func.id}()"
+    deps = {}
+    for p in Path(mm.__file__).resolve().parent.glob("*.py"):
+        d = set()
+        for node in ast.walk(ast.parse(p.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                d |= {node.module.split(".")[0]} if node.module else {a.name for a in node.names}
+        deps[p.stem] = d
+
+    def reach(m, seen):
+        for n in deps.get(m, ()):
+            if n not in seen:
+                seen.add(n)
+                reach(n, seen)
+        return seen
+
+    assert [m for m in deps if m in reach(m, set())] == []
