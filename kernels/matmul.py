@@ -82,10 +82,8 @@ import numba as nb
 import numpy as np
 from numba import prange
 
-from . import parallel as _par, simd
 from ..ggml_types import GGMLType as GT
-
-from . import arm, quants
+from . import arm, parallel as _par, quants, simd
 from .dispatch import call, spec
 from .simd import GROUP
 
