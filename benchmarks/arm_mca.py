@@ -141,9 +141,9 @@ def kernels(type_name: str, kind: str, before: bool, dotprod: bool):
     The per-iteration figure is the kernel's unit of work (``per_iter``): LLVM does not unroll
     these loops further (checked with ``--asm``: each loop holds one iteration's scvtf count).
     """
-    simd = _setup_simd()
+    _setup_simd()
     from tinyinfer.kernels import matmul as mm
-    from tinyinfer.kernels import quants
+    from tinyinfer.kernels import dispatch, quants
     info = mm._TYPES[int(quants.type_info(type_name).ggml_type)]
     if not before:
         from tinyinfer.kernels import arm
@@ -153,9 +153,9 @@ def kernels(type_name: str, kind: str, before: bool, dotprod: bool):
             return k
     t = info.gemv if kind == "gemv" else info.gemm
     if info.act == "q8_K":
-        return (f"native ktile {t.NR}x{t.NC}", simd.ktile_kernel(type_name, t.NR, t.NC), 11, t.NR * t.NC)
+        return (f"native ktile {t.NR}x{t.NC}", dispatch.make("ktile", type_name, t.NR, t.NC), 11, t.NR * t.NC)
     return (f"native tile {t.NR}x{t.NC}u{t.unroll}",
-            simd.tile_kernel(type_name, t.NR, t.NC, unroll=t.unroll, act16=t.act16, wide=t.wide), 11,
+            dispatch.make("tile", type_name, t.NR, t.NC, unroll=t.unroll, act16=t.act16, wide=t.wide), 11,
             t.NR * t.NC * t.unroll)
 
 

@@ -26,9 +26,10 @@ def main(argv):
         if k not in kinds:
             raise SystemExit(f"unknown KernelConfig field {k!r}; fields: {', '.join(kinds)}")
         changes[k] = bool(int(v)) if "bool" in str(kinds[k]) else int(v)
-    mm.DEFAULT_CONFIG = replace(mm.DEFAULT_CONFIG, **changes)
-    print(f"# {mm.DEFAULT_CONFIG}", flush=True)
-    return bench.main(argv[i + 1:])
+    cfg = replace(mm.DEFAULT_CONFIG, **changes)
+    print(f"# {cfg}", flush=True)
+    with mm.using_config(cfg):          # every weight the bench tool loads
+        return bench.main(argv[i + 1:])
 
 
 if __name__ == "__main__":

@@ -106,6 +106,8 @@ def config_from_args(a) -> "mm.KernelConfig":
                    kgemv=cfg.kgemv if a.kgemv is None else a.kgemv == 1,
                    packed_nc=a.packed_nc or cfg.packed_nc, packed_chains=a.packed_chains or cfg.packed_chains,
                    parallel_min_bytes=cfg.parallel_min_bytes if a.parallel_min_bytes is None else a.parallel_min_bytes,
+                   prefetch=a.prefetch or cfg.prefetch, prefetch_packed=a.prefetch_packed or cfg.prefetch_packed,
+                   batch_invariant=cfg.batch_invariant if a.batch_invariant is None else a.batch_invariant == 1,
                    tilings=tuple(tilings))
 
 
@@ -250,9 +252,9 @@ def asm_report(type_name, packed):
         return None
     rows = 48 if packed else 8
     pw = mm.prepare(random_weight(rows, 256, TYPES[type_name], np.random.default_rng(0)), TYPES[type_name], 256,
-                    repack=packed)
+                    repack=packed, config=CONFIG)
     mm.matmul(pw, np.ones((1, 256), np.float32))
-    drv = mm._driver(info, packed, False, mm.DEFAULT_CONFIG)
+    drv = mm._driver(info, packed, False, CONFIG)
     asm = drv.inspect_asm(drv.signatures[0])
     ops = Counter(re.findall(r"^\s+([a-z][a-z0-9]*)\s", asm, re.M))
     vec_ops = {o: c for o, c in ops.items() if o.startswith("v") or o in
@@ -272,7 +274,7 @@ def cross_asm_report(targets=("cortex-a76", "cortex-a72", "haswell", "znver4")):
     accumulators), as simd.py picks it on an aarch64 host. Counts are per
     loop body plus prologue/epilogue (loops are unrolled by LLVM as it likes).
     """
-    from tinyinfer.kernels import simd
+    from tinyinfer.kernels import dispatch, simd
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from arm_mca import compile_asm, module_ir as module_for
@@ -284,20 +286,20 @@ def cross_asm_report(targets=("cortex-a76", "cortex-a72", "haswell", "znver4")):
                         "ldr", "str"],
             "x86_64": ["vpdpwssd", "vpmaddwd", "vpmaddubsw", "vpmovzxbw", "vpmovsxbw", "vpshufb", "vcvtdq2ps", "vfmadd231ps",
                        "vmovups", "vmovaps"]}
-    kernels = [("Q4_0 x16 n=1", lambda: simd.interleaved_kernel("Q4_0", 1), 10),
-               ("Q8_0 x16 n=1", lambda: simd.interleaved_kernel("Q8_0", 1), 10),
-               ("Q4_0 x16 n=4", lambda: simd.interleaved_kernel("Q4_0", 4), 10),
-               ("Q4_0 native 4x1", lambda: simd.tile_kernel("Q4_0", 4, 1), 11),
-               ("Q8_0 native 4x1", lambda: simd.tile_kernel("Q8_0", 4, 1), 11),
-               ("Q5_0 native 4x1", lambda: simd.tile_kernel("Q5_0", 4, 1), 11),
-               ("Q4_K native 1x1", lambda: simd.ktile_kernel("Q4_K", 1, 1), 11),
-               ("Q6_K native 1x1", lambda: simd.ktile_kernel("Q6_K", 1, 1), 11),
-               ("Q2_K native 1x1", lambda: simd.ktile_kernel("Q2_K", 1, 1), 11),
-               ("Q3_K native 1x1", lambda: simd.ktile_kernel("Q3_K", 1, 1), 11),
-               ("Q5_K native 1x1", lambda: simd.ktile_kernel("Q5_K", 1, 1), 11),
-               ("IQ4_XS native 1x1", lambda: simd.ktile_kernel("IQ4_XS", 1, 1), 11),
-               ("IQ4_NL native 1x1", lambda: simd.tile_kernel("IQ4_NL", 1, 1, unroll=2), 11),
-               ("F16 native 4x1", lambda: simd.tile_kernel("F16", 4, 1), 11)]
+    kernels = [("Q4_0 x16 n=1", lambda: dispatch.make("itile", "Q4_0", 1), 10),
+               ("Q8_0 x16 n=1", lambda: dispatch.make("itile", "Q8_0", 1), 10),
+               ("Q4_0 x16 n=4", lambda: dispatch.make("itile", "Q4_0", 4), 10),
+               ("Q4_0 native 4x1", lambda: dispatch.make("tile", "Q4_0", 4, 1), 11),
+               ("Q8_0 native 4x1", lambda: dispatch.make("tile", "Q8_0", 4, 1), 11),
+               ("Q5_0 native 4x1", lambda: dispatch.make("tile", "Q5_0", 4, 1), 11),
+               ("Q4_K native 1x1", lambda: dispatch.make("ktile", "Q4_K", 1, 1), 11),
+               ("Q6_K native 1x1", lambda: dispatch.make("ktile", "Q6_K", 1, 1), 11),
+               ("Q2_K native 1x1", lambda: dispatch.make("ktile", "Q2_K", 1, 1), 11),
+               ("Q3_K native 1x1", lambda: dispatch.make("ktile", "Q3_K", 1, 1), 11),
+               ("Q5_K native 1x1", lambda: dispatch.make("ktile", "Q5_K", 1, 1), 11),
+               ("IQ4_XS native 1x1", lambda: dispatch.make("ktile", "IQ4_XS", 1, 1), 11),
+               ("IQ4_NL native 1x1", lambda: dispatch.make("tile", "IQ4_NL", 1, 1, unroll=2), 11),
+               ("F16 native 4x1", lambda: dispatch.make("tile", "F16", 4, 1), 11)]
     saved = simd.PARTIAL_REDUCE, simd.ACC_LANES
     try:
         for name, make, nargs in kernels:
@@ -342,6 +344,9 @@ def main(argv=None):
     g.add_argument("--packed-nc", type=int, help="activation rows per repacked tile (default 4)")
     g.add_argument("--packed-chains", type=int, help="int32 chains per repacked tile (default 4)")
     g.add_argument("--parallel-min-bytes", type=int, help="smallest work split over threads")
+    g.add_argument("--prefetch", type=int, help="software prefetch distance of the native tiles (bytes; 0 off)")
+    g.add_argument("--prefetch-packed", type=int, help="software prefetch distance of the x16 groups (bytes)")
+    g.add_argument("--batch-invariant", type=int, choices=(0, 1), help="one float order per row for every n")
     g.add_argument("--tile", action="append", metavar="TYPE:gemv|gemm:NR,NC,unroll,act16,wide",
                    help="native tile override, e.g. Q4_0:gemm:4,4,1,0,0 (repeatable)")
     a = ap.parse_args(argv)

@@ -107,12 +107,11 @@ def main(argv=None) -> int:
             set_threads(nt)
             # with threads, every matmul runs its parallel driver, as a 1.1B model's do (these narrow ones
             # would stay under parallel_min_bytes): the fixed cost includes the pool's fork/join per call
-            mm.DEFAULT_CONFIG = serial_cfg if nt == 1 else parallel_cfg
             models = []
-            for p in paths:
-                m = load_model(GGUFFile(p))
-                models.append((m, m.new_cache(512, 64)))
-            mm.DEFAULT_CONFIG = serial_cfg
+            with mm.using_config(serial_cfg if nt == 1 else parallel_cfg):
+                for p in paths:
+                    m = load_model(GGUFFile(p))
+                    models.append((m, m.new_cache(512, 64)))
             for m, c in models:
                 step_ms(m, c, 8)          # compile / warm
             ours, ref = ([], [], []), ([], [], [])

@@ -33,13 +33,14 @@ separate arrays, chunked the same way. Q8_0 (and Q6_K without dot product) GEMV 
 blocks per iteration (:data:`UNROLL`).
 
 Measure with ``benchmarks/arm_mca.py`` (llvm-mca cycles per block, next to llama.cpp's).
+The jitted driver that walks the groups is matmul.py's ``_make_arm``; this module imports only simd
+and quants (no matmul: no import circle).
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
-import os
 from functools import lru_cache
 from pathlib import Path
 
@@ -50,6 +51,7 @@ from numba import types
 from numba.extending import intrinsic
 
 from . import simd
+from .quants import KVALUES_IQ4NL
 from .simd import F16, F32, I8, I16, I32, P8, Emitter, _intrinsic_call, c32, c64, counted_loop, vec
 
 _HASH = hashlib.sha1(Path(__file__).read_bytes()).hexdigest()[:8]
@@ -59,13 +61,14 @@ _DOTPROD_CPUS = ("cortex-a55", "cortex-a65", "cortex-a75", "cortex-a76", "cortex
 
 
 def _detect_dotprod() -> bool:
-    """Whether the CPU numba compiles for has the dot product instructions."""
-    feats = os.environ.get("NUMBA_CPU_FEATURES", "")
+    """Whether the CPU numba compiles for has the dot product instructions (numba's own
+    NUMBA_CPU_NAME / NUMBA_CPU_FEATURES settings, as numba.config holds them, else the host)."""
+    feats = nb.config.CPU_FEATURES or ""
     if "+dotprod" in feats:
         return True
     if "-dotprod" in feats:
         return False
-    name = os.environ.get("NUMBA_CPU_NAME", "")
+    name = nb.config.CPU_NAME or ""
     if name and name not in ("host", "generic"):
         return name.startswith(_DOTPROD_CPUS)
     try:
@@ -610,7 +613,7 @@ def group_kernel(type_name: str, nc: int, dotprod: bool):
                             s = dot4(e, [(subs[j][t], xs[t // 4], t % 4) for t in range(8)], dotprod, terms=8)
                             p = b.mul(e.freeze(s), scj[j])
                             isum = p if isum is None else b.add(isum, p)
-                        # sum_j min_j * bsum_j, bsum = 64 hi + lo (the driver's _bsums_hilo: int8 hi
+                        # sum_j min_j * bsum_j, bsum = 64 hi + lo (bsums_hilo: int8 hi
                         # of the 8 sums, then lo), as 4 dot products of the rows' mins with them
                         hl = e.load(xbp, b.add(brow[c], b.mul(i, c64(16))), V16)
                         chi = dot4(e, [(mnh[0], hl, 0), (mnh[1], hl, 1)], dotprod, terms=8)
@@ -673,44 +676,12 @@ def group_kernel(type_name: str, nc: int, dotprod: bool):
     return tile
 
 
-# ------------------------------------------------------------------ drivers
-_SRC = """
-def {name}(wr, x, out):
-    n, k = x.shape
-{prep}
-    ng = wr.shape[0]
-    nb_ = k // {QK}
-    wp = np.int64(wr.ctypes.data)
-    gs = np.int64(wr.strides[0])
-    xqp = np.int64(xq.ctypes.data)
-    xqs = np.int64(xq.strides[0])
-    xdp = np.int64(xd.ctypes.data)
-    xds = np.int64(xd.strides[0])
-    xbp = np.int64(xb.ctypes.data)
-    xbs = np.int64(xb.strides[0])
-    op = np.int64(out.ctypes.data)
-    osd = np.int64(out.strides[0])
-    nc_main = n - n % {NC}
-    for g in prange(ng):
-        gp = wp + g * gs
-        o = op + g * 16
-        for c0 in range(0, nc_main, {NC}):
-            {t_main}(gp, nb_, xqp + c0 * xqs, xqs, xdp + c0 * xds, xds, xbp + c0 * xbs, xbs, o + c0 * osd, osd)
-        for c0 in range(nc_main, n):
-            {t_one}(gp, nb_, xqp + c0 * xqs, xqs, xdp + c0 * xds, xds, xbp + c0 * xbs, xbs, o + c0 * osd, osd)
-    _keep_alive(xq, xd, xb)
-"""
-_PREP_K = """
-    xq = np.empty((n, k), np.int8)
-    xd = np.empty((n, k // 256), np.float32)
-    xb = np.empty((n, k // 32), np.int32)
-    quantize_q8_K(x, xq, xd, xb)"""
-
-
+# ------------------------------------------------------------------ activation prep
 @nb.njit(cache=True, nogil=True)
-def _bsums_hilo(xb, out):
+def bsums_hilo(xb, out):
     """Q8_K sums per 32 (n, k/32) int32 -> (n, k/256 * 16) int8: per super-block the 8 sums' high parts
-    s >> 6 (-64..63), then their low parts s & 63 (0..63); s = 64 hi + lo (|s| <= 32 * 127)."""
+    s >> 6 (-64..63), then their low parts s & 63 (0..63); s = 64 hi + lo (|s| <= 32 * 127). The Q4_K /
+    Q5_K kernels' activation sums (matmul.py's arm driver)."""
     n, m = xb.shape
     for i in range(n):
         for sb in range(m // 8):
@@ -720,34 +691,8 @@ def _bsums_hilo(xb, out):
                 out[i, 16 * sb + 8 + j] = v & 63
 
 
-_PREP_HILO = """
-    xh = np.empty((n, k // 256 * 16), np.int8)
-    _arm_bsums_hilo(xb, xh)
-    xb = xh"""
-
-
-def make_driver(type_name: str, parallel: bool):
-    """The jitted driver ``f(packed, x, out)`` for a repacked weight (compiled through matmul's _jit)."""
-    from . import matmul as mm
-    L = LAYOUTS[type_name]
-    mm._arm_bsums_hilo = _bsums_hilo          # a global of the generated driver (matmul's namespace)
-    if L.act == "q8_K":
-        prep = _PREP_K + (_PREP_HILO if type_name in ("Q4_K", "Q5_K") else "")
-    else:
-        prep = mm._prep(mm._TYPES[_ggml_type(type_name)], False, 1) + "\n    xb = xc"
-    return mm._jit(_SRC, f"_arm4_{type_name}_x{NC}_d{int(DOTPROD)}", parallel, prep=prep, QK=L.qk, NC=NC,
-                   t_main=mm._bind(group_kernel(type_name, NC, DOTPROD)),
-                   t_one=mm._bind(group_kernel(type_name, 1, DOTPROD)))
-
-
 def _iq4nl_values():
-    from .quants import KVALUES_IQ4NL
     return KVALUES_IQ4NL
-
-
-def _ggml_type(type_name: str) -> int:
-    from .quants import type_info
-    return int(type_info(type_name).ggml_type)
 
 
 def mca_kernel(type_name: str, kind: str, dotprod: bool):

@@ -58,33 +58,34 @@ Kernels (LLVM-IR intrinsics from ``simd.py``):
   int16 sums per 16; Q2_K: mins through them); activations read as two 32-byte
   halves, no permutation. 23 GB/s each (generic: 16 / 14).
 
-One jitted driver per (type, kernel kind, serial|parallel) quantizes x and
+One jitted driver per (type, kernel kind, compile-time choices, serial|parallel) quantizes x and
 walks the tiles in a single call, rows split across threads with ``prange``
-when the matrix is big enough (``KernelConfig.parallel_min_bytes``). A call costs ~2.5 us
-on a tiny matrix (1.3 us of it the Python wrapper, ~0.5 us numba's dispatch). Measurements and their commands: benchmarks/bench_kernels.py.
-Adding a type = a ``WeightFormat`` / ``KFormat`` (and optionally an
-``Interleaved``) in simd.py + one entry in ``_TYPES``.
+when the matrix is big enough (``KernelConfig.parallel_min_bytes``). The drivers are ordinary
+closures (``_make_native``, ``_make_knative``, ``_make_packed``, ``_make_kpacked``, ``_make_arm``)
+whose cells hold the compile-time constants and the kernels' spec strings (kernels/dispatch.py):
+no source text is generated. A call costs ~2.5 us on a tiny matrix (1.3 us of it the Python
+wrapper, ~0.5 us numba's dispatch). Measurements and their commands: benchmarks/bench_kernels.py.
+``KernelConfig.batch_invariant`` makes every row's result independent of n and of the thread split.
+Adding a type = a registry row in quants.py with its ``WeightFormat`` / ``KFormat`` decoder from
+simd.py (docs/DESIGN-NOTES.md, "How to add a format").
 """
 
 from __future__ import annotations
 
-import hashlib
+import contextlib
+import contextvars
 import mmap
-import os
 import platform
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 
 import numba as nb
 import numpy as np
-from numba import prange  # noqa: F401  (used by the generated drivers)
+from numba import prange
 
-from . import parallel as _par, simd
 from ..ggml_types import GGMLType as GT
-
-from . import arm, quants
-from .simd import (GROUP, f32_to_f16_to_f32, interleaved_kernel, kgemv_kernel, kinterleaved_kernel, ktile_kernel,
-                   quantize_row_kernel, tile_kernel)
+from . import arm, parallel as _par, quants, simd
+from .dispatch import call, spec
+from .simd import GROUP
 
 QK = 32  # elements per block of the legacy formats
 
@@ -95,7 +96,8 @@ _X86 = platform.machine().lower() in ("x86_64", "amd64")
 class KernelConfig:
     """The matmul kernels' runtime knobs, in one object: given to :func:`prepare` (default
     :data:`DEFAULT_CONFIG`), kept with the weight, read by :func:`matmul`. Experiments build
-    their own (benchmarks/bench_kernels.py); nothing here reads the environment."""
+    their own (benchmarks/bench_kernels.py); nothing here reads the environment. A model gets one
+    through ``Llama(..., kernel_config=...)`` / ``Engine(..., kernel_config=...)`` (:func:`using_config`)."""
 
     # row-interleaved copies (simd.Interleaved) of Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 and Q4_K weights
     # of >= 16 rows, built at prepare(). On by default on x86-64 only: their int16 pair
@@ -111,12 +113,27 @@ class KernelConfig:
     parallel_min_bytes: int = 1 << 20
     packed_nc: int = 4        # activation rows per repacked tile
     packed_chains: int = 4    # independent int32 sums per repacked tile (legacy formats)
+    # software prefetch distance (bytes ahead in each weight row; 0 = off) of the native tiles and of
+    # the x16 groups: an experiment for multi-row native tiles, whose several concurrent streams the
+    # hardware prefetchers follow poorly; it did not help on Zen 4 (single-row tiles do), so it is off
+    prefetch: int = 0
+    prefetch_packed: int = 0
     tilings: tuple = ()       # ((type name, "gemv" | "gemm", Tiling), ...): native tile overrides
+    # batch invariance: a weight row x an activation row gives bit-identical floats whatever the number
+    # of activation rows (GEMV or any GEMM) and threads. Every row then runs one kernel family for every
+    # n, summing its blocks in one order: the native GEMV takes the GEMM tiling's accumulators (no
+    # unroll 2), K-quants no x86 kgemv kernel (n == 1 runs the GEMM's tiles: ktile, or the x16 groups).
+    # Off by default: it costs the x86 K-quant GEMV its kgemv speed (benchmarks, docs/DESIGN-NOTES.md).
+    # The x16 legacy groups and the aarch64 4-row groups are invariant either way.
+    batch_invariant: bool = False
     # aarch64 4-row interleaved copies (kernels/arm.py: sdot by lane / smull + smlal) of the types
     # that have one, for matrices whose row count is a multiple of 4; taken before ``repack``
     arm: bool = arm.ENABLED
 
     def tiling(self, info, kind: str):
+        if kind == "gemv" and self.batch_invariant:
+            m = self.tiling(info, "gemm")        # one row at a time, the GEMM's per-output order
+            return Tiling(1, 1, m.unroll, m.act16, m.wide)
         for name, k, t in self.tilings:
             if name == info.name and k == kind:
                 return t
@@ -124,6 +141,29 @@ class KernelConfig:
 
 
 DEFAULT_CONFIG = KernelConfig()
+_SCOPED = contextvars.ContextVar("tinyinfer_kernel_config", default=None)
+
+
+def current_config() -> KernelConfig:
+    """The config :func:`prepare` uses when given none: the innermost :func:`using_config`'s, else
+    :data:`DEFAULT_CONFIG`."""
+    return _SCOPED.get() or DEFAULT_CONFIG
+
+
+@contextlib.contextmanager
+def using_config(config: KernelConfig | None):
+    """Within the block (this thread / context), :func:`prepare` without a ``config`` takes ``config``
+    (None: no change). How ``Engine(..., kernel_config=...)`` reaches every weight a model loads."""
+    if config is None:
+        yield
+        return
+    if not isinstance(config, KernelConfig):
+        raise TypeError(f"kernel_config must be a tinyinfer.kernels.matmul.KernelConfig, got {type(config).__name__}")
+    token = _SCOPED.set(config)
+    try:
+        yield
+    finally:
+        _SCOPED.reset(token)
 
 
 _NOPY = dict(cache=True, nogil=True, fastmath=False)
@@ -139,87 +179,61 @@ def _keep_alive(*arrays):
 
 
 # ------------------------------------------------------ activation quantizers
-# The generated (cached) functions below depend on intrinsics from simd.py,
-# whose changes numba's cache cannot see: each gets a name with a hash of
-# simd.py, see _jit().
-_SIMD_HASH = hashlib.sha1(Path(simd.__file__).read_bytes()).hexdigest()[:8]
+# Functions that call simd/arm intrinsics are closures made by factories, the intrinsics named by
+# spec strings in their cells (kernels/dispatch.py): numba's cache keys them by those cells.
+def _make_quantize_q8():
+    Q16S, Q16 = spec("quant_row", True, True), spec("quant_row", True, False)
+    Q8S, Q8 = spec("quant_row", False, True), spec("quant_row", False, False)
 
+    def quantize_q8(x, xq, xd, xs, xsum, with_s, sum_mul):
+        """ggml quantize_row_q8_0 / q8_1 (their x86 AVX and ARM NEON flavour) over each row of x (n, k).
 
-def _bind(intr) -> str:
-    """Make an intrinsic reachable from generated code under a unique global name."""
-    name = f"_k_{intr.kernel_name}_{_SIMD_HASH}"
-    globals()[name] = intr
-    return name
-
-
-def _jit(src: str, name: str, parallel: bool = False, **fields):
-    """Compile a template into a cached, module-level njit function named ``name``_<hash>.
-
-    Generated rather than written as closures: numba's on-disk cache keys a
-    function by module, name and bytecode and cannot tell closures over
-    different intrinsics apart (it pickles the closure cells, which differ
-    from run to run, so it would miss every time). The names spell out every
-    compile-time choice, so a changed tiling or simd.py never picks up a
-    stale cache entry.
-    """
-    # the source names the intrinsics it calls, whose names carry every
-    # compile-time choice: hash it into the function name (numba's cache key
-    # sees the bytecode, which does not contain global names)
-    body = src.format(name="{name}", **fields)
-    tag = hashlib.sha1((body + _SIMD_HASH).encode()).hexdigest()[:10]
-    name = f"{name}_{'par' if parallel else 'ser'}_{tag}"
-    if name not in globals():
-        code = compile(body.replace("{name}", name, 1), __file__, "exec")
-        exec(code, globals())
-        globals()[name].__module__ = __name__
-        globals()[name] = nb.njit(parallel=parallel, **_NOPY)(globals()[name])
-    return globals()[name]
-
-
-_QUANT_SRC = """
-def {name}(x, xq, xd, xs, xsum, with_s, sum_mul):
-    n, k = x.shape
-    nb_ = k // 32
-    xp = np.int64(x.ctypes.data)
-    qp = np.int64(xq.ctypes.data)
-    dp = np.int64(xd.ctypes.data)
-    sp = np.int64(xs.ctypes.data)
-    cp = np.int64(xsum.ctypes.data)
-    for i in range(n):
-        a = (xp + i * x.strides[0], nb_, qp + i * xq.strides[0], dp + i * xd.strides[0],
-             sp + i * xs.strides[0], cp + i * xsum.strides[0], sum_mul)
-        if xq.itemsize == 2:
-            if with_s:
-                {q16s}(*a)
+        x must have C-contiguous rows. xq (n, k) int8 or int16 quants, xd (n, k/32)
+        float32 fp16-rounded scales: d = amax/127, q = round_half_even(x * (127/amax));
+        xsum (n, k/32) int32 = sum_mul * sum(q) per block (the Q4_0 kernels' -8
+        offset correction); if with_s, xs (n, k/32) = fp16(d * sum(q)) (block_q8_1.s).
+        """
+        n, k = x.shape
+        nb_ = k // 32
+        xp = np.int64(x.ctypes.data)
+        qp = np.int64(xq.ctypes.data)
+        dp = np.int64(xd.ctypes.data)
+        sp = np.int64(xs.ctypes.data)
+        cp = np.int64(xsum.ctypes.data)
+        for i in range(n):
+            a0, a2 = xp + i * x.strides[0], qp + i * xq.strides[0]
+            a3, a4, a5 = dp + i * xd.strides[0], sp + i * xs.strides[0], cp + i * xsum.strides[0]
+            if xq.itemsize == 2:
+                if with_s:
+                    call(Q16S, a0, nb_, a2, a3, a4, a5, sum_mul)
+                else:
+                    call(Q16, a0, nb_, a2, a3, a4, a5, sum_mul)
             else:
-                {q16}(*a)
-        else:
-            if with_s:
-                {q8s}(*a)
-            else:
-                {q8}(*a)
-"""
-quantize_q8 = _jit(_QUANT_SRC, "quantize_q8",
-                   q16s=_bind(quantize_row_kernel(True, True)), q16=_bind(quantize_row_kernel(True, False)),
-                   q8s=_bind(quantize_row_kernel(False, True)), q8=_bind(quantize_row_kernel(False, False)))
-quantize_q8.__doc__ = """ggml quantize_row_q8_0 / q8_1 (their x86 AVX and ARM NEON flavour) over each row of x (n, k).
+                if with_s:
+                    call(Q8S, a0, nb_, a2, a3, a4, a5, sum_mul)
+                else:
+                    call(Q8, a0, nb_, a2, a3, a4, a5, sum_mul)
 
-    x must have C-contiguous rows. xq (n, k) int8 or int16 quants, xd (n, k/32)
-    float32 fp16-rounded scales: d = amax/127, q = round_half_even(x * (127/amax));
-    xsum (n, k/32) int32 = sum_mul * sum(q) per block (the Q4_0 kernels' -8
-    offset correction); if with_s, xs (n, k/32) = fp16(d * sum(q)) (block_q8_1.s).
-    """
+    return nb.njit(**_NOPY)(quantize_q8)
 
 
-_ROUND_SRC = """
-def {name}(x, out):
-    n, k = x.shape
-    for i in range(n):
-        for j in range(k):
-            out[i, j] = {f16}(x[i, j])
-"""
-round_f16 = _jit(_ROUND_SRC, "round_f16", f16=_bind(f32_to_f16_to_f32))
-round_f16.__doc__ = "out = float32(float16(x)) (ties to even), as ggml converts activations for F16 weights."
+quantize_q8 = _make_quantize_q8()
+
+
+def _make_round_f16():
+    F16 = spec("f16_round")
+
+    def round_f16(x, out):
+        """out = float32(float16(x)) (ties to even), as ggml converts activations for F16 weights."""
+        n, k = x.shape
+        for i in range(n):
+            for j in range(k):
+                out[i, j] = call(F16, x[i, j])
+
+    return nb.njit(**_NOPY)(round_f16)
+
+
+round_f16 = _make_round_f16()
 
 
 @nb.njit(**_NOPY)
@@ -373,7 +387,13 @@ _ACT = {GT.Q8_0: "q8_0", GT.Q8_1: "q8_1", GT.Q8_K: "q8_K", GT.F16: "f16", GT.BF1
 
 def _kernel_info(e: quants.QuantType) -> _TypeInfo:
     """The kernels' view of a registry entry (tilings and compiled drivers are per process)."""
-    return _TypeInfo(e.name, e.block_size, e.type_size, _ACT[e.vec_dot_type], repacked=e.repacked)
+    info = _TypeInfo(e.name, e.block_size, e.type_size, _ACT[e.vec_dot_type], repacked=e.repacked)
+    if _X86 and not e.is_quantized:
+        # F16 / BF16 / F32 GEMV on x86: one accumulator set (the GEMM's per-output order, so batch
+        # invariant) measured faster than unroll 2 from DRAM (F16 2048x2048, 1 thread, Zen 4 VM:
+        # 9.4-9.8 vs 6.2-7.2 GB/s; issue 20)
+        info.gemv = Tiling(1, 1, 1)
+    return info
 
 
 # int(ggml type) -> kernel info, for every runnable registry entry
@@ -382,279 +402,386 @@ SUPPORTED_TYPES = tuple(_TYPES)
 
 
 # -------------------------------------------------------------------- drivers
-# activation prep, inlined into each driver: x (n, k) -> xq, xd, xs, xc
-_PREP_Q8 = """
-    xq = np.empty((n, k), np.{qdtype})
+# One jitted driver per (type, layout, compile-time choices, serial | parallel): a closure made by one of
+# the factories below, its constants (tile shapes, flags, kernel specs) in its cells. Activation prep:
+@nb.njit(**_NOPY)
+def _act_q8(x, with_s, sum_mul):
+    """x (n, k) -> int8 quants, scales, sums (q8_1: fp16(d * sum)), sum_mul * sums of q per 32."""
+    n, k = x.shape
+    xq = np.empty((n, k), np.int8)
     xd = np.empty((n, k // 32), np.float32)
     xc = np.empty((n, k // 32), np.int32)
-    xs = np.empty((n, k // 32), np.float32) if {with_s} else xd
-    {quant}(x, xq, xd, xs, xc, {with_s}, {sum_mul})"""
-_PREP_FLOAT = """
-    xq = np.empty((n, k), np.float32)
-    {round_fn}(x, xq)
-    xd = xq
-    xs = xq
-    xc = np.empty((1, 1), np.int32)"""
-_PREP_F32 = """
-    xq = x
-    xd = x
-    xs = x
-    xc = np.empty((1, 1), np.int32)"""
+    xs = np.empty((n, k // 32), np.float32) if with_s else xd
+    quantize_q8(x, xq, xd, xs, xc, with_s, sum_mul)
+    return xq, xd, xs, xc
 
-_NATIVE_SRC = """
-def {name}(w, x, out):
+
+@nb.njit(**_NOPY)
+def _act_q16(x, with_s, sum_mul):
+    """:func:`_act_q8` with the quants stored as int16 (pre-widened)."""
     n, k = x.shape
-{prep}
-    rows = w.shape[0]
-    nb_ = k // 32
-    ntail = k - nb_ * 32
-    ws = np.int64(w.strides[0])
-    wp = np.int64(w.ctypes.data)
-    xqs = np.int64(xq.strides[0])
-    xqp = np.int64(xq.ctypes.data)
-    xst = np.int64(xd.strides[0])
-    xdp = np.int64(xd.ctypes.data)
-    xsp = np.int64(xs.ctypes.data)
-    osd = np.int64(out.strides[0])
-    op = np.int64(out.ctypes.data)
-    if n == 1:
-        ntr = rows // {VR}
-        for t in prange(ntr):
-            r0 = t * {VR}
-            {t_vec}(wp + r0 * ws, ws, xqp, xqs, xdp, xsp, xst, nb_, ntail, op + r0 * 4, osd)
-        for r0 in range(ntr * {VR}, rows):
-            {t_one}(wp + r0 * ws, ws, xqp, xqs, xdp, xsp, xst, nb_, ntail, op + r0 * 4, osd)
-        _keep_alive(xq, xd, xs, xc)
-        return
-    ntr = rows // {NR}
-    nc_main = n - n % {NC}
-    for t in prange(ntr + (rows - ntr * {NR})):
-        if t < ntr:
-            r0 = t * {NR}
-            for c0 in range(0, nc_main, {NC}):
-                {t_main}(wp + r0 * ws, ws, xqp + c0 * xqs, xqs, xdp + c0 * xst, xsp + c0 * xst, xst,
-                         nb_, ntail, op + c0 * osd + r0 * 4, osd)
-            for c0 in range(nc_main, n):
-                {t_col}(wp + r0 * ws, ws, xqp + c0 * xqs, xqs, xdp + c0 * xst, xsp + c0 * xst, xst,
-                        nb_, ntail, op + c0 * osd + r0 * 4, osd)
-        else:
-            r0 = ntr * {NR} + (t - ntr)
-            for c0 in range(0, nc_main, {NC}):
-                {t_row}(wp + r0 * ws, ws, xqp + c0 * xqs, xqs, xdp + c0 * xst, xsp + c0 * xst, xst,
-                        nb_, ntail, op + c0 * osd + r0 * 4, osd)
-            for c0 in range(nc_main, n):
-                {t_one}(wp + r0 * ws, ws, xqp + c0 * xqs, xqs, xdp + c0 * xst, xsp + c0 * xst, xst,
-                        nb_, ntail, op + c0 * osd + r0 * 4, osd)
-    _keep_alive(xq, xd, xs, xc)
-"""
+    xq = np.empty((n, k), np.int16)
+    xd = np.empty((n, k // 32), np.float32)
+    xc = np.empty((n, k // 32), np.int32)
+    xs = np.empty((n, k // 32), np.float32) if with_s else xd
+    quantize_q8(x, xq, xd, xs, xc, with_s, sum_mul)
+    return xq, xd, xs, xc
 
-_KNATIVE_SRC = """
-def {name}(w, x, out):
+
+@nb.njit(**_NOPY)
+def _act_f16(x):
+    xq = np.empty_like(x)
+    round_f16(x, xq)
+    return xq, xq, xq, np.empty((1, 1), np.int32)
+
+
+@nb.njit(**_NOPY)
+def _act_bf16(x):
+    xq = np.empty_like(x)
+    round_bf16(x, xq)
+    return xq, xq, xq, np.empty((1, 1), np.int32)
+
+
+@nb.njit(**_NOPY)
+def _act_q8_K(x):
+    """Q8_K activations: int8 quants, float32 scales per 256, int32 sums of the quants per 32."""
     n, k = x.shape
     xq = np.empty((n, k), np.int8)
     xd = np.empty((n, k // 256), np.float32)
     xb = np.empty((n, k // 32), np.int32)
     quantize_q8_K(x, xq, xd, xb)
-    if {b16}:
-        xb = np.empty((n, k // 16), np.int16)
-        bsums16(xq, xb)
-    rows = w.shape[0]
-    nb_ = k // 256
-    ws = np.int64(w.strides[0])
-    wp = np.int64(w.ctypes.data)
-    xqs = np.int64(xq.strides[0])
-    xqp = np.int64(xq.ctypes.data)
-    xds = np.int64(xd.strides[0])
-    xdp = np.int64(xd.ctypes.data)
-    xbs = np.int64(xb.strides[0])
-    xbp = np.int64(xb.ctypes.data)
-    osd = np.int64(out.strides[0])
-    op = np.int64(out.ctypes.data)
-    if n == 1:
-        if {perm}:
-            permute_q4k(xq)
-        ntr = rows // {VR}
-        for t in prange(ntr):
-            r0 = t * {VR}
-            {t_vec}(wp + r0 * ws, ws, xqp, xqs, xdp, xds, xbp, xbs, nb_, op + r0 * 4, osd)
-        for r0 in range(ntr * {VR}, rows):
-            {t_gv}(wp + r0 * ws, ws, xqp, xqs, xdp, xds, xbp, xbs, nb_, op + r0 * 4, osd)
-        _keep_alive(xq, xd, xb)
-        return
-    ntr = rows // {NR}
-    nc_main = n - n % {NC}
-    for t in prange(ntr + (rows - ntr * {NR})):
-        if t < ntr:
-            r0 = t * {NR}
-            for c0 in range(0, nc_main, {NC}):
-                {t_main}(wp + r0 * ws, ws, xqp + c0 * xqs, xqs, xdp + c0 * xds, xds, xbp + c0 * xbs, xbs,
-                         nb_, op + c0 * osd + r0 * 4, osd)
-            for c0 in range(nc_main, n):
-                {t_col}(wp + r0 * ws, ws, xqp + c0 * xqs, xqs, xdp + c0 * xds, xds, xbp + c0 * xbs, xbs,
-                        nb_, op + c0 * osd + r0 * 4, osd)
-        else:
-            r0 = ntr * {NR} + (t - ntr)
-            for c0 in range(0, nc_main, {NC}):
-                {t_row}(wp + r0 * ws, ws, xqp + c0 * xqs, xqs, xdp + c0 * xds, xds, xbp + c0 * xbs, xbs,
-                        nb_, op + c0 * osd + r0 * 4, osd)
-            for c0 in range(nc_main, n):
-                {t_one}(wp + r0 * ws, ws, xqp + c0 * xqs, xqs, xdp + c0 * xds, xds, xbp + c0 * xbs, xbs,
-                        nb_, op + c0 * osd + r0 * 4, osd)
-    _keep_alive(xq, xd, xb)
-"""
-
-_PACKED_SRC = """
-def {name}(wr, wt, x, out):
-    n, k = x.shape
-{prep}
-    ng = wr.shape[0]
-    nb_ = k // 32
-    wp = np.int64(wr.ctypes.data)
-    gs = np.int64(wr.strides[0])
-    xqp = np.int64(xq.ctypes.data)
-    xqs = np.int64(xq.strides[0])
-    xdp = np.int64(xd.ctypes.data)
-    xsp = np.int64(xs.ctypes.data)
-    xcp = np.int64(xc.ctypes.data)
-    xst = np.int64(xd.strides[0])
-    op = np.int64(out.ctypes.data)
-    osd = np.int64(out.strides[0])
-    nc_main = n - n % {NC}
-    for g in prange(ng):
-        gp = wp + g * gs
-        o = op + g * {GB}
-        for c0 in range(0, nc_main, {NC}):
-            {t_main}(gp, nb_, xqp + c0 * xqs, xqs, xdp + c0 * xst, xsp + c0 * xst, xcp + c0 * xst, xst,
-                     o + c0 * osd, osd)
-        for c0 in range(nc_main, n):
-            {t_one}(gp, nb_, xqp + c0 * xqs, xqs, xdp + c0 * xst, xsp + c0 * xst, xcp + c0 * xst, xst,
-                    o + c0 * osd, osd)
-    # rows after the last full group: native kernels on the original layout
-    tp = np.int64(wt.ctypes.data)
-    ts = np.int64(wt.strides[0])
-    ot = op + ng * {GB}
-    for r in range(wt.shape[0]):
-        for c0 in range(0, nc_main, {NC}):
-            {tail_main}(tp + r * ts, ts, xqp + c0 * xqs, xqs, xdp + c0 * xst, xsp + c0 * xst, xst,
-                        nb_, 0, ot + c0 * osd + r * 4, osd)
-        for c0 in range(nc_main, n):
-            {tail_one}(tp + r * ts, ts, xqp + c0 * xqs, xqs, xdp + c0 * xst, xsp + c0 * xst, xst,
-                       nb_, 0, ot + c0 * osd + r * 4, osd)
-    _keep_alive(xq, xd, xs, xc)
-"""
-
-_KPACKED_SRC = """
-def {name}(wr, wt, x, out):
-    n, k = x.shape
-    xq = np.empty((n, k), np.int8)
-    xd = np.empty((n, k // 256), np.float32)
-    xb = np.empty((n, k // 32), np.int32)
-    quantize_q8_K(x, xq, xd, xb)
-    xw = xq.astype(np.int16)
-    xt = xb
-    if {b16}:
-        xt = np.empty((n, k // 16), np.int16)      # the tail tiles' activation sums per 16
-        bsums16(xq, xt)
-    ng = wr.shape[0]
-    nb_ = k // 256
-    wp = np.int64(wr.ctypes.data)
-    gs = np.int64(wr.strides[0])
-    xqp = np.int64(xq.ctypes.data)
-    xqs = np.int64(xq.strides[0])
-    xwp = np.int64(xw.ctypes.data)
-    xws = np.int64(xw.strides[0])
-    xdp = np.int64(xd.ctypes.data)
-    xds = np.int64(xd.strides[0])
-    xbp = np.int64(xb.ctypes.data)
-    xbs = np.int64(xb.strides[0])
-    xtp = np.int64(xt.ctypes.data)
-    xts = np.int64(xt.strides[0])
-    op = np.int64(out.ctypes.data)
-    osd = np.int64(out.strides[0])
-    nc_main = n - n % {NC}
-    for g in prange(ng):
-        gp = wp + g * gs
-        o = op + g * {GB}
-        for c0 in range(0, nc_main, {NC}):
-            {t_main}(gp, nb_, xwp + c0 * xws, xws, xdp + c0 * xds, xds, xbp + c0 * xbs, xbs, o + c0 * osd, osd)
-        for c0 in range(nc_main, n):
-            {t_one}(gp, nb_, xwp + c0 * xws, xws, xdp + c0 * xds, xds, xbp + c0 * xbs, xbs, o + c0 * osd, osd)
-    # rows after the last full group: native kernels on the original layout
-    tp = np.int64(wt.ctypes.data)
-    ts = np.int64(wt.strides[0])
-    ot = op + ng * {GB}
-    for r in range(wt.shape[0]):
-        for c0 in range(0, nc_main, {NC}):
-            {tail_main}(tp + r * ts, ts, xqp + c0 * xqs, xqs, xdp + c0 * xds, xds, xtp + c0 * xts, xts,
-                        nb_, ot + c0 * osd + r * 4, osd)
-        for c0 in range(nc_main, n):
-            {tail_one}(tp + r * ts, ts, xqp + c0 * xqs, xqs, xdp + c0 * xds, xds, xtp + c0 * xts, xts,
-                       nb_, ot + c0 * osd + r * 4, osd)
-    _keep_alive(xq, xw, xd, xb, xt)
-"""
+    return xq, xd, xb
 
 
-def _prep(info: _TypeInfo, act16: bool, sum_mul: int) -> str:
+# activation kinds of the legacy / float drivers (ACT cell): a constant, so numba prunes the others
+_A_Q8, _A_Q16, _A_F16, _A_BF16, _A_F32 = 0, 1, 2, 3, 4
+
+
+def _act_kind(info: _TypeInfo, act16: bool) -> int:
     if info.act in ("q8_0", "q8_1"):
-        return _PREP_Q8.format(qdtype="int16" if act16 else "int8", with_s=info.act == "q8_1", sum_mul=sum_mul,
-                               quant=quantize_q8.py_func.__name__)
-    if info.act == "f32":
-        return _PREP_F32
-    return _PREP_FLOAT.format(round_fn=round_f16.py_func.__name__ if info.act == "f16" else "round_bf16")
+        return _A_Q16 if act16 else _A_Q8
+    return {"f16": _A_F16, "bf16": _A_BF16, "f32": _A_F32}[info.act]
+
+
+def _njit(fn, parallel: bool):
+    return nb.njit(parallel=parallel, **_NOPY)(fn)
 
 
 def _make_native(info: _TypeInfo, parallel: bool, cfg: KernelConfig):
+    """Native (zero-copy) blocks: n == 1 one weight row (VR rows) at a time, n > 1 NR x NC tiles."""
     v, m = cfg.tiling(info, "gemv"), cfg.tiling(info, "gemm")
     if v.act16 != m.act16:
         raise ValueError(f"tilings of {info.name}: gemv and gemm must agree on act16")
-    f = info.name
     if info.act == "q8_K":
-        def kt(NR, NC):
-            return _bind(ktile_kernel(f, NR, NC))
-
-        # n == 1 on x86: the single-row kgemv kernel, which wants the activation sums per 16
-        # (int16) for Q6_K (Q2_K / Q3_K have them already) and the sub-blocks of Q4_K / Q5_K
-        # activations permuted (simd.Q4K_GEMV_PERM)
-        dec = simd.decoder(f)
-        kg = cfg.kgemv and v.NR == 1 and dec.has_gemv
-        t_vec = _bind(kgemv_kernel(f)) if kg else kt(v.NR, 1)
-        return _jit(_KNATIVE_SRC, f"_knative_{f}_{v.NR}_{m.NR}x{m.NC}", parallel, VR=v.NR, NR=m.NR, NC=m.NC,
-                    t_vec=t_vec, t_gv=t_vec if v.NR == 1 else kt(1, 1), t_one=kt(1, 1),
-                    t_main=kt(m.NR, m.NC), t_col=kt(m.NR, 1), t_row=kt(1, m.NC),
-                    b16=(kg and f == "Q6_K") or dec.bsums == 16, perm=kg and f in ("Q4_K", "Q5_K"))
+        return _make_knative(info, parallel, cfg, v, m)
+    f = info.name
 
     def tile(NR, NC, t):
-        return _bind(tile_kernel(f, NR, NC, unroll=t.unroll, act16=t.act16, wide=t.wide))
+        return spec("tile", f, NR, NC, unroll=t.unroll, act16=t.act16, wide=t.wide, prefetch=cfg.prefetch)
 
-    return _jit(_NATIVE_SRC, f"_native_{f}_{v.tag}_{m.tag}", parallel, prep=_prep(info, m.act16, 1),
-                VR=v.NR, NR=m.NR, NC=m.NC,
-                t_vec=tile(v.NR, 1, v), t_one=tile(1, 1, v),
-                t_main=tile(m.NR, m.NC, m), t_col=tile(m.NR, 1, m), t_row=tile(1, m.NC, m))
+    ACT, WITH_S = _act_kind(info, m.act16), info.act == "q8_1"
+    VR, NR, NC = v.NR, m.NR, m.NC
+    T_VEC, T_ONE = tile(v.NR, 1, v), tile(1, 1, v)
+    T_MAIN, T_COL, T_ROW = tile(m.NR, m.NC, m), tile(m.NR, 1, m), tile(1, m.NC, m)
+
+    def native(w, x, out):
+        n, k = x.shape
+        if ACT == 0:
+            xq, xd, xs, xc = _act_q8(x, WITH_S, 1)
+        elif ACT == 1:
+            xq, xd, xs, xc = _act_q16(x, WITH_S, 1)
+        elif ACT == 2:
+            xq, xd, xs, xc = _act_f16(x)
+        elif ACT == 3:
+            xq, xd, xs, xc = _act_bf16(x)
+        else:
+            xq, xd, xs, xc = x, x, x, np.empty((1, 1), np.int32)
+        rows = w.shape[0]
+        nb_ = k // 32
+        ntail = k - nb_ * 32
+        ws = np.int64(w.strides[0])
+        wp = np.int64(w.ctypes.data)
+        xqs = np.int64(xq.strides[0])
+        xqp = np.int64(xq.ctypes.data)
+        xst = np.int64(xd.strides[0])
+        xdp = np.int64(xd.ctypes.data)
+        xsp = np.int64(xs.ctypes.data)
+        osd = np.int64(out.strides[0])
+        op = np.int64(out.ctypes.data)
+        if n == 1:
+            ntr = rows // VR
+            for t in prange(ntr):
+                r0 = t * VR
+                call(T_VEC, wp + r0 * ws, ws, xqp, xqs, xdp, xsp, xst, nb_, ntail, op + r0 * 4, osd)
+            for r0 in range(ntr * VR, rows):
+                call(T_ONE, wp + r0 * ws, ws, xqp, xqs, xdp, xsp, xst, nb_, ntail, op + r0 * 4, osd)
+            _keep_alive(xq, xd, xs, xc)
+            return
+        ntr = rows // NR
+        nc_main = n - n % NC
+        for t in prange(ntr + (rows - ntr * NR)):
+            if t < ntr:
+                r0 = t * NR
+                for c0 in range(0, nc_main, NC):
+                    call(T_MAIN, wp + r0 * ws, ws, xqp + c0 * xqs, xqs, xdp + c0 * xst, xsp + c0 * xst, xst,
+                         nb_, ntail, op + c0 * osd + r0 * 4, osd)
+                for c0 in range(nc_main, n):
+                    call(T_COL, wp + r0 * ws, ws, xqp + c0 * xqs, xqs, xdp + c0 * xst, xsp + c0 * xst, xst,
+                         nb_, ntail, op + c0 * osd + r0 * 4, osd)
+            else:
+                r0 = ntr * NR + (t - ntr)
+                for c0 in range(0, nc_main, NC):
+                    call(T_ROW, wp + r0 * ws, ws, xqp + c0 * xqs, xqs, xdp + c0 * xst, xsp + c0 * xst, xst,
+                         nb_, ntail, op + c0 * osd + r0 * 4, osd)
+                for c0 in range(nc_main, n):
+                    call(T_ONE, wp + r0 * ws, ws, xqp + c0 * xqs, xqs, xdp + c0 * xst, xsp + c0 * xst, xst,
+                         nb_, ntail, op + c0 * osd + r0 * 4, osd)
+        _keep_alive(xq, xd, xs, xc)
+
+    return _njit(native, parallel)
+
+
+def _make_knative(info: _TypeInfo, parallel: bool, cfg: KernelConfig, v: Tiling, m: Tiling):
+    """Native K-quant super-blocks against Q8_K activations. n == 1 on x86: the single-row kgemv kernel,
+    which wants the activation sums per 16 (int16) for Q6_K (Q2_K / Q3_K have them already) and the
+    sub-blocks of Q4_K / Q5_K activations permuted (simd.Q4K_GEMV_PERM)."""
+    f = info.name
+    dec = quants.type_info(f).simd
+
+    def kt(NR, NC):
+        return spec("ktile", f, NR, NC, prefetch=cfg.prefetch)
+
+    kg = cfg.kgemv and not cfg.batch_invariant and v.NR == 1 and dec.has_gemv
+    VR, NR, NC = v.NR, m.NR, m.NC
+    T_VEC = spec("kgemv", f) if kg else kt(v.NR, 1)
+    T_GV = T_VEC if v.NR == 1 else kt(1, 1)
+    T_ONE, T_MAIN, T_COL, T_ROW = kt(1, 1), kt(m.NR, m.NC), kt(m.NR, 1), kt(1, m.NC)
+    B16 = (kg and f == "Q6_K") or dec.bsums == 16
+    PERM = kg and f in ("Q4_K", "Q5_K")
+
+    def knative(w, x, out):
+        n, k = x.shape
+        xq, xd, xb32 = _act_q8_K(x)
+        if B16:
+            xb = np.empty((n, k // 16), np.int16)
+            bsums16(xq, xb)
+        else:
+            xb = xb32
+        rows = w.shape[0]
+        nb_ = k // 256
+        ws = np.int64(w.strides[0])
+        wp = np.int64(w.ctypes.data)
+        xqs = np.int64(xq.strides[0])
+        xqp = np.int64(xq.ctypes.data)
+        xds = np.int64(xd.strides[0])
+        xdp = np.int64(xd.ctypes.data)
+        xbs = np.int64(xb.strides[0])
+        xbp = np.int64(xb.ctypes.data)
+        osd = np.int64(out.strides[0])
+        op = np.int64(out.ctypes.data)
+        if n == 1:
+            if PERM:
+                permute_q4k(xq)
+            ntr = rows // VR
+            for t in prange(ntr):
+                r0 = t * VR
+                call(T_VEC, wp + r0 * ws, ws, xqp, xqs, xdp, xds, xbp, xbs, nb_, op + r0 * 4, osd)
+            for r0 in range(ntr * VR, rows):
+                call(T_GV, wp + r0 * ws, ws, xqp, xqs, xdp, xds, xbp, xbs, nb_, op + r0 * 4, osd)
+            _keep_alive(xq, xd, xb)
+            return
+        ntr = rows // NR
+        nc_main = n - n % NC
+        for t in prange(ntr + (rows - ntr * NR)):
+            if t < ntr:
+                r0 = t * NR
+                for c0 in range(0, nc_main, NC):
+                    call(T_MAIN, wp + r0 * ws, ws, xqp + c0 * xqs, xqs, xdp + c0 * xds, xds, xbp + c0 * xbs, xbs,
+                         nb_, op + c0 * osd + r0 * 4, osd)
+                for c0 in range(nc_main, n):
+                    call(T_COL, wp + r0 * ws, ws, xqp + c0 * xqs, xqs, xdp + c0 * xds, xds, xbp + c0 * xbs, xbs,
+                         nb_, op + c0 * osd + r0 * 4, osd)
+            else:
+                r0 = ntr * NR + (t - ntr)
+                for c0 in range(0, nc_main, NC):
+                    call(T_ROW, wp + r0 * ws, ws, xqp + c0 * xqs, xqs, xdp + c0 * xds, xds, xbp + c0 * xbs, xbs,
+                         nb_, op + c0 * osd + r0 * 4, osd)
+                for c0 in range(nc_main, n):
+                    call(T_ONE, wp + r0 * ws, ws, xqp + c0 * xqs, xqs, xdp + c0 * xds, xds, xbp + c0 * xbs, xbs,
+                         nb_, op + c0 * osd + r0 * 4, osd)
+        _keep_alive(xq, xd, xb)
+
+    return _njit(knative, parallel)
 
 
 def _make_packed(info: _TypeInfo, parallel: bool, cfg: KernelConfig):
+    """x16 row-interleaved groups (simd.Interleaved), the rows % 16 after them on the native layout."""
     f = info.name
-    fmt = simd.repacked(f)
-    NC, ch = cfg.packed_nc, cfg.packed_chains
+    fmt = info.repacked
     if fmt.kquant:
-        return _jit(_KPACKED_SRC, f"_kpacked_{f}_g{GROUP}_x{NC}", parallel, NC=NC, GB=GROUP * 4,
-                    b16=simd.decoder(f).bsums == 16,
-                    t_main=_bind(kinterleaved_kernel(f, NC)), t_one=_bind(kinterleaved_kernel(f, 1)),
-                    tail_main=_bind(ktile_kernel(f, 1, NC)), tail_one=_bind(ktile_kernel(f, 1, 1)))
-    return _jit(_PACKED_SRC, f"_packed_{f}_g{GROUP}_x{NC}_c{ch}", parallel,
-                prep=_prep(info, True, -fmt.offset), NC=NC, GB=GROUP * 4,
-                t_main=_bind(interleaved_kernel(f, NC, ch)), t_one=_bind(interleaved_kernel(f, 1, ch)),
-                tail_main=_bind(tile_kernel(f, 1, NC, act16=True)),
-                tail_one=_bind(tile_kernel(f, 1, 1, act16=True)))
+        return _make_kpacked(info, parallel, cfg)
+    NC, ch, GB = cfg.packed_nc, cfg.packed_chains, GROUP * 4
+    WITH_S, SUM_MUL = info.act == "q8_1", -fmt.offset
+    T_MAIN = spec("itile", f, NC, ch, prefetch=cfg.prefetch_packed)
+    T_ONE = spec("itile", f, 1, ch, prefetch=cfg.prefetch_packed)
+    TAIL_MAIN = spec("tile", f, 1, NC, act16=True, prefetch=cfg.prefetch)
+    TAIL_ONE = spec("tile", f, 1, 1, act16=True, prefetch=cfg.prefetch)
+
+    def packed(wr, wt, x, out):
+        n, k = x.shape
+        xq, xd, xs, xc = _act_q16(x, WITH_S, SUM_MUL)
+        ng = wr.shape[0]
+        nb_ = k // 32
+        wp = np.int64(wr.ctypes.data)
+        gs = np.int64(wr.strides[0])
+        xqp = np.int64(xq.ctypes.data)
+        xqs = np.int64(xq.strides[0])
+        xdp = np.int64(xd.ctypes.data)
+        xsp = np.int64(xs.ctypes.data)
+        xcp = np.int64(xc.ctypes.data)
+        xst = np.int64(xd.strides[0])
+        op = np.int64(out.ctypes.data)
+        osd = np.int64(out.strides[0])
+        nc_main = n - n % NC
+        for g in prange(ng):
+            gp = wp + g * gs
+            o = op + g * GB
+            for c0 in range(0, nc_main, NC):
+                call(T_MAIN, gp, nb_, xqp + c0 * xqs, xqs, xdp + c0 * xst, xsp + c0 * xst, xcp + c0 * xst, xst,
+                     o + c0 * osd, osd)
+            for c0 in range(nc_main, n):
+                call(T_ONE, gp, nb_, xqp + c0 * xqs, xqs, xdp + c0 * xst, xsp + c0 * xst, xcp + c0 * xst, xst,
+                     o + c0 * osd, osd)
+        # rows after the last full group: native kernels on the original layout
+        tp = np.int64(wt.ctypes.data)
+        ts = np.int64(wt.strides[0])
+        ot = op + ng * GB
+        for r in range(wt.shape[0]):
+            for c0 in range(0, nc_main, NC):
+                call(TAIL_MAIN, tp + r * ts, ts, xqp + c0 * xqs, xqs, xdp + c0 * xst, xsp + c0 * xst, xst,
+                     nb_, 0, ot + c0 * osd + r * 4, osd)
+            for c0 in range(nc_main, n):
+                call(TAIL_ONE, tp + r * ts, ts, xqp + c0 * xqs, xqs, xdp + c0 * xst, xsp + c0 * xst, xst,
+                     nb_, 0, ot + c0 * osd + r * 4, osd)
+        _keep_alive(xq, xd, xs, xc)
+
+    return _njit(packed, parallel)
+
+
+def _make_kpacked(info: _TypeInfo, parallel: bool, cfg: KernelConfig):
+    f = info.name
+    NC, GB = cfg.packed_nc, GROUP * 4
+    B16 = quants.type_info(f).simd.bsums == 16
+    T_MAIN, T_ONE = spec("kitile", f, NC), spec("kitile", f, 1)
+    TAIL_MAIN, TAIL_ONE = spec("ktile", f, 1, NC, prefetch=cfg.prefetch), spec("ktile", f, 1, 1, prefetch=cfg.prefetch)
+
+    def kpacked(wr, wt, x, out):
+        n, k = x.shape
+        xq, xd, xb = _act_q8_K(x)
+        xw = xq.astype(np.int16)
+        if B16:
+            xt = np.empty((n, k // 16), np.int16)      # the tail tiles' activation sums per 16
+            bsums16(xq, xt)
+        else:
+            xt = xb
+        ng = wr.shape[0]
+        nb_ = k // 256
+        wp = np.int64(wr.ctypes.data)
+        gs = np.int64(wr.strides[0])
+        xqp = np.int64(xq.ctypes.data)
+        xqs = np.int64(xq.strides[0])
+        xwp = np.int64(xw.ctypes.data)
+        xws = np.int64(xw.strides[0])
+        xdp = np.int64(xd.ctypes.data)
+        xds = np.int64(xd.strides[0])
+        xbp = np.int64(xb.ctypes.data)
+        xbs = np.int64(xb.strides[0])
+        xtp = np.int64(xt.ctypes.data)
+        xts = np.int64(xt.strides[0])
+        op = np.int64(out.ctypes.data)
+        osd = np.int64(out.strides[0])
+        nc_main = n - n % NC
+        for g in prange(ng):
+            gp = wp + g * gs
+            o = op + g * GB
+            for c0 in range(0, nc_main, NC):
+                call(T_MAIN, gp, nb_, xwp + c0 * xws, xws, xdp + c0 * xds, xds, xbp + c0 * xbs, xbs,
+                     o + c0 * osd, osd)
+            for c0 in range(nc_main, n):
+                call(T_ONE, gp, nb_, xwp + c0 * xws, xws, xdp + c0 * xds, xds, xbp + c0 * xbs, xbs,
+                     o + c0 * osd, osd)
+        # rows after the last full group: native kernels on the original layout
+        tp = np.int64(wt.ctypes.data)
+        ts = np.int64(wt.strides[0])
+        ot = op + ng * GB
+        for r in range(wt.shape[0]):
+            for c0 in range(0, nc_main, NC):
+                call(TAIL_MAIN, tp + r * ts, ts, xqp + c0 * xqs, xqs, xdp + c0 * xds, xds, xtp + c0 * xts, xts,
+                     nb_, ot + c0 * osd + r * 4, osd)
+            for c0 in range(nc_main, n):
+                call(TAIL_ONE, tp + r * ts, ts, xqp + c0 * xqs, xqs, xdp + c0 * xds, xds, xtp + c0 * xts, xts,
+                     nb_, ot + c0 * osd + r * 4, osd)
+        _keep_alive(xq, xw, xd, xb, xt)
+
+    return _njit(kpacked, parallel)
+
+
+def _make_arm(info: _TypeInfo, parallel: bool):
+    """aarch64 4-row groups (kernels/arm.py): one group x NC activation rows per kernel call."""
+    f = info.name
+    L = arm.LAYOUTS[f]
+    NC, QKB = arm.NC, L.qk
+    KQ = L.act == "q8_K"
+    HILO = f in ("Q4_K", "Q5_K")
+    WITH_S = info.act == "q8_1"
+    T_MAIN, T_ONE = spec("arm4", f, NC, arm.DOTPROD), spec("arm4", f, 1, arm.DOTPROD)
+
+    def arm4(wr, x, out):
+        n, k = x.shape
+        if KQ:
+            xq, xd, xb32 = _act_q8_K(x)
+            if HILO:
+                xb = np.empty((n, k // 256 * 16), np.int8)
+                arm.bsums_hilo(xb32, xb)
+            else:
+                xb = xb32
+        else:
+            xq, xd, _xs, xb = _act_q8(x, WITH_S, 1)
+        ng = wr.shape[0]
+        nb_ = k // QKB
+        wp = np.int64(wr.ctypes.data)
+        gs = np.int64(wr.strides[0])
+        xqp = np.int64(xq.ctypes.data)
+        xqs = np.int64(xq.strides[0])
+        xdp = np.int64(xd.ctypes.data)
+        xds = np.int64(xd.strides[0])
+        xbp = np.int64(xb.ctypes.data)
+        xbs = np.int64(xb.strides[0])
+        op = np.int64(out.ctypes.data)
+        osd = np.int64(out.strides[0])
+        nc_main = n - n % NC
+        for g in prange(ng):
+            gp = wp + g * gs
+            o = op + g * 16
+            for c0 in range(0, nc_main, NC):
+                call(T_MAIN, gp, nb_, xqp + c0 * xqs, xqs, xdp + c0 * xds, xds, xbp + c0 * xbs, xbs,
+                     o + c0 * osd, osd)
+            for c0 in range(nc_main, n):
+                call(T_ONE, gp, nb_, xqp + c0 * xqs, xqs, xdp + c0 * xds, xds, xbp + c0 * xbs, xbs,
+                     o + c0 * osd, osd)
+        _keep_alive(xq, xd, xb)
+
+    return _njit(arm4, parallel)
 
 
 def _driver(info: _TypeInfo, packed, parallel: bool, cfg: KernelConfig):
     """packed: False (native), True (x16 row-interleaved) or "arm" (kernels/arm.py's 4-row layouts)."""
-    key = (packed, parallel, cfg.kgemv, cfg.packed_nc, cfg.packed_chains, cfg.tilings)
+    key = (packed, parallel, cfg.kgemv, cfg.packed_nc, cfg.packed_chains, cfg.tilings, cfg.prefetch,
+           cfg.prefetch_packed, cfg.batch_invariant)           # the fields the drivers depend on
     d = info.drivers.get(key)
     if d is None:
         if packed == "arm":
-            d = arm.make_driver(info.name, parallel)
+            d = _make_arm(info, parallel)
         else:
             d = (_make_packed if packed else _make_native)(info, parallel, cfg)
         info.drivers[key] = d
@@ -814,12 +941,12 @@ def prepare(w_raw: np.ndarray, ggml_type: int, k: int, repack: bool | None = Non
 
     ``w_raw``: uint8 array (rows, row_bytes), each row one output feature of
     ``k`` inputs in ggml's block layout (a 1-D buffer is split into rows).
-    ``config`` (default :data:`DEFAULT_CONFIG`): the kernels' knobs; ``repack``
+    ``config`` (default :func:`current_config`): the kernels' knobs; ``repack``
     overrides its ``repack``, which builds the row-interleaved copy for types whose
     registry entry has one (Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 / Q4_K) and matrices of
     at least 16 rows; otherwise the data is used in place.
     """
-    cfg = config or DEFAULT_CONFIG
+    cfg = config or current_config()
     if repack is not None and repack != cfg.repack:
         cfg = replace(cfg, repack=bool(repack))
     info = _TYPES.get(int(ggml_type))
@@ -937,7 +1064,8 @@ def _plan(pw: PreparedWeight, n: int) -> list:
     if pw.arm is not None:
         packed, a0 = "arm", (pw.arm,)
     else:
-        packed = pw.packed is not None and not (n == 1 and pw.info.repacked.kquant and cfg.kgemv)
+        packed = pw.packed is not None and not (n == 1 and pw.info.repacked.kquant and cfg.kgemv
+                                                and not cfg.batch_invariant)
         a0 = (pw.packed, pw.tail) if packed else (pw.w,)
     return [packed, a0, pw.nbytes * max(1, n >> 2) >= cfg.parallel_min_bytes, None, None]
 

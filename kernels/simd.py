@@ -54,15 +54,18 @@ Lessons from the assembly (``benchmarks/bench_kernels.py --asm`` and
 Everything here is compile-time Python that builds IR; nothing runs per call.
 Pointers are passed as integers (``arr.ctypes.data`` in the jitted caller):
 the caller validates every shape before calling, the IR does no bounds checks.
+Nothing here reads the environment: software prefetch distances are factory arguments
+(``prefetch``, from matmul.KernelConfig), the target facts (``PARTIAL_REDUCE``, ``TARGET_ARCH``,
+``VECTOR_BITS``) come from the machine.
 Every intrinsic carries a ``kernel_name`` that spells out all its compile-time
-choices (matmul.py uses it to keep numba's on-disk cache honest).
+choices (for reports). The factories take the registry's decoder objects (kernels/quants.py);
+kernels/dispatch.py names them by type name for the drivers.
 """
 
 from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-import os
 import platform
 from functools import lru_cache
 
@@ -108,17 +111,12 @@ def _host_vector_bits() -> int:
 
 
 VECTOR_BITS = _host_vector_bits()
-# software prefetch distance (bytes ahead in each weight row; 0 = off): an
-# experiment for multi-row native tiles, whose several concurrent streams the
-# hardware prefetchers follow poorly; it did not help on Zen 4 (single-row
-# tiles do), so it is off
-PREFETCH = int(os.environ.get("TINYINFER_PREFETCH", 0))
-PREFETCH_PACKED = int(os.environ.get("TINYINFER_PREFETCH_PACKED", 0))
+# Software prefetch (bytes ahead in each weight row) is a factory argument (``prefetch``), from
+# matmul.KernelConfig.prefetch / prefetch_packed: nothing here reads the environment.
 # aarch64: block dot products as llvm.vector.partial.reduce.add (sdot with
-# +dotprod, e.g. cortex-a76); elsewhere as pairwise sums (x86 vpmaddwd).
-# Overridable for cross-compiling experiments (benchmarks/bench_kernels.py --arm-asm).
-PARTIAL_REDUCE = os.environ.get("TINYINFER_PARTIAL_REDUCE",
-                                str(int(platform.machine().lower() in ("aarch64", "arm64")))) == "1"
+# +dotprod, e.g. cortex-a76); elsewhere as pairwise sums (x86 vpmaddwd). A fact of the target,
+# set for cross-compiling experiments only (benchmarks/bench_kernels.py --arm-asm, arm_mca.py).
+PARTIAL_REDUCE = platform.machine().lower() in ("aarch64", "arm64")
 # the host's instruction set family, for the few target intrinsics (lookup16)
 TARGET_ARCH = {"amd64": "x86_64", "arm64": "aarch64"}.get(platform.machine().lower(), platform.machine().lower())
 # float lanes per accumulator: one register on this machine
@@ -473,24 +471,6 @@ class BF16W(F32W):
         return e.b.bitcast(w, F32)
 
 
-def decoder(fmt_name: str):
-    """The block decoder of a format, from the registry (kernels/quants.py ``TYPES``)."""
-    from .quants import type_info                    # quants imports this module: no cycle at import
-    d = type_info(fmt_name).simd
-    if d is None:
-        raise ValueError(f"{fmt_name} has no SIMD block decoder")
-    return d
-
-
-def repacked(fmt_name: str):
-    """The row-interleaved layout of a format, from the registry."""
-    from .quants import type_info
-    r = type_info(fmt_name).repacked
-    if r is None:
-        raise ValueError(f"{fmt_name} has no repacked layout")
-    return r
-
-
 # ------------------------------------------------------------- tile kernels
 @dataclass
 class _Tile:
@@ -513,6 +493,7 @@ class _Tile:
     wrow: list
     xrow: list
     srow: list
+    prefetch: int = 0     # software prefetch distance in bytes ahead in each weight row (0: off)
 
     @property
     def affine(self) -> bool:
@@ -524,9 +505,9 @@ def _tile_block(t: _Tile, i, accs):
     e, b, fmt = t.e, t.e.b, t.fmt
     NR, NC, W = t.NR, t.NC, t.W
     woff = b.mul(i, c64(fmt.block_bytes))
-    if PREFETCH:
+    if t.prefetch:
         for r in range(NR):
-            e.prefetch(t.wp, b.add(b.add(t.wrow[r], woff), c64(PREFETCH)))
+            e.prefetch(t.wp, b.add(b.add(t.wrow[r], woff), c64(t.prefetch)))
     blocks = [fmt.decode(e, t.wp, b.add(t.wrow[r], woff), t.wide) for r in range(NR)]
     new = list(accs)
     if not fmt.integer:
@@ -573,8 +554,8 @@ def _tile_float_tail(t: _Tile, nb_, ntail_):
 
 
 @lru_cache(maxsize=None)
-def tile_kernel(fmt_name: str, NR: int, NC: int, lanes: int = 0, unroll: int = 1,
-                act16: bool = False, wide: bool = False):
+def tile_kernel(fmt, NR: int, NC: int, lanes: int = 0, unroll: int = 1,
+                act16: bool = False, wide: bool = False, prefetch: int = 0):
     """An intrinsic computing an NR x NC tile of out = x @ W.T over ``nb`` blocks of 32.
 
     Signature (all int64; pointers are addresses of C-contiguous arrays)::
@@ -593,7 +574,7 @@ def tile_kernel(fmt_name: str, NR: int, NC: int, lanes: int = 0, unroll: int = 1
 
     Writes out[c, r] = sum over blocks for r < NR, c < NC (overwrites).
     """
-    fmt = decoder(fmt_name)
+    fmt_name = fmt.name
     W = lanes or ACC_LANES
     W = min(W, 16 if fmt.integer else 32)
     U = max(1, unroll)
@@ -609,7 +590,7 @@ def tile_kernel(fmt_name: str, NR: int, NC: int, lanes: int = 0, unroll: int = 1
             (w_, ws_, xq_, xqs_, xd_, xs_, xst_, nb_, ntail_, out_, os_) = args
             t = _Tile(e, fmt, NR, NC, W, wide, xelem, xsize, *(b.inttoptr(a, P8) for a in (w_, xq_, xd_, xs_, out_)),
                       [b.mul(ws_, c64(r)) for r in range(NR)], [b.mul(xqs_, c64(c)) for c in range(NC)],
-                      [b.mul(xst_, c64(c)) for c in range(NC)])
+                      [b.mul(xst_, c64(c)) for c in range(NC)], prefetch)
             zero_v = ir.Constant(vec(F32, W), None)
             inits = [zero_v] * (NR * NC) + [ir.Constant(F32, 0.0)] * (NR * NC if t.affine else 0)
             nacc = len(inits)
@@ -641,7 +622,7 @@ def tile_kernel(fmt_name: str, NR: int, NC: int, lanes: int = 0, unroll: int = 1
         return sig, codegen
 
     tile.kernel_name = (f"tile_{fmt_name}_{NR}x{NC}_l{W}_u{U}_a{int(act16)}_w{int(wide)}"
-                        f"_pr{int(PARTIAL_REDUCE)}_pf{PREFETCH}")
+                        f"_pr{int(PARTIAL_REDUCE)}_pf{prefetch}")
     return tile
 
 
@@ -776,7 +757,7 @@ class Q5_1x16(Q5_0x16):
 
 
 @lru_cache(maxsize=None)
-def interleaved_kernel(fmt_name: str, NC: int, chains: int = 4):
+def interleaved_kernel(fmt, NC: int, chains: int = 4, prefetch: int = 0):
     """Intrinsic for GROUP weight rows (one repacked group) x NC activation rows.
 
     Signature (int64 addresses / sizes)::
@@ -789,7 +770,7 @@ def interleaved_kernel(fmt_name: str, NC: int, chains: int = 4):
       corrections (-offset*sum(q)), all three with ``x_stride`` bytes per row.
     * ``out``: address of out[c0, r0]; writes GROUP floats per activation row.
     """
-    fmt = repacked(fmt_name)
+    fmt_name = fmt.name
     G = GROUP
 
     @intrinsic
@@ -812,8 +793,8 @@ def interleaved_kernel(fmt_name: str, NC: int, chains: int = 4):
 
             def body(i, accs):
                 bp = e.ptr(wp, b.mul(i, c64(fmt.block_bytes)))
-                if PREFETCH_PACKED:
-                    e.prefetch(bp, c64(PREFETCH_PACKED))
+                if prefetch:
+                    e.prefetch(bp, c64(prefetch))
                 dw = b.fpext(e.load(bp, c64(0), vec(F16, G)), vec(F32, G))
                 dm = b.fpext(e.load(bp, c64(2 * G), vec(F16, G)), vec(F32, G)) if fmt.affine else None
                 xoff = b.mul(i, c64(64))        # 32 int16 per block
@@ -846,7 +827,7 @@ def interleaved_kernel(fmt_name: str, NC: int, chains: int = 4):
 
         return sig, codegen
 
-    tile.kernel_name = f"itile_{fmt_name}_g{G}_x{NC}_c{chains}_pf{PREFETCH_PACKED}"
+    tile.kernel_name = f"itile_{fmt_name}_g{G}_x{NC}_c{chains}_pf{prefetch}"
     return tile
 
 
@@ -891,7 +872,7 @@ class Q6_Kx16(Interleaved):
 
 
 @lru_cache(maxsize=None)
-def kinterleaved_kernel(fmt_name: str, NC: int):
+def kinterleaved_kernel(fmt, NC: int):
     """Intrinsic for GROUP rows of a repacked K-quant (:class:`Q4_Kx16`) x NC Q8_K activation rows.
 
     Signature (int64 addresses / sizes)::
@@ -904,7 +885,7 @@ def kinterleaved_kernel(fmt_name: str, NC: int):
     sub-block scales, summed in int32 (ggml's integers exactly); the mins as
     sum_j min_j * xsum_j; then d_w*d_x and dmin_w*d_x in float. Writes GROUP floats per row.
     """
-    fmt = repacked(fmt_name)
+    fmt_name = fmt.name
     G = GROUP
     L = fmt.layout
 
@@ -1330,7 +1311,7 @@ def _load_bsums(e: Emitter, fmt: KFormat, xbp, off):
 
 
 @lru_cache(maxsize=None)
-def ktile_kernel(fmt_name: str, NR: int, NC: int, lanes: int = 0):
+def ktile_kernel(fmt, NR: int, NC: int, lanes: int = 0, prefetch: int = 0):
     """Intrinsic for an NR x NC tile of a K-quant weight against Q8_K activations.
 
     Signature (int64 addresses / sizes)::
@@ -1341,7 +1322,7 @@ def ktile_kernel(fmt_name: str, NR: int, NC: int, lanes: int = 0):
     q the format needs (``KFormat.bsums``: int32 per 32 or int16 per 16); ``nb``
     super-blocks. Writes out[c, r].
     """
-    fmt = decoder(fmt_name)
+    fmt_name = fmt.name
     W = min(lanes or ACC_LANES, 16)
     bsz = 2 * 16 if fmt.bsums == 16 else 4 * 8          # bytes of sums per super-block
 
@@ -1362,9 +1343,9 @@ def ktile_kernel(fmt_name: str, NR: int, NC: int, lanes: int = 0):
 
             def body(i, accs):
                 woff = b.mul(i, c64(fmt.block_bytes))
-                if PREFETCH:
+                if prefetch:
                     for r in range(NR):
-                        e.prefetch(wp, b.add(b.add(wrow[r], woff), c64(PREFETCH)))
+                        e.prefetch(wp, b.add(b.add(wrow[r], woff), c64(prefetch)))
                 blocks = [fmt.decode(e, wp, b.add(wrow[r], woff)) for r in range(NR)]
                 new = list(accs)
                 for c in range(NC):
@@ -1408,7 +1389,7 @@ def ktile_kernel(fmt_name: str, NR: int, NC: int, lanes: int = 0):
 
         return sig, codegen
 
-    tile.kernel_name = f"ktile_{fmt_name}_{NR}x{NC}_l{W}_pr{int(PARTIAL_REDUCE)}_pf{PREFETCH}_v5"
+    tile.kernel_name = f"ktile_{fmt_name}_{NR}x{NC}_l{W}_pr{int(PARTIAL_REDUCE)}_pf{prefetch}_v5"
     return tile
 
 
@@ -1596,7 +1577,7 @@ _KGEMV = {"Q2_K": _kgemv_q2k, "Q3_K": _kgemv_q3k, "Q4_K": _kgemv_q4k, "Q5_K": _k
 
 
 @lru_cache(maxsize=None)
-def kgemv_kernel(fmt_name: str):
+def kgemv_kernel(fmt):
     """Intrinsic for one K-quant weight row x one Q8_K activation row (n == 1), x86 flavour.
 
     Same signature as :func:`ktile_kernel`. Per super-block, 64 elements per
@@ -1610,7 +1591,7 @@ def kgemv_kernel(fmt_name: str):
     see :func:`_kgemv_q2k`, :func:`_kgemv_q3k`. Exactly the integers of ggml's
     vec_dot_q*_K_q8_K; only float order differs.
     """
-    fmt = decoder(fmt_name)
+    fmt_name = fmt.name
     q4 = bool(fmt.min_group)              # Q4_K, Q2_K: a second accumulator for the mins
     gemv = _KGEMV[fmt_name]
 

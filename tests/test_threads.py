@@ -21,8 +21,9 @@ SCRIPT = textwrap.dedent("""
     from tinyinfer.kernels import matmul as mm
     from tinyinfer.sampler import SamplerParams
 
-    mm.DEFAULT_CONFIG = mm.KernelConfig(parallel_min_bytes=1)   # every matmul takes the parallel driver
-    eng = Engine(sys.argv[1], n_ctx=128, n_batch=64, n_threads=2)
+    # every matmul takes the parallel driver
+    with mm.using_config(mm.KernelConfig(parallel_min_bytes=1)):
+        eng = Engine(sys.argv[1], n_ctx=128, n_batch=64, n_threads=2)
     assert numba.threading_layer() == "workqueue", numba.threading_layer()
     greedy = SamplerParams(temperature=0)
     ids = eng.tokenizer.encode("The capital of France is", special=True)

@@ -30,7 +30,7 @@ class Llama(EmbeddingMixin):
                  type_k=None, type_v=None, context_shift: bool = False, n_keep: int = 0,
                  n_gpu_layers: int = 0, use_mmap: bool = True, use_mlock: bool = False, n_ubatch: int = 512,
                  n_threads_batch: Optional[int] = None, embedding: bool = False, pooling_type: int = -1,
-                 flash_attn: bool = False):
+                 flash_attn: bool = False, kernel_config=None):
         """llama-cpp-python's keywords; another name is a TypeError.
 
         cache_type_k / cache_type_v: the KV cache's types, "f16" (default), "q8_0" or "q4_0" (``type_k`` /
@@ -39,17 +39,22 @@ class Llama(EmbeddingMixin):
         (-1 = the whole prompt) and go on, as llama.cpp does.
         embedding / pooling_type: enable :meth:`embed` / :meth:`create_embedding` (tinyinfer/embedding.py);
         pooling_type -1 takes the file's, or 0..4 / a name (none, mean, cls, last, rank).
+        kernel_config: the matmul kernels' knobs (a :class:`tinyinfer.kernels.matmul.KernelConfig`, e.g.
+        ``batch_invariant=True``), applied to every weight as the model loads (``matmul.using_config``,
+        which an :class:`Engine` built directly reads the same way).
         Accepted for llama-cpp-python's sake, with no effect here (CPU only, weights always mmapped, one
         batch size): n_gpu_layers, use_mmap, use_mlock, n_ubatch, n_threads_batch, flash_attn."""
         self.embedding, self.pooling_type = embedding, pooling_type
         self.model_path = str(model_path)
         self.verbose = verbose
         self.seed = seed
-        self._engine = Engine(model_path, n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads,
-                              vocab_only=vocab_only, logits_all=logits_all, verbose=verbose,
-                              type_k=_cache_type(type_k if type_k is not None else cache_type_k),
-                              type_v=_cache_type(type_v if type_v is not None else cache_type_v),
-                              defaults=GenOptions(context_shift=context_shift, n_keep=n_keep), split=split)
+        from .kernels.matmul import using_config
+        with using_config(kernel_config):
+            self._engine = Engine(model_path, n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads,
+                                  vocab_only=vocab_only, logits_all=logits_all, verbose=verbose,
+                                  type_k=_cache_type(type_k if type_k is not None else cache_type_k),
+                                  type_v=_cache_type(type_v if type_v is not None else cache_type_v),
+                                  defaults=GenOptions(context_shift=context_shift, n_keep=n_keep), split=split)
         self.n_threads = self._engine.n_threads
         tok = self._engine.tokenizer
         self.metadata = {k: v for k, v in self._engine.gguf.metadata.items() if isinstance(v, (str, int, float))}

@@ -448,6 +448,8 @@ def _load(gguf, split: int, n_threads: Optional[int]) -> "Model":
         return SplitModel(gguf, split, n_threads=n_threads or 1)
     from .models import load_model
     return load_model(gguf)
+
+
 class _JsonBudget:
     """Keeps a JSON reply closable within the tokens left (see Engine.generate), by its grammar.
 

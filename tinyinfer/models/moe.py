@@ -78,6 +78,7 @@ class Experts:
             raise ModelError(f"tensor {t.name!r}: {t.data.shape[0]} rows, expected {n_expert} experts x {self.rows}")
         self._w = [None] * n_expert
         self._b = [None] * n_expert
+        self.config = mm.current_config()     # the kernel config the model loads with, for the lazy prepares
 
     def _slice(self, e: int) -> np.ndarray:
         return self.t.data[e * self.rows:(e + 1) * self.rows]
@@ -85,7 +86,8 @@ class Experts:
     def __getitem__(self, e: int) -> mm.PreparedWeight:
         pw = self._w[e]
         if pw is None:
-            pw = self._w[e] = mm.prepare(self._slice(e), self.ggml_type, self.k, repack=False)
+            pw = self._w[e] = mm.prepare(self._slice(e), self.ggml_type, self.k, repack=False,
+                                                config=self.config)
         return pw
 
     def batched(self, e: int) -> mm.PreparedWeight | None:
@@ -96,7 +98,7 @@ class Experts:
         if pw is None:
             if _packed_bytes + self.nbytes_expert > PACK_BUDGET:
                 return None
-            pw = self._b[e] = mm.prepare(self._slice(e), self.ggml_type, self.k)
+            pw = self._b[e] = mm.prepare(self._slice(e), self.ggml_type, self.k, config=self.config)
             if pw.packed is not None or pw.arm is not None:
                 _packed_bytes += self.nbytes_expert
         return pw
