@@ -51,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("-np", "--parallel", type=int, default=1,
                     help="slots: requests generated at the same time, decoded together in one batch, each "
                          "with its own sequence in the KV cache (default 1)")
+    ap.add_argument("--batch-invariant", action="store_true",
+                    help="a sequence's logits do not depend on the others decoded with it under --parallel "
+                         "(KernelConfig.batch_invariant: one kernel and float order per row for any batch)")
     ap.add_argument("--context-shift", action="store_true",
                     help="when a generation fills a slot's context, drop its oldest tokens (after n_keep) and "
                          "go on (off by default, as in llama-server)")
@@ -121,7 +124,7 @@ def main(argv=None) -> int:
                           shutdown_timeout=a.shutdown_timeout, cors=a.cors, split=a.split,
                           cache_type_k=a.cache_type_k, cache_type_v=a.cache_type_v,
                           context_shift=a.context_shift, n_keep=a.keep,
-                          pooling="rank" if a.rerank else a.pooling)
+                          pooling="rank" if a.rerank else a.pooling, batch_invariant=a.batch_invariant)
     return serve(config, log_level=a.log_level, access_log=not a.no_access_log)
 
 

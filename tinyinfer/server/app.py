@@ -46,11 +46,13 @@ def _default_engine_factory(config: ServerConfig) -> Callable[[], Any]:
         if first:
             return first[0].fork(seq=len(first[0].batcher.engines) if first[0].batcher else None)
         from ..engine import Engine
+        from ..kernels.matmul import KernelConfig, using_config
         from ..options import GenOptions
-        first.append(Engine(config.model_path, n_ctx=config.n_ctx, n_batch=config.n_batch,
-                            n_threads=config.n_threads, verbose=True, split=config.split,
-                            n_seq=config.parallel, type_k=config.cache_type_k, type_v=config.cache_type_v,
-                            defaults=GenOptions(context_shift=config.context_shift, n_keep=config.n_keep)))
+        with using_config(KernelConfig(batch_invariant=True) if config.batch_invariant else None):
+            first.append(Engine(config.model_path, n_ctx=config.n_ctx, n_batch=config.n_batch,
+                                n_threads=config.n_threads, verbose=True, split=config.split,
+                                n_seq=config.parallel, type_k=config.cache_type_k, type_v=config.cache_type_v,
+                                defaults=GenOptions(context_shift=config.context_shift, n_keep=config.n_keep)))
         return first[0]
     return make
 

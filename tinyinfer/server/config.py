@@ -26,4 +26,5 @@ class ServerConfig:
     context_shift: bool = False      # off by default, as in llama-server
     n_keep: int = 0
     split: int = 1              # the model's layers over this many Ray actors (tinyinfer/models/split.py)
+    batch_invariant: bool = False   # KernelConfig.batch_invariant for every weight (--batch-invariant)
     pooling: Optional[str] = None    # embeddings' pooling (none, mean, cls, last, rank); None: the file's
