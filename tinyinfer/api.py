@@ -30,7 +30,7 @@ class Llama(EmbeddingMixin):
                  type_k=None, type_v=None, context_shift: bool = False, n_keep: int = 0,
                  n_gpu_layers: int = 0, use_mmap: bool = True, use_mlock: bool = False, n_ubatch: int = 512,
                  n_threads_batch: Optional[int] = None, embedding: bool = False, pooling_type: int = -1,
-                 flash_attn: bool = False):
+                 flash_attn: bool = False, draft_model=None):
         """llama-cpp-python's keywords; another name is a TypeError.
 
         cache_type_k / cache_type_v: the KV cache's types, "f16" (default), "q8_0" or "q4_0" (``type_k`` /
@@ -39,6 +39,10 @@ class Llama(EmbeddingMixin):
         (-1 = the whole prompt) and go on, as llama.cpp does.
         embedding / pooling_type: enable :meth:`embed` / :meth:`create_embedding` (tinyinfer/embedding.py);
         pooling_type -1 takes the file's, or 0..4 / a name (none, mean, cls, last, rank).
+        draft_model: speculative decoding (tinyinfer/speculative.py), llama-cpp-python's parameter: a
+        ``LlamaPromptLookupDecoding(max_ngram_size, num_pred_tokens)``, another ``Llama`` with the same
+        vocabulary as a draft model (ValueError otherwise), an ``NgramSimple`` or any
+        ``f(input_ids) -> token ids``; output is the same as without it, token for token.
         Accepted for llama-cpp-python's sake, with no effect here (CPU only, weights always mmapped, one
         batch size): n_gpu_layers, use_mmap, use_mlock, n_ubatch, n_threads_batch, flash_attn."""
         self.embedding, self.pooling_type = embedding, pooling_type
@@ -50,6 +54,14 @@ class Llama(EmbeddingMixin):
                               type_k=_cache_type(type_k if type_k is not None else cache_type_k),
                               type_v=_cache_type(type_v if type_v is not None else cache_type_v),
                               defaults=GenOptions(context_shift=context_shift, n_keep=n_keep), split=split)
+        if draft_model is not None:
+            from .speculative import check_vocab, proposer_of
+            proposer = proposer_of(draft_model)
+            eng = getattr(proposer, "engine", None)
+            if eng is not None:
+                check_vocab(self._engine.tokenizer, eng.tokenizer, getattr(draft_model, "model_path", "draft_model"))
+            self._engine.defaults = GenOptions.of(self._engine.defaults, draft_model=proposer)
+        self.draft_model = draft_model
         self.n_threads = self._engine.n_threads
         tok = self._engine.tokenizer
         self.metadata = {k: v for k, v in self._engine.gguf.metadata.items() if isinstance(v, (str, int, float))}
