@@ -223,3 +223,36 @@ def test_cli_errors_in_one_line(smollm2_path, qwen25_path):
     assert r.returncode == 1 and last.startswith("error: ") and "vocabulary" in last, r.stderr
     r = _cli("-m", str(smollm2_path), "-p", "x", "-n", "2", "--spec-type", "ngram-cache")
     assert r.returncode == 1 and "not supported" in r.stderr.strip().splitlines()[-1]
+
+
+@pytest.fixture(scope="module")
+def spec_server(smollm2_path, q4_0_path):
+    from conftest import serve_process
+    yield from serve_process(smollm2_path, "-c", "512", "-t", "1", "-md", str(q4_0_path),
+                             "--spec-draft-n-max", "6")
+
+
+def test_server_greedy_identity_and_timings(spec_server, smollm2_path):
+    import httpx
+    from tinyinfer import Llama
+    plain = Llama(str(smollm2_path), n_ctx=512, n_threads=1, verbose=False)
+    for p in PROMPTS:
+        r = httpx.post(spec_server + "/v1/completions", json={"prompt": p, "max_tokens": 40, "temperature": 0,
+                                                                "repeat_penalty": 1.0}, timeout=120)
+        assert r.status_code == 200, r.text
+        j = r.json()
+        want = plain(p, max_tokens=40, temperature=0.0, repeat_penalty=1.0)["choices"][0]["text"]
+        assert j["choices"][0]["text"] == want
+        t = j["timings"]
+        assert t["draft_n"] >= t["draft_n_accepted"] > 0 or p == PROMPTS[0]
+    # llama-server's per-request field: speculative.n_max
+    r = httpx.post(spec_server + "/v1/completions", json={"prompt": PROMPTS[1], "max_tokens": 20, "temperature": 0,
+                                                            "speculative.n_max": 2}, timeout=120)
+    assert r.status_code == 200 and r.json()["timings"]["draft_n"] > 0
+
+
+def test_server_refuses_speculative_with_parallel(smollm2_path):
+    r = subprocess.run([sys.executable, "-m", "tinyinfer", "serve", "-m", str(smollm2_path), "--parallel", "2",
+                        "--spec-type", "ngram-simple"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines()[-1].startswith("error: speculative decoding"), r.stderr

@@ -274,6 +274,8 @@ class GenStats:
     finish_reason: Optional[str] = None
     truncated: bool = False       # a JSON reply was closed early to fit max_tokens
     token_ids: List[int] = field(default_factory=list)   # the tokens sampled
+    draft_n: int = 0              # speculative decoding: tokens proposed, and of those accepted
+    draft_n_accepted: int = 0
 
     def usage(self, details: bool = False) -> dict:
         """llama-cpp-python's usage; ``details``: with OpenAI's ``prompt_tokens_details.cached_tokens``
@@ -292,7 +294,8 @@ class GenStats:
                 "prompt_n": pn, "prompt_ms": pms, "prompt_per_token_ms": pms / pn if pn else 0.0,
                 "prompt_per_second": pn * 1000.0 / pms if pms > 0 else 0.0,
                 "predicted_n": gn, "predicted_ms": gms, "predicted_per_token_ms": gms / gn if gn else 0.0,
-                "predicted_per_second": gn * 1000.0 / gms if gms > 0 else 0.0}
+                "predicted_per_second": gn * 1000.0 / gms if gms > 0 else 0.0,
+                **({"draft_n": self.draft_n, "draft_n_accepted": self.draft_n_accepted} if self.draft_n else {})}
 
 
 def completion_chunks(engine: Engine, prompt_ids: List[int], options, *, model: str = "",
@@ -328,6 +331,7 @@ def completion_chunks(engine: Engine, prompt_ids: List[int], options, *, model: 
             stats.prompt_evaluated = t.n_prompt + t.n_eval
             stats.prompt_s = min(now - t0, (t.prompt_ms + t.eval_ms) / 1000.0)
         stats.gen_s = now - t0 - stats.prompt_s
+        stats.draft_n, stats.draft_n_accepted = engine.timings.draft_n, engine.timings.draft_n_accepted
         if step.token >= 0:
             stats.completion_tokens += 1
             stats.token_ids.append(step.token)

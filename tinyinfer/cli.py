@@ -124,6 +124,28 @@ def spec_proposer(a, engine):
                                  a.spec_ngram_simple_min_hits)
 
 
+def spec_wanted(a):
+    """The speculative flags of add_spec_args as a Namespace when they ask for a proposer, else None."""
+    if getattr(a, "model_draft", None) or getattr(a, "spec_type", None) not in (None, "", "none"):
+        return argparse.Namespace(**{k: getattr(a, k, None) for k in (
+            "model_draft", "spec_type", "spec_draft_n_max", "spec_draft_n_min", "spec_draft_p_min",
+            "spec_ngram_simple_size_n", "spec_ngram_simple_size_m", "spec_ngram_simple_min_hits",
+            "threads_draft", "threads", "cache_type_k_draft", "cache_type_v_draft")})
+    return None
+
+
+def attach_spec(engine, a):
+    """Make ``engine`` decode speculatively as the flags ``a`` ask (its defaults: the proposer and
+    --spec-draft-n-max/-n-min/-p-min); returns the proposer (close it after the engine's last use)."""
+    import dataclasses
+    proposer = spec_proposer(a, engine)
+    if proposer is not None:
+        engine.defaults = dataclasses.replace(engine.defaults, draft_model=proposer,
+                                              draft_n_max=a.spec_draft_n_max, draft_n_min=a.spec_draft_n_min,
+                                              draft_p_min=a.spec_draft_p_min)
+    return proposer
+
+
 def resolve_model(path):
     """-m: a GGUF path, or a store name (smollm2:135m, hf.co/OWNER/REPO:QUANT; pulled on first use)."""
     if path:
@@ -235,10 +257,7 @@ def _run(a, prompt, opts) -> int:
                  **cache_kwargs(a))
     proposer = None
     try:
-        proposer = spec_proposer(a, eng)
-        if proposer is not None:
-            import dataclasses
-            eng.defaults = dataclasses.replace(eng.defaults, draft_model=proposer)
+        proposer = attach_spec(eng, a)
         return _chat_loop(eng, a, prompt, opts) if a.conversation else _complete(eng, a, prompt, opts)
     finally:
         if proposer is not None:

@@ -51,6 +51,9 @@ def _default_engine_factory(config: ServerConfig) -> Callable[[], Any]:
                             n_threads=config.n_threads, verbose=True, split=config.split,
                             n_seq=config.parallel, type_k=config.cache_type_k, type_v=config.cache_type_v,
                             defaults=GenOptions(context_shift=config.context_shift, n_keep=config.n_keep)))
+        if config.speculative is not None:      # one slot (checked by serve's main): its proposer
+            from ..cli import attach_spec
+            attach_spec(first[0], config.speculative)
         return first[0]
     return make
 
