@@ -145,6 +145,49 @@ def test_sampled_output_is_the_same_with_a_seed(target, draft):
             assert _run(target, ids, s, max_tokens=40, draft_model=prop, draft_n_max=4) == plain
 
 
+def _chi2_same(a, b, min_count: int = 10):
+    """Two-sample chi-square homogeneity test of two Counters (rare categories pooled): (statistic,
+    the critical value at p = 0.001 by the Wilson-Hilferty approximation)."""
+    keys = [k for k in set(a) | set(b) if a[k] + b[k] >= min_count]
+    rows = [(a[k], b[k]) for k in keys]
+    rest = (sum(a.values()) - sum(r[0] for r in rows), sum(b.values()) - sum(r[1] for r in rows))
+    if sum(rest):
+        rows.append(rest)
+    na, nb = sum(a.values()), sum(b.values())
+    stat = 0.0
+    for x, y in rows:
+        tot = x + y
+        for obs, n in ((x, na), (y, nb)):
+            exp = tot * n / (na + nb)
+            stat += (obs - exp) ** 2 / exp
+    k = len(rows) - 1
+    z = 3.09
+    crit = k * (1 - 2 / (9 * k) + z * (2 / (9 * k)) ** 0.5) ** 3
+    return stat, crit, k
+
+
+def test_sampled_distribution_is_the_targets(target, draft):
+    """Sampled runs with different seeds on the two sides: the first three tokens' joint histogram with a
+    draft model (n_max 2: tokens 2 and 3 come from verification rows) matches plain sampling (chi-square)."""
+    from collections import Counter
+    ids = target.tokenizer.encode(PROMPTS[0], special=True)
+    n = 150
+    plain, spec = Counter(), Counter()
+    drafted = accepted = 0
+    for i in range(n):
+        plain[tuple(_run(target, ids, SamplerParams(temperature=1.0, seed=i), max_tokens=3))] += 1
+        spec[tuple(_run(target, ids, SamplerParams(temperature=1.0, seed=100_000 + i), max_tokens=3,
+                        draft_model=draft, draft_n_max=2))] += 1
+        drafted, accepted = drafted + target.timings.draft_n, accepted + target.timings.draft_n_accepted
+    assert accepted > n // 4 and drafted > accepted
+    stat, crit, k = _chi2_same(plain, spec)
+    assert k >= 3, (plain, spec)
+    assert stat < crit, (stat, crit, k)
+    # the test has power: always taking the draft's guess would be caught
+    greedy = Counter({tuple(_run(target, ids, GREEDY, max_tokens=3)): n})
+    assert _chi2_same(plain, greedy)[0] > _chi2_same(plain, greedy)[1]
+
+
 def test_grammar_and_stop_with_speculation(target, draft):
     from tinyinfer.grammar import Grammar
     g = Grammar.from_json_schema('{"type": "object", "properties": {"name": {"type": "string"}, '

@@ -86,7 +86,8 @@ def add_spec_args(ap: argparse.ArgumentParser) -> None:
     g.add_argument("-md", "--model-draft", "--spec-draft-model", dest="model_draft", default=None, metavar="FNAME",
                    help="draft model for speculative decoding (same vocabulary as -m)")
     g.add_argument("--spec-type", default=None, metavar="TYPE",
-                   help="draft-free speculative decoding: ngram-simple (or none)")
+                   help="ngram-simple (draft-free: n-gram lookup in the context), draft-simple (with -md, the "
+                        "default there) or none")
     g.add_argument("--spec-draft-n-max", type=_positive("--spec-draft-n-max"), default=None, metavar="N",
                    help="number of tokens to draft with the draft model (default: 3)")
     g.add_argument("--spec-draft-n-min", type=_positive("--spec-draft-n-min"), default=None, metavar="N",
@@ -113,13 +114,13 @@ def spec_proposer(a, engine):
     from . import speculative
     kind = getattr(a, "spec_type", None)
     draft = getattr(a, "model_draft", None)
-    if draft and kind not in (None, "none", "draft"):
+    if draft and kind not in (None, "none", "draft-simple"):
         raise ValueError(f"give either -md (a draft model) or --spec-type {kind}, not both")
     if draft:
         return speculative.load_draft(engine, resolve_model(draft), n_threads=a.threads_draft or a.threads,
                                       type_k=a.cache_type_k_draft, type_v=a.cache_type_v_draft)
-    if kind == "draft":
-        raise ValueError("--spec-type draft needs a draft model (-md FNAME)")
+    if kind == "draft-simple":
+        raise ValueError("--spec-type draft-simple needs a draft model (-md FNAME)")
     return speculative.from_type(kind, a.spec_ngram_simple_size_n, a.spec_ngram_simple_size_m,
                                  a.spec_ngram_simple_min_hits)
 

@@ -38,7 +38,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 #: --spec-type names this port implements
-SPEC_TYPES = ("none", "ngram-simple", "draft")
+SPEC_TYPES = ("none", "ngram-simple", "draft-simple")
 
 
 class SpecError(ValueError):
@@ -219,5 +219,5 @@ def from_type(spec_type: Optional[str], size_n: int = 12, size_m: int = 48, min_
         return None
     if spec_type == "ngram-simple":
         return NgramSimple(size_n, size_m, min_hits)
-    raise SpecError(f"--spec-type {spec_type!r} is not supported; supported: ngram-simple (and -md FILE for "
-                    f"a draft model)")
+    raise SpecError(f"--spec-type {spec_type!r} is not supported; supported: {', '.join(SPEC_TYPES)} "
+                    f"(draft-simple with -md FNAME)")
