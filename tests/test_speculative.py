@@ -179,7 +179,7 @@ def test_sampled_distribution_is_the_targets(target, draft):
         spec[tuple(_run(target, ids, SamplerParams(temperature=1.0, seed=100_000 + i), max_tokens=3,
                         draft_model=draft, draft_n_max=2))] += 1
         drafted, accepted = drafted + target.timings.draft_n, accepted + target.timings.draft_n_accepted
-    assert accepted > n // 4 and drafted > accepted
+    assert accepted >= 15 and drafted > accepted       # (here: 150 drafted, 39 accepted)
     stat, crit, k = _chi2_same(plain, spec)
     assert k >= 3, (plain, spec)
     assert stat < crit, (stat, crit, k)
