@@ -186,13 +186,13 @@ def check_vocab(target_tok, draft_tok, draft_path: str = "draft model") -> None:
 def load_draft(target, path, n_ctx: Optional[int] = None, n_threads: Optional[int] = None,
                type_k: str = "f16", type_v: str = "f16", verbose: bool = False) -> DraftModel:
     """``-md PATH`` for ``target`` (an Engine): a DraftModel on its own engine and cache, after the
-    vocabulary check (SpecError in one line otherwise)."""
-    from .engine import Engine
+    vocabulary check (SpecError in one line otherwise). The draft's engine is of the target's class
+    (no import of tinyinfer.engine here: it imports this module)."""
     from .tokenizer import Tokenizer
     from .gguf import GGUFFile
     tok = Tokenizer.from_gguf(GGUFFile(path).metadata)
     check_vocab(target.tokenizer, tok, str(path))
-    e = Engine(path, n_ctx=n_ctx or target.n_ctx, n_batch=target.n_batch, n_threads=n_threads,
+    e = type(target)(path, n_ctx=n_ctx or target.n_ctx, n_batch=target.n_batch, n_threads=n_threads,
                type_k=type_k, type_v=type_v, verbose=verbose)
     return DraftModel(e)
 
