@@ -299,3 +299,20 @@ def test_server_refuses_speculative_with_parallel(smollm2_path):
                         "--spec-type", "ngram-simple"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 1
     assert r.stderr.strip().splitlines()[-1].startswith("error: speculative decoding"), r.stderr
+
+
+def test_logits_processor_sees_the_same_context(target):
+    """llama-cpp-python's logits_processor(input_ids, scores) gets the context of the token being sampled,
+    never the unchecked guesses after it."""
+    ids = target.tokenizer.encode(PROMPTS[2], special=True)
+    seen = {"plain": [], "spec": []}
+
+    def recorder(key):
+        def f(tokens, logits):
+            seen[key].append(list(tokens))
+            return logits
+        return f
+    plain = _run(target, ids, max_tokens=30, logits_processor=recorder("plain"))
+    spec = _run(target, ids, max_tokens=30, logits_processor=recorder("spec"), draft_model=NgramSimple(2, 8))
+    assert target.timings.draft_n_accepted > 0
+    assert spec == plain and seen["spec"] == seen["plain"]
