@@ -294,8 +294,36 @@ def test_server_greedy_identity_and_timings(spec_server, smollm2_path):
     assert r.status_code == 200 and r.json()["timings"]["draft_n"] > 0
 
 
-def test_server_refuses_speculative_with_parallel(smollm2_path):
-    r = subprocess.run([sys.executable, "-m", "tinyinfer", "serve", "-m", str(smollm2_path), "--parallel", "2",
+@pytest.fixture(scope="module")
+def spec_server_parallel(smollm2_path, q4_0_path):
+    from conftest import serve_process
+    yield from serve_process(smollm2_path, "-c", "512", "-t", "1", "--parallel", "2", "-md", str(q4_0_path),
+                             "--spec-draft-n-max", "4")
+
+
+def test_server_parallel_slots_speculate_each(spec_server_parallel, smollm2_path):
+    """--parallel 2: each slot has its own draft cache; guesses are checked as a chunk of their own while
+    the other slot decodes; concurrent greedy replies are those of plain decoding."""
+    import httpx
+    from concurrent.futures import ThreadPoolExecutor
+    from tinyinfer import Llama
+    plain = Llama(str(smollm2_path), n_ctx=512, n_threads=1, verbose=False)
+    want = {p: plain(p, max_tokens=32, temperature=0.0, repeat_penalty=1.0)["choices"][0]["text"] for p in PROMPTS}
+
+    def ask(p):
+        r = httpx.post(spec_server_parallel + "/v1/completions", timeout=300,
+                       json={"prompt": p, "max_tokens": 32, "temperature": 0, "repeat_penalty": 1.0})
+        assert r.status_code == 200, r.text
+        return p, r.json()
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(ask, PROMPTS + PROMPTS[::-1]))
+    for p, j in got:
+        assert j["choices"][0]["text"] == want[p], p
+    assert sum(j["timings"].get("draft_n_accepted", 0) for _, j in got) > 0
+
+
+def test_server_refuses_speculative_with_ray(smollm2_path):
+    r = subprocess.run([sys.executable, "-m", "tinyinfer", "serve", "-m", str(smollm2_path), "--ray",
                         "--spec-type", "ngram-simple"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 1
     assert r.stderr.strip().splitlines()[-1].startswith("error: speculative decoding"), r.stderr

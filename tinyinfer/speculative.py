@@ -53,6 +53,10 @@ class Proposer:
     def propose(self, history: Sequence[int], n_max: int, p_min: float = 0.0) -> list:   # pragma: no cover - interface
         raise NotImplementedError
 
+    def fork(self) -> "Proposer":
+        """The proposer for another sequence (a server slot): the same object unless it has state."""
+        return self
+
     def close(self) -> None:
         pass
 
@@ -166,6 +170,10 @@ class DraftModel(Proposer):
                 break
             logits = e.eval([tok], prompt=False)
         return out
+
+    def fork(self) -> "DraftModel":
+        """Another draft on the same weights with a KV cache of its own (a server slot's)."""
+        return DraftModel(self.engine.fork())
 
     def close(self) -> None:
         self.engine.close()

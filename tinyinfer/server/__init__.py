@@ -91,9 +91,8 @@ def main(argv=None) -> int:
         raise ValueError(f"--parallel must be >= 1, got {a.parallel}")
     from ..cli import spec_wanted
     spec = spec_wanted(a)
-    if spec is not None and (a.parallel > 1 or a.ray):
-        raise ValueError("speculative decoding (-md / --spec-type) is served with one slot only: "
-                         "drop --parallel / --ray or the speculative flags")
+    if spec is not None and a.ray:
+        raise ValueError("speculative decoding (-md / --spec-type) is not served with --ray: drop one of them")
     if a.chat_template:
         from ..chat import BUILTIN
         if a.chat_template not in BUILTIN and a.chat_template not in ("auto", "gguf"):
