@@ -138,11 +138,11 @@ def test_sampled_output_is_the_same_with_a_seed(target, draft):
     """Each token is drawn by the run's own sampler from the target's logits in the same order, so a
     seeded sampled run is the same token for token (the distribution is the target's, exactly)."""
     s = SamplerParams(temperature=0.9, top_k=40, top_p=0.95, repeat_penalty=1.1, seed=1234)
-    for p in PROMPTS[1:]:
-        ids = target.tokenizer.encode(p, special=True)
-        plain = _run(target, ids, s, max_tokens=40)
-        for prop in (NgramSimple(1, 4), draft):
-            assert _run(target, ids, s, max_tokens=40, draft_model=prop, draft_n_max=4) == plain
+    ids = target.tokenizer.encode(PROMPTS[2], special=True)
+    plain = _run(target, ids, s, max_tokens=32)
+    for prop in (NgramSimple(1, 4), draft):
+        assert _run(target, ids, s, max_tokens=32, draft_model=prop, draft_n_max=4) == plain
+        assert target.timings.draft_n_accepted > 0
 
 
 def _chi2_same(a, b, min_count: int = 10):
@@ -270,8 +270,9 @@ def test_cli_errors_in_one_line(smollm2_path, qwen25_path):
 
 @pytest.fixture(scope="module")
 def spec_server(smollm2_path, q4_0_path):
+    """Two slots, each with its own draft cache."""
     from conftest import serve_process
-    yield from serve_process(smollm2_path, "-c", "512", "-t", "1", "-md", str(q4_0_path),
+    yield from serve_process(smollm2_path, "-c", "512", "-t", "1", "--parallel", "2", "-md", str(q4_0_path),
                              "--spec-draft-n-max", "6")
 
 
@@ -294,14 +295,7 @@ def test_server_greedy_identity_and_timings(spec_server, smollm2_path):
     assert r.status_code == 200 and r.json()["timings"]["draft_n"] > 0
 
 
-@pytest.fixture(scope="module")
-def spec_server_parallel(smollm2_path, q4_0_path):
-    from conftest import serve_process
-    yield from serve_process(smollm2_path, "-c", "512", "-t", "1", "--parallel", "2", "-md", str(q4_0_path),
-                             "--spec-draft-n-max", "4")
-
-
-def test_server_parallel_slots_speculate_each(spec_server_parallel, smollm2_path):
+def test_server_parallel_slots_speculate_each(spec_server, smollm2_path):
     """--parallel 2: each slot has its own draft cache; guesses are checked as a chunk of their own while
     the other slot decodes; concurrent greedy replies are those of plain decoding."""
     import httpx
@@ -311,7 +305,7 @@ def test_server_parallel_slots_speculate_each(spec_server_parallel, smollm2_path
     want = {p: plain(p, max_tokens=32, temperature=0.0, repeat_penalty=1.0)["choices"][0]["text"] for p in PROMPTS}
 
     def ask(p):
-        r = httpx.post(spec_server_parallel + "/v1/completions", timeout=300,
+        r = httpx.post(spec_server + "/v1/completions", timeout=300,
                        json={"prompt": p, "max_tokens": 32, "temperature": 0, "repeat_penalty": 1.0})
         assert r.status_code == 200, r.text
         return p, r.json()
