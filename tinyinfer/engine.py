@@ -163,6 +163,7 @@ class Engine:
         self.busy = False               # inside generate() (a server slot at work)
         self.gen: Optional[GenOptions] = None    # the running generation's options (server's /slots)
         self.seq = 0                    # this engine's sequence in the cache
+        self._queue: list = []          # speculative guesses in the cache, not checked yet (see _generate)
 
     def fork(self, seq: Optional[int] = None) -> "Engine":
         """Another engine on the same file, tokenizer and weights: on sequence ``seq`` of the shared
@@ -382,6 +383,9 @@ class Engine:
         try:
             yield from self._generate(prompt_ids, o)
         finally:
+            if self._queue:       # unchecked speculative guesses leave the context (their cells are overwritten later)
+                del self.tokens[len(self.tokens) - len(self._queue):]
+                self._queue = []
             self.busy = False
             if self.batcher is not None:
                 self.batcher.leave()
@@ -404,70 +408,67 @@ class Engine:
         truncated = False
         # speculative decoding (tinyinfer/speculative.py): the proposed tokens already in the cache and
         # not yet checked, each with the target's logits after it
-        queue: list = []
-        try:
-            while True:
-                if max_tokens == 0:
-                    yield Step(-1, "", finish_reason="length")
-                    return
-                ts = time.perf_counter()
-                if o.logits_processor is not None:
-                    logits = o.logits_processor(self.tokens[:len(self.tokens) - len(queue)], logits)
-                if forced:
-                    tok = forced.pop(0)
-                else:
-                    tok = sampler.sample(logits)
-                    if closer is not None and not closer.fits(tok, max_tokens - n - 1):
-                        forced = closer.close(max_tokens - n)
-                        truncated = bool(forced)
-                        tok = forced.pop(0) if forced else tok
-                if closer is not None:
-                    closer.feed(tok)
-                sampler.accept(tok)
-                lp, top = (_logprobs(logits, tok, o.logprobs) if o.logprobs is not None else (0.0, None))
-                self.timings.sample_ms += (time.perf_counter() - ts) * 1000
-                self.timings.n_sample += 1
-                n += 1
-                next_logits = None       # tok was a proposed token, already evaluated: the logits after it
-                if queue:
-                    guess, row = queue.pop(0)
-                    if guess == tok:
-                        next_logits = row
-                        self.timings.draft_n_accepted += 1
-                    else:                # roll back: the cache's cells past the agreeing prefix are dropped
-                        del self.tokens[len(self.tokens) - len(queue) - 1:]
-                        queue = []
-                n_ctx_used = len(self.tokens) - len(queue) - (next_logits is not None)
-                if self.tokenizer.is_eog(tok) and not o.ignore_eos:
-                    yield Step(tok, held, lp, top, finish_reason="stop")
-                    return
-                held += dec.feed(tok)
-                finish = None
-                if stop:
-                    cut = _find_stop(held, stop)
-                    if cut is not None:
-                        yield Step(tok, held[:cut], lp, top, finish_reason="stop")
-                        return
-                    emit_to = _safe_prefix(held, stop)
-                else:
-                    emit_to = len(held)
-                if n == max_tokens or (n_ctx_used >= self.n_ctx and not o.context_shift) or \
-                        (truncated and not forced):
-                    finish = "length"
-                    emit_to = len(held)
-                yield Step(tok, held[:emit_to], lp, top, finish_reason=finish, truncated=truncated and finish is not None)
-                held = held[emit_to:]
-                if finish:
-                    return
-                if next_logits is not None:
-                    logits = next_logits
-                    continue
-                if len(self.tokens) >= self.n_ctx:
-                    self.shift_context(o.n_keep)
-                logits, queue = self._advance(tok, proposer, o, max_tokens - n if max_tokens > 0 else None)
-        finally:     # unchecked guesses leave the context (their cells are overwritten later)
+        self._queue = queue = []
+        while True:
+            if max_tokens == 0:
+                yield Step(-1, "", finish_reason="length")
+                return
+            ts = time.perf_counter()
+            if o.logits_processor is not None:
+                logits = o.logits_processor(self.tokens[:len(self.tokens) - len(queue)], logits)
+            if forced:
+                tok = forced.pop(0)
+            else:
+                tok = sampler.sample(logits)
+                if closer is not None and not closer.fits(tok, max_tokens - n - 1):
+                    forced = closer.close(max_tokens - n)
+                    truncated = bool(forced)
+                    tok = forced.pop(0) if forced else tok
+            if closer is not None:
+                closer.feed(tok)
+            sampler.accept(tok)
+            lp, top = (_logprobs(logits, tok, o.logprobs) if o.logprobs is not None else (0.0, None))
+            self.timings.sample_ms += (time.perf_counter() - ts) * 1000
+            self.timings.n_sample += 1
+            n += 1
+            next_logits = None       # tok was a proposed token, already evaluated: the logits after it
             if queue:
-                del self.tokens[len(self.tokens) - len(queue):]
+                guess, row = queue.pop(0)
+                if guess == tok:
+                    next_logits = row
+                    self.timings.draft_n_accepted += 1
+                else:                # roll back: the cache's cells past the agreeing prefix are dropped
+                    del self.tokens[len(self.tokens) - len(queue) - 1:]
+                    queue = self._queue = []
+            n_ctx_used = len(self.tokens) - len(queue) - (next_logits is not None)
+            if self.tokenizer.is_eog(tok) and not o.ignore_eos:
+                yield Step(tok, held, lp, top, finish_reason="stop")
+                return
+            held += dec.feed(tok)
+            finish = None
+            if stop:
+                cut = _find_stop(held, stop)
+                if cut is not None:
+                    yield Step(tok, held[:cut], lp, top, finish_reason="stop")
+                    return
+                emit_to = _safe_prefix(held, stop)
+            else:
+                emit_to = len(held)
+            if n == max_tokens or (n_ctx_used >= self.n_ctx and not o.context_shift) or \
+                    (truncated and not forced):
+                finish = "length"
+                emit_to = len(held)
+            yield Step(tok, held[:emit_to], lp, top, finish_reason=finish, truncated=truncated and finish is not None)
+            held = held[emit_to:]
+            if finish:
+                return
+            if next_logits is not None:
+                logits = next_logits
+                continue
+            if len(self.tokens) >= self.n_ctx:
+                self.shift_context(o.n_keep)
+            logits, queue = self._advance(tok, proposer, o, max_tokens - n if max_tokens > 0 else None)
+            self._queue = queue
 
     def _advance(self, tok: int, proposer, o: GenOptions, left: Optional[int]):
         """Evaluate ``tok``; with a proposer, also the tokens it guesses after it, in the same pass.
