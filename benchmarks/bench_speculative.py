@@ -58,7 +58,8 @@ def compare(name, eng, prompts, n, reps, proposer, **kw):
                    draft_n_accepted=accepted // reps, acceptance=accepted / drafted if drafted else 0.0,
                    target_passes=runs // reps)
         rows.append(row)
-        print(f"{name:30s} {label:8s} n={row['n']:3d} plain {row['plain_tps']:6.1f} t/s  spec {row['spec_tps']:6.1f} t/s  "
+        print(f"{name:30s} {label:8s} n={row['n']:3d} plain {row['plain_tps']:6.1f} t/s  "
+              f"spec {row['spec_tps']:6.1f} t/s  "
               f"x{row['speedup']:.2f} [{row['speedup_min']:.2f}-{row['speedup_max']:.2f}]  "
               f"drafted {row['draft_n']:4d} accepted {row['draft_n_accepted']:4d} "
               f"({100 * row['acceptance']:.0f}%)  passes {row['target_passes']}", flush=True)

@@ -64,8 +64,9 @@ class Timings:
         total = self.prompt_ms + self.eval_ms + self.sample_ms + self.draft_ms
         spec = []
         if self.draft_n:
-            spec = [f"llama_perf_context_print:       draft time = {self.draft_ms:10.2f} ms / {self.draft_n:5d} drafted, "
-                    f"{self.draft_n_accepted:5d} accepted (acceptance rate = {self.draft_n_accepted / self.draft_n:.3f})"]
+            spec = [f"llama_perf_context_print:       draft time = {self.draft_ms:10.2f} ms / "
+                    f"{self.draft_n:5d} drafted, {self.draft_n_accepted:5d} accepted "
+                    f"(acceptance rate = {self.draft_n_accepted / self.draft_n:.3f})"]
         return "\n".join([
             f"llama_perf_sampler_print:    sampling time = {self.sample_ms:10.2f} ms / {self.n_sample:5d} runs   "
             f"({s_per:8.2f} ms per token, {s_rate:8.2f} tokens per second)",
