@@ -30,7 +30,7 @@ class Llama(EmbeddingMixin):
                  type_k=None, type_v=None, context_shift: bool = False, n_keep: int = 0,
                  n_gpu_layers: int = 0, use_mmap: bool = True, use_mlock: bool = False, n_ubatch: int = 512,
                  n_threads_batch: Optional[int] = None, embedding: bool = False, pooling_type: int = -1,
-                 flash_attn: bool = False, kernel_config=None):
+                 flash_attn: bool = False, kernel_config=None, draft_model=None):
         """llama-cpp-python's keywords; another name is a TypeError.
 
         cache_type_k / cache_type_v: the KV cache's types, "f16" (default), "q8_0" or "q4_0" (``type_k`` /
@@ -42,6 +42,10 @@ class Llama(EmbeddingMixin):
         kernel_config: the matmul kernels' knobs (a :class:`tinyinfer.kernels.matmul.KernelConfig`, e.g.
         ``batch_invariant=True``), applied to every weight as the model loads (``matmul.using_config``,
         which an :class:`Engine` built directly reads the same way).
+        draft_model: speculative decoding (tinyinfer/speculative.py), llama-cpp-python's parameter: a
+        ``LlamaPromptLookupDecoding(max_ngram_size, num_pred_tokens)``, another ``Llama`` with the same
+        vocabulary as a draft model (ValueError otherwise), an ``NgramSimple`` or any
+        ``f(input_ids) -> token ids``; output is the same as without it, token for token.
         Accepted for llama-cpp-python's sake, with no effect here (CPU only, weights always mmapped, one
         batch size): n_gpu_layers, use_mmap, use_mlock, n_ubatch, n_threads_batch, flash_attn."""
         self.embedding, self.pooling_type = embedding, pooling_type
@@ -55,6 +59,14 @@ class Llama(EmbeddingMixin):
                                   type_k=_cache_type(type_k if type_k is not None else cache_type_k),
                                   type_v=_cache_type(type_v if type_v is not None else cache_type_v),
                                   defaults=GenOptions(context_shift=context_shift, n_keep=n_keep), split=split)
+        if draft_model is not None:
+            from .speculative import check_vocab, proposer_of
+            proposer = proposer_of(draft_model)
+            eng = getattr(proposer, "engine", None)
+            if eng is not None:
+                check_vocab(self._engine.tokenizer, eng.tokenizer, getattr(draft_model, "model_path", "draft_model"))
+            self._engine.defaults = GenOptions.of(self._engine.defaults, draft_model=proposer)
+        self.draft_model = draft_model
         self.n_threads = self._engine.n_threads
         tok = self._engine.tokenizer
         self.metadata = {k: v for k, v in self._engine.gguf.metadata.items() if isinstance(v, (str, int, float))}
@@ -267,6 +279,8 @@ class GenStats:
     finish_reason: Optional[str] = None
     truncated: bool = False       # a JSON reply was closed early to fit max_tokens
     token_ids: List[int] = field(default_factory=list)   # the tokens sampled
+    draft_n: int = 0              # speculative decoding: tokens proposed, and of those accepted
+    draft_n_accepted: int = 0
 
     def usage(self, details: bool = False) -> dict:
         """llama-cpp-python's usage; ``details``: with OpenAI's ``prompt_tokens_details.cached_tokens``
@@ -285,7 +299,8 @@ class GenStats:
                 "prompt_n": pn, "prompt_ms": pms, "prompt_per_token_ms": pms / pn if pn else 0.0,
                 "prompt_per_second": pn * 1000.0 / pms if pms > 0 else 0.0,
                 "predicted_n": gn, "predicted_ms": gms, "predicted_per_token_ms": gms / gn if gn else 0.0,
-                "predicted_per_second": gn * 1000.0 / gms if gms > 0 else 0.0}
+                "predicted_per_second": gn * 1000.0 / gms if gms > 0 else 0.0,
+                **({"draft_n": self.draft_n, "draft_n_accepted": self.draft_n_accepted} if self.draft_n else {})}
 
 
 def completion_chunks(engine: Engine, prompt_ids: List[int], options, *, model: str = "",
@@ -321,6 +336,7 @@ def completion_chunks(engine: Engine, prompt_ids: List[int], options, *, model: 
             stats.prompt_evaluated = t.n_prompt + t.n_eval
             stats.prompt_s = min(now - t0, (t.prompt_ms + t.eval_ms) / 1000.0)
         stats.gen_s = now - t0 - stats.prompt_s
+        stats.draft_n, stats.draft_n_accepted = engine.timings.draft_n, engine.timings.draft_n_accepted
         if step.token >= 0:
             stats.completion_tokens += 1
             stats.token_ids.append(step.token)

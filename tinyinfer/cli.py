@@ -80,6 +80,73 @@ def add_split_arg(ap: argparse.ArgumentParser) -> None:
                          "$RAY_ADDRESS = a running cluster, else a local one on 127.0.0.1)")
 
 
+def add_spec_args(ap: argparse.ArgumentParser) -> None:
+    """Speculative decoding (tinyinfer/speculative.py), llama.cpp's flags; CLI and server."""
+    g = ap.add_argument_group("speculative decoding")
+    g.add_argument("-md", "--model-draft", "--spec-draft-model", dest="model_draft", default=None, metavar="FNAME",
+                   help="draft model for speculative decoding (same vocabulary as -m)")
+    g.add_argument("--spec-type", default=None, metavar="TYPE",
+                   help="ngram-simple (draft-free: n-gram lookup in the context), draft-simple (with -md, the "
+                        "default there) or none")
+    g.add_argument("--spec-draft-n-max", type=_positive("--spec-draft-n-max"), default=None, metavar="N",
+                   help="number of tokens to draft with the draft model (default: 3)")
+    g.add_argument("--spec-draft-n-min", type=_positive("--spec-draft-n-min"), default=None, metavar="N",
+                   help="minimum number of draft tokens to use (default: 0)")
+    g.add_argument("--spec-draft-p-min", "--draft-p-min", dest="spec_draft_p_min", default=None, metavar="P",
+                   type=_prob("--spec-draft-p-min", 0, 1),
+                   help="the draft model stops drafting below this probability (greedy) (default: 0.0)")
+    g.add_argument("--spec-ngram-simple-size-n", type=int, default=12, metavar="N",
+                   help="ngram-simple: length of the looked-up n-gram (default: 12)")
+    g.add_argument("--spec-ngram-simple-size-m", type=int, default=48, metavar="N",
+                   help="ngram-simple: length of the drafted m-gram (default: 48)")
+    g.add_argument("--spec-ngram-simple-min-hits", type=int, default=1, metavar="N",
+                   help="ngram-simple: minimum hits (default: 1)")
+    g.add_argument("-td", "--spec-draft-threads", "--threads-draft", dest="threads_draft",
+                   type=_positive("-td"), default=None, metavar="N", help="threads of the draft model (default: -t)")
+    g.add_argument("-ctkd", "--spec-draft-type-k", "--cache-type-k-draft", dest="cache_type_k_draft", default="f16",
+                   choices=("f16", "q8_0", "q4_0"), help="KV cache type for K of the draft model (default f16)")
+    g.add_argument("-ctvd", "--spec-draft-type-v", "--cache-type-v-draft", dest="cache_type_v_draft", default="f16",
+                   choices=("f16", "q8_0", "q4_0"), help="KV cache type for V of the draft model (default f16)")
+
+
+def spec_proposer(a, engine):
+    """The proposer the flags of add_spec_args ask for (None: plain decoding), for ``engine`` (the target)."""
+    from . import speculative
+    kind = getattr(a, "spec_type", None)
+    draft = getattr(a, "model_draft", None)
+    if draft and kind not in (None, "none", "draft-simple"):
+        raise ValueError(f"give either -md (a draft model) or --spec-type {kind}, not both")
+    if draft:
+        return speculative.load_draft(engine, resolve_model(draft), n_threads=a.threads_draft or a.threads,
+                                      type_k=a.cache_type_k_draft, type_v=a.cache_type_v_draft)
+    if kind == "draft-simple":
+        raise ValueError("--spec-type draft-simple needs a draft model (-md FNAME)")
+    return speculative.from_type(kind, a.spec_ngram_simple_size_n, a.spec_ngram_simple_size_m,
+                                 a.spec_ngram_simple_min_hits)
+
+
+def spec_wanted(a):
+    """The speculative flags of add_spec_args as a Namespace when they ask for a proposer, else None."""
+    if getattr(a, "model_draft", None) or getattr(a, "spec_type", None) not in (None, "", "none"):
+        return argparse.Namespace(**{k: getattr(a, k, None) for k in (
+            "model_draft", "spec_type", "spec_draft_n_max", "spec_draft_n_min", "spec_draft_p_min",
+            "spec_ngram_simple_size_n", "spec_ngram_simple_size_m", "spec_ngram_simple_min_hits",
+            "threads_draft", "threads", "cache_type_k_draft", "cache_type_v_draft")})
+    return None
+
+
+def attach_spec(engine, a):
+    """Make ``engine`` decode speculatively as the flags ``a`` ask (its defaults: the proposer and
+    --spec-draft-n-max/-n-min/-p-min); returns the proposer (close it after the engine's last use)."""
+    import dataclasses
+    proposer = spec_proposer(a, engine)
+    if proposer is not None:
+        engine.defaults = dataclasses.replace(engine.defaults, draft_model=proposer,
+                                              draft_n_max=a.spec_draft_n_max, draft_n_min=a.spec_draft_n_min,
+                                              draft_p_min=a.spec_draft_p_min)
+    return proposer
+
+
 def resolve_model(path):
     """-m: a GGUF path, or a store name (smollm2:135m, hf.co/OWNER/REPO:QUANT; pulled on first use)."""
     if path:
@@ -101,6 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
                     f"Tools: {', '.join(TOOLS)} (python -m tinyinfer TOOL --help).")
     add_model_args(ap)
     add_split_arg(ap)
+    add_spec_args(ap)
     ap.add_argument("-p", "--prompt", help="prompt text")
     ap.add_argument("-f", "--file", help="read the prompt from a file")
     ap.add_argument("-e", "--escape", action="store_true", help="process escapes (\\n, \\t, \\', \\\", \\\\) in the prompt")
@@ -188,9 +256,13 @@ def _run(a, prompt, opts) -> int:
     eng = Engine(resolve_model(a.model), n_ctx=a.ctx_size, n_batch=a.batch_size, n_threads=a.threads, verbose=True,
                  split=a.split, defaults=GenOptions(context_shift=opts.context_shift, n_keep=opts.n_keep),
                  **cache_kwargs(a))
+    proposer = None
     try:
+        proposer = attach_spec(eng, a)
         return _chat_loop(eng, a, prompt, opts) if a.conversation else _complete(eng, a, prompt, opts)
     finally:
+        if proposer is not None:
+            proposer.close()
         eng.close()      # a split model's actors stop here, also after an error
 
 

@@ -46,10 +46,13 @@ class Timings:
     n_eval: int = 0
     sample_ms: float = 0.0
     n_sample: int = 0
+    draft_n: int = 0               # speculative decoding: tokens proposed and checked (llama-server's names)
+    draft_n_accepted: int = 0      # ... of which the target agreed with
+    draft_ms: float = 0.0          # time spent proposing (a draft model's evaluations, n-gram lookups)
 
     def reset(self):
-        self.prompt_ms = self.eval_ms = self.sample_ms = 0.0
-        self.n_prompt = self.n_eval = self.n_sample = 0
+        self.prompt_ms = self.eval_ms = self.sample_ms = self.draft_ms = 0.0
+        self.n_prompt = self.n_eval = self.n_sample = self.draft_n = self.draft_n_accepted = 0
 
     def report(self) -> str:
         """llama.cpp's llama_perf_*_print lines."""
@@ -58,7 +61,12 @@ class Timings:
         s_per, s_rate = rate(self.sample_ms, self.n_sample)
         p_per, p_rate = rate(self.prompt_ms, self.n_prompt)
         e_per, e_rate = rate(self.eval_ms, self.n_eval)
-        total = self.prompt_ms + self.eval_ms + self.sample_ms
+        total = self.prompt_ms + self.eval_ms + self.sample_ms + self.draft_ms
+        spec = []
+        if self.draft_n:
+            spec = [f"llama_perf_context_print:       draft time = {self.draft_ms:10.2f} ms / "
+                    f"{self.draft_n:5d} drafted, {self.draft_n_accepted:5d} accepted "
+                    f"(acceptance rate = {self.draft_n_accepted / self.draft_n:.3f})"]
         return "\n".join([
             f"llama_perf_sampler_print:    sampling time = {self.sample_ms:10.2f} ms / {self.n_sample:5d} runs   "
             f"({s_per:8.2f} ms per token, {s_rate:8.2f} tokens per second)",
@@ -67,7 +75,7 @@ class Timings:
             f"llama_perf_context_print: prompt eval time = {self.prompt_ms:10.2f} ms / {self.n_prompt:5d} tokens "
             f"({p_per:8.2f} ms per token, {p_rate:8.2f} tokens per second)",
             f"llama_perf_context_print:        eval time = {self.eval_ms:10.2f} ms / {self.n_eval:5d} runs   "
-            f"({e_per:8.2f} ms per token, {e_rate:8.2f} tokens per second)",
+            f"({e_per:8.2f} ms per token, {e_rate:8.2f} tokens per second)", *spec,
             f"llama_perf_context_print:       total time = {total:10.2f} ms / {self.n_prompt + self.n_eval:5d} tokens",
         ])
 
@@ -156,6 +164,7 @@ class Engine:
         self.busy = False               # inside generate() (a server slot at work)
         self.gen: Optional[GenOptions] = None    # the running generation's options (server's /slots)
         self.seq = 0                    # this engine's sequence in the cache
+        self._queue: list = []          # speculative guesses in the cache, not checked yet (see _generate)
 
     def fork(self, seq: Optional[int] = None) -> "Engine":
         """Another engine on the same file, tokenizer and weights: on sequence ``seq`` of the shared
@@ -359,9 +368,14 @@ class Engine:
         o = GenOptions.of(options, **changes)
         shift_on = _pick(o.context_shift, self.defaults.context_shift, False)
         prompt_ids = list(prompt_ids)
+        d = self.defaults
         o = GenOptions.of(o, context_shift=shift_on, n_keep=self._n_keep(prompt_ids, o.n_keep),
-                          cache_prompt=_pick(o.cache_prompt, self.defaults.cache_prompt, True),
-                          max_tokens=self.n_ctx if shift_on and o.max_tokens < 0 else o.max_tokens)
+                          cache_prompt=_pick(o.cache_prompt, d.cache_prompt, True),
+                          max_tokens=self.n_ctx if shift_on and o.max_tokens < 0 else o.max_tokens,
+                          draft_model=o.draft_model if o.draft_model is not None else d.draft_model,
+                          draft_n_max=_pick(o.draft_n_max, d.draft_n_max, 3),
+                          draft_n_min=_pick(o.draft_n_min, d.draft_n_min, 0),
+                          draft_p_min=_pick(o.draft_p_min, d.draft_p_min, 0.0))
         self.gen = o
         self.timings.reset()
         self.busy = True
@@ -370,14 +384,19 @@ class Engine:
         try:
             yield from self._generate(prompt_ids, o)
         finally:
+            if self._queue:       # unchecked speculative guesses leave the context (their cells are overwritten later)
+                del self.tokens[len(self.tokens) - len(self._queue):]
+                self._queue = []
             self.busy = False
             if self.batcher is not None:
                 self.batcher.leave()
 
     def _generate(self, prompt_ids, o: GenOptions):
+        from .speculative import proposer_of
         max_tokens, grammar = o.max_tokens, o.grammar
         matcher = grammar.matcher(self.tokenizer, self.n_vocab) if grammar is not None else None
         closer = _JsonBudget(matcher) if matcher is not None and grammar.is_json and max_tokens > 0 else None
+        proposer = proposer_of(o.draft_model)
         logits = self.ingest_prompt(prompt_ids, o.cache_prompt)
         sampler = Sampler(o.sampler, self.n_vocab, grammar=matcher)
         for t in prompt_ids:          # the penalties look at the prompt too, as in llama.cpp
@@ -388,13 +407,16 @@ class Engine:
         n = 0
         forced: list = []  # tokens that close a JSON reply cut short by max_tokens
         truncated = False
+        # speculative decoding (tinyinfer/speculative.py): the proposed tokens already in the cache and
+        # not yet checked, each with the target's logits after it
+        self._queue = queue = []
         while True:
             if max_tokens == 0:
                 yield Step(-1, "", finish_reason="length")
                 return
             ts = time.perf_counter()
             if o.logits_processor is not None:
-                logits = o.logits_processor(self.tokens, logits)
+                logits = o.logits_processor(self.tokens[:len(self.tokens) - len(queue)], logits)
             if forced:
                 tok = forced.pop(0)
             else:
@@ -410,6 +432,16 @@ class Engine:
             self.timings.sample_ms += (time.perf_counter() - ts) * 1000
             self.timings.n_sample += 1
             n += 1
+            next_logits = None       # tok was a proposed token, already evaluated: the logits after it
+            if queue:
+                guess, row = queue.pop(0)
+                if guess == tok:
+                    next_logits = row
+                    self.timings.draft_n_accepted += 1
+                else:                # roll back: the cache's cells past the agreeing prefix are dropped
+                    del self.tokens[len(self.tokens) - len(queue) - 1:]
+                    queue = self._queue = []
+            n_ctx_used = len(self.tokens) - len(queue) - (next_logits is not None)
             if self.tokenizer.is_eog(tok) and not o.ignore_eos:
                 yield Step(tok, held, lp, top, finish_reason="stop")
                 return
@@ -423,7 +455,7 @@ class Engine:
                 emit_to = _safe_prefix(held, stop)
             else:
                 emit_to = len(held)
-            if n == max_tokens or (len(self.tokens) >= self.n_ctx and not o.context_shift) or \
+            if n == max_tokens or (n_ctx_used >= self.n_ctx and not o.context_shift) or \
                     (truncated and not forced):
                 finish = "length"
                 emit_to = len(held)
@@ -431,9 +463,34 @@ class Engine:
             held = held[emit_to:]
             if finish:
                 return
+            if next_logits is not None:
+                logits = next_logits
+                continue
             if len(self.tokens) >= self.n_ctx:
                 self.shift_context(o.n_keep)
-            logits = self.eval([tok])
+            logits, queue = self._advance(tok, proposer, o, max_tokens - n if max_tokens > 0 else None)
+            self._queue = queue
+
+    def _advance(self, tok: int, proposer, o: GenOptions, left: Optional[int]):
+        """Evaluate ``tok``; with a proposer, also the tokens it guesses after it, in the same pass.
+        Returns (the logits after tok, [(guess, the logits after it), ...])."""
+        drafts: list = []
+        if proposer is not None:
+            t0 = time.perf_counter()
+            room = self.n_ctx - len(self.tokens) - 1
+            if left is not None:
+                room = min(room, left - 1)      # no guess past the last token asked for
+            if room > 0:
+                drafts = proposer.propose(self.tokens + [tok], min(o.draft_n_max, room), o.draft_p_min)[:room]
+            self.timings.draft_ms += (time.perf_counter() - t0) * 1000
+            if len(drafts) < max(1, o.draft_n_min):
+                drafts = []
+        if not drafts:
+            return self.eval([tok]), []
+        self.eval([tok] + drafts, n_logits=len(drafts) + 1, prompt=False)
+        rows = self.scores
+        self.timings.draft_n += len(drafts)
+        return rows[0], list(zip(drafts, rows[1:]))
 
 
 def _pick(*values):

@@ -40,9 +40,14 @@ class GenOptions:
     context_shift: Optional[bool] = None    # None: the engine's setting
     cache_prompt: Optional[bool] = None     # None: the engine's setting (reuse a cached prefix)
     logits_processor: Optional[Callable] = None
+    # speculative decoding (tinyinfer/speculative.py); None: the engine's setting
+    draft_model: Any = None                 # a Proposer, a LlamaPromptLookupDecoding, a draft Llama or a callable
+    draft_n_max: Optional[int] = None       # the most tokens a draft model proposes at once (llama.cpp: 3)
+    draft_n_min: Optional[int] = None       # fewer proposed tokens than this: not checked (llama.cpp: 0)
+    draft_p_min: Optional[float] = None     # a draft model stops below this probability (llama.cpp: 0.0)
 
     def __post_init__(self):
-        for name in ("max_tokens", "n_keep", "logprobs"):
+        for name in ("max_tokens", "n_keep", "logprobs", "draft_n_max", "draft_n_min"):
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
                 if not (isinstance(v, float) and v.is_integer()):
@@ -60,6 +65,14 @@ class GenOptions:
         if self.logprobs is not None:
             if self.logprobs < 0:
                 raise ValueError(f"logprobs must be >= 0, got {self.logprobs}")
+        for name in ("draft_n_max", "draft_n_min"):
+            if getattr(self, name) is not None and getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        p = self.draft_p_min
+        if p is not None:
+            if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p <= 1.0:
+                raise ValueError(f"draft_p_min must be a number in [0, 1], got {p!r}")
+            self.draft_p_min = float(p)
 
     @classmethod
     def of(cls, options=None, **changes) -> "GenOptions":
@@ -82,26 +95,32 @@ def _same(*names) -> dict:
 _COMMON = ("temperature", "top_k", "top_p", "min_p", "typical_p", "repeat_penalty", "repeat_last_n",
            "presence_penalty", "frequency_penalty", "mirostat_tau", "mirostat_eta", "seed", "stop")
 
+#: speculative decoding: llama.cpp's flags (argparse dest names) and llama-server's request fields
+_SPEC_CLI = {"spec_draft_n_max": "draft_n_max", "spec_draft_n_min": "draft_n_min", "spec_draft_p_min": "draft_p_min"}
+_SPEC_SERVER = {"speculative.n_max": "draft_n_max", "speculative.n_min": "draft_n_min",
+                "speculative.p_min": "draft_p_min"}
+
 #: each dialect's names -> the canonical ones (GenOptions / SamplerParams fields)
 NAMES = {
     # llama-cli's flags (argparse's dest names)
     "cli": {**_same("top_k", "top_p", "min_p", "repeat_penalty", "repeat_last_n", "presence_penalty",
                     "frequency_penalty", "mirostat", "seed", "ignore_eos", "context_shift", "grammar"),
             "temp": "temperature", "typical": "typical_p", "mirostat_lr": "mirostat_eta",
-            "mirostat_ent": "mirostat_tau", "n_predict": "max_tokens", "reverse_prompt": "stop", "keep": "n_keep"},
+            "mirostat_ent": "mirostat_tau", "n_predict": "max_tokens", "reverse_prompt": "stop", "keep": "n_keep",
+            **_SPEC_CLI},
     # llama.cpp's common_params_sampling names (llama-server accepts several of them too)
     "llama.cpp": {**_same(*_COMMON, "mirostat", "logit_bias", "min_keep"), "temp": "temperature",
                   "typ_p": "typical_p", "typical": "typical_p", "penalty_repeat": "repeat_penalty",
                   "penalty_last_n": "repeat_last_n", "penalty_freq": "frequency_penalty",
                   "penalty_present": "presence_penalty", "mirostat_ent": "mirostat_tau",
-                  "mirostat_lr": "mirostat_eta", "n_predict": "max_tokens"},
+                  "mirostat_lr": "mirostat_eta", "n_predict": "max_tokens", **_SPEC_SERVER},
     # llama-cpp-python's Llama.create_completion keywords
     "llama_cpp": {**_same(*_COMMON, "max_tokens", "logprobs", "logit_bias", "grammar", "logits_processor"),
                   "mirostat_mode": "mirostat"},
     # the OpenAI-shaped server bodies (llama-cpp-python's server, plus llama-server's extras)
     "openai": {**_same(*_COMMON, "max_tokens", "logprobs", "logit_bias", "cache_prompt", "n_keep"),
                "mirostat_mode": "mirostat", "max_completion_tokens": "max_tokens", "n_predict": "max_tokens",
-               "top_logprobs": "top_logprobs"},
+               "top_logprobs": "top_logprobs", **_SPEC_SERVER},
     # ollama's "options"
     "ollama": {**_same(*_COMMON, "mirostat", "n_keep"), "num_predict": "max_tokens", "num_keep": "n_keep"},
 }

@@ -39,13 +39,14 @@ def create_app(*args, **kwargs):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ..cli import _positive, add_model_args, add_split_arg
+    from ..cli import _positive, add_model_args, add_spec_args, add_split_arg
     ap = argparse.ArgumentParser(
         prog="python -m tinyinfer serve",
         description="Serve a GGUF model over HTTP: OpenAI API (/v1/...), ollama API (/api/...), "
                     "/health, /metrics (Prometheus), docs at /docs.")
     add_model_args(ap)
     add_split_arg(ap)
+    add_spec_args(ap)
     ap.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 = all)")
     ap.add_argument("--port", type=_positive("--port"), default=8080, help="port (default 8080)")
     ap.add_argument("-np", "--parallel", type=int, default=1,
@@ -91,6 +92,10 @@ def main(argv=None) -> int:
     a = build_parser().parse_args(argv)
     if a.parallel < 1:
         raise ValueError(f"--parallel must be >= 1, got {a.parallel}")
+    from ..cli import spec_wanted
+    spec = spec_wanted(a)
+    if spec is not None and a.ray:
+        raise ValueError("speculative decoding (-md / --spec-type) is not served with --ray: drop one of them")
     if a.chat_template:
         from ..chat import BUILTIN
         if a.chat_template not in BUILTIN and a.chat_template not in ("auto", "gguf"):
@@ -124,7 +129,8 @@ def main(argv=None) -> int:
                           shutdown_timeout=a.shutdown_timeout, cors=a.cors, split=a.split,
                           cache_type_k=a.cache_type_k, cache_type_v=a.cache_type_v,
                           context_shift=a.context_shift, n_keep=a.keep,
-                          pooling="rank" if a.rerank else a.pooling, batch_invariant=a.batch_invariant)
+                          pooling="rank" if a.rerank else a.pooling, batch_invariant=a.batch_invariant,
+                          speculative=spec)
     return serve(config, log_level=a.log_level, access_log=not a.no_access_log)
 
 

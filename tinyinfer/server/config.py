@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 
 @dataclass
@@ -28,3 +28,4 @@ class ServerConfig:
     split: int = 1              # the model's layers over this many Ray actors (tinyinfer/models/split.py)
     batch_invariant: bool = False   # KernelConfig.batch_invariant for every weight (--batch-invariant)
     pooling: Optional[str] = None    # embeddings' pooling (none, mean, cls, last, rank); None: the file's
+    speculative: Any = None     # the parsed speculative flags (cli.add_spec_args), None: plain decoding
