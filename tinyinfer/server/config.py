@@ -8,7 +8,7 @@ from typing import Optional
 
 @dataclass
 class ServerConfig:
-    model_path: str
+    model_path: Optional[str] = None     # -m; None: no preloaded model (many-model mode)
     alias: Optional[str] = None
     n_ctx: int = 4096
     n_batch: int = 512
@@ -27,3 +27,10 @@ class ServerConfig:
     n_keep: int = 0
     split: int = 1              # the model's layers over this many Ray actors (tinyinfer/models/split.py)
     pooling: Optional[str] = None    # embeddings' pooling (none, mean, cls, last, rank); None: the file's
+    # many models (tinyinfer/server/models.py): on with --models-dir or without -m
+    multi: bool = False
+    models_dir: Optional[str] = None
+    keep_alive: float = 300.0        # seconds an idle model stays loaded (ollama's 5m); < 0: forever
+    max_models: int = 3              # ollama's OLLAMA_MAX_LOADED_MODELS on a CPU
+    max_memory: Optional[int] = None     # bytes; None: the available memory at start
+    sleep_idle_seconds: Optional[float] = None
