@@ -234,7 +234,8 @@ class ModelManager:
                 getattr(g, "close", lambda: None)()
             total = mem["weights_bytes"] + (mem.get("kv_bytes") or 0) * max(1, c.parallel) + \
                 (mem.get("work_bytes") or 0)
-        except Exception:           # unreadable: the load will say why; count the file's size meanwhile
+        except Exception as e:      # not a readable GGUF: the load would fail the same way
+            entry.failed = (sig, f"{type(e).__name__}: {e}")
             total = sig[0] if sig else 0
         entry._estimate = (sig, int(total))
         return int(total)
@@ -286,6 +287,7 @@ class ModelManager:
             task = self._loads.get(entry.name)
             if task is None:
                 sig = _signature(entry.path)
+                self.estimate(entry)                  # (a file that cannot be read fails here, evicting nothing)
                 if entry.failed is not None and entry.failed[0] == sig:
                     raise self._load_failed(entry, entry.failed[1])
                 await self._make_room(entry)
