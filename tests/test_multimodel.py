@@ -178,3 +178,44 @@ def test_eight_clients_alternating_two_models(two_at_a_time, expected):
     for name, text in results:
         assert text == expected[name], (name, text)
     assert sorted(_loaded(base)) == ["qwen", "smol"]
+
+
+RUNTIME_MARGIN = 256 << 20     # the server process without a model: Python, numpy, numba + kernels (~190 MiB)
+
+
+def test_memory_budget_swaps_and_rss_stays_within_it(models_dir, expected):
+    """A --max-memory that fits the larger model but not both: the server swaps them, never holds two,
+    and its RSS (sampled every 20 ms) never exceeds the budget plus RUNTIME_MARGIN."""
+    import threading
+
+    psutil = need_module("psutil")
+    from tinyinfer.server.config import ServerConfig
+    from tinyinfer.server.models import Entry, ModelManager
+    mgr = ModelManager.__new__(ModelManager)
+    mgr.config = ServerConfig(n_ctx=N_CTX)
+    est = {n: mgr.estimate(Entry(n, str(models_dir / f"{n}.gguf"), "dir")) for n in ("smol", "qwen")}
+    budget = est["qwen"] + est["smol"] // 2
+    gen = serve_process(None, "--models-dir", str(models_dir), "-c", str(N_CTX), "--max-memory", str(budget),
+                        "--max-models", "8")
+    base = next(gen)
+    try:
+        port = base.rsplit(":", 1)[1]
+        proc = next(p for p in psutil.Process().children() if port in " ".join(p.cmdline()))
+        peak, stop = [0], threading.Event()
+
+        def sample():
+            while not stop.is_set():
+                peak[0] = max(peak[0], proc.memory_info().rss)
+                time.sleep(0.02)
+        t = threading.Thread(target=sample, daemon=True)
+        t.start()
+        for name in ("smol", "qwen", "smol", "qwen"):
+            assert _openai_chat(base, name) == expected[name]
+            assert _loaded(base) == [name]
+        stop.set()
+        t.join()
+        assert peak[0] <= budget + RUNTIME_MARGIN, (peak[0] >> 20, budget >> 20)
+        ps = httpx.get(base + "/api/ps").json()["models"]
+        assert ps[0]["size"] == est["qwen"]
+    finally:
+        gen.close()

@@ -10,7 +10,8 @@ ollama's scheduler and llama-server's router mode, on one event loop:
   cancel it); a file that fails to load is an error to those requests, remembered until the file
   changes (size or mtime), and the other models keep serving.
 * room: at most ``--max-models`` loaded, and the estimated memory of the loaded ones (inspect's weights +
-  KV cache of ``-c`` per slot + work buffers, tinyinfer/tools/inspect.py) within ``--max-memory``. To make
+  KV cache of ``-c`` per slot + work buffers, tinyinfer/tools/inspect.py, with the weights counted twice:
+  mapped file pages and the kernels' repacked copies) within ``--max-memory``. To make
   room the least recently used model that serves nothing (no job running or queued) is unloaded; when
   every loaded model is busy the request waits, and beyond ``--max-queue`` waiting requests it is a 503
   with Retry-After. A model that alone exceeds the budget is an error, never an out-of-memory kill.
@@ -244,7 +245,10 @@ class ModelManager:
                               type_v=c.cache_type_v)["memory"]
             finally:
                 getattr(g, "close", lambda: None)()
-            total = mem["weights_bytes"] + (mem.get("kv_bytes") or 0) * max(1, c.parallel) + \
+            # the weights twice: the file's mapped pages and the kernels' in-memory copies (repacked
+            # rows, fused q/k/v and gate/up: kernels/matmul.prepare); measured, Qwen2.5-0.5B Q4_K_M holds
+            # about 1.7x its weights at the peak of a load (benchmarks/RESULTS.md)
+            total = 2 * mem["weights_bytes"] + (mem.get("kv_bytes") or 0) * max(1, c.parallel) + \
                 (mem.get("work_bytes") or 0)
         except Exception as e:      # not a readable GGUF: the load would fail the same way
             entry.failed = (sig, f"{type(e).__name__}: {e}")
