@@ -219,3 +219,27 @@ def test_memory_budget_swaps_and_rss_stays_within_it(models_dir, expected):
         assert ps[0]["size"] == est["qwen"]
     finally:
         gen.close()
+
+
+def test_busy_models_are_never_evicted_full_queue_503_and_sleep_idle(models_dir, expected):
+    """--max-models 1 --max-queue 0: while smol serves a request another model cannot make room (503 +
+    Retry-After, smol keeps streaming); once smol is idle it can. --sleep-idle-seconds unloads all."""
+    gen = serve_process(None, "--models-dir", str(models_dir), "-c", str(N_CTX), "--max-models", "1",
+                        "--max-queue", "0", "--sleep-idle-seconds", "2")
+    base = next(gen)
+    try:
+        with httpx.Client(timeout=120) as c:
+            body = {"model": "smol", "prompt": "Count from one to one thousand:", "raw": True,
+                    "options": {"num_predict": 400, "temperature": 0}}
+            with c.stream("POST", base + "/api/generate", json=body) as r:
+                lines = r.iter_lines()
+                assert '"done":false' in next(lines)              # generating now
+                busy = c.post(base + "/v1/completions", json={"model": "qwen", "prompt": "hi", "max_tokens": 1})
+                assert busy.status_code == 503 and int(busy.headers["Retry-After"]) > 0
+                assert _loaded(base) == ["smol"]
+                assert '"done":false' in next(lines)              # still streaming: never evicted
+        assert _openai_chat(base, "qwen") == expected["qwen"]    # smol idle now (client left): swapped
+        assert _loaded(base) == ["qwen"]
+        assert _wait_loaded(base, [], timeout=10) == []           # --sleep-idle-seconds 2
+    finally:
+        gen.close()

@@ -418,9 +418,12 @@ class ModelManager:
             await asyncio.sleep(REAP_INTERVAL)
             try:
                 now = time.time()
+                loaded = self.loaded()
+                # idle: no request arrived, none ran, and none finished for that long
+                last = max([self.t_last_request] + [max(st.t_used, st.t_done) for st in loaded])
                 sleepy = self.sleep_idle_seconds is not None and self.sleep_idle_seconds >= 0 and \
-                    now - self.t_last_request >= self.sleep_idle_seconds
-                for st in list(self.loaded()):
+                    now - last >= self.sleep_idle_seconds and not any(self.busy(st) for st in loaded)
+                for st in loaded:
                     if self.busy(st):
                         continue
                     exp = self.expires_at(st)
