@@ -127,7 +127,7 @@ def test_unknown_name_is_a_404_in_both_dialects(one_at_a_time):
     assert httpx.get(one_at_a_time + "/v1/models/no-such-model").status_code == 404
 
 
-def test_corrupt_file_fails_only_its_own_requests(one_at_a_time, expected):
+def test_corrupt_file_fails_only_its_own_requests(one_at_a_time, expected, models_dir):
     base = one_at_a_time
     assert _ollama_chat(base, "smol") == expected["smol"]
     for _ in range(2):                                     # the second answer is the cached failure
@@ -137,6 +137,14 @@ def test_corrupt_file_fails_only_its_own_requests(one_at_a_time, expected):
     assert r.status_code == 500 and r.json()["error"]["code"] == "model_load_failed"
     assert _loaded(base) == ["smol"]                       # nothing was evicted for it
     assert _ollama_chat(base, "smol") == expected["smol"]
+    # the failure is remembered until the file changes: a good file under that name then loads
+    os.replace(models_dir / "broken.gguf", models_dir / "broken.bad")
+    try:
+        os.symlink(os.path.realpath(models_dir / "smol.gguf"), models_dir / "broken.gguf")
+        assert _openai_chat(base, "broken") == expected["smol"]
+    finally:
+        os.remove(models_dir / "broken.gguf")
+        os.replace(models_dir / "broken.bad", models_dir / "broken.gguf")
 
 
 def test_keep_alive_preload_unload_and_expiry(one_at_a_time):
