@@ -6,7 +6,8 @@
                               [--max-memory 2G] [--sleep-idle-seconds S]
 
 With ``-m`` alone: one model, loaded at start. Without ``-m``, or with ``--models-dir``: every GGUF of
-DIR (by file stem) and every pulled store name, loaded when a request names it (``models``).
+DIR (by file stem) and every pulled store name (without either: also the default model, as
+``smollm2``), loaded when a request names it (``models``).
 
 Built on FastAPI + uvicorn (OpenAPI docs at /docs). Modules:
 
@@ -130,6 +131,9 @@ def main(argv=None) -> int:
             a.alias = a.model                    # serve -m qwen2.5-coder:0.5b answers as that name
         if not os.path.isfile(path):
             raise ValueError(f"model file not found: {path}")
+    default_model = None
+    if not a.model and a.models_dir is None:
+        default_model = str(resolve_model(None))    # served as "smollm2" beside the store's models
     if a.models_dir is not None and not os.path.isdir(a.models_dir):
         raise ValueError(f"--models-dir: not a folder: {a.models_dir}")
     from .models import parse_duration, parse_size
@@ -160,7 +164,7 @@ def main(argv=None) -> int:
                           context_shift=a.context_shift, n_keep=a.keep,
                           pooling="rank" if a.rerank else a.pooling, multi=multi, models_dir=a.models_dir,
                           keep_alive=keep_alive, max_models=a.max_models, max_memory=max_memory,
-                          sleep_idle_seconds=a.sleep_idle_seconds)
+                          sleep_idle_seconds=a.sleep_idle_seconds, default_model=default_model)
     return serve(config, log_level=a.log_level, access_log=not a.no_access_log)
 
 

@@ -34,3 +34,4 @@ class ServerConfig:
     max_models: int = 3              # ollama's OLLAMA_MAX_LOADED_MODELS on a CPU
     max_memory: Optional[int] = None     # bytes; None: the available memory at start
     sleep_idle_seconds: Optional[float] = None
+    default_model: Optional[str] = None      # serve without -m: the default model's file, by its fetch name

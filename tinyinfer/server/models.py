@@ -142,10 +142,16 @@ class ModelManager:
         self.t_last_request = time.time()
         self.swaps = 0                                     # models unloaded to make room
         self.preload: Optional[str] = None
+        self.fallback: Optional[str] = None                # an OpenAI request without a model: this one
         self.default: Optional[ServerState] = None         # the -m model's state (one-model mode: the model)
         if config.model_path:
-            self.preload = self._add(config.alias or os.path.basename(str(config.model_path)).removesuffix(".gguf"),
-                                     str(config.model_path), "-m").name
+            self.preload = self.fallback = self._add(
+                config.alias or os.path.basename(str(config.model_path)).removesuffix(".gguf"),
+                str(config.model_path), "-m").name
+        if config.default_model:                          # serve without -m: the default model, on demand too
+            from ..fetch import DEFAULT_MODEL
+            self._add(DEFAULT_MODEL, str(config.default_model), "-m")
+            self.fallback = DEFAULT_MODEL
         if not multi:
             st = self._new_state(self._entries[self.preload])
             self.states[self.preload] = st
@@ -288,8 +294,8 @@ class ModelManager:
                 st.check_ollama_model(name)
             st.t_used = time.time()
             return st
-        if not name and self.preload is not None and dialect == "openai":
-            name = self.preload                      # OpenAI requests without a model: the -m one
+        if not name and dialect == "openai":
+            name = self.fallback                     # OpenAI requests without a model: -m's, or the default
         entry = self.lookup(name)
         if entry is None:
             if not name:
