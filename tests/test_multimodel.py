@@ -251,3 +251,14 @@ def test_busy_models_are_never_evicted_full_queue_503_and_sleep_idle(models_dir,
         assert _wait_loaded(base, [], timeout=10) == []           # --sleep-idle-seconds 2
     finally:
         gen.close()
+
+
+def test_llama_server_router_routes(one_at_a_time):
+    base = one_at_a_time
+    assert httpx.post(base + "/models/load", json={"model": "smol"}, timeout=60).json() == {"success": True}
+    models = {m["id"]: m["status"] for m in httpx.get(base + "/models").json()["data"]}
+    assert models["smol"]["value"] == "loaded" and models["qwen"]["value"] == "unloaded"
+    assert httpx.post(base + "/models/unload", json={"model": "smol"}).json() == {"success": True}
+    assert _wait_loaded(base, []) == []
+    r = httpx.post(base + "/models/load", json={"model": "nope"})
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"

@@ -17,7 +17,7 @@ from ..grammar import grammar_for_response_format
 from .core import (ApiError, ServerState, check_prompt, dumps, encode_prompt, first_item, gone_response,
                    gen_options, run_to_end, sse_response, stream_items, submit)
 from .models import manager
-from .schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
+from .schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, RouterModelRequest
 
 router = APIRouter(tags=["OpenAI"])
 
@@ -36,6 +36,7 @@ def _model_entry(state: ServerState) -> dict:
 
 
 def _entry(mgr, e) -> dict:
+    """A servable model with llama-server's router ``status``: loaded, loading or unloaded (+ failed)."""
     st = mgr.states.get(e.name)
     if st is not None and st.status == "ok":
         return {**_model_entry(st), "status": {"value": "loaded"}}
@@ -43,8 +44,11 @@ def _entry(mgr, e) -> dict:
         created = int(os.path.getmtime(e.path))
     except OSError:
         created = 0
+    status = {"value": "loading" if st is not None else "unloaded"}
+    if st is None and e.failed is not None:
+        status.update(failed=True, error=e.failed[1])
     return {"id": e.name, "object": "model", "created": created, "owned_by": "tinyinfer",
-            "status": {"value": "unloaded"}, "meta": {"path": e.path}}
+            "status": status, "meta": {"path": e.path}}
 
 
 @router.get("/v1/models", summary="The models this server can serve")
@@ -53,6 +57,31 @@ async def list_models(request: Request):
     if not mgr.multi:
         return {"object": "list", "data": [_model_entry(mgr.default)]}
     return {"object": "list", "data": [_entry(mgr, e) for e in mgr.entries()]}
+
+
+@router.get("/models", summary="The models this server can serve (llama-server's router)")
+async def router_models(request: Request):
+    return await list_models(request)
+
+
+@router.post("/models/load", summary="Load a model now (llama-server's router)")
+async def router_load(req: RouterModelRequest, request: Request):
+    mgr = manager(request)
+    st = await mgr.get(req.model, "ollama" if not mgr.multi else "openai")
+    if st.status != "ok":
+        submit(request, st, None)              # one-model mode still loading: the right 503
+    return {"success": True}
+
+
+@router.post("/models/unload", summary="Unload a model once it serves nothing (llama-server's router)")
+async def router_unload(req: RouterModelRequest, request: Request):
+    mgr = manager(request)
+    if not mgr.multi:
+        raise ApiError(400, "this server serves one model (-m): start it with --models-dir to unload models")
+    if mgr.lookup(req.model) is None:
+        raise mgr.not_found(req.model)
+    mgr.request_unload(req.model)
+    return {"success": True}
 
 
 @router.get("/v1/models/{model_id:path}", summary="One model")
