@@ -262,3 +262,14 @@ def test_llama_server_router_routes(one_at_a_time):
     assert _wait_loaded(base, []) == []
     r = httpx.post(base + "/models/load", json={"model": "nope"})
     assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+
+
+def test_concurrent_requests_share_one_load(one_at_a_time, expected):
+    base = one_at_a_time
+    httpx.post(base + "/api/generate", json={"model": "smol"}, timeout=60)          # qwen is cold now
+    assert _loaded(base) == ["smol"]
+    before = httpx.get(base + "/props").json()["n_loads"]
+    with ThreadPoolExecutor(3) as ex:
+        answers = list(ex.map(lambda _: _openai_chat(base, "qwen"), range(3)))
+    assert answers == [expected["qwen"]] * 3
+    assert httpx.get(base + "/props").json()["n_loads"] == before + 1

@@ -136,11 +136,13 @@ class ModelManager:
         self._default_factory = _default_engine_factory
         self.states: Dict[str, ServerState] = {}          # loaded or loading, by entry name
         self._loads: Dict[str, asyncio.Task] = {}
+        self._waiters: Dict[str, int] = {}                 # requests awaiting a model's load
         self._entries: Dict[str, Entry] = {}
         self._aliases: Dict[str, str] = {}
         self.n_room_waiting = 0
         self.t_last_request = time.time()
         self.swaps = 0                                     # models unloaded to make room
+        self.n_loads = 0                                   # loads started (a shared load counts once)
         self.preload: Optional[str] = None
         self.fallback: Optional[str] = None                # an OpenAI request without a model: this one
         self.default: Optional[ServerState] = None         # the -m model's state (one-model mode: the model)
@@ -265,9 +267,9 @@ class ModelManager:
     def loaded(self) -> List[ServerState]:
         return [s for s in self.states.values() if s.status == "ok"]
 
-    @staticmethod
-    def busy(st: ServerState) -> bool:
-        return st.pending > 0 or st.pool.n_processing > 0 or st.pool.n_waiting > 0
+    def busy(self, st: ServerState) -> bool:
+        return st.pending > 0 or st.pool.n_processing > 0 or st.pool.n_waiting > 0 or \
+            self._waiters.get(st.entry_name, 0) > 0
 
     def expires_at(self, st: ServerState) -> Optional[float]:
         """When an idle model unloads (None: never)."""
@@ -316,7 +318,12 @@ class ModelManager:
                 if entry.name in self._loads or entry.name in self.states:
                     continue                          # loaded by another request while this one waited
                 task = self._loads[entry.name] = asyncio.ensure_future(self._load(entry))
-            await asyncio.shield(task)
+            # waiters keep the model from being chosen for eviction between the load's end and their turn
+            self._waiters[entry.name] = self._waiters.get(entry.name, 0) + 1
+            try:
+                await asyncio.shield(task)
+            finally:
+                self._waiters[entry.name] -= 1
 
     def _use(self, st: ServerState, keep_alive) -> None:
         st.t_used = time.time()
@@ -334,6 +341,7 @@ class ModelManager:
                         param="model", code="model_load_failed")
 
     async def _load(self, entry: Entry) -> None:
+        self.n_loads += 1
         st = self._new_state(entry)
         self.states[entry.name] = st
         sig = _signature(entry.path)
@@ -368,6 +376,8 @@ class ModelManager:
         waited = False
         try:
             while not self._fits(need):
+                if entry.name in self.states or entry.name in self._loads:
+                    return                 # another request loaded it (or is loading it) meanwhile
                 victim = self._lru_idle(exclude=entry.name)
                 if victim is not None:
                     self.swaps += 1
