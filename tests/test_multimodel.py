@@ -273,3 +273,18 @@ def test_concurrent_requests_share_one_load(one_at_a_time, expected):
         answers = list(ex.map(lambda _: _openai_chat(base, "qwen"), range(3)))
     assert answers == [expected["qwen"]] * 3
     assert httpx.get(base + "/props").json()["n_loads"] == before + 1
+
+
+def test_m_with_models_dir_is_preloaded(models_dir, qwen25_path, expected):
+    gen = serve_process(qwen25_path, "--alias", "coder", "--models-dir", str(models_dir), "-c", str(N_CTX))
+    base = next(gen)
+    try:
+        assert _wait_loaded(base, ["coder"], timeout=60) == ["coder"]      # loaded at start, no request
+        openai = need_module("openai")
+        c = openai.OpenAI(base_url=base + "/v1", api_key="none", max_retries=0, timeout=120)
+        r = c.chat.completions.create(model="", messages=MESSAGES, max_tokens=N_PREDICT, temperature=0)
+        assert r.model == "coder" and r.choices[0].message.content == expected["qwen"]   # no name: -m's
+        assert _ollama_chat(base, "smol") == expected["smol"]               # the folder's too
+        assert sorted(_loaded(base)) == ["coder", "smol"]
+    finally:
+        gen.close()
