@@ -327,8 +327,8 @@ class ModelManager:
 
     def _use(self, st: ServerState, keep_alive) -> None:
         st.t_used = time.time()
-        if keep_alive is not None:
-            st.keep_alive = keep_alive
+        # as ollama: each request sets the model's keep_alive, its own or the server's default
+        st.keep_alive = keep_alive if keep_alive is not None else self.default_keep_alive
         st.pending += 1                                # until the route has submitted its job
         asyncio.get_running_loop().call_soon(self._release, st)
 
