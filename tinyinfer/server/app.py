@@ -34,6 +34,9 @@ One model, two dialects, one generation loop (the same as the CLI and the `Llama
   `/api/show`, `/api/ps`, `/api/version`, `/api/embed`, `/api/embeddings`.
 * **operations**: `/health` (GET, HEAD), `/metrics` (Prometheus; llama-server's names), `/slots` and
   `/props` (llama-server's shapes).
+* **many models** (`--models-dir`, or no `-m`): each request's `model` is loaded on first use; `/api/ps`
+  lists the loaded ones; `keep_alive` as ollama; `/models`, `/models/load`, `/models/unload` as
+  llama-server's router; `/props`, `/slots`, `/metrics` take `?model=`.
 """
 
 
