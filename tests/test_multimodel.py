@@ -288,3 +288,21 @@ def test_m_with_models_dir_is_preloaded(models_dir, qwen25_path, expected):
         assert sorted(_loaded(base)) == ["coder", "smol"]
     finally:
         gen.close()
+
+
+def test_a_request_waits_for_room_while_the_loaded_model_serves(one_at_a_time, expected):
+    """--max-models 1: qwen's request waits until smol's running request is done (never cut short)."""
+    base = one_at_a_time
+    body = {"model": "smol", "prompt": "Count from one to one hundred:", "raw": True,
+            "options": {"num_predict": 48, "temperature": 0}}
+    with httpx.Client(timeout=120) as c, ThreadPoolExecutor(1) as ex:
+        with c.stream("POST", base + "/api/generate", json=body) as r:
+            lines = r.iter_lines()
+            assert '"done":false' in next(lines)
+            other = ex.submit(_openai_chat, base, "qwen")          # waits for room
+            time.sleep(0.3)
+            assert not other.done()
+            last = [ln for ln in lines if ln][-1]
+        assert '"done":true' in last and '"eval_count":48' in last
+        assert other.result() == expected["qwen"]
+    assert _loaded(base) == ["qwen"]
