@@ -40,9 +40,11 @@ def _free_port() -> int:
 
 def start_server(model, *args, env=None):
     """``python -m tinyinfer serve -m MODEL ARGS...`` on a free loopback port, once /health says ok:
-    (the process, its base URL). The other benchmarks that need a server use this too."""
+    (the process, its base URL). The other benchmarks that need a server use this too. ``model`` None:
+    no -m (many models, with --models-dir in ARGS)."""
     port = _free_port()
-    cmd = [sys.executable, "-m", "tinyinfer", "serve", "-m", str(model), "--port", str(port), "--no-access-log",
+    m = ["-m", str(model)] if model is not None else []
+    cmd = [sys.executable, "-m", "tinyinfer", "serve", *m, "--port", str(port), "--no-access-log",
            "--log-level", "warning", *map(str, args)]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             env={**os.environ, **(env or {})})

@@ -86,7 +86,7 @@ def empty_store_env() -> dict:
 def serve_process(model_path, *args, env=None):
     """A real ``python -m tinyinfer serve`` on a free loopback port: a generator fixture body
     yielding the base URL once /health says ok, terminating the server afterwards. Its model
-    store is empty unless ``env`` names one."""
+    store is empty unless ``env`` names one. ``model_path`` None: no -m (many models: give --models-dir)."""
     import subprocess
     import sys
     import time
@@ -94,7 +94,8 @@ def serve_process(model_path, *args, env=None):
     import httpx
     env = {**empty_store_env(), **(env or {})}
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "tinyinfer", "serve", "-m", str(model_path), "--port", str(port),
+    model = ["-m", str(model_path)] if model_path is not None else []
+    proc = subprocess.Popen([sys.executable, "-m", "tinyinfer", "serve", *model, "--port", str(port),
                              "--no-access-log", "--log-level", "warning", *args], cwd=ROOT,
                             env={**os.environ, "NUMBA_NUM_THREADS": "1", **(env or {})},
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)

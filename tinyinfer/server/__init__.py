@@ -2,6 +2,12 @@
 
     python -m tinyinfer serve -m MODEL.gguf [--host 127.0.0.1] [--port 8080] [-c N] [-t N]
                               [--parallel N] [--max-queue N] [--api-key KEY] [--alias NAME]
+    python -m tinyinfer serve [--models-dir DIR] [-m MODEL] [--keep-alive 5m] [--max-models 3]
+                              [--max-memory 2G] [--sleep-idle-seconds S]
+
+With ``-m`` alone: one model, loaded at start. Without ``-m``, or with ``--models-dir``: every GGUF of
+DIR (by file stem) and every pulled store name (without either: also the default model, as
+``smollm2``), loaded when a request names it (``models``).
 
 Built on FastAPI + uvicorn (OpenAPI docs at /docs). Modules:
 
@@ -11,6 +17,7 @@ Built on FastAPI + uvicorn (OpenAPI docs at /docs). Modules:
 * ``config``     ServerConfig
 * ``core``       server state, errors, running a request's job and streaming its output
 * ``slots``      engines, one worker thread per slot, the bounded queue
+* ``models``     many models: load on demand, keep_alive, LRU eviction under --max-models / --max-memory
 * ``metrics``    Prometheus text format (llama-server's metric names)
 * ``schemas``    validated request bodies
 
@@ -71,6 +78,23 @@ def build_parser() -> argparse.ArgumentParser:
                     help="on SIGTERM, seconds in-flight requests get to finish (default 30)")
     ap.add_argument("--cors", action="store_true", help="allow cross-origin requests from browsers (any origin)")
     ap.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    mm = ap.add_argument_group("many models (ollama's scheduler, llama-server's router; tinyinfer/server/models.py)")
+    mm.add_argument("--models-dir", default=None, metavar="DIR",
+                    help="serve every GGUF file of DIR by its file stem (and the store's pulled models), each "
+                         "loaded when a request names it; with -m, that model is preloaded. Without -m this "
+                         "mode is on, serving the store's models")
+    mm.add_argument("--keep-alive", default="5m",
+                    help="how long an idle model stays loaded (ollama's keep_alive: 5m, 30s, 1h, 0 = unload when "
+                         "idle, negative = forever; a request's keep_alive overrides it; default 5m)")
+    mm.add_argument("--max-models", "--models-max", type=_positive("--max-models"), default=3,
+                    help="models loaded at once; the least recently used idle one is unloaded to make room "
+                         "(ollama's OLLAMA_MAX_LOADED_MODELS; default 3)")
+    mm.add_argument("--max-memory", default=None, metavar="SIZE",
+                    help="memory budget of the loaded models (4G, 1500M, bytes), each counted as inspect "
+                         "estimates it: weights + KV cache of -c per slot + buffers (default: the memory "
+                         "available at start)")
+    mm.add_argument("--sleep-idle-seconds", type=float, default=None, metavar="S",
+                    help="unload every model after S seconds without a request (llama-server's)")
     ray = ap.add_argument_group("replicas on Ray Serve (pip install 'tinyinfer[ray]'; tinyinfer/ray_serve.py)")
     ray.add_argument("--ray", action="store_true", help="serve N replicas of this server on Ray Serve, one endpoint")
     ray.add_argument("--replicas", type=_positive("--replicas"), default=1, help="with --ray: replicas (default 1)")
@@ -107,11 +131,30 @@ def main(argv=None) -> int:
         raise RuntimeError("the server needs fastapi and uvicorn: pip install 'tinyinfer[server]'") from None
     from ..cli import resolve_model
     from ..store import is_store_name
-    path = str(resolve_model(a.model))
-    if a.alias is None and a.model and is_store_name(a.model):
-        a.alias = a.model                    # serve -m qwen2.5-coder:0.5b answers as that name
-    if not os.path.isfile(path):
-        raise ValueError(f"model file not found: {path}")
+    multi = a.models_dir is not None or not a.model
+    path = None
+    if a.model:
+        path = str(resolve_model(a.model))
+        if a.alias is None and is_store_name(a.model):
+            a.alias = a.model                    # serve -m qwen2.5-coder:0.5b answers as that name
+        if not os.path.isfile(path):
+            raise ValueError(f"model file not found: {path}")
+    default_model = None
+    if not a.model and a.models_dir is None:
+        default_model = str(resolve_model(None))    # served as "smollm2" beside the store's models
+    if a.models_dir is not None and not os.path.isdir(a.models_dir):
+        raise ValueError(f"--models-dir: not a folder: {a.models_dir}")
+    from .models import parse_duration, parse_size
+    from .core import ApiError
+    try:
+        keep_alive = parse_duration(a.keep_alive, "--keep-alive")
+    except ApiError as e:
+        raise ValueError(e.message) from None
+    max_memory = parse_size(a.max_memory) if a.max_memory is not None else None
+    if multi and (a.ray or a.split > 1):
+        raise ValueError("--ray and --split serve one model: give -m without --models-dir")
+    if multi and spec is not None:
+        raise ValueError("speculative decoding (-md / --spec-type) serves one model: give -m without --models-dir")
     logging.basicConfig(level=getattr(logging, a.log_level.upper()), format="%(asctime)s %(levelname)s %(name)s: "
                         "%(message)s", stream=sys.stderr)
     if a.ray:
@@ -130,7 +173,9 @@ def main(argv=None) -> int:
                           cache_type_k=a.cache_type_k, cache_type_v=a.cache_type_v,
                           context_shift=a.context_shift, n_keep=a.keep,
                           pooling="rank" if a.rerank else a.pooling, batch_invariant=a.batch_invariant,
-                          speculative=spec)
+                          speculative=spec, multi=multi, models_dir=a.models_dir,
+                          keep_alive=keep_alive, max_models=a.max_models, max_memory=max_memory,
+                          sleep_idle_seconds=a.sleep_idle_seconds, default_model=default_model)
     return serve(config, log_level=a.log_level, access_log=not a.no_access_log)
 
 
@@ -140,13 +185,14 @@ def serve(config: ServerConfig, log_level: str = "info", access_log: bool = True
     from .app import create_app as _create
 
     app = _create(config, engine_factory)
-    state = app.state.tinyinfer
+    state = app.state.tinyinfer           # the model in one-model mode, else None
+    mgr = app.state.models
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig, frame):
             # SIGTERM: stop taking jobs (waiting ones are told 503), let running ones finish
             # within --shutdown-timeout, then uvicorn closes the connections
-            state.pool.drain()
+            mgr.drain()
             super().handle_exit(sig, frame)
 
     server = Server(uvicorn.Config(app, host=config.host, port=config.port, log_level=log_level,
@@ -156,9 +202,10 @@ def serve(config: ServerConfig, log_level: str = "info", access_log: bool = True
     def fatal():
         server.should_exit = True
 
-    state.on_fatal = fatal
+    if state is not None:
+        state.on_fatal = fatal
     server.run()
-    if state.load_error:
+    if state is not None and state.load_error:
         print(f"error: could not load the model: {state.load_error}", file=sys.stderr)
         return 1
     return 0

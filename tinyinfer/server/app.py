@@ -34,6 +34,9 @@ One model, two dialects, one generation loop (the same as the CLI and the `Llama
   `/api/show`, `/api/ps`, `/api/version`, `/api/embed`, `/api/embeddings`.
 * **operations**: `/health` (GET, HEAD), `/metrics` (Prometheus; llama-server's names), `/slots` and
   `/props` (llama-server's shapes).
+* **many models** (`--models-dir`, or no `-m`): each request's `model` is loaded on first use; `/api/ps`
+  lists the loaded ones; `keep_alive` as ollama; `/models`, `/models/load`, `/models/unload` as
+  llama-server's router; `/props`, `/slots`, `/metrics` take `?model=`.
 """
 
 
@@ -197,20 +200,39 @@ def _validation_message(exc: RequestValidationError):
 
 def create_app(config: ServerConfig, engine_factory: Optional[Callable[[], Any]] = None,
                load_in_background: bool = True) -> FastAPI:
-    """The application for ``config``; ``engine_factory()`` makes one engine per slot."""
-    state = ServerState(config, engine_factory or _default_engine_factory(config))
+    """The application for ``config``; ``engine_factory()`` makes one engine per slot.
+
+    ``app.state.models`` is the :class:`~tinyinfer.server.models.ModelManager`; ``app.state.tinyinfer`` the
+    one model's state in one-model mode (``-m`` alone), else None."""
+    from .models import ModelManager
+    mgr = ModelManager(config, engine_factory, models_dir=config.models_dir, multi=config.multi,
+                       keep_alive=config.keep_alive, max_models=config.max_models, max_memory=config.max_memory,
+                       sleep_idle_seconds=config.sleep_idle_seconds)
+    state = mgr.default
 
     @asynccontextmanager
     async def lifespan(app):
-        if load_in_background:
-            threading.Thread(target=state.load, name="tinyinfer-load", daemon=True).start()
+        import asyncio
+        reaper = None
+        if state is not None:
+            if load_in_background:
+                threading.Thread(target=state.load, name="tinyinfer-load", daemon=True).start()
+            else:
+                state.load()
         else:
-            state.load()
+            reaper = asyncio.ensure_future(mgr.reaper())
+            asyncio.ensure_future(mgr.start())
         yield
-        state.pool.stop(timeout=2.0)
+        if reaper is not None:
+            reaper.cancel()
+        if state is not None:
+            state.pool.stop(timeout=2.0)
+        else:
+            await mgr.stop_all()
 
     app = FastAPI(title="tinyinfer", version=__version__, description=DESCRIPTION, lifespan=lifespan)
     app.state.tinyinfer = state
+    app.state.models = mgr
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError):
@@ -246,6 +268,13 @@ def create_app(config: ServerConfig, engine_factory: Optional[Callable[[], Any]]
 
     @app.get("/health", tags=["operations"], summary="loading / ok (503 until the model is loaded)")
     async def health():
+        if state is None:      # many models: the server is up; models load on demand
+            if mgr.states and all(s.pool.draining for s in mgr.states.values()):
+                return JSONResponse({"status": "shutting down"}, status_code=503)
+            return {"status": "ok", "models_loaded": len(mgr.loaded()),
+                    "slots_idle": sum(s.pool.n_slots - s.pool.n_processing for s in mgr.loaded()),
+                    "slots_processing": sum(s.pool.n_processing for s in mgr.loaded()),
+                    "requests_deferred": sum(s.pool.n_waiting for s in mgr.loaded()) + mgr.n_room_waiting}
         if state.status == "ok" and state.pool.draining:
             return JSONResponse({"status": "shutting down"}, status_code=503)
         if state.status == "ok":
@@ -257,20 +286,51 @@ def create_app(config: ServerConfig, engine_factory: Optional[Callable[[], Any]]
 
     @app.head("/health", include_in_schema=False)
     async def health_head():
+        if state is None:
+            return Response(status_code=200)
         ok = state.status == "ok" and not state.pool.draining
         return Response(status_code=200 if ok else (503 if state.status != "error" else 500))
 
+    def _loaded(model: Optional[str]) -> list:
+        """The states a ``?model=`` query names: that model (404 unless loaded), or all loaded ones."""
+        if state is not None:
+            return [state]
+        if model:
+            st = mgr.find(model)
+            if st is None or st.status != "ok":
+                if mgr.lookup(model) is None:
+                    raise mgr.not_found(model)
+                raise ApiError(404, f'model "{model}" is not loaded', "not_found_error", param="model",
+                               code="model_not_loaded")
+            return [st]
+        return mgr.loaded()
+
     @app.get("/slots", tags=["operations"], summary="the slots and what each is doing (llama-server's shape)")
-    async def slots():
-        return state.slots_info()
+    async def slots(model: Optional[str] = None):
+        if state is not None:
+            return state.slots_info()
+        return [{**s, "model": st.model_name} for st in _loaded(model) for s in st.slots_info()]
 
     @app.get("/props", tags=["operations"], summary="server properties (llama-server's shape)")
-    async def props():
-        return state.props()
+    async def props(model: Optional[str] = None):
+        if state is not None:
+            return state.props()
+        if model:
+            return _loaded(model)[0].props()
+        from .. import __version__ as v
+        return {"role": "router", "build_info": f"tinyinfer {v}", "max_models": mgr.max_models,
+                "max_memory": mgr.max_memory, "n_loads": mgr.n_loads, "n_evictions": mgr.swaps, "models": [{"id": e.name, "path": e.path, "status": (
+                    mgr.states[e.name].status if e.name in mgr.states else "unloaded")} for e in mgr.entries()]}
 
     @app.get("/metrics", tags=["operations"], summary="Prometheus metrics (text format)")
-    async def metrics():
-        return PlainTextResponse(state.render_metrics(), media_type="text/plain; version=0.0.4; charset=utf-8")
+    async def metrics(model: Optional[str] = None):
+        if state is not None:
+            text = state.render_metrics()
+        else:
+            parts = [] if model else [mgr.metrics.render(0, mgr.n_room_waiting, 0, 0.0, 0)]
+            parts += [_labelled(st.render_metrics(), st.model_name) for st in _loaded(model)]
+            text = _merge_metrics(parts)
+        return PlainTextResponse(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     from .ollama_api import router as ollama_router
     from .openai_api import router as openai_router
@@ -307,5 +367,37 @@ def create_app(config: ServerConfig, engine_factory: Optional[Callable[[], Any]]
             known.append(frozenset(p for p in paths if "{" not in p))
         return known[0]
 
-    app.add_middleware(_Gate, state=state, known_paths=known_paths)
+    app.add_middleware(_Gate, state=mgr, known_paths=known_paths)
     return app
+
+
+def _labelled(text: str, model: str) -> str:
+    """A model's metrics with a ``model`` label on every sample (its HELP / TYPE lines as they are)."""
+    lab = 'model="' + model.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    out = []
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, rest = line.partition(" ")
+            if "{" in name:
+                name = name.replace("{", "{" + lab + ",", 1)
+            else:
+                name = name + "{" + lab + "}"
+            line = name + " " + rest
+        out.append(line)
+    return "\n".join(out) + "\n"
+
+
+def _merge_metrics(texts) -> str:
+    """Several renders as one exposition: each family's HELP / TYPE once, then all its samples."""
+    families: dict = {}
+    for text in texts:
+        fam = None
+        for line in text.splitlines():
+            if line.startswith("# HELP ") or line.startswith("# TYPE "):
+                fam = line.split(" ")[2]
+                f = families.setdefault(fam, ([], []))
+                if line not in f[0]:
+                    f[0].append(line)
+            elif line and fam is not None:
+                families[fam][1].append(line)
+    return "".join("\n".join(h + s) + "\n" for h, s in families.values())

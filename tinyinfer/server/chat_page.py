@@ -1,7 +1,8 @@
 """The chat page served at ``/``: one self-contained HTML file, no build step, no external assets.
 
 It talks to the server's own OpenAI endpoint (``POST /v1/chat/completions`` with
-``stream: true``, read as server-sent events), shows the model (``GET /v1/models``), the
+``stream: true``, read as server-sent events), lets a person pick the model among those the server
+can serve (``GET /v1/models``; a server of many models loads the one picked on its first message), the
 tokens per second of each answer (from the streamed ``usage``), and the JSON-mode and tools
 options (``response_format``, ``tools``). An API key, if the server wants one, is kept in the
 browser's localStorage. Small enough for a phone on the Pi's Wi-Fi.
@@ -22,7 +23,8 @@ PAGE = r"""<!doctype html>
          display:flex; flex-direction:column; height:100vh; height:100dvh; }
   header { display:flex; gap:.6em; align-items:center; flex-wrap:wrap; padding:.5em .8em; border-bottom:1px solid var(--bd); }
   header b { font-size:1.05em; }
-  #model { color:var(--mut); font-family:ui-monospace, monospace; font-size:.9em; }
+  #model { color:var(--fg); background:var(--bot); border:1px solid var(--bd); border-radius:6px;
+           font-family:ui-monospace, monospace; font-size:.9em; max-width:60%; }
   #speed { margin-left:auto; color:var(--mut); font-size:.9em; font-variant-numeric:tabular-nums; }
   details { padding:.3em .8em; border-bottom:1px solid var(--bd); font-size:.92em; }
   details label { margin-right:1em; white-space:nowrap; }
@@ -44,7 +46,7 @@ PAGE = r"""<!doctype html>
 </style>
 </head>
 <body>
-<header><b>tinyinfer</b><span id="model">…</span><span id="speed"></span></header>
+<header><b>tinyinfer</b><select id="model" title="model"><option>…</option></select><span id="speed"></span></header>
 <details id="opts"><summary>Options</summary>
   <p>
     <label><input type="checkbox" id="json"> JSON output (<code>response_format: json_object</code>)</label>
@@ -91,15 +93,24 @@ async function loadModel() {
   try {
     const r = await fetch("/v1/models", {headers: headers()});
     const j = await r.json();
-    $("model").textContent = r.ok ? j.data.map((m) => m.id).join(", ") : ("(" + (j.error && j.error.message || r.status) + ")");
-  } catch (e) { $("model").textContent = "(server unreachable)"; }
+    const sel = $("model"), keep = localStorage.getItem("tinyinfer-model");
+    sel.innerHTML = "";
+    for (const m of (r.ok ? j.data : [{id: "(" + (j.error && j.error.message || r.status) + ")"}])) {
+      const o = document.createElement("option");
+      o.value = m.id;
+      o.textContent = m.id + (m.status && m.status.value === "loaded" ? " ●" : "");
+      sel.appendChild(o);
+    }
+    if (keep && [...sel.options].some((o) => o.value === keep)) sel.value = keep;
+  } catch (e) { $("model").innerHTML = "<option>(server unreachable)</option>"; }
 }
 async function chat(text) {
   history.push({role: "user", content: text});
   bubble("user", text);
   const out = bubble("assistant", "");
   out.dataset.state = "streaming";
-  const body = {messages: ($("system").value ? [{role: "system", content: $("system").value}] : []).concat(history),
+  const body = {model: $("model").value,
+                messages: ($("system").value ? [{role: "system", content: $("system").value}] : []).concat(history),
                 stream: true, stream_options: {include_usage: true},
                 temperature: parseFloat($("temp").value), max_tokens: parseInt($("maxtok").value, 10)};
   if ($("json").checked) body.response_format = {type: "json_object"};
@@ -188,6 +199,7 @@ input.addEventListener("keydown", (ev) => {
   if (ev.key === "Enter" && !ev.shiftKey) { ev.preventDefault(); $("form").requestSubmit(); }
 });
 $("clear").addEventListener("click", () => { if (!busy) { history = []; log.innerHTML = ""; $("speed").textContent = ""; } });
+$("model").addEventListener("change", () => localStorage.setItem("tinyinfer-model", $("model").value));
 loadModel();
 </script>
 </body>

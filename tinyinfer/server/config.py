@@ -8,7 +8,7 @@ from typing import Any, Optional
 
 @dataclass
 class ServerConfig:
-    model_path: str
+    model_path: Optional[str] = None     # -m; None: no preloaded model (many-model mode)
     alias: Optional[str] = None
     n_ctx: int = 4096
     n_batch: int = 512
@@ -29,3 +29,11 @@ class ServerConfig:
     batch_invariant: bool = False   # KernelConfig.batch_invariant for every weight (--batch-invariant)
     pooling: Optional[str] = None    # embeddings' pooling (none, mean, cls, last, rank); None: the file's
     speculative: Any = None     # the parsed speculative flags (cli.add_spec_args), None: plain decoding
+    # many models (tinyinfer/server/models.py): on with --models-dir or without -m
+    multi: bool = False
+    models_dir: Optional[str] = None
+    keep_alive: float = 300.0        # seconds an idle model stays loaded (ollama's 5m); < 0: forever
+    max_models: int = 3              # ollama's OLLAMA_MAX_LOADED_MODELS on a CPU
+    max_memory: Optional[int] = None     # bytes; None: the available memory at start
+    sleep_idle_seconds: Optional[float] = None
+    default_model: Optional[str] = None      # serve without -m: the default model's file, by its fetch name

@@ -83,6 +83,13 @@ class ServerState:
         self.load_s = 0.0
         self.on_fatal: Optional[Callable[[], None]] = None
         self._max_token_bytes: Optional[int] = None
+        # the model manager's bookkeeping (tinyinfer/server/models.py)
+        self.entry_name = config.alias
+        self.keep_alive: Optional[float] = -1.0       # seconds an idle model stays loaded; < 0: forever
+        self.t_used = time.time()                     # last request that asked for this model
+        self.t_done = 0.0                             # last job that finished
+        self.pending = 0                              # requests given this state, job not yet submitted
+        self.estimate = 0                             # bytes, inspect's estimate (weights + KV + buffers)
         p = config.model_path
         self.model_name = config.alias or os.path.basename(str(p))
         try:
@@ -123,6 +130,7 @@ class ServerState:
 
     # -- bookkeeping ---------------------------------------------------------------------
     def _job_done(self, job: Job, outcome: str) -> None:
+        self.t_done = time.time()
         self.metrics.record_job(outcome)
         st = job.stats
         if st is None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import time
 from typing import List, Optional
 
@@ -22,6 +23,7 @@ from starlette.responses import JSONResponse
 from ..api import GenStats, completion_chunks, prepare_chat
 from ..chat import chat_prompt_ids
 from ..grammar import grammar_for_ollama_format
+from .models import manager, parse_duration
 from .core import (ApiError, gen_options, ServerState, check_prompt, dumps, encode_prompt, first_item, gone_response,
                    ndjson_response, run_to_end, stream_items, submit)
 from ..toolcall import ToolStream
@@ -35,8 +37,9 @@ router = APIRouter(tags=["ollama"])
 OLLAMA_API_VERSION = "0.9.0"
 
 
-def _state(request: Request) -> ServerState:
-    return request.app.state.tinyinfer
+async def _state(request: Request, name: Optional[str], keep_alive=None) -> ServerState:
+    """The model ``name``'s state, loaded on demand (tinyinfer/server/models.py)."""
+    return await manager(request).get(name, "ollama", _duration_s(keep_alive))
 
 
 def _now() -> str:
@@ -87,38 +90,35 @@ def _generate_work(state: ServerState, options: Optional[OllamaOptions], fmt, bu
     return work
 
 
-def _load_reason(keep_alive) -> str:
-    """An empty request loads the model ("load"), or with keep_alive 0 unloads it ("unload"), as
-    ollama answers (this server keeps its one model loaded either way)."""
-    return "unload" if _duration_s(keep_alive) == 0 else "load"
-
-
 def _duration_s(v) -> Optional[float]:
     """ollama's keep_alive: a number of seconds or a Go duration string ("5m", "0s", "1h30m")."""
-    if v is None:
-        return None
-    if isinstance(v, (int, float)):
-        return float(v)
-    import re
-    text = str(v).strip()
-    try:
-        return float(text)
-    except ValueError:
-        pass
-    parts = re.findall(r"(-?[0-9.]+)(ms|h|m|s)", text)
-    if not parts or "".join(a + b for a, b in parts) != text:
-        raise ApiError(400, f"keep_alive: invalid duration {v!r}", param="keep_alive")
-    unit = {"ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
-    return sum(float(a) * unit[b] for a, b in parts)
+    return parse_duration(v)
 
 
-def _check_common(req, state: ServerState) -> None:
+async def _model(request: Request, req) -> ServerState:
     if not req.model:
         raise ApiError(400, "model is required", param="model")      # ollama's answer
-    state.check_ollama_model(req.model)
-    _duration_s(req.keep_alive)
-    if req.options is not None and req.options.num_ctx:
-        pass   # one context size per server (-c); a request cannot change it
+    # (options.num_ctx: one context size per server (-c); a request cannot change it)
+    return await _state(request, req.model, req.keep_alive)
+
+
+async def _load_or_unload(request: Request, req) -> str:
+    """An empty request loads (preloads) the model ("load"); with keep_alive 0 it unloads it once idle
+    ("unload"), as ollama answers. One-model mode keeps its model loaded either way."""
+    mgr = manager(request)
+    if not req.model:
+        raise ApiError(400, "model is required", param="model")
+    if _duration_s(req.keep_alive) == 0:
+        if not mgr.multi:
+            mgr.default.check_ollama_model(req.model)
+        elif mgr.lookup(req.model) is None:
+            raise mgr.not_found(req.model)
+        mgr.request_unload(req.model)
+        return "unload"
+    state = await _model(request, req)
+    if state.status != "ok":
+        submit(request, state, None)        # raises the right 503
+    return "load"
 
 
 async def _run(request: Request, state: ServerState, work, stream: bool, t_arrival: float, shape, finish):
@@ -149,9 +149,7 @@ async def _run(request: Request, state: ServerState, work, stream: bool, t_arriv
 @router.post("/api/generate", summary="Generate (ollama)")
 async def generate(req: OllamaGenerateRequest, request: Request):
     t_arrival = time.perf_counter()
-    state = _state(request)
-    model = req.model                         # a name of the loaded model (checked), as ollama echoes it
-    _check_common(req, state)
+    model = req.model                         # the name asked for, as ollama echoes it
     if req.images:
         raise ApiError(400, "images are not supported: this is a text-only model", param="images")
     if req.suffix:
@@ -160,10 +158,9 @@ async def generate(req: OllamaGenerateRequest, request: Request):
         raise ApiError(400, "template overrides (Go templates) are not supported: use raw=true with a formatted "
                             "prompt, or the model's own chat template", param="template")
     if not req.prompt and not req.context:
-        if state.status != "ok":
-            submit(request, state, None)        # raises the right 503
-        return {"model": model, "created_at": _now(), "response": "", "done": True,
-                "done_reason": _load_reason(req.keep_alive)}
+        reason = await _load_or_unload(request, req)
+        return {"model": model, "created_at": _now(), "response": "", "done": True, "done_reason": reason}
+    state = await _model(request, req)
     state.precheck_text(req.prompt, req.system)
 
     def build_ids(tok):
@@ -197,14 +194,12 @@ async def generate(req: OllamaGenerateRequest, request: Request):
 @router.post("/api/chat", summary="Chat (ollama)")
 async def chat(req: OllamaChatRequest, request: Request):
     t_arrival = time.perf_counter()
-    state = _state(request)
-    model = req.model                         # a name of the loaded model (checked), as ollama echoes it
-    _check_common(req, state)
+    model = req.model                         # the name asked for, as ollama echoes it
     if not req.messages:
-        if state.status != "ok":
-            submit(request, state, None)
+        reason = await _load_or_unload(request, req)
         return {"model": model, "created_at": _now(), "message": {"role": "assistant", "content": ""},
-                "done": True, "done_reason": _load_reason(req.keep_alive)}
+                "done": True, "done_reason": reason}
+    state = await _model(request, req)
     state.precheck_text(*(m.content for m in req.messages))
     if any(m.images for m in req.messages):
         raise ApiError(400, "images are not supported: this is a text-only model", param="messages")
@@ -260,11 +255,10 @@ async def _embed(request: Request, state: ServerState, inputs: List[str], trunca
 @router.post("/api/embed", summary="Embeddings (ollama)")
 async def embed(req: OllamaEmbedRequest, request: Request):
     t_arrival = time.perf_counter()
-    state = _state(request)
-    state.check_ollama_model(req.model)
     inputs = [req.input] if isinstance(req.input, str) else list(req.input)
     if not inputs:
         raise ApiError(400, "input is empty", param="input")
+    state = await _state(request, req.model, req.keep_alive)
     state.precheck_text(*inputs)
     job, items, gone = await _embed(request, state, inputs, req.truncate)
     if gone:
@@ -277,8 +271,7 @@ async def embed(req: OllamaEmbedRequest, request: Request):
 
 @router.post("/api/embeddings", summary="Embedding of one prompt (ollama, legacy)")
 async def embeddings(req: OllamaEmbeddingsRequest, request: Request):
-    state = _state(request)
-    state.check_ollama_model(req.model)
+    state = await _state(request, req.model, getattr(req, "keep_alive", None))
     state.precheck_text(req.prompt)
     job, items, gone = await _embed(request, state, [req.prompt])
     if gone:
@@ -291,22 +284,47 @@ def _tag(state: ServerState) -> dict:
             "size": state.file_size, "digest": state.digest(), "details": state.model_details()}
 
 
-@router.get("/api/tags", summary="Local models (ollama)")
+def _entry_tag(mgr, e) -> dict:
+    """A servable model not necessarily loaded: what its file says (store.details)."""
+    import hashlib
+    st = mgr.states.get(e.name)
+    if st is not None and st.status == "ok":
+        return _tag(st)
+    try:
+        fs = os.stat(e.path)
+        size, mtime = fs.st_size, fs.st_mtime
+    except OSError:
+        size, mtime = 0, 0.0
+    digest = hashlib.sha256(f"{os.path.abspath(e.path)}:{size}:{mtime}".encode()).hexdigest()
+    return {"name": e.name, "model": e.name, "modified_at": _iso(mtime), "size": size, "digest": digest,
+            "details": e.details()}
+
+
+@router.get("/api/tags", summary="Local models (ollama): every model this server can serve")
 async def tags(request: Request):
-    state = _state(request)
+    mgr = manager(request)
     from .store_api import store_tags
-    served = [_tag(state)] if state.status == "ok" else []
-    return {"models": served + [t for t in store_tags() if t["name"] != state.model_name]}
+    state = mgr.default
+    if not mgr.multi:
+        served = [_tag(state)] if state.status == "ok" else []
+        return {"models": served + [t for t in store_tags() if t["name"] != state.model_name]}
+    return {"models": [_entry_tag(mgr, e) for e in mgr.entries()]}
 
 
-@router.get("/api/ps", summary="Loaded models (ollama)")
+@router.get("/api/ps", summary="Loaded models (ollama), with size, expires_at and context_length")
 async def ps(request: Request):
-    state = _state(request)
-    if state.status != "ok":
-        return {"models": []}
-    t = {**_tag(state), "expires_at": "2999-12-31T23:59:59Z", "size_vram": 0, "context_length": state.n_ctx}
-    t.pop("modified_at")
-    return {"models": [t]}
+    mgr = manager(request)
+    out = []
+    for state in (mgr.loaded() if mgr.multi else [mgr.default]):
+        if state.status != "ok":
+            continue
+        exp = mgr.expires_at(state) if mgr.multi else None
+        size = state.estimate or state.file_size
+        t = {**_tag(state), "size": size, "expires_at": _iso(exp) if exp is not None else "2999-12-31T23:59:59Z",
+             "size_vram": 0, "context_length": state.n_ctx}
+        t.pop("modified_at")
+        out.append(t)
+    return {"models": out}
 
 
 @router.get("/api/version", summary="API version (ollama)")
@@ -317,12 +335,13 @@ async def version():
 
 @router.post("/api/show", summary="Model details (ollama)")
 async def show(req: OllamaShowRequest, request: Request):
-    state = _state(request)
     name = req.model or req.name
     if not name:
         raise ApiError(400, "model is required", param="model")
-    if name not in state.model_names():
+    mgr = manager(request)
+    if not mgr.multi and name not in mgr.default.model_names():
         raise ApiError(404, f"model '{name}' not found", "not_found_error", code="model_not_found")
+    state = await _state(request, name)     # (many models: loads it, as its metadata and template are read)
     if state.status != "ok":
         submit(request, state, None)
     md = state.metadata

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import os
 import time
 import uuid
 from typing import Any, List
@@ -15,13 +16,15 @@ from ..api import GenStats, chat_chunks, completion_chunks, merge_chat, merge_co
 from ..grammar import grammar_for_response_format
 from .core import (ApiError, ServerState, check_prompt, dumps, encode_prompt, first_item, gone_response,
                    gen_options, run_to_end, sse_response, stream_items, submit)
-from .schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
+from .models import manager
+from .schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, RouterModelRequest
 
 router = APIRouter(tags=["OpenAI"])
 
 
-def _state(request: Request) -> ServerState:
-    return request.app.state.tinyinfer
+async def _state(request: Request, name) -> ServerState:
+    """The model ``name``'s state, loaded on demand (one-model mode: the model, whatever the name)."""
+    return await manager(request).get(name, "openai")
 
 
 def _model_entry(state: ServerState) -> dict:
@@ -32,14 +35,64 @@ def _model_entry(state: ServerState) -> dict:
                      "path": state.config.model_path}}
 
 
-@router.get("/v1/models", summary="The served model")
+def _entry(mgr, e) -> dict:
+    """A servable model with llama-server's router ``status``: loaded, loading or unloaded (+ failed)."""
+    st = mgr.states.get(e.name)
+    if st is not None and st.status == "ok":
+        return {**_model_entry(st), "status": {"value": "loaded"}}
+    try:
+        created = int(os.path.getmtime(e.path))
+    except OSError:
+        created = 0
+    status = {"value": "loading" if st is not None else "unloaded"}
+    if st is None and e.failed is not None:
+        status.update(failed=True, error=e.failed[1])
+    return {"id": e.name, "object": "model", "created": created, "owned_by": "tinyinfer",
+            "status": status, "meta": {"path": e.path}}
+
+
+@router.get("/v1/models", summary="The models this server can serve")
 async def list_models(request: Request):
-    return {"object": "list", "data": [_model_entry(_state(request))]}
+    mgr = manager(request)
+    if not mgr.multi:
+        return {"object": "list", "data": [_model_entry(mgr.default)]}
+    return {"object": "list", "data": [_entry(mgr, e) for e in mgr.entries()]}
+
+
+@router.get("/models", summary="The models this server can serve (llama-server's router)")
+async def router_models(request: Request):
+    return await list_models(request)
+
+
+@router.post("/models/load", summary="Load a model now (llama-server's router)")
+async def router_load(req: RouterModelRequest, request: Request):
+    mgr = manager(request)
+    st = await mgr.get(req.model, "ollama" if not mgr.multi else "openai")
+    if st.status != "ok":
+        submit(request, st, None)              # one-model mode still loading: the right 503
+    return {"success": True}
+
+
+@router.post("/models/unload", summary="Unload a model once it serves nothing (llama-server's router)")
+async def router_unload(req: RouterModelRequest, request: Request):
+    mgr = manager(request)
+    if not mgr.multi:
+        raise ApiError(400, "this server serves one model (-m): start it with --models-dir to unload models")
+    if mgr.lookup(req.model) is None:
+        raise mgr.not_found(req.model)
+    mgr.request_unload(req.model)
+    return {"success": True}
 
 
 @router.get("/v1/models/{model_id:path}", summary="One model")
 async def get_model(model_id: str, request: Request):
-    state = _state(request)
+    mgr = manager(request)
+    if mgr.multi:
+        e = mgr.lookup(model_id)
+        if e is None:
+            raise mgr.not_found(model_id)
+        return _entry(mgr, e)
+    state = mgr.default
     if model_id not in (state.model_name, state.config.model_path):
         raise ApiError(404, f"model {model_id!r} not found; this server serves {state.model_name!r}",
                        code="model_not_found")
@@ -86,7 +139,7 @@ def request_grammar(make, param: str):
 
 @router.post("/v1/completions", summary="Text completion (llama-cpp-python's fields and defaults)")
 async def completions(req: CompletionRequest, request: Request):
-    state = _state(request)
+    state = await _state(request, req.model)
     name = state.model_name
     cid, created = f"cmpl-{uuid.uuid4()}", int(time.time())
     if isinstance(req.prompt, list) and isinstance(req.prompt[0], str):
@@ -118,7 +171,7 @@ async def completions(req: CompletionRequest, request: Request):
 
 @router.post("/v1/chat/completions", summary="Chat completion with the model's chat template")
 async def chat_completions(req: ChatCompletionRequest, request: Request):
-    state = _state(request)
+    state = await _state(request, req.model)
     name = state.model_name
     cid, created = f"cmpl-{uuid.uuid4()}", int(time.time())
     messages = [m.model_dump(exclude_none=True) for m in req.messages]
@@ -177,7 +230,7 @@ def _completion_grammar(req):
 
 @router.post("/v1/embeddings", summary="Embeddings (pooled as the model says, L2-normalized)")
 async def embeddings(req: EmbeddingRequest, request: Request):
-    state = _state(request)
+    state = await _state(request, req.model)
     inputs: List[Any] = [req.input] if isinstance(req.input, str) else list(req.input)
     if inputs and isinstance(inputs[0], int):
         inputs = [inputs]

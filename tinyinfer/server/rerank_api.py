@@ -31,10 +31,11 @@ class RerankRequest(_Body):
 @router.post("/v1/rerank", summary="Rerank documents for a query (Jina / llama-server)")
 @router.post("/rerank", include_in_schema=False)
 async def rerank(req: RerankRequest, request: Request):
-    state = request.app.state.tinyinfer
     docs = req.documents if req.documents is not None else (req.texts or [])
     if not docs:
         raise ApiError(400, "\"documents\" must be a non-empty string array", param="documents")
+    from .models import manager
+    state = await manager(request).get(req.model, "openai")
     state.precheck_text(req.query, *docs)
 
     def work(engine, job):

@@ -226,3 +226,8 @@ class OllamaEmbeddingsRequest(_Body):
     prompt: Text
     options: Optional[OllamaOptions] = None
     keep_alive: Optional[Union[int, float, str]] = None
+
+
+class RouterModelRequest(_Body):
+    """llama-server's router: POST /models/load and /models/unload."""
+    model: str = Field(..., min_length=1)

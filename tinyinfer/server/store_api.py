@@ -106,12 +106,16 @@ async def pull(req: PullRequest, request: Request):
 @router.delete("/api/delete", summary="Remove a pulled model (ollama)")
 async def delete(req: DeleteRequest, request: Request):
     name = _name(req)
-    state = request.app.state.tinyinfer
+    from .models import manager
+    mgr = manager(request)
     model, tag = store.parse_name(name)
     m = store._read_manifest(model, tag)
     if m is None:
         return JSONResponse({"error": f"model '{name}' not found"}, status_code=404)
-    if os.path.abspath(m["file"]) == os.path.abspath(state.config.model_path):
-        raise ApiError(400, f"model '{name}' is the one this server is serving")
+    for state in list(mgr.states.values()):
+        if os.path.abspath(m["file"]) == os.path.abspath(state.config.model_path):
+            if not mgr.multi or mgr.busy(state):
+                raise ApiError(400, f"model '{name}' is the one this server is serving")
+            await mgr.unload(state, why="deleted")
     store.remove(name)
     return Response(status_code=200)
