@@ -134,7 +134,7 @@ def test_slot_pool_errors_reach_the_request():
 
 
 def test_metrics_text_format():
-    from tinyinfer.api import GenStats
+    from tinyinfer.completions import GenStats
     from tinyinfer.server.metrics import Metrics
     m = Metrics()
     m.record_generation(GenStats(prompt_tokens=10, prompt_evaluated=7, completion_tokens=5, prompt_s=0.5, gen_s=1.0))

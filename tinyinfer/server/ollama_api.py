@@ -20,12 +20,12 @@ from typing import List, Optional
 from fastapi import APIRouter, Request
 from starlette.responses import JSONResponse
 
-from ..api import GenStats, completion_chunks, prepare_chat
+from ..completions import GenStats, completion_chunks, prepare_chat
 from ..chat import chat_prompt_ids
 from ..grammar import grammar_for_ollama_format
 from .models import manager, parse_duration
-from .core import (ApiError, gen_options, ServerState, check_prompt, dumps, encode_prompt, first_item, gone_response,
-                   ndjson_response, run_to_end, stream_items, submit)
+from .core import ApiError, ServerState, check_prompt, encode_prompt, gen_options
+from .jobs import dumps, first_item, gone_response, ndjson_response, run_to_end, stream_items, submit
 from ..toolcall import ToolStream
 from .openai_api import request_grammar, request_tools
 from .schemas import (OllamaChatRequest, OllamaEmbeddingsRequest, OllamaEmbedRequest, OllamaGenerateRequest,

@@ -12,10 +12,11 @@ import numpy as np
 from fastapi import APIRouter, Request
 from starlette.responses import JSONResponse
 
-from ..api import GenStats, chat_chunks, completion_chunks, merge_chat, merge_completion, prepare_chat, tool_chat_chunks
+from ..completions import (GenStats, chat_chunks, completion_chunks, merge_chat, merge_completion, prepare_chat,
+                           tool_chat_chunks)
 from ..grammar import grammar_for_response_format
-from .core import (ApiError, ServerState, check_prompt, dumps, encode_prompt, first_item, gone_response,
-                   gen_options, run_to_end, sse_response, stream_items, submit)
+from .core import ApiError, ServerState, check_prompt, encode_prompt, gen_options
+from .jobs import dumps, first_item, gone_response, run_to_end, sse_response, stream_items, submit
 from .models import manager
 from .schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, RouterModelRequest
 

@@ -14,7 +14,8 @@ from typing import List, Optional
 from fastapi import APIRouter, Request
 from pydantic import Field
 
-from .core import ApiError, gone_response, run_to_end, submit
+from .core import ApiError
+from .jobs import gone_response, run_to_end, submit
 from .schemas import _Body
 
 router = APIRouter(tags=["Rerank"])

@@ -22,7 +22,8 @@ from pydantic import BaseModel, ConfigDict
 from starlette.responses import JSONResponse, Response
 
 from .. import store
-from .core import ApiError, dumps, ndjson_response
+from .core import ApiError
+from .jobs import dumps, ndjson_response
 
 router = APIRouter(tags=["ollama"])
 
