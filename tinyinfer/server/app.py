@@ -40,34 +40,6 @@ One model, two dialects, one generation loop (the same as the CLI and the `Llama
 """
 
 
-def _default_engine_factory(config: ServerConfig) -> Callable[[], Any]:
-    first = []
-
-    def make():
-        # the first slot loads the model and a KV cache of one sequence per slot; the others share
-        # the weights and the cache (a sequence each), and their decode steps run as one batch
-        if first:
-            other = first[0].fork(seq=len(first[0].batcher.engines) if first[0].batcher else None)
-            spec = first[0].defaults.draft_model
-            if spec is not None:     # speculative decoding: this slot's proposer (a draft: its own cache)
-                import dataclasses
-                other.defaults = dataclasses.replace(other.defaults, draft_model=spec.fork())
-            return other
-        from ..engine import Engine
-        from ..kernels.matmul import KernelConfig, using_config
-        from ..options import GenOptions
-        with using_config(KernelConfig(batch_invariant=True) if config.batch_invariant else None):
-            first.append(Engine(config.model_path, n_ctx=config.n_ctx, n_batch=config.n_batch,
-                                n_threads=config.n_threads, verbose=True, split=config.split,
-                                n_seq=config.parallel, type_k=config.cache_type_k, type_v=config.cache_type_v,
-                                defaults=GenOptions(context_shift=config.context_shift, n_keep=config.n_keep)))
-        if config.speculative is not None:      # speculative decoding: the first slot's proposer
-            from ..cli import attach_spec
-            attach_spec(first[0], config.speculative)
-        return first[0]
-    return make
-
-
 class _Gate:
     """ASGI middleware: API key, JSON bodies sent without a JSON content type, request metrics."""
 

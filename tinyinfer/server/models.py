@@ -36,7 +36,7 @@ import logging
 import os
 import re
 import time
-from typing import Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 from .core import ApiError, ServerState
 
@@ -98,6 +98,35 @@ def _trim() -> None:
         pass
 
 
+def default_engine_factory(config) -> Callable[[], Any]:
+    """``make()`` for one model's slots: the first call loads the model (in ``config``'s kernel config),
+    the next ones fork it (a sequence each of the shared cache, a speculative proposer each)."""
+    first = []
+
+    def make():
+        # the first slot loads the model and a KV cache of one sequence per slot; the others share
+        # the weights and the cache (a sequence each), and their decode steps run as one batch
+        if first:
+            other = first[0].fork(seq=len(first[0].batcher.engines) if first[0].batcher else None)
+            spec = first[0].defaults.draft_model
+            if spec is not None:     # speculative decoding: this slot's proposer (a draft: its own cache)
+                other.defaults = dataclasses.replace(other.defaults, draft_model=spec.fork())
+            return other
+        from ..engine import Engine
+        from ..kernels.matmul import KernelConfig, using_config
+        from ..options import GenOptions
+        with using_config(KernelConfig(batch_invariant=True) if config.batch_invariant else None):
+            first.append(Engine(config.model_path, n_ctx=config.n_ctx, n_batch=config.n_batch,
+                                n_threads=config.n_threads, verbose=True, split=config.split,
+                                n_seq=config.parallel, type_k=config.cache_type_k, type_v=config.cache_type_v,
+                                defaults=GenOptions(context_shift=config.context_shift, n_keep=config.n_keep)))
+        if config.speculative is not None:      # speculative decoding: the first slot's proposer
+            from ..cli import attach_spec
+            attach_spec(first[0], config.speculative)
+        return first[0]
+    return make
+
+
 @dataclasses.dataclass
 class Entry:
     """A servable model: its name, its file, and what is known of it without loading it."""
@@ -124,7 +153,6 @@ class ModelManager:
     def __init__(self, config, engine_factory=None, models_dir: Optional[str] = None, multi: bool = False,
                  keep_alive: float = DEFAULT_KEEP_ALIVE, max_models: int = DEFAULT_MAX_MODELS,
                  max_memory: Optional[int] = None, sleep_idle_seconds: Optional[float] = None):
-        from .app import _default_engine_factory
         from .metrics import Metrics
         self.config = config
         self.multi = multi
@@ -133,7 +161,7 @@ class ModelManager:
         self.max_models = max(1, int(max_models))
         self.sleep_idle_seconds = sleep_idle_seconds
         self._factory = engine_factory
-        self._default_factory = _default_engine_factory
+        self._default_factory = default_engine_factory
         self.states: Dict[str, ServerState] = {}          # loaded or loading, by entry name
         self._loads: Dict[str, asyncio.Task] = {}
         self._waiters: Dict[str, int] = {}                 # requests awaiting a model's load
