@@ -214,8 +214,8 @@ def test_context_end_with_speculation(smollm2_path, draft):
 
 
 def test_draft_vocabulary_is_checked(smollm2_path, qwen25_path):
-    a = Engine(smollm2_path, vocab_only=True)
-    b = Engine(qwen25_path, vocab_only=True)
+    a = Engine.vocab_only(smollm2_path)
+    b = Engine.vocab_only(qwen25_path)
     with pytest.raises(SpecError, match="vocabulary") as e:
         check_vocab(a.tokenizer, b.tokenizer, "qwen.gguf")
     assert "\n" not in str(e.value)

@@ -51,13 +51,16 @@ class Llama(EmbeddingMixin):
         self.model_path = str(model_path)
         self.verbose = verbose
         self.seed = seed
+        if split < 1:
+            raise ValueError(f"split must be >= 1, got {split}")
         from .kernels.matmul import using_config
-        with using_config(kernel_config):
+        with using_config(kernel_config):     # split 0: no weights (Engine.vocab_only)
             self._engine = Engine(model_path, n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads,
-                                  vocab_only=vocab_only, logits_all=logits_all, verbose=verbose,
+                                  logits_all=logits_all, verbose=verbose,
                                   type_k=_cache_type(type_k if type_k is not None else cache_type_k),
                                   type_v=_cache_type(type_v if type_v is not None else cache_type_v),
-                                  defaults=GenOptions(context_shift=context_shift, n_keep=n_keep), split=split)
+                                  defaults=GenOptions(context_shift=context_shift, n_keep=n_keep),
+                                  split=0 if vocab_only else split)
         if draft_model is not None:
             from .speculative import check_vocab, proposer_of
             proposer = proposer_of(draft_model)

@@ -99,17 +99,20 @@ class Engine:
     one forward pass. ``type_k`` / ``type_v``: the cache's types (f16, q8_0, q4_0). ``defaults``: the
     generation options a :meth:`generate` call starts from (e.g. ``context_shift=True, n_keep=-1``:
     when a generation fills the context, drop the oldest half of what follows the first ``n_keep``
-    tokens and go on). ``split > 1``: the model's layers over that many Ray actors.
+    tokens and go on). ``split > 1``: the model's layers over that many Ray actors
+    (0: no weights, see :meth:`vocab_only`).
     ``verbose``: a line while numba compiles the kernels.
     """
 
     model: Optional["Model"]
 
     def __init__(self, model_path, n_ctx: int = 4096, n_batch: int = 512, n_threads: Optional[int] = None,
-                 vocab_only: bool = False, logits_all: bool = False, verbose: bool = False, split: int = 1,
+                 logits_all: bool = False, verbose: bool = False, split: int = 1,
                  type_k: str = "f16", type_v: str = "f16", n_seq: int = 1,
                  defaults: Optional[GenOptions] = None):
         t0 = time.perf_counter()
+        if split < 0:
+            raise ValueError(f"split must be >= 0, got {split}")
         if n_batch < 1:
             raise ValueError(f"n_batch must be >= 1, got {n_batch}")
         if n_seq < 1:
@@ -125,7 +128,7 @@ class Engine:
         self._fresh(Timings())
         self.model, self.cache, self.batcher = None, None, None
         self.n_ctx = n_ctx
-        if vocab_only:
+        if split == 0:                  # no weights: the vocabulary and metadata only (Engine.vocab_only)
             self.timings.load_ms = (time.perf_counter() - t0) * 1000
             return
         from .progress import CompileNotice
@@ -136,6 +139,11 @@ class Engine:
             except BaseException:
                 self.model.close()      # no process left behind (a split model's actors)
                 raise
+
+    @classmethod
+    def vocab_only(cls, model_path, n_ctx: int = 4096) -> "Engine":
+        """The file's tokenizer and metadata without its weights (llama-cpp-python's ``vocab_only``)."""
+        return cls(model_path, n_ctx=n_ctx, split=0)
 
     def _start(self, n_ctx: int, n_seq: int, t0: float) -> None:
         if n_ctx <= 0:
