@@ -112,6 +112,17 @@ def _special_lookup(cfg: dict, t2i: dict, hp: Optional[dict] = None):
     return special
 
 
+def _tokenizer_json(d: Path, kind: str, missing: str, only: str):
+    """tokenizer.json of checkpoint ``d`` and its ``model`` object, which must be of type ``kind``."""
+    tok = _json(d / "tokenizer.json", required=False)
+    if tok is None:
+        raise ConvertError(f"{d}: no tokenizer.json ({missing})")
+    model = tok.get("model") or {}
+    if model.get("type") != kind:
+        raise ConvertError(f"{d}/tokenizer.json: tokenizer model {model.get('type')!r} is not supported {only}")
+    return tok, model
+
+
 def _json(path: Path, required: bool = True):
     if not path.is_file():
         if required:
@@ -127,13 +138,8 @@ def wordpiece_vocab(d: Path) -> dict:
     """BERT's WordPiece vocabulary from tokenizer.json in llama.cpp's phantom-space form and the
     tokenizer metadata convert_hf_to_gguf.py writes for it."""
     import gguf
-    tok = _json(d / "tokenizer.json", required=False)
-    if tok is None:
-        raise ConvertError(f"{d}: no tokenizer.json (a vocab.txt-only BERT tokenizer is not read)")
-    model = tok.get("model") or {}
-    if model.get("type") != "WordPiece":
-        raise ConvertError(f"{d}/tokenizer.json: tokenizer model {model.get('type')!r} is not supported "
-                           f"for a BERT model (only WordPiece)")
+    tok, model = _tokenizer_json(d, "WordPiece", "a vocab.txt-only BERT tokenizer is not read",
+                                 "for a BERT model (only WordPiece)")
     vocab = model["vocab"]
     n = max(vocab.values()) + 1
     tokens = [f"[PAD{i}]" for i in range(n)]
@@ -219,13 +225,8 @@ def bpe_vocab(d: Path, vocab_size: int) -> dict:
     import gguf
     from tokenizers import Tokenizer as HFTokenizer
     path = d / "tokenizer.json"
-    tok = _json(path, required=False)
-    if tok is None:
-        raise ConvertError(f"{d}: no tokenizer.json (tokenizer.model / SentencePiece checkpoints are not converted yet)")
-    model = tok.get("model") or {}
-    if model.get("type") != "BPE":
-        raise ConvertError(f"{path}: tokenizer model {model.get('type')!r} is not supported for this architecture "
-                           f"(byte-level BPE only)")
+    tok, model = _tokenizer_json(d, "BPE", "tokenizer.model / SentencePiece checkpoints are not converted yet",
+                                 "for this architecture (byte-level BPE only)")
     ids = HFTokenizer.from_file(str(path)).encode(_CHKTXT).ids
     pre = _PRE_BY_HASH.get(hashlib.sha256(str(ids).encode()).hexdigest())
     if pre is None:
