@@ -306,3 +306,98 @@ def test_a_request_waits_for_room_while_the_loaded_model_serves(one_at_a_time, e
         assert '"done":true' in last and '"eval_count":48' in last
         assert other.result() == expected["qwen"]
     assert _loaded(base) == ["qwen"]
+
+
+def _props(base) -> dict:
+    return httpx.get(base + "/props", timeout=30).json()
+
+
+def _status(base, name) -> str:
+    return {m["id"]: m["status"]["value"] for m in httpx.get(base + "/v1/models", timeout=30).json()["data"]}[name]
+
+
+def _until(cond, timeout=60.0, what="condition"):
+    t_end = time.time() + timeout
+    while not cond():
+        assert time.time() < t_end, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def test_show_reads_the_file_without_loading_it(one_at_a_time):
+    """/api/show of a model that is not loaded answers from its file (metadata, tokenizer, template):
+    nothing is loaded or evicted, and the answer is the one the loaded model gives."""
+    ollama = need_module("ollama")
+    base = one_at_a_time
+    show = base + "/api/show"
+    httpx.post(base + "/api/generate", json={"model": "smol"}, timeout=60)     # smol loaded, qwen not
+    assert _loaded(base) == ["smol"]
+    n_loads = _props(base)["n_loads"]
+    cold = httpx.post(show, json={"model": "qwen"}, timeout=60).json()
+    cold_verbose = httpx.post(show, json={"model": "qwen", "verbose": True}, timeout=60).json()
+    client = ollama.Client(host=base, timeout=60).show("qwen")
+    assert _loaded(base) == ["smol"] and _props(base)["n_loads"] == n_loads     # --max-models 1: no swap
+    assert cold["details"]["family"] == "qwen2" and {"completion", "tools"} <= set(cold["capabilities"])
+    assert "<|im_start|>" in cold["template"] and "<|im_end|>" in cold["parameters"]
+    assert client.capabilities == cold["capabilities"] and client.template == cold["template"]
+    r = httpx.post(show, json={"model": "broken"}, timeout=60)
+    assert r.status_code == 500 and "GGUFError" in r.json()["error"]
+    assert httpx.post(show, json={"model": "nope"}).status_code == 404
+    httpx.post(base + "/api/generate", json={"model": "qwen"}, timeout=60)     # now loaded: the same answers
+    assert _loaded(base) == ["qwen"]
+    assert httpx.post(show, json={"model": "qwen"}, timeout=60).json() == cold
+    assert httpx.post(show, json={"model": "qwen", "verbose": True}, timeout=60).json() == cold_verbose
+    # and nothing of this was counted: the server still has one model (and shows smol without loading it)
+    assert httpx.post(show, json={"model": "smol"}, timeout=60).status_code == 200
+    assert _loaded(base) == ["qwen"]
+
+
+def _leaving_client(base, model):
+    """A real HTTP client (http.client) that asks ``model`` for a chat answer; close() leaves."""
+    import http.client
+    import json
+    host, port = base.rsplit("//", 1)[1].split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=60)
+    conn.request("POST", "/v1/chat/completions", body=json.dumps(
+        {"model": model, "messages": MESSAGES, "max_tokens": N_PREDICT, "temperature": 0}),
+        headers={"Content-Type": "application/json"})
+    return conn
+
+
+def test_a_load_nobody_waits_for_is_abandoned(one_at_a_time, expected):
+    """The only client waiting for qwen's load leaves during it: the load is abandoned (unloaded as soon
+    as its thread returns, never left 'loading'), and a later request loads it afresh."""
+    base = one_at_a_time
+    httpx.post(base + "/api/generate", json={"model": "smol"}, timeout=60)
+    assert _loaded(base) == ["smol"]
+    before = _props(base)
+    conn = _leaving_client(base, "qwen")
+    _until(lambda: _status(base, "qwen") == "loading", what="qwen's load to start")
+    conn.close()                                                   # the client leaves mid-load
+    _until(lambda: _props(base)["n_loads_abandoned"] == before["n_loads_abandoned"] + 1, what="the abandon")
+    assert _status(base, "qwen") == "unloaded" and _loaded(base) == []
+    assert _props(base)["n_loads"] == before["n_loads"] + 1
+    assert _openai_chat(base, "qwen") == expected["qwen"]          # loads again, answers
+    assert _loaded(base) == ["qwen"]
+
+
+def test_a_client_that_leaves_while_waiting_for_room_evicts_nothing(one_at_a_time, expected):
+    """--max-models 1, smol busy: a request for qwen waits for room; its client leaves; once smol is
+    idle, nothing is evicted for the request that left and qwen is never loaded."""
+    base = one_at_a_time
+    httpx.post(base + "/api/generate", json={"model": "smol"}, timeout=60)
+    n_loads = _props(base)["n_loads"]
+    body = {"model": "smol", "prompt": "Count from one to one thousand:", "raw": True,
+            "options": {"num_predict": 400, "temperature": 0}}
+    with httpx.Client(timeout=120) as c:
+        with c.stream("POST", base + "/api/generate", json=body) as r:
+            lines = r.iter_lines()
+            assert '"done":false' in next(lines)                   # smol busy
+            conn = _leaving_client(base, "qwen")
+            _until(lambda: _props(base)["n_waiting_for_room"] == 1, what="qwen's request to wait for room")
+            conn.close()
+            _until(lambda: _props(base)["n_waiting_for_room"] == 0, what="the waiter to leave")
+            assert '"done":false' in next(lines)
+    time.sleep(0.5)                                                # smol idle now (its client left too)
+    assert _loaded(base) == ["smol"] and _props(base)["n_loads"] == n_loads
+    assert _status(base, "qwen") == "unloaded"
+    assert _ollama_chat(base, "smol") == expected["smol"]

@@ -81,6 +81,7 @@ class ServerState:
         self.load_s = 0.0
         self.on_fatal: Optional[Callable[[], None]] = None
         self._max_token_bytes: Optional[int] = None
+        self.n_params: Optional[int] = None            # the file's parameter count (describe)
         # the model manager's bookkeeping (tinyinfer/server/models.py)
         self.entry_name = config.alias
         self.keep_alive: Optional[float] = -1.0       # seconds an idle model stays loaded; < 0: forever
@@ -99,16 +100,12 @@ class ServerState:
     # -- loading -------------------------------------------------------------------------
     def load(self) -> None:
         """Load one engine per slot (run in a background thread; /health says loading meanwhile)."""
-        from ..chat import ChatFormatter
         t0 = time.perf_counter()
         try:
             engines = [self.engine_factory() for _ in range(self.config.parallel)]
             eng = engines[0]
-            tok = eng.tokenizer
-            self.metadata = eng.gguf.metadata
-            self.tokenizer = tok
+            self.describe(eng)
             self.n_ctx = eng.n_ctx
-            self.formatter = ChatFormatter.for_tokenizer(self.metadata, tok, self.config.chat_template)
             self.max_token_bytes()
             # slots call the engines from their own threads: under numba's workqueue layer (no libgomp)
             # every parallel kernel call takes kernels/parallel.py's lock, so no lock is needed here
@@ -125,6 +122,20 @@ class ServerState:
             log.error("could not load %s: %s", self.config.model_path, self.load_error)
             if self.on_fatal:
                 self.on_fatal()
+
+    def describe(self, eng) -> None:
+        """What the server tells of its model (/api/show, /props, /v1/models), from an engine with or
+        without weights (Engine.vocab_only): the file's metadata, tokenizer, chat template, parameters."""
+        from ..chat import ChatFormatter
+        self.metadata = eng.gguf.metadata
+        self.tokenizer = eng.tokenizer
+        self.formatter = ChatFormatter.for_tokenizer(self.metadata, eng.tokenizer, self.config.chat_template)
+        self.n_params = sum(t.n_elements for t in eng.gguf.tensors.values())
+
+    def describe_file(self) -> None:
+        """:meth:`describe` from the file alone, no weights loaded (status stays as it is)."""
+        from ..engine import Engine
+        self.describe(Engine.vocab_only(self.config.model_path, n_ctx=self.config.n_ctx))
 
     # -- bookkeeping ---------------------------------------------------------------------
     def _job_done(self, job: Job, outcome: str) -> None:
@@ -269,10 +280,8 @@ def _sampler_fields(p) -> dict:
 
 
 def _param_size(state: ServerState) -> str:
-    try:
-        eng = state.pool.engines[0]
-        n = sum(t.n_elements for t in eng.gguf.tensors.values())
-    except Exception:
+    n = state.n_params
+    if not n:
         return ""
     for unit, div in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
         if n >= div:

@@ -165,12 +165,14 @@ class ModelManager:
         self.states: Dict[str, ServerState] = {}          # loaded or loading, by entry name
         self._loads: Dict[str, asyncio.Task] = {}
         self._waiters: Dict[str, int] = {}                 # requests awaiting a model's load
+        self._describing = asyncio.Lock()                  # /api/show of models not loaded: one at a time
         self._entries: Dict[str, Entry] = {}
         self._aliases: Dict[str, str] = {}
         self.n_room_waiting = 0
         self.t_last_request = time.time()
         self.swaps = 0                                     # models unloaded to make room
         self.n_loads = 0                                   # loads started (a shared load counts once)
+        self.n_abandoned = 0                               # loads finished after every waiter had left
         self.preload: Optional[str] = None
         self.fallback: Optional[str] = None                # an OpenAI request without a model: this one
         self.default: Optional[ServerState] = None         # the -m model's state (one-model mode: the model)
@@ -312,11 +314,48 @@ class ModelManager:
         e = self.lookup(name)
         return self.states.get(e.name) if e is not None else None
 
+    async def describe(self, name: Optional[str], answer: Callable[[ServerState], Any]):
+        """``answer(state)`` for ollama's /api/show: the loaded model's state, or, when it is not loaded,
+        a state holding only the file's metadata, tokenizer and chat template (Engine.vocab_only, no
+        weights) that the manager does not keep: it counts against neither --max-models nor --max-memory,
+        evicts nothing, and does not touch the loaded models' keep_alive. One description at a time, in a
+        worker thread (Qwen2.5's 151k-token vocabulary: ~0.5 s); its memory is given back after."""
+        entry = self.lookup(name)
+        if entry is None:
+            raise self.not_found(name)
+        st = self.states.get(entry.name)
+        if st is not None and st.status == "ok":
+            return answer(st)
+        async with self._describing:
+            sig = _signature(entry.path)
+            if entry.failed is not None and entry.failed[0] == sig:
+                raise self._load_failed(entry, entry.failed[1])
+
+            def run():
+                d = ServerState(dataclasses.replace(self.config, model_path=entry.path, alias=entry.name), None)
+                try:
+                    d.describe_file()
+                    return answer(d)
+                except Exception as e:      # a file that cannot be read: remembered as a failed load
+                    entry.failed = (sig, f"{type(e).__name__}: {e}")
+                    return None
+                finally:
+                    d.metadata = d.tokenizer = d.formatter = None
+                    _trim()                 # (the vocabulary's memory back to the system)
+            out = await asyncio.get_running_loop().run_in_executor(None, run)
+        if out is None:
+            raise self._load_failed(entry, entry.failed[1])
+        return out
+
     # -- getting a model for a request ---------------------------------------------------------------
-    async def get(self, name: Optional[str], dialect: str = "ollama", keep_alive=None) -> ServerState:
+    async def get(self, name: Optional[str], dialect: str = "ollama", keep_alive=None,
+                  request=None) -> ServerState:
         """The loaded state of the model ``name`` (loading it, and making room, first if needed).
 
-        ``keep_alive``: the request's (already parsed: seconds, None = the server's default)."""
+        ``keep_alive``: the request's (already parsed: seconds, None = the server's default).
+        ``request``: the HTTP request asking; if its client leaves while it waits for room or for the
+        load, it stops waiting (an ApiError 499) without evicting anything further, and a load that no
+        request waits for any more is abandoned (:meth:`_load`)."""
         self.t_last_request = time.time()
         if not self.multi:
             st = self.default
@@ -331,27 +370,45 @@ class ModelManager:
             if not name:
                 raise ApiError(400, "model is required", param="model")
             raise self.not_found(name)
-        while True:
-            st = self.states.get(entry.name)
-            if st is not None and st.status == "ok":
-                self._use(st, keep_alive)
-                return st
-            task = self._loads.get(entry.name)
-            if task is None:
-                sig = _signature(entry.path)
-                self.estimate(entry)                  # (a file that cannot be read fails here, evicting nothing)
-                if entry.failed is not None and entry.failed[0] == sig:
-                    raise self._load_failed(entry, entry.failed[1])
-                await self._make_room(entry)
-                if entry.name in self._loads or entry.name in self.states:
-                    continue                          # loaded by another request while this one waited
-                task = self._loads[entry.name] = asyncio.ensure_future(self._load(entry))
-            # waiters keep the model from being chosen for eviction between the load's end and their turn
-            self._waiters[entry.name] = self._waiters.get(entry.name, 0) + 1
-            try:
-                await asyncio.shield(task)
-            finally:
-                self._waiters[entry.name] -= 1
+        gone: Optional[asyncio.Future] = None        # done once the client has disconnected
+        try:
+            while True:
+                st = self.states.get(entry.name)
+                if st is not None and st.status == "ok":
+                    self._use(st, keep_alive)
+                    return st
+                if gone is None and request is not None:
+                    from .jobs import _wait_disconnect
+                    gone = asyncio.ensure_future(_wait_disconnect(request))
+                task = self._loads.get(entry.name)
+                if task is None:
+                    sig = _signature(entry.path)
+                    self.estimate(entry)              # (a file that cannot be read fails here, evicting nothing)
+                    if entry.failed is not None and entry.failed[0] == sig:
+                        raise self._load_failed(entry, entry.failed[1])
+                    await self._make_room(entry, gone)
+                    if entry.name in self._loads or entry.name in self.states:
+                        continue                      # loaded by another request while this one waited
+                    task = self._loads[entry.name] = asyncio.ensure_future(self._load(entry))
+                    task.add_done_callback(_retrieve)
+                # waiters keep the model from being chosen for eviction between the load's end and their
+                # turn; when the last of them leaves before the end, the load is abandoned (_load)
+                self._waiters[entry.name] = self._waiters.get(entry.name, 0) + 1
+                try:
+                    await asyncio.wait({task} if gone is None else {task, gone},
+                                       return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    self._waiters[entry.name] -= 1
+                if task.done():
+                    task.result()                     # a failed load: its error to every waiter
+                    continue
+                if not self._waiters[entry.name]:
+                    log.info("abandoning the load of model %s: every request waiting for it has gone "
+                             "(the memory is given back once the loading thread returns)", entry.name)
+                raise _client_gone()
+        finally:
+            if gone is not None:
+                gone.cancel()
 
     def _use(self, st: ServerState, keep_alive) -> None:
         st.t_used = time.time()
@@ -369,6 +426,9 @@ class ModelManager:
                         param="model", code="model_load_failed")
 
     async def _load(self, entry: Entry) -> None:
+        """Load ``entry`` in a worker thread. A load cannot be stopped midway (the thread is inside the
+        engine's constructor), so until it returns the model counts against --max-models / --max-memory
+        as loading; if no request waits for it by then (every client left), it is unloaded at once."""
         self.n_loads += 1
         st = self._new_state(entry)
         self.states[entry.name] = st
@@ -377,6 +437,11 @@ class ModelManager:
             await asyncio.get_running_loop().run_in_executor(None, st.load)
         finally:
             self._loads.pop(entry.name, None)
+        if st.status == "ok" and not self._waiters.get(entry.name):
+            self.n_abandoned += 1
+            entry.failed = None
+            await self.unload(st, why="every request waiting for its load has gone")
+            return
         if st.status != "ok":
             self.states.pop(entry.name, None)
             entry.failed = (sig, st.load_error)
@@ -394,7 +459,7 @@ class ModelManager:
             return False
         return self.max_memory is None or self._used() + need <= self.max_memory
 
-    async def _make_room(self, entry: Entry) -> None:
+    async def _make_room(self, entry: Entry, gone: Optional[asyncio.Future] = None) -> None:
         need = self.estimate(entry)
         if self.max_memory is not None and need > self.max_memory:
             raise ApiError(500, f'model "{entry.name}" needs about {need / 2**20:.0f} MiB (weights + KV cache '
@@ -406,6 +471,8 @@ class ModelManager:
             while not self._fits(need):
                 if entry.name in self.states or entry.name in self._loads:
                     return                 # another request loaded it (or is loading it) meanwhile
+                if gone is not None and gone.done():
+                    raise _client_gone()   # the client left while waiting: evict nothing for it
                 victim = self._lru_idle(exclude=entry.name)
                 if victim is not None:
                     self.swaps += 1
@@ -419,6 +486,8 @@ class ModelManager:
                     self.n_room_waiting += 1
                     waited = True
                 await asyncio.sleep(0.05)
+            if gone is not None and gone.done():
+                raise _client_gone()       # (room made, but nobody to load the model for)
         finally:
             if waited:
                 self.n_room_waiting -= 1
@@ -496,6 +565,17 @@ class ModelManager:
     def drain(self) -> None:
         for st in list(self.states.values()):
             st.pool.drain()
+
+
+def _client_gone() -> ApiError:
+    return ApiError(499, "the client closed the request while its model was loading", param="model",
+                    code="client_closed_request")
+
+
+def _retrieve(task: asyncio.Task) -> None:
+    """(A load's error is raised to its waiters; when none is left, nobody else needs it.)"""
+    if not task.cancelled():
+        task.exception()
 
 
 def manager(request) -> ModelManager:

@@ -39,7 +39,7 @@ OLLAMA_API_VERSION = "0.9.0"
 
 async def _state(request: Request, name: Optional[str], keep_alive=None) -> ServerState:
     """The model ``name``'s state, loaded on demand (tinyinfer/server/models.py)."""
-    return await manager(request).get(name, "ollama", _duration_s(keep_alive))
+    return await manager(request).get(name, "ollama", _duration_s(keep_alive), request=request)
 
 
 def _now() -> str:
@@ -341,9 +341,15 @@ async def show(req: OllamaShowRequest, request: Request):
     mgr = manager(request)
     if not mgr.multi and name not in mgr.default.model_names():
         raise ApiError(404, f"model '{name}' not found", "not_found_error", code="model_not_found")
-    state = await _state(request, name)     # (many models: loads it, as its metadata and template are read)
+    if mgr.multi:       # the loaded model, or the file's metadata, tokenizer and template: nothing loaded
+        return await mgr.describe(name, lambda state: _show(state, req.verbose))
+    state = await _state(request, name)
     if state.status != "ok":
         submit(request, state, None)
+    return _show(state, req.verbose)
+
+
+def _show(state: ServerState, verbose) -> dict:
     md = state.metadata
     info = {}
     for k, v in md.items():
@@ -351,7 +357,7 @@ async def show(req: OllamaShowRequest, request: Request):
             if k == "tokenizer.chat_template":
                 continue
             info[k] = v
-        elif req.verbose and isinstance(v, (list, tuple)) and len(v) <= 64:
+        elif verbose and isinstance(v, (list, tuple)) and len(v) <= 64:
             info[k] = list(v)
         else:
             info[k] = None

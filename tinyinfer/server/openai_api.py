@@ -25,7 +25,7 @@ router = APIRouter(tags=["OpenAI"])
 
 async def _state(request: Request, name) -> ServerState:
     """The model ``name``'s state, loaded on demand (one-model mode: the model, whatever the name)."""
-    return await manager(request).get(name, "openai")
+    return await manager(request).get(name, "openai", request=request)
 
 
 def _model_entry(state: ServerState) -> dict:
@@ -68,7 +68,7 @@ async def router_models(request: Request):
 @router.post("/models/load", summary="Load a model now (llama-server's router)")
 async def router_load(req: RouterModelRequest, request: Request):
     mgr = manager(request)
-    st = await mgr.get(req.model, "ollama" if not mgr.multi else "openai")
+    st = await mgr.get(req.model, "ollama" if not mgr.multi else "openai", request=request)
     if st.status != "ok":
         submit(request, st, None)              # one-model mode still loading: the right 503
     return {"success": True}
