@@ -7,7 +7,8 @@ one at a time (--max-models 1, or with --budget fit-one a --max-memory that fits
 not both), so asking for the other one unloads the loaded one and loads it from the (warm) page cache.
 For each request: the wall time, and ollama's ``load_duration`` (arrival until a slot took it: the
 wait for the load when the model was cold). A thread samples the server's RSS every 20 ms: the peak
-is compared with the RSS before any model was loaded plus the budget.
+is compared with the RSS before any model was loaded plus the budget. Each round also times ollama's
+/api/show of the model that is not loaded (read from its file; nothing may load: checked with /api/ps).
 """
 
 from __future__ import annotations
@@ -83,6 +84,7 @@ def main(argv=None) -> int:
         ask("qwen")
         cold = {n: [] for n in paths}
         warm = {n: [] for n in paths}
+        show = {n: [] for n in paths}
         both_loaded = 0
         for _ in range(a.rounds):
             for n in ("smol", "qwen"):
@@ -91,6 +93,11 @@ def main(argv=None) -> int:
                 both_loaded += len(loaded) > 1
                 wall, load, loaded = ask(n)
                 warm[n].append((wall, load))
+                other = "qwen" if n == "smol" else "smol"
+                t0 = time.perf_counter()
+                c.post(url + "/api/show", json={"model": other}).raise_for_status()
+                show[other].append(time.perf_counter() - t0)
+                assert [m["name"] for m in c.get(url + "/api/ps").json()["models"]] == loaded, "show loaded it"
         stop.set()
         time.sleep(0.05)
     finally:
@@ -106,6 +113,10 @@ def main(argv=None) -> int:
     for n in paths:
         print(f"| {n} | {fmt([w for w, _ in cold[n]])} | {fmt([l for _, l in cold[n]])} | "
               f"{fmt([w for w, _ in warm[n]])} |")
+    print("| model | /api/show, not loaded (s) |")
+    print("| --- | --- |")
+    for n in paths:
+        print(f"| {n} | {fmt(show[n])} |")
     print(f"RSS before any model {base_rss / 2**20:.0f} MiB, peak {peak[0] / 2**20:.0f} MiB "
           f"(peak - before = {(peak[0] - base_rss) / 2**20:.0f} MiB); both models loaded at once: {both_loaded} times")
     return 0

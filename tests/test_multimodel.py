@@ -1,7 +1,7 @@
 """One server, many models (tinyinfer/server/models.py): two real models (SmolLM2, Qwen2.5-Coder) in a
 --models-dir beside a corrupt file, a real ``serve`` on loopback, the ollama and openai clients.
 
-Each name answers from its own model, greedily as the ``Llama`` class does with that file alone;
+Each name answers from its own model, greedily as a one-model server of that file does;
 --max-models 1 swaps them (/api/ps); keep_alive 0 and an expired keep_alive unload; a corrupt file
 fails only its own requests; an unknown name is a 404 in both dialects; 8 concurrent clients
 alternating two models with --max-models 2 all get their model's answer.
@@ -35,14 +35,14 @@ def models_dir(smollm2_path, qwen25_path, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def expected(smollm2_path, qwen25_path):
-    """Each model's greedy answer, from the Llama class holding that file alone."""
-    from tinyinfer.api import Llama
+    """Each model's greedy answer from a one-model server (``serve -m`` that file alone)."""
     out = {}
     for name, path in (("smol", smollm2_path), ("qwen", qwen25_path)):
-        llm = Llama(str(path), n_ctx=N_CTX, verbose=False)
-        r = llm.create_chat_completion(MESSAGES, max_tokens=N_PREDICT, temperature=0.0)
-        out[name] = r["choices"][0]["message"]["content"]
-        del llm
+        gen = serve_process(path, "-c", str(N_CTX))
+        try:
+            out[name] = _openai_chat(next(gen), name)
+        finally:
+            gen.close()
     assert out["smol"] != out["qwen"], out         # else "answers from its own model" tests nothing
     return out
 
@@ -401,3 +401,24 @@ def test_a_client_that_leaves_while_waiting_for_room_evicts_nothing(one_at_a_tim
     assert _loaded(base) == ["smol"] and _props(base)["n_loads"] == n_loads
     assert _status(base, "qwen") == "unloaded"
     assert _ollama_chat(base, "smol") == expected["smol"]
+
+
+def test_a_model_larger_than_the_budget_is_an_error_and_show_needs_no_room(models_dir):
+    """--max-memory below any model: a request is a clear 500 (never an out-of-memory kill), and
+    /api/show still answers, as it loads nothing."""
+    ollama = need_module("ollama")
+    gen = _serve(models_dir, "--max-memory", "64M")
+    base = next(gen)
+    try:
+        r = httpx.post(base + "/v1/chat/completions", json={"model": "smol", "messages": MESSAGES,
+                                                             "max_tokens": 1}, timeout=60)
+        assert r.status_code == 500 and r.json()["error"]["code"] == "insufficient_memory"
+        assert "--max-memory" in r.json()["error"]["message"]
+        client = ollama.Client(host=base, timeout=60)
+        with pytest.raises(ollama.ResponseError) as e:
+            client.generate(model="qwen", prompt="hi")
+        assert e.value.status_code == 500 and "memory budget" in e.value.error
+        assert client.show("smol").details.family == "llama"
+        assert _loaded(base) == [] and _props(base)["n_loads"] == 0
+    finally:
+        gen.close()

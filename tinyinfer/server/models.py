@@ -6,9 +6,13 @@ ollama's scheduler and llama-server's router mode, on one event loop:
   names (tinyinfer/store.py), plus ``-m`` (preloaded); a request names one (ollama ``model``, OpenAI
   ``model``) and :meth:`ModelManager.get` answers its :class:`~tinyinfer.server.core.ServerState`,
   loading it first if needed. Each loaded model has its own slots (``--parallel``), KV cache and metrics.
-* a load in progress is one task shared by every request waiting for it (a client that leaves does not
-  cancel it); a file that fails to load is an error to those requests, remembered until the file
-  changes (size or mtime), and the other models keep serving.
+* a load in progress is one task shared by every request waiting for it; a file that fails to load is
+  an error to those requests, remembered until the file changes (size or mtime), and the other models
+  keep serving. A client that leaves while its request waits for room evicts nothing; when every
+  request waiting for a load has left, the load is abandoned: it cannot be stopped inside the engine's
+  constructor, so it still counts as loading until its thread returns, and is then unloaded at once.
+* ollama's /api/show of a model not loaded reads its file (metadata, tokenizer, chat template; no
+  weights): nothing is loaded, counted or evicted.
 * room: at most ``--max-models`` loaded, and the estimated memory of the loaded ones (inspect's weights +
   KV cache of ``-c`` per slot + work buffers, tinyinfer/tools/inspect.py, with the weights counted twice:
   mapped file pages and the kernels' repacked copies) within ``--max-memory``. To make
