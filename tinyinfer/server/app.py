@@ -292,7 +292,8 @@ def create_app(config: ServerConfig, engine_factory: Optional[Callable[[], Any]]
         from .. import __version__ as v
         return {"role": "router", "build_info": f"tinyinfer {v}", "max_models": mgr.max_models,
                 "max_memory": mgr.max_memory, "n_loads": mgr.n_loads, "n_loads_abandoned": mgr.n_abandoned,
-                "n_evictions": mgr.swaps, "n_waiting_for_room": mgr.n_room_waiting, "models": [{"id": e.name, "path": e.path, "status": (
+                "n_evictions": mgr.swaps, "n_waiting_for_room": mgr.n_room_waiting,
+                "models": [{"id": e.name, "path": e.path, "status": (
                     mgr.states[e.name].status if e.name in mgr.states else "unloaded")} for e in mgr.entries()]}
 
     @app.get("/metrics", tags=["operations"], summary="Prometheus metrics (text format)")
