@@ -15,7 +15,7 @@ from .core import ApiError, ServerState, to_api_error
 from .slots import END, Job, QueueFull, ShuttingDown
 
 
-async def _wait_disconnect(request: Request) -> None:
+async def wait_disconnect(request: Request) -> None:
     """Returns when the client has gone (the body is already read, so receive() waits for that)."""
     while True:
         msg = await request.receive()
@@ -26,7 +26,7 @@ async def _wait_disconnect(request: Request) -> None:
 async def _race(request: Request, aw) -> Tuple[Any, bool]:
     """Await ``aw`` unless the client disconnects first: (result, disconnected)."""
     task = asyncio.ensure_future(aw)
-    watcher = asyncio.ensure_future(_wait_disconnect(request))
+    watcher = asyncio.ensure_future(wait_disconnect(request))
     try:
         done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
     except asyncio.CancelledError:

@@ -43,6 +43,7 @@ import time
 from typing import Any, Callable, Dict, List, Optional
 
 from .core import ApiError, ServerState
+from .jobs import wait_disconnect
 
 log = logging.getLogger("tinyinfer.server")
 
@@ -382,8 +383,7 @@ class ModelManager:
                     self._use(st, keep_alive)
                     return st
                 if gone is None and request is not None:
-                    from .jobs import _wait_disconnect
-                    gone = asyncio.ensure_future(_wait_disconnect(request))
+                    gone = asyncio.ensure_future(wait_disconnect(request))
                 task = self._loads.get(entry.name)
                 if task is None:
                     sig = _signature(entry.path)
