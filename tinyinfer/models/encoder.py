@@ -12,12 +12,28 @@ import math
 
 import numpy as np
 
-from ..kernels import quants
-from .base import Linear
+from ..kernels import blas, ops, quants
+from . import base
 from .hparams import ModelError, Weights, meta
 
 POOLING_TYPES = ("none", "mean", "cls", "last", "rank")     # llama_pooling_type 0..4
 ENCODER_ARCHS = ("bert", "nomic-bert", "gemma-embedding")    # the architectures built on Encoder (no KV cache)
+
+
+class Linear(base.Linear):
+    """An encoder's weight matrix: a packed batch of at least ``blas.MIN_ROWS`` rows is multiplied
+    through BLAS (kernels/blas.py: the weight as float32, a block of rows at a time), fewer rows through
+    the quantized kernels every decoder uses (kernels/matmul.py)."""
+
+    def __call__(self, x: np.ndarray, out=None) -> np.ndarray:
+        if x.shape[0] >= blas.MIN_ROWS:
+            return blas.gemm(self.w, x, out)
+        return base.Linear.__call__(self, x, out)
+
+
+def fused_linear(*ts):
+    """:func:`.base.fused_linear` of encoder :class:`Linear` matrices."""
+    return base.fused_linear(*ts, linear=Linear)
 
 
 def layernorm(x: np.ndarray, w: np.ndarray, b: np.ndarray, eps: np.float32) -> np.ndarray:
@@ -76,6 +92,7 @@ class Packed:
     def attention(self, q, k, v, n_head: int, n_kv: int, hd: int, scale, window: int = 0) -> np.ndarray:
         """softmax(q k^T * scale) v within each sequence: q (n, n_head*hd), k/v (n, n_kv*hd) packed rows
         -> (n, n_head*hd); grouped-query heads share their kv head."""
+        ops._limit_blas_threads()            # BLAS on the engine's thread count (-t)
         B, T, valid = self.B, self.T, self.valid
 
         def padded(a, h):
