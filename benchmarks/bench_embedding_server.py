@@ -2,7 +2,8 @@
 
     python benchmarks/bench_embedding_server.py -m MODEL.gguf --llama-server PATH/llama-server [-t 1] [-r 3]
 
-Both servers run on loopback with the same file and threads; after a warm-up request, two loads:
+Both servers run on loopback with the same file, threads and tokens per pass (-b; llama-server -b and -ub);
+llama-server packs up to 4 concurrent sequences into a pass (-np 4). After a warm-up request, two loads:
 ``batch``: requests of 32 sentences each, one after the other; ``single``: one sentence per request from
 4 concurrent clients. Rounds alternate the servers; median [min..max] sentences per second.
 """
@@ -69,21 +70,27 @@ def main(argv=None) -> int:
     ap.add_argument("-n", type=int, default=256)
     ap.add_argument("-t", "--threads", type=int, default=1)
     ap.add_argument("-r", "--repeats", type=int, default=3)
+    ap.add_argument("-b", "--batch-size", type=int, default=512,
+                    help="tokens per pass: tinyinfer -b, llama-server -b and -ub (default 512)")
+    ap.add_argument("--loads", default="batch,single", help="which loads to run (default batch,single)")
     a = ap.parse_args(argv)
     lines = sentences(a.n)
     servers = {
         "tinyinfer": lambda p: [sys.executable, "-m", "tinyinfer", "serve", "-m", a.model, "--port", str(p),
-                                "-t", str(a.threads), "-c", "512", "--no-access-log", "--log-level", "warning"],
+                                "-t", str(a.threads), "-c", "512", "-b", str(a.batch_size), "--no-access-log",
+                                "--log-level", "warning"],
         "llama.cpp": lambda p: [a.llama_server, "-m", a.model, "--port", str(p), "-t", str(a.threads), "--embedding",
-                                "-c", "2048", "--no-repack", "-np", "4"],
+                                "-c", "2048", "-b", str(a.batch_size), "-ub", str(a.batch_size), "--no-repack",
+                                "-np", "4"],
     }
-    rates = {(k, m): [] for k in servers for m in ("batch", "single")}
+    loads = a.loads.split(",")
+    rates = {(k, m): [] for k in servers for m in loads}
     for _ in range(a.repeats):
         for k, cmd in servers.items():
             port = _port()
             proc, base = start(cmd(port), port)
             try:
-                for m in ("batch", "single"):
+                for m in loads:
                     rates[(k, m)].append(load(base, lines, m))
             finally:
                 proc.terminate()
@@ -92,7 +99,7 @@ def main(argv=None) -> int:
     print("| --- | --- | --- |")
     for (k, m), v in rates.items():
         print(f"| {k} | {m} | {statistics.median(v):.1f} [{min(v):.1f}..{max(v):.1f}] |")
-    for m in ("batch", "single"):
+    for m in loads:
         r = statistics.median(rates[("tinyinfer", m)]) / statistics.median(rates[("llama.cpp", m)])
         print(f"{m}: tinyinfer / llama.cpp = {r:.2f}x")
     return 0

@@ -101,7 +101,9 @@ def embed(engine, seqs: Sequence[Sequence[int]], pooling=None, normalize_mode: f
     if pooling == "rank" and not (encoder and model.has_rank_head):
         raise EmbeddingError("this model has no classification head (rank pooling): it cannot rerank")
     if encoder:
-        hidden = [None] * len(seqs)
+        from .threads import use_threads
+        use_threads(engine.n_threads)   # numba's count (and BLAS's, kernels/ops.py) is per thread: a server
+        hidden = [None] * len(seqs)     # worker's would be the default, every core, not -t
         order = sorted(range(len(seqs)), key=lambda i: seqs[i].size)     # similar lengths pad little
         batch, n_tok = [], 0
         for i in order + [None]:

@@ -263,10 +263,10 @@ async def embed(req: OllamaEmbedRequest, request: Request):
     job, items, gone = await _embed(request, state, inputs, req.truncate)
     if gone:
         return gone_response()
-    return {"model": req.model or state.model_name, "embeddings": [v.tolist() for v in items],
-            "total_duration": _ns(time.perf_counter() - t_arrival),
-            "load_duration": _ns((job.t_start or t_arrival) - t_arrival),
-            "prompt_eval_count": job.stats["embed_tokens"]}
+    return JSONResponse({"model": req.model or state.model_name, "embeddings": [v.tolist() for v in items],
+                         "total_duration": _ns(time.perf_counter() - t_arrival),
+                         "load_duration": _ns((job.t_start or t_arrival) - t_arrival),
+                         "prompt_eval_count": job.stats["embed_tokens"]})     # no jsonable_encoder walk
 
 
 @router.post("/api/embeddings", summary="Embedding of one prompt (ollama, legacy)")
@@ -276,7 +276,7 @@ async def embeddings(req: OllamaEmbeddingsRequest, request: Request):
     job, items, gone = await _embed(request, state, [req.prompt])
     if gone:
         return gone_response()
-    return {"embedding": items[0].tolist()}
+    return JSONResponse({"embedding": items[0].tolist()})
 
 
 def _tag(state: ServerState) -> dict:

@@ -264,5 +264,6 @@ async def embeddings(req: EmbeddingRequest, request: Request):
         emb = base64.b64encode(v.astype("<f4").tobytes()).decode() if req.encoding_format == "base64" \
             else v.tolist()
         data.append({"object": "embedding", "embedding": emb, "index": i})
-    return {"object": "list", "data": data, "model": state.model_name,
-            "usage": {"prompt_tokens": n, "total_tokens": n}}
+    # JSONResponse: thousands of floats skip FastAPI's jsonable_encoder walk (~15% of a batch request)
+    return JSONResponse({"object": "list", "data": data, "model": state.model_name,
+                         "usage": {"prompt_tokens": n, "total_tokens": n}})
