@@ -93,16 +93,21 @@ class Packed:
         """softmax(q k^T * scale) v within each sequence: q (n, n_head*hd), k/v (n, n_kv*hd) packed rows
         -> (n, n_head*hd); grouped-query heads share their kv head."""
         ops._limit_blas_threads()            # BLAS on the engine's thread count (-t)
-        B, T, valid = self.B, self.T, self.valid
+        B, T, seqs = self.B, self.T, list(zip(self.off, self.lens))
 
-        def padded(a, h):
-            p = np.zeros((B, T, h, hd), np.float32)
-            p[valid] = a.reshape(-1, h, hd)
-            return np.ascontiguousarray(p.transpose(0, 2, 1, 3))        # (B, h, T, hd): BLAS-friendly
-        qp, kp, vp = padded(q, n_head), padded(k, n_kv), padded(v, n_kv)
+        def padded(a, h, keys=False):
+            """(B, h, T, hd) zero-padded, BLAS-friendly; keys: (B, h, hd, T), transposed for q k^T."""
+            p = np.zeros((B, h, hd, T) if keys else (B, h, T, hd), np.float32)
+            a3 = a.reshape(-1, h, hd)
+            for b, (o0, n) in enumerate(seqs):        # a slice copy per sequence (a boolean mask is ~20x slower)
+                if keys:
+                    p[b, :, :, :n] = a3[o0:o0 + n].transpose(1, 2, 0)
+                else:
+                    p[b, :, :n] = a3[o0:o0 + n].transpose(1, 0, 2)
+            return p
+        qp, kt, vp = padded(q, n_head), padded(k, n_kv, True), padded(v, n_kv)
         if n_kv != n_head:
-            kp, vp = np.repeat(kp, n_head // n_kv, axis=1), np.repeat(vp, n_head // n_kv, axis=1)
-        kt = np.ascontiguousarray(kp.transpose(0, 1, 3, 2))
+            kt, vp = np.repeat(kt, n_head // n_kv, axis=1), np.repeat(vp, n_head // n_kv, axis=1)
         o = np.empty_like(qp)
         # query rows in blocks, so the scores of a long sequence stay small (B x heads x block x T floats)
         step = max(1, min(T, self.SCORES_MAX // max(1, B * n_head * T)))
@@ -118,8 +123,10 @@ class Packed:
                 np.exp(s, out=s)
                 s /= s.sum(axis=-1, keepdims=True)
             np.matmul(s, vp, out=o[:, :, q0:q1])
-        o = o.transpose(0, 2, 1, 3)                                     # (B, T, h, hd)
-        return np.ascontiguousarray(o[valid].reshape(-1, n_head * hd))
+        out = np.empty((q.shape[0], n_head * hd), np.float32)
+        for b, (o0, n) in enumerate(seqs):            # back to packed rows (n, h * hd)
+            out[o0:o0 + n].reshape(n, n_head, hd)[:] = o[b, :, :n].transpose(1, 0, 2)
+        return out
 
 
 class NoCache:
