@@ -246,9 +246,8 @@ def test_gemma_embedding_matches_llama_embedding(tmp_path):
     assert c.min() >= 0.9999, c.min()
 
 
-def test_qwen3_last_token_pooling_matches_llama_embedding(tmp_path):
-    """A decoder (the synthetic qwen3 of ../shared/tools/make_arch_models.py) pooled on its last token,
-    as Qwen3-Embedding: llama-embedding --pooling last on the same file."""
+def _synthetic_qwen3():
+    """The synthetic qwen3 F16 file of ../shared/tools/make_arch_models.py (sha256 pinned in the reference)."""
     from conftest import REFERENCE, need_reference
 
     from tinyinfer.fetch import _sha256, cache_dir
@@ -260,6 +259,13 @@ def test_qwen3_last_token_pooling_matches_llama_embedding(tmp_path):
         subprocess.run([sys.executable, str(tool), str(REFERENCE / "vocab"), str(f.parent), "qwen3"], check=True,
                        stdout=subprocess.DEVNULL)
         assert _sha256(f) == want
+    return f
+
+
+def test_qwen3_last_token_pooling_matches_llama_embedding(tmp_path):
+    """A decoder (the synthetic qwen3 of ../shared/tools/make_arch_models.py) pooled on its last token,
+    as Qwen3-Embedding: llama-embedding --pooling last on the same file."""
+    f = _synthetic_qwen3()
     ours = _embed_file(f, SENTENCES[:8], pooling="last")
     c = _cos(ours, _llama_embedding("llama_embedding_synthetic_qwen3_last.json"))
     assert c.min() >= 0.9999, c.min()
@@ -403,6 +409,29 @@ def test_rerank_matches_llama_server(reranker):
     assert [r["index"] for r in ref["response"]["results"]] == sorted(range(len(DOCS)), key=lambda i: -scores[i])
     assert np.allclose([scores[i] for i in range(len(DOCS))], [want[i] for i in range(len(DOCS))], atol=1e-2)   # llama-server itself moves by ~2e-3 between runs
     assert n == ref["response"]["usage"]["prompt_tokens"]
+
+
+def test_qwen3_reranker_matches_llama_server(tmp_path):
+    """Qwen3-Reranker's yes/no scoring (rank pooling on the last token, softmax over cls.output = the head's
+    "yes" and "no" rows, the file's rerank template): llama-server --rerank on the same synthetic file
+    (tests/make_qwen3_reranker.py; rerank_qwen3_llama_server.json)."""
+    from make_qwen3_reranker import make
+
+    from tinyinfer.embedding import embed, rerank
+    from tinyinfer.engine import Engine
+    f = tmp_path / "synthetic-qwen3-reranker-F16.gguf"
+    make(_synthetic_qwen3(), f)
+    ref = json.loads((DATA / "rerank_qwen3_llama_server.json").read_text())
+    assert ref["query"] == QUERY and ref["documents"] == DOCS
+    e = Engine(f, n_ctx=512, n_threads=1)
+    scores, n = rerank(e, QUERY, DOCS)
+    want = {r["index"]: r["relevance_score"] for r in ref["response"]["results"]}
+    assert [r["index"] for r in ref["response"]["results"]] == sorted(range(len(DOCS)), key=lambda i: -scores[i])
+    assert np.allclose(scores, [want[i] for i in range(len(DOCS))], atol=3e-3)
+    assert n == ref["response"]["usage"]["prompt_tokens"]
+    # rank pooling gives both classes' probabilities: P(yes) + P(no) = 1
+    p = embed(e, [e.tokenizer.encode(QUERY)], pooling="rank", normalize_mode=-1)[0]
+    assert p.shape == (2,) and abs(float(p.sum()) - 1) < 1e-6
 
 
 # -- server faces ----------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ masked forward (up to ``engine.n_batch`` tokens per pass, as llama.cpp's ``--uba
 
 * pooling (``<arch>.pooling_type`` of the file, or an override): ``none`` (every token's vector),
   ``mean``, ``cls`` (first token), ``last``, ``rank`` (the model's classification head on the first
-  token: one score per class);
+  token: one score per class; on the last token of a causal model: Qwen3-Reranker's yes/no head);
 * ``normalize`` (``--embd-normalize``): -1 none, 0 max-absolute scaled to int16 range, 1 taxicab,
   2 euclidean (the default), p > 2 p-norm.
 
@@ -70,14 +70,14 @@ def normalize(v: np.ndarray, mode: float = 2) -> np.ndarray:
     return (v * norm).astype(np.float32)
 
 
-def _pool(h: np.ndarray, pooling: str) -> np.ndarray:
+def _pool(h: np.ndarray, pooling: str, causal: bool = False) -> np.ndarray:
     if pooling == "none":
         return h
     if pooling == "mean":
         return h.mean(axis=0)
-    if pooling in ("cls", "rank"):
+    if pooling == "cls" or pooling == "rank" and not causal:
         return h[0]
-    return h[-1]      # last
+    return h[-1]      # last; rank of a causal model (Qwen3-Reranker): only the last token saw everything
 
 
 def embed(engine, seqs: Sequence[Sequence[int]], pooling=None, normalize_mode: float = 2,
@@ -98,7 +98,7 @@ def embed(engine, seqs: Sequence[Sequence[int]], pooling=None, normalize_mode: f
             if not truncate:
                 raise EmbeddingError(f"input {i} has {s.size} tokens, more than the context of {limit}")
             seqs[i] = s[:limit]
-    if pooling == "rank" and not (encoder and model.has_rank_head):
+    if pooling == "rank" and not getattr(model, "has_rank_head", False):
         raise EmbeddingError("this model has no classification head (rank pooling): it cannot rerank")
     if encoder:
         from .threads import use_threads
@@ -116,7 +116,7 @@ def embed(engine, seqs: Sequence[Sequence[int]], pooling=None, normalize_mode: f
                 n_tok += seqs[i].size
     else:
         hidden = [engine.hidden_states(s) for s in seqs]
-    out = [_pool(h, pooling) for h in hidden]
+    out = [_pool(h, pooling, causal=not encoder) for h in hidden]
     if pooling == "rank":
         scores = model.rank(np.stack(out))
         return [normalize(r, normalize_mode) if normalize_mode >= 0 else r for r in scores]
@@ -125,9 +125,13 @@ def embed(engine, seqs: Sequence[Sequence[int]], pooling=None, normalize_mode: f
     return [normalize(v, normalize_mode) for v in out]
 
 
-def rerank_prompt(tok, query: str, document: str) -> list:
-    """llama-server's rerank input: [BOS] query [EOS] [SEP] document [EOS] (each where the vocabulary
-    adds it; EOS falls back to SEP)."""
+def rerank_prompt(tok, query: str, document: str, template: Optional[str] = None) -> list:
+    """llama-server's rerank input: the file's ``rerank`` chat template with {query} and {document}
+    filled in (Qwen3-Reranker; control tokens parsed, nothing added), else [BOS] query [EOS] [SEP]
+    document [EOS] (each where the vocabulary adds it; EOS falls back to SEP)."""
+    if template is not None:
+        text = template.replace("{query}", query).replace("{document}", document)
+        return tok.encode(text, add_bos=False, add_eos=False, special=True)
     q = tok.encode(query, add_bos=False, add_eos=False)
     d = tok.encode(document, add_bos=False, add_eos=False)
     eos = tok.eos_id if tok.eos_id is not None else tok.sep_id
@@ -151,7 +155,8 @@ def rerank(engine, query: str, documents: Sequence[str]) -> tuple:
     if not getattr(engine.model, "has_rank_head", False):
         raise EmbeddingError("this model has no classification head (cls / cls.output tensors, rank pooling): "
                              "it cannot rerank")
-    seqs = [rerank_prompt(engine.tokenizer, query, d) for d in documents]
+    template = engine.gguf.metadata.get("tokenizer.chat_template.rerank")
+    seqs = [rerank_prompt(engine.tokenizer, query, d, template) for d in documents]
     scores = embed(engine, seqs, pooling="rank", normalize_mode=-1, truncate=True)
     return [float(s[0]) for s in scores], sum(len(s) for s in seqs)
 
