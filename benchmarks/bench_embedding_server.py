@@ -5,7 +5,8 @@
 Both servers run on loopback with the same file, threads and tokens per pass (-b; llama-server -b and -ub);
 llama-server packs up to 4 concurrent sequences into a pass (-np 4). After a warm-up request, two loads:
 ``batch``: requests of 32 sentences each, one after the other; ``single``: one sentence per request from
-4 concurrent clients. Rounds alternate the servers; median [min..max] sentences per second.
+4 concurrent clients. Rounds alternate the servers; median [min..max] sentences per second, and the
+server process's CPU time per sentence (user + system, all threads: less sensitive to a shared machine).
 """
 
 from __future__ import annotations
@@ -49,6 +50,16 @@ def start(cmd, port):
     raise RuntimeError(f"{cmd[0]} did not start")
 
 
+def cpu_seconds(pid) -> float:
+    """User + system CPU time of a process, all its threads (Linux /proc; nan elsewhere)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return float("nan")
+
+
 def load(base, lines, mode) -> float:
     with httpx.Client(timeout=600) as c:
         c.post(base + "/v1/embeddings", json={"input": lines[:4]}).raise_for_status()
@@ -85,23 +96,30 @@ def main(argv=None) -> int:
     }
     loads = a.loads.split(",")
     rates = {(k, m): [] for k in servers for m in loads}
+    cpu = {(k, m): [] for k in servers for m in loads}         # server CPU ms per sentence
     for _ in range(a.repeats):
         for k, cmd in servers.items():
             port = _port()
             proc, base = start(cmd(port), port)
             try:
                 for m in loads:
+                    c0 = cpu_seconds(proc.pid)
                     rates[(k, m)].append(load(base, lines, m))
+                    cpu[(k, m)].append((cpu_seconds(proc.pid) - c0) * 1e3 / len(lines))
             finally:
                 proc.terminate()
                 proc.wait(timeout=30)
-    print(f"| server | load | sentences/s ({a.n} short sentences, {a.threads} thread(s)) [min..max] |")
-    print("| --- | --- | --- |")
+    print(f"| server | load | sentences/s ({a.n} short sentences, {a.threads} thread(s)) [min..max] "
+          f"| server CPU ms / sentence [min..max] |")
+    print("| --- | --- | --- | --- |")
     for (k, m), v in rates.items():
-        print(f"| {k} | {m} | {statistics.median(v):.1f} [{min(v):.1f}..{max(v):.1f}] |")
+        c = cpu[(k, m)]
+        print(f"| {k} | {m} | {statistics.median(v):.1f} [{min(v):.1f}..{max(v):.1f}] "
+              f"| {statistics.median(c):.2f} [{min(c):.2f}..{max(c):.2f}] |")
     for m in loads:
         r = statistics.median(rates[("tinyinfer", m)]) / statistics.median(rates[("llama.cpp", m)])
-        print(f"{m}: tinyinfer / llama.cpp = {r:.2f}x")
+        c = statistics.median(cpu[("llama.cpp", m)]) / statistics.median(cpu[("tinyinfer", m)])
+        print(f"{m}: tinyinfer / llama.cpp = {r:.2f}x sentences/s, {c:.2f}x less CPU per sentence")
     return 0
 
 

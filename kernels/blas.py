@@ -12,8 +12,12 @@ float32, so the result is the quantized kernels' up to the order of the float su
 Q5_1, the fp16 rounding of q8_1's d * sum term, which BLAS takes exact). BLAS runs on the
 engine's thread count (``-t``), as the attention's products do.
 
-This is not the decode path: with few rows the dequantization is not paid back and the quantized
-kernels of kernels/matmul.py are the faster ones (:data:`MIN_ROWS` is where the encoder switches).
+This is not the decode path. Where it pays (:func:`preferred`), measured on one core of an AVX-512
+Xeon (all-MiniLM-L6-v2's matrices, benchmarks/RESULTS.md "Embeddings"): float weights (F32 / F16 /
+BF16) from :data:`MIN_ROWS` rows on (below, the F32 kernels of kernels/matmul.py are as fast: ~95
+GFLOP/s at 32 rows against BLAS's ~75; at 256-480 rows BLAS reaches 105-145 where they fall to 30-50).
+Quantized weights stay on their int8 GEMM, which beat dequantize-then-BLAS at every batch size there
+(Q8_0: ~150 against 45-130 GFLOP/s); :func:`gemm` runs them too (tests, other machines).
 """
 
 from __future__ import annotations
@@ -25,9 +29,15 @@ from . import matmul as mm
 from . import quants
 from .ops import _limit_blas_threads
 
-MIN_ROWS = 32               # activation rows from which an encoder's matmul takes this path
+MIN_ROWS = 64               # activation rows from which an encoder's float matmuls take this path
+FLOAT_TYPES = (0, 1, 30)    # F32, F16, BF16
 TILE_FLOATS = 1 << 21       # float32 weights dequantized at once (8 MiB)
 _F32 = 0                    # GGML_TYPE_F32
+
+
+def preferred(pw) -> bool:
+    """Whether an encoder multiplies this weight through :func:`gemm` once it has :data:`MIN_ROWS` rows."""
+    return pw.ggml_type in FLOAT_TYPES
 
 
 def gemm(pw, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:

@@ -36,18 +36,20 @@ def test_gemm_equals_quantized_kernels(name, monkeypatch):
         assert np.abs(exact - want).max() > 100 * np.abs(got - want).max()
 
 
-def test_encoder_linear_switches_at_min_rows(monkeypatch):
-    """An encoder's Linear takes BLAS from blas.MIN_ROWS rows on, the quantized kernels below."""
+@pytest.mark.parametrize("typ,uses_blas", [(0, True), (1, True), (8, False)])      # F32, F16, Q8_0
+def test_encoder_linear_switches_at_min_rows(typ, uses_blas, monkeypatch):
+    """An encoder's float weight takes BLAS from blas.MIN_ROWS rows on, the kernels of matmul.py below;
+    a quantized weight always takes its int8 GEMM."""
     from tinyinfer.models import encoder
 
     calls = []
     monkeypatch.setattr(blas, "gemm", lambda pw, x, out=None: calls.append(x.shape[0]) or mm.matmul(pw, x))
 
     class T:        # the TensorInfo fields Linear reads
-        name, shape, ggml_type = "w", (64, 16), 8
-        data = quants.quantize(np.ones((16, 64), np.float32), 8)
+        name, shape, ggml_type = "w", (64, 16), typ
+        data = quants.quantize(np.ones((16, 64), np.float32), typ)
         n_elements, nbytes = 16 * 64, data.nbytes
     lin = encoder.Linear(T())
     for n in (1, blas.MIN_ROWS - 1, blas.MIN_ROWS, 100):
         assert np.allclose(lin(np.ones((n, 64), np.float32)), 64, rtol=1e-3)   # fp16 scales
-    assert calls == [blas.MIN_ROWS, 100]
+    assert calls == ([blas.MIN_ROWS, 100] if uses_blas else [])

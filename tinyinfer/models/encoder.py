@@ -21,12 +21,16 @@ ENCODER_ARCHS = ("bert", "nomic-bert", "gemma-embedding")    # the architectures
 
 
 class Linear(base.Linear):
-    """An encoder's weight matrix: a packed batch of at least ``blas.MIN_ROWS`` rows is multiplied
-    through BLAS (kernels/blas.py: the weight as float32, a block of rows at a time), fewer rows through
-    the quantized kernels every decoder uses (kernels/matmul.py)."""
+    """An encoder's weight matrix: a packed batch of at least ``blas.MIN_ROWS`` rows of a float weight
+    (F32 / F16 / BF16) is multiplied through BLAS (kernels/blas.py), anything else through the kernels
+    every decoder uses (kernels/matmul.py: the int8 GEMM of a quantized weight is the faster one)."""
+
+    def __init__(self, *ts):
+        super().__init__(*ts)
+        self.blas = blas.preferred(self.w)
 
     def __call__(self, x: np.ndarray, out=None) -> np.ndarray:
-        if x.shape[0] >= blas.MIN_ROWS:
+        if self.blas and x.shape[0] >= blas.MIN_ROWS:
             return blas.gemm(self.w, x, out)
         return base.Linear.__call__(self, x, out)
 
