@@ -474,6 +474,46 @@ def test_openai_and_ollama_clients_get_the_library_vectors(minilm_server, engine
     assert r.status_code == 400 and "classification head" in r.text
 
 
+def test_concurrent_requests_are_packed_and_keep_their_own_vectors_and_errors(minilm_server, engine):
+    """Requests arriving while the model is busy are evaluated together (embedding.Coalescer, as
+    llama-server's slots pack concurrent sequences): each gets its own vectors, in its order, and a bad
+    request its own 400 without failing the others."""
+    import concurrent.futures as cf
+
+    import httpx
+
+    from tinyinfer.embedding import Coalescer, embed
+    tok = engine.tokenizer
+    groups = [SENTENCES[i:i + 1 + i % 3] for i in range(12)]
+    want = [np.stack(embed(engine, [tok.encode(t) for t in g])) for g in groups]
+
+    def post(i):
+        body = {"input": groups[i]} if i != 5 else {"input": [[1, 2, 10 ** 7]]}      # an out-of-range id
+        return httpx.post(minilm_server + "/v1/embeddings", json=body, timeout=120)
+    with cf.ThreadPoolExecutor(12) as ex:
+        rs = list(ex.map(post, range(12)))
+    for i, r in enumerate(rs):
+        if i == 5:
+            assert r.status_code == 400 and "out of range" in r.text
+            continue
+        assert r.status_code == 200, r.text
+        got = np.array([d["embedding"] for d in sorted(r.json()["data"], key=lambda d: d["index"])])
+        assert np.allclose(got, want[i], atol=1e-5), i
+    # the packing itself: one embed call for the three requests waiting, each its own slice of it
+    co, calls = Coalescer(), []
+    ws = [co.add(lambda e, n=n: [[n] * (n + 1)] * n) for n in (1, 2, 3)]
+    bad = co.add(lambda e: 1 / 0)
+
+    def fn(e, seqs):
+        calls.append(len(seqs))
+        return [s[0] for s in seqs]
+    assert co.result(None, ws[1], fn) == [2, 2]
+    assert calls == [6] and co.result(None, ws[0], fn) == [1] and co.result(None, ws[2], fn) == [3, 3, 3]
+    with pytest.raises(ZeroDivisionError):
+        co.result(None, bad, fn)
+    assert calls == [6]
+
+
 def test_rerank_endpoint_shape_and_order(rerank_server, reranker):
     import httpx
 

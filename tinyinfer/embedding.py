@@ -19,7 +19,8 @@ A decoder file without a pooling type pools by mean and normalizes, as tinyinfer
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+import threading
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 
@@ -123,6 +124,91 @@ def embed(engine, seqs: Sequence[Sequence[int]], pooling=None, normalize_mode: f
     if encoder:                       # sentence-transformers' Dense modules (dense_2 / dense_3), after pooling
         out = [model.dense_out(v) for v in out]
     return [normalize(v, normalize_mode) for v in out]
+
+
+class _Waiting:
+    __slots__ = ("prepare", "key", "taken", "done", "seqs", "vecs", "error")
+
+    def __init__(self, prepare, key):
+        self.prepare, self.key = prepare, key
+        self.taken, self.done = False, threading.Event()
+        self.seqs = self.vecs = self.error = None
+
+
+class Coalescer:
+    """Embedding requests waiting for one model, evaluated together, as llama-server packs the sequences
+    of concurrent requests into one pass (its slots): a request registers its inputs on arrival
+    (:meth:`add`: ``prepare(engine)`` -> token sequences, run later on the model's thread) and its job
+    calls :meth:`result`. The first job to run takes every registered request of the same ``key``
+    (pooling, truncation), up to ``max_requests``, embeds all their sequences in one :func:`embed` (packed
+    passes of ``engine.n_batch`` tokens) and hands each request its vectors; the later jobs find theirs
+    done. A request whose inputs fail (``prepare`` raises) gets its own error; if the packed call fails,
+    each request is evaluated alone, so an error stays with the request that caused it."""
+
+    def __init__(self, max_requests: int = 64):
+        self.max_requests = max_requests
+        self._lock = threading.Lock()
+        self._waiting: list = []
+
+    def add(self, prepare: Callable, key=None) -> _Waiting:
+        w = _Waiting(prepare, key)
+        with self._lock:
+            self._waiting.append(w)
+        return w
+
+    def discard(self, w: _Waiting) -> None:
+        """A request that will not run (its client left, the queue was full): forget it."""
+        with self._lock:
+            if w in self._waiting:
+                self._waiting.remove(w)
+
+    def result(self, engine, w: _Waiting, embed_fn: Callable) -> list:
+        """``w``'s vectors: ``embed_fn(engine, seqs)`` over ``w`` and the requests waiting with it."""
+        take = []
+        with self._lock:
+            if not w.taken:
+                same = [x for x in self._waiting if x is not w and x.key == w.key]
+                take = [w] + same[:self.max_requests - 1]
+                for x in take:
+                    x.taken = True
+                self._waiting = [x for x in self._waiting if not x.taken]
+        if take:
+            self._run(engine, take, embed_fn)
+        w.done.wait()
+        if w.error is not None:
+            raise w.error
+        return w.vecs
+
+    @staticmethod
+    def _run(engine, take: list, embed_fn: Callable) -> None:
+        try:
+            ok = []
+            for x in take:
+                try:
+                    x.seqs = x.prepare(engine)
+                    ok.append(x)
+                except Exception as e:       # this request's own error (a bad token id, too long)
+                    x.error = e
+            if len(ok) > 1:
+                try:
+                    vecs = embed_fn(engine, [q for x in ok for q in x.seqs])
+                except Exception:
+                    vecs = None              # evaluated one by one below: the error goes to its request
+                if vecs is not None:
+                    i = 0
+                    for x in ok:
+                        x.vecs, i = vecs[i:i + len(x.seqs)], i + len(x.seqs)
+                    ok = []
+            for x in ok:
+                try:
+                    x.vecs = embed_fn(engine, x.seqs)
+                except Exception as e:
+                    x.error = e
+        finally:
+            for x in take:
+                if x.vecs is None and x.error is None:
+                    x.error = RuntimeError("embedding was not computed")
+                x.done.set()
 
 
 def rerank_prompt(tok, query: str, document: str, template: Optional[str] = None) -> list:
