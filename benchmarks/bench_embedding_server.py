@@ -2,9 +2,11 @@
 
     python benchmarks/bench_embedding_server.py -m MODEL.gguf --llama-server PATH/llama-server [-t 1] [-r 3]
 
-Both servers run on loopback with the same file and threads; after a warm-up request, two loads:
+Both servers run on loopback with the same file, threads and tokens per pass (-b; llama-server -b and -ub);
+llama-server packs up to 4 concurrent sequences into a pass (-np 4). After a warm-up request, two loads:
 ``batch``: requests of 32 sentences each, one after the other; ``single``: one sentence per request from
-4 concurrent clients. Rounds alternate the servers; median [min..max] sentences per second.
+4 concurrent clients. Rounds alternate the servers; median [min..max] sentences per second, and the
+server process's CPU time per sentence (user + system, all threads: less sensitive to a shared machine).
 """
 
 from __future__ import annotations
@@ -48,6 +50,16 @@ def start(cmd, port):
     raise RuntimeError(f"{cmd[0]} did not start")
 
 
+def cpu_seconds(pid) -> float:
+    """User + system CPU time of a process, all its threads (Linux /proc; nan elsewhere)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return float("nan")
+
+
 def load(base, lines, mode) -> float:
     with httpx.Client(timeout=600) as c:
         c.post(base + "/v1/embeddings", json={"input": lines[:4]}).raise_for_status()
@@ -69,32 +81,45 @@ def main(argv=None) -> int:
     ap.add_argument("-n", type=int, default=256)
     ap.add_argument("-t", "--threads", type=int, default=1)
     ap.add_argument("-r", "--repeats", type=int, default=3)
+    ap.add_argument("-b", "--batch-size", type=int, default=512,
+                    help="tokens per pass: tinyinfer -b, llama-server -b and -ub (default 512)")
+    ap.add_argument("--loads", default="batch,single", help="which loads to run (default batch,single)")
     a = ap.parse_args(argv)
     lines = sentences(a.n)
     servers = {
         "tinyinfer": lambda p: [sys.executable, "-m", "tinyinfer", "serve", "-m", a.model, "--port", str(p),
-                                "-t", str(a.threads), "-c", "512", "--no-access-log", "--log-level", "warning"],
+                                "-t", str(a.threads), "-c", "512", "-b", str(a.batch_size), "--no-access-log",
+                                "--log-level", "warning"],
         "llama.cpp": lambda p: [a.llama_server, "-m", a.model, "--port", str(p), "-t", str(a.threads), "--embedding",
-                                "-c", "2048", "--no-repack", "-np", "4"],
+                                "-c", "2048", "-b", str(a.batch_size), "-ub", str(a.batch_size), "--no-repack",
+                                "-np", "4"],
     }
-    rates = {(k, m): [] for k in servers for m in ("batch", "single")}
+    loads = a.loads.split(",")
+    rates = {(k, m): [] for k in servers for m in loads}
+    cpu = {(k, m): [] for k in servers for m in loads}         # server CPU ms per sentence
     for _ in range(a.repeats):
         for k, cmd in servers.items():
             port = _port()
             proc, base = start(cmd(port), port)
             try:
-                for m in ("batch", "single"):
+                for m in loads:
+                    c0 = cpu_seconds(proc.pid)
                     rates[(k, m)].append(load(base, lines, m))
+                    cpu[(k, m)].append((cpu_seconds(proc.pid) - c0) * 1e3 / len(lines))
             finally:
                 proc.terminate()
                 proc.wait(timeout=30)
-    print(f"| server | load | sentences/s ({a.n} short sentences, {a.threads} thread(s)) [min..max] |")
-    print("| --- | --- | --- |")
+    print(f"| server | load | sentences/s ({a.n} short sentences, {a.threads} thread(s)) [min..max] "
+          f"| server CPU ms / sentence [min..max] |")
+    print("| --- | --- | --- | --- |")
     for (k, m), v in rates.items():
-        print(f"| {k} | {m} | {statistics.median(v):.1f} [{min(v):.1f}..{max(v):.1f}] |")
-    for m in ("batch", "single"):
+        c = cpu[(k, m)]
+        print(f"| {k} | {m} | {statistics.median(v):.1f} [{min(v):.1f}..{max(v):.1f}] "
+              f"| {statistics.median(c):.2f} [{min(c):.2f}..{max(c):.2f}] |")
+    for m in loads:
         r = statistics.median(rates[("tinyinfer", m)]) / statistics.median(rates[("llama.cpp", m)])
-        print(f"{m}: tinyinfer / llama.cpp = {r:.2f}x")
+        c = statistics.median(cpu[("llama.cpp", m)]) / statistics.median(cpu[("tinyinfer", m)])
+        print(f"{m}: tinyinfer / llama.cpp = {r:.2f}x sentences/s, {c:.2f}x less CPU per sentence")
     return 0
 
 

@@ -246,9 +246,8 @@ def test_gemma_embedding_matches_llama_embedding(tmp_path):
     assert c.min() >= 0.9999, c.min()
 
 
-def test_qwen3_last_token_pooling_matches_llama_embedding(tmp_path):
-    """A decoder (the synthetic qwen3 of ../shared/tools/make_arch_models.py) pooled on its last token,
-    as Qwen3-Embedding: llama-embedding --pooling last on the same file."""
+def _synthetic_qwen3():
+    """The synthetic qwen3 F16 file of ../shared/tools/make_arch_models.py (sha256 pinned in the reference)."""
     from conftest import REFERENCE, need_reference
 
     from tinyinfer.fetch import _sha256, cache_dir
@@ -260,6 +259,13 @@ def test_qwen3_last_token_pooling_matches_llama_embedding(tmp_path):
         subprocess.run([sys.executable, str(tool), str(REFERENCE / "vocab"), str(f.parent), "qwen3"], check=True,
                        stdout=subprocess.DEVNULL)
         assert _sha256(f) == want
+    return f
+
+
+def test_qwen3_last_token_pooling_matches_llama_embedding(tmp_path):
+    """A decoder (the synthetic qwen3 of ../shared/tools/make_arch_models.py) pooled on its last token,
+    as Qwen3-Embedding: llama-embedding --pooling last on the same file."""
+    f = _synthetic_qwen3()
     ours = _embed_file(f, SENTENCES[:8], pooling="last")
     c = _cos(ours, _llama_embedding("llama_embedding_synthetic_qwen3_last.json"))
     assert c.min() >= 0.9999, c.min()
@@ -405,6 +411,29 @@ def test_rerank_matches_llama_server(reranker):
     assert n == ref["response"]["usage"]["prompt_tokens"]
 
 
+def test_qwen3_reranker_matches_llama_server(tmp_path):
+    """Qwen3-Reranker's yes/no scoring (rank pooling on the last token, softmax over cls.output = the head's
+    "yes" and "no" rows, the file's rerank template): llama-server --rerank on the same synthetic file
+    (tests/make_qwen3_reranker.py; rerank_qwen3_llama_server.json)."""
+    from make_qwen3_reranker import make
+
+    from tinyinfer.embedding import embed, rerank
+    from tinyinfer.engine import Engine
+    f = tmp_path / "synthetic-qwen3-reranker-F16.gguf"
+    make(_synthetic_qwen3(), f)
+    ref = json.loads((DATA / "rerank_qwen3_llama_server.json").read_text())
+    assert ref["query"] == QUERY and ref["documents"] == DOCS
+    e = Engine(f, n_ctx=512, n_threads=1)
+    scores, n = rerank(e, QUERY, DOCS)
+    want = {r["index"]: r["relevance_score"] for r in ref["response"]["results"]}
+    assert [r["index"] for r in ref["response"]["results"]] == sorted(range(len(DOCS)), key=lambda i: -scores[i])
+    assert np.allclose(scores, [want[i] for i in range(len(DOCS))], atol=3e-3)
+    assert n == ref["response"]["usage"]["prompt_tokens"]
+    # rank pooling gives both classes' probabilities: P(yes) + P(no) = 1
+    p = embed(e, [e.tokenizer.encode(QUERY)], pooling="rank", normalize_mode=-1)[0]
+    assert p.shape == (2,) and abs(float(p.sum()) - 1) < 1e-6
+
+
 # -- server faces ----------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -443,6 +472,46 @@ def test_openai_and_ollama_clients_get_the_library_vectors(minilm_server, engine
     assert np.allclose(legacy.embedding, want[0], atol=1e-6)
     r = httpx.post(minilm_server + "/v1/rerank", json={"query": "q", "documents": ["a", "b"]})
     assert r.status_code == 400 and "classification head" in r.text
+
+
+def test_concurrent_requests_are_packed_and_keep_their_own_vectors_and_errors(minilm_server, engine):
+    """Requests arriving while the model is busy are evaluated together (embedding.Coalescer, as
+    llama-server's slots pack concurrent sequences): each gets its own vectors, in its order, and a bad
+    request its own 400 without failing the others."""
+    import concurrent.futures as cf
+
+    import httpx
+
+    from tinyinfer.embedding import Coalescer, embed
+    tok = engine.tokenizer
+    groups = [SENTENCES[i:i + 1 + i % 3] for i in range(12)]
+    want = [np.stack(embed(engine, [tok.encode(t) for t in g])) for g in groups]
+
+    def post(i):
+        body = {"input": groups[i]} if i != 5 else {"input": [[1, 2, 10 ** 7]]}      # an out-of-range id
+        return httpx.post(minilm_server + "/v1/embeddings", json=body, timeout=120)
+    with cf.ThreadPoolExecutor(12) as ex:
+        rs = list(ex.map(post, range(12)))
+    for i, r in enumerate(rs):
+        if i == 5:
+            assert r.status_code == 400 and "out of range" in r.text
+            continue
+        assert r.status_code == 200, r.text
+        got = np.array([d["embedding"] for d in sorted(r.json()["data"], key=lambda d: d["index"])])
+        assert np.allclose(got, want[i], atol=1e-5), i
+    # the packing itself: one embed call for the three requests waiting, each its own slice of it
+    co, calls = Coalescer(), []
+    ws = [co.add(lambda e, n=n: [[n] * (n + 1)] * n) for n in (1, 2, 3)]
+    bad = co.add(lambda e: 1 / 0)
+
+    def fn(e, seqs):
+        calls.append(len(seqs))
+        return [s[0] for s in seqs]
+    assert co.result(None, ws[1], fn) == [2, 2]
+    assert calls == [6] and co.result(None, ws[0], fn) == [1] and co.result(None, ws[2], fn) == [3, 3, 3]
+    with pytest.raises(ZeroDivisionError):
+        co.result(None, bad, fn)
+    assert calls == [6]
 
 
 def test_rerank_endpoint_shape_and_order(rerank_server, reranker):

@@ -10,7 +10,7 @@ masked forward (up to ``engine.n_batch`` tokens per pass, as llama.cpp's ``--uba
 
 * pooling (``<arch>.pooling_type`` of the file, or an override): ``none`` (every token's vector),
   ``mean``, ``cls`` (first token), ``last``, ``rank`` (the model's classification head on the first
-  token: one score per class);
+  token: one score per class; on the last token of a causal model: Qwen3-Reranker's yes/no head);
 * ``normalize`` (``--embd-normalize``): -1 none, 0 max-absolute scaled to int16 range, 1 taxicab,
   2 euclidean (the default), p > 2 p-norm.
 
@@ -19,7 +19,8 @@ A decoder file without a pooling type pools by mean and normalizes, as tinyinfer
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+import threading
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 
@@ -70,14 +71,14 @@ def normalize(v: np.ndarray, mode: float = 2) -> np.ndarray:
     return (v * norm).astype(np.float32)
 
 
-def _pool(h: np.ndarray, pooling: str) -> np.ndarray:
+def _pool(h: np.ndarray, pooling: str, causal: bool = False) -> np.ndarray:
     if pooling == "none":
         return h
     if pooling == "mean":
         return h.mean(axis=0)
-    if pooling in ("cls", "rank"):
+    if pooling == "cls" or pooling == "rank" and not causal:
         return h[0]
-    return h[-1]      # last
+    return h[-1]      # last; rank of a causal model (Qwen3-Reranker): only the last token saw everything
 
 
 def embed(engine, seqs: Sequence[Sequence[int]], pooling=None, normalize_mode: float = 2,
@@ -98,10 +99,12 @@ def embed(engine, seqs: Sequence[Sequence[int]], pooling=None, normalize_mode: f
             if not truncate:
                 raise EmbeddingError(f"input {i} has {s.size} tokens, more than the context of {limit}")
             seqs[i] = s[:limit]
-    if pooling == "rank" and not (encoder and model.has_rank_head):
+    if pooling == "rank" and not getattr(model, "has_rank_head", False):
         raise EmbeddingError("this model has no classification head (rank pooling): it cannot rerank")
     if encoder:
-        hidden = [None] * len(seqs)
+        from .threads import use_threads
+        use_threads(engine.n_threads)   # numba's count (and BLAS's, kernels/ops.py) is per thread: a server
+        hidden = [None] * len(seqs)     # worker's would be the default, every core, not -t
         order = sorted(range(len(seqs)), key=lambda i: seqs[i].size)     # similar lengths pad little
         batch, n_tok = [], 0
         for i in order + [None]:
@@ -114,7 +117,7 @@ def embed(engine, seqs: Sequence[Sequence[int]], pooling=None, normalize_mode: f
                 n_tok += seqs[i].size
     else:
         hidden = [engine.hidden_states(s) for s in seqs]
-    out = [_pool(h, pooling) for h in hidden]
+    out = [_pool(h, pooling, causal=not encoder) for h in hidden]
     if pooling == "rank":
         scores = model.rank(np.stack(out))
         return [normalize(r, normalize_mode) if normalize_mode >= 0 else r for r in scores]
@@ -123,9 +126,98 @@ def embed(engine, seqs: Sequence[Sequence[int]], pooling=None, normalize_mode: f
     return [normalize(v, normalize_mode) for v in out]
 
 
-def rerank_prompt(tok, query: str, document: str) -> list:
-    """llama-server's rerank input: [BOS] query [EOS] [SEP] document [EOS] (each where the vocabulary
-    adds it; EOS falls back to SEP)."""
+class _Waiting:
+    __slots__ = ("prepare", "key", "taken", "done", "seqs", "vecs", "error")
+
+    def __init__(self, prepare, key):
+        self.prepare, self.key = prepare, key
+        self.taken, self.done = False, threading.Event()
+        self.seqs = self.vecs = self.error = None
+
+
+class Coalescer:
+    """Embedding requests waiting for one model, evaluated together, as llama-server packs the sequences
+    of concurrent requests into one pass (its slots): a request registers its inputs on arrival
+    (:meth:`add`: ``prepare(engine)`` -> token sequences, run later on the model's thread) and its job
+    calls :meth:`result`. The first job to run takes every registered request of the same ``key``
+    (pooling, truncation), up to ``max_requests``, embeds all their sequences in one :func:`embed` (packed
+    passes of ``engine.n_batch`` tokens) and hands each request its vectors; the later jobs find theirs
+    done. A request whose inputs fail (``prepare`` raises) gets its own error; if the packed call fails,
+    each request is evaluated alone, so an error stays with the request that caused it."""
+
+    def __init__(self, max_requests: int = 64):
+        self.max_requests = max_requests
+        self._lock = threading.Lock()
+        self._waiting: list = []
+
+    def add(self, prepare: Callable, key=None) -> _Waiting:
+        w = _Waiting(prepare, key)
+        with self._lock:
+            self._waiting.append(w)
+        return w
+
+    def discard(self, w: _Waiting) -> None:
+        """A request that will not run (its client left, the queue was full): forget it."""
+        with self._lock:
+            if w in self._waiting:
+                self._waiting.remove(w)
+
+    def result(self, engine, w: _Waiting, embed_fn: Callable) -> list:
+        """``w``'s vectors: ``embed_fn(engine, seqs)`` over ``w`` and the requests waiting with it."""
+        take = []
+        with self._lock:
+            if not w.taken:
+                same = [x for x in self._waiting if x is not w and x.key == w.key]
+                take = [w] + same[:self.max_requests - 1]
+                for x in take:
+                    x.taken = True
+                self._waiting = [x for x in self._waiting if not x.taken]
+        if take:
+            self._run(engine, take, embed_fn)
+        w.done.wait()
+        if w.error is not None:
+            raise w.error
+        return w.vecs
+
+    @staticmethod
+    def _run(engine, take: list, embed_fn: Callable) -> None:
+        try:
+            ok = []
+            for x in take:
+                try:
+                    x.seqs = x.prepare(engine)
+                    ok.append(x)
+                except Exception as e:       # this request's own error (a bad token id, too long)
+                    x.error = e
+            if len(ok) > 1:
+                try:
+                    vecs = embed_fn(engine, [q for x in ok for q in x.seqs])
+                except Exception:
+                    vecs = None              # evaluated one by one below: the error goes to its request
+                if vecs is not None:
+                    i = 0
+                    for x in ok:
+                        x.vecs, i = vecs[i:i + len(x.seqs)], i + len(x.seqs)
+                    ok = []
+            for x in ok:
+                try:
+                    x.vecs = embed_fn(engine, x.seqs)
+                except Exception as e:
+                    x.error = e
+        finally:
+            for x in take:
+                if x.vecs is None and x.error is None:
+                    x.error = RuntimeError("embedding was not computed")
+                x.done.set()
+
+
+def rerank_prompt(tok, query: str, document: str, template: Optional[str] = None) -> list:
+    """llama-server's rerank input: the file's ``rerank`` chat template with {query} and {document}
+    filled in (Qwen3-Reranker; control tokens parsed, nothing added), else [BOS] query [EOS] [SEP]
+    document [EOS] (each where the vocabulary adds it; EOS falls back to SEP)."""
+    if template is not None:
+        text = template.replace("{query}", query).replace("{document}", document)
+        return tok.encode(text, add_bos=False, add_eos=False, special=True)
     q = tok.encode(query, add_bos=False, add_eos=False)
     d = tok.encode(document, add_bos=False, add_eos=False)
     eos = tok.eos_id if tok.eos_id is not None else tok.sep_id
@@ -149,7 +241,8 @@ def rerank(engine, query: str, documents: Sequence[str]) -> tuple:
     if not getattr(engine.model, "has_rank_head", False):
         raise EmbeddingError("this model has no classification head (cls / cls.output tensors, rank pooling): "
                              "it cannot rerank")
-    seqs = [rerank_prompt(engine.tokenizer, query, d) for d in documents]
+    template = engine.gguf.metadata.get("tokenizer.chat_template.rerank")
+    seqs = [rerank_prompt(engine.tokenizer, query, d, template) for d in documents]
     scores = embed(engine, seqs, pooling="rank", normalize_mode=-1, truncate=True)
     return [float(s[0]) for s in scores], sum(len(s) for s in seqs)
 

@@ -57,9 +57,11 @@ class Linear:
         return mm.run(self.w, x, out)
 
 
-def fused_linear(*ts: TensorInfo):
+def fused_linear(*ts: TensorInfo, linear=None):
     """x @ [W1; W2; ...].T in as few matmul calls as the tensors' types allow: one :class:`Linear` when
-    they all match (no wrapper on the per-token path), else a :class:`FusedLinear` of the runs."""
+    they all match (no wrapper on the per-token path), else a :class:`FusedLinear` of the runs.
+    ``linear``: the :class:`Linear` subclass to build (an encoder's, models/encoder.py)."""
+    linear = linear or Linear
     ks = {t.shape[0] for t in ts}
     if len(ks) != 1:
         raise ModelError(f"{', '.join(t.name for t in ts)}: input sizes differ {sorted(ks)}")
@@ -69,7 +71,7 @@ def fused_linear(*ts: TensorInfo):
             runs[-1].append(t)
         else:
             runs.append([t])
-    return Linear(*runs[0]) if len(runs) == 1 else FusedLinear([Linear(*r) for r in runs])
+    return linear(*runs[0]) if len(runs) == 1 else FusedLinear([linear(*r) for r in runs])
 
 
 class FusedLinear:

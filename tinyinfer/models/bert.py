@@ -14,8 +14,9 @@ all of its own tokens and to no other sequence's (no causal mask, no KV cache)::
     hidden = x                                                     # pooled by tinyinfer/embedding.py
     rank head (rerankers): score = cls_out(tanh(cls(hidden[first token])))
 
-Matrices run through the shared quantized matmul (:class:`~.base.Linear`); layer norms, GELU (ggml's
-tanh form) and the attention of the short sequences are numpy. Sequences are padded to a common
+Matrices run through BLAS on a packed batch and through the shared quantized matmul on a few rows
+(:class:`~.encoder.Linear`); layer norms, GELU (ggml's tanh form) and the attention of the short
+sequences are numpy. Sequences are padded to a common
 length per pass and masked, so many short inputs are one batched forward.
 """
 
@@ -26,8 +27,7 @@ import math
 import numpy as np
 
 from ..kernels import ops
-from .base import Linear, fused_linear
-from .encoder import Encoder, Packed, gelu, layernorm
+from .encoder import Encoder, Linear, Packed, fused_linear, gelu, layernorm
 from .hparams import ModelError, Weights, meta
 
 

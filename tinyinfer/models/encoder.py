@@ -12,12 +12,32 @@ import math
 
 import numpy as np
 
-from ..kernels import quants
-from .base import Linear
+from ..kernels import blas, ops, quants
+from . import base
 from .hparams import ModelError, Weights, meta
 
 POOLING_TYPES = ("none", "mean", "cls", "last", "rank")     # llama_pooling_type 0..4
 ENCODER_ARCHS = ("bert", "nomic-bert", "gemma-embedding")    # the architectures built on Encoder (no KV cache)
+
+
+class Linear(base.Linear):
+    """An encoder's weight matrix: a packed batch of at least ``blas.MIN_ROWS`` rows of a float weight
+    (F32 / F16 / BF16) is multiplied through BLAS (kernels/blas.py), anything else through the kernels
+    every decoder uses (kernels/matmul.py: the int8 GEMM of a quantized weight is the faster one)."""
+
+    def __init__(self, *ts):
+        super().__init__(*ts)
+        self.blas = blas.preferred(self.w)
+
+    def __call__(self, x: np.ndarray, out=None) -> np.ndarray:
+        if self.blas and x.shape[0] >= blas.MIN_ROWS:
+            return blas.gemm(self.w, x, out)
+        return base.Linear.__call__(self, x, out)
+
+
+def fused_linear(*ts):
+    """:func:`.base.fused_linear` of encoder :class:`Linear` matrices."""
+    return base.fused_linear(*ts, linear=Linear)
 
 
 def layernorm(x: np.ndarray, w: np.ndarray, b: np.ndarray, eps: np.float32) -> np.ndarray:
@@ -76,16 +96,22 @@ class Packed:
     def attention(self, q, k, v, n_head: int, n_kv: int, hd: int, scale, window: int = 0) -> np.ndarray:
         """softmax(q k^T * scale) v within each sequence: q (n, n_head*hd), k/v (n, n_kv*hd) packed rows
         -> (n, n_head*hd); grouped-query heads share their kv head."""
-        B, T, valid = self.B, self.T, self.valid
+        ops._limit_blas_threads()            # BLAS on the engine's thread count (-t)
+        B, T, seqs = self.B, self.T, list(zip(self.off, self.lens))
 
-        def padded(a, h):
-            p = np.zeros((B, T, h, hd), np.float32)
-            p[valid] = a.reshape(-1, h, hd)
-            return np.ascontiguousarray(p.transpose(0, 2, 1, 3))        # (B, h, T, hd): BLAS-friendly
-        qp, kp, vp = padded(q, n_head), padded(k, n_kv), padded(v, n_kv)
+        def padded(a, h, keys=False):
+            """(B, h, T, hd) zero-padded, BLAS-friendly; keys: (B, h, hd, T), transposed for q k^T."""
+            p = np.zeros((B, h, hd, T) if keys else (B, h, T, hd), np.float32)
+            a3 = a.reshape(-1, h, hd)
+            for b, (o0, n) in enumerate(seqs):        # a slice copy per sequence (a boolean mask is ~20x slower)
+                if keys:
+                    p[b, :, :, :n] = a3[o0:o0 + n].transpose(1, 2, 0)
+                else:
+                    p[b, :, :n] = a3[o0:o0 + n].transpose(1, 0, 2)
+            return p
+        qp, kt, vp = padded(q, n_head), padded(k, n_kv, True), padded(v, n_kv)
         if n_kv != n_head:
-            kp, vp = np.repeat(kp, n_head // n_kv, axis=1), np.repeat(vp, n_head // n_kv, axis=1)
-        kt = np.ascontiguousarray(kp.transpose(0, 1, 3, 2))
+            kt, vp = np.repeat(kt, n_head // n_kv, axis=1), np.repeat(vp, n_head // n_kv, axis=1)
         o = np.empty_like(qp)
         # query rows in blocks, so the scores of a long sequence stay small (B x heads x block x T floats)
         step = max(1, min(T, self.SCORES_MAX // max(1, B * n_head * T)))
@@ -101,8 +127,10 @@ class Packed:
                 np.exp(s, out=s)
                 s /= s.sum(axis=-1, keepdims=True)
             np.matmul(s, vp, out=o[:, :, q0:q1])
-        o = o.transpose(0, 2, 1, 3)                                     # (B, T, h, hd)
-        return np.ascontiguousarray(o[valid].reshape(-1, n_head * hd))
+        out = np.empty((q.shape[0], n_head * hd), np.float32)
+        for b, (o0, n) in enumerate(seqs):            # back to packed rows (n, h * hd)
+            out[o0:o0 + n].reshape(n, n_head, hd)[:] = o[b, :, :n].transpose(1, 0, 2)
+        return out
 
 
 class NoCache:

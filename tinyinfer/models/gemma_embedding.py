@@ -24,8 +24,7 @@ import math
 import numpy as np
 
 from ..kernels import ops
-from .base import Linear, fused_linear
-from .encoder import Encoder, Packed
+from .encoder import Encoder, Linear, Packed, fused_linear
 from .hparams import ModelError, Weights, meta
 
 

@@ -14,8 +14,8 @@ from __future__ import annotations
 import numpy as np
 
 from ..kernels import ops
-from .base import Linear, fused_linear
 from .bert import BertModel
+from .encoder import Linear, fused_linear
 from .hparams import Weights, meta
 
 

@@ -27,7 +27,7 @@ from .models import manager, parse_duration
 from .core import ApiError, ServerState, check_prompt, encode_prompt, gen_options
 from .jobs import dumps, first_item, gone_response, ndjson_response, run_to_end, stream_items, submit
 from ..toolcall import ToolStream
-from .openai_api import request_grammar, request_tools
+from .openai_api import embed_coalescer, request_grammar, request_tools
 from .schemas import (OllamaChatRequest, OllamaEmbeddingsRequest, OllamaEmbedRequest, OllamaGenerateRequest,
                       OllamaOptions, OllamaShowRequest)
 
@@ -235,20 +235,30 @@ async def chat(req: OllamaChatRequest, request: Request):
 
 
 async def _embed(request: Request, state: ServerState, inputs: List[str], truncate: bool = True):
-    def work(engine, job):
-        from ..embedding import embed
+    def prepare(engine):
         tok = engine.tokenizer
-        t0 = time.perf_counter()
         seqs = [tok.encode(x, add_bos=tok.add_bos, special=False) for x in inputs]
         if not truncate:
             for ids in seqs:
                 check_prompt(ids, engine.n_ctx + 1, tok.n_vocab)
-        vecs = embed(engine, seqs, pooling=state.config.pooling, truncate=truncate)     # batched (embedding.py)
+        return seqs
+
+    def work(engine, job):
+        from ..embedding import embed
+        t0 = time.perf_counter()
+        # with the inputs of requests waiting behind it, in packed passes (tinyinfer/embedding.py)
+        vecs = co.result(engine, mine, lambda e, seqs: embed(e, seqs, pooling=state.config.pooling, truncate=truncate))
+        seqs = mine.seqs
         job.stats = {"embed_tokens": sum(min(len(s), engine.n_ctx) for s in seqs), "embed_s": time.perf_counter() - t0}
         yield from vecs
 
-    job = submit(request, state, work)
-    items, gone = await run_to_end(request, job)
+    co = embed_coalescer(state)
+    mine = co.add(prepare, ("ollama", state.config.pooling, truncate))
+    try:
+        job = submit(request, state, work)
+        items, gone = await run_to_end(request, job)
+    finally:
+        co.discard(mine)            # still waiting: it never ran (queue full, client gone)
     return job, items, gone
 
 
@@ -263,10 +273,10 @@ async def embed(req: OllamaEmbedRequest, request: Request):
     job, items, gone = await _embed(request, state, inputs, req.truncate)
     if gone:
         return gone_response()
-    return {"model": req.model or state.model_name, "embeddings": [v.tolist() for v in items],
-            "total_duration": _ns(time.perf_counter() - t_arrival),
-            "load_duration": _ns((job.t_start or t_arrival) - t_arrival),
-            "prompt_eval_count": job.stats["embed_tokens"]}
+    return JSONResponse({"model": req.model or state.model_name, "embeddings": [v.tolist() for v in items],
+                         "total_duration": _ns(time.perf_counter() - t_arrival),
+                         "load_duration": _ns((job.t_start or t_arrival) - t_arrival),
+                         "prompt_eval_count": job.stats["embed_tokens"]})     # no jsonable_encoder walk
 
 
 @router.post("/api/embeddings", summary="Embedding of one prompt (ollama, legacy)")
@@ -276,7 +286,7 @@ async def embeddings(req: OllamaEmbeddingsRequest, request: Request):
     job, items, gone = await _embed(request, state, [req.prompt])
     if gone:
         return gone_response()
-    return {"embedding": items[0].tolist()}
+    return JSONResponse({"embedding": items[0].tolist()})
 
 
 def _tag(state: ServerState) -> dict:
