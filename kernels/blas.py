@@ -27,7 +27,7 @@ import numpy as np
 
 from . import matmul as mm
 from . import quants
-from .ops import _limit_blas_threads
+from .ops import limit_blas_threads
 
 MIN_ROWS = 64               # activation rows from which an encoder's float matmuls take this path
 FLOAT_TYPES = (0, 1, 30)    # F32, F16, BF16
@@ -43,7 +43,7 @@ def preferred(pw) -> bool:
 def gemm(pw, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """y = x @ W.T: ``pw`` from :func:`tinyinfer.kernels.matmul.prepare`, x float32 C-contiguous (n, k)
     -> float32 (n, rows) (into ``out``, rows contiguous, when given)."""
-    _limit_blas_threads()
+    limit_blas_threads()
     n, k = x.shape
     rows = pw.rows
     if out is None:

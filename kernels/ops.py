@@ -572,7 +572,7 @@ def _cells_f32(store, sq, n, h):
 _blas_threads = [0]
 
 
-def _limit_blas_threads() -> None:
+def limit_blas_threads() -> None:
     """numpy's BLAS (OpenBLAS) starts a thread per core; let it use the engine's thread count
     (``-t``), as the numba kernels do. Set when it changes, through threadpoolctl."""
     n = nb.get_num_threads()
@@ -591,7 +591,7 @@ def _attention_gemm(q, k, v, p0, sq, scale, softcap, out):
     float32 once (one head at a time: n_ctx x hd floats), scores are made for as many queries as fit
     ``_BLAS_SCORES_BYTES``, and the products run at BLAS speed (the loops' dot products and axpys reach
     ~20 G MAC/s on one Zen 4 core, sgemm ~5x that)."""
-    _limit_blas_threads()
+    limit_blas_threads()
     n, nh, hd = q.shape
     nkv = k.q.shape[2]
     group = nh // nkv

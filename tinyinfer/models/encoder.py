@@ -96,7 +96,7 @@ class Packed:
     def attention(self, q, k, v, n_head: int, n_kv: int, hd: int, scale, window: int = 0) -> np.ndarray:
         """softmax(q k^T * scale) v within each sequence: q (n, n_head*hd), k/v (n, n_kv*hd) packed rows
         -> (n, n_head*hd); grouped-query heads share their kv head."""
-        ops._limit_blas_threads()            # BLAS on the engine's thread count (-t)
+        ops.limit_blas_threads()            # BLAS on the engine's thread count (-t)
         B, T, seqs = self.B, self.T, list(zip(self.off, self.lens))
 
         def padded(a, h, keys=False):
