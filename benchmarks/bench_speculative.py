@@ -1,6 +1,6 @@
 """Speculative decoding, side by side in one run: plain greedy decoding vs the same with a proposer.
 
-    python benchmarks/bench_speculative.py [-n 128] [-r 3] [--setups draft,ngram] [--p-min 0,0.5,0.75] [--native-float] [-o out.json]
+    python benchmarks/bench_speculative.py [-n 128] [-r 3] [--setups draft,ngram] [--p-min 0,0.5,0.75] [--native-float off|on|both] [-o out.json]
 
 Setups (1 thread, greedy, the same prompts for both sides, runs alternated so drift hits both):
 
@@ -80,9 +80,9 @@ def main(argv=None):
     ap.add_argument("--setups", default="draft,ngram")
     ap.add_argument("--p-min", default="0,0.5,0.75", help="--spec-draft-p-min values of the draft setup")
     ap.add_argument("-o", default=None)
-    ap.add_argument("--native-float", action="store_true",
+    ap.add_argument("--native-float", choices=("off", "on", "both"), default="off",
                     help="the F16 target on the native float tiles (KernelConfig(float_fma=False)): the kernels "
-                         "before the fused multiply-add ones, for a before/after")
+                         "before the fused multiply-add ones; both: each p-min on both targets in turn")
     a = ap.parse_args(argv)
     from tinyinfer.engine import Engine
     from tinyinfer.fetch import fetch
@@ -92,13 +92,17 @@ def main(argv=None):
     rows = []
     if "draft" in a.setups:
         from tinyinfer.kernels import matmul as mm
-        with mm.using_config(mm.KernelConfig(float_fma=False) if a.native_float else None):
-            tgt = Engine(ensure_requantized("F16"), n_ctx=1024, n_threads=1)
+        targets = []
+        for native in ((False, True) if a.native_float == "both" else (a.native_float == "on",)):
+            with mm.using_config(mm.KernelConfig(float_fma=False) if native else None):
+                targets.append((" native" if native else "", Engine(ensure_requantized("F16"), n_ctx=1024,
+                                                                     n_threads=1)))
         dr = DraftModel(Engine(ensure_requantized("Q4_0"), n_ctx=1024, n_threads=1))
-        prompts = [(f"p{i}", tgt.tokenizer.encode(p, special=True)) for i, p in enumerate(PROMPTS)]
+        prompts = [(f"p{i}", targets[0][1].tokenizer.encode(p, special=True)) for i, p in enumerate(PROMPTS)]
         for pm in (float(v) for v in a.p_min.split(",")):
-            rows += compare(f"smollm2 F16+Q4_0 n8 p-min {pm:g}", tgt, prompts, a.n, a.r, dr, draft_n_max=8,
-                            draft_p_min=pm)
+            for tag, tgt in targets:
+                rows += compare(f"smollm2 F16{tag}+Q4_0 n8 p-min {pm:g}", tgt, prompts, a.n, a.r, dr,
+                                draft_n_max=8, draft_p_min=pm)
     if "ngram" in a.setups:
         eng = Engine(fetch("qwen2.5"), n_ctx=1024, n_threads=1)
         prompts = [("rewrite", eng.tokenizer.encode(CODE, special=True))]
