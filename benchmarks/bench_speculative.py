@@ -1,6 +1,7 @@
 """Speculative decoding, side by side in one run: plain greedy decoding vs the same with a proposer.
 
     python benchmarks/bench_speculative.py [-n 128] [-r 3] [--setups draft,ngram] [--p-min 0,0.5,0.75] [--native-float off|on|both] [-o out.json]
+    python benchmarks/bench_speculative.py --row-costs F16,Q4_0     # a forward pass of 1, 2, 4, 9, 16 tokens
 
 Setups (1 thread, greedy, the same prompts for both sides, runs alternated so drift hits both):
 
@@ -73,6 +74,51 @@ def compare(name, eng, prompts, n, reps, proposer, **kw):
     return rows
 
 
+def row_costs(types, ns=(1, 2, 4, 9, 16), reps=15):
+    """What one forward pass of n tokens costs (SmolLM2 of each type, context 64, process CPU time, median
+    of ``reps`` [min-max]), and the matmul time per weight shape (a second pass with ``mm.run`` timed)."""
+    from collections import defaultdict
+
+    import numpy as np
+
+    import tinyinfer.models.base as base
+    from tinyinfer.engine import Engine
+    from tinyinfer.kvcache import Batch
+    from tinyinfer.tools.quantize import ensure_requantized
+    for q in types:
+        eng = Engine(ensure_requantized(q), n_ctx=512, n_threads=1)
+        m = eng.model
+        ids = np.arange(100, 180, dtype=np.int64)
+        m.forward(ids[:64], Batch.run(0, 0, 64), eng.cache)
+        tim, orig = defaultdict(float), base.mm.run
+
+        def timed(pw, x, out):
+            t = time.process_time()
+            r = orig(pw, x, out)
+            tim[(pw.rows, pw.k)] += time.process_time() - t
+            return r
+
+        base1 = None
+        for n in ns:
+            ts = []
+            for _ in range(reps):
+                t = time.process_time()
+                m.forward(ids[64:64 + n], Batch.run(0, 64, n), eng.cache, n_out=n)
+                ts.append(time.process_time() - t)
+            tim.clear()
+            base.mm.run = timed
+            try:
+                for _ in range(5):
+                    m.forward(ids[64:64 + n], Batch.run(0, 64, n), eng.cache, n_out=n)
+            finally:
+                base.mm.run = orig
+            med = statistics.median(ts) * 1e3
+            base1 = base1 or med
+            det = "  ".join(f"{r}x{k} {v / 5 * 1e3:.1f}" for (r, k), v in sorted(tim.items()))
+            print(f"{q:5s} n={n:2d} forward {med:6.1f} ms CPU ({med / base1:.2f}x n=1) [{min(ts) * 1e3:.1f}-"
+                  f"{max(ts) * 1e3:.1f}]  matmul {sum(tim.values()) / 5 * 1e3:5.1f}: {det}", flush=True)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("-n", type=int, default=128)
@@ -83,7 +129,11 @@ def main(argv=None):
     ap.add_argument("--native-float", choices=("off", "on", "both"), default="off",
                     help="the F16 target on the native float tiles (KernelConfig(float_fma=False)): the kernels "
                          "before the fused multiply-add ones; both: each p-min on both targets in turn")
+    ap.add_argument("--row-costs", default=None, metavar="TYPES",
+                    help="only print what a forward pass of 1, 2, 4, 9, 16 tokens costs, e.g. F16,Q4_0")
     a = ap.parse_args(argv)
+    if a.row_costs:
+        return row_costs(a.row_costs.split(","))
     from tinyinfer.engine import Engine
     from tinyinfer.fetch import fetch
     from tinyinfer.speculative import DraftModel, NgramSimple
