@@ -283,9 +283,9 @@ def cross_asm_report(targets=("cortex-a76", "cortex-a72", "haswell", "znver4")):
         return compile_asm(text, cpu, triple)
 
     keys = {"aarch64": ["sdot", "smull", "smull2", "smlal", "smlal2", "addp", "uzp1", "uzp2", "tbl", "fmla", "scvtf",
-                        "ldr", "str"],
+                        "fcvtl", "fcvtl2", "fmul", "fadd", "faddp", "prfm", "ldr", "str"],
             "x86_64": ["vpdpwssd", "vpmaddwd", "vpmaddubsw", "vpmovzxbw", "vpmovsxbw", "vpshufb", "vcvtdq2ps", "vfmadd231ps",
-                       "vmovups", "vmovaps"]}
+                       "vcvtph2ps", "vmulps", "vaddps", "prefetcht0", "vmovups", "vmovaps"]}
     kernels = [("Q4_0 x16 n=1", lambda: dispatch.make("itile", "Q4_0", 1), 10),
                ("Q8_0 x16 n=1", lambda: dispatch.make("itile", "Q8_0", 1), 10),
                ("Q4_0 x16 n=4", lambda: dispatch.make("itile", "Q4_0", 4), 10),
@@ -299,7 +299,10 @@ def cross_asm_report(targets=("cortex-a76", "cortex-a72", "haswell", "znver4")):
                ("Q5_K native 1x1", lambda: dispatch.make("ktile", "Q5_K", 1, 1), 11),
                ("IQ4_XS native 1x1", lambda: dispatch.make("ktile", "IQ4_XS", 1, 1), 11),
                ("IQ4_NL native 1x1", lambda: dispatch.make("tile", "IQ4_NL", 1, 1, unroll=2), 11),
-               ("F16 native 4x1", lambda: dispatch.make("tile", "F16", 4, 1), 11)]
+               ("F16 native 4x1", lambda: dispatch.make("tile", "F16", 4, 1), 11),
+               ("F16 native 4x4", lambda: dispatch.make("tile", "F16", 4, 4), 11),
+               ("F16 fma 1x1", lambda: dispatch.make("ftile", "F16", 1, prefetch=4096), 11),
+               ("F16 fma 1x8", lambda: dispatch.make("ftile", "F16", 8, prefetch=4096), 11)]
     saved = simd.PARTIAL_REDUCE, simd.ACC_LANES
     try:
         for name, make, nargs in kernels:
@@ -309,6 +312,7 @@ def cross_asm_report(targets=("cortex-a76", "cortex-a72", "haswell", "znver4")):
                 simd.tile_kernel.cache_clear()
                 simd.ktile_kernel.cache_clear()
                 simd.interleaved_kernel.cache_clear()
+                simd.ftile_kernel.cache_clear()
                 triple = "aarch64-unknown-linux-gnu" if arm else "x86_64-unknown-linux-gnu"
                 a = asm(module_for(make(), nargs), triple, cpu)
                 body = [ln for ln in a.splitlines() if ln.startswith("\t") and not ln.startswith("\t.")]
@@ -321,6 +325,7 @@ def cross_asm_report(targets=("cortex-a76", "cortex-a72", "haswell", "znver4")):
         simd.tile_kernel.cache_clear()
         simd.ktile_kernel.cache_clear()
         simd.interleaved_kernel.cache_clear()
+        simd.ftile_kernel.cache_clear()
 
 
 def main(argv=None):

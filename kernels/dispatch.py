@@ -57,6 +57,7 @@ def _on(lookup, factory):
 FACTORIES = {
     "tile": _on(decoder, simd.tile_kernel),      # native legacy / float blocks, NR x NC tiles
     "ktile": _on(decoder, simd.ktile_kernel),    # native K-quant super-blocks, NR x NC tiles
+    "ftile": _on(decoder, simd.ftile_kernel),    # float blocks, 1 x NC tiles of fused multiply-adds
     "kgemv": _on(decoder, simd.kgemv_kernel),    # one K-quant row x one activation row (x86)
     "itile": _on(repacked, simd.interleaved_kernel),    # x16 row-interleaved legacy groups
     "kitile": _on(repacked, simd.kinterleaved_kernel),  # x16 row-interleaved K-quant groups

@@ -45,6 +45,13 @@ Kernels (LLVM-IR intrinsics from ``simd.py``):
   time for n = 1, 4 x 4 tiles for n > 1. The only kernels on aarch64, where
   they use ``sdot`` (cortex-a76); K-quants (Q4_K, Q6_K with Q8_K
   activations) are native everywhere.
+* **float FMA tiles** (F16, BF16, F32, every n; ``KernelConfig.float_fma``):
+  ``simd.ftile_kernel``, one weight row x up to 8 activation rows, each weight block decoded once
+  and fused-multiply-added into two accumulators per output (one summation order for every n:
+  batch invariant), the weight rows read as one software-prefetched stream. The native tiles
+  (4 x 4, multiply + fold + add per 32 products) decoded F16 blocks again per 4 activation rows:
+  a 9-row F16 pass (speculative decoding's check of 8 guesses) cost 2.3 one-row passes on this
+  x86 VM, 1.8 now; 2 and 4 rows 1.4 / 1.8 -> 1.1 / 1.15 (benchmarks/RESULTS.md, "Speculative decoding").
 * **K-quant single row** (Q2_K, Q3_K, Q4_K, Q6_K, n = 1, x86-64; ``KGEMV``):
   ``simd.kgemv_kernel``, 64 elements per vector: unsigned quants x int8
   activations as int16 pair sums (``vpmaddubsw``), x int16 sub-block scales
@@ -129,6 +136,15 @@ class KernelConfig:
     # aarch64 4-row interleaved copies (kernels/arm.py: sdot by lane / smull + smlal) of the types
     # that have one, for matrices whose row count is a multiple of 4; taken before ``repack``
     arm: bool = arm.ENABLED
+    # float weights (F16 / BF16 / F32) through the fused multiply-add tiles (_make_ffma,
+    # simd.ftile_kernel: a weight block decoded once per 8 activation rows, 32 / lanes FMAs per block
+    # and row, one summation order for every n); False: the native tiles (multiply, fold, add)
+    float_fma: bool = True
+    # software prefetch distance of those tiles (bytes ahead in the weight rows, which they read as
+    # one stream; 0 = off): F16 49152 x 576 from DRAM, 1 thread, this x86 VM (shared): n = 1 / 2 /
+    # 4 / 9 rows 3.6-3.9 / 3.5-3.8 / 5.1-5.3 / 7.1-7.6 ms at 2-8 KiB ahead, 4.7 / 5.4 / 7.4 / 10.0
+    # without (the native tiles: 4.6 / 7.0 / 10.1 / 11.4); not measured on aarch64
+    prefetch_float: int = 4096
 
     def tiling(self, info, kind: str):
         if kind == "gemv" and self.batch_invariant:
@@ -541,6 +557,77 @@ def _make_native(info: _TypeInfo, parallel: bool, cfg: KernelConfig):
     return _njit(native, parallel)
 
 
+# float weights (F16 / BF16 / F32) through simd.ftile_kernel (_make_ffma): activation rows per tile,
+# and weight rows per group (a group's rows and a tile's activations stay in L1 together)
+FF_NC, FF_RG = 8, 16
+
+
+def _make_ffma(info: _TypeInfo, parallel: bool, cfg: KernelConfig):
+    """Float weights, every n: fused multiply-add tiles of one weight row x up to FF_NC activation rows
+    (simd.ftile_kernel: each weight block decoded once per FF_NC rows, 32 / lanes FMAs per block and
+    row). n == 1: one row at a time, one sequential stream. n > 1: groups of FF_RG weight rows, each
+    against FF_NC activation rows at a time (the n % FF_NC left over in one tile of exactly that many).
+    Every output is summed in the one order of ftile_kernel, whatever the tile and thread split: batch
+    invariant. Speculative decoding's verification passes (2-9 rows) and prompts are its n > 1."""
+    f = info.name
+    ACT = _act_kind(info, False)
+    T8, T7, T6, T5, T4, T3, T2, T1 = (spec("ftile", f, c, prefetch=cfg.prefetch_float)
+                                      for c in (8, 7, 6, 5, 4, 3, 2, 1))
+
+    def ffma(w, x, out):
+        n, k = x.shape
+        if ACT == 2:
+            xq, xd, xs, xc = _act_f16(x)
+        elif ACT == 3:
+            xq, xd, xs, xc = _act_bf16(x)
+        else:
+            xq, xd, xs, xc = x, x, x, np.empty((1, 1), np.int32)
+        rows = w.shape[0]
+        nb_ = k // 32
+        ntail = k - nb_ * 32
+        ws = np.int64(w.strides[0])
+        wp = np.int64(w.ctypes.data)
+        xqs = np.int64(xq.strides[0])
+        xqp = np.int64(xq.ctypes.data)
+        osd = np.int64(out.strides[0])
+        op = np.int64(out.ctypes.data)
+        if n == 1:
+            for r in prange(rows):
+                call(T1, wp + r * ws, ws, xqp, xqs, xqp, xqp, xqs, nb_, ntail, op + r * 4, osd)
+            _keep_alive(xq, xd, xs, xc)
+            return
+        nc_main = n - n % 8
+        rem = n - nc_main
+        xr = xqp + nc_main * xqs
+        for g in prange((rows + 15) // 16):
+            r0 = g * 16
+            r1 = min(rows, r0 + 16)
+            for c0 in range(0, nc_main, 8):
+                for r in range(r0, r1):
+                    call(T8, wp + r * ws, ws, xqp + c0 * xqs, xqs, xqp, xqp, xqs, nb_, ntail,
+                         op + c0 * osd + r * 4, osd)
+            for r in range(r0, r1):
+                wr = wp + r * ws
+                orr = op + nc_main * osd + r * 4
+                if rem == 1:
+                    call(T1, wr, ws, xr, xqs, xqp, xqp, xqs, nb_, ntail, orr, osd)
+                elif rem == 2:
+                    call(T2, wr, ws, xr, xqs, xqp, xqp, xqs, nb_, ntail, orr, osd)
+                elif rem == 3:
+                    call(T3, wr, ws, xr, xqs, xqp, xqp, xqs, nb_, ntail, orr, osd)
+                elif rem == 4:
+                    call(T4, wr, ws, xr, xqs, xqp, xqp, xqs, nb_, ntail, orr, osd)
+                elif rem == 5:
+                    call(T5, wr, ws, xr, xqs, xqp, xqp, xqs, nb_, ntail, orr, osd)
+                elif rem == 6:
+                    call(T6, wr, ws, xr, xqs, xqp, xqp, xqs, nb_, ntail, orr, osd)
+                elif rem == 7:
+                    call(T7, wr, ws, xr, xqs, xqp, xqp, xqs, nb_, ntail, orr, osd)
+        _keep_alive(xq, xd, xs, xc)
+
+    return _njit(ffma, parallel)
+
+
 def _make_knative(info: _TypeInfo, parallel: bool, cfg: KernelConfig, v: Tiling, m: Tiling):
     """Native K-quant super-blocks against Q8_K activations. n == 1 on x86: the single-row kgemv kernel,
     which wants the activation sums per 16 (int16) for Q6_K (Q2_K / Q3_K have them already) and the
@@ -777,11 +864,13 @@ def _make_arm(info: _TypeInfo, parallel: bool):
 def _driver(info: _TypeInfo, packed, parallel: bool, cfg: KernelConfig):
     """packed: False (native), True (x16 row-interleaved) or "arm" (kernels/arm.py's 4-row layouts)."""
     key = (packed, parallel, cfg.kgemv, cfg.packed_nc, cfg.packed_chains, cfg.tilings, cfg.prefetch,
-           cfg.prefetch_packed, cfg.batch_invariant)           # the fields the drivers depend on
+           cfg.prefetch_packed, cfg.batch_invariant, cfg.prefetch_float)           # the fields the drivers depend on
     d = info.drivers.get(key)
     if d is None:
         if packed == "arm":
             d = _make_arm(info, parallel)
+        elif packed == "ffma":
+            d = _make_ffma(info, parallel, cfg)
         else:
             d = (_make_packed if packed else _make_native)(info, parallel, cfg)
         info.drivers[key] = d
@@ -1063,6 +1152,8 @@ def _plan(pw: PreparedWeight, n: int) -> list:
     cfg = pw.config
     if pw.arm is not None:
         packed, a0 = "arm", (pw.arm,)
+    elif cfg.float_fma and pw.info.block == 1:
+        packed, a0 = "ffma", (pw.w,)
     else:
         packed = pw.packed is not None and not (n == 1 and pw.info.repacked.kquant and cfg.kgemv
                                                 and not cfg.batch_invariant)

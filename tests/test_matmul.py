@@ -256,6 +256,26 @@ def test_repacked_equals_native():
             assert rel(a, b) < 1e-6, (name, n, rel(a, b))
 
 
+@pytest.mark.parametrize("name", FLOAT)
+def test_float_fma_tiles_equal_native_tiles(name):
+    """Float weights: the fused multiply-add tiles (the default, KernelConfig.float_fma) and the native
+    tiles (float_fma=False) agree with the reference up to summation order, for the row counts of a
+    GEMV, speculative decoding's checks (2-9 rows: 1 x NC tiles and the n % 8 left over) and a prompt,
+    and for k with a tail (k % 32 != 0); each fma row equals that row alone (one order for every n)."""
+    rng = np.random.default_rng(24)
+    for rows, k in ((37, 576), (20, 99)):
+        raw, _ = make_weight(name, rows, k, rng)
+        x = rng.standard_normal((40, k)).astype(np.float32)
+        fma = mm.prepare(raw, int(T[name]), k)
+        nat = mm.prepare(raw, int(T[name]), k, config=mm.KernelConfig(float_fma=False))
+        alone = np.vstack([mm.matmul(fma, x[i:i + 1]) for i in range(40)])
+        for n in (1, 2, 3, 7, 8, 9, 16, 17, 40):
+            a, b = mm.matmul(fma, x[:n]), mm.matmul(nat, x[:n])
+            assert rel(a, reference(raw, name, k, x[:n])) < 2e-6, (name, rows, k, n)
+            assert rel(a, b) < 2e-6, (name, rows, k, n)
+            np.testing.assert_array_equal(a, alone[:n], err_msg=f"{name} {rows}x{k} n={n}")
+
+
 def test_config_passed_in(smollm2_path):
     """A KernelConfig reaches prepare() explicitly, through using_config (innermost wins, restored after),
     and through Llama(..., kernel_config=...) (an Engine built inside using_config) to every weight a model loads,
@@ -324,6 +344,8 @@ def _batch_variant(name):
             if cfg.kgemv and e.simd.has_gemv:
                 return True              # kgemv for n == 1
             continue                     # ktile rows of one order for every n
+        if not e.is_quantized and cfg.float_fma:
+            continue                     # float FMA tiles: one order for every n
         info = mm._TYPES[int(e.ggml_type)]
         v, m = cfg.tiling(info, "gemv"), cfg.tiling(info, "gemm")
         if (v.unroll, v.act16, v.wide) != (m.unroll, m.act16, m.wide):

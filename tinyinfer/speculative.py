@@ -161,9 +161,10 @@ class DraftModel(Proposer):
         out = []
         while True:
             tok = int(np.argmax(logits))
-            if p_min > 0.0:
+            if p_min > 0.0:     # the top token's probability: 1 / sum(exp(l - l_max)), float32 exp (60 us, not 290)
                 x = logits - logits[tok]
-                if 1.0 / float(np.exp(x.astype(np.float64)).sum()) < p_min:
+                np.exp(x, out=x)
+                if 1.0 / float(x.sum(dtype=np.float64)) < p_min:
                     break
             out.append(tok)
             if len(out) >= n_max:
