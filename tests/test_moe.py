@@ -221,17 +221,47 @@ def test_batch_grouped_by_expert_equals_token_by_token(moe_dir):
 
 def test_pack_budget_bounds_the_copies(moe_dir, monkeypatch):
     """Past the packed-copy budget a batch's experts run token by token on the file's layout: same result,
-    no copy made."""
+    no copy made; within it, one stacked copy of the layer's experts, run in one jitted call."""
     from tinyinfer.models import moe as M
-    m = load_model(GGUFFile(moe_dir / "synthetic-olmoe-F16.gguf"))
+    m = load_model(GGUFFile(model_file(moe_dir, "olmoe", "Q8_0")))
     blk = m.layers[2].mlp
     x = np.random.default_rng(2).standard_normal((9, m.n_embd)).astype(np.float32)
     monkeypatch.setattr(M, "PACK_BUDGET", 0)
     capped = blk(x)
+    assert blk.stacked is None
     assert blk.gate.n_batched == blk.up.n_batched == blk.down.n_batched == 0
+    blk._stack_tried = False
     monkeypatch.setattr(M, "PACK_BUDGET", 1 << 40)
     np.testing.assert_allclose(blk(x), capped, rtol=1e-4, atol=1e-4)
-    assert blk.gate.n_batched > 0
+    ga = blk.stacked[1][0]
+    assert ga.shape[0] == blk.gate.n_expert and not np.shares_memory(ga, blk.gate.t.data)
+
+
+@pytest.mark.parametrize("arch", ["qwen3moe", "qwen2moe"])
+def test_one_call_batch_equals_expert_loop(moe_dir, arch):
+    """The jitted block over the stacked experts (gate|up in one matrix, Q4_K_M's mixed down types) gives
+    what the per-expert Python loop over the same kernels gives, with one and two threads."""
+    import numba
+    m = load_model(GGUFFile(model_file(moe_dir, arch, "Q4_K_M")))
+    x = np.random.default_rng(3).standard_normal((40, m.n_embd)).astype(np.float32)
+    types = set()
+    for L in m.layers:
+        blk = L.mlp
+        fast = blk(x)
+        assert blk.stacked is not None
+        types.add(blk.down.ggml_type)
+        saved, blk.stacked = blk.stacked, None
+        slow = blk(x)
+        np.testing.assert_allclose(fast, slow, rtol=1e-5, atol=1e-5)
+        blk.stacked = saved
+        if numba.config.NUMBA_NUM_THREADS > 1:
+            old = numba.get_num_threads()
+            numba.set_num_threads(2)
+            try:
+                np.testing.assert_allclose(blk(x), fast, rtol=1e-6, atol=1e-6)
+            finally:
+                numba.set_num_threads(old)
+    assert len(types) == 2          # Q4_K_M: ffn_down_exps in Q4_K on some layers, Q6_K on others
 
 
 def test_route_against_numpy(moe_dir):

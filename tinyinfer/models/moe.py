@@ -25,6 +25,8 @@ import numpy as np
 
 from ..gguf import GGUFFile, TensorInfo
 from ..kernels import matmul as mm
+from ..kernels import moe as kmoe
+from ..kernels import parallel as _par
 from ..kernels import ops
 from ..kernels import quants
 from .hparams import ModelError, Weights, meta
@@ -121,6 +123,8 @@ _packed_bytes = 0
 # ~10 us a row up to 8 rows and 40-70 us a row from 12 on (benchmarks/bench_moe.py --gemm-rows); the
 # kernels' redesign may lift it
 GEMM_ROWS = int(os.environ.get("TINYINFER_MOE_GEMM_ROWS", "8"))
+# the most rows of one expert per GEMM call in the one-call batch path (kernels/moe.py)
+BATCH_ROWS = int(os.environ.get("TINYINFER_MOE_BATCH_ROWS", "16"))
 
 
 class MoE:
@@ -137,6 +141,8 @@ class MoE:
         self.n_used, self.norm_w = n_used, norm_w
         self.n_ff = gate.rows
         self.shared, self.shared_gate = shared, shared_gate
+        self.stacked = None      # (driver, arrays) of the one-call batch path, made by _stack()
+        self._stack_tried = False
 
     def route(self, x: np.ndarray) -> tuple:
         """(chosen experts (n, n_used) int64 by falling probability, their weights (n, n_used) float32)."""
@@ -170,11 +176,88 @@ class MoE:
         ops.silu_mul_split(gu, a)
         return mm.run(self.down.batched(e) if m > 1 else self.down[e], a, np.empty((m, self.down.rows), np.float32))
 
+    def _stack(self):
+        """All experts in the kernels' layout, stacked (gate and up in one matrix where their types
+        agree), and the jitted block over them (:mod:`..kernels.moe`); None past PACK_BUDGET."""
+        global _packed_bytes
+        self._stack_tried = True
+        g, u, dn = self.gate, self.up, self.down
+        cfg, E = g.config, g.n_expert
+        # gate and up stacked in one matrix (one GEMM, its output already [g | u]) where the types agree
+        # and have a layout of their own; the file's blocks are used in place
+        fuse = (g.ggml_type == u.ggml_type
+                and kmoe.layout(mm.prepare(g._slice(0), g.ggml_type, g.k, config=cfg))[0] is not False)
+        mats = ([(lambda e: np.concatenate([g._slice(e), u._slice(e)]), g)] if fuse else [(g._slice, g), (u._slice, u)])
+        mats.append((dn._slice, dn))
+        out, copied = [], 0
+        for rows_of, ex in mats:
+            pw = mm.prepare(rows_of(0), ex.ggml_type, ex.k, config=cfg)
+            kind, arrs = kmoe.layout(pw)
+            if kind is False:           # no faster layout for this type: the file's own blocks, no copy
+                out.append(((pw.info, False), ex.t.data.reshape(E, ex.rows, -1), np.zeros((E, 1, 1), np.uint8)))
+                continue
+            nb_ = sum(a.nbytes for a in arrs) * E
+            if _packed_bytes + copied + nb_ > PACK_BUDGET:
+                return None
+            copied += nb_
+            a = np.empty((E,) + arrs[0].shape, np.uint8)
+            b = np.empty((E,) + arrs[1].shape, np.uint8) if kind is True else np.zeros((E, 1, 1), np.uint8)
+            for e in range(E):
+                if e:
+                    kind_e, arrs = kmoe.layout(mm.prepare(rows_of(e), ex.ggml_type, ex.k, config=cfg))
+                    assert kind_e == kind
+                a[e] = arrs[0]
+                if kind is True:
+                    b[e] = arrs[1]
+            if kind is True:
+                b.flags.writeable = False       # the tail rows are a read-only view in prepare(): same types
+            out.append(((pw.info, kind), a, b))
+        _packed_bytes += copied
+        (gk, ga, gb), (uk, ua, ub) = out[0], (out[1] if not fuse else (None, out[0][1], out[0][2]))
+        dk, da, db = out[-1]
+        drive = kmoe.driver(gk, uk, dk, cfg)
+        return drive, (ga, gb, ua, ub, da, db)
+
+    def _batch(self, x, chosen, w, ys) -> bool:
+        """A grouped batch in one jitted call (False: no stacked copy; the caller loops over experts)."""
+        if self.stacked is None:
+            if self._stack_tried or not REPACK:
+                return False
+            self.stacked = self._stack()
+            if self.stacked is None:
+                return False
+        drive, arrays = self.stacked
+        n, k = chosen.shape
+        flat = chosen.reshape(-1)
+        order = np.argsort(flat, kind="stable")                 # flat (token, slot) sorted by expert
+        bounds = np.flatnonzero(np.diff(flat[order])) + 1
+        starts = np.concatenate([[0], bounds, [n * k]]).astype(np.int64)
+        groups = flat[order[starts[:-1]]].astype(np.int64)
+        nt = _par.num_threads()
+        sizes = np.diff(starts)
+        if nt > 1:          # longest first to the least loaded thread (cost ~ rows + a fixed part)
+            bins = [[] for _ in range(nt)]
+            load = [0] * nt
+            for gi in np.argsort(-sizes, kind="stable").tolist():
+                t = load.index(min(load))
+                bins[t].append(gi)
+                load[t] += int(sizes[gi]) + 2
+            plan = np.array([gi for b in bins for gi in b], np.int64)
+            plan_starts = np.cumsum([0] + [len(b) for b in bins]).astype(np.int64)
+        else:
+            plan = np.arange(len(groups), dtype=np.int64)
+            plan_starts = np.array([0, len(groups)], np.int64)
+        _par.call(drive, x, order.astype(np.int64), k, groups, starts, plan, plan_starts, BATCH_ROWS, self.n_ff,
+                  *arrays, np.ascontiguousarray(w, np.float32).reshape(-1), ys.reshape(n * k, -1))
+        return True
+
     def __call__(self, x: np.ndarray) -> np.ndarray:
         chosen, w = self.route(x)
         n, k = chosen.shape
         ys = np.empty((n, k, self.down.rows), np.float32)     # each (token, slot)'s weighted expert output
-        if n == 1:
+        if n > 1 and n * k >= self.gate.n_expert and self._batch(np.ascontiguousarray(x, np.float32), chosen, w, ys):
+            pass
+        elif n == 1:
             for j, e in enumerate(chosen[0].tolist()):
                 ys[0, j] = self.expert(e, x)[0] * w[0, j]
         else:
