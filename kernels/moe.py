@@ -139,3 +139,4 @@ def driver(gu_key: tuple, up_key: tuple | None, dn_key: tuple, cfg):
                              {"FUSED": up_key is None, "G_CALL": g_call, "U_CALL": u_call, "D_CALL": d_call},
                              parallel=True)
     return d
+

@@ -32,6 +32,8 @@ from tinyinfer.models import ModelError, load_model
 DATA = ROOT / "tests" / "data" / "moe"
 FAMILIES = ["qwen3moe", "olmoe", "granitemoe", "qwen2moe"]
 QUANT = ["Q8_0", "Q4_K_M"]
+# llama.cpp's "Granite MoE Shared" (granitemoe with expert_shared_feed_forward_length and ffn_*_shexp): F16 only
+SHEXP = "granitemoe_shexp"
 TOP, SAMPLE = 1024, 4096          # as benchmarks/moe_reference.py wrote them
 
 
@@ -44,7 +46,7 @@ def moe_dir():
     """The four F16 files, generated once into the model cache (sha256 checked every session)."""
     want = _sums()
     out = cache_dir() / "synthetic"
-    bad = [a for a in FAMILIES if not (out / f"synthetic-{a}-F16.gguf").exists()
+    bad = [a for a in FAMILIES + [SHEXP] if not (out / f"synthetic-{a}-F16.gguf").exists()
            or _sha256(out / f"synthetic-{a}-F16.gguf") != want[f"synthetic-{a}-F16.gguf"]]
     shared = [a for a in bad if a in ("qwen3moe", "olmoe")]
     if shared:
@@ -121,7 +123,7 @@ def router_margin(eng) -> list:
 ROUTER_TIE = 0.002      # a router-logit gap under this at the top-k boundary: the expert choice is a coin toss
 
 
-@pytest.fixture(scope="module", params=[(a, t) for a in FAMILIES for t in ["F16", *QUANT]],
+@pytest.fixture(scope="module", params=[(a, t) for a in FAMILIES for t in ["F16", *QUANT]] + [(SHEXP, "F16")],
                 ids=lambda p: f"{p[0]}-{p[1]}")
 def case(request, moe_dir):
     arch, typ = request.param
@@ -161,7 +163,7 @@ def test_first_step_kl(case):
     assert kls[-1] <= long_bound, kls
 
 
-@pytest.fixture(scope="module", params=FAMILIES)
+@pytest.fixture(scope="module", params=FAMILIES)       # (SHEXP: every prompt's first step is a near tie)
 def f16_case(request, moe_dir):
     arch = request.param
     eng = Engine(model_file(moe_dir, arch, "F16"), n_ctx=256, n_threads=2)
@@ -191,6 +193,9 @@ def test_what_each_family_built(moe_dir):
     q2 = m["qwen2moe"].layers[0].mlp
     assert q2.shared is not None and q2.shared.n_ff == 384 and q2.shared_gate.shape == (256,)
     assert all(x.experts.n_expert == 8 and x.experts.n_expert_used == 2 for x in m.values())
+    gs = load_model(GGUFFile(moe_dir / f"synthetic-{SHEXP}-F16.gguf")).layers[0].mlp.f
+    assert gs.shared is not None and gs.shared.n_ff == 384 and gs.shared_gate is None
+    assert g.layers[0].mlp.f.shared is None
 
 
 def test_experts_stay_in_the_file_until_chosen(moe_dir):

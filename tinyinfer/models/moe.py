@@ -293,6 +293,15 @@ def _nbytes(mlp) -> int:
     return sum(p.nbytes for p in parts) + mlp.down.nbytes
 
 
+def load_shared_expert(w: Weights, il: int, n_embd: int, n_ff: int):
+    """The shared expert of layer ``il`` (``ffn_{gate,up,down}_shexp``, ``n_ff`` wide): a SiLU-gated MLP."""
+    from .base import GatedMLP, Linear, fused_linear
+    b = f"blk.{il}."
+    return GatedMLP(fused_linear(w.tensor(b + "ffn_gate_shexp.weight", n_embd, n_ff),
+                                 w.tensor(b + "ffn_up_shexp.weight", n_embd, n_ff)),
+                    Linear(w.tensor(b + "ffn_down_shexp.weight", n_ff, n_embd)))
+
+
 def load_moe(w: Weights, il: int, n_embd: int, ep: ExpertParams, norm_w: bool, shared=None,
              shared_gate: np.ndarray | None = None) -> MoE:
     """The block of layer ``il``: ``ffn_gate_inp`` and the three ``ffn_*_exps`` tensors, shapes checked
