@@ -198,11 +198,22 @@ def test_what_each_family_built(moe_dir):
     assert g.layers[0].mlp.f.shared is None
 
 
-def test_experts_stay_in_the_file_until_chosen(moe_dir):
-    """Loading prepares no expert; a decode step prepares (reads) only the chosen ones."""
+def test_experts_stay_in_the_file_until_chosen(moe_dir, monkeypatch):
+    """Loading prepares no expert; a decode step prepares (reads) only the chosen ones (the Python loop's
+    path); the one-call decode step runs on views of the file, no copy, and gives the same output."""
+    from tinyinfer.models import moe as M
     m = load_model(GGUFFile(moe_dir / "synthetic-qwen3moe-F16.gguf"))
     blocks = [L.mlp for L in m.layers]
     assert sum(b.gate.n_prepared + b.up.n_prepared + b.down.n_prepared for b in blocks) == 0
+    x = np.random.default_rng(5).standard_normal((1, m.n_embd)).astype(np.float32)
+    one = blocks[0](x)
+    arrays = blocks[0]._dec[1]
+    assert all(np.shares_memory(a, ex.t.data) for a, ex in zip(arrays[::2], (blocks[0].gate, blocks[0].up,
+                                                                             blocks[0].down)))
+    monkeypatch.setattr(M, "DECODE_ONE_CALL", False)
+    np.testing.assert_allclose(blocks[0](x), one, rtol=1e-6, atol=1e-6)
+    for b in blocks:
+        b.gate._w = [None] * b.gate.n_expert
     c = m.new_cache(16, 4)
     m.forward(np.array([1000]), 0, c)
     assert [b.gate.n_prepared for b in blocks] == [2] * len(blocks)

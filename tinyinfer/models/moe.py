@@ -123,6 +123,8 @@ _packed_bytes = 0
 # ~10 us a row up to 8 rows and 40-70 us a row from 12 on (benchmarks/bench_moe.py --gemm-rows); the
 # kernels' redesign may lift it
 GEMM_ROWS = int(os.environ.get("TINYINFER_MOE_GEMM_ROWS", "8"))
+# a decode step's experts in one jitted call (kernels/moe.py) rather than a Python loop over them
+DECODE_ONE_CALL = os.environ.get("TINYINFER_MOE_DECODE_ONE_CALL", "1") != "0"
 # the most rows of one expert per GEMM call in the one-call batch path (kernels/moe.py)
 BATCH_ROWS = int(os.environ.get("TINYINFER_MOE_BATCH_ROWS", "16"))
 
@@ -143,6 +145,8 @@ class MoE:
         self.shared, self.shared_gate = shared, shared_gate
         self.stacked = None      # (driver, arrays) of the one-call batch path, made by _stack()
         self._stack_tried = False
+        self._dec = None         # (driver, arrays, index arrays by thread count) of the one-call decode step
+        self._dec_tried = False
 
     def route(self, x: np.ndarray) -> tuple:
         """(chosen experts (n, n_used) int64 by falling probability, their weights (n, n_used) float32)."""
@@ -251,11 +255,44 @@ class MoE:
                   *arrays, np.ascontiguousarray(w, np.float32).reshape(-1), ys.reshape(n * k, -1))
         return True
 
+    def _decode(self, x, chosen, w, ys) -> bool:
+        """One token's chosen experts in one jitted call on the file's own layout (the GEMV kernels: zero
+        copy, only the chosen experts' rows read); False where a type has no such driver."""
+        d = self._dec
+        if d is None:
+            if self._dec_tried:
+                return False
+            self._dec_tried = True
+            keys, arrays = [], []
+            for ex in (self.gate, self.up, self.down):
+                pw = mm.prepare(ex._slice(0), ex.ggml_type, ex.k, repack=False, config=ex.config)
+                if kmoe.layout(pw)[0] is not False:
+                    return False
+                keys.append((pw.info, False))
+                arrays += [ex.t.data.reshape(ex.n_expert, ex.rows, -1), np.zeros((ex.n_expert, 1, 1), np.uint8)]
+            d = self._dec = (kmoe.driver(*keys, self.gate.config), tuple(arrays), {})
+        drive, arrays, idx = d
+        k = chosen.shape[1]
+        nt = min(_par.num_threads(), k)
+        ix = idx.get(nt)
+        if ix is None:          # slot j is group j (a token's experts are distinct); threads take slots in turn
+            plan = np.array([j for t in range(nt) for j in range(t, k, nt)], np.int64)
+            starts = np.cumsum([0] + [len(range(t, k, nt)) for t in range(nt)]).astype(np.int64)
+            ix = idx[nt] = (np.arange(k, dtype=np.int64), np.arange(k + 1, dtype=np.int64), plan, starts)
+        order, gstarts, plan, pstarts = ix
+        call = _par.call if nt > 1 else _direct
+        call(drive, x, order, k, chosen[0].astype(np.int64), gstarts, plan, pstarts, 1, self.n_ff, *arrays,
+             w.reshape(-1), ys.reshape(k, -1))
+        return True
+
     def __call__(self, x: np.ndarray) -> np.ndarray:
         chosen, w = self.route(x)
         n, k = chosen.shape
         ys = np.empty((n, k, self.down.rows), np.float32)     # each (token, slot)'s weighted expert output
         if n > 1 and n * k >= self.gate.n_expert and self._batch(np.ascontiguousarray(x, np.float32), chosen, w, ys):
+            pass
+        elif n == 1 and DECODE_ONE_CALL and self._decode(np.ascontiguousarray(x, np.float32), chosen,
+                                                         np.ascontiguousarray(w, np.float32), ys):
             pass
         elif n == 1:
             for j, e in enumerate(chosen[0].tolist()):
@@ -291,6 +328,10 @@ class MoE:
 def _nbytes(mlp) -> int:
     parts = getattr(mlp.gate_up, "parts", [mlp.gate_up])
     return sum(p.nbytes for p in parts) + mlp.down.nbytes
+
+
+def _direct(fn, *args):
+    return fn(*args)
 
 
 def load_shared_expert(w: Weights, il: int, n_embd: int, n_ff: int):
