@@ -274,11 +274,11 @@ class MoE:
         drive, arrays, idx = d
         k = chosen.shape[1]
         nt = min(_par.num_threads(), k)
-        ix = idx.get(nt)
+        ix = idx.get((nt, k))
         if ix is None:          # slot j is group j (a token's experts are distinct); threads take slots in turn
             plan = np.array([j for t in range(nt) for j in range(t, k, nt)], np.int64)
             starts = np.cumsum([0] + [len(range(t, k, nt)) for t in range(nt)]).astype(np.int64)
-            ix = idx[nt] = (np.arange(k, dtype=np.int64), np.arange(k + 1, dtype=np.int64), plan, starts)
+            ix = idx[nt, k] = (np.arange(k, dtype=np.int64), np.arange(k + 1, dtype=np.int64), plan, starts)
         order, gstarts, plan, pstarts = ix
         call = _par.call if nt > 1 else _direct
         call(drive, x, order, k, chosen[0].astype(np.int64), gstarts, plan, pstarts, 1, self.n_ff, *arrays,
