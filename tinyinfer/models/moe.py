@@ -12,8 +12,11 @@ mmap. :class:`Experts` wraps each expert's slice for the matmul kernels on its f
 of the experts' bytes; a decode step reads only the chosen experts' rows, in the file's own block layout, so
 the page cache (not the process) holds what was read and a file larger than RAM runs with the hot experts
 resident. A prompt batch is grouped by expert (llama.cpp's ``mul_mat_id`` idea): each chosen expert runs
-once on the rows of all tokens that chose it, so its weights are read once per batch, from a row-interleaved
-copy made the first time a batch needs that expert (the GEMM kernels' layout; see :class:`Experts`).
+once on the rows of all tokens that chose it, so its weights are read once per batch. Both run in one jitted
+call per layer (:mod:`..kernels.moe`): a decode step on views of the file (the GEMV kernels), a batch of at
+least n_expert / n_expert_used tokens on a copy of the layer's experts stacked in the GEMM kernels' layout
+(gate and up as one matrix), made on the first such batch while all copies stay within ``PACK_BUDGET``;
+past it, and for smaller batches, a Python loop over the experts with per-expert copies (:class:`Experts`).
 """
 
 from __future__ import annotations
