@@ -22,6 +22,7 @@ past it, and for smaller batches, a Python loop over the experts with per-expert
 from __future__ import annotations
 
 import os
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -122,6 +123,7 @@ REPACK = os.environ.get("TINYINFER_MOE_REPACK", "1") != "0"
 # a 13 GB Qwen3-30B-A3B on a 16 GB board must not end up holding a second copy of its experts
 PACK_BUDGET = int(float(os.environ.get("TINYINFER_MOE_PACK_MIB", "1024")) * (1 << 20))
 _packed_bytes = 0
+_STACK_LOCK = threading.Lock()
 # the most rows one expert's GEMM call takes: measured on the x86 test machine, the packed Q4_K GEMM took
 # ~10 us a row up to 8 rows and 40-70 us a row from 12 on (benchmarks/bench_moe.py --gemm-rows); the
 # kernels' redesign may lift it
@@ -228,9 +230,9 @@ class MoE:
     def _batch(self, x, chosen, w, ys) -> bool:
         """A grouped batch in one jitted call (False: no stacked copy; the caller loops over experts)."""
         if self.stacked is None:
-            if self._stack_tried or not REPACK:
-                return False
-            self.stacked = self._stack()
+            with _STACK_LOCK:           # server threads: one copy per layer
+                if self.stacked is None and not self._stack_tried and REPACK:
+                    self.stacked = self._stack()
             if self.stacked is None:
                 return False
         drive, arrays = self.stacked
