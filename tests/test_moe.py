@@ -32,6 +32,8 @@ from tinyinfer.models import ModelError, load_model
 DATA = ROOT / "tests" / "data" / "moe"
 FAMILIES = ["qwen3moe", "olmoe", "granitemoe", "qwen2moe"]
 QUANT = ["Q8_0", "Q4_K_M"]
+# llama.cpp's "Granite MoE Shared" (granitemoe with expert_shared_feed_forward_length and ffn_*_shexp): F16 only
+SHEXP = "granitemoe_shexp"
 TOP, SAMPLE = 1024, 4096          # as benchmarks/moe_reference.py wrote them
 
 
@@ -44,7 +46,7 @@ def moe_dir():
     """The four F16 files, generated once into the model cache (sha256 checked every session)."""
     want = _sums()
     out = cache_dir() / "synthetic"
-    bad = [a for a in FAMILIES if not (out / f"synthetic-{a}-F16.gguf").exists()
+    bad = [a for a in FAMILIES + [SHEXP] if not (out / f"synthetic-{a}-F16.gguf").exists()
            or _sha256(out / f"synthetic-{a}-F16.gguf") != want[f"synthetic-{a}-F16.gguf"]]
     shared = [a for a in bad if a in ("qwen3moe", "olmoe")]
     if shared:
@@ -121,7 +123,7 @@ def router_margin(eng) -> list:
 ROUTER_TIE = 0.002      # a router-logit gap under this at the top-k boundary: the expert choice is a coin toss
 
 
-@pytest.fixture(scope="module", params=[(a, t) for a in FAMILIES for t in ["F16", *QUANT]],
+@pytest.fixture(scope="module", params=[(a, t) for a in FAMILIES for t in ["F16", *QUANT]] + [(SHEXP, "F16")],
                 ids=lambda p: f"{p[0]}-{p[1]}")
 def case(request, moe_dir):
     arch, typ = request.param
@@ -161,7 +163,7 @@ def test_first_step_kl(case):
     assert kls[-1] <= long_bound, kls
 
 
-@pytest.fixture(scope="module", params=FAMILIES)
+@pytest.fixture(scope="module", params=FAMILIES)       # (SHEXP: every prompt's first step is a near tie)
 def f16_case(request, moe_dir):
     arch = request.param
     eng = Engine(model_file(moe_dir, arch, "F16"), n_ctx=256, n_threads=2)
@@ -191,13 +193,27 @@ def test_what_each_family_built(moe_dir):
     q2 = m["qwen2moe"].layers[0].mlp
     assert q2.shared is not None and q2.shared.n_ff == 384 and q2.shared_gate.shape == (256,)
     assert all(x.experts.n_expert == 8 and x.experts.n_expert_used == 2 for x in m.values())
+    gs = load_model(GGUFFile(moe_dir / f"synthetic-{SHEXP}-F16.gguf")).layers[0].mlp.f
+    assert gs.shared is not None and gs.shared.n_ff == 384 and gs.shared_gate is None
+    assert g.layers[0].mlp.f.shared is None
 
 
-def test_experts_stay_in_the_file_until_chosen(moe_dir):
-    """Loading prepares no expert; a decode step prepares (reads) only the chosen ones."""
+def test_experts_stay_in_the_file_until_chosen(moe_dir, monkeypatch):
+    """Loading prepares no expert; a decode step prepares (reads) only the chosen ones (the Python loop's
+    path); the one-call decode step runs on views of the file, no copy, and gives the same output."""
+    from tinyinfer.models import moe as M
     m = load_model(GGUFFile(moe_dir / "synthetic-qwen3moe-F16.gguf"))
     blocks = [L.mlp for L in m.layers]
     assert sum(b.gate.n_prepared + b.up.n_prepared + b.down.n_prepared for b in blocks) == 0
+    x = np.random.default_rng(5).standard_normal((1, m.n_embd)).astype(np.float32)
+    one = blocks[0](x)
+    arrays = blocks[0]._dec[1]
+    assert all(np.shares_memory(a, ex.t.data) for a, ex in zip(arrays[::2], (blocks[0].gate, blocks[0].up,
+                                                                             blocks[0].down)))
+    monkeypatch.setattr(M, "DECODE_ONE_CALL", False)
+    np.testing.assert_allclose(blocks[0](x), one, rtol=1e-6, atol=1e-6)
+    for b in blocks:
+        b.gate._w = [None] * b.gate.n_expert
     c = m.new_cache(16, 4)
     m.forward(np.array([1000]), 0, c)
     assert [b.gate.n_prepared for b in blocks] == [2] * len(blocks)
@@ -221,17 +237,47 @@ def test_batch_grouped_by_expert_equals_token_by_token(moe_dir):
 
 def test_pack_budget_bounds_the_copies(moe_dir, monkeypatch):
     """Past the packed-copy budget a batch's experts run token by token on the file's layout: same result,
-    no copy made."""
+    no copy made; within it, one stacked copy of the layer's experts, run in one jitted call."""
     from tinyinfer.models import moe as M
-    m = load_model(GGUFFile(moe_dir / "synthetic-olmoe-F16.gguf"))
+    m = load_model(GGUFFile(model_file(moe_dir, "olmoe", "Q8_0")))
     blk = m.layers[2].mlp
     x = np.random.default_rng(2).standard_normal((9, m.n_embd)).astype(np.float32)
     monkeypatch.setattr(M, "PACK_BUDGET", 0)
     capped = blk(x)
+    assert blk.stacked is None
     assert blk.gate.n_batched == blk.up.n_batched == blk.down.n_batched == 0
+    blk._stack_tried = False
     monkeypatch.setattr(M, "PACK_BUDGET", 1 << 40)
     np.testing.assert_allclose(blk(x), capped, rtol=1e-4, atol=1e-4)
-    assert blk.gate.n_batched > 0
+    ga = blk.stacked[1][0]
+    assert ga.shape[0] == blk.gate.n_expert and not np.shares_memory(ga, blk.gate.t.data)
+
+
+@pytest.mark.parametrize("arch", ["qwen3moe", "qwen2moe"])
+def test_one_call_batch_equals_expert_loop(moe_dir, arch):
+    """The jitted block over the stacked experts (gate|up in one matrix, Q4_K_M's mixed down types) gives
+    what the per-expert Python loop over the same kernels gives, with one and two threads."""
+    import numba
+    m = load_model(GGUFFile(model_file(moe_dir, arch, "Q4_K_M")))
+    x = np.random.default_rng(3).standard_normal((40, m.n_embd)).astype(np.float32)
+    types = set()
+    for L in m.layers:
+        blk = L.mlp
+        fast = blk(x)
+        assert blk.stacked is not None
+        types.add(blk.down.ggml_type)
+        saved, blk.stacked = blk.stacked, None
+        slow = blk(x)
+        np.testing.assert_allclose(fast, slow, rtol=1e-5, atol=1e-5)
+        blk.stacked = saved
+        if numba.config.NUMBA_NUM_THREADS > 1:
+            old = numba.get_num_threads()
+            numba.set_num_threads(2)
+            try:
+                np.testing.assert_allclose(blk(x), fast, rtol=1e-6, atol=1e-6)
+            finally:
+                numba.set_num_threads(old)
+    assert len(types) == 2          # Q4_K_M: ffn_down_exps in Q4_K on some layers, Q6_K on others
 
 
 def test_route_against_numpy(moe_dir):

@@ -4,10 +4,12 @@ tests/test_moe.py compares with llama.cpp's outputs (tests/data/moe/). The qwen3
 
 Deterministic: the same vocabulary files and this script give the same bytes (tests/data/moe/sha256.txt).
 
-    python tests/tools/make_moe_models.py VOCAB_DIR OUT_DIR [granitemoe] [qwen2moe]
+    python tests/tools/make_moe_models.py VOCAB_DIR OUT_DIR [granitemoe] [qwen2moe] [granitemoe_shexp]
 
 granitemoe (Granite 3.x 1B-A400M's layout): embedding / attention / residual / logit multipliers, NORM RoPE,
 top-k weights renormalised (output gain 12: logits / logit_scale spread like a real model's).
+granitemoe_shexp: the same with llama.cpp's "Granite MoE Shared" expert (expert_shared_feed_forward_length,
+ffn_{gate,up,down}_shexp: an ungated MLP added to the experts' sum); arch granitemoe.
 qwen2moe (Qwen1.5-MoE-A2.7B's layout): q/k/v
 biases, NEOX RoPE, no renormalisation, a shared expert scaled by sigmoid(ffn_gate_inp_shexp · x), untied output.
 """
@@ -22,7 +24,8 @@ from gguf import GGUFValueType as VT
 
 D, N_LAYER, N_HEAD, N_HEAD_KV, HEAD_DIM = 256, 4, 4, 2, 64
 N_EXPERT, N_EXPERT_USED, N_FF_EXP, N_FF_SHEXP = 8, 2, 256, 384
-VOCAB = {"granitemoe": "ggml-vocab-llama-bpe.gguf", "qwen2moe": "ggml-vocab-qwen2.gguf"}
+VOCAB = {"granitemoe": "ggml-vocab-llama-bpe.gguf", "qwen2moe": "ggml-vocab-qwen2.gguf",
+         "granitemoe_shexp": "ggml-vocab-llama-bpe.gguf"}
 
 
 def tensor(name, shape, std, offset=0.0):
@@ -51,10 +54,12 @@ def copy_tokenizer(w, path):
     return len(r.fields["tokenizer.ggml.tokens"].data)
 
 
-def build(arch, vocab_dir, out_path):
+def build(kind, vocab_dir, out_path):
+    arch = kind.removesuffix("_shexp")
+    shexp = kind != arch or arch == "qwen2moe"
     w = gguf.GGUFWriter(out_path, arch)
-    n_vocab = copy_tokenizer(w, os.path.join(vocab_dir, VOCAB[arch]))
-    w.add_name(f"synthetic-{arch}")
+    n_vocab = copy_tokenizer(w, os.path.join(vocab_dir, VOCAB[kind]))
+    w.add_name(f"synthetic-{kind}")
     w.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
     w.add_context_length(4096)
     w.add_embedding_length(D)
@@ -72,6 +77,8 @@ def build(arch, vocab_dir, out_path):
         w.add_float32("granitemoe.residual_scale", 0.22)
         w.add_float32("granitemoe.attention.scale", 0.015625)
         w.add_float32("granitemoe.logit_scale", 6.0)
+        if shexp:
+            w.add_expert_shared_feed_forward_length(N_FF_SHEXP)
     else:
         w.add_feed_forward_length(4 * D)
         w.add_rope_freq_base(1e6)
@@ -98,6 +105,7 @@ def build(arch, vocab_dir, out_path):
         if arch == "qwen2moe":
             n = p + "ffn_gate_inp_shexp.weight"
             w.add_tensor(n, tensor(n, (D,), 2.0 / math.sqrt(D)))
+        if shexp:
             w.add_tensor(p + "ffn_gate_shexp.weight", mat(p + "ffn_gate_shexp.weight", (N_FF_SHEXP, D)))
             w.add_tensor(p + "ffn_up_shexp.weight", mat(p + "ffn_up_shexp.weight", (N_FF_SHEXP, D)))
             w.add_tensor(p + "ffn_down_shexp.weight", mat(p + "ffn_down_shexp.weight", (D, N_FF_SHEXP)))

@@ -6,7 +6,9 @@ multipliers from the metadata and a MoE feed-forward block whose top-k weights a
         x = x + residual_scale * attn(rmsnorm(x) · w_attn_norm)   # RoPE NORM, GQA, scores q·k * attention.scale
         h = rmsnorm(x) · w_ffn_norm
         p = softmax(W_gate_inp h); chosen = top_k(p, expert_used_count); w = p[chosen] / sum(p[chosen])
-        x = x + residual_scale * sum over e in chosen of w_e · down_e(silu(gate_e h) * up_e h)   # n_ff wide
+        y = sum over e in chosen of w_e · down_e(silu(gate_e h) * up_e h)     # n_ff wide
+        [y = y + down_s(silu(gate_s h) * up_s h)]     # "Granite MoE Shared": expert_shared_feed_forward_length > 0
+        x = x + residual_scale * y
     logits = output(rmsnorm(x) · w_output_norm) / logit_scale   # output tied to embed if absent
 
 A multiplier key that is absent (or 0) leaves its step out, as in llama.cpp; ``logit_scale`` is required.
@@ -18,7 +20,7 @@ import numpy as np
 
 from .base import Transformer
 from .hparams import meta
-from .moe import ExpertParams, load_moe
+from .moe import ExpertParams, load_moe, load_shared_expert
 
 
 class Scaled:
@@ -55,7 +57,11 @@ class GraniteMoeModel(Transformer):
         return attn
 
     def load_mlp(self, w, il):
-        return self._residual(load_moe(w, il, self.n_embd, self.experts, norm_w=True))
+        # a shared expert (ungated, added to the experts' sum) when expert_shared_feed_forward_length > 0,
+        # as llama.cpp's granite graph builds it
+        f = self.experts.n_ff_shexp
+        shared = load_shared_expert(w, il, self.n_embd, f) if f > 0 else None
+        return self._residual(load_moe(w, il, self.n_embd, self.experts, norm_w=True, shared=shared))
 
     def head(self, x, n_out=1, embeddings=False):
         y = super().head(x, n_out, embeddings)

@@ -12,19 +12,25 @@ mmap. :class:`Experts` wraps each expert's slice for the matmul kernels on its f
 of the experts' bytes; a decode step reads only the chosen experts' rows, in the file's own block layout, so
 the page cache (not the process) holds what was read and a file larger than RAM runs with the hot experts
 resident. A prompt batch is grouped by expert (llama.cpp's ``mul_mat_id`` idea): each chosen expert runs
-once on the rows of all tokens that chose it, so its weights are read once per batch, from a row-interleaved
-copy made the first time a batch needs that expert (the GEMM kernels' layout; see :class:`Experts`).
+once on the rows of all tokens that chose it, so its weights are read once per batch. Both run in one jitted
+call per layer (:mod:`..kernels.moe`): a decode step on views of the file (the GEMV kernels), a batch of at
+least n_expert / n_expert_used tokens on a copy of the layer's experts stacked in the GEMM kernels' layout
+(gate and up as one matrix), made on the first such batch while all copies stay within ``PACK_BUDGET``;
+past it, and for smaller batches, a Python loop over the experts with per-expert copies (:class:`Experts`).
 """
 
 from __future__ import annotations
 
 import os
+import threading
 from dataclasses import dataclass
 
 import numpy as np
 
 from ..gguf import GGUFFile, TensorInfo
 from ..kernels import matmul as mm
+from ..kernels import moe as kmoe
+from ..kernels import parallel as _par
 from ..kernels import ops
 from ..kernels import quants
 from .hparams import ModelError, Weights, meta
@@ -117,10 +123,15 @@ REPACK = os.environ.get("TINYINFER_MOE_REPACK", "1") != "0"
 # a 13 GB Qwen3-30B-A3B on a 16 GB board must not end up holding a second copy of its experts
 PACK_BUDGET = int(float(os.environ.get("TINYINFER_MOE_PACK_MIB", "1024")) * (1 << 20))
 _packed_bytes = 0
+_STACK_LOCK = threading.Lock()
 # the most rows one expert's GEMM call takes: measured on the x86 test machine, the packed Q4_K GEMM took
 # ~10 us a row up to 8 rows and 40-70 us a row from 12 on (benchmarks/bench_moe.py --gemm-rows); the
 # kernels' redesign may lift it
 GEMM_ROWS = int(os.environ.get("TINYINFER_MOE_GEMM_ROWS", "8"))
+# a decode step's experts in one jitted call (kernels/moe.py) rather than a Python loop over them
+DECODE_ONE_CALL = os.environ.get("TINYINFER_MOE_DECODE_ONE_CALL", "1") != "0"
+# the most rows of one expert per GEMM call in the one-call batch path (kernels/moe.py)
+BATCH_ROWS = int(os.environ.get("TINYINFER_MOE_BATCH_ROWS", "16"))
 
 
 class MoE:
@@ -137,6 +148,10 @@ class MoE:
         self.n_used, self.norm_w = n_used, norm_w
         self.n_ff = gate.rows
         self.shared, self.shared_gate = shared, shared_gate
+        self.stacked = None      # (driver, arrays) of the one-call batch path, made by _stack()
+        self._stack_tried = False
+        self._dec = None         # (driver, arrays, index arrays by thread count) of the one-call decode step
+        self._dec_tried = False
 
     def route(self, x: np.ndarray) -> tuple:
         """(chosen experts (n, n_used) int64 by falling probability, their weights (n, n_used) float32)."""
@@ -170,11 +185,121 @@ class MoE:
         ops.silu_mul_split(gu, a)
         return mm.run(self.down.batched(e) if m > 1 else self.down[e], a, np.empty((m, self.down.rows), np.float32))
 
+    def _stack(self):
+        """All experts in the kernels' layout, stacked (gate and up in one matrix where their types
+        agree), and the jitted block over them (:mod:`..kernels.moe`); None past PACK_BUDGET."""
+        global _packed_bytes
+        self._stack_tried = True
+        g, u, dn = self.gate, self.up, self.down
+        cfg, E = g.config, g.n_expert
+        # gate and up stacked in one matrix (one GEMM, its output already [g | u]) where the types agree
+        # and have a layout of their own; the file's blocks are used in place
+        fuse = (g.ggml_type == u.ggml_type
+                and kmoe.layout(mm.prepare(g._slice(0), g.ggml_type, g.k, config=cfg))[0] is not False)
+        mats = ([(lambda e: np.concatenate([g._slice(e), u._slice(e)]), g)] if fuse else [(g._slice, g), (u._slice, u)])
+        mats.append((dn._slice, dn))
+        out, copied = [], 0
+        for rows_of, ex in mats:
+            pw = mm.prepare(rows_of(0), ex.ggml_type, ex.k, config=cfg)
+            kind, arrs = kmoe.layout(pw)
+            if kind is False:           # no faster layout for this type: the file's own blocks, no copy
+                out.append(((pw.info, False), ex.t.data.reshape(E, ex.rows, -1), np.zeros((E, 1, 1), np.uint8)))
+                continue
+            nb_ = sum(a.nbytes for a in arrs) * E
+            if _packed_bytes + copied + nb_ > PACK_BUDGET:
+                return None
+            copied += nb_
+            a = np.empty((E,) + arrs[0].shape, np.uint8)
+            b = np.empty((E,) + arrs[1].shape, np.uint8) if kind is True else np.zeros((E, 1, 1), np.uint8)
+            for e in range(E):
+                if e:
+                    kind_e, arrs = kmoe.layout(mm.prepare(rows_of(e), ex.ggml_type, ex.k, config=cfg))
+                    assert kind_e == kind
+                a[e] = arrs[0]
+                if kind is True:
+                    b[e] = arrs[1]
+            if kind is True:
+                b.flags.writeable = False       # the tail rows are a read-only view in prepare(): same types
+            out.append(((pw.info, kind), a, b))
+        _packed_bytes += copied
+        (gk, ga, gb), (uk, ua, ub) = out[0], (out[1] if not fuse else (None, out[0][1], out[0][2]))
+        dk, da, db = out[-1]
+        drive = kmoe.driver(gk, uk, dk, cfg)
+        return drive, (ga, gb, ua, ub, da, db)
+
+    def _batch(self, x, chosen, w, ys) -> bool:
+        """A grouped batch in one jitted call (False: no stacked copy; the caller loops over experts)."""
+        if self.stacked is None:
+            with _STACK_LOCK:           # server threads: one copy per layer
+                if self.stacked is None and not self._stack_tried and REPACK:
+                    self.stacked = self._stack()
+            if self.stacked is None:
+                return False
+        drive, arrays = self.stacked
+        n, k = chosen.shape
+        flat = chosen.reshape(-1)
+        order = np.argsort(flat, kind="stable")                 # flat (token, slot) sorted by expert
+        bounds = np.flatnonzero(np.diff(flat[order])) + 1
+        starts = np.concatenate([[0], bounds, [n * k]]).astype(np.int64)
+        groups = flat[order[starts[:-1]]].astype(np.int64)
+        nt = _par.num_threads()
+        sizes = np.diff(starts)
+        if nt > 1:          # longest first to the least loaded thread (cost ~ rows + a fixed part)
+            bins = [[] for _ in range(nt)]
+            load = [0] * nt
+            for gi in np.argsort(-sizes, kind="stable").tolist():
+                t = load.index(min(load))
+                bins[t].append(gi)
+                load[t] += int(sizes[gi]) + 2
+            plan = np.array([gi for b in bins for gi in b], np.int64)
+            plan_starts = np.cumsum([0] + [len(b) for b in bins]).astype(np.int64)
+        else:
+            plan = np.arange(len(groups), dtype=np.int64)
+            plan_starts = np.array([0, len(groups)], np.int64)
+        _par.call(drive, x, order.astype(np.int64), k, groups, starts, plan, plan_starts, BATCH_ROWS, self.n_ff,
+                  *arrays, np.ascontiguousarray(w, np.float32).reshape(-1), ys.reshape(n * k, -1))
+        return True
+
+    def _decode(self, x, chosen, w, ys) -> bool:
+        """One token's chosen experts in one jitted call on the file's own layout (the GEMV kernels: zero
+        copy, only the chosen experts' rows read); False where a type has no such driver."""
+        d = self._dec
+        if d is None:
+            if self._dec_tried:
+                return False
+            self._dec_tried = True
+            keys, arrays = [], []
+            for ex in (self.gate, self.up, self.down):
+                pw = mm.prepare(ex._slice(0), ex.ggml_type, ex.k, repack=False, config=ex.config)
+                if kmoe.layout(pw)[0] is not False:
+                    return False
+                keys.append((pw.info, False))
+                arrays += [ex.t.data.reshape(ex.n_expert, ex.rows, -1), np.zeros((ex.n_expert, 1, 1), np.uint8)]
+            d = self._dec = (kmoe.driver(*keys, self.gate.config), tuple(arrays), {})
+        drive, arrays, idx = d
+        k = chosen.shape[1]
+        nt = min(_par.num_threads(), k)
+        ix = idx.get((nt, k))
+        if ix is None:          # slot j is group j (a token's experts are distinct); threads take slots in turn
+            plan = np.array([j for t in range(nt) for j in range(t, k, nt)], np.int64)
+            starts = np.cumsum([0] + [len(range(t, k, nt)) for t in range(nt)]).astype(np.int64)
+            ix = idx[nt, k] = (np.arange(k, dtype=np.int64), np.arange(k + 1, dtype=np.int64), plan, starts)
+        order, gstarts, plan, pstarts = ix
+        call = _par.call if nt > 1 else _direct
+        call(drive, x, order, k, chosen[0].astype(np.int64), gstarts, plan, pstarts, 1, self.n_ff, *arrays,
+             w.reshape(-1), ys.reshape(k, -1))
+        return True
+
     def __call__(self, x: np.ndarray) -> np.ndarray:
         chosen, w = self.route(x)
         n, k = chosen.shape
         ys = np.empty((n, k, self.down.rows), np.float32)     # each (token, slot)'s weighted expert output
-        if n == 1:
+        if n > 1 and n * k >= self.gate.n_expert and self._batch(np.ascontiguousarray(x, np.float32), chosen, w, ys):
+            pass
+        elif n == 1 and DECODE_ONE_CALL and self._decode(np.ascontiguousarray(x, np.float32), chosen,
+                                                         np.ascontiguousarray(w, np.float32), ys):
+            pass
+        elif n == 1:
             for j, e in enumerate(chosen[0].tolist()):
                 ys[0, j] = self.expert(e, x)[0] * w[0, j]
         else:
@@ -208,6 +333,19 @@ class MoE:
 def _nbytes(mlp) -> int:
     parts = getattr(mlp.gate_up, "parts", [mlp.gate_up])
     return sum(p.nbytes for p in parts) + mlp.down.nbytes
+
+
+def _direct(fn, *args):
+    return fn(*args)
+
+
+def load_shared_expert(w: Weights, il: int, n_embd: int, n_ff: int):
+    """The shared expert of layer ``il`` (``ffn_{gate,up,down}_shexp``, ``n_ff`` wide): a SiLU-gated MLP."""
+    from .base import GatedMLP, Linear, fused_linear
+    b = f"blk.{il}."
+    return GatedMLP(fused_linear(w.tensor(b + "ffn_gate_shexp.weight", n_embd, n_ff),
+                                 w.tensor(b + "ffn_up_shexp.weight", n_embd, n_ff)),
+                    Linear(w.tensor(b + "ffn_down_shexp.weight", n_ff, n_embd)))
 
 
 def load_moe(w: Weights, il: int, n_embd: int, ep: ExpertParams, norm_w: bool, shared=None,

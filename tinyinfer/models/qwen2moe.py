@@ -14,8 +14,7 @@ biases, NEOX RoPE), a MoE feed-forward block without renormalisation plus a shar
 
 from __future__ import annotations
 
-from .base import GatedMLP, Linear, fused_linear
-from .moe import ExpertParams, load_moe
+from .moe import ExpertParams, load_moe, load_shared_expert
 from .qwen2 import Qwen2Model
 
 
@@ -27,9 +26,6 @@ class Qwen2MoeModel(Qwen2Model):
 
     def load_mlp(self, w, il):
         hp, b = self.hp, f"blk.{il}."
-        f = self.experts.n_ff_shexp or hp.n_ff
-        shared = GatedMLP(fused_linear(w.tensor(b + "ffn_gate_shexp.weight", hp.n_embd, f),
-                                       w.tensor(b + "ffn_up_shexp.weight", hp.n_embd, f)),
-                          Linear(w.tensor(b + "ffn_down_shexp.weight", f, hp.n_embd)))
+        shared = load_shared_expert(w, il, hp.n_embd, self.experts.n_ff_shexp or hp.n_ff)
         return load_moe(w, il, self.n_embd, self.experts, norm_w=False, shared=shared,
                         shared_gate=w.vector(b + "ffn_gate_inp_shexp.weight", hp.n_embd))

@@ -1,0 +1,142 @@
+"""A prompt batch's experts in one jitted call (llama.cpp's ``mul_mat_id`` for a whole MoE block).
+
+    for each expert e that tokens chose (its rows of the batch, in order):
+        for each chunk of at most ``chunk`` of those rows:
+            xe = x[tokens of the chunk]                       # gathered rows
+            a = silu(gate_e xe) * up_e xe                     # gate|up stacked: one GEMM, or two
+            ys[(token, slot) of each row] = w_(token,slot) * down_e a
+
+Each expert's weights are one slice of a stacked array of all the layer's experts, in the layout the
+matmul kernels' drivers take (:mod:`.matmul`: x16 row-interleaved groups, aarch64 4-row groups, or the
+file's own blocks); the drivers themselves are the matmul ones, called from here, so the per-expert
+Python of a grouped batch (gather, two or three kernel calls, activation, scatter: ~100 calls a layer)
+becomes one call. With several threads the experts are shared out by rows (longest first to the least
+loaded thread), each expert on one thread: small GEMMs do not pay a parallel launch each.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import types
+from pathlib import Path
+
+import numba as nb
+import numpy as np
+from numba import prange
+
+from . import matmul as mm
+from . import parallel as _par
+from .ops import _exp
+
+_NOPY = dict(cache=True, nogil=True, fastmath=False)
+_DRIVERS: dict = {}
+_STAMP = None
+
+
+def layout(pw: mm.PreparedWeight) -> tuple:
+    """(kind, arrays) of a prepared weight: what its matmul driver takes before (x, out)."""
+    if pw.arm is not None:
+        return "arm", (pw.arm,)
+    if pw.packed is not None:
+        return True, (pw.packed, pw.tail)
+    return False, (pw.w,)
+
+
+def _stamp() -> str:
+    """A hash of the kernels' sources: part of each cached function's name, so that numba's on-disk
+    cache (which does not follow the functions a cached one calls) never serves a block built over an
+    older matmul driver."""
+    global _STAMP
+    if _STAMP is None:
+        h = hashlib.sha1()
+        for p in sorted(Path(__file__).parent.glob("*.py")):
+            h.update(p.read_bytes())
+        _STAMP = h.hexdigest()[:10]
+    return _STAMP
+
+
+def _jit(template, name: str, glb: dict, parallel: bool = False):
+    """``template``'s code with its callees bound as globals, under a name of its own: numba caches it
+    on disk by that name (a closure over the drivers would not cache: its key pickles them afresh)."""
+    f = types.FunctionType(template.__code__, {**template.__globals__, **glb}, name)
+    f.__qualname__ = name
+    return nb.njit(parallel=parallel, **_NOPY)(f)
+
+
+def _call2(a, b, x, out):
+    FN(a, b, x, out)      # noqa: F821 (bound by _jit)
+
+
+def _call1(a, b, x, out):
+    FN(a, x, out)         # noqa: F821
+
+
+def _kind_name(kind) -> str:
+    return {True: "x16", False: "native", "arm": "arm"}[kind]
+
+
+def _adapter(info, kind, cfg, tag):
+    """fn(a, b, x, out) over the matmul driver of ``kind`` (b unused by one-array layouts)."""
+    fn = mm._driver(info, kind, False, cfg)
+    return _jit(_call2 if kind is True else _call1, f"moe_call_{info.name}_{_kind_name(kind)}_{tag}", {"FN": fn})
+
+
+def _block(x, order, k, groups, starts, plan, plan_starts, chunk, f, ga, gb, ua, ub, da, db, wflat, ys):
+    d = x.shape[1]
+    nthr = plan_starts.shape[0] - 1
+    for t in prange(nthr):
+        for i in range(plan_starts[t], plan_starts[t + 1]):
+            gi = plan[i]
+            e = groups[gi]
+            for c0 in range(starts[gi], starts[gi + 1], chunk):
+                m = min(chunk, starts[gi + 1] - c0)
+                xe = np.empty((m, d), np.float32)
+                for r in range(m):
+                    xe[r] = x[order[c0 + r] // k]
+                a = np.empty((m, f), np.float32)
+                if FUSED:       # noqa: F821 (bound by _jit)
+                    gu = np.empty((m, 2 * f), np.float32)
+                    G_CALL(ga[e], gb[e], xe, gu)       # noqa: F821
+                    for r in range(m):
+                        for j in range(f):
+                            v = gu[r, j]
+                            a[r, j] = v / (np.float32(1.0) + _exp(-v)) * gu[r, f + j]
+                else:
+                    g = np.empty((m, f), np.float32)
+                    u = np.empty((m, f), np.float32)
+                    G_CALL(ga[e], gb[e], xe, g)        # noqa: F821
+                    U_CALL(ua[e], ub[e], xe, u)        # noqa: F821
+                    for r in range(m):
+                        for j in range(f):
+                            v = g[r, j]
+                            a[r, j] = v / (np.float32(1.0) + _exp(-v)) * u[r, j]
+                y = np.empty((m, ys.shape[1]), np.float32)
+                D_CALL(da[e], db[e], a, y)             # noqa: F821
+                for r in range(m):
+                    p = order[c0 + r]
+                    ys[p] = y[r] * wflat[p]
+
+
+def driver(gu_key: tuple, up_key: tuple | None, dn_key: tuple, cfg):
+    """The jitted block for these (type info, layout kind) pairs: gate|up stacked in one matrix when
+    ``up_key`` is None, else gate and up apart. Its arguments: x (n, d); order, the flat (token, slot)
+    indices sorted by expert, k slots a token; the groups' experts and their starts in order; plan /
+    plan_starts, the groups each thread runs; the rows per GEMM call; the experts' width f; the stacked
+    gate|up (or gate), up, down arrays, two each (the x16 layouts' groups and tail rows); the (token,
+    slot) weights; ys (n * k, d), each (token, slot)'s weighted output."""
+    key = (gu_key[0].name, gu_key[1], up_key and (up_key[0].name, up_key[1]), dn_key[0].name, dn_key[1], cfg)
+    d = _DRIVERS.get(key)
+    if d is not None:
+        return d
+    tag = hashlib.sha1((repr(cfg) + _stamp()).encode()).hexdigest()[:10]
+    g_call = _adapter(*gu_key, cfg, tag)
+    u_call = _adapter(*up_key, cfg, tag) if up_key is not None else g_call
+    d_call = _adapter(*dn_key, cfg, tag)
+    parts = [f"{gu_key[0].name}_{_kind_name(gu_key[1])}"]
+    parts.append("fused" if up_key is None else f"{up_key[0].name}_{_kind_name(up_key[1])}")
+    parts.append(f"{dn_key[0].name}_{_kind_name(dn_key[1])}")
+    d = _DRIVERS[key] = _jit(_block, "moe_block_" + "_".join(parts) + "_" + tag,
+                             {"FUSED": up_key is None, "G_CALL": g_call, "U_CALL": u_call, "D_CALL": d_call},
+                             parallel=True)
+    return d
+
