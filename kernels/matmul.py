@@ -669,21 +669,35 @@ def _make_packed(info: _TypeInfo, parallel: bool, cfg: KernelConfig):
 
 
 def _make_kpacked(info: _TypeInfo, parallel: bool, cfg: KernelConfig):
+    """x16 K-quant groups (simd.kinterleaved_kernel): int8 activations for the quads layouts (int16 for
+    the pairs ones), the kernel's sums int16 per 16 where the layout has an offset (Q6_K's -32)."""
     f = info.name
+    fmt = info.repacked
     NC, GB = cfg.packed_nc, GROUP * 4
-    B16 = quants.type_info(f).simd.bsums == 16
+    QUADS = fmt.quads
+    T16 = quants.type_info(f).simd.bsums == 16      # the tail tiles (ktile) read int16 sums per 16
+    K16 = QUADS and fmt.offset != 0                 # so does the x16 kernel
     T_MAIN, T_ONE = spec("kitile", f, NC), spec("kitile", f, 1)
     TAIL_MAIN, TAIL_ONE = spec("ktile", f, 1, NC, prefetch=cfg.prefetch), spec("ktile", f, 1, 1, prefetch=cfg.prefetch)
 
     def kpacked(wr, wt, x, out):
         n, k = x.shape
-        xq, xd, xb = _act_q8_K(x)
-        xw = xq.astype(np.int16)
-        if B16:
-            xt = np.empty((n, k // 16), np.int16)      # the tail tiles' activation sums per 16
-            bsums16(xq, xt)
+        xq, xd, xb32 = _act_q8_K(x)
+        x16 = np.empty((n, k // 16) if T16 or K16 else (1, 1), np.int16)
+        if T16 or K16:
+            bsums16(xq, x16)                            # activation sums per 16
+        if T16:
+            xt = x16
         else:
-            xt = xb
+            xt = xb32
+        if K16:
+            xb = x16
+        else:
+            xb = xb32
+        if QUADS:
+            xw = xq
+        else:
+            xw = xq.astype(np.int16)
         ng = wr.shape[0]
         nb_ = k // 256
         wp = np.int64(wr.ctypes.data)
@@ -858,13 +872,39 @@ def _repack_q4k_x16(w, out):
 
 
 @nb.njit(parallel=True, **_NOPY)
-def _repack_q6k_x16(w, out):
-    """Q6_K rows (rows, nb*210) -> groups of 16 rows (rows//16, nb, 4384), see simd.Q6_Kx16:
-    d, the int8 scales (group g, row r at 32 + 16g + r), the values q - 32 as int8 (group g,
-    chunk j byte 2r+t at 288 + 256g + 32j = element 16g + 2j + t)."""
+def _repack_q5k_x16(w, out):
+    """Q5_K rows (rows, nb*176) -> groups of 16 rows (rows//16, nb, 4416), see simd.Q5_Kx16: d, dmin
+    (fp16 bytes as they are), the scales and mins unpacked (sub-block j, row r at 64 + 16j + r and
+    192 + 16j + r), the 5-bit values as bytes (quad chunk m byte 4r+t at 320 + 64m = element 4m + t)."""
     ng, nb_, bb = out.shape
     for g in prange(ng):
-        v = np.empty(256, np.int64)
+        for r in range(16):
+            src = w[g * 16 + r]
+            for b in range(nb_):
+                o = b * 176
+                dst = out[g, b]
+                for t in range(2):
+                    dst[2 * r + t] = src[o + t]
+                    dst[32 + 2 * r + t] = src[o + 2 + t]
+                for j in range(8):
+                    sc, m = quants._scale_min_k4(j, src, o + 4)
+                    dst[64 + 16 * j + r] = sc
+                    dst[192 + 16 * j + r] = m
+                for e in range(256):
+                    l = e % 32
+                    q = np.int64(src[o + 48 + 32 * (e // 64) + l])
+                    q = (q >> 4) if (e // 32) % 2 else (q & 0xF)
+                    q |= ((np.int64(src[o + 16 + l]) >> (e // 32)) & 1) << 4
+                    dst[320 + 64 * (e // 4) + 4 * r + e % 4] = q
+
+
+@nb.njit(parallel=True, **_NOPY)
+def _repack_q6k_x16(w, out):
+    """Q6_K rows (rows, nb*210) -> groups of 16 rows (rows//16, nb, 4384), see simd.Q6_Kx16:
+    d, the int8 scales (group g, row r at 32 + 16g + r), the values q (0..63) as bytes (quad
+    chunk m byte 4r+t at 288 + 64m = element 4m + t)."""
+    ng, nb_, bb = out.shape
+    for g in prange(ng):
         for r in range(16):
             src = w[g * 16 + r]
             for b in range(nb_):
@@ -881,18 +921,13 @@ def _repack_q6k_x16(w, out):
                         a = np.int64(src[ql + l])
                         c = np.int64(src[ql + l + 32])
                         hb = np.int64(src[qh + l])
-                        y = 128 * h + l
-                        v[y] = ((a & 0xF) | ((hb & 3) << 4)) - 32
-                        v[y + 32] = ((c & 0xF) | (((hb >> 2) & 3) << 4)) - 32
-                        v[y + 64] = ((a >> 4) | (((hb >> 4) & 3) << 4)) - 32
-                        v[y + 96] = ((c >> 4) | (((hb >> 6) & 3) << 4)) - 32
-                for e in range(256):
-                    gg = e // 16
-                    j = (e % 16) // 2
-                    dst[288 + 256 * gg + 32 * j + 2 * r + (e & 1)] = v[e] & 0xFF
+                        for t, v in enumerate(((a & 0xF) | ((hb & 3) << 4), (c & 0xF) | (((hb >> 2) & 3) << 4),
+                                               (a >> 4) | (((hb >> 4) & 3) << 4), (c >> 4) | (((hb >> 6) & 3) << 4))):
+                            e = 128 * h + l + 32 * t
+                            dst[288 + 64 * (e // 4) + 4 * r + e % 4] = v
 
 
-_KREPACK = {"Q4_K": _repack_q4k_x16, "Q6_K": _repack_q6k_x16}   # repack functions of the K layouts
+_KREPACK = {"Q4_K": _repack_q4k_x16, "Q5_K": _repack_q5k_x16, "Q6_K": _repack_q6k_x16}   # repack functions of the K layouts
 
 
 # ---------------------------------------------------------------- public API

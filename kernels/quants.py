@@ -1396,7 +1396,7 @@ TYPES: dict = {e.ggml_type: e for e in (
     _entry(GT.Q4_K, GT.Q8_K, dict(d=0, dmin=2, scales=4, qs=16),
            _dq_rows_q4_k, _q_rows_q4_k, _F.Q4_K, repacked=_F.Q4_Kx16),
     _entry(GT.Q5_K, GT.Q8_K, dict(d=0, dmin=2, scales=4, qh=16, qs=48),
-           _dq_rows_q5_k, _q_rows_q5_k, _F.Q5_K),
+           _dq_rows_q5_k, _q_rows_q5_k, _F.Q5_K, repacked=_F.Q5_Kx16),
     _entry(GT.Q6_K, GT.Q8_K, dict(ql=0, qh=128, scales=192, d=208),
            _dq_rows_q6_k, _q_rows_q6_k, _F.Q6_K, repacked=_F.Q6_Kx16),
     _entry(GT.IQ4_NL, GT.Q8_0, dict(d=0, qs=2),

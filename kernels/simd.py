@@ -123,6 +123,18 @@ TARGET_ARCH = {"amd64": "x86_64", "arm64": "aarch64"}.get(platform.machine().low
 ACC_LANES = {512: 16, 256: 8}.get(VECTOR_BITS, 4)
 
 
+def _host_vnni512() -> bool:
+    """x86-64 with AVX-512 VNNI (``vpdpbusd`` on 64 bytes): :meth:`Emitter.dot_quads` names it."""
+    try:
+        feats = llvm.get_host_cpu_features()
+        return TARGET_ARCH == "x86_64" and VECTOR_BITS == 512 and bool(feats.get("avx512vnni", False))
+    except Exception:  # pragma: no cover - exotic hosts
+        return False
+
+
+VNNI512 = _host_vnni512()
+
+
 # ---------------------------------------------------------------- IR helpers
 def _intrinsic_call(b, name, ret, args):
     """Call an LLVM generic intrinsic (llvm.vector.reduce.*, llvm.roundeven.*, ...)."""
@@ -208,6 +220,19 @@ class Emitter:
         ev = self.shuffle(p, None, range(0, n2, 2))
         od = self.shuffle(p, None, range(1, n2, 2))
         return self.b.add(ev, od, flags=("nsw",))
+
+    def dot_quads(self, acc, a, x):
+        """acc <16 x i32> + the u8 x s8 quad sums of <64 x i8> a (unsigned) and x (signed): lane i
+        += sum_t a[4i+t] * x[4i+t]. x86 with AVX-512 VNNI: ``vpdpbusd`` (named: LLVM does not match
+        it from generic IR); elsewhere u8 x s8 pair sums (:func:`_maddubs`: ``vpmaddubsw``, exact
+        while a pair's sum fits int16, i.e. a <= 129) and int16 pair sums (``vpmaddwd``)."""
+        b = self.b
+        if VNNI512 and a.type.count == 64:
+            t = vec(I32, 16)
+            return _intrinsic_call(b, "llvm.x86.avx512.vpdpbusd.512", t,
+                                   [acc, b.bitcast(a, t), b.bitcast(x, t)])
+        p16 = _maddubs(self, a, x)
+        return b.add(acc, self.dot_pairs(p16, self.const_vec(I16, p16.type.count, 1)))
 
     def freeze(self, v):
         """LLVM ``freeze``: an identity that optimizers do not look through.
@@ -665,6 +690,7 @@ class Interleaved:
     offset = 0            # constant subtracted from every quant (via the activation sums)
     shape = (1, 8, 0)     # (fp16 scales per row, 2-byte quant chunks per row, bytes of 5th bits) per block
     kquant = False        # a 256-element super-block layout (kinterleaved_kernel), not a 32-block one
+    quads = False         # K layouts: u8 quads x int8 activations (``chunks``), else int16 pairs (``pairs``)
 
     def pairs(self, e: Emitter, bp):
         """Yield (j, <32 x i16>) for j in 0..15 (any order): rows' (q[2j], q[2j+1]) pairs.
@@ -856,19 +882,36 @@ class Q4_Kx16(Interleaved):
 
 class Q6_Kx16(Interleaved):
     """Q6_K repacked for prompt processing: d[16] (fp16), the int8 scales (group g of 16
-    elements, row r at 16g + r), then the values q - 32 as int8 in pair chunks: group g,
-    chunk j byte 2r+t = row r's element 16g + 2j + t. 4384 bytes per super-block of 16 rows
-    (the file's 3360 + 30%: the 6-bit values are stored as bytes, decoded once at load)."""
+    elements, row r at 16g + r), then the 6-bit values q (0..63, unsigned) as bytes in quad
+    chunks of 64 B: chunk m byte 4r+t = row r's element 4m + t (one ``vpdpbusd`` lane per row,
+    :meth:`Emitter.dot_quads`); the -32 goes through the activations' sums per 16. 4384 bytes per
+    super-block of 16 rows (the file's 3360 + 30%: the values are stored as bytes, decoded once
+    at load)."""
 
-    name, block_bytes, kquant = "Q6_K", 32 + 256 + 4096, True
+    name, block_bytes, kquant, quads, offset = "Q6_K", 32 + 256 + 4096, True, True, 32
     layout = dict(d=0, scales=32, qs=288)
     group, has_min, signed_scales = 16, False, True
 
-    def pairs(self, e, bp, c):
-        """Yield (group, j, <32 x i16>) for groups 4c .. 4c+3 (step c of 4)."""
-        for g in range(4 * c, 4 * c + 4):
-            for j in range(8):
-                yield g, j, e.b.sext(e.load(bp, c64(self.layout["qs"] + 256 * g + 32 * j), vec(I8, 32)), vec(I16, 32))
+    def chunks(self, e, bp, c):
+        """Yield (group, j, <64 x i8>) for groups 4c .. 4c+3 (step c of 4): rows' quads j of the group."""
+        for m in range(16 * c, 16 * c + 16):
+            yield m // 4, m % 4, e.load(bp, c64(self.layout["qs"] + 64 * m), vec(I8, 64))
+
+
+class Q5_Kx16(Interleaved):
+    """Q5_K repacked for prompt processing: d[16], dmin[16] (fp16), the 6-bit scales and mins
+    unpacked to bytes (sub-block j, row r at 16j + r; :class:`Q4_Kx16`'s head), then the 5-bit
+    values (0..31) as bytes in quad chunks of 64 B as :class:`Q6_Kx16` (chunk m byte 4r+t = row r's
+    element 4m + t). 4416 bytes per super-block of 16 rows (the file's 2816 + 57%)."""
+
+    name, block_bytes, kquant, quads = "Q5_K", 64 + 256 + 4096, True, True
+    layout = dict(d=0, dmin=32, scales=64, mins=192, qs=320)
+    group, has_min, signed_scales = 32, True, False
+
+    def chunks(self, e, bp, c):
+        """Yield (sub-block, j, <64 x i8>) for sub-blocks 2c, 2c+1 (step c of 4)."""
+        for m in range(16 * c, 16 * c + 16):
+            yield m // 8, m % 8, e.load(bp, c64(self.layout["qs"] + 64 * m), vec(I8, 64))
 
 
 @lru_cache(maxsize=None)
@@ -879,11 +922,14 @@ def kinterleaved_kernel(fmt, NC: int):
 
         tile(wg, nb, xq, xq_stride, xd, xd_stride, xb, xb_stride, out, out_stride)
 
-    ``xq`` int16 activations, ``xd`` float32 scale per 256, ``xb`` int32 sums per 32;
-    ``nb`` super-blocks. Per super-block and activation row: one <16 x i32> pair-product
-    sum per sub-block (``vpdpwssd`` with a broadcast activation pair), times the rows'
-    sub-block scales, summed in int32 (ggml's integers exactly); the mins as
-    sum_j min_j * xsum_j; then d_w*d_x and dmin_w*d_x in float. Writes GROUP floats per row.
+    ``xq`` activations: int8 for ``fmt.quads`` layouts, else int16; ``xd`` float32 scale per 256;
+    ``xb`` the activations' sums: int32 per 32 (formats with mins), int16 per 16 (quads layouts with
+    an ``offset``: Q6_K's -32); ``nb`` super-blocks. Per super-block and activation row: one
+    <16 x i32> sum per scale group (quads: ``vpdpbusd`` of 4 unsigned weights x 4 broadcast int8
+    activations, :meth:`Emitter.dot_quads`, the chain started at -offset*sum(x); pairs:
+    ``vpdpwssd`` with a broadcast activation pair), times the rows' group scales, summed in int32
+    (ggml's integers exactly); the mins as sum_j min_j * xsum_j; then d_w*d_x and dmin_w*d_x in
+    float. The float order per row does not depend on NC: batch invariant. Writes GROUP floats per row.
     """
     fmt_name = fmt.name
     G = GROUP
@@ -903,7 +949,8 @@ def kinterleaved_kernel(fmt, NC: int):
 
             def body(i, accs):
                 bp = e.ptr(wp, b.mul(i, c64(fmt.block_bytes)))
-                xbase = [e.ptr(xqp, b.add(b.mul(xqs_, c64(c)), b.mul(i, c64(512)))) for c in range(NC)]
+                xw = 1 if fmt.quads else 2                 # bytes per activation: int8 | int16
+                xbase = [e.ptr(xqp, b.add(b.mul(xqs_, c64(c)), b.mul(i, c64(256 * xw)))) for c in range(NC)]
                 ng = 256 // fmt.group                 # scale groups per super-block
                 ext = b.sext if fmt.signed_scales else b.zext
                 sc = [ext(e.load(bp, c64(L["scales"] + 16 * j), vec(I8, G)), vec(I32, G)) for j in range(ng)]
@@ -913,12 +960,26 @@ def kinterleaved_kernel(fmt, NC: int):
                 for cc in range(4):
                     # this step's groups: per*ch*NC independent chains, finished (times the scales) at once
                     part = [[zero_i] * (per * ch) for _ in range(NC)]
-                    for g, j, pv in fmt.pairs(e, bp, cc):
-                        u = (g % per) * ch + j % ch
-                        for c in range(NC):
-                            xv = b.bitcast(e.splat(e.load(xbase[c], c64(2 * fmt.group * g + 4 * j), I32), G),
-                                           vec(I16, 2 * G))
-                            part[c][u] = b.add(part[c][u], e.dot_pairs(pv, xv))
+                    if fmt.quads:
+                        if fmt.offset:                 # -offset * sum(x) per group (int16 sums per 16)
+                            for c in range(NC):
+                                xb16 = b.add(b.mul(xbs_, c64(c)), b.mul(i, c64(2 * ng)))
+                                for t in range(per):
+                                    bs = b.sext(e.load(xbp, b.add(xb16, c64(2 * (per * cc + t))), I16), I32)
+                                    part[c][t * ch] = e.splat(b.mul(bs, c32(-fmt.offset)), G)
+                        for g, j, qv in fmt.chunks(e, bp, cc):
+                            u = (g % per) * ch + j % ch
+                            for c in range(NC):
+                                xv = b.bitcast(e.splat(e.load(xbase[c], c64(fmt.group * g + 4 * j), I32), G),
+                                               vec(I8, 4 * G))
+                                part[c][u] = e.dot_quads(part[c][u], qv, xv)
+                    else:
+                        for g, j, pv in fmt.pairs(e, bp, cc):
+                            u = (g % per) * ch + j % ch
+                            for c in range(NC):
+                                xv = b.bitcast(e.splat(e.load(xbase[c], c64(2 * fmt.group * g + 4 * j), I32), G),
+                                               vec(I16, 2 * G))
+                                part[c][u] = b.add(part[c][u], e.dot_pairs(pv, xv))
                     for c in range(NC):
                         for t in range(per):
                             s = functools.reduce(b.add, [e.freeze(p) for p in part[c][t * ch:(t + 1) * ch]])
@@ -947,7 +1008,7 @@ def kinterleaved_kernel(fmt, NC: int):
 
         return sig, codegen
 
-    tile.kernel_name = f"kitile_{fmt_name}_g{G}_x{NC}_v3"
+    tile.kernel_name = f"kitile_{fmt_name}_g{G}_x{NC}_q{int(fmt.quads)}_v4"
     return tile
 
 
