@@ -669,14 +669,13 @@ def _make_packed(info: _TypeInfo, parallel: bool, cfg: KernelConfig):
 
 
 def _make_kpacked(info: _TypeInfo, parallel: bool, cfg: KernelConfig):
-    """x16 K-quant groups (simd.kinterleaved_kernel): int8 activations for the quads layouts (int16 for
-    the pairs ones), the kernel's sums int16 per 16 where the layout has an offset (Q6_K's -32)."""
+    """x16 K-quant groups (simd.kinterleaved_kernel: int8 activations, u8 quads), their sums int16 per 16
+    where the layout has an offset (Q6_K's -32); the rows % 16 after them on native ktile tiles."""
     f = info.name
     fmt = info.repacked
     NC, GB = cfg.packed_nc, GROUP * 4
-    QUADS = fmt.quads
     T16 = quants.type_info(f).simd.bsums == 16      # the tail tiles (ktile) read int16 sums per 16
-    K16 = QUADS and fmt.offset != 0                 # so does the x16 kernel
+    K16 = fmt.offset != 0                           # so does the x16 kernel
     T_MAIN, T_ONE = spec("kitile", f, NC), spec("kitile", f, 1)
     TAIL_MAIN, TAIL_ONE = spec("ktile", f, 1, NC, prefetch=cfg.prefetch), spec("ktile", f, 1, 1, prefetch=cfg.prefetch)
 
@@ -694,18 +693,12 @@ def _make_kpacked(info: _TypeInfo, parallel: bool, cfg: KernelConfig):
             xb = x16
         else:
             xb = xb32
-        if QUADS:
-            xw = xq
-        else:
-            xw = xq.astype(np.int16)
         ng = wr.shape[0]
         nb_ = k // 256
         wp = np.int64(wr.ctypes.data)
         gs = np.int64(wr.strides[0])
         xqp = np.int64(xq.ctypes.data)
         xqs = np.int64(xq.strides[0])
-        xwp = np.int64(xw.ctypes.data)
-        xws = np.int64(xw.strides[0])
         xdp = np.int64(xd.ctypes.data)
         xds = np.int64(xd.strides[0])
         xbp = np.int64(xb.ctypes.data)
@@ -719,10 +712,10 @@ def _make_kpacked(info: _TypeInfo, parallel: bool, cfg: KernelConfig):
             gp = wp + g * gs
             o = op + g * GB
             for c0 in range(0, nc_main, NC):
-                call(T_MAIN, gp, nb_, xwp + c0 * xws, xws, xdp + c0 * xds, xds, xbp + c0 * xbs, xbs,
+                call(T_MAIN, gp, nb_, xqp + c0 * xqs, xqs, xdp + c0 * xds, xds, xbp + c0 * xbs, xbs,
                      o + c0 * osd, osd)
             for c0 in range(nc_main, n):
-                call(T_ONE, gp, nb_, xwp + c0 * xws, xws, xdp + c0 * xds, xds, xbp + c0 * xbs, xbs,
+                call(T_ONE, gp, nb_, xqp + c0 * xqs, xqs, xdp + c0 * xds, xds, xbp + c0 * xbs, xbs,
                      o + c0 * osd, osd)
         # rows after the last full group: native kernels on the original layout
         tp = np.int64(wt.ctypes.data)
@@ -735,7 +728,7 @@ def _make_kpacked(info: _TypeInfo, parallel: bool, cfg: KernelConfig):
             for c0 in range(nc_main, n):
                 call(TAIL_ONE, tp + r * ts, ts, xqp + c0 * xqs, xqs, xdp + c0 * xds, xds, xtp + c0 * xts, xts,
                      nb_, ot + c0 * osd + r * 4, osd)
-        _keep_alive(xq, xw, xd, xb, xt)
+        _keep_alive(xq, xd, xb, xt, x16)
 
     return _njit(kpacked, parallel)
 
@@ -846,7 +839,7 @@ def _repack_q4k_x16(w, out):
 
     Per super-block of a group: the rows' d and dmin (fp16 bytes as they are), the 6-bit
     scales and mins unpacked to bytes (sub-block j, row r at 16j + r), then the quant
-    bytes of sub-block pair c as 16 chunks of 32: chunk j byte 2r+t = row r's qs[32c + 2j + t].
+    bytes of sub-block pair c as 8 quad chunks of 64: chunk m byte 4r+t = row r's qs[32c + 4m + t].
     """
     ng, nb_, bb = out.shape
     for g in prange(ng):
@@ -865,10 +858,9 @@ def _repack_q4k_x16(w, out):
                     dst[64 + 16 * j + r] = sc
                     dst[192 + 16 * j + r] = m
                 for c in range(4):
-                    for j in range(16):
-                        q = 320 + 512 * c + 32 * j + 2 * r
-                        dst[q] = src[o + 16 + 32 * c + 2 * j]
-                        dst[q + 1] = src[o + 16 + 32 * c + 2 * j + 1]
+                    for m in range(8):
+                        for t in range(4):
+                            dst[320 + 512 * c + 64 * m + 4 * r + t] = src[o + 16 + 32 * c + 4 * m + t]
 
 
 @nb.njit(parallel=True, **_NOPY)

@@ -690,7 +690,7 @@ class Interleaved:
     offset = 0            # constant subtracted from every quant (via the activation sums)
     shape = (1, 8, 0)     # (fp16 scales per row, 2-byte quant chunks per row, bytes of 5th bits) per block
     kquant = False        # a 256-element super-block layout (kinterleaved_kernel), not a 32-block one
-    quads = False         # K layouts: u8 quads x int8 activations (``chunks``), else int16 pairs (``pairs``)
+    # kquant layouts: ``chunks(e, bp, c)`` yields (scale group, j, <64 x i8> unsigned quads j of the group)
 
     def pairs(self, e: Emitter, bp):
         """Yield (j, <32 x i16>) for j in 0..15 (any order): rows' (q[2j], q[2j+1]) pairs.
@@ -861,23 +861,23 @@ class Q4_Kx16(Interleaved):
     """Q4_K repacked for prompt processing: one super-block of GROUP rows per 2368 bytes.
 
     d[16], dmin[16] (fp16), the 6-bit scales and mins unpacked to bytes (sub-block j,
-    row r at 16j + r), then the quants of sub-blocks (2c, 2c+1) as 16 chunks of 32 B:
-    chunk j byte 2r+t = row r's qs[32c + 2j + t], whose low nibble is element 2j+t of
-    sub-block 2c and high nibble element 2j+t of sub-block 2c+1 (Q4_K's own pairing).
-    Unsigned quants, one int32 sum per (row, sub-block) times its scale; the mins go
-    through the activations' sums per 32.
+    row r at 16j + r), then the quants of sub-blocks (2c, 2c+1) as 8 quad chunks of 64 B:
+    chunk m byte 4r+t = row r's qs[32c + 4m + t], whose low nibble is element 4m+t of
+    sub-block 2c and high nibble element 4m+t of sub-block 2c+1 (Q4_K's own pairing).
+    Unsigned quants (one ``vpdpbusd`` lane per row, :meth:`Emitter.dot_quads`), one int32
+    sum per (row, sub-block) times its scale; the mins go through the activations' sums per 32.
     """
 
     name, block_bytes, kquant = "Q4_K", 64 + 256 + 2048, True
     layout = dict(d=0, dmin=32, scales=64, mins=192, qs=320)
     group, has_min, signed_scales = 32, True, False   # elements per scale; mins; int8 scales
 
-    def pairs(self, e, bp, c):
-        """Yield (sub-block, j, <32 x i16>) for sub-blocks 2c, 2c+1 (step c of 4): rows' (q[2j], q[2j+1])."""
-        for j in range(16):
-            z = e.b.zext(e.load(bp, c64(self.layout["qs"] + 512 * c + 32 * j), vec(I8, 32)), vec(I16, 32))
-            yield 2 * c, j, e.b.and_(z, e.const_vec(I16, 32, 0x0F))
-            yield 2 * c + 1, j, e.b.lshr(z, e.const_vec(I16, 32, 4))
+    def chunks(self, e, bp, c):
+        """Yield (sub-block, j, <64 x i8>) for sub-blocks 2c, 2c+1 (step c of 4): rows' quads j."""
+        for m in range(8):
+            raw = e.load(bp, c64(self.layout["qs"] + 512 * c + 64 * m), vec(I8, 64))
+            yield 2 * c, m, e.b.and_(raw, e.const_vec(I8, 64, 0x0F))
+            yield 2 * c + 1, m, e.b.lshr(raw, e.const_vec(I8, 64, 4))
 
 
 class Q6_Kx16(Interleaved):
@@ -888,7 +888,7 @@ class Q6_Kx16(Interleaved):
     super-block of 16 rows (the file's 3360 + 30%: the values are stored as bytes, decoded once
     at load)."""
 
-    name, block_bytes, kquant, quads, offset = "Q6_K", 32 + 256 + 4096, True, True, 32
+    name, block_bytes, kquant, offset = "Q6_K", 32 + 256 + 4096, True, 32
     layout = dict(d=0, scales=32, qs=288)
     group, has_min, signed_scales = 16, False, True
 
@@ -904,7 +904,7 @@ class Q5_Kx16(Interleaved):
     values (0..31) as bytes in quad chunks of 64 B as :class:`Q6_Kx16` (chunk m byte 4r+t = row r's
     element 4m + t). 4416 bytes per super-block of 16 rows (the file's 2816 + 57%)."""
 
-    name, block_bytes, kquant, quads = "Q5_K", 64 + 256 + 4096, True, True
+    name, block_bytes, kquant = "Q5_K", 64 + 256 + 4096, True
     layout = dict(d=0, dmin=32, scales=64, mins=192, qs=320)
     group, has_min, signed_scales = 32, True, False
 
@@ -922,12 +922,11 @@ def kinterleaved_kernel(fmt, NC: int):
 
         tile(wg, nb, xq, xq_stride, xd, xd_stride, xb, xb_stride, out, out_stride)
 
-    ``xq`` activations: int8 for ``fmt.quads`` layouts, else int16; ``xd`` float32 scale per 256;
-    ``xb`` the activations' sums: int32 per 32 (formats with mins), int16 per 16 (quads layouts with
-    an ``offset``: Q6_K's -32); ``nb`` super-blocks. Per super-block and activation row: one
-    <16 x i32> sum per scale group (quads: ``vpdpbusd`` of 4 unsigned weights x 4 broadcast int8
-    activations, :meth:`Emitter.dot_quads`, the chain started at -offset*sum(x); pairs:
-    ``vpdpwssd`` with a broadcast activation pair), times the rows' group scales, summed in int32
+    ``xq`` int8 activations; ``xd`` float32 scale per 256; ``xb`` the activations' sums: int32
+    per 32 (formats with mins), int16 per 16 (formats with an ``offset``: Q6_K's -32); ``nb``
+    super-blocks. Per super-block and activation row: one <16 x i32> sum per scale group
+    (``vpdpbusd`` of 4 unsigned weights x 4 broadcast int8 activations, :meth:`Emitter.dot_quads`,
+    the chain started at -offset*sum(x)), times the rows' group scales, summed in int32
     (ggml's integers exactly); the mins as sum_j min_j * xsum_j; then d_w*d_x and dmin_w*d_x in
     float. The float order per row does not depend on NC: batch invariant. Writes GROUP floats per row.
     """
@@ -949,8 +948,7 @@ def kinterleaved_kernel(fmt, NC: int):
 
             def body(i, accs):
                 bp = e.ptr(wp, b.mul(i, c64(fmt.block_bytes)))
-                xw = 1 if fmt.quads else 2                 # bytes per activation: int8 | int16
-                xbase = [e.ptr(xqp, b.add(b.mul(xqs_, c64(c)), b.mul(i, c64(256 * xw)))) for c in range(NC)]
+                xbase = [e.ptr(xqp, b.add(b.mul(xqs_, c64(c)), b.mul(i, c64(256)))) for c in range(NC)]
                 ng = 256 // fmt.group                 # scale groups per super-block
                 ext = b.sext if fmt.signed_scales else b.zext
                 sc = [ext(e.load(bp, c64(L["scales"] + 16 * j), vec(I8, G)), vec(I32, G)) for j in range(ng)]
@@ -960,26 +958,18 @@ def kinterleaved_kernel(fmt, NC: int):
                 for cc in range(4):
                     # this step's groups: per*ch*NC independent chains, finished (times the scales) at once
                     part = [[zero_i] * (per * ch) for _ in range(NC)]
-                    if fmt.quads:
-                        if fmt.offset:                 # -offset * sum(x) per group (int16 sums per 16)
-                            for c in range(NC):
-                                xb16 = b.add(b.mul(xbs_, c64(c)), b.mul(i, c64(2 * ng)))
-                                for t in range(per):
-                                    bs = b.sext(e.load(xbp, b.add(xb16, c64(2 * (per * cc + t))), I16), I32)
-                                    part[c][t * ch] = e.splat(b.mul(bs, c32(-fmt.offset)), G)
-                        for g, j, qv in fmt.chunks(e, bp, cc):
-                            u = (g % per) * ch + j % ch
-                            for c in range(NC):
-                                xv = b.bitcast(e.splat(e.load(xbase[c], c64(fmt.group * g + 4 * j), I32), G),
-                                               vec(I8, 4 * G))
-                                part[c][u] = e.dot_quads(part[c][u], qv, xv)
-                    else:
-                        for g, j, pv in fmt.pairs(e, bp, cc):
-                            u = (g % per) * ch + j % ch
-                            for c in range(NC):
-                                xv = b.bitcast(e.splat(e.load(xbase[c], c64(2 * fmt.group * g + 4 * j), I32), G),
-                                               vec(I16, 2 * G))
-                                part[c][u] = b.add(part[c][u], e.dot_pairs(pv, xv))
+                    if fmt.offset:                     # -offset * sum(x) per group (int16 sums per 16)
+                        for c in range(NC):
+                            xb16 = b.add(b.mul(xbs_, c64(c)), b.mul(i, c64(2 * ng)))
+                            for t in range(per):
+                                bs = b.sext(e.load(xbp, b.add(xb16, c64(2 * (per * cc + t))), I16), I32)
+                                part[c][t * ch] = e.splat(b.mul(bs, c32(-fmt.offset)), G)
+                    for g, j, qv in fmt.chunks(e, bp, cc):
+                        u = (g % per) * ch + j % ch
+                        for c in range(NC):
+                            xv = b.bitcast(e.splat(e.load(xbase[c], c64(fmt.group * g + 4 * j), I32), G),
+                                           vec(I8, 4 * G))
+                            part[c][u] = e.dot_quads(part[c][u], qv, xv)
                     for c in range(NC):
                         for t in range(per):
                             s = functools.reduce(b.add, [e.freeze(p) for p in part[c][t * ch:(t + 1) * ch]])
@@ -1008,7 +998,7 @@ def kinterleaved_kernel(fmt, NC: int):
 
         return sig, codegen
 
-    tile.kernel_name = f"kitile_{fmt_name}_g{G}_x{NC}_q{int(fmt.quads)}_v4"
+    tile.kernel_name = f"kitile_{fmt_name}_g{G}_x{NC}_v4"
     return tile
 
 
