@@ -893,7 +893,7 @@ def _repack_q5k_x16(w, out):
 @nb.njit(parallel=True, **_NOPY)
 def _repack_q6k_x16(w, out):
     """Q6_K rows (rows, nb*210) -> groups of 16 rows (rows//16, nb, 4384), see simd.Q6_Kx16:
-    d, the int8 scales (group g, row r at 32 + 16g + r), the values q (0..63) as bytes (quad
+    d, the int8 scales in pairs (group g, row r at 32 + 32(g//2) + 2r + g%2), the values q (0..63) as bytes (quad
     chunk m byte 4r+t at 288 + 64m = element 4m + t)."""
     ng, nb_, bb = out.shape
     for g in prange(ng):
@@ -905,7 +905,7 @@ def _repack_q6k_x16(w, out):
                 dst[2 * r] = src[o + 208]
                 dst[2 * r + 1] = src[o + 209]
                 for j in range(16):
-                    dst[32 + 16 * j + r] = src[o + 192 + j]
+                    dst[32 + 32 * (j // 2) + 2 * r + j % 2] = src[o + 192 + j]
                 for h in range(2):
                     ql = o + 64 * h
                     qh = o + 128 + 32 * h

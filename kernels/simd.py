@@ -857,7 +857,28 @@ def interleaved_kernel(fmt, NC: int, chains: int = 4, prefetch: int = 0):
     return tile
 
 
-class Q4_Kx16(Interleaved):
+class KInterleaved(Interleaved):
+    """A 256-element super-block layout of GROUP rows (:func:`kinterleaved_kernel`): scales per
+    ``group`` elements, ``chunks`` of unsigned quads, optional mins (``has_min``) or ``offset``."""
+
+    kquant = True
+    group, has_min, signed_scales = 32, False, False
+    layout: dict = {}
+
+    def step_scales(self, e, bp, c):
+        """(the rows' scales of groups 2c, 2c+1 (step c) as <16 x i32>, None or for an ``offset``
+        the <32 x i16> scale pairs of those groups, see :class:`Q6_Kx16`)."""
+        ext = e.b.sext if self.signed_scales else e.b.zext
+        return [ext(e.load(bp, c64(self.layout["scales"] + 16 * g), vec(I8, GROUP)), vec(I32, GROUP))
+                for g in (2 * c, 2 * c + 1)], None
+
+    def chunks(self, e, bp, c):
+        """Yield (scale group, j, <64 x i8>) for groups 2c, 2c+1 (step c): rows' unsigned quads j of the
+        group (chunk byte 4r+t = row r's element 4j+t of the group)."""
+        raise NotImplementedError
+
+
+class Q4_Kx16(KInterleaved):
     """Q4_K repacked for prompt processing: one super-block of GROUP rows per 2368 bytes.
 
     d[16], dmin[16] (fp16), the 6-bit scales and mins unpacked to bytes (sub-block j,
@@ -873,32 +894,38 @@ class Q4_Kx16(Interleaved):
     group, has_min, signed_scales = 32, True, False   # elements per scale; mins; int8 scales
 
     def chunks(self, e, bp, c):
-        """Yield (sub-block, j, <64 x i8>) for sub-blocks 2c, 2c+1 (step c of 4): rows' quads j."""
         for m in range(8):
             raw = e.load(bp, c64(self.layout["qs"] + 512 * c + 64 * m), vec(I8, 64))
             yield 2 * c, m, e.b.and_(raw, e.const_vec(I8, 64, 0x0F))
             yield 2 * c + 1, m, e.b.lshr(raw, e.const_vec(I8, 64, 4))
 
 
-class Q6_Kx16(Interleaved):
-    """Q6_K repacked for prompt processing: d[16] (fp16), the int8 scales (group g of 16
-    elements, row r at 16g + r), then the 6-bit values q (0..63, unsigned) as bytes in quad
-    chunks of 64 B: chunk m byte 4r+t = row r's element 4m + t (one ``vpdpbusd`` lane per row,
-    :meth:`Emitter.dot_quads`); the -32 goes through the activations' sums per 16. 4384 bytes per
-    super-block of 16 rows (the file's 3360 + 30%: the values are stored as bytes, decoded once
-    at load)."""
+class Q6_Kx16(KInterleaved):
+    """Q6_K repacked for prompt processing: d[16] (fp16), the int8 scales in pairs (byte 32p + 2r + t
+    = row r's scale of group 2p+t, a group being 16 elements), then the 6-bit values q (0..63,
+    unsigned) as bytes in quad chunks of 64 B: chunk m byte 4r+t = row r's element 4m + t (one
+    ``vpdpbusd`` lane per row, :meth:`Emitter.dot_quads`). The -32 goes through the activations' sums
+    per 16, once per super-block: -32 * sum_g scale_g * sum(x_g) as int16 pair products (the scale
+    pairs against the sums of groups 2p, 2p+1, ``vpdpwssd``). 4384 bytes per super-block of 16 rows
+    (the file's 3360 + 30%: the values are stored as bytes, decoded once at load)."""
 
     name, block_bytes, kquant, offset = "Q6_K", 32 + 256 + 4096, True, 32
     layout = dict(d=0, scales=32, qs=288)
     group, has_min, signed_scales = 16, False, True
 
+    def step_scales(self, e, bp, c):
+        b = e.b
+        pv = b.sext(e.load(bp, c64(self.layout["scales"] + 32 * c), vec(I8, 32)), vec(I16, 32))
+        v = b.bitcast(pv, vec(I32, 16))
+        sh = e.const_vec(I32, 16, 16)
+        return [b.ashr(b.shl(v, sh), sh), b.ashr(v, sh)], pv
+
     def chunks(self, e, bp, c):
-        """Yield (group, j, <64 x i8>) for groups 4c .. 4c+3 (step c of 4): rows' quads j of the group."""
-        for m in range(16 * c, 16 * c + 16):
+        for m in range(8 * c, 8 * c + 8):
             yield m // 4, m % 4, e.load(bp, c64(self.layout["qs"] + 64 * m), vec(I8, 64))
 
 
-class Q5_Kx16(Interleaved):
+class Q5_Kx16(KInterleaved):
     """Q5_K repacked for prompt processing: d[16], dmin[16] (fp16), the 6-bit scales and mins
     unpacked to bytes (sub-block j, row r at 16j + r; :class:`Q4_Kx16`'s head), then the 5-bit
     values (0..31) as bytes in quad chunks of 64 B as :class:`Q6_Kx16` (chunk m byte 4r+t = row r's
@@ -909,7 +936,6 @@ class Q5_Kx16(Interleaved):
     group, has_min, signed_scales = 32, True, False
 
     def chunks(self, e, bp, c):
-        """Yield (sub-block, j, <64 x i8>) for sub-blocks 2c, 2c+1 (step c of 4)."""
         for m in range(16 * c, 16 * c + 16):
             yield m // 8, m % 8, e.load(bp, c64(self.layout["qs"] + 64 * m), vec(I8, 64))
 
@@ -925,8 +951,8 @@ def kinterleaved_kernel(fmt, NC: int):
     ``xq`` int8 activations; ``xd`` float32 scale per 256; ``xb`` the activations' sums: int32
     per 32 (formats with mins), int16 per 16 (formats with an ``offset``: Q6_K's -32); ``nb``
     super-blocks. Per super-block and activation row: one <16 x i32> sum per scale group
-    (``vpdpbusd`` of 4 unsigned weights x 4 broadcast int8 activations, :meth:`Emitter.dot_quads`,
-    the chain started at -offset*sum(x)), times the rows' group scales, summed in int32
+    (``vpdpbusd`` of 4 unsigned weights x 4 broadcast int8 activations, :meth:`Emitter.dot_quads`),
+    times the rows' group scales, summed in int32, less offset * sum_g scale_g * sum(x_g)
     (ggml's integers exactly); the mins as sum_j min_j * xsum_j; then d_w*d_x and dmin_w*d_x in
     float. The float order per row does not depend on NC: batch invariant. Writes GROUP floats per row.
     """
@@ -950,30 +976,28 @@ def kinterleaved_kernel(fmt, NC: int):
                 bp = e.ptr(wp, b.mul(i, c64(fmt.block_bytes)))
                 xbase = [e.ptr(xqp, b.add(b.mul(xqs_, c64(c)), b.mul(i, c64(256)))) for c in range(NC)]
                 ng = 256 // fmt.group                 # scale groups per super-block
-                ext = b.sext if fmt.signed_scales else b.zext
-                sc = [ext(e.load(bp, c64(L["scales"] + 16 * j), vec(I8, G)), vec(I32, G)) for j in range(ng)]
                 isum = [zero_i] * NC
-                per = ng // 4                          # groups per step
+                per = 2                                # groups per step: 2*ch*NC chains live (AVX-512: 32 registers)
                 ch = max(1, 4 // NC)                   # independent int32 chains per (group, activation row)
-                for cc in range(4):
+                for cc in range(ng // per):
                     # this step's groups: per*ch*NC independent chains, finished (times the scales) at once
                     part = [[zero_i] * (per * ch) for _ in range(NC)]
-                    if fmt.offset:                     # -offset * sum(x) per group (int16 sums per 16)
-                        for c in range(NC):
-                            xb16 = b.add(b.mul(xbs_, c64(c)), b.mul(i, c64(2 * ng)))
-                            for t in range(per):
-                                bs = b.sext(e.load(xbp, b.add(xb16, c64(2 * (per * cc + t))), I16), I32)
-                                part[c][t * ch] = e.splat(b.mul(bs, c32(-fmt.offset)), G)
                     for g, j, qv in fmt.chunks(e, bp, cc):
                         u = (g % per) * ch + j % ch
                         for c in range(NC):
                             xv = b.bitcast(e.splat(e.load(xbase[c], c64(fmt.group * g + 4 * j), I32), G),
                                            vec(I8, 4 * G))
                             part[c][u] = e.dot_quads(part[c][u], qv, xv)
+                    sc, scp = fmt.step_scales(e, bp, cc)    # loaded here: few live registers
                     for c in range(NC):
                         for t in range(per):
                             s = functools.reduce(b.add, [e.freeze(p) for p in part[c][t * ch:(t + 1) * ch]])
-                            isum[c] = b.add(isum[c], b.mul(s, sc[per * cc + t]))
+                            isum[c] = b.add(isum[c], b.mul(s, sc[t]))
+                        if scp is not None:     # - offset * sum_g scale_g * sum(x_g): scale pairs x int16 sum pairs
+                            xb16 = b.add(b.mul(xbs_, c64(c)), b.mul(i, c64(2 * ng)))
+                            corr = e.dot_pairs(scp, b.bitcast(e.splat(e.load(xbp, b.add(xb16, c64(2 * per * cc)), I32),
+                                                                      G), vec(I16, 2 * G)))
+                            isum[c] = b.sub(isum[c], b.mul(corr, e.const_vec(I32, G, fmt.offset)))
                 dw = b.fpext(e.load(bp, c64(L["d"]), vec(F16, G)), vec(F32, G))
                 if fmt.has_min:
                     mn = [b.zext(e.load(bp, c64(L["mins"] + 16 * j), vec(I8, G)), vec(I32, G)) for j in range(8)]
@@ -998,7 +1022,7 @@ def kinterleaved_kernel(fmt, NC: int):
 
         return sig, codegen
 
-    tile.kernel_name = f"kitile_{fmt_name}_g{G}_x{NC}_v4"
+    tile.kernel_name = f"kitile_{fmt_name}_g{G}_x{NC}_v5"
     return tile
 
 
