@@ -864,6 +864,34 @@ def _repack_q4k_x16(w, out):
 
 
 @nb.njit(parallel=True, **_NOPY)
+def _repack_q3k_x16(w, out):
+    """Q3_K rows (rows, nb*110) -> groups of 16 rows (rows//16, nb, 2336), see simd.Q3_Kx16: d, the
+    scales less 32 in pairs (group g, row r at 32 + 32(g//2) + 2r + g%2), the values 0..7 as nibbles
+    (group g, element 4m+t of it: byte 288 + 256(g//2) + 64m + 4r + t, high nibble for odd g)."""
+    ng, nb_, bb = out.shape
+    for g in prange(ng):
+        for r in range(16):
+            src = w[g * 16 + r]
+            for b in range(nb_):
+                o = b * 110
+                dst = out[g, b]
+                dst[2 * r] = src[o + 108]
+                dst[2 * r + 1] = src[o + 109]
+                for j in range(16):
+                    dst[32 + 32 * (j // 2) + 2 * r + j % 2] = quants._q3k_scale(src, o + 96, j) & 0xFF
+                for e in range(256):
+                    h, jj, l = e // 128, (e % 128) // 32, e % 32
+                    v = (np.int64(src[o + 32 + 32 * h + l]) >> (2 * jj)) & 3
+                    v |= ((np.int64(src[o + l]) >> (4 * h + jj)) & 1) << 2
+                    gg, t16 = e // 16, e % 16
+                    q = 288 + 256 * (gg // 2) + 64 * (t16 // 4) + 4 * r + t16 % 4
+                    if gg % 2:
+                        dst[q] |= v << 4
+                    else:
+                        dst[q] = v
+
+
+@nb.njit(parallel=True, **_NOPY)
 def _repack_q5k_x16(w, out):
     """Q5_K rows (rows, nb*176) -> groups of 16 rows (rows//16, nb, 4416), see simd.Q5_Kx16: d, dmin
     (fp16 bytes as they are), the scales and mins unpacked (sub-block j, row r at 64 + 16j + r and
@@ -919,7 +947,7 @@ def _repack_q6k_x16(w, out):
                             dst[288 + 64 * (e // 4) + 4 * r + e % 4] = v
 
 
-_KREPACK = {"Q4_K": _repack_q4k_x16, "Q5_K": _repack_q5k_x16, "Q6_K": _repack_q6k_x16}   # repack functions of the K layouts
+_KREPACK = {"Q3_K": _repack_q3k_x16, "Q4_K": _repack_q4k_x16, "Q5_K": _repack_q5k_x16, "Q6_K": _repack_q6k_x16}   # repack functions of the K layouts
 
 
 # ---------------------------------------------------------------- public API

@@ -1392,7 +1392,7 @@ TYPES: dict = {e.ggml_type: e for e in (
     _entry(GT.Q2_K, GT.Q8_K, dict(scales=0, qs=16, d=80, dmin=82),
            _dq_rows_q2_k, _q_rows_q2_k, _F.Q2_K),
     _entry(GT.Q3_K, GT.Q8_K, dict(hmask=0, qs=32, scales=96, d=108),
-           _dq_rows_q3_k, _q_rows_q3_k, _F.Q3_K),
+           _dq_rows_q3_k, _q_rows_q3_k, _F.Q3_K, repacked=_F.Q3_Kx16),
     _entry(GT.Q4_K, GT.Q8_K, dict(d=0, dmin=2, scales=4, qs=16),
            _dq_rows_q4_k, _q_rows_q4_k, _F.Q4_K, repacked=_F.Q4_Kx16),
     _entry(GT.Q5_K, GT.Q8_K, dict(d=0, dmin=2, scales=4, qh=16, qs=48),

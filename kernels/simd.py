@@ -925,6 +925,23 @@ class Q6_Kx16(KInterleaved):
             yield m // 4, m % 4, e.load(bp, c64(self.layout["qs"] + 64 * m), vec(I8, 64))
 
 
+class Q3_Kx16(Q6_Kx16):
+    """Q3_K repacked for prompt processing: :class:`Q6_Kx16`'s d[16] and scale pairs (the 6-bit scales
+    less 32), then the 3-bit values (0..7: the 2 low bits and the hmask bit, unsigned; the -4 goes
+    through the activations' sums per 16 as Q6_K's -32) as nibbles of 64-byte quad chunks: step c,
+    chunk m byte 4r+t at 288 + 256c + 64m = row r's element 4m+t of group 2c (low nibble) and of
+    group 2c+1 (high nibble). 2336 bytes per super-block of 16 rows (the file's 1760 + 33%)."""
+
+    name, block_bytes, kquant, offset = "Q3_K", 32 + 256 + 2048, True, 4
+    layout = dict(d=0, scales=32, qs=288)
+
+    def chunks(self, e, bp, c):
+        for m in range(4):
+            raw = e.load(bp, c64(self.layout["qs"] + 256 * c + 64 * m), vec(I8, 64))
+            yield 2 * c, m, e.b.and_(raw, e.const_vec(I8, 64, 0x0F))
+            yield 2 * c + 1, m, e.b.lshr(raw, e.const_vec(I8, 64, 4))
+
+
 class Q5_Kx16(KInterleaved):
     """Q5_K repacked for prompt processing: d[16], dmin[16] (fp16), the 6-bit scales and mins
     unpacked to bytes (sub-block j, row r at 16j + r; :class:`Q4_Kx16`'s head), then the 5-bit
