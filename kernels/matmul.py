@@ -381,6 +381,7 @@ class _TypeInfo:
     gemv: Tiling = Tiling(1, 1, 2)
     gemm: Tiling = Tiling(4, 4)      # native tiles for n > 1
     repacked: object = None          # the registry's row-interleaved layout (simd.Interleaved) or None
+    has_gemv: bool = False           # an x86 single-row K kernel (simd.kgemv_kernel) exists for it
     drivers: dict = field(default_factory=dict)
 
     @property
@@ -395,7 +396,8 @@ _ACT = {GT.Q8_0: "q8_0", GT.Q8_1: "q8_1", GT.Q8_K: "q8_K", GT.F16: "f16", GT.BF1
 
 def _kernel_info(e: quants.QuantType) -> _TypeInfo:
     """The kernels' view of a registry entry (tilings and compiled drivers are per process)."""
-    info = _TypeInfo(e.name, e.block_size, e.type_size, _ACT[e.vec_dot_type], repacked=e.repacked)
+    info = _TypeInfo(e.name, e.block_size, e.type_size, _ACT[e.vec_dot_type], repacked=e.repacked,
+                     has_gemv=bool(getattr(e.simd, "has_gemv", False)))
     if _X86 and not e.is_quantized:
         # F16 / BF16 / F32 GEMV on x86: one accumulator set (the GEMM's per-output order, so batch
         # invariant) measured faster than unroll 2 from DRAM (F16 2048x2048, 1 thread, Zen 4 VM:
@@ -683,7 +685,8 @@ def _make_kpacked(info: _TypeInfo, parallel: bool, cfg: KernelConfig):
     fmt = info.repacked
     NC, GB = cfg.packed_nc, GROUP * 4
     T16 = quants.type_info(f).simd.bsums == 16      # the tail tiles (ktile) read int16 sums per 16
-    K16 = fmt.offset != 0                           # so does the x16 kernel
+    K16 = fmt.offset != 0 and fmt.group == 16       # so does the x16 kernel (offset, groups of 16)
+    K32 = fmt.offset != 0 and fmt.group == 32       # the x16 kernel reads int16 sums per 32
     T_MAIN, T_ONE = spec("kitile", f, NC), spec("kitile", f, 1)
     TAIL_MAIN, TAIL_ONE = spec("ktile", f, 1, NC, prefetch=cfg.prefetch), spec("ktile", f, 1, 1, prefetch=cfg.prefetch)
 
@@ -699,6 +702,8 @@ def _make_kpacked(info: _TypeInfo, parallel: bool, cfg: KernelConfig):
             xt = xb32
         if K16:
             xb = x16
+        elif K32:
+            xb = xb32.astype(np.int16)
         else:
             xb = xb32
         ng = wr.shape[0]
@@ -900,6 +905,32 @@ def _repack_q3k_x16(w, out):
 
 
 @nb.njit(parallel=True, **_NOPY)
+def _repack_iq4xs_x16(w, out):
+    """IQ4_XS rows (rows, nb*136) -> groups of 16 rows (rows//16, nb, 2208), see simd.IQ4_XSx16: d, the
+    scales less 32 in pairs (sub-block g, row r at 32 + 32(g//2) + 2r + g%2), the nibbles (sub-block g,
+    element 4m+t of it: byte 160 + 512(g//2) + 64m + 4r + t, high nibble for odd g)."""
+    ng, nb_, bb = out.shape
+    for g in prange(ng):
+        for r in range(16):
+            src = w[g * 16 + r]
+            for b in range(nb_):
+                o = b * 136
+                dst = out[g, b]
+                dst[2 * r] = src[o]
+                dst[2 * r + 1] = src[o + 1]
+                for j in range(8):
+                    dst[32 + 32 * (j // 2) + 2 * r + j % 2] = quants._iq4xs_scale(src, o, j) & 0xFF
+                for e in range(256):
+                    gg, jj = e // 32, e % 32
+                    v = (np.int64(src[o + 8 + 16 * gg + jj % 16]) >> (4 * (jj // 16))) & 0xF
+                    q = 160 + 512 * (gg // 2) + 64 * (jj // 4) + 4 * r + jj % 4
+                    if gg % 2:
+                        dst[q] |= v << 4
+                    else:
+                        dst[q] = v
+
+
+@nb.njit(parallel=True, **_NOPY)
 def _repack_q5k_x16(w, out):
     """Q5_K rows (rows, nb*176) -> groups of 16 rows (rows//16, nb, 4416), see simd.Q5_Kx16: d, dmin
     (fp16 bytes as they are), the scales and mins unpacked (sub-block j, row r at 64 + 16j + r and
@@ -955,7 +986,7 @@ def _repack_q6k_x16(w, out):
                             dst[288 + 64 * (e // 4) + 4 * r + e % 4] = v
 
 
-_KREPACK = {"Q3_K": _repack_q3k_x16, "Q4_K": _repack_q4k_x16, "Q5_K": _repack_q5k_x16, "Q6_K": _repack_q6k_x16}   # repack functions of the K layouts
+_KREPACK = {"IQ4_XS": _repack_iq4xs_x16, "Q3_K": _repack_q3k_x16, "Q4_K": _repack_q4k_x16, "Q5_K": _repack_q5k_x16, "Q6_K": _repack_q6k_x16}   # repack functions of the K layouts
 
 
 # ---------------------------------------------------------------- public API
@@ -1128,7 +1159,7 @@ def _plan(pw: PreparedWeight, n: int) -> list:
         packed, a0 = "arm", (pw.arm,)
     else:
         packed = pw.packed is not None and not (n == 1 and pw.info.repacked.kquant and cfg.kgemv
-                                                and not cfg.batch_invariant)
+                                                and not cfg.batch_invariant and pw.info.has_gemv)
         a0 = (pw.packed, pw.tail) if packed else (pw.w,)
     return [packed, a0, pw.nbytes * max(1, n >> 2) >= cfg.parallel_min_bytes, None, None]
 

@@ -1403,7 +1403,7 @@ TYPES: dict = {e.ggml_type: e for e in (
            _dq_rows_iq4_nl, _q_rows_iq4_nl, _F.IQ4_NL, KVALUES_IQ4NL,
            repacked=_F.IQ4_NLx16),
     _entry(GT.IQ4_XS, GT.Q8_K, dict(d=0, scales_h=2, scales_l=4, qs=8),
-           _dq_rows_iq4_xs, _q_rows_iq4_xs, _F.IQ4_XS, KVALUES_IQ4NL),
+           _dq_rows_iq4_xs, _q_rows_iq4_xs, _F.IQ4_XS, KVALUES_IQ4NL, repacked=_F.IQ4_XSx16),
 )}
 
 _BY_NAME = {e.name: e for e in TYPES.values()}

@@ -942,6 +942,30 @@ class Q3_Kx16(Q6_Kx16):
             yield 2 * c + 1, m, e.b.lshr(raw, e.const_vec(I8, 64, 4))
 
 
+class IQ4_XSx16(Q6_Kx16):
+    """IQ4_XS repacked for prompt processing: d[16] (fp16), the scales less 32 in pairs as
+    :class:`Q6_Kx16` (groups of 32 here), then the nibbles (table indices) in 64-byte quad chunks:
+    step c, chunk m byte 4r+t at 160 + 512c + 64m = row r's element 4m+t of sub-block 2c (low
+    nibble) and of 2c+1 (high). The kernel looks the table up with 128 added (``lookup16``: values
+    1..241, unsigned) and takes 128 * sum_g scale_g * sum(x_g) back (int16 sums per 32).
+    2208 bytes per super-block of 16 rows (the file's 2176)."""
+
+    name, block_bytes, kquant, offset = "IQ4_XS", 32 + 128 + 2048, True, 128
+    layout = dict(d=0, scales=32, qs=160)
+    group, has_min, signed_scales = 32, False, True
+
+    def __init__(self, values=()):
+        self.values = tuple(int(v) for v in values)
+        self.u8 = tuple((int(v) + 128) & 0xFF for v in values)     # as the int8 bit patterns lookup16 takes
+        self.u8 = tuple(v - 256 if v > 127 else v for v in self.u8)
+
+    def chunks(self, e, bp, c):
+        for m in range(8):
+            raw = e.load(bp, c64(self.layout["qs"] + 512 * c + 64 * m), vec(I8, 64))
+            yield 2 * c, m, lookup16(e, e.b.and_(raw, e.const_vec(I8, 64, 0x0F)), self.u8)
+            yield 2 * c + 1, m, lookup16(e, e.b.lshr(raw, e.const_vec(I8, 64, 4)), self.u8)
+
+
 class Q5_Kx16(KInterleaved):
     """Q5_K repacked for prompt processing: d[16], dmin[16] (fp16), the 6-bit scales and mins
     unpacked to bytes (sub-block j, row r at 16j + r; :class:`Q4_Kx16`'s head), then the 5-bit
