@@ -1079,12 +1079,14 @@ def prepare(w_raw: np.ndarray, ggml_type: int, k: int, repack: bool | None = Non
         drop_file_pages(w)
         return pw
     if cfg.repack and info.repacked is not None and info.repacked.kquant and w.shape[0] >= GROUP:
-        # the original rows stay in use (n = 1 runs the kgemv kernels on them): pages kept
+        # the original rows stay in use where n = 1 runs the kgemv kernels on them: pages kept
         ng = w.shape[0] // GROUP
         packed = np.empty((ng, k // 256, info.repacked.block_bytes), np.uint8)
         _par.call(_KREPACK[info.name], w[: ng * GROUP], packed)
         pw.packed = packed
         pw.tail = w[ng * GROUP:]
+        if not info.has_gemv:
+            drop_file_pages(w[: ng * GROUP])     # no kgemv kernel: n = 1 runs the x16 groups too
     elif cfg.repack and info.repack and w.shape[0] >= GROUP:
         nsc, nch, nqh = info.repack
         ng = w.shape[0] // GROUP
