@@ -39,14 +39,14 @@ Kernels (LLVM-IR intrinsics from ``simd.py``):
   horizontal sums (int16 pair products, ``vpdpwssd``), and reads the matrix as
   one sequential stream. 1 thread, Zen 4: 23-31 GB/s for n = 1 (the read
   roofline is 25-29), 80-95 G int8 MAC/s for n = 512.
-* **K-quant row-interleaved** (Q3_K, Q4_K, Q5_K, Q6_K; x86-64, n > 1, and n = 1 under
-  ``batch_invariant``): ``prepare`` repacks groups of 16 rows per super-block
+* **K-quant row-interleaved** (Q3_K, Q4_K, Q5_K, Q6_K, IQ4_XS; x86-64, n > 1, and n = 1
+  under ``batch_invariant`` or where a type has no kgemv kernel: IQ4_XS): ``prepare`` repacks groups of 16 rows per super-block
   (``simd.KInterleaved``: unpacked scales, unsigned quants in 64-byte quad chunks, one
   int32 lane per row) for ``simd.kinterleaved_kernel``: ``vpdpbusd`` of 4 unsigned weights x 4
   broadcast int8 activations (``Emitter.dot_quads``; without AVX-512 VNNI ``vpmaddubsw`` +
   ``vpmaddwd``), times the group scales in int32, mins / offsets through the activation sums:
-  ggml's integers exactly. Copies of 1.0x (Q4_K), 1.3x (Q3_K, Q6_K), 1.6x (Q5_K: its 5-bit
-  values as bytes) the file's bytes; the originals stay resident for the n = 1 kgemv kernels.
+  ggml's integers exactly. Copies of 1.0x (Q4_K, IQ4_XS), 1.3x (Q3_K, Q6_K), 1.6x (Q5_K: its
+  5-bit values as bytes) the file's bytes; the originals stay resident for the n = 1 kgemv kernels.
 * **native** (every type, zero-copy): tiles of NR weight rows x NC activation
   rows over the original block layout; per block an int32 vector converted
   to float and fused-multiply-added with the block's scale. One row at a
@@ -107,7 +107,7 @@ class KernelConfig:
     their own (benchmarks/bench_kernels.py); nothing here reads the environment. A model gets one
     through ``Llama(..., kernel_config=...)`` / ``Engine(..., kernel_config=...)`` (:func:`using_config`)."""
 
-    # row-interleaved copies (simd.Interleaved) of Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/IQ4_NL and Q3_K..Q6_K weights
+    # row-interleaved copies (simd.Interleaved) of Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/IQ4_NL, Q3_K..Q6_K, IQ4_XS weights
     # of >= 16 rows, built at prepare(). On by default on x86-64 only: their int16 pair
     # products map to vpmaddwd/vpdpwssd there, but on NEON they compile to smull + uzp
     # shuffles with register spills (5-10x the instructions of the native sdot kernels;
@@ -1037,7 +1037,7 @@ def prepare(w_raw: np.ndarray, ggml_type: int, k: int, repack: bool | None = Non
     ``k`` inputs in ggml's block layout (a 1-D buffer is split into rows).
     ``config`` (default :func:`current_config`): the kernels' knobs; ``repack``
     overrides its ``repack``, which builds the row-interleaved copy for types whose
-    registry entry has one (Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 / IQ4_NL / Q3_K..Q6_K) and matrices of
+    registry entry has one (Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 / IQ4_NL / Q3_K..Q6_K / IQ4_XS) and matrices of
     at least 16 rows; otherwise the data is used in place.
     """
     cfg = config or current_config()
