@@ -21,6 +21,12 @@ Kernel families (entry points used by matmul.py):
   ``{1to16}`` broadcast operand. Zen 4, Q4_0: 74 instructions per block of
   16 rows x 32 (288 bytes). On NEON the same IR is smull + uzp shuffles with
   spills (~10x more), so matmul.py only repacks on x86-64.
+* :func:`kinterleaved_kernel` -- K-quant super-blocks repacked in groups of 16
+  rows (:class:`KInterleaved`: Q3_K, Q4_K, Q5_K, Q6_K, IQ4_XS): unsigned quants
+  in 64-byte *quad* chunks (4 elements of each row side by side) times int8
+  activations, four at a time, by ``vpdpbusd`` (:meth:`Emitter.dot_quads`, named
+  where the host has AVX-512 VNNI; else ``vpmaddubsw`` + ``vpmaddwd``); signs and
+  mins come back through the activation sums. x86-64 only (``repack``).
 * :func:`tile_kernel` -- the native (zero-copy) block layouts, every type.
   Per (row, activation row, block): a <W x i32> partial dot product, converted
   to float and fused-multiply-added with the block's scale into a float
