@@ -130,7 +130,12 @@ ACC_LANES = {512: 16, 256: 8}.get(VECTOR_BITS, 4)
 
 
 def _host_vnni512() -> bool:
-    """x86-64 with AVX-512 VNNI (``vpdpbusd`` on 64 bytes): :meth:`Emitter.dot_quads` names it."""
+    """x86-64 with AVX-512 VNNI (``vpdpbusd`` on 64 bytes) in the CPU numba compiles for (the host
+    unless NUMBA_CPU_NAME / NUMBA_CPU_FEATURES say otherwise): :meth:`Emitter.dot_quads` names it."""
+    from numba import config
+    feats_set = config.CPU_FEATURES or ""
+    if "-avx512vnni" in feats_set or (config.CPU_NAME or "host") != "host" and "+avx512vnni" not in feats_set:
+        return False
     try:
         feats = llvm.get_host_cpu_features()
         return TARGET_ARCH == "x86_64" and VECTOR_BITS == 512 and bool(feats.get("avx512vnni", False))
