@@ -679,8 +679,9 @@ def _make_packed(info: _TypeInfo, parallel: bool, cfg: KernelConfig):
 
 
 def _make_kpacked(info: _TypeInfo, parallel: bool, cfg: KernelConfig):
-    """x16 K-quant groups (simd.kinterleaved_kernel: int8 activations, u8 quads), their sums int16 per 16
-    where the layout has an offset (Q6_K's -32); the rows % 16 after them on native ktile tiles."""
+    """x16 K-quant groups (simd.kinterleaved_kernel: int8 activations, u8 quads; the activation sums int16
+    per scale group where the layout has an offset: Q3_K -4, Q6_K -32 per 16, IQ4_XS +128 per 32, else
+    int32 per 32 for the mins); the rows % 16 after them on native ktile tiles."""
     f = info.name
     fmt = info.repacked
     NC, GB = cfg.packed_nc, GROUP * 4
