@@ -232,18 +232,23 @@ class Emitter:
         od = self.shuffle(p, None, range(1, n2, 2))
         return self.b.add(ev, od, flags=("nsw",))
 
-    def dot_quads(self, acc, a, x):
-        """acc <16 x i32> + the u8 x s8 quad sums of <64 x i8> a (unsigned) and x (signed): lane i
-        += sum_t a[4i+t] * x[4i+t]. x86 with AVX-512 VNNI: ``vpdpbusd`` (named: LLVM does not match
-        it from generic IR); elsewhere u8 x s8 pair sums (:func:`_maddubs`: ``vpmaddubsw``, exact
-        while a pair's sum fits int16, i.e. a <= 129) and int16 pair sums (``vpmaddwd``)."""
+    def dot_quads(self, acc, a, x, amax=255):
+        """acc <16 x i32> + the u8 x s8 quad sums of <64 x i8> a (unsigned, at most ``amax``) and x
+        (signed): lane i += sum_t a[4i+t] * x[4i+t]. x86 with AVX-512 VNNI: ``vpdpbusd`` (named: LLVM
+        does not match it from generic IR); elsewhere u8 x s8 pair sums (:func:`_maddubs`:
+        ``vpmaddubsw``, which saturates: only while 2 * amax * 128 fits int16, amax <= 127) then int16
+        pair sums (``vpmaddwd``), else int16 products summed in int32 (``vpmaddwd`` + adds)."""
         b = self.b
         if VNNI512 and a.type.count == 64:
             t = vec(I32, 16)
             return _intrinsic_call(b, "llvm.x86.avx512.vpdpbusd.512", t,
                                    [acc, b.bitcast(a, t), b.bitcast(x, t)])
-        p16 = _maddubs(self, a, x)
-        return b.add(acc, self.dot_pairs(p16, self.const_vec(I16, p16.type.count, 1)))
+        n = a.type.count
+        if amax <= 127:
+            p16 = _maddubs(self, a, x)
+            return b.add(acc, self.dot_pairs(p16, self.const_vec(I16, n // 2, 1)))
+        p32 = self.dot_pairs(b.zext(a, vec(I16, n)), b.sext(x, vec(I16, n)))       # <n/2 x i32>, exact
+        return b.add(acc, b.add(self.shuffle(p32, None, range(0, n // 2, 2)), self.shuffle(p32, None, range(1, n // 2, 2))))
 
     def freeze(self, v):
         """LLVM ``freeze``: an identity that optimizers do not look through.
@@ -870,9 +875,11 @@ def interleaved_kernel(fmt, NC: int, chains: int = 4, prefetch: int = 0):
 
 class KInterleaved(Interleaved):
     """A 256-element super-block layout of GROUP rows (:func:`kinterleaved_kernel`): scales per
-    ``group`` elements, ``chunks`` of unsigned quads, optional mins (``has_min``) or ``offset``."""
+    ``group`` elements, ``chunks`` of unsigned quads (at most ``umax``), optional mins (``has_min``)
+    or ``offset``."""
 
     kquant = True
+    umax = 63             # largest unsigned quant (IQ4_XS: 241, the table + 128)
     group, has_min, signed_scales = 32, False, False
     layout: dict = {}
 
@@ -961,7 +968,7 @@ class IQ4_XSx16(Q6_Kx16):
     1..241, unsigned) and takes 128 * sum_g scale_g * sum(x_g) back (int16 sums per 32).
     2208 bytes per super-block of 16 rows (the file's 2176)."""
 
-    name, block_bytes, kquant, offset = "IQ4_XS", 32 + 128 + 2048, True, 128
+    name, block_bytes, kquant, offset, umax = "IQ4_XS", 32 + 128 + 2048, True, 128, 255
     layout = dict(d=0, scales=32, qs=160)
     group, has_min, signed_scales = 32, False, True
 
@@ -1039,7 +1046,7 @@ def kinterleaved_kernel(fmt, NC: int):
                         for c in range(NC):
                             xv = b.bitcast(e.splat(e.load(xbase[c], c64(fmt.group * g + 4 * j), I32), G),
                                            vec(I8, 4 * G))
-                            part[c][u] = e.dot_quads(part[c][u], qv, xv)
+                            part[c][u] = e.dot_quads(part[c][u], qv, xv, fmt.umax)
                     sc, scp = fmt.step_scales(e, bp, cc)    # loaded here: few live registers
                     for c in range(NC):
                         for t in range(per):
@@ -1074,7 +1081,7 @@ def kinterleaved_kernel(fmt, NC: int):
 
         return sig, codegen
 
-    tile.kernel_name = f"kitile_{fmt_name}_g{G}_x{NC}_v5"
+    tile.kernel_name = f"kitile_{fmt_name}_g{G}_x{NC}_v6"
     return tile
 
 
