@@ -39,6 +39,14 @@ Kernels (LLVM-IR intrinsics from ``simd.py``):
   horizontal sums (int16 pair products, ``vpdpwssd``), and reads the matrix as
   one sequential stream. 1 thread, Zen 4: 23-31 GB/s for n = 1 (the read
   roofline is 25-29), 80-95 G int8 MAC/s for n = 512.
+* **K-quant row-interleaved** (Q3_K, Q4_K, Q5_K, Q6_K, IQ4_XS; x86-64, n > 1, and n = 1
+  under ``batch_invariant`` or where a type has no kgemv kernel: IQ4_XS): ``prepare`` repacks groups of 16 rows per super-block
+  (``simd.KInterleaved``: unpacked scales, unsigned quants in 64-byte quad chunks, one
+  int32 lane per row) for ``simd.kinterleaved_kernel``: ``vpdpbusd`` of 4 unsigned weights x 4
+  broadcast int8 activations (``Emitter.dot_quads``; without AVX-512 VNNI ``vpmaddubsw`` +
+  ``vpmaddwd``), times the group scales in int32, mins / offsets through the activation sums:
+  ggml's integers exactly. Copies of 1.0x (Q4_K, IQ4_XS), 1.3x (Q3_K, Q6_K), 1.6x (Q5_K: its
+  5-bit values as bytes) the file's bytes; the originals stay resident for the n = 1 kgemv kernels.
 * **native** (every type, zero-copy): tiles of NR weight rows x NC activation
   rows over the original block layout; per block an int32 vector converted
   to float and fused-multiply-added with the block's scale. One row at a
@@ -106,7 +114,7 @@ class KernelConfig:
     their own (benchmarks/bench_kernels.py); nothing here reads the environment. A model gets one
     through ``Llama(..., kernel_config=...)`` / ``Engine(..., kernel_config=...)`` (:func:`using_config`)."""
 
-    # row-interleaved copies (simd.Interleaved) of Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 and Q4_K weights
+    # row-interleaved copies (simd.Interleaved) of Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/IQ4_NL, Q3_K..Q6_K, IQ4_XS weights
     # of >= 16 rows, built at prepare(). On by default on x86-64 only: their int16 pair
     # products map to vpmaddwd/vpdpwssd there, but on NEON they compile to smull + uzp
     # shuffles with register spills (5-10x the instructions of the native sdot kernels;
@@ -389,6 +397,7 @@ class _TypeInfo:
     gemv: Tiling = Tiling(1, 1, 2)
     gemm: Tiling = Tiling(4, 4)      # native tiles for n > 1
     repacked: object = None          # the registry's row-interleaved layout (simd.Interleaved) or None
+    has_gemv: bool = False           # an x86 single-row K kernel (simd.kgemv_kernel) exists for it
     drivers: dict = field(default_factory=dict)
 
     @property
@@ -403,7 +412,8 @@ _ACT = {GT.Q8_0: "q8_0", GT.Q8_1: "q8_1", GT.Q8_K: "q8_K", GT.F16: "f16", GT.BF1
 
 def _kernel_info(e: quants.QuantType) -> _TypeInfo:
     """The kernels' view of a registry entry (tilings and compiled drivers are per process)."""
-    info = _TypeInfo(e.name, e.block_size, e.type_size, _ACT[e.vec_dot_type], repacked=e.repacked)
+    info = _TypeInfo(e.name, e.block_size, e.type_size, _ACT[e.vec_dot_type], repacked=e.repacked,
+                     has_gemv=bool(getattr(e.simd, "has_gemv", False)))
     if _X86 and not e.is_quantized:
         # F16 / BF16 / F32 GEMV on x86: one accumulator set (the GEMM's per-output order, so batch
         # invariant) measured faster than unroll 2 from DRAM (F16 2048x2048, 1 thread, Zen 4 VM:
@@ -756,29 +766,40 @@ def _make_packed(info: _TypeInfo, parallel: bool, cfg: KernelConfig):
 
 
 def _make_kpacked(info: _TypeInfo, parallel: bool, cfg: KernelConfig):
+    """x16 K-quant groups (simd.kinterleaved_kernel: int8 activations, u8 quads; the activation sums int16
+    per scale group where the layout has an offset: Q3_K -4, Q6_K -32 per 16, IQ4_XS +128 per 32, else
+    int32 per 32 for the mins); the rows % 16 after them on native ktile tiles."""
     f = info.name
+    fmt = info.repacked
     NC, GB = cfg.packed_nc, GROUP * 4
-    B16 = quants.type_info(f).simd.bsums == 16
+    T16 = quants.type_info(f).simd.bsums == 16      # the tail tiles (ktile) read int16 sums per 16
+    K16 = fmt.offset != 0 and fmt.group == 16       # so does the x16 kernel (offset, groups of 16)
+    K32 = fmt.offset != 0 and fmt.group == 32       # the x16 kernel reads int16 sums per 32
     T_MAIN, T_ONE = spec("kitile", f, NC), spec("kitile", f, 1)
     TAIL_MAIN, TAIL_ONE = spec("ktile", f, 1, NC, prefetch=cfg.prefetch), spec("ktile", f, 1, 1, prefetch=cfg.prefetch)
 
     def kpacked(wr, wt, x, out):
         n, k = x.shape
-        xq, xd, xb = _act_q8_K(x)
-        xw = xq.astype(np.int16)
-        if B16:
-            xt = np.empty((n, k // 16), np.int16)      # the tail tiles' activation sums per 16
-            bsums16(xq, xt)
+        xq, xd, xb32 = _act_q8_K(x)
+        x16 = np.empty((n, k // 16) if T16 or K16 else (1, 1), np.int16)
+        if T16 or K16:
+            bsums16(xq, x16)                            # activation sums per 16
+        if T16:
+            xt = x16
         else:
-            xt = xb
+            xt = xb32
+        if K16:
+            xb = x16
+        elif K32:
+            xb = xb32.astype(np.int16)
+        else:
+            xb = xb32
         ng = wr.shape[0]
         nb_ = k // 256
         wp = np.int64(wr.ctypes.data)
         gs = np.int64(wr.strides[0])
         xqp = np.int64(xq.ctypes.data)
         xqs = np.int64(xq.strides[0])
-        xwp = np.int64(xw.ctypes.data)
-        xws = np.int64(xw.strides[0])
         xdp = np.int64(xd.ctypes.data)
         xds = np.int64(xd.strides[0])
         xbp = np.int64(xb.ctypes.data)
@@ -792,10 +813,10 @@ def _make_kpacked(info: _TypeInfo, parallel: bool, cfg: KernelConfig):
             gp = wp + g * gs
             o = op + g * GB
             for c0 in range(0, nc_main, NC):
-                call(T_MAIN, gp, nb_, xwp + c0 * xws, xws, xdp + c0 * xds, xds, xbp + c0 * xbs, xbs,
+                call(T_MAIN, gp, nb_, xqp + c0 * xqs, xqs, xdp + c0 * xds, xds, xbp + c0 * xbs, xbs,
                      o + c0 * osd, osd)
             for c0 in range(nc_main, n):
-                call(T_ONE, gp, nb_, xwp + c0 * xws, xws, xdp + c0 * xds, xds, xbp + c0 * xbs, xbs,
+                call(T_ONE, gp, nb_, xqp + c0 * xqs, xqs, xdp + c0 * xds, xds, xbp + c0 * xbs, xbs,
                      o + c0 * osd, osd)
         # rows after the last full group: native kernels on the original layout
         tp = np.int64(wt.ctypes.data)
@@ -808,7 +829,7 @@ def _make_kpacked(info: _TypeInfo, parallel: bool, cfg: KernelConfig):
             for c0 in range(nc_main, n):
                 call(TAIL_ONE, tp + r * ts, ts, xqp + c0 * xqs, xqs, xdp + c0 * xds, xds, xtp + c0 * xts, xts,
                      nb_, ot + c0 * osd + r * 4, osd)
-        _keep_alive(xq, xw, xd, xb, xt)
+        _keep_alive(xq, xd, xb, xt, x16)
 
     return _njit(kpacked, parallel)
 
@@ -921,7 +942,7 @@ def _repack_q4k_x16(w, out):
 
     Per super-block of a group: the rows' d and dmin (fp16 bytes as they are), the 6-bit
     scales and mins unpacked to bytes (sub-block j, row r at 16j + r), then the quant
-    bytes of sub-block pair c as 16 chunks of 32: chunk j byte 2r+t = row r's qs[32c + 2j + t].
+    bytes of sub-block pair c as 8 quad chunks of 64: chunk m byte 4r+t = row r's qs[32c + 4m + t].
     """
     ng, nb_, bb = out.shape
     for g in prange(ng):
@@ -940,20 +961,99 @@ def _repack_q4k_x16(w, out):
                     dst[64 + 16 * j + r] = sc
                     dst[192 + 16 * j + r] = m
                 for c in range(4):
-                    for j in range(16):
-                        q = 320 + 512 * c + 32 * j + 2 * r
-                        dst[q] = src[o + 16 + 32 * c + 2 * j]
-                        dst[q + 1] = src[o + 16 + 32 * c + 2 * j + 1]
+                    for m in range(8):
+                        for t in range(4):
+                            dst[320 + 512 * c + 64 * m + 4 * r + t] = src[o + 16 + 32 * c + 4 * m + t]
+
+
+@nb.njit(parallel=True, **_NOPY)
+def _repack_q3k_x16(w, out):
+    """Q3_K rows (rows, nb*110) -> groups of 16 rows (rows//16, nb, 2336), see simd.Q3_Kx16: d, the
+    scales less 32 in pairs (group g, row r at 32 + 32(g//2) + 2r + g%2), the values 0..7 as nibbles
+    (group g, element 4m+t of it: byte 288 + 256(g//2) + 64m + 4r + t, high nibble for odd g)."""
+    ng, nb_, bb = out.shape
+    for g in prange(ng):
+        for r in range(16):
+            src = w[g * 16 + r]
+            for b in range(nb_):
+                o = b * 110
+                dst = out[g, b]
+                dst[2 * r] = src[o + 108]
+                dst[2 * r + 1] = src[o + 109]
+                for j in range(16):
+                    dst[32 + 32 * (j // 2) + 2 * r + j % 2] = quants._q3k_scale(src, o + 96, j) & 0xFF
+                for e in range(256):
+                    h, jj, l = e // 128, (e % 128) // 32, e % 32
+                    v = (np.int64(src[o + 32 + 32 * h + l]) >> (2 * jj)) & 3
+                    v |= ((np.int64(src[o + l]) >> (4 * h + jj)) & 1) << 2
+                    gg, t16 = e // 16, e % 16
+                    q = 288 + 256 * (gg // 2) + 64 * (t16 // 4) + 4 * r + t16 % 4
+                    if gg % 2:
+                        dst[q] |= v << 4
+                    else:
+                        dst[q] = v
+
+
+@nb.njit(parallel=True, **_NOPY)
+def _repack_iq4xs_x16(w, out):
+    """IQ4_XS rows (rows, nb*136) -> groups of 16 rows (rows//16, nb, 2208), see simd.IQ4_XSx16: d, the
+    scales less 32 in pairs (sub-block g, row r at 32 + 32(g//2) + 2r + g%2), the nibbles (sub-block g,
+    element 4m+t of it: byte 160 + 512(g//2) + 64m + 4r + t, high nibble for odd g)."""
+    ng, nb_, bb = out.shape
+    for g in prange(ng):
+        for r in range(16):
+            src = w[g * 16 + r]
+            for b in range(nb_):
+                o = b * 136
+                dst = out[g, b]
+                dst[2 * r] = src[o]
+                dst[2 * r + 1] = src[o + 1]
+                for j in range(8):
+                    dst[32 + 32 * (j // 2) + 2 * r + j % 2] = quants._iq4xs_scale(src, o, j) & 0xFF
+                for e in range(256):
+                    gg, jj = e // 32, e % 32
+                    v = (np.int64(src[o + 8 + 16 * gg + jj % 16]) >> (4 * (jj // 16))) & 0xF
+                    q = 160 + 512 * (gg // 2) + 64 * (jj // 4) + 4 * r + jj % 4
+                    if gg % 2:
+                        dst[q] |= v << 4
+                    else:
+                        dst[q] = v
+
+
+@nb.njit(parallel=True, **_NOPY)
+def _repack_q5k_x16(w, out):
+    """Q5_K rows (rows, nb*176) -> groups of 16 rows (rows//16, nb, 4416), see simd.Q5_Kx16: d, dmin
+    (fp16 bytes as they are), the scales and mins unpacked (sub-block j, row r at 64 + 16j + r and
+    192 + 16j + r), the 5-bit values as bytes (quad chunk m byte 4r+t at 320 + 64m = element 4m + t)."""
+    ng, nb_, bb = out.shape
+    for g in prange(ng):
+        for r in range(16):
+            src = w[g * 16 + r]
+            for b in range(nb_):
+                o = b * 176
+                dst = out[g, b]
+                for t in range(2):
+                    dst[2 * r + t] = src[o + t]
+                    dst[32 + 2 * r + t] = src[o + 2 + t]
+                for j in range(8):
+                    sc, m = quants._scale_min_k4(j, src, o + 4)
+                    dst[64 + 16 * j + r] = sc
+                    dst[192 + 16 * j + r] = m
+                for e in range(256):
+                    l = e % 32
+                    q = np.int64(src[o + 48 + 32 * (e // 64) + l])
+                    q = (q >> 4) if (e // 32) % 2 else (q & 0xF)
+                    q |= ((np.int64(src[o + 16 + l]) >> (e // 32)) & 1) << 4
+                    dst[320 + 64 * (e // 4) + 4 * r + e % 4] = q
 
 
 @nb.njit(parallel=True, **_NOPY)
 def _repack_q6k_x16(w, out):
     """Q6_K rows (rows, nb*210) -> groups of 16 rows (rows//16, nb, 4384), see simd.Q6_Kx16:
-    d, the int8 scales (group g, row r at 32 + 16g + r), the values q - 32 as int8 (group g,
-    chunk j byte 2r+t at 288 + 256g + 32j = element 16g + 2j + t)."""
+    d, the int8 scales in pairs (group g, row r at 32 + 32(g//2) + 2r + g%2), the values q (0..63) as bytes (quad
+    chunk m byte 4r+t at 288 + 64m = element 4m + t)."""
     ng, nb_, bb = out.shape
     for g in prange(ng):
-        v = np.empty(256, np.int64)
         for r in range(16):
             src = w[g * 16 + r]
             for b in range(nb_):
@@ -962,7 +1062,7 @@ def _repack_q6k_x16(w, out):
                 dst[2 * r] = src[o + 208]
                 dst[2 * r + 1] = src[o + 209]
                 for j in range(16):
-                    dst[32 + 16 * j + r] = src[o + 192 + j]
+                    dst[32 + 32 * (j // 2) + 2 * r + j % 2] = src[o + 192 + j]
                 for h in range(2):
                     ql = o + 64 * h
                     qh = o + 128 + 32 * h
@@ -970,18 +1070,13 @@ def _repack_q6k_x16(w, out):
                         a = np.int64(src[ql + l])
                         c = np.int64(src[ql + l + 32])
                         hb = np.int64(src[qh + l])
-                        y = 128 * h + l
-                        v[y] = ((a & 0xF) | ((hb & 3) << 4)) - 32
-                        v[y + 32] = ((c & 0xF) | (((hb >> 2) & 3) << 4)) - 32
-                        v[y + 64] = ((a >> 4) | (((hb >> 4) & 3) << 4)) - 32
-                        v[y + 96] = ((c >> 4) | (((hb >> 6) & 3) << 4)) - 32
-                for e in range(256):
-                    gg = e // 16
-                    j = (e % 16) // 2
-                    dst[288 + 256 * gg + 32 * j + 2 * r + (e & 1)] = v[e] & 0xFF
+                        for t, v in enumerate(((a & 0xF) | ((hb & 3) << 4), (c & 0xF) | (((hb >> 2) & 3) << 4),
+                                               (a >> 4) | (((hb >> 4) & 3) << 4), (c >> 4) | (((hb >> 6) & 3) << 4))):
+                            e = 128 * h + l + 32 * t
+                            dst[288 + 64 * (e // 4) + 4 * r + e % 4] = v
 
 
-_KREPACK = {"Q4_K": _repack_q4k_x16, "Q6_K": _repack_q6k_x16}   # repack functions of the K layouts
+_KREPACK = {"IQ4_XS": _repack_iq4xs_x16, "Q3_K": _repack_q3k_x16, "Q4_K": _repack_q4k_x16, "Q5_K": _repack_q5k_x16, "Q6_K": _repack_q6k_x16}   # repack functions of the K layouts
 
 
 # ---------------------------------------------------------------- public API
@@ -1032,7 +1127,7 @@ def prepare(w_raw: np.ndarray, ggml_type: int, k: int, repack: bool | None = Non
     ``k`` inputs in ggml's block layout (a 1-D buffer is split into rows).
     ``config`` (default :func:`current_config`): the kernels' knobs; ``repack``
     overrides its ``repack``, which builds the row-interleaved copy for types whose
-    registry entry has one (Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 / Q4_K) and matrices of
+    registry entry has one (Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 / IQ4_NL / Q3_K..Q6_K / IQ4_XS) and matrices of
     at least 16 rows; otherwise the data is used in place.
     """
     cfg = config or current_config()
@@ -1074,12 +1169,14 @@ def prepare(w_raw: np.ndarray, ggml_type: int, k: int, repack: bool | None = Non
         drop_file_pages(w)
         return pw
     if cfg.repack and info.repacked is not None and info.repacked.kquant and w.shape[0] >= GROUP:
-        # the original rows stay in use (n = 1 runs the kgemv kernels on them): pages kept
+        # the original rows stay in use where n = 1 runs the kgemv kernels on them: pages kept
         ng = w.shape[0] // GROUP
         packed = np.empty((ng, k // 256, info.repacked.block_bytes), np.uint8)
         _par.call(_KREPACK[info.name], w[: ng * GROUP], packed)
         pw.packed = packed
         pw.tail = w[ng * GROUP:]
+        if not info.has_gemv:
+            drop_file_pages(w[: ng * GROUP])     # no kgemv kernel: n = 1 runs the x16 groups too
     elif cfg.repack and info.repack and w.shape[0] >= GROUP:
         nsc, nch, nqh = info.repack
         ng = w.shape[0] // GROUP
@@ -1156,7 +1253,7 @@ def _plan(pw: PreparedWeight, n: int) -> list:
         packed, a0 = "ffma", (pw.w,)
     else:
         packed = pw.packed is not None and not (n == 1 and pw.info.repacked.kquant and cfg.kgemv
-                                                and not cfg.batch_invariant)
+                                                and not cfg.batch_invariant and pw.info.has_gemv)
         a0 = (pw.packed, pw.tail) if packed else (pw.w,)
     return [packed, a0, pw.nbytes * max(1, n >> 2) >= cfg.parallel_min_bytes, None, None]
 

@@ -1392,18 +1392,18 @@ TYPES: dict = {e.ggml_type: e for e in (
     _entry(GT.Q2_K, GT.Q8_K, dict(scales=0, qs=16, d=80, dmin=82),
            _dq_rows_q2_k, _q_rows_q2_k, _F.Q2_K),
     _entry(GT.Q3_K, GT.Q8_K, dict(hmask=0, qs=32, scales=96, d=108),
-           _dq_rows_q3_k, _q_rows_q3_k, _F.Q3_K),
+           _dq_rows_q3_k, _q_rows_q3_k, _F.Q3_K, repacked=_F.Q3_Kx16),
     _entry(GT.Q4_K, GT.Q8_K, dict(d=0, dmin=2, scales=4, qs=16),
            _dq_rows_q4_k, _q_rows_q4_k, _F.Q4_K, repacked=_F.Q4_Kx16),
     _entry(GT.Q5_K, GT.Q8_K, dict(d=0, dmin=2, scales=4, qh=16, qs=48),
-           _dq_rows_q5_k, _q_rows_q5_k, _F.Q5_K),
+           _dq_rows_q5_k, _q_rows_q5_k, _F.Q5_K, repacked=_F.Q5_Kx16),
     _entry(GT.Q6_K, GT.Q8_K, dict(ql=0, qh=128, scales=192, d=208),
            _dq_rows_q6_k, _q_rows_q6_k, _F.Q6_K, repacked=_F.Q6_Kx16),
     _entry(GT.IQ4_NL, GT.Q8_0, dict(d=0, qs=2),
            _dq_rows_iq4_nl, _q_rows_iq4_nl, _F.IQ4_NL, KVALUES_IQ4NL,
            repacked=_F.IQ4_NLx16),
     _entry(GT.IQ4_XS, GT.Q8_K, dict(d=0, scales_h=2, scales_l=4, qs=8),
-           _dq_rows_iq4_xs, _q_rows_iq4_xs, _F.IQ4_XS, KVALUES_IQ4NL),
+           _dq_rows_iq4_xs, _q_rows_iq4_xs, _F.IQ4_XS, KVALUES_IQ4NL, repacked=_F.IQ4_XSx16),
 )}
 
 _BY_NAME = {e.name: e for e in TYPES.values()}

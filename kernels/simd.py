@@ -21,6 +21,12 @@ Kernel families (entry points used by matmul.py):
   ``{1to16}`` broadcast operand. Zen 4, Q4_0: 74 instructions per block of
   16 rows x 32 (288 bytes). On NEON the same IR is smull + uzp shuffles with
   spills (~10x more), so matmul.py only repacks on x86-64.
+* :func:`kinterleaved_kernel` -- K-quant super-blocks repacked in groups of 16
+  rows (:class:`KInterleaved`: Q3_K, Q4_K, Q5_K, Q6_K, IQ4_XS): unsigned quants
+  in 64-byte *quad* chunks (4 elements of each row side by side) times int8
+  activations, four at a time, by ``vpdpbusd`` (:meth:`Emitter.dot_quads`, named
+  where the host has AVX-512 VNNI; else ``vpmaddubsw`` + ``vpmaddwd``); signs and
+  mins come back through the activation sums. x86-64 only (``repack``).
 * :func:`tile_kernel` -- the native (zero-copy) block layouts, every type.
   Per (row, activation row, block): a <W x i32> partial dot product, converted
   to float and fused-multiply-added with the block's scale into a float
@@ -123,6 +129,23 @@ TARGET_ARCH = {"amd64": "x86_64", "arm64": "aarch64"}.get(platform.machine().low
 ACC_LANES = {512: 16, 256: 8}.get(VECTOR_BITS, 4)
 
 
+def _host_vnni512() -> bool:
+    """x86-64 with AVX-512 VNNI (``vpdpbusd`` on 64 bytes) in the CPU numba compiles for (the host
+    unless NUMBA_CPU_NAME / NUMBA_CPU_FEATURES say otherwise): :meth:`Emitter.dot_quads` names it."""
+    from numba import config
+    feats_set = config.CPU_FEATURES or ""
+    if "-avx512vnni" in feats_set or (config.CPU_NAME or "host") != "host" and "+avx512vnni" not in feats_set:
+        return False
+    try:
+        feats = llvm.get_host_cpu_features()
+        return TARGET_ARCH == "x86_64" and VECTOR_BITS == 512 and bool(feats.get("avx512vnni", False))
+    except Exception:  # pragma: no cover - exotic hosts
+        return False
+
+
+VNNI512 = _host_vnni512()
+
+
 # ---------------------------------------------------------------- IR helpers
 def _intrinsic_call(b, name, ret, args):
     """Call an LLVM generic intrinsic (llvm.vector.reduce.*, llvm.roundeven.*, ...)."""
@@ -208,6 +231,24 @@ class Emitter:
         ev = self.shuffle(p, None, range(0, n2, 2))
         od = self.shuffle(p, None, range(1, n2, 2))
         return self.b.add(ev, od, flags=("nsw",))
+
+    def dot_quads(self, acc, a, x, amax=255):
+        """acc <16 x i32> + the u8 x s8 quad sums of <64 x i8> a (unsigned, at most ``amax``) and x
+        (signed): lane i += sum_t a[4i+t] * x[4i+t]. x86 with AVX-512 VNNI: ``vpdpbusd`` (named: LLVM
+        does not match it from generic IR); elsewhere u8 x s8 pair sums (:func:`_maddubs`:
+        ``vpmaddubsw``, which saturates: only while 2 * amax * 128 fits int16, amax <= 127) then int16
+        pair sums (``vpmaddwd``), else int16 products summed in int32 (``vpmaddwd`` + adds)."""
+        b = self.b
+        if VNNI512 and a.type.count == 64:
+            t = vec(I32, 16)
+            return _intrinsic_call(b, "llvm.x86.avx512.vpdpbusd.512", t,
+                                   [acc, b.bitcast(a, t), b.bitcast(x, t)])
+        n = a.type.count
+        if amax <= 127:
+            p16 = _maddubs(self, a, x)
+            return b.add(acc, self.dot_pairs(p16, self.const_vec(I16, n // 2, 1)))
+        p32 = self.dot_pairs(b.zext(a, vec(I16, n)), b.sext(x, vec(I16, n)))       # <n/2 x i32>, exact
+        return b.add(acc, b.add(self.shuffle(p32, None, range(0, n // 2, 2)), self.shuffle(p32, None, range(1, n // 2, 2))))
 
     def freeze(self, v):
         """LLVM ``freeze``: an identity that optimizers do not look through.
@@ -739,6 +780,7 @@ class Interleaved:
     offset = 0            # constant subtracted from every quant (via the activation sums)
     shape = (1, 8, 0)     # (fp16 scales per row, 2-byte quant chunks per row, bytes of 5th bits) per block
     kquant = False        # a 256-element super-block layout (kinterleaved_kernel), not a 32-block one
+    # kquant layouts: ``chunks(e, bp, c)`` yields (scale group, j, <64 x i8> unsigned quads j of the group)
 
     def pairs(self, e: Emitter, bp):
         """Yield (j, <32 x i16>) for j in 0..15 (any order): rows' (q[2j], q[2j+1]) pairs.
@@ -905,44 +947,130 @@ def interleaved_kernel(fmt, NC: int, chains: int = 4, prefetch: int = 0):
     return tile
 
 
-class Q4_Kx16(Interleaved):
+class KInterleaved(Interleaved):
+    """A 256-element super-block layout of GROUP rows (:func:`kinterleaved_kernel`): scales per
+    ``group`` elements, ``chunks`` of unsigned quads (at most ``umax``), optional mins (``has_min``)
+    or ``offset``."""
+
+    kquant = True
+    umax = 63             # largest unsigned quant (IQ4_XS: 241, the table + 128)
+    group, has_min, signed_scales = 32, False, False
+    layout: dict = {}
+
+    def step_scales(self, e, bp, c):
+        """(the rows' scales of groups 2c, 2c+1 (step c) as <16 x i32>, None or for an ``offset``
+        the <32 x i16> scale pairs of those groups, see :class:`Q6_Kx16`)."""
+        ext = e.b.sext if self.signed_scales else e.b.zext
+        return [ext(e.load(bp, c64(self.layout["scales"] + 16 * g), vec(I8, GROUP)), vec(I32, GROUP))
+                for g in (2 * c, 2 * c + 1)], None
+
+    def chunks(self, e, bp, c):
+        """Yield (scale group, j, <64 x i8>) for groups 2c, 2c+1 (step c): rows' unsigned quads j of the
+        group (chunk byte 4r+t = row r's element 4j+t of the group)."""
+        raise NotImplementedError
+
+
+class Q4_Kx16(KInterleaved):
     """Q4_K repacked for prompt processing: one super-block of GROUP rows per 2368 bytes.
 
     d[16], dmin[16] (fp16), the 6-bit scales and mins unpacked to bytes (sub-block j,
-    row r at 16j + r), then the quants of sub-blocks (2c, 2c+1) as 16 chunks of 32 B:
-    chunk j byte 2r+t = row r's qs[32c + 2j + t], whose low nibble is element 2j+t of
-    sub-block 2c and high nibble element 2j+t of sub-block 2c+1 (Q4_K's own pairing).
-    Unsigned quants, one int32 sum per (row, sub-block) times its scale; the mins go
-    through the activations' sums per 32.
+    row r at 16j + r), then the quants of sub-blocks (2c, 2c+1) as 8 quad chunks of 64 B:
+    chunk m byte 4r+t = row r's qs[32c + 4m + t], whose low nibble is element 4m+t of
+    sub-block 2c and high nibble element 4m+t of sub-block 2c+1 (Q4_K's own pairing).
+    Unsigned quants (one ``vpdpbusd`` lane per row, :meth:`Emitter.dot_quads`), one int32
+    sum per (row, sub-block) times its scale; the mins go through the activations' sums per 32.
     """
 
     name, block_bytes, kquant = "Q4_K", 64 + 256 + 2048, True
     layout = dict(d=0, dmin=32, scales=64, mins=192, qs=320)
     group, has_min, signed_scales = 32, True, False   # elements per scale; mins; int8 scales
 
-    def pairs(self, e, bp, c):
-        """Yield (sub-block, j, <32 x i16>) for sub-blocks 2c, 2c+1 (step c of 4): rows' (q[2j], q[2j+1])."""
-        for j in range(16):
-            z = e.b.zext(e.load(bp, c64(self.layout["qs"] + 512 * c + 32 * j), vec(I8, 32)), vec(I16, 32))
-            yield 2 * c, j, e.b.and_(z, e.const_vec(I16, 32, 0x0F))
-            yield 2 * c + 1, j, e.b.lshr(z, e.const_vec(I16, 32, 4))
+    def chunks(self, e, bp, c):
+        for m in range(8):
+            raw = e.load(bp, c64(self.layout["qs"] + 512 * c + 64 * m), vec(I8, 64))
+            yield 2 * c, m, e.b.and_(raw, e.const_vec(I8, 64, 0x0F))
+            yield 2 * c + 1, m, e.b.lshr(raw, e.const_vec(I8, 64, 4))
 
 
-class Q6_Kx16(Interleaved):
-    """Q6_K repacked for prompt processing: d[16] (fp16), the int8 scales (group g of 16
-    elements, row r at 16g + r), then the values q - 32 as int8 in pair chunks: group g,
-    chunk j byte 2r+t = row r's element 16g + 2j + t. 4384 bytes per super-block of 16 rows
-    (the file's 3360 + 30%: the 6-bit values are stored as bytes, decoded once at load)."""
+class Q6_Kx16(KInterleaved):
+    """Q6_K repacked for prompt processing: d[16] (fp16), the int8 scales in pairs (byte 32p + 2r + t
+    = row r's scale of group 2p+t, a group being 16 elements), then the 6-bit values q (0..63,
+    unsigned) as bytes in quad chunks of 64 B: chunk m byte 4r+t = row r's element 4m + t (one
+    ``vpdpbusd`` lane per row, :meth:`Emitter.dot_quads`). The -32 goes through the activations' sums
+    per 16, once per super-block: -32 * sum_g scale_g * sum(x_g) as int16 pair products (the scale
+    pairs against the sums of groups 2p, 2p+1, ``vpdpwssd``). 4384 bytes per super-block of 16 rows
+    (the file's 3360 + 30%: the values are stored as bytes, decoded once at load)."""
 
-    name, block_bytes, kquant = "Q6_K", 32 + 256 + 4096, True
+    name, block_bytes, kquant, offset = "Q6_K", 32 + 256 + 4096, True, 32
     layout = dict(d=0, scales=32, qs=288)
     group, has_min, signed_scales = 16, False, True
 
-    def pairs(self, e, bp, c):
-        """Yield (group, j, <32 x i16>) for groups 4c .. 4c+3 (step c of 4)."""
-        for g in range(4 * c, 4 * c + 4):
-            for j in range(8):
-                yield g, j, e.b.sext(e.load(bp, c64(self.layout["qs"] + 256 * g + 32 * j), vec(I8, 32)), vec(I16, 32))
+    def step_scales(self, e, bp, c):
+        b = e.b
+        pv = b.sext(e.load(bp, c64(self.layout["scales"] + 32 * c), vec(I8, 32)), vec(I16, 32))
+        v = b.bitcast(pv, vec(I32, 16))
+        sh = e.const_vec(I32, 16, 16)
+        return [b.ashr(b.shl(v, sh), sh), b.ashr(v, sh)], pv
+
+    def chunks(self, e, bp, c):
+        for m in range(8 * c, 8 * c + 8):
+            yield m // 4, m % 4, e.load(bp, c64(self.layout["qs"] + 64 * m), vec(I8, 64))
+
+
+class Q3_Kx16(Q6_Kx16):
+    """Q3_K repacked for prompt processing: :class:`Q6_Kx16`'s d[16] and scale pairs (the 6-bit scales
+    less 32), then the 3-bit values (0..7: the 2 low bits and the hmask bit, unsigned; the -4 goes
+    through the activations' sums per 16 as Q6_K's -32) as nibbles of 64-byte quad chunks: step c,
+    chunk m byte 4r+t at 288 + 256c + 64m = row r's element 4m+t of group 2c (low nibble) and of
+    group 2c+1 (high nibble). 2336 bytes per super-block of 16 rows (the file's 1760 + 33%)."""
+
+    name, block_bytes, kquant, offset = "Q3_K", 32 + 256 + 2048, True, 4
+    layout = dict(d=0, scales=32, qs=288)
+
+    def chunks(self, e, bp, c):
+        for m in range(4):
+            raw = e.load(bp, c64(self.layout["qs"] + 256 * c + 64 * m), vec(I8, 64))
+            yield 2 * c, m, e.b.and_(raw, e.const_vec(I8, 64, 0x0F))
+            yield 2 * c + 1, m, e.b.lshr(raw, e.const_vec(I8, 64, 4))
+
+
+class IQ4_XSx16(Q6_Kx16):
+    """IQ4_XS repacked for prompt processing: d[16] (fp16), the scales less 32 in pairs as
+    :class:`Q6_Kx16` (groups of 32 here), then the nibbles (table indices) in 64-byte quad chunks:
+    step c, chunk m byte 4r+t at 160 + 512c + 64m = row r's element 4m+t of sub-block 2c (low
+    nibble) and of 2c+1 (high). The kernel looks the table up with 128 added (``lookup16``: values
+    1..241, unsigned) and takes 128 * sum_g scale_g * sum(x_g) back (int16 sums per 32).
+    2208 bytes per super-block of 16 rows (the file's 2176)."""
+
+    name, block_bytes, kquant, offset, umax = "IQ4_XS", 32 + 128 + 2048, True, 128, 255
+    layout = dict(d=0, scales=32, qs=160)
+    group, has_min, signed_scales = 32, False, True
+
+    def __init__(self, values=()):
+        self.values = tuple(int(v) for v in values)
+        self.u8 = tuple((int(v) + 128) & 0xFF for v in values)     # as the int8 bit patterns lookup16 takes
+        self.u8 = tuple(v - 256 if v > 127 else v for v in self.u8)
+
+    def chunks(self, e, bp, c):
+        for m in range(8):
+            raw = e.load(bp, c64(self.layout["qs"] + 512 * c + 64 * m), vec(I8, 64))
+            yield 2 * c, m, lookup16(e, e.b.and_(raw, e.const_vec(I8, 64, 0x0F)), self.u8)
+            yield 2 * c + 1, m, lookup16(e, e.b.lshr(raw, e.const_vec(I8, 64, 4)), self.u8)
+
+
+class Q5_Kx16(KInterleaved):
+    """Q5_K repacked for prompt processing: d[16], dmin[16] (fp16), the 6-bit scales and mins
+    unpacked to bytes (sub-block j, row r at 16j + r; :class:`Q4_Kx16`'s head), then the 5-bit
+    values (0..31) as bytes in quad chunks of 64 B as :class:`Q6_Kx16` (chunk m byte 4r+t = row r's
+    element 4m + t). 4416 bytes per super-block of 16 rows (the file's 2816 + 57%)."""
+
+    name, block_bytes, kquant = "Q5_K", 64 + 256 + 4096, True
+    layout = dict(d=0, dmin=32, scales=64, mins=192, qs=320)
+    group, has_min, signed_scales = 32, True, False
+
+    def chunks(self, e, bp, c):
+        for m in range(16 * c, 16 * c + 16):
+            yield m // 8, m % 8, e.load(bp, c64(self.layout["qs"] + 64 * m), vec(I8, 64))
 
 
 @lru_cache(maxsize=None)
@@ -953,11 +1081,13 @@ def kinterleaved_kernel(fmt, NC: int):
 
         tile(wg, nb, xq, xq_stride, xd, xd_stride, xb, xb_stride, out, out_stride)
 
-    ``xq`` int16 activations, ``xd`` float32 scale per 256, ``xb`` int32 sums per 32;
-    ``nb`` super-blocks. Per super-block and activation row: one <16 x i32> pair-product
-    sum per sub-block (``vpdpwssd`` with a broadcast activation pair), times the rows'
-    sub-block scales, summed in int32 (ggml's integers exactly); the mins as
-    sum_j min_j * xsum_j; then d_w*d_x and dmin_w*d_x in float. Writes GROUP floats per row.
+    ``xq`` int8 activations; ``xd`` float32 scale per 256; ``xb`` the activations' sums: int32
+    per 32 (formats with mins), int16 per 16 (formats with an ``offset``: Q6_K's -32); ``nb``
+    super-blocks. Per super-block and activation row: one <16 x i32> sum per scale group
+    (``vpdpbusd`` of 4 unsigned weights x 4 broadcast int8 activations, :meth:`Emitter.dot_quads`),
+    times the rows' group scales, summed in int32, less offset * sum_g scale_g * sum(x_g)
+    (ggml's integers exactly); the mins as sum_j min_j * xsum_j; then d_w*d_x and dmin_w*d_x in
+    float. The float order per row does not depend on NC: batch invariant. Writes GROUP floats per row.
     """
     fmt_name = fmt.name
     G = GROUP
@@ -977,26 +1107,30 @@ def kinterleaved_kernel(fmt, NC: int):
 
             def body(i, accs):
                 bp = e.ptr(wp, b.mul(i, c64(fmt.block_bytes)))
-                xbase = [e.ptr(xqp, b.add(b.mul(xqs_, c64(c)), b.mul(i, c64(512)))) for c in range(NC)]
+                xbase = [e.ptr(xqp, b.add(b.mul(xqs_, c64(c)), b.mul(i, c64(256)))) for c in range(NC)]
                 ng = 256 // fmt.group                 # scale groups per super-block
-                ext = b.sext if fmt.signed_scales else b.zext
-                sc = [ext(e.load(bp, c64(L["scales"] + 16 * j), vec(I8, G)), vec(I32, G)) for j in range(ng)]
                 isum = [zero_i] * NC
-                per = ng // 4                          # groups per step
+                per = 2                                # groups per step: 2*ch*NC chains live (AVX-512: 32 registers)
                 ch = max(1, 4 // NC)                   # independent int32 chains per (group, activation row)
-                for cc in range(4):
+                for cc in range(ng // per):
                     # this step's groups: per*ch*NC independent chains, finished (times the scales) at once
                     part = [[zero_i] * (per * ch) for _ in range(NC)]
-                    for g, j, pv in fmt.pairs(e, bp, cc):
+                    for g, j, qv in fmt.chunks(e, bp, cc):
                         u = (g % per) * ch + j % ch
                         for c in range(NC):
-                            xv = b.bitcast(e.splat(e.load(xbase[c], c64(2 * fmt.group * g + 4 * j), I32), G),
-                                           vec(I16, 2 * G))
-                            part[c][u] = b.add(part[c][u], e.dot_pairs(pv, xv))
+                            xv = b.bitcast(e.splat(e.load(xbase[c], c64(fmt.group * g + 4 * j), I32), G),
+                                           vec(I8, 4 * G))
+                            part[c][u] = e.dot_quads(part[c][u], qv, xv, fmt.umax)
+                    sc, scp = fmt.step_scales(e, bp, cc)    # loaded here: few live registers
                     for c in range(NC):
                         for t in range(per):
                             s = functools.reduce(b.add, [e.freeze(p) for p in part[c][t * ch:(t + 1) * ch]])
-                            isum[c] = b.add(isum[c], b.mul(s, sc[per * cc + t]))
+                            isum[c] = b.add(isum[c], b.mul(s, sc[t]))
+                        if scp is not None:     # - offset * sum_g scale_g * sum(x_g): scale pairs x int16 sum pairs
+                            xb16 = b.add(b.mul(xbs_, c64(c)), b.mul(i, c64(2 * ng)))
+                            corr = e.dot_pairs(scp, b.bitcast(e.splat(e.load(xbp, b.add(xb16, c64(2 * per * cc)), I32),
+                                                                      G), vec(I16, 2 * G)))
+                            isum[c] = b.sub(isum[c], b.mul(corr, e.const_vec(I32, G, fmt.offset)))
                 dw = b.fpext(e.load(bp, c64(L["d"]), vec(F16, G)), vec(F32, G))
                 if fmt.has_min:
                     mn = [b.zext(e.load(bp, c64(L["mins"] + 16 * j), vec(I8, G)), vec(I32, G)) for j in range(8)]
@@ -1021,7 +1155,7 @@ def kinterleaved_kernel(fmt, NC: int):
 
         return sig, codegen
 
-    tile.kernel_name = f"kitile_{fmt_name}_g{G}_x{NC}_v3"
+    tile.kernel_name = f"kitile_{fmt_name}_g{G}_x{NC}_v6"
     return tile
 
 

@@ -417,6 +417,44 @@ def test_kquant_single_row_kernel(name, monkeypatch):
     np.testing.assert_array_equal(xp.reshape(2, 2, 8, 32), xq.reshape(2, 2, 8, 32)[:, :, perm])
 
 
+@pytest.mark.parametrize("name", [n for n in KQUANT if quants.type_info(n).repacked is not None])
+def test_kquant_x16_generic_quads(name, monkeypatch):
+    """The x16 K kernel compiled without AVX-512 VNNI (Emitter.dot_quads' vpmaddubsw / int16 paths: what
+    AVX2 hosts and aarch64 get) gives the bit-identical floats of the matmul driver (vpdpbusd where the
+    host has it), for random and all-ones bytes (IQ4_XS: table + 128 = 241, past vpmaddubsw's range)."""
+    import numba
+    from tinyinfer.kernels import simd
+    e = quants.type_info(name)
+    fmt = e.repacked
+    rng = np.random.default_rng(20)
+    k = 512
+    for raw in (random_kquant(name, 16, k, rng), np.full((16, e.row_bytes(k)), 255, np.uint8)):
+        o, nsc = KSCALE[name]
+        raw.reshape(16, k // 256, -1)[..., o:o + 2 * nsc] = np.array([0.01, 0.002][:nsc], np.float16).view(np.uint8)
+        x = np.where(rng.random((2, k)) < 0.5, -1.0, 1.0).astype(np.float32) * rng.random((2, k)).astype(np.float32)
+        pw = mm.prepare(raw, int(T[name]), k, repack=True)
+        ref = mm.matmul(pw, x)
+        xq, xd, _, xb = mm.quantize_activations(x, "q8_K")
+        if fmt.offset and fmt.group == 16:
+            xb = np.empty((2, k // 16), np.int16)
+            mm.bsums16(xq, xb)
+        elif fmt.offset:
+            xb = xb.astype(np.int16)
+        monkeypatch.setattr(simd, "VNNI512", False)
+        kern = simd.kinterleaved_kernel(fmt, 1)
+
+        @numba.njit(cache=False)
+        def run(wg, xq, xd, xb, out):          # compiled now: the kernel's IR reads VNNI512 = False
+            for c in range(xq.shape[0]):
+                kern(wg.ctypes.data, k // 256, xq[c:].ctypes.data, xq.strides[0], xd[c:].ctypes.data,
+                     xd.strides[0], xb[c:].ctypes.data, xb.strides[0], out[c:].ctypes.data, out.strides[0])
+
+        out = np.full((2, 16), np.nan, np.float32)
+        run(pw.packed[0], xq, xd, xb, out)
+        monkeypatch.undo()
+        np.testing.assert_array_equal(out, ref, err_msg=name)
+
+
 def test_zero_rows_of_x_and_zero_activations():
     rng = np.random.default_rng(7)
     raw, _ = make_weight("Q8_0", 20, 64, rng)
