@@ -318,7 +318,11 @@ def create_app(config: ServerConfig, engine_factory: Optional[Callable[[], Any]]
         app.add_middleware(CORSMiddleware, allow_origins=["*"], allow_methods=["*"], allow_headers=["*"])
 
     from .openapi import install
-    install(app, PUBLIC_PATHS, is_ollama_path)
+
+    def n_vocab():
+        tok = getattr(state, "tokenizer", None) if state is not None and state.status == "ok" else None
+        return tok.n_vocab if tok is not None else None
+    install(app, PUBLIC_PATHS, is_ollama_path, n_vocab=n_vocab, router=mgr.multi)
     known = []
 
     def known_paths() -> frozenset:

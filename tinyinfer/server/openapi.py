@@ -6,13 +6,14 @@ request models, completed with what it cannot see.
   for a body over the limit, 503 while loading, draining or with a full queue (``Retry-After``).
 * The error bodies of each dialect: ollama's ``{"error": "..."}``, OpenAI's ``{"error": {"message",
   "type", "param", "code"}}``.
+* Token ids bounded by the vocabulary (one-model mode); the router's /models/unload only where there is one.
 * The content types of streams (``text/event-stream`` for OpenAI's ``stream: true``,
   ``application/x-ndjson`` for ollama's) and of /metrics (Prometheus' text format).
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
 _OPENAI_ERROR = {"type": "object", "required": ["error"], "properties": {"error": {
     "type": "object", "required": ["message", "type"], "properties": {
@@ -31,14 +32,52 @@ _STREAMS = {"/v1/completions": "text/event-stream", "/v1/chat/completions": "tex
 _TEXT = {"/metrics": "text/plain; version=0.0.4; charset=utf-8"}
 
 
-def install(app, public_paths, is_ollama_path: Callable[[str], bool]) -> None:
-    """Make ``app.openapi()`` return the completed document (built once)."""
+#: operations a one-model server does not have (llama-server's router only): left out of its document
+_ROUTER_ONLY = ("/models/unload",)
+
+
+#: bounds pydantic leaves in its own words where a validator wraps the type (schemas.Int): JSON Schema's
+_BOUNDS = {"ge": "minimum", "le": "maximum", "gt": "exclusiveMinimum", "lt": "exclusiveMaximum"}
+
+
+def _token_ids(node, n_vocab: Optional[int]) -> None:
+    """Each token id (``x-token-id``, tinyinfer/server/schemas.py) gets ``maximum`` n_vocab - 1 where the
+    vocabulary is known; where not (many models), its description says what is past it. Bounds of integers
+    as JSON Schema names them."""
+    if isinstance(node, dict):
+        if node.get("type") == "integer":
+            for k in [k for k in node if k in _BOUNDS and isinstance(node[k], (int, float))]:
+                node[_BOUNDS[k]] = node.pop(k)
+        if node.pop("x-token-id", False):
+            if n_vocab is not None:
+                node["maximum"] = n_vocab - 1
+            else:
+                node["description"] = "a token id below the model's vocabulary size (past it: 400)"
+        for v in node.values():
+            _token_ids(v, n_vocab)
+    elif isinstance(node, list):
+        for v in node:
+            _token_ids(v, n_vocab)
+
+
+def install(app, public_paths, is_ollama_path: Callable[[str], bool],
+            n_vocab: Callable[[], Optional[int]] = lambda: None, router: bool = True) -> None:
+    """Make ``app.openapi()`` return the completed document (built once the vocabulary is known).
+
+    ``n_vocab()``: the served model's vocabulary size, None while loading or when the server serves many
+    models (a one-model document waits for it); ``router``: whether the router's load / unload exist."""
     make = app.openapi
 
     def openapi():
         if app.openapi_schema is not None:
             return app.openapi_schema
         doc = make()
+        app.openapi_schema = None            # FastAPI caches what make() built; the completed one is cached below
+        if not router:
+            for p in _ROUTER_ONLY:
+                doc.get("paths", {}).pop(p, None)
+        vocab = n_vocab()
+        _token_ids(doc, vocab)
         for path, ops in doc.get("paths", {}).items():
             error = _OLLAMA_ERROR if is_ollama_path(path) else _OPENAI_ERROR
             for method, op in ops.items():
@@ -61,7 +100,8 @@ def install(app, public_paths, is_ollama_path: Callable[[str], bool]) -> None:
                     ok.setdefault("content", {})[_STREAMS[path]] = {"schema": {"type": "string"}}
                 if ok is not None and path in _TEXT:
                     ok["content"] = {_TEXT[path]: {"schema": {"type": "string"}}}
-        app.openapi_schema = doc
+        if vocab is not None or router:
+            app.openapi_schema = doc
         return doc
 
     app.openapi = openapi

@@ -1,0 +1,62 @@
+"""schemathesis hooks for benchmarks/api_conformance.py (loaded through ``SCHEMATHESIS_HOOKS``).
+
+The OpenAPI document states every rule of a request that JSON Schema can state. A few rules tie one field to
+another and JSON Schema has no words for them; the server answers 400 to a request that breaks one (as
+OpenAI does), and these hooks keep the *schema-valid* (positive) cases schemathesis generates inside them,
+so that "schema-valid request rejected" means the document or the server is wrong, never that the rule was
+unsayable. Negative cases are left as generated. The rules:
+
+* a named ``tool_choice`` names one of ``tools``; ``tool_choice: "required"`` comes with tools; tool names
+  are distinct (tinyinfer/toolcall.py's ToolSet checks);
+* the ollama endpoints name the served model (``CONFORMANCE_MODEL``; another name is a 404 there, which
+  schemathesis accepts but which would stop the request before the code under test).
+"""
+
+from __future__ import annotations
+
+import os
+
+import schemathesis
+
+_OLLAMA_MODEL = ("/api/generate", "/api/chat", "/api/embed", "/api/embeddings", "/api/show")
+
+
+def _positive(case) -> bool:
+    meta = case.meta
+    return meta is not None and meta.generation.mode.is_positive
+
+
+def _tools(body: dict) -> None:
+    tools = body.get("tools")
+    names = []
+    if isinstance(tools, list):
+        for i, t in enumerate(tools):
+            fn = t.get("function") if isinstance(t, dict) else None
+            if isinstance(fn, dict) and isinstance(fn.get("name"), str):
+                if fn["name"] in names:
+                    fn["name"] = f"{fn['name'][:56]}_{i}"
+                names.append(fn["name"])
+    choice = body.get("tool_choice")
+    if isinstance(choice, dict) and isinstance(choice.get("function"), dict):
+        if names:
+            choice["function"]["name"] = names[0]
+        else:
+            body["tool_choice"] = "auto"
+    elif choice == "required" and not names:
+        body["tool_choice"] = "auto"
+
+
+@schemathesis.hook
+def map_case(ctx, case):
+    if not _positive(case) or not isinstance(case.body, dict):
+        return case
+    path = case.operation.path
+    if path in ("/v1/chat/completions", "/api/chat"):
+        _tools(case.body)
+    model = os.environ.get("CONFORMANCE_MODEL")
+    if model and path in _OLLAMA_MODEL:
+        if "model" in case.body or path != "/api/show":
+            case.body["model"] = model
+        if path == "/api/show" and "name" in case.body:
+            case.body["name"] = model
+    return case
