@@ -8,8 +8,12 @@ unsayable. Negative cases are left as generated. The rules:
 
 * a named ``tool_choice`` names one of ``tools``; ``tool_choice: "required"`` comes with tools; tool names
   are distinct (tinyinfer/toolcall.py's ToolSet checks);
-* the ollama endpoints name the served model (``CONFORMANCE_MODEL``; another name is a 404 there, which
-  schemathesis accepts but which would stop the request before the code under test).
+* ``grammar`` is a grammar that parses (GBNF or Lark; the document says so, JSON Schema cannot check it);
+* an embedding input holds at least one token (a string the tokenizer reads as none, such as "\\x04" for
+  SmolLM2's, is a 400 as llama-server's "Input content cannot be empty");
+* the ollama endpoints, /models/load and /v1/models/{model_id} name the served model
+  (``CONFORMANCE_MODEL``; another name is a 404 there, which schemathesis accepts but which would stop the
+  request before the code under test).
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import os
 
 import schemathesis
 
-_OLLAMA_MODEL = ("/api/generate", "/api/chat", "/api/embed", "/api/embeddings", "/api/show")
+_OLLAMA_MODEL = ("/api/generate", "/api/chat", "/api/embed", "/api/embeddings", "/api/show", "/models/load")
 
 
 def _positive(case) -> bool:
@@ -46,14 +50,35 @@ def _tools(body: dict) -> None:
         body["tool_choice"] = "auto"
 
 
+GRAMMAR = 'root ::= "yes" | "no"'
+_EMBED = {"/v1/embeddings": "input", "/api/embed": "input", "/api/embeddings": "prompt"}
+
+
+def _tokenful(v):
+    """Strings with a letter in front (one token at least); token ids as they are."""
+    if isinstance(v, str):
+        return "a" + v
+    if isinstance(v, list):
+        return [_tokenful(x) for x in v]
+    return v
+
+
 @schemathesis.hook
 def map_case(ctx, case):
-    if not _positive(case) or not isinstance(case.body, dict):
+    if not _positive(case):
         return case
     path = case.operation.path
+    model = os.environ.get("CONFORMANCE_MODEL")
+    if model and isinstance(case.path_parameters, dict) and "model_id" in case.path_parameters:
+        case.path_parameters["model_id"] = model
+    if not isinstance(case.body, dict):
+        return case
     if path in ("/v1/chat/completions", "/api/chat"):
         _tools(case.body)
-    model = os.environ.get("CONFORMANCE_MODEL")
+    if isinstance(case.body.get("grammar"), str):
+        case.body["grammar"] = GRAMMAR
+    if path in _EMBED and _EMBED[path] in case.body:
+        case.body[_EMBED[path]] = _tokenful(case.body[_EMBED[path]])
     if model and path in _OLLAMA_MODEL:
         if "model" in case.body or path != "/api/show":
             case.body["model"] = model

@@ -27,7 +27,7 @@ def test_schemathesis_finds_nothing(smollm2_path):
     out = r.stdout + r.stderr
     tail = out[-8000:]
     summary = out.rpartition("SUMMARY")[2]
-    tested = re.search(r"Tested:\s+(\d+)", summary)
-    assert tested and int(tested.group(1)) >= 20, tail         # every operation was exercised
+    ops = re.search(r"Selected:\s+(\d+)/\d+\s+Tested:\s+(\d+)", summary)
+    assert ops and int(ops.group(1)) >= 15 and ops.group(2) == ops.group(1), tail    # every operation tested
     assert "Failures:" not in summary and "Errors:" not in summary, tail
     assert r.returncode == 0, tail

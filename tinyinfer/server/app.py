@@ -319,10 +319,15 @@ def create_app(config: ServerConfig, engine_factory: Optional[Callable[[], Any]]
 
     from .openapi import install
 
-    def n_vocab():
-        tok = getattr(state, "tokenizer", None) if state is not None and state.status == "ok" else None
-        return tok.n_vocab if tok is not None else None
-    install(app, PUBLIC_PATHS, is_ollama_path, n_vocab=n_vocab, router=mgr.multi)
+    def served():
+        """What the OpenAPI document depends on (tinyinfer/server/openapi.py); None while loading."""
+        if state is None:
+            return {}
+        if state.status != "ok":
+            return None
+        return {"n_vocab": state.tokenizer.n_vocab,
+                "absent": ["/models/unload"] + ([] if state.can_rerank else ["/v1/rerank"])}
+    install(app, PUBLIC_PATHS, is_ollama_path, served)
     known = []
 
     def known_paths() -> frozenset:

@@ -75,6 +75,7 @@ class ServerState:
         self.formatter = None
         self.metadata: Dict[str, Any] = {}
         self.tokenizer = None
+        self.can_rerank = False          # the model has a classification head (/v1/rerank)
         self.n_ctx = config.n_ctx
         self.n_batch = config.n_batch
         self.t_loaded: Optional[float] = None
@@ -107,6 +108,7 @@ class ServerState:
             tok = eng.tokenizer
             self.metadata = eng.gguf.metadata
             self.tokenizer = tok
+            self.can_rerank = bool(getattr(eng.model, "has_rank_head", False))
             self.n_ctx = eng.n_ctx
             self.formatter = ChatFormatter.for_tokenizer(self.metadata, tok, self.config.chat_template)
             self.max_token_bytes()

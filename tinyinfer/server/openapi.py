@@ -6,7 +6,8 @@ request models, completed with what it cannot see.
   for a body over the limit, 503 while loading, draining or with a full queue (``Retry-After``).
 * The error bodies of each dialect: ollama's ``{"error": "..."}``, OpenAI's ``{"error": {"message",
   "type", "param", "code"}}``.
-* Token ids bounded by the vocabulary (one-model mode); the router's /models/unload only where there is one.
+* Token ids bounded by the vocabulary (one-model mode); only the operations this server has (no router's
+  /models/unload with one model, no /v1/rerank for a model that cannot rerank).
 * The content types of streams (``text/event-stream`` for OpenAI's ``stream: true``,
   ``application/x-ndjson`` for ollama's) and of /metrics (Prometheus' text format).
 """
@@ -30,10 +31,6 @@ _STREAMS = {"/v1/completions": "text/event-stream", "/v1/chat/completions": "tex
             "/api/generate": "application/x-ndjson", "/api/chat": "application/x-ndjson",
             "/api/pull": "application/x-ndjson"}
 _TEXT = {"/metrics": "text/plain; version=0.0.4; charset=utf-8"}
-
-
-#: operations a one-model server does not have (llama-server's router only): left out of its document
-_ROUTER_ONLY = ("/models/unload",)
 
 
 #: bounds pydantic leaves in its own words where a validator wraps the type (schemas.Int): JSON Schema's
@@ -61,11 +58,11 @@ def _token_ids(node, n_vocab: Optional[int]) -> None:
 
 
 def install(app, public_paths, is_ollama_path: Callable[[str], bool],
-            n_vocab: Callable[[], Optional[int]] = lambda: None, router: bool = True) -> None:
-    """Make ``app.openapi()`` return the completed document (built once the vocabulary is known).
-
-    ``n_vocab()``: the served model's vocabulary size, None while loading or when the server serves many
-    models (a one-model document waits for it); ``router``: whether the router's load / unload exist."""
+            served: Callable[[], Optional[dict]] = lambda: {}) -> None:
+    """Make ``app.openapi()`` return the completed document, built once ``served()`` says what is served:
+    None while the one model loads (the document is then built but not kept), else a dict with ``n_vocab``
+    (the vocabulary's size, absent with many models) and ``absent`` (paths this server does not have:
+    the router's /models/unload with one model, /v1/rerank for a model without a classification head)."""
     make = app.openapi
 
     def openapi():
@@ -73,10 +70,10 @@ def install(app, public_paths, is_ollama_path: Callable[[str], bool],
             return app.openapi_schema
         doc = make()
         app.openapi_schema = None            # FastAPI caches what make() built; the completed one is cached below
-        if not router:
-            for p in _ROUTER_ONLY:
-                doc.get("paths", {}).pop(p, None)
-        vocab = n_vocab()
+        info = served()
+        for p in (info or {}).get("absent", ()):
+            doc.get("paths", {}).pop(p, None)
+        vocab = (info or {}).get("n_vocab")
         _token_ids(doc, vocab)
         for path, ops in doc.get("paths", {}).items():
             error = _OLLAMA_ERROR if is_ollama_path(path) else _OPENAI_ERROR
@@ -100,7 +97,7 @@ def install(app, public_paths, is_ollama_path: Callable[[str], bool],
                     ok.setdefault("content", {})[_STREAMS[path]] = {"schema": {"type": "string"}}
                 if ok is not None and path in _TEXT:
                     ok["content"] = {_TEXT[path]: {"schema": {"type": "string"}}}
-        if vocab is not None or router:
+        if info is not None:
             app.openapi_schema = doc
         return doc
 

@@ -91,7 +91,8 @@ class CompletionRequest(_Sampling):
     prompt: Union[str, Annotated[List[str], Field(min_length=1, max_length=1)],
                   Annotated[List[TokenId], Field(min_length=1)]] = Field(
         "", description="text (one prompt per request), or token ids")
-    grammar: Optional[str] = Field(None, description="GBNF grammar the output must match (llama-server)")
+    grammar: Optional[str] = Field(None, description="GBNF grammar the output must match (llama-server); one that does "
+                                                     "not parse is a 400 naming the error")
     json_schema: Optional[Dict[str, Any]] = Field(None, description="JSON schema of the output (llama-server)")
     response_format: Optional[ResponseFormat] = None
     suffix: Optional[str] = None
@@ -194,9 +195,11 @@ class _OllamaGen(_Body):
 
 class OllamaGenerateRequest(_OllamaGen):
     prompt: Optional[str] = None
-    suffix: Optional[str] = None
+    suffix: Optional[Annotated[str, Field(max_length=0)]] = Field(
+        None, description="not supported (no fill-in-the-middle): absent, null or empty")
     system: Optional[str] = None
-    template: Optional[str] = None
+    template: Optional[Annotated[str, Field(max_length=0)]] = Field(
+        None, description="not supported (Go templates): absent, null or empty; use raw with a formatted prompt")
     context: Optional[List[TokenId]] = None
     raw: bool = False
     images: Optional[Annotated[List[str], Field(max_length=0)]] = Field(
