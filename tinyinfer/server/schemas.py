@@ -186,7 +186,8 @@ class OllamaOptions(_Body):
 class _OllamaGen(_Body):
     model: str = Field(..., min_length=1, description="a name of the served model (400 without it, as ollama)")
     stream: bool = True
-    format: Optional[Union[str, Dict[str, Any]]] = Field(None, description='"json" or a JSON schema')
+    format: Optional[Union[Literal["json", ""], Dict[str, Any]]] = Field(
+        None, description='"json" or a JSON schema; "" or null: none (ollama\'s)')
     options: Optional[OllamaOptions] = None
     keep_alive: KeepAlive = _KEEP_ALIVE
     think: Optional[Union[bool, str]] = None
