@@ -66,8 +66,7 @@ def start_server(model, *args, env=None):
 def run_load(url, clients, requests, tokens):
     def one(client, prompt):
         t0 = time.perf_counter()
-        r = client.post(url + "/v1/completions", json={"prompt": prompt, "max_tokens": tokens, "temperature": 0,
-                                                       "n_predict": tokens})
+        r = client.post(url + "/v1/completions", json={"prompt": prompt, "max_tokens": tokens, "temperature": 0})
         r.raise_for_status()
         j = r.json()
         n = j.get("usage", {}).get("completion_tokens")
