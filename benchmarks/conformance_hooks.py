@@ -11,6 +11,9 @@ unsayable. Negative cases are left as generated. The rules:
 * ``grammar`` is a grammar that parses (GBNF or Lark; the document says so, JSON Schema cannot check it);
 * an embedding input holds at least one token (a string the tokenizer reads as none, such as "\\x04" for
   SmolLM2's, is a 400 as llama-server's "Input content cannot be empty");
+* the prompt fits the context (a prompt of more tokens than ``-c`` is a 400, as llama-server's "the request
+  exceeds the available context size"): valid cases whose prompt-making fields hold more than
+  ``PROMPT_BYTES`` bytes (an upper bound on their tokens: a token covers a byte at least) are dropped;
 * the ollama endpoints, /models/load and /v1/models/{model_id} name the served model
   (``CONFORMANCE_MODEL``; another name is a 404 there, which schemathesis accepts but which would stop the
   request before the code under test).
@@ -18,6 +21,7 @@ unsayable. Negative cases are left as generated. The rules:
 
 from __future__ import annotations
 
+import json
 import os
 
 import schemathesis
@@ -61,6 +65,20 @@ def _tokenful(v):
     if isinstance(v, list):
         return [_tokenful(x) for x in v]
     return v
+
+
+#: bytes of the prompt-making fields of a valid generation request (-c 512 leaves the rest to the template)
+PROMPT_BYTES = 256
+_PROMPT_FIELDS = ("messages", "prompt", "system", "tools", "suffix", "context")
+_GENERATE = ("/v1/completions", "/v1/chat/completions", "/api/generate", "/api/chat")
+
+
+@schemathesis.hook
+def filter_case(ctx, case):
+    if not _positive(case) or case.operation.path not in _GENERATE or not isinstance(case.body, dict):
+        return True
+    text = json.dumps([case.body.get(k) for k in _PROMPT_FIELDS], ensure_ascii=False)
+    return len(text.encode("utf-8", "surrogatepass")) <= PROMPT_BYTES
 
 
 @schemathesis.hook

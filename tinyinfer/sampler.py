@@ -652,7 +652,9 @@ class Sampler:
             if np.isnan(mx):
                 raise ValueError("logits contain NaN")
             if mx > 0:
-                raise ValueError("logits contain +inf")
+                # a bias or penalty past float32's range (a finite 1e308 bias): its tokens overflowed to
+                # +inf, infinitely favoured; they stay the only candidates, as equals
+                return np.where(np.isposinf(x), np.float32(0.0), np.float32(-np.inf)).astype(np.float32)
             raise ValueError("every token is banned (all logits are -inf)")
         return x
 
