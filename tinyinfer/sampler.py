@@ -570,8 +570,9 @@ class Sampler:
         if bad:
             raise ValueError(f"logit_bias names token ids outside the vocabulary of {n_vocab}: {bad[:8]}")
         if params.logit_bias:
-            self._bias = (np.fromiter(params.logit_bias.keys(), dtype=np.int64),
-                          np.fromiter(params.logit_bias.values(), dtype=np.float32))
+            with np.errstate(over="ignore"):      # past float32's range: +-inf (see _penalised)
+                self._bias = (np.fromiter(params.logit_bias.keys(), dtype=np.int64),
+                              np.fromiter(params.logit_bias.values(), dtype=np.float32))
         else:
             self._bias = None
         last_n = params.repeat_last_n
