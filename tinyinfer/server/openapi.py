@@ -31,6 +31,10 @@ _STREAMS = {"/v1/completions": "text/event-stream", "/v1/chat/completions": "tex
             "/api/generate": "application/x-ndjson", "/api/chat": "application/x-ndjson",
             "/api/pull": "application/x-ndjson"}
 _TEXT = {"/metrics": "text/plain; version=0.0.4; charset=utf-8"}
+#: one Server-Sent Event (OpenAPI 3.1: a text/event-stream ``schema`` describes each event)
+_SSE_EVENT = {"type": "object", "required": ["data"], "properties": {
+    "data": {"type": "string", "description": "a JSON chunk; the last event's is [DONE]"},
+    "event": {"type": "string"}, "id": {"type": "string"}, "retry": {"type": "integer"}}}
 
 
 #: bounds pydantic leaves in its own words where a validator wraps the type (schemas.Int): JSON Schema's
@@ -94,7 +98,9 @@ def install(app, public_paths, is_ollama_path: Callable[[str], bool],
                                             "content": {"application/json": {"schema": error}}})
                 ok = res.get("200")
                 if ok is not None and path in _STREAMS:
-                    ok.setdefault("content", {})[_STREAMS[path]] = {"schema": {"type": "string"}}
+                    media = _STREAMS[path]
+                    ok.setdefault("content", {})[media] = {
+                        "schema": _SSE_EVENT if media == "text/event-stream" else {"type": "string"}}
                 if ok is not None and path in _TEXT:
                     ok["content"] = {_TEXT[path]: {"schema": {"type": "string"}}}
         if info is not None:
