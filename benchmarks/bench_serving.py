@@ -66,8 +66,7 @@ def start_server(model, *args, env=None):
 def run_load(url, clients, requests, tokens):
     def one(client, prompt):
         t0 = time.perf_counter()
-        r = client.post(url + "/v1/completions", json={"prompt": prompt, "max_tokens": tokens, "temperature": 0,
-                                                       "n_predict": tokens})
+        r = client.post(url + "/v1/completions", json={"prompt": prompt, "max_tokens": tokens, "temperature": 0})
         r.raise_for_status()
         j = r.json()
         n = j.get("usage", {}).get("completion_tokens")
@@ -106,6 +105,7 @@ def main(argv=None):
     ap.add_argument("--repeat", type=int, default=1, help="runs per setting (the spread is reported)")
     ap.add_argument("--url", default=None, help="load this running server instead of starting ours")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--batch-invariant", action="store_true", help="serve --batch-invariant")
     a = ap.parse_args(argv)
     model = a.model
     if model is None and a.url is None:
@@ -117,7 +117,8 @@ def main(argv=None):
         proc = None
         url = a.url
         if url is None:
-            proc, url = start_server(model, "-c", a.ctx_size, "-t", a.threads, "--parallel", par)
+            proc, url = start_server(model, "-c", a.ctx_size, "-t", a.threads, "--parallel", par,
+                                     *(["--batch-invariant"] if a.batch_invariant else []))
         try:
             runs = [run_load(url, a.clients, a.requests, a.tokens) for _ in range(a.repeat)]
         finally:

@@ -1,8 +1,12 @@
 """Where a token's time goes: matmul vs attention vs the other kernels vs Python dispatch.
 
     python benchmarks/profile_step.py [-m MODEL.gguf] [--ctx 512] [--steps 32] [--pp 512] [-r 5] [--cprofile]
+                                      [--batch 4] [-t 2] [--batch-invariant]
 
-1 thread. Decode: the cache is filled with ``ctx`` prompt tokens, then ``steps`` single-token forward
+1 thread unless ``-t``. ``--batch B``: the decode step of ``serve --parallel B`` with every slot busy: B
+sequences of one shared cache (each at context ``ctx``), one token each, as one forward pass (the batcher's
+Batch.one_each), so that a step's kernels and Python can be set against the server's whole step
+(benchmarks/bench_serving.py). Decode: the cache is filled with ``ctx`` prompt tokens, then ``steps`` single-token forward
 passes are timed (median per step over ``-r`` repeats, spread = min..max). Prefill: one forward pass of
 ``pp`` tokens at position 0. Per-kernel times come from wrapping every function of
 tinyinfer.kernels.ops and matmul.matmul with a timer (a second pass, so the wrapping does not
@@ -33,7 +37,12 @@ def main():
     ap.add_argument("--pp", type=int, default=512)
     ap.add_argument("-r", "--repeats", type=int, default=5)
     ap.add_argument("--cprofile", action="store_true")
+    ap.add_argument("--batch", type=int, default=1, help="sequences decoded per step (serve --parallel)")
+    ap.add_argument("-t", "--threads", type=int, default=1)
+    ap.add_argument("--batch-invariant", action="store_true", help="serve --batch-invariant's kernels")
     a = ap.parse_args()
+    if a.threads != 1:
+        os.environ["NUMBA_NUM_THREADS"] = str(a.threads)
 
     from tinyinfer.engine import Engine
     from tinyinfer.kernels import matmul as mm
@@ -61,6 +70,8 @@ def main():
         if callable(f) and getattr(f, "__module__", None) == ops.__name__ and not name.startswith("_") and not isinstance(f, type):
             wrapped[(ops, name)] = wrap(ops, name, name)
     wrapped[(mm, "matmul")] = wrap(mm, "matmul", "matmul")
+    if hasattr(mm, "run"):               # the models' linear layers call mm.run (prepared weights)
+        wrapped[(mm, "run")] = wrap(mm, "run", "matmul (mm.run)")
 
     def install(on):
         for (mod, name), w in wrapped.items():
@@ -69,8 +80,15 @@ def main():
     t0 = time.perf_counter()
     # models bind some kernels at load time: load with the wrappers in place, switch them off after
     install(True)
-    eng = Engine(a.model, n_ctx=max(a.ctx + a.steps + 8, a.pp + 8), n_batch=512, n_threads=1, verbose=False)
+    from tinyinfer.kernels.matmul import KernelConfig, using_config
+    from tinyinfer.kvcache import Batch
+    with using_config(KernelConfig(batch_invariant=True) if a.batch_invariant else None):
+        eng = Engine(a.model, n_ctx=max(a.ctx + a.steps + 8, a.pp + 8), n_batch=512, n_threads=a.threads,
+                     verbose=False, n_seq=a.batch)
     install(False)
+    if a.batch_invariant:               # the kernels' configuration stays on for the timed passes
+        _cfg = using_config(KernelConfig(batch_invariant=True))
+        _cfg.__enter__()
     print(f"model {Path(a.model).name}: load {eng.timings.load_ms:.0f} ms, warmup/compile {eng.timings.compile_ms:.0f} ms, "
           f"KV cache {eng.cache.nbytes / 2**20:.1f} MiB")
     model = eng.model
@@ -80,11 +98,22 @@ def main():
     def prefill():
         return model.forward(prompt[:a.pp], 0, eng.cache)
 
+    B = a.batch
+
+    def fill():
+        for q in range(B):
+            model.forward(prompt[:a.ctx], Batch.run(q, 0, a.ctx), eng.cache)
+
+    def step(s):
+        if B == 1:
+            return model.forward(prompt[s:s + 1], a.ctx + s, eng.cache)
+        return model.forward(prompt[s:s + B], Batch.one_each(list(range(B)), [a.ctx + s] * B), eng.cache, n_out=B)
+
     def decode():
-        model.forward(prompt[:a.ctx], 0, eng.cache)
+        fill()
         t = time.perf_counter()
         for s in range(a.steps):
-            model.forward(prompt[s:s + 1], a.ctx + s, eng.cache)
+            step(s)
         return (time.perf_counter() - t) / a.steps
 
     def run(kind):
@@ -100,11 +129,11 @@ def main():
             install(True)
             try:
                 if kind == "tg":
-                    model.forward(prompt[:a.ctx], 0, eng.cache)   # not counted below
+                    fill()                                          # not counted below
                     timers.clear(); counts.clear()
                     t = time.perf_counter()
                     for s in range(a.steps):
-                        model.forward(prompt[s:s + 1], a.ctx + s, eng.cache)
+                        step(s)
                     wall = (time.perf_counter() - t) / per
                 else:
                     t = time.perf_counter(); prefill(); wall = time.perf_counter() - t
@@ -113,12 +142,15 @@ def main():
             kern.append(({k: v / per for k, v in timers.items()}, {k: c / per for k, c in counts.items()}, wall))
         return plain, kern
 
-    for kind, title in (("tg", f"decode step at context {a.ctx}"), ("pp", f"prefill of {a.pp} tokens")):
+    kinds = (("tg", f"decode step of {B} sequence{'s' if B > 1 else ''} at context {a.ctx}"),) + \
+        ((("pp", f"prefill of {a.pp} tokens"),) if B == 1 else ())
+    decode()                             # first calls compile (numba), not timed
+    for kind, title in kinds:
         plain, kern = run(kind)
         med = statistics.median(plain)
         unit, mul = ("ms", 1e3)
-        rate = (1 / med) if kind == "tg" else (a.pp / med)
-        print(f"\n== {title}, 1 thread: median {med * mul:.2f} {unit} (min {min(plain) * mul:.2f}, max {max(plain) * mul:.2f}; "
+        rate = (B / med) if kind == "tg" else (a.pp / med)
+        print(f"\n== {title}, {a.threads} thread{'s' if a.threads > 1 else ''}: median {med * mul:.2f} {unit} (min {min(plain) * mul:.2f}, max {max(plain) * mul:.2f}; "
               f"{a.repeats} repeats) = {rate:.1f} t/s")
         labels = sorted({k for t, _, _ in kern for k in t}, key=lambda k: -statistics.median(t.get(k, 0) for t, _, _ in kern))
         tot_k = statistics.median(sum(t.values()) for t, _, _ in kern)
@@ -130,11 +162,11 @@ def main():
         print(f"  {'python (rest)':22s} {(med - tot_k) * mul:9.3f} {unit}  {100 * (med - tot_k) / med:5.1f}%")
 
     if a.cprofile:
-        model.forward(prompt[:a.ctx], 0, eng.cache)
+        fill()
         pr = cProfile.Profile()
         pr.enable()
         for s in range(a.steps):
-            model.forward(prompt[s:s + 1], a.ctx + s, eng.cache)
+            step(s)
         pr.disable()
         pstats.Stats(pr).sort_stats("tottime").print_stats(15)
 

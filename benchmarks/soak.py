@@ -177,6 +177,11 @@ def main(argv=None) -> int:
             print("  ", e)
         print(f"RSS MiB: start {samples[0][2]:.0f}, after warm-up {warm[0]:.0f}, max {max(r for *_, r in samples):.0f}, "
               f"end {samples[-1][2]:.0f}; growth over the last half {growth:+.0f} MiB")
+        marks = []
+        for q in (0.1, 0.25, 0.5, 0.75, 1.0):
+            at = [r for _, n, r in samples if n >= total * q] or [samples[-1][2]]
+            marks.append(f"{q:.0%} {at[0]:.0f}")
+        print("RSS MiB after each share of the requests: " + ", ".join(marks))
         return 1 if errors else 0
     finally:
         proc.terminate()

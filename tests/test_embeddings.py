@@ -472,6 +472,7 @@ def test_openai_and_ollama_clients_get_the_library_vectors(minilm_server, engine
     assert np.allclose(legacy.embedding, want[0], atol=1e-6)
     r = httpx.post(minilm_server + "/v1/rerank", json={"query": "q", "documents": ["a", "b"]})
     assert r.status_code == 400 and "classification head" in r.text
+    assert "/v1/rerank" not in httpx.get(minilm_server + "/openapi.json").json()["paths"]   # not this server's
 
 
 def test_concurrent_requests_are_packed_and_keep_their_own_vectors_and_errors(minilm_server, engine):
@@ -530,6 +531,9 @@ def test_rerank_endpoint_shape_and_order(rerank_server, reranker):
         assert np.allclose([x["relevance_score"] for x in body["results"]], [scores[i] for i in order[:3]], atol=1e-6)
     r = httpx.post(rerank_server + "/v1/rerank", json={"query": QUERY, "documents": []})
     assert r.status_code == 400
+    spec = httpx.get(rerank_server + "/openapi.json").json()     # documented here, the empty list excluded
+    docs = spec["components"]["schemas"]["RerankRequest"]["properties"]["documents"]["anyOf"][0]
+    assert "/v1/rerank" in spec["paths"] and docs["minItems"] == 1
     # --pooling cls: /v1/embeddings pools the first token (the file itself has no pooling type)
     from tinyinfer.embedding import embed
     e = Engine(reranker, n_ctx=512, n_threads=1)

@@ -640,3 +640,12 @@ def test_bad_inputs_fail_loudly():
         dist(None, np.full(4, NEG_INF, np.float32), np.random.default_rng(0))
     with pytest.raises(ValueError):
         dist(None, np.full(20000, NEG_INF, np.float32), np.random.default_rng(0))
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_bias_past_float32_makes_its_token_the_one(temperature):
+    """A finite logit_bias past float32's range (1.8e308, valid JSON and a valid request) overflows to +inf:
+    that token is drawn, not a 'logits contain +inf' error (issue 26, found by schemathesis)."""
+    x = np.array([3.0, 1.0, 2.0, 0.5], np.float32)
+    s = Sampler(SamplerParams(temperature=temperature, seed=5, logit_bias={1: 1.7976931348623157e308}), 4)
+    assert all(s.sample(x) == 1 for _ in range(5))

@@ -302,6 +302,13 @@ def test_health_loading_then_ok_and_docs(server):
     for p in ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/models", "/api/generate",
               "/api/chat", "/api/tags", "/api/show", "/api/ps", "/api/version", "/health", "/metrics"):
         assert p in spec["paths"], p
+    # what it rejects, said (tests/test_openapi_conformance.py holds the server to it): token ids below the
+    # vocabulary's size, integer bounds in JSON Schema's words, no router unload and no rerank here
+    assert "/models/unload" not in spec["paths"] and "/v1/rerank" not in spec["paths"]
+    n_vocab = server.get("/v1/models").json()["data"][0]["meta"]["n_vocab"]
+    ids = spec["components"]["schemas"]["CompletionRequest"]["properties"]["prompt"]["anyOf"][2]["items"]
+    assert ids == {"type": "integer", "minimum": 0, "maximum": n_vocab - 1}
+    assert '"ge":' not in json.dumps(spec) and '"le":' not in json.dumps(spec)
 
 
 def test_metrics_names(server):
@@ -545,7 +552,7 @@ def test_streams_are_sse_and_ndjson(server):
     ("/v1/completions", {"prompt": "hi", "n": 2}, 400, "n"),
     ("/v1/completions", {"prompt": "hi", "top_p": 3}, 400, "top_p"),
     ("/v1/completions", {"prompt": "hi", "logit_bias": {"abc": 1}}, 400, "logit_bias"),
-    ("/v1/completions", {"prompt": "hi", "logit_bias": {"999999": 1}}, 400, "logit_bias"),
+    ("/v1/completions", {"prompt": "hi", "logit_bias": {"-5": 1}}, 400, "logit_bias"),
     ("/v1/completions", {"prompt": [99999999]}, 400, "out of range"),
     ("/v1/chat/completions", {"messages": "hi"}, 400, "messages"),
     ("/v1/chat/completions", {"messages": []}, 400, "messages"),
@@ -567,6 +574,14 @@ def test_bad_requests_name_the_field(server, path, body, status, needle):
     assert needle in msg, msg
     if not path.startswith("/api/"):
         assert err["type"] == "invalid_request_error"
+
+
+def test_logit_bias_past_the_vocabulary_is_ignored(server):
+    """As llama-server: a logit_bias id past the vocabulary is dropped (tinyinfer/server/core.py)."""
+    base = {"prompt": "One, two,", "max_tokens": 2, **GREEDY}
+    plain = server.post("/v1/completions", base).json()["choices"][0]["text"]
+    r = server.post("/v1/completions", {**base, "logit_bias": {"999999999": 5}})
+    assert r.status_code == 200 and r.json()["choices"][0]["text"] == plain
 
 
 def test_malformed_json_and_unknown_routes(server):

@@ -570,8 +570,9 @@ class Sampler:
         if bad:
             raise ValueError(f"logit_bias names token ids outside the vocabulary of {n_vocab}: {bad[:8]}")
         if params.logit_bias:
-            self._bias = (np.fromiter(params.logit_bias.keys(), dtype=np.int64),
-                          np.fromiter(params.logit_bias.values(), dtype=np.float32))
+            with np.errstate(over="ignore"):      # past float32's range: +-inf (see _penalised)
+                self._bias = (np.fromiter(params.logit_bias.keys(), dtype=np.int64),
+                              np.fromiter(params.logit_bias.values(), dtype=np.float32))
         else:
             self._bias = None
         last_n = params.repeat_last_n
@@ -652,7 +653,9 @@ class Sampler:
             if np.isnan(mx):
                 raise ValueError("logits contain NaN")
             if mx > 0:
-                raise ValueError("logits contain +inf")
+                # a bias or penalty past float32's range (a finite 1e308 bias): its tokens overflowed to
+                # +inf, infinitely favoured; they stay the only candidates, as equals
+                return np.where(np.isposinf(x), np.float32(0.0), np.float32(-np.inf)).astype(np.float32)
             raise ValueError("every token is banned (all logits are -inf)")
         return x
 

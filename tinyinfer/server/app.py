@@ -320,7 +320,16 @@ def create_app(config: ServerConfig, engine_factory: Optional[Callable[[], Any]]
         app.add_middleware(CORSMiddleware, allow_origins=["*"], allow_methods=["*"], allow_headers=["*"])
 
     from .openapi import install
-    install(app, PUBLIC_PATHS, is_ollama_path)
+
+    def served():
+        """What the OpenAPI document depends on (tinyinfer/server/openapi.py); None while loading."""
+        if state is None:
+            return {}
+        if state.status != "ok":
+            return None
+        return {"n_vocab": state.tokenizer.n_vocab,
+                "absent": ["/models/unload"] + ([] if state.can_rerank else ["/v1/rerank"])}
+    install(app, PUBLIC_PATHS, is_ollama_path, served)
     known = []
 
     def known_paths() -> frozenset:

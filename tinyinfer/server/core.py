@@ -75,6 +75,7 @@ class ServerState:
         self.formatter = None
         self.metadata: Dict[str, Any] = {}
         self.tokenizer = None
+        self.can_rerank = False          # the model has a classification head (/v1/rerank)
         self.n_ctx = config.n_ctx
         self.n_batch = config.n_batch
         self.t_loaded: Optional[float] = None
@@ -131,6 +132,7 @@ class ServerState:
         self.tokenizer = eng.tokenizer
         self.formatter = ChatFormatter.for_tokenizer(self.metadata, eng.tokenizer, self.config.chat_template)
         self.n_params = sum(t.n_elements for t in eng.gguf.tensors.values())
+        self.can_rerank = bool(getattr(eng.model, "has_rank_head", False))   # (no weights: False)
 
     def describe_file(self) -> None:
         """:meth:`describe` from the file alone, no weights loaded (status stays as it is)."""
@@ -311,12 +313,12 @@ def check_prompt(ids: List[int], n_ctx: int, n_vocab: int) -> None:
 def gen_options(dialect: str, body, n_vocab: Optional[int] = None, **given):
     """A request's generation options (tinyinfer/options.py, ``dialect``) from its body (a dict, or a pydantic
     model: the fields the client sent, unknown ones included): fields the dialect does not know are ignored,
-    as llama-server and ollama do; a bad value is a 400 naming the field. ``given``: options the route built."""
+    as llama-server and ollama do, and so are ``logit_bias`` ids past the vocabulary (llama-server's); a bad
+    value is a 400 naming the field. ``given``: options the route built."""
     from ..options import GenOptions, build
     body = body.model_dump(exclude_unset=True) if hasattr(body, "model_dump") else dict(body or {})
-    for k in (body.get("logit_bias") or {}) if n_vocab is not None else ():
-        if not 0 <= int(k) < n_vocab:
-            raise ApiError(400, f"logit_bias: token id {int(k)} is out of range [0, {n_vocab})", param="logit_bias")
+    if body.get("logit_bias") and n_vocab is not None:      # ids past the vocabulary are ignored (llama-server's)
+        body["logit_bias"] = {k: v for k, v in body["logit_bias"].items() if 0 <= int(k) < n_vocab}
     try:
         return GenOptions.of(build(dialect, body, strict=False), **given)
     except (ValueError, TypeError) as e:

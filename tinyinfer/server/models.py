@@ -68,7 +68,7 @@ def parse_duration(v, field: str = "keep_alive") -> Optional[float]:
         pass
     sign = -1.0 if text.startswith("-") else 1.0
     body = text.lstrip("+-")
-    parts = re.findall(r"([0-9]*\.?[0-9]+)(ns|us|µs|ms|h|m|s)", body)
+    parts = re.findall(r"([0-9]+(?:\.[0-9]*)?|\.[0-9]+)(ns|us|µs|ms|h|m|s)", body)    # schemas.DURATION_PATTERN
     if not parts or "".join(a + b for a, b in parts) != body:
         raise ApiError(400, f"{field}: invalid duration {v!r} (e.g. \"5m\", \"30s\", \"1h\", 0, -1)", param=field)
     unit = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}

@@ -77,8 +77,9 @@ async def router_load(req: RouterModelRequest, request: Request):
 @router.post("/models/unload", summary="Unload a model once it serves nothing (llama-server's router)")
 async def router_unload(req: RouterModelRequest, request: Request):
     mgr = manager(request)
-    if not mgr.multi:
-        raise ApiError(400, "this server serves one model (-m): start it with --models-dir to unload models")
+    if not mgr.multi:          # llama-server registers the router's routes in router mode only: 404 without one
+        raise ApiError(404, "not found: POST /models/unload (this server serves one model, -m; start it with "
+                            "--models-dir to load and unload models)", "not_found_error")
     if mgr.lookup(req.model) is None:
         raise mgr.not_found(req.model)
     mgr.request_unload(req.model)

@@ -13,6 +13,7 @@ from typing import List, Optional
 
 from fastapi import APIRouter, Request
 from pydantic import Field
+from typing_extensions import Annotated
 
 from .core import ApiError
 from .jobs import gone_response, run_to_end, submit
@@ -22,9 +23,15 @@ router = APIRouter(tags=["Rerank"])
 
 
 class RerankRequest(_Body):
+    model_config = {**_Body.model_config,
+                    "json_schema_extra": {"anyOf": [      # the documents under one of the two names, not null
+                        {"required": ["documents"], "properties": {"documents": {"type": "array"}}},
+                        {"required": ["texts"], "properties": {"texts": {"type": "array"}}}]}}
     query: str
-    documents: Optional[List[str]] = None
-    texts: Optional[List[str]] = None            # TEI's name of the documents
+    documents: Optional[Annotated[List[str], Field(min_length=1)]] = Field(
+        None, description="the documents to score, at least one (null: take texts)")
+    texts: Optional[Annotated[List[str], Field(min_length=1)]] = Field(
+        None, description="TEI's name of the documents")
     top_n: Optional[int] = Field(None, ge=0)
     model: Optional[str] = None
 

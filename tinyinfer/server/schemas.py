@@ -13,10 +13,15 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_valida
 from typing_extensions import Annotated
 
 
+#: Patterns are matched with Python's ``re.search``, as JSON Schema validators written in Python (the ones that
+#: check this server against its OpenAPI document) read ``pattern``: one reading on both sides.
+_RE = "python-re"
+
+
 class _Body(BaseModel):
     # NaN and ±Infinity (which Python's JSON parser accepts) are no sampling values: 400. Strict types, as the
     # OpenAPI document says them: no 0 for a boolean, no "1" for a number, no booleans for token ids.
-    model_config = ConfigDict(extra="ignore", allow_inf_nan=False, strict=True)
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False, strict=True, regex_engine=_RE)
 
 
 #: chat roles the templates know (OpenAI's ``developer`` and legacy ``function`` included)
@@ -28,7 +33,16 @@ def _whole(v):
 
 
 Int = Annotated[int, BeforeValidator(_whole)]
-TokenId = Annotated[Int, Field(ge=0)]
+#: a token id: its ``maximum`` (the vocabulary's size - 1) is written into the OpenAPI document by
+#: tinyinfer/server/openapi.py where the server knows it (one-model mode); past it is a 400
+TokenId = Annotated[Int, Field(ge=0, json_schema_extra={"x-token-id": True})]
+#: ollama's keep_alive as a string: a number of seconds or a Go duration ("5m", "1h30m", "-1s");
+#: tinyinfer/server/models.py's parse_duration reads exactly these
+_NUM = r"(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)"
+DURATION_PATTERN = rf"^[+-]?(?:{_NUM}|(?:{_NUM}(?:ns|us|µs|ms|s|m|h))+)$"
+KeepAlive = Optional[Union[int, float, Annotated[str, Field(pattern=DURATION_PATTERN)]]]
+_KEEP_ALIVE = Field(None, description='how long the model stays loaded after the request: seconds, or a duration '
+                                      '("5m", "30s", "1h"); 0 = unload when idle, negative = forever (ollama\'s)')
 Text = Annotated[str, Field(min_length=1)]
 
 
@@ -37,7 +51,7 @@ Text = Annotated[str, Field(min_length=1)]
 class _Sampling(_Body):
     """Generation options; unset ones take the defaults of tinyinfer/options.py (DEFAULTS["openai"]), and
     options this schema does not list but tinyinfer/options.py's NAMES["openai"] does pass through."""
-    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False, regex_engine=_RE)
     temperature: float = Field(None, ge=0.0, description="0 = greedy (deterministic)")
     top_p: float = Field(None, ge=0.0, le=1.0)
     min_p: float = Field(None, ge=0.0, le=1.0)
@@ -52,7 +66,8 @@ class _Sampling(_Body):
     mirostat_eta: float = Field(None, ge=0.001, le=1.0)
     seed: Optional[Int] = Field(None, description="fixed seed for reproducible sampling; null or -1 = random")
     logit_bias: Optional[Dict[Annotated[str, Field(pattern=r"^[0-9]{1,9}$")], float]] = Field(
-        None, description="token id (as a string) -> bias")
+        None, description="token id (as a string) -> bias; ids past the vocabulary are ignored (llama-server's)",
+        json_schema_extra={"propertyNames": {"pattern": r"^[0-9]{1,9}$"}})
     stop: Optional[Union[str, Annotated[List[str], Field(max_length=16)]]] = Field(
         None, description="stop strings (not part of the output), at most 16")
     stream: bool = False
@@ -76,7 +91,8 @@ class CompletionRequest(_Sampling):
     prompt: Union[str, Annotated[List[str], Field(min_length=1, max_length=1)],
                   Annotated[List[TokenId], Field(min_length=1)]] = Field(
         "", description="text (one prompt per request), or token ids")
-    grammar: Optional[str] = Field(None, description="GBNF grammar the output must match (llama-server)")
+    grammar: Optional[str] = Field(None, description="GBNF grammar the output must match (llama-server); one that does "
+                                                     "not parse is a 400 naming the error")
     json_schema: Optional[Dict[str, Any]] = Field(None, description="JSON schema of the output (llama-server)")
     response_format: Optional[ResponseFormat] = None
     suffix: Optional[str] = None
@@ -94,7 +110,7 @@ class ContentPart(_Body):
 
 
 class Function(_Body):
-    model_config = ConfigDict(extra="allow", allow_inf_nan=False, strict=True)
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False, strict=True, regex_engine=_RE)
     name: str = Field(..., pattern=r"^[A-Za-z0-9_.-]{1,64}$")
     description: Optional[str] = None
     parameters: Optional[Dict[str, Any]] = Field(None, description="a JSON schema of the arguments (an object)")
@@ -102,7 +118,7 @@ class Function(_Body):
 
 class Tool(_Body):
     """OpenAI's function tool (also ollama's ``tools``)."""
-    model_config = ConfigDict(extra="allow", allow_inf_nan=False, strict=True)
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False, strict=True, regex_engine=_RE)
     type: Literal["function"] = "function"
     function: Function
 
@@ -117,7 +133,7 @@ class ToolChoice(_Body):
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow", allow_inf_nan=False, strict=True)
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False, strict=True, regex_engine=_RE)
     role: Role
     content: Optional[Union[str, List[ContentPart]]] = ""
 
@@ -148,7 +164,7 @@ class EmbeddingRequest(_Body):
 class OllamaOptions(_Body):
     """ollama's ``options`` (runner options that make no sense here are accepted and ignored); unset ones
     take ollama's defaults (tinyinfer/options.py: DEFAULTS["ollama"])."""
-    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False, regex_engine=_RE)
     num_predict: Optional[Int] = Field(None, ge=-2, description="-1 = no limit, -2 = fill the context")
     num_ctx: Optional[Int] = Field(None, ge=0, description="accepted; the server's -c is used")
     temperature: Optional[float] = Field(None, ge=0.0)
@@ -170,28 +186,33 @@ class OllamaOptions(_Body):
 class _OllamaGen(_Body):
     model: str = Field(..., min_length=1, description="a name of the served model (400 without it, as ollama)")
     stream: bool = True
-    format: Optional[Union[str, Dict[str, Any]]] = Field(None, description='"json" or a JSON schema')
+    format: Optional[Union[Literal["json", ""], Dict[str, Any]]] = Field(
+        None, description='"json" or a JSON schema; "" or null: none (ollama\'s)')
     options: Optional[OllamaOptions] = None
-    keep_alive: Optional[Union[int, float, str]] = None
+    keep_alive: KeepAlive = _KEEP_ALIVE
     think: Optional[Union[bool, str]] = None
 
 
 
 class OllamaGenerateRequest(_OllamaGen):
     prompt: Optional[str] = None
-    suffix: Optional[str] = None
+    suffix: Optional[Annotated[str, Field(max_length=0)]] = Field(
+        None, description="not supported (no fill-in-the-middle): absent, null or empty")
     system: Optional[str] = None
-    template: Optional[str] = None
+    template: Optional[Annotated[str, Field(max_length=0)]] = Field(
+        None, description="not supported (Go templates): absent, null or empty; use raw with a formatted prompt")
     context: Optional[List[TokenId]] = None
     raw: bool = False
-    images: Optional[List[str]] = None
+    images: Optional[Annotated[List[str], Field(max_length=0)]] = Field(
+        None, description="not supported: the served models are text-only (absent, null or [])")
 
 
 class OllamaMessage(BaseModel):
-    model_config = ConfigDict(extra="allow", allow_inf_nan=False, strict=True)
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False, strict=True, regex_engine=_RE)
     role: Role
     content: Optional[str] = ""
-    images: Optional[List[str]] = None
+    images: Optional[Annotated[List[str], Field(max_length=0)]] = Field(
+        None, description="not supported: the served models are text-only (absent, null or [])")
 
 
 class OllamaChatRequest(_OllamaGen):
@@ -200,7 +221,7 @@ class OllamaChatRequest(_OllamaGen):
 
 
 class OllamaShowRequest(_Body):
-    model_config = ConfigDict(extra="ignore", allow_inf_nan=False, strict=True,
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False, strict=True, regex_engine=_RE,
                               json_schema_extra={"anyOf": [{"required": ["model"]}, {"required": ["name"]}]})
     model: str = Field(None, min_length=1)
     name: str = Field(None, min_length=1)        # older clients
@@ -218,14 +239,14 @@ class OllamaEmbedRequest(_Body):
     input: Union[Text, Annotated[List[Text], Field(min_length=1)]]
     truncate: bool = True
     options: Optional[OllamaOptions] = None
-    keep_alive: Optional[Union[int, float, str]] = None
+    keep_alive: KeepAlive = _KEEP_ALIVE
 
 
 class OllamaEmbeddingsRequest(_Body):
     model: str = Field(..., min_length=1)
     prompt: Text
     options: Optional[OllamaOptions] = None
-    keep_alive: Optional[Union[int, float, str]] = None
+    keep_alive: KeepAlive = _KEEP_ALIVE
 
 
 class RouterModelRequest(_Body):
