@@ -254,7 +254,7 @@ def asm_report(type_name, packed):
     pw = mm.prepare(random_weight(rows, 256, TYPES[type_name], np.random.default_rng(0)), TYPES[type_name], 256,
                     repack=packed, config=CONFIG)
     mm.matmul(pw, np.ones((1, 256), np.float32))
-    drv = mm._driver(info, packed, False, CONFIG)
+    drv = mm.driver(info, packed, False, CONFIG)
     asm = drv.inspect_asm(drv.signatures[0])
     ops = Counter(re.findall(r"^\s+([a-z][a-z0-9]*)\s", asm, re.M))
     vec_ops = {o: c for o, c in ops.items() if o.startswith("v") or o in

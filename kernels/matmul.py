@@ -882,8 +882,10 @@ def _make_arm(info: _TypeInfo, parallel: bool):
     return _njit(arm4, parallel)
 
 
-def _driver(info: _TypeInfo, packed, parallel: bool, cfg: KernelConfig):
-    """packed: False (native), True (x16 row-interleaved) or "arm" (kernels/arm.py's 4-row layouts)."""
+def driver(info: _TypeInfo, packed, parallel: bool, cfg: KernelConfig):
+    """The jitted driver (x, out from a prepared weight's arrays) of a type and layout, cached on the type
+    info; matmul.run and kernels/moe.py call it. packed: False (native), True (x16 row-interleaved),
+    "ffma" (float FMA tiles) or "arm" (kernels/arm.py's 4-row layouts)."""
     key = (packed, parallel, cfg.kgemv, cfg.packed_nc, cfg.packed_chains, cfg.tilings, cfg.prefetch,
            cfg.prefetch_packed, cfg.batch_invariant, cfg.prefetch_float)           # the fields the drivers depend on
     d = info.drivers.get(key)
@@ -1271,14 +1273,14 @@ def run(pw: PreparedWeight, x: np.ndarray, out: np.ndarray) -> np.ndarray:
     if p[2] and _par.num_threads() > 1:
         fn = p[4]
         if fn is None:
-            fn = _driver(pw.info, p[0], True, pw.config)
+            fn = driver(pw.info, p[0], True, pw.config)
             if n == 1:
                 p[4] = fn
         _par.call(fn, *p[1], x, out)     # one thread at a time under workqueue
     else:
         fn = p[3]
         if fn is None:
-            fn = _driver(pw.info, p[0], False, pw.config)
+            fn = driver(pw.info, p[0], False, pw.config)
             if n == 1:
                 p[3] = fn
         fn(*p[1], x, out)

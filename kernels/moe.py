@@ -25,8 +25,7 @@ import numpy as np
 from numba import prange
 
 from . import matmul as mm
-from . import parallel as _par
-from .ops import _exp
+from .ops import expf
 
 _NOPY = dict(cache=True, nogil=True, fastmath=False)
 _DRIVERS: dict = {}
@@ -77,7 +76,7 @@ def _kind_name(kind) -> str:
 
 def _adapter(info, kind, cfg, tag):
     """fn(a, b, x, out) over the matmul driver of ``kind`` (b unused by one-array layouts)."""
-    fn = mm._driver(info, kind, False, cfg)
+    fn = mm.driver(info, kind, False, cfg)
     return _jit(_call2 if kind is True else _call1, f"moe_call_{info.name}_{_kind_name(kind)}_{tag}", {"FN": fn})
 
 
@@ -100,7 +99,7 @@ def _block(x, order, k, groups, starts, plan, plan_starts, chunk, f, ga, gb, ua,
                     for r in range(m):
                         for j in range(f):
                             v = gu[r, j]
-                            a[r, j] = v / (np.float32(1.0) + _exp(-v)) * gu[r, f + j]
+                            a[r, j] = v / (np.float32(1.0) + expf(-v)) * gu[r, f + j]
                 else:
                     g = np.empty((m, f), np.float32)
                     u = np.empty((m, f), np.float32)
@@ -109,7 +108,7 @@ def _block(x, order, k, groups, starts, plan, plan_starts, chunk, f, ga, gb, ua,
                     for r in range(m):
                         for j in range(f):
                             v = g[r, j]
-                            a[r, j] = v / (np.float32(1.0) + _exp(-v)) * u[r, j]
+                            a[r, j] = v / (np.float32(1.0) + expf(-v)) * u[r, j]
                 y = np.empty((m, ys.shape[1]), np.float32)
                 D_CALL(da[e], db[e], a, y)             # noqa: F821
                 for r in range(m):

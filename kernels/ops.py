@@ -130,7 +130,7 @@ def _pow2(typingctx, n):
 
 
 @nb.njit(inline="always", **_fast)
-def _exp(x):
+def expf(x):
     """exp(x) for float32 x <= ~88 without a libm call (Cephes expf: range reduction by ln 2 and a
     degree-7 polynomial, ~1 ulp); x is clamped to [-87, 88] (exp(-87) ~ 1.6e-38 stands for smaller values)."""
     x = min(max(x, np.float32(-87.0)), np.float32(88.0))
@@ -152,7 +152,7 @@ def exp_array(x, out):
     xf = x.reshape(-1)
     of = out.reshape(-1)
     for i in range(xf.shape[0]):
-        of[i] = _exp(xf[i])
+        of[i] = expf(xf[i])
     return out
 
 
@@ -429,7 +429,7 @@ def _exp_shifted(row, L, softcap):
         mx = max(mx, row[t])
     sm = np.float32(0.0)
     for t in range(L):
-        e = _exp(row[t] - mx)
+        e = expf(row[t] - mx)
         row[t] = e
         sm += e
     return sm
@@ -689,7 +689,7 @@ def silu_mul_split(gu, out):
         o = out[i]
         for j in range(f):
             x = g[j]
-            o[j] = x / (np.float32(1.0) + _exp(-x)) * u[j]
+            o[j] = x / (np.float32(1.0) + expf(-x)) * u[j]
     return out
 
 
@@ -706,7 +706,7 @@ def gelu_mul_split(gu, out):
         for j in range(f):
             x = g[j]
             y = np.float32(c) * x * (np.float32(1.0) + np.float32(0.044715) * x * x)
-            th = np.float32(1.0) - np.float32(2.0) / (_exp(np.float32(2.0) * y) + np.float32(1.0))  # tanh(y)
+            th = np.float32(1.0) - np.float32(2.0) / (expf(np.float32(2.0) * y) + np.float32(1.0))  # tanh(y)
             o[j] = np.float32(0.5) * x * (np.float32(1.0) + th) * u[j]
     return out
 

@@ -49,6 +49,10 @@ def test_unknown_names_and_bad_values():
         build("llama_cpp", {"max_token": 5, "temprature": 0})
     with pytest.raises(TypeError, match="name the same option"):
         build("openai", {"max_tokens": 1, "max_completion_tokens": 2})
+    # a server body naming it twice: llama-server's order (n_predict, then max_tokens), whatever the body's order
+    for body in ({"max_tokens": 1, "n_predict": 2}, {"n_predict": 2, "max_tokens": 1}):
+        assert build("openai", body, strict=False).max_tokens == 2
+    assert build("openai", {"max_tokens": 1, "max_completion_tokens": 3}, strict=False).max_tokens == 3
     assert build("openai", {"temprature": 0}, strict=False).sampler.temperature == 0.8   # the server: ignored
     for dialect, body, field in [("ollama", {"top_k": "many"}, "top_k"), ("ollama", {"num_keep": "x"}, "num_keep"),
                                  ("openai", {"mirostat_mode": 3}, "mirostat_mode"), ("openai", {"stop": 5}, "stop"),

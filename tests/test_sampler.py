@@ -649,3 +649,19 @@ def test_bias_past_float32_makes_its_token_the_one(temperature):
     x = np.array([3.0, 1.0, 2.0, 0.5], np.float32)
     s = Sampler(SamplerParams(temperature=temperature, seed=5, logit_bias={1: 1.7976931348623157e308}), 4)
     assert all(s.sample(x) == 1 for _ in range(5))
+
+
+def test_extreme_penalties_never_make_nan_or_inf():
+    """Schema-valid extremes (repeat_penalty 1.5e308, infinite penalties of opposite signs): the penalised
+    logits stay finite and ordered as llama.cpp's arithmetic orders them, and a token is still sampled."""
+    logits = np.array([2.0, 0.0, -1.0, 3.0, 1.0], np.float32)
+    for rp, fp, pp in [(1.5e308, 0.0, 0.0), (1.0, 1e308, -1e308), (0.0, 0.0, 0.0), (1e308, -1e308, 1e308)]:
+        _, out = apply_penalties(None, logits, {0: 1, 1: 2, 2: 1}, rp, fp, pp)
+        assert np.isfinite(out).all(), (rp, fp, pp, out)
+        assert (out[3:] == logits[3:]).all()             # unseen tokens untouched
+    _, out = apply_penalties(None, logits, {0: 1, 2: 1}, 1.5e308)
+    assert out[0] < logits[4] and out[2] < -1e30         # 2 / 1.5e308 ~ 0 < 1.0; -1 * big: very negative
+    s = Sampler(SamplerParams(temperature=0.8, repeat_penalty=1.5e308, seed=1), 20)
+    for t in (3, 0, 2):
+        s.accept(t)
+    assert 0 <= s.sample(np.tile(logits, 4)) < 20

@@ -643,7 +643,8 @@ def grammar_for_response_format(rf) -> Optional[Grammar]:
 
     ``{"type": "text"}``; ``{"type": "json_object"}`` (any JSON object; llama-cpp-python also takes
     a ``"schema"`` here); ``{"type": "json_schema", "json_schema": {"name": ..., "schema": {...},
-    "strict": true}}``. The schema is always enforced, ``strict`` or not."""
+    "strict": true}}`` (without a schema: any JSON value, as llama-server). The schema is always
+    enforced, ``strict`` or not."""
     if rf is None:
         return None
     if hasattr(rf, "model_dump"):
@@ -661,9 +662,8 @@ def grammar_for_response_format(rf) -> Optional[Grammar]:
         schema = js.get("schema") if isinstance(js, dict) else None
         if schema is None:
             schema = rf.get("schema")
-        if schema is None:
-            raise GrammarError("response_format json_schema needs json_schema.schema (the JSON schema)")
-        return Grammar.from_json_schema(schema)
+        # no schema: any JSON value, as llama-server (its schema defaults to {})
+        return Grammar.from_json_schema(schema if schema is not None else {})
     raise GrammarError(f"response_format type must be text, json_object or json_schema, got {kind!r}")
 
 

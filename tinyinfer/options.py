@@ -142,6 +142,14 @@ DEFAULTS = {
 
 _ZERO_IS_ALL = {"llama_cpp", "llama_cpp_chat", "openai", "openai_chat"}
 
+#: a server body may name one option twice (llama-server reads n_predict, then max_tokens): the name
+#: earlier here wins there; a library call (strict) naming it twice is an error
+_PRECEDENCE = ("n_predict", "max_completion_tokens", "max_tokens")
+
+
+def _rank(name: str) -> int:
+    return _PRECEDENCE.index(name) if name in _PRECEDENCE else len(_PRECEDENCE)
+
 
 class OptionError(ValueError):
     """A bad value of one option; ``field`` is its name in the caller's dialect."""
@@ -154,7 +162,8 @@ class OptionError(ValueError):
 def build(dialect: str, values: Mapping[str, Any], *, strict: bool = True,
           defaults: Optional[Mapping[str, Any]] = None) -> GenOptions:
     """GenOptions from ``values`` named in ``dialect`` (see NAMES), over DEFAULTS[dialect] and then
-    ``defaults`` (canonical names: a face's own, e.g. ``Llama(seed=...)``).
+    ``defaults`` (canonical names: a face's own, e.g. ``Llama(seed=...)``). One option named twice: a TypeError
+    when ``strict``, else the name earlier in _PRECEDENCE wins (llama-server's order).
 
     A sampler value of None means the default; a seed < 0 means a random one. Unknown names: TypeError
     naming them when ``strict``, else ignored. A bad value: OptionError naming the dialect's field."""
@@ -170,7 +179,10 @@ def build(dialect: str, values: Mapping[str, Any], *, strict: bool = True,
             continue
         c = names[k]
         if c in given and given[c] != k:
-            raise TypeError(f"{k!r} and {given[c]!r} name the same option")
+            if strict:
+                raise TypeError(f"{k!r} and {given[c]!r} name the same option")
+            if _rank(k) >= _rank(given[c]):
+                continue
         given[c] = k
         if v is None and c in _SAMPLER:
             continue

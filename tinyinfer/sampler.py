@@ -350,11 +350,14 @@ def apply_penalties(ids: Ids, logits, counts, repeat_penalty: float = 1.0,
     pos, found = _locate(ids, logits.shape[0], tokens)
     pos, c = pos[found], n_seen[found].astype(np.float32)
     out = logits.copy()
-    v = out[pos]
-    rp = np.float32(repeat_penalty)
-    v = np.where(v <= 0, v * rp, v / rp)
-    v -= c * np.float32(frequency_penalty) + np.float32(presence_penalty)
-    out[pos] = v
+    # in float64 from penalties held to float32's range, the result clipped back into it: a schema-valid
+    # extreme (repeat_penalty 1e308, penalties of opposite infinite signs) never makes a NaN or +inf logit
+    big = float(np.finfo(np.float32).max)
+    rp, fp, pp = (min(max(float(x), -big), big) for x in (repeat_penalty, frequency_penalty, presence_penalty))
+    v = out[pos].astype(np.float64)
+    v = np.where(v <= 0, v * rp, v / rp) if rp != 0 else np.where(v <= 0, 0.0, np.inf)
+    v -= c * fp + pp
+    out[pos] = np.clip(v, -big, big)
     return ids, out
 
 
