@@ -80,7 +80,9 @@ def _adapter(info, kind, cfg, tag):
     return _jit(_call2 if kind is True else _call1, f"moe_call_{info.name}_{_kind_name(kind)}_{tag}", {"FN": fn})
 
 
-def _block(x, order, k, groups, starts, plan, plan_starts, chunk, f, ga, gb, ua, ub, da, db, wflat, ys):
+def _block(x, route, experts, wflat, ys):
+    order, k, groups, starts, plan, plan_starts, chunk, f = route
+    ga, gb, ua, ub, da, db = experts
     d = x.shape[1]
     nthr = plan_starts.shape[0] - 1
     for t in prange(nthr):
@@ -118,11 +120,11 @@ def _block(x, order, k, groups, starts, plan, plan_starts, chunk, f, ga, gb, ua,
 
 def driver(gu_key: tuple, up_key: tuple | None, dn_key: tuple, cfg):
     """The jitted block for these (type info, layout kind) pairs: gate|up stacked in one matrix when
-    ``up_key`` is None, else gate and up apart. Its arguments: x (n, d); order, the flat (token, slot)
-    indices sorted by expert, k slots a token; the groups' experts and their starts in order; plan /
-    plan_starts, the groups each thread runs; the rows per GEMM call; the experts' width f; the stacked
-    gate|up (or gate), up, down arrays, two each (the x16 layouts' groups and tail rows); the (token,
-    slot) weights; ys (n * k, d), each (token, slot)'s weighted output."""
+    ``up_key`` is None, else gate and up apart. Its arguments: x (n, d); ``route`` = (order, the flat
+    (token, slot) indices sorted by expert; k slots a token; the groups' experts and their starts in
+    order; plan / plan_starts, the groups each thread runs; the rows per GEMM call; the experts' width f);
+    ``experts`` = the stacked gate|up (or gate), up, down arrays, two each (the x16 layouts' groups and
+    tail rows); the (token, slot) weights; ys (n * k, d), each (token, slot)'s weighted output."""
     key = (gu_key[0].name, gu_key[1], up_key and (up_key[0].name, up_key[1]), dn_key[0].name, dn_key[1], cfg)
     d = _DRIVERS.get(key)
     if d is not None:

@@ -256,8 +256,8 @@ class MoE:
         else:
             plan = np.arange(len(groups), dtype=np.int64)
             plan_starts = np.array([0, len(groups)], np.int64)
-        _par.call(drive, x, order.astype(np.int64), k, groups, starts, plan, plan_starts, BATCH_ROWS, self.n_ff,
-                  *arrays, np.ascontiguousarray(w, np.float32).reshape(-1), ys.reshape(n * k, -1))
+        route = (order.astype(np.int64), k, groups, starts, plan, plan_starts, BATCH_ROWS, self.n_ff)
+        _par.call(drive, x, route, arrays, np.ascontiguousarray(w, np.float32).reshape(-1), ys.reshape(n * k, -1))
         return True
 
     def _decode(self, x, chosen, w, ys) -> bool:
@@ -286,8 +286,8 @@ class MoE:
             ix = idx[nt, k] = (np.arange(k, dtype=np.int64), np.arange(k + 1, dtype=np.int64), plan, starts)
         order, gstarts, plan, pstarts = ix
         call = _par.call if nt > 1 else _direct
-        call(drive, x, order, k, chosen[0].astype(np.int64), gstarts, plan, pstarts, 1, self.n_ff, *arrays,
-             w.reshape(-1), ys.reshape(k, -1))
+        route = (order, k, chosen[0].astype(np.int64), gstarts, plan, pstarts, 1, self.n_ff)
+        call(drive, x, route, arrays, w.reshape(-1), ys.reshape(k, -1))
         return True
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
