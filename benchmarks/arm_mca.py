@@ -36,10 +36,6 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-# llama.cpp's figures (../shared/reference/speed.md): cycles (instructions) per block, GEMV
-LLAMA = {("A76", "Q4_0"): (3.2, 8.3), ("A76", "Q8_0"): (2.3, 6.3), ("A76", "Q4_K"): (27, 72),
-         ("A76", "Q6_K"): (64, 138), ("A72", "Q4_0"): (9.2, 24), ("A72", "Q8_0"): (8.7, 20.5),
-         ("A72", "Q4_K"): (76, 177), ("A72", "Q6_K"): (122, 217)}
 CPUS = {"A76": ("cortex-a76", "neoverse-n1"), "A72": ("cortex-a72", "cortex-a72")}
 TRIPLE = "aarch64-unknown-linux-gnu"
 
@@ -107,13 +103,19 @@ def hot_loop(asm: str) -> list[str]:
     return best
 
 
+LLVM = 19  # the one LLVM whose llvm-mca measures both programs (and whose clang compiles llama.cpp)
+APT = (f"apt-get install llvm-{LLVM} clang-{LLVM} lld-{LLVM} libc6-dev-arm64-cross libstdc++-12-dev-arm64-cross "
+       "qemu-user-static")
+
+
 def find_mca() -> str:
-    """The newest llvm-mca here: LLVM 14's neoverse-n1 is scheduled with the Cortex-A57 model (3-wide,
-    one load pipe); the N1's own model (8-wide dispatch, two load pipes) came later (LLVM 19 has it)."""
-    found = sorted(Path("/usr/lib").glob("llvm-*/bin/llvm-mca"), key=lambda p: int(p.parts[3].split("-")[1]))
-    exe = str(found[-1]) if found else shutil.which("llvm-mca")
+    """llvm-mca of LLVM 19, by name, never "the newest found": LLVM 14's neoverse-n1 is scheduled with the
+    Cortex-A57 model (3-wide, one load pipe), the N1's own model (8-wide dispatch, two load pipes) came
+    later, and figures from two models cannot be compared."""
+    exe = shutil.which(f"llvm-mca-{LLVM}") or (f"/usr/lib/llvm-{LLVM}/bin/llvm-mca"
+                                               if os.path.exists(f"/usr/lib/llvm-{LLVM}/bin/llvm-mca") else None)
     if exe is None:
-        raise SystemExit("llvm-mca not found (Debian: apt-get install llvm-19)")
+        raise SystemExit(f"arm_mca.py: llvm-mca-{LLVM} not found (Debian/Ubuntu: apt-get install llvm-{LLVM})")
     return exe
 
 
@@ -159,6 +161,157 @@ def kernels(type_name: str, kind: str, before: bool, dotprod: bool):
             t.NR * t.NC * t.unroll)
 
 
+# ------------------------------------------------------------------ llama.cpp's loops, measured here
+# What llama.cpp runs on aarch64 (ggml-cpu/repack.cpp, ggml_repack_get_optimal_repack_type): with the
+# dot-product extension and no i8mm (the Pi 5's A76) these types are repacked at load and multiplied by
+# ggml_gemv_<k> (one activation row) / ggml_gemm_<k> (4-row activation groups); every other type, and every
+# type without dotprod (the Pi 4's A72), runs ggml_vec_dot_<t> (arch/arm/quants.c) once per output.
+LLAMA_REPACKED = {  # type: (kernel suffix, interleaved weight rows)
+    "Q4_0": ("q4_0_4x4_q8_0", 4), "Q8_0": ("q8_0_4x4_q8_0", 4), "IQ4_NL": ("iq4_nl_4x4_q8_0", 4),
+    "Q4_K": ("q4_K_8x4_q8_K", 8), "Q5_K": ("q5_K_8x4_q8_K", 8), "Q6_K": ("q6_K_8x4_q8_K", 8)}
+LLAMA_VEC_DOT = {"Q4_0": "q4_0_q8_0", "Q4_1": "q4_1_q8_1", "Q5_0": "q5_0_q8_0", "Q5_1": "q5_1_q8_1",
+                 "Q8_0": "q8_0_q8_0", "Q2_K": "q2_K_q8_K", "Q3_K": "q3_K_q8_K", "Q4_K": "q4_K_q8_K",
+                 "Q5_K": "q5_K_q8_K", "Q6_K": "q6_K_q8_K", "IQ4_NL": "iq4_nl_q8_0", "IQ4_XS": "iq4_xs_q8_K"}
+GEMM_ROWS = 16  # activation rows of one measured GEMM call (gemm_q4_0_4x4's assembly takes 16 a pass)
+# One call's PC trace is taken for two row lengths; their difference is whole blocks of the loop nest
+# (inner loops, remainders, call overhead cancel out), so no loop has to be cut out of llama.cpp's code.
+BLOCKS = {32: (8, 40), 256: (2, 6)}  # block size: (short, long) row in blocks
+
+_HARNESS = r"""
+#include <stdlib.h>
+#include <stdint.h>
+#include <stddef.h>
+typedef void (*gemx)(int, float *, size_t, const void *, const void *, int, int);
+typedef void (*vdot)(int, float *, size_t, const void *, size_t, const void *, size_t, int);
+extern void FN(void);
+static unsigned char x[1 << 18], y[1 << 18];
+static float s[1 << 12];
+int main(int argc, char **argv) {
+    int n = atoi(argv[1]), nr = atoi(argv[2]), nc = atoi(argv[3]);
+    uint32_t r = 12345;
+    for (size_t i = 0; i < sizeof x; i++) { r = r * 1103515245u + 12345u; x[i] = r >> 16; y[i] = r >> 8; }
+#ifdef VEC_DOT
+    ((vdot)(void *)FN)(n, s, 0, x, 0, y, 0, 1);
+#else
+    ((gemx)(void *)FN)(n, s, nc, x, y, nr, nc);
+#endif
+    volatile float sink = s[0];
+    (void)sink;
+    return 0;
+}
+"""
+
+
+def _need(tools):
+    missing = [t for t in tools if shutil.which(t) is None]
+    if missing or not Path("/usr/aarch64-linux-gnu/include/stdio.h").exists():
+        raise SystemExit(f"arm_mca.py --llama-src: missing {', '.join(missing) or 'the aarch64 libc headers'} "
+                         f"(Debian/Ubuntu: {APT})")
+
+
+def llama_tree(src: str) -> tuple[Path, str]:
+    """(ggml dir, a line naming the tree) of a llama.cpp source tree (its root or its ggml/)."""
+    root = Path(src).resolve()
+    ggml = root / "ggml" if (root / "ggml" / "src").is_dir() else root
+    arm = ggml / "src" / "ggml-cpu" / "arch" / "arm"
+    if not (arm / "repack.cpp").exists() or not (arm / "quants.c").exists():
+        raise SystemExit(f"arm_mca.py: {src} is not a llama.cpp tree (no ggml/src/ggml-cpu/arch/arm/repack.cpp)")
+    cm = (ggml / "CMakeLists.txt").read_text()
+    ver = ".".join(re.search(rf"set\(GGML_VERSION_{k} (\d+)\)", cm).group(1) for k in ("MAJOR", "MINOR", "PATCH"))
+    return ggml, f"{root} (ggml {ver})"
+
+
+class LlamaLoops:
+    """llama.cpp's aarch64 kernels from its own source tree: arch/arm/repack.cpp and quants.c compiled by
+    clang-19 (``--target=aarch64-linux-gnu -O3 -DNDEBUG -mcpu=...``, as a Release build for that CPU),
+    each kernel linked into a small static program that calls it once on pseudo-random data, the
+    instructions it executes traced one by one under qemu-user (``-singlestep -d exec``), and the
+    trace (as disassembled by llvm-objdump-19) put through llvm-mca-19 once. Cycles per block of one
+    weight row x one activation row = difference of two row lengths / (blocks x weight rows x activation
+    rows). For a loop of one basic block this is what hot_loop() + llvm-mca gives for ours."""
+
+    def __init__(self, src: str, mca_exe: str, workdir: str):
+        _need([f"clang-{LLVM}", f"ld.lld-{LLVM}", f"llvm-objdump-{LLVM}", f"llvm-nm-{LLVM}", "qemu-aarch64-static"])
+        self.ggml, self.name = llama_tree(src)
+        self.mca, self.dir = mca_exe, Path(workdir)
+        self.objs, self.done = {}, {}
+
+    def _obj(self, cpu: str, which: str) -> Path:
+        key = (cpu, which)
+        if key not in self.objs:
+            g = self.ggml
+            src = g / "src" / "ggml-cpu" / "arch" / "arm" / ("repack.cpp" if which == "repack" else "quants.c")
+            out = self.dir / f"{which}-{cpu}.o"
+            lang = ["-x", "c++", "-std=c++17"] if which == "repack" else ["-std=c11"]
+            subprocess.run([f"clang-{LLVM}", "--target=aarch64-linux-gnu", "-O3", "-DNDEBUG", "-D_GNU_SOURCE",
+                            f"-mcpu={cpu}", "-c", f"-I{g / 'include'}", f"-I{g / 'src'}",
+                            f"-I{g / 'src' / 'ggml-cpu'}", *lang, str(src), "-o", str(out)], check=True)
+            self.objs[key] = out
+        return self.objs[key]
+
+    def kernel(self, cpu: str, type_name: str, kind: str):
+        """(function, object kind, weight rows, activation rows) llama.cpp runs for this type on ``cpu``."""
+        if cpu == "A76" and type_name in LLAMA_REPACKED:
+            suffix, ncols = LLAMA_REPACKED[type_name]
+            return f"ggml_{kind}_{suffix}", "repack", ncols, 1 if kind == "gemv" else GEMM_ROWS
+        if type_name not in LLAMA_VEC_DOT:
+            return None
+        return f"ggml_vec_dot_{LLAMA_VEC_DOT[type_name]}", "quants", 1, 1
+
+    def measure(self, cpu: str, type_name: str, kind: str):
+        """(label, cycles per block, instructions per block) or None."""
+        k = self.kernel(cpu, type_name, kind)
+        if k is None:
+            return None
+        fn, which, ncols, nrows = k
+        if (cpu, fn) in self.done:
+            return self.done[(cpu, fn)]
+        target, mcpu = CPUS[cpu]
+        obj = self._obj(target, which)
+        exe = self.dir / f"{fn}-{cpu}"
+        h = self.dir / "harness.c"
+        h.write_text(_HARNESS)
+        defs = [f"-DFN={fn}"] + (["-DVEC_DOT"] if which == "quants" else [])
+        subprocess.run([f"clang-{LLVM}", "--target=aarch64-linux-gnu", "-O2", *defs, "-c", str(h), "-o",
+                        str(exe) + ".o"], check=True)
+        subprocess.run([f"clang-{LLVM}", "--target=aarch64-linux-gnu", f"-fuse-ld=lld", "-static",
+                        str(exe) + ".o", str(obj), "-Wl,--unresolved-symbols=ignore-all", "-o", str(exe)],
+                       check=True, capture_output=True)
+        nm = subprocess.run([f"llvm-nm-{LLVM}", "-S", str(exe)], capture_output=True, text=True, check=True).stdout
+        m = re.search(rf"^([0-9a-f]+) ([0-9a-f]+) T {fn}$", nm, re.M)
+        if m is None:
+            raise SystemExit(f"arm_mca.py: {self.name} has no {fn} (a different llama.cpp: update LLAMA_REPACKED)")
+        start, size = int(m.group(1), 16), int(m.group(2), 16)
+        dis = subprocess.run([f"llvm-objdump-{LLVM}", "-d", "--no-show-raw-insn", f"--mcpu={target}",
+                              f"--disassemble-symbols={fn}", str(exe)], capture_output=True, text=True,
+                             check=True).stdout
+        insn = {}
+        for ln in dis.splitlines():
+            mm = re.match(r"^\s*([0-9a-f]+):\s+(\S.*)$", ln)
+            if mm:
+                t = re.sub(r"0x[0-9a-f]+ <[^>]*>", "Ltr", mm.group(2).split("//")[0]).strip()
+                insn[int(mm.group(1), 16)] = t
+        from tinyinfer.kernels import quants
+        qk = quants.type_info(type_name).block_size
+        res = []
+        for nb in BLOCKS[qk]:
+            log = self.dir / "trace.log"
+            subprocess.run(["qemu-aarch64-static", "-singlestep", "-d", "exec,nochain", "-dfilter",
+                            f"{start:#x}+{size:#x}", "-D", str(log), str(exe), str(nb * qk), str(nrows), str(ncols)],
+                           check=True)
+            pcs = [int(x, 16) for x in re.findall(r"^Trace \d+: \S+ \[[0-9a-f]+/([0-9a-f]+)/", log.read_text(), re.M)]
+            trace = [insn[pc] for pc in pcs]
+            if any(t.split()[0] in ("bl", "blr") for t in trace):
+                raise SystemExit(f"arm_mca.py: {fn} calls out of itself; the trace would miss the callee")
+            cyc, ins = mca(["Ltr:"] + trace, mcpu, iterations=1)
+            res.append((cyc, len(trace)))
+        per = (BLOCKS[qk][1] - BLOCKS[qk][0]) * ncols * nrows
+        short = fn.replace("ggml_", "")
+        out = (short, (res[1][0] - res[0][0]) / per, (res[1][1] - res[0][1]) / per)
+        self.done[(cpu, fn)] = out
+        return out
+
+
 # ------------------------------------------------------------------ token-rate estimate
 # A TinyLlama-shaped 1.1B (d 2048, 22 layers, 4 KV heads of 64, ff 5632, vocab 32000): the
 # weights one token streams through the matmuls (embedding lookup excluded).
@@ -190,24 +343,36 @@ def estimate(cpu: str, type_name: str, cyc: float, threads: int, fixed_ms: float
     return 1.0 / (t + fixed_ms * 1e-3 * PI_SLOWER[cpu])
 
 
-def print_estimates(measured: dict):
+def print_estimates(ours: dict, llama: dict):
+    """``ours`` / ``llama``: {(cpu, type): GEMV cycles per block}."""
     print(f"\n# tokens/s estimate, 1.1B ({MATMUL_PARAMS / 1e9:.3f} G matmul weights, all of the type); "
           "bandwidth Pi 5 6 / 11 GB/s (1 / 4 threads), Pi 4 3.5 / 4.5; clock 2.4 / 1.8 GHz;")
-    print("# t = bytes / bandwidth + blocks x cycles / (clock x threads) [+ fixed cost per token: the VM's "
-          f"(FIXED_X86) x {PI_SLOWER['A76']:g} on a Pi 5, x {PI_SLOWER['A72']:g} on a Pi 4, for both programs]")
+    print("# t = bytes / bandwidth + blocks x GEMV cycles / (clock x threads) [+ fixed cost per token: the x86 "
+          f"VM's (FIXED_X86) x {PI_SLOWER['A76']:g} on a Pi 5, x {PI_SLOWER['A72']:g} on a Pi 4, for both programs]")
     print("| Pi | type | threads | llama.cpp t/s (kernels only) | tinyinfer t/s (kernels only) | ratio | "
           "fixed ms/token, llama.cpp / tinyinfer | llama.cpp t/s | tinyinfer t/s | ratio |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-    for (cpu, tn), cyc in measured.items():
-        if (cpu, tn) not in LLAMA:
+    for (cpu, tn), cyc in ours.items():
+        if (cpu, tn) not in llama or (tn, 1) not in FIXED_X86:
             continue
+        lc = llama[(cpu, tn)]
         for th in (1, 4):
-            ll, ours = estimate(cpu, tn, LLAMA[(cpu, tn)][0], th), estimate(cpu, tn, cyc, th)
+            ll, us = estimate(cpu, tn, lc, th), estimate(cpu, tn, cyc, th)
             fo, fl = FIXED_X86[(tn, th)]
-            ll_f, ours_f = estimate(cpu, tn, LLAMA[(cpu, tn)][0], th, fl), estimate(cpu, tn, cyc, th, fo)
+            ll_f, us_f = estimate(cpu, tn, lc, th, fl), estimate(cpu, tn, cyc, th, fo)
             k = PI_SLOWER[cpu]
-            print(f"| {PI[cpu][0]} | {tn} | {th} | {ll:.1f} | {ours:.1f} | {ours / ll:.2f}x | "
-                  f"{fl * k:.1f} / {fo * k:.1f} | {ll_f:.1f} | {ours_f:.1f} | {ours_f / ll_f:.2f}x |")
+            print(f"| {PI[cpu][0]} | {tn} | {th} | {ll:.2f} | {us:.2f} | {us / ll:.3f}x | "
+                  f"{fl * k:.2f} / {fo * k:.2f} | {ll_f:.2f} | {us_f:.2f} | {us_f / ll_f:.3f}x |")
+
+
+def gated(cpu: str, type_name: str) -> bool:
+    """The rows issue 20 asks ours <= llama.cpp's for: llama.cpp's repacked kernels on the A76, every type
+    on the A72."""
+    return cpu == "A72" or type_name in LLAMA_REPACKED
+
+
+KEYS = ["sdot", "smull", "smull2", "smlal", "smlal2", "sadalp", "saddlp", "saddw", "saddw2",
+        "mla", "scvtf", "fmla", "umov", "dup", "ldr", "ldp", "str"]
 
 
 def main(argv=None):
@@ -216,51 +381,79 @@ def main(argv=None):
                                                    "IQ4_NL", "IQ4_XS", "Q4_1", "Q5_0", "Q5_1"])
     ap.add_argument("--kind", nargs="*", default=["gemv", "gemm"], choices=["gemv", "gemm"])
     ap.add_argument("--cpus", nargs="*", default=list(CPUS), choices=list(CPUS))
+    ap.add_argument("--llama-src", default=None, metavar="DIR",
+                    help="a llama.cpp source tree (its root or ggml/): measure its loops the same way "
+                         "(e.g. llama-cpp-python's sdist, vendor/llama.cpp)")
     ap.add_argument("--before", action="store_true", help="the native tiles only (no kernels/arm.py)")
-    ap.add_argument("--asm", action="store_true", help="print each measured loop")
+    ap.add_argument("--asm", action="store_true", help="print each measured loop of ours")
     ap.add_argument("--markdown", action="store_true", help="print a markdown table")
     ap.add_argument("--estimate", action="store_true",
-                    help="also print a tokens/s estimate for a Pi 5 / Pi 4 (1.1B model) from the GEMV cycles")
-    ap.add_argument("--mca", default=None, help="llvm-mca binary (default: the newest installed)")
+                    help="also print a tokens/s estimate for a Pi 5 / Pi 4 (1.1B model) from the GEMV cycles "
+                         "(needs --llama-src)")
     a = ap.parse_args(argv)
     global MCA
-    MCA = a.mca or find_mca()
+    MCA = find_mca()
+    import llvmlite.binding as llvm
     ver = subprocess.run([MCA, "--version"], capture_output=True, text=True).stdout
-    print(f"# {MCA}: LLVM {re.search(r'version ([0-9.]+)', ver).group(1)}; "
-          f"A76 = -mcpu=neoverse-n1, A72 = -mcpu=cortex-a72; 100 iterations")
-    if a.markdown:
-        print("| CPU | type | kind | kernel | cycles (instructions) per block | llama.cpp | ratio |")
-        print("| --- | --- | --- | --- | --- | --- | --- |")
+    print(f"# {MCA}: LLVM {re.search(r'version ([0-9.]+)', ver).group(1)}; A76 = -mcpu=neoverse-n1, "
+          f"A72 = -mcpu=cortex-a72. tinyinfer: its kernels' IR compiled by llvmlite's LLVM "
+          f"{'.'.join(map(str, llvm.llvm_version_info))} (what numba JITs on a Pi), innermost loop x 100 iterations")
+    work = tempfile.mkdtemp(prefix="arm_mca-")
+    ll = None
+    if a.llama_src:
+        ll = LlamaLoops(a.llama_src, MCA, work)
+        print(f"# llama.cpp: {ll.name}, arch/arm/repack.cpp + quants.c compiled by clang-{LLVM} "
+              f"(-O3 -DNDEBUG -mcpu=cortex-a76 / cortex-a72), one call traced under qemu-user, the trace "
+              f"through the same llvm-mca")
+    elif a.estimate:
+        raise SystemExit("arm_mca.py --estimate needs --llama-src DIR (llama.cpp's cycles are measured, not stored)")
     else:
-        print(f"{'CPU':4s} {'type':6s} {'kind':5s} {'kernel':24s} {'cyc/blk':>8s} {'ins/blk':>8s}   "
-              f"llama.cpp cyc (ins)   ratio   loop ops")
-    measured = {}
-    for cpu in a.cpus:
-        target, mcpu = CPUS[cpu]
-        for tn in a.types:
-            for kind in a.kind:
-                label, intr, nargs, per = kernels(tn, kind, a.before, cpu == "A76")
-                asm = compile_asm(module_ir(intr, nargs), target)
-                loop = hot_loop(asm)
-                cyc, ins = mca(loop, mcpu)
-                ops = Counter(t.split()[0] for t in loop)
-                keys = ["sdot", "smull", "smull2", "smlal", "smlal2", "sadalp", "saddlp", "saddw", "saddw2",
-                        "mla", "scvtf", "fmla", "umov", "dup", "ldr", "ldp", "str"]
-                if kind == "gemv":
-                    measured[(cpu, tn)] = cyc / per
-                lc = LLAMA.get((cpu, tn)) if kind == "gemv" else None
-                ref = f"{lc[0]:6.1f} ({lc[1]:5.1f})" if lc else " " * 14
-                ratio = f"{cyc / per / lc[0]:5.2f}x" if lc else " " * 6
-                if a.markdown:
-                    print(f"| {cpu} | {tn} | {kind} | {label} | {cyc / per:.2f} ({ins / per:.1f}) | "
-                          f"{f'{lc[0]} ({lc[1]})' if lc else ''} | {ratio.strip()} |", flush=True)
-                    continue
-                print(f"{cpu:4s} {tn:6s} {kind:5s} {label:24s} {cyc / per:8.2f} {ins / per:8.1f}   {ref}       "
-                      f"{ratio}  " + ", ".join(f"{k} {ops[k]}" for k in keys if ops[k]), flush=True)
-                if a.asm:
-                    print("\n".join("      " + t for t in loop))
+        print("# llama.cpp: not measured (pass --llama-src DIR)")
+    print("# cycles (instructions) per block of one weight row x one activation row; ratio = ours / llama.cpp; "
+          "* = a row issue 20 gates (llama.cpp's repacked kernels on the A76, every type on the A72)")
+    if a.markdown:
+        print("| CPU | type | kind | tinyinfer kernel | tinyinfer | llama.cpp kernel | llama.cpp | ratio |")
+        print("| --- | --- | --- | --- | ---: | --- | ---: | ---: |")
+    else:
+        print(f"{'CPU':4s} {'type':6s} {'kind':5s} {'tinyinfer kernel':22s} {'cyc (ins)':>15s}  "
+              f"{'llama.cpp kernel':22s} {'cyc (ins)':>15s}  {'ratio':>7s}  loop ops (ours)")
+    ours_gemv, llama_gemv, dearer = {}, {}, []
+    try:
+        for cpu in a.cpus:
+            target, mcpu = CPUS[cpu]
+            for tn in a.types:
+                for kind in a.kind:
+                    label, intr, nargs, per = kernels(tn, kind, a.before, cpu == "A76")
+                    loop = hot_loop(compile_asm(module_ir(intr, nargs), target))
+                    cyc, ins = mca(loop, mcpu)
+                    cyc, ins = cyc / per, ins / per
+                    ops = Counter(t.split()[0] for t in loop)
+                    m = ll.measure(cpu, tn, kind) if ll else None
+                    if kind == "gemv":
+                        ours_gemv[(cpu, tn)] = cyc
+                        if m:
+                            llama_gemv[(cpu, tn)] = m[1]
+                    ratio = f"{cyc / m[1]:.2f}x" if m else ""
+                    star = "*" if m and gated(cpu, tn) else ""
+                    if m and gated(cpu, tn) and cyc > m[1]:
+                        dearer.append(f"{tn} {kind} {cpu}: {cyc:.2f} vs {m[1]:.2f} cycles, {cyc / m[1]:.2f}x")
+                    ref = f"{m[1]:.2f} ({m[2]:.1f})" if m else ""
+                    if a.markdown:
+                        print(f"| {cpu} | {tn} | {kind} | {label} | {cyc:.2f} ({ins:.1f}) | {m[0] if m else ''} | "
+                              f"{ref} | {ratio}{star} |", flush=True)
+                    else:
+                        print(f"{cpu:4s} {tn:6s} {kind:5s} {label:22s} {f'{cyc:.2f} ({ins:.1f})':>15s}  "
+                              f"{m[0] if m else '':22s} {ref:>15s}  {ratio + star:>7s}  "
+                              + ", ".join(f"{k} {ops[k]}" for k in KEYS if ops[k]), flush=True)
+                    if a.asm:
+                        print("\n".join("      " + t for t in loop))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    if ll:
+        print("\n# gated rows where tinyinfer needs more cycles than llama.cpp: "
+              + ("; ".join(dearer) if dearer else "none"))
     if a.estimate:
-        print_estimates(measured)
+        print_estimates(ours_gemv, llama_gemv)
 
 
 if __name__ == "__main__":
