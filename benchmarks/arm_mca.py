@@ -1,23 +1,32 @@
-"""Cycles per block of the aarch64 hot loops (Pi 5 = Cortex-A76, Pi 4 = Cortex-A72), by llvm-mca.
+"""Cycles per block of the aarch64 hot loops (Pi 5 = Cortex-A76, Pi 4 = Cortex-A72), tinyinfer's and
+llama.cpp's, by one llvm-mca (LLVM 19).
 
-    python benchmarks/arm_mca.py                       # every type, GEMV (tg) and GEMM (pp), both CPUs
-    python benchmarks/arm_mca.py --types Q4_0 Q4_K --kind gemv --asm   # also print the loops
+    python benchmarks/arm_mca.py --llama-src DIR --markdown      # every type, GEMV and GEMM, both CPUs
+    python benchmarks/arm_mca.py --llama-src DIR --kind gemv --estimate   # + tokens/s of a 1.1B on a Pi
+    python benchmarks/arm_mca.py --types Q4_0 Q4_K --kind gemv --asm       # ours only, with the loops
 
-No ARM machine and no emulation needed: the kernels' LLVM IR (the same IR numba JITs on a Pi)
-is built here, cross-compiled by llvmlite's LLVM for an aarch64 triple (``-mcpu`` cortex-a76 /
-cortex-a72), and the innermost loop of the assembly -- the one the kernel spends its time in --
-is cut out and put through ``llvm-mca`` (100 iterations): for the A76 with
-``-mcpu=neoverse-n1`` (LLVM's cortex-a76 scheduling model is an old A57 one; the N1 is the A76's
-server sibling), for the A72 with ``-mcpu=cortex-a72``; the method of
-``../shared/reference/speed.md``, whose llama.cpp figures are printed alongside.
+Needs (Debian/Ubuntu) ``apt-get install llvm-19 clang-19 lld-19 libc6-dev-arm64-cross
+libstdc++-12-dev-arm64-cross qemu-user-static``; no ARM machine. ``DIR``: a llama.cpp source tree, e.g.
+the ``vendor/llama.cpp`` of llama-cpp-python's sdist (``pip download --no-deps --no-binary :all:
+llama-cpp-python``). Both programs' loops go through the same ``llvm-mca-19`` (pinned by name: LLVM
+14's "neoverse-n1" is the old A57 model), ``-mcpu=neoverse-n1`` for the A76 (LLVM's cortex-a76 model is
+an A57 one; the N1 is the A76's server sibling) and ``-mcpu=cortex-a72`` for the A72.
 
-Which loop: the kernels that matmul.py's drivers call on aarch64 for n == 1 (GEMV, token
-generation) and n > 1 (GEMM, prompt processing), chosen the way the drivers choose them
-(``kernels.arm.plan``): the aarch64 row-interleaved kernels where a type has one, else the
-native tiles. Figures are per 32-weight block (Q4_0, Q8_0, ...) or 256-weight super-block
-(K-quants) of one weight row against one activation row: cycles (and instructions) of one
-loop iteration divided by the row-blocks x activation rows it covers. ``--before`` measures
-the native tiles only (the kernels before kernels/arm.py).
+Ours: the kernels' LLVM IR (the same IR numba JITs on a Pi) cross-compiled by llvmlite's LLVM for an
+aarch64 triple (``-mcpu`` cortex-a76 / cortex-a72); the innermost loop of the assembly -- the one the
+kernel spends its time in -- cut out (hot_loop) and run 100 iterations. Which kernel: the one
+matmul.py's drivers call on aarch64 for n == 1 (GEMV, token generation) and n > 1 (GEMM, prompt
+processing), chosen as the drivers choose (``kernels.arm.plan``): the 4-row interleaved kernels where a
+type has a layout, else the native tiles; ``--before`` the native tiles only.
+
+llama.cpp's (class LlamaLoops): what it runs there -- with dotprod (A76) its repacked
+``ggml_gemv_* / ggml_gemm_*`` (arch/arm/repack.cpp) for the types it repacks, else ``ggml_vec_dot_*``
+(arch/arm/quants.c) once per output, which is also its GEMM (the A72 has no repack and no llamafile
+path); compiled by clang-19, traced under qemu-user, the trace through the same llvm-mca.
+
+Figures are per 32-weight block (Q4_0, Q8_0, ...) or 256-weight super-block (K-quants) of one weight
+row against one activation row: cycles (and instructions) divided by the row-blocks x activation rows
+covered.
 """
 
 from __future__ import annotations
