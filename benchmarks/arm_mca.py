@@ -352,26 +352,45 @@ def estimate(cpu: str, type_name: str, cyc: float, threads: int, fixed_ms: float
     return 1.0 / (t + fixed_ms * 1e-3 * PI_SLOWER[cpu])
 
 
-def print_estimates(ours: dict, llama: dict):
-    """``ours`` / ``llama``: {(cpu, type): GEMV cycles per block}."""
+def read_fixed(path: str) -> dict:
+    """{(type, threads): (tinyinfer ms, llama.cpp ms)} from dispatch_overhead.py's table (the medians of
+    its "tinyinfer fixed" and "llama.cpp fixed" columns; Q4_K_S counts as Q4_K; 2 threads stand for 4)."""
+    out = {}
+    for ln in Path(path).read_text().splitlines():
+        c = [x.strip() for x in ln.strip().strip("|").split("|")]
+        if len(c) < 6 or not c[1].isdigit():
+            continue
+        tn, th = c[0].replace("_S", "").replace("_M", ""), int(c[1])
+        ours, ll = (float(x.split()[0]) for x in (c[3], c[5]))
+        out[(tn, 4 if th == 2 else th)] = (ours, ll)
+    if not out:
+        raise SystemExit(f"arm_mca.py --fixed: no dispatch_overhead.py rows with llama.cpp columns in {path}")
+    return out
+
+
+def print_estimates(ours: dict, llama: dict, fixed: dict):
+    """``ours`` / ``llama``: {(cpu, type): GEMV cycles per block}; ``fixed``: as FIXED_X86."""
     print(f"\n# tokens/s estimate, 1.1B ({MATMUL_PARAMS / 1e9:.3f} G matmul weights, all of the type); "
           "bandwidth Pi 5 6 / 11 GB/s (1 / 4 threads), Pi 4 3.5 / 4.5; clock 2.4 / 1.8 GHz;")
     print("# t = bytes / bandwidth + blocks x GEMV cycles / (clock x threads) [+ fixed cost per token: the x86 "
-          f"VM's (FIXED_X86) x {PI_SLOWER['A76']:g} on a Pi 5, x {PI_SLOWER['A72']:g} on a Pi 4, for both programs]")
+          f"VM's x {PI_SLOWER['A76']:g} on a Pi 5, x {PI_SLOWER['A72']:g} on a Pi 4, for both programs]; "
+          "break-even: the largest fixed-cost gap (ours - llama.cpp's, VM ms) at which ours is still >= 1.00x")
     print("| Pi | type | threads | llama.cpp t/s (kernels only) | tinyinfer t/s (kernels only) | ratio | "
-          "fixed ms/token, llama.cpp / tinyinfer | llama.cpp t/s | tinyinfer t/s | ratio |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+          "fixed ms/token on the Pi, llama.cpp / tinyinfer | llama.cpp t/s | tinyinfer t/s | ratio | "
+          "break-even gap, VM ms |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for (cpu, tn), cyc in ours.items():
-        if (cpu, tn) not in llama or (tn, 1) not in FIXED_X86:
+        if (cpu, tn) not in llama or (tn, 1) not in fixed:
             continue
         lc = llama[(cpu, tn)]
         for th in (1, 4):
             ll, us = estimate(cpu, tn, lc, th), estimate(cpu, tn, cyc, th)
-            fo, fl = FIXED_X86[(tn, th)]
+            fo, fl = fixed[(tn, th)]
             ll_f, us_f = estimate(cpu, tn, lc, th, fl), estimate(cpu, tn, cyc, th, fo)
             k = PI_SLOWER[cpu]
+            gap = (1 / ll - 1 / us) / (k * 1e-3)
             print(f"| {PI[cpu][0]} | {tn} | {th} | {ll:.2f} | {us:.2f} | {us / ll:.3f}x | "
-                  f"{fl * k:.2f} / {fo * k:.2f} | {ll_f:.2f} | {us_f:.2f} | {us_f / ll_f:.3f}x |")
+                  f"{fl * k:.2f} / {fo * k:.2f} | {ll_f:.2f} | {us_f:.2f} | {us_f / ll_f:.3f}x | {gap:.3f} |")
 
 
 def gated(cpu: str, type_name: str) -> bool:
@@ -399,6 +418,9 @@ def main(argv=None):
     ap.add_argument("--estimate", action="store_true",
                     help="also print a tokens/s estimate for a Pi 5 / Pi 4 (1.1B model) from the GEMV cycles "
                          "(needs --llama-src)")
+    ap.add_argument("--fixed", default=None, metavar="FILE",
+                    help="the fixed costs per token for --estimate: a saved table of benchmarks/dispatch_overhead.py "
+                         "--llama-bench (default: FIXED_X86, 2026-12-01)")
     a = ap.parse_args(argv)
     global MCA
     MCA = find_mca()
@@ -462,7 +484,7 @@ def main(argv=None):
         print("\n# gated rows where tinyinfer needs more cycles than llama.cpp: "
               + ("; ".join(dearer) if dearer else "none"))
     if a.estimate:
-        print_estimates(ours_gemv, llama_gemv)
+        print_estimates(ours_gemv, llama_gemv, read_fixed(a.fixed) if a.fixed else FIXED_X86)
 
 
 if __name__ == "__main__":
