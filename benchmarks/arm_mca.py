@@ -429,10 +429,14 @@ def main(argv=None):
     print(f"# {MCA}: LLVM {re.search(r'version ([0-9.]+)', ver).group(1)}; A76 = -mcpu=neoverse-n1, "
           f"A72 = -mcpu=cortex-a72. tinyinfer: its kernels' IR compiled by llvmlite's LLVM "
           f"{'.'.join(map(str, llvm.llvm_version_info))} (what numba JITs on a Pi), innermost loop x 100 iterations")
-    work = tempfile.mkdtemp(prefix="arm_mca-")
-    ll = None
+    work, ll = None, None
     if a.llama_src:
-        ll = LlamaLoops(a.llama_src, MCA, work)
+        work = tempfile.mkdtemp(prefix="arm_mca-")
+        try:
+            ll = LlamaLoops(a.llama_src, MCA, work)
+        except BaseException:
+            shutil.rmtree(work, ignore_errors=True)
+            raise
         print(f"# llama.cpp: {ll.name}, arch/arm/repack.cpp + quants.c compiled by clang-{LLVM} "
               f"(-O3 -DNDEBUG -mcpu=cortex-a76 / cortex-a72), one call traced under qemu-user, the trace "
               f"through the same llvm-mca")
@@ -479,7 +483,8 @@ def main(argv=None):
                     if a.asm:
                         print("\n".join("      " + t for t in loop))
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        if work:
+            shutil.rmtree(work, ignore_errors=True)
     if ll:
         print("\n# gated rows where tinyinfer needs more cycles than llama.cpp: "
               + ("; ".join(dearer) if dearer else "none"))
