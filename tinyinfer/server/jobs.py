@@ -8,6 +8,7 @@ import asyncio
 import json
 from typing import Any, AsyncIterator, Callable, Iterator, List, Optional, Tuple
 
+import numpy as np
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
@@ -122,3 +123,21 @@ def ndjson_response(body: AsyncIterator[bytes]) -> StreamingResponse:
 
 def dumps(obj) -> str:
     return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+
+
+def floats_json(v) -> str:
+    """A float32 vector (or rows of them: pooling none) as JSON array text, each number with 9 significant
+    digits, enough for every float32 to read back exactly: one %-format of the whole row, ~3x cheaper than
+    json's repr per float, which a short sentence's response spends most of its encoding time on.
+    Non-finite values are refused as JSONResponse refuses them (ValueError)."""
+    a = np.asarray(v, np.float32)
+    if a.ndim > 1:
+        return "[" + ",".join(floats_json(r) for r in a) + "]"
+    if not np.isfinite(a).all():
+        raise ValueError("Out of range float values are not JSON compliant")
+    return "[" + ("%.9g," * a.size % tuple(a.tolist()))[:-1] + "]"
+
+
+def json_response(body: str) -> Response:
+    """A response whose JSON text is already made (embeddings: :func:`floats_json` pieces)."""
+    return Response(body.encode("utf-8"), media_type="application/json")
