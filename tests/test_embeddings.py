@@ -298,15 +298,17 @@ def test_pooling_and_normalize_modes(engine):
 
 
 @pytest.mark.parametrize("scores_max", [1 << 23, 1000])      # whole sequences / query rows in small blocks
-def test_packed_attention_against_numpy(scores_max, monkeypatch):
-    """Bidirectional attention within each packed sequence, grouped-query heads, llama.cpp's symmetric window."""
+@pytest.mark.parametrize("lens", [[300, 5, 77], [40], [33, 33, 33]])   # padded + masked / strided views
+def test_packed_attention_against_numpy(scores_max, lens, monkeypatch):
+    """Bidirectional attention within each packed sequence, grouped-query heads, llama.cpp's symmetric window;
+    q, k and v column slices of one fused qkv output, as the models pass them."""
     from tinyinfer.models.encoder import Packed
     monkeypatch.setattr(Packed, "SCORES_MAX", scores_max)
     rng = np.random.default_rng(0)
-    lens, H, K, hd, window = [300, 5, 77], 4, 2, 32, 16
+    H, K, hd, window = 4, 2, 32, 16
     n = sum(lens)
-    q = rng.standard_normal((n, H * hd), dtype=np.float32)
-    k, v = (rng.standard_normal((n, K * hd), dtype=np.float32) for _ in range(2))
+    qkv = rng.standard_normal((n, (H + 2 * K) * hd), dtype=np.float32)
+    q, k, v = qkv[:, :H * hd], qkv[:, H * hd:(H + K) * hd], qkv[:, (H + K) * hd:]
     got = Packed(lens).attention(q, k, v, H, K, hd, 0.17, window=window)
     want, off = [], 0
     for L in lens:
@@ -319,7 +321,31 @@ def test_packed_attention_against_numpy(scores_max, monkeypatch):
             o[:, h] = (p / p.sum(1, keepdims=True)) @ vv
         want.append(o.reshape(L, -1))
         off += L
+    assert got.shape == (n, H * hd) and got.flags.c_contiguous      # the next matmul's input
     assert np.abs(got - np.concatenate(want)).max() < 1e-5
+    no_window = Packed(lens).attention(q, k, v, H, K, hd, 0.17)
+    p = Packed(lens)
+    p.same_length = False                       # the padded, masked path on the same input
+    assert np.abs(no_window - p.attention(q, k, v, H, K, hd, 0.17)).max() < 1e-6
+
+
+def test_floats_json_reads_back_every_float32_exactly():
+    """The embedding responses' float text (server/jobs.floats_json): 9 significant digits give every float32
+    back bit for bit (json's repr of the float64 value is ~3x slower); rows of rows; non-finite refused."""
+    from tinyinfer.server.jobs import floats_json
+    rng = np.random.default_rng(3)
+    v = np.concatenate([(rng.standard_normal(2000) * 10.0 ** rng.integers(-30, 30, 2000)).astype(np.float32),
+                        np.array([0.0, -0.0, 1e-45, 3.4028235e38, -1.1754944e-38], np.float32)])
+    for x in (v[:2000], v):                     # the %.9g text; with whole numbers (0, -0) json's
+        got = json.loads(floats_json(x))
+        assert all(type(f) is float for f in got)
+        assert np.array_equal(np.array(got, np.float32).view(np.uint32), x.view(np.uint32))
+    m = v[:12].reshape(3, 4)
+    assert np.array_equal(np.array(json.loads(floats_json(m)), np.float32), m)
+    assert floats_json(np.zeros(0, np.float32)) == "[]"
+    for bad in (np.nan, np.inf):
+        with pytest.raises(ValueError):
+            floats_json(np.array([1.0, bad], np.float32))
 
 
 def test_batched_pass_equals_one_at_a_time(engine):

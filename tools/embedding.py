@@ -26,7 +26,8 @@ def report(vecs, prompts, fmt: str, norm: float, pooling: str) -> str:
     flat = np.concatenate(rows) if rows else np.zeros((0, 0), np.float32)
     out = []
     if fmt in ("json", "json+", "array"):
-        items = ["[" + ",".join(_fmt(x, norm) for x in r) + "]" for r in flat]
+        f = "%1.0f," if norm == 0 else "%1.7f,"       # _fmt, one %-format per row
+        items = ["[" + (f * r.size % tuple(r.tolist()))[:-1] + "]" for r in flat]
         if fmt == "array":
             out.append("[" + ",".join(items) + "]")
         else:

@@ -25,7 +25,8 @@ from ..chat import chat_prompt_ids
 from ..grammar import grammar_for_ollama_format
 from .models import manager, parse_duration
 from .core import ApiError, ServerState, check_prompt, encode_prompt, gen_options
-from .jobs import dumps, first_item, gone_response, ndjson_response, run_to_end, stream_items, submit
+from .jobs import (dumps, first_item, floats_json, gone_response, json_response, ndjson_response, run_to_end,
+                   stream_items, submit)
 from ..toolcall import ToolStream
 from .openai_api import embed_coalescer, request_grammar, request_tools
 from .schemas import (OllamaChatRequest, OllamaEmbeddingsRequest, OllamaEmbedRequest, OllamaGenerateRequest,
@@ -250,7 +251,7 @@ async def _embed(request: Request, state: ServerState, inputs: List[str], trunca
         vecs = co.result(engine, mine, lambda e, seqs: embed(e, seqs, pooling=state.config.pooling, truncate=truncate))
         seqs = mine.seqs
         job.stats = {"embed_tokens": sum(min(len(s), engine.n_ctx) for s in seqs), "embed_s": time.perf_counter() - t0}
-        yield from vecs
+        yield vecs                  # one hand-off to the event loop for all of them
 
     co = embed_coalescer(state)
     mine = co.add(prepare, ("ollama", state.config.pooling, truncate))
@@ -273,10 +274,12 @@ async def embed(req: OllamaEmbedRequest, request: Request):
     job, items, gone = await _embed(request, state, inputs, req.truncate)
     if gone:
         return gone_response()
-    return JSONResponse({"model": req.model or state.model_name, "embeddings": [v.tolist() for v in items],
-                         "total_duration": _ns(time.perf_counter() - t_arrival),
-                         "load_duration": _ns((job.t_start or t_arrival) - t_arrival),
-                         "prompt_eval_count": job.stats["embed_tokens"]})     # no jsonable_encoder walk
+    rest = dumps({"total_duration": _ns(time.perf_counter() - t_arrival),
+                  "load_duration": _ns((job.t_start or t_arrival) - t_arrival),
+                  "prompt_eval_count": job.stats["embed_tokens"]})
+    # the JSON text made here: no jsonable_encoder walk, no json repr per float (jobs.floats_json)
+    return json_response('{"model":%s,"embeddings":[%s],%s' % (dumps(req.model or state.model_name),
+                                                               ",".join(map(floats_json, items[0])), rest[1:]))
 
 
 @router.post("/api/embeddings", summary="Embedding of one prompt (ollama, legacy)")
@@ -286,7 +289,7 @@ async def embeddings(req: OllamaEmbeddingsRequest, request: Request):
     job, items, gone = await _embed(request, state, [req.prompt])
     if gone:
         return gone_response()
-    return JSONResponse({"embedding": items[0].tolist()})
+    return json_response('{"embedding":%s}' % floats_json(items[0][0]))
 
 
 def _tag(state: ServerState) -> dict:
