@@ -205,6 +205,24 @@ class IQ4_NLx4(Q4_0x4):
         return np.concatenate([d, _unchunks(p[..., 8:], 16)], axis=3).reshape(ng * 4, nb * 18)
 
 
+class Q4_1x4(Layout4):
+    """Per block: d[4], m[4] (fp16), then 4 chunks of 16 B: chunk i = rows 0..3's qs[4i..4i+3] (unsigned
+    nibbles as stored: low = and 0x0F, high = ushr 4). Q8_1 activations: the kernels add m * s_x."""
+
+    name, act, block_bytes, group_bytes = "Q4_1", "q8_1", 20, 80
+
+    def repack(self, w):
+        return _build(_rows(w, 20), [(0, 0, 2), (0, 2, 4), (1, 4, 20)], 80)
+
+    def unpack(self, p):
+        ng, nb, _ = p.shape
+
+        def rows2(a):
+            return a.reshape(ng, nb, 4, 2).transpose(0, 2, 1, 3)
+        return np.concatenate([rows2(p[..., 0:8]), rows2(p[..., 8:16]), _unchunks(p[..., 16:], 16)],
+                              axis=3).reshape(ng * 4, nb * 20)
+
+
 def _k4_unpack_scales(sc: np.ndarray):
     """get_scale_min_k4 over (..., 12) bytes -> (scales (..., 8), mins (..., 8)) uint8."""
     sc = sc.astype(np.uint8)
@@ -379,7 +397,7 @@ class Q6_Kx4(Layout4):
         return np.concatenate([oql, oqh, sc, d], axis=3).reshape(ng * 4, nb * 210)
 
 
-LAYOUTS = {c.name: c() for c in (Q4_0x4, Q8_0x4, IQ4_NLx4, Q4_Kx4, Q5_Kx4, Q6_Kx4)}
+LAYOUTS = {c.name: c() for c in (Q4_0x4, Q4_1x4, Q8_0x4, IQ4_NLx4, Q4_Kx4, Q5_Kx4, Q6_Kx4)}
 
 
 def layout(type_name: str):
@@ -561,6 +579,19 @@ def group_kernel(type_name: str, nc: int, dotprod: bool):
                                  dotprod, terms=8)
                         sf = _to_float(e, s, 4 if dotprod else 0)
                         new.append(e.fma(sf, e.fmul(dw, e.splat(dx[c], 4)), accs[c]))
+                elif type_name == "Q4_1":   # unsigned nibbles 0..15: 8 * 15 * 127 < 2^15
+                    dw = _f16x4(e, bp, 0)
+                    mw = _f16x4(e, bp, 8)
+                    vs = [e.load(bp, c64(16 + 16 * j), V16) for j in range(4)]
+                    lo = [b.and_(v, _cv(I8, 16, 0x0F)) for v in vs]
+                    hi = [b.lshr(v, _cv(I8, 16, 4)) for v in vs]
+                    for c in range(nc):
+                        x0, x1 = xvec(c, 0), xvec(c, 16)
+                        s = dot4(e, [(lo[j], x0, j) for j in range(4)] + [(hi[j], x1, j) for j in range(4)],
+                                 dotprod, terms=8)
+                        sx = e.load(xbp, b.add(brow[c], doff), F32)      # block_q8_1.s (xb = the xs array)
+                        acc = e.fma(b.sitofp(s, vec(F32, 4)), e.fmul(dw, e.splat(dx[c], 4)), accs[c])
+                        new.append(e.fma(mw, e.splat(sx, 4), acc))
                 elif type_name == "IQ4_NL":
                     dw = _f16x4(e, bp, 0)
                     vs = [e.load(bp, c64(8 + 16 * j), V16) for j in range(4)]
