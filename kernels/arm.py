@@ -1,7 +1,7 @@
 """aarch64 (Raspberry Pi 4 / Pi 5) repacked layouts and kernels: 4 weight rows interleaved.
 
-``prepare`` (matmul.py) repacks a Q4_0, Q8_0, Q4_K or Q6_K matrix whose row count is a
-multiple of 4 into groups of 4 rows (:class:`Layout4`), as ggml's ``q4_0_4x4`` /
+``prepare`` (matmul.py) repacks a Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL, Q4_K, Q5_K or Q6_K matrix
+whose row count is a multiple of 4 into groups of 4 rows (:class:`Layout4`), as ggml's ``q4_0_4x4`` /
 ``q8_0_4x4`` / ``q4_K_8x4`` layouts do: per block, the 4 rows' scales side by side, then
 the quants in 4-byte chunks, chunk i of rows 0..3 in one 16-byte vector. One vector of
 quants against the 4 activation bytes of chunk i broadcast to all lanes gives lane r = row
@@ -23,7 +23,9 @@ Two flavours of the same layouts, picked when the kernels are built (:data:`DOTP
 Nibble storage: Q4_0 quants are stored XOR 0x88, so ``v << 4`` and ``v & 0xF0`` are the
 signed low / high quants times 16 (one logic op each, no -8; the 16 goes into the
 fixed-point convert, ``scvtf #4``), and ``v >> 4`` (arithmetic) the signed high quant.
-Q4_K keeps unsigned nibbles (``and`` / ``ushr``): no -8 and no correction. Its 6-bit scales
+Q4_1 / Q5_0 / Q5_1 keep unsigned quants (``and`` / ``ushr``; Q5: the fifth bits regrouped per
+block so that a shift + ``and`` moves a chunk's to bit 4): Q5_0's -16 is 16 x the activations' block
+sum, Q4_1 / Q5_1 add m x block_q8_1.s per block. Q4_K keeps unsigned nibbles (``and`` / ``ushr``): no -8 and no correction. Its 6-bit scales
 and mins are regrouped at repack time (the same 12 B per row and super-block, two logic ops per
 32 values to unpack): the scales of a sub-block's 4 rows side by side, widened in vector
 registers (``tbl`` on the A76) for one ``mla`` per sub-block; the mins in the order of an
@@ -587,7 +589,8 @@ def group_kernel(type_name: str, nc: int, dotprod: bool):
         tile(wg, nb, xq, xq_stride, xd, xd_stride, xb, xb_stride, out, out_stride)
 
     ``wg`` the group's repacked blocks; ``xq`` int8 activations (q8_0 or q8_K), ``xd`` float32
-    scales per block, ``xb`` int32 Q8_K sums per 32 (Q4_K; unused otherwise); writes
+    scales per block, ``xb`` the Q8_K sums (Q4_K / Q5_K: :func:`bsums_hilo`), the int32 sums of
+    q per 32-block (Q5_0) or block_q8_1.s as float32 (Q4_1 / Q5_1); unused otherwise; writes
     out[c, 0..3] (``out`` = address of out[c0, r0]).
     """
     L = LAYOUTS[type_name]
