@@ -25,7 +25,8 @@ signed low / high quants times 16 (one logic op each, no -8; the 16 goes into th
 fixed-point convert, ``scvtf #4``), and ``v >> 4`` (arithmetic) the signed high quant.
 Q4_1 / Q5_0 / Q5_1 keep unsigned quants (``and`` / ``ushr``; Q5: the fifth bits regrouped per
 block so that a shift + ``and`` moves a chunk's to bit 4): Q5_0's -16 is 16 x the activations' block
-sum, Q4_1 / Q5_1 add m x block_q8_1.s per block. Q4_K keeps unsigned nibbles (``and`` / ``ushr``): no -8 and no correction. Its 6-bit scales
+sum, Q4_1 / Q5_1 add m x block_q8_1.s per block. Q4_K keeps unsigned nibbles (``and`` / ``ushr``): no
+-8 and no correction. Its 6-bit scales
 and mins are regrouped at repack time (the same 12 B per row and super-block, two logic ops per
 32 values to unpack): the scales of a sub-block's 4 rows side by side, widened in vector
 registers (``tbl`` on the A76) for one ``mla`` per sub-block; the mins in the order of an
@@ -646,7 +647,8 @@ def group_kernel(type_name: str, nc: int, dotprod: bool):
                         hb = e.load(bp, c64(qo - 16), V16)
 
                         def bit4(k):
-                            v = b.shl(hb, _cv(I8, 16, 4 - k)) if k < 4 else b.lshr(hb, _cv(I8, 16, k - 4)) if k > 4 else hb
+                            v = hb if k == 4 else b.shl(hb, _cv(I8, 16, 4 - k)) if k < 4 else \
+                                b.lshr(hb, _cv(I8, 16, k - 4))
                             return b.and_(v, _cv(I8, 16, 0x10))
                         lo = [b.or_(lo[j], bit4(2 * j)) for j in range(4)]
                         hi = [b.or_(hi[j], bit4(2 * j + 1)) for j in range(4)]
