@@ -1,7 +1,7 @@
 """aarch64 (Raspberry Pi 4 / Pi 5) repacked layouts and kernels: 4 weight rows interleaved.
 
-``prepare`` (matmul.py) repacks a Q4_0, Q8_0, Q4_K or Q6_K matrix whose row count is a
-multiple of 4 into groups of 4 rows (:class:`Layout4`), as ggml's ``q4_0_4x4`` /
+``prepare`` (matmul.py) repacks a Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL, Q4_K, Q5_K or Q6_K matrix
+whose row count is a multiple of 4 into groups of 4 rows (:class:`Layout4`), as ggml's ``q4_0_4x4`` /
 ``q8_0_4x4`` / ``q4_K_8x4`` layouts do: per block, the 4 rows' scales side by side, then
 the quants in 4-byte chunks, chunk i of rows 0..3 in one 16-byte vector. One vector of
 quants against the 4 activation bytes of chunk i broadcast to all lanes gives lane r = row
@@ -23,7 +23,10 @@ Two flavours of the same layouts, picked when the kernels are built (:data:`DOTP
 Nibble storage: Q4_0 quants are stored XOR 0x88, so ``v << 4`` and ``v & 0xF0`` are the
 signed low / high quants times 16 (one logic op each, no -8; the 16 goes into the
 fixed-point convert, ``scvtf #4``), and ``v >> 4`` (arithmetic) the signed high quant.
-Q4_K keeps unsigned nibbles (``and`` / ``ushr``): no -8 and no correction. Its 6-bit scales
+Q4_1 / Q5_0 / Q5_1 keep unsigned quants (``and`` / ``ushr``; Q5: the fifth bits regrouped per
+block so that a shift + ``and`` moves a chunk's to bit 4): Q5_0's -16 is 16 x the activations' block
+sum, Q4_1 / Q5_1 add m x block_q8_1.s per block. Q4_K keeps unsigned nibbles (``and`` / ``ushr``): no
+-8 and no correction. Its 6-bit scales
 and mins are regrouped at repack time (the same 12 B per row and super-block, two logic ops per
 32 values to unpack): the scales of a sub-block's 4 rows side by side, widened in vector
 registers (``tbl`` on the A76) for one ``mla`` per sub-block; the mins in the order of an
@@ -205,6 +208,75 @@ class IQ4_NLx4(Q4_0x4):
         return np.concatenate([d, _unchunks(p[..., 8:], 16)], axis=3).reshape(ng * 4, nb * 18)
 
 
+class Q4_1x4(Layout4):
+    """Per block: d[4], m[4] (fp16), then 4 chunks of 16 B: chunk i = rows 0..3's qs[4i..4i+3] (unsigned
+    nibbles as stored: low = and 0x0F, high = ushr 4). Q8_1 activations: the kernels add m * s_x."""
+
+    name, act, block_bytes, group_bytes = "Q4_1", "q8_1", 20, 80
+
+    def repack(self, w):
+        return _build(_rows(w, 20), [(0, 0, 2), (0, 2, 4), (1, 4, 20)], 80)
+
+    def unpack(self, p):
+        ng, nb, _ = p.shape
+
+        def rows2(a):
+            return a.reshape(ng, nb, 4, 2).transpose(0, 2, 1, 3)
+        return np.concatenate([rows2(p[..., 0:8]), rows2(p[..., 8:16]), _unchunks(p[..., 16:], 16)],
+                              axis=3).reshape(ng * 4, nb * 20)
+
+
+def _q5_hbits(qh: np.ndarray) -> np.ndarray:
+    """qh (ng, 4, nb, 4) bytes of block_q5_0 / q5_1 -> (ng, nb, 16): byte 4r + t, bit 2i = row r's fifth
+    bit of element 4i + t (the low nibble of qs chunk i), bit 2i + 1 that of element 16 + 4i + t."""
+    h = qh.copy().view("<u4")[..., 0]                                     # (ng, 4, nb)
+    t = np.arange(4)[:, None]
+    i = np.arange(4)[None, :]
+    lo = (h[..., None, None] >> (4 * i + t)) & 1                          # (ng, 4, nb, t, i)
+    hi = (h[..., None, None] >> (16 + 4 * i + t)) & 1
+    v = ((lo << (2 * i)) | (hi << (2 * i + 1))).sum(-1).astype(np.uint8)  # (ng, 4, nb, t)
+    return v.transpose(0, 2, 1, 3).reshape(v.shape[0], v.shape[2], 16)
+
+
+def _q5_unhbits(p: np.ndarray) -> np.ndarray:
+    """Inverse of :func:`_q5_hbits`: (ng, nb, 16) -> (ng, 4, nb, 4) qh bytes."""
+    ng, nb, _ = p.shape
+    v = p.reshape(ng, nb, 4, 4).transpose(0, 2, 1, 3).astype(np.uint32)   # (ng, 4, nb, t)
+    h = np.zeros((ng, 4, nb), np.uint32)
+    for i in range(4):
+        for t in range(4):
+            h |= ((v[..., t] >> (2 * i)) & 1) << (4 * i + t)
+            h |= ((v[..., t] >> (2 * i + 1)) & 1) << (16 + 4 * i + t)
+    return h.astype("<u4")[..., None].view(np.uint8)
+
+
+class Q5_0x4(Layout4):
+    """Per block: d[4] (fp16), the 4 rows' fifth bits in 16 B (:func:`_q5_hbits`: one shift + and per
+    chunk moves them to bit 4), then qs as in Q4_1x4 (unsigned nibbles). The kernels take unsigned
+    5-bit quants and subtract 16 * sum(q_x) per block (the activations' block sums)."""
+
+    name, block_bytes, group_bytes, hoff = "Q5_0", 22, 88, 2
+
+    def repack(self, w):
+        b = _rows(w, self.block_bytes)
+        o = self.hoff
+        segs = [(0, 2 * j, 2 * j + 2) for j in range(o // 2)] + [(2, 0, 16), (1, o + 4, o + 20)]
+        return _build(b, segs, self.group_bytes, _q5_hbits(b[..., o:o + 4]))
+
+    def unpack(self, p):
+        ng, nb, _ = p.shape
+        o = self.hoff
+        dm = [p[..., 8 * j:8 * j + 8].reshape(ng, nb, 4, 2).transpose(0, 2, 1, 3) for j in range(o // 2)]
+        qh = _q5_unhbits(p[..., 4 * o:4 * o + 16])
+        return np.concatenate(dm + [qh, _unchunks(p[..., 4 * o + 16:], 16)], axis=3).reshape(ng * 4, nb * (o + 20))
+
+
+class Q5_1x4(Q5_0x4):
+    """As Q5_0x4 with m[4] (fp16) after d[4]: no -16; Q8_1 activations, the kernels add m * s_x."""
+
+    name, act, block_bytes, group_bytes, hoff = "Q5_1", "q8_1", 24, 96, 4
+
+
 def _k4_unpack_scales(sc: np.ndarray):
     """get_scale_min_k4 over (..., 12) bytes -> (scales (..., 8), mins (..., 8)) uint8."""
     sc = sc.astype(np.uint8)
@@ -379,7 +451,7 @@ class Q6_Kx4(Layout4):
         return np.concatenate([oql, oqh, sc, d], axis=3).reshape(ng * 4, nb * 210)
 
 
-LAYOUTS = {c.name: c() for c in (Q4_0x4, Q8_0x4, IQ4_NLx4, Q4_Kx4, Q5_Kx4, Q6_Kx4)}
+LAYOUTS = {c.name: c() for c in (Q4_0x4, Q4_1x4, Q5_0x4, Q5_1x4, Q8_0x4, IQ4_NLx4, Q4_Kx4, Q5_Kx4, Q6_Kx4)}
 
 
 def layout(type_name: str):
@@ -518,7 +590,8 @@ def group_kernel(type_name: str, nc: int, dotprod: bool):
         tile(wg, nb, xq, xq_stride, xd, xd_stride, xb, xb_stride, out, out_stride)
 
     ``wg`` the group's repacked blocks; ``xq`` int8 activations (q8_0 or q8_K), ``xd`` float32
-    scales per block, ``xb`` int32 Q8_K sums per 32 (Q4_K; unused otherwise); writes
+    scales per block, ``xb`` the Q8_K sums (Q4_K / Q5_K: :func:`bsums_hilo`), the int32 sums of
+    q per 32-block (Q5_0) or block_q8_1.s as float32 (Q4_1 / Q5_1); unused otherwise; writes
     out[c, 0..3] (``out`` = address of out[c0, r0]).
     """
     L = LAYOUTS[type_name]
@@ -561,6 +634,34 @@ def group_kernel(type_name: str, nc: int, dotprod: bool):
                                  dotprod, terms=8)
                         sf = _to_float(e, s, 4 if dotprod else 0)
                         new.append(e.fma(sf, e.fmul(dw, e.splat(dx[c], 4)), accs[c]))
+                elif type_name in ("Q4_1", "Q5_0", "Q5_1"):   # unsigned 4/5-bit: 8 * 31 * 127 < 2^15
+                    affine = type_name != "Q5_0"
+                    q5 = type_name != "Q4_1"
+                    dw = _f16x4(e, bp, 0)
+                    mw = _f16x4(e, bp, 8) if affine else None
+                    qo = 8 * (1 + affine) + 16 * q5
+                    vs = [e.load(bp, c64(qo + 16 * j), V16) for j in range(4)]
+                    lo = [b.and_(v, _cv(I8, 16, 0x0F)) for v in vs]
+                    hi = [b.lshr(v, _cv(I8, 16, 4)) for v in vs]
+                    if q5:       # bit 2j / 2j + 1 of the hbits -> bit 4 of chunk j's low / high quants
+                        hb = e.load(bp, c64(qo - 16), V16)
+
+                        def bit4(k):
+                            v = hb if k == 4 else b.shl(hb, _cv(I8, 16, 4 - k)) if k < 4 else \
+                                b.lshr(hb, _cv(I8, 16, k - 4))
+                            return b.and_(v, _cv(I8, 16, 0x10))
+                        lo = [b.or_(lo[j], bit4(2 * j)) for j in range(4)]
+                        hi = [b.or_(hi[j], bit4(2 * j + 1)) for j in range(4)]
+                    for c in range(nc):
+                        x0, x1 = xvec(c, 0), xvec(c, 16)
+                        s = dot4(e, [(lo[j], x0, j) for j in range(4)] + [(hi[j], x1, j) for j in range(4)],
+                                 dotprod, terms=8)
+                        xb_c = e.load(xbp, b.add(brow[c], doff), F32 if affine else I32)
+                        if not affine:   # quants - 16: minus 16 * sum(q_x) (xb: the activations' block sums)
+                            s = b.sub(s, e.splat(b.shl(xb_c, c32(4)), 4))
+                        acc = e.fma(b.sitofp(s, vec(F32, 4)), e.fmul(dw, e.splat(dx[c], 4)), accs[c])
+                        # Q4_1 / Q5_1: + m * block_q8_1.s (xb = the xs array)
+                        new.append(e.fma(mw, e.splat(xb_c, 4), acc) if affine else acc)
                 elif type_name == "IQ4_NL":
                     dw = _f16x4(e, bp, 0)
                     vs = [e.load(bp, c64(8 + 16 * j), V16) for j in range(4)]

@@ -854,7 +854,9 @@ def _make_arm(info: _TypeInfo, parallel: bool):
             else:
                 xb = xb32
         else:
-            xq, xd, _xs, xb = _act_q8(x, WITH_S, 1)
+            xq, xd, xs, xb = _act_q8(x, WITH_S, 1)
+            if WITH_S:       # Q4_1: the kernels read block_q8_1.s (float32) where the others read sums
+                xb = xs.view(np.int32)
         ng = wr.shape[0]
         nb_ = k // QKB
         wp = np.int64(wr.ctypes.data)

@@ -553,6 +553,8 @@ def _arm_weight(name, rows, k, rng, extreme=False):
     if extreme:
         blk = raw.reshape(rows, k // 32, -1)
         blk[..., 2:] = 0x80 if name == "Q8_0" else 0x00      # q = -128 (Q8_0) / nibbles 0: -8 (Q4_0), -127 (IQ4_NL)
+        if name in ("Q4_1", "Q5_0", "Q5_1"):                 # the 4-row kernels' unsigned quants: 15 / 31
+            blk[..., 2 if name == "Q5_0" else 4:] = 0xFF
     return raw
 
 
