@@ -125,7 +125,11 @@ def side_by_side(a, model):
     finally:
         for p in (ours, ll):
             p.terminate()
-            p.wait(30)
+            try:
+                p.wait(30)
+            except subprocess.TimeoutExpired:        # llama-server can take longer to shut down
+                p.kill()
+                p.wait(30)
     flags = f"-t {a.threads} --parallel {par}" + (" --batch-invariant" if a.batch_invariant else "")
     print(f"\n| server | tok/s median (min-max) | runs | p50 s median | CPU ms/token median |\n| --- | --- | --- | --- | --- |")
     med = {}
