@@ -6,7 +6,11 @@ loopback; generated tokens per second over the whole run and the latency percent
 
 Without --url it starts ``python -m tinyinfer serve`` once per --parallel value (so the figures of
 both settings come from the same session) and stops it afterwards. With --url it loads a running
-server (ours or llama-server: the same OpenAI ``/v1/completions`` request). llama-server's figures on
+server (ours or llama-server: the same OpenAI ``/v1/completions`` request). With ``--llama-server
+BIN`` it also starts that llama-server on the same file (``-t``, ``-np`` = --parallel, ``-c``,
+default settings otherwise) and loads the two in turn, ours first, ``--repeat`` times, so that a
+shared machine's load falls on both alike; it prints each server's runs, their median and spread,
+the server process's CPU seconds per generated token, and the ratio of the medians. llama-server's figures on
 this machine kind (../shared/reference/speed.md): --parallel 1 278 tok/s (p50 0.92 s), --parallel 4
 503 tok/s (p50 0.50 s), with the same load.
 """
@@ -16,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import socket
 import statistics
 import subprocess
@@ -63,6 +68,85 @@ def start_server(model, *args, env=None):
     raise RuntimeError("server not ready after 300 s")
 
 
+def cpu_seconds(pid) -> float | None:
+    """User + system CPU time of process ``pid`` and its threads so far (Linux /proc), else None."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def start_llama_server(binary, model, threads, parallel, ctx, extra=()):
+    """llama-server on ``model`` (default settings but these) on a free loopback port, once /health is
+    200: (the process, its base URL)."""
+    port = _free_port()
+    cmd = [str(binary), "-m", str(model), "-t", str(threads), "-np", str(parallel), "-c", str(ctx),
+           "--host", "127.0.0.1", "--port", str(port), *extra]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}"
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < 300:
+        if proc.poll() is not None:
+            raise RuntimeError(f"llama-server exited with {proc.returncode}: "
+                               f"{proc.stderr.read().decode(errors='replace')[-2000:]}")
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError("llama-server not ready after 300 s")
+
+
+def side_by_side(a, model):
+    """Our server and llama-server, both running, loaded in turn (see the module's docstring)."""
+    par = a.parallel[-1]
+    ours, url = start_server(model, "-c", a.ctx_size, "-t", a.threads, "--parallel", par,
+                             *(["--batch-invariant"] if a.batch_invariant else []))
+    try:
+        ll, lurl = start_llama_server(a.llama_server, model, a.threads, par, a.ctx_size, shlex.split(a.llama_args))
+    except Exception:
+        ours.terminate()
+        raise
+    res = {"tinyinfer": [], "llama-server": []}
+    try:
+        for _ in range(a.repeat):
+            for name, proc, u in (("tinyinfer", ours, url), ("llama-server", ll, lurl)):
+                c0 = cpu_seconds(proc.pid)
+                r = run_load(u, a.clients, a.requests, a.tokens)
+                c1 = cpu_seconds(proc.pid)
+                r["cpu_ms_per_tok"] = 1000 * (c1 - c0) / r["tokens"] if c0 is not None and c1 is not None else None
+                res[name].append(r)
+                print(f"  {name}: {r['tok_s']:.1f} tok/s, p50 {r['p50_s']:.2f} s, {r['tokens']} tokens, CPU "
+                      f"{r['cpu_ms_per_tok'] or float('nan'):.1f} ms/token, load {os.getloadavg()[0]:.1f}", flush=True)
+    finally:
+        for p in (ours, ll):
+            p.terminate()
+            try:
+                p.wait(30)
+            except subprocess.TimeoutExpired:        # llama-server can take longer to shut down
+                p.kill()
+                p.wait(30)
+    flags = f"-t {a.threads} --parallel {par}" + (" --batch-invariant" if a.batch_invariant else "")
+    print(f"\n| server | tok/s median (min-max) | runs | p50 s median | CPU ms/token median |\n| --- | --- | --- | --- | --- |")
+    med = {}
+    for name, runs in res.items():
+        t = [r["tok_s"] for r in runs]
+        med[name] = statistics.median(t)
+        cpu = [r["cpu_ms_per_tok"] for r in runs if r["cpu_ms_per_tok"] is not None]
+        label = f"tinyinfer {flags}" if name == "tinyinfer" else f"llama-server -t {a.threads} -np {par} {a.llama_args}".rstrip()
+        print(f"| {label} | {med[name]:.0f} ({min(t):.0f}-{max(t):.0f}) | {', '.join(f'{x:.0f}' for x in t)} | "
+              f"{statistics.median(r['p50_s'] for r in runs):.2f} | "
+              f"{statistics.median(cpu) if cpu else float('nan'):.1f} |")
+    print(f"\nratio of medians (tinyinfer / llama-server): {med['tinyinfer'] / med['llama-server']:.2f}x")
+    if a.json:
+        print(json.dumps(res))
+    return 0
+
+
 def run_load(url, clients, requests, tokens):
     def one(client, prompt):
         t0 = time.perf_counter()
@@ -106,12 +190,17 @@ def main(argv=None):
     ap.add_argument("--url", default=None, help="load this running server instead of starting ours")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--batch-invariant", action="store_true", help="serve --batch-invariant")
+    ap.add_argument("--llama-server", default=None, metavar="BIN",
+                    help="also start this llama-server and load the two in turn (the last --parallel value)")
+    ap.add_argument("--llama-args", default="", help="more llama-server arguments (e.g. --no-repack)")
     a = ap.parse_args(argv)
     model = a.model
     if model is None and a.url is None:
         sys.path.insert(0, str(ROOT))
         from tinyinfer.tools.quantize import ensure_requantized
         model = ensure_requantized("Q4_0")
+    if a.llama_server:
+        return side_by_side(a, model)
     rows = []
     for par in ([None] if a.url else a.parallel):
         proc = None

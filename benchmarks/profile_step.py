@@ -65,8 +65,11 @@ def main():
         return w
 
     wrapped = {}
+    called_by_kernels = {n for f in vars(ops).values() if hasattr(f, "py_func") for n in f.py_func.__code__.co_names}
     for name in dir(ops):
         f = getattr(ops, name)
+        if name in called_by_kernels:
+            continue                     # a global of other jitted kernels (expf, qkv_store): a wrapper would not type
         if callable(f) and getattr(f, "__module__", None) == ops.__name__ and not name.startswith("_") and not isinstance(f, type):
             wrapped[(ops, name)] = wrap(ops, name, name)
     wrapped[(mm, "matmul")] = wrap(mm, "matmul", "matmul")

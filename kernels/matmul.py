@@ -1103,6 +1103,7 @@ class PreparedWeight:
     config: KernelConfig = None        # the knobs it was prepared with
     arm: np.ndarray | None = None      # uint8 (rows // 4, nb, group_block_bytes): kernels/arm.py's layout
     gemv: list | None = field(default=None, repr=False, compare=False)   # a single-row call's plan (_plan)
+    plans: dict = field(default_factory=dict, repr=False, compare=False)  # n -> plan, for 2 <= n <= _PLANS_MAX_N
 
     @property
     def type_name(self) -> str:
@@ -1262,28 +1263,30 @@ def _plan(pw: PreparedWeight, n: int) -> list:
     return [packed, a0, pw.nbytes * max(1, n >> 2) >= cfg.parallel_min_bytes, None, None]
 
 
+_PLANS_MAX_N = 64     # plans of calls with up to this many rows are kept on the weight
+
+
 def run(pw: PreparedWeight, x: np.ndarray, out: np.ndarray) -> np.ndarray:
     """:func:`matmul` without its argument checks, for the forward pass (per-token cost counts on a
     Pi): x float32 C-contiguous (n, k), n >= 1; out float32 (n, rows), rows contiguous, its row stride
-    free (a column slice of a wider output). A single-row call's plan is kept on the weight."""
+    free (a column slice of a wider output). The plan of a call of up to ``_PLANS_MAX_N`` rows is kept on
+    the weight (a decode step's Python cost counts on a Pi)."""
     n = x.shape[0]
-    p = pw.gemv if n == 1 else None
+    p = pw.gemv if n == 1 else pw.plans.get(n)
     if p is None:
         p = _plan(pw, n)
         if n == 1:
             pw.gemv = p
+        elif n <= _PLANS_MAX_N:          # a server's decode steps (one row per busy slot)
+            pw.plans[n] = p
     if p[2] and _par.num_threads() > 1:
         fn = p[4]
         if fn is None:
-            fn = driver(pw.info, p[0], True, pw.config)
-            if n == 1:
-                p[4] = fn
+            fn = p[4] = driver(pw.info, p[0], True, pw.config)
         _par.call(fn, *p[1], x, out)     # one thread at a time under workqueue
     else:
         fn = p[3]
         if fn is None:
-            fn = driver(pw.info, p[0], False, pw.config)
-            if n == 1:
-                p[3] = fn
+            fn = p[3] = driver(pw.info, p[0], False, pw.config)
         fn(*p[1], x, out)
     return out

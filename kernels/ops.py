@@ -555,6 +555,7 @@ def _softmax_causal(S, group, p0, softcap, tot):
     return S
 
 
+_PARALLEL_MIN_WORK = 1 << 21  # attention multiply-adds below which the serial driver runs (~0.1 ms of work)
 _BLAS_MIN_TOKENS = 32          # prompt chunks at least this long take the matrix-product path
 _BLAS_MIN_KEYS = 512           # ... over at least this many keys (below, the loops are as fast)
 _BLAS_SCORES_BYTES = 16 << 20  # score block of at most this size (queries are taken in slices)
@@ -615,6 +616,14 @@ def _attention_gemm(q, k, v, p0, sq, scale, softcap, out):
     return out
 
 
+def attention_uses_blas(n: int, end: int) -> bool:
+    """Whether a prompt chunk of ``n`` tokens of one sequence ending at position ``end`` - 1 may take
+    :func:`attention`'s matrix-product path (:func:`_attention_gemm`), whose sums are ordered
+    otherwise than the loops': such a chunk gives other numbers when it shares a pass with other
+    sequences (tinyinfer/batcher.py keeps it apart)."""
+    return n >= _BLAS_MIN_TOKENS and end >= _BLAS_MIN_KEYS
+
+
 def attention(q, k, v, pos, seq, scale, window, softcap, out):
     """Causal GQA attention for n new tokens, token i at position pos[i] of sequence seq[i].
 
@@ -627,16 +636,21 @@ def attention(q, k, v, pos, seq, scale, window, softcap, out):
     (:func:`_attention_gemm`). Otherwise one task per (token, kv head) covers the query heads of its
     group: each key/value cell is read once for all of them; f16 cells are converted inside the
     vectorized dot products and the p*v accumulation, quantized ones decoded a cell at a time.
-    On one thread, or for a single token, the serial driver runs (each token over all kv heads: the
-    cache rows are read whole, in order): launching a parallel region costs tens of microseconds,
-    more than a decode step's attention over a short context.
+    On one thread, for a single token, or below ``_PARALLEL_MIN_WORK`` multiply-adds (keys x query
+    heads x (hd_k + hd_v), summed over the tokens), the serial driver runs (each token over all kv
+    heads: the cache rows are read whole, in order): launching a parallel region costs tens of
+    microseconds on a quiet machine and milliseconds on a busy one, where the second thread waits for
+    a core; a ``--parallel 4`` decode step over short contexts (4 x 64 keys: ~20 us of work per
+    layer) spent most of its time there. Both drivers give a query head bit-identical results (one
+    summation order per head), so the choice never changes the numbers (batch invariance).
     """
     n = q.shape[0]
     if (n >= _BLAS_MIN_TOKENS and window <= 0 and _BLAS_MIN_KEYS <= pos[n - 1] + 1 <= k.q.shape[1]
             and (seq == seq[0]).all() and (np.diff(pos) == 1).all()):
         return _attention_gemm(q, k, v, int(pos[0]), int(seq[0]), scale, softcap, out)
     args = (q, k.arrays, v.arrays, pos, seq, attn_record(scale, window, softcap), out)
-    if n > 1 and _par.num_threads() > 1:
+    if (n > 1 and (int(pos.sum()) + n) * q.shape[1] * (q.shape[2] + out.shape[2]) >= _PARALLEL_MIN_WORK
+            and _par.num_threads() > 1):
         return _par.call(_attention_parallel, *args)
     return _attention_serial(*args)
 

@@ -183,6 +183,30 @@ def test_batched_decoding_equals_solo_runs(smollm2_path):
     assert e.batcher.max_batch >= 2                    # they did share forward passes
 
 
+def test_prompt_chunk_shares_the_decode_pass(smollm2_path):
+    """A slot's prompt runs in the same forward pass as another sequence's decode token (each weight
+    read once for both, as llama-server mixes them); with the batch-invariant kernels both logits rows
+    are bit-identical to each run alone."""
+    from tinyinfer.batcher import _Request
+    from tinyinfer.kernels.matmul import KernelConfig, using_config
+    with using_config(KernelConfig(batch_invariant=True)):
+        e = Engine(smollm2_path, n_ctx=128, n_threads=1, n_seq=2)
+    f = e.fork(seq=1)
+    a, b = _ids(e, PROMPTS[2]), _ids(e, PROMPTS[3])
+    e.eval(a[:-1])
+    solo_a = e.eval(a[-1:]).copy()          # sequence 0's next token, alone
+    solo_b = f.eval(b).copy()               # sequence 1's prompt, alone
+    del e.tokens[-1:]
+    f.tokens = []
+    reqs = [_Request(e, np.array(a[-1:]), len(a) - 1, 1, False), _Request(f, np.array(b), 0, 1, False)]
+    steps = e.batcher.n_steps
+    e.batcher._run(reqs)
+    assert e.batcher.n_steps == steps + 1                # one pass for both
+    assert all(r.done and r.error is None for r in reqs)
+    np.testing.assert_array_equal(reqs[0].result[0], solo_a)
+    np.testing.assert_array_equal(reqs[1].result[0], solo_b)
+
+
 def test_prompt_reused_from_a_free_sequence(smollm2_path):
     e = Engine(smollm2_path, n_ctx=256, n_threads=1, n_seq=2)
     f = e.fork(seq=1)

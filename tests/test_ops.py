@@ -43,10 +43,13 @@ def _store(typ, n_seq, n_rows, nkv, hd):
     (4, 4, 0, 50.0, 700, 600, 64),    # ... with softcap
 ])
 @pytest.mark.parametrize("threads,typ", [(1, "f16"), (2, "f16"), (1, "q8_0"), (2, "q4_0")])
-def test_attention_matches_numpy(nh, nkv, window, softcap, n_rows, pos0, n, threads, typ):
+def test_attention_matches_numpy(nh, nkv, window, softcap, n_rows, pos0, n, threads, typ, monkeypatch):
     """Sequence 1 of a two-sequence cache (sequence 0 holds other values), any cache type: the
-    reference attends over the values the cache holds (dequantized)."""
+    reference attends over the values the cache holds (dequantized). Two threads: the parallel driver,
+    whatever the size (these are below the size where attention() takes it by itself)."""
     import numba
+    if threads > 1:
+        monkeypatch.setattr(ops, "_PARALLEL_MIN_WORK", 0)
     from tinyinfer.kvcache import Batch
     rng = np.random.default_rng(nh * 100 + pos0)
     hd = 32
@@ -78,6 +81,37 @@ def test_attention_matches_numpy(nh, nkv, window, softcap, n_rows, pos0, n, thre
     if typ == "f16":     # the f16 values are the inputs rounded to half precision
         lo = max(0, n_pos - n_rows)
         np.testing.assert_array_equal(Kq[lo:], K[lo:].astype(np.float16).astype(np.float32))
+
+
+@pytest.mark.parametrize("typ", ["f16", "q8_0"])
+def test_attention_drivers_agree_bit_for_bit(typ):
+    """A decode step of four sequences at different depths plus a prompt run: the parallel driver (one
+    task per token and kv head, two threads) and the serial one give identical floats, so attention()
+    may pick either by size without changing a row's numbers (batch invariance)."""
+    import numba
+    from tinyinfer.kvcache import Batch
+    rng = np.random.default_rng(26)
+    nh, nkv, hd, rows = 9, 3, 64, 96
+    kc, vc = _store(typ, 5, rows, nkv, hd), _store(typ, 5, rows, nkv, hd)
+    for st in (kc, vc):
+        for sq in range(5):
+            ops.kv_store_rows(st.q[sq:sq + 1], st.d[sq:sq + 1], st.kind, st.rot,
+                              rng.standard_normal((rows, nkv, hd)).astype(np.float32))
+    b = Batch(np.array([5, 40, 77, 90, 20, 21, 22, 23, 24], np.int64), np.array([0, 1, 2, 3, 4, 4, 4, 4, 4], np.int64))
+    q = rng.standard_normal((b.pos.size, nh, hd)).astype(np.float32)
+    args = (q, kc.arrays, vc.arrays, b.pos, b.seq, ops.attn_record(0.125, 0, 0.0))
+    serial = ops._attention_serial(*args, np.empty((b.pos.size, nh, hd), np.float32))
+    old = numba.get_num_threads()
+    numba.set_num_threads(min(2, numba.config.NUMBA_NUM_THREADS))
+    try:
+        par = ops._attention_parallel(*args, np.empty((b.pos.size, nh, hd), np.float32))
+    finally:
+        numba.set_num_threads(old)
+    np.testing.assert_array_equal(par, serial)
+    for i in range(b.pos.size):          # and a row alone gives the same floats as in the batch
+        one = ops._attention_serial(q[i:i + 1], kc.arrays, vc.arrays, b.pos[i:i + 1], b.seq[i:i + 1],
+                                    ops.attn_record(0.125, 0, 0.0), np.empty((1, nh, hd), np.float32))
+        np.testing.assert_array_equal(one[0], serial[i])
 
 
 def test_attention_gemm_path_in_slices_equals_the_loops(monkeypatch):

@@ -7,6 +7,7 @@ from typing import List
 
 import numpy as np
 
+from .kernels import ops
 from .kvcache import Batch
 from .threads import use_threads
 
@@ -85,22 +86,27 @@ class Batcher:
 
     def _run(self, reqs: List[_Request]) -> None:
         use_threads(self.n_threads)
-        single = [r for r in reqs if r.ids.size == 1 and r.n_out == 1 and not r.embeddings]
-        rest = [r for r in reqs if r not in single]
-        try:
-            if single:
-                b = Batch.one_each([r.engine.seq for r in single], [r.pos0 for r in single])
-                ids = np.concatenate([r.ids for r in single])
-                out = self.model.forward(ids, b, self.cache, n_out=len(single))
-                self.n_steps += 1
-                self.max_batch = max(self.max_batch, len(single))
-                for i, r in enumerate(single):
-                    r.result = out[i:i + 1]
-        except Exception as e:          # every request of the failed pass is told
-            for r in single:
-                r.error = e
-        for r in single:
-            r.done = True
+        # one pass for the single tokens of the decoding sequences and the prompt chunks that want one
+        # logits row (a slot that has just taken a request): each weight is read once for all of them,
+        # as llama-server mixes prompts into its decode batches. A chunk whose attention would take
+        # the matrix-product path alone (ops.attention_uses_blas) keeps its own pass: its numbers must
+        # not depend on the others (batch invariance); so do embeddings and several logits rows.
+        mixed = [r for r in reqs if r.n_out == 1 and not r.embeddings
+                 and (r.ids.size == 1 or not ops.attention_uses_blas(r.ids.size, r.pos0 + r.ids.size))]
+        rest = [r for r in reqs if r not in mixed]
+        if mixed:
+            try:
+                self._run_mixed(mixed)
+            except Exception as e:
+                for r in mixed:        # run them apart, so that only the one at fault is told
+                    try:
+                        if len(mixed) == 1:
+                            raise e
+                        self._run_mixed([r])
+                    except Exception as e1:
+                        r.error = e1
+            for r in mixed:
+                r.done = True
         for r in rest:
             try:
                 r.result = self.model.forward(r.ids, Batch.run(r.engine.seq, r.pos0, r.ids.size), self.cache,
@@ -109,6 +115,30 @@ class Batcher:
             except Exception as e:
                 r.error = e
             r.done = True
+
+    def _run_mixed(self, reqs: List[_Request]) -> None:
+        """One forward pass of ``reqs`` (one logits row each): the prompt chunks' tokens but their last
+        first, then the last token of every request, whose logits rows the pass returns in order. The
+        order of a pass's tokens changes nothing: every token's k/v is stored before any attends."""
+        head = [r for r in reqs if r.ids.size > 1]
+        pos, seq, ids = [], [], []
+        for r in head:
+            m = r.ids.size - 1
+            pos.append(np.arange(r.pos0, r.pos0 + m, dtype=np.int64))
+            seq.append(np.full(m, r.engine.seq, np.int64))
+            ids.append(r.ids[:-1])
+        pos.append(np.array([r.pos0 + r.ids.size - 1 for r in reqs], np.int64))
+        seq.append(np.array([r.engine.seq for r in reqs], np.int64))
+        ids.append(np.array([r.ids[-1] for r in reqs], np.int64))
+        if head:
+            b, ids = Batch(np.concatenate(pos), np.concatenate(seq)), np.concatenate(ids)
+        else:
+            b, ids = Batch(pos[-1], seq[-1]), ids[-1]
+        out = self.model.forward(ids, b, self.cache, n_out=len(reqs))
+        self.n_steps += 1
+        self.max_batch = max(self.max_batch, len(reqs))
+        for i, r in enumerate(reqs):
+            r.result = out[i:i + 1]
 
     def reuse_prefix(self, engine, prompt_ids, keep: int) -> int:
         """llama-server's cache_prompt across slots: when a free sequence's cache holds a longer
