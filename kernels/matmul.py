@@ -575,7 +575,7 @@ FF_NR, FF_NC = {16: (2, 6), 8: (1, 8)}.get(simd.ACC_LANES, (2, 4))
 FF_RG = 16
 
 
-def _make_ffma(info: _TypeInfo, parallel: bool, cfg: KernelConfig):
+def _make_ffma(info: _TypeInfo, parallel: bool, cfg: KernelConfig, single: bool = False):
     """Float weights, every n: fused multiply-add tiles of FF_NR weight rows x up to FF_NC activation
     rows (simd.ftile_kernel: each weight block decoded once per tile, each activation vector loaded
     once per FF_NR rows, 32 / lanes FMAs per block and output). n == 1: one row at a time, one
@@ -583,7 +583,9 @@ def _make_ffma(info: _TypeInfo, parallel: bool, cfg: KernelConfig):
     time (the n % FF_NC left over in one tile of exactly that many), FF_NR rows per tile (the rows %
     FF_NR of the last group in 1-row tiles). Every output is summed in the one order of ftile_kernel,
     whatever the tile and thread split: batch invariant. Speculative decoding's verification passes
-    (2-9 rows) and prompts are its n > 1."""
+    (2-9 rows) and prompts are its n > 1. ``single``: a driver for n == 1 only (matmul.run's
+    "ffma1"), the tile loops left out (they made the GEMV loop run about 2x slower on a 56 MB F16
+    matrix at 1 thread, the same instructions: code placement; measured 2026-12-06)."""
     f = info.name
     ACT = _act_kind(info, False)
     NR, NC, RG = FF_NR, FF_NC, FF_RG
@@ -613,7 +615,7 @@ def _make_ffma(info: _TypeInfo, parallel: bool, cfg: KernelConfig):
         xqp = np.int64(xq.ctypes.data)
         osd = np.int64(out.strides[0])
         op = np.int64(out.ctypes.data)
-        if n == 1:
+        if n == 1 or single:
             for r in prange(rows):
                 call(O1, wp + r * ws, ws, xqp, xqs, xqp, xqp, xqs, nb_, ntail, op + r * 4, osd)
             _keep_alive(xq, xd, xs, xc)
@@ -919,15 +921,15 @@ def _make_arm(info: _TypeInfo, parallel: bool):
 def driver(info: _TypeInfo, packed, parallel: bool, cfg: KernelConfig):
     """The jitted driver (x, out from a prepared weight's arrays) of a type and layout, cached on the type
     info; matmul.run and kernels/moe.py call it. packed: False (native), True (x16 row-interleaved),
-    "ffma" (float FMA tiles) or "arm" (kernels/arm.py's 4-row layouts)."""
+    "ffma" (float FMA tiles; "ffma1": its n == 1 driver) or "arm" (kernels/arm.py's 4-row layouts)."""
     key = (packed, parallel, cfg.kgemv, cfg.packed_nc, cfg.packed_chains, cfg.tilings, cfg.prefetch,
            cfg.prefetch_packed, cfg.batch_invariant, cfg.prefetch_float)           # the fields the drivers depend on
     d = info.drivers.get(key)
     if d is None:
         if packed == "arm":
             d = _make_arm(info, parallel)
-        elif packed == "ffma":
-            d = _make_ffma(info, parallel, cfg)
+        elif packed in ("ffma", "ffma1"):
+            d = _make_ffma(info, parallel, cfg, packed == "ffma1")
         else:
             d = (_make_packed if packed else _make_native)(info, parallel, cfg)
         info.drivers[key] = d
@@ -1286,7 +1288,7 @@ def _plan(pw: PreparedWeight, n: int) -> list:
     if pw.arm is not None:
         packed, a0 = "arm", (pw.arm,)
     elif cfg.float_fma and pw.info.block == 1:
-        packed, a0 = "ffma", (pw.w,)
+        packed, a0 = "ffma1" if n == 1 else "ffma", (pw.w,)
     else:
         packed = pw.packed is not None and not (n == 1 and pw.info.repacked.kquant and cfg.kgemv
                                                 and not cfg.batch_invariant and pw.info.has_gemv)
