@@ -567,22 +567,36 @@ def _make_native(info: _TypeInfo, parallel: bool, cfg: KernelConfig):
     return _njit(native, parallel)
 
 
-# float weights (F16 / BF16 / F32) through simd.ftile_kernel (_make_ffma): activation rows per tile,
-# and weight rows per group (a group's rows and a tile's activations stay in L1 together)
-FF_NC, FF_RG = 8, 16
+# float weights (F16 / BF16 / F32) through simd.ftile_kernel (_make_ffma): tiles of FF_NR weight rows x
+# FF_NC activation rows (NR * NC * FMA_CHAINS accumulators + NR weight vectors + 1 within the target's
+# vector registers: 32 on AVX-512 and NEON, 16 on AVX2), and weight rows per group (a group's rows and
+# a tile's activations stay in L1 together; a multiple of FF_NR)
+FF_NR, FF_NC = {16: (2, 6), 8: (1, 8)}.get(simd.ACC_LANES, (2, 4))
+FF_RG = 16
 
 
-def _make_ffma(info: _TypeInfo, parallel: bool, cfg: KernelConfig):
-    """Float weights, every n: fused multiply-add tiles of one weight row x up to FF_NC activation rows
-    (simd.ftile_kernel: each weight block decoded once per FF_NC rows, 32 / lanes FMAs per block and
-    row). n == 1: one row at a time, one sequential stream. n > 1: groups of FF_RG weight rows, each
-    against FF_NC activation rows at a time (the n % FF_NC left over in one tile of exactly that many).
-    Every output is summed in the one order of ftile_kernel, whatever the tile and thread split: batch
-    invariant. Speculative decoding's verification passes (2-9 rows) and prompts are its n > 1."""
+def _make_ffma(info: _TypeInfo, parallel: bool, cfg: KernelConfig, single: bool = False):
+    """Float weights, every n: fused multiply-add tiles of FF_NR weight rows x up to FF_NC activation
+    rows (simd.ftile_kernel: each weight block decoded once per tile, each activation vector loaded
+    once per FF_NR rows, 32 / lanes FMAs per block and output). n == 1: one row at a time, one
+    sequential stream. n > 1: groups of FF_RG weight rows, each against FF_NC activation rows at a
+    time (the n % FF_NC left over in one tile of exactly that many), FF_NR rows per tile (the rows %
+    FF_NR of the last group in 1-row tiles). Every output is summed in the one order of ftile_kernel,
+    whatever the tile and thread split: batch invariant. Speculative decoding's verification passes
+    (2-9 rows) and prompts are its n > 1. ``single``: a driver for n == 1 only (matmul.run's
+    "ffma1"), the tile loops left out (they made the GEMV loop run about 2x slower on a 56 MB F16
+    matrix at 1 thread, the same instructions: code placement; measured 2026-12-06)."""
     f = info.name
     ACT = _act_kind(info, False)
-    T8, T7, T6, T5, T4, T3, T2, T1 = (spec("ftile", f, c, prefetch=cfg.prefetch_float)
-                                      for c in (8, 7, 6, 5, 4, 3, 2, 1))
+    NR, NC, RG = FF_NR, FF_NC, FF_RG
+    pf = cfg.prefetch_float
+
+    def sp(c, nr):      # a tile of nr x c; column counts beyond NC never run (their branches are dead)
+        return spec("ftile", f, min(c, NC), prefetch=pf, **({"NR": nr} if nr > 1 else {}))
+
+    M, O = sp(NC, NR), sp(NC, 1)
+    M1, M2, M3, M4, M5, M6, M7 = (sp(c, NR) for c in range(1, 8))
+    O1, O2, O3, O4, O5, O6, O7 = (sp(c, 1) for c in range(1, 8))
 
     def ffma(w, x, out):
         n, k = x.shape
@@ -601,38 +615,60 @@ def _make_ffma(info: _TypeInfo, parallel: bool, cfg: KernelConfig):
         xqp = np.int64(xq.ctypes.data)
         osd = np.int64(out.strides[0])
         op = np.int64(out.ctypes.data)
-        if n == 1:
+        if n == 1 or single:
             for r in prange(rows):
-                call(T1, wp + r * ws, ws, xqp, xqs, xqp, xqp, xqs, nb_, ntail, op + r * 4, osd)
+                call(O1, wp + r * ws, ws, xqp, xqs, xqp, xqp, xqs, nb_, ntail, op + r * 4, osd)
             _keep_alive(xq, xd, xs, xc)
             return
-        nc_main = n - n % 8
+        nc_main = n - n % NC
         rem = n - nc_main
         xr = xqp + nc_main * xqs
-        for g in prange((rows + 15) // 16):
-            r0 = g * 16
-            r1 = min(rows, r0 + 16)
-            for c0 in range(0, nc_main, 8):
-                for r in range(r0, r1):
-                    call(T8, wp + r * ws, ws, xqp + c0 * xqs, xqs, xqp, xqp, xqs, nb_, ntail,
-                         op + c0 * osd + r * 4, osd)
-            for r in range(r0, r1):
+        for g in prange((rows + RG - 1) // RG):
+            r0 = g * RG
+            r1 = min(rows, r0 + RG)
+            rm = r1 - (r1 - r0) % NR
+            for c0 in range(0, nc_main, NC):
+                xc0 = xqp + c0 * xqs
+                for r in range(r0, rm, NR):
+                    call(M, wp + r * ws, ws, xc0, xqs, xqp, xqp, xqs, nb_, ntail, op + c0 * osd + r * 4, osd)
+                for r in range(rm, r1):
+                    call(O, wp + r * ws, ws, xc0, xqs, xqp, xqp, xqs, nb_, ntail, op + c0 * osd + r * 4, osd)
+            if rem == 0:
+                continue
+            for r in range(r0, rm, NR):
                 wr = wp + r * ws
                 orr = op + nc_main * osd + r * 4
                 if rem == 1:
-                    call(T1, wr, ws, xr, xqs, xqp, xqp, xqs, nb_, ntail, orr, osd)
+                    call(M1, wr, ws, xr, xqs, xqp, xqp, xqs, nb_, ntail, orr, osd)
                 elif rem == 2:
-                    call(T2, wr, ws, xr, xqs, xqp, xqp, xqs, nb_, ntail, orr, osd)
+                    call(M2, wr, ws, xr, xqs, xqp, xqp, xqs, nb_, ntail, orr, osd)
                 elif rem == 3:
-                    call(T3, wr, ws, xr, xqs, xqp, xqp, xqs, nb_, ntail, orr, osd)
+                    call(M3, wr, ws, xr, xqs, xqp, xqp, xqs, nb_, ntail, orr, osd)
                 elif rem == 4:
-                    call(T4, wr, ws, xr, xqs, xqp, xqp, xqs, nb_, ntail, orr, osd)
+                    call(M4, wr, ws, xr, xqs, xqp, xqp, xqs, nb_, ntail, orr, osd)
                 elif rem == 5:
-                    call(T5, wr, ws, xr, xqs, xqp, xqp, xqs, nb_, ntail, orr, osd)
+                    call(M5, wr, ws, xr, xqs, xqp, xqp, xqs, nb_, ntail, orr, osd)
                 elif rem == 6:
-                    call(T6, wr, ws, xr, xqs, xqp, xqp, xqs, nb_, ntail, orr, osd)
+                    call(M6, wr, ws, xr, xqs, xqp, xqp, xqs, nb_, ntail, orr, osd)
                 elif rem == 7:
-                    call(T7, wr, ws, xr, xqs, xqp, xqp, xqs, nb_, ntail, orr, osd)
+                    call(M7, wr, ws, xr, xqs, xqp, xqp, xqs, nb_, ntail, orr, osd)
+            for r in range(rm, r1):
+                wr = wp + r * ws
+                orr = op + nc_main * osd + r * 4
+                if rem == 1:
+                    call(O1, wr, ws, xr, xqs, xqp, xqp, xqs, nb_, ntail, orr, osd)
+                elif rem == 2:
+                    call(O2, wr, ws, xr, xqs, xqp, xqp, xqs, nb_, ntail, orr, osd)
+                elif rem == 3:
+                    call(O3, wr, ws, xr, xqs, xqp, xqp, xqs, nb_, ntail, orr, osd)
+                elif rem == 4:
+                    call(O4, wr, ws, xr, xqs, xqp, xqp, xqs, nb_, ntail, orr, osd)
+                elif rem == 5:
+                    call(O5, wr, ws, xr, xqs, xqp, xqp, xqs, nb_, ntail, orr, osd)
+                elif rem == 6:
+                    call(O6, wr, ws, xr, xqs, xqp, xqp, xqs, nb_, ntail, orr, osd)
+                elif rem == 7:
+                    call(O7, wr, ws, xr, xqs, xqp, xqp, xqs, nb_, ntail, orr, osd)
         _keep_alive(xq, xd, xs, xc)
 
     return _njit(ffma, parallel)
@@ -887,15 +923,15 @@ def _make_arm(info: _TypeInfo, parallel: bool):
 def driver(info: _TypeInfo, packed, parallel: bool, cfg: KernelConfig):
     """The jitted driver (x, out from a prepared weight's arrays) of a type and layout, cached on the type
     info; matmul.run and kernels/moe.py call it. packed: False (native), True (x16 row-interleaved),
-    "ffma" (float FMA tiles) or "arm" (kernels/arm.py's 4-row layouts)."""
+    "ffma" (float FMA tiles; "ffma1": its n == 1 driver) or "arm" (kernels/arm.py's 4-row layouts)."""
     key = (packed, parallel, cfg.kgemv, cfg.packed_nc, cfg.packed_chains, cfg.tilings, cfg.prefetch,
            cfg.prefetch_packed, cfg.batch_invariant, cfg.prefetch_float)           # the fields the drivers depend on
     d = info.drivers.get(key)
     if d is None:
         if packed == "arm":
             d = _make_arm(info, parallel)
-        elif packed == "ffma":
-            d = _make_ffma(info, parallel, cfg)
+        elif packed in ("ffma", "ffma1"):
+            d = _make_ffma(info, parallel, cfg, packed == "ffma1")
         else:
             d = (_make_packed if packed else _make_native)(info, parallel, cfg)
         info.drivers[key] = d
@@ -1255,7 +1291,7 @@ def _plan(pw: PreparedWeight, n: int) -> list:
     if pw.arm is not None:
         packed, a0 = "arm", (pw.arm,)
     elif cfg.float_fma and pw.info.block == 1:
-        packed, a0 = "ffma", (pw.w,)
+        packed, a0 = "ffma1" if n == 1 else "ffma", (pw.w,)
     else:
         packed = pw.packed is not None and not (n == 1 and pw.info.repacked.kquant and cfg.kgemv
                                                 and not cfg.batch_invariant and pw.info.has_gemv)

@@ -697,17 +697,18 @@ def _fma(b, a, x, c):
 
 
 @lru_cache(maxsize=None)
-def ftile_kernel(fmt, NC: int, lanes: int = 0, prefetch: int = 0):
-    """Float weights (F16 / BF16 / F32): one weight row x NC activation rows, fused multiply-adds.
+def ftile_kernel(fmt, NC: int, lanes: int = 0, prefetch: int = 0, NR: int = 1):
+    """Float weights (F16 / BF16 / F32): NR weight rows x NC activation rows, fused multiply-adds.
 
-    Same signature and result layout as :func:`tile_kernel` with NR = 1 (``w_stride``, ``xd``,
-    ``xs`` unused). Each block of 32 weights is decoded to float32 once and multiplied into the NC
-    rows' sums with ``llvm.fma`` (ACC_LANES lanes per instruction): per output FMA_CHAINS
-    accumulators, element e of a block into chain (e // lanes) % FMA_CHAINS, lane e % lanes, in
-    block order; then the chains added, the lanes summed (a fixed tree), and the k % 32 tail (the
-    scalar loop of the tile kernels). That order does not depend on NC: a GEMV (NC = 1) and any
-    GEMM give bit-identical rows. Per block and row: 32 / lanes FMAs, against tile_kernel's multiply,
-    fold and add per 32-element product (on a 4-lane NEON: 8 instructions instead of 16).
+    Same signature and result layout as :func:`tile_kernel` (``xd``, ``xs`` unused; weight row r at
+    ``w + r * w_stride``). Each block of 32 weights is decoded to float32 once and multiplied into the
+    NC rows' sums with ``llvm.fma`` (ACC_LANES lanes per instruction), each activation vector loaded
+    once for the NR weight rows: per output FMA_CHAINS accumulators, element e of a block into chain
+    (e // lanes) % FMA_CHAINS, lane e % lanes, in block order; then the chains added, the lanes summed
+    (a fixed tree), and the k % 32 tail (the scalar loop of the tile kernels). That order does not
+    depend on NR or NC: a GEMV (1 x 1) and any GEMM tile give bit-identical outputs. Per block and
+    output: 32 / lanes FMAs; per activation vector loaded: NR FMAs. Registers: NR * NC * FMA_CHAINS
+    accumulators + NR weight vectors + 1 (matmul.FF_NR / FF_NC keep that within the target's 32).
     """
     W = lanes or ACC_LANES
     S = FMA_CHAINS
@@ -721,39 +722,46 @@ def ftile_kernel(fmt, NC: int, lanes: int = 0, prefetch: int = 0):
             e = Emitter(builder)
             b = builder
             (w_, ws_, xq_, xqs_, xd_, xs_, xst_, nb_, ntail_, out_, os_) = args
-            t = _Tile(e, fmt, 1, NC, W, False, F32, 4, *(b.inttoptr(a, P8) for a in (w_, xq_, xd_, xs_, out_)),
-                      [c64(0)], [b.mul(xqs_, c64(c)) for c in range(NC)], [c64(0)] * NC, 0)
+            t = _Tile(e, fmt, NR, NC, W, False, F32, 4, *(b.inttoptr(a, P8) for a in (w_, xq_, xd_, xs_, out_)),
+                      [b.mul(ws_, c64(r)) for r in range(NR)], [b.mul(xqs_, c64(c)) for c in range(NC)],
+                      [c64(0)] * NC, 0)
             zero_v = ir.Constant(vec(F32, W), None)
 
             def body(i, accs):
                 new = list(accs)
                 woff = b.mul(i, c64(fmt.block_bytes))
-                if prefetch:
-                    e.prefetch(t.wp, b.add(woff, c64(prefetch)))
-                wv, _ = fmt.decode(e, t.wp, woff)
-                wj = [e.shuffle(wv, None, range(j * W, j * W + W)) for j in range(NJ)]
+                wj = []
+                for r in range(NR):
+                    wo = b.add(t.wrow[r], woff)
+                    if prefetch:
+                        e.prefetch(t.wp, b.add(wo, c64(prefetch)))
+                    wv, _ = fmt.decode(e, t.wp, wo)
+                    wj.append([e.shuffle(wv, None, range(j * W, j * W + W)) for j in range(NJ)])
                 xoff = b.mul(i, c64(128))
-                for c in range(NC):
-                    xb = b.add(t.xrow[c], xoff)
-                    for j in range(NJ):
-                        xv = e.load(t.xqp, b.add(xb, c64(4 * W * j)), vec(F32, W))
-                        a = c * S + j % S
-                        new[a] = _fma(b, wj[j], xv, new[a])
+                xb = [b.add(t.xrow[c], xoff) for c in range(NC)]
+                for j in range(NJ):             # j outer: NR weight vectors live at a time
+                    for c in range(NC):
+                        xv = e.load(t.xqp, b.add(xb[c], c64(4 * W * j)), vec(F32, W))
+                        for r in range(NR):
+                            a = (r * NC + c) * S + j % S
+                            new[a] = _fma(b, wj[r][j], xv, new[a])
                 return new
 
-            accs = counted_loop(b, nb_, [zero_v] * (NC * S), body)
+            accs = counted_loop(b, nb_, [zero_v] * (NR * NC * S), body)
             tails = _tile_float_tail(t, nb_, ntail_)
-            for c in range(NC):
-                v = accs[c * S]
-                for j in range(1, S):
-                    v = b.fadd(v, accs[c * S + j])
-                v = b.fadd(e.reduce_fadd(v), tails[c])
-                e.store(v, t.op, b.mul(os_, c64(c)), align=4)
+            for r in range(NR):
+                for c in range(NC):
+                    k = r * NC + c
+                    v = accs[k * S]
+                    for j in range(1, S):
+                        v = b.fadd(v, accs[k * S + j])
+                    v = b.fadd(e.reduce_fadd(v), tails[k])
+                    e.store(v, t.op, b.add(b.mul(os_, c64(c)), c64(4 * r)), align=4)
             return context.get_dummy_value()
 
         return sig, codegen
 
-    tile.kernel_name = f"ftile_{fmt.name}_1x{NC}_l{W}_s{S}_pf{prefetch}"
+    tile.kernel_name = f"ftile_{fmt.name}_{NR}x{NC}_l{W}_s{S}_pf{prefetch}"
     return tile
 
 

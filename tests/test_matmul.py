@@ -260,8 +260,9 @@ def test_repacked_equals_native():
 def test_float_fma_tiles_equal_native_tiles(name):
     """Float weights: the fused multiply-add tiles (the default, KernelConfig.float_fma) and the native
     tiles (float_fma=False) agree with the reference up to summation order, for the row counts of a
-    GEMV, speculative decoding's checks (2-9 rows: 1 x NC tiles and the n % 8 left over) and a prompt,
-    and for k with a tail (k % 32 != 0); each fma row equals that row alone (one order for every n)."""
+    GEMV, speculative decoding's checks (2-9 rows: FF_NR x FF_NC tiles, the n % FF_NC left over, the
+    rows % FF_NR in 1-row tiles) and a prompt, and for k with a tail (k % 32 != 0); each fma row equals
+    that row alone (one order for every n)."""
     rng = np.random.default_rng(24)
     for rows, k in ((37, 576), (20, 99)):
         raw, _ = make_weight(name, rows, k, rng)
@@ -269,11 +270,30 @@ def test_float_fma_tiles_equal_native_tiles(name):
         fma = mm.prepare(raw, int(T[name]), k)
         nat = mm.prepare(raw, int(T[name]), k, config=mm.KernelConfig(float_fma=False))
         alone = np.vstack([mm.matmul(fma, x[i:i + 1]) for i in range(40)])
-        for n in (1, 2, 3, 7, 8, 9, 16, 17, 40):
+        for n in (1, 2, 3, 6, 7, 8, 9, 12, 13, 16, 17, 40):
             a, b = mm.matmul(fma, x[:n]), mm.matmul(nat, x[:n])
             assert rel(a, reference(raw, name, k, x[:n])) < 2e-6, (name, rows, k, n)
             assert rel(a, b) < 2e-6, (name, rows, k, n)
             np.testing.assert_array_equal(a, alone[:n], err_msg=f"{name} {rows}x{k} n={n}")
+
+
+@pytest.mark.parametrize("tile", [(2, 4), (1, 8), (4, 3)])
+def test_float_fma_other_targets_tiles(tile, monkeypatch):
+    """The float FMA driver with another target's tile shape (FF_NR x FF_NC: NEON's 2 x 4, AVX2's 1 x 8,
+    a 4 x 3) gives the host's results bit for bit: the per-output order is the tile shape's invariant."""
+    rng = np.random.default_rng(7)
+    rows, k = 23, 99
+    raw, _ = make_weight("F16", rows, k, rng)
+    x = rng.standard_normal((11, k)).astype(np.float32)
+    pw = mm.prepare(raw, int(T.F16), k)
+    want = mm.matmul(pw, x)
+    monkeypatch.setattr(mm, "FF_NR", tile[0])
+    monkeypatch.setattr(mm, "FF_NC", tile[1])
+    drv = mm._make_ffma(pw.info, False, pw.config)
+    for n in (2, 5, 11):
+        out = np.zeros((n, rows), np.float32)
+        drv(pw.w, x[:n], out)
+        np.testing.assert_array_equal(out, want[:n], err_msg=f"{tile} n={n}")
 
 
 def test_config_passed_in(smollm2_path):
