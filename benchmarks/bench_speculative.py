@@ -1,7 +1,8 @@
 """Speculative decoding, side by side in one run: plain greedy decoding vs the same with a proposer.
 
-    python benchmarks/bench_speculative.py [-n 128] [-r 3] [--setups draft,ngram] [--p-min 0,0.5,0.75] [--native-float off|on|both] [-o out.json]
+    python benchmarks/bench_speculative.py [-n 128] [-r 3] [--setups draft,ngram] [--p-min 0,0.5,0.75] [--native-float off|on|both] [--draft Q4_0|FILE] [-o out.json]
     python benchmarks/bench_speculative.py --row-costs F16,Q4_0     # a forward pass of 1, 2, 4, 9, 16 tokens
+    python benchmarks/bench_speculative.py --acceptance Q4_0,DRAFT.gguf [--target F16.gguf]  # acceptance, no decoding
 
 Setups (1 thread, greedy, the same prompts for both sides, runs alternated so drift hits both):
 
@@ -10,6 +11,17 @@ Setups (1 thread, greedy, the same prompts for both sides, runs alternated so dr
   ``--spec-draft-p-min`` of ``--p-min``.
 * ``ngram``: Qwen2.5-Coder-0.5B Q4_K_M with ``--spec-type ngram-simple`` on a "rewrite this code"
   prompt, at llama.cpp's default sizes (12, 48) and at 3, 16.
+
+``--acceptance``: which guesses a draft gets right, without speculative decoding: the target's greedy
+text for each prompt (-n tokens) is run through each draft as one batch (teacher forcing); with greedy
+target and draft, a guess is accepted exactly when every earlier guess of its cycle was, and the draft's
+argmax after the target's text is the target's next token, so the drafted / accepted counts and the
+target passes of any ``--spec-draft-n-max`` / ``--spec-draft-p-min`` follow from that one pass
+(exact for p-min 0; with p-min > 0 the guesses after a wrong one stop on the teacher-forced
+probabilities, an approximation of what the draft sees after its own wrong guess). ``est x``: the
+speed-up those counts give with the forward-pass costs measured here (process CPU time): a cycle costs
+one draft pass per drafted token (plus one when p-min or nothing stopped it) and one target pass of
+drafted + 1 tokens.
 
 SmolLM2 runs to -n tokens (--ignore-eos); the rewrite prompt to its end token.
 Generation speed = (tokens - 1) / (time from the first sampled token to the last): prompt
@@ -119,6 +131,100 @@ def row_costs(types, ns=(1, 2, 4, 9, 16), reps=15):
                   f"{max(ts) * 1e3:.1f}]  matmul {sum(tim.values()) / 5 * 1e3:5.1f}: {det}", flush=True)
 
 
+def _draft_path(name):
+    """A draft given as a file or as a quantization type of SmolLM2 (``ensure_requantized``)."""
+    from tinyinfer.tools.quantize import ensure_requantized
+    return Path(name) if name.endswith(".gguf") else ensure_requantized(name)
+
+
+def pass_costs(eng, ns, reps=7):
+    """Median process CPU time in ms of one forward pass of n tokens at context 64, for each n."""
+    import numpy as np
+
+    from tinyinfer.kvcache import Batch
+    m, ids = eng.model, np.arange(100, 180, dtype=np.int64)
+    m.forward(ids[:64], Batch.run(0, 0, 64), eng.cache)
+    out = {}
+    for n in ns:
+        ts = []
+        for _ in range(reps):
+            t = time.process_time()
+            m.forward(ids[64:64 + n], Batch.run(0, 64, n), eng.cache, n_out=n)
+            ts.append(time.process_time() - t)
+        out[n] = statistics.median(ts) * 1e3
+    return out
+
+
+def teacher_forced(eng, ids, toks):
+    """The model's argmax and top probability at each generated position after the first (the guess for
+    toks[i], i >= 1, given the prompt and toks[:i]), from one batched pass."""
+    import numpy as np
+
+    from tinyinfer.kvcache import Batch
+    full = np.asarray(list(ids) + list(toks), np.int64)
+    lg = eng.model.forward(full, Batch.run(0, 0, full.size), eng.cache, n_out=len(toks))[:-1]
+    x = lg - lg.max(1, keepdims=True)
+    return lg.argmax(1), 1.0 / np.exp(x).sum(1)
+
+
+def simulate(right, prob, n_max, p_min, cost_t, cost_d):
+    """Greedy speculative decoding replayed from the per-position agreement ``right`` (right[i - 1]: the
+    draft's guess for generated token i is the target's) and top probabilities: (estimated speed-up,
+    drafted, accepted, target passes)."""
+    n_tok, i, cost, drafted, accepted, passes = len(right) + 1, 1, 0.0, 0, 0, 0
+    while i < n_tok:
+        k, stopped = 0, False
+        while k < n_max and i + k < n_tok:
+            if p_min > 0 and prob[i + k - 1] < p_min:
+                stopped = True
+                break
+            k += 1
+        a = 0
+        while a < k and right[i + a - 1]:
+            a += 1
+        cost += (k + (stopped or k == 0)) * cost_d + cost_t[k + 1]
+        drafted, accepted, passes, i = drafted + k, accepted + a, passes + 1, i + a + 1
+    return (n_tok - 1) * cost_t[1] / cost, drafted, accepted, passes
+
+
+def acceptance(drafts, target, n, n_maxes=(3, 8), p_mins=(0.0, 0.5, 0.75, 0.9)):
+    import numpy as np
+
+    from tinyinfer.engine import Engine
+    from tinyinfer.sampler import SamplerParams
+    from test_speculative import PROMPTS
+    tgt = Engine(_draft_path(target), n_ctx=1024, n_threads=1)
+    texts = []
+    for p in PROMPTS:
+        ids = tgt.tokenizer.encode(p, special=True)
+        texts.append((ids, [s.token for s in tgt.generate(ids, SamplerParams(temperature=0.0, repeat_penalty=1.0),
+                                                          max_tokens=n, ignore_eos=True)]))
+    ct = pass_costs(tgt, range(1, max(n_maxes) + 2))
+    own = [float((teacher_forced(tgt, i, t)[0] == np.asarray(t[1:])).mean()) for i, t in texts]
+    print(f"target {Path(tgt.path).name}: pass ms CPU "
+          + " ".join(f"n={k}:{v:.1f}" for k, v in ct.items())
+          + f"; its batched argmax = its greedy text: {own}", flush=True)
+    rows = []
+    for d in drafts:
+        eng = Engine(_draft_path(d), n_ctx=1024, n_threads=1)
+        cd = pass_costs(eng, (1,))[1]
+        tf = [teacher_forced(eng, i, t) for i, t in texts]
+        right = [am == np.asarray(t[1:]) for (am, _), (_, t) in zip(tf, texts)]
+        print(f"draft {d}: pass {cd:.1f} ms CPU (r = {cd / ct[1]:.2f} of the target's); guesses right after the "
+              f"target's text: " + " ".join(f"p{j} {r.mean():.0%}" for j, r in enumerate(right)), flush=True)
+        for nm in n_maxes:
+            for pm in p_mins:
+                res = [simulate(r, p, nm, pm, ct, cd) for r, (_, p) in zip(right, tf)]
+                rows += [dict(draft=str(d), prompt=f"p{j}", n_max=nm, p_min=pm, est_speedup=x, draft_n=dn,
+                              draft_n_accepted=da, target_passes=ps, r=cd / ct[1])
+                         for j, (x, dn, da, ps) in enumerate(res)]
+                print(f"  n_max {nm} p_min {pm:<4g} " + "  ".join(
+                    f"p{j}: est x{x:.2f} {da}/{dn} ({da / max(dn, 1):.0%}) {ps} passes"
+                    for j, (x, dn, da, ps) in enumerate(res)), flush=True)
+        eng.close()
+    return rows
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("-n", type=int, default=128)
@@ -131,7 +237,17 @@ def main(argv=None):
                          "before the fused multiply-add ones; both: each p-min on both targets in turn")
     ap.add_argument("--row-costs", default=None, metavar="TYPES",
                     help="only print what a forward pass of 1, 2, 4, 9, 16 tokens costs, e.g. F16,Q4_0")
+    ap.add_argument("--acceptance", default=None, metavar="DRAFTS",
+                    help="only replay the draft setup's acceptance from one batched pass per draft (types of "
+                         "SmolLM2 such as Q4_0, or .gguf files), e.g. Q4_0,Q4_1,/tmp/draft.gguf")
+    ap.add_argument("--draft", default="Q4_0", help="the draft setup's draft: a type of SmolLM2 or a .gguf file")
+    ap.add_argument("--target", default="F16", help="--acceptance's target (a type of SmolLM2 or a .gguf file)")
     a = ap.parse_args(argv)
+    if a.acceptance:
+        rows = acceptance(a.acceptance.split(","), a.target, a.n)
+        if a.o:
+            Path(a.o).write_text(json.dumps(rows, indent=1))
+        return rows
     if a.row_costs:
         return row_costs(a.row_costs.split(","))
     from tinyinfer.engine import Engine
@@ -147,11 +263,12 @@ def main(argv=None):
             with mm.using_config(mm.KernelConfig(float_fma=False) if native else None):
                 targets.append((" native" if native else "", Engine(ensure_requantized("F16"), n_ctx=1024,
                                                                      n_threads=1)))
-        dr = DraftModel(Engine(ensure_requantized("Q4_0"), n_ctx=1024, n_threads=1))
+        dr = DraftModel(Engine(_draft_path(a.draft), n_ctx=1024, n_threads=1))
+        dname = a.draft if not a.draft.endswith(".gguf") else Path(a.draft).name
         prompts = [(f"p{i}", targets[0][1].tokenizer.encode(p, special=True)) for i, p in enumerate(PROMPTS)]
         for pm in (float(v) for v in a.p_min.split(",")):
             for tag, tgt in targets:
-                rows += compare(f"smollm2 F16{tag}+Q4_0 n8 p-min {pm:g}", tgt, prompts, a.n, a.r, dr,
+                rows += compare(f"smollm2 F16{tag}+{dname} n8 p-min {pm:g}", tgt, prompts, a.n, a.r, dr,
                                 draft_n_max=8, draft_p_min=pm)
     if "ngram" in a.setups:
         eng = Engine(fetch("qwen2.5"), n_ctx=1024, n_threads=1)
