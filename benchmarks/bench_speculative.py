@@ -1,6 +1,6 @@
 """Speculative decoding, side by side in one run: plain greedy decoding vs the same with a proposer.
 
-    python benchmarks/bench_speculative.py [-n 128] [-r 3] [--setups draft,ngram] [--p-min 0,0.5,0.75] [--native-float off|on|both] [--draft Q4_0|FILE] [-o out.json]
+    python benchmarks/bench_speculative.py [-n 128] [-r 3] [--setups draft,ngram] [--p-min 0,0.5,0.75] [--native-float off|on|both] [--draft Q4_0|FILE] [--llamacpp BIN] [-o out.json]
     python benchmarks/bench_speculative.py --row-costs F16,Q4_0     # a forward pass of 1, 2, 4, 9, 16 tokens
     python benchmarks/bench_speculative.py --acceptance Q4_0,DRAFT.gguf [--target F16.gguf]  # acceptance, no decoding
 
@@ -54,15 +54,62 @@ def gen_speed(eng, ids, n, ignore_eos=True, **kw):
     return toks, (len(toks) - 1) / dt, t.draft_n, t.draft_n_accepted, t.n_eval, (len(toks) - 1) / dc
 
 
-def compare(name, eng, prompts, n, reps, proposer, **kw):
+def _run_llamacpp(cmd):
+    """One llama.cpp run: its own generation speed (t/s) and drafted / accepted counts (None if absent)."""
+    import re
+    import subprocess
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    out = p.stdout + p.stderr
+    if p.returncode != 0:
+        tail = out.strip().splitlines()[-1:] or ["(no output)"]
+        raise SystemExit(f"{Path(cmd[0]).name} exited with {p.returncode}: {tail[0]}")
+    m = re.search(r"decoded\s+(\d+) tokens in\s+([\d.]+) seconds, speed:\s+([\d.]+) t/s", out)
+    if m:       # llama-speculative-simple: tokens / time from the first draft to the end
+        dn, da = (int(re.search(rf"{k}\s*=\s*(\d+)", out).group(1)) for k in ("n_drafted", "n_accept"))
+        return float(m.group(3)), dn, da
+    m = re.search(r"\beval time =\s+[\d.]+ ms /\s+\d+ runs.*?([\d.]+) tokens per second", out)
+    if not m:
+        raise SystemExit(f"{Path(cmd[0]).name}: no speed in its output")
+    return float(m.group(1)), None, None
+
+
+def llamacpp_cmds(bin_dir, target, prompt, n, ignore_eos=True, draft=None, spec_type=None, n_max=8, p_min=0.0,
+                  ngram=None, extra=()):
+    """The llama.cpp commands for one prompt: plain (llama-completion) and speculative
+    (llama-speculative-simple), 1 thread, greedy, the same files, prompt text and flags as ours."""
+    b = Path(bin_dir)
+    common = ["-m", str(target), "-p", prompt, "-n", str(n), "-t", "1", "--temp", "0", "-c", "1024"]
+    common += (["--ignore-eos"] if ignore_eos else []) + list(extra)
+    plain = [str(b / "llama-completion")] + common + ["-no-cnv"]
+    spec = [str(b / "llama-speculative-simple")] + common
+    if draft is not None:
+        spec += ["-md", str(draft), "-td", "1", "--spec-type", "draft-simple", "--spec-draft-n-max", str(n_max),
+                 "--spec-draft-p-min", str(p_min)]
+    else:
+        spec += ["--spec-type", spec_type, "--spec-ngram-simple-size-n", str(ngram[0]),
+                 "--spec-ngram-simple-size-m", str(ngram[1])]
+    return plain, spec
+
+
+def compare(name, eng, prompts, n, reps, proposer, llama=None, **kw):
+    """Plain vs speculative on ``eng`` for each (label, ids[, text]) prompt, ``reps`` times alternated;
+    with ``llama`` (a function of the prompt text giving llama.cpp's plain and speculative commands) each
+    rep also runs llama.cpp's two right after ours."""
     rows = []
-    for label, ids in prompts:
+    for label, ids, *text in prompts:
         plain_s, spec_s, plain_c, spec_c, drafted, accepted, runs = [], [], [], [], 0, 0, 0
+        lp, ls, ldn, lda = [], [], 0, 0
         for r in range(reps):
             a, sp, _, _, _, cp = gen_speed(eng, ids, n, **{k: v for k, v in kw.items() if k == "ignore_eos"})
             b, ss, dn, da, ne, cs = gen_speed(eng, ids, n, draft_model=proposer, **kw)
             if a != b:
                 raise SystemExit(f"{name} {label}: speculative output differs from plain decoding")
+            if llama is not None:
+                cmd_plain, cmd_spec = llama(text[0])
+                lp.append(_run_llamacpp(cmd_plain)[0])
+                t, d1, d2 = _run_llamacpp(cmd_spec)
+                ls.append(t)
+                ldn, lda = ldn + d1, lda + d2
             plain_s.append(sp)
             spec_s.append(ss)
             plain_c.append(cp)
@@ -76,6 +123,11 @@ def compare(name, eng, prompts, n, reps, proposer, **kw):
                    cpu_speedup_min=min(cratios), cpu_speedup_max=max(cratios), draft_n=drafted // reps,
                    draft_n_accepted=accepted // reps, acceptance=accepted / drafted if drafted else 0.0,
                    target_passes=runs // reps)
+        if lp:
+            row.update(llama_plain_tps=statistics.median(lp), llama_spec_tps=statistics.median(ls),
+                       llama_speedup=statistics.median([s / p for s, p in zip(ls, lp)]), llama_draft_n=ldn // reps,
+                       llama_draft_n_accepted=lda // reps, llama_acceptance=lda / ldn if ldn else 0.0,
+                       ours_over_llama_spec=statistics.median([o / t for o, t in zip(spec_s, ls)]))
         rows.append(row)
         print(f"{name:30s} {label:8s} n={row['n']:3d} plain {row['plain_tps']:6.1f} t/s  "
               f"spec {row['spec_tps']:6.1f} t/s  "
@@ -83,6 +135,13 @@ def compare(name, eng, prompts, n, reps, proposer, **kw):
               f"cpu x{row['cpu_speedup']:.2f} [{row['cpu_speedup_min']:.2f}-{row['cpu_speedup_max']:.2f}]  "
               f"drafted {row['draft_n']:4d} accepted {row['draft_n_accepted']:4d} "
               f"({100 * row['acceptance']:.0f}%)  passes {row['target_passes']}", flush=True)
+        if lp:
+            print(f"{'  llama.cpp':30s} {label:8s}        plain {row['llama_plain_tps']:6.1f} t/s  "
+                  f"spec {row['llama_spec_tps']:6.1f} t/s  x{row['llama_speedup']:.2f} [{min(ls[i] / lp[i] for i in range(reps)):.2f}-"
+                  f"{max(ls[i] / lp[i] for i in range(reps)):.2f}]  drafted {row['llama_draft_n']:4d} accepted "
+                  f"{row['llama_draft_n_accepted']:4d} ({100 * row['llama_acceptance']:.0f}%)  ours/llama.cpp spec "
+                  f"x{row['ours_over_llama_spec']:.2f}  [tok/s per run: ours {[round(v, 1) for v in spec_s]} "
+                  f"llama.cpp {[round(v, 1) for v in ls]}]", flush=True)
     return rows
 
 
@@ -241,6 +300,11 @@ def main(argv=None):
                     help="only replay the draft setup's acceptance from one batched pass per draft (types of "
                          "SmolLM2 such as Q4_0, or .gguf files), e.g. Q4_0,Q4_1,/tmp/draft.gguf")
     ap.add_argument("--draft", default="Q4_0", help="the draft setup's draft: a type of SmolLM2 or a .gguf file")
+    ap.add_argument("--llamacpp", default=None, metavar="BIN",
+                    help="also run llama.cpp's llama-completion and llama-speculative-simple from BIN (a build/bin "
+                         "folder) after each of our runs: the same files, prompt text and flags")
+    ap.add_argument("--llamacpp-args", default="", help="more llama.cpp flags, e.g. --no-repack for a build that "
+                    "crashes in its repacked kernels")
     ap.add_argument("--target", default="F16", help="--acceptance's target (a type of SmolLM2 or a .gguf file)")
     a = ap.parse_args(argv)
     if a.acceptance:
@@ -265,18 +329,28 @@ def main(argv=None):
                                                                      n_threads=1)))
         dr = DraftModel(Engine(_draft_path(a.draft), n_ctx=1024, n_threads=1))
         dname = a.draft if not a.draft.endswith(".gguf") else Path(a.draft).name
-        prompts = [(f"p{i}", targets[0][1].tokenizer.encode(p, special=True)) for i, p in enumerate(PROMPTS)]
+        prompts = [(f"p{i}", targets[0][1].tokenizer.encode(p, special=True), p) for i, p in enumerate(PROMPTS)]
         for pm in (float(v) for v in a.p_min.split(",")):
+            llama = None
+            if a.llamacpp:
+                def llama(text, pm=pm):
+                    return llamacpp_cmds(a.llamacpp, targets[0][1].path, text, a.n, draft=dr.engine.path, p_min=pm,
+                                         extra=a.llamacpp_args.split())
             for tag, tgt in targets:
                 rows += compare(f"smollm2 F16{tag}+{dname} n8 p-min {pm:g}", tgt, prompts, a.n, a.r, dr,
-                                draft_n_max=8, draft_p_min=pm)
+                                llama=llama, draft_n_max=8, draft_p_min=pm)
     if "ngram" in a.setups:
         eng = Engine(fetch("qwen2.5"), n_ctx=1024, n_threads=1)
-        prompts = [("rewrite", eng.tokenizer.encode(CODE, special=True))]
+        prompts = [("rewrite", eng.tokenizer.encode(CODE, special=True), CODE)]
         # the answer's natural length (to its end token): no repetition after it inflating the lookup
-        rows += compare("qwen-coder ngram-simple 12,48", eng, prompts, a.n, a.r, NgramSimple(12, 48),
-                        ignore_eos=False)
-        rows += compare("qwen-coder ngram-simple 3,16", eng, prompts, a.n, a.r, NgramSimple(3, 16), ignore_eos=False)
+        for nm in ((12, 48), (3, 16)):
+            llama = None
+            if a.llamacpp:
+                def llama(text, nm=nm):
+                    return llamacpp_cmds(a.llamacpp, eng.path, text, a.n, ignore_eos=False, spec_type="ngram-simple",
+                                         ngram=nm, extra=a.llamacpp_args.split())
+            rows += compare(f"qwen-coder ngram-simple {nm[0]},{nm[1]}", eng, prompts, a.n, a.r, NgramSimple(*nm),
+                            llama=llama, ignore_eos=False)
     if a.o:
         Path(a.o).write_text(json.dumps(rows, indent=1))
 
