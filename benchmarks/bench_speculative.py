@@ -55,40 +55,58 @@ def gen_speed(eng, ids, n, ignore_eos=True, **kw):
 
 
 def _run_llamacpp(cmd):
-    """One llama.cpp run: its own generation speed (t/s) and drafted / accepted counts (None if absent)."""
+    """One llama-speculative-simple run: (its generation speed in t/s, tokens decoded, the process's CPU
+    seconds, drafted, accepted)."""
     import re
+    import resource
     import subprocess
+    ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     out = p.stdout + p.stderr
     if p.returncode != 0:
         tail = out.strip().splitlines()[-1:] or ["(no output)"]
         raise SystemExit(f"{Path(cmd[0]).name} exited with {p.returncode}: {tail[0]}")
     m = re.search(r"decoded\s+(\d+) tokens in\s+([\d.]+) seconds, speed:\s+([\d.]+) t/s", out)
-    if m:       # llama-speculative-simple: tokens / time from the first draft to the end
-        dn, da = (int(re.search(rf"{k}\s*=\s*(\d+)", out).group(1)) for k in ("n_drafted", "n_accept"))
-        return float(m.group(3)), dn, da
-    m = re.search(r"\beval time =\s+[\d.]+ ms /\s+\d+ runs.*?([\d.]+) tokens per second", out)
     if not m:
         raise SystemExit(f"{Path(cmd[0]).name}: no speed in its output")
-    return float(m.group(1)), None, None
+    dn, da = (int(re.search(rf"{k}\s*=\s*(\d+)", out).group(1)) for k in ("n_drafted", "n_accept"))
+    cpu = ru1.ru_utime + ru1.ru_stime - ru0.ru_utime - ru0.ru_stime
+    return float(m.group(3)), int(m.group(1)), cpu, dn, da
 
 
 def llamacpp_cmds(bin_dir, target, prompt, n, ignore_eos=True, draft=None, spec_type=None, n_max=8, p_min=0.0,
                   ngram=None, extra=()):
-    """The llama.cpp commands for one prompt: plain (llama-completion) and speculative
-    (llama-speculative-simple), 1 thread, greedy, the same files, prompt text and flags as ours."""
-    b = Path(bin_dir)
-    common = ["-m", str(target), "-p", prompt, "-n", str(n), "-t", "1", "--temp", "0", "-c", "1024"]
-    common += (["--ignore-eos"] if ignore_eos else []) + list(extra)
-    plain = [str(b / "llama-completion")] + common + ["-no-cnv"]
-    spec = [str(b / "llama-speculative-simple")] + common
+    """llama.cpp's commands for one prompt, plain and speculative, both llama-speculative-simple (the same
+    loop and timer; plain: ngram-simple with 1024-token patterns, which never match in a 1024-token
+    context, so every pass is one token), 1 thread, greedy, the same files, prompt text and flags as ours."""
+    common = [str(Path(bin_dir) / "llama-speculative-simple"), "-m", str(target), "-p", prompt, "-n", str(n), "-t",
+              "1", "--temp", "0", "-c", "1024"] + (["--ignore-eos"] if ignore_eos else []) + list(extra)
+    plain = common + ["--spec-type", "ngram-simple", "--spec-ngram-simple-size-n", "1024",
+                      "--spec-ngram-simple-size-m", "1024"]
     if draft is not None:
-        spec += ["-md", str(draft), "-td", "1", "--spec-type", "draft-simple", "--spec-draft-n-max", str(n_max),
-                 "--spec-draft-p-min", str(p_min)]
+        spec = common + ["-md", str(draft), "-td", "1", "--spec-type", "draft-simple", "--spec-draft-n-max",
+                         str(n_max), "--spec-draft-p-min", str(p_min)]
     else:
-        spec += ["--spec-type", spec_type, "--spec-ngram-simple-size-n", str(ngram[0]),
-                 "--spec-ngram-simple-size-m", str(ngram[1])]
+        spec = common + ["--spec-type", spec_type, "--spec-ngram-simple-size-n", str(ngram[0]),
+                         "--spec-ngram-simple-size-m", str(ngram[1])]
     return plain, spec
+
+
+def _llama_cpu_tps(cmd, base):
+    """A run's generation speed over process CPU time: its tokens and CPU seconds less those of the same
+    command with -n 1 (loading, prompt), measured once per command in ``base``."""
+    key = tuple(cmd)
+    if key not in base:
+        c1 = list(cmd)
+        c1[c1.index("-n") + 1] = "1"
+        base[key] = _run_llamacpp(c1)
+    w, dec, cpu, dn, da = _run_llamacpp(cmd)
+    _, dec1, cpu1, _, _ = base[key]
+    return w, (dec - dec1) / max(cpu - cpu1, 1e-9), dn, da
+
+
+_LLAMA_BASE = {}
 
 
 def compare(name, eng, prompts, n, reps, proposer, llama=None, **kw):
@@ -98,7 +116,7 @@ def compare(name, eng, prompts, n, reps, proposer, llama=None, **kw):
     rows = []
     for label, ids, *text in prompts:
         plain_s, spec_s, plain_c, spec_c, drafted, accepted, runs = [], [], [], [], 0, 0, 0
-        lp, ls, ldn, lda = [], [], 0, 0
+        lp, ls, lpc, lsc, ldn, lda = [], [], [], [], 0, 0
         for r in range(reps):
             a, sp, _, _, _, cp = gen_speed(eng, ids, n, **{k: v for k, v in kw.items() if k == "ignore_eos"})
             b, ss, dn, da, ne, cs = gen_speed(eng, ids, n, draft_model=proposer, **kw)
@@ -106,9 +124,12 @@ def compare(name, eng, prompts, n, reps, proposer, llama=None, **kw):
                 raise SystemExit(f"{name} {label}: speculative output differs from plain decoding")
             if llama is not None:
                 cmd_plain, cmd_spec = llama(text[0])
-                lp.append(_run_llamacpp(cmd_plain)[0])
-                t, d1, d2 = _run_llamacpp(cmd_spec)
-                ls.append(t)
+                w, c, _, _ = _llama_cpu_tps(cmd_plain, _LLAMA_BASE)
+                lp.append(w)
+                lpc.append(c)
+                w, c, d1, d2 = _llama_cpu_tps(cmd_spec, _LLAMA_BASE)
+                ls.append(w)
+                lsc.append(c)
                 ldn, lda = ldn + d1, lda + d2
             plain_s.append(sp)
             spec_s.append(ss)
@@ -127,7 +148,11 @@ def compare(name, eng, prompts, n, reps, proposer, llama=None, **kw):
             row.update(llama_plain_tps=statistics.median(lp), llama_spec_tps=statistics.median(ls),
                        llama_speedup=statistics.median([s / p for s, p in zip(ls, lp)]), llama_draft_n=ldn // reps,
                        llama_draft_n_accepted=lda // reps, llama_acceptance=lda / ldn if ldn else 0.0,
-                       ours_over_llama_spec=statistics.median([o / t for o, t in zip(spec_s, ls)]))
+                       ours_over_llama_spec=statistics.median([o / t for o, t in zip(spec_s, ls)]),
+                       llama_cpu_plain_tps=statistics.median(lpc), llama_cpu_spec_tps=statistics.median(lsc),
+                       llama_cpu_speedup=statistics.median([s / p for s, p in zip(lsc, lpc)]),
+                       cpu_plain_tps=statistics.median(plain_c), cpu_spec_tps=statistics.median(spec_c),
+                       ours_over_llama_spec_cpu=statistics.median([o / t for o, t in zip(spec_c, lsc)]))
         rows.append(row)
         print(f"{name:30s} {label:8s} n={row['n']:3d} plain {row['plain_tps']:6.1f} t/s  "
               f"spec {row['spec_tps']:6.1f} t/s  "
@@ -140,8 +165,10 @@ def compare(name, eng, prompts, n, reps, proposer, llama=None, **kw):
                   f"spec {row['llama_spec_tps']:6.1f} t/s  x{row['llama_speedup']:.2f} [{min(ls[i] / lp[i] for i in range(reps)):.2f}-"
                   f"{max(ls[i] / lp[i] for i in range(reps)):.2f}]  drafted {row['llama_draft_n']:4d} accepted "
                   f"{row['llama_draft_n_accepted']:4d} ({100 * row['llama_acceptance']:.0f}%)  ours/llama.cpp spec "
-                  f"x{row['ours_over_llama_spec']:.2f}  [tok/s per run: ours {[round(v, 1) for v in spec_s]} "
-                  f"llama.cpp {[round(v, 1) for v in ls]}]", flush=True)
+                  f"x{row['ours_over_llama_spec']:.2f} (cpu x{row['ours_over_llama_spec_cpu']:.2f})", flush=True)
+            print(f"{'  CPU-time t/s':30s} {label:8s}        ours plain {row['cpu_plain_tps']:6.1f} spec "
+                  f"{row['cpu_spec_tps']:6.1f}; llama.cpp plain {row['llama_cpu_plain_tps']:6.1f} spec "
+                  f"{row['llama_cpu_spec_tps']:6.1f} (x{row['llama_cpu_speedup']:.2f})", flush=True)
     return rows
 
 
@@ -301,7 +328,7 @@ def main(argv=None):
                          "SmolLM2 such as Q4_0, or .gguf files), e.g. Q4_0,Q4_1,/tmp/draft.gguf")
     ap.add_argument("--draft", default="Q4_0", help="the draft setup's draft: a type of SmolLM2 or a .gguf file")
     ap.add_argument("--llamacpp", default=None, metavar="BIN",
-                    help="also run llama.cpp's llama-completion and llama-speculative-simple from BIN (a build/bin "
+                    help="also run llama.cpp's llama-speculative-simple (plain and speculative) from BIN (a build/bin "
                          "folder) after each of our runs: the same files, prompt text and flags")
     ap.add_argument("--llamacpp-args", default="", help="more llama.cpp flags, e.g. --no-repack for a build that "
                     "crashes in its repacked kernels")
