@@ -260,7 +260,7 @@ def simulate(right, prob, n_max, p_min, cost_t, cost_d):
     n_tok, i, cost, drafted, accepted, passes = len(right) + 1, 1, 0.0, 0, 0, 0
     while i < n_tok:
         k, stopped = 0, False
-        while k < n_max and i + k < n_tok:
+        while k < n_max and i + k + 1 < n_tok:     # no guess for the last token (the check gives it)
             if p_min > 0 and prob[i + k - 1] < p_min:
                 stopped = True
                 break
