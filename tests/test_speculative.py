@@ -124,6 +124,40 @@ def test_greedy_identity_smollm2(target, draft, kind):
     assert accepted > 0 and rejected > 0, (kind, drafted, accepted)
 
 
+def _replay(right, n_max):
+    """Greedy speculative decoding replayed from which draft guesses match the target's text: right[i - 1]
+    says whether the draft's argmax after the prompt and tokens[:i] is tokens[i]. A cycle after token i - 1
+    guesses tokens i.. (none for the last token asked for: the check gives it) and keeps the guesses up to
+    the first wrong one. Returns (drafted, accepted, target passes after the first token)."""
+    n_tok, i, drafted, accepted, passes = len(right) + 1, 1, 0, 0, 0
+    while i < n_tok:
+        k = min(n_max, n_tok - 1 - i)
+        a = 0
+        while a < k and right[i + a - 1]:
+            a += 1
+        drafted, accepted, passes, i = drafted + k, accepted + a, passes + 1, i + a + 1
+    return drafted, accepted, passes
+
+
+@pytest.mark.parametrize("n_max", [3, 8])
+def test_draft_counts_are_the_teacher_forced_replays(target, draft, q4_0_path, n_max):
+    """With a greedy target and draft, which guesses are drafted and accepted follows from one batched pass
+    of the draft over the target's own text: the draft's cache (kept, cut back, extended) must give the
+    same guesses as a fresh pass over that text, cycle after cycle."""
+    from tinyinfer.kvcache import Batch
+    fresh = Engine(q4_0_path, n_ctx=512, n_threads=1)
+    for p in PROMPTS[:2]:
+        ids = target.tokenizer.encode(p, special=True)
+        toks = _run(target, ids, max_tokens=40, ignore_eos=True)
+        assert _run(target, ids, max_tokens=40, ignore_eos=True, draft_model=draft, draft_n_max=n_max) == toks
+        t = target.timings
+        full = np.asarray(ids + toks, np.int64)
+        rows = fresh.model.forward(full, Batch.run(0, 0, full.size), fresh.cache, n_out=len(toks))[:-1]
+        want = _replay(rows.argmax(1) == np.asarray(toks[1:]), n_max)
+        assert (t.draft_n, t.draft_n_accepted, t.n_eval) == want, (p, n_max)
+        assert 0 < want[1] < want[0]
+
+
 def test_greedy_identity_qwen_coder_ngram(qwen25_path):
     eng = Engine(qwen25_path, n_ctx=512, n_threads=1)
     ids = eng.tokenizer.encode(CODE, special=True)
