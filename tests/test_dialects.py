@@ -49,6 +49,16 @@ def test_openai_defaults_are_llama_servers(server):
         assert u["completion_tokens"] > 16 and u["prompt_tokens"] + u["completion_tokens"] >= 500, u
 
 
+def test_openai_ignore_eos(server):
+    """llama-server's `ignore_eos` on the OpenAI routes: a greedy chat reply that ends with its end token
+    runs on to max_tokens instead (finish_reason "length")."""
+    body = {"model": ALIAS, "messages": [{"role": "user", "content": "Say hi."}], "temperature": 0, "max_tokens": 64}
+    short = _post(server, "/v1/chat/completions", body).json()
+    assert short["choices"][0]["finish_reason"] == "stop" and short["usage"]["completion_tokens"] < 64, short
+    long = _post(server, "/v1/chat/completions", {**body, "ignore_eos": True}).json()
+    assert long["choices"][0]["finish_reason"] == "length" and long["usage"]["completion_tokens"] == 64, long
+
+
 def test_ollama_model_is_required(server):
     for path, body in (("/api/chat", {"messages": [{"role": "user", "content": "Hi"}]}),
                        ("/api/generate", {"prompt": "Hi"}), ("/api/generate", {"model": "", "prompt": "Hi"})):

@@ -118,7 +118,7 @@ NAMES = {
     "llama_cpp": {**_same(*_COMMON, "max_tokens", "logprobs", "logit_bias", "grammar", "logits_processor"),
                   "mirostat_mode": "mirostat"},
     # the OpenAI-shaped server bodies (llama-cpp-python's server, plus llama-server's extras)
-    "openai": {**_same(*_COMMON, "max_tokens", "logprobs", "logit_bias", "cache_prompt", "n_keep"),
+    "openai": {**_same(*_COMMON, "max_tokens", "logprobs", "logit_bias", "cache_prompt", "n_keep", "ignore_eos"),
                "mirostat_mode": "mirostat", "max_completion_tokens": "max_tokens", "n_predict": "max_tokens",
                "top_logprobs": "top_logprobs", **_SPEC_SERVER},
     # ollama's "options"

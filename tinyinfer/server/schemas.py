@@ -72,6 +72,7 @@ class _Sampling(_Body):
         None, description="stop strings (not part of the output), at most 16")
     stream: bool = False
     cache_prompt: bool = Field(None, description="reuse the longest cached prefix of the prompt (llama-server's)")
+    ignore_eos: bool = Field(None, description="keep generating past end tokens, up to max_tokens (llama-server's)")
     model: Optional[str] = None
     n: Optional[Int] = Field(1, ge=1, le=1, description="only 1 is supported")
     user: Optional[str] = None
