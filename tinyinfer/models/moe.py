@@ -128,6 +128,10 @@ _STACK_LOCK = threading.Lock()
 # ~10 us a row up to 8 rows and 40-70 us a row from 12 on (benchmarks/bench_moe.py --gemm-rows); the
 # kernels' redesign may lift it
 GEMM_ROWS = int(os.environ.get("TINYINFER_MOE_GEMM_ROWS", "8"))
+# the fewest rows of a group for which the per-expert path makes an expert's GEMM-layout copy (fewer run
+# row by row on the file's layout): x86, Dec 2026, one expert's Q4_K gate: 21 us a row as GEMV, 12 us a
+# row packed at 2 rows, 6.6 at 4 (benchmarks/bench_moe.py --gemm-rows)
+PACK_MIN_ROWS = int(os.environ.get("TINYINFER_MOE_PACK_MIN_ROWS", "4"))
 # a decode step's experts in one jitted call (kernels/moe.py) rather than a Python loop over them
 DECODE_ONE_CALL = os.environ.get("TINYINFER_MOE_DECODE_ONE_CALL", "1") != "0"
 # the most rows of one expert per GEMM call in the one-call batch path (kernels/moe.py)
@@ -169,8 +173,7 @@ class MoE:
     def expert(self, e: int, x: np.ndarray) -> np.ndarray:
         """down_e(silu(gate_e x) * up_e x) for x (m, n_embd) float32 C-contiguous."""
         m, f = x.shape[0], self.n_ff
-        if m > 1 and (not REPACK or self.gate.batched(e) is None or self.up.batched(e) is None
-                      or self.down.batched(e) is None):
+        if m > 1 and not self._batched(e, m):
             return np.concatenate([self.expert(e, x[i:i + 1]) for i in range(m)])
         if m > GEMM_ROWS:       # the packed GEMM's time per row grows past a few rows (x86, Dec 2026): cut
             return np.concatenate([self.expert(e, x[i:i + GEMM_ROWS]) for i in range(0, m, GEMM_ROWS)])
@@ -184,6 +187,14 @@ class MoE:
         a = np.empty((m, f), np.float32)
         ops.silu_mul_split(gu, a)
         return mm.run(self.down.batched(e) if m > 1 else self.down[e], a, np.empty((m, self.down.rows), np.float32))
+
+    def _batched(self, e: int, m: int) -> bool:
+        """Whether expert e runs a group of m > 1 rows on its GEMM-layout copies (made here on first use,
+        within PACK_BUDGET, for a group of at least PACK_MIN_ROWS rows: an engine's 2-token warm-up or a
+        few sequences' decode step copies nothing)."""
+        if not REPACK or (m < PACK_MIN_ROWS and self.gate._b[e] is None):
+            return False
+        return all(ex.batched(e) is not None for ex in (self.gate, self.up, self.down))
 
     def _stack(self):
         """All experts in the kernels' layout, stacked (gate and up in one matrix where their types
@@ -294,7 +305,7 @@ class MoE:
         chosen, w = self.route(x)
         n, k = chosen.shape
         ys = np.empty((n, k, self.down.rows), np.float32)     # each (token, slot)'s weighted expert output
-        if n > 1 and n * k >= self.gate.n_expert and self._batch(np.ascontiguousarray(x, np.float32), chosen, w, ys):
+        if n > 1 and (self.stacked is not None or n * k >= self.gate.n_expert) and self._batch(np.ascontiguousarray(x, np.float32), chosen, w, ys):
             pass
         elif n == 1 and DECODE_ONE_CALL and self._decode(np.ascontiguousarray(x, np.float32), chosen,
                                                          np.ascontiguousarray(w, np.float32), ys):
