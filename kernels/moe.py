@@ -84,6 +84,39 @@ def _njit(fn, name: str, parallel: bool = False):
     return d
 
 
+@nb.njit(cache=True, nogil=True, fastmath=False)
+def route(logits, k, norm_w, min_sum, chosen, w):
+    """Each row's softmax over the experts, its k most probable (falling probability, the lower index
+    first on a tie: a stable argsort) into ``chosen`` (n, k) int64 and their probabilities into ``w``
+    (n, k) float32, renormalised to sum 1 (the sum clamped below at ``min_sum``) with ``norm_w``."""
+    n, n_exp = logits.shape
+    p = np.empty(n_exp, np.float32)
+    for t in range(n):
+        mx = logits[t, 0]
+        for e in range(1, n_exp):
+            mx = max(mx, logits[t, e])
+        s = np.float32(0.0)
+        for e in range(n_exp):
+            p[e] = np.exp(logits[t, e] - mx)
+            s += p[e]
+        for e in range(n_exp):
+            p[e] /= s
+        total = np.float32(0.0)
+        for j in range(k):
+            best = -1
+            for e in range(n_exp):
+                if p[e] >= 0 and (best < 0 or p[e] > p[best]):
+                    best = e
+            chosen[t, j] = best
+            w[t, j] = p[best]
+            total += p[best]
+            p[best] = -1.0          # taken
+        if norm_w:
+            total = max(total, min_sum)
+            for j in range(k):
+                w[t, j] /= total
+
+
 def _kind_name(kind) -> str:
     return {True: "x16", False: "native", "arm": "arm"}[kind]
 

@@ -160,14 +160,9 @@ class MoE:
     def route(self, x: np.ndarray) -> tuple:
         """(chosen experts (n, n_used) int64 by falling probability, their weights (n, n_used) float32)."""
         logits = self.router(x)
-        logits -= logits.max(axis=1, keepdims=True)
-        p = np.exp(logits)
-        p /= p.sum(axis=1, keepdims=True)
-        k = self.n_used
-        chosen = np.argsort(-p, axis=1, kind="stable")[:, :k]
-        w = np.take_along_axis(p, chosen, axis=1)
-        if self.norm_w:
-            w /= np.maximum(w.sum(axis=1, keepdims=True), _MIN_WEIGHT_SUM)
+        n, k = logits.shape[0], self.n_used
+        chosen, w = np.empty((n, k), np.int64), np.empty((n, k), np.float32)
+        kmoe.route(logits, k, self.norm_w, _MIN_WEIGHT_SUM, chosen, w)
         return chosen, w
 
     def expert(self, e: int, x: np.ndarray) -> np.ndarray:
