@@ -12,7 +12,8 @@ the median t/s over the rounds of each and their ratio (ours / llama.cpp), with 
 
 ``--rss``: load the file in a fresh process (Engine, as the CLI does) and print VmRSS split into file
 pages (RssFile: the mmapped weights touched) and anonymous memory (RssAnon: copies, caches, numba),
-after load, after one decode step and after a 128-token prompt, next to the file's size.
+after load, after one decode step, after a 128-token prompt and 32 decode steps after it, next to the file's
+size.
 """
 
 from __future__ import annotations
@@ -45,6 +46,9 @@ def rss_child(path: str) -> None:
     eng.reset()
     eng.ingest_prompt(list(np.arange(2000, 2128)))
     rows["after pp128"] = _rss()
+    for i in range(32):
+        eng.eval([3000 + i])
+    rows["+ 32 tokens"] = _rss()
     print(json.dumps(rows))
 
 

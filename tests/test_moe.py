@@ -282,8 +282,8 @@ def test_one_call_batch_equals_expert_loop(moe_dir, arch):
 
 def test_small_batches_copy_no_expert_and_use_the_stacked_layer(moe_dir):
     """A group of fewer than PACK_MIN_ROWS rows (an engine's 2-token warm-up: both tokens choose the same
-    experts) copies no expert; once a layer is stacked, a small batch runs on the stacked copy in one call
-    too (no per-expert copies on top of it); each gives the token-by-token output."""
+    experts) copies no expert; once a layer is stacked, small batches and decode steps run on the stacked
+    copy in one call too (no per-expert copies on top of it), with the file layout's outputs."""
     m = load_model(GGUFFile(model_file(moe_dir, "qwen3moe", "Q4_K_M")))
     blk = m.layers[1].mlp
     x = np.repeat(np.random.default_rng(4).standard_normal((1, m.n_embd)).astype(np.float32), 2, axis=0)
@@ -299,7 +299,14 @@ def test_small_batches_copy_no_expert_and_use_the_stacked_layer(moe_dir):
     blk.stacked = (lambda *a: calls.append(1) or drive(*a), arrays)
     got = blk(pair)
     assert calls and blk.gate.n_batched == 0
-    np.testing.assert_allclose(got, np.concatenate([blk(pair[i:i + 1]) for i in range(3)]), rtol=1e-4, atol=1e-4)
+    calls.clear()
+    singles = np.concatenate([blk(pair[i:i + 1]) for i in range(3)])
+    assert len(calls) == 3          # decode steps too run on the stacked copy
+    np.testing.assert_allclose(got, singles, rtol=1e-4, atol=1e-4)
+    fresh = load_model(GGUFFile(model_file(moe_dir, "qwen3moe", "Q4_K_M"))).layers[1].mlp
+    np.testing.assert_allclose(singles, np.concatenate([fresh(pair[i:i + 1]) for i in range(3)]), rtol=1e-4,
+                               atol=1e-4)      # = the decode step on the file's layout (GEMV rounding)
+    assert fresh.stacked is None
 
 
 def test_output_copy_made_on_first_batch(moe_dir):
