@@ -310,9 +310,9 @@ def test_small_batches_copy_no_expert_and_use_the_stacked_layer(moe_dir):
 
 
 def test_output_copy_made_on_first_batch(moe_dir):
-    """The output projection: where one row of logits runs on the file's rows (x86 K-quants), the GEMM
-    layout's copy is made on the first call with several rows, not at load; the logits are those of a
-    projection prepared at load either way."""
+    """The output projection: where one row of logits runs on the tensor's own blocks (x86 K-quants), those
+    are copied out of the mapping and the GEMM layout's copy is made on the first call with several rows,
+    not at load; the logits are those of a projection prepared at load either way."""
     from tinyinfer.kernels import matmul as mm
     from tinyinfer.models.base import Linear
     g = GGUFFile(model_file(moe_dir, "qwen3moe", "Q4_K_M"))
@@ -320,6 +320,7 @@ def test_output_copy_made_on_first_batch(moe_dir):
     ref = Linear(g.tensors["token_embd.weight"])
     lazy = ref.w.packed is not None and mm._plan(ref.w, 1)[0] is False
     assert (m.output.w.packed is None) == lazy
+    assert np.shares_memory(m.output.w.w, g.tensors["token_embd.weight"].data) == (not lazy)
     x = np.random.default_rng(7).standard_normal((3, m.n_embd)).astype(np.float32)
     np.testing.assert_array_equal(m.output(x[:1]), ref(x[:1]))
     assert (m.output.w.packed is None) == lazy
