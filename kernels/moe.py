@@ -12,6 +12,10 @@ file's own blocks); the drivers themselves are the matmul ones, called from here
 Python of a grouped batch (gather, two or three kernel calls, activation, scatter: ~100 calls a layer)
 becomes one call. With several threads the experts are shared out by rows (longest first to the least
 loaded thread), each expert on one thread: small GEMMs do not pay a parallel launch each.
+
+The block and its adapters are closures over the matmul drivers, built once per (types, layouts, kernel
+config) and cached on disk by numba under a key of their own (:class:`_KeyedCache`). :func:`route` is the
+router's softmax and top-k for every token of a batch.
 """
 
 from __future__ import annotations
