@@ -12,7 +12,8 @@ the median t/s over the rounds of each and their ratio (ours / llama.cpp), with 
 
 ``--rss``: load the file in a fresh process (Engine, as the CLI does) and print VmRSS split into file
 pages (RssFile: the mmapped weights touched) and anonymous memory (RssAnon: copies, caches, numba),
-after load, after one decode step and after a 128-token prompt, next to the file's size.
+after load, after one decode step, after a 128-token prompt and 32 decode steps after it, next to the file's
+size.
 """
 
 from __future__ import annotations
@@ -45,6 +46,9 @@ def rss_child(path: str) -> None:
     eng.reset()
     eng.ingest_prompt(list(np.arange(2000, 2128)))
     rows["after pp128"] = _rss()
+    for i in range(32):
+        eng.eval([3000 + i])
+    rows["+ 32 tokens"] = _rss()
     print(json.dumps(rows))
 
 
@@ -89,6 +93,9 @@ def main() -> None:
     ap.add_argument("-r", "--rounds", type=int, default=3)
     ap.add_argument("-p", type=int, default=128)
     ap.add_argument("-n", type=int, default=32)
+    ap.add_argument("--repack", choices=["0", "1"], default=None,
+                    help="llama-bench's --repack (default: llama-bench's own, on; a build made on another host "
+                         "segfaults in its repacked mul_mat_id here: --repack 0)")
     ap.add_argument("--rss", action="store_true")
     ap.add_argument("--gemm-rows", action="store_true", help="time one expert's matmul by rows per call")
     ap.add_argument("--rss-child", action="store_true", help=argparse.SUPPRESS)
@@ -113,9 +120,8 @@ def main() -> None:
         for t in a.threads.split(","):
             common = ["-m", a.model, "-p", str(a.p), "-n", str(a.n), "-t", t, "-r", "1", "-o", "jsonl"]
             if a.llama_bench:
-                # --repack 0: this llama.cpp build (0c1e570, x86 GGML_NATIVE) segfaults in its repacked
-                # mul_mat_id on MoE files; unrepacked is also what a Pi 5 runs for Q4_K (no i8mm)
-                for row in runs([a.llama_bench, *common, "--repack", "0"]):
+                extra = [] if a.repack is None else ["--repack", a.repack]
+                for row in runs([a.llama_bench, *common, *extra]):
                     key = f"pp{a.p}" if row["n_prompt"] else f"tg{a.n}"
                     res.setdefault((t, key, "llama.cpp"), []).append(row["avg_ts"])
             for row in runs([sys.executable, "-m", "tinyinfer", "bench", *common, "--no-roofline"]):

@@ -280,6 +280,82 @@ def test_one_call_batch_equals_expert_loop(moe_dir, arch):
     assert len(types) == 2          # Q4_K_M: ffn_down_exps in Q4_K on some layers, Q6_K on others
 
 
+def test_small_batches_copy_no_expert_and_use_the_stacked_layer(moe_dir):
+    """A group of fewer than PACK_MIN_ROWS rows (an engine's 2-token warm-up: both tokens choose the same
+    experts) copies no expert; once a layer is stacked, small batches and decode steps run on the stacked
+    copy in one call too (no per-expert copies on top of it), with the file layout's outputs."""
+    m = load_model(GGUFFile(model_file(moe_dir, "qwen3moe", "Q4_K_M")))
+    blk = m.layers[1].mlp
+    x = np.repeat(np.random.default_rng(4).standard_normal((1, m.n_embd)).astype(np.float32), 2, axis=0)
+    one = blk(x[:1])
+    np.testing.assert_allclose(blk(x), np.concatenate([one, one]), rtol=1e-6, atol=1e-6)
+    assert blk.gate.n_batched == blk.up.n_batched == blk.down.n_batched == 0 and blk.stacked is None
+    big = np.random.default_rng(6).standard_normal((8, m.n_embd)).astype(np.float32)
+    blk(big)                                   # 8 tokens x 2 slots >= 8 experts: the layer is stacked
+    assert blk.stacked is not None
+    pair = big[:3]
+    calls = []
+    drive, arrays = blk.stacked
+    blk.stacked = (lambda *a: calls.append(1) or drive(*a), arrays)
+    got = blk(pair)
+    assert calls and blk.gate.n_batched == 0
+    calls.clear()
+    singles = np.concatenate([blk(pair[i:i + 1]) for i in range(3)])
+    assert len(calls) == 3          # decode steps too run on the stacked copy
+    np.testing.assert_allclose(got, singles, rtol=1e-4, atol=1e-4)
+    fresh = load_model(GGUFFile(model_file(moe_dir, "qwen3moe", "Q4_K_M"))).layers[1].mlp
+    np.testing.assert_allclose(singles, np.concatenate([fresh(pair[i:i + 1]) for i in range(3)]), rtol=1e-4,
+                               atol=1e-4)      # = the decode step on the file's layout (GEMV rounding)
+    assert fresh.stacked is None
+
+
+def test_output_copy_made_on_first_batch(moe_dir):
+    """The output projection: where one row of logits runs on the tensor's own blocks (x86 K-quants), those
+    are copied out of the mapping and the GEMM layout's copy is made on the first call with several rows,
+    not at load; the logits are those of a projection prepared at load either way."""
+    from tinyinfer.kernels import matmul as mm
+    from tinyinfer.models.base import Linear
+    g = GGUFFile(model_file(moe_dir, "qwen3moe", "Q4_K_M"))
+    m = load_model(g)
+    ref = Linear(g.tensors["token_embd.weight"])
+    lazy = ref.w.packed is not None and mm._plan(ref.w, 1)[0] is False
+    assert (m.output.w.packed is None) == lazy
+    assert np.shares_memory(m.output.w.w, g.tensors["token_embd.weight"].data) == (not lazy)
+    x = np.random.default_rng(7).standard_normal((3, m.n_embd)).astype(np.float32)
+    np.testing.assert_array_equal(m.output(x[:1]), ref(x[:1]))
+    assert (m.output.w.packed is None) == lazy
+    np.testing.assert_array_equal(m.output(x), ref(x))
+    assert (m.output.w.packed is None) == (ref.w.packed is None)
+
+
+MOE_KERNELS = """
+import sys
+import numpy as np
+from tinyinfer.gguf import GGUFFile
+from tinyinfer.kernels import moe as kmoe
+from tinyinfer.models import load_model
+m = load_model(GGUFFile(sys.argv[1]))
+x = np.random.default_rng(0).standard_normal((8, m.n_embd)).astype(np.float32)
+for L in m.layers:
+    L.mlp(x)
+    L.mlp(x[:1])
+ds = list(kmoe._DRIVERS.values())
+print(len(ds), sum(sum(d.stats.cache_hits.values()) for d in ds), sum(sum(d.stats.cache_misses.values()) for d in ds))
+"""
+
+
+def test_moe_kernels_load_from_numbas_cache(moe_dir):
+    """kernels/moe.py's jitted blocks (closures over the matmul drivers) are loaded from numba's on-disk
+    cache by the next process, not compiled again."""
+    path = model_file(moe_dir, "qwen3moe", "Q4_K_M")
+    for run in range(2):       # the first may compile (a fresh checkout); the second must load all
+        r = subprocess.run([sys.executable, "-c", MOE_KERNELS, str(path)], capture_output=True, text=True,
+                           cwd=ROOT, timeout=900)
+        assert r.returncode == 0, r.stderr[-3000:]
+    n, hits, misses = map(int, r.stdout.split()[-3:])
+    assert n >= 2 and hits == n and misses == 0, r.stdout
+
+
 def test_route_against_numpy(moe_dir):
     """softmax, top-k and the renormalisation, from the router logits with numpy alone."""
     m = load_model(GGUFFile(moe_dir / "synthetic-qwen3moe-F16.gguf"))

@@ -17,6 +17,8 @@ call per layer (:mod:`..kernels.moe`): a decode step on views of the file (the G
 least n_expert / n_expert_used tokens on a copy of the layer's experts stacked in the GEMM kernels' layout
 (gate and up as one matrix), made on the first such batch while all copies stay within ``PACK_BUDGET``;
 past it, and for smaller batches, a Python loop over the experts with per-expert copies (:class:`Experts`).
+Once a layer is stacked, every batch and decode step of it runs on the copy (gate|up in one GEMV: faster
+than the file's layout) and the file's pages of its experts are released: one copy stays resident, not two.
 """
 
 from __future__ import annotations
@@ -128,6 +130,10 @@ _STACK_LOCK = threading.Lock()
 # ~10 us a row up to 8 rows and 40-70 us a row from 12 on (benchmarks/bench_moe.py --gemm-rows); the
 # kernels' redesign may lift it
 GEMM_ROWS = int(os.environ.get("TINYINFER_MOE_GEMM_ROWS", "8"))
+# the fewest rows of a group for which the per-expert path makes an expert's GEMM-layout copy (fewer run
+# row by row on the file's layout): x86, Dec 2026, one expert's Q4_K gate: 21 us a row as GEMV, 12 us a
+# row packed at 2 rows, 6.6 at 4 (benchmarks/bench_moe.py --gemm-rows)
+PACK_MIN_ROWS = int(os.environ.get("TINYINFER_MOE_PACK_MIN_ROWS", "4"))
 # a decode step's experts in one jitted call (kernels/moe.py) rather than a Python loop over them
 DECODE_ONE_CALL = os.environ.get("TINYINFER_MOE_DECODE_ONE_CALL", "1") != "0"
 # the most rows of one expert per GEMM call in the one-call batch path (kernels/moe.py)
@@ -156,21 +162,15 @@ class MoE:
     def route(self, x: np.ndarray) -> tuple:
         """(chosen experts (n, n_used) int64 by falling probability, their weights (n, n_used) float32)."""
         logits = self.router(x)
-        logits -= logits.max(axis=1, keepdims=True)
-        p = np.exp(logits)
-        p /= p.sum(axis=1, keepdims=True)
-        k = self.n_used
-        chosen = np.argsort(-p, axis=1, kind="stable")[:, :k]
-        w = np.take_along_axis(p, chosen, axis=1)
-        if self.norm_w:
-            w /= np.maximum(w.sum(axis=1, keepdims=True), _MIN_WEIGHT_SUM)
+        n, k = logits.shape[0], self.n_used
+        chosen, w = np.empty((n, k), np.int64), np.empty((n, k), np.float32)
+        kmoe.route(logits, k, self.norm_w, _MIN_WEIGHT_SUM, chosen, w)
         return chosen, w
 
     def expert(self, e: int, x: np.ndarray) -> np.ndarray:
         """down_e(silu(gate_e x) * up_e x) for x (m, n_embd) float32 C-contiguous."""
         m, f = x.shape[0], self.n_ff
-        if m > 1 and (not REPACK or self.gate.batched(e) is None or self.up.batched(e) is None
-                      or self.down.batched(e) is None):
+        if m > 1 and not self._batched(e, m):
             return np.concatenate([self.expert(e, x[i:i + 1]) for i in range(m)])
         if m > GEMM_ROWS:       # the packed GEMM's time per row grows past a few rows (x86, Dec 2026): cut
             return np.concatenate([self.expert(e, x[i:i + GEMM_ROWS]) for i in range(0, m, GEMM_ROWS)])
@@ -185,6 +185,14 @@ class MoE:
         ops.silu_mul_split(gu, a)
         return mm.run(self.down.batched(e) if m > 1 else self.down[e], a, np.empty((m, self.down.rows), np.float32))
 
+    def _batched(self, e: int, m: int) -> bool:
+        """Whether expert e runs a group of m > 1 rows on its GEMM-layout copies (made here on first use,
+        within PACK_BUDGET, for a group of at least PACK_MIN_ROWS rows: an engine's 2-token warm-up or a
+        few sequences' decode step copies nothing)."""
+        if not REPACK or (m < PACK_MIN_ROWS and self.gate._b[e] is None):
+            return False
+        return all(ex.batched(e) is not None for ex in (self.gate, self.up, self.down))
+
     def _stack(self):
         """All experts in the kernels' layout, stacked (gate and up in one matrix where their types
         agree), and the jitted block over them (:mod:`..kernels.moe`); None past PACK_BUDGET."""
@@ -198,7 +206,7 @@ class MoE:
                 and kmoe.layout(mm.prepare(g._slice(0), g.ggml_type, g.k, config=cfg))[0] is not False)
         mats = ([(lambda e: np.concatenate([g._slice(e), u._slice(e)]), g)] if fuse else [(g._slice, g), (u._slice, u)])
         mats.append((dn._slice, dn))
-        out, copied = [], 0
+        out, copied, copies = [], 0, []
         for rows_of, ex in mats:
             pw = mm.prepare(rows_of(0), ex.ggml_type, ex.k, config=cfg)
             kind, arrs = kmoe.layout(pw)
@@ -221,7 +229,10 @@ class MoE:
             if kind is True:
                 b.flags.writeable = False       # the tail rows are a read-only view in prepare(): same types
             out.append(((pw.info, kind), a, b))
+            copies += [g, u] if ex is g and fuse else [ex]
         _packed_bytes += copied
+        for ex in copies:       # every batch and decode step of this layer now reads the copies only
+            mm.drop_file_pages(ex.t.data)
         (gk, ga, gb), (uk, ua, ub) = out[0], (out[1] if not fuse else (None, out[0][1], out[0][2]))
         dk, da, db = out[-1]
         drive = kmoe.driver(gk, uk, dk, cfg)
@@ -237,6 +248,9 @@ class MoE:
                 return False
         drive, arrays = self.stacked
         n, k = chosen.shape
+        if n == 1:
+            _one_token(drive, x, arrays, chosen, w, ys, self.n_ff)
+            return True
         flat = chosen.reshape(-1)
         order = np.argsort(flat, kind="stable")                 # flat (token, slot) sorted by expert
         bounds = np.flatnonzero(np.diff(flat[order])) + 1
@@ -275,26 +289,17 @@ class MoE:
                     return False
                 keys.append((pw.info, False))
                 arrays += [ex.t.data.reshape(ex.n_expert, ex.rows, -1), np.zeros((ex.n_expert, 1, 1), np.uint8)]
-            d = self._dec = (kmoe.driver(*keys, self.gate.config), tuple(arrays), {})
-        drive, arrays, idx = d
-        k = chosen.shape[1]
-        nt = min(_par.num_threads(), k)
-        ix = idx.get((nt, k))
-        if ix is None:          # slot j is group j (a token's experts are distinct); threads take slots in turn
-            plan = np.array([j for t in range(nt) for j in range(t, k, nt)], np.int64)
-            starts = np.cumsum([0] + [len(range(t, k, nt)) for t in range(nt)]).astype(np.int64)
-            ix = idx[nt, k] = (np.arange(k, dtype=np.int64), np.arange(k + 1, dtype=np.int64), plan, starts)
-        order, gstarts, plan, pstarts = ix
-        call = _par.call if nt > 1 else _direct
-        route = (order, k, chosen[0].astype(np.int64), gstarts, plan, pstarts, 1, self.n_ff)
-        call(drive, x, route, arrays, w.reshape(-1), ys.reshape(k, -1))
+            d = self._dec = (kmoe.driver(*keys, self.gate.config), tuple(arrays))
+        drive, arrays = d
+        _one_token(drive, x, arrays, chosen, w, ys, self.n_ff)
         return True
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         chosen, w = self.route(x)
         n, k = chosen.shape
         ys = np.empty((n, k, self.down.rows), np.float32)     # each (token, slot)'s weighted expert output
-        if n > 1 and n * k >= self.gate.n_expert and self._batch(np.ascontiguousarray(x, np.float32), chosen, w, ys):
+        if ((self.stacked is not None or (n > 1 and n * k >= self.gate.n_expert))
+                and self._batch(np.ascontiguousarray(x, np.float32), chosen, w, ys)):
             pass
         elif n == 1 and DECODE_ONE_CALL and self._decode(np.ascontiguousarray(x, np.float32), chosen,
                                                          np.ascontiguousarray(w, np.float32), ys):
@@ -337,6 +342,25 @@ def _nbytes(mlp) -> int:
 
 def _direct(fn, *args):
     return fn(*args)
+
+
+_ONE_TOKEN: dict = {}
+
+
+def _one_token(drive, x, arrays, chosen, w, ys, n_ff):
+    """One token's k chosen experts through a block driver: slot j is group j (a token's experts are
+    distinct), one row each; with threads, the slots dealt out in turn."""
+    k = chosen.shape[1]
+    nt = min(_par.num_threads(), k)
+    ix = _ONE_TOKEN.get((nt, k))
+    if ix is None:
+        plan = np.array([j for t in range(nt) for j in range(t, k, nt)], np.int64)
+        starts = np.cumsum([0] + [len(range(t, k, nt)) for t in range(nt)]).astype(np.int64)
+        ix = _ONE_TOKEN[nt, k] = (np.arange(k, dtype=np.int64), np.arange(k + 1, dtype=np.int64), plan, starts)
+    order, gstarts, plan, pstarts = ix
+    route = (order, k, chosen[0].astype(np.int64), gstarts, plan, pstarts, 1, n_ff)
+    (_par.call if nt > 1 else _direct)(drive, x, route, arrays, np.ascontiguousarray(w, np.float32).reshape(-1),
+                                       ys.reshape(k, -1))
 
 
 def load_shared_expert(w: Weights, il: int, n_embd: int, n_ff: int):
