@@ -972,8 +972,7 @@ def _repack_q4k_x16(w, out):
 def _repack_q2k_x16(w, out):
     """Q2_K rows (rows, nb*84) -> groups of 16 rows (rows//16, nb, 1344), see simd.Q2_Kx16: d, dmin (fp16
     bytes as they are), the scale/min bytes in pairs (group g, row r at 64 + 32(g//2) + 2r + g%2), the
-    values 0..3 four groups to a byte (group g, element 4m+t of it: byte 320 + 256(g//4) + 64m + 4r + t,
-    bits 2(g%4))."""
+    values 0..3 (group g, element 4m+t of it: byte 320 + 64g + 4r + t, bits 2m)."""
     ng, nb_, bb = out.shape
     for g in prange(ng):
         for r in range(16):
@@ -989,9 +988,9 @@ def _repack_q2k_x16(w, out):
                 for e in range(256):
                     v = (np.int64(src[o + 16 + 32 * (e // 128) + e % 32]) >> (2 * ((e % 128) // 32))) & 3
                     gg, t16 = e // 16, e % 16
-                    q = 320 + 256 * (gg // 4) + 64 * (t16 // 4) + 4 * r + t16 % 4
-                    if gg % 4:
-                        dst[q] |= v << (2 * (gg % 4))
+                    q = 320 + 64 * gg + 4 * r + t16 % 4
+                    if t16 // 4:
+                        dst[q] |= v << (2 * (t16 // 4))
                     else:
                         dst[q] = v
 

@@ -172,6 +172,16 @@ class Emitter:
         p = self.b.bitcast(self.ptr(base, off), val.type.as_pointer())
         self.b.store(val, p, align=align)
 
+    def fence(self, *live):
+        """An empty ``asm sideeffect`` with a memory clobber, taking the values ``live`` as operands: no
+        instruction, but the scheduler moves no load across it (C's ``asm volatile("" ::: "memory")``) and
+        computes ``live`` before it. Keeps LLVM from hoisting the loads of a later step of an unrolled
+        loop body above this one's work and from sinking this step's sums below, both spilled."""
+        reg = {"x86_64": "v", "aarch64": "w"}.get(TARGET_ARCH)     # a vector register (read now: cross-compiles)
+        live = [v for v in live if not isinstance(v, ir.Constant)] if reg else []
+        self.b.asm(ir.FunctionType(ir.VoidType(), [v.type for v in live]), "",
+                   ",".join([reg] * len(live) + ["~{memory}"]), live, True)
+
     def prefetch(self, base, off):
         """llvm.prefetch (read, keep in all cache levels): prefetcht0 / prfm pldl1keep. Never faults."""
         p = self.ptr(base, off)
@@ -758,6 +768,7 @@ def ftile_kernel(fmt, NC: int, lanes: int = 0, prefetch: int = 0):
 
 
 # ------------------------------------------- row-interleaved (repacked) kernels
+FENCE = True
 GROUP = 16  # weight rows interleaved in one repacked group: one <16 x float> lane per row
 
 
@@ -1089,8 +1100,8 @@ class Q5_Kx16(KInterleaved):
 class Q2_Kx16(KInterleaved):
     """Q2_K repacked for prompt processing: d[16], dmin[16] (fp16), the file's scale bytes (low nibble
     the scale, high nibble the min of a group of 16) in pairs (byte 64 + 32p + 2r + t = row r's byte of
-    group 2p+t), then the 2-bit values (0..3) four groups to a byte: groups 4s..4s+3, chunk m byte
-    4r+t at 320 + 256s + 64m = row r's element 4m+t of group 4s+u at bits 2u. The mins go through the
+    group 2p+t), then the 2-bit values (0..3) in one 64-byte chunk per group: byte 4r+t at 320 + 64g
+    holds row r's elements 4m+t of group g (m = 0..3) at bits 2m. The mins go through the
     activations' int16 sums per 16 as int16 pair products (``step_mins``). 1344 bytes per super-block
     of 16 rows: the file's size."""
 
@@ -1112,11 +1123,10 @@ class Q2_Kx16(KInterleaved):
         return e.freeze(e.b.lshr(self._pairs(e, bp, c), e.const_vec(I16, 32, 4)))
 
     def chunks(self, e, bp, c):
-        s, u0 = divmod(2 * c, 4)
-        for m in range(4):
-            raw = e.load(bp, c64(self.layout["qs"] + 256 * s + 64 * m), vec(I8, 64))
-            for t in range(2):
-                yield 2 * c + t, m, e.b.and_(e.b.lshr(raw, e.const_vec(I8, 64, 2 * (u0 + t))), e.const_vec(I8, 64, 3))
+        for g in (2 * c, 2 * c + 1):
+            raw = e.load(bp, c64(self.layout["qs"] + 64 * g), vec(I8, 64))
+            for m in range(4):
+                yield g, m, e.b.and_(e.b.lshr(raw, e.const_vec(I8, 64, 2 * m)), e.const_vec(I8, 64, 3))
 
 
 @lru_cache(maxsize=None)
@@ -1160,6 +1170,8 @@ def kinterleaved_kernel(fmt, NC: int):
                 per = 2                                # groups per step: 2*ch*NC chains live (AVX-512: 32 registers)
                 ch = max(1, 4 // NC)                   # independent int32 chains per (group, activation row)
                 for cc in range(ng // per):
+                    if cc and FENCE:
+                        e.fence(*isum, *msum)
                     # this step's groups: per*ch*NC independent chains, finished (times the scales) at once
                     part = [[zero_i] * (per * ch) for _ in range(NC)]
                     for g, j, qv in fmt.chunks(e, bp, cc):
