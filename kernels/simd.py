@@ -177,8 +177,17 @@ class Emitter:
         instruction, but the scheduler moves no load across it (C's ``asm volatile("" ::: "memory")``) and
         computes ``live`` before it. Keeps LLVM from hoisting the loads of a later step of an unrolled
         loop body above this one's work and from sinking this step's sums below, both spilled."""
-        reg = {"x86_64": "v", "aarch64": "w"}.get(TARGET_ARCH)     # a vector register (read now: cross-compiles)
-        live = [v for v in live if not isinstance(v, ir.Constant)] if reg else []
+        # vector registers (read now, not at import: the cross-compiling tools set TARGET_ARCH), one
+        # operand per register-sized piece (a <16 x i32> is four NEON / two AVX2 registers)
+        reg, bits = {"x86_64": ("v", VECTOR_BITS), "aarch64": ("w", 128)}.get(TARGET_ARCH, (None, 0))
+        pieces = []
+        for v in live if reg else ():
+            if isinstance(v, ir.Constant):
+                continue
+            lanes = max(1, bits // v.type.element.width)
+            n = v.type.count
+            pieces += [v] if n <= lanes else [self.shuffle(v, None, range(i, i + lanes)) for i in range(0, n, lanes)]
+        live = pieces
         self.b.asm(ir.FunctionType(ir.VoidType(), [v.type for v in live]), "",
                    ",".join([reg] * len(live) + ["~{memory}"]), live, True)
 
@@ -768,7 +777,6 @@ def ftile_kernel(fmt, NC: int, lanes: int = 0, prefetch: int = 0):
 
 
 # ------------------------------------------- row-interleaved (repacked) kernels
-FENCE = True
 GROUP = 16  # weight rows interleaved in one repacked group: one <16 x float> lane per row
 
 
@@ -1170,7 +1178,7 @@ def kinterleaved_kernel(fmt, NC: int):
                 per = 2                                # groups per step: 2*ch*NC chains live (AVX-512: 32 registers)
                 ch = max(1, 4 // NC)                   # independent int32 chains per (group, activation row)
                 for cc in range(ng // per):
-                    if cc and FENCE:
+                    if cc:      # the previous step's sums done, its loads not moved past here (spills)
                         e.fence(*isum, *msum)
                     # this step's groups: per*ch*NC independent chains, finished (times the scales) at once
                     part = [[zero_i] * (per * ch) for _ in range(NC)]
