@@ -39,13 +39,13 @@ Kernels (LLVM-IR intrinsics from ``simd.py``):
   horizontal sums (int16 pair products, ``vpdpwssd``), and reads the matrix as
   one sequential stream. 1 thread, Zen 4: 23-31 GB/s for n = 1 (the read
   roofline is 25-29), 80-95 G int8 MAC/s for n = 512.
-* **K-quant row-interleaved** (Q3_K, Q4_K, Q5_K, Q6_K, IQ4_XS; x86-64, n > 1, and n = 1
+* **K-quant row-interleaved** (Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_XS; x86-64, n > 1, and n = 1
   under ``batch_invariant`` or where a type has no kgemv kernel: IQ4_XS): ``prepare`` repacks groups of 16 rows per super-block
   (``simd.KInterleaved``: unpacked scales, unsigned quants in 64-byte quad chunks, one
   int32 lane per row) for ``simd.kinterleaved_kernel``: ``vpdpbusd`` of 4 unsigned weights x 4
   broadcast int8 activations (``Emitter.dot_quads``; without AVX-512 VNNI ``vpmaddubsw`` +
   ``vpmaddwd``), times the group scales in int32, mins / offsets through the activation sums:
-  ggml's integers exactly. Copies of 1.0x (Q4_K, IQ4_XS), 1.3x (Q3_K, Q6_K), 1.6x (Q5_K: its
+  ggml's integers exactly. Copies of 1.0x (Q2_K, Q4_K, IQ4_XS), 1.3x (Q3_K, Q6_K), 1.6x (Q5_K: its
   5-bit values as bytes) the file's bytes; the originals stay resident for the n = 1 kgemv kernels.
 * **native** (every type, zero-copy): tiles of NR weight rows x NC activation
   rows over the original block layout; per block an int32 vector converted
@@ -114,7 +114,7 @@ class KernelConfig:
     their own (benchmarks/bench_kernels.py); nothing here reads the environment. A model gets one
     through ``Llama(..., kernel_config=...)`` / ``Engine(..., kernel_config=...)`` (:func:`using_config`)."""
 
-    # row-interleaved copies (simd.Interleaved) of Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/IQ4_NL, Q3_K..Q6_K, IQ4_XS weights
+    # row-interleaved copies (simd.Interleaved) of Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/IQ4_NL, Q2_K..Q6_K, IQ4_XS weights
     # of >= 16 rows, built at prepare(). On by default on x86-64 only: their int16 pair
     # products map to vpmaddwd/vpdpwssd there, but on NEON they compile to smull + uzp
     # shuffles with register spills (5-10x the instructions of the native sdot kernels;
@@ -802,15 +802,15 @@ def _make_packed(info: _TypeInfo, parallel: bool, cfg: KernelConfig):
 
 
 def _make_kpacked(info: _TypeInfo, parallel: bool, cfg: KernelConfig):
-    """x16 K-quant groups (simd.kinterleaved_kernel: int8 activations, u8 quads; the activation sums int16
-    per scale group where the layout has an offset: Q3_K -4, Q6_K -32 per 16, IQ4_XS +128 per 32, else
-    int32 per 32 for the mins); the rows % 16 after them on native ktile tiles."""
+    """x16 K-quant groups (simd.kinterleaved_kernel: int8 activations, u8 quads; the activation sums
+    ``fmt.xsums``: int16 per 16 for groups of 16 (Q3_K -4, Q6_K -32, Q2_K's mins), int16 per 32 for
+    IQ4_XS's +128, else int32 per 32 for the mins); the rows % 16 after them on native ktile tiles."""
     f = info.name
     fmt = info.repacked
     NC, GB = cfg.packed_nc, GROUP * 4
     T16 = quants.type_info(f).simd.bsums == 16      # the tail tiles (ktile) read int16 sums per 16
-    K16 = fmt.offset != 0 and fmt.group == 16       # so does the x16 kernel (offset, groups of 16)
-    K32 = fmt.offset != 0 and fmt.group == 32       # the x16 kernel reads int16 sums per 32
+    K16 = fmt.xsums == 16                           # so does the x16 kernel (groups of 16: offset or mins)
+    K32 = fmt.xsums == -32                          # the x16 kernel reads int16 sums per 32
     T_MAIN, T_ONE = spec("kitile", f, NC), spec("kitile", f, 1)
     TAIL_MAIN, TAIL_ONE = spec("ktile", f, 1, NC, prefetch=cfg.prefetch), spec("ktile", f, 1, 1, prefetch=cfg.prefetch)
 
@@ -1007,6 +1007,33 @@ def _repack_q4k_x16(w, out):
 
 
 @nb.njit(parallel=True, **_NOPY)
+def _repack_q2k_x16(w, out):
+    """Q2_K rows (rows, nb*84) -> groups of 16 rows (rows//16, nb, 1344), see simd.Q2_Kx16: d, dmin (fp16
+    bytes as they are), the scale/min bytes in pairs (group g, row r at 64 + 32(g//2) + 2r + g%2), the
+    values 0..3 (group g, element 4m+t of it: byte 320 + 64g + 4r + t, bits 2m)."""
+    ng, nb_, bb = out.shape
+    for g in prange(ng):
+        for r in range(16):
+            src = w[g * 16 + r]
+            for b in range(nb_):
+                o = b * 84
+                dst = out[g, b]
+                for t in range(2):
+                    dst[2 * r + t] = src[o + 80 + t]
+                    dst[32 + 2 * r + t] = src[o + 82 + t]
+                for j in range(16):
+                    dst[64 + 32 * (j // 2) + 2 * r + j % 2] = src[o + j]
+                for e in range(256):
+                    v = (np.int64(src[o + 16 + 32 * (e // 128) + e % 32]) >> (2 * ((e % 128) // 32))) & 3
+                    gg, t16 = e // 16, e % 16
+                    q = 320 + 64 * gg + 4 * r + t16 % 4
+                    if t16 // 4:
+                        dst[q] |= v << (2 * (t16 // 4))
+                    else:
+                        dst[q] = v
+
+
+@nb.njit(parallel=True, **_NOPY)
 def _repack_q3k_x16(w, out):
     """Q3_K rows (rows, nb*110) -> groups of 16 rows (rows//16, nb, 2336), see simd.Q3_Kx16: d, the
     scales less 32 in pairs (group g, row r at 32 + 32(g//2) + 2r + g%2), the values 0..7 as nibbles
@@ -1116,7 +1143,7 @@ def _repack_q6k_x16(w, out):
                             dst[288 + 64 * (e // 4) + 4 * r + e % 4] = v
 
 
-_KREPACK = {"IQ4_XS": _repack_iq4xs_x16, "Q3_K": _repack_q3k_x16, "Q4_K": _repack_q4k_x16, "Q5_K": _repack_q5k_x16, "Q6_K": _repack_q6k_x16}   # repack functions of the K layouts
+_KREPACK = {"IQ4_XS": _repack_iq4xs_x16, "Q2_K": _repack_q2k_x16, "Q3_K": _repack_q3k_x16, "Q4_K": _repack_q4k_x16, "Q5_K": _repack_q5k_x16, "Q6_K": _repack_q6k_x16}   # repack functions of the K layouts
 
 
 # ---------------------------------------------------------------- public API
@@ -1168,7 +1195,7 @@ def prepare(w_raw: np.ndarray, ggml_type: int, k: int, repack: bool | None = Non
     ``k`` inputs in ggml's block layout (a 1-D buffer is split into rows).
     ``config`` (default :func:`current_config`): the kernels' knobs; ``repack``
     overrides its ``repack``, which builds the row-interleaved copy for types whose
-    registry entry has one (Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 / IQ4_NL / Q3_K..Q6_K / IQ4_XS) and matrices of
+    registry entry has one (Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 / IQ4_NL / Q2_K..Q6_K / IQ4_XS) and matrices of
     at least 16 rows; otherwise the data is used in place.
     """
     cfg = config or current_config()

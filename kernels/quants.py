@@ -1390,7 +1390,7 @@ TYPES: dict = {e.ggml_type: e for e in (
     _entry(GT.Q8_0, GT.Q8_0, dict(d=0, qs=2),
            _dq_rows_q8_0, _q_rows_q8_0, _F.Q8_0, repacked=_F.Q8_0x16),
     _entry(GT.Q2_K, GT.Q8_K, dict(scales=0, qs=16, d=80, dmin=82),
-           _dq_rows_q2_k, _q_rows_q2_k, _F.Q2_K),
+           _dq_rows_q2_k, _q_rows_q2_k, _F.Q2_K, repacked=_F.Q2_Kx16),
     _entry(GT.Q3_K, GT.Q8_K, dict(hmask=0, qs=32, scales=96, d=108),
            _dq_rows_q3_k, _q_rows_q3_k, _F.Q3_K, repacked=_F.Q3_Kx16),
     _entry(GT.Q4_K, GT.Q8_K, dict(d=0, dmin=2, scales=4, qs=16),

@@ -22,7 +22,7 @@ Kernel families (entry points used by matmul.py):
   16 rows x 32 (288 bytes). On NEON the same IR is smull + uzp shuffles with
   spills (~10x more), so matmul.py only repacks on x86-64.
 * :func:`kinterleaved_kernel` -- K-quant super-blocks repacked in groups of 16
-  rows (:class:`KInterleaved`: Q3_K, Q4_K, Q5_K, Q6_K, IQ4_XS): unsigned quants
+  rows (:class:`KInterleaved`: Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_XS): unsigned quants
   in 64-byte *quad* chunks (4 elements of each row side by side) times int8
   activations, four at a time, by ``vpdpbusd`` (:meth:`Emitter.dot_quads`, named
   where the host has AVX-512 VNNI; else ``vpmaddubsw`` + ``vpmaddwd``); signs and
@@ -171,6 +171,25 @@ class Emitter:
     def store(self, val, base, off, align=1):
         p = self.b.bitcast(self.ptr(base, off), val.type.as_pointer())
         self.b.store(val, p, align=align)
+
+    def fence(self, *live):
+        """An empty ``asm sideeffect`` with a memory clobber, taking the values ``live`` as operands: no
+        instruction, but the scheduler moves no load across it (C's ``asm volatile("" ::: "memory")``) and
+        computes ``live`` before it. Keeps LLVM from hoisting the loads of a later step of an unrolled
+        loop body above this one's work and from sinking this step's sums below, both spilled."""
+        # vector registers (read now, not at import: the cross-compiling tools set TARGET_ARCH), one
+        # operand per register-sized piece (a <16 x i32> is four NEON / two AVX2 registers)
+        reg, bits = {"x86_64": ("v", VECTOR_BITS), "aarch64": ("w", 128)}.get(TARGET_ARCH, (None, 0))
+        pieces = []
+        for v in live if reg else ():
+            if isinstance(v, ir.Constant):
+                continue
+            lanes = max(1, bits // v.type.element.width)
+            n = v.type.count
+            pieces += [v] if n <= lanes else [self.shuffle(v, None, range(i, i + lanes)) for i in range(0, n, lanes)]
+        live = pieces
+        self.b.asm(ir.FunctionType(ir.VoidType(), [v.type for v in live]), "",
+                   ",".join([reg] * len(live) + ["~{memory}"]), live, True)
 
     def prefetch(self, base, off):
         """llvm.prefetch (read, keep in all cache levels): prefetcht0 / prfm pldl1keep. Never faults."""
@@ -972,6 +991,19 @@ class KInterleaved(Interleaved):
         return [ext(e.load(bp, c64(self.layout["scales"] + 16 * g), vec(I8, GROUP)), vec(I32, GROUP))
                 for g in (2 * c, 2 * c + 1)], None
 
+    def step_mins(self, e, bp, c):
+        """The rows' mins of groups 2c, 2c+1 (step c) as <32 x i16> pairs (lane 2r + t: row r, group 2c+t),
+        for layouts whose mins are per 16 (``has_min`` and ``group == 16``: Q2_K); else None."""
+        return None
+
+    @property
+    def xsums(self) -> int:
+        """The activation sums the kernel reads: 16 = int16 per 16 (groups of 16 with an offset or mins),
+        -32 = int16 per 32 (an offset on groups of 32), 32 = int32 per 32 (mins per 32)."""
+        if self.group == 16:
+            return 16
+        return -32 if self.offset else 32
+
     def chunks(self, e, bp, c):
         """Yield (scale group, j, <64 x i8>) for groups 2c, 2c+1 (step c): rows' unsigned quads j of the
         group (chunk byte 4r+t = row r's element 4j+t of the group)."""
@@ -1081,6 +1113,38 @@ class Q5_Kx16(KInterleaved):
             yield m // 8, m % 8, e.load(bp, c64(self.layout["qs"] + 64 * m), vec(I8, 64))
 
 
+class Q2_Kx16(KInterleaved):
+    """Q2_K repacked for prompt processing: d[16], dmin[16] (fp16), the file's scale bytes (low nibble
+    the scale, high nibble the min of a group of 16) in pairs (byte 64 + 32p + 2r + t = row r's byte of
+    group 2p+t), then the 2-bit values (0..3) in one 64-byte chunk per group: byte 4r+t at 320 + 64g
+    holds row r's elements 4m+t of group g (m = 0..3) at bits 2m. The mins go through the
+    activations' int16 sums per 16 as int16 pair products (``step_mins``). 1344 bytes per super-block
+    of 16 rows: the file's size."""
+
+    name, block_bytes, kquant, umax = "Q2_K", 64 + 256 + 1024, True, 3
+    layout = dict(d=0, dmin=32, scales=64, qs=320)
+    group, has_min, signed_scales = 16, True, False
+
+    def _pairs(self, e, bp, c):
+        return e.b.zext(e.load(bp, c64(self.layout["scales"] + 32 * c), vec(I8, 32)), vec(I16, 32))
+
+    def step_scales(self, e, bp, c):
+        b = e.b
+        v = b.bitcast(self._pairs(e, bp, c), vec(I32, 16))
+        m = e.const_vec(I32, 16, 0x0F)
+        return [b.and_(v, m), b.and_(b.lshr(v, e.const_vec(I32, 16, 16)), m)], None
+
+    def step_mins(self, e, bp, c):
+        # frozen: 0..15 known non-negative would turn dot_pairs' sext into a zext (no vpmaddwd)
+        return e.freeze(e.b.lshr(self._pairs(e, bp, c), e.const_vec(I16, 32, 4)))
+
+    def chunks(self, e, bp, c):
+        for g in (2 * c, 2 * c + 1):
+            raw = e.load(bp, c64(self.layout["qs"] + 64 * g), vec(I8, 64))
+            for m in range(4):
+                yield g, m, e.b.and_(e.b.lshr(raw, e.const_vec(I8, 64, 2 * m)), e.const_vec(I8, 64, 3))
+
+
 @lru_cache(maxsize=None)
 def kinterleaved_kernel(fmt, NC: int):
     """Intrinsic for GROUP rows of a repacked K-quant (:class:`Q4_Kx16`) x NC Q8_K activation rows.
@@ -1118,9 +1182,12 @@ def kinterleaved_kernel(fmt, NC: int):
                 xbase = [e.ptr(xqp, b.add(b.mul(xqs_, c64(c)), b.mul(i, c64(256)))) for c in range(NC)]
                 ng = 256 // fmt.group                 # scale groups per super-block
                 isum = [zero_i] * NC
+                msum = [zero_i] * NC                   # mins per 16 (Q2_K): min pairs x int16 sum pairs
                 per = 2                                # groups per step: 2*ch*NC chains live (AVX-512: 32 registers)
                 ch = max(1, 4 // NC)                   # independent int32 chains per (group, activation row)
                 for cc in range(ng // per):
+                    if cc:      # the previous step's sums done, its loads not moved past here (spills)
+                        e.fence(*isum, *msum)
                     # this step's groups: per*ch*NC independent chains, finished (times the scales) at once
                     part = [[zero_i] * (per * ch) for _ in range(NC)]
                     for g, j, qv in fmt.chunks(e, bp, cc):
@@ -1130,28 +1197,35 @@ def kinterleaved_kernel(fmt, NC: int):
                                            vec(I8, 4 * G))
                             part[c][u] = e.dot_quads(part[c][u], qv, xv, fmt.umax)
                     sc, scp = fmt.step_scales(e, bp, cc)    # loaded here: few live registers
+                    mnp = fmt.step_mins(e, bp, cc)
                     for c in range(NC):
                         for t in range(per):
                             s = functools.reduce(b.add, [e.freeze(p) for p in part[c][t * ch:(t + 1) * ch]])
                             isum[c] = b.add(isum[c], b.mul(s, sc[t]))
-                        if scp is not None:     # - offset * sum_g scale_g * sum(x_g): scale pairs x int16 sum pairs
+                        if scp is not None or mnp is not None:     # int16 pairs x this step's int16 sum pairs
                             xb16 = b.add(b.mul(xbs_, c64(c)), b.mul(i, c64(2 * ng)))
-                            corr = e.dot_pairs(scp, b.bitcast(e.splat(e.load(xbp, b.add(xb16, c64(2 * per * cc)), I32),
-                                                                      G), vec(I16, 2 * G)))
+                            xs2 = b.bitcast(e.splat(e.load(xbp, b.add(xb16, c64(2 * per * cc)), I32), G),
+                                            vec(I16, 2 * G))
+                        if scp is not None:     # - offset * sum_g scale_g * sum(x_g)
+                            corr = e.dot_pairs(scp, xs2)
                             isum[c] = b.sub(isum[c], b.mul(corr, e.const_vec(I32, G, fmt.offset)))
+                        if mnp is not None:     # sum_g min_g * sum(x_g)
+                            msum[c] = b.add(msum[c], e.dot_pairs(mnp, xs2))
                 dw = b.fpext(e.load(bp, c64(L["d"]), vec(F16, G)), vec(F32, G))
                 if fmt.has_min:
-                    mn = [b.zext(e.load(bp, c64(L["mins"] + 16 * j), vec(I8, G)), vec(I32, G)) for j in range(8)]
+                    if fmt.group == 32:
+                        mn = [b.zext(e.load(bp, c64(L["mins"] + 16 * j), vec(I8, G)), vec(I32, G)) for j in range(8)]
                     dm = b.fpext(e.load(bp, c64(L["dmin"]), vec(F16, G)), vec(F32, G))
                 new = []
                 for c in range(NC):
                     dx = e.splat(e.load(xdp, b.add(b.mul(xds_, c64(c)), b.mul(i, c64(4))), F32), G)
                     new.append(e.fma(b.sitofp(isum[c], vec(F32, G)), e.fmul(dw, dx), accs[2 * c]))
                     if fmt.has_min:
-                        xb8 = e.load(xbp, b.add(b.mul(xbs_, c64(c)), b.mul(i, c64(32))), vec(I32, 8))
-                        msum = functools.reduce(b.add, [b.mul(mn[j], e.splat(b.extract_element(xb8, c32(j)), G))
-                                                        for j in range(8)])
-                        new.append(e.fma(b.sitofp(msum, vec(F32, G)), e.fmul(dm, dx), accs[2 * c + 1]))
+                        if fmt.group == 32:     # mins per 32: int32 sums per 32
+                            xb8 = e.load(xbp, b.add(b.mul(xbs_, c64(c)), b.mul(i, c64(32))), vec(I32, 8))
+                            msum[c] = functools.reduce(b.add, [b.mul(mn[j], e.splat(b.extract_element(xb8, c32(j)), G))
+                                                               for j in range(8)])
+                        new.append(e.fma(b.sitofp(msum[c], vec(F32, G)), e.fmul(dm, dx), accs[2 * c + 1]))
                     else:
                         new.append(accs[2 * c + 1])
                 return new
@@ -1163,7 +1237,7 @@ def kinterleaved_kernel(fmt, NC: int):
 
         return sig, codegen
 
-    tile.kernel_name = f"kitile_{fmt_name}_g{G}_x{NC}_v6"
+    tile.kernel_name = f"kitile_{fmt_name}_g{G}_x{NC}_v7"
     return tile
 
 

@@ -457,10 +457,10 @@ def test_kquant_x16_generic_quads(name, monkeypatch):
             pytest.skip("no x16 layout on this host")
         ref = mm.matmul(pw, x)
         xq, xd, _, xb = mm.quantize_activations(x, "q8_K")
-        if fmt.offset and fmt.group == 16:
+        if fmt.xsums == 16:
             xb = np.empty((2, k // 16), np.int16)
             mm.bsums16(xq, xb)
-        elif fmt.offset:
+        elif fmt.xsums == -32:
             xb = xb.astype(np.int16)
         monkeypatch.setattr(simd, "VNNI512", False)
         kern = simd.kinterleaved_kernel(fmt, 1)
