@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import concurrent.futures as cf
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -29,29 +28,13 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_embedding import sentences  # noqa: E402
-
-
-def _port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    p = s.getsockname()[1]
-    s.close()
-    return p
+from bench_serving import _free_port as _port, wait_ready  # noqa: E402
 
 
 def start(cmd, port):
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             env={**os.environ, "NUMBA_NUM_THREADS": os.environ.get("NUMBA_NUM_THREADS", "2")})
-    base = f"http://127.0.0.1:{port}"
-    for _ in range(600):
-        try:
-            if httpx.get(base + "/health", timeout=2).status_code == 200:
-                return proc, base
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError(f"{cmd[0]} did not start")
+    return proc, wait_ready(proc, port, Path(cmd[0]).name, timeout=120)
 
 
 def cpu_seconds(pid) -> float:

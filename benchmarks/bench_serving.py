@@ -25,6 +25,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -43,6 +44,27 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_ready(proc, port, what="server", timeout=300.0) -> str:
+    """The base URL of the server ``proc`` on loopback ``port`` once its /health answers 200; its stderr's
+    end in the error if it exits first, killed after ``timeout`` s."""
+    url = f"http://127.0.0.1:{port}"
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < timeout:
+        if proc.poll() is not None:
+            log = getattr(proc, "log_path", None)
+            err = (Path(log).read_text(errors="replace") if log else
+                   proc.stderr.read().decode(errors="replace") if proc.stderr else "")[-2000:]
+            raise RuntimeError(f"{what} exited with {proc.returncode}: {err}")
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return url
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError(f"{what} not ready after {timeout:.0f} s")
+
+
 def start_server(model, *args, env=None):
     """``python -m tinyinfer serve -m MODEL ARGS...`` on a free loopback port, once /health says ok:
     (the process, its base URL). The other benchmarks that need a server use this too. ``model`` None:
@@ -53,19 +75,7 @@ def start_server(model, *args, env=None):
            "--log-level", "warning", *map(str, args)]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             env={**os.environ, **(env or {})})
-    url = f"http://127.0.0.1:{port}"
-    t0 = time.perf_counter()
-    while time.perf_counter() - t0 < 300:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited: {proc.stderr.read().decode(errors='replace')[-2000:]}")
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError("server not ready after 300 s")
+    return proc, wait_ready(proc, port, "server")
 
 
 def cpu_seconds(pid) -> float | None:
@@ -84,21 +94,11 @@ def start_llama_server(binary, model, threads, parallel, ctx, extra=()):
     port = _free_port()
     cmd = [str(binary), "-m", str(model), "-t", str(threads), "-np", str(parallel), "-c", str(ctx),
            "--host", "127.0.0.1", "--port", str(port), *extra]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    url = f"http://127.0.0.1:{port}"
-    t0 = time.perf_counter()
-    while time.perf_counter() - t0 < 300:
-        if proc.poll() is not None:
-            raise RuntimeError(f"llama-server exited with {proc.returncode}: "
-                               f"{proc.stderr.read().decode(errors='replace')[-2000:]}")
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError("llama-server not ready after 300 s")
+    # its log goes to a file: a pipe nobody reads fills up under a long load and stalls the server
+    log = tempfile.NamedTemporaryFile(prefix="llama-server-", suffix=".log", delete=False)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log)
+    proc.log_path = log.name
+    return proc, wait_ready(proc, port, "llama-server")
 
 
 def side_by_side(a, model):
@@ -131,7 +131,7 @@ def side_by_side(a, model):
                 p.kill()
                 p.wait(30)
     flags = f"-t {a.threads} --parallel {par}" + (" --batch-invariant" if a.batch_invariant else "")
-    print(f"\n| server | tok/s median (min-max) | runs | p50 s median | CPU ms/token median |\n| --- | --- | --- | --- | --- |")
+    print("\n| server | tok/s median (min-max) | runs | p50 s median | CPU ms/token median |\n| --- | --- | --- | --- | --- |")
     med = {}
     for name, runs in res.items():
         t = [r["tok_s"] for r in runs]

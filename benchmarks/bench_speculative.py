@@ -187,7 +187,7 @@ def row_costs(types, ns=(1, 2, 4, 9, 16), reps=15):
         eng = Engine(ensure_requantized(q), n_ctx=512, n_threads=1)
         m = eng.model
         ids = np.arange(100, 180, dtype=np.int64)
-        m.forward(ids[:64], Batch.run(0, 0, 64), eng.cache)
+        times = pass_times(eng, ns, reps)
         tim, orig = defaultdict(float), base.mm.run
 
         def timed(pw, x, out):
@@ -198,11 +198,7 @@ def row_costs(types, ns=(1, 2, 4, 9, 16), reps=15):
 
         base1 = None
         for n in ns:
-            ts = []
-            for _ in range(reps):
-                t = time.process_time()
-                m.forward(ids[64:64 + n], Batch.run(0, 64, n), eng.cache, n_out=n)
-                ts.append(time.process_time() - t)
+            ts = times[n]
             tim.clear()
             base.mm.run = timed
             try:
@@ -223,8 +219,8 @@ def _draft_path(name):
     return Path(name) if name.endswith(".gguf") else ensure_requantized(name)
 
 
-def pass_costs(eng, ns, reps=7):
-    """Median process CPU time in ms of one forward pass of n tokens at context 64, for each n."""
+def pass_times(eng, ns, reps=7):
+    """Process CPU times in s of ``reps`` forward passes of n tokens at context 64, for each n."""
     import numpy as np
 
     from tinyinfer.kvcache import Batch
@@ -237,8 +233,13 @@ def pass_costs(eng, ns, reps=7):
             t = time.process_time()
             m.forward(ids[64:64 + n], Batch.run(0, 64, n), eng.cache, n_out=n)
             ts.append(time.process_time() - t)
-        out[n] = statistics.median(ts) * 1e3
+        out[n] = ts
     return out
+
+
+def pass_costs(eng, ns, reps=7):
+    """Median process CPU time in ms of one forward pass of n tokens at context 64, for each n."""
+    return {n: statistics.median(ts) * 1e3 for n, ts in pass_times(eng, ns, reps).items()}
 
 
 def teacher_forced(eng, ids, toks):
