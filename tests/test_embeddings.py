@@ -12,6 +12,7 @@ import base64
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -539,6 +540,46 @@ def test_concurrent_requests_are_packed_and_keep_their_own_vectors_and_errors(mi
     with pytest.raises(ZeroDivisionError):
         co.result(None, bad, fn)
     assert calls == [6]
+
+
+def test_coalescer_waits_for_the_clients_just_answered(engine):
+    """Four clients sending one sentence at a time, each a moment after its last answer (an HTTP round
+    trip), through one model thread: passes wait (``window``) for the clients just answered, so most
+    passes take all four instead of settling at two; a lone client's passes never wait. Each request
+    still gets its own vectors."""
+    import threading
+
+    from tinyinfer.embedding import Coalescer, embed
+    tok = engine.tokenizer
+    seqs = [tok.encode(t) for t in SENTENCES[:4]]
+    want = [embed(engine, [q])[0] for q in seqs]
+    co, sizes, model_thread = Coalescer(window=0.05), [], threading.Lock()
+
+    def fn(e, qs):
+        sizes.append(len(qs))
+        return embed(e, qs)
+
+    def client(i, errors):
+        for _ in range(8):
+            w = co.add(lambda e: [seqs[i]])
+            with model_thread:                  # the server runs every job on the model's one thread
+                got = co.result(engine, w, fn)
+            if not np.allclose(got[0], want[i], atol=1e-5):
+                errors.append(i)
+            time.sleep(0.002)                   # the client reads the answer and sends its next request
+    errors = []
+    ts = [threading.Thread(target=client, args=(i, errors)) for i in range(4)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    assert not errors and sum(sizes) == 32
+    assert sum(k == 4 for k in sizes) >= len(sizes) // 2, sizes
+    lone, sizes[:] = Coalescer(window=10.0), []
+    t0 = time.perf_counter()
+    for q in seqs:
+        assert np.allclose(lone.result(engine, lone.add(lambda e, q=q: [q]), fn)[0], embed(engine, [q])[0], atol=1e-5)
+    assert sizes == [1, 1, 1, 1] and time.perf_counter() - t0 < 5.0     # a 10 s window never waited
 
 
 def test_rerank_endpoint_shape_and_order(rerank_server, reranker):

@@ -20,6 +20,7 @@ A decoder file without a pooling type pools by mean and normalizes, as tinyinfer
 from __future__ import annotations
 
 import threading
+import time
 from typing import Callable, Optional, Sequence
 
 import numpy as np
@@ -143,31 +144,59 @@ class Coalescer:
     (pooling, truncation), up to ``max_requests``, embeds all their sequences in one :func:`embed` (packed
     passes of ``engine.n_batch`` tokens) and hands each request its vectors; the later jobs find theirs
     done. A request whose inputs fail (``prepare`` raises) gets its own error; if the packed call fails,
-    each request is evaluated alone, so an error stays with the request that caused it."""
+    each request is evaluated alone, so an error stays with the request that caused it.
 
-    def __init__(self, max_requests: int = 64):
-        self.max_requests = max_requests
+    Concurrent clients that each send one request at a time would otherwise settle into passes of half
+    of them (the ones just answered are still sending their next request when the others' pass starts),
+    and every pass reads all the weights (an F32 all-MiniLM: 42 MB a pass). So while the last ``recent``
+    seconds saw more requests in flight than are waiting now, a pass waits up to ``window`` seconds for
+    them; a lone client never waits."""
+
+    def __init__(self, max_requests: int = 64, window: float = 0.002, recent: float = 1.0):
+        self.max_requests, self.window, self.recent = max_requests, window, recent
         self._lock = threading.Lock()
+        self._arrived = threading.Condition(self._lock)
         self._waiting: list = []
+        self._in_flight = 0
+        self._peak = (0, 0.0)            # (most requests in flight, when last seen)
 
     def add(self, prepare: Callable, key=None) -> _Waiting:
         w = _Waiting(prepare, key)
         with self._lock:
             self._waiting.append(w)
+            self._in_flight += 1
+            now = time.monotonic()
+            if self._in_flight >= self._peak[0] or now - self._peak[1] > self.recent:
+                self._peak = (self._in_flight, now)
+            self._arrived.notify_all()
         return w
+
+    def _done(self, x: _Waiting) -> None:
+        with self._lock:
+            self._in_flight -= 1
+        x.done.set()
 
     def discard(self, w: _Waiting) -> None:
         """A request that will not run (its client left, the queue was full): forget it."""
         with self._lock:
             if w in self._waiting:
                 self._waiting.remove(w)
+                self._in_flight -= 1
 
     def result(self, engine, w: _Waiting, embed_fn: Callable) -> list:
         """``w``'s vectors: ``embed_fn(engine, seqs)`` over ``w`` and the requests waiting with it."""
         take = []
         with self._lock:
             if not w.taken:
-                same = [x for x in self._waiting if x is not w and x.key == w.key]
+                peak, seen = self._peak
+                want = min(peak, self.max_requests) if time.monotonic() - seen <= self.recent else 1
+                deadline = time.monotonic() + self.window
+                while True:
+                    same = [x for x in self._waiting if x is not w and x.key == w.key]
+                    left = deadline - time.monotonic()
+                    if len(same) + 1 >= want or left <= 0:
+                        break
+                    self._arrived.wait(left)
                 take = [w] + same[:self.max_requests - 1]
                 for x in take:
                     x.taken = True
@@ -179,8 +208,7 @@ class Coalescer:
             raise w.error
         return w.vecs
 
-    @staticmethod
-    def _run(engine, take: list, embed_fn: Callable) -> None:
+    def _run(self, engine, take: list, embed_fn: Callable) -> None:
         try:
             ok = []
             for x in take:
@@ -208,7 +236,7 @@ class Coalescer:
             for x in take:
                 if x.vecs is None and x.error is None:
                     x.error = RuntimeError("embedding was not computed")
-                x.done.set()
+                self._done(x)
 
 
 def rerank_prompt(tok, query: str, document: str, template: Optional[str] = None) -> list:
