@@ -123,9 +123,11 @@ class KernelConfig:
     # K-quant single-row kernels through u8 x s8 pair products (simd.kgemv_kernel, x86
     # vpmaddubsw) where a format has one; elsewhere (aarch64: sdot) the generic ktile_kernel
     kgemv: bool = not simd.PARTIAL_REDUCE
-    # below this much work (weight bytes x max(1, n/4)) a call runs on one thread: the
-    # parallel region's launch costs more than it saves on small matrices
-    parallel_min_bytes: int = 1 << 20
+    # below this much work (weight bytes x max(1, n/2)) a call runs on one thread: the
+    # parallel region's launch costs more than it saves on small matrices. 1 MiB (weight bytes x
+    # n/4) left most matrices of a 135M-0.5B model serial: at -t 2 on the Xeon VM, 256 KiB and n/2
+    # give SmolLM2 Q4_0 tg32 100 -> 170 t/s, pp128 567 -> 906; Qwen2.5-0.5B Q4_K_M tg32 30 -> 40.5
+    parallel_min_bytes: int = 1 << 18
     packed_nc: int = 4        # activation rows per repacked tile
     packed_chains: int = 4    # independent int32 sums per repacked tile (legacy formats)
     # software prefetch distance (bytes ahead in each weight row; 0 = off) of the native tiles and of
@@ -1323,7 +1325,7 @@ def _plan(pw: PreparedWeight, n: int) -> list:
         packed = pw.packed is not None and not (n == 1 and pw.info.repacked.kquant and cfg.kgemv
                                                 and not cfg.batch_invariant and pw.info.has_gemv)
         a0 = (pw.packed, pw.tail) if packed else (pw.w,)
-    return [packed, a0, pw.nbytes * max(1, n >> 2) >= cfg.parallel_min_bytes, None, None]
+    return [packed, a0, pw.nbytes * max(1, n >> 1) >= cfg.parallel_min_bytes, None, None]
 
 
 _PLANS_MAX_N = 64     # plans of calls with up to this many rows are kept on the weight
