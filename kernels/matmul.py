@@ -492,6 +492,13 @@ def _act_kind(info: _TypeInfo, act16: bool) -> int:
 
 
 def _njit(fn, parallel: bool):
+    """A driver closure jitted serial or parallel. numba's on-disk cache keys a function by its qualified
+    name, its code and its cells, not by its flags: the two builds of one factory's closure would share an
+    entry, and whichever compiled first was loaded for both (a "serial" call then ran the parallel code
+    outside kernels/parallel.call's lock: workqueue aborts on concurrent access; a "parallel" one ran on one
+    thread). The parallel build gets a name of its own."""
+    if parallel:
+        fn.__qualname__ += "__parallel"
     return nb.njit(parallel=parallel, **_NOPY)(fn)
 
 

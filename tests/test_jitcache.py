@@ -57,3 +57,35 @@ def test_cached_kernels_load_without_the_registry_refresh(tmp_path):
     cache = tmp_path / "cache"
     assert _run(tmp_path, cache) == "refreshed"      # first process: compiles (numba refreshes)
     assert _run(tmp_path, cache) == "light"          # second: loads both from the cache, no refresh
+
+
+SERIAL_AND_PARALLEL = textwrap.dedent('''
+    import numpy as np
+    from tinyinfer.ggml_types import GGMLType
+    from tinyinfer.kernels import matmul as mm, quants
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((64, 256)).astype(np.float32)
+    pw = mm.prepare(quants.quantize(w, GGMLType.Q8_0), int(GGMLType.Q8_0), 256, repack=False)
+    x = rng.standard_normal((3, 256)).astype(np.float32)
+    out = {}
+    for parallel in (True, False):          # the parallel build compiles (and is stored) first
+        d = mm.driver(pw.info, False, parallel, pw.config)
+        o = np.empty((3, 64), np.float32)
+        d(pw.w, x, o)
+        out[parallel] = o
+        print(parallel, sum(d.stats.cache_hits.values()), sum(d.stats.cache_misses.values()))
+    assert (out[True] == out[False]).all()
+''')
+
+
+def test_serial_and_parallel_drivers_are_cached_apart(tmp_path):
+    """The serial and the parallel build of one driver closure get separate entries in numba's disk
+    cache (it keys a function by name, code and cells, not by its flags): before, the serial driver
+    loaded the parallel one's machine code, which ran outside kernels/parallel.call's lock (workqueue:
+    an abort with two engines in two threads, found by the emulated arm job)."""
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "cache"), "PYTHONPATH": str(ROOT)}
+    r = subprocess.run([sys.executable, "-c", SERIAL_AND_PARALLEL], capture_output=True, text=True, env=env,
+                       cwd=tmp_path, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = dict(line.split(" ", 1) for line in r.stdout.splitlines())
+    assert lines == {"True": "0 1", "False": "0 1"}, r.stdout      # both compiled: neither loaded the other
