@@ -519,12 +519,8 @@ def _attention_task(q, k, v, pos, seq, attn, out, i, kv0, kv1):
 
 @nb.njit(**_fast)
 def _attention_serial(q, k, v, pos, seq, attn, out):
-    # one task per (token, kv head), as the parallel driver: the same calls, so the same floats (the
-    # task's loops run under fastmath reassoc; a task over every kv head was vectorized otherwise)
-    nkv = k[0].shape[2]
     for i in range(q.shape[0]):
-        for kvh in range(nkv):
-            _attention_task(q, k, v, pos, seq, attn, out, i, kvh, kvh + 1)
+        _attention_task(q, k, v, pos, seq, attn, out, i, 0, k[0].shape[2])
     return out
 
 
