@@ -6,9 +6,13 @@
 
 Each round runs ``llama-bench -p 128 -n 32 -r 1`` and ``python -m tinyinfer bench`` with the same
 arguments for every thread count, alternating, so both see the same machine load; the table gives
-the median t/s over the rounds of each and their ratio (ours / llama.cpp), with the spread.
+the median t/s over the rounds of each ± its standard deviation, and their ratio (ours / llama.cpp) with
+its range over the rounds.
 
 ``--gemm-rows``: time one expert's matmul per row by rows per call (where ``MoE.expert`` cuts groups).
+
+``--profile``: where a decode step's wall time goes at each thread count (attention, the MoE block: its
+routing and its experts' one jitted call, the output head), after a 128-token prompt as in the tg test.
 
 ``--rss``: load the file in a fresh process (Engine, as the CLI does) and print VmRSS split into file
 pages (RssFile: the mmapped weights touched) and anonymous memory (RssAnon: copies, caches, numba),
@@ -80,6 +84,66 @@ def gemm_rows(path: str) -> None:
                   f"{best * 1e6 / n:6.1f} us a row")
 
 
+def decode_profile(path: str, threads: list, n: int, rounds: int) -> None:
+    """ms a decode token of each component (median over rounds), by thread count: the forward pass's
+    pieces timed in place (class-level wrappers), the layers stacked by a 128-token prompt first."""
+    import time
+    from collections import defaultdict
+
+    import numpy as np
+
+    from tinyinfer.engine import Engine, set_threads
+    from tinyinfer.models import base, moe
+
+    eng = Engine(path, n_ctx=512, n_threads=threads[0])
+    rng = np.random.default_rng(0)
+    eng.eval(rng.integers(0, 10000, 128))
+    spent: dict = defaultdict(float)
+
+    def timed(owner, attr, key):
+        fn = getattr(owner, attr)
+
+        def wrapper(*a, **k):
+            t = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                spent[key] += time.perf_counter() - t
+        setattr(owner, attr, wrapper)
+
+    m = eng.model
+    timed(base.Attention, "__call__", "attention (projections, kernel)")
+    timed(moe.MoE, "__call__", "MoE block")
+    timed(moe.MoE, "route", "  routing (router, softmax, top-k)")
+    timed(moe, "_one_token", "  experts (one jitted call)")
+    timed(m, "output", "output head")
+    res: dict = defaultdict(list)
+    for _ in range(rounds):
+        for t in threads:
+            eng.n_threads = set_threads(t)
+            eng.reset()
+            eng.eval(rng.integers(0, 10000, 4))
+            for _ in range(3):
+                eng.eval([int(rng.integers(0, 10000))])
+            spent.clear()
+            t0 = time.perf_counter()
+            for _ in range(n):
+                eng.eval([int(rng.integers(0, 10000))])
+            res[t, "token"].append((time.perf_counter() - t0) / n * 1e3)
+            for k, v in spent.items():
+                res[t, k].append(v / n * 1e3)
+    keys = ["token"] + list(dict.fromkeys(k for _, k in res if k != "token"))
+    print("| ms a decode token | " + " | ".join(f"{t} thread{'s' * (t > 1)}" for t in threads) + " |")
+    print("| --- |" + " ---: |" * len(threads))
+    for k in keys:
+        print(f"| {k} | " + " | ".join(f"{statistics.median(res[t, k]):.2f}" for t in threads) + " |")
+
+
+def _ts(v: list) -> str:
+    """median t/s ± the sample standard deviation over the rounds"""
+    return f"{statistics.median(v):.1f} ± {statistics.stdev(v) if len(v) > 1 else 0.0:.1f}"
+
+
 def runs(cmd: list) -> list:
     p = subprocess.run(cmd, capture_output=True, text=True, check=True)
     return [json.loads(line) for line in p.stdout.splitlines() if line.startswith("{")]
@@ -98,10 +162,14 @@ def main() -> None:
                          "segfaults in its repacked mul_mat_id here: --repack 0)")
     ap.add_argument("--rss", action="store_true")
     ap.add_argument("--gemm-rows", action="store_true", help="time one expert's matmul by rows per call")
+    ap.add_argument("--profile", action="store_true", help="where a decode token's time goes, by thread count")
     ap.add_argument("--rss-child", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.gemm_rows:
         gemm_rows(a.model)
+        return
+    if a.profile:
+        decode_profile(a.model, [int(t) for t in a.threads.split(",")], a.n, a.rounds)
         return
     if a.rss_child:
         rss_child(a.model)
@@ -137,10 +205,10 @@ def main() -> None:
                 continue
             if ref:
                 ratios = [o / r for o, r in zip(ours, ref)]
-                print(f"| {t} | {key} | {statistics.median(ref):.1f} | {statistics.median(ours):.1f} | "
+                print(f"| {t} | {key} | {_ts(ref)} | {_ts(ours)} | "
                       f"{statistics.median(ratios):.2f}x | {min(ratios):.2f}-{max(ratios):.2f} |")
             else:
-                print(f"| {t} | {key} | - | {statistics.median(ours):.1f} | - | - |")
+                print(f"| {t} | {key} | - | {_ts(ours)} | - | - |")
 
 
 if __name__ == "__main__":

@@ -280,6 +280,35 @@ def test_one_call_batch_equals_expert_loop(moe_dir, arch):
     assert len(types) == 2          # Q4_K_M: ffn_down_exps in Q4_K on some layers, Q6_K on others
 
 
+def test_block_same_floats_at_one_and_two_threads(moe_dir):
+    """Each chosen expert runs whole on one thread (the threads share out experts, never an expert's rows),
+    and the slots are summed in one order: a decode step on the file's layout, a grouped batch and a decode
+    step on the stacked copy give the same floats at one and two threads."""
+    import numba
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("numba has one thread here (NUMBA_NUM_THREADS)")
+    blk = load_model(GGUFFile(model_file(moe_dir, "qwen3moe", "Q4_K_M"))).layers[0].mlp
+    rng = np.random.default_rng(8)
+    one, batch = (rng.standard_normal((n, blk.gate.k)).astype(np.float32) for n in (1, 24))
+
+    def both(x):
+        old = numba.get_num_threads()
+        try:
+            outs = []
+            for nt in (1, 2):
+                numba.set_num_threads(nt)
+                outs.append(blk(x))
+        finally:
+            numba.set_num_threads(old)
+        np.testing.assert_array_equal(outs[0], outs[1])
+
+    both(one)
+    assert blk.stacked is None          # the file's layout
+    both(batch)
+    assert blk.stacked is not None
+    both(one)
+
+
 def test_small_batches_copy_no_expert_and_use_the_stacked_layer(moe_dir):
     """A group of fewer than PACK_MIN_ROWS rows (an engine's 2-token warm-up: both tokens choose the same
     experts) copies no expert; once a layer is stacked, small batches and decode steps run on the stacked
