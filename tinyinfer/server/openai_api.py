@@ -240,6 +240,30 @@ def embed_coalescer(state: ServerState):
     return co
 
 
+async def run_embedding(request: Request, state: ServerState, prepare, key, truncate: bool = False):
+    """Embed a request's inputs on the slot pool: ``prepare(engine)`` -> token sequences (run on the slot's
+    thread), evaluated with the inputs of the requests waiting behind it in packed passes
+    (tinyinfer/embedding.py's Coalescer). Returns (job, vectors, gone): ``gone`` when the client left first."""
+    from ..embedding import embed
+
+    def work(engine, job):
+        t0 = time.perf_counter()
+        co.result(engine, mine, lambda e, seqs: embed(e, seqs, pooling=state.config.pooling, truncate=truncate))
+        job.stats = {"embed_tokens": sum(min(len(s), engine.n_ctx) for s in mine.seqs),
+                     "embed_s": time.perf_counter() - t0}
+        return
+        yield       # the vectors stay on ``mine``: the job's one hand-off to the event loop is its end
+
+    co = embed_coalescer(state)
+    mine = co.add(prepare, key)
+    try:
+        job = submit(request, state, work)
+        _, gone = await run_to_end(request, job)
+    finally:
+        co.discard(mine)            # still waiting: it never ran (queue full, client gone)
+    return job, mine.vecs, gone
+
+
 @router.post("/v1/embeddings", summary="Embeddings (pooled as the model says, L2-normalized)")
 async def embeddings(req: EmbeddingRequest, request: Request):
     state = await _state(request, req.model)
@@ -259,29 +283,14 @@ async def embeddings(req: EmbeddingRequest, request: Request):
             seqs.append(ids)
         return seqs
 
-    def work(engine, job):
-        from ..embedding import embed
-        t0 = time.perf_counter()
-        # with the inputs of requests waiting behind it, in packed passes (tinyinfer/embedding.py)
-        vecs = co.result(engine, mine, lambda e, seqs: embed(e, seqs, pooling=state.config.pooling))
-        seqs = mine.seqs
-        job.stats = {"embed_tokens": sum(map(len, seqs)), "embed_s": time.perf_counter() - t0}
-        yield vecs                  # one hand-off to the event loop for all of them
-
-    co = embed_coalescer(state)
-    mine = co.add(prepare, ("openai", state.config.pooling))
-    try:
-        job = submit(request, state, work)
-        items, gone = await run_to_end(request, job)
-    finally:
-        co.discard(mine)            # still waiting: it never ran (queue full, client gone)
+    job, vecs, gone = await run_embedding(request, state, prepare, ("openai", state.config.pooling))
     if gone:
         return gone_response()
-    n = sum(map(len, mine.seqs))
+    n = job.stats["embed_tokens"]
     b64 = req.encoding_format == "base64"
     data = ",".join('{"object":"embedding","embedding":%s,"index":%d}'
                     % ('"' + base64.b64encode(np.asarray(v, "<f4").tobytes()).decode() + '"' if b64
-                       else floats_json(v), i) for i, v in enumerate(items[0]))
+                       else floats_json(v), i) for i, v in enumerate(vecs))
     # the JSON text made here: thousands of floats skip FastAPI's jsonable_encoder walk and json's repr
     return json_response('{"object":"list","data":[%s],"model":%s,"usage":{"prompt_tokens":%d,"total_tokens":%d}}'
                          % (data, dumps(state.model_name), n, n))
