@@ -582,6 +582,59 @@ def test_coalescer_waits_for_the_clients_just_answered(engine):
     assert sizes == [1, 1, 1, 1] and time.perf_counter() - t0 < 5.0     # a 10 s window never waited
 
 
+@pytest.mark.parametrize("cors", [False, True])
+def test_embedding_routes_answer_from_the_gate(minilm_f32, engine, cors):
+    """The embedding routes skip FastAPI (server/app._Gate's direct routes: a one-sentence request's
+    routing, middleware and dependency solving cost as much CPU as its forward): a valid body is answered
+    without reaching the app's router, with the library's vectors, counted in /metrics; an invalid one
+    goes the app's way and gets its 400; with --cors everything goes the app's way (its CORS headers)."""
+    from starlette.testclient import TestClient
+
+    from tinyinfer.embedding import embed
+    from tinyinfer.server.app import create_app
+    from tinyinfer.server.config import ServerConfig
+
+    class Spy:                                  # the app's router, noting the paths it is asked for
+        def __init__(self, inner):
+            self.inner, self.paths = inner, []
+
+        async def __call__(self, scope, receive, send):
+            if scope["type"] == "http":
+                self.paths.append(scope["path"])
+            await self.inner(scope, receive, send)
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+    app = create_app(ServerConfig(model_path=str(minilm_f32), alias="minilm", n_ctx=512, n_threads=1, cors=cors),
+                     load_in_background=False)
+    app.router = spy = Spy(app.router)
+    tok = engine.tokenizer
+    want = np.stack(embed(engine, [tok.encode(t) for t in SENTENCES[:2]]))
+    with TestClient(app) as c:
+        r = c.post("/v1/embeddings", json={"input": SENTENCES[:2]}, headers={"Origin": "http://x.test"})
+        assert r.status_code == 200
+        assert np.allclose([d["embedding"] for d in r.json()["data"]], want, atol=1e-6)
+        assert r.json()["usage"]["prompt_tokens"] == sum(len(tok.encode(t)) for t in SENTENCES[:2])
+        assert ("access-control-allow-origin" in r.headers) == cors
+        e = c.post("/api/embed", json={"model": "minilm", "input": SENTENCES[:2]})
+        assert e.status_code == 200 and np.allclose(e.json()["embeddings"], want, atol=1e-6)
+        assert e.json()["prompt_eval_count"] == r.json()["usage"]["prompt_tokens"]
+        legacy = c.post("/api/embeddings", json={"model": "minilm", "prompt": SENTENCES[0]})
+        assert legacy.status_code == 200 and np.allclose(legacy.json()["embedding"], want[0], atol=1e-6)
+        answered = list(spy.paths)
+        bad = c.post("/v1/embeddings", json={"input": 5})
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "input"
+        broken = c.post("/v1/embeddings", content=b'{"input": ', headers={"content-type": "application/json"})
+        assert broken.status_code == 400 and "malformed JSON" in broken.json()["error"]["message"]
+        no_model = c.post("/api/embed", json={"input": "hi"})
+        assert no_model.status_code == 400 and no_model.json() == {"error": "model is required"}
+        metrics = c.get("/metrics").text
+    assert answered == ([] if not cors else ["/v1/embeddings", "/api/embed", "/api/embeddings"])
+    assert spy.paths[len(answered):len(answered) + 3] == ["/v1/embeddings", "/v1/embeddings", "/api/embed"]
+    assert 'tinyinfer_requests_total{endpoint="/v1/embeddings",code="200"} 1' in metrics
+
+
 def test_rerank_endpoint_shape_and_order(rerank_server, reranker):
     import httpx
 
