@@ -582,6 +582,32 @@ def test_coalescer_waits_for_the_clients_just_answered(engine):
     assert sizes == [1, 1, 1, 1] and time.perf_counter() - t0 < 5.0     # a 10 s window never waited
 
 
+def test_coalescer_pass_jobs():
+    """The server's way (openai_api.run_embedding): only a request that finds no job of its key queued
+    queues one (claim); that job's serve() takes every request waiting, in one embed call, and each
+    request is notified once; a job that cannot run fails the requests waiting for it; a job that finds
+    nobody (its client left) frees the claim."""
+    from tinyinfer.embedding import Coalescer
+    co, calls, told = Coalescer(window=0.0), [], []
+
+    def fn(e, seqs):
+        calls.append(len(seqs))
+        return [s[0] for s in seqs]
+    ws = [co.add(lambda e, n=n: [[n] * 3] * n, "k", notify=lambda n=n: told.append(n)) for n in (1, 2, 3)]
+    other = co.add(lambda e: [[9]], "other", notify=lambda: told.append(9))
+    assert [co.claim("k"), co.claim("k"), co.claim("other")] == [True, False, True]
+    served = co.serve(None, "k", fn)
+    assert served == ws and calls == [6] and sorted(told) == [1, 2, 3]
+    assert [w.vecs for w in ws] == [[1], [2, 2], [3, 3, 3]] and all(w.done.is_set() for w in ws)
+    assert not other.done.is_set() and co.claim("k")             # the claim went with the take
+    assert co.serve(None, "k", fn) == [] and co.claim("k")       # nobody waiting: the claim is freed
+    co.fail_waiting("other", RuntimeError("shutting down"))
+    assert isinstance(other.error, RuntimeError) and told[-1] == 9 and co.claim("other")
+    lone = co.add(lambda e: [[4]], "k")
+    co.discard(lone)                                             # its client left before the job ran
+    assert co.serve(None, "k", fn) == [] and calls == [6] and co.claim("k")
+
+
 @pytest.mark.parametrize("cors", [False, True])
 def test_embedding_routes_answer_from_the_gate(minilm_f32, engine, cors):
     """The embedding routes skip FastAPI (server/app._Gate's direct routes: a one-sentence request's

@@ -255,12 +255,12 @@ async def embed(req: OllamaEmbedRequest, request: Request):
         raise ApiError(400, "input is empty", param="input")
     state = await _state(request, req.model, req.keep_alive)
     state.precheck_text(*inputs)
-    job, vecs, gone = await _embed(request, state, inputs, req.truncate)
+    n, vecs, t_start, gone = await _embed(request, state, inputs, req.truncate)
     if gone:
         return gone_response()
     rest = dumps({"total_duration": _ns(time.perf_counter() - t_arrival),
-                  "load_duration": _ns((job.t_start or t_arrival) - t_arrival),
-                  "prompt_eval_count": job.stats["embed_tokens"]})
+                  "load_duration": _ns((t_start or t_arrival) - t_arrival),
+                  "prompt_eval_count": n})
     # the JSON text made here: no jsonable_encoder walk, no json repr per float (jobs.floats_json)
     return json_response('{"model":%s,"embeddings":[%s],%s' % (dumps(req.model or state.model_name),
                                                                ",".join(map(floats_json, vecs)), rest[1:]))
@@ -270,7 +270,7 @@ async def embed(req: OllamaEmbedRequest, request: Request):
 async def embeddings(req: OllamaEmbeddingsRequest, request: Request):
     state = await _state(request, req.model, getattr(req, "keep_alive", None))
     state.precheck_text(req.prompt)
-    job, vecs, gone = await _embed(request, state, [req.prompt])
+    _, vecs, _, gone = await _embed(request, state, [req.prompt])
     if gone:
         return gone_response()
     return json_response('{"embedding":%s}' % floats_json(vecs[0]))
