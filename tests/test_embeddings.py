@@ -299,7 +299,8 @@ def test_pooling_and_normalize_modes(engine):
 
 
 @pytest.mark.parametrize("scores_max", [1 << 23, 1000])      # whole sequences / query rows in small blocks
-@pytest.mark.parametrize("lens", [[300, 5, 77], [40], [33, 33, 33]])   # padded + masked / strided views
+@pytest.mark.parametrize("lens", [[300, 5, 77], [40], [33, 33, 33],   # padded + masked / strided views
+                                  [5, 12, 1], [7]])                     # short: the jitted loop
 def test_packed_attention_against_numpy(scores_max, lens, monkeypatch):
     """Bidirectional attention within each packed sequence, grouped-query heads, llama.cpp's symmetric window;
     q, k and v column slices of one fused qkv output, as the models pass them."""
@@ -326,8 +327,21 @@ def test_packed_attention_against_numpy(scores_max, lens, monkeypatch):
     assert np.abs(got - np.concatenate(want)).max() < 1e-5
     no_window = Packed(lens).attention(q, k, v, H, K, hd, 0.17)
     p = Packed(lens)
-    p.same_length = False                       # the padded, masked path on the same input
+    p.same_length, p.LOOP_MAX = False, 0        # the padded, masked path on the same input
     assert np.abs(no_window - p.attention(q, k, v, H, K, hd, 0.17)).max() < 1e-6
+
+
+def test_layernorm_against_float64():
+    """models/encoder.layernorm (the jitted rows of kernels/packed.py) against numpy in float64."""
+    from tinyinfer.models.encoder import layernorm
+    rng = np.random.default_rng(1)
+    x = (rng.standard_normal((41, 384)) * 3 + 1).astype(np.float32)
+    w, b = rng.standard_normal(384).astype(np.float32), rng.standard_normal(384).astype(np.float32)
+    x64 = x.astype(np.float64)
+    want = (x64 - x64.mean(1, keepdims=True)) / np.sqrt(x64.var(1, keepdims=True) + 1e-12) * w + b
+    got = layernorm(x, w, b, np.float32(1e-12))
+    assert got.dtype == np.float32 and np.abs(got - want).max() < 1e-5
+    assert np.array_equal(layernorm(x[3:4], w, b, np.float32(1e-12)), got[3:4])    # a row alone: the same floats
 
 
 def test_floats_json_reads_back_every_float32_exactly():
