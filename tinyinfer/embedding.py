@@ -167,6 +167,7 @@ class Coalescer:
         self._in_flight = 0
         self._peak = (0, 0.0)            # (most requests in flight, when last seen)
         self._queued: set = set()        # keys with a serve() job queued that has not taken its requests yet
+        self._need: dict = {}            # key -> requests a pass is waiting for (add() wakes it only then)
 
     def add(self, prepare: Callable, key=None, notify: Optional[Callable] = None) -> _Waiting:
         """Register a request: ``prepare(engine)`` -> its token sequences (run on the model's thread);
@@ -178,7 +179,9 @@ class Coalescer:
             now = time.monotonic()
             if self._in_flight >= self._peak[0] or now - self._peak[1] > self.recent:
                 self._peak = (self._in_flight, now)
-            self._arrived.notify_all()
+            need = self._need.get(key)
+            if need is None or sum(x.key == key for x in self._waiting) >= need:
+                self._arrived.notify_all()       # (not the model's thread at each arrival: once all are there)
         return w
 
     def _done(self, x: _Waiting) -> None:
@@ -225,7 +228,9 @@ class Coalescer:
             left = deadline - time.monotonic()
             if len(same) + (first is not None) >= want or left <= 0:
                 break
+            self._need[key] = want
             self._arrived.wait(left)
+        self._need.pop(key, None)
         take = ([first] if first is not None else []) + same[:self.max_requests - (first is not None)]
         for x in take:
             x.taken = True
