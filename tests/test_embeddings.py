@@ -299,7 +299,8 @@ def test_pooling_and_normalize_modes(engine):
 
 
 @pytest.mark.parametrize("scores_max", [1 << 23, 1000])      # whole sequences / query rows in small blocks
-@pytest.mark.parametrize("lens", [[300, 5, 77], [40], [33, 33, 33]])   # padded + masked / strided views
+@pytest.mark.parametrize("lens", [[300, 5, 77], [40], [33, 33, 33],   # padded + masked / strided views
+                                  [5, 12, 1], [7]])                     # short: the jitted loop
 def test_packed_attention_against_numpy(scores_max, lens, monkeypatch):
     """Bidirectional attention within each packed sequence, grouped-query heads, llama.cpp's symmetric window;
     q, k and v column slices of one fused qkv output, as the models pass them."""
@@ -326,8 +327,21 @@ def test_packed_attention_against_numpy(scores_max, lens, monkeypatch):
     assert np.abs(got - np.concatenate(want)).max() < 1e-5
     no_window = Packed(lens).attention(q, k, v, H, K, hd, 0.17)
     p = Packed(lens)
-    p.same_length = False                       # the padded, masked path on the same input
+    p.same_length, p.LOOP_MAX = False, 0        # the padded, masked path on the same input
     assert np.abs(no_window - p.attention(q, k, v, H, K, hd, 0.17)).max() < 1e-6
+
+
+def test_layernorm_against_float64():
+    """models/encoder.layernorm (the jitted rows of kernels/packed.py) against numpy in float64."""
+    from tinyinfer.models.encoder import layernorm
+    rng = np.random.default_rng(1)
+    x = (rng.standard_normal((41, 384)) * 3 + 1).astype(np.float32)
+    w, b = rng.standard_normal(384).astype(np.float32), rng.standard_normal(384).astype(np.float32)
+    x64 = x.astype(np.float64)
+    want = (x64 - x64.mean(1, keepdims=True)) / np.sqrt(x64.var(1, keepdims=True) + 1e-12) * w + b
+    got = layernorm(x, w, b, np.float32(1e-12))
+    assert got.dtype == np.float32 and np.abs(got - want).max() < 1e-5
+    assert np.array_equal(layernorm(x[3:4], w, b, np.float32(1e-12)), got[3:4])    # a row alone: the same floats
 
 
 def test_floats_json_reads_back_every_float32_exactly():
@@ -580,6 +594,85 @@ def test_coalescer_waits_for_the_clients_just_answered(engine):
     for q in seqs:
         assert np.allclose(lone.result(engine, lone.add(lambda e, q=q: [q]), fn)[0], embed(engine, [q])[0], atol=1e-5)
     assert sizes == [1, 1, 1, 1] and time.perf_counter() - t0 < 5.0     # a 10 s window never waited
+
+
+def test_coalescer_pass_jobs():
+    """The server's way (openai_api.run_embedding): only a request that finds no job of its key queued
+    queues one (claim); that job's serve() takes every request waiting, in one embed call, and each
+    request is notified once; a job that cannot run fails the requests waiting for it; a job that finds
+    nobody (its client left) frees the claim."""
+    from tinyinfer.embedding import Coalescer
+    co, calls, told = Coalescer(window=0.0), [], []
+
+    def fn(e, seqs):
+        calls.append(len(seqs))
+        return [s[0] for s in seqs]
+    ws = [co.add(lambda e, n=n: [[n] * 3] * n, "k", notify=lambda n=n: told.append(n)) for n in (1, 2, 3)]
+    other = co.add(lambda e: [[9]], "other", notify=lambda: told.append(9))
+    assert [co.claim("k"), co.claim("k"), co.claim("other")] == [True, False, True]
+    served = co.serve(None, "k", fn)
+    assert served == ws and calls == [6] and sorted(told) == [1, 2, 3]
+    assert [w.vecs for w in ws] == [[1], [2, 2], [3, 3, 3]] and all(w.done.is_set() for w in ws)
+    assert not other.done.is_set() and co.claim("k")             # the claim went with the take
+    assert co.serve(None, "k", fn) == [] and co.claim("k")       # nobody waiting: the claim is freed
+    co.fail_waiting("other", RuntimeError("shutting down"))
+    assert isinstance(other.error, RuntimeError) and told[-1] == 9 and co.claim("other")
+    lone = co.add(lambda e: [[4]], "k")
+    co.discard(lone)                                             # its client left before the job ran
+    assert co.serve(None, "k", fn) == [] and calls == [6] and co.claim("k")
+
+
+@pytest.mark.parametrize("cors", [False, True])
+def test_embedding_routes_answer_from_the_gate(minilm_f32, engine, cors):
+    """The embedding routes skip FastAPI (server/app._Gate's direct routes: a one-sentence request's
+    routing, middleware and dependency solving cost as much CPU as its forward): a valid body is answered
+    without reaching the app's router, with the library's vectors, counted in /metrics; an invalid one
+    goes the app's way and gets its 400; with --cors everything goes the app's way (its CORS headers)."""
+    from starlette.testclient import TestClient
+
+    from tinyinfer.embedding import embed
+    from tinyinfer.server.app import create_app
+    from tinyinfer.server.config import ServerConfig
+
+    class Spy:                                  # the app's router, noting the paths it is asked for
+        def __init__(self, inner):
+            self.inner, self.paths = inner, []
+
+        async def __call__(self, scope, receive, send):
+            if scope["type"] == "http":
+                self.paths.append(scope["path"])
+            await self.inner(scope, receive, send)
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+    app = create_app(ServerConfig(model_path=str(minilm_f32), alias="minilm", n_ctx=512, n_threads=1, cors=cors),
+                     load_in_background=False)
+    app.router = spy = Spy(app.router)
+    tok = engine.tokenizer
+    want = np.stack(embed(engine, [tok.encode(t) for t in SENTENCES[:2]]))
+    with TestClient(app) as c:
+        r = c.post("/v1/embeddings", json={"input": SENTENCES[:2]}, headers={"Origin": "http://x.test"})
+        assert r.status_code == 200
+        assert np.allclose([d["embedding"] for d in r.json()["data"]], want, atol=1e-6)
+        assert r.json()["usage"]["prompt_tokens"] == sum(len(tok.encode(t)) for t in SENTENCES[:2])
+        assert ("access-control-allow-origin" in r.headers) == cors
+        e = c.post("/api/embed", json={"model": "minilm", "input": SENTENCES[:2]})
+        assert e.status_code == 200 and np.allclose(e.json()["embeddings"], want, atol=1e-6)
+        assert e.json()["prompt_eval_count"] == r.json()["usage"]["prompt_tokens"]
+        legacy = c.post("/api/embeddings", json={"model": "minilm", "prompt": SENTENCES[0]})
+        assert legacy.status_code == 200 and np.allclose(legacy.json()["embedding"], want[0], atol=1e-6)
+        answered = list(spy.paths)
+        bad = c.post("/v1/embeddings", json={"input": 5})
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "input"
+        broken = c.post("/v1/embeddings", content=b'{"input": ', headers={"content-type": "application/json"})
+        assert broken.status_code == 400 and "malformed JSON" in broken.json()["error"]["message"]
+        no_model = c.post("/api/embed", json={"input": "hi"})
+        assert no_model.status_code == 400 and no_model.json() == {"error": "model is required"}
+        metrics = c.get("/metrics").text
+    assert answered == ([] if not cors else ["/v1/embeddings", "/api/embed", "/api/embeddings"])
+    assert spy.paths[len(answered):len(answered) + 3] == ["/v1/embeddings", "/v1/embeddings", "/api/embed"]
+    assert 'tinyinfer_requests_total{endpoint="/v1/embeddings",code="200"} 1' in metrics
 
 
 def test_rerank_endpoint_shape_and_order(rerank_server, reranker):

@@ -128,12 +128,12 @@ def embed(engine, seqs: Sequence[Sequence[int]], pooling=None, normalize_mode: f
 
 
 class _Waiting:
-    __slots__ = ("prepare", "key", "taken", "done", "seqs", "vecs", "error")
+    __slots__ = ("prepare", "key", "taken", "done", "seqs", "vecs", "error", "notify", "t_start")
 
-    def __init__(self, prepare, key):
-        self.prepare, self.key = prepare, key
+    def __init__(self, prepare, key, notify=None):
+        self.prepare, self.key, self.notify = prepare, key, notify
         self.taken, self.done = False, threading.Event()
-        self.seqs = self.vecs = self.error = None
+        self.seqs = self.vecs = self.error = self.t_start = None
 
 
 class Coalescer:
@@ -150,7 +150,14 @@ class Coalescer:
     of them (the ones just answered are still sending their next request when the others' pass starts),
     and every pass reads all the weights (an F32 all-MiniLM: 42 MB a pass). So while the last ``recent``
     seconds saw more requests in flight than are waiting now, a pass waits up to ``window`` seconds for
-    them; a lone client never waits."""
+    them; a lone client never waits.
+
+    The server (tinyinfer/server/openai_api.run_embedding) queues one job per pass, not one per request:
+    a request that finds no job of its key queued (:meth:`claim`) queues one, whose :meth:`serve` takes
+    and evaluates every request waiting by then (and any left over, ``max_requests`` at a time); the
+    others just wait, and each is told by its ``notify`` (called on the model's thread) when its vectors
+    are there, all of a pass at once, instead of each request's job passing through the model's thread
+    and handing its result back to the event loop in turn."""
 
     def __init__(self, max_requests: int = 64, window: float = 0.002, recent: float = 1.0):
         self.max_requests, self.window, self.recent = max_requests, window, recent
@@ -159,22 +166,90 @@ class Coalescer:
         self._waiting: list = []
         self._in_flight = 0
         self._peak = (0, 0.0)            # (most requests in flight, when last seen)
+        self._queued: set = set()        # keys with a serve() job queued that has not taken its requests yet
+        self._need: dict = {}            # key -> requests a pass is waiting for (add() wakes it only then)
 
-    def add(self, prepare: Callable, key=None) -> _Waiting:
-        w = _Waiting(prepare, key)
+    def add(self, prepare: Callable, key=None, notify: Optional[Callable] = None) -> _Waiting:
+        """Register a request: ``prepare(engine)`` -> its token sequences (run on the model's thread);
+        ``notify()`` is called (on that thread) once its vectors or its error are set."""
+        w = _Waiting(prepare, key, notify)
         with self._lock:
             self._waiting.append(w)
             self._in_flight += 1
             now = time.monotonic()
             if self._in_flight >= self._peak[0] or now - self._peak[1] > self.recent:
                 self._peak = (self._in_flight, now)
-            self._arrived.notify_all()
+            need = self._need.get(key)
+            if need is None or sum(x.key == key for x in self._waiting) >= need:
+                self._arrived.notify_all()       # (not the model's thread at each arrival: once all are there)
         return w
 
     def _done(self, x: _Waiting) -> None:
         with self._lock:
             self._in_flight -= 1
         x.done.set()
+        if x.notify is not None:
+            x.notify()
+
+    def claim(self, key) -> bool:
+        """True if the caller must queue a :meth:`serve` job for ``key`` (none is queued that has not yet
+        taken its requests): the requests waiting when that job runs are its."""
+        with self._lock:
+            if key in self._queued:
+                return False
+            self._queued.add(key)
+            return True
+
+    def release(self, key) -> None:
+        """The job :meth:`claim` asked for could not be queued."""
+        with self._lock:
+            self._queued.discard(key)
+
+    def fail_waiting(self, key, error: BaseException) -> None:
+        """The job queued for ``key`` will not run (the queue was full, the server is shutting down): the
+        requests waiting for it get ``error``."""
+        with self._lock:
+            self._queued.discard(key)
+            failed = [x for x in self._waiting if x.key == key]
+            self._waiting = [x for x in self._waiting if x.key != key]
+            for x in failed:
+                x.taken, x.error = True, error
+        for x in failed:
+            self._done(x)
+
+    def _take(self, key, first: Optional[_Waiting] = None) -> list:
+        """(holding the lock) The requests of ``key`` for one pass, ``first`` first: waits up to ``window``
+        for as many as were recently in flight (see the class), takes up to ``max_requests``."""
+        peak, seen = self._peak
+        want = min(peak, self.max_requests) if time.monotonic() - seen <= self.recent else 1
+        deadline = time.monotonic() + self.window
+        while True:
+            same = [x for x in self._waiting if x is not first and x.key == key]
+            left = deadline - time.monotonic()
+            if len(same) + (first is not None) >= want or left <= 0:
+                break
+            self._need[key] = want
+            self._arrived.wait(left)
+        self._need.pop(key, None)
+        take = ([first] if first is not None else []) + same[:self.max_requests - (first is not None)]
+        for x in take:
+            x.taken = True
+        self._waiting = [x for x in self._waiting if not x.taken]
+        return take
+
+    def serve(self, engine, key, embed_fn: Callable) -> list:
+        """A pass job (see the class): evaluate every request of ``key`` waiting now or arriving during
+        the pass's wait, ``max_requests`` at a time, until none is left; returns the requests served."""
+        served = []
+        while True:
+            with self._lock:
+                if not any(x.key == key for x in self._waiting):
+                    self._queued.discard(key)
+                    return served
+                take = self._take(key)
+                self._queued.discard(key)        # requests arriving from now on queue a job of their own
+            self._run(engine, take, embed_fn)
+            served += take
 
     def discard(self, w: _Waiting) -> None:
         """A request that will not run (its client left, the queue was full): forget it."""
@@ -188,19 +263,7 @@ class Coalescer:
         take = []
         with self._lock:
             if not w.taken:
-                peak, seen = self._peak
-                want = min(peak, self.max_requests) if time.monotonic() - seen <= self.recent else 1
-                deadline = time.monotonic() + self.window
-                while True:
-                    same = [x for x in self._waiting if x is not w and x.key == w.key]
-                    left = deadline - time.monotonic()
-                    if len(same) + 1 >= want or left <= 0:
-                        break
-                    self._arrived.wait(left)
-                take = [w] + same[:self.max_requests - 1]
-                for x in take:
-                    x.taken = True
-                self._waiting = [x for x in self._waiting if not x.taken]
+                take = self._take(w.key, w)
         if take:
             self._run(engine, take, embed_fn)
         w.done.wait()
@@ -210,8 +273,9 @@ class Coalescer:
 
     def _run(self, engine, take: list, embed_fn: Callable) -> None:
         try:
-            ok = []
+            ok, t0 = [], time.perf_counter()
             for x in take:
+                x.t_start = t0
                 try:
                     x.seqs = x.prepare(engine)
                     ok.append(x)

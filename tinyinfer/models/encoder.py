@@ -13,6 +13,7 @@ import math
 import numpy as np
 
 from ..kernels import blas, ops, quants
+from ..kernels import packed as packed_kernels
 from . import base
 from .hparams import ModelError, Weights, meta
 
@@ -41,8 +42,12 @@ def fused_linear(*ts):
 
 
 def layernorm(x: np.ndarray, w: np.ndarray, b: np.ndarray, eps: np.float32) -> np.ndarray:
-    """(x - mean) / sqrt(var + eps) * w + b over the last axis, into a new array (the sums of
-    np.mean, without its Python-level wrapper: a pass of one short sentence calls this 13 times)."""
+    """(x - mean) / sqrt(var + eps) * w + b over the last axis, into a new array: one jitted loop
+    (kernels/packed.py) for the float32 rows of a pass (13 calls a pass of all-MiniLM), else numpy."""
+    if x.ndim == 2 and x.dtype == np.float32 and w.dtype == np.float32 and b.dtype == np.float32:
+        out = np.empty(x.shape, np.float32)
+        packed_kernels.layernorm(x, w, b, float(eps), out)
+        return out
     n = np.float32(x.shape[1])
     mu = np.add.reduce(x, axis=1, keepdims=True)
     mu /= n
@@ -80,6 +85,7 @@ class Packed:
     attention sees them): every sequence attends to all of its own tokens and to nothing else."""
 
     SCORES_MAX = 1 << 23          # attention scores held at once (32 MiB of float32)
+    LOOP_MAX = 32                 # sequences up to this long take the jitted loop, longer ones padded BLAS
 
     def __init__(self, lens):
         self.lens = [int(n) for n in lens]
@@ -87,6 +93,7 @@ class Packed:
         self.off = np.concatenate([[0], np.cumsum(self.lens)[:-1]]).astype(np.int64)
         self.pos = np.concatenate([np.arange(n) for n in self.lens])          # restarts at 0 per sequence
         self.same_length = min(self.lens) == self.T
+        self.off_lens = (self.off, np.array(self.lens, np.int64))
         self.valid = np.arange(self.T)[None, :] < np.array(self.lens)[:, None]
         self.key_mask = np.where(self.valid, np.float32(0), np.float32(-np.inf))[:, None, None, :]
         self._windows: dict = {}
@@ -105,6 +112,12 @@ class Packed:
     def attention(self, q, k, v, n_head: int, n_kv: int, hd: int, scale, window: int = 0) -> np.ndarray:
         """softmax(q k^T * scale) v within each sequence: q (n, n_head*hd), k/v (n, n_kv*hd) packed rows
         -> (n, n_head*hd); grouped-query heads share their kv head."""
+        if self.T <= self.LOOP_MAX:         # short sequences: one jitted loop, no padding (kernels/packed.py)
+            out = np.empty((q.shape[0], n_head * hd), np.float32)
+            c = np.ascontiguousarray
+            packed_kernels.attention(c(q, np.float32), c(k, np.float32), c(v, np.float32), *self.off_lens, n_head,
+                                     n_kv, hd, np.float32(scale), int(window), out)
+            return out
         ops.limit_blas_threads()            # BLAS on the engine's thread count (-t)
         B, T, seqs = self.B, self.T, list(zip(self.off, self.lens))
 

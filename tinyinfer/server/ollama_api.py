@@ -28,7 +28,7 @@ from .core import ApiError, ServerState, check_prompt, encode_prompt, gen_option
 from .jobs import (dumps, first_item, floats_json, gone_response, json_response, ndjson_response, run_to_end,
                    stream_items, submit)
 from ..toolcall import ToolStream
-from .openai_api import embed_coalescer, request_grammar, request_tools
+from .openai_api import request_grammar, request_tools, run_embedding
 from .schemas import (OllamaChatRequest, OllamaEmbeddingsRequest, OllamaEmbedRequest, OllamaGenerateRequest,
                       OllamaOptions, OllamaShowRequest)
 
@@ -244,23 +244,7 @@ async def _embed(request: Request, state: ServerState, inputs: List[str], trunca
                 check_prompt(ids, engine.n_ctx + 1, tok.n_vocab)
         return seqs
 
-    def work(engine, job):
-        from ..embedding import embed
-        t0 = time.perf_counter()
-        # with the inputs of requests waiting behind it, in packed passes (tinyinfer/embedding.py)
-        vecs = co.result(engine, mine, lambda e, seqs: embed(e, seqs, pooling=state.config.pooling, truncate=truncate))
-        seqs = mine.seqs
-        job.stats = {"embed_tokens": sum(min(len(s), engine.n_ctx) for s in seqs), "embed_s": time.perf_counter() - t0}
-        yield vecs                  # one hand-off to the event loop for all of them
-
-    co = embed_coalescer(state)
-    mine = co.add(prepare, ("ollama", state.config.pooling, truncate))
-    try:
-        job = submit(request, state, work)
-        items, gone = await run_to_end(request, job)
-    finally:
-        co.discard(mine)            # still waiting: it never ran (queue full, client gone)
-    return job, items, gone
+    return await run_embedding(request, state, prepare, ("ollama", state.config.pooling, truncate), truncate)
 
 
 @router.post("/api/embed", summary="Embeddings (ollama)")
@@ -271,25 +255,25 @@ async def embed(req: OllamaEmbedRequest, request: Request):
         raise ApiError(400, "input is empty", param="input")
     state = await _state(request, req.model, req.keep_alive)
     state.precheck_text(*inputs)
-    job, items, gone = await _embed(request, state, inputs, req.truncate)
+    n, vecs, t_start, gone = await _embed(request, state, inputs, req.truncate)
     if gone:
         return gone_response()
     rest = dumps({"total_duration": _ns(time.perf_counter() - t_arrival),
-                  "load_duration": _ns((job.t_start or t_arrival) - t_arrival),
-                  "prompt_eval_count": job.stats["embed_tokens"]})
+                  "load_duration": _ns((t_start or t_arrival) - t_arrival),
+                  "prompt_eval_count": n})
     # the JSON text made here: no jsonable_encoder walk, no json repr per float (jobs.floats_json)
     return json_response('{"model":%s,"embeddings":[%s],%s' % (dumps(req.model or state.model_name),
-                                                               ",".join(map(floats_json, items[0])), rest[1:]))
+                                                               ",".join(map(floats_json, vecs)), rest[1:]))
 
 
 @router.post("/api/embeddings", summary="Embedding of one prompt (ollama, legacy)")
 async def embeddings(req: OllamaEmbeddingsRequest, request: Request):
     state = await _state(request, req.model, getattr(req, "keep_alive", None))
     state.precheck_text(req.prompt)
-    job, items, gone = await _embed(request, state, [req.prompt])
+    _, vecs, _, gone = await _embed(request, state, [req.prompt])
     if gone:
         return gone_response()
-    return json_response('{"embedding":%s}' % floats_json(items[0][0]))
+    return json_response('{"embedding":%s}' % floats_json(vecs[0]))
 
 
 def _tag(state: ServerState) -> dict:

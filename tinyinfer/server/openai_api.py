@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import os
 import time
@@ -15,10 +16,11 @@ from starlette.responses import JSONResponse
 from ..completions import (GenStats, chat_chunks, completion_chunks, merge_chat, merge_completion, prepare_chat,
                            tool_chat_chunks)
 from ..grammar import grammar_for_response_format
-from .core import ApiError, ServerState, check_prompt, encode_prompt, gen_options
-from .jobs import (dumps, first_item, floats_json, gone_response, json_response, run_to_end, sse_response,
+from .core import ApiError, ServerState, check_prompt, encode_prompt, gen_options, to_api_error
+from .jobs import (_race, dumps, first_item, floats_json, gone_response, json_response, run_to_end, sse_response,
                    stream_items, submit)
 from .models import manager
+from .slots import END
 from .schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, RouterModelRequest
 
 router = APIRouter(tags=["OpenAI"])
@@ -240,6 +242,68 @@ def embed_coalescer(state: ServerState):
     return co
 
 
+_watchers: set = set()       # the tasks watching queued pass jobs (a task nobody references may be collected)
+
+
+async def run_embedding(request: Request, state: ServerState, prepare, key, truncate: bool = False):
+    """Embed a request's inputs on the slot pool: ``prepare(engine)`` -> token sequences (run on the slot's
+    thread), evaluated with the inputs of the requests waiting with it in packed passes
+    (tinyinfer/embedding.py's Coalescer). A request queues a job only if none of its key is queued
+    (``claim``): that job serves every request waiting when it runs, and each learns that its vectors
+    are there from the model's thread (``notify``), a whole pass at once. Returns (tokens, vectors, when
+    its pass started (perf_counter), gone): ``gone`` when the client left first."""
+    from ..embedding import embed
+    co = embed_coalescer(state)
+    loop = asyncio.get_running_loop()
+    ready = loop.create_future()
+    mine = co.add(prepare, key, notify=lambda: loop.call_soon_threadsafe(_settle, ready))
+    if co.claim(key):
+        def work(engine, job):
+            t0 = time.perf_counter()
+            served = co.serve(engine, key, lambda e, seqs: embed(e, seqs, pooling=state.config.pooling,
+                                                                 truncate=truncate))
+            job.stats = {"embed_tokens": sum(min(len(s), engine.n_ctx) for x in served if x.vecs is not None
+                                             for s in x.seqs), "embed_s": time.perf_counter() - t0}
+            return
+            yield
+
+        try:
+            job = submit(request, state, work)
+        except BaseException:               # (queue full, shutting down: nothing else saw the claim)
+            co.discard(mine)
+            co.release(key)
+            raise
+        w = asyncio.ensure_future(_watch(job, co, key))
+        _watchers.add(w)
+        w.add_done_callback(_watchers.discard)
+    try:
+        _, gone = await _race(request, ready)
+    finally:
+        co.discard(mine)                    # still waiting: its client left
+    if gone:
+        return 0, None, None, True
+    if mine.error is not None:
+        raise to_api_error(mine.error)
+    return sum(min(len(s), state.n_ctx) for s in mine.seqs), mine.vecs, mine.t_start, False
+
+
+def _settle(fut) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+async def _watch(job, co, key) -> None:
+    """Until a pass job ends: if it fails without running (queue full, shutting down), the requests that
+    waited for it get its error."""
+    while True:
+        item = await job.next()
+        if item is END:
+            return
+        if isinstance(item, BaseException):
+            co.fail_waiting(key, item)
+            return
+
+
 @router.post("/v1/embeddings", summary="Embeddings (pooled as the model says, L2-normalized)")
 async def embeddings(req: EmbeddingRequest, request: Request):
     state = await _state(request, req.model)
@@ -259,29 +323,13 @@ async def embeddings(req: EmbeddingRequest, request: Request):
             seqs.append(ids)
         return seqs
 
-    def work(engine, job):
-        from ..embedding import embed
-        t0 = time.perf_counter()
-        # with the inputs of requests waiting behind it, in packed passes (tinyinfer/embedding.py)
-        vecs = co.result(engine, mine, lambda e, seqs: embed(e, seqs, pooling=state.config.pooling))
-        seqs = mine.seqs
-        job.stats = {"embed_tokens": sum(map(len, seqs)), "embed_s": time.perf_counter() - t0}
-        yield vecs                  # one hand-off to the event loop for all of them
-
-    co = embed_coalescer(state)
-    mine = co.add(prepare, ("openai", state.config.pooling))
-    try:
-        job = submit(request, state, work)
-        items, gone = await run_to_end(request, job)
-    finally:
-        co.discard(mine)            # still waiting: it never ran (queue full, client gone)
+    n, vecs, _, gone = await run_embedding(request, state, prepare, ("openai", state.config.pooling))
     if gone:
         return gone_response()
-    n = sum(map(len, mine.seqs))
     b64 = req.encoding_format == "base64"
     data = ",".join('{"object":"embedding","embedding":%s,"index":%d}'
                     % ('"' + base64.b64encode(np.asarray(v, "<f4").tobytes()).decode() + '"' if b64
-                       else floats_json(v), i) for i, v in enumerate(items[0]))
+                       else floats_json(v), i) for i, v in enumerate(vecs))
     # the JSON text made here: thousands of floats skip FastAPI's jsonable_encoder walk and json's repr
     return json_response('{"object":"list","data":[%s],"model":%s,"usage":{"prompt_tokens":%d,"total_tokens":%d}}'
                          % (data, dumps(state.model_name), n, n))
