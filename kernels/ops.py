@@ -687,8 +687,9 @@ def attention(q, k, v, pos, seq, scale, window, softcap, out):
     heads: the cache rows are read whole, in order): launching a parallel region costs tens of
     microseconds on a quiet machine and milliseconds on a busy one, where the second thread waits for
     a core; a ``--parallel 4`` decode step over short contexts (4 x 64 keys: ~20 us of work per
-    layer) spent most of its time there. Both drivers give a query head bit-identical results (one
-    summation order per head), so the choice never changes the numbers (batch invariance).
+    layer) spent most of its time there. Both drivers (and :func:`decode_attention`) give a query head
+    bit-identical results: the task compiles without fast-math flags and its sums run in one fixed
+    order (:func:`_dot`, :func:`_sum`), so the choice never changes the numbers (batch invariance).
     """
     n = q.shape[0]
     if (n >= _BLAS_MIN_TOKENS and window <= 0 and _BLAS_MIN_KEYS <= pos[n - 1] + 1 <= k.q.shape[1]
