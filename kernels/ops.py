@@ -17,11 +17,20 @@ from numba import types
 from numba.extending import intrinsic
 
 from . import parallel as _par
+from . import simd as _simd
 
 _opts = dict(cache=True, fastmath=False, nogil=True)
 # reductions (dot products over a head, sums of squares) only vectorize when LLVM may
 # reassociate float adds; the order changes the last bits, not the result's meaning
 _fast = dict(cache=True, fastmath={"reassoc", "contract", "nsz"}, nogil=True, error_model="numpy")  # no ZeroDivisionError branch: it blocks vectorization
+# a row's attention and its q/k/v preparation (everything a decode step runs per row besides the
+# matmuls and the norms): plain IEEE float operations in source order (no reassociation, no fused
+# multiply-adds), so a row's floats cannot depend on how LLVM vectorizes the enclosing loop. With
+# ``reassoc`` the reductions' order followed the vectorizer's choice of width and interleave, which
+# it makes per compiled function (the serial and the parallel driver, the fused decode call) and per
+# target: the drivers gave different floats. The dot products are explicit 16-lane vector code
+# (:func:`_dot`), the softmax sums 16 lanes in a loop (:func:`_sum`), each in one fixed order.
+_strict = dict(cache=True, fastmath=False, nogil=True, error_model="numpy")
 
 
 @nb.njit(**_opts)
@@ -364,7 +373,7 @@ def attn_record(scale, window, softcap) -> tuple:
     return (np.float32(scale), int(window), np.float32(softcap))
 
 
-@nb.njit(**_fast)
+@nb.njit(**_strict)
 def qkv_store(qkv, heads, rope, k, v, pos, seq, q):
     """Split the fused projection qkv (n, n_head*hdk + n_kv*hdk + n_kv*hdv) into heads, apply the per-head
     RMSNorm (when q_norm.size > 0) and RoPE, write the rotated queries to q (n, n_head, hdk) and store
@@ -396,9 +405,7 @@ def qkv_store(qkv, heads, rope, k, v, pos, seq, q):
                 dst[j] = qkv[i, src + j]
             if has_norm:
                 w = q_norm if is_q else k_norm
-                s = np.float32(0.0)
-                for j in range(hdk):
-                    s += dst[j] * dst[j]
+                s = _dot(dst, dst, False)
                 sc = np.float32(1.0 / math.sqrt(s / hdk + eps))
                 for j in range(hdk):
                     dst[j] = dst[j] * sc * w[j]
@@ -417,25 +424,72 @@ def qkv_store(qkv, heads, rope, k, v, pos, seq, q):
     return q
 
 
-@nb.njit(inline="always", **_fast)
+@nb.njit(inline="always", **_strict)
+def _dot(a, b, half):
+    """sum(a[j] * b[j]) over a's length (a, b contiguous; ``half``: b holds f16 bits) in one fixed
+    order: 16 lanes (kernels/simd.py: dot_lanes16_*), then the tail (length % 16) in order."""
+    n = a.shape[0]
+    n16 = n - n % 16
+    ap = np.int64(a.ctypes.data)
+    bp = np.int64(b.ctypes.data)
+    if half:
+        s = _simd.dot_lanes16_f16(ap, bp, n16)
+        for j in range(n16, n):
+            s += a[j] * _h2f(np.uint16(b[j]))
+    else:
+        s = _simd.dot_lanes16_f32(ap, bp, n16)
+        for j in range(n16, n):
+            s += a[j] * np.float32(b[j])
+    return s
+
+
+@nb.njit(inline="always", **_strict)
+def _sum(x, n):
+    """sum(x[:n]) in a fixed order: 16 lanes (lane l sums t = l mod 16 in order), added as
+    :func:`_dot`'s lanes are (lane l and l + 8, then l and l + 4, ...), then the tail in order."""
+    n16 = n - n % 16
+    s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = s8 = s9 = s10 = s11 = s12 = s13 = s14 = s15 = np.float32(0.0)
+    for t in range(0, n16, 16):
+        s0 += x[t + 0]
+        s1 += x[t + 1]
+        s2 += x[t + 2]
+        s3 += x[t + 3]
+        s4 += x[t + 4]
+        s5 += x[t + 5]
+        s6 += x[t + 6]
+        s7 += x[t + 7]
+        s8 += x[t + 8]
+        s9 += x[t + 9]
+        s10 += x[t + 10]
+        s11 += x[t + 11]
+        s12 += x[t + 12]
+        s13 += x[t + 13]
+        s14 += x[t + 14]
+        s15 += x[t + 15]
+    s0, s1, s2, s3, s4, s5, s6, s7 = s0 + s8, s1 + s9, s2 + s10, s3 + s11, s4 + s12, s5 + s13, s6 + s14, s7 + s15
+    s0, s1, s2, s3 = s0 + s4, s1 + s5, s2 + s6, s3 + s7
+    s = (s0 + s2) + (s1 + s3)
+    for t in range(n16, n):
+        s += x[t]
+    return s
+
+
+@nb.njit(inline="always", **_strict)
 def _exp_shifted(row, L, softcap):
     """row[:L] (scores) -> exp(s - max) in place, with the softcap first when > 0; returns their sum
-    (softmax = row / sum)."""
+    (softmax = row / sum) in :func:`_sum`'s fixed order."""
     if softcap > 0.0:
         for t in range(L):
             row[t] = softcap * math.tanh(row[t] / softcap)
     mx = row[0]
     for t in range(1, L):
         mx = max(mx, row[t])
-    sm = np.float32(0.0)
     for t in range(L):
-        e = expf(row[t] - mx)
-        row[t] = e
-        sm += e
-    return sm
+        row[t] = expf(row[t] - mx)
+    return _sum(row, L)
 
 
-@nb.njit(inline="always", **_fast)
+@nb.njit(inline="always", **_strict)
 def _attention_task(q, k, v, pos, seq, attn, out, i, kv0, kv1):
     # the query heads of token i that share kv heads kv0..kv1-1. Over all kv heads (kv0 = 0, kv1 = n_kv)
     # the loops read each cache row whole, front to back: one sequential stream (a decode step at depth
@@ -468,19 +522,11 @@ def _attention_task(q, k, v, pos, seq, attn, out, i, kv0, kv1):
             if kkind == 0:
                 kr = kq[sq, row, kvh]
                 for g in range(group):
-                    qr = q[i, h0 + hq + g]
-                    s = np.float32(0.0)
-                    for j in range(hdk):
-                        s += qr[j] * _h2f(np.uint16(kr[j]))
-                    sc[hq + g, t] = s * scale
+                    sc[hq + g, t] = _dot(q[i, h0 + hq + g], kr, True) * scale
             else:
                 _kv_get(kq, kd, kkind, sq, row, kvh, kbuf)
                 for g in range(group):
-                    qr = q[i, h0 + hq + g]
-                    s = np.float32(0.0)
-                    for j in range(hdk):
-                        s += qr[j] * kbuf[j]
-                    sc[hq + g, t] = s * scale
+                    sc[hq + g, t] = _dot(q[i, h0 + hq + g], kbuf, False) * scale
         row += 1
         if row == n_rows:
             row = 0
@@ -517,14 +563,14 @@ def _attention_task(q, k, v, pos, seq, attn, out, i, kv0, kv1):
             out[i, h0 + g, j] = acc[g, j]
 
 
-@nb.njit(**_fast)
+@nb.njit(**_strict)
 def _attention_serial(q, k, v, pos, seq, attn, out):
     for i in range(q.shape[0]):
         _attention_task(q, k, v, pos, seq, attn, out, i, 0, k[0].shape[2])
     return out
 
 
-@nb.njit(**_fast)
+@nb.njit(**_strict)
 def decode_attention(qkv, heads, rope, k, v, pos, seq, q, attn, out):
     """:func:`qkv_store` then the serial :func:`attention` of its tokens, in one call: what a decode
     step (one token, which :func:`attention` runs serially) does per layer."""
@@ -532,7 +578,7 @@ def decode_attention(qkv, heads, rope, k, v, pos, seq, q, attn, out):
     return _attention_serial(q, k, v, pos, seq, attn, out)
 
 
-@nb.njit(parallel=True, **_fast)
+@nb.njit(parallel=True, **_strict)
 def _attention_parallel(q, k, v, pos, seq, attn, out):
     nkv = k[0].shape[2]
     for task in nb.prange(q.shape[0] * nkv):
@@ -641,8 +687,9 @@ def attention(q, k, v, pos, seq, scale, window, softcap, out):
     heads: the cache rows are read whole, in order): launching a parallel region costs tens of
     microseconds on a quiet machine and milliseconds on a busy one, where the second thread waits for
     a core; a ``--parallel 4`` decode step over short contexts (4 x 64 keys: ~20 us of work per
-    layer) spent most of its time there. Both drivers give a query head bit-identical results (one
-    summation order per head), so the choice never changes the numbers (batch invariance).
+    layer) spent most of its time there. Both drivers (and :func:`decode_attention`) give a query head
+    bit-identical results: the task compiles without fast-math flags and its sums run in one fixed
+    order (:func:`_dot`, :func:`_sum`), so the choice never changes the numbers (batch invariance).
     """
     n = q.shape[0]
     if (n >= _BLAS_MIN_TOKENS and window <= 0 and _BLAS_MIN_KEYS <= pos[n - 1] + 1 <= k.q.shape[1]

@@ -10,10 +10,21 @@ Every call of a parallel kernel goes through :func:`call`. Under workqueue (and
 before the layer is known: numba picks it at the first launch) it holds one
 process-wide lock for the region; under omp or tbb it is a plain call. Serial
 kernels never take it, so threads still overlap outside the parallel regions.
+
+Under OpenMP, :func:`tune_waits` (at the package's import) makes the workers sleep when a region
+ends (``OMP_WAIT_POLICY=passive``) instead of spinning: libgomp's default spins ~0.5 ms of CPU after
+every region (300,000 polls), and a process holds one team per thread that launches regions (each
+server slot that leads a forward pass has its own worker). A decode step runs tens of regions
+separated by serial work (attention, norms, the small matmuls, Python); on a machine whose cores
+are all taken (a server with its HTTP thread, its slots and a load generator on two vCPUs) the
+spinning workers took those cores from the thread the step waited for: ``profile_step.py --batch 4
+-t 2`` under load 11 on the 2-vCPU VM, 555 ms a step with the default waits, 84 with 10,000 polls,
+45 passive (benchmarks/RESULTS.md, issue 26).
 """
 
 from __future__ import annotations
 
+import os
 import threading
 
 _LOCK = threading.RLock()
@@ -58,3 +69,10 @@ def num_threads() -> int:
         fast = numba.get_num_threads
     num_threads = fast
     return fast()
+
+
+def tune_waits() -> None:
+    """``OMP_WAIT_POLICY=passive`` unless the user set it or ``GOMP_SPINCOUNT``: read by libgomp when
+    numba's OpenMP layer loads it (the first parallel launch, after this package's import)."""
+    if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
+        os.environ["OMP_WAIT_POLICY"] = "passive"

@@ -702,6 +702,47 @@ def f32_to_f16_to_f32(typingctx, x):
 f32_to_f16_to_f32.kernel_name = "f32_to_f16_to_f32"
 
 
+# ------------------------------------------------------ fixed-order float dot products
+def _make_dot_lanes(half: bool):
+    @intrinsic
+    def dot(typingctx, ap, bp, n):
+        """sum(a[j] * b[j]) for j < n (n a multiple of 16; a float32, b float32 or f16 bits at the
+        addresses ap, bp): 16 lanes, lane l sums j = l mod 16 in order by fused multiply-adds
+        (llvm.fma: one rounding on every target), then the lanes are added as a fixed tree (lane l
+        and l + 8, then l and l + 4, ...). No reassociation anywhere: the floats do not depend on
+        the enclosing code, the buffers' addresses or the target's vector width (the attention's
+        batch invariance, kernels/ops.py)."""
+        sig = types.float32(types.int64, types.int64, types.int64)
+
+        def codegen(context, builder, signature, args):
+            e = Emitter(builder)
+            b = builder
+            a_, b_ = (b.inttoptr(x, P8) for x in args[:2])
+            v16 = vec(F32, 16)
+
+            def body(i, accs):
+                x = e.load(a_, b.mul(i, c64(4)), v16, align=4)
+                if half:
+                    y = b.fpext(e.load(b_, b.mul(i, c64(2)), vec(F16, 16), align=2), v16)
+                else:
+                    y = e.load(b_, b.mul(i, c64(4)), v16, align=4)
+                return [_fma(b, x, y, accs[0])]
+
+            (v,) = counted_loop(b, args[2], [ir.Constant(v16, None)], body, step=16)
+            while v.type.count > 1:
+                v = b.fadd(e.half(v, 0), e.half(v, 1))
+            return b.extract_element(v, c32(0))
+
+        return sig, codegen
+
+    dot.kernel_name = f"dot_lanes16_{'f16' if half else 'f32'}"
+    return dot
+
+
+dot_lanes16_f32 = _make_dot_lanes(False)
+dot_lanes16_f16 = _make_dot_lanes(True)
+
+
 # ------------------------------------------------------ float FMA tiles
 #: accumulators per output of the float FMA tiles (ftile_kernel): element e of a block of 32 goes to
 #: accumulator (e // ACC_LANES) % FMA_CHAINS, lane e % ACC_LANES; two chains so that a GEMV (one

@@ -83,40 +83,77 @@ def test_attention_matches_numpy(nh, nkv, window, softcap, n_rows, pos0, n, thre
         np.testing.assert_array_equal(Kq[lo:], K[lo:].astype(np.float16).astype(np.float32))
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "known defect (2026-12-06): the two drivers agree when this test runs alone, not after other tests' "
-    "allocations (e.g. tests/test_ops.py in full): the task's fastmath (reassoc) loops vectorize by the "
-    "scratch buffers' addresses (LLVM's runtime checks), so a row's floats can depend on the heap; "
-    "batch invariance end to end (tests/test_batch_invariance.py) still holds on the models tested"))
-@pytest.mark.parametrize("typ", ["f16", "q8_0"])
-def test_attention_drivers_agree_bit_for_bit(typ):
-    """A decode step of four sequences at different depths plus a prompt run: the parallel driver (one
-    task per token and kv head, two threads) and the serial one give identical floats, so attention()
-    may pick either by size without changing a row's numbers (batch invariance)."""
+def _odd(shape, off):
+    """A C-contiguous float32 array whose data starts ``off`` floats past an allocation's start (its
+    address differs from a fresh array's: kernels must not vectorize by it)."""
+    n = int(np.prod(shape))
+    return np.zeros(n + off, np.float32)[off:].reshape(shape)
+
+
+def _decode_paths(ops, typ, hd, off):
+    """A decode step of four sequences at different depths plus a five-token run of a fifth, through
+    each path a row can take: the batch (qkv_store, then the parallel driver on two threads and the
+    serial one) and each token alone (decode_attention: the fused call of a one-token step, in
+    order). Buffers start at odd offsets (``off``) after a few odd-sized allocations. Returns the
+    three outputs and the cells each path stored."""
     import numba
-    from tinyinfer.kvcache import Batch
-    rng = np.random.default_rng(26)
-    nh, nkv, hd, rows = 9, 3, 64, 96
+    rng = np.random.default_rng(26 + hd)
+    nh, nkv, rows = 9, 3, 96
+    pos = np.array([5, 40, 77, 90, 20, 21, 22, 23, 24], np.int64)
+    seq = np.array([0, 1, 2, 3, 4, 4, 4, 4, 4], np.int64)
+    n = pos.size
     kc, vc = _store(typ, 5, rows, nkv, hd), _store(typ, 5, rows, nkv, hd)
     for st in (kc, vc):
         for sq in range(5):
             ops.kv_store_rows(st.q[sq:sq + 1], st.d[sq:sq + 1], st.kind, st.rot,
                               rng.standard_normal((rows, nkv, hd)).astype(np.float32))
-    b = Batch(np.array([5, 40, 77, 90, 20, 21, 22, 23, 24], np.int64), np.array([0, 1, 2, 3, 4, 4, 4, 4, 4], np.int64))
-    q = rng.standard_normal((b.pos.size, nh, hd)).astype(np.float32)
-    args = (q, kc.arrays, vc.arrays, b.pos, b.seq, ops.attn_record(0.125, 0, 0.0))
-    serial = ops._attention_serial(*args, np.empty((b.pos.size, nh, hd), np.float32))
+    qkv0 = rng.standard_normal((n, (nh + 2 * nkv) * hd)).astype(np.float32)
+    qn, kn = (rng.standard_normal(hd).astype(np.float32) for _ in range(2))
+    heads = ops.heads_record(nh, nkv, hd, hd, qn, kn, 1e-6)
+    cos, sin = ops.rope_cache(pos, hd, 10000.0, 1.0)
+    attn = ops.attn_record(0.125, 0, 0.0)
+    junk = [np.empty(7 * j + off, np.float32) for j in range(1, 9)]       # noqa: F841 (shifts the heap)
+
+    def caches():
+        return [(st.q.copy(), st.d.copy(), st.kind, st.rot) for st in (kc, vc)]
+
+    k, v = caches()
+    qkv, q = _odd(qkv0.shape, off), _odd((n, nh, hd), off + 1)
+    qkv[:] = qkv0
+    ops.qkv_store(qkv, heads, (cos, sin, True), k, v, pos, seq, q)
+    serial = ops._attention_serial(q, k, v, pos, seq, attn, _odd((n, nh, hd), off + 3))
     old = numba.get_num_threads()
     numba.set_num_threads(min(2, numba.config.NUMBA_NUM_THREADS))
     try:
-        par = ops._attention_parallel(*args, np.empty((b.pos.size, nh, hd), np.float32))
+        par = ops._attention_parallel(q, k, v, pos, seq, attn, _odd((n, nh, hd), off + 5))
     finally:
         numba.set_num_threads(old)
-    np.testing.assert_array_equal(par, serial)
-    for i in range(b.pos.size):          # and a row alone gives the same floats as in the batch
-        one = ops._attention_serial(q[i:i + 1], kc.arrays, vc.arrays, b.pos[i:i + 1], b.seq[i:i + 1],
-                                    ops.attn_record(0.125, 0, 0.0), np.empty((1, nh, hd), np.float32))
-        np.testing.assert_array_equal(one[0], serial[i])
+    k1, v1 = caches()
+    alone = np.empty((n, nh, hd), np.float32)
+    for i in range(n):
+        x = _odd((1, qkv0.shape[1]), off + 2 * i + 1)
+        x[:] = qkv0[i:i + 1]
+        o = _odd((1, nh, hd), off + i)
+        ops.decode_attention(x, heads, (cos[i:i + 1], sin[i:i + 1], True), k1, v1, pos[i:i + 1], seq[i:i + 1],
+                             _odd((1, nh, hd), off + 7), attn, o)
+        alone[i] = o[0]
+    return serial, par, alone, (k, v), (k1, v1)
+
+
+@pytest.mark.parametrize("typ,hd", [("f16", 64), ("q8_0", 64), ("f16", 40)])
+def test_attention_drivers_agree_bit_for_bit(typ, hd):
+    """A row's attention (with its q/k RMSNorm and RoPE) gives identical floats through the parallel
+    driver, the serial one and the one-token decode call, whatever the buffers' addresses: attention()
+    may pick a driver by size and a decode step by batch size without changing a row's numbers (batch
+    invariance). The task's loops once ran under fastmath reassoc, and LLVM vectorized each compiled
+    driver its own way (hd 40: a tail after the 16-lane blocks)."""
+    for off in (0, 1, 3):
+        serial, par, alone, (k, v), (k1, v1) = _decode_paths(ops, typ, hd, off)
+        np.testing.assert_array_equal(par, serial)
+        np.testing.assert_array_equal(alone, serial)
+        for a, b in zip(k + v, k1 + v1):
+            if isinstance(a, np.ndarray):
+                np.testing.assert_array_equal(a, b)
 
 
 def test_attention_gemm_path_in_slices_equals_the_loops(monkeypatch):

@@ -56,3 +56,53 @@ def test_engines_in_threads_under_workqueue(smollm2_path):
                        text=True, timeout=600)
     assert r.returncode == 0, f"exit {r.returncode}\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}"
     assert r.stdout.startswith("ok workqueue")
+
+
+SPIN = textwrap.dedent("""
+    import os, threading, time
+    import numpy as np
+    import tinyinfer.kernels                  # sets OpenMP's wait policy (kernels/parallel.py)
+    import numba
+
+    @numba.njit(parallel=True)
+    def f(a):
+        for i in numba.prange(a.size):
+            a[i] += 1.0
+
+    a = np.zeros(1000)
+    f(a)
+    me = threading.get_native_id()
+
+    def others():                             # run time of the other threads (ns), the workers'
+        tot = 0
+        for t in os.listdir(f"/proc/{os.getpid()}/task"):
+            if int(t) != me:
+                with open(f"/proc/{os.getpid()}/task/{t}/schedstat") as fh:
+                    tot += int(fh.read().split()[0])
+        return tot
+
+    spun = 0
+    for _ in range(20):
+        f(a)
+        c0 = others()
+        time.sleep(0.02)
+        spun += others() - c0
+    print(numba.threading_layer(), os.environ.get("OMP_WAIT_POLICY"), spun / 20 / 1e6)
+""")
+
+
+def test_openmp_workers_sleep_between_regions():
+    """Under OpenMP the workers of a parallel region go to sleep when it ends (libgomp's default spins
+    ~0.5 ms of CPU after every region, taken from a server's other threads on a small machine); a
+    user's own OMP_WAIT_POLICY / GOMP_SPINCOUNT is kept."""
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    env["NUMBA_NUM_THREADS"] = "2"
+    out = subprocess.run([sys.executable, "-c", SPIN], capture_output=True, text=True, env=env, check=True)
+    layer, policy, spun_ms = out.stdout.split()
+    if layer != "omp":
+        return                                    # workqueue / tbb: no libgomp spinning to check
+    assert policy == "passive"
+    assert float(spun_ms) < 0.05, f"workers ran {spun_ms} ms after each region"
+    env["GOMP_SPINCOUNT"] = "300000"
+    out = subprocess.run([sys.executable, "-c", SPIN], capture_output=True, text=True, env=env, check=True)
+    assert out.stdout.split()[1] == "None"        # the user's setting wins, the policy is not set
