@@ -39,14 +39,16 @@ Kernels (LLVM-IR intrinsics from ``simd.py``):
   horizontal sums (int16 pair products, ``vpdpwssd``), and reads the matrix as
   one sequential stream. 1 thread, Zen 4: 23-31 GB/s for n = 1 (the read
   roofline is 25-29), 80-95 G int8 MAC/s for n = 512.
-* **K-quant row-interleaved** (Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_XS; x86-64, n > 1, and n = 1
-  under ``batch_invariant`` or where a type has no kgemv kernel: IQ4_XS): ``prepare`` repacks groups of 16 rows per super-block
+* **K-quant row-interleaved** (Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_XS; x86-64, every n: n = 1 too
+  since ``KernelConfig.gemv_x16``, 1.8x the kgemv kernel's GB/s for Q4_K / Q2_K on the Xeon VM):
+  ``prepare`` repacks groups of 16 rows per super-block
   (``simd.KInterleaved``: unpacked scales, unsigned quants in 64-byte quad chunks, one
   int32 lane per row) for ``simd.kinterleaved_kernel``: ``vpdpbusd`` of 4 unsigned weights x 4
   broadcast int8 activations (``Emitter.dot_quads``; without AVX-512 VNNI ``vpmaddubsw`` +
   ``vpmaddwd``), times the group scales in int32, mins / offsets through the activation sums:
   ggml's integers exactly. Copies of 1.0x (Q2_K, Q4_K, IQ4_XS), 1.3x (Q3_K, Q6_K), 1.6x (Q5_K: its
-  5-bit values as bytes) the file's bytes; the originals stay resident for the n = 1 kgemv kernels.
+  5-bit values as bytes) the file's bytes; the originals' pages are released (kept only under
+  ``gemv_x16=False``, where n = 1 runs the kgemv kernels on them).
 * **native** (every type, zero-copy): tiles of NR weight rows x NC activation
   rows over the original block layout; per block an int32 vector converted
   to float and fused-multiply-added with the block's scale. One row at a
@@ -60,7 +62,8 @@ Kernels (LLVM-IR intrinsics from ``simd.py``):
   (4 x 4, multiply + fold + add per 32 products) decoded F16 blocks again per 4 activation rows:
   a 9-row F16 pass (speculative decoding's check of 8 guesses) cost 2.3 one-row passes on this
   x86 VM, 1.8 now; 2 and 4 rows 1.4 / 1.8 -> 1.1 / 1.15 (benchmarks/RESULTS.md, "Speculative decoding").
-* **K-quant single row** (Q2_K, Q3_K, Q4_K, Q6_K, n = 1, x86-64; ``KGEMV``):
+* **K-quant single row** (Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, n = 1, x86-64, a weight with no x16 copy
+  (``repack=False``, < 16 rows) or ``gemv_x16=False``; ``KGEMV``):
   ``simd.kgemv_kernel``, 64 elements per vector: unsigned quants x int8
   activations as int16 pair sums (``vpmaddubsw``), x int16 sub-block scales
   (``vpmaddwd``/``vpdpwssd``), one <16 x i32> per super-block; Q4_K mins and
