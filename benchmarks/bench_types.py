@@ -31,7 +31,8 @@ def _jsonl(cmd):
 
 
 def _key(r):
-    return ("pp" if r["n_prompt"] else "tg") + str(r["n_prompt"] or r["n_gen"]), int(r.get("threads", r.get("n_threads")))
+    test = ("pp" if r["n_prompt"] else "tg") + str(r["n_prompt"] or r["n_gen"])
+    return test, int(r.get("threads", r.get("n_threads")))
 
 
 def main(argv=None):
