@@ -39,14 +39,16 @@ Kernels (LLVM-IR intrinsics from ``simd.py``):
   horizontal sums (int16 pair products, ``vpdpwssd``), and reads the matrix as
   one sequential stream. 1 thread, Zen 4: 23-31 GB/s for n = 1 (the read
   roofline is 25-29), 80-95 G int8 MAC/s for n = 512.
-* **K-quant row-interleaved** (Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_XS; x86-64, n > 1, and n = 1
-  under ``batch_invariant`` or where a type has no kgemv kernel: IQ4_XS): ``prepare`` repacks groups of 16 rows per super-block
+* **K-quant row-interleaved** (Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_XS; x86-64, every n: n = 1 too
+  since ``KernelConfig.gemv_x16``, 1.8x the kgemv kernel's GB/s for Q4_K / Q2_K on the Xeon VM):
+  ``prepare`` repacks groups of 16 rows per super-block
   (``simd.KInterleaved``: unpacked scales, unsigned quants in 64-byte quad chunks, one
   int32 lane per row) for ``simd.kinterleaved_kernel``: ``vpdpbusd`` of 4 unsigned weights x 4
   broadcast int8 activations (``Emitter.dot_quads``; without AVX-512 VNNI ``vpmaddubsw`` +
   ``vpmaddwd``), times the group scales in int32, mins / offsets through the activation sums:
   ggml's integers exactly. Copies of 1.0x (Q2_K, Q4_K, IQ4_XS), 1.3x (Q3_K, Q6_K), 1.6x (Q5_K: its
-  5-bit values as bytes) the file's bytes; the originals stay resident for the n = 1 kgemv kernels.
+  5-bit values as bytes) the file's bytes; the originals' pages are released (kept only under
+  ``gemv_x16=False``, where n = 1 runs the kgemv kernels on them).
 * **native** (every type, zero-copy): tiles of NR weight rows x NC activation
   rows over the original block layout; per block an int32 vector converted
   to float and fused-multiply-added with the block's scale. One row at a
@@ -60,7 +62,8 @@ Kernels (LLVM-IR intrinsics from ``simd.py``):
   (4 x 4, multiply + fold + add per 32 products) decoded F16 blocks again per 4 activation rows:
   a 9-row F16 pass (speculative decoding's check of 8 guesses) cost 2.3 one-row passes on this
   x86 VM, 1.8 now; 2 and 4 rows 1.4 / 1.8 -> 1.1 / 1.15 (benchmarks/RESULTS.md, "Speculative decoding").
-* **K-quant single row** (Q2_K, Q3_K, Q4_K, Q6_K, n = 1, x86-64; ``KGEMV``):
+* **K-quant single row** (Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, n = 1, x86-64, a weight with no x16 copy
+  (``repack=False``, < 16 rows) or ``gemv_x16=False``; ``KGEMV``):
   ``simd.kgemv_kernel``, 64 elements per vector: unsigned quants x int8
   activations as int16 pair sums (``vpmaddubsw``), x int16 sub-block scales
   (``vpmaddwd``/``vpdpwssd``), one <16 x i32> per super-block; Q4_K mins and
@@ -123,6 +126,13 @@ class KernelConfig:
     # K-quant single-row kernels through u8 x s8 pair products (simd.kgemv_kernel, x86
     # vpmaddubsw) where a format has one; elsewhere (aarch64: sdot) the generic ktile_kernel
     kgemv: bool = not simd.PARTIAL_REDUCE
+    # n == 1 of a K-quant weight that has an x16 copy runs the x16 groups (simd.kinterleaved_kernel with
+    # one activation row: the GEMM's kernel and float order, so batch invariant; 16 rows in flight, one
+    # read stream), and the original rows are released after repacking. False: the kgemv kernel on the
+    # original rows (the default before 2026-12-07; the originals then stay resident). Xeon VM, 1 thread,
+    # from DRAM (benchmarks/bench_kernels.py --n 1): Q4_K 5.6-5.8 -> 10.3-10.4 GB/s, Q2_K 4.3-4.6 -> 8.1-8.4,
+    # Q3_K 5.0 -> 6.8, Q5_K 5.1 -> 7.8, Q6_K 8.0-8.1 -> 8.3-9.8 (benchmarks/RESULTS.md, issue 20)
+    gemv_x16: bool = True
     # below this much work (weight bytes x max(1, n/2)) a call runs on one thread: the
     # parallel region's launch costs more than it saves on small matrices. 1 MiB (weight bytes x
     # n/4) left most matrices of a 135M-0.5B model serial: at -t 2 on the Xeon VM, 256 KiB and n/2
@@ -155,6 +165,10 @@ class KernelConfig:
     # 4 / 9 rows 3.6-3.9 / 3.5-3.8 / 5.1-5.3 / 7.1-7.6 ms at 2-8 KiB ahead, 4.7 / 5.4 / 7.4 / 10.0
     # without (the native tiles: 4.6 / 7.0 / 10.1 / 11.4); not measured on aarch64
     prefetch_float: int = 4096
+
+    def kgemv_on_rows(self, info) -> bool:
+        """Whether n == 1 of a K-quant weight with an x16 copy runs the kgemv kernel on its original rows."""
+        return self.kgemv and not self.gemv_x16 and not self.batch_invariant and info.has_gemv
 
     def tiling(self, info, kind: str):
         if kind == "gemv" and self.batch_invariant:
@@ -1246,14 +1260,14 @@ def prepare(w_raw: np.ndarray, ggml_type: int, k: int, repack: bool | None = Non
         drop_file_pages(w)
         return pw
     if cfg.repack and info.repacked is not None and info.repacked.kquant and w.shape[0] >= GROUP:
-        # the original rows stay in use where n = 1 runs the kgemv kernels on them: pages kept
+        # the original rows stay in use only where n = 1 runs the kgemv kernels on them (gemv_x16 off)
         ng = w.shape[0] // GROUP
         packed = np.empty((ng, k // 256, info.repacked.block_bytes), np.uint8)
         _par.call(_KREPACK[info.name], w[: ng * GROUP], packed)
         pw.packed = packed
         pw.tail = w[ng * GROUP:]
-        if not info.has_gemv:
-            drop_file_pages(w[: ng * GROUP])     # no kgemv kernel: n = 1 runs the x16 groups too
+        if not cfg.kgemv_on_rows(info):
+            drop_file_pages(w[: ng * GROUP])     # n = 1 runs the x16 groups too
     elif cfg.repack and info.repack and w.shape[0] >= GROUP:
         nsc, nch, nqh = info.repack
         ng = w.shape[0] // GROUP
@@ -1329,8 +1343,7 @@ def _plan(pw: PreparedWeight, n: int) -> list:
     elif cfg.float_fma and pw.info.block == 1:
         packed, a0 = "ffma1" if n == 1 else "ffma", (pw.w,)
     else:
-        packed = pw.packed is not None and not (n == 1 and pw.info.repacked.kquant and cfg.kgemv
-                                                and not cfg.batch_invariant and pw.info.has_gemv)
+        packed = pw.packed is not None and not (n == 1 and pw.info.repacked.kquant and cfg.kgemv_on_rows(pw.info))
         a0 = (pw.packed, pw.tail) if packed else (pw.w,)
     return [packed, a0, pw.nbytes * max(1, n >> 1) >= cfg.parallel_min_bytes, None, None]
 

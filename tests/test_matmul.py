@@ -351,14 +351,16 @@ BI_ROWS = (36, 37)     # 36: the aarch64 4-row groups; 37: tails of every tiling
 def _batch_variant(name):
     """Whether the default config on this machine still sums a row's blocks in another float order in
     the GEMV than in the GEMM, for one of BI_ROWS (issue 20: batch invariance). Today: the native
-    tiles (gemv 1x1 unroll 2 vs gemm 4x4 unroll 1) and the x86 K-quant kgemv kernel (n == 1) vs the
-    tile / x16 kernels (n > 1). The x16 legacy groups (x86) and the 4-row groups (aarch64) agree."""
+    tiles (gemv 1x1 unroll 2 vs gemm 4x4 unroll 1), and the x86 K-quant kgemv kernel (n == 1) vs the
+    tile kernels (n > 1) where a weight has no x16 copy (or gemv_x16 is off). The x16 groups, legacy and
+    K (n == 1 runs them since gemv_x16), and the 4-row groups (aarch64) agree."""
     e = quants.type_info(name)
     cfg = mm.DEFAULT_CONFIG
+    info = mm._TYPES[int(e.ggml_type)]
     for rows in BI_ROWS:
         if cfg.arm and name in arm.LAYOUTS and rows % arm.ROWS == 0:
             continue                     # aarch64 4-row groups: one kernel for every n
-        if cfg.repack and e.repacked is not None and not e.repacked.kquant:
+        if cfg.repack and e.repacked is not None and not (e.repacked.kquant and cfg.kgemv_on_rows(info)):
             continue                     # x16 groups, their tail rows: 1-row tiles of one order
         if e.vec_dot_type == GT.Q8_K:
             if cfg.kgemv and e.simd.has_gemv:
@@ -366,7 +368,6 @@ def _batch_variant(name):
             continue                     # ktile rows of one order for every n
         if not e.is_quantized and cfg.float_fma:
             continue                     # float FMA tiles: one order for every n
-        info = mm._TYPES[int(e.ggml_type)]
         v, m = cfg.tiling(info, "gemv"), cfg.tiling(info, "gemm")
         if (v.unroll, v.act16, v.wide) != (m.unroll, m.act16, m.wide):
             return True                  # native tiles: GEMV with other accumulators (unroll 2)
@@ -406,9 +407,12 @@ def test_batch_invariance(name, invariant):
         numba.set_num_threads(old)
 
 
+ROWS_GEMV = mm.KernelConfig(gemv_x16=False)     # n == 1 on the original rows (x86: kgemv) even with an x16 copy
+
+
 @pytest.mark.parametrize("name", KQUANT)
 def test_kquant_single_row_kernel(name, monkeypatch):
-    """n == 1 K-quant path (x86: simd.kgemv_kernel, u8 x s8 pair products; Q4_K / Q5_K read permuted
+    """n == 1 K-quant path (x86 with gemv_x16 off: simd.kgemv_kernel, u8 x s8 pair products; Q4_K / Q5_K read permuted
     activations, Q6_K int16 sums per 16) = the generic tile kernels = the reference, also for
     extreme quants and scales (all-ones bytes: 6-bit scales / mins of 63, Q6_K q = 63, scale -1)
     and activations at +-127, where an int16 overflow would show."""
@@ -422,8 +426,10 @@ def test_kquant_single_row_kernel(name, monkeypatch):
         for x in (rng.standard_normal((1, k)).astype(np.float32),
                   np.where(rng.random((1, k)) < 0.5, -1.0, 1.0).astype(np.float32)):
             ref = reference(raw, name, k, x)
-            y = mm.matmul(mm.prepare(raw, int(T[name]), k), x)
+            y = mm.matmul(mm.prepare(raw, int(T[name]), k, config=ROWS_GEMV), x)   # x86: kgemv
             assert rel(y, ref) < 2e-6, (name, rel(y, ref))
+            yd = mm.matmul(mm.prepare(raw, int(T[name]), k), x)   # default: x86 x16 groups + ktile tail rows
+            assert rel(yd, ref) < 2e-6, (name, rel(yd, ref))
             y4 = mm.matmul(mm.prepare(raw, int(T[name]), k), np.repeat(x, 4, 0))  # n > 1: ktile kernels
             np.testing.assert_allclose(y4[0], y[0], rtol=2e-6, atol=2e-6 * np.abs(y).max())
     # the helpers

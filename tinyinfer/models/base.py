@@ -63,14 +63,16 @@ class Linear:
 
 class OutputLinear(Linear):
     """The output projection (the tied embeddings or ``output.weight``). Where a single row runs on the
-    tensor's own blocks (x86 K-quants: the kgemv kernels), the GEMM layout's copy (for a Q6_K
+    tensor's own blocks (x86 K-quants under ``KernelConfig(gemv_x16=False)``: the kgemv kernels), the
+    GEMM layout's copy (for a Q6_K
     151936-token vocabulary of 1024 inputs: 159 MiB, more than the tensor) is made on the first call with
     several rows (perplexity, ``logits_all``, a batch of sequences), not at load: a process that only
     decodes (one row of logits a step) never holds it. The blocks themselves are copied out of the
     mapping and its pages released (the same resident size: every step reads all of them): in
     anonymous memory, which numpy backs with huge pages, the GEMV runs ~12 % faster than on the file's
     4 KiB pages (x86 guest, Dec 2026: 13.2 against 15.2 ms a token for that Q6_K head). Elsewhere
-    (aarch64's layouts, the x16 GEMV formats) the copy is the single row's layout too and is made at load
+    (aarch64's layouts, the x16 GEMV formats: every x16 type by default)
+    the copy is the single row's layout too and is made at load
     as by :class:`Linear`."""
 
     def __init__(self, t: TensorInfo):
