@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -38,6 +39,24 @@ def need_module(name: str):
         return importlib.import_module(name)
     except ImportError as e:
         missing(f"{name} is not installed ({e})")
+
+
+@contextlib.contextmanager
+def cache_lock():
+    """Held while a test makes a file in the model cache (a synthetic model, a requantized SmolLM2):
+    one writer at a time across processes (pytest-xdist's workers share the cache: without it, one
+    could read a file another is still writing)."""
+    import fcntl
+
+    from tinyinfer.fetch import cache_dir
+    d = cache_dir()
+    d.mkdir(parents=True, exist_ok=True)
+    with open(d / ".tests.lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 @pytest.fixture
