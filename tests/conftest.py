@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -38,6 +39,45 @@ def need_module(name: str):
         return importlib.import_module(name)
     except ImportError as e:
         missing(f"{name} is not installed ({e})")
+
+
+# pytest-xdist (.ci/run: -n logical --dist loadfile): each test file runs whole in one worker (its module
+# fixtures, a loaded model or a running server, are made once). Files that start a Ray cluster also
+# share one worker, so their clusters never overlap: test_split counts the Ray processes a failed run
+# leaves behind, test_ray_serve the replicas alive.
+SAME_WORKER = {"tests/test_ray_serve.py": "ray", "tests/test_split.py": "ray"}
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    if config.getoption("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class Scheduling(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            f = nodeid.split("::", 1)[0]
+            return SAME_WORKER.get(f, f)
+
+    return Scheduling(config, log)
+
+
+@contextlib.contextmanager
+def cache_lock():
+    """Held while a test makes a file in the model cache (a synthetic model, a requantized SmolLM2):
+    one writer at a time across processes (pytest-xdist's workers share the cache: without it, one
+    could read a file another is still writing)."""
+    import fcntl
+
+    from tinyinfer.fetch import cache_dir
+    d = cache_dir()
+    d.mkdir(parents=True, exist_ok=True)
+    with open(d / ".tests.lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 @pytest.fixture

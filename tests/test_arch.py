@@ -17,7 +17,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from conftest import REFERENCE, ROOT, need_reference
+from conftest import REFERENCE, ROOT, cache_lock, need_reference
 from test_inference import check_first_step, check_greedy
 from tinyinfer.engine import Engine
 from tinyinfer.fetch import _sha256, cache_dir
@@ -36,14 +36,15 @@ def synthetic_dir():
     if not tool.exists():
         need_reference("..", "tools", "make_arch_models.py")
     out = cache_dir() / "synthetic"
-    missing = [a for a in SYNTHETIC if not (out / f"synthetic-{a}-F16.gguf").exists()
-               or _sha256(out / f"synthetic-{a}-F16.gguf") != want[f"synthetic-{a}-F16.gguf"]]
-    if missing:
-        subprocess.run([sys.executable, str(tool), str(REFERENCE / "vocab"), str(out), *missing], check=True,
-                       stdout=subprocess.DEVNULL)
-        for a in missing:
-            name = f"synthetic-{a}-F16.gguf"
-            assert _sha256(out / name) == want[name], f"{name}: not the bytes llama.cpp's outputs were made from"
+    with cache_lock():
+        missing = [a for a in SYNTHETIC if not (out / f"synthetic-{a}-F16.gguf").exists()
+                   or _sha256(out / f"synthetic-{a}-F16.gguf") != want[f"synthetic-{a}-F16.gguf"]]
+        if missing:
+            subprocess.run([sys.executable, str(tool), str(REFERENCE / "vocab"), str(out), *missing], check=True,
+                           stdout=subprocess.DEVNULL)
+            for a in missing:
+                name = f"synthetic-{a}-F16.gguf"
+                assert _sha256(out / name) == want[name], f"{name}: not the bytes llama.cpp's outputs were made from"
     return out
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import REFERENCE, need_reference
+from conftest import REFERENCE, cache_lock, need_reference
 
 HF_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head",
             "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm", "attn_q": "self_attn.q_proj",
@@ -30,11 +30,12 @@ def _synthetic(arch: str) -> Path:
     want = dict(reversed(line.split()) for line in need_reference("arch", "sha256.txt").read_text().splitlines()
                 if line.strip())[f"synthetic-{arch}-F16.gguf"]
     f = cache_dir() / "synthetic" / f"synthetic-{arch}-F16.gguf"
-    if not f.exists() or _sha256(f) != want:
-        tool = need_reference("..", "tools", "make_arch_models.py")
-        subprocess.run([sys.executable, str(tool), str(REFERENCE / "vocab"), str(f.parent), arch], check=True,
-                       stdout=subprocess.DEVNULL)
-        assert _sha256(f) == want
+    with cache_lock():
+        if not f.exists() or _sha256(f) != want:
+            tool = need_reference("..", "tools", "make_arch_models.py")
+            subprocess.run([sys.executable, str(tool), str(REFERENCE / "vocab"), str(f.parent), arch], check=True,
+                           stdout=subprocess.DEVNULL)
+            assert _sha256(f) == want
     return f
 
 

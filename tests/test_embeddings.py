@@ -249,17 +249,18 @@ def test_gemma_embedding_matches_llama_embedding(tmp_path):
 
 def _synthetic_qwen3():
     """The synthetic qwen3 F16 file of ../shared/tools/make_arch_models.py (sha256 pinned in the reference)."""
-    from conftest import REFERENCE, need_reference
+    from conftest import REFERENCE, cache_lock, need_reference
 
     from tinyinfer.fetch import _sha256, cache_dir
     want = dict(reversed(line.split()) for line in need_reference("arch", "sha256.txt").read_text().splitlines()
                 if line.strip())["synthetic-qwen3-F16.gguf"]
     f = cache_dir() / "synthetic" / "synthetic-qwen3-F16.gguf"
-    if not f.exists() or _sha256(f) != want:
-        tool = need_reference("..", "tools", "make_arch_models.py")
-        subprocess.run([sys.executable, str(tool), str(REFERENCE / "vocab"), str(f.parent), "qwen3"], check=True,
-                       stdout=subprocess.DEVNULL)
-        assert _sha256(f) == want
+    with cache_lock():
+        if not f.exists() or _sha256(f) != want:
+            tool = need_reference("..", "tools", "make_arch_models.py")
+            subprocess.run([sys.executable, str(tool), str(REFERENCE / "vocab"), str(f.parent), "qwen3"],
+                           check=True, stdout=subprocess.DEVNULL)
+            assert _sha256(f) == want
     return f
 
 

@@ -12,7 +12,7 @@ import json
 import numpy as np
 import pytest
 
-from conftest import need_reference
+from conftest import cache_lock, need_reference
 from tinyinfer.engine import Engine
 from tinyinfer.sampler import SamplerParams
 from tinyinfer.tools.perplexity import kl_divergence as kl
@@ -25,7 +25,8 @@ def model_path(typ, smollm2_path):
     if typ == "Q4_1":
         return smollm2_path
     from tinyinfer.tools.quantize import ensure_requantized
-    return ensure_requantized(typ)
+    with cache_lock():
+        return ensure_requantized(typ)
 
 
 @pytest.fixture(scope="module", params=TYPES)

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import REFERENCE, ROOT, need_reference
+from conftest import REFERENCE, ROOT, cache_lock, need_reference
 from test_inference import check_greedy
 from tinyinfer.engine import Engine
 from tinyinfer.fetch import _sha256, cache_dir
@@ -46,20 +46,21 @@ def moe_dir():
     """The four F16 files, generated once into the model cache (sha256 checked every session)."""
     want = _sums()
     out = cache_dir() / "synthetic"
-    bad = [a for a in FAMILIES + [SHEXP] if not (out / f"synthetic-{a}-F16.gguf").exists()
-           or _sha256(out / f"synthetic-{a}-F16.gguf") != want[f"synthetic-{a}-F16.gguf"]]
-    shared = [a for a in bad if a in ("qwen3moe", "olmoe")]
-    if shared:
-        tool = need_reference("..", "tools", "make_arch_models.py")
-        subprocess.run([sys.executable, str(tool), str(REFERENCE / "vocab"), str(out), *shared], check=True,
-                       stdout=subprocess.DEVNULL)
-    ours = [a for a in bad if a not in shared]
-    if ours:
-        subprocess.run([sys.executable, str(ROOT / "tests" / "tools" / "make_moe_models.py"),
-                        str(need_reference("vocab")), str(out), *ours], check=True, stdout=subprocess.DEVNULL)
-    for a in bad:
-        name = f"synthetic-{a}-F16.gguf"
-        assert _sha256(out / name) == want[name], f"{name}: not the bytes llama.cpp's outputs were made from"
+    with cache_lock():
+        bad = [a for a in FAMILIES + [SHEXP] if not (out / f"synthetic-{a}-F16.gguf").exists()
+               or _sha256(out / f"synthetic-{a}-F16.gguf") != want[f"synthetic-{a}-F16.gguf"]]
+        shared = [a for a in bad if a in ("qwen3moe", "olmoe")]
+        if shared:
+            tool = need_reference("..", "tools", "make_arch_models.py")
+            subprocess.run([sys.executable, str(tool), str(REFERENCE / "vocab"), str(out), *shared], check=True,
+                           stdout=subprocess.DEVNULL)
+        ours = [a for a in bad if a not in shared]
+        if ours:
+            subprocess.run([sys.executable, str(ROOT / "tests" / "tools" / "make_moe_models.py"),
+                            str(need_reference("vocab")), str(out), *ours], check=True, stdout=subprocess.DEVNULL)
+        for a in bad:
+            name = f"synthetic-{a}-F16.gguf"
+            assert _sha256(out / name) == want[name], f"{name}: not the bytes llama.cpp's outputs were made from"
     return out
 
 
@@ -69,12 +70,13 @@ def model_file(moe_dir: Path, arch: str, typ: str) -> Path:
     if typ == "F16":
         return p
     want = _sums()[p.name]
-    if not p.exists() or _sha256(p) != want:
-        from tinyinfer.tools.quantize import quantize_file
-        tmp = p.with_suffix(".tmp")
-        quantize_file(moe_dir / f"synthetic-{arch}-F16.gguf", tmp, typ, progress=False)
-        tmp.rename(p)
-    assert _sha256(p) == want, f"{p.name}: our quantizer's bytes differ from llama-quantize's"
+    with cache_lock():
+        if not p.exists() or _sha256(p) != want:
+            from tinyinfer.tools.quantize import quantize_file
+            tmp = p.with_suffix(".tmp")
+            quantize_file(moe_dir / f"synthetic-{arch}-F16.gguf", tmp, typ, progress=False)
+            tmp.rename(p)
+        assert _sha256(p) == want, f"{p.name}: our quantizer's bytes differ from llama-quantize's"
     return p
 
 

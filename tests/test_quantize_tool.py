@@ -20,7 +20,7 @@ from tinyinfer.gguf import GGUFFile
 from tinyinfer.kernels import quants as Q
 from tinyinfer.tools.quantize import (Options, QuantizeError, ensure_requantized, main,
                                       plan_quantization)
-from conftest import ROOT, need_reference
+from conftest import ROOT, cache_lock, need_reference
 
 FTYPE = {"Q4_0": 2, "Q8_0": 7, "F16": 1}
 
@@ -125,15 +125,16 @@ def test_summary_like_llama_quantize(requantized):
 def test_ensure_requantized_caches_the_same_bytes(requantized, smollm2_path):
     from tinyinfer.fetch import cache_dir
 
-    p = ensure_requantized("Q4_0")
-    assert p == cache_dir() / "SmolLM2-135M-Instruct.Q4_0.gguf"
-    assert file_sha(p) == file_sha(requantized["Q4_0"][0])     # same bytes as the tool's output
-    mtime = p.stat().st_mtime_ns
-    assert ensure_requantized("q4_0") == p                    # reused, not rewritten
-    assert p.stat().st_mtime_ns == mtime
-    assert ensure_requantized("Q4_1") == smollm2_path          # already that type
-    with pytest.raises(QuantizeError, match="unknown type"):
-        ensure_requantized("Q4_9")
+    with cache_lock():           # no other test process writes the cache meanwhile
+        p = ensure_requantized("Q4_0")
+        assert p == cache_dir() / "SmolLM2-135M-Instruct.Q4_0.gguf"
+        assert file_sha(p) == file_sha(requantized["Q4_0"][0])     # same bytes as the tool's output
+        mtime = p.stat().st_mtime_ns
+        assert ensure_requantized("q4_0") == p                    # reused, not rewritten
+        assert p.stat().st_mtime_ns == mtime
+        assert ensure_requantized("Q4_1") == smollm2_path          # already that type
+        with pytest.raises(QuantizeError, match="unknown type"):
+            ensure_requantized("Q4_9")
 
 
 # -- llama-quantize's choices ---------------------------------------------------------------

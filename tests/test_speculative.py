@@ -18,7 +18,7 @@ from tinyinfer.sampler import SamplerParams
 from tinyinfer.speculative import (DraftModel, LlamaPromptLookupDecoding, NgramSimple, SpecError, check_vocab,
                                    proposer_of)
 
-from conftest import ROOT
+from conftest import ROOT, cache_lock
 
 GREEDY = SamplerParams(temperature=0.0)
 
@@ -59,7 +59,8 @@ def target(smollm2_path):
 @pytest.fixture(scope="module")
 def q4_0_path():
     from tinyinfer.tools.quantize import ensure_requantized
-    return ensure_requantized("Q4_0")
+    with cache_lock():
+        return ensure_requantized("Q4_0")
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import need_module
+from conftest import cache_lock, need_module
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPT = "The three primary colors are"
@@ -28,7 +28,8 @@ IDS = np.array([1, 504, 3458, 282, 4649, 314, 28, 253], np.int64)
 @pytest.fixture(scope="module")
 def smollm2_f16():
     from tinyinfer.tools.quantize import ensure_requantized
-    return ensure_requantized("F16")
+    with cache_lock():
+        return ensure_requantized("F16")
 
 
 def test_plan_layers_balances_bytes():
