@@ -885,7 +885,7 @@ def _make_arm(info: _TypeInfo, parallel: bool):
     L = arm.LAYOUTS[f]
     NC, QKB = arm.NC, L.qk
     KQ = L.act == "q8_K"
-    HILO = f in ("Q4_K", "Q5_K")
+    HILO, HILO16 = L.sums == "hilo32", L.sums == "hilo16"     # Q4_K / Q5_K, Q2_K: int8 sums (arm.py)
     WITH_S = info.act == "q8_1"
     T_MAIN, T_ONE = spec("arm4", f, NC, arm.DOTPROD), spec("arm4", f, 1, arm.DOTPROD)
 
@@ -896,6 +896,9 @@ def _make_arm(info: _TypeInfo, parallel: bool):
             if HILO:
                 xb = np.empty((n, k // 256 * 16), np.int8)
                 arm.bsums_hilo(xb32, xb)
+            elif HILO16:
+                xb = np.empty((n, k // 256 * 32), np.int8)
+                arm.bsums16_hilo(xq, xb)
             else:
                 xb = xb32
         else:
