@@ -86,7 +86,7 @@ DOTPROD = AARCH64 and _detect_dotprod()
 # the default of matmul.KernelConfig.arm: repack at prepare() on aarch64 (a config with arm=True
 # runs the no-dotprod flavour, generic IR, on other hosts too: that is how tests run it on x86)
 ENABLED = AARCH64
-NC = 4             # activation rows per GEMM tile
+NC = 4             # activation rows per GEMM tile (GEMM_NC: 8 for some types)
 SDOT_CHAINS = 1    # independent sdot chains per block sum (2: more movi/add, slower in llvm-mca)
 
 
@@ -413,44 +413,45 @@ def _q6_pack(q: np.ndarray) -> tuple:
 
 
 class Q6_Kx4(Layout4):
-    """Per super-block: d[4] (fp16), scales[16][4] (int8, group major), then
-    ql: 4 x 8 chunks of 16 B, chunk (c, i) byte 4r + t = low 4 bits of row r's element 64c + 4i + t
-    (low nibble) and 64c + 32 + 4i + t (high nibble); qh: 2 x 8 chunks of 16 B, chunk (h, i) byte
-    4r + t = high 2 bits of row r's elements 128h + 32k + 4i + t at bits 2k, 2k + 1 (k = 0..3).
-    Quants unsigned (0..63); the kernels subtract 32."""
+    """Per super-block: d[4] (fp16), scales[16][4] (int8, group major), then the quants re-encoded
+    (:func:`_q6_pack6`): 192 B per row in 48 chunks of 16 B, chunk 8j + i byte 4r + t = row r's byte
+    32j + 4i + t (j < 6): element 32j + 4i + t - 32 as a 6-bit two's complement field at bits 2-7
+    (``and`` 0xFC: 4 x the signed quant, one op; no dot product: ``sshr`` #2), and in bits 0-1 a third
+    of element 192 + 32 (j // 3) + 4i + t (its bits 5-4, 3-2, 1-0 for j % 3 = 0, 1, 2: two shifts and
+    ``sri`` inserts put them together). 840 B = 4 x 210."""
 
-    name, act, qk, block_bytes, group_bytes = "Q6_K", "q8_K", 256, 210, 8 + 64 + 512 + 256
+    name, act, qk, block_bytes, group_bytes = "Q6_K", "q8_K", 256, 210, 8 + 64 + 768
 
     def repack(self, w):
         b = _rows(w, 210)
-        q = _q6_values(b)
-        ql = np.empty(q.shape[:-1] + (128,), np.uint8)
-        qh = np.empty(q.shape[:-1] + (64,), np.uint8)
-        for c in range(4):
-            ql[..., 32 * c:32 * c + 32] = (q[..., 64 * c:64 * c + 32] & 0xF) | ((q[..., 64 * c + 32:64 * c + 64] & 0xF) << 4)
-        for h in range(2):
-            hi = [q[..., 128 * h + 32 * k:128 * h + 32 * k + 32] >> 4 for k in range(4)]
-            qh[..., 32 * h:32 * h + 32] = hi[0] | (hi[1] << 2) | (hi[2] << 4) | (hi[3] << 6)
-        src = np.concatenate([ql, qh, b[..., 208:210]], axis=-1)
-        return _build(src, [(0, 192, 194), (2, 0, 64), (1, 0, 128), (1, 128, 192)], self.group_bytes,
+        src = np.concatenate([_q6_pack6(_q6_values(b)), b[..., 208:210]], axis=-1)
+        return _build(src, [(0, 192, 194), (2, 0, 64), (1, 0, 192)], self.group_bytes,
                       _per_sub(b[..., 192:208]))
 
     def unpack(self, p):
         ng, nb, _ = p.shape
-        d = p[..., 0:8].reshape(ng, nb, 4, 2).transpose(0, 2, 1, 3)
         sc = p[..., 8:72].reshape(ng, nb, 16, 4).transpose(0, 3, 1, 2)
-        ql = _unchunks(p[..., 72:584], 128)
-        qh = _unchunks(p[..., 584:840], 64)
-        q = np.empty((ng, 4, nb, 256), np.uint8)
-        for c in range(4):
-            q[..., 64 * c:64 * c + 32] = ql[..., 32 * c:32 * c + 32] & 0xF
-            q[..., 64 * c + 32:64 * c + 64] = ql[..., 32 * c:32 * c + 32] >> 4
-        for h in range(2):
-            for k in range(4):
-                o = 128 * h + 32 * k
-                q[..., o:o + 32] |= ((qh[..., 32 * h:32 * h + 32] >> (2 * k)) & 3) << 4
-        oql, oqh = _q6_pack(q)
-        return np.concatenate([oql, oqh, sc, d], axis=3).reshape(ng * 4, nb * 210)
+        oql, oqh = _q6_pack(_q6_unpack6(_unchunks(p[..., 72:], 192)))
+        return np.concatenate([oql, oqh, sc, _rows2(p[..., 0:8])], axis=3).reshape(ng * 4, nb * 210)
+
+
+def _q6_pack6(q: np.ndarray) -> np.ndarray:
+    """(..., 256) unsigned 6-bit quants -> (..., 192) bytes of :class:`Q6_Kx4`."""
+    f = (q ^ 32).astype(np.uint8)                       # q - 32 as 6-bit two's complement
+    out = (f[..., :192] << 2).astype(np.uint8)
+    for j in range(6):
+        sp = f[..., 192 + 32 * (j // 3):224 + 32 * (j // 3)]
+        out[..., 32 * j:32 * j + 32] |= (sp >> (4 - 2 * (j % 3))) & 3
+    return out
+
+
+def _q6_unpack6(v: np.ndarray) -> np.ndarray:
+    q = np.empty(v.shape[:-1] + (256,), np.uint8)
+    q[..., :192] = v >> 2
+    for h in range(2):
+        lo = [v[..., 32 * j:32 * j + 32] & 3 for j in range(3 * h, 3 * h + 3)]
+        q[..., 192 + 32 * h:224 + 32 * h] = (lo[0] << 4) | (lo[1] << 2) | lo[2]
+    return q ^ 32
 
 
 def _nib_pack(v: np.ndarray) -> np.ndarray:
@@ -722,6 +723,14 @@ def _widen4_u(e: Emitter, v, dotprod: bool):
     return out
 
 
+def _sri(e: Emitter, d, n, s: int):
+    """<16 x i8>: n >> s (logical) with the top s bits of d kept (``sri`` on aarch64)."""
+    if simd.TARGET_ARCH == "aarch64":
+        return _intrinsic_call(e.b, "llvm.aarch64.neon.vsri.v16i8", V16, [d, n, c32(s)])
+    keep = _cv(I8, 16, (0xFF << (8 - s)) & 0xFF)
+    return e.b.or_(e.b.and_(d, keep), e.b.lshr(n, _cv(I8, 16, s)))
+
+
 def _to_float(e: Emitter, s, fbits: int = 0):
     """<4 x i32> -> <4 x float> s / 2^fbits (exact): a fixed-point ``scvtf #fbits`` on aarch64."""
     if fbits and simd.TARGET_ARCH == "aarch64":
@@ -740,12 +749,23 @@ def _cv(t, n, v):
 
 # ------------------------------------------------------------------ kernels
 # GEMV blocks per loop iteration, (type, dotprod) -> 2 where llvm-mca finds it faster (Q8_0: A76
-# 2.14 -> 1.94, A72 5.94 -> 5.34 cycles per block; Q6_K A72 81.6 -> 78.3); Q4_K is slower unrolled
-UNROLL = {("Q8_0", True): 2, ("Q8_0", False): 2, ("Q6_K", False): 2}
+# 2.14 -> 1.94, A72 5.94 -> 5.34 cycles per block); Q4_K and the re-encoded Q6_K are slower unrolled
+UNROLL = {("Q8_0", True): 2, ("Q8_0", False): 2}
+# GEMM activation rows per kernel call, (type, dotprod) -> 8 where llvm-mca finds it cheaper than NC = 4
+# (the weights' decoding shared by twice the rows; cycles per super-block, A76: Q6_K 21.1 -> 18.1, Q5_K
+# 24.0 -> 21.0, Q3_K 21.8 -> 18.7, IQ4_XS 18.5 -> 16.9, Q2_K 22.6 -> 21.6; A72: Q5_K 47.6 -> 45.2, Q4_K
+# 44.6 -> 43.3). Q4_0 / Q8_0 spill their 8 float accumulators (Q4_0 A76 1.82 -> 2.04).
+GEMM_NC = {("Q6_K", True): 8, ("Q5_K", True): 8, ("Q3_K", True): 8, ("IQ4_XS", True): 8, ("Q2_K", True): 8,
+           ("Q5_K", False): 8, ("Q4_K", False): 8}
 
 
 def unroll(type_name: str, nc: int, dotprod: bool) -> int:
     return UNROLL.get((type_name, dotprod), 1) if nc == 1 else 1
+
+
+def gemm_nc(type_name: str, dotprod: bool) -> int:
+    """Activation rows per GEMM kernel call (the drivers run the rest 4, then 1 at a time)."""
+    return GEMM_NC.get((type_name, dotprod), NC)
 
 
 @lru_cache(maxsize=None)
@@ -893,21 +913,17 @@ def group_kernel(type_name: str, nc: int, dotprod: bool):
                 elif type_name == "Q6_K":
                     dw = _f16x4(e, bp, 0)
                     scg = _widen4(e, e.load(bp, c64(8), vec(I8, 64)), True)
-                    ql = [[e.load(bp, c64(72 + 128 * cc + 16 * t), V16) for t in range(8)] for cc in range(4)]
-                    qh = [[e.load(bp, c64(584 + 128 * h + 16 * t), V16) for t in range(8)] for h in range(2)]
-                    subs = []
-                    m30 = _cv(I8, 16, 0x30)
-                    for j in range(8):
-                        h, k = divmod(j, 4)
-                        cc = j // 2
+                    P = [[e.load(bp, c64(72 + 128 * j + 16 * t), V16) for t in range(8)] for j in range(6)]
+                    # dot product: 4 x the signed quants (and 0xFC); else the quants (sshr 2): int16 sums
+                    subs = [[b.and_(v, _cv(I8, 16, 0xFC)) if dotprod else b.ashr(v, _cv(I8, 16, 2)) for v in P[j]]
+                            for j in range(6)]
+                    for h in range(2):      # elements 192 + 32h + ...: bits 0-1 of P[3h], P[3h + 1], P[3h + 2]
                         sub = []
                         for t in range(8):
-                            nib = b.and_(ql[cc][t], _cv(I8, 16, 0x0F)) if j % 2 == 0 else \
-                                b.lshr(ql[cc][t], _cv(I8, 16, 4))
-                            hv = qh[h][t]
-                            sh = 4 - 2 * k
-                            hv = b.shl(hv, _cv(I8, 16, sh)) if sh > 0 else (b.lshr(hv, _cv(I8, 16, -sh)) if sh < 0 else hv)
-                            sub.append(b.sub(b.or_(nib, b.and_(hv, m30)), _cv(I8, 16, 32)))
+                            v6 = b.shl(P[3 * h][t], _cv(I8, 16, 6))
+                            v6 = _sri(e, v6, b.shl(P[3 * h + 1][t], _cv(I8, 16, 6)), 2)
+                            v6 = _sri(e, v6, b.shl(P[3 * h + 2][t], _cv(I8, 16, 6)), 4)
+                            sub.append(v6 if dotprod else b.ashr(v6, _cv(I8, 16, 2)))
                         subs.append(sub)
                     for c in range(nc):
                         isum = None
@@ -918,7 +934,8 @@ def group_kernel(type_name: str, nc: int, dotprod: bool):
                                          dotprod, terms=8)
                                 p = b.mul(e.freeze(s), scg[2 * j + g])
                                 isum = p if isum is None else b.add(isum, p)
-                        new.append(e.fma(b.sitofp(isum, vec(F32, 4)), e.fmul(dw, e.splat(dx[c], 4)), accs[c]))
+                        new.append(e.fma(_to_float(e, isum, 2 if dotprod else 0), e.fmul(dw, e.splat(dx[c], 4)),
+                                         accs[c]))
                 elif type_name == "Q2_K":
                     dw = _f16x4(e, bp, 0)
                     dm = _f16x4(e, bp, 8)
@@ -1071,7 +1088,7 @@ def mca_kernel(type_name: str, kind: str, dotprod: bool):
     type has no aarch64 layout."""
     if type_name not in LAYOUTS:
         return None
-    n = 1 if kind == "gemv" else NC
+    n = 1 if kind == "gemv" else gemm_nc(type_name, dotprod)
     u = unroll(type_name, n, dotprod)
     return (f"arm 4x{n}{f'u{u}' if u > 1 else ''} {'sdot' if dotprod else 'smull'}",
             group_kernel(type_name, n, dotprod), 10, ROWS * n * u)
