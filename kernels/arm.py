@@ -754,9 +754,10 @@ UNROLL = {("Q8_0", True): 2, ("Q8_0", False): 2}
 # GEMM activation rows per kernel call, (type, dotprod) -> 8 where llvm-mca finds it cheaper than NC = 4
 # (the weights' decoding shared by twice the rows; cycles per super-block, A76: Q6_K 21.1 -> 18.1, Q5_K
 # 24.0 -> 21.0, Q3_K 21.8 -> 18.7, IQ4_XS 18.5 -> 16.9, Q2_K 22.6 -> 21.6; A72: Q5_K 47.6 -> 45.2, Q4_K
-# 44.6 -> 43.3). Q4_0 / Q8_0 spill their 8 float accumulators (Q4_0 A76 1.82 -> 2.04).
+# 44.6 -> 43.3). Q4_0 on the A76: 10 rows, an Emitter.fence after each (without it LLVM hoists every row's
+# loads and spills the float accumulators: 8 rows 2.04), 1.82 -> 1.63; Q8_0 is cheapest at 4.
 GEMM_NC = {("Q6_K", True): 8, ("Q5_K", True): 8, ("Q3_K", True): 8, ("IQ4_XS", True): 8, ("Q2_K", True): 8,
-           ("Q5_K", False): 8, ("Q4_K", False): 8}
+           ("Q5_K", False): 8, ("Q4_K", False): 8, ("Q4_0", True): 10}
 
 
 def unroll(type_name: str, nc: int, dotprod: bool) -> int:
@@ -764,7 +765,8 @@ def unroll(type_name: str, nc: int, dotprod: bool) -> int:
 
 
 def gemm_nc(type_name: str, dotprod: bool) -> int:
-    """Activation rows per GEMM kernel call (the drivers run the rest 4, then 1 at a time)."""
+    """Activation rows per GEMM kernel call (8 or 10 where GEMM_NC says; the drivers run the rest 4, then 1
+    at a time)."""
     return GEMM_NC.get((type_name, dotprod), NC)
 
 
@@ -821,6 +823,8 @@ def group_kernel(type_name: str, nc: int, dotprod: bool):
                                  dotprod, terms=8)
                         sf = _to_float(e, s, 4 if dotprod else 0)
                         new.append(e.fma(sf, e.fmul(dw, e.splat(dx[c], 4)), accs[c]))
+                        if nc > NC and c < nc - 1:   # one row's loads and sums at a time (GEMM_NC: no spills)
+                            e.fence(b.bitcast(new[-1], V4I))
                 elif type_name in ("Q4_1", "Q5_0", "Q5_1"):   # unsigned 4/5-bit: 8 * 31 * 127 < 2^15
                     affine = type_name != "Q5_0"
                     q5 = type_name != "Q4_1"

@@ -883,7 +883,7 @@ def _make_arm(info: _TypeInfo, parallel: bool):
     """aarch64 4-row groups (kernels/arm.py): one group x NC activation rows per kernel call."""
     f = info.name
     L = arm.LAYOUTS[f]
-    NC, QKB = arm.gemm_nc(f, arm.DOTPROD), L.qk      # 8 or 4 activation rows per call; the rest 4, then 1
+    NC, QKB = arm.gemm_nc(f, arm.DOTPROD), L.qk      # 4, 8 or 10 activation rows per call; the rest 4, then 1
     KQ = L.act == "q8_K"
     HILO, HILO16 = L.sums == "hilo32", L.sums == "hilo16"     # Q4_K / Q5_K, Q2_K: int8 sums (arm.py)
     WITH_S = info.act == "q8_1"
@@ -926,7 +926,7 @@ def _make_arm(info: _TypeInfo, parallel: bool):
             for c0 in range(0, nc_main, NC):
                 call(T_MAIN, gp, nb_, xqp + c0 * xqs, xqs, xdp + c0 * xds, xds, xbp + c0 * xbs, xbs,
                      o + c0 * osd, osd)
-            for c0 in range(nc_main, n4, 4):       # NC == 8: a 4-row call for rows 4..7 of the rest
+            for c0 in range(nc_main, n4, 4):       # NC > 4: 4-row calls for the rest
                 call(T_4, gp, nb_, xqp + c0 * xqs, xqs, xdp + c0 * xds, xds, xbp + c0 * xbs, xbs,
                      o + c0 * osd, osd)
             for c0 in range(n4, n):
