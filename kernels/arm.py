@@ -1,7 +1,7 @@
 """aarch64 (Raspberry Pi 4 / Pi 5) repacked layouts and kernels: 4 weight rows interleaved.
 
-``prepare`` (matmul.py) repacks a Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL, Q4_K, Q5_K or Q6_K matrix
-whose row count is a multiple of 4 into groups of 4 rows (:class:`Layout4`), as ggml's ``q4_0_4x4`` /
+``prepare`` (matmul.py) repacks a matrix of any quantized type of the registry (Q4_0, Q4_1, Q5_0, Q5_1,
+Q8_0, IQ4_NL, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_XS: :data:`LAYOUTS`) whose row count is a multiple of 4 into groups of 4 rows (:class:`Layout4`), as ggml's ``q4_0_4x4`` /
 ``q8_0_4x4`` / ``q4_K_8x4`` layouts do: per block, the 4 rows' scales side by side, then
 the quants in 4-byte chunks, chunk i of rows 0..3 in one 16-byte vector. One vector of
 quants against the 4 activation bytes of chunk i broadcast to all lanes gives lane r = row
@@ -31,9 +31,14 @@ and mins are regrouped at repack time (the same 12 B per row and super-block, tw
 32 values to unpack): the scales of a sub-block's 4 rows side by side, widened in vector
 registers (``tbl`` on the A76) for one ``mla`` per sub-block; the mins in the order of an
 ``sdot`` by lane, so that the mins x Q8_K sums term is four dot products with the sums' int8
-high and low parts (the driver splits each sum s = 64 hi + lo). Q6_K: 4-bit and 2-bit parts in
-separate arrays, chunked the same way. Q8_0 (and Q6_K without dot product) GEMV loops take two
-blocks per iteration (:data:`UNROLL`).
+high and low parts (the driver splits each sum s = 64 hi + lo). Q2_K the same way with its 4-bit
+mins and the sums per 16 (:func:`bsums16_hilo`); its 2-bit quants taken in place (x 1, 4, 16: one ``and``
+each), the sums brought to one scale before the conversion. Q3_K and Q6_K are re-encoded at repack time
+as two's complement fields (q - 4, q - 32) at the top of a byte, with the spare low bits holding the
+rest (:func:`_q3_abc`, :func:`_q6_pack6`): one ``shl`` / ``and`` per 16 quants for most, no bias and no
+activation sums. IQ4_XS: IQ4_NL's table lookups with 6-bit scales per 32. The same bytes as the original
+rows for every type. Q8_0 GEMV loops take two blocks per iteration (:data:`UNROLL`); GEMM calls take 8
+or 10 activation rows for some types (:data:`GEMM_NC`).
 
 Measure with ``benchmarks/arm_mca.py`` (llvm-mca cycles per block, next to llama.cpp's).
 The jitted driver that walks the groups is matmul.py's ``_make_arm``; this module imports only simd
