@@ -888,7 +888,7 @@ def _make_arm(info: _TypeInfo, parallel: bool):
     HILO, HILO16 = L.sums == "hilo32", L.sums == "hilo16"     # Q4_K / Q5_K, Q2_K: int8 sums (arm.py)
     WITH_S = info.act == "q8_1"
     T_MAIN, T_ONE = spec("arm4", f, NC, arm.DOTPROD), spec("arm4", f, 1, arm.DOTPROD)
-    T_4 = spec("arm4", f, arm.NC, arm.DOTPROD)
+    T_4, MID = spec("arm4", f, arm.NC, arm.DOTPROD), NC > arm.NC     # MID: 4-row calls for the rest
 
     def arm4(wr, x, out):
         n, k = x.shape
@@ -919,16 +919,17 @@ def _make_arm(info: _TypeInfo, parallel: bool):
         op = np.int64(out.ctypes.data)
         osd = np.int64(out.strides[0])
         nc_main = n - n % NC
-        n4 = nc_main + (n - nc_main) // 4 * 4
+        n4 = nc_main + (n - nc_main) // 4 * 4 if MID else nc_main
         for g in prange(ng):
             gp = wp + g * gs
             o = op + g * 16
             for c0 in range(0, nc_main, NC):
                 call(T_MAIN, gp, nb_, xqp + c0 * xqs, xqs, xdp + c0 * xds, xds, xbp + c0 * xbs, xbs,
                      o + c0 * osd, osd)
-            for c0 in range(nc_main, n4, 4):       # NC > 4: 4-row calls for the rest
-                call(T_4, gp, nb_, xqp + c0 * xqs, xqs, xdp + c0 * xds, xds, xbp + c0 * xbs, xbs,
-                     o + c0 * osd, osd)
+            if MID:                                # (a constant: no 4-row code where NC is 4)
+                for c0 in range(nc_main, n4, 4):
+                    call(T_4, gp, nb_, xqp + c0 * xqs, xqs, xdp + c0 * xds, xds, xbp + c0 * xbs, xbs,
+                         o + c0 * osd, osd)
             for c0 in range(n4, n):
                 call(T_ONE, gp, nb_, xqp + c0 * xqs, xqs, xdp + c0 * xds, xds, xbp + c0 * xbs, xbs,
                      o + c0 * osd, osd)
