@@ -1,7 +1,7 @@
 """aarch64 (Raspberry Pi 4 / Pi 5) repacked layouts and kernels: 4 weight rows interleaved.
 
-``prepare`` (matmul.py) repacks a Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL, Q4_K, Q5_K or Q6_K matrix
-whose row count is a multiple of 4 into groups of 4 rows (:class:`Layout4`), as ggml's ``q4_0_4x4`` /
+``prepare`` (matmul.py) repacks a matrix of any quantized type of the registry (Q4_0, Q4_1, Q5_0, Q5_1,
+Q8_0, IQ4_NL, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_XS: :data:`LAYOUTS`) whose row count is a multiple of 4 into groups of 4 rows (:class:`Layout4`), as ggml's ``q4_0_4x4`` /
 ``q8_0_4x4`` / ``q4_K_8x4`` layouts do: per block, the 4 rows' scales side by side, then
 the quants in 4-byte chunks, chunk i of rows 0..3 in one 16-byte vector. One vector of
 quants against the 4 activation bytes of chunk i broadcast to all lanes gives lane r = row
@@ -31,9 +31,14 @@ and mins are regrouped at repack time (the same 12 B per row and super-block, tw
 32 values to unpack): the scales of a sub-block's 4 rows side by side, widened in vector
 registers (``tbl`` on the A76) for one ``mla`` per sub-block; the mins in the order of an
 ``sdot`` by lane, so that the mins x Q8_K sums term is four dot products with the sums' int8
-high and low parts (the driver splits each sum s = 64 hi + lo). Q6_K: 4-bit and 2-bit parts in
-separate arrays, chunked the same way. Q8_0 (and Q6_K without dot product) GEMV loops take two
-blocks per iteration (:data:`UNROLL`).
+high and low parts (the driver splits each sum s = 64 hi + lo). Q2_K the same way with its 4-bit
+mins and the sums per 16 (:func:`bsums16_hilo`); its 2-bit quants taken in place (x 1, 4, 16: one ``and``
+each), the sums brought to one scale before the conversion. Q3_K and Q6_K are re-encoded at repack time
+as two's complement fields (q - 4, q - 32) at the top of a byte, with the spare low bits holding the
+rest (:func:`_q3_abc`, :func:`_q6_pack6`): one ``shl`` / ``and`` per 16 quants for most, no bias and no
+activation sums. IQ4_XS: IQ4_NL's table lookups with 6-bit scales per 32. The same bytes as the original
+rows for every type. Q8_0 GEMV loops take two blocks per iteration (:data:`UNROLL`); GEMM calls take 8
+or 10 activation rows for some types (:data:`GEMM_NC`).
 
 Measure with ``benchmarks/arm_mca.py`` (llvm-mca cycles per block, next to llama.cpp's).
 The jitted driver that walks the groups is matmul.py's ``_make_arm``; this module imports only simd
@@ -86,7 +91,7 @@ DOTPROD = AARCH64 and _detect_dotprod()
 # the default of matmul.KernelConfig.arm: repack at prepare() on aarch64 (a config with arm=True
 # runs the no-dotprod flavour, generic IR, on other hosts too: that is how tests run it on x86)
 ENABLED = AARCH64
-NC = 4             # activation rows per GEMM tile
+NC = 4             # activation rows per GEMM tile (GEMM_NC: 8 for some types)
 SDOT_CHAINS = 1    # independent sdot chains per block sum (2: more movi/add, slower in llvm-mca)
 
 
@@ -99,6 +104,8 @@ class Layout4:
     qk = 32               # elements per block
     block_bytes = 0       # bytes of one source block
     group_bytes = 0       # bytes of one block of 4 rows
+    sums = ""             # the activation sums the kernels read: "" (int32 per 32, or unused), "hilo32"
+                          # (bsums_hilo: Q4_K / Q5_K), "hilo16" (bsums16_hilo: Q2_K)
 
     def repack(self, w: np.ndarray) -> np.ndarray:
         raise NotImplementedError
@@ -303,16 +310,16 @@ def _per_sub(v: np.ndarray) -> np.ndarray:
 
 
 def _per_row4(v: np.ndarray) -> np.ndarray:
-    """(ng, 4, nb, 8) -> (ng, nb, 32): two 16-byte halves (sub-blocks 0-3, 4-7), each the 4 rows' 4
+    """(ng, 4, nb, m) -> (ng, nb, 4m): m/4 16-byte vectors (sub-blocks 0-3, 4-7, ...), each the 4 rows' 4
     values side by side (row r at bytes 4r..4r+3): the weight operand of an sdot by lane."""
-    ng, _, nb, _ = v.shape
-    return v.reshape(ng, 4, nb, 2, 4).transpose(0, 2, 3, 1, 4).reshape(ng, nb, 32)
+    ng, _, nb, m = v.shape
+    return v.reshape(ng, 4, nb, m // 4, 4).transpose(0, 2, 3, 1, 4).reshape(ng, nb, 4 * m)
 
 
 def _from_row4(v: np.ndarray) -> np.ndarray:
-    """Inverse of :func:`_per_row4`: (ng, nb, 32) -> (ng, 4, nb, 8)."""
-    ng, nb, _ = v.shape
-    return v.reshape(ng, nb, 2, 4, 4).transpose(0, 3, 1, 2, 4).reshape(ng, 4, nb, 8)
+    """Inverse of :func:`_per_row4`: (ng, nb, 4m) -> (ng, 4, nb, m)."""
+    ng, nb, m4 = v.shape
+    return v.reshape(ng, nb, m4 // 16, 4, 4).transpose(0, 3, 1, 2, 4).reshape(ng, 4, nb, m4 // 4)
 
 
 def _k4_scales(b: np.ndarray) -> np.ndarray:
@@ -344,7 +351,7 @@ class Q4_Kx4(Layout4):
     (c, i) = rows 0..3's qs[32c + 4i .. +3] (low nibbles: sub-block 2c, high: 2c + 1, as in
     block_q4_K). 576 B = 4 x 144: the bytes of the original rows."""
 
-    name, act, qk, block_bytes, group_bytes = "Q4_K", "q8_K", 256, 144, 8 + 8 + 48 + 512
+    name, act, qk, block_bytes, group_bytes, sums = "Q4_K", "q8_K", 256, 144, 8 + 8 + 48 + 512, "hilo32"
 
     def repack(self, w):
         b = _rows(w, 144)
@@ -411,47 +418,213 @@ def _q6_pack(q: np.ndarray) -> tuple:
 
 
 class Q6_Kx4(Layout4):
-    """Per super-block: d[4] (fp16), scales[16][4] (int8, group major), then
-    ql: 4 x 8 chunks of 16 B, chunk (c, i) byte 4r + t = low 4 bits of row r's element 64c + 4i + t
-    (low nibble) and 64c + 32 + 4i + t (high nibble); qh: 2 x 8 chunks of 16 B, chunk (h, i) byte
-    4r + t = high 2 bits of row r's elements 128h + 32k + 4i + t at bits 2k, 2k + 1 (k = 0..3).
-    Quants unsigned (0..63); the kernels subtract 32."""
+    """Per super-block: d[4] (fp16), scales[16][4] (int8, group major), then the quants re-encoded
+    (:func:`_q6_pack6`): 192 B per row in 48 chunks of 16 B, chunk 8j + i byte 4r + t = row r's byte
+    32j + 4i + t (j < 6): element 32j + 4i + t - 32 as a 6-bit two's complement field at bits 2-7
+    (``and`` 0xFC: 4 x the signed quant, one op; no dot product: ``sshr`` #2), and in bits 0-1 a third
+    of element 192 + 32 (j // 3) + 4i + t (its bits 5-4, 3-2, 1-0 for j % 3 = 0, 1, 2: two shifts and
+    ``sri`` inserts put them together). 840 B = 4 x 210."""
 
-    name, act, qk, block_bytes, group_bytes = "Q6_K", "q8_K", 256, 210, 8 + 64 + 512 + 256
+    name, act, qk, block_bytes, group_bytes = "Q6_K", "q8_K", 256, 210, 8 + 64 + 768
 
     def repack(self, w):
         b = _rows(w, 210)
-        q = _q6_values(b)
-        ql = np.empty(q.shape[:-1] + (128,), np.uint8)
-        qh = np.empty(q.shape[:-1] + (64,), np.uint8)
-        for c in range(4):
-            ql[..., 32 * c:32 * c + 32] = (q[..., 64 * c:64 * c + 32] & 0xF) | ((q[..., 64 * c + 32:64 * c + 64] & 0xF) << 4)
-        for h in range(2):
-            hi = [q[..., 128 * h + 32 * k:128 * h + 32 * k + 32] >> 4 for k in range(4)]
-            qh[..., 32 * h:32 * h + 32] = hi[0] | (hi[1] << 2) | (hi[2] << 4) | (hi[3] << 6)
-        src = np.concatenate([ql, qh, b[..., 208:210]], axis=-1)
-        return _build(src, [(0, 192, 194), (2, 0, 64), (1, 0, 128), (1, 128, 192)], self.group_bytes,
+        src = np.concatenate([_q6_pack6(_q6_values(b)), b[..., 208:210]], axis=-1)
+        return _build(src, [(0, 192, 194), (2, 0, 64), (1, 0, 192)], self.group_bytes,
                       _per_sub(b[..., 192:208]))
 
     def unpack(self, p):
         ng, nb, _ = p.shape
-        d = p[..., 0:8].reshape(ng, nb, 4, 2).transpose(0, 2, 1, 3)
         sc = p[..., 8:72].reshape(ng, nb, 16, 4).transpose(0, 3, 1, 2)
-        ql = _unchunks(p[..., 72:584], 128)
-        qh = _unchunks(p[..., 584:840], 64)
-        q = np.empty((ng, 4, nb, 256), np.uint8)
-        for c in range(4):
-            q[..., 64 * c:64 * c + 32] = ql[..., 32 * c:32 * c + 32] & 0xF
-            q[..., 64 * c + 32:64 * c + 64] = ql[..., 32 * c:32 * c + 32] >> 4
-        for h in range(2):
-            for k in range(4):
-                o = 128 * h + 32 * k
-                q[..., o:o + 32] |= ((qh[..., 32 * h:32 * h + 32] >> (2 * k)) & 3) << 4
-        oql, oqh = _q6_pack(q)
-        return np.concatenate([oql, oqh, sc, d], axis=3).reshape(ng * 4, nb * 210)
+        oql, oqh = _q6_pack(_q6_unpack6(_unchunks(p[..., 72:], 192)))
+        return np.concatenate([oql, oqh, sc, _rows2(p[..., 0:8])], axis=3).reshape(ng * 4, nb * 210)
 
 
-LAYOUTS = {c.name: c() for c in (Q4_0x4, Q4_1x4, Q5_0x4, Q5_1x4, Q8_0x4, IQ4_NLx4, Q4_Kx4, Q5_Kx4, Q6_Kx4)}
+def _q6_pack6(q: np.ndarray) -> np.ndarray:
+    """(..., 256) unsigned 6-bit quants -> (..., 192) bytes of :class:`Q6_Kx4`."""
+    f = (q ^ 32).astype(np.uint8)                       # q - 32 as 6-bit two's complement
+    out = (f[..., :192] << 2).astype(np.uint8)
+    for j in range(6):
+        sp = f[..., 192 + 32 * (j // 3):224 + 32 * (j // 3)]
+        out[..., 32 * j:32 * j + 32] |= (sp >> (4 - 2 * (j % 3))) & 3
+    return out
+
+
+def _q6_unpack6(v: np.ndarray) -> np.ndarray:
+    q = np.empty(v.shape[:-1] + (256,), np.uint8)
+    q[..., :192] = v >> 2
+    for h in range(2):
+        lo = [v[..., 32 * j:32 * j + 32] & 3 for j in range(3 * h, 3 * h + 3)]
+        q[..., 192 + 32 * h:224 + 32 * h] = (lo[0] << 4) | (lo[1] << 2) | lo[2]
+    return q ^ 32
+
+
+def _nib_pack(v: np.ndarray) -> np.ndarray:
+    """(..., 2m) values < 16 -> (..., m) bytes: byte t = value t | value t + m << 4."""
+    m = v.shape[-1] // 2
+    return ((v[..., :m] & 0xF) | ((v[..., m:] & 0xF) << 4)).astype(np.uint8)
+
+
+def _nib_unpack(p: np.ndarray) -> np.ndarray:
+    return np.concatenate([p & 0xF, p >> 4], axis=-1)
+
+
+def _sub_rows(v: np.ndarray) -> np.ndarray:
+    """Inverse of :func:`_per_sub`: (ng, nb, 4m) -> (ng, 4, nb, m)."""
+    ng, nb, m4 = v.shape
+    return v.reshape(ng, nb, m4 // 4, 4).transpose(0, 3, 1, 2)
+
+
+def _rows2(p: np.ndarray) -> np.ndarray:
+    """(ng, nb, 8) fp16 fields of rows 0..3 side by side -> (ng, 4, nb, 2) bytes."""
+    ng, nb, _ = p.shape
+    return p.reshape(ng, nb, 4, 2).transpose(0, 2, 1, 3)
+
+
+class Q2_Kx4(Layout4):
+    """Per super-block: d[4], dmin[4] (fp16); the 4 rows' 16 4-bit scales in :func:`_per_sub`'s order
+    (value 4j + r = row r's scale of sub-block j) and their 16 4-bit mins in :func:`_per_row4`'s order (the
+    weight operand of an sdot by lane with the activations' sums per 16), each 64 values in 32 B
+    (:func:`_nib_pack`); qs: 2 x 8 chunks of 16 B, chunk (h, i) = rows 0..3's qs[32h + 4i .. +3] (bits 2j,
+    2j + 1: sub-block 8h + 2j (i < 4) or 8h + 2j + 1, as in block_q2_K). The kernels take the quants as
+    ``and`` 3 / 0x0C / 0x30 and ``ushr`` 6 (x 1, 4, 16, 1: no shift; the sums are brought to x 16 before
+    the float conversion, ``scvtf #4``). 336 B = 4 x 84. Activations: sums per 16 as int8 s >> 6, s & 63
+    (:func:`bsums16_hilo`)."""
+
+    name, act, qk, block_bytes, group_bytes, sums = "Q2_K", "q8_K", 256, 84, 16 + 32 + 32 + 256, "hilo16"
+
+    def repack(self, w):
+        b = _rows(w, 84)
+        sc = b[..., 0:16]
+        extra = np.concatenate([_nib_pack(_per_sub(sc & 0xF)), _nib_pack(_per_row4(sc >> 4))], axis=-1)
+        return _build(b, [(0, 80, 82), (0, 82, 84), (2, 0, 64), (1, 16, 80)], self.group_bytes, extra)
+
+    def unpack(self, p):
+        ng, nb, _ = p.shape
+        sc = _sub_rows(_nib_unpack(p[..., 16:48]))
+        mn = _from_row4(_nib_unpack(p[..., 48:80]))
+        return np.concatenate([sc | (mn << 4), _unchunks(p[..., 80:], 64), _rows2(p[..., 0:8]), _rows2(p[..., 8:16])],
+                              axis=3).reshape(ng * 4, nb * 84)
+
+
+def _q3_scales(s: np.ndarray) -> np.ndarray:
+    """(..., 12) block_q3_K.scales -> (..., 16) 6-bit scales as stored (scale + 32)."""
+    j = np.arange(16)
+    return ((s[..., j % 8] >> (4 * (j // 8))) & 0xF) | (((s[..., 8 + j % 4] >> (2 * (j // 4))) & 3) << 4)
+
+
+def _q3_pack_scales(v: np.ndarray) -> np.ndarray:
+    out = np.zeros(v.shape[:-1] + (12,), np.uint8)
+    for j in range(16):
+        out[..., j % 8] |= ((v[..., j] & 0xF) << (4 * (j // 8))).astype(np.uint8)
+        out[..., 8 + j % 4] |= ((v[..., j] >> 4) << (2 * (j // 4))).astype(np.uint8)
+    return out
+
+
+def _q3_abc(b: np.ndarray) -> np.ndarray:
+    """(..., 110) block_q3_K bytes -> (..., 96): the 256 quants as 3-bit two's complement fields (q - 4,
+    i.e. the 3-bit value q2 + 4 h with its high bit flipped) in three 32-byte arrays A, B, C. Element
+    (n, j, l) (= 128n + 32j + l, 2-bit part at bits 2j of qs[32n + l], high bit = hmask[l] bit 4n + j)
+    is s(n, j); byte l of A = s(0,0) | (s(1,2) & 3) << 3 | s(0,1) << 5, of B = s(0,2) | (s(1,3) & 3) << 3 |
+    s(0,3) << 5, of C = s(1,0) | (s(1,2) >> 2) << 3 | (s(1,3) >> 2) << 4 | s(1,1) << 5: six fields are one
+    ``shl`` #5 or ``and`` 0xE0 from 32 x their signed value, two are two shifts, two ands and an or."""
+    hm, qs = b[..., 0:32].astype(np.uint8), b[..., 32:96].astype(np.uint8)
+    s = {}
+    for n in range(2):
+        for j in range(4):
+            u = ((qs[..., 32 * n:32 * n + 32] >> (2 * j)) & 3) | (((hm >> (4 * n + j)) & 1) << 2)
+            s[n, j] = u ^ 4
+    a = s[0, 0] | ((s[1, 2] & 3) << 3) | (s[0, 1] << 5)
+    b_ = s[0, 2] | ((s[1, 3] & 3) << 3) | (s[0, 3] << 5)
+    c = s[1, 0] | ((s[1, 2] >> 2) << 3) | ((s[1, 3] >> 2) << 4) | (s[1, 1] << 5)
+    return np.concatenate([a, b_, c], axis=-1).astype(np.uint8)
+
+
+def _q3_unabc(v: np.ndarray) -> np.ndarray:
+    """Inverse of :func:`_q3_abc`: (..., 96) -> (..., 96) hmask + qs bytes."""
+    a, b_, c = v[..., 0:32], v[..., 32:64], v[..., 64:96]
+    s = {(0, 0): a & 7, (0, 1): a >> 5, (0, 2): b_ & 7, (0, 3): b_ >> 5, (1, 0): c & 7, (1, 1): c >> 5,
+         (1, 2): ((a >> 3) & 3) | (((c >> 3) & 1) << 2), (1, 3): ((b_ >> 3) & 3) | (((c >> 4) & 1) << 2)}
+    hm = np.zeros(a.shape, np.uint8)
+    qs = np.zeros(a.shape[:-1] + (64,), np.uint8)
+    for (n, j), sv in s.items():
+        u = sv ^ 4
+        qs[..., 32 * n:32 * n + 32] |= ((u & 3) << (2 * j)).astype(np.uint8)
+        hm |= ((u >> 2) << (4 * n + j)).astype(np.uint8)
+    return np.concatenate([hm, qs], axis=-1)
+
+
+class Q3_Kx4(Layout4):
+    """Per super-block: d[4] (fp16); the 4 rows' 16 6-bit scales (as stored, + 32) in :func:`_per_sub`'s
+    order, 48 B (:func:`_pack_6bit`); the quants re-encoded as signed 3-bit fields (:func:`_q3_abc`), 96 B
+    per row in 24 chunks of 16 B (chunk i = rows 0..3's bytes 4i .. 4i + 3; chunks 0-7 A, 8-15 B, 16-23
+    C). The kernels take 32 x the quants (``shl`` #5 / ``and`` 0xE0: no -4, no sums of the activations)
+    and convert with ``scvtf #5``. 440 B = 4 x 110."""
+
+    name, act, qk, block_bytes, group_bytes = "Q3_K", "q8_K", 256, 110, 8 + 48 + 384
+
+    def repack(self, w):
+        b = _rows(w, 110)
+        src = np.concatenate([_q3_abc(b), b[..., 108:110]], axis=-1)
+        return _build(src, [(0, 96, 98), (2, 0, 48), (1, 0, 96)], self.group_bytes,
+                      _pack_6bit(_per_sub(_q3_scales(b[..., 96:108]))))
+
+    def unpack(self, p):
+        ng, nb, _ = p.shape
+        sc = _q3_pack_scales(_sub_rows(_unpack_6bit(p[..., 8:56])))
+        return np.concatenate([_q3_unabc(_unchunks(p[..., 56:], 96)), sc, _rows2(p[..., 0:8])],
+                              axis=3).reshape(ng * 4, nb * 110)
+
+
+def _iq4xs_scales(b: np.ndarray) -> np.ndarray:
+    """(..., 136) block_iq4_xs bytes -> (..., 8) 6-bit scales as stored (scale + 32)."""
+    sh = b[..., 2].astype(np.uint16) | (b[..., 3].astype(np.uint16) << 8)
+    ib = np.arange(8)
+    lo = (b[..., 4 + ib // 2] >> (4 * (ib % 2))) & 0xF
+    return (lo | (((sh[..., None] >> (2 * ib)) & 3) << 4)).astype(np.uint8)
+
+
+def _pack_6bit32(v: np.ndarray) -> np.ndarray:
+    """(..., 32) values < 64 -> (..., 24) bytes: 16 B of low nibbles (value t and t + 16 in a byte), then
+    8 B of high 2-bit fields (values t, t + 8, t + 16, t + 24 at bits 0, 2, 4, 6)."""
+    h = v >> 4
+    hi = h[..., 0:8] | (h[..., 8:16] << 2) | (h[..., 16:24] << 4) | (h[..., 24:32] << 6)
+    return np.concatenate([_nib_pack(v), hi], axis=-1).astype(np.uint8)
+
+
+def _unpack_6bit32(p: np.ndarray) -> np.ndarray:
+    hi = p[..., 16:24]
+    h = np.concatenate([(hi >> (2 * t)) & 3 for t in range(4)], axis=-1)
+    return _nib_unpack(p[..., :16]) | (h << 4)
+
+
+class IQ4_XSx4(Layout4):
+    """Per super-block: d[4] (fp16); the 4 rows' 8 6-bit scales (as stored, + 32) in :func:`_per_sub`'s
+    order, 24 B (:func:`_pack_6bit32`); qs: 32 chunks of 16 B, chunk i = rows 0..3's qs[4i .. 4i + 3]
+    (sub-block i // 4; low nibbles its elements 0-15, high 16-31), table indices as in IQ4_NLx4.
+    544 B = 4 x 136."""
+
+    name, act, qk, block_bytes, group_bytes = "IQ4_XS", "q8_K", 256, 136, 8 + 24 + 512
+
+    def repack(self, w):
+        b = _rows(w, 136)
+        src = np.concatenate([b[..., 8:136], b[..., 0:2]], axis=-1)
+        return _build(src, [(0, 128, 130), (2, 0, 24), (1, 0, 128)], self.group_bytes,
+                      _pack_6bit32(_per_sub(_iq4xs_scales(b))))
+
+    def unpack(self, p):
+        ng, nb, _ = p.shape
+        v = _sub_rows(_unpack_6bit32(p[..., 8:32])).astype(np.uint16)   # (ng, 4, nb, 8)
+        ib = np.arange(8)
+        sh = ((v >> 4) << (2 * ib)).sum(-1).astype("<u2")
+        sl = (v[..., 0::2] & 0xF) | ((v[..., 1::2] & 0xF) << 4)
+        sh8 = sh[..., None].view(np.uint8)
+        return np.concatenate([_rows2(p[..., 0:8]), sh8, sl.astype(np.uint8), _unchunks(p[..., 32:], 128)],
+                              axis=3).reshape(ng * 4, nb * 136)
+
+
+LAYOUTS = {c.name: c() for c in (Q4_0x4, Q4_1x4, Q5_0x4, Q5_1x4, Q8_0x4, IQ4_NLx4, Q2_Kx4, Q3_Kx4, Q4_Kx4,
+                                    Q5_Kx4, Q6_Kx4, IQ4_XSx4)}
 
 
 def layout(type_name: str):
@@ -555,6 +728,14 @@ def _widen4_u(e: Emitter, v, dotprod: bool):
     return out
 
 
+def _sri(e: Emitter, d, n, s: int):
+    """<16 x i8>: n >> s (logical) with the top s bits of d kept (``sri`` on aarch64)."""
+    if simd.TARGET_ARCH == "aarch64":
+        return _intrinsic_call(e.b, "llvm.aarch64.neon.vsri.v16i8", V16, [d, n, c32(s)])
+    keep = _cv(I8, 16, (0xFF << (8 - s)) & 0xFF)
+    return e.b.or_(e.b.and_(d, keep), e.b.lshr(n, _cv(I8, 16, s)))
+
+
 def _to_float(e: Emitter, s, fbits: int = 0):
     """<4 x i32> -> <4 x float> s / 2^fbits (exact): a fixed-point ``scvtf #fbits`` on aarch64."""
     if fbits and simd.TARGET_ARCH == "aarch64":
@@ -573,12 +754,25 @@ def _cv(t, n, v):
 
 # ------------------------------------------------------------------ kernels
 # GEMV blocks per loop iteration, (type, dotprod) -> 2 where llvm-mca finds it faster (Q8_0: A76
-# 2.14 -> 1.94, A72 5.94 -> 5.34 cycles per block; Q6_K A72 81.6 -> 78.3); Q4_K is slower unrolled
-UNROLL = {("Q8_0", True): 2, ("Q8_0", False): 2, ("Q6_K", False): 2}
+# 2.14 -> 1.94, A72 5.94 -> 5.34 cycles per block); Q4_K and the re-encoded Q6_K are slower unrolled
+UNROLL = {("Q8_0", True): 2, ("Q8_0", False): 2}
+# GEMM activation rows per kernel call, (type, dotprod) -> 8 where llvm-mca finds it cheaper than NC = 4
+# (the weights' decoding shared by twice the rows; cycles per super-block, A76: Q6_K 21.1 -> 18.1, Q5_K
+# 24.0 -> 21.0, Q3_K 21.8 -> 18.7, IQ4_XS 18.5 -> 16.9, Q2_K 22.6 -> 21.6; A72: Q5_K 47.6 -> 45.2, Q4_K
+# 44.6 -> 43.3). Q4_0 on the A76: 10 rows, an Emitter.fence after each (without it LLVM hoists every row's
+# loads and spills the float accumulators: 8 rows 2.04), 1.82 -> 1.63; Q8_0 is cheapest at 4.
+GEMM_NC = {("Q6_K", True): 8, ("Q5_K", True): 8, ("Q3_K", True): 8, ("IQ4_XS", True): 8, ("Q2_K", True): 8,
+           ("Q5_K", False): 8, ("Q4_K", False): 8, ("Q4_0", True): 10}
 
 
 def unroll(type_name: str, nc: int, dotprod: bool) -> int:
     return UNROLL.get((type_name, dotprod), 1) if nc == 1 else 1
+
+
+def gemm_nc(type_name: str, dotprod: bool) -> int:
+    """Activation rows per GEMM kernel call (8 or 10 where GEMM_NC says; the drivers run the rest 4, then 1
+    at a time)."""
+    return GEMM_NC.get((type_name, dotprod), NC)
 
 
 @lru_cache(maxsize=None)
@@ -634,6 +828,8 @@ def group_kernel(type_name: str, nc: int, dotprod: bool):
                                  dotprod, terms=8)
                         sf = _to_float(e, s, 4 if dotprod else 0)
                         new.append(e.fma(sf, e.fmul(dw, e.splat(dx[c], 4)), accs[c]))
+                        if nc > NC and c < nc - 1:   # one row's loads and sums at a time (GEMM_NC: no spills)
+                            e.fence(b.bitcast(new[-1], V4I))
                 elif type_name in ("Q4_1", "Q5_0", "Q5_1"):   # unsigned 4/5-bit: 8 * 31 * 127 < 2^15
                     affine = type_name != "Q5_0"
                     q5 = type_name != "Q4_1"
@@ -726,21 +922,17 @@ def group_kernel(type_name: str, nc: int, dotprod: bool):
                 elif type_name == "Q6_K":
                     dw = _f16x4(e, bp, 0)
                     scg = _widen4(e, e.load(bp, c64(8), vec(I8, 64)), True)
-                    ql = [[e.load(bp, c64(72 + 128 * cc + 16 * t), V16) for t in range(8)] for cc in range(4)]
-                    qh = [[e.load(bp, c64(584 + 128 * h + 16 * t), V16) for t in range(8)] for h in range(2)]
-                    subs = []
-                    m30 = _cv(I8, 16, 0x30)
-                    for j in range(8):
-                        h, k = divmod(j, 4)
-                        cc = j // 2
+                    P = [[e.load(bp, c64(72 + 128 * j + 16 * t), V16) for t in range(8)] for j in range(6)]
+                    # dot product: 4 x the signed quants (and 0xFC); else the quants (sshr 2): int16 sums
+                    subs = [[b.and_(v, _cv(I8, 16, 0xFC)) if dotprod else b.ashr(v, _cv(I8, 16, 2)) for v in P[j]]
+                            for j in range(6)]
+                    for h in range(2):      # elements 192 + 32h + ...: bits 0-1 of P[3h], P[3h + 1], P[3h + 2]
                         sub = []
                         for t in range(8):
-                            nib = b.and_(ql[cc][t], _cv(I8, 16, 0x0F)) if j % 2 == 0 else \
-                                b.lshr(ql[cc][t], _cv(I8, 16, 4))
-                            hv = qh[h][t]
-                            sh = 4 - 2 * k
-                            hv = b.shl(hv, _cv(I8, 16, sh)) if sh > 0 else (b.lshr(hv, _cv(I8, 16, -sh)) if sh < 0 else hv)
-                            sub.append(b.sub(b.or_(nib, b.and_(hv, m30)), _cv(I8, 16, 32)))
+                            v6 = b.shl(P[3 * h][t], _cv(I8, 16, 6))
+                            v6 = _sri(e, v6, b.shl(P[3 * h + 1][t], _cv(I8, 16, 6)), 2)
+                            v6 = _sri(e, v6, b.shl(P[3 * h + 2][t], _cv(I8, 16, 6)), 4)
+                            sub.append(v6 if dotprod else b.ashr(v6, _cv(I8, 16, 2)))
                         subs.append(sub)
                     for c in range(nc):
                         isum = None
@@ -751,6 +943,93 @@ def group_kernel(type_name: str, nc: int, dotprod: bool):
                                          dotprod, terms=8)
                                 p = b.mul(e.freeze(s), scg[2 * j + g])
                                 isum = p if isum is None else b.add(isum, p)
+                        new.append(e.fma(_to_float(e, isum, 2 if dotprod else 0), e.fmul(dw, e.splat(dx[c], 4)),
+                                         accs[c]))
+                elif type_name == "Q2_K":
+                    dw = _f16x4(e, bp, 0)
+                    dm = _f16x4(e, bp, 8)
+                    scb = e.load(bp, c64(16), vec(I8, 32))
+                    scj = _widen4_u(e, e.concat(b.and_(scb, _cv(I8, 32, 0x0F)), b.lshr(scb, _cv(I8, 32, 4))), dotprod)
+                    mnb = [e.load(bp, c64(48 + 16 * h), V16) for h in range(2)]
+                    mn = [b.and_(v, _cv(I8, 16, 0x0F)) for v in mnb] + [b.lshr(v, _cv(I8, 16, 4)) for v in mnb]
+                    qs = [[e.load(bp, c64(80 + 128 * n_ + 16 * t), V16) for t in range(8)] for n_ in range(2)]
+                    # bits 2j, 2j + 1 in place: x 1, 4, 16 (and), x 1 (ushr 6); sums brought to x 16 below
+                    subs = {(n_, j): [b.lshr(v, _cv(I8, 16, 6)) if j == 3 else b.and_(v, _cv(I8, 16, 3 << (2 * j)))
+                                      for v in qs[n_]] for n_ in range(2) for j in range(4)}
+                    for c in range(nc):
+                        part = [None, None, None]        # the sums x 1 (j = 0, 3), x 4 (j = 1), x 16 (j = 2)
+                        for n_ in range(2):
+                            for j in range(4):
+                                g = (0, 1, 2, 0)[j]
+                                for h in range(2):
+                                    xv = xvec(c, 128 * n_ + 32 * j + 16 * h)
+                                    s = dot4(e, [(subs[n_, j][4 * h + t], xv, t) for t in range(4)], dotprod, terms=4)
+                                    p = b.mul(e.freeze(s), scj[8 * n_ + 2 * j + h])
+                                    part[g] = p if part[g] is None else b.add(part[g], p)
+                        two = _cv(I32, 4, 2)
+                        isum = b.add(b.shl(b.add(b.shl(part[0], two), part[1]), two), part[2])
+                        # sum_j min_j * bsum16_j, bsum = 64 hi + lo (bsums16_hilo: 16 hi, then 16 lo)
+                        hl = [e.load(xbp, b.add(brow[c], b.add(b.mul(i, c64(32)), c64(16 * t))), V16) for t in range(2)]
+                        chi = dot4(e, [(mn[h], hl[0], h) for h in range(4)], dotprod, terms=8)
+                        clo = dot4(e, [(mn[h], hl[1], h) for h in range(4)], dotprod, terms=8)
+                        corr = b.add(b.shl(chi, _cv(I32, 4, 6)), clo)
+                        acc = e.fma(_to_float(e, isum, 4), e.fmul(dw, e.splat(dx[c], 4)), accs[c])
+                        new.append(b.fsub(acc, e.fmul(b.sitofp(corr, vec(F32, 4)), e.fmul(dm, e.splat(dx[c], 4))),
+                                          flags=("contract",)))
+                elif type_name == "Q3_K":
+                    dw = _f16x4(e, bp, 0)
+                    lo = e.load(bp, c64(8), vec(I8, 32))
+                    hi = e.load(bp, c64(40), V16)
+
+                    def hi2(sh):   # bits 2t, 2t + 1 of hi at bits 4, 5
+                        v = b.shl(hi, _cv(I8, 16, sh)) if sh > 0 else b.lshr(hi, _cv(I8, 16, -sh)) if sh else hi
+                        return b.and_(v, _cv(I8, 16, 0x30))
+                    sc6 = e.concat(b.or_(b.and_(lo, _cv(I8, 32, 0x0F)), e.concat(hi2(4), hi2(2))),
+                                   b.or_(b.lshr(lo, _cv(I8, 32, 4)), e.concat(hi2(0), hi2(-2))))
+                    scj = _widen4(e, b.sub(sc6, _cv(I8, 64, 32)), True)
+                    A, B, C = ([e.load(bp, c64(56 + 128 * a + 16 * t), V16) for t in range(8)] for a in range(3))
+
+                    def m8(v, k):
+                        return b.and_(v, _cv(I8, 16, k))
+
+                    def sh8(v, k):
+                        return b.shl(v, _cv(I8, 16, k))
+                    # 32 x the signed quants (_q3_abc)
+                    q = {(0, 0): [sh8(v, 5) for v in A], (0, 1): [m8(v, 0xE0) for v in A],
+                         (0, 2): [sh8(v, 5) for v in B], (0, 3): [m8(v, 0xE0) for v in B],
+                         (1, 0): [sh8(v, 5) for v in C], (1, 1): [m8(v, 0xE0) for v in C],
+                         (1, 2): [b.or_(m8(sh8(cv, 4), 0x80), m8(sh8(av, 2), 0x60)) for av, cv in zip(A, C)],
+                         (1, 3): [b.or_(m8(sh8(cv, 3), 0x80), m8(sh8(bv, 2), 0x60)) for bv, cv in zip(B, C)]}
+                    for c in range(nc):
+                        isum = None
+                        for n_ in range(2):
+                            for j in range(4):
+                                for h in range(2):
+                                    xv = xvec(c, 128 * n_ + 32 * j + 16 * h)
+                                    s = dot4(e, [(q[n_, j][4 * h + t], xv, t) for t in range(4)], dotprod, terms=2)
+                                    p = b.mul(e.freeze(s), scj[8 * n_ + 2 * j + h])
+                                    isum = p if isum is None else b.add(isum, p)
+                        new.append(e.fma(_to_float(e, isum, 5), e.fmul(dw, e.splat(dx[c], 4)), accs[c]))
+                elif type_name == "IQ4_XS":
+                    dw = _f16x4(e, bp, 0)
+                    lo = e.load(bp, c64(8), V16)
+                    h8 = e.load(bp, c64(24), vec(I8, 8))
+                    hc = e.concat(h8, b.lshr(h8, _cv(I8, 8, 2)))     # byte t: bits 0-1 value t, bits 4-5 t + 16
+                    sc6 = e.concat(b.or_(b.and_(lo, _cv(I8, 16, 0x0F)), b.and_(b.shl(hc, _cv(I8, 16, 4)), _cv(I8, 16, 0x30))),
+                                   b.or_(b.lshr(lo, _cv(I8, 16, 4)), b.and_(hc, _cv(I8, 16, 0x30))))
+                    scj = _widen4(e, b.sub(sc6, _cv(I8, 32, 32)), True)
+                    vs = [e.load(bp, c64(32 + 16 * t), V16) for t in range(32)]
+                    tab = [int(v) for v in _iq4nl_values()]
+                    lo4 = [simd.lookup16(e, b.and_(v, _cv(I8, 16, 0x0F)), tab) for v in vs]
+                    hi4 = [simd.lookup16(e, b.lshr(v, _cv(I8, 16, 4)), tab) for v in vs]
+                    for c in range(nc):
+                        isum = None
+                        for j in range(8):
+                            x0, x1 = xvec(c, 32 * j), xvec(c, 32 * j + 16)
+                            s = dot4(e, [(lo4[4 * j + t], x0, t) for t in range(4)] +
+                                     [(hi4[4 * j + t], x1, t) for t in range(4)], dotprod, terms=2)
+                            p = b.mul(e.freeze(s), scj[j])
+                            isum = p if isum is None else b.add(isum, p)
                         new.append(e.fma(b.sitofp(isum, vec(F32, 4)), e.fmul(dw, e.splat(dx[c], 4)), accs[c]))
                 return new
 
@@ -792,6 +1071,22 @@ def bsums_hilo(xb, out):
                 out[i, 16 * sb + 8 + j] = v & 63
 
 
+@nb.njit(cache=True, nogil=True)
+def bsums16_hilo(xq, out):
+    """Q8_K quants (n, k) int8 -> (n, k/256 * 32) int8: per super-block the 16 sums per 16 quants' high
+    parts s >> 6 (-32..31), then their low parts s & 63; s = 64 hi + lo (|s| <= 16 * 127). The Q2_K
+    kernels' activation sums (the mins term as sdot by lane)."""
+    n, k = xq.shape
+    for i in range(n):
+        for sb in range(k // 256):
+            for j in range(16):
+                v = np.int32(0)
+                for t in range(16):
+                    v += np.int32(xq[i, 256 * sb + 16 * j + t])
+                out[i, 32 * sb + j] = v >> 6
+                out[i, 32 * sb + 16 + j] = v & 63
+
+
 def _iq4nl_values():
     return KVALUES_IQ4NL
 
@@ -802,7 +1097,7 @@ def mca_kernel(type_name: str, kind: str, dotprod: bool):
     type has no aarch64 layout."""
     if type_name not in LAYOUTS:
         return None
-    n = 1 if kind == "gemv" else NC
+    n = 1 if kind == "gemv" else gemm_nc(type_name, dotprod)
     u = unroll(type_name, n, dotprod)
     return (f"arm 4x{n}{f'u{u}' if u > 1 else ''} {'sdot' if dotprod else 'smull'}",
             group_kernel(type_name, n, dotprod), 10, ROWS * n * u)

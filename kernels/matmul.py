@@ -897,11 +897,12 @@ def _make_arm(info: _TypeInfo, parallel: bool):
     """aarch64 4-row groups (kernels/arm.py): one group x NC activation rows per kernel call."""
     f = info.name
     L = arm.LAYOUTS[f]
-    NC, QKB = arm.NC, L.qk
+    NC, QKB = arm.gemm_nc(f, arm.DOTPROD), L.qk      # 4, 8 or 10 activation rows per call; the rest 4, then 1
     KQ = L.act == "q8_K"
-    HILO = f in ("Q4_K", "Q5_K")
+    HILO, HILO16 = L.sums == "hilo32", L.sums == "hilo16"     # Q4_K / Q5_K, Q2_K: int8 sums (arm.py)
     WITH_S = info.act == "q8_1"
     T_MAIN, T_ONE = spec("arm4", f, NC, arm.DOTPROD), spec("arm4", f, 1, arm.DOTPROD)
+    T_4, MID = spec("arm4", f, arm.NC, arm.DOTPROD), NC > arm.NC     # MID: 4-row calls for the rest
 
     def arm4(wr, x, out):
         n, k = x.shape
@@ -910,6 +911,9 @@ def _make_arm(info: _TypeInfo, parallel: bool):
             if HILO:
                 xb = np.empty((n, k // 256 * 16), np.int8)
                 arm.bsums_hilo(xb32, xb)
+            elif HILO16:
+                xb = np.empty((n, k // 256 * 32), np.int8)
+                arm.bsums16_hilo(xq, xb)
             else:
                 xb = xb32
         else:
@@ -929,13 +933,18 @@ def _make_arm(info: _TypeInfo, parallel: bool):
         op = np.int64(out.ctypes.data)
         osd = np.int64(out.strides[0])
         nc_main = n - n % NC
+        n4 = nc_main + (n - nc_main) // 4 * 4 if MID else nc_main
         for g in prange(ng):
             gp = wp + g * gs
             o = op + g * 16
             for c0 in range(0, nc_main, NC):
                 call(T_MAIN, gp, nb_, xqp + c0 * xqs, xqs, xdp + c0 * xds, xds, xbp + c0 * xbs, xbs,
                      o + c0 * osd, osd)
-            for c0 in range(nc_main, n):
+            if MID:                                # (a constant: no 4-row code where NC is 4)
+                for c0 in range(nc_main, n4, 4):
+                    call(T_4, gp, nb_, xqp + c0 * xqs, xqs, xdp + c0 * xds, xds, xbp + c0 * xbs, xbs,
+                         o + c0 * osd, osd)
+            for c0 in range(n4, n):
                 call(T_ONE, gp, nb_, xqp + c0 * xqs, xqs, xdp + c0 * xds, xds, xbp + c0 * xbs, xbs,
                      o + c0 * osd, osd)
         _keep_alive(xq, xd, xb)

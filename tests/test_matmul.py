@@ -601,7 +601,8 @@ def test_arm_layout_round_trip(name):
 @pytest.mark.parametrize("name", ARM_TYPES)
 def test_arm_kernels_match_reference(name):
     """kernels/arm.py's drivers (here: the flavour this CPU gets; on x86 the generic no-dotprod one)
-    = the reference, n = 1 (GEMV) and n = 6 (a 4-row GEMM tile + 2 single rows), also at the value
+    = the reference, n = 1 (GEMV), n = 6 (a 4-row GEMM tile + 2 single rows) and n = 13 (8 + 4 + 1 or 10 + 3 x 1
+    rows where arm.GEMM_NC says 8 or 10; each row bit-identical to its GEMV), also at the value
     extremes where an int16 partial sum of the no-dotprod flavour would overflow. Odd block counts
     (3 super-blocks, 11 blocks): the GEMV loops unrolled by two (arm.UNROLL) run their remainder too."""
     cfg = mm.KernelConfig(arm=True)
@@ -611,13 +612,15 @@ def test_arm_kernels_match_reference(name):
         raw = _arm_weight(name, rows, k, rng, extreme)
         pw = mm.prepare(raw, int(T[name]), k, config=cfg)
         assert pw.arm is not None, pw
-        for n in (1, 6):
+        for n in (1, 6, 13):
             x = rng.standard_normal((n, k)).astype(np.float32)
             if extreme:
                 x = np.where(rng.random((n, k)) < 0.9, -1.0, 1.0).astype(np.float32)
             y = mm.matmul(pw, x)
             ref = reference(raw, name, k, x)
             assert rel(y, ref) < 2e-6, (name, extreme, n, rel(y, ref))
+            if n == 13:         # 8/10- (arm.GEMM_NC), 4- and 1-row calls: each row as its GEMV, bit for bit
+                np.testing.assert_array_equal(y, np.concatenate([mm.matmul(pw, x[i:i + 1]) for i in range(n)]))
             if not extreme:     # the prange driver gives the serial driver's numbers
                 pp = mm.prepare(raw, int(T[name]), k, config=mm.KernelConfig(arm=True, parallel_min_bytes=0))
                 np.testing.assert_array_equal(mm.matmul(pp, x), y)
