@@ -105,7 +105,7 @@ def side_by_side(a, model):
     """Our server and llama-server, both running, loaded in turn (see the module's docstring)."""
     par = a.parallel[-1]
     ours, url = start_server(model, "-c", a.ctx_size, "-t", a.threads, "--parallel", par,
-                             *(["--batch-invariant"] if a.batch_invariant else []))
+                             *(["--batch-invariant"] if a.batch_invariant else []), env=a.env)
     try:
         ll, lurl = start_llama_server(a.llama_server, model, a.threads, par, a.ctx_size, shlex.split(a.llama_args))
     except Exception:
@@ -193,7 +193,10 @@ def main(argv=None):
     ap.add_argument("--llama-server", default=None, metavar="BIN",
                     help="also start this llama-server and load the two in turn (the last --parallel value)")
     ap.add_argument("--llama-args", default="", help="more llama-server arguments (e.g. --no-repack)")
+    ap.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+                    help="set in our server's environment only (e.g. GOMP_SPINCOUNT=30000); repeatable")
     a = ap.parse_args(argv)
+    a.env = dict(kv.split("=", 1) for kv in a.env)
     model = a.model
     if model is None and a.url is None:
         sys.path.insert(0, str(ROOT))
@@ -207,7 +210,7 @@ def main(argv=None):
         url = a.url
         if url is None:
             proc, url = start_server(model, "-c", a.ctx_size, "-t", a.threads, "--parallel", par,
-                                     *(["--batch-invariant"] if a.batch_invariant else []))
+                                     *(["--batch-invariant"] if a.batch_invariant else []), env=a.env)
         try:
             runs = [run_load(url, a.clients, a.requests, a.tokens) for _ in range(a.repeat)]
         finally:

@@ -11,15 +11,18 @@ before the layer is known: numba picks it at the first launch) it holds one
 process-wide lock for the region; under omp or tbb it is a plain call. Serial
 kernels never take it, so threads still overlap outside the parallel regions.
 
-Under OpenMP, :func:`tune_waits` (at the package's import) makes the workers sleep when a region
-ends (``OMP_WAIT_POLICY=passive``) instead of spinning: libgomp's default spins ~0.5 ms of CPU after
-every region (300,000 polls), and a process holds one team per thread that launches regions (each
-server slot that leads a forward pass has its own worker). A decode step runs tens of regions
-separated by serial work (attention, norms, the small matmuls, Python); on a machine whose cores
-are all taken (a server with its HTTP thread, its slots and a load generator on two vCPUs) the
-spinning workers took those cores from the thread the step waited for: ``profile_step.py --batch 4
--t 2`` under load 11 on the 2-vCPU VM, 555 ms a step with the default waits, 84 with 10,000 polls,
-45 passive (benchmarks/RESULTS.md, issue 26).
+Under OpenMP, :func:`tune_waits` (at the package's import) bounds how long a region's workers spin
+when it ends before they sleep: ``GOMP_SPINCOUNT=30000`` (0.2 ms of worker CPU after a region on the
+Xeon VM) instead of libgomp's 300,000 (1.7 ms there). A process holds one team per thread that
+launches regions (each server slot that leads a forward pass has its own worker); on a machine whose
+cores are all taken (a server with its HTTP thread, its slots and a load generator on two vCPUs) the
+long spins took the cores from the thread the step waited for: ``profile_step.py --batch 4 -t 2``
+under load 11 on the 2-vCPU VM, 555 ms a step with libgomp's default, 84 with 10,000 polls, 45
+passive. Passive (sleep at once) is no default: every region then pays a futex wake, and single-
+stream decode at ``-t 2`` fell to about half (SmolLM2 Q4_0 tg, benchmarks/RESULTS.md, issue 26),
+while 30,000 polls kept it (the gaps between a decode step's regions are tens of us). The setting is
+in the environment only while numba loads libgomp (which reads it then): child processes
+(llama.cpp's tools started by the benchmarks) keep their own defaults.
 """
 
 from __future__ import annotations
@@ -71,8 +74,19 @@ def num_threads() -> int:
     return fast()
 
 
+SPIN_COUNT = "30000"
+
+
 def tune_waits() -> None:
-    """``OMP_WAIT_POLICY=passive`` unless the user set it or ``GOMP_SPINCOUNT``: read by libgomp when
-    numba's OpenMP layer loads it (the first parallel launch, after this package's import)."""
-    if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
-        os.environ["OMP_WAIT_POLICY"] = "passive"
+    """Load numba's threading layer with ``GOMP_SPINCOUNT=SPIN_COUNT`` unless the user set
+    ``OMP_WAIT_POLICY`` or ``GOMP_SPINCOUNT`` (see the module docstring), then take it out of the
+    environment again."""
+    if "OMP_WAIT_POLICY" in os.environ or "GOMP_SPINCOUNT" in os.environ:
+        return
+    os.environ["GOMP_SPINCOUNT"] = SPIN_COUNT
+    try:
+        from numba.np.ufunc.parallel import _launch_threads
+        _launch_threads()                # libgomp reads its environment when it is loaded
+    except Exception:                    # pragma: no cover - private API moved: left to numba's first launch
+        return
+    del os.environ["GOMP_SPINCOUNT"]

@@ -87,22 +87,24 @@ SPIN = textwrap.dedent("""
         c0 = others()
         time.sleep(0.02)
         spun += others() - c0
-    print(numba.threading_layer(), os.environ.get("OMP_WAIT_POLICY"), spun / 20 / 1e6)
+    print(numba.threading_layer(), os.environ.get("GOMP_SPINCOUNT"), spun / 20 / 1e6)
 """)
 
 
-def test_openmp_workers_sleep_between_regions():
-    """Under OpenMP the workers of a parallel region go to sleep when it ends (libgomp's default spins
-    ~0.5 ms of CPU after every region, taken from a server's other threads on a small machine); a
-    user's own OMP_WAIT_POLICY / GOMP_SPINCOUNT is kept."""
+def test_openmp_workers_spin_briefly_between_regions():
+    """Under OpenMP the workers of a parallel region spin a tenth as long when it ends as libgomp's
+    default (~1.7 ms of CPU, taken from a server's other threads on a small machine); the setting is
+    not left in the environment (child processes keep their defaults), and a user's own
+    GOMP_SPINCOUNT is kept."""
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
     env["NUMBA_NUM_THREADS"] = "2"
     out = subprocess.run([sys.executable, "-c", SPIN], capture_output=True, text=True, env=env, check=True)
-    layer, policy, spun_ms = out.stdout.split()
+    layer, left, ours_ms = out.stdout.split()
     if layer != "omp":
         return                                    # workqueue / tbb: no libgomp spinning to check
-    assert policy == "passive"
-    assert float(spun_ms) < 0.05, f"workers ran {spun_ms} ms after each region"
-    env["GOMP_SPINCOUNT"] = "300000"
+    assert left == "None"
+    env["GOMP_SPINCOUNT"] = "300000"              # libgomp's default, set by the user: kept
     out = subprocess.run([sys.executable, "-c", SPIN], capture_output=True, text=True, env=env, check=True)
-    assert out.stdout.split()[1] == "None"        # the user's setting wins, the policy is not set
+    _, left, default_ms = out.stdout.split()
+    assert left == "300000"
+    assert float(ours_ms) < float(default_ms) / 3, (ours_ms, default_ms)
