@@ -177,7 +177,10 @@ def test_sampled_output_is_the_same_with_a_seed(target, draft):
     plain = _run(target, ids, s, max_tokens=32)
     for prop in (NgramSimple(1, 4), draft):
         assert _run(target, ids, s, max_tokens=32, draft_model=prop, draft_n_max=4) == plain
-        assert target.timings.draft_n_accepted > 0
+        assert target.timings.draft_n > 0             # drafts were proposed and checked
+    # the draft model's drafts are taken as well (6 of 90 at seed 1234); the n-gram lookup's, on sampled
+    # text, only by chance (0 of 8 at seed 1234 since attention's order became fixed, issue 26)
+    assert target.timings.draft_n_accepted > 0
 
 
 def _chi2_same(a, b, min_count: int = 10):
