@@ -728,6 +728,19 @@ def _widen4_u(e: Emitter, v, dotprod: bool):
     return out
 
 
+def _scales6(e: Emitter, lo, hi):
+    """The 6-bit fields of a repacked group's scale bytes (Q4_K / Q5_K: scales and mins; Q3_K: its 16
+    scales in two halves): lo <32 x i8> holds the low 4 bits of both halves (low and high nibbles), hi
+    <16 x i8> bits 4-5, two per byte. Returns the two <32 x i8> halves."""
+    b = e.b
+
+    def hi2(sh):   # bits 2t, 2t + 1 of hi at bits 4, 5
+        v = b.shl(hi, _cv(I8, 16, sh)) if sh > 0 else b.lshr(hi, _cv(I8, 16, -sh)) if sh else hi
+        return b.and_(v, _cv(I8, 16, 0x30))
+    return (b.or_(b.and_(lo, _cv(I8, 32, 0x0F)), e.concat(hi2(4), hi2(2))),
+            b.or_(b.lshr(lo, _cv(I8, 32, 4)), e.concat(hi2(0), hi2(-2))))
+
+
 def _sri(e: Emitter, d, n, s: int):
     """<16 x i8>: n >> s (logical) with the top s bits of d kept (``sri`` on aarch64)."""
     if simd.TARGET_ARCH == "aarch64":
@@ -879,14 +892,7 @@ def group_kernel(type_name: str, nc: int, dotprod: bool):
                 elif type_name in ("Q4_K", "Q5_K"):
                     dw = _f16x4(e, bp, 0)
                     dm = _f16x4(e, bp, 8)
-                    lo = e.load(bp, c64(16), vec(I8, 32))
-                    hi = e.load(bp, c64(48), V16)
-
-                    def hi2(sh):   # bits 2t, 2t + 1 of hi at bits 4, 5
-                        v = b.shl(hi, _cv(I8, 16, sh)) if sh > 0 else b.lshr(hi, _cv(I8, 16, -sh)) if sh else hi
-                        return b.and_(v, _cv(I8, 16, 0x30))
-                    scv = b.or_(b.and_(lo, _cv(I8, 32, 0x0F)), e.concat(hi2(4), hi2(2)))
-                    mnv = b.or_(b.lshr(lo, _cv(I8, 32, 4)), e.concat(hi2(0), hi2(-2)))
+                    scv, mnv = _scales6(e, e.load(bp, c64(16), vec(I8, 32)), e.load(bp, c64(48), V16))
                     scj = _widen4_u(e, scv, dotprod)
                     mnh = [e.shuffle(mnv, None, range(16 * h, 16 * h + 16)) for h in range(2)]
                     q5 = type_name == "Q5_K"
@@ -978,14 +984,7 @@ def group_kernel(type_name: str, nc: int, dotprod: bool):
                                           flags=("contract",)))
                 elif type_name == "Q3_K":
                     dw = _f16x4(e, bp, 0)
-                    lo = e.load(bp, c64(8), vec(I8, 32))
-                    hi = e.load(bp, c64(40), V16)
-
-                    def hi2(sh):   # bits 2t, 2t + 1 of hi at bits 4, 5
-                        v = b.shl(hi, _cv(I8, 16, sh)) if sh > 0 else b.lshr(hi, _cv(I8, 16, -sh)) if sh else hi
-                        return b.and_(v, _cv(I8, 16, 0x30))
-                    sc6 = e.concat(b.or_(b.and_(lo, _cv(I8, 32, 0x0F)), e.concat(hi2(4), hi2(2))),
-                                   b.or_(b.lshr(lo, _cv(I8, 32, 4)), e.concat(hi2(0), hi2(-2))))
+                    sc6 = e.concat(*_scales6(e, e.load(bp, c64(8), vec(I8, 32)), e.load(bp, c64(40), V16)))
                     scj = _widen4(e, b.sub(sc6, _cv(I8, 64, 32)), True)
                     A, B, C = ([e.load(bp, c64(56 + 128 * a + 16 * t), V16) for t in range(8)] for a in range(3))
 
