@@ -59,9 +59,9 @@ def test_engines_in_threads_under_workqueue(smollm2_path):
 
 
 SPIN = textwrap.dedent("""
-    import os, threading, time
+    import os
     import numpy as np
-    import tinyinfer.kernels                  # sets OpenMP's wait policy (kernels/parallel.py)
+    import tinyinfer.kernels                  # loads libgomp with a bounded spin (kernels/parallel.py)
     import numba
 
     @numba.njit(parallel=True)
@@ -69,42 +69,33 @@ SPIN = textwrap.dedent("""
         for i in numba.prange(a.size):
             a[i] += 1.0
 
-    a = np.zeros(1000)
-    f(a)
-    me = threading.get_native_id()
-
-    def others():                             # run time of the other threads (ns), the workers'
-        tot = 0
-        for t in os.listdir(f"/proc/{os.getpid()}/task"):
-            if int(t) != me:
-                with open(f"/proc/{os.getpid()}/task/{t}/schedstat") as fh:
-                    tot += int(fh.read().split()[0])
-        return tot
-
-    spun = 0
-    for _ in range(20):
-        f(a)
-        c0 = others()
-        time.sleep(0.02)
-        spun += others() - c0
-    print(numba.threading_layer(), os.environ.get("GOMP_SPINCOUNT"), spun / 20 / 1e6)
+    f(np.zeros(1000))
+    print(numba.threading_layer(), os.environ.get("GOMP_SPINCOUNT"))
 """)
 
 
+def _spin(env):
+    """(threading layer, GOMP_SPINCOUNT left in the environment, the spin count libgomp itself reports
+    under OMP_DISPLAY_ENV=verbose, or None)."""
+    out = subprocess.run([sys.executable, "-c", SPIN], capture_output=True, text=True, check=True,
+                         env=dict(env, OMP_DISPLAY_ENV="verbose"))
+    layer, left = out.stdout.split()[-2:]
+    told = [ln.split("=", 1)[1].strip().strip("'") for ln in out.stderr.splitlines()
+            if ln.strip().startswith("GOMP_SPINCOUNT")]
+    return layer, left, told[0] if told else None
+
+
 def test_openmp_workers_spin_briefly_between_regions():
-    """Under OpenMP the workers of a parallel region spin a tenth as long when it ends as libgomp's
-    default (~1.7 ms of CPU, taken from a server's other threads on a small machine); the setting is
-    not left in the environment (child processes keep their defaults), and a user's own
-    GOMP_SPINCOUNT is kept."""
+    """Under OpenMP, libgomp is loaded with GOMP_SPINCOUNT=30000: the workers of a region spin about a
+    tenth as long when it ends as with libgomp's default of 300,000 (~0.2 against ~1.7 ms of CPU on the
+    Xeon VM, taken from a server's other threads on a small machine). The setting is not left in the
+    environment (child processes keep their defaults), and a user's own GOMP_SPINCOUNT is kept. libgomp
+    reports what it read (OMP_DISPLAY_ENV=verbose): no timing, so a loaded machine cannot fail it."""
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
     env["NUMBA_NUM_THREADS"] = "2"
-    out = subprocess.run([sys.executable, "-c", SPIN], capture_output=True, text=True, env=env, check=True)
-    layer, left, ours_ms = out.stdout.split()
+    layer, left, told = _spin(env)
     if layer != "omp":
         return                                    # workqueue / tbb: no libgomp spinning to check
-    assert left == "None"
+    assert (left, told) == ("None", "30000")
     env["GOMP_SPINCOUNT"] = "300000"              # libgomp's default, set by the user: kept
-    out = subprocess.run([sys.executable, "-c", SPIN], capture_output=True, text=True, env=env, check=True)
-    _, left, default_ms = out.stdout.split()
-    assert left == "300000"
-    assert float(ours_ms) < float(default_ms) / 3, (ours_ms, default_ms)
+    assert _spin(env)[1:] == ("300000", "300000")
