@@ -183,6 +183,40 @@ def test_batched_decoding_equals_solo_runs(smollm2_path):
     assert e.batcher.max_batch >= 2                    # they did share forward passes
 
 
+def test_lanes_run_two_passes_at_once_and_change_no_number(smollm2_path):
+    """At two threads with four sequences busy, the batcher runs two one-thread passes of two rows at
+    the same time (its lanes); with the batch-invariant kernels every token and logprob is the one the
+    sequence gets alone (one two-thread pass of one row)."""
+    import numba
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("numba's pool has one thread")
+    from tinyinfer.kernels.matmul import KernelConfig, using_config
+    with using_config(KernelConfig(batch_invariant=True)):
+        e = Engine(smollm2_path, n_ctx=256, n_threads=2, n_seq=4)
+        assert e.batcher.lanes == 2
+        engines = [e] + [e.fork(seq=i) for i in range(1, 4)]
+
+        def run(eng, p):
+            return [(s.token, s.logprob) for s in eng.generate(_ids(eng, p), GREEDY, max_tokens=16,
+                                                              ignore_eos=True, logprobs=0)]
+
+        solo = {p: run(e, p) for p in PROMPTS}
+        got = {}
+        barrier = threading.Barrier(4)
+
+        def worker(k):
+            barrier.wait()
+            got[PROMPTS[k]] = run(engines[k], PROMPTS[k])
+
+        threads = [threading.Thread(target=worker, args=(k,)) for k in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(300)
+    assert got == solo
+    assert e.batcher.max_running == 2 and e.batcher.max_batch >= 2     # two passes of several rows at once
+
+
 def test_prompt_chunk_shares_the_decode_pass(smollm2_path):
     """A slot's prompt runs in the same forward pass as another sequence's decode token (each weight
     read once for both, as llama-server mixes them); with the batch-invariant kernels both logits rows
