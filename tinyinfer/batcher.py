@@ -36,11 +36,11 @@ class _Request:
         self.done = self.taken = False
 
 
-def _lanes_default(n_threads: int) -> int:
-    """How many forward passes may run at once: ``TINYINFER_LANES`` if set, else the thread count."""
+def _lanes_default() -> int:
+    """How many forward passes may run at once: ``TINYINFER_LANES`` (default 1)."""
     v = os.environ.get("TINYINFER_LANES", "").strip()
     try:
-        return max(1, int(v)) if v else max(1, n_threads)
+        return max(1, int(v)) if v else 1
     except ValueError:
         raise ValueError(f"TINYINFER_LANES must be a whole number, got {v!r}") from None
 
@@ -54,16 +54,18 @@ class Batcher:
     chunk that wants one logits row in the same pass, other chunks on their own. Engines join and
     leave between steps; sampling stays in each engine's thread.
 
-    **Lanes.** With ``n_threads`` >= 2 and at least four active engines, the engines form up to
-    ``lanes`` groups (default: one per thread, ``TINYINFER_LANES`` to change it) whose passes run at
-    the same time, each with ``n_threads // lanes`` threads: at ``-t 2 --parallel 4``, two
-    one-thread passes of two rows instead of one two-thread pass of four. A group's pass starts as
-    soon as its rows are ready, so one group samples (Python, under the GIL) while the other's kernels
-    run (they release the GIL), and a one-thread pass never waits at a thread barrier for a core that
-    the HTTP thread or a client holds. With fewer active engines (or one lane) every waiting
-    evaluation joins one pass with all the threads, when every active engine is waiting, as before.
-    Which rows share a pass changes no number (batch invariance is the kernels': a row's logits do
-    not depend on the batch or the thread count).
+    **Lanes** (an experiment, off by default: ``TINYINFER_LANES=L`` turns it on). With ``n_threads``
+    >= 2 and at least four active engines, the engines form up to ``L`` groups whose passes run at
+    the same time, each with ``n_threads // L`` threads: at ``-t 2 --parallel 4``, two one-thread
+    passes of two rows instead of one two-thread pass of four. A group's pass starts as soon as its
+    rows are ready, so one group samples (Python, under the GIL) while the other's kernels run (they
+    release the GIL), and a one-thread pass never waits at a thread barrier. The price: each group
+    reads every weight, so a token costs more CPU (SmolLM2 Q4_0, one thread: a pass of two rows 16-17
+    ms, of four 19-22). On the shared 2-vCPU VM it lost (benchmarks/RESULTS.md, issue 26); it is kept
+    for a quiet-machine A/B (``bench_serving.py --env TINYINFER_LANES=2``). With fewer active engines
+    (or one lane) every waiting evaluation joins one pass with all the threads once every active
+    engine is waiting. Which rows share a pass changes no number (batch invariance is the kernels':
+    a row's logits depend neither on the batch nor on the thread count).
 
     ``TINYINFER_STEP_TRACE=PATH`` appends a timeline (one line per evaluation's arrival and per pass)
     for benchmarks/bench_serving.py ``--trace``.
@@ -72,7 +74,7 @@ class Batcher:
     def __init__(self, first):
         self.model, self.cache = first.model, first.cache
         self.n_threads = first.n_threads
-        self.lanes = _lanes_default(self.n_threads)
+        self.lanes = _lanes_default()
         self.engines: List = [first]
         self.cv = threading.Condition()
         self.active = 0
