@@ -183,39 +183,33 @@ def test_batched_decoding_equals_solo_runs(smollm2_path):
     assert e.batcher.max_batch >= 2                    # they did share forward passes
 
 
-def test_lanes_run_two_passes_at_once_and_change_no_number(smollm2_path):
-    """At two threads with four sequences busy and two lanes, the batcher runs two one-thread passes of
-    two rows at the same time; with the batch-invariant kernels every token and logprob is the one the
-    sequence gets alone (one two-thread pass of one row)."""
-    import numba
-    if numba.config.NUMBA_NUM_THREADS < 2:
-        pytest.skip("numba's pool has one thread")
-    from tinyinfer.kernels.matmul import KernelConfig, using_config
-    with using_config(KernelConfig(batch_invariant=True)):
-        e = Engine(smollm2_path, n_ctx=256, n_threads=2, n_seq=4)
-        assert e.batcher.lanes == 1                   # an experiment: TINYINFER_LANES turns it on
-        e.batcher.lanes = 2
-        engines = [e] + [e.fork(seq=i) for i in range(1, 4)]
-
-        def run(eng, p):
-            return [(s.token, s.logprob) for s in eng.generate(_ids(eng, p), GREEDY, max_tokens=16,
-                                                              ignore_eos=True, logprobs=0)]
-
-        solo = {p: run(e, p) for p in PROMPTS}
-        got = {}
-        barrier = threading.Barrier(4)
-
-        def worker(k):
-            barrier.wait()
-            got[PROMPTS[k]] = run(engines[k], PROMPTS[k])
-
-        threads = [threading.Thread(target=worker, args=(k,)) for k in range(4)]
+def test_step_trace_sums_up(smollm2_path, tmp_path, monkeypatch):
+    """TINYINFER_STEP_TRACE's timeline (tinyinfer/batcher.py) of two sequences decoding at once, and
+    benchmarks/bench_serving.py's summary of it: passes of two rows, each row back after its pass."""
+    import sys
+    import time
+    from pathlib import Path
+    from tinyinfer import batcher
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    from bench_serving import step_timeline
+    path = tmp_path / "steps.txt"
+    e = Engine(smollm2_path, n_ctx=128, n_threads=1, n_seq=2)
+    f = e.fork(seq=1)
+    with open(path, "a", buffering=1) as fh:
+        monkeypatch.setattr(batcher, "_TRACE", fh)
+        t0 = time.perf_counter()
+        threads = [threading.Thread(target=_greedy, args=(x, p, 6)) for x, p in ((e, PROMPTS[0]), (f, PROMPTS[1]))]
         for t in threads:
             t.start()
         for t in threads:
             t.join(300)
-    assert got == solo
-    assert e.batcher.max_running == 2 and e.batcher.max_batch >= 2     # two passes of several rows at once
+        t1 = time.perf_counter()
+    lines = path.read_text().splitlines()
+    runs = [ln.split() for ln in lines if ln.startswith("R ")]
+    assert runs and sum(int(r[3]) for r in runs) == sum(ln.startswith("A ") for ln in lines)
+    assert max(int(r[3]) for r in runs) == 2 and all(float(r[1]) <= float(r[2]) for r in runs)
+    summary = step_timeline(path, t0, t1)
+    assert f"{len(runs)} passes" in summary and "a row back" in summary
 
 
 def test_prompt_chunk_shares_the_decode_pass(smollm2_path):

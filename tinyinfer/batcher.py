@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from typing import List, Optional
+from typing import List
 
 import numpy as np
 
@@ -24,74 +24,41 @@ def common_prefix(a, b) -> int:
     return n
 
 
+# TINYINFER_STEP_TRACE=PATH: a timeline of the batcher, appended to PATH as it runs (one line per
+# evaluation that arrives: "A time seq n_tokens"; per forward pass: "R start end n_requests n_tokens
+# n_threads"; perf_counter seconds), which benchmarks/bench_serving.py --trace sums up per run
 _TRACE = open(os.environ["TINYINFER_STEP_TRACE"], "a", buffering=1) if os.environ.get("TINYINFER_STEP_TRACE") else None
 
 
 class _Request:
-    __slots__ = ("engine", "ids", "pos0", "n_out", "embeddings", "result", "error", "done", "taken")
+    __slots__ = ("engine", "ids", "pos0", "n_out", "embeddings", "result", "error", "done")
 
     def __init__(self, engine, ids, pos0, n_out, embeddings):
         self.engine, self.ids, self.pos0, self.n_out, self.embeddings = engine, ids, pos0, n_out, embeddings
         self.result = self.error = None
-        self.done = self.taken = False
-
-
-def _lanes_default() -> int:
-    """How many forward passes may run at once: ``TINYINFER_LANES`` (default 1)."""
-    v = os.environ.get("TINYINFER_LANES", "").strip()
-    try:
-        return max(1, int(v)) if v else 1
-    except ValueError:
-        raise ValueError(f"TINYINFER_LANES must be a whole number, got {v!r}") from None
+        self.done = False
 
 
 class Batcher:
     """Continuous batching for the engines of one shared cache, each driven by its own thread.
 
-    An engine inside :meth:`Engine.generate` is *active*. Its evaluations wait here and are run by
-    one of the waiting threads (no scheduler thread): the single tokens of several sequences as one
-    forward pass (a :class:`Batch`, so each weight is read once per step for all of them), a prompt
-    chunk that wants one logits row in the same pass, other chunks on their own. Engines join and
-    leave between steps; sampling stays in each engine's thread.
-
-    **Lanes** (an experiment, off by default: ``TINYINFER_LANES=L`` turns it on). With ``n_threads``
-    >= 2 and at least four active engines, the engines form up to ``L`` groups whose passes run at
-    the same time, each with ``n_threads // L`` threads: at ``-t 2 --parallel 4``, two one-thread
-    passes of two rows instead of one two-thread pass of four. A group's pass starts as soon as its
-    rows are ready, so one group samples (Python, under the GIL) while the other's kernels run (they
-    release the GIL), and a one-thread pass never waits at a thread barrier. The price: each group
-    reads every weight, so a token costs more CPU (SmolLM2 Q4_0, one thread: a pass of two rows 16-17
-    ms, of four 19-22). On the shared 2-vCPU VM it lost (benchmarks/RESULTS.md, issue 26); it is kept
-    for a quiet-machine A/B (``bench_serving.py --env TINYINFER_LANES=2``). With fewer active engines
-    (or one lane) every waiting evaluation joins one pass with all the threads once every active
-    engine is waiting. Which rows share a pass changes no number (batch invariance is the kernels':
-    a row's logits depend neither on the batch nor on the thread count).
-
-    ``TINYINFER_STEP_TRACE=PATH`` appends a timeline (one line per evaluation's arrival and per pass)
-    for benchmarks/bench_serving.py ``--trace``.
+    An engine inside :meth:`Engine.generate` is *active*. Its evaluations wait here; when every
+    active engine is waiting, the last to arrive runs them all (no scheduler thread): the single
+    tokens of all sequences as one forward pass (a :class:`Batch`, so each weight is read once per
+    step for all of them), then each prompt chunk on its own. Engines join and leave between steps;
+    sampling stays in each engine's thread.
     """
 
     def __init__(self, first):
         self.model, self.cache = first.model, first.cache
         self.n_threads = first.n_threads
-        self.lanes = _lanes_default()
         self.engines: List = [first]
         self.cv = threading.Condition()
         self.active = 0
         self.pending: List[_Request] = []
-        self.n_running = 0           # passes running now
-        self.rows_running = 0        # evaluations inside them
+        self.running = False
         self.n_steps = 0             # forward passes run (tests, /metrics)
         self.max_batch = 0           # the most sequences decoded in one pass
-        self.max_running = 0         # the most passes that ran at once
-
-    @property
-    def running(self) -> bool:
-        return self.n_running > 0
-
-    def lanes_now(self) -> int:
-        """The passes that may run at once for the engines active now: groups of two rows or more."""
-        return max(1, min(self.lanes, self.n_threads, self.active // 2))
 
     def enter(self) -> None:
         with self.cv:
@@ -102,24 +69,6 @@ class Batcher:
             self.active -= 1
             self.cv.notify_all()
 
-    def _take(self, req: _Request):
-        """The evaluations a pass should run now, ``req``'s among them, and its thread count; None to wait."""
-        lanes = self.lanes_now()
-        if self.n_running >= lanes:
-            return None
-        idle = self.active - self.rows_running       # active engines not inside a running pass
-        if lanes == 1:
-            if len(self.pending) < idle:              # (an evaluation outside generate() counts as active)
-                return None
-            take = self.pending
-        else:
-            cap = -(-self.active // lanes)
-            if len(self.pending) < min(cap, idle):
-                return None
-            take = [req] + [r for r in self.pending if r is not req][:cap - 1]
-        self.pending = [r for r in self.pending if r not in take]
-        return take, max(1, self.n_threads // lanes)
-
     def forward(self, engine, ids, pos0, n_out, embeddings=False):
         req = _Request(engine, np.asarray(ids, np.int64), pos0, n_out, embeddings)
         if _TRACE is not None:
@@ -127,34 +76,30 @@ class Batcher:
         with self.cv:
             self.pending.append(req)
             while not req.done:
-                got = self._take(req) if not req.taken else None
-                if got is None:
+                # an evaluation outside generate() (an embedding) counts as active while it waits
+                waiting = len(self.pending)
+                if not self.running and self.pending and waiting >= self.active:
+                    take, self.pending = self.pending, []
+                    self.running = True
+                    self.cv.release()
+                    try:
+                        t0 = time.perf_counter()
+                        self._run(take)
+                        if _TRACE is not None:
+                            _TRACE.write(f"R {t0:.6f} {time.perf_counter():.6f} {len(take)} "
+                                         f"{sum(r.ids.size for r in take)} {self.n_threads}\n")
+                    finally:
+                        self.cv.acquire()
+                        self.running = False
+                        self.cv.notify_all()
+                else:
                     self.cv.wait()
-                    continue
-                take, n_threads = got
-                for r in take:
-                    r.taken = True
-                self.n_running += 1
-                self.rows_running += len(take)
-                self.max_running = max(self.max_running, self.n_running)
-                self.cv.release()
-                try:
-                    t0 = time.perf_counter()
-                    self._run(take, n_threads)
-                    if _TRACE is not None:
-                        _TRACE.write(f"R {t0:.6f} {time.perf_counter():.6f} {len(take)} "
-                                     f"{sum(r.ids.size for r in take)} {n_threads}\n")
-                finally:
-                    self.cv.acquire()
-                    self.n_running -= 1
-                    self.rows_running -= len(take)
-                    self.cv.notify_all()
         if req.error is not None:
             raise req.error
         return req.result
 
-    def _run(self, reqs: List[_Request], n_threads: Optional[int] = None) -> None:
-        use_threads(n_threads or self.n_threads)
+    def _run(self, reqs: List[_Request]) -> None:
+        use_threads(self.n_threads)
         # one pass for the single tokens of the decoding sequences and the prompt chunks that want one
         # logits row (a slot that has just taken a request): each weight is read once for all of them,
         # as llama-server mixes prompts into its decode batches. A chunk whose attention would take
@@ -221,7 +166,9 @@ class Batcher:
                 best, src = n, other
         if src is None:
             return keep
-        with self.cv:                  # src is idle, so in no running pass; new work on it waits for cv
+        with self.cv:                  # not while a forward pass writes the cache
+            while self.running:
+                self.cv.wait()
             if src.busy:
                 return keep
             n = min(best, common_prefix(src.tokens, prompt_ids))

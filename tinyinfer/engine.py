@@ -200,13 +200,6 @@ class Engine:
         self.model.forward(ids[:1], Batch.run(0, 0, 1), self.cache)
         if self.n_seq > 1:     # a decode batch: one token of two sequences
             self.model.forward(ids, Batch.one_each([0, 1], [0, 0]), self.cache, n_out=2)
-            lanes = min(self.batcher.lanes, self.n_threads, self.n_seq // 2) if self.batcher else 1
-            if lanes > 1:      # and as the batcher's lanes run it, with fewer threads (their drivers)
-                use_threads(max(1, self.n_threads // lanes))
-                try:
-                    self.model.forward(ids, Batch.one_each([0, 1], [0, 0]), self.cache, n_out=2)
-                finally:
-                    use_threads(self.n_threads)
 
     @property
     def n_vocab(self) -> int:
