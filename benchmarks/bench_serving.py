@@ -13,6 +13,10 @@ shared machine's load falls on both alike; it prints each server's runs, their m
 the server process's CPU seconds per generated token, and the ratio of the medians. llama-server's figures on
 this machine kind (../shared/reference/speed.md): --parallel 1 278 tok/s (p50 0.92 s), --parallel 4
 503 tok/s (p50 0.50 s), with the same load.
+
+``--trace``: our server writes its batcher's timeline (``TINYINFER_STEP_TRACE``) and each run prints where
+its time went (:func:`step_timeline`: forward passes, the time with none running, how long after its pass a
+row is back). Every run also prints the load generator's own CPU time per token (it shares the CPUs).
 """
 
 from __future__ import annotations
