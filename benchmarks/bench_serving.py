@@ -198,10 +198,13 @@ def step_timeline(path, t0, t1) -> str:
     runs, arrivals = [], []
     for line in Path(path).read_text().splitlines():
         f = line.split()
-        if f[0] == "R" and t0 <= float(f[1]) <= t1:
-            runs.append((float(f[1]), min(float(f[2]), t1), int(f[3]), int(f[4]), int(f[5])))
-        elif f[0] == "A" and t0 <= float(f[1]) <= t1:
-            arrivals.append(float(f[1]))
+        try:                             # (the server's threads append lines: skip one that came out torn)
+            if f[0] == "R" and len(f) == 6 and t0 <= float(f[1]) <= t1:
+                runs.append((float(f[1]), min(float(f[2]), t1), int(f[3]), int(f[4]), int(f[5])))
+            elif f[0] == "A" and len(f) == 4 and t0 <= float(f[1]) <= t1:
+                arrivals.append(float(f[1]))
+        except (IndexError, ValueError):
+            continue
     if not runs:
         return "no passes traced"
     edges = sorted([(r[0], 1) for r in runs] + [(r[1], -1) for r in runs])
