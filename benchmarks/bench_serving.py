@@ -192,8 +192,7 @@ def run_load(url, clients, requests, tokens):
 def step_timeline(path, t0, t1) -> str:
     """Where the server's time went between ``t0`` and ``t1`` (perf_counter, the same clock in both
     processes on Linux), from its ``TINYINFER_STEP_TRACE`` file (tinyinfer/batcher.py): the forward
-    passes (count, rows, ms), the share of the wall time with one pass or more running and with two at
-    once (lanes), the time with none running, and how long after a pass ends its rows are back
+    passes (count, rows, ms), the share of the wall time with a pass running, the time with none running, and how long after a pass ends its rows are back
     (sampling, detokenizing, handing the token to the HTTP side: a slot's work between its passes)."""
     runs, arrivals = [], []
     for line in Path(path).read_text().splitlines():
@@ -222,7 +221,7 @@ def step_timeline(path, t0, t1) -> str:
     return (f"{len(runs)} passes, {sum(r[2] for r in runs) / len(runs):.2f} rows ({sum(r[3] for r in runs) / len(runs):.2f} "
             f"tokens) a pass at {'/'.join(map(str, thr))} thread(s), pass {statistics.median(ms):.1f} ms median "
             f"(p10 {ms[len(ms) // 10]:.1f}, p90 {ms[9 * len(ms) // 10]:.1f}); wall: "
-            f">= 1 pass running {100 * (time_at[1] + time_at[2]) / wall:.0f}%, 2 at once {100 * time_at[2] / wall:.0f}%, "
+            f"a pass running {100 * (time_at[1] + time_at[2]) / wall:.0f}%, "
             f"none {100 * time_at[0] / wall:.0f}% ({1000 * time_at[0] / max(1, len(runs)):.2f} ms a pass); a row back "
             f"{1000 * statistics.median(back) if back else float('nan'):.2f} ms after its pass (median)")
 
