@@ -193,7 +193,8 @@ def step_timeline(path, t0, t1) -> str:
     """Where the server's time went between ``t0`` and ``t1`` (perf_counter, the same clock in both
     processes on Linux), from its ``TINYINFER_STEP_TRACE`` file (tinyinfer/batcher.py): the forward
     passes (count, rows, ms), the share of the wall time with a pass running and with none, and how
-    long after a pass ends its rows are back (sampling, detokenizing, handing the token to the HTTP side: a slot's work between its passes)."""
+    long after a pass ends its rows are back (sampling, detokenizing, handing the token to the HTTP
+    side: a slot's work between its passes)."""
     runs, arrivals = [], []
     for line in Path(path).read_text().splitlines():
         f = line.split()
