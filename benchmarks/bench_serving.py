@@ -13,6 +13,10 @@ shared machine's load falls on both alike; it prints each server's runs, their m
 the server process's CPU seconds per generated token, and the ratio of the medians. llama-server's figures on
 this machine kind (../shared/reference/speed.md): --parallel 1 278 tok/s (p50 0.92 s), --parallel 4
 503 tok/s (p50 0.50 s), with the same load.
+
+``--trace``: our server writes its batcher's timeline (``TINYINFER_STEP_TRACE``) and each run prints where
+its time went (:func:`step_timeline`: forward passes, the time with none running, how long after its pass a
+row is back). Every run also prints the load generator's own CPU time per token (it shares the CPUs).
 """
 
 from __future__ import annotations
@@ -106,6 +110,7 @@ def side_by_side(a, model):
     par = a.parallel[-1]
     ours, url = start_server(model, "-c", a.ctx_size, "-t", a.threads, "--parallel", par,
                              *(["--batch-invariant"] if a.batch_invariant else []), env=a.env)
+    trace = a.env.get("TINYINFER_STEP_TRACE")
     try:
         ll, lurl = start_llama_server(a.llama_server, model, a.threads, par, a.ctx_size, shlex.split(a.llama_args))
     except Exception:
@@ -121,7 +126,10 @@ def side_by_side(a, model):
                 r["cpu_ms_per_tok"] = 1000 * (c1 - c0) / r["tokens"] if c0 is not None and c1 is not None else None
                 res[name].append(r)
                 print(f"  {name}: {r['tok_s']:.1f} tok/s, p50 {r['p50_s']:.2f} s, {r['tokens']} tokens, CPU "
-                      f"{r['cpu_ms_per_tok'] or float('nan'):.1f} ms/token, load {os.getloadavg()[0]:.1f}", flush=True)
+                      f"{r['cpu_ms_per_tok'] or float('nan'):.1f} ms/token (load generator {r['client_cpu_ms_per_tok']:.2f}), "
+                      f"load {os.getloadavg()[0]:.1f}", flush=True)
+                if trace and name == "tinyinfer":
+                    print("    " + step_timeline(trace, r["t0"], r["t1"]), flush=True)
     finally:
         for p in (ours, ll):
             p.terminate()
@@ -167,14 +175,56 @@ def run_load(url, clients, requests, tokens):
 
     with httpx.Client(timeout=600) as c:                 # warm-up (kernels, caches)
         one(c, "Hello")
+    c0 = time.process_time()
     t0 = time.perf_counter()
     with ThreadPoolExecutor(clients) as ex:
         res = [x for f in [ex.submit(client_run, i) for i in range(clients)] for x in f.result()]
-    wall = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    client_cpu = time.process_time() - c0
+    wall = t1 - t0
     lat = sorted(r[0] for r in res)
     n_tok = sum(r[1] for r in res)
     return {"requests": len(res), "tokens": n_tok, "wall_s": wall, "tok_s": n_tok / wall,
-            "p50_s": statistics.median(lat), "p90_s": lat[int(0.9 * (len(lat) - 1))], "max_s": lat[-1]}
+            "p50_s": statistics.median(lat), "p90_s": lat[int(0.9 * (len(lat) - 1))], "max_s": lat[-1],
+            "t0": t0, "t1": t1, "client_cpu_ms_per_tok": 1000 * client_cpu / max(1, n_tok)}
+
+
+def step_timeline(path, t0, t1) -> str:
+    """Where the server's time went between ``t0`` and ``t1`` (perf_counter, the same clock in both
+    processes on Linux), from its ``TINYINFER_STEP_TRACE`` file (tinyinfer/batcher.py): the forward
+    passes (count, rows, ms), the share of the wall time with a pass running and with none, and how
+    long after a pass ends its rows are back (sampling, detokenizing, handing the token to the HTTP
+    side: a slot's work between its passes)."""
+    runs, arrivals = [], []
+    for line in Path(path).read_text().splitlines():
+        f = line.split()
+        try:                             # (the server's threads append lines: skip one that came out torn)
+            if f[0] == "R" and len(f) == 6 and t0 <= float(f[1]) <= t1:
+                runs.append((float(f[1]), min(float(f[2]), t1), int(f[3]), int(f[4]), int(f[5])))
+            elif f[0] == "A" and len(f) == 4 and t0 <= float(f[1]) <= t1:
+                arrivals.append(float(f[1]))
+        except (IndexError, ValueError):
+            continue
+    if not runs:
+        return "no passes traced"
+    edges = sorted([(r[0], 1) for r in runs] + [(r[1], -1) for r in runs])
+    level, last, time_at = 0, t0, {0: 0.0, 1: 0.0, 2: 0.0}
+    for t, d in edges:
+        time_at[min(level, 2)] += t - last
+        level, last = level + d, t
+    time_at[0] += t1 - last
+    wall = t1 - t0
+    ends = sorted(r[1] for r in runs)
+    import bisect
+    back = [a - ends[i - 1] for a in arrivals if (i := bisect.bisect_left(ends, a)) > 0]
+    ms = sorted(1000 * (r[1] - r[0]) for r in runs)
+    thr = sorted({r[4] for r in runs})
+    return (f"{len(runs)} passes, {sum(r[2] for r in runs) / len(runs):.2f} rows ({sum(r[3] for r in runs) / len(runs):.2f} "
+            f"tokens) a pass at {'/'.join(map(str, thr))} thread(s), pass {statistics.median(ms):.1f} ms median "
+            f"(p10 {ms[len(ms) // 10]:.1f}, p90 {ms[9 * len(ms) // 10]:.1f}); wall: "
+            f"a pass running {100 * (time_at[1] + time_at[2]) / wall:.0f}%, "
+            f"none {100 * time_at[0] / wall:.0f}% ({1000 * time_at[0] / max(1, len(runs)):.2f} ms a pass); a row back "
+            f"{1000 * statistics.median(back) if back else float('nan'):.2f} ms after its pass (median)")
 
 
 def main(argv=None):
@@ -195,8 +245,12 @@ def main(argv=None):
     ap.add_argument("--llama-args", default="", help="more llama-server arguments (e.g. --no-repack)")
     ap.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
                     help="set in our server's environment only (e.g. GOMP_SPINCOUNT=30000); repeatable")
+    ap.add_argument("--trace", action="store_true",
+                    help="print where our server's time went in each run (its TINYINFER_STEP_TRACE timeline)")
     a = ap.parse_args(argv)
     a.env = dict(kv.split("=", 1) for kv in a.env)
+    if a.trace:
+        a.env["TINYINFER_STEP_TRACE"] = tempfile.mkstemp(prefix="tinyinfer-steps-", suffix=".txt")[1]
     model = a.model
     if model is None and a.url is None:
         sys.path.insert(0, str(ROOT))
@@ -213,6 +267,10 @@ def main(argv=None):
                                      *(["--batch-invariant"] if a.batch_invariant else []), env=a.env)
         try:
             runs = [run_load(url, a.clients, a.requests, a.tokens) for _ in range(a.repeat)]
+            for r in runs:
+                print(f"    load generator: {r['client_cpu_ms_per_tok']:.2f} ms CPU a token", flush=True)
+                if a.env.get("TINYINFER_STEP_TRACE") and proc is not None:
+                    print("    " + step_timeline(a.env["TINYINFER_STEP_TRACE"], r["t0"], r["t1"]), flush=True)
         finally:
             if proc is not None:
                 proc.terminate()

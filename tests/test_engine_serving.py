@@ -183,6 +183,35 @@ def test_batched_decoding_equals_solo_runs(smollm2_path):
     assert e.batcher.max_batch >= 2                    # they did share forward passes
 
 
+def test_step_trace_sums_up(smollm2_path, tmp_path, monkeypatch):
+    """TINYINFER_STEP_TRACE's timeline (tinyinfer/batcher.py) of two sequences decoding at once, and
+    benchmarks/bench_serving.py's summary of it: passes of two rows, each row back after its pass."""
+    import sys
+    import time
+    from pathlib import Path
+    from tinyinfer import batcher
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    from bench_serving import step_timeline
+    path = tmp_path / "steps.txt"
+    e = Engine(smollm2_path, n_ctx=128, n_threads=1, n_seq=2)
+    f = e.fork(seq=1)
+    with open(path, "a", buffering=1) as fh:
+        monkeypatch.setattr(batcher, "_TRACE", fh)
+        t0 = time.perf_counter()
+        threads = [threading.Thread(target=_greedy, args=(x, p, 6)) for x, p in ((e, PROMPTS[0]), (f, PROMPTS[1]))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(300)
+        t1 = time.perf_counter()
+    lines = path.read_text().splitlines()
+    runs = [ln.split() for ln in lines if ln.startswith("R ")]
+    assert runs and sum(int(r[3]) for r in runs) == sum(ln.startswith("A ") for ln in lines)
+    assert max(int(r[3]) for r in runs) == 2 and all(float(r[1]) <= float(r[2]) for r in runs)
+    summary = step_timeline(path, t0, t1)
+    assert f"{len(runs)} passes" in summary and "a row back" in summary
+
+
 def test_prompt_chunk_shares_the_decode_pass(smollm2_path):
     """A slot's prompt runs in the same forward pass as another sequence's decode token (each weight
     read once for both, as llama-server mixes them); with the batch-invariant kernels both logits rows

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import threading
+import time
 from typing import List
 
 import numpy as np
@@ -20,6 +22,12 @@ def common_prefix(a, b) -> int:
             break
         n += 1
     return n
+
+
+# TINYINFER_STEP_TRACE=PATH: a timeline of the batcher, appended to PATH as it runs (one line per
+# evaluation that arrives: "A time seq n_tokens"; per forward pass: "R start end n_requests n_tokens
+# n_threads"; perf_counter seconds), which benchmarks/bench_serving.py --trace sums up per run
+_TRACE = open(os.environ["TINYINFER_STEP_TRACE"], "a", buffering=1) if os.environ.get("TINYINFER_STEP_TRACE") else None
 
 
 class _Request:
@@ -63,6 +71,8 @@ class Batcher:
 
     def forward(self, engine, ids, pos0, n_out, embeddings=False):
         req = _Request(engine, np.asarray(ids, np.int64), pos0, n_out, embeddings)
+        if _TRACE is not None:
+            _TRACE.write(f"A {time.perf_counter():.6f} {engine.seq} {req.ids.size}\n")
         with self.cv:
             self.pending.append(req)
             while not req.done:
@@ -73,7 +83,11 @@ class Batcher:
                     self.running = True
                     self.cv.release()
                     try:
+                        t0 = time.perf_counter()
                         self._run(take)
+                        if _TRACE is not None:
+                            _TRACE.write(f"R {t0:.6f} {time.perf_counter():.6f} {len(take)} "
+                                         f"{sum(r.ids.size for r in take)} {self.n_threads}\n")
                     finally:
                         self.cv.acquire()
                         self.running = False
