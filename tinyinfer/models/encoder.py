@@ -66,8 +66,18 @@ def layernorm(x: np.ndarray, w: np.ndarray, b: np.ndarray, eps: np.float32) -> n
 _GELU_C = np.float32(math.sqrt(2.0 / math.pi))
 
 
-def gelu(x: np.ndarray) -> np.ndarray:
-    """ggml_gelu: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), in place."""
+def gelu(x: np.ndarray, bias: np.ndarray | None = None) -> np.ndarray:
+    """ggml_gelu(x + bias): 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), in place. Float32 rows: two
+    jitted loops around numpy's tanh (kernels/packed.py: the same floats as the numpy expression below,
+    in 3 passes instead of 10); else numpy."""
+    if x.ndim == 2 and x.dtype == np.float32 and x.flags.c_contiguous and (bias is None or bias.dtype == np.float32):
+        t = np.empty_like(x)
+        packed_kernels.gelu_inner(x, _NO_BIAS if bias is None else bias, t)
+        np.tanh(t, out=t)
+        packed_kernels.gelu_outer(x, t)
+        return x
+    if bias is not None:
+        x += bias
     t = x * x
     t *= np.float32(0.044715)
     t += np.float32(1.0)
@@ -78,6 +88,23 @@ def gelu(x: np.ndarray) -> np.ndarray:
     x *= t
     x *= np.float32(0.5)
     return x
+
+
+def add_layernorm(x: np.ndarray, h: np.ndarray, bias: np.ndarray | None, w: np.ndarray, b: np.ndarray,
+                  eps: np.float32) -> np.ndarray:
+    """layernorm(x + (h + bias)): an encoder layer's residual add with its projection's bias (optional),
+    into a new array; float32 rows in one jitted loop (kernels/packed.py, the same floats as
+    ``h += bias; layernorm(x + h)``)."""
+    if x.ndim == 2 and all(a.dtype == np.float32 for a in (x, h, w, b)) and (bias is None or bias.dtype == np.float32):
+        out = np.empty(x.shape, np.float32)
+        packed_kernels.add_layernorm(x, h, _NO_BIAS if bias is None else bias, w, b, float(eps), out)
+        return out
+    if bias is not None:
+        h = h + bias
+    return layernorm(x + h, w, b, eps)
+
+
+_NO_BIAS = np.empty(0, np.float32)
 
 
 class Packed:
