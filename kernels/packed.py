@@ -21,9 +21,10 @@ _FAST = {"reassoc", "contract", "arcp", "nsz", "afn"}
 
 
 @nb.njit(cache=True, nogil=True, fastmath=_FAST)
-def attention(q, k, v, off, lens, n_head, n_kv, hd, scale, window, out):
-    """softmax(q k^T * scale) v within each packed sequence (rows off[b] .. off[b] + lens[b]): q (n, n_head*hd),
-    k / v (n, n_kv*hd), out (n, n_head*hd); a query head h reads kv head h // (n_head // n_kv); ``window`` > 0:
+def attention(q, k, v, q0, k0, v0, off, lens, n_head, n_kv, hd, scale, window, out):
+    """softmax(q k^T * scale) v within each packed sequence (rows off[b] .. off[b] + lens[b]): q's columns
+    q0 .. q0 + n_head*hd, k's and v's k0 / v0 .. + n_kv*hd (q, k, v may be one array: a fused qkv output),
+    out (n, n_head*hd); a query head h reads kv head h // (n_head // n_kv); ``window`` > 0:
     key j is seen from i only when |i - j| <= window // 2 (llama.cpp's symmetric sliding window). C-contiguous
     float32 arrays. Each head's rows are taken as 1-d slices (the dot products and the weighted sum of v
     vectorize) and a query row's output is summed in a local vector, written once (3x faster than indexing
@@ -39,7 +40,8 @@ def attention(q, k, v, off, lens, n_head, n_kv, hd, scale, window, out):
     for b in range(lens.size):
         o, n = off[b], lens[b]
         for h in range(n_head):
-            qc, kc = h * hd, (h // group) * hd
+            qc, kc = q0 + h * hd, k0 + (h // group) * hd
+            vc = v0 + (h // group) * hd
             for i in range(n):
                 qi = q[o + i, qc:qc + hd]
                 m = np.float32(-np.inf)
@@ -64,10 +66,10 @@ def attention(q, k, v, off, lens, n_head, n_kv, hd, scale, window, out):
                     acc[d] = 0.0
                 for j in range(n):
                     p = s[j] * inv
-                    vj = v[o + j, kc:kc + hd]
+                    vj = v[o + j, vc:vc + hd]
                     for d in range(hd):
                         acc[d] += p * vj[d]
-                oi = out[o + i, qc:qc + hd]
+                oi = out[o + i, h * hd:(h + 1) * hd]
                 for d in range(hd):
                     oi[d] = acc[d]
 

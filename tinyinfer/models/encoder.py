@@ -141,9 +141,8 @@ class Packed:
         -> (n, n_head*hd); grouped-query heads share their kv head."""
         if self.T <= self.LOOP_MAX:         # short sequences: one jitted loop, no padding (kernels/packed.py)
             out = np.empty((q.shape[0], n_head * hd), np.float32)
-            c = np.ascontiguousarray
-            packed_kernels.attention(c(q, np.float32), c(k, np.float32), c(v, np.float32), *self.off_lens, n_head,
-                                     n_kv, hd, np.float32(scale), int(window), out)
+            packed_kernels.attention(*_columns(q, k, v), *self.off_lens, n_head, n_kv, hd, np.float32(scale),
+                                     int(window), out)
             return out
         ops.limit_blas_threads()            # BLAS on the engine's thread count (-t)
         B, T, seqs = self.B, self.T, list(zip(self.off, self.lens))
@@ -189,6 +188,19 @@ class Packed:
         for b, (o0, n) in enumerate(seqs):            # back to packed rows (n, h * hd)
             out[o0:o0 + n].reshape(n, n_head, hd)[:] = o[b, :, :n].transpose(1, 0, 2)
         return out
+
+
+def _columns(q, k, v) -> tuple:
+    """(q, k, v, their first columns) for kernels/packed.attention: column slices of one C-contiguous float32
+    array (a fused qkv output) as that array and their offsets, not copied; else contiguous copies."""
+    base = q.base
+    if (isinstance(base, np.ndarray) and k.base is base and v.base is base and base.dtype == np.float32
+            and base.ndim == 2 and base.flags.c_contiguous and q.shape[0] == base.shape[0]
+            and q.strides == k.strides == v.strides == base.strides):
+        p0 = base.ctypes.data
+        return (base, base, base) + tuple((a.ctypes.data - p0) // 4 for a in (q, k, v))
+    c = np.ascontiguousarray
+    return c(q, np.float32), c(k, np.float32), c(v, np.float32), 0, 0, 0
 
 
 class NoCache:
