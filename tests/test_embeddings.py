@@ -560,7 +560,7 @@ def test_keep_alive_embedding_requests_are_not_held_back(minilm_server):
             ts.append(time.perf_counter() - t0)
             assert r.status_code == 200, r.text
             assert len(r.json().get("data", r.json().get("embeddings"))) == 1
-    assert sorted(ts)[len(ts) // 2] < 0.15, ts
+    assert sorted(ts)[len(ts) // 2] < 0.18, ts
 
 
 def test_concurrent_requests_are_packed_and_keep_their_own_vectors_and_errors(minilm_server, engine):
