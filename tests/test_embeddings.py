@@ -345,6 +345,33 @@ def test_layernorm_against_float64():
     assert np.array_equal(layernorm(x[3:4], w, b, np.float32(1e-12)), got[3:4])    # a row alone: the same floats
 
 
+def test_fused_gelu_and_residual_layernorm_are_the_numpy_floats():
+    """models/encoder.gelu (bias + GELU: two jitted loops around numpy's tanh) and add_layernorm (residual +
+    bias adds inside the jitted layer norm) give bit for bit the floats of the numpy expressions they
+    replace, with and without a bias."""
+    from tinyinfer.models.encoder import _GELU_C, add_layernorm, gelu, layernorm
+    rng = np.random.default_rng(2)
+    u = (rng.standard_normal((41, 1536)) * 4).astype(np.float32)
+    bias = rng.standard_normal(1536).astype(np.float32)
+    for b in (bias, None):
+        x = u + b if b is not None else u.copy()
+        t = x * x
+        t *= np.float32(0.044715)
+        t += np.float32(1.0)
+        t *= x
+        t *= _GELU_C
+        np.tanh(t, out=t)
+        t += np.float32(1.0)
+        want = x * t
+        want *= np.float32(0.5)
+        assert np.array_equal(gelu(u.copy(), b), want)
+    x, h = (rng.standard_normal((41, 384)) * 3).astype(np.float32), rng.standard_normal((41, 384)).astype(np.float32)
+    hb, w, b = (rng.standard_normal(384).astype(np.float32) for _ in range(3))
+    eps = np.float32(1e-12)
+    assert np.array_equal(add_layernorm(x, h, hb, w, b, eps), layernorm(x + (h + hb), w, b, eps))
+    assert np.array_equal(add_layernorm(x, h, None, w, b, eps), layernorm(x + h, w, b, eps))
+
+
 def test_floats_json_reads_back_every_float32_exactly():
     """The embedding responses' float text (server/jobs.floats_json): 9 significant digits give every float32
     back bit for bit (json's repr of the float64 value is ~3x slower); rows of rows; non-finite refused."""
@@ -515,6 +542,25 @@ def test_openai_and_ollama_clients_get_the_library_vectors(minilm_server, engine
     r = httpx.post(minilm_server + "/v1/rerank", json={"query": "q", "documents": ["a", "b"]})
     assert r.status_code == 400 and "classification head" in r.text
     assert "/v1/rerank" not in httpx.get(minilm_server + "/openapi.json").json()["paths"]   # not this server's
+
+
+def test_keep_alive_embedding_requests_are_not_held_back(minilm_server):
+    """A direct route's response corks its socket while the headers and the body are written (one TCP
+    segment; server/app._corked) and uncorks it after: a socket left corked would hold every later
+    response on the connection back for Linux's 200 ms, so a run of one-sentence requests on one keep-alive
+    connection answers each well within that."""
+    import httpx
+    with httpx.Client(timeout=60) as c:
+        c.post(minilm_server + "/v1/embeddings", json={"input": "warm up"}).raise_for_status()
+        ts = []
+        for i in range(15):
+            t0 = time.perf_counter()
+            r = c.post(minilm_server + ("/v1/embeddings", "/api/embed")[i % 2],
+                       json={"input": SENTENCES[i % len(SENTENCES)], "model": "minilm"})
+            ts.append(time.perf_counter() - t0)
+            assert r.status_code == 200, r.text
+            assert len(r.json().get("data", r.json().get("embeddings"))) == 1
+    assert sorted(ts)[len(ts) // 2] < 0.18, ts
 
 
 def test_concurrent_requests_are_packed_and_keep_their_own_vectors_and_errors(minilm_server, engine):

@@ -27,7 +27,7 @@ import math
 import numpy as np
 
 from ..kernels import ops
-from .encoder import Encoder, Linear, Packed, fused_linear, gelu, layernorm
+from .encoder import Encoder, Linear, Packed, add_layernorm, fused_linear, gelu, layernorm
 from .hparams import ModelError, Weights, meta
 
 
@@ -66,13 +66,14 @@ class GeluFFN:
         self.b_down = w.vector(b + "ffn_down.bias", n_embd, required=False)
 
     def __call__(self, x):
-        u = self.up(x)
-        if self.b_up is not None:
-            u += self.b_up
-        h = self.down(gelu(u))
+        h = self.unbiased(x)
         if self.b_down is not None:
             h += self.b_down
         return h
+
+    def unbiased(self, x):
+        """down(gelu(up(x) + b_up)) without b_down (added with the residual: models/encoder.add_layernorm)."""
+        return self.down(gelu(self.up(x), self.b_up))
 
 
 class BertModel(Encoder):
@@ -137,8 +138,9 @@ class BertModel(Encoder):
                     ops.rope(r, cos, sin, True)
                     qkv[:, part] = r.reshape(-1, E)
             h = L.wo(pk.attention(qkv[:, :E], qkv[:, E:2 * E], qkv[:, 2 * E:], H, H, hd, scale))
-            if L.bo is not None:
-                h += L.bo
-            x = layernorm(x + h, *L.ln1, self.eps32)
-            x = layernorm(x + L.ffn(x), *L.ln2, self.eps32)
+            x = add_layernorm(x, h, L.bo, *L.ln1, self.eps32)
+            if isinstance(L.ffn, GeluFFN):
+                x = add_layernorm(x, L.ffn.unbiased(x), L.ffn.b_down, *L.ln2, self.eps32)
+            else:
+                x = add_layernorm(x, L.ffn(x), None, *L.ln2, self.eps32)
         return pk.split(x)

@@ -66,8 +66,18 @@ def layernorm(x: np.ndarray, w: np.ndarray, b: np.ndarray, eps: np.float32) -> n
 _GELU_C = np.float32(math.sqrt(2.0 / math.pi))
 
 
-def gelu(x: np.ndarray) -> np.ndarray:
-    """ggml_gelu: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), in place."""
+def gelu(x: np.ndarray, bias: np.ndarray | None = None) -> np.ndarray:
+    """ggml_gelu(x + bias): 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), in place. Float32 rows: two
+    jitted loops around numpy's tanh (kernels/packed.py: the same floats as the numpy expression below,
+    in 3 passes instead of 10); else numpy."""
+    if x.ndim == 2 and x.dtype == np.float32 and x.flags.c_contiguous and (bias is None or bias.dtype == np.float32):
+        t = np.empty_like(x)
+        packed_kernels.gelu_inner(x, _NO_BIAS if bias is None else bias, t)
+        np.tanh(t, out=t)
+        packed_kernels.gelu_outer(x, t)
+        return x
+    if bias is not None:
+        x += bias
     t = x * x
     t *= np.float32(0.044715)
     t += np.float32(1.0)
@@ -78,6 +88,23 @@ def gelu(x: np.ndarray) -> np.ndarray:
     x *= t
     x *= np.float32(0.5)
     return x
+
+
+def add_layernorm(x: np.ndarray, h: np.ndarray, bias: np.ndarray | None, w: np.ndarray, b: np.ndarray,
+                  eps: np.float32) -> np.ndarray:
+    """layernorm(x + (h + bias)): an encoder layer's residual add with its projection's bias (optional),
+    into a new array; float32 rows in one jitted loop (kernels/packed.py, the same floats as
+    ``h += bias; layernorm(x + h)``)."""
+    if x.ndim == 2 and all(a.dtype == np.float32 for a in (x, h, w, b)) and (bias is None or bias.dtype == np.float32):
+        out = np.empty(x.shape, np.float32)
+        packed_kernels.add_layernorm(x, h, _NO_BIAS if bias is None else bias, w, b, float(eps), out)
+        return out
+    if bias is not None:
+        h = h + bias
+    return layernorm(x + h, w, b, eps)
+
+
+_NO_BIAS = np.empty(0, np.float32)
 
 
 class Packed:
@@ -114,9 +141,8 @@ class Packed:
         -> (n, n_head*hd); grouped-query heads share their kv head."""
         if self.T <= self.LOOP_MAX:         # short sequences: one jitted loop, no padding (kernels/packed.py)
             out = np.empty((q.shape[0], n_head * hd), np.float32)
-            c = np.ascontiguousarray
-            packed_kernels.attention(c(q, np.float32), c(k, np.float32), c(v, np.float32), *self.off_lens, n_head,
-                                     n_kv, hd, np.float32(scale), int(window), out)
+            packed_kernels.attention(*_columns(q, k, v), *self.off_lens, n_head, n_kv, hd, np.float32(scale),
+                                     int(window), out)
             return out
         ops.limit_blas_threads()            # BLAS on the engine's thread count (-t)
         B, T, seqs = self.B, self.T, list(zip(self.off, self.lens))
@@ -162,6 +188,19 @@ class Packed:
         for b, (o0, n) in enumerate(seqs):            # back to packed rows (n, h * hd)
             out[o0:o0 + n].reshape(n, n_head, hd)[:] = o[b, :, :n].transpose(1, 0, 2)
         return out
+
+
+def _columns(q, k, v) -> tuple:
+    """(q, k, v, their first columns) for kernels/packed.attention: column slices of one C-contiguous float32
+    array (a fused qkv output) as that array and their offsets, not copied; else contiguous copies."""
+    base = q.base
+    if (isinstance(base, np.ndarray) and k.base is base and v.base is base and base.dtype == np.float32
+            and base.ndim == 2 and base.flags.c_contiguous and q.shape[0] == base.shape[0]
+            and q.strides == k.strides == v.strides == base.strides):
+        p0 = base.ctypes.data
+        return (base, base, base) + tuple((a.ctypes.data - p0) // 4 for a in (q, k, v))
+    c = np.ascontiguousarray
+    return c(q, np.float32), c(k, np.float32), c(v, np.float32), 0, 0, 0
 
 
 class NoCache:
