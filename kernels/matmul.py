@@ -92,6 +92,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import math
 import mmap
 import platform
 from dataclasses import dataclass, field, replace
@@ -165,6 +166,16 @@ class KernelConfig:
     # 4 / 9 rows 3.6-3.9 / 3.5-3.8 / 5.1-5.3 / 7.1-7.6 ms at 2-8 KiB ahead, 4.7 / 5.4 / 7.4 / 10.0
     # without (the native tiles: 4.6 / 7.0 / 10.1 / 11.4); not measured on aarch64
     prefetch_float: int = 4096
+    # a GEMM of more activation rows than fit this many bytes (as the kernels read them: int16 quants of
+    # the x16 legacy layouts, int8 of the K-quant and aarch64 ones, float32 of the float tiles) runs as
+    # several driver calls of at most that many rows each (a multiple of GEMM_ROWS_STEP, at least one
+    # step): every weight group walks all the activation rows of a call, which then stay in the core's
+    # L2 instead of streaming from L3 once per group. 1.1B TinyLlama Q4_0 on the Xeon VM (2 MiB L2 a core),
+    # 1 thread, CPU time: ffn_down (2048 x 5632) at n = 512, 107 ms in one call, 95 in four of 128 rows
+    # (128 rows in one call: 24); the two-thread pp512 lost more (both cores' activation streams share
+    # L3: benchmarks/RESULTS.md, issue 20, pp512). The rows' results do not change (the chunks are
+    # whole multiples of every tile's activation count). 0: one call.
+    gemm_chunk_bytes: int = 1 << 20
 
     def kgemv_on_rows(self, info) -> bool:
         """Whether n == 1 of a K-quant weight with an x16 copy runs the kgemv kernel on its original rows."""
@@ -1199,6 +1210,7 @@ class PreparedWeight:
     arm: np.ndarray | None = None      # uint8 (rows // 4, nb, group_block_bytes): kernels/arm.py's layout
     gemv: list | None = field(default=None, repr=False, compare=False)   # a single-row call's plan (_plan)
     plans: dict = field(default_factory=dict, repr=False, compare=False)  # n -> plan, for 2 <= n <= _PLANS_MAX_N
+    chunk: int | None = field(default=None, repr=False, compare=False)   # GEMM rows per driver call (chunk_rows)
 
     @property
     def type_name(self) -> str:
@@ -1358,13 +1370,51 @@ def _plan(pw: PreparedWeight, n: int) -> list:
 
 
 _PLANS_MAX_N = 64     # plans of calls with up to this many rows are kept on the weight
+# chunks of a long GEMM (KernelConfig.gemm_chunk_bytes) are whole multiples of this many activation rows:
+# a multiple of every driver's activation rows per tile (packed_nc 4, FF_NC 4 / 6 / 8, aarch64 4 / 8 / 10),
+# so each chunk is tiled as the rows were in one call (the results do not depend on the chunking)
+GEMM_ROWS_STEP = 120
+
+
+def _act_row_bytes(pw: PreparedWeight) -> int:
+    """Bytes of one activation row as the weight's GEMM kernels read it."""
+    if pw.info.block == 1:
+        return 4 * pw.k                                   # float32 (f16 / bf16 rounded) rows
+    if pw.packed is not None and not pw.info.repacked.kquant:
+        return 2 * pw.k                                   # int16 quants of the x16 legacy groups
+    return pw.k
+
+
+def chunk_rows(pw: PreparedWeight) -> int:
+    """Activation rows per driver call of a GEMM on ``pw`` (see ``KernelConfig.gemm_chunk_bytes``)."""
+    c = pw.chunk
+    if c is None:
+        b = pw.config.gemm_chunk_bytes
+        if b <= 0:
+            c = 1 << 62
+        else:
+            step = math.lcm(GEMM_ROWS_STEP, pw.config.packed_nc)
+            c = max(1, b // _act_row_bytes(pw) // step) * step
+        pw.chunk = c
+    return c
 
 
 def run(pw: PreparedWeight, x: np.ndarray, out: np.ndarray) -> np.ndarray:
     """:func:`matmul` without its argument checks, for the forward pass (per-token cost counts on a
     Pi): x float32 C-contiguous (n, k), n >= 1; out float32 (n, rows), rows contiguous, its row stride
     free (a column slice of a wider output). The plan of a call of up to ``_PLANS_MAX_N`` rows is kept on
-    the weight (a decode step's Python cost counts on a Pi)."""
+    the weight (a decode step's Python cost counts on a Pi). More rows than :func:`chunk_rows` run as
+    several calls of that many (the last one fewer)."""
+    n = x.shape[0]
+    c = pw.chunk or chunk_rows(pw)
+    if n > c:
+        for s in range(0, n, c):
+            _run(pw, x[s:s + c], out[s:s + c])
+        return out
+    return _run(pw, x, out)
+
+
+def _run(pw: PreparedWeight, x: np.ndarray, out: np.ndarray) -> np.ndarray:
     n = x.shape[0]
     p = pw.gemv if n == 1 else pw.plans.get(n)
     if p is None:
