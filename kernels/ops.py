@@ -9,6 +9,7 @@ once (``cache=True``).
 from __future__ import annotations
 
 import math
+import threading
 
 import numba as nb
 import numpy as np
@@ -604,7 +605,10 @@ def _softmax_causal(S, group, p0, softcap, tot):
 _PARALLEL_MIN_WORK = 1 << 21  # attention multiply-adds below which the serial driver runs (~0.1 ms of work)
 _BLAS_MIN_TOKENS = 32          # prompt chunks at least this long take the matrix-product path
 _BLAS_MIN_KEYS = 512           # ... over at least this many keys (below, the loops are as fast)
-_BLAS_SCORES_BYTES = 16 << 20  # score block of at most this size (queries are taken in slices)
+# score block of at most this size (queries are taken in slices): it stays in L2 between the two products
+# and the softmax, and a slice makes scores only for the keys its last query sees. TinyLlama's shape (32 heads,
+# 4 kv heads, hd 64), 512 tokens at position 0, Xeon VM: 36 ms at 16 MiB, 27 at 1 MiB (1 thread), 20 -> 15 (2)
+_BLAS_SCORES_BYTES = 1 << 20
 
 
 def _cells_f32(store, sq, n, h):
@@ -619,10 +623,10 @@ def _cells_f32(store, sq, n, h):
 _blas_threads = [0]
 
 
-def limit_blas_threads() -> None:
-    """numpy's BLAS (OpenBLAS) starts a thread per core; let it use the engine's thread count
-    (``-t``), as the numba kernels do. Set when it changes, through threadpoolctl."""
-    n = nb.get_num_threads()
+def limit_blas_threads(n: int | None = None) -> None:
+    """numpy's BLAS (OpenBLAS) starts a thread per core; let it use ``n`` threads (default: the engine's
+    thread count, ``-t``, as the numba kernels do). Set when it changes, through threadpoolctl."""
+    n = nb.get_num_threads() if n is None else n
     if _blas_threads[0] != n:
         _blas_threads[0] = n
         try:
@@ -632,24 +636,63 @@ def limit_blas_threads() -> None:
             pass
 
 
+_pool_lock = threading.Lock()
+_pool = [None, 0]        # a ThreadPoolExecutor and its size
+
+
+def _tasks_pool(n: int):
+    """A process-wide pool of at least ``n`` threads for :func:`_attention_gemm`'s tasks (grown, never shrunk)."""
+    with _pool_lock:
+        if _pool[1] < n:
+            from concurrent.futures import ThreadPoolExecutor
+            old = _pool[0]
+            _pool[0], _pool[1] = ThreadPoolExecutor(max_workers=n, thread_name_prefix="tinyinfer-attn"), n
+            if old is not None:
+                old.shutdown(wait=False)
+        return _pool[0]
+
+
+def _query_parts(n: int, p0: int, parts: int) -> list:
+    """Boundaries 0 = b0 < ... < b_parts = n of a prompt chunk's queries (positions p0..p0+n-1) into
+    ranges of about equal attention work (query i sees p0 + i + 1 keys)."""
+    if parts <= 1 or n < 2:
+        return [0, n]
+    w = np.cumsum(np.arange(p0 + 1, p0 + n + 1, dtype=np.float64))
+    cuts = np.searchsorted(w, w[-1] * np.arange(1, parts) / parts) + 1
+    return [0] + sorted({int(c) for c in cuts if 0 < c < n}) + [n]
+
+
 def _attention_gemm(q, k, v, p0, sq, scale, softcap, out):
     """A prompt chunk of one sequence (positions p0.., full attention) as matrix products (numpy's
     BLAS): per kv head, scores = Q K^T, causal softmax, out = P V. The head's cells are converted to
-    float32 once (one head at a time: n_ctx x hd floats), scores are made for as many queries as fit
+    float32 once per task (n_ctx x hd floats), scores are made for as many queries as fit
     ``_BLAS_SCORES_BYTES``, and the products run at BLAS speed (the loops' dot products and axpys reach
-    ~20 G MAC/s on one Zen 4 core, sgemm ~5x that)."""
-    limit_blas_threads()
+    ~20 G MAC/s on one Zen 4 core, sgemm ~5x that).
+
+    Threads: BLAS runs single-threaded, and with ``-t`` > 1 the tasks (a kv head, or a range of its
+    queries of about equal work where the heads do not divide evenly among the threads) run on a pool
+    of Python threads (BLAS and the jitted softmax release the GIL). OpenBLAS's own threads busy-wait
+    after each call (up to 2^28 cycles, ~0.1 s) on the cores the next parallel matmul needs: a 1.1B
+    Q4_K_M pp512 at ``-t 2`` on the 2-vCPU Xeon VM ran at 67-72 t/s with them, 138-163 with
+    ``OPENBLAS_THREAD_TIMEOUT=4`` (benchmarks/RESULTS.md, issue 20, pp512)."""
+    limit_blas_threads(1)
     n, nh, hd = q.shape
     nkv = k.q.shape[2]
     group = nh // nkv
-    L = p0 + n
-    step = max(1, min(n, _BLAS_SCORES_BYTES // (4 * group * L)))
-    buf = np.empty(step * group * L, np.float32)     # the score blocks, one allocation
-    tot = np.empty(step * group, np.float32)
-    for h in range(nkv):
+    nt = _par.num_threads()
+    parts = nt // math.gcd(nkv, nt) if nt > 1 else 1
+    bounds = _query_parts(n, p0, parts)
+    tasks = [(h, a, b) for h in range(nkv) for a, b in zip(bounds[:-1], bounds[1:])]
+
+    def task(t):
+        h, a, b = t
+        L = p0 + b                                       # keys the task's last query sees
+        step = max(1, min(b - a, _BLAS_SCORES_BYTES // (4 * group * L)))
+        buf = np.empty(step * group * L, np.float32)     # the score blocks, one allocation
+        tot = np.empty(step * group, np.float32)
         Kh, Vh = _cells_f32(k, sq, L, h), _cells_f32(v, sq, L, h)
-        for i0 in range(0, n, step):
-            i1 = min(n, i0 + step)
+        for i0 in range(a, b, step):
+            i1 = min(b, i0 + step)
             r, c = (i1 - i0) * group, p0 + i1
             Qh = q[i0:i1, h * group:(h + 1) * group].reshape(r, hd) * np.float32(scale)
             S = np.matmul(Qh, Kh[:c].T, out=buf[:r * c].reshape(r, c))
@@ -657,6 +700,13 @@ def _attention_gemm(q, k, v, p0, sq, scale, softcap, out):
             O = S @ Vh[:c]
             O /= tot[:r, None]
             out[i0:i1, h * group:(h + 1) * group] = O.reshape(i1 - i0, group, -1)
+
+    if nt > 1 and len(tasks) > 1:
+        for _ in _tasks_pool(nt).map(task, tasks):
+            pass
+    else:
+        for t in tasks:
+            task(t)
     if v.rot:
         fwht_rows(out)
     return out
