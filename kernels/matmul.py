@@ -1495,17 +1495,15 @@ def run(pw: PreparedWeight, x: np.ndarray, out: np.ndarray) -> np.ndarray:
     the weight (a decode step's Python cost counts on a Pi). More rows than :func:`chunk_rows` run as
     several calls of that many (the last one fewer)."""
     n = x.shape[0]
-    c = pw.chunk or chunk_rows(pw)
-    if n > c:
-        for s in range(0, n, c):
-            _run(pw, x[s:s + c], out[s:s + c])
-        return out
-    return _run(pw, x, out)
-
-
-def _run(pw: PreparedWeight, x: np.ndarray, out: np.ndarray) -> np.ndarray:
-    n = x.shape[0]
-    p = pw.gemv if n == 1 else pw.plans.get(n)
+    if n == 1:
+        p = pw.gemv
+    else:
+        c = pw.chunk or chunk_rows(pw)
+        if n > c:
+            for s in range(0, n, c):
+                run(pw, x[s:s + c], out[s:s + c])
+            return out
+        p = pw.plans.get(n)
     if p is None:
         p = _plan(pw, n)
         if n == 1:
