@@ -169,13 +169,13 @@ class KernelConfig:
     prefetch_float: int = 4096
     # a GEMM of more activation rows than fit this many bytes (as the kernels read them: int16 quants of
     # the x16 legacy layouts, int8 of the K-quant and aarch64 ones, float32 of the float tiles) runs as
-    # several driver calls of at most that many rows each (a multiple of GEMM_ROWS_STEP, at least one
-    # step): every weight group walks all the activation rows of a call, which then stay in the core's
-    # L2 instead of streaming from L3 once per group. 1.1B TinyLlama Q4_0 on the Xeon VM (2 MiB L2 a core),
-    # 1 thread, CPU time: ffn_down (2048 x 5632) at n = 512, 107 ms in one call, 95 in four of 128 rows
-    # (128 rows in one call: 24); the two-thread pp512 lost more (both cores' activation streams share
-    # L3: benchmarks/RESULTS.md, issue 20, pp512). The rows' results do not change (the chunks are
-    # whole multiples of every tile's activation count). 0: one call.
+    # several driver calls of that many rows (a multiple of GEMM_ROWS_STEP, at least one step; the last
+    # call takes the rest, up to 1.5 chunks; a call of up to 1.5 chunks stays whole): every weight group
+    # walks all the activation rows of a call, which then stay in the core's L2 instead of streaming from
+    # L3 once per group. 1.1B TinyLlama Q4_0 on the Xeon VM (2 MiB L2 a core), n = 512, 1 thread, CPU time:
+    # ffn_down (2048 x 5632) 98-107 ms in one call, 92-95 chunked; ffn_up 96-97 -> 87-91 (K-quants, int8:
+    # within the noise, 0.97-1.03x; 2 threads: within the noise). A row's result does not change (the
+    # chunks are whole multiples of every tile's activation count). 0: one call.
     gemm_chunk_bytes: int = 1 << 20
 
     def kgemv_on_rows(self, info) -> bool:
@@ -1492,16 +1492,20 @@ def run(pw: PreparedWeight, x: np.ndarray, out: np.ndarray) -> np.ndarray:
     """:func:`matmul` without its argument checks, for the forward pass (per-token cost counts on a
     Pi): x float32 C-contiguous (n, k), n >= 1; out float32 (n, rows), rows contiguous, its row stride
     free (a column slice of a wider output). The plan of a call of up to ``_PLANS_MAX_N`` rows is kept on
-    the weight (a decode step's Python cost counts on a Pi). More rows than :func:`chunk_rows` run as
-    several calls of that many (the last one fewer)."""
+    the weight (a decode step's Python cost counts on a Pi). More than 1.5 x :func:`chunk_rows` rows run
+    as several calls of that many, the last one taking the rest (a pp128 of the 1.1B Q4_0 stays one call
+    where its ffn_down chunk is 120 rows; a pp512 runs 120 + 120 + 120 + 152)."""
     n = x.shape[0]
     if n == 1:
         p = pw.gemv
     else:
         c = pw.chunk or chunk_rows(pw)
-        if n > c:
-            for s in range(0, n, c):
+        if n > c + (c >> 1):
+            s = 0
+            while n - s > c + (c >> 1):
                 run(pw, x[s:s + c], out[s:s + c])
+                s += c
+            run(pw, x[s:], out[s:])            # the last chunk takes the rest: 0.5 to 1.5 chunks
             return out
         p = pw.plans.get(n)
     if p is None:
