@@ -683,7 +683,7 @@ def _attention_gemm(q, k, v, p0, sq, scale, softcap, out):
     nt = _par.num_threads()
     parts = nt // math.gcd(nkv, nt) if nt > 1 else 1
     bounds = _query_parts(n, p0, parts)
-    tasks = [(h, a, b) for h in range(nkv) for a, b in zip(bounds[:-1], bounds[1:])]
+    tasks = [(h, bounds[j], bounds[j + 1]) for h in range(nkv) for j in range(len(bounds) - 1)]
 
     def task(t):
         h, a, b = t
