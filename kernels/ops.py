@@ -9,11 +9,13 @@ once (``cache=True``).
 from __future__ import annotations
 
 import math
+import threading
+import types as _pytypes
 
 import numba as nb
 import numpy as np
 from llvmlite import ir
-from numba import types
+from numba import prange, types
 from numba.extending import intrinsic
 
 from . import parallel as _par
@@ -604,7 +606,10 @@ def _softmax_causal(S, group, p0, softcap, tot):
 _PARALLEL_MIN_WORK = 1 << 21  # attention multiply-adds below which the serial driver runs (~0.1 ms of work)
 _BLAS_MIN_TOKENS = 32          # prompt chunks at least this long take the matrix-product path
 _BLAS_MIN_KEYS = 512           # ... over at least this many keys (below, the loops are as fast)
-_BLAS_SCORES_BYTES = 16 << 20  # score block of at most this size (queries are taken in slices)
+# score block of at most this size (queries are taken in slices): it stays in L2 between the two products
+# and the softmax, and a slice makes scores only for the keys its last query sees. TinyLlama's shape (32 heads,
+# 4 kv heads, hd 64), 512 tokens at position 0, Xeon VM: 36 ms at 16 MiB, 27 at 1 MiB (1 thread), 20 -> 15 (2)
+_BLAS_SCORES_BYTES = 1 << 20
 
 
 def _cells_f32(store, sq, n, h):
@@ -619,10 +624,10 @@ def _cells_f32(store, sq, n, h):
 _blas_threads = [0]
 
 
-def limit_blas_threads() -> None:
-    """numpy's BLAS (OpenBLAS) starts a thread per core; let it use the engine's thread count
-    (``-t``), as the numba kernels do. Set when it changes, through threadpoolctl."""
-    n = nb.get_num_threads()
+def limit_blas_threads(n: int | None = None) -> None:
+    """numpy's BLAS (OpenBLAS) starts a thread per core; let it use ``n`` threads (default: the engine's
+    thread count, ``-t``, as the numba kernels do). Set when it changes, through threadpoolctl."""
+    n = nb.get_num_threads() if n is None else n
     if _blas_threads[0] != n:
         _blas_threads[0] = n
         try:
@@ -632,24 +637,63 @@ def limit_blas_threads() -> None:
             pass
 
 
+_pool_lock = threading.Lock()
+_pool = [None, 0]        # a ThreadPoolExecutor and its size
+
+
+def _tasks_pool(n: int):
+    """A process-wide pool of at least ``n`` threads for :func:`_attention_gemm`'s tasks (grown, never shrunk)."""
+    with _pool_lock:
+        if _pool[1] < n:
+            from concurrent.futures import ThreadPoolExecutor
+            old = _pool[0]
+            _pool[0], _pool[1] = ThreadPoolExecutor(max_workers=n, thread_name_prefix="tinyinfer-attn"), n
+            if old is not None:
+                old.shutdown(wait=False)
+        return _pool[0]
+
+
+def _query_parts(n: int, p0: int, parts: int) -> list:
+    """Boundaries 0 = b0 < ... < b_parts = n of a prompt chunk's queries (positions p0..p0+n-1) into
+    ranges of about equal attention work (query i sees p0 + i + 1 keys)."""
+    if parts <= 1 or n < 2:
+        return [0, n]
+    w = np.cumsum(np.arange(p0 + 1, p0 + n + 1, dtype=np.float64))
+    cuts = np.searchsorted(w, w[-1] * np.arange(1, parts) / parts) + 1
+    return [0] + sorted({int(c) for c in cuts if 0 < c < n}) + [n]
+
+
 def _attention_gemm(q, k, v, p0, sq, scale, softcap, out):
     """A prompt chunk of one sequence (positions p0.., full attention) as matrix products (numpy's
     BLAS): per kv head, scores = Q K^T, causal softmax, out = P V. The head's cells are converted to
-    float32 once (one head at a time: n_ctx x hd floats), scores are made for as many queries as fit
+    float32 once per task (n_ctx x hd floats), scores are made for as many queries as fit
     ``_BLAS_SCORES_BYTES``, and the products run at BLAS speed (the loops' dot products and axpys reach
-    ~20 G MAC/s on one Zen 4 core, sgemm ~5x that)."""
-    limit_blas_threads()
+    ~20 G MAC/s on one Zen 4 core, sgemm ~5x that).
+
+    Threads: BLAS runs single-threaded, and with ``-t`` > 1 the tasks (a kv head, or a range of its
+    queries of about equal work where the heads do not divide evenly among the threads) run on a pool
+    of Python threads (BLAS and the jitted softmax release the GIL). OpenBLAS's own threads busy-wait
+    after each call (up to 2^28 cycles, ~0.1 s) on the cores the next parallel matmul needs: a 1.1B
+    Q4_K_M pp512 at ``-t 2`` on the 2-vCPU Xeon VM ran at 67-72 t/s with them, 138-163 with
+    ``OPENBLAS_THREAD_TIMEOUT=4`` (benchmarks/RESULTS.md, issue 20, pp512)."""
+    limit_blas_threads(1)
     n, nh, hd = q.shape
     nkv = k.q.shape[2]
     group = nh // nkv
-    L = p0 + n
-    step = max(1, min(n, _BLAS_SCORES_BYTES // (4 * group * L)))
-    buf = np.empty(step * group * L, np.float32)     # the score blocks, one allocation
-    tot = np.empty(step * group, np.float32)
-    for h in range(nkv):
+    nt = _par.num_threads()
+    parts = nt // math.gcd(nkv, nt) if nt > 1 else 1
+    bounds = _query_parts(n, p0, parts)
+    tasks = [(h, bounds[j], bounds[j + 1]) for h in range(nkv) for j in range(len(bounds) - 1)]
+
+    def task(t):
+        h, a, b = t
+        L = p0 + b                                       # keys the task's last query sees
+        step = max(1, min(b - a, _BLAS_SCORES_BYTES // (4 * group * L)))
+        buf = np.empty(step * group * L, np.float32)     # the score blocks, one allocation
+        tot = np.empty(step * group, np.float32)
         Kh, Vh = _cells_f32(k, sq, L, h), _cells_f32(v, sq, L, h)
-        for i0 in range(0, n, step):
-            i1 = min(n, i0 + step)
+        for i0 in range(a, b, step):
+            i1 = min(b, i0 + step)
             r, c = (i1 - i0) * group, p0 + i1
             Qh = q[i0:i1, h * group:(h + 1) * group].reshape(r, hd) * np.float32(scale)
             S = np.matmul(Qh, Kh[:c].T, out=buf[:r * c].reshape(r, c))
@@ -657,6 +701,13 @@ def _attention_gemm(q, k, v, p0, sq, scale, softcap, out):
             O = S @ Vh[:c]
             O /= tot[:r, None]
             out[i0:i1, h * group:(h + 1) * group] = O.reshape(i1 - i0, group, -1)
+
+    if nt > 1 and len(tasks) > 1:
+        for _ in _tasks_pool(nt).map(task, tasks):
+            pass
+    else:
+        for t in tasks:
+            task(t)
     if v.rot:
         fwht_rows(out)
     return out
@@ -703,11 +754,10 @@ def attention(q, k, v, pos, seq, scale, window, softcap, out):
 
 
 # ------------------------------------------------------------------ residual + norm, gated activations
-@nb.njit(**_opts)
-def add_rmsnorm(x, h, w, eps, out):
+def _add_rmsnorm(x, h, w, eps, out):
     """x += h (in place), then out = rmsnorm(x) * w, row by row."""
     n, d = x.shape
-    for i in range(n):
+    for i in prange(n):
         s = 0.0
         for j in range(d):
             v = x[i, j] + h[i, j]
@@ -719,11 +769,10 @@ def add_rmsnorm(x, h, w, eps, out):
     return out
 
 
-@nb.njit(**_opts)
-def add_normed_rmsnorm(x, h, wh, w, eps, out):
+def _add_normed_rmsnorm(x, h, wh, w, eps, out):
     """x += rmsnorm(h) * wh (in place), then out = rmsnorm(x) * w (Gemma's post-norms)."""
     n, d = x.shape
-    for i in range(n):
+    for i in prange(n):
         s = 0.0
         for j in range(d):
             s += h[i, j] * h[i, j]
@@ -739,12 +788,11 @@ def add_normed_rmsnorm(x, h, wh, w, eps, out):
     return out
 
 
-@nb.njit(**_fast)
-def silu_mul_split(gu, out):
+def _silu_mul_split(gu, out):
     """out = silu(gu[:, :f]) * gu[:, f:] for gu (n, 2f) from the fused gate/up projection."""
     n, f2 = gu.shape
     f = f2 // 2
-    for i in range(n):
+    for i in prange(n):
         g = gu[i, :f]
         u = gu[i, f:]
         o = out[i]
@@ -754,13 +802,12 @@ def silu_mul_split(gu, out):
     return out
 
 
-@nb.njit(**_fast)
-def gelu_mul_split(gu, out):
+def _gelu_mul_split(gu, out):
     """out = gelu_tanh(gu[:, :f]) * gu[:, f:] (GeGLU on the fused gate/up projection)."""
     n, f2 = gu.shape
     f = f2 // 2
     c = math.sqrt(2.0 / math.pi)
-    for i in range(n):
+    for i in prange(n):
         g = gu[i, :f]
         u = gu[i, f:]
         o = out[i]
@@ -770,4 +817,24 @@ def gelu_mul_split(gu, out):
             th = np.float32(1.0) - np.float32(2.0) / (expf(np.float32(2.0) * y) + np.float32(1.0))  # tanh(y)
             o[j] = np.float32(0.5) * x * (np.float32(1.0) + th) * u[j]
     return out
+
+
+def _builds(fn, opts):
+    """A row-by-row kernel's serial build and its row-parallel one (``prange`` over the rows; a row's
+    operations and their order are the same in both, so its floats are too: a prompt pass's rows get
+    what a decode step's row gets). The parallel build is a copy with a name of its own (numba's cache
+    keys a function by its name and code, not by its flags)."""
+    par = _pytypes.FunctionType(fn.__code__, fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+    par.__qualname__ = fn.__qualname__ + "__rows"
+    return nb.njit(**opts)(fn), nb.njit(parallel=True, **opts)(par)
+
+
+# the elementwise steps of a layer, serial (decode steps, short chunks) and across the threads for prompt
+# chunks of at least ROWS_PARALLEL_MIN rows (models/base.py): on one thread they took ~4% of a 1.1B pp512
+# at -t 2 (add_rmsnorm ~130 ms, silu_mul_split ~76 ms of a Q4_0 pass at 1 thread)
+ROWS_PARALLEL_MIN = 64
+add_rmsnorm, add_rmsnorm_rows = _builds(_add_rmsnorm, _opts)
+add_normed_rmsnorm, add_normed_rmsnorm_rows = _builds(_add_normed_rmsnorm, _opts)
+silu_mul_split, silu_mul_split_rows = _builds(_silu_mul_split, _fast)
+gelu_mul_split, gelu_mul_split_rows = _builds(_gelu_mul_split, _fast)
 

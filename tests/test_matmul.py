@@ -407,6 +407,23 @@ def test_batch_invariance(name, invariant):
         numba.set_num_threads(old)
 
 
+@pytest.mark.parametrize("name", ALL)
+def test_gemm_chunks_give_one_calls_results(name):
+    """A GEMM of more activation rows than KernelConfig.gemm_chunk_bytes holds runs as several driver calls
+    (the activations stay in L2): bit-identical to one call, with the default config (chunks are whole
+    multiples of every tile's activation rows), for 251 rows in chunks of 120 and 36 / 37 weight rows."""
+    from dataclasses import replace
+    rng = np.random.default_rng(23)
+    k = 256
+    x = rng.standard_normal((251, k)).astype(np.float32)
+    for rows in BI_ROWS:
+        raw, _ = make_weight(name, rows, k, np.random.default_rng(rows))
+        one = mm.prepare(raw, int(T[name]), k, config=replace(mm.DEFAULT_CONFIG, gemm_chunk_bytes=0))
+        chunked = mm.prepare(raw, int(T[name]), k, config=replace(mm.DEFAULT_CONFIG, gemm_chunk_bytes=1))
+        assert mm.chunk_rows(chunked) == mm.GEMM_ROWS_STEP and mm.chunk_rows(one) > x.shape[0]
+        np.testing.assert_array_equal(mm.matmul(chunked, x), mm.matmul(one, x), err_msg=f"{name} {rows} rows")
+
+
 ROWS_GEMV = mm.KernelConfig(gemv_x16=False)     # n == 1 on the original rows (x86: kgemv) even with an x16 copy
 
 

@@ -370,3 +370,40 @@ def test_heap_thresholds_set_on_glibc():
     env["MALLOC_MMAP_THRESHOLD_"] = str(1 << 20)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_row_parallel_builds_equal_the_serial_ones():
+    """The elementwise steps' row-parallel builds (prompt chunks of >= ops.ROWS_PARALLEL_MIN rows,
+    models/base.py) give every row the serial build's floats bit for bit, and a row alone gets them too
+    (a prompt row and a decode step's row agree), on 2 threads, at odd widths."""
+    import numba
+    rng = np.random.default_rng(11)
+    old = numba.get_num_threads()
+    try:
+        numba.set_num_threads(min(2, numba.config.NUMBA_NUM_THREADS))
+        for n, d in ((64, 2048), (77, 1000), (70, 33)):
+            x = rng.standard_normal((n, d)).astype(np.float32) * 3
+            h = rng.standard_normal((n, d)).astype(np.float32)
+            w, wh = rng.standard_normal(d).astype(np.float32), rng.standard_normal(d).astype(np.float32)
+            eps = np.float32(1e-5)
+            for serial, rows, extra in ((ops.add_rmsnorm, ops.add_rmsnorm_rows, ()),
+                                        (ops.add_normed_rmsnorm, ops.add_normed_rmsnorm_rows, (wh,))):
+                x1, x2, x3 = x.copy(), x.copy(), x[5:6].copy()
+                o1, o2, o3 = np.empty_like(x), np.empty_like(x), np.empty((1, d), np.float32)
+                serial(x1, h, *extra, w, eps, o1)
+                rows(x2, h, *extra, w, eps, o2)
+                serial(x3, h[5:6], *extra, w, eps, o3)
+                np.testing.assert_array_equal(x2, x1)
+                np.testing.assert_array_equal(o2, o1)
+                np.testing.assert_array_equal(o3[0], o2[5])
+            gu = rng.standard_normal((n, 2 * d)).astype(np.float32) * 4
+            for serial, rows in ((ops.silu_mul_split, ops.silu_mul_split_rows),
+                                 (ops.gelu_mul_split, ops.gelu_mul_split_rows)):
+                a, b, one = np.empty((n, d), np.float32), np.empty((n, d), np.float32), np.empty((1, d), np.float32)
+                serial(gu, a)
+                rows(gu, b)
+                serial(gu[5:6].copy(), one)
+                np.testing.assert_array_equal(b, a)
+                np.testing.assert_array_equal(one[0], b[5])
+    finally:
+        numba.set_num_threads(old)

@@ -23,6 +23,7 @@ import numpy as np
 from ..gguf import TensorInfo
 from ..kernels import ops
 from ..kernels import matmul as mm
+from ..kernels import parallel as _par
 from ..kernels import quants
 from ..kvcache import Batch, KVCache, shift
 from .hparams import HParams, ModelError, Weights  # noqa: F401  (ModelError re-exported)
@@ -210,6 +211,9 @@ class Attention:
         return self.wo(out.reshape(n, p.n_head * p.head_dim_v))
 
 
+_ROWS_PAR = ops.ROWS_PARALLEL_MIN     # rows from which the elementwise steps run their row-parallel builds
+
+
 class GatedMLP:
     """down(act(gate(x)) * up(x)) with act = SiLU (llama) or GELU-tanh (gemma); ``gate_up`` yields
     gate then up side by side (two tensors fused at load, or phi3's one ``ffn_up``)."""
@@ -218,11 +222,16 @@ class GatedMLP:
         self.gate_up, self.down = gate_up, down
         self.n_ff = gate_up.rows // 2
         self.act = ops.silu_mul_split if act == "silu" else ops.gelu_mul_split
+        self.act_rows = ops.silu_mul_split_rows if act == "silu" else ops.gelu_mul_split_rows
 
     def __call__(self, h):
         gu = self.gate_up(h)
-        g = np.empty((h.shape[0], self.n_ff), np.float32)
-        self.act(gu, g)
+        n = h.shape[0]
+        g = np.empty((n, self.n_ff), np.float32)
+        if n < _ROWS_PAR:
+            self.act(gu, g)
+        else:                       # a prompt chunk: rows across the threads (the same floats per row)
+            _par.call(self.act_rows, gu, g)
         return self.down(g)
 
 
@@ -242,10 +251,15 @@ class Block:
 
     @staticmethod
     def _add(x, h, post_norm, next_norm, eps, xn):
-        if post_norm is None:
-            ops.add_rmsnorm(x, h, next_norm, eps, xn)                      # x += h; xn = norm(x)
+        if x.shape[0] < _ROWS_PAR:
+            if post_norm is None:
+                ops.add_rmsnorm(x, h, next_norm, eps, xn)                      # x += h; xn = norm(x)
+            else:
+                ops.add_normed_rmsnorm(x, h, post_norm, next_norm, eps, xn)    # x += norm(h); xn = norm(x)
+        elif post_norm is None:     # a prompt chunk: rows across the threads (the same floats per row)
+            _par.call(ops.add_rmsnorm_rows, x, h, next_norm, eps, xn)
         else:
-            ops.add_normed_rmsnorm(x, h, post_norm, next_norm, eps, xn)    # x += norm(h); xn = norm(x)
+            _par.call(ops.add_normed_rmsnorm_rows, x, h, post_norm, next_norm, eps, xn)
 
     def __call__(self, x, xn, next_norm, k_cache, v_cache, pos0, rope_tab, eps):
         # the sublayer outputs stay temporaries: with the attention output held in a local through the
