@@ -45,6 +45,12 @@ fi
 binds=()
 for d in "$(realpath "$CACHE")" "$(realpath "$SHARED")"; do
   mkdir -p "$ARM64_ROOT$d"
+  # a bind left by an earlier run whose host folder was since replaced (deleted and made again) shows
+  # the old, empty folder: not the same inode as the host's, so it is taken down and made again
+  if mountpoint -q "$ARM64_ROOT$d" && [ "$(stat -c %d:%i "$d")" != "$(stat -c %d:%i "$ARM64_ROOT$d")" ]; then
+    echo "arm job: $ARM64_ROOT$d is a stale bind (its host folder was replaced): remounting"
+    umount "$ARM64_ROOT$d" || umount -l "$ARM64_ROOT$d"
+  fi
   mountpoint -q "$ARM64_ROOT$d" || { mount --bind "$d" "$ARM64_ROOT$d"; binds+=("$ARM64_ROOT$d"); }
 done
 trap 'for b in "${binds[@]}"; do umount "$b" 2>/dev/null || umount -l "$b" || true; done' EXIT
