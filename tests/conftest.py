@@ -58,6 +58,7 @@ UNIT_SECONDS = {
     "tests/test_perplexity.py::test_qwen25": 200,
     "tests/test_perplexity.py::test_gemma3": 120,
     "tests/test_perplexity.py::test_smollm2": 100,
+    "tests/test_perplexity.py::test_smollm2_perplexity_matches_llama_cpp[F16]": 150,
     "tests/test_openapi_conformance.py": 180,      # the slow pass's longest (-m slow)
 }
 
