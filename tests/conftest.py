@@ -46,6 +46,25 @@ def need_module(name: str):
 # share one worker, so their clusters never overlap: test_split counts the Ray processes a failed run
 # leaves behind, test_ray_serve the replicas alive.
 SAME_WORKER = {"tests/test_ray_serve.py": "ray", "tests/test_split.py": "ray"}
+# Files whose tests each go to a worker alone (no module fixture to share, each test minutes long):
+# whole, one file would be the run's tail (test_perplexity: ~10 min in one worker).
+EACH_TEST_ALONE = ("tests/test_perplexity.py",)
+# The longest units first (longest-processing-time order; their rough seconds on CI's 2 cores, from
+# .ci/run's --durations list): xdist would order them by number of tests, and a long unit that starts
+# late is the run's tail while the other worker idles. Keys are prefixes of a unit; the rest follow
+# by number of tests (xdist's order).
+UNIT_SECONDS = {
+    "ray": 400,
+    "tests/test_perplexity.py::test_qwen25": 200,
+    "tests/test_perplexity.py::test_gemma3": 120,
+    "tests/test_perplexity.py::test_smollm2": 100,
+    "tests/test_perplexity.py::test_smollm2_perplexity_matches_llama_cpp[F16]": 150,
+    "tests/test_openapi_conformance.py": 180,      # the slow pass's longest (-m slow)
+}
+
+
+def _unit_seconds(scope: str) -> int:
+    return max([s for k, s in UNIT_SECONDS.items() if scope.startswith(k)], default=0)
 
 
 @pytest.hookimpl(optionalhook=True)
@@ -57,7 +76,23 @@ def pytest_xdist_make_scheduler(config, log):
     class Scheduling(LoadFileScheduling):
         def _split_scope(self, nodeid: str) -> str:
             f = nodeid.split("::", 1)[0]
-            return SAME_WORKER.get(f, f)
+            return nodeid if f in EACH_TEST_ALONE else SAME_WORKER.get(f, f)
+
+        def _assign_work_unit(self, node) -> None:
+            if not getattr(self, "_by_seconds", False):     # the first call: the queue is complete
+                self._by_seconds = True
+                units = sorted(self.workqueue.items(), key=lambda u: -_unit_seconds(u[0]))  # stable
+                self.workqueue.clear()
+                self.workqueue.update(units)
+            super()._assign_work_unit(node)
+
+        def _reschedule(self, node) -> None:
+            # a new unit once the node holds one test only (it runs a test when it knows the next
+            # one): xdist gives one at three left, and a worker then holds a long unit back while
+            # the other worker idles at the end
+            if node.shutting_down or (self.workqueue and self._pending_of(self.assigned_work[node]) > 1):
+                return
+            super()._reschedule(node)
 
     return Scheduling(config, log)
 

@@ -22,6 +22,9 @@ QWEN25_PPL = 26.7976     # Qwen2.5-Coder-0.5B-Instruct Q4_K_M (../shared/referen
 
 # All four types by default; TINYINFER_PPL_TYPES=Q4_0,F16 narrows a quick local run.
 TYPES = [t for t in os.environ.get("TINYINFER_PPL_TYPES", "Q4_1,Q4_0,Q8_0,F16").split(",") if t]
+# Two threads in one pytest process; one in each pytest-xdist worker (.ci/run: a worker per core
+# already fills the cores: two threads each only wait on each other's barriers, ~1.6x the CPU per chunk)
+THREADS = 1 if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1 else 2
 
 
 def wikitext() -> str:
@@ -32,7 +35,7 @@ def wikitext() -> str:
 @pytest.mark.parametrize("typ", TYPES)
 def test_smollm2_perplexity_matches_llama_cpp(typ, smollm2_path):
     need_reference("smollm2")
-    eng = Engine(model_path(typ, smollm2_path), n_ctx=512, n_batch=512, n_threads=2)
+    eng = Engine(model_path(typ, smollm2_path), n_ctx=512, n_batch=512, n_threads=THREADS)
     out = io.StringIO()
     ppl, unc, running = perplexity(eng, wikitext(), n_ctx=512, n_chunks=40, out=out)
     print(f"{typ}: PPL = {ppl:.4f} +/- {unc:.5f} (llama.cpp {REFERENCE_PPL[typ]})")
@@ -43,7 +46,7 @@ def test_smollm2_perplexity_matches_llama_cpp(typ, smollm2_path):
 
 def test_gemma3_perplexity_matches_llama_cpp(gemma3_path):
     need_reference("gemma3")
-    eng = Engine(gemma3_path, n_ctx=512, n_batch=512, n_threads=2)
+    eng = Engine(gemma3_path, n_ctx=512, n_batch=512, n_threads=THREADS)
     ppl, unc, _ = perplexity(eng, wikitext(), n_ctx=512, n_chunks=40, out=io.StringIO())
     print(f"gemma3 Q4_K_M: PPL = {ppl:.4f} +/- {unc:.5f} (llama.cpp {GEMMA3_PPL})")
     assert abs(ppl / GEMMA3_PPL - 1) <= 0.01
@@ -52,7 +55,7 @@ def test_gemma3_perplexity_matches_llama_cpp(gemma3_path):
 def test_qwen25_perplexity_matches_llama_cpp(qwen25_path):
     """A qwen2 file (no BOS added to the chunks: add_bos_token is false), 40 chunks of 512."""
     need_reference("qwen2")
-    eng = Engine(qwen25_path, n_ctx=512, n_batch=512, n_threads=2)
+    eng = Engine(qwen25_path, n_ctx=512, n_batch=512, n_threads=THREADS)
     ppl, unc, running = perplexity(eng, wikitext(), n_ctx=512, n_chunks=40, out=io.StringIO())
     print(f"qwen2.5 Q4_K_M: PPL = {ppl:.4f} +/- {unc:.5f} (llama.cpp {QWEN25_PPL})")
     assert len(running) == 40
