@@ -75,22 +75,28 @@ def attention(q, k, v, q0, k0, v0, off, lens, n_head, n_kv, hd, scale, window, o
 
 
 @nb.njit(cache=True, nogil=True)
+def _layernorm_row(v, w, b, eps, o):
+    """(v - mean) / sqrt(var + eps) * w + b of one row v (float64 sums) into o (which may be v)."""
+    e = v.shape[0]
+    mu = 0.0
+    for c in range(e):
+        mu += v[c]
+    mu /= e
+    var = 0.0
+    for c in range(e):
+        d = v[c] - mu
+        var += d * d
+    var /= e
+    inv = 1.0 / math.sqrt(var + eps)
+    for c in range(e):
+        o[c] = np.float32((v[c] - mu) * inv) * w[c] + b[c]
+
+
+@nb.njit(cache=True, nogil=True)
 def layernorm(x, w, b, eps, out):
     """(x - mean) / sqrt(var + eps) * w + b over each row of x (float64 sums) into out."""
-    n, e = x.shape
-    for r in range(n):
-        mu = 0.0
-        for c in range(e):
-            mu += x[r, c]
-        mu /= e
-        var = 0.0
-        for c in range(e):
-            d = x[r, c] - mu
-            var += d * d
-        var /= e
-        inv = 1.0 / math.sqrt(var + eps)
-        for c in range(e):
-            out[r, c] = np.float32((x[r, c] - mu) * inv) * w[c] + b[c]
+    for r in range(x.shape[0]):
+        _layernorm_row(x[r], w, b, eps, out[r])
 
 
 @nb.njit(cache=True, nogil=True)
@@ -107,18 +113,7 @@ def add_layernorm(x, h, hb, w, b, eps, out):
         else:
             for c in range(e):
                 out[r, c] = x[r, c] + h[r, c]
-        mu = 0.0
-        for c in range(e):
-            mu += out[r, c]
-        mu /= e
-        var = 0.0
-        for c in range(e):
-            d = out[r, c] - mu
-            var += d * d
-        var /= e
-        inv = 1.0 / math.sqrt(var + eps)
-        for c in range(e):
-            out[r, c] = np.float32((out[r, c] - mu) * inv) * w[c] + b[c]
+        _layernorm_row(out[r], w, b, eps, out[r])
 
 
 @nb.njit(cache=True, nogil=True)
