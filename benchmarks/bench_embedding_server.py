@@ -112,7 +112,11 @@ def main(argv=None) -> int:
             for m in loads:
                 for k in (list(servers) if r % 2 == 0 else list(servers)[::-1]):   # ABBA: drift cancels
                     proc, base = procs[k]
-                    rate, ms = load(base, proc.pid, lines, m)
+                    try:
+                        rate, ms = load(base, proc.pid, lines, m)
+                    except httpx.HTTPStatusError as e:       # say whose answer it was, and what it said
+                        raise SystemExit(f"{k} ({m} load, round {r + 1}): {e.response.status_code} "
+                                         f"{e.response.text[:300]}") from e
                     rates[(k, m)].append(rate)
                     cpu[(k, m)].append(ms)
     finally:

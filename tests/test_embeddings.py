@@ -669,6 +669,26 @@ def test_coalescer_pass_jobs():
     assert co.serve(None, "k", fn) == [] and calls == [6] and co.claim("k")
 
 
+def test_coalescer_requests_arriving_during_a_pass_join_its_job():
+    """A request arriving while a pass job runs queues no job of its own (claim is False until that job
+    ends): the running job serves it in its next round. (Had each queued one, under four clients sending a
+    sentence at a time the jobs, which found nothing left when they ran, filled the slot queue: 503
+    'server busy' at --max-queue 16, 28 of 256 requests.)"""
+    from tinyinfer.embedding import Coalescer
+    co, late, claims = Coalescer(window=0.0), [], []
+
+    def fn(e, seqs):
+        if len(late) < 3:                                        # one more arrives during each pass
+            late.append(co.add(lambda e: [[7]], "k"))
+            claims.append(co.claim("k"))
+        return [s[0] for s in seqs]
+    first = co.add(lambda e: [[1]], "k")
+    assert co.claim("k")
+    assert co.serve(None, "k", fn) == [first] + late
+    assert claims == [False, False, False] and [w.vecs for w in late] == [[7]] * 3
+    assert co.claim("k")                                         # freed when the job ended
+
+
 @pytest.mark.parametrize("cors", [False, True])
 def test_embedding_routes_answer_from_the_gate(minilm_f32, engine, cors):
     """The embedding routes skip FastAPI (server/app._Gate's direct routes: a one-sentence request's

@@ -153,8 +153,9 @@ class Coalescer:
     them; a lone client never waits.
 
     The server (tinyinfer/server/openai_api.run_embedding) queues one job per pass, not one per request:
-    a request that finds no job of its key queued (:meth:`claim`) queues one, whose :meth:`serve` takes
-    and evaluates every request waiting by then (and any left over, ``max_requests`` at a time); the
+    a request that finds no job of its key queued or running (:meth:`claim`) queues one, whose :meth:`serve`
+    takes and evaluates every request waiting by then and any arriving while it runs (``max_requests`` at
+    a time) until none is left; the
     others just wait, and each is told by its ``notify`` (called on the model's thread) when its vectors
     are there, all of a pass at once, instead of each request's job passing through the model's thread
     and handing its result back to the event loop in turn."""
@@ -192,8 +193,8 @@ class Coalescer:
             x.notify()
 
     def claim(self, key) -> bool:
-        """True if the caller must queue a :meth:`serve` job for ``key`` (none is queued that has not yet
-        taken its requests): the requests waiting when that job runs are its."""
+        """True if the caller must queue a :meth:`serve` job for ``key`` (none is queued or running): the
+        requests waiting when that job runs, and those arriving until it ends, are its."""
         with self._lock:
             if key in self._queued:
                 return False
@@ -247,7 +248,9 @@ class Coalescer:
                     self._queued.discard(key)
                     return served
                 take = self._take(key)
-                self._queued.discard(key)        # requests arriving from now on queue a job of their own
+                # (the key stays claimed while this job runs: requests arriving during a pass wait for its
+                # next round here instead of queueing jobs that would find nothing left; under a steady load
+                # of one-sentence clients those filled the queue to --max-queue and answered 503)
             self._run(engine, take, embed_fn)
             served += take
 
