@@ -21,15 +21,17 @@ _FAST = {"reassoc", "contract", "arcp", "nsz", "afn"}
 
 
 @nb.njit(cache=True, nogil=True, fastmath=_FAST)
-def attention(q, k, v, q0, k0, v0, off, lens, n_head, n_kv, hd, scale, window, out):
-    """softmax(q k^T * scale) v within each packed sequence (rows off[b] .. off[b] + lens[b]): q's columns
-    q0 .. q0 + n_head*hd, k's and v's k0 / v0 .. + n_kv*hd (q, k, v may be one array: a fused qkv output),
-    out (n, n_head*hd); a query head h reads kv head h // (n_head // n_kv); ``window`` > 0:
+def attention(q, k, v, cols, off, lens, heads, scale, window, out):
+    """softmax(q k^T * scale) v within each packed sequence (rows off[b] .. off[b] + lens[b]), ``cols`` =
+    (q0, k0, v0), ``heads`` = (n_head, n_kv, hd): q's columns q0 .. q0 + n_head*hd, k's and v's k0 / v0 ..
+    + n_kv*hd (q, k, v may be one array: a fused qkv output), out (n, n_head*hd); a query head h reads kv head h // (n_head // n_kv); ``window`` > 0:
     key j is seen from i only when |i - j| <= window // 2 (llama.cpp's symmetric sliding window). C-contiguous
     float32 arrays. Each head's rows are taken as 1-d slices (the dot products and the weighted sum of v
     vectorize) and a query row's output is summed in a local vector, written once (3x faster than indexing
     the 2-d arrays element by element and adding into ``out``: 65 against 195 us for a layer of 4 sentences
     of ~11 tokens, 12 heads of 32)."""
+    q0, k0, v0 = cols
+    n_head, n_kv, hd = heads
     group = n_head // n_kv
     T = 0
     for b in range(lens.size):

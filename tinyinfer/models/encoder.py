@@ -141,7 +141,7 @@ class Packed:
         -> (n, n_head*hd); grouped-query heads share their kv head."""
         if self.T <= self.LOOP_MAX:         # short sequences: one jitted loop, no padding (kernels/packed.py)
             out = np.empty((q.shape[0], n_head * hd), np.float32)
-            packed_kernels.attention(*_columns(q, k, v), *self.off_lens, n_head, n_kv, hd, np.float32(scale),
+            packed_kernels.attention(*_columns(q, k, v), *self.off_lens, (n_head, n_kv, hd), np.float32(scale),
                                      int(window), out)
             return out
         ops.limit_blas_threads()            # BLAS on the engine's thread count (-t)
@@ -191,16 +191,16 @@ class Packed:
 
 
 def _columns(q, k, v) -> tuple:
-    """(q, k, v, their first columns) for kernels/packed.attention: column slices of one C-contiguous float32
+    """(q, k, v, (their first columns)) for kernels/packed.attention: column slices of one C-contiguous float32
     array (a fused qkv output) as that array and their offsets, not copied; else contiguous copies."""
     base = q.base
     if (isinstance(base, np.ndarray) and k.base is base and v.base is base and base.dtype == np.float32
             and base.ndim == 2 and base.flags.c_contiguous and q.shape[0] == base.shape[0]
             and q.strides == k.strides == v.strides == base.strides):
         p0 = base.ctypes.data
-        return (base, base, base) + tuple((a.ctypes.data - p0) // 4 for a in (q, k, v))
+        return base, base, base, tuple((a.ctypes.data - p0) // 4 for a in (q, k, v))
     c = np.ascontiguousarray
-    return c(q, np.float32), c(k, np.float32), c(v, np.float32), 0, 0, 0
+    return c(q, np.float32), c(k, np.float32), c(v, np.float32), (0, 0, 0)
 
 
 class NoCache:
