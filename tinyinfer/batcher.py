@@ -10,8 +10,8 @@ from typing import List
 import numpy as np
 
 from .kernels import ops
+from .kernels.parallel import run_pass
 from .kvcache import Batch
-from .threads import use_threads
 
 
 def common_prefix(a, b) -> int:
@@ -84,7 +84,7 @@ class Batcher:
                     self.cv.release()
                     try:
                         t0 = time.perf_counter()
-                        self._run(take)
+                        run_pass(self.n_threads, self._run, take)     # the process's one pass thread
                         if _TRACE is not None:
                             _TRACE.write(f"R {t0:.6f} {time.perf_counter():.6f} {len(take)} "
                                          f"{sum(r.ids.size for r in take)} {self.n_threads}\n")
@@ -99,7 +99,6 @@ class Batcher:
         return req.result
 
     def _run(self, reqs: List[_Request]) -> None:
-        use_threads(self.n_threads)
         # one pass for the single tokens of the decoding sequences and the prompt chunks that want one
         # logits row (a slot that has just taken a request): each weight is read once for all of them,
         # as llama-server mixes prompts into its decode batches. A chunk whose attention would take

@@ -25,6 +25,8 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
+from .kernels.parallel import run_pass
+
 POOLING_TYPES = ("none", "mean", "cls", "last", "rank")
 
 
@@ -102,29 +104,39 @@ def embed(engine, seqs: Sequence[Sequence[int]], pooling=None, normalize_mode: f
             seqs[i] = s[:limit]
     if pooling == "rank" and not getattr(model, "has_rank_head", False):
         raise EmbeddingError("this model has no classification head (rank pooling): it cannot rerank")
-    if encoder:
-        from .threads import use_threads
-        use_threads(engine.n_threads)   # numba's count (and BLAS's, kernels/ops.py) is per thread: a server
-        hidden = [None] * len(seqs)     # worker's would be the default, every core, not -t
-        order = sorted(range(len(seqs)), key=lambda i: seqs[i].size)     # similar lengths pad little
-        batch, n_tok = [], 0
-        for i in order + [None]:
-            if i is None or (batch and n_tok + seqs[i].size > max(engine.n_batch, seqs[i].size)):
-                for j, h in zip(batch, model.encode([seqs[j] for j in batch])):
-                    hidden[j] = h
-                batch, n_tok = [], 0
-            if i is not None:
-                batch.append(i)
-                n_tok += seqs[i].size
-    else:
-        hidden = [engine.hidden_states(s) for s in seqs]
-    out = [_pool(h, pooling, causal=not encoder) for h in hidden]
+    if encoder:                       # the whole pass on the pass thread (kernels/parallel.py: run_pass)
+        return run_pass(engine.n_threads, _encode, model, seqs, engine.n_batch, pooling, normalize_mode)
+    hidden = [engine.hidden_states(s) for s in seqs]
+    out = [_pool(h, pooling, causal=True) for h in hidden]
     if pooling == "rank":
-        scores = model.rank(np.stack(out))
-        return [normalize(r, normalize_mode) if normalize_mode >= 0 else r for r in scores]
-    if encoder:                       # sentence-transformers' Dense modules (dense_2 / dense_3), after pooling
-        out = [model.dense_out(v) for v in out]
+        return run_pass(engine.n_threads, _ranked, model, out, normalize_mode)
     return [normalize(v, normalize_mode) for v in out]
+
+
+def _ranked(model, pooled, normalize_mode) -> list:
+    scores = model.rank(np.stack(pooled))
+    return [normalize(r, normalize_mode) if normalize_mode >= 0 else r for r in scores]
+
+
+def _encode(model, seqs, n_batch, pooling, normalize_mode) -> list:
+    """An encoder's part of :func:`embed`: micro-batches of up to ``n_batch`` tokens of similar
+    lengths (little padding), pooled, ranked or through sentence-transformers' Dense modules
+    (dense_2 / dense_3)."""
+    hidden = [None] * len(seqs)
+    order = sorted(range(len(seqs)), key=lambda i: seqs[i].size)
+    batch, n_tok = [], 0
+    for i in order + [None]:
+        if i is None or (batch and n_tok + seqs[i].size > max(n_batch, seqs[i].size)):
+            for j, h in zip(batch, model.encode([seqs[j] for j in batch])):
+                hidden[j] = h
+            batch, n_tok = [], 0
+        if i is not None:
+            batch.append(i)
+            n_tok += seqs[i].size
+    out = [_pool(h, pooling, causal=False) for h in hidden]
+    if pooling == "rank":
+        return _ranked(model, out, normalize_mode)
+    return [normalize(v, normalize_mode) for v in (model.dense_out(v) for v in out)]
 
 
 class _Waiting:

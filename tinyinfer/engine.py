@@ -19,11 +19,12 @@ import numpy as np
 from . import state
 from .batcher import Batcher, common_prefix
 from .gguf import GGUFFile
+from .kernels.parallel import run_pass
 from .kvcache import Batch, cache_type
 from .options import GenOptions
 from .sampler import Sampler
 from .state import StateError  # noqa: F401  (re-exported: tinyinfer.engine.StateError)
-from .threads import resolve_threads, set_threads, use_threads  # noqa: F401  (set_threads re-exported)
+from .threads import resolve_threads, set_threads  # noqa: F401  (set_threads re-exported)
 from .tokenizer import Tokenizer
 
 if TYPE_CHECKING:
@@ -156,7 +157,7 @@ class Engine:
             self.batcher = Batcher(self)
         self.timings.load_ms = (time.perf_counter() - t0) * 1000
         t1 = time.perf_counter()
-        self._warmup()
+        run_pass(self.n_threads, self._warmup)      # on the thread that will run the passes (kernels/parallel.py)
         self.timings.compile_ms = (time.perf_counter() - t1) * 1000
 
     def _new_cache(self, n_seq: int = 1):
@@ -256,9 +257,8 @@ class Engine:
         """Evaluate chunk at the positions after self.tokens; through the batcher when there is one."""
         if self.batcher is not None:
             return self.batcher.forward(self, chunk, len(self.tokens), n_out, embeddings)
-        use_threads(self.n_threads)     # numba's count is per thread: this engine's, in this thread
-        return self.model.forward(chunk, Batch.run(self.seq, len(self.tokens), chunk.size), self.cache,
-                                  n_out=n_out, embeddings=embeddings)
+        return run_pass(self.n_threads, self.model.forward, chunk, Batch.run(self.seq, len(self.tokens), chunk.size),
+                        self.cache, n_out=n_out, embeddings=embeddings)
 
     def embed(self, ids: Sequence[int], normalize: bool = True) -> np.ndarray:
         """The pooled embedding of ``ids`` (the file's pooling; mean for a decoder), L2-normalized

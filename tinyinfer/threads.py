@@ -1,8 +1,9 @@
 """Thread counts: one per engine, applied in the thread that runs its work.
 
 numba's thread count (``numba.set_num_threads``) belongs to the calling thread, so two engines
-with different counts in one process keep theirs when each applies its own before a forward pass
-(:func:`use_threads`), whichever thread runs it (the caller's, a server slot's, a batcher's).
+with different counts in one process keep theirs when each applies its own before a forward pass,
+in the thread that runs it (kernels/parallel.py ``run_pass``: the main thread's passes run there,
+those of other threads on the process's one pass thread).
 """
 
 from __future__ import annotations
