@@ -491,11 +491,31 @@ def _exp_shifted(row, L, softcap):
     return _sum(row, L)
 
 
+@intrinsic
+def _keep_alive(typingctx, a):
+    """A use of the array a (no code): numba frees a local array right after its last use by name, and
+    the kernels below pass its raw address to the intrinsics (kernels/simd.py: attn_*), which read it
+    later."""
+    def codegen(context, builder, signature, args):
+        return context.get_dummy_value()
+    return types.none(a), codegen
+
+
+# keys per call of simd.attn_pv_f16: the values it reads (that many rows of the task's kv heads) stay in
+# L1 while it walks them once per query head and block of elements
+_PV_TILE_BYTES = 16384
+
+
 @nb.njit(inline="always", **_strict)
 def _attention_task(q, k, v, pos, seq, attn, out, i, kv0, kv1):
     # the query heads of token i that share kv heads kv0..kv1-1. Over all kv heads (kv0 = 0, kv1 = n_kv)
     # the loops read each cache row whole, front to back: one sequential stream (a decode step at depth
     # is bound by that read); one kv head per task lets the parallel driver split a prompt finer.
+    # f16 cells (the default) whose head size is a multiple of 16 go through the vector kernels
+    # simd.attn_scores_f16 / attn_pv_f16 (a key row read once for the group's heads, the output held in
+    # registers across the keys); other cells through the loops below. Both compute every float as
+    # the loops do, in the same order (the dots as :func:`_dot`, ``acc += w * v`` key by key): the path
+    # never changes a result.
     kq, kd, kkind, _ = k
     vq, vd, vkind, vrot = v
     scale, window, softcap = attn
@@ -505,7 +525,8 @@ def _attention_task(q, k, v, pos, seq, attn, out, i, kv0, kv1):
     group = nh // nkv
     n_rows = kq.shape[1]
     h0 = kv0 * group
-    nq = (kv1 - kv0) * group
+    nkl = kv1 - kv0
+    nq = nkl * group
     p = pos[i]
     sq = seq[i]
     start = 0
@@ -513,30 +534,60 @@ def _attention_task(q, k, v, pos, seq, attn, out, i, kv0, kv1):
         start = p - window + 1
     L = p + 1 - start
     sc = np.empty((nq, L), np.float32)
-    acc = np.zeros((nq, hdv), np.float32)
-    kbuf = np.empty(hdk, np.float32)
-    vbuf = np.empty(hdv, np.float32)
     row0 = start % n_rows
-    row = row0
-    for t in range(L):
-        for kvh in range(kv0, kv1):
-            hq = (kvh - kv0) * group
-            if kkind == 0:
-                kr = kq[sq, row, kvh]
-                for g in range(group):
-                    sc[hq + g, t] = _dot(q[i, h0 + hq + g], kr, True) * scale
-            else:
-                _kv_get(kq, kd, kkind, sq, row, kvh, kbuf)
-                for g in range(group):
-                    sc[hq + g, t] = _dot(q[i, h0 + hq + g], kbuf, False) * scale
-        row += 1
-        if row == n_rows:
-            row = 0
+    if kkind == 0 and hdk % 16 == 0 and q.strides[2] == 4 and kq.strides[3] == 2:
+        n1 = min(L, n_rows - row0)           # keys before the ring wraps, then the rest from row 0
+        _simd.attn_scores_f16(q[i, h0].ctypes.data, q.strides[1], kq[sq, row0, kv0].ctypes.data,
+                              kq.strides[1], kq.strides[2], sc.ctypes.data, L * 4, n1, nkl, group, hdk, scale)
+        if n1 < L:
+            _simd.attn_scores_f16(q[i, h0].ctypes.data, q.strides[1], kq[sq, 0, kv0].ctypes.data,
+                                  kq.strides[1], kq.strides[2], sc.ctypes.data + 4 * n1, L * 4, L - n1, nkl,
+                                  group, hdk, scale)
+    else:
+        kbuf = np.empty(hdk, np.float32)
+        row = row0
+        for t in range(L):
+            for kvh in range(kv0, kv1):
+                hq = (kvh - kv0) * group
+                if kkind == 0:
+                    kr = kq[sq, row, kvh]
+                    for g in range(group):
+                        sc[hq + g, t] = _dot(q[i, h0 + hq + g], kr, True) * scale
+                else:
+                    _kv_get(kq, kd, kkind, sq, row, kvh, kbuf)
+                    for g in range(group):
+                        sc[hq + g, t] = _dot(q[i, h0 + hq + g], kbuf, False) * scale
+            row += 1
+            if row == n_rows:
+                row = 0
     for g in range(nq):
         sg = sc[g]
         inv = np.float32(1.0) / _exp_shifted(sg, L, softcap)
         for t in range(L):
             sg[t] *= inv
+    if vkind == 0 and hdv % 16 == 0 and out.strides[2] == 4 and vq.strides[3] == 2:
+        for g in range(nq):
+            og = out[i, h0 + g]
+            for j in range(hdv):
+                og[j] = 0.0
+        tile = max(8, _PV_TILE_BYTES // (nkl * hdv * 2))
+        t = 0
+        row = row0
+        while t < L:
+            m = min(L - t, n_rows - row, tile)
+            _simd.attn_pv_f16(sc.ctypes.data + 4 * t, L * 4, vq[sq, row, kv0].ctypes.data, vq.strides[1],
+                              vq.strides[2], out[i, h0].ctypes.data, out.strides[1], m, nkl, group, hdv)
+            t += m
+            row += m
+            if row == n_rows:
+                row = 0
+        if vrot:
+            for g in range(nq):
+                _fwht(out[i, h0 + g])
+        _keep_alive(sc)
+        return
+    acc = np.zeros((nq, hdv), np.float32)
+    vbuf = np.empty(hdv, np.float32)
     row = row0
     for t in range(L):
         for kvh in range(kv0, kv1):

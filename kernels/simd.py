@@ -743,6 +743,144 @@ dot_lanes16_f32 = _make_dot_lanes(False)
 dot_lanes16_f16 = _make_dot_lanes(True)
 
 
+# ------------------------------------------------------ decode attention over f16 cells
+def _lane_tree(b, e, v):
+    """The lanes of v summed as :func:`_make_dot_lanes` sums them (lane l and l + n/2, ...)."""
+    while v.type.count > 1:
+        v = b.fadd(e.half(v, 0), e.half(v, 1))
+    return b.extract_element(v, c32(0))
+
+
+@intrinsic
+def attn_scores_f16(typingctx, qp, qs, kp, ks, khs, sp, ss, nkeys, nkv, group, n16, scale):
+    """Scores of nkv * group query heads against nkeys keys of f16 cells, one attention task's q.k:
+    head hh = kl * group + g (float32 at qp + hh * qs) against the key of kv head kl at row t (f16 at
+    kp + t * ks + kl * khs), times ``scale``, to the float at sp + hh * ss + 4 * t. Each score is
+    :func:`dot_lanes16_f16`'s sum over the first n16 elements (a multiple of 16): 16 lanes by
+    ``llvm.fma`` in element order, then the same lane tree, then one multiply by scale: bit-identical
+    to ``dot_lanes16_f16(q, k, n16) * scale``. Keys outside, the group's heads inside: a key row is
+    read from memory once (then from L1) for all the heads that share it."""
+    sig = types.void(*([types.int64] * 11), types.float32)
+
+    def codegen(context, builder, signature, args):
+        e = Emitter(builder)
+        b = builder
+        qp_, qs_, kp_, ks_, khs_, sp_, ss_, nk_, nkv_, g_, n16_, sc_ = args
+        q0, k0, s0 = (b.inttoptr(x, P8) for x in (qp_, kp_, sp_))
+        v16 = vec(F32, 16)
+
+        def key(t, _):
+            krow = b.mul(t, ks_)
+            soff = b.mul(t, c64(4))
+
+            def kvhead(kl, _):
+                koff = b.add(krow, b.mul(kl, khs_))
+                hh0 = b.mul(kl, g_)
+
+                def head(g, _):
+                    hh = b.add(hh0, g)
+                    qoff = b.mul(hh, qs_)
+
+                    def chunk(j, accs):
+                        x = e.load(q0, b.add(qoff, b.mul(j, c64(4))), v16, align=4)
+                        y = b.fpext(e.load(k0, b.add(koff, b.mul(j, c64(2))), vec(F16, 16), align=2), v16)
+                        return [_fma(b, x, y, accs[0])]
+
+                    (acc,) = counted_loop(b, n16_, [ir.Constant(v16, None)], chunk, step=16)
+                    s = b.fmul(_lane_tree(b, e, acc), sc_)
+                    e.store(s, s0, b.add(b.mul(hh, ss_), soff), align=4)
+                    return []
+
+                counted_loop(b, g_, [], head)
+                return []
+
+            counted_loop(b, nkv_, [], kvhead)
+            return []
+
+        counted_loop(b, nk_, [], key)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+attn_scores_f16.kernel_name = "attn_scores_f16"
+
+#: chunks of 16 value elements whose sums one pass of :func:`attn_pv_f16` keeps in registers (independent
+#: add chains: the adds' latency is hidden; 4 x 16 floats: 4 AVX-512 / 16 NEON registers)
+PV_CHUNKS = 4
+
+
+@intrinsic
+def attn_pv_f16(typingctx, wp, ws, vp, vs, vhs, op, os_, nkeys, nkv, group, n16):
+    """out += P V for nkv * group query heads over nkeys values of f16 cells, an attention task's p.v:
+    for head hh = kl * group + g and element j < n16 (a multiple of 16), the float at op + hh * os_ + 4 j
+    becomes ``(((o + w_0 * v_0j) + w_1 * v_1j) + ...)`` over the keys t in order, w_t the float at
+    wp + hh * ws + 4 t and v_tj the f16 at vp + t * vs + kl * vhs + 2 j: each product rounded, then
+    added (no fused multiply-add), as the scalar loop ``acc[j] += w * v[j]`` does. The sums of
+    PV_CHUNKS chunks of 16 elements stay in registers across the keys (then the remaining chunks one
+    at a time): the order of each element's sum is the same whatever the chunking."""
+    sig = types.void(*([types.int64] * 11))
+
+    def codegen(context, builder, signature, args):
+        e = Emitter(builder)
+        b = builder
+        wp_, ws_, vp_, vs_, vhs_, op_, os2, nk_, nkv_, g_, n16_ = args
+        w0, v0, o0 = (b.inttoptr(x, P8) for x in (wp_, vp_, op_))
+        v16 = vec(F32, 16)
+        wide = 16 * PV_CHUNKS
+        nwide = b.mul(b.sdiv(n16_, c64(wide)), c64(wide))
+
+        def kvhead(kl, _):
+            voff0 = b.mul(kl, vhs_)
+            hh0 = b.mul(kl, g_)
+
+            def head(g, _):
+                hh = b.add(hh0, g)
+                woff = b.mul(hh, ws_)
+                ooff = b.mul(hh, os2)
+
+                def block(j0, nch):
+                    offs = [b.add(ooff, b.mul(b.add(j0, c64(16 * c)), c64(4))) for c in range(nch)]
+                    accs = [e.load(o0, off, v16, align=4) for off in offs]
+
+                    def key(t, accs):
+                        w = e.splat(e.load(w0, b.add(woff, b.mul(t, c64(4))), F32, align=4), 16)
+                        vrow = b.add(b.mul(t, vs_), voff0)
+                        new = []
+                        for c in range(nch):
+                            voff = b.add(vrow, b.mul(b.add(j0, c64(16 * c)), c64(2)))
+                            x = b.fpext(e.load(v0, voff, vec(F16, 16), align=2), v16)
+                            new.append(b.fadd(accs[c], b.fmul(w, x)))
+                        return new
+
+                    accs = counted_loop(b, nk_, accs, key)
+                    for off, a in zip(offs, accs):
+                        e.store(a, o0, off, align=4)
+
+                def wide_block(j0, _):
+                    block(j0, PV_CHUNKS)
+                    return []
+
+                def narrow_block(jj, _):
+                    block(b.add(nwide, jj), 1)
+                    return []
+
+                counted_loop(b, nwide, [], wide_block, step=wide)
+                counted_loop(b, b.sub(n16_, nwide), [], narrow_block, step=16)
+                return []
+
+            counted_loop(b, g_, [], head)
+            return []
+
+        counted_loop(b, nkv_, [], kvhead)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+attn_pv_f16.kernel_name = f"attn_pv_f16_c{PV_CHUNKS}"
+
+
 # ------------------------------------------------------ float FMA tiles
 #: accumulators per output of the float FMA tiles (ftile_kernel): element e of a block of 32 goes to
 #: accumulator (e // ACC_LANES) % FMA_CHAINS, lane e % ACC_LANES; two chains so that a GEMV (one
