@@ -477,15 +477,39 @@ def _sum(x, n):
 
 
 @nb.njit(inline="always", **_strict)
+def _max(x, n):
+    """max(x[:n]) (n >= 1) in 16 independent lanes (a max is exact: any order gives the same value;
+    one chain of compares was latency-bound, ~4 cycles a key)."""
+    m = x[0]
+    if n < 32:
+        for t in range(1, n):
+            m = max(m, x[t])
+        return m
+    m0 = m1 = m2 = m3 = m4 = m5 = m6 = m7 = m
+    n8 = n - n % 8
+    for t in range(0, n8, 8):
+        m0 = max(m0, x[t + 0])
+        m1 = max(m1, x[t + 1])
+        m2 = max(m2, x[t + 2])
+        m3 = max(m3, x[t + 3])
+        m4 = max(m4, x[t + 4])
+        m5 = max(m5, x[t + 5])
+        m6 = max(m6, x[t + 6])
+        m7 = max(m7, x[t + 7])
+    m = max(max(max(m0, m1), max(m2, m3)), max(max(m4, m5), max(m6, m7)))
+    for t in range(n8, n):
+        m = max(m, x[t])
+    return m
+
+
+@nb.njit(inline="always", **_strict)
 def _exp_shifted(row, L, softcap):
     """row[:L] (scores) -> exp(s - max) in place, with the softcap first when > 0; returns their sum
     (softmax = row / sum) in :func:`_sum`'s fixed order."""
     if softcap > 0.0:
         for t in range(L):
             row[t] = softcap * math.tanh(row[t] / softcap)
-    mx = row[0]
-    for t in range(1, L):
-        mx = max(mx, row[t])
+    mx = _max(row, L)
     for t in range(L):
         row[t] = expf(row[t] - mx)
     return _sum(row, L)
@@ -501,9 +525,9 @@ def _keep_alive(typingctx, a):
     return types.none(a), codegen
 
 
-# keys per call of simd.attn_pv_f16: the values it reads (that many rows of the task's kv heads) stay in
-# L1 while it walks them once per query head and block of elements
-_PV_TILE_BYTES = 16384
+# keys per call of simd.attn_scores_f16 / attn_pv_f16: the cells they read (that many rows of the task's
+# kv heads) stay in L1 while they walk them once per query head (and block of elements)
+_KV_TILE_BYTES = 16384
 
 
 @nb.njit(inline="always", **_strict)
@@ -536,13 +560,20 @@ def _attention_task(q, k, v, pos, seq, attn, out, i, kv0, kv1):
     sc = np.empty((nq, L), np.float32)
     row0 = start % n_rows
     if kkind == 0 and hdk % 16 == 0 and q.strides[2] == 4 and kq.strides[3] == 2:
-        n1 = min(L, n_rows - row0)           # keys before the ring wraps, then the rest from row 0
-        _simd.attn_scores_f16(q[i, h0].ctypes.data, q.strides[1], kq[sq, row0, kv0].ctypes.data,
-                              kq.strides[1], kq.strides[2], sc.ctypes.data, L * 4, n1, nkl, group, hdk, scale)
-        if n1 < L:
-            _simd.attn_scores_f16(q[i, h0].ctypes.data, q.strides[1], kq[sq, 0, kv0].ctypes.data,
-                                  kq.strides[1], kq.strides[2], sc.ctypes.data + 4 * n1, L * 4, L - n1, nkl,
-                                  group, hdk, scale)
+        # key tiles that stay in L1 while each query head of the group walks them (ring rows: a tile
+        # ends where the ring wraps)
+        tile = max(1, _KV_TILE_BYTES // (nkl * hdk * 2 * _simd.SCORE_KEYS)) * _simd.SCORE_KEYS
+        t = 0
+        row = row0
+        while t < L:
+            m = min(L - t, n_rows - row, tile)
+            _simd.attn_scores_f16(q[i, h0].ctypes.data, q.strides[1], kq[sq, row, kv0].ctypes.data,
+                                  kq.strides[1], kq.strides[2], sc.ctypes.data + 4 * t, L * 4, m, nkl, group,
+                                  hdk, scale)
+            t += m
+            row += m
+            if row == n_rows:
+                row = 0
     else:
         kbuf = np.empty(hdk, np.float32)
         row = row0
@@ -570,7 +601,7 @@ def _attention_task(q, k, v, pos, seq, attn, out, i, kv0, kv1):
             og = out[i, h0 + g]
             for j in range(hdv):
                 og[j] = 0.0
-        tile = max(8, _PV_TILE_BYTES // (nkl * hdv * 2))
+        tile = max(8, _KV_TILE_BYTES // (nkl * hdv * 2))
         t = 0
         row = row0
         while t < L:

@@ -751,6 +751,37 @@ def _lane_tree(b, e, v):
     return b.extract_element(v, c32(0))
 
 
+#: keys whose scores :func:`attn_scores_f16` computes at once for one query head: as many 16-lane sums
+#: in flight (independent FMA chains), reduced together (16 keys x 16 lanes: 16 AVX-512 registers;
+#: 4 keys elsewhere: 8 AVX2 / 16 NEON registers)
+SCORE_KEYS = 16 if VECTOR_BITS >= 512 else 4
+
+
+def _lane_trees(b, e, accs):
+    """The lane trees of :func:`_lane_tree` of len(accs) <16 x float> vectors at once (a power of 2 <= 16)
+    -> a <len(accs) x float> vector, lane t = the sum of accs[t]. Each step adds the same two partial sums
+    as the one-vector tree (lane l and l + w/2 of a w-lane partial sum), only placed side by side in
+    one vector (two-source shuffles), so each lane is bit-identical to ``_lane_tree(accs[t])``."""
+    vs = list(accs)
+    w = 16                 # lanes of each key's partial sum
+    while w > 1:
+        h = w // 2
+        if len(vs) > 1:    # pair up the vectors: each holds 16 / w keys' w-lane partial sums
+            nxt = []
+            for a, c in zip(vs[0::2], vs[1::2]):
+                lo = [k * w + l for k in range(32 // w) for l in range(h)]
+                hi = [k * w + h + l for k in range(32 // w) for l in range(h)]
+                nxt.append(b.fadd(e.shuffle(a, c, lo), e.shuffle(a, c, hi)))
+            vs = nxt
+        else:              # one vector left: halve each key's partial sum inside it
+            n = vs[0].type.count
+            lo = [k * w + l for k in range(n // w) for l in range(h)]
+            hi = [k * w + h + l for k in range(n // w) for l in range(h)]
+            vs = [b.fadd(e.shuffle(vs[0], None, lo), e.shuffle(vs[0], None, hi))]
+        w = h
+    return vs[0]
+
+
 @intrinsic
 def attn_scores_f16(typingctx, qp, qs, kp, ks, khs, sp, ss, nkeys, nkv, group, n16, scale):
     """Scores of nkv * group query heads against nkeys keys of f16 cells, one attention task's q.k:
@@ -758,9 +789,11 @@ def attn_scores_f16(typingctx, qp, qs, kp, ks, khs, sp, ss, nkeys, nkv, group, n
     kp + t * ks + kl * khs), times ``scale``, to the float at sp + hh * ss + 4 * t. Each score is
     :func:`dot_lanes16_f16`'s sum over the first n16 elements (a multiple of 16): 16 lanes by
     ``llvm.fma`` in element order, then the same lane tree, then one multiply by scale: bit-identical
-    to ``dot_lanes16_f16(q, k, n16) * scale``. Keys outside, the group's heads inside: a key row is
-    read from memory once (then from L1) for all the heads that share it."""
+    to ``dot_lanes16_f16(q, k, n16) * scale``. SCORE_KEYS keys at a time per head (independent FMA
+    chains; their lane trees reduced together, :func:`_lane_trees`), the rest one by one. The caller
+    passes key ranges that stay in L1 while each head of the group walks them."""
     sig = types.void(*([types.int64] * 11), types.float32)
+    KB = SCORE_KEYS
 
     def codegen(context, builder, signature, args):
         e = Emitter(builder)
@@ -768,42 +801,55 @@ def attn_scores_f16(typingctx, qp, qs, kp, ks, khs, sp, ss, nkeys, nkv, group, n
         qp_, qs_, kp_, ks_, khs_, sp_, ss_, nk_, nkv_, g_, n16_, sc_ = args
         q0, k0, s0 = (b.inttoptr(x, P8) for x in (qp_, kp_, sp_))
         v16 = vec(F32, 16)
+        nkb = b.mul(b.sdiv(nk_, c64(KB)), c64(KB))
 
-        def key(t, _):
-            krow = b.mul(t, ks_)
-            soff = b.mul(t, c64(4))
+        def kvhead(kl, _):
+            koff0 = b.mul(kl, khs_)
+            hh0 = b.mul(kl, g_)
 
-            def kvhead(kl, _):
-                koff = b.add(krow, b.mul(kl, khs_))
-                hh0 = b.mul(kl, g_)
+            def head(g, _):
+                hh = b.add(hh0, g)
+                qoff = b.mul(hh, qs_)
+                soff0 = b.mul(hh, ss_)
 
-                def head(g, _):
-                    hh = b.add(hh0, g)
-                    qoff = b.mul(hh, qs_)
+                def dots(t0, nkeys_):
+                    krows = [b.add(koff0, b.mul(b.add(t0, c64(t)), ks_)) for t in range(nkeys_)]
 
                     def chunk(j, accs):
                         x = e.load(q0, b.add(qoff, b.mul(j, c64(4))), v16, align=4)
-                        y = b.fpext(e.load(k0, b.add(koff, b.mul(j, c64(2))), vec(F16, 16), align=2), v16)
-                        return [_fma(b, x, y, accs[0])]
+                        jo = b.mul(j, c64(2))
+                        return [_fma(b, x, b.fpext(e.load(k0, b.add(kr, jo), vec(F16, 16), align=2), v16), a)
+                                for kr, a in zip(krows, accs)]
 
-                    (acc,) = counted_loop(b, n16_, [ir.Constant(v16, None)], chunk, step=16)
-                    s = b.fmul(_lane_tree(b, e, acc), sc_)
-                    e.store(s, s0, b.add(b.mul(hh, ss_), soff), align=4)
+                    return counted_loop(b, n16_, [ir.Constant(v16, None)] * nkeys_, chunk, step=16)
+
+                def block(t0, _):
+                    s = _lane_trees(b, e, dots(t0, KB))
+                    s = b.fmul(s, e.splat(sc_, KB))
+                    e.store(s, s0, b.add(soff0, b.mul(t0, c64(4))), align=4)
                     return []
 
-                counted_loop(b, g_, [], head)
+                def single(tt, _):
+                    t = b.add(nkb, tt)
+                    (acc,) = dots(t, 1)
+                    s = b.fmul(_lane_tree(b, e, acc), sc_)
+                    e.store(s, s0, b.add(soff0, b.mul(t, c64(4))), align=4)
+                    return []
+
+                counted_loop(b, nkb, [], block, step=KB)
+                counted_loop(b, b.sub(nk_, nkb), [], single)
                 return []
 
-            counted_loop(b, nkv_, [], kvhead)
+            counted_loop(b, g_, [], head)
             return []
 
-        counted_loop(b, nk_, [], key)
+        counted_loop(b, nkv_, [], kvhead)
         return context.get_dummy_value()
 
     return sig, codegen
 
 
-attn_scores_f16.kernel_name = "attn_scores_f16"
+attn_scores_f16.kernel_name = f"attn_scores_f16_k{SCORE_KEYS}"
 
 #: chunks of 16 value elements whose sums one pass of :func:`attn_pv_f16` keeps in registers (independent
 #: add chains: the adds' latency is hidden; 4 x 16 floats: 4 AVX-512 / 16 NEON registers)
