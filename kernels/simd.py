@@ -851,9 +851,11 @@ def attn_scores_f16(typingctx, qp, qs, kp, ks, khs, sp, ss, nkeys, nkv, group, n
 
 attn_scores_f16.kernel_name = f"attn_scores_f16_k{SCORE_KEYS}"
 
-#: chunks of 16 value elements whose sums one pass of :func:`attn_pv_f16` keeps in registers (independent
-#: add chains: the adds' latency is hidden; 4 x 16 floats: 4 AVX-512 / 16 NEON registers)
-PV_CHUNKS = 4
+#: chunks of 16 value elements whose sums one pass of :func:`attn_pv_f16` keeps in registers for each of
+#: PV_HEADS query heads (independent add chains: the adds' latency is hidden; a value chunk converted
+#: once for the heads): 2 x 4 x 16 floats = 8 AVX-512 registers; 2 x 2 x 16 = 16 NEON / 8 AVX2 ones
+PV_CHUNKS = 4 if VECTOR_BITS >= 512 else 2
+PV_HEADS = 2
 
 
 @intrinsic
@@ -862,10 +864,12 @@ def attn_pv_f16(typingctx, wp, ws, vp, vs, vhs, op, os_, nkeys, nkv, group, n16)
     for head hh = kl * group + g and element j < n16 (a multiple of 16), the float at op + hh * os_ + 4 j
     becomes ``(((o + w_0 * v_0j) + w_1 * v_1j) + ...)`` over the keys t in order, w_t the float at
     wp + hh * ws + 4 t and v_tj the f16 at vp + t * vs + kl * vhs + 2 j: each product rounded, then
-    added (no fused multiply-add), as the scalar loop ``acc[j] += w * v[j]`` does. The sums of
-    PV_CHUNKS chunks of 16 elements stay in registers across the keys (then the remaining chunks one
-    at a time): the order of each element's sum is the same whatever the chunking."""
+    added (no fused multiply-add), as the scalar loop ``acc[j] += w * v[j]`` does. PV_HEADS heads of a
+    group and PV_CHUNKS chunks of 16 elements at a time keep their sums in registers across the keys
+    (then the remaining heads / chunks one at a time): each element's sum is in the same order whatever
+    the blocking."""
     sig = types.void(*([types.int64] * 11))
+    HB = PV_HEADS
 
     def codegen(context, builder, signature, args):
         e = Emitter(builder)
@@ -875,29 +879,28 @@ def attn_pv_f16(typingctx, wp, ws, vp, vs, vhs, op, os_, nkeys, nkv, group, n16)
         v16 = vec(F32, 16)
         wide = 16 * PV_CHUNKS
         nwide = b.mul(b.sdiv(n16_, c64(wide)), c64(wide))
+        gwide = b.mul(b.sdiv(g_, c64(HB)), c64(HB))
 
         def kvhead(kl, _):
             voff0 = b.mul(kl, vhs_)
             hh0 = b.mul(kl, g_)
 
-            def head(g, _):
-                hh = b.add(hh0, g)
-                woff = b.mul(hh, ws_)
-                ooff = b.mul(hh, os2)
+            def heads(g, nh):
+                hhs = [b.add(hh0, b.add(g, c64(u))) for u in range(nh)]
+                woffs = [b.mul(hh, ws_) for hh in hhs]
+                ooffs = [b.mul(hh, os2) for hh in hhs]
 
                 def block(j0, nch):
-                    offs = [b.add(ooff, b.mul(b.add(j0, c64(16 * c)), c64(4))) for c in range(nch)]
+                    offs = [b.add(oo, b.mul(b.add(j0, c64(16 * c)), c64(4))) for oo in ooffs for c in range(nch)]
                     accs = [e.load(o0, off, v16, align=4) for off in offs]
 
                     def key(t, accs):
-                        w = e.splat(e.load(w0, b.add(woff, b.mul(t, c64(4))), F32, align=4), 16)
+                        t4 = b.mul(t, c64(4))
+                        w = [e.splat(e.load(w0, b.add(wo, t4), F32, align=4), 16) for wo in woffs]
                         vrow = b.add(b.mul(t, vs_), voff0)
-                        new = []
-                        for c in range(nch):
-                            voff = b.add(vrow, b.mul(b.add(j0, c64(16 * c)), c64(2)))
-                            x = b.fpext(e.load(v0, voff, vec(F16, 16), align=2), v16)
-                            new.append(b.fadd(accs[c], b.fmul(w, x)))
-                        return new
+                        x = [b.fpext(e.load(v0, b.add(vrow, b.mul(b.add(j0, c64(16 * c)), c64(2))),
+                                            vec(F16, 16), align=2), v16) for c in range(nch)]
+                        return [b.fadd(accs[u * nch + c], b.fmul(w[u], x[c])) for u in range(nh) for c in range(nch)]
 
                     accs = counted_loop(b, nk_, accs, key)
                     for off, a in zip(offs, accs):
@@ -913,9 +916,17 @@ def attn_pv_f16(typingctx, wp, ws, vp, vs, vhs, op, os_, nkeys, nkv, group, n16)
 
                 counted_loop(b, nwide, [], wide_block, step=wide)
                 counted_loop(b, b.sub(n16_, nwide), [], narrow_block, step=16)
+
+            def head_block(g, _):
+                heads(g, HB)
                 return []
 
-            counted_loop(b, g_, [], head)
+            def head_one(gg, _):
+                heads(b.add(gwide, gg), 1)
+                return []
+
+            counted_loop(b, gwide, [], head_block, step=HB)
+            counted_loop(b, b.sub(g_, gwide), [], head_one)
             return []
 
         counted_loop(b, nkv_, [], kvhead)
@@ -924,7 +935,7 @@ def attn_pv_f16(typingctx, wp, ws, vp, vs, vhs, op, os_, nkeys, nkv, group, n16)
     return sig, codegen
 
 
-attn_pv_f16.kernel_name = f"attn_pv_f16_c{PV_CHUNKS}"
+attn_pv_f16.kernel_name = f"attn_pv_f16_h{PV_HEADS}_c{PV_CHUNKS}"
 
 
 # ------------------------------------------------------ float FMA tiles
