@@ -685,7 +685,11 @@ def _softmax_causal(S, group, p0, softcap, tot):
     return S
 
 
-_PARALLEL_MIN_WORK = 1 << 21  # attention multiply-adds below which the serial driver runs (~0.1 ms of work)
+# attention multiply-adds below which the serial driver runs (~2 us of work: about what launching a parallel
+# region costs from the main thread). Issue 26, SmolLM2-135M decode step of 4 sequences at -t 2 (2-vCPU Xeon
+# VM): the parallel driver beat the serial one from 4 x 16 keys up (attention 0.9 -> 0.7 ms a step at
+# context 16, 2.6 -> 1.6 ms at 128), and the matmuls after it ran ~8% faster (the threads still awake)
+_PARALLEL_MIN_WORK = 1 << 15
 _BLAS_MIN_TOKENS = 32          # prompt chunks at least this long take the matrix-product path
 _BLAS_MIN_KEYS = 512           # ... over at least this many keys (below, the loops are as fast)
 # score block of at most this size (queries are taken in slices): it stays in L2 between the two products
@@ -817,10 +821,10 @@ def attention(q, k, v, pos, seq, scale, window, softcap, out):
     vectorized dot products and the p*v accumulation, quantized ones decoded a cell at a time.
     On one thread, for a single token, or below ``_PARALLEL_MIN_WORK`` multiply-adds (keys x query
     heads x (hd_k + hd_v), summed over the tokens), the serial driver runs (each token over all kv
-    heads: the cache rows are read whole, in order): launching a parallel region costs tens of
-    microseconds on a quiet machine and milliseconds on a busy one, where the second thread waits for
-    a core; a ``--parallel 4`` decode step over short contexts (4 x 64 keys: ~20 us of work per
-    layer) spent most of its time there. Both drivers (and :func:`decode_attention`) give a query head
+    heads: the cache rows are read whole, in order); above, the parallel one (a task per token and kv
+    head). A parallel region launched from the thread that ran the previous one costs ~2 us (from a
+    thread with an OpenMP team of its own, tens; on an oversubscribed machine, where the second
+    thread waits for a core, milliseconds). Both drivers (and :func:`decode_attention`) give a query head
     bit-identical results: the task compiles without fast-math flags and its sums run in one fixed
     order (:func:`_dot`, :func:`_sum`), so the choice never changes the numbers (batch invariance).
     """
