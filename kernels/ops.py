@@ -447,30 +447,13 @@ def _dot(a, b, half):
 
 @nb.njit(inline="always", **_strict)
 def _sum(x, n):
-    """sum(x[:n]) in a fixed order: 16 lanes (lane l sums t = l mod 16 in order), added as
-    :func:`_dot`'s lanes are (lane l and l + 8, then l and l + 4, ...), then the tail in order."""
+    """sum(x[:n]) (x contiguous) in a fixed order: 16 lanes (lane l sums t = l mod 16 in order), added as
+    :func:`_dot`'s lanes are (lane l and l + 8, then l and l + 4, ...; simd.sum_lanes16_f32), then the
+    tail in order."""
     n16 = n - n % 16
-    s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = s8 = s9 = s10 = s11 = s12 = s13 = s14 = s15 = np.float32(0.0)
-    for t in range(0, n16, 16):
-        s0 += x[t + 0]
-        s1 += x[t + 1]
-        s2 += x[t + 2]
-        s3 += x[t + 3]
-        s4 += x[t + 4]
-        s5 += x[t + 5]
-        s6 += x[t + 6]
-        s7 += x[t + 7]
-        s8 += x[t + 8]
-        s9 += x[t + 9]
-        s10 += x[t + 10]
-        s11 += x[t + 11]
-        s12 += x[t + 12]
-        s13 += x[t + 13]
-        s14 += x[t + 14]
-        s15 += x[t + 15]
-    s0, s1, s2, s3, s4, s5, s6, s7 = s0 + s8, s1 + s9, s2 + s10, s3 + s11, s4 + s12, s5 + s13, s6 + s14, s7 + s15
-    s0, s1, s2, s3 = s0 + s4, s1 + s5, s2 + s6, s3 + s7
-    s = (s0 + s2) + (s1 + s3)
+    s = np.float32(0.0)
+    if n16 > 0:
+        s = _simd.sum_lanes16_f32(np.int64(x.ctypes.data), n16)
     for t in range(n16, n):
         s += x[t]
     return s
@@ -478,26 +461,14 @@ def _sum(x, n):
 
 @nb.njit(inline="always", **_strict)
 def _max(x, n):
-    """max(x[:n]) (n >= 1) in 16 independent lanes (a max is exact: any order gives the same value;
-    one chain of compares was latency-bound, ~4 cycles a key)."""
-    m = x[0]
-    if n < 32:
-        for t in range(1, n):
-            m = max(m, x[t])
-        return m
-    m0 = m1 = m2 = m3 = m4 = m5 = m6 = m7 = m
-    n8 = n - n % 8
-    for t in range(0, n8, 8):
-        m0 = max(m0, x[t + 0])
-        m1 = max(m1, x[t + 1])
-        m2 = max(m2, x[t + 2])
-        m3 = max(m3, x[t + 3])
-        m4 = max(m4, x[t + 4])
-        m5 = max(m5, x[t + 5])
-        m6 = max(m6, x[t + 6])
-        m7 = max(m7, x[t + 7])
-    m = max(max(max(m0, m1), max(m2, m3)), max(max(m4, m5), max(m6, m7)))
-    for t in range(n8, n):
+    """max(x[:n]) (n >= 1, x contiguous): 16 lanes (simd.max_lanes16_f32), then the tail; a max is
+    exact, any order gives its value (one chain of compares was latency-bound, ~4 cycles a key)."""
+    n16 = n - n % 16
+    if n16 > 0:
+        m = _simd.max_lanes16_f32(np.int64(x.ctypes.data), n16)
+    else:
+        m = x[0]
+    for t in range(n16, n):
         m = max(m, x[t])
     return m
 

@@ -751,6 +751,46 @@ def _lane_tree(b, e, v):
     return b.extract_element(v, c32(0))
 
 
+def _make_lanes16(op: str):
+    @intrinsic
+    def lanes(typingctx, p, n16):
+        """Over the float32s at p[0..n16) (n16 a positive multiple of 16), 16 lanes (lane l takes the
+        elements j = l mod 16 in order), then the lanes combined as :func:`_lane_tree` adds them (lane l
+        and l + 8, ...). ``sum``: ``((0 + x_l) + x_(l+16)) + ...``, each add rounded: the order of the
+        attention's 16 scalar lanes (ops._sum). ``max``: a max is exact, any order gives its value."""
+        sig = types.float32(types.int64, types.int64)
+
+        def codegen(context, builder, signature, args):
+            e = Emitter(builder)
+            b = builder
+            p0 = b.inttoptr(args[0], P8)
+            v16 = vec(F32, 16)
+
+            def comb(a, x):
+                if op == "sum":
+                    return b.fadd(a, x)
+                return b.select(b.fcmp_ordered(">", x, a), x, a)
+
+            first = e.load(p0, c64(0), v16, align=4) if op == "max" else ir.Constant(v16, None)
+
+            def body(i, accs):
+                return [comb(accs[0], e.load(p0, b.mul(i, c64(4)), v16, align=4))]
+
+            (v,) = counted_loop(b, args[1], [first], body, step=16)
+            while v.type.count > 1:
+                v = comb(e.half(v, 0), e.half(v, 1))
+            return b.extract_element(v, c32(0))
+
+        return sig, codegen
+
+    lanes.kernel_name = f"{op}_lanes16_f32"
+    return lanes
+
+
+sum_lanes16_f32 = _make_lanes16("sum")
+max_lanes16_f32 = _make_lanes16("max")
+
+
 #: keys whose scores :func:`attn_scores_f16` computes at once for one query head: as many 16-lane sums
 #: in flight (independent FMA chains), reduced together (16 keys x 16 lanes: 16 AVX-512 registers;
 #: 4 keys elsewhere: 8 AVX2 / 16 NEON registers)
