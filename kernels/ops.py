@@ -447,33 +447,30 @@ def _dot(a, b, half):
 
 @nb.njit(inline="always", **_strict)
 def _sum(x, n):
-    """sum(x[:n]) in a fixed order: 16 lanes (lane l sums t = l mod 16 in order), added as
-    :func:`_dot`'s lanes are (lane l and l + 8, then l and l + 4, ...), then the tail in order."""
+    """sum(x[:n]) (x contiguous) in a fixed order: 16 lanes (lane l sums t = l mod 16 in order), added as
+    :func:`_dot`'s lanes are (lane l and l + 8, then l and l + 4, ...; simd.sum_lanes16_f32), then the
+    tail in order."""
     n16 = n - n % 16
-    s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = s8 = s9 = s10 = s11 = s12 = s13 = s14 = s15 = np.float32(0.0)
-    for t in range(0, n16, 16):
-        s0 += x[t + 0]
-        s1 += x[t + 1]
-        s2 += x[t + 2]
-        s3 += x[t + 3]
-        s4 += x[t + 4]
-        s5 += x[t + 5]
-        s6 += x[t + 6]
-        s7 += x[t + 7]
-        s8 += x[t + 8]
-        s9 += x[t + 9]
-        s10 += x[t + 10]
-        s11 += x[t + 11]
-        s12 += x[t + 12]
-        s13 += x[t + 13]
-        s14 += x[t + 14]
-        s15 += x[t + 15]
-    s0, s1, s2, s3, s4, s5, s6, s7 = s0 + s8, s1 + s9, s2 + s10, s3 + s11, s4 + s12, s5 + s13, s6 + s14, s7 + s15
-    s0, s1, s2, s3 = s0 + s4, s1 + s5, s2 + s6, s3 + s7
-    s = (s0 + s2) + (s1 + s3)
+    s = np.float32(0.0)
+    if n16 > 0:
+        s = _simd.sum_lanes16_f32(np.int64(x.ctypes.data), n16)
     for t in range(n16, n):
         s += x[t]
     return s
+
+
+@nb.njit(inline="always", **_strict)
+def _max(x, n):
+    """max(x[:n]) (n >= 1, x contiguous): 16 lanes (simd.max_lanes16_f32), then the tail; a max is
+    exact, any order gives its value (one chain of compares was latency-bound, ~4 cycles a key)."""
+    n16 = n - n % 16
+    if n16 > 0:
+        m = _simd.max_lanes16_f32(np.int64(x.ctypes.data), n16)
+    else:
+        m = x[0]
+    for t in range(n16, n):
+        m = max(m, x[t])
+    return m
 
 
 @nb.njit(inline="always", **_strict)
@@ -483,12 +480,25 @@ def _exp_shifted(row, L, softcap):
     if softcap > 0.0:
         for t in range(L):
             row[t] = softcap * math.tanh(row[t] / softcap)
-    mx = row[0]
-    for t in range(1, L):
-        mx = max(mx, row[t])
+    mx = _max(row, L)
     for t in range(L):
         row[t] = expf(row[t] - mx)
     return _sum(row, L)
+
+
+@intrinsic
+def _keep_alive(typingctx, a):
+    """A use of the array a (no code): numba frees a local array right after its last use by name, and
+    the kernels below pass its raw address to the intrinsics (kernels/simd.py: attn_*), which read it
+    later."""
+    def codegen(context, builder, signature, args):
+        return context.get_dummy_value()
+    return types.none(a), codegen
+
+
+# keys per call of simd.attn_scores_f16 / attn_pv_f16: the cells they read (that many rows of the task's
+# kv heads) stay in L1 while they walk them once per query head (and block of elements)
+_KV_TILE_BYTES = 16384
 
 
 @nb.njit(inline="always", **_strict)
@@ -496,6 +506,11 @@ def _attention_task(q, k, v, pos, seq, attn, out, i, kv0, kv1):
     # the query heads of token i that share kv heads kv0..kv1-1. Over all kv heads (kv0 = 0, kv1 = n_kv)
     # the loops read each cache row whole, front to back: one sequential stream (a decode step at depth
     # is bound by that read); one kv head per task lets the parallel driver split a prompt finer.
+    # f16 cells (the default) whose head size is a multiple of 16 go through the vector kernels
+    # simd.attn_scores_f16 / attn_pv_f16 (a key row read once for the group's heads, the output held in
+    # registers across the keys); other cells through the loops below. Both compute every float as
+    # the loops do, in the same order (the dots as :func:`_dot`, ``acc += w * v`` key by key): the path
+    # never changes a result.
     kq, kd, kkind, _ = k
     vq, vd, vkind, vrot = v
     scale, window, softcap = attn
@@ -505,7 +520,8 @@ def _attention_task(q, k, v, pos, seq, attn, out, i, kv0, kv1):
     group = nh // nkv
     n_rows = kq.shape[1]
     h0 = kv0 * group
-    nq = (kv1 - kv0) * group
+    nkl = kv1 - kv0
+    nq = nkl * group
     p = pos[i]
     sq = seq[i]
     start = 0
@@ -513,30 +529,67 @@ def _attention_task(q, k, v, pos, seq, attn, out, i, kv0, kv1):
         start = p - window + 1
     L = p + 1 - start
     sc = np.empty((nq, L), np.float32)
-    acc = np.zeros((nq, hdv), np.float32)
-    kbuf = np.empty(hdk, np.float32)
-    vbuf = np.empty(hdv, np.float32)
     row0 = start % n_rows
-    row = row0
-    for t in range(L):
-        for kvh in range(kv0, kv1):
-            hq = (kvh - kv0) * group
-            if kkind == 0:
-                kr = kq[sq, row, kvh]
-                for g in range(group):
-                    sc[hq + g, t] = _dot(q[i, h0 + hq + g], kr, True) * scale
-            else:
-                _kv_get(kq, kd, kkind, sq, row, kvh, kbuf)
-                for g in range(group):
-                    sc[hq + g, t] = _dot(q[i, h0 + hq + g], kbuf, False) * scale
-        row += 1
-        if row == n_rows:
-            row = 0
+    if kkind == 0 and hdk % 16 == 0 and q.strides[2] == 4 and kq.strides[3] == 2:
+        # key tiles that stay in L1 while each query head of the group walks them (ring rows: a tile
+        # ends where the ring wraps)
+        tile = max(1, _KV_TILE_BYTES // (nkl * hdk * 2 * _simd.SCORE_KEYS)) * _simd.SCORE_KEYS
+        t = 0
+        row = row0
+        while t < L:
+            m = min(L - t, n_rows - row, tile)
+            _simd.attn_scores_f16(q[i, h0].ctypes.data, q.strides[1], kq[sq, row, kv0].ctypes.data,
+                                  kq.strides[1], kq.strides[2], sc.ctypes.data + 4 * t, L * 4, m, nkl, group,
+                                  hdk, scale)
+            t += m
+            row += m
+            if row == n_rows:
+                row = 0
+    else:
+        kbuf = np.empty(hdk, np.float32)
+        row = row0
+        for t in range(L):
+            for kvh in range(kv0, kv1):
+                hq = (kvh - kv0) * group
+                if kkind == 0:
+                    kr = kq[sq, row, kvh]
+                    for g in range(group):
+                        sc[hq + g, t] = _dot(q[i, h0 + hq + g], kr, True) * scale
+                else:
+                    _kv_get(kq, kd, kkind, sq, row, kvh, kbuf)
+                    for g in range(group):
+                        sc[hq + g, t] = _dot(q[i, h0 + hq + g], kbuf, False) * scale
+            row += 1
+            if row == n_rows:
+                row = 0
     for g in range(nq):
         sg = sc[g]
         inv = np.float32(1.0) / _exp_shifted(sg, L, softcap)
         for t in range(L):
             sg[t] *= inv
+    if vkind == 0 and hdv % 16 == 0 and out.strides[2] == 4 and vq.strides[3] == 2:
+        for g in range(nq):
+            og = out[i, h0 + g]
+            for j in range(hdv):
+                og[j] = 0.0
+        tile = max(8, _KV_TILE_BYTES // (nkl * hdv * 2))
+        t = 0
+        row = row0
+        while t < L:
+            m = min(L - t, n_rows - row, tile)
+            _simd.attn_pv_f16(sc.ctypes.data + 4 * t, L * 4, vq[sq, row, kv0].ctypes.data, vq.strides[1],
+                              vq.strides[2], out[i, h0].ctypes.data, out.strides[1], m, nkl, group, hdv)
+            t += m
+            row += m
+            if row == n_rows:
+                row = 0
+        if vrot:
+            for g in range(nq):
+                _fwht(out[i, h0 + g])
+        _keep_alive(sc)
+        return
+    acc = np.zeros((nq, hdv), np.float32)
+    vbuf = np.empty(hdv, np.float32)
     row = row0
     for t in range(L):
         for kvh in range(kv0, kv1):
@@ -603,7 +656,11 @@ def _softmax_causal(S, group, p0, softcap, tot):
     return S
 
 
-_PARALLEL_MIN_WORK = 1 << 21  # attention multiply-adds below which the serial driver runs (~0.1 ms of work)
+# attention multiply-adds below which the serial driver runs (~2 us of work: about what launching a parallel
+# region costs from the main thread). Issue 26, SmolLM2-135M decode step of 4 sequences at -t 2 (2-vCPU Xeon
+# VM): the parallel driver beat the serial one from 4 x 16 keys up (attention 0.9 -> 0.7 ms a step at
+# context 16, 2.6 -> 1.6 ms at 128), and the matmuls after it ran ~8% faster (the threads still awake)
+_PARALLEL_MIN_WORK = 1 << 15
 _BLAS_MIN_TOKENS = 32          # prompt chunks at least this long take the matrix-product path
 _BLAS_MIN_KEYS = 512           # ... over at least this many keys (below, the loops are as fast)
 # score block of at most this size (queries are taken in slices): it stays in L2 between the two products
@@ -735,10 +792,10 @@ def attention(q, k, v, pos, seq, scale, window, softcap, out):
     vectorized dot products and the p*v accumulation, quantized ones decoded a cell at a time.
     On one thread, for a single token, or below ``_PARALLEL_MIN_WORK`` multiply-adds (keys x query
     heads x (hd_k + hd_v), summed over the tokens), the serial driver runs (each token over all kv
-    heads: the cache rows are read whole, in order): launching a parallel region costs tens of
-    microseconds on a quiet machine and milliseconds on a busy one, where the second thread waits for
-    a core; a ``--parallel 4`` decode step over short contexts (4 x 64 keys: ~20 us of work per
-    layer) spent most of its time there. Both drivers (and :func:`decode_attention`) give a query head
+    heads: the cache rows are read whole, in order); above, the parallel one (a task per token and kv
+    head). A parallel region launched from the thread that ran the previous one costs ~2 us (from a
+    thread with an OpenMP team of its own, tens; on an oversubscribed machine, where the second
+    thread waits for a core, milliseconds). Both drivers (and :func:`decode_attention`) give a query head
     bit-identical results: the task compiles without fast-math flags and its sums run in one fixed
     order (:func:`_dot`, :func:`_sum`), so the choice never changes the numbers (batch invariance).
     """

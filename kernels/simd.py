@@ -743,6 +743,241 @@ dot_lanes16_f32 = _make_dot_lanes(False)
 dot_lanes16_f16 = _make_dot_lanes(True)
 
 
+# ------------------------------------------------------ decode attention over f16 cells
+def _lane_tree(b, e, v):
+    """The lanes of v summed as :func:`_make_dot_lanes` sums them (lane l and l + n/2, ...)."""
+    while v.type.count > 1:
+        v = b.fadd(e.half(v, 0), e.half(v, 1))
+    return b.extract_element(v, c32(0))
+
+
+def _make_lanes16(op: str):
+    @intrinsic
+    def lanes(typingctx, p, n16):
+        """Over the float32s at p[0..n16) (n16 a positive multiple of 16), 16 lanes (lane l takes the
+        elements j = l mod 16 in order), then the lanes combined as :func:`_lane_tree` adds them (lane l
+        and l + 8, ...). ``sum``: ``((0 + x_l) + x_(l+16)) + ...``, each add rounded: the order of the
+        attention's 16 scalar lanes (ops._sum). ``max``: a max is exact, any order gives its value."""
+        sig = types.float32(types.int64, types.int64)
+
+        def codegen(context, builder, signature, args):
+            e = Emitter(builder)
+            b = builder
+            p0 = b.inttoptr(args[0], P8)
+            v16 = vec(F32, 16)
+
+            def comb(a, x):
+                if op == "sum":
+                    return b.fadd(a, x)
+                return b.select(b.fcmp_ordered(">", x, a), x, a)
+
+            first = e.load(p0, c64(0), v16, align=4) if op == "max" else ir.Constant(v16, None)
+
+            def body(i, accs):
+                return [comb(accs[0], e.load(p0, b.mul(i, c64(4)), v16, align=4))]
+
+            (v,) = counted_loop(b, args[1], [first], body, step=16)
+            while v.type.count > 1:
+                v = comb(e.half(v, 0), e.half(v, 1))
+            return b.extract_element(v, c32(0))
+
+        return sig, codegen
+
+    lanes.kernel_name = f"{op}_lanes16_f32"
+    return lanes
+
+
+sum_lanes16_f32 = _make_lanes16("sum")
+max_lanes16_f32 = _make_lanes16("max")
+
+
+#: keys whose scores :func:`attn_scores_f16` computes at once for one query head: as many 16-lane sums
+#: in flight (independent FMA chains), reduced together (16 keys x 16 lanes: 16 AVX-512 registers;
+#: 4 keys elsewhere: 8 AVX2 / 16 NEON registers)
+SCORE_KEYS = 16 if VECTOR_BITS >= 512 else 4
+
+
+def _lane_trees(b, e, accs):
+    """The lane trees of :func:`_lane_tree` of len(accs) <16 x float> vectors at once (a power of 2 <= 16)
+    -> a <len(accs) x float> vector, lane t = the sum of accs[t]. Each step adds the same two partial sums
+    as the one-vector tree (lane l and l + w/2 of a w-lane partial sum), only placed side by side in
+    one vector (two-source shuffles), so each lane is bit-identical to ``_lane_tree(accs[t])``."""
+    vs = list(accs)
+    w = 16                 # lanes of each key's partial sum
+    while w > 1:
+        h = w // 2
+        if len(vs) > 1:    # pair up the vectors: each holds 16 / w keys' w-lane partial sums
+            nxt = []
+            for a, c in zip(vs[0::2], vs[1::2]):
+                lo = [k * w + l for k in range(32 // w) for l in range(h)]
+                hi = [k * w + h + l for k in range(32 // w) for l in range(h)]
+                nxt.append(b.fadd(e.shuffle(a, c, lo), e.shuffle(a, c, hi)))
+            vs = nxt
+        else:              # one vector left: halve each key's partial sum inside it
+            n = vs[0].type.count
+            lo = [k * w + l for k in range(n // w) for l in range(h)]
+            hi = [k * w + h + l for k in range(n // w) for l in range(h)]
+            vs = [b.fadd(e.shuffle(vs[0], None, lo), e.shuffle(vs[0], None, hi))]
+        w = h
+    return vs[0]
+
+
+@intrinsic
+def attn_scores_f16(typingctx, qp, qs, kp, ks, khs, sp, ss, nkeys, nkv, group, n16, scale):
+    """Scores of nkv * group query heads against nkeys keys of f16 cells, one attention task's q.k:
+    head hh = kl * group + g (float32 at qp + hh * qs) against the key of kv head kl at row t (f16 at
+    kp + t * ks + kl * khs), times ``scale``, to the float at sp + hh * ss + 4 * t. Each score is
+    :func:`dot_lanes16_f16`'s sum over the first n16 elements (a multiple of 16): 16 lanes by
+    ``llvm.fma`` in element order, then the same lane tree, then one multiply by scale: bit-identical
+    to ``dot_lanes16_f16(q, k, n16) * scale``. SCORE_KEYS keys at a time per head (independent FMA
+    chains; their lane trees reduced together, :func:`_lane_trees`), the rest one by one. The caller
+    passes key ranges that stay in L1 while each head of the group walks them."""
+    sig = types.void(*([types.int64] * 11), types.float32)
+    KB = SCORE_KEYS
+
+    def codegen(context, builder, signature, args):
+        e = Emitter(builder)
+        b = builder
+        qp_, qs_, kp_, ks_, khs_, sp_, ss_, nk_, nkv_, g_, n16_, sc_ = args
+        q0, k0, s0 = (b.inttoptr(x, P8) for x in (qp_, kp_, sp_))
+        v16 = vec(F32, 16)
+        nkb = b.mul(b.sdiv(nk_, c64(KB)), c64(KB))
+
+        def kvhead(kl, _):
+            koff0 = b.mul(kl, khs_)
+            hh0 = b.mul(kl, g_)
+
+            def head(g, _):
+                hh = b.add(hh0, g)
+                qoff = b.mul(hh, qs_)
+                soff0 = b.mul(hh, ss_)
+
+                def dots(t0, nkeys_):
+                    krows = [b.add(koff0, b.mul(b.add(t0, c64(t)), ks_)) for t in range(nkeys_)]
+
+                    def chunk(j, accs):
+                        x = e.load(q0, b.add(qoff, b.mul(j, c64(4))), v16, align=4)
+                        jo = b.mul(j, c64(2))
+                        return [_fma(b, x, b.fpext(e.load(k0, b.add(kr, jo), vec(F16, 16), align=2), v16), a)
+                                for kr, a in zip(krows, accs)]
+
+                    return counted_loop(b, n16_, [ir.Constant(v16, None)] * nkeys_, chunk, step=16)
+
+                def block(t0, _):
+                    s = _lane_trees(b, e, dots(t0, KB))
+                    s = b.fmul(s, e.splat(sc_, KB))
+                    e.store(s, s0, b.add(soff0, b.mul(t0, c64(4))), align=4)
+                    return []
+
+                def single(tt, _):
+                    t = b.add(nkb, tt)
+                    (acc,) = dots(t, 1)
+                    s = b.fmul(_lane_tree(b, e, acc), sc_)
+                    e.store(s, s0, b.add(soff0, b.mul(t, c64(4))), align=4)
+                    return []
+
+                counted_loop(b, nkb, [], block, step=KB)
+                counted_loop(b, b.sub(nk_, nkb), [], single)
+                return []
+
+            counted_loop(b, g_, [], head)
+            return []
+
+        counted_loop(b, nkv_, [], kvhead)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+attn_scores_f16.kernel_name = f"attn_scores_f16_k{SCORE_KEYS}"
+
+#: chunks of 16 value elements whose sums one pass of :func:`attn_pv_f16` keeps in registers for each of
+#: PV_HEADS query heads (independent add chains: the adds' latency is hidden; a value chunk converted
+#: once for the heads): 2 x 4 x 16 floats = 8 AVX-512 registers; 2 x 2 x 16 = 16 NEON / 8 AVX2 ones
+PV_CHUNKS = 4 if VECTOR_BITS >= 512 else 2
+PV_HEADS = 2
+
+
+@intrinsic
+def attn_pv_f16(typingctx, wp, ws, vp, vs, vhs, op, os_, nkeys, nkv, group, n16):
+    """out += P V for nkv * group query heads over nkeys values of f16 cells, an attention task's p.v:
+    for head hh = kl * group + g and element j < n16 (a multiple of 16), the float at op + hh * os_ + 4 j
+    becomes ``(((o + w_0 * v_0j) + w_1 * v_1j) + ...)`` over the keys t in order, w_t the float at
+    wp + hh * ws + 4 t and v_tj the f16 at vp + t * vs + kl * vhs + 2 j: each product rounded, then
+    added (no fused multiply-add), as the scalar loop ``acc[j] += w * v[j]`` does. PV_HEADS heads of a
+    group and PV_CHUNKS chunks of 16 elements at a time keep their sums in registers across the keys
+    (then the remaining heads / chunks one at a time): each element's sum is in the same order whatever
+    the blocking."""
+    sig = types.void(*([types.int64] * 11))
+    HB = PV_HEADS
+
+    def codegen(context, builder, signature, args):
+        e = Emitter(builder)
+        b = builder
+        wp_, ws_, vp_, vs_, vhs_, op_, os2, nk_, nkv_, g_, n16_ = args
+        w0, v0, o0 = (b.inttoptr(x, P8) for x in (wp_, vp_, op_))
+        v16 = vec(F32, 16)
+        wide = 16 * PV_CHUNKS
+        nwide = b.mul(b.sdiv(n16_, c64(wide)), c64(wide))
+        gwide = b.mul(b.sdiv(g_, c64(HB)), c64(HB))
+
+        def kvhead(kl, _):
+            voff0 = b.mul(kl, vhs_)
+            hh0 = b.mul(kl, g_)
+
+            def heads(g, nh):
+                hhs = [b.add(hh0, b.add(g, c64(u))) for u in range(nh)]
+                woffs = [b.mul(hh, ws_) for hh in hhs]
+                ooffs = [b.mul(hh, os2) for hh in hhs]
+
+                def block(j0, nch):
+                    offs = [b.add(oo, b.mul(b.add(j0, c64(16 * c)), c64(4))) for oo in ooffs for c in range(nch)]
+                    accs = [e.load(o0, off, v16, align=4) for off in offs]
+
+                    def key(t, accs):
+                        t4 = b.mul(t, c64(4))
+                        w = [e.splat(e.load(w0, b.add(wo, t4), F32, align=4), 16) for wo in woffs]
+                        vrow = b.add(b.mul(t, vs_), voff0)
+                        x = [b.fpext(e.load(v0, b.add(vrow, b.mul(b.add(j0, c64(16 * c)), c64(2))),
+                                            vec(F16, 16), align=2), v16) for c in range(nch)]
+                        return [b.fadd(accs[u * nch + c], b.fmul(w[u], x[c])) for u in range(nh) for c in range(nch)]
+
+                    accs = counted_loop(b, nk_, accs, key)
+                    for off, a in zip(offs, accs):
+                        e.store(a, o0, off, align=4)
+
+                def wide_block(j0, _):
+                    block(j0, PV_CHUNKS)
+                    return []
+
+                def narrow_block(jj, _):
+                    block(b.add(nwide, jj), 1)
+                    return []
+
+                counted_loop(b, nwide, [], wide_block, step=wide)
+                counted_loop(b, b.sub(n16_, nwide), [], narrow_block, step=16)
+
+            def head_block(g, _):
+                heads(g, HB)
+                return []
+
+            def head_one(gg, _):
+                heads(b.add(gwide, gg), 1)
+                return []
+
+            counted_loop(b, gwide, [], head_block, step=HB)
+            counted_loop(b, b.sub(g_, gwide), [], head_one)
+            return []
+
+        counted_loop(b, nkv_, [], kvhead)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+attn_pv_f16.kernel_name = f"attn_pv_f16_h{PV_HEADS}_c{PV_CHUNKS}"
+
+
 # ------------------------------------------------------ float FMA tiles
 #: accumulators per output of the float FMA tiles (ftile_kernel): element e of a block of 32 goes to
 #: accumulator (e // ACC_LANES) % FMA_CHAINS, lane e % ACC_LANES; two chains so that a GEMV (one

@@ -90,7 +90,7 @@ def _odd(shape, off):
     return np.zeros(n + off, np.float32)[off:].reshape(shape)
 
 
-def _decode_paths(ops, typ, hd, off):
+def _decode_paths(ops, typ, hd, off, nh=9, nkv=3):
     """A decode step of four sequences at different depths plus a five-token run of a fifth, through
     each path a row can take: the batch (qkv_store, then the parallel driver on two threads and the
     serial one) and each token alone (decode_attention: the fused call of a one-token step, in
@@ -98,7 +98,7 @@ def _decode_paths(ops, typ, hd, off):
     three outputs and the cells each path stored."""
     import numba
     rng = np.random.default_rng(26 + hd)
-    nh, nkv, rows = 9, 3, 96
+    rows = 96
     pos = np.array([5, 40, 77, 90, 20, 21, 22, 23, 24], np.int64)
     seq = np.array([0, 1, 2, 3, 4, 4, 4, 4, 4], np.int64)
     n = pos.size
@@ -140,15 +140,18 @@ def _decode_paths(ops, typ, hd, off):
     return serial, par, alone, (k, v), (k1, v1)
 
 
-@pytest.mark.parametrize("typ,hd", [("f16", 64), ("q8_0", 64), ("f16", 40)])
-def test_attention_drivers_agree_bit_for_bit(typ, hd):
+@pytest.mark.parametrize("typ,hd,nh,nkv", [("f16", 64, 9, 3), ("q8_0", 64, 9, 3), ("f16", 40, 9, 3),
+                                            ("f16", 128, 8, 2), ("f16", 80, 4, 4), ("q4_0", 64, 8, 1)])
+def test_attention_drivers_agree_bit_for_bit(typ, hd, nh, nkv):
     """A row's attention (with its q/k RMSNorm and RoPE) gives identical floats through the parallel
     driver, the serial one and the one-token decode call, whatever the buffers' addresses: attention()
     may pick a driver by size and a decode step by batch size without changing a row's numbers (batch
     invariance). The task's loops once ran under fastmath reassoc, and LLVM vectorized each compiled
-    driver its own way (hd 40: a tail after the 16-lane blocks)."""
+    driver its own way (hd 40: a tail after the 16-lane blocks). f16 cells with hd a multiple of 16 take
+    the vector kernels (simd.attn_*: blocks of keys, heads and elements that differ between a one-kv-head
+    task of the parallel driver and the serial one's all-heads task)."""
     for off in (0, 1, 3):
-        serial, par, alone, (k, v), (k1, v1) = _decode_paths(ops, typ, hd, off)
+        serial, par, alone, (k, v), (k1, v1) = _decode_paths(ops, typ, hd, off, nh, nkv)
         np.testing.assert_array_equal(par, serial)
         np.testing.assert_array_equal(alone, serial)
         for a, b in zip(k + v, k1 + v1):
@@ -407,3 +410,100 @@ def test_row_parallel_builds_equal_the_serial_ones():
                 np.testing.assert_array_equal(one[0], b[5])
     finally:
         numba.set_num_threads(old)
+
+
+def _f32(x):
+    return np.asarray(x, np.float32)
+
+
+def _ref_expf(x):
+    """kernels/ops.expf in float32 numpy, each operation rounded on its own (no fused multiply-add), as
+    the attention task (compiled without fast-math flags) computes it."""
+    x = np.minimum(np.maximum(_f32(x), np.float32(-87.0)), np.float32(88.0))
+    n = np.floor(x * np.float32(1.44269504088896341) + np.float32(0.5)).astype(np.float32)
+    r = (x - n * np.float32(0.693359375)) - n * np.float32(-2.12194440e-4)
+    y = np.float32(1.9875691500e-4)
+    for c in (1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1):
+        y = y * r + np.float32(c)
+    y = ((y * r) * r + r) + np.float32(1.0)
+    return _f32(np.ldexp(y, n.astype(np.int32)))
+
+
+def _ref_lane_tree(v):
+    """(..., 16) -> (...): lane l + l + 8, then l + l + 4, l + l + 2, l + l + 1 (float32 adds)."""
+    while v.shape[-1] > 1:
+        h = v.shape[-1] // 2
+        v = v[..., :h] + v[..., h:]
+    return v[..., 0]
+
+
+def ref_attention_bits(q, K, V, scale):
+    """The attention of one token over f16 keys/values K, V (L, n_kv, hd: float32 holding f16 values) in
+    the documented order, written out in float32 numpy: each score a 16-lane dot (lane l sums the
+    elements j = l mod 16 in order by fused multiply-adds, then the lane tree) times scale; the softmax
+    as ops._exp_shifted (max, exp(s - max), the sum in 16 lanes then the same tree, then the tail;
+    s * (1 / sum)); the output ``acc += w * v`` key by key, each product rounded. The fused multiply-add
+    is a float64 multiply-add rounded to float32: exact for these inputs but for a double rounding
+    (~2^-28 of operations; none with this test's seeds). head size a multiple of 16."""
+    nh, hd = q.shape
+    L, nkv, _ = K.shape
+    group = nh // nkv
+    out = np.zeros((nh, V.shape[2]), np.float32)
+    for h in range(nh):
+        kh = K[:, h // group].reshape(L, hd // 16, 16).astype(np.float64)
+        qh = q[h].reshape(hd // 16, 16).astype(np.float64)
+        acc = np.zeros((L, 16), np.float32)
+        for c in range(hd // 16):
+            acc = _f32(qh[c] * kh[:, c] + acc.astype(np.float64))
+        s = _ref_lane_tree(acc) * np.float32(scale)
+        e = _ref_expf(s - s.max())
+        n16 = L - L % 16
+        lanes = np.zeros(16, np.float32)
+        for t in range(0, n16, 16):
+            lanes = lanes + e[t:t + 16]
+        a8 = lanes[:8] + lanes[8:]
+        a4 = a8[:4] + a8[4:]
+        tot = (a4[0] + a4[2]) + (a4[1] + a4[3])
+        for t in range(n16, L):
+            tot = tot + e[t]
+        w = e * (np.float32(1.0) / tot)
+        o = np.zeros(V.shape[2], np.float32)
+        for t in range(L):
+            o = o + w[t] * V[t, h // group]
+        out[h] = o
+    return out
+
+
+@pytest.mark.parametrize("nh,nkv,hd,L", [(9, 3, 64, 37), (8, 2, 48, 16), (4, 4, 128, 70), (8, 1, 32, 5)])
+def test_attention_f16_bits_match_the_documented_order(nh, nkv, hd, L):
+    """The f16 path of the attention (simd.attn_scores_f16 / attn_pv_f16, blocks of keys, heads and
+    chunks) gives exactly the floats of a plain float32 computation in the order the kernels document:
+    a decode token through each driver, its cells placed across the ring's wrap, next to other tokens."""
+    import numba
+    rng = np.random.default_rng(hd + L)
+    rows = L + 3
+    kc, vc = _store("f16", 3, rows, nkv, hd), _store("f16", 3, rows, nkv, hd)
+    for st in (kc, vc):
+        st.q[:] = (rng.standard_normal(st.q.shape) * 1.5).astype(np.float16).view(np.uint16)
+    # token 0: sequence 1 at position p (rows p - L + 1 .. p mod rows: wraps); token 1: other work
+    p = rows + L // 2
+    pos = np.array([p, 7], np.int64)
+    seq = np.array([1, 2], np.int64)
+    q = (rng.standard_normal((2, nh, hd)) * 2).astype(np.float32)
+    attn = ops.attn_record(hd ** -0.5, L, 0.0)
+    rws = [t % rows for t in range(p - L + 1, p + 1)]
+    K = kc.q[1, rws].view(np.float16).astype(np.float32)
+    V = vc.q[1, rws].view(np.float16).astype(np.float32)
+    ref = ref_attention_bits(q[0], K, V, np.float32(hd ** -0.5))
+    args = (q, kc.arrays, vc.arrays, pos, seq, attn)
+    serial = ops._attention_serial(*args, np.empty((2, nh, hd), np.float32))
+    old = numba.get_num_threads()
+    numba.set_num_threads(min(2, numba.config.NUMBA_NUM_THREADS))
+    try:
+        par = ops._attention_parallel(*args, np.empty((2, nh, hd), np.float32))
+    finally:
+        numba.set_num_threads(old)
+    alone = ops._attention_serial(q[:1], kc.arrays, vc.arrays, pos[:1], seq[:1], attn, np.empty((1, nh, hd), np.float32))
+    np.testing.assert_array_equal(serial[0], ref)
+    np.testing.assert_array_equal(par[0], ref)
+    np.testing.assert_array_equal(alone[0], ref)
