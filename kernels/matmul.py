@@ -142,6 +142,10 @@ class KernelConfig:
     parallel_min_bytes: int = 1 << 18
     packed_nc: int = 4        # activation rows per repacked tile
     packed_chains: int = 4    # independent int32 sums per repacked tile (legacy formats)
+    # the x16 legacy groups through u8 x s8 quads (simd.interleaved_quads_kernel: vpdpbusd, int8
+    # activations) where the target has AVX-512 VNNI and the format a byte form (Q4_0, Q4_1, Q5_0,
+    # Q5_1, Q8_0, IQ4_NL); False: int16 pairs (vpdpwssd). The same floats either way.
+    packed_quads: bool = True
     # software prefetch distance (bytes ahead in each weight row; 0 = off) of the native tiles and of
     # the x16 groups: an experiment for multi-row native tiles, whose several concurrent streams the
     # hardware prefetchers follow poorly; it did not help on Zen 4 (single-row tiles do), so it is off
@@ -855,8 +859,22 @@ def _make_packed(info: _TypeInfo, parallel: bool, cfg: KernelConfig):
         return _make_kpacked(info, parallel, cfg)
     NC, ch, GB = cfg.packed_nc, cfg.packed_chains, GROUP * 4
     WITH_S, SUM_MUL = info.act == "q8_1", -fmt.offset
-    T_MAIN = spec("itile", f, NC, ch, prefetch=cfg.prefetch_packed)
-    T_ONE = spec("itile", f, 1, ch, prefetch=cfg.prefetch_packed)
+    # int8 activations x u8 quads (vpdpbusd) where the format has a byte form and the target
+    # AVX-512 VNNI; else int16 activations x int16 pairs. The same floats either way (simd.py).
+    QUADS = cfg.packed_quads and simd.VNNI512 and fmt.bytes is not None
+    if QUADS:
+        SUM_MUL_G = -(fmt.offset + fmt.quad_bias)
+        T_MAIN = spec("iqtile", f, NC, prefetch=cfg.prefetch_packed)
+        T_ONE = spec("iqtile", f, 1, prefetch=cfg.prefetch_packed)
+        T_2 = spec("iqtile", f, 2, prefetch=cfg.prefetch_packed)
+        T_3 = spec("iqtile", f, 3, prefetch=cfg.prefetch_packed)
+    else:
+        SUM_MUL_G = SUM_MUL
+        T_MAIN = spec("itile", f, NC, ch, prefetch=cfg.prefetch_packed)
+        T_ONE = spec("itile", f, 1, ch, prefetch=cfg.prefetch_packed)
+        T_2 = spec("itile", f, 2, ch, prefetch=cfg.prefetch_packed)
+        T_3 = spec("itile", f, 3, ch, prefetch=cfg.prefetch_packed)
+    HAS2, HAS3 = NC > 2, NC > 3         # the rows after the last NC: 3- and 2-row tiles, then 1-row ones
     TAIL_MAIN = spec("tile", f, 1, NC, act16=True, prefetch=cfg.prefetch)
     TAIL_ONE = spec("tile", f, 1, 1, act16=True, prefetch=cfg.prefetch)
 
@@ -864,14 +882,28 @@ def _make_packed(info: _TypeInfo, parallel: bool, cfg: KernelConfig):
 
     def packed(wr, wt, x, out):
         n, k = x.shape
-        if PQ and n >= QUANT_PAR_MIN:
-            xq, xd, xs, xc = _act_q16_p(x, WITH_S, SUM_MUL)
+        pq = PQ and n >= QUANT_PAR_MIN
+        if QUADS:
+            if pq:
+                xg, xd, xs, xc = _act_q8_p(x, WITH_S, SUM_MUL_G)
+            else:
+                xg, xd, xs, xc = _act_q8(x, WITH_S, SUM_MUL_G)
+            if wt.shape[0]:         # the tail's native tiles read int16 quants
+                xq, _d, _s, _c = _act_q16(x, WITH_S, SUM_MUL)
+            else:
+                xq = np.empty((1, 1), np.int16)
         else:
-            xq, xd, xs, xc = _act_q16(x, WITH_S, SUM_MUL)
+            if pq:
+                xq, xd, xs, xc = _act_q16_p(x, WITH_S, SUM_MUL)
+            else:
+                xq, xd, xs, xc = _act_q16(x, WITH_S, SUM_MUL)
+            xg = xq
         ng = wr.shape[0]
         nb_ = k // 32
         wp = np.int64(wr.ctypes.data)
         gs = np.int64(wr.strides[0])
+        xgp = np.int64(xg.ctypes.data)
+        xgs = np.int64(xg.strides[0])
         xqp = np.int64(xq.ctypes.data)
         xqs = np.int64(xq.strides[0])
         xdp = np.int64(xd.ctypes.data)
@@ -885,11 +917,20 @@ def _make_packed(info: _TypeInfo, parallel: bool, cfg: KernelConfig):
             gp = wp + g * gs
             o = op + g * GB
             for c0 in range(0, nc_main, NC):
-                call(T_MAIN, gp, nb_, xqp + c0 * xqs, xqs, xdp + c0 * xst, xsp + c0 * xst, xcp + c0 * xst, xst,
+                call(T_MAIN, gp, nb_, xgp + c0 * xgs, xgs, xdp + c0 * xst, xsp + c0 * xst, xcp + c0 * xst, xst,
                      o + c0 * osd, osd)
-            for c0 in range(nc_main, n):
-                call(T_ONE, gp, nb_, xqp + c0 * xqs, xqs, xdp + c0 * xst, xsp + c0 * xst, xcp + c0 * xst, xst,
+            c0 = nc_main
+            if HAS3 and n - c0 == 3:
+                call(T_3, gp, nb_, xgp + c0 * xgs, xgs, xdp + c0 * xst, xsp + c0 * xst, xcp + c0 * xst, xst,
                      o + c0 * osd, osd)
+                c0 += 3
+            if HAS2 and n - c0 >= 2:
+                call(T_2, gp, nb_, xgp + c0 * xgs, xgs, xdp + c0 * xst, xsp + c0 * xst, xcp + c0 * xst, xst,
+                     o + c0 * osd, osd)
+                c0 += 2
+            for c in range(c0, n):
+                call(T_ONE, gp, nb_, xgp + c * xgs, xgs, xdp + c * xst, xsp + c * xst, xcp + c * xst, xst,
+                     o + c * osd, osd)
         # rows after the last full group: native kernels on the original layout
         tp = np.int64(wt.ctypes.data)
         ts = np.int64(wt.strides[0])
@@ -901,7 +942,7 @@ def _make_packed(info: _TypeInfo, parallel: bool, cfg: KernelConfig):
             for c0 in range(nc_main, n):
                 call(TAIL_ONE, tp + r * ts, ts, xqp + c0 * xqs, xqs, xdp + c0 * xst, xsp + c0 * xst, xst,
                      nb_, 0, ot + c0 * osd + r * 4, osd)
-        _keep_alive(xq, xd, xs, xc)
+        _keep_alive(xq, xg, xd, xs, xc)
 
     return _njit(packed, parallel)
 
@@ -1056,7 +1097,7 @@ def driver(info: _TypeInfo, packed, parallel: bool, cfg: KernelConfig):
     """The jitted driver (x, out from a prepared weight's arrays) of a type and layout, cached on the type
     info; matmul.run and kernels/moe.py call it. packed: False (native), True (x16 row-interleaved),
     "ffma" (float FMA tiles; "ffma1": its n == 1 driver) or "arm" (kernels/arm.py's 4-row layouts)."""
-    key = (packed, parallel, cfg.kgemv, cfg.packed_nc, cfg.packed_chains, cfg.tilings, cfg.prefetch,
+    key = (packed, parallel, cfg.kgemv, cfg.packed_nc, cfg.packed_chains, cfg.packed_quads, cfg.tilings, cfg.prefetch,
            cfg.prefetch_packed, cfg.batch_invariant, cfg.prefetch_float)           # the fields the drivers depend on
     d = info.drivers.get(key)
     if d is None:
