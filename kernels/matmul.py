@@ -146,11 +146,21 @@ class KernelConfig:
     # activations) where the target has AVX-512 VNNI and the format a byte form (Q4_0, Q4_1, Q5_0,
     # Q5_1, Q8_0, IQ4_NL); False: int16 pairs (vpdpwssd). The same floats either way.
     packed_quads: bool = True
-    # software prefetch distance (bytes ahead in each weight row; 0 = off) of the native tiles and of
-    # the x16 groups: an experiment for multi-row native tiles, whose several concurrent streams the
-    # hardware prefetchers follow poorly; it did not help on Zen 4 (single-row tiles do), so it is off
+    # software prefetch distance (bytes ahead in each weight row; 0 = off) of the native tiles: an
+    # experiment for multi-row native tiles, whose several concurrent streams the hardware prefetchers
+    # follow poorly; it did not help on Zen 4 (single-row tiles do), so it is off
     prefetch: int = 0
-    prefetch_packed: int = 0
+    # software prefetch distance (bytes ahead in a group; 0 = off) of the x16 groups, legacy and K: one
+    # prefetch per cache line, in a group's first tile of a call only (a GEMM's later tiles find the
+    # group in cache). A decode pass of several rows does more arithmetic per weight byte than one row,
+    # and fewer bytes are in flight from the out-of-order window alone: memory and arithmetic stopped
+    # overlapping. Xeon VM (2 vCPU, machine shared), 1 thread, every matmul of a pass from memory
+    # (benchmarks/bench_decode_gemm.py, batch invariant), ms for n = 1 / 4 / 8 rows, quads kernel:
+    # SmolLM2 Q4_0 0: 9.5 / 11.3 / 15.0, 1024: 8.3 / 10.7 / 12.8, 2048: 8.5 / 10.4 / 12.0, 4096: 8.5 /
+    # 10.0 / 12.1; Qwen2.5-Coder-0.5B Q4_K_M (Q8_0, Q5_0, Q4_K, Q6_K) 0: 36.3 / 46.3 / 67.0, 1024: 31.2 /
+    # 38.3 / 55.5, 2048: 29.2 / 36.9 / 51.4, 4096: 30.2 / 37.6 / 52.1 (benchmarks/RESULTS.md, issue 26).
+    # Not used on aarch64 (no x16 groups there by default).
+    prefetch_packed: int = 2048
     tilings: tuple = ()       # ((type name, "gemv" | "gemm", Tiling), ...): native tile overrides
     # batch invariance: a weight row x an activation row gives bit-identical floats whatever the number
     # of activation rows (GEMV or any GEMM) and threads. Every row then runs one kernel family for every
@@ -862,18 +872,22 @@ def _make_packed(info: _TypeInfo, parallel: bool, cfg: KernelConfig):
     # int8 activations x u8 quads (vpdpbusd) where the format has a byte form and the target
     # AVX-512 VNNI; else int16 activations x int16 pairs. The same floats either way (simd.py).
     QUADS = cfg.packed_quads and simd.VNNI512 and fmt.bytes is not None
+    # software prefetch in a group's first tile only (the later tiles of a GEMM find the group in cache)
+    PF = cfg.prefetch_packed
     if QUADS:
         SUM_MUL_G = -(fmt.offset + fmt.quad_bias)
-        T_MAIN = spec("iqtile", f, NC, prefetch=cfg.prefetch_packed)
-        T_ONE = spec("iqtile", f, 1, prefetch=cfg.prefetch_packed)
-        T_2 = spec("iqtile", f, 2, prefetch=cfg.prefetch_packed)
-        T_3 = spec("iqtile", f, 3, prefetch=cfg.prefetch_packed)
+        T_FIRST = spec("iqtile", f, NC, prefetch=PF)
+        T_MAIN = spec("iqtile", f, NC)
+        T_ONE = spec("iqtile", f, 1, prefetch=PF)
+        T_2 = spec("iqtile", f, 2, prefetch=PF)
+        T_3 = spec("iqtile", f, 3, prefetch=PF)
     else:
         SUM_MUL_G = SUM_MUL
-        T_MAIN = spec("itile", f, NC, ch, prefetch=cfg.prefetch_packed)
-        T_ONE = spec("itile", f, 1, ch, prefetch=cfg.prefetch_packed)
-        T_2 = spec("itile", f, 2, ch, prefetch=cfg.prefetch_packed)
-        T_3 = spec("itile", f, 3, ch, prefetch=cfg.prefetch_packed)
+        T_FIRST = spec("itile", f, NC, ch, prefetch=PF)
+        T_MAIN = spec("itile", f, NC, ch)
+        T_ONE = spec("itile", f, 1, ch, prefetch=PF)
+        T_2 = spec("itile", f, 2, ch, prefetch=PF)
+        T_3 = spec("itile", f, 3, ch, prefetch=PF)
     HAS2, HAS3 = NC > 2, NC > 3         # the rows after the last NC: 3- and 2-row tiles, then 1-row ones
     TAIL_MAIN = spec("tile", f, 1, NC, act16=True, prefetch=cfg.prefetch)
     TAIL_ONE = spec("tile", f, 1, 1, act16=True, prefetch=cfg.prefetch)
@@ -916,7 +930,9 @@ def _make_packed(info: _TypeInfo, parallel: bool, cfg: KernelConfig):
         for g in prange(ng):
             gp = wp + g * gs
             o = op + g * GB
-            for c0 in range(0, nc_main, NC):
+            if nc_main:
+                call(T_FIRST, gp, nb_, xgp, xgs, xdp, xsp, xcp, xst, o, osd)
+            for c0 in range(NC, nc_main, NC):
                 call(T_MAIN, gp, nb_, xgp + c0 * xgs, xgs, xdp + c0 * xst, xsp + c0 * xst, xcp + c0 * xst, xst,
                      o + c0 * osd, osd)
             c0 = nc_main
@@ -957,7 +973,10 @@ def _make_kpacked(info: _TypeInfo, parallel: bool, cfg: KernelConfig):
     T16 = quants.type_info(f).simd.bsums == 16      # the tail tiles (ktile) read int16 sums per 16
     K16 = fmt.xsums == 16                           # so does the x16 kernel (groups of 16: offset or mins)
     K32 = fmt.xsums == -32                          # the x16 kernel reads int16 sums per 32
-    T_MAIN, T_ONE = spec("kitile", f, NC), spec("kitile", f, 1)
+    PF = cfg.prefetch_packed           # software prefetch in a group's first tile only (as _make_packed)
+    T_FIRST, T_MAIN, T_ONE = spec("kitile", f, NC, prefetch=PF), spec("kitile", f, NC), spec("kitile", f, 1, prefetch=PF)
+    T_2, T_3 = spec("kitile", f, 2, prefetch=PF), spec("kitile", f, 3, prefetch=PF)
+    HAS2, HAS3 = NC > 2, NC > 3
     TAIL_MAIN, TAIL_ONE = spec("ktile", f, 1, NC, prefetch=cfg.prefetch), spec("ktile", f, 1, 1, prefetch=cfg.prefetch)
 
     PQ = parallel
@@ -1003,12 +1022,20 @@ def _make_kpacked(info: _TypeInfo, parallel: bool, cfg: KernelConfig):
         for g in prange(ng):
             gp = wp + g * gs
             o = op + g * GB
-            for c0 in range(0, nc_main, NC):
+            if nc_main:
+                call(T_FIRST, gp, nb_, xqp, xqs, xdp, xds, xbp, xbs, o, osd)
+            for c0 in range(NC, nc_main, NC):
                 call(T_MAIN, gp, nb_, xqp + c0 * xqs, xqs, xdp + c0 * xds, xds, xbp + c0 * xbs, xbs,
                      o + c0 * osd, osd)
-            for c0 in range(nc_main, n):
-                call(T_ONE, gp, nb_, xqp + c0 * xqs, xqs, xdp + c0 * xds, xds, xbp + c0 * xbs, xbs,
-                     o + c0 * osd, osd)
+            c0 = nc_main
+            if HAS3 and n - c0 == 3:
+                call(T_3, gp, nb_, xqp + c0 * xqs, xqs, xdp + c0 * xds, xds, xbp + c0 * xbs, xbs, o + c0 * osd, osd)
+                c0 += 3
+            if HAS2 and n - c0 >= 2:
+                call(T_2, gp, nb_, xqp + c0 * xqs, xqs, xdp + c0 * xds, xds, xbp + c0 * xbs, xbs, o + c0 * osd, osd)
+                c0 += 2
+            for c in range(c0, n):
+                call(T_ONE, gp, nb_, xqp + c * xqs, xqs, xdp + c * xds, xds, xbp + c * xbs, xbs, o + c * osd, osd)
         # rows after the last full group: native kernels on the original layout
         tp = np.int64(wt.ctypes.data)
         ts = np.int64(wt.strides[0])

@@ -1015,7 +1015,8 @@ def interleaved_kernel(fmt, NC: int, chains: int = 4, prefetch: int = 0):
             def body(i, accs):
                 bp = e.ptr(wp, b.mul(i, c64(fmt.block_bytes)))
                 if prefetch:
-                    e.prefetch(bp, c64(prefetch))
+                    for o in range(0, fmt.block_bytes, 64):     # every cache line of the block
+                        e.prefetch(bp, c64(prefetch + o))
                 dw = b.fpext(e.load(bp, c64(0), vec(F16, G)), vec(F32, G))
                 dm = b.fpext(e.load(bp, c64(2 * G), vec(F16, G)), vec(F32, G)) if fmt.affine else None
                 xoff = b.mul(i, c64(64))        # 32 int16 per block
@@ -1048,7 +1049,7 @@ def interleaved_kernel(fmt, NC: int, chains: int = 4, prefetch: int = 0):
 
         return sig, codegen
 
-    tile.kernel_name = f"itile_{fmt_name}_g{G}_x{NC}_c{chains}_pf{prefetch}"
+    tile.kernel_name = f"itile_{fmt_name}_g{G}_x{NC}_c{chains}_pf{prefetch}_v2"
     return tile
 
 
@@ -1307,7 +1308,7 @@ class Q2_Kx16(KInterleaved):
 
 
 @lru_cache(maxsize=None)
-def kinterleaved_kernel(fmt, NC: int):
+def kinterleaved_kernel(fmt, NC: int, prefetch: int = 0):
     """Intrinsic for GROUP rows of a repacked K-quant (:class:`Q4_Kx16`) x NC Q8_K activation rows.
 
     Signature (int64 addresses / sizes)::
@@ -1321,6 +1322,8 @@ def kinterleaved_kernel(fmt, NC: int):
     times the rows' group scales, summed in int32, less offset * sum_g scale_g * sum(x_g)
     (ggml's integers exactly); the mins as sum_j min_j * xsum_j; then d_w*d_x and dmin_w*d_x in
     float. The float order per row does not depend on NC: batch invariant. Writes GROUP floats per row.
+    ``prefetch``: bytes ahead (0: off), one software prefetch per 64 bytes of a super-block, spread over
+    its steps.
     """
     fmt_name = fmt.name
     G = GROUP
@@ -1346,9 +1349,13 @@ def kinterleaved_kernel(fmt, NC: int):
                 msum = [zero_i] * NC                   # mins per 16 (Q2_K): min pairs x int16 sum pairs
                 per = 2                                # groups per step: 2*ch*NC chains live (AVX-512: 32 registers)
                 ch = max(1, 4 // NC)                   # independent int32 chains per (group, activation row)
+                lines = list(range(0, fmt.block_bytes, 64)) if prefetch else []
+                steps = ng // per
                 for cc in range(ng // per):
                     if cc:      # the previous step's sums done, its loads not moved past here (spills)
                         e.fence(*isum, *msum)
+                    for o in lines[cc * len(lines) // steps:(cc + 1) * len(lines) // steps]:
+                        e.prefetch(bp, c64(prefetch + o))
                     # this step's groups: per*ch*NC independent chains, finished (times the scales) at once
                     part = [[zero_i] * (per * ch) for _ in range(NC)]
                     for g, j, qv in fmt.chunks(e, bp, cc):
@@ -1398,7 +1405,7 @@ def kinterleaved_kernel(fmt, NC: int):
 
         return sig, codegen
 
-    tile.kernel_name = f"kitile_{fmt_name}_g{G}_x{NC}_v7"
+    tile.kernel_name = f"kitile_{fmt_name}_g{G}_x{NC}_pf{prefetch}_v7"
     return tile
 
 
