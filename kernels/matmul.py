@@ -36,9 +36,12 @@ Kernels (LLVM-IR intrinsics from ``simd.py``):
   while the mmapped original also stays resident (a loader may drop those
   pages: only rows % 16 leftovers are read from it); ~1 GB/s per core to
   build. A kernel call yields 16 outputs as the lanes of one vector, with no
-  horizontal sums (int16 pair products, ``vpdpwssd``), and reads the matrix as
+  horizontal sums (int16 pair products, ``vpdpwssd``; with AVX-512 VNNI two
+  pairs joined into u8 x s8 quads, ``vpdpbusd``, int8 activations:
+  ``simd.interleaved_quads_kernel``, ``KernelConfig.packed_quads``, the same
+  floats at twice the products an instruction), and reads the matrix as
   one sequential stream. 1 thread, Zen 4: 23-31 GB/s for n = 1 (the read
-  roofline is 25-29), 80-95 G int8 MAC/s for n = 512.
+  roofline is 25-29), 80-95 G int8 MAC/s for n = 512 (pairs).
 * **K-quant row-interleaved** (Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_XS; x86-64, every n: n = 1 too
   since ``KernelConfig.gemv_x16``, 1.8x the kgemv kernel's GB/s for Q4_K / Q2_K on the Xeon VM):
   ``prepare`` repacks groups of 16 rows per super-block
@@ -144,7 +147,9 @@ class KernelConfig:
     packed_chains: int = 4    # independent int32 sums per repacked tile (legacy formats)
     # the x16 legacy groups through u8 x s8 quads (simd.interleaved_quads_kernel: vpdpbusd, int8
     # activations) where the target has AVX-512 VNNI and the format a byte form (Q4_0, Q4_1, Q5_0,
-    # Q5_1, Q8_0, IQ4_NL); False: int16 pairs (vpdpwssd). The same floats either way.
+    # Q5_1, Q8_0, IQ4_NL); False: int16 pairs (vpdpwssd). The same floats either way. Xeon VM, 1
+    # thread, 3072 x 576 in cache, n = 1 / 4 / 8: Q4_0 1.19 / 1.96 / 1.84x, Q8_0 1.10 / 1.72 / 1.78x;
+    # TinyLlama 1.1B pp512 Q4_0 1.79x, Q8_0 1.83x (benchmarks/RESULTS.md, issue 26)
     packed_quads: bool = True
     # software prefetch distance (bytes ahead in each weight row; 0 = off) of the native tiles: an
     # experiment for multi-row native tiles, whose several concurrent streams the hardware prefetchers
