@@ -55,7 +55,8 @@ def main(argv=None):
     print(f"# {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, load {os.getloadavg()[0]:.1f}; "
           f"ours: python -m tinyinfer bench -m F {' '.join(common)} --no-roofline; "
           f"llama.cpp: {a.llama_bench} -m F {' '.join(common)}", flush=True)
-    configs = [(c.partition(":")[0], [f for f in c.partition(":")[2].split(",") if f]) for c in a.config] or [("", None)]
+    configs = [(c.partition(":")[0], [f for f in c.partition(":")[2].split(",") if f]) for c in a.config]
+    configs = configs or [("", None)]
     names = [n or "tinyinfer" for n, _ in configs]
     cols = [f"{n} t/s" for n in names] + [f"{n} / {names[0]}" for n in names[1:]]
     if a.llama_bench:
@@ -68,9 +69,11 @@ def main(argv=None):
         start = f"{time.strftime('%H:%M', time.gmtime())}, {os.getloadavg()[0]:.1f}"
         runs = []
         for _, flds in configs:
-            pre = [sys.executable, "-m", "tinyinfer", "bench"] if flds is None else [sys.executable, bench_config, *flds, "--"]
+            pre = ([sys.executable, "-m", "tinyinfer", "bench"] if flds is None
+                   else [sys.executable, bench_config, *flds, "--"])
             runs.append({_key(r): r for r in _jsonl([*pre, "-m", str(f), *common, "--no-roofline", "-o", "jsonl"])})
-        ll = {_key(r): r for r in _jsonl([a.llama_bench, "-m", str(f), *common, "-o", "jsonl"])} if a.llama_bench else {}
+        ll = ({_key(r): r for r in _jsonl([a.llama_bench, "-m", str(f), *common, "-o", "jsonl"])}
+              if a.llama_bench else {})
         for key in sorted(runs[0], key=lambda k: (k[0][:2] != "pp", k[1])):
             os_ = [r.get(key) for r in runs]
             cells = [f"{o['avg_ts']:.2f} ± {o['stddev_ts']:.2f}" if o else "–" for o in os_]

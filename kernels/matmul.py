@@ -979,7 +979,8 @@ def _make_kpacked(info: _TypeInfo, parallel: bool, cfg: KernelConfig):
     K16 = fmt.xsums == 16                           # so does the x16 kernel (groups of 16: offset or mins)
     K32 = fmt.xsums == -32                          # the x16 kernel reads int16 sums per 32
     PF = cfg.prefetch_packed           # software prefetch in a group's first tile only (as _make_packed)
-    T_FIRST, T_MAIN, T_ONE = spec("kitile", f, NC, prefetch=PF), spec("kitile", f, NC), spec("kitile", f, 1, prefetch=PF)
+    T_FIRST, T_MAIN = spec("kitile", f, NC, prefetch=PF), spec("kitile", f, NC)
+    T_ONE = spec("kitile", f, 1, prefetch=PF)
     T_2, T_3 = spec("kitile", f, 2, prefetch=PF), spec("kitile", f, 3, prefetch=PF)
     HAS2, HAS3 = NC > 2, NC > 3
     TAIL_MAIN, TAIL_ONE = spec("ktile", f, 1, NC, prefetch=cfg.prefetch), spec("ktile", f, 1, 1, prefetch=cfg.prefetch)

@@ -421,12 +421,13 @@ def test_packed_quads_give_pairs_results(name):
     x[6, ::7] = 0.0
     for rows in (48, 37):
         raw, _ = make_weight(name, rows, k, np.random.default_rng(rows))
-        pairs = mm.prepare(raw, int(T[name]), k, config=replace(mm.DEFAULT_CONFIG, packed_quads=False, prefetch_packed=0))
-        ref = mm.matmul(pairs, x)
+        pairs = replace(mm.DEFAULT_CONFIG, packed_quads=False, prefetch_packed=0)
+        ref = mm.matmul(mm.prepare(raw, int(T[name]), k, config=pairs), x)
         for pf in (0, 2048):
-            quads = mm.prepare(raw, int(T[name]), k, config=replace(mm.DEFAULT_CONFIG, packed_quads=True, prefetch_packed=pf))
+            quads = replace(mm.DEFAULT_CONFIG, packed_quads=True, prefetch_packed=pf)
+            pw = mm.prepare(raw, int(T[name]), k, config=quads)
             for n in (1, 2, 3, 4, 5, 8, 40):
-                np.testing.assert_array_equal(mm.matmul(quads, x[:n]), ref[:n], err_msg=f"{name} {rows} rows n={n} pf={pf}")
+                np.testing.assert_array_equal(mm.matmul(pw, x[:n]), ref[:n], err_msg=f"{name} {rows} n={n} pf={pf}")
 
 
 @pytest.mark.parametrize("name", ALL)
