@@ -106,7 +106,8 @@ def config_from_args(a) -> "mm.KernelConfig":
                    kgemv=cfg.kgemv if a.kgemv is None else a.kgemv == 1,
                    packed_nc=a.packed_nc or cfg.packed_nc, packed_chains=a.packed_chains or cfg.packed_chains,
                    parallel_min_bytes=cfg.parallel_min_bytes if a.parallel_min_bytes is None else a.parallel_min_bytes,
-                   prefetch=a.prefetch or cfg.prefetch, prefetch_packed=a.prefetch_packed or cfg.prefetch_packed,
+                   prefetch=cfg.prefetch if a.prefetch is None else a.prefetch,
+                   prefetch_packed=cfg.prefetch_packed if a.prefetch_packed is None else a.prefetch_packed,
                    batch_invariant=cfg.batch_invariant if a.batch_invariant is None else a.batch_invariant == 1,
                    tilings=tuple(tilings))
 

@@ -60,6 +60,7 @@ FACTORIES = {
     "ftile": _on(decoder, simd.ftile_kernel),    # float blocks, 1 x NC tiles of fused multiply-adds
     "kgemv": _on(decoder, simd.kgemv_kernel),    # one K-quant row x one activation row (x86)
     "itile": _on(repacked, simd.interleaved_kernel),    # x16 row-interleaved legacy groups
+    "iqtile": _on(repacked, simd.interleaved_quads_kernel),  # x16 legacy groups as u8 x s8 quads
     "kitile": _on(repacked, simd.kinterleaved_kernel),  # x16 row-interleaved K-quant groups
     "quant_row": simd.quantize_row_kernel,       # one activation row -> Q8_0 / Q8_1
     "f16_round": lambda: simd.f32_to_f16_to_f32,  # float32 -> fp16 -> float32

@@ -36,9 +36,12 @@ Kernels (LLVM-IR intrinsics from ``simd.py``):
   while the mmapped original also stays resident (a loader may drop those
   pages: only rows % 16 leftovers are read from it); ~1 GB/s per core to
   build. A kernel call yields 16 outputs as the lanes of one vector, with no
-  horizontal sums (int16 pair products, ``vpdpwssd``), and reads the matrix as
+  horizontal sums (int16 pair products, ``vpdpwssd``; with AVX-512 VNNI two
+  pairs joined into u8 x s8 quads, ``vpdpbusd``, int8 activations:
+  ``simd.interleaved_quads_kernel``, ``KernelConfig.packed_quads``, the same
+  floats at twice the products an instruction), and reads the matrix as
   one sequential stream. 1 thread, Zen 4: 23-31 GB/s for n = 1 (the read
-  roofline is 25-29), 80-95 G int8 MAC/s for n = 512.
+  roofline is 25-29), 80-95 G int8 MAC/s for n = 512 (pairs).
 * **K-quant row-interleaved** (Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_XS; x86-64, every n: n = 1 too
   since ``KernelConfig.gemv_x16``, 1.8x the kgemv kernel's GB/s for Q4_K / Q2_K on the Xeon VM):
   ``prepare`` repacks groups of 16 rows per super-block
@@ -142,11 +145,27 @@ class KernelConfig:
     parallel_min_bytes: int = 1 << 18
     packed_nc: int = 4        # activation rows per repacked tile
     packed_chains: int = 4    # independent int32 sums per repacked tile (legacy formats)
-    # software prefetch distance (bytes ahead in each weight row; 0 = off) of the native tiles and of
-    # the x16 groups: an experiment for multi-row native tiles, whose several concurrent streams the
-    # hardware prefetchers follow poorly; it did not help on Zen 4 (single-row tiles do), so it is off
+    # the x16 legacy groups through u8 x s8 quads (simd.interleaved_quads_kernel: vpdpbusd, int8
+    # activations) where the target has AVX-512 VNNI and the format a byte form (Q4_0, Q4_1, Q5_0,
+    # Q5_1, Q8_0, IQ4_NL); False: int16 pairs (vpdpwssd). The same floats either way. Xeon VM, 1
+    # thread, 3072 x 576 in cache, n = 1 / 4 / 8: Q4_0 1.19 / 1.96 / 1.84x, Q8_0 1.10 / 1.72 / 1.78x;
+    # TinyLlama 1.1B pp512 Q4_0 1.79x, Q8_0 1.83x (benchmarks/RESULTS.md, issue 26)
+    packed_quads: bool = True
+    # software prefetch distance (bytes ahead in each weight row; 0 = off) of the native tiles: an
+    # experiment for multi-row native tiles, whose several concurrent streams the hardware prefetchers
+    # follow poorly; it did not help on Zen 4 (single-row tiles do), so it is off
     prefetch: int = 0
-    prefetch_packed: int = 0
+    # software prefetch distance (bytes ahead in a group; 0 = off) of the x16 groups, legacy and K: one
+    # prefetch per cache line, in a group's first tile of a call only (a GEMM's later tiles find the
+    # group in cache). A decode pass of several rows does more arithmetic per weight byte than one row,
+    # and fewer bytes are in flight from the out-of-order window alone: memory and arithmetic stopped
+    # overlapping. Xeon VM (2 vCPU, machine shared), 1 thread, every matmul of a pass from memory
+    # (benchmarks/bench_decode_gemm.py, batch invariant), ms for n = 1 / 4 / 8 rows, quads kernel:
+    # SmolLM2 Q4_0 0: 9.5 / 11.3 / 15.0, 1024: 8.3 / 10.7 / 12.8, 2048: 8.5 / 10.4 / 12.0, 4096: 8.5 /
+    # 10.0 / 12.1; Qwen2.5-Coder-0.5B Q4_K_M (Q8_0, Q5_0, Q4_K, Q6_K) 0: 36.3 / 46.3 / 67.0, 1024: 31.2 /
+    # 38.3 / 55.5, 2048: 29.2 / 36.9 / 51.4, 4096: 30.2 / 37.6 / 52.1 (benchmarks/RESULTS.md, issue 26).
+    # Not used on aarch64 (no x16 groups there by default).
+    prefetch_packed: int = 2048
     tilings: tuple = ()       # ((type name, "gemv" | "gemm", Tiling), ...): native tile overrides
     # batch invariance: a weight row x an activation row gives bit-identical floats whatever the number
     # of activation rows (GEMV or any GEMM) and threads. Every row then runs one kernel family for every
@@ -855,8 +874,26 @@ def _make_packed(info: _TypeInfo, parallel: bool, cfg: KernelConfig):
         return _make_kpacked(info, parallel, cfg)
     NC, ch, GB = cfg.packed_nc, cfg.packed_chains, GROUP * 4
     WITH_S, SUM_MUL = info.act == "q8_1", -fmt.offset
-    T_MAIN = spec("itile", f, NC, ch, prefetch=cfg.prefetch_packed)
-    T_ONE = spec("itile", f, 1, ch, prefetch=cfg.prefetch_packed)
+    # int8 activations x u8 quads (vpdpbusd) where the format has a byte form and the target
+    # AVX-512 VNNI; else int16 activations x int16 pairs. The same floats either way (simd.py).
+    QUADS = cfg.packed_quads and simd.VNNI512 and fmt.bytes is not None
+    # software prefetch in a group's first tile only (the later tiles of a GEMM find the group in cache)
+    PF = cfg.prefetch_packed
+    if QUADS:
+        SUM_MUL_G = -(fmt.offset + fmt.quad_bias)
+        T_FIRST = spec("iqtile", f, NC, prefetch=PF)
+        T_MAIN = spec("iqtile", f, NC)
+        T_ONE = spec("iqtile", f, 1, prefetch=PF)
+        T_2 = spec("iqtile", f, 2, prefetch=PF)
+        T_3 = spec("iqtile", f, 3, prefetch=PF)
+    else:
+        SUM_MUL_G = SUM_MUL
+        T_FIRST = spec("itile", f, NC, ch, prefetch=PF)
+        T_MAIN = spec("itile", f, NC, ch)
+        T_ONE = spec("itile", f, 1, ch, prefetch=PF)
+        T_2 = spec("itile", f, 2, ch, prefetch=PF)
+        T_3 = spec("itile", f, 3, ch, prefetch=PF)
+    HAS2, HAS3 = NC > 2, NC > 3         # the rows after the last NC: 3- and 2-row tiles, then 1-row ones
     TAIL_MAIN = spec("tile", f, 1, NC, act16=True, prefetch=cfg.prefetch)
     TAIL_ONE = spec("tile", f, 1, 1, act16=True, prefetch=cfg.prefetch)
 
@@ -864,14 +901,28 @@ def _make_packed(info: _TypeInfo, parallel: bool, cfg: KernelConfig):
 
     def packed(wr, wt, x, out):
         n, k = x.shape
-        if PQ and n >= QUANT_PAR_MIN:
-            xq, xd, xs, xc = _act_q16_p(x, WITH_S, SUM_MUL)
+        pq = PQ and n >= QUANT_PAR_MIN
+        if QUADS:
+            if pq:
+                xg, xd, xs, xc = _act_q8_p(x, WITH_S, SUM_MUL_G)
+            else:
+                xg, xd, xs, xc = _act_q8(x, WITH_S, SUM_MUL_G)
+            if wt.shape[0]:         # the tail's native tiles read int16 quants
+                xq, _d, _s, _c = _act_q16(x, WITH_S, SUM_MUL)
+            else:
+                xq = np.empty((1, 1), np.int16)
         else:
-            xq, xd, xs, xc = _act_q16(x, WITH_S, SUM_MUL)
+            if pq:
+                xq, xd, xs, xc = _act_q16_p(x, WITH_S, SUM_MUL)
+            else:
+                xq, xd, xs, xc = _act_q16(x, WITH_S, SUM_MUL)
+            xg = xq
         ng = wr.shape[0]
         nb_ = k // 32
         wp = np.int64(wr.ctypes.data)
         gs = np.int64(wr.strides[0])
+        xgp = np.int64(xg.ctypes.data)
+        xgs = np.int64(xg.strides[0])
         xqp = np.int64(xq.ctypes.data)
         xqs = np.int64(xq.strides[0])
         xdp = np.int64(xd.ctypes.data)
@@ -884,12 +935,23 @@ def _make_packed(info: _TypeInfo, parallel: bool, cfg: KernelConfig):
         for g in prange(ng):
             gp = wp + g * gs
             o = op + g * GB
-            for c0 in range(0, nc_main, NC):
-                call(T_MAIN, gp, nb_, xqp + c0 * xqs, xqs, xdp + c0 * xst, xsp + c0 * xst, xcp + c0 * xst, xst,
+            if nc_main:
+                call(T_FIRST, gp, nb_, xgp, xgs, xdp, xsp, xcp, xst, o, osd)
+            for c0 in range(NC, nc_main, NC):
+                call(T_MAIN, gp, nb_, xgp + c0 * xgs, xgs, xdp + c0 * xst, xsp + c0 * xst, xcp + c0 * xst, xst,
                      o + c0 * osd, osd)
-            for c0 in range(nc_main, n):
-                call(T_ONE, gp, nb_, xqp + c0 * xqs, xqs, xdp + c0 * xst, xsp + c0 * xst, xcp + c0 * xst, xst,
+            c0 = nc_main
+            if HAS3 and n - c0 == 3:
+                call(T_3, gp, nb_, xgp + c0 * xgs, xgs, xdp + c0 * xst, xsp + c0 * xst, xcp + c0 * xst, xst,
                      o + c0 * osd, osd)
+                c0 += 3
+            if HAS2 and n - c0 >= 2:
+                call(T_2, gp, nb_, xgp + c0 * xgs, xgs, xdp + c0 * xst, xsp + c0 * xst, xcp + c0 * xst, xst,
+                     o + c0 * osd, osd)
+                c0 += 2
+            for c in range(c0, n):
+                call(T_ONE, gp, nb_, xgp + c * xgs, xgs, xdp + c * xst, xsp + c * xst, xcp + c * xst, xst,
+                     o + c * osd, osd)
         # rows after the last full group: native kernels on the original layout
         tp = np.int64(wt.ctypes.data)
         ts = np.int64(wt.strides[0])
@@ -901,7 +963,7 @@ def _make_packed(info: _TypeInfo, parallel: bool, cfg: KernelConfig):
             for c0 in range(nc_main, n):
                 call(TAIL_ONE, tp + r * ts, ts, xqp + c0 * xqs, xqs, xdp + c0 * xst, xsp + c0 * xst, xst,
                      nb_, 0, ot + c0 * osd + r * 4, osd)
-        _keep_alive(xq, xd, xs, xc)
+        _keep_alive(xq, xg, xd, xs, xc)
 
     return _njit(packed, parallel)
 
@@ -916,7 +978,11 @@ def _make_kpacked(info: _TypeInfo, parallel: bool, cfg: KernelConfig):
     T16 = quants.type_info(f).simd.bsums == 16      # the tail tiles (ktile) read int16 sums per 16
     K16 = fmt.xsums == 16                           # so does the x16 kernel (groups of 16: offset or mins)
     K32 = fmt.xsums == -32                          # the x16 kernel reads int16 sums per 32
-    T_MAIN, T_ONE = spec("kitile", f, NC), spec("kitile", f, 1)
+    PF = cfg.prefetch_packed           # software prefetch in a group's first tile only (as _make_packed)
+    T_FIRST, T_MAIN = spec("kitile", f, NC, prefetch=PF), spec("kitile", f, NC)
+    T_ONE = spec("kitile", f, 1, prefetch=PF)
+    T_2, T_3 = spec("kitile", f, 2, prefetch=PF), spec("kitile", f, 3, prefetch=PF)
+    HAS2, HAS3 = NC > 2, NC > 3
     TAIL_MAIN, TAIL_ONE = spec("ktile", f, 1, NC, prefetch=cfg.prefetch), spec("ktile", f, 1, 1, prefetch=cfg.prefetch)
 
     PQ = parallel
@@ -962,12 +1028,20 @@ def _make_kpacked(info: _TypeInfo, parallel: bool, cfg: KernelConfig):
         for g in prange(ng):
             gp = wp + g * gs
             o = op + g * GB
-            for c0 in range(0, nc_main, NC):
+            if nc_main:
+                call(T_FIRST, gp, nb_, xqp, xqs, xdp, xds, xbp, xbs, o, osd)
+            for c0 in range(NC, nc_main, NC):
                 call(T_MAIN, gp, nb_, xqp + c0 * xqs, xqs, xdp + c0 * xds, xds, xbp + c0 * xbs, xbs,
                      o + c0 * osd, osd)
-            for c0 in range(nc_main, n):
-                call(T_ONE, gp, nb_, xqp + c0 * xqs, xqs, xdp + c0 * xds, xds, xbp + c0 * xbs, xbs,
-                     o + c0 * osd, osd)
+            c0 = nc_main
+            if HAS3 and n - c0 == 3:
+                call(T_3, gp, nb_, xqp + c0 * xqs, xqs, xdp + c0 * xds, xds, xbp + c0 * xbs, xbs, o + c0 * osd, osd)
+                c0 += 3
+            if HAS2 and n - c0 >= 2:
+                call(T_2, gp, nb_, xqp + c0 * xqs, xqs, xdp + c0 * xds, xds, xbp + c0 * xbs, xbs, o + c0 * osd, osd)
+                c0 += 2
+            for c in range(c0, n):
+                call(T_ONE, gp, nb_, xqp + c * xqs, xqs, xdp + c * xds, xds, xbp + c * xbs, xbs, o + c * osd, osd)
         # rows after the last full group: native kernels on the original layout
         tp = np.int64(wt.ctypes.data)
         ts = np.int64(wt.strides[0])
@@ -1056,7 +1130,7 @@ def driver(info: _TypeInfo, packed, parallel: bool, cfg: KernelConfig):
     """The jitted driver (x, out from a prepared weight's arrays) of a type and layout, cached on the type
     info; matmul.run and kernels/moe.py call it. packed: False (native), True (x16 row-interleaved),
     "ffma" (float FMA tiles; "ffma1": its n == 1 driver) or "arm" (kernels/arm.py's 4-row layouts)."""
-    key = (packed, parallel, cfg.kgemv, cfg.packed_nc, cfg.packed_chains, cfg.tilings, cfg.prefetch,
+    key = (packed, parallel, cfg.kgemv, cfg.packed_nc, cfg.packed_chains, cfg.packed_quads, cfg.tilings, cfg.prefetch,
            cfg.prefetch_packed, cfg.batch_invariant, cfg.prefetch_float)           # the fields the drivers depend on
     d = info.drivers.get(key)
     if d is None:

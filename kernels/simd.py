@@ -1093,6 +1093,12 @@ class Interleaved:
         """
         raise NotImplementedError
 
+    # the quads kernel (interleaved_quads_kernel): pair j's bytes as unsigned int8, the quants plus
+    # ``quad_bias`` (128 for the signed formats), the bias taken back with the offset through the
+    # activation sums; None: the format has no byte form (the pairs kernel only)
+    quad_bias = 0
+    bytes = None
+
 
 class Q4_0x16(Interleaved):
     """Q4_0: 32 B scales + 8 chunks of 32 B; chunk j byte 2r+t = row r's qs[2j+t].
@@ -1114,6 +1120,16 @@ class Q4_0x16(Interleaved):
             yield j, e.b.and_(z, e.const_vec(I16, 32, 0x0F))
             yield j + 8, e.b.lshr(z, e.const_vec(I16, 32, 4))
 
+    def bytes(self, e, bp):
+        """Yield (j, <32 x i8>) for j in 0..15: pair j's bytes (byte 2r+t = row r's q[2j+t], 0..15),
+        j and j + 1 next to each other (the quads kernel joins them)."""
+        for j in range(0, 8, 2):
+            raw = [e.load(bp, c64(self.qs_offset + 32 * (j + u)), vec(I8, 32)) for u in (0, 1)]
+            for u in (0, 1):
+                yield j + u, e.b.and_(raw[u], e.const_vec(I8, 32, 0x0F))
+            for u in (0, 1):
+                yield j + 8 + u, e.b.and_(e.b.lshr(raw[u], e.const_vec(I8, 32, 4)), e.const_vec(I8, 32, 0x0F))
+
 
 class IQ4_NLx16(Q4_0x16):
     """IQ4_NL: Q4_0x16's layout (32 B scales + 8 chunks of 32 B); each nibble indexes the
@@ -1133,6 +1149,17 @@ class IQ4_NLx16(Q4_0x16):
             yield j, e.b.sext(lo, vec(I16, 32))
             yield j + 8, e.b.sext(hi, vec(I16, 32))
 
+    quad_bias = 128
+
+    def bytes(self, e, bp):
+        flip = e.const_vec(I8, 32, -128)
+        for j in range(0, 8, 2):
+            raw = [e.load(bp, c64(self.qs_offset + 32 * (j + u)), vec(I8, 32)) for u in (0, 1)]
+            for u in (0, 1):
+                yield j + u, e.b.xor(lookup16(e, e.b.and_(raw[u], e.const_vec(I8, 32, 0x0F)), self.values), flip)
+            for u in (0, 1):
+                yield j + 8 + u, e.b.xor(lookup16(e, e.b.lshr(raw[u], e.const_vec(I8, 32, 4)), self.values), flip)
+
 
 class Q4_1x16(Q4_0x16):
     name, block_bytes, offset, affine = "Q4_1", 64 + 256, 0, True
@@ -1145,10 +1172,15 @@ class Q8_0x16(Interleaved):
 
     name, block_bytes = "Q8_0", 32 + 512
     shape = (1, 16, 0)
+    quad_bias = 128
 
     def pairs(self, e, bp):
         for j in range(16):
             yield j, e.b.sext(e.load(bp, c64(32 + 32 * j), vec(I8, 32)), vec(I16, 32))
+
+    def bytes(self, e, bp):
+        for j in range(16):     # q + 128 as unsigned: the sign bit flipped
+            yield j, e.b.xor(e.load(bp, c64(32 + 32 * j), vec(I8, 32)), e.const_vec(I8, 32, -128))
 
 
 class Q5_0x16(Q4_0x16):
@@ -1167,6 +1199,11 @@ class Q5_0x16(Q4_0x16):
         for j, pv in Q4_0x16.pairs(self, e, bp):
             m = e.b.bitcast(e.load(bp, c64(self.qh_offset + 4 * j), I32), vec(I1, 32))
             yield j, e.b.select(m, e.b.or_(pv, e.const_vec(I16, 32, 0x10)), pv)
+
+    def bytes(self, e, bp):
+        for j, pv in Q4_0x16.bytes(self, e, bp):
+            m = e.b.bitcast(e.load(bp, c64(self.qh_offset + 4 * j), I32), vec(I1, 32))
+            yield j, e.b.select(m, e.b.or_(pv, e.const_vec(I8, 32, 0x10)), pv)
 
 
 class Q5_1x16(Q5_0x16):
@@ -1213,7 +1250,8 @@ def interleaved_kernel(fmt, NC: int, chains: int = 4, prefetch: int = 0):
             def body(i, accs):
                 bp = e.ptr(wp, b.mul(i, c64(fmt.block_bytes)))
                 if prefetch:
-                    e.prefetch(bp, c64(prefetch))
+                    for o in range(0, fmt.block_bytes, 64):     # every cache line of the block
+                        e.prefetch(bp, c64(prefetch + o))
                 dw = b.fpext(e.load(bp, c64(0), vec(F16, G)), vec(F32, G))
                 dm = b.fpext(e.load(bp, c64(2 * G), vec(F16, G)), vec(F32, G)) if fmt.affine else None
                 xoff = b.mul(i, c64(64))        # 32 int16 per block
@@ -1246,7 +1284,90 @@ def interleaved_kernel(fmt, NC: int, chains: int = 4, prefetch: int = 0):
 
         return sig, codegen
 
-    tile.kernel_name = f"itile_{fmt_name}_g{G}_x{NC}_c{chains}_pf{prefetch}"
+    tile.kernel_name = f"itile_{fmt_name}_g{G}_x{NC}_c{chains}_pf{prefetch}_v2"
+    return tile
+
+
+@lru_cache(maxsize=None)
+def interleaved_quads_kernel(fmt, NC: int, prefetch: int = 0):
+    """:func:`interleaved_kernel` through u8 x s8 quads (x86 AVX-512 VNNI ``vpdpbusd``: four products a
+    lane, twice ``vpdpwssd``'s pairs) on the same repacked groups: pairs j and j + 1 of a block
+    (``fmt.bytes``, unsigned) joined by 16-bit units into quads = elements 4i..4i+3 of each row, times
+    int8 activations (``xq`` int8, 32 a block, row c at ``xq + c*xq_stride``), and ``xc`` = -(offset +
+    quad_bias) * sum(q_x) per block. Each row's int32 block sum is the pairs kernel's exactly, and the
+    float steps are its own: the same floats, for any NC. ``prefetch``: bytes ahead, one prefetch per
+    64 bytes of a block. Signature as :func:`interleaved_kernel`'s."""
+    fmt_name = fmt.name
+    G = GROUP
+    OFF = fmt.offset + fmt.quad_bias
+    # two <32 x i8> joined by 16-bit units: lane r = (a[2r], a[2r+1], b[2r], b[2r+1])
+    JOIN = [x for r in range(G) for x in (2 * r, 2 * r + 1, 2 * G + 2 * r, 2 * G + 2 * r + 1)]
+
+    @intrinsic
+    def tile(typingctx, wg, nb, xq, xq_stride, xd, xs, xc, x_stride, out, out_stride):
+        sig = types.void(*([types.int64] * 10))
+
+        def codegen(context, builder, signature, args):
+            e = Emitter(builder)
+            b = builder
+            (wg_, nb_, xq_, xqs_, xd_, xs_, xc_, xst_, out_, os_) = args
+            wp = b.inttoptr(wg_, P8)
+            xqp = b.inttoptr(xq_, P8)
+            xdp = b.inttoptr(xd_, P8)
+            xsp = b.inttoptr(xs_, P8)
+            xcp = b.inttoptr(xc_, P8)
+            op = b.inttoptr(out_, P8)
+            xrow = [b.mul(xqs_, c64(c)) for c in range(NC)]
+            srow = [b.mul(xst_, c64(c)) for c in range(NC)]
+            zero_i = ir.Constant(vec(I32, G), None)
+
+            def body(i, accs):
+                bp = e.ptr(wp, b.mul(i, c64(fmt.block_bytes)))
+                if prefetch:
+                    for o in range(0, fmt.block_bytes, 64):
+                        e.prefetch(bp, c64(prefetch + o))
+                dw = b.fpext(e.load(bp, c64(0), vec(F16, G)), vec(F32, G))
+                dm = b.fpext(e.load(bp, c64(2 * G), vec(F16, G)), vec(F32, G)) if fmt.affine else None
+                xoff = b.mul(i, c64(32))        # 32 int8 per block
+                soff = b.mul(i, c64(4))
+                xbase = [e.ptr(xqp, b.add(xrow[c], xoff)) for c in range(NC)]
+                ch = max(1, 4 // NC)            # independent int32 chains per activation row
+                part = [[zero_i] * ch for c in range(NC)]
+                if OFF:
+                    for c in range(NC):
+                        part[c][0] = e.splat(e.load(xcp, b.add(srow[c], soff), I32), G)
+                pend = {}
+                t = 0
+                for j, v in fmt.bytes(e, bp):
+                    pend[j] = v
+                    q = j // 2
+                    if 2 * q not in pend or 2 * q + 1 not in pend:
+                        continue
+                    qv = e.shuffle(pend.pop(2 * q), pend.pop(2 * q + 1), JOIN)
+                    for c in range(NC):
+                        xv = b.bitcast(e.splat(e.load(xbase[c], c64(4 * q), I32), G), vec(I8, 4 * G))
+                        part[c][t % ch] = e.dot_quads(part[c][t % ch], qv, xv)
+                    t += 1
+                assert not pend and t == 8, (fmt_name, sorted(pend), t)
+                new = []
+                for c in range(NC):
+                    s = functools.reduce(b.add, [e.freeze(p) for p in part[c]])
+                    dx = e.load(xdp, b.add(srow[c], soff), F32)
+                    acc = e.fma(b.sitofp(s, vec(F32, G)), e.fmul(dw, e.splat(dx, G)), accs[c])
+                    if fmt.affine:
+                        sx = e.load(xsp, b.add(srow[c], soff), F32)
+                        acc = e.fma(dm, e.splat(sx, G), acc)
+                    new.append(acc)
+                return new
+
+            accs = counted_loop(b, nb_, [ir.Constant(vec(F32, G), None)] * NC, body)
+            for c in range(NC):
+                e.store(accs[c], op, b.mul(os_, c64(c)), align=4)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    tile.kernel_name = f"iqtile_{fmt_name}_g{G}_x{NC}_pf{prefetch}"
     return tile
 
 
@@ -1422,7 +1543,7 @@ class Q2_Kx16(KInterleaved):
 
 
 @lru_cache(maxsize=None)
-def kinterleaved_kernel(fmt, NC: int):
+def kinterleaved_kernel(fmt, NC: int, prefetch: int = 0):
     """Intrinsic for GROUP rows of a repacked K-quant (:class:`Q4_Kx16`) x NC Q8_K activation rows.
 
     Signature (int64 addresses / sizes)::
@@ -1436,6 +1557,8 @@ def kinterleaved_kernel(fmt, NC: int):
     times the rows' group scales, summed in int32, less offset * sum_g scale_g * sum(x_g)
     (ggml's integers exactly); the mins as sum_j min_j * xsum_j; then d_w*d_x and dmin_w*d_x in
     float. The float order per row does not depend on NC: batch invariant. Writes GROUP floats per row.
+    ``prefetch``: bytes ahead (0: off), one software prefetch per 64 bytes of a super-block, spread over
+    its steps.
     """
     fmt_name = fmt.name
     G = GROUP
@@ -1461,9 +1584,13 @@ def kinterleaved_kernel(fmt, NC: int):
                 msum = [zero_i] * NC                   # mins per 16 (Q2_K): min pairs x int16 sum pairs
                 per = 2                                # groups per step: 2*ch*NC chains live (AVX-512: 32 registers)
                 ch = max(1, 4 // NC)                   # independent int32 chains per (group, activation row)
+                lines = list(range(0, fmt.block_bytes, 64)) if prefetch else []
+                steps = ng // per
                 for cc in range(ng // per):
                     if cc:      # the previous step's sums done, its loads not moved past here (spills)
                         e.fence(*isum, *msum)
+                    for o in lines[cc * len(lines) // steps:(cc + 1) * len(lines) // steps]:
+                        e.prefetch(bp, c64(prefetch + o))
                     # this step's groups: per*ch*NC independent chains, finished (times the scales) at once
                     part = [[zero_i] * (per * ch) for _ in range(NC)]
                     for g, j, qv in fmt.chunks(e, bp, cc):
@@ -1513,7 +1640,7 @@ def kinterleaved_kernel(fmt, NC: int):
 
         return sig, codegen
 
-    tile.kernel_name = f"kitile_{fmt_name}_g{G}_x{NC}_v7"
+    tile.kernel_name = f"kitile_{fmt_name}_g{G}_x{NC}_pf{prefetch}_v7"
     return tile
 
 

@@ -380,7 +380,7 @@ def _batch_variant(name):
     else (n, False) for n in ALL])
 def test_batch_invariance(name, invariant):
     """One weight row x one activation row gives bit-identical float32 results through the GEMV, a GEMM
-    of 1, 3, 4, 7 and 64 activation rows, on 1 or 2 threads, for 36 and 37 weight rows, with
+    of 1, 2, 3, 4, 6, 7 and 64 activation rows, on 1 or 2 threads, for 36 and 37 weight rows, with
     KernelConfig(batch_invariant=True) for every type; with the default config for the types whose
     default kernels already agree (strict xfail for the others: a fix shows)."""
     import numba
@@ -400,11 +400,34 @@ def test_batch_invariance(name, invariant):
             if threads == 1:
                 ref = gemv
             np.testing.assert_array_equal(gemv, ref, err_msg=f"{name} {rows} rows: GEMV on {threads} threads")
-            for n in (1, 3, 4, 7, 64):
+            for n in (1, 2, 3, 4, 6, 7, 64):
                 np.testing.assert_array_equal(mm.matmul(pw, x[:n]), ref[:n],
                                               err_msg=f"{name} {rows} rows: GEMM n={n} on {threads} threads")
     finally:
         numba.set_num_threads(old)
+
+
+@pytest.mark.parametrize("name", [n for n in ALL if quants.type_info(n).repacked is not None
+                                  and not quants.type_info(n).repacked.kquant])
+def test_packed_quads_give_pairs_results(name):
+    """The x16 legacy groups through u8 x s8 quads (KernelConfig.packed_quads, x86 AVX-512 VNNI) give the
+    int16 pairs kernel's floats exactly, for every n of a decode pass and a prompt, with and without
+    software prefetch, extreme activations included; elsewhere both configs run the pairs kernel."""
+    from dataclasses import replace
+    rng = np.random.default_rng(26)
+    k = 512
+    x = rng.standard_normal((40, k)).astype(np.float32)
+    x[5] *= 1000.0
+    x[6, ::7] = 0.0
+    for rows in (48, 37):
+        raw, _ = make_weight(name, rows, k, np.random.default_rng(rows))
+        pairs = replace(mm.DEFAULT_CONFIG, packed_quads=False, prefetch_packed=0)
+        ref = mm.matmul(mm.prepare(raw, int(T[name]), k, config=pairs), x)
+        for pf in (0, 2048):
+            quads = replace(mm.DEFAULT_CONFIG, packed_quads=True, prefetch_packed=pf)
+            pw = mm.prepare(raw, int(T[name]), k, config=quads)
+            for n in (1, 2, 3, 4, 5, 8, 40):
+                np.testing.assert_array_equal(mm.matmul(pw, x[:n]), ref[:n], err_msg=f"{name} {rows} n={n} pf={pf}")
 
 
 @pytest.mark.parametrize("name", ALL)
