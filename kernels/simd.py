@@ -1212,6 +1212,58 @@ class Q5_1x16(Q5_0x16):
     qh_offset, qs_offset = 64, 128
 
 
+def _itile_codegen(fmt, NC: int, prefetch: int, x_block: int, ch: int, corr: bool, block_sums):
+    """The codegen shared by :func:`interleaved_kernel` and :func:`interleaved_quads_kernel`: per block,
+    the optional prefetch, the group's f16 scales (and mins), ``block_sums(e, bp, xbase, part)`` adding the
+    block's integer products into ``part[c]`` (``ch`` int32 chains per activation row, the first started
+    from the per-block correction ``xc`` when ``corr``), then each row's float step
+    acc = fma(float(sum), dw * dx, acc) [+ dm * sx]; the accumulators stored at the end. ``x_block``:
+    bytes of activation quants per block and row."""
+    G = GROUP
+
+    def codegen(context, builder, signature, args):
+        e = Emitter(builder)
+        b = builder
+        (wg_, nb_, xq_, xqs_, xd_, xs_, xc_, xst_, out_, os_) = args
+        wp, xqp, xdp, xsp, xcp, op = (b.inttoptr(x, P8) for x in (wg_, xq_, xd_, xs_, xc_, out_))
+        xrow = [b.mul(xqs_, c64(c)) for c in range(NC)]
+        srow = [b.mul(xst_, c64(c)) for c in range(NC)]
+        zero_i = ir.Constant(vec(I32, G), None)
+
+        def body(i, accs):
+            bp = e.ptr(wp, b.mul(i, c64(fmt.block_bytes)))
+            if prefetch:
+                for o in range(0, fmt.block_bytes, 64):     # every cache line of the block
+                    e.prefetch(bp, c64(prefetch + o))
+            dw = b.fpext(e.load(bp, c64(0), vec(F16, G)), vec(F32, G))
+            dm = b.fpext(e.load(bp, c64(2 * G), vec(F16, G)), vec(F32, G)) if fmt.affine else None
+            xoff = b.mul(i, c64(x_block))
+            soff = b.mul(i, c64(4))
+            xbase = [e.ptr(xqp, b.add(xrow[c], xoff)) for c in range(NC)]
+            part = [[zero_i] * ch for c in range(NC)]
+            if corr:
+                for c in range(NC):
+                    part[c][0] = e.splat(e.load(xcp, b.add(srow[c], soff), I32), G)
+            block_sums(e, bp, xbase, part)
+            new = []
+            for c in range(NC):
+                s = functools.reduce(b.add, [e.freeze(p) for p in part[c]])
+                dx = e.load(xdp, b.add(srow[c], soff), F32)
+                acc = e.fma(b.sitofp(s, vec(F32, G)), e.fmul(dw, e.splat(dx, G)), accs[c])
+                if fmt.affine:
+                    sx = e.load(xsp, b.add(srow[c], soff), F32)
+                    acc = e.fma(dm, e.splat(sx, G), acc)
+                new.append(acc)
+            return new
+
+        accs = counted_loop(b, nb_, [ir.Constant(vec(F32, G), None)] * NC, body)
+        for c in range(NC):
+            e.store(accs[c], op, b.mul(os_, c64(c)), align=4)
+        return context.get_dummy_value()
+
+    return codegen
+
+
 @lru_cache(maxsize=None)
 def interleaved_kernel(fmt, NC: int, chains: int = 4, prefetch: int = 0):
     """Intrinsic for GROUP weight rows (one repacked group) x NC activation rows.
@@ -1228,61 +1280,20 @@ def interleaved_kernel(fmt, NC: int, chains: int = 4, prefetch: int = 0):
     """
     fmt_name = fmt.name
     G = GROUP
+    ch = max(1, chains // NC)       # independent int32 chains per activation row
+
+    def block_sums(e, bp, xbase, part):
+        b = e.b
+        for t, (j, pv) in enumerate(fmt.pairs(e, bp)):
+            for c in range(NC):
+                xv = b.bitcast(e.splat(e.load(xbase[c], c64(4 * j), I32), G), vec(I16, 2 * G))
+                part[c][t % ch] = b.add(part[c][t % ch], e.dot_pairs(pv, xv))
 
     @intrinsic
     def tile(typingctx, wg, nb, xq, xq_stride, xd, xs, xc, x_stride, out, out_stride):
         sig = types.void(*([types.int64] * 10))
-
-        def codegen(context, builder, signature, args):
-            e = Emitter(builder)
-            b = builder
-            (wg_, nb_, xq_, xqs_, xd_, xs_, xc_, xst_, out_, os_) = args
-            wp = b.inttoptr(wg_, P8)
-            xqp = b.inttoptr(xq_, P8)
-            xdp = b.inttoptr(xd_, P8)
-            xsp = b.inttoptr(xs_, P8)
-            xcp = b.inttoptr(xc_, P8)
-            op = b.inttoptr(out_, P8)
-            xrow = [b.mul(xqs_, c64(c)) for c in range(NC)]
-            srow = [b.mul(xst_, c64(c)) for c in range(NC)]
-            zero_i = ir.Constant(vec(I32, G), None)
-
-            def body(i, accs):
-                bp = e.ptr(wp, b.mul(i, c64(fmt.block_bytes)))
-                if prefetch:
-                    for o in range(0, fmt.block_bytes, 64):     # every cache line of the block
-                        e.prefetch(bp, c64(prefetch + o))
-                dw = b.fpext(e.load(bp, c64(0), vec(F16, G)), vec(F32, G))
-                dm = b.fpext(e.load(bp, c64(2 * G), vec(F16, G)), vec(F32, G)) if fmt.affine else None
-                xoff = b.mul(i, c64(64))        # 32 int16 per block
-                soff = b.mul(i, c64(4))
-                xbase = [e.ptr(xqp, b.add(xrow[c], xoff)) for c in range(NC)]
-                ch = max(1, chains // NC)       # independent int32 chains per activation row
-                part = [[zero_i] * ch for c in range(NC)]
-                if fmt.offset:
-                    for c in range(NC):
-                        part[c][0] = e.splat(e.load(xcp, b.add(srow[c], soff), I32), G)
-                for t, (j, pv) in enumerate(fmt.pairs(e, bp)):
-                    for c in range(NC):
-                        xv = b.bitcast(e.splat(e.load(xbase[c], c64(4 * j), I32), G), vec(I16, 2 * G))
-                        part[c][t % ch] = b.add(part[c][t % ch], e.dot_pairs(pv, xv))
-                new = []
-                for c in range(NC):
-                    s = functools.reduce(b.add, [e.freeze(p) for p in part[c]])
-                    dx = e.load(xdp, b.add(srow[c], soff), F32)
-                    acc = e.fma(b.sitofp(s, vec(F32, G)), e.fmul(dw, e.splat(dx, G)), accs[c])
-                    if fmt.affine:
-                        sx = e.load(xsp, b.add(srow[c], soff), F32)
-                        acc = e.fma(dm, e.splat(sx, G), acc)
-                    new.append(acc)
-                return new
-
-            accs = counted_loop(b, nb_, [ir.Constant(vec(F32, G), None)] * NC, body)
-            for c in range(NC):
-                e.store(accs[c], op, b.mul(os_, c64(c)), align=4)
-            return context.get_dummy_value()
-
-        return sig, codegen
+        # 32 int16 activations a block
+        return sig, _itile_codegen(fmt, NC, prefetch, 64, ch, bool(fmt.offset), block_sums)
 
     tile.kernel_name = f"itile_{fmt_name}_g{G}_x{NC}_c{chains}_pf{prefetch}_v2"
     return tile
@@ -1302,70 +1313,29 @@ def interleaved_quads_kernel(fmt, NC: int, prefetch: int = 0):
     OFF = fmt.offset + fmt.quad_bias
     # two <32 x i8> joined by 16-bit units: lane r = (a[2r], a[2r+1], b[2r], b[2r+1])
     JOIN = [x for r in range(G) for x in (2 * r, 2 * r + 1, 2 * G + 2 * r, 2 * G + 2 * r + 1)]
+    ch = max(1, 4 // NC)            # independent int32 chains per activation row
+
+    def block_sums(e, bp, xbase, part):
+        b = e.b
+        pend = {}
+        t = 0
+        for j, v in fmt.bytes(e, bp):
+            pend[j] = v
+            q = j // 2
+            if 2 * q not in pend or 2 * q + 1 not in pend:
+                continue
+            qv = e.shuffle(pend.pop(2 * q), pend.pop(2 * q + 1), JOIN)
+            for c in range(NC):
+                xv = b.bitcast(e.splat(e.load(xbase[c], c64(4 * q), I32), G), vec(I8, 4 * G))
+                part[c][t % ch] = e.dot_quads(part[c][t % ch], qv, xv)
+            t += 1
+        assert not pend and t == 8, (fmt_name, sorted(pend), t)
 
     @intrinsic
     def tile(typingctx, wg, nb, xq, xq_stride, xd, xs, xc, x_stride, out, out_stride):
         sig = types.void(*([types.int64] * 10))
-
-        def codegen(context, builder, signature, args):
-            e = Emitter(builder)
-            b = builder
-            (wg_, nb_, xq_, xqs_, xd_, xs_, xc_, xst_, out_, os_) = args
-            wp = b.inttoptr(wg_, P8)
-            xqp = b.inttoptr(xq_, P8)
-            xdp = b.inttoptr(xd_, P8)
-            xsp = b.inttoptr(xs_, P8)
-            xcp = b.inttoptr(xc_, P8)
-            op = b.inttoptr(out_, P8)
-            xrow = [b.mul(xqs_, c64(c)) for c in range(NC)]
-            srow = [b.mul(xst_, c64(c)) for c in range(NC)]
-            zero_i = ir.Constant(vec(I32, G), None)
-
-            def body(i, accs):
-                bp = e.ptr(wp, b.mul(i, c64(fmt.block_bytes)))
-                if prefetch:
-                    for o in range(0, fmt.block_bytes, 64):
-                        e.prefetch(bp, c64(prefetch + o))
-                dw = b.fpext(e.load(bp, c64(0), vec(F16, G)), vec(F32, G))
-                dm = b.fpext(e.load(bp, c64(2 * G), vec(F16, G)), vec(F32, G)) if fmt.affine else None
-                xoff = b.mul(i, c64(32))        # 32 int8 per block
-                soff = b.mul(i, c64(4))
-                xbase = [e.ptr(xqp, b.add(xrow[c], xoff)) for c in range(NC)]
-                ch = max(1, 4 // NC)            # independent int32 chains per activation row
-                part = [[zero_i] * ch for c in range(NC)]
-                if OFF:
-                    for c in range(NC):
-                        part[c][0] = e.splat(e.load(xcp, b.add(srow[c], soff), I32), G)
-                pend = {}
-                t = 0
-                for j, v in fmt.bytes(e, bp):
-                    pend[j] = v
-                    q = j // 2
-                    if 2 * q not in pend or 2 * q + 1 not in pend:
-                        continue
-                    qv = e.shuffle(pend.pop(2 * q), pend.pop(2 * q + 1), JOIN)
-                    for c in range(NC):
-                        xv = b.bitcast(e.splat(e.load(xbase[c], c64(4 * q), I32), G), vec(I8, 4 * G))
-                        part[c][t % ch] = e.dot_quads(part[c][t % ch], qv, xv)
-                    t += 1
-                assert not pend and t == 8, (fmt_name, sorted(pend), t)
-                new = []
-                for c in range(NC):
-                    s = functools.reduce(b.add, [e.freeze(p) for p in part[c]])
-                    dx = e.load(xdp, b.add(srow[c], soff), F32)
-                    acc = e.fma(b.sitofp(s, vec(F32, G)), e.fmul(dw, e.splat(dx, G)), accs[c])
-                    if fmt.affine:
-                        sx = e.load(xsp, b.add(srow[c], soff), F32)
-                        acc = e.fma(dm, e.splat(sx, G), acc)
-                    new.append(acc)
-                return new
-
-            accs = counted_loop(b, nb_, [ir.Constant(vec(F32, G), None)] * NC, body)
-            for c in range(NC):
-                e.store(accs[c], op, b.mul(os_, c64(c)), align=4)
-            return context.get_dummy_value()
-
-        return sig, codegen
+        # 32 int8 activations a block
+        return sig, _itile_codegen(fmt, NC, prefetch, 32, ch, bool(OFF), block_sums)
 
     tile.kernel_name = f"iqtile_{fmt_name}_g{G}_x{NC}_pf{prefetch}"
     return tile
