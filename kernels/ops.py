@@ -534,13 +534,13 @@ def _attention_task(q, k, v, pos, seq, attn, out, i, kv0, kv1):
         # key tiles that stay in L1 while each query head of the group walks them (ring rows: a tile
         # ends where the ring wraps)
         tile = max(1, _KV_TILE_BYTES // (nkl * hdk * 2 * _simd.SCORE_KEYS)) * _simd.SCORE_KEYS
+        shape_k = (np.int64(nkl), np.int64(group), np.int64(hdk))
         t = 0
         row = row0
         while t < L:
             m = min(L - t, n_rows - row, tile)
             _simd.attn_scores_f16(q[i, h0].ctypes.data, q.strides[1], kq[sq, row, kv0].ctypes.data,
-                                  kq.strides[1], kq.strides[2], sc.ctypes.data + 4 * t, L * 4, m, nkl, group,
-                                  hdk, scale)
+                                  kq.strides[1], kq.strides[2], sc.ctypes.data + 4 * t, L * 4, m, shape_k, scale)
             t += m
             row += m
             if row == n_rows:
@@ -573,12 +573,13 @@ def _attention_task(q, k, v, pos, seq, attn, out, i, kv0, kv1):
             for j in range(hdv):
                 og[j] = 0.0
         tile = max(8, _KV_TILE_BYTES // (nkl * hdv * 2))
+        shape_v = (np.int64(nkl), np.int64(group), np.int64(hdv))
         t = 0
         row = row0
         while t < L:
             m = min(L - t, n_rows - row, tile)
             _simd.attn_pv_f16(sc.ctypes.data + 4 * t, L * 4, vq[sq, row, kv0].ctypes.data, vq.strides[1],
-                              vq.strides[2], out[i, h0].ctypes.data, out.strides[1], m, nkl, group, hdv)
+                              vq.strides[2], out[i, h0].ctypes.data, out.strides[1], m, shape_v)
             t += m
             row += m
             if row == n_rows:

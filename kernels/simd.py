@@ -822,8 +822,11 @@ def _lane_trees(b, e, accs):
     return vs[0]
 
 
+_SHAPE3 = types.UniTuple(types.int64, 3)      # (kv heads, query heads per kv head, elements) of the attn_* kernels
+
+
 @intrinsic
-def attn_scores_f16(typingctx, qp, qs, kp, ks, khs, sp, ss, nkeys, nkv, group, n16, scale):
+def attn_scores_f16(typingctx, qp, qs, kp, ks, khs, sp, ss, nkeys, shape, scale):
     """Scores of nkv * group query heads against nkeys keys of f16 cells, one attention task's q.k:
     head hh = kl * group + g (float32 at qp + hh * qs) against the key of kv head kl at row t (f16 at
     kp + t * ks + kl * khs), times ``scale``, to the float at sp + hh * ss + 4 * t. Each score is
@@ -831,14 +834,16 @@ def attn_scores_f16(typingctx, qp, qs, kp, ks, khs, sp, ss, nkeys, nkv, group, n
     ``llvm.fma`` in element order, then the same lane tree, then one multiply by scale: bit-identical
     to ``dot_lanes16_f16(q, k, n16) * scale``. SCORE_KEYS keys at a time per head (independent FMA
     chains; their lane trees reduced together, :func:`_lane_trees`), the rest one by one. The caller
-    passes key ranges that stay in L1 while each head of the group walks them."""
-    sig = types.void(*([types.int64] * 11), types.float32)
+    passes key ranges that stay in L1 while each head of the group walks them. ``shape``: the tuple
+    (nkv, group, n16)."""
+    sig = types.void(*([types.int64] * 8), _SHAPE3, types.float32)
     KB = SCORE_KEYS
 
     def codegen(context, builder, signature, args):
         e = Emitter(builder)
         b = builder
-        qp_, qs_, kp_, ks_, khs_, sp_, ss_, nk_, nkv_, g_, n16_, sc_ = args
+        qp_, qs_, kp_, ks_, khs_, sp_, ss_, nk_, shape_, sc_ = args
+        nkv_, g_, n16_ = (b.extract_value(shape_, i) for i in range(3))
         q0, k0, s0 = (b.inttoptr(x, P8) for x in (qp_, kp_, sp_))
         v16 = vec(F32, 16)
         nkb = b.mul(b.sdiv(nk_, c64(KB)), c64(KB))
@@ -899,7 +904,7 @@ PV_HEADS = 2
 
 
 @intrinsic
-def attn_pv_f16(typingctx, wp, ws, vp, vs, vhs, op, os_, nkeys, nkv, group, n16):
+def attn_pv_f16(typingctx, wp, ws, vp, vs, vhs, op, os_, nkeys, shape):
     """out += P V for nkv * group query heads over nkeys values of f16 cells, an attention task's p.v:
     for head hh = kl * group + g and element j < n16 (a multiple of 16), the float at op + hh * os_ + 4 j
     becomes ``(((o + w_0 * v_0j) + w_1 * v_1j) + ...)`` over the keys t in order, w_t the float at
@@ -907,14 +912,15 @@ def attn_pv_f16(typingctx, wp, ws, vp, vs, vhs, op, os_, nkeys, nkv, group, n16)
     added (no fused multiply-add), as the scalar loop ``acc[j] += w * v[j]`` does. PV_HEADS heads of a
     group and PV_CHUNKS chunks of 16 elements at a time keep their sums in registers across the keys
     (then the remaining heads / chunks one at a time): each element's sum is in the same order whatever
-    the blocking."""
-    sig = types.void(*([types.int64] * 11))
+    the blocking. ``shape``: the tuple (nkv, group, n16)."""
+    sig = types.void(*([types.int64] * 8), _SHAPE3)
     HB = PV_HEADS
 
     def codegen(context, builder, signature, args):
         e = Emitter(builder)
         b = builder
-        wp_, ws_, vp_, vs_, vhs_, op_, os2, nk_, nkv_, g_, n16_ = args
+        wp_, ws_, vp_, vs_, vhs_, op_, os2, nk_, shape_ = args
+        nkv_, g_, n16_ = (b.extract_value(shape_, i) for i in range(3))
         w0, v0, o0 = (b.inttoptr(x, P8) for x in (wp_, vp_, op_))
         v16 = vec(F32, 16)
         wide = 16 * PV_CHUNKS
