@@ -496,14 +496,25 @@ SUPPORTED_TYPES = tuple(_TYPES)
 # -------------------------------------------------------------------- drivers
 # One jitted driver per (type, layout, compile-time choices, serial | parallel): a closure made by one of
 # the factories below, its constants (tile shapes, flags, kernel specs) in its cells. Activation prep:
+_I8, _I16 = np.empty(0, np.int8), np.empty(0, np.int16)      # the quants' dtype, for _act_buffers
+
+
 @nb.njit(**_NOPY)
-def _act_q8(x, with_s, sum_mul):
-    """x (n, k) -> int8 quants, scales, sums (q8_1: fp16(d * sum)), sum_mul * sums of q per 32."""
+def _act_buffers(x, like, with_s):
+    """Empty activation buffers of x (n, k): quants of ``like``'s dtype (n, k), per-32 scales, sums
+    (q8_1's own array when ``with_s``, else the scales again) and int32 corrections."""
     n, k = x.shape
-    xq = np.empty((n, k), np.int8)
+    xq = np.empty((n, k), like.dtype)
     xd = np.empty((n, k // 32), np.float32)
     xc = np.empty((n, k // 32), np.int32)
     xs = np.empty((n, k // 32), np.float32) if with_s else xd
+    return xq, xd, xs, xc
+
+
+@nb.njit(**_NOPY)
+def _act_q8(x, with_s, sum_mul):
+    """x (n, k) -> int8 quants, scales, sums (q8_1: fp16(d * sum)), sum_mul * sums of q per 32."""
+    xq, xd, xs, xc = _act_buffers(x, _I8, with_s)
     quantize_q8(x, xq, xd, xs, xc, with_s, sum_mul)
     return xq, xd, xs, xc
 
@@ -511,11 +522,7 @@ def _act_q8(x, with_s, sum_mul):
 @nb.njit(**_NOPY)
 def _act_q16(x, with_s, sum_mul):
     """:func:`_act_q8` with the quants stored as int16 (pre-widened)."""
-    n, k = x.shape
-    xq = np.empty((n, k), np.int16)
-    xd = np.empty((n, k // 32), np.float32)
-    xc = np.empty((n, k // 32), np.int32)
-    xs = np.empty((n, k // 32), np.float32) if with_s else xd
+    xq, xd, xs, xc = _act_buffers(x, _I16, with_s)
     quantize_q8(x, xq, xd, xs, xc, with_s, sum_mul)
     return xq, xd, xs, xc
 
@@ -535,12 +542,16 @@ def _act_bf16(x):
 
 
 @nb.njit(**_NOPY)
+def _act_q8_K_buffers(x):
+    """Empty Q8_K activation buffers of x (n, k): int8 quants, float32 scales per 256, int32 sums per 32."""
+    n, k = x.shape
+    return np.empty((n, k), np.int8), np.empty((n, k // 256), np.float32), np.empty((n, k // 32), np.int32)
+
+
+@nb.njit(**_NOPY)
 def _act_q8_K(x):
     """Q8_K activations: int8 quants, float32 scales per 256, int32 sums of the quants per 32."""
-    n, k = x.shape
-    xq = np.empty((n, k), np.int8)
-    xd = np.empty((n, k // 256), np.float32)
-    xb = np.empty((n, k // 32), np.int32)
+    xq, xd, xb = _act_q8_K_buffers(x)
     quantize_q8_K(x, xq, xd, xb)
     return xq, xd, xb
 
@@ -553,11 +564,7 @@ QUANT_PAR_MIN = 8
 @nb.njit(**_NOPY)
 def _act_q8_p(x, with_s, sum_mul):
     """:func:`_act_q8`, rows across threads."""
-    n, k = x.shape
-    xq = np.empty((n, k), np.int8)
-    xd = np.empty((n, k // 32), np.float32)
-    xc = np.empty((n, k // 32), np.int32)
-    xs = np.empty((n, k // 32), np.float32) if with_s else xd
+    xq, xd, xs, xc = _act_buffers(x, _I8, with_s)
     quantize_q8_par(x, xq, xd, xs, xc, with_s, sum_mul)
     return xq, xd, xs, xc
 
@@ -565,11 +572,7 @@ def _act_q8_p(x, with_s, sum_mul):
 @nb.njit(**_NOPY)
 def _act_q16_p(x, with_s, sum_mul):
     """:func:`_act_q16`, rows across threads."""
-    n, k = x.shape
-    xq = np.empty((n, k), np.int16)
-    xd = np.empty((n, k // 32), np.float32)
-    xc = np.empty((n, k // 32), np.int32)
-    xs = np.empty((n, k // 32), np.float32) if with_s else xd
+    xq, xd, xs, xc = _act_buffers(x, _I16, with_s)
     quantize_q8_par(x, xq, xd, xs, xc, with_s, sum_mul)
     return xq, xd, xs, xc
 
@@ -577,10 +580,7 @@ def _act_q16_p(x, with_s, sum_mul):
 @nb.njit(**_NOPY)
 def _act_q8_K_p(x):
     """:func:`_act_q8_K`, rows across threads."""
-    n, k = x.shape
-    xq = np.empty((n, k), np.int8)
-    xd = np.empty((n, k // 256), np.float32)
-    xb = np.empty((n, k // 32), np.int32)
+    xq, xd, xb = _act_q8_K_buffers(x)
     quantize_q8_K_par(x, xq, xd, xb)
     return xq, xd, xb
 
