@@ -665,3 +665,10 @@ def test_extreme_penalties_never_make_nan_or_inf():
     for t in (3, 0, 2):
         s.accept(t)
     assert 0 <= s.sample(np.tile(logits, 4)) < 20
+    # a penalty saturated at float32's largest value, then a temperature below 1: the chain's logits
+    # overflow to +inf (schemathesis, repeat_penalty 1.4e-45 at temperature 0.8): those tokens are drawn
+    s = Sampler(SamplerParams(temperature=0.8, repeat_penalty=1.401298464324817e-45, seed=1), 8)
+    for t in (1, 2, 3):
+        s.accept(t)
+    x = np.array([1.0, 3.0, -2.0, 0.5, 2.0, 1.0, 0.0, -1.0], np.float32)
+    assert {s.sample(x) for _ in range(20)} <= {1, 3}      # 3 / 1.4e-45 and 0.5 / 1.4e-45 saturate, then overflow

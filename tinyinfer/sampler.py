@@ -290,6 +290,8 @@ def _weights(x: np.ndarray) -> np.ndarray:
     """exp(logit - max logit): unnormalised probabilities."""
     mx = x.max()
     if not np.isfinite(mx):
+        if mx > 0:    # logits past float32's range (a saturated penalty over a temperature < 1): the tokens
+            return np.isposinf(x).astype(x.dtype)   # that overflowed are the only candidates, as equals
         raise ValueError(f"cannot turn logits into probabilities: largest logit is {mx}")
     w = np.subtract(x, mx)
     return np.exp(w, out=w)
